@@ -1,0 +1,36 @@
+# Two entry points for a fresh machine: `make up` (the quickstart) and `make test` (the whole suite).
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: up test install system-deps bench
+
+$(BIN)/legation: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(BIN)/legation
+
+install: $(BIN)/legation
+
+# redis-server for the Redis backend tests, wrk/h2load for bench/, docker-compose to validate compose/.
+system-deps:
+	@missing=""; \
+	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	command -v wrk >/dev/null || missing="$$missing wrk"; \
+	command -v h2load >/dev/null || missing="$$missing nghttp2-client"; \
+	command -v docker-compose >/dev/null || missing="$$missing docker-compose"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+	  $$SUDO apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q $$missing >/dev/null; \
+	fi
+
+up: install
+	$(BIN)/legation up
+
+test: install system-deps
+	$(BIN)/pytest -q
+
+bench: install system-deps
+	$(BIN)/python -m bench

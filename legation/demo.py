@@ -1,0 +1,121 @@
+"""Small loopback HTTP/1.1 demo apps for the quickstart and the integration tests.
+
+Each app answers with JSON naming itself (service and version), echoes the request line and headers,
+and can misbehave on purpose: ``fail_every=N`` answers 503 to every Nth request (a flaky service a
+retry can hide), ``?delay_ms=`` or ``delay_ms`` makes it slow, ``/status/NNN`` answers NNN.
+``GET /__demo/stats`` returns how many requests it has served (mirroring tests read it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import urllib.parse
+from dataclasses import dataclass, field
+
+
+@dataclass
+class DemoApp:
+    name: str
+    version: str = "v1"
+    host: str = "127.0.0.1"
+    port: int = 0
+    fail_every: int = 0
+    delay_ms: int = 0
+    requests: int = 0
+    paths: list[str] = field(default_factory=list)
+    _server: asyncio.base_events.Server | None = None
+    _loop: asyncio.AbstractEventLoop | None = None
+    _thread: threading.Thread | None = None
+
+    async def start(self) -> DemoApp:
+        self._server = await asyncio.start_server(self._serve, self.host, self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    def start_in_thread(self) -> DemoApp:
+        """Run on a private event loop in a daemon thread; returns once the port is bound."""
+        ready = threading.Event()
+
+        def run() -> None:
+            self._loop = asyncio.new_event_loop()
+            self._loop.run_until_complete(self.start())
+            ready.set()
+            self._loop.run_forever()
+
+        self._thread = threading.Thread(target=run, name=f"demo-{self.name}", daemon=True)
+        self._thread.start()
+        if not ready.wait(10):
+            raise RuntimeError(f"demo app {self.name} did not start")
+        return self
+
+    def stop_thread(self) -> None:
+        if self._loop is None:
+            return
+        asyncio.run_coroutine_threadsafe(self.stop(), self._loop).result(5)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        if self._thread is not None:
+            self._thread.join(5)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                lines = head.decode("latin-1").split("\r\n")
+                method, target, _ = lines[0].split(" ", 2)
+                headers: dict[str, str] = {}
+                for line in lines[1:]:
+                    if ":" in line:
+                        k, v = line.split(":", 1)
+                        headers[k.strip().lower()] = v.strip()
+                length = int(headers.get("content-length", "0") or 0)
+                body = await reader.readexactly(length) if length else b""
+                status, payload = await self._handle(method, target, headers, body)
+                data = json.dumps(payload).encode()
+                close = headers.get("connection", "").lower() == "close"
+                writer.write(
+                    f"HTTP/1.1 {status} {'OK' if status < 400 else 'Error'}\r\n"
+                    f"content-type: application/json\r\ncontent-length: {len(data)}\r\n"
+                    f"x-demo-service: {self.name}\r\nx-demo-version: {self.version}\r\n"
+                    f"{'connection: close' + chr(13) + chr(10) if close else ''}\r\n".encode()
+                    + data
+                )
+                await writer.drain()
+                if close:
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError, ValueError, asyncio.LimitOverrunError):
+            pass
+        finally:
+            writer.close()
+
+    async def _handle(
+        self, method: str, target: str, headers: dict[str, str], body: bytes
+    ) -> tuple[int, dict[str, object]]:
+        url = urllib.parse.urlsplit(target)
+        if url.path == "/__demo/stats":
+            return 200, {"service": self.name, "version": self.version, "requests": self.requests}
+        self.requests += 1
+        self.paths.append(url.path)
+        query = urllib.parse.parse_qs(url.query)
+        delay = int(query.get("delay_ms", [self.delay_ms])[0])
+        if delay:
+            await asyncio.sleep(delay / 1000)
+        status = 200
+        if url.path.startswith("/status/"):
+            status = int(url.path.rsplit("/", 1)[1])
+        elif self.fail_every and self.requests % self.fail_every == 1 % self.fail_every:
+            status = 503
+        return status, {
+            "service": self.name,
+            "version": self.version,
+            "method": method,
+            "path": url.path,
+            "headers": headers,
+            "body": body.decode("utf-8", "replace"),
+        }

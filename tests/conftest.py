@@ -1,0 +1,36 @@
+"""Shared fixtures: free loopback ports, demo upstreams, a real Envoy."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+
+import pytest
+
+from legation.demo import DemoApp
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def port() -> int:
+    return free_port()
+
+
+@pytest.fixture
+def demo_factory() -> Iterator[object]:
+    """``demo_factory(name, version=..., fail_every=...)`` starts a DemoApp on a free port."""
+    started: list[DemoApp] = []
+
+    def make(name: str, **kwargs: object) -> DemoApp:
+        app = DemoApp(name=name, **kwargs).start_in_thread()  # type: ignore[arg-type]
+        started.append(app)
+        return app
+
+    yield make
+    for app in started:
+        app.stop_thread()
