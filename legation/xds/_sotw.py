@@ -1,0 +1,150 @@
+"""State-of-the-world streams: every response carries all subscribed resources of its type.
+
+Per type: a response is sent only while the proxy has a request outstanding (its ACK or NACK of the
+previous response re-arms it) and only when what it would carry differs from what was last sent.
+That one rule gives both "unchanged resources are not re-pushed" and "a rejected version is never
+resent": after a NACK the content is unchanged, so nothing goes out until the config changes.
+Requests whose ``response_nonce`` is not the latest one sent are stale and ignored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from envoy.service.discovery.v3 import discovery_pb2
+
+from legation.xds import _wire
+from legation.xds._stream import StreamBase
+from legation.xds.snapshot import Resource, Snapshot
+from legation.xds.types import ResourceType
+
+Key = tuple[tuple[str, str], ...]
+
+
+@dataclass
+class _TypeState:
+    wildcard: bool = False
+    names: set[str] = field(default_factory=set)
+    explicit: bool = False  # the proxy has named resources at least once
+    pending: bool = False  # a request is waiting for a response
+    nonce: str = ""
+    sent_version: str = ""
+    sent_key: Key | None = None
+    held: dict[str, Resource] = field(default_factory=dict)  # what the last response carried
+    nacked: bool = False
+
+
+class SotwStream(StreamBase):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.types: dict[ResourceType, _TypeState] = {}
+
+    def handle(self, request: discovery_pb2.DiscoveryRequest) -> None:
+        rtype = ResourceType.from_url(request.type_url)
+        st = self.types.get(rtype)
+        first = st is None
+        if st is None:
+            st = self.types[rtype] = _TypeState()
+        if request.response_nonce:
+            if request.response_nonce != st.nonce:
+                return  # stale: answers a response that has since been superseded
+            if request.HasField("error_detail"):
+                st.nacked = True
+                self.cache.record_nack(
+                    self.node_id, rtype, st.sent_version, request.error_detail.message
+                )
+            else:
+                st.nacked = False
+                self.cache.record_ack(self.node_id, rtype, request.version_info)
+        self._subscribe(rtype, st, list(request.resource_names))
+        st.pending = True
+        if first and request.version_info:
+            # Reconnect (e.g. the control plane restarted): the proxy already runs this version.
+            # Versions are content hashes, so an equal version means equal resources.
+            self.cache.record_ack(self.node_id, rtype, request.version_info)
+            snap = self.cache.snapshot_for(self.node_id, self.node_cluster)
+            if snap is not None and snap.version(rtype) == request.version_info:
+                desired = self._desired(rtype, st, snap)
+                st.sent_key = _key(desired)
+                st.sent_version = request.version_info
+                st.held = desired
+
+    @staticmethod
+    def _subscribe(rtype: ResourceType, st: _TypeState, names: list[str]) -> None:
+        if "*" in names:
+            st.wildcard = True
+            st.explicit = True
+            st.names = set(names) - {"*"}
+        elif names:
+            st.wildcard = False
+            st.explicit = True
+            st.names = set(names)
+        else:
+            # An empty list is the legacy wildcard for CDS/LDS until names were ever given;
+            # for EDS/RDS/SDS it means "nothing".
+            st.wildcard = rtype.wildcard_by_default and not st.explicit
+            st.names = set()
+
+    def _desired(self, rtype: ResourceType, st: _TypeState, snap: Snapshot) -> dict[str, Resource]:
+        available = snap.resources(rtype)
+        if st.wildcard:
+            desired = dict(available)
+        else:
+            desired = {n: available[n] for n in st.names if n in available}
+        if rtype is ResourceType.CLUSTER and self.only is None and not self.routes_settled(snap):
+            # Keep dropped clusters until listeners and routes have moved off them.
+            for name, res in st.held.items():
+                desired.setdefault(name, res)
+        return desired
+
+    def pending_responses(self, snap: Snapshot) -> list[bytes]:
+        out = []
+        for rtype in self.send_order(self.only):
+            st = self.types.get(rtype)
+            if st is None or not st.pending:
+                continue
+            desired = self._desired(rtype, st, snap)
+            key = _key(desired)
+            if key == st.sent_key or not self.gate_open(rtype, snap):
+                continue
+            version = snap.version(rtype)
+            if any(name not in snap.resources(rtype) for name in desired):
+                version += "+kept"  # an interim response that still carries dropped clusters
+            st.nonce = self.nonce()
+            st.sent_version = version
+            st.sent_key = key
+            st.held = desired
+            st.pending = False
+            data = _wire.discovery_response(
+                version=version,
+                type_url=rtype.type_url,
+                nonce=st.nonce,
+                resource_fields=[desired[n].any_field for n in sorted(desired)],
+            )
+            self.cache.record_push(self.node_id, rtype, len(data))
+            out.append(data)
+        return out
+
+    def settled(self, rtype: ResourceType, snap: Snapshot) -> bool:
+        st = self.types.get(rtype)
+        if st is None:
+            return True
+        return st.pending and st.sent_key == _key(self._desired(rtype, st, snap))
+
+    def has_subscription(self, rtype: ResourceType) -> bool:
+        return rtype in self.types
+
+    def covers(self, rtype: ResourceType, names: set[str]) -> bool:
+        st = self.types.get(rtype)
+        if st is None:
+            return not names
+        return st.wildcard or names <= st.names
+
+    def rejected(self, rtype: ResourceType) -> bool:
+        st = self.types.get(rtype)
+        return st is not None and st.nacked
+
+
+def _key(resources: dict[str, Resource]) -> Key:
+    return tuple(sorted((name, res.version) for name, res in resources.items()))

@@ -1,0 +1,156 @@
+"""The xDS gRPC server: a thin facade that hands every stream to one handler.
+
+Serves ``AggregatedDiscoveryService`` (state of the world and delta) and the per-type CDS, EDS, LDS,
+RDS and SDS services (streaming, delta and fetch) for clients that do not use ADS. Responses are
+assembled from bytes each resource encoded once (see snapshot.py), so the response serialiser is the
+identity.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import grpc
+from envoy.service.discovery.v3 import discovery_pb2
+
+from legation.xds import _wire
+from legation.xds._delta import DeltaStream
+from legation.xds._sotw import SotwStream
+from legation.xds.cache import SnapshotCache
+from legation.xds.types import ResourceType
+
+log = logging.getLogger("legation.xds")
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 18000
+
+_PER_TYPE = {
+    ResourceType.CLUSTER: ("envoy.service.cluster.v3.ClusterDiscoveryService", "Clusters"),
+    ResourceType.ENDPOINT: ("envoy.service.endpoint.v3.EndpointDiscoveryService", "Endpoints"),
+    ResourceType.LISTENER: ("envoy.service.listener.v3.ListenerDiscoveryService", "Listeners"),
+    ResourceType.ROUTE: ("envoy.service.route.v3.RouteDiscoveryService", "Routes"),
+    ResourceType.SECRET: ("envoy.service.secret.v3.SecretDiscoveryService", "Secrets"),
+}
+
+
+def _identity(data: bytes) -> bytes:
+    return data
+
+
+class XdsServer:
+    """ADS and per-type discovery services over one :class:`SnapshotCache`."""
+
+    def __init__(
+        self,
+        cache: SnapshotCache,
+        *,
+        host: str = DEFAULT_HOST,
+        port: int = DEFAULT_PORT,
+        gate_timeout: float = 5.0,
+    ) -> None:
+        self.cache = cache
+        self.host = host
+        self.port = port
+        self.gate_timeout = gate_timeout
+        self._server: grpc.aio.Server | None = None
+
+    def handlers(self) -> list[grpc.GenericRpcHandler]:
+        def sotw(only: ResourceType | None) -> grpc.RpcMethodHandler:
+            async def handler(requests: Any, context: Any) -> Any:
+                async for response in self._stream(SotwStream, requests, context, only):
+                    yield response
+
+            return grpc.stream_stream_rpc_method_handler(
+                handler,
+                request_deserializer=discovery_pb2.DiscoveryRequest.FromString,
+                response_serializer=_identity,
+            )
+
+        def delta(only: ResourceType | None) -> grpc.RpcMethodHandler:
+            async def handler(requests: Any, context: Any) -> Any:
+                async for response in self._stream(DeltaStream, requests, context, only):
+                    yield response
+
+            return grpc.stream_stream_rpc_method_handler(
+                handler,
+                request_deserializer=discovery_pb2.DeltaDiscoveryRequest.FromString,
+                response_serializer=_identity,
+            )
+
+        def fetch(only: ResourceType) -> grpc.RpcMethodHandler:
+            async def unary(request: discovery_pb2.DiscoveryRequest, context: Any) -> bytes:
+                return self._fetch(only, request)
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary,
+                request_deserializer=discovery_pb2.DiscoveryRequest.FromString,
+                response_serializer=_identity,
+            )
+
+        out = [
+            grpc.method_handlers_generic_handler(
+                "envoy.service.discovery.v3.AggregatedDiscoveryService",
+                {"StreamAggregatedResources": sotw(None), "DeltaAggregatedResources": delta(None)},
+            )
+        ]
+        for rtype, (service, noun) in _PER_TYPE.items():
+            out.append(
+                grpc.method_handlers_generic_handler(
+                    service,
+                    {
+                        f"Stream{noun}": sotw(rtype),
+                        f"Delta{noun}": delta(rtype),
+                        f"Fetch{noun}": fetch(rtype),
+                    },
+                )
+            )
+        return out
+
+    def _stream(self, cls: type, requests: Any, context: Any, only: ResourceType | None) -> Any:
+        stream = cls(self.cache, context, only)
+        stream.gate_timeout = self.gate_timeout
+        return stream.run(requests)
+
+    def _fetch(self, rtype: ResourceType, request: discovery_pb2.DiscoveryRequest) -> bytes:
+        snap = self.cache.snapshot_for(request.node.id, request.node.cluster)
+        if snap is None:
+            return _wire.discovery_response(
+                version="", type_url=rtype.type_url, nonce="", resource_fields=[]
+            )
+        available = snap.resources(rtype)
+        names = set(request.resource_names) - {"*"}
+        chosen = sorted(names & available.keys()) if names else sorted(available)
+        return _wire.discovery_response(
+            version=snap.version(rtype),
+            type_url=rtype.type_url,
+            nonce="",
+            resource_fields=[available[n].any_field for n in chosen],
+        )
+
+    async def start(self) -> XdsServer:
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_send_message_length", 64 * 1024 * 1024),
+                ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+                ("grpc.keepalive_time_ms", 30_000),
+            ]
+        )
+        server.add_generic_rpc_handlers(self.handlers())
+        bound = server.add_insecure_port(f"{self.host}:{self.port}")
+        if bound == 0:
+            raise OSError(f"xDS server: cannot listen on {self.host}:{self.port}")
+        self.port = bound
+        await server.start()
+        self._server = server
+        log.info("xDS server listening on %s:%d", self.host, self.port)
+        return self
+
+    async def stop(self, grace: float | None = 1.0) -> None:
+        if self._server is not None:
+            await self._server.stop(grace)
+            self._server = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
