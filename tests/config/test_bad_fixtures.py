@@ -1,0 +1,60 @@
+"""One bad-config fixture per error, with the exact message asserted (file first, then path)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from legation.config import MeshConfigError, load_mesh
+from legation.errors import ConfigError
+
+BAD = Path(__file__).parent / "bad"
+
+EXPECTED = {
+    "unknown_key": "routes[0].to.subst: unknown key (allowed: service, subset)",
+    "wrong_type": "services[0].port: expected an integer, got 'eighty'",
+    "unknown_service": "routes[0].to.service: unknown service 'reviws'",
+    "duplicate_names": "routes[1].name: duplicate route name 'reviews' (first at routes[0].name)",
+    "clashing_ports": (
+        "services[0].endpoints[1].sidecar.inbound_port: "
+        "port 9111 is already used by services[0].endpoints[0].port"
+    ),
+    "bad_weights": "routes[0].split: weights sum to 95, not 100",
+    "unreadable": (
+        "(top level): invalid YAML at line 4, column 4: "
+        "expected <block end>, but found '<block mapping start>'"
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_bad_fixture_gives_exact_message(name: str) -> None:
+    path = BAD / f"{name}.yaml"
+    with pytest.raises(ConfigError) as info:
+        load_mesh(path)
+    assert str(info.value) == f"{path}: {EXPECTED[name]}"
+    assert isinstance(info.value, MeshConfigError)
+    assert len(info.value.problems) == 1
+
+
+def test_every_fixture_is_covered() -> None:
+    assert {p.stem for p in BAD.glob("*.yaml")} == set(EXPECTED)
+
+
+def test_missing_file_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError) as info:
+        load_mesh(path)
+    message = f"{path}: (top level): cannot read the file: No such file or directory"
+    assert str(info.value) == message
+    assert info.value.code == "unreadable_config"
+
+
+def test_relative_path_is_kept_as_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(BAD.parent)
+    with pytest.raises(ConfigError) as info:
+        load_mesh("bad/unknown_service.yaml")
+    assert str(info.value) == (
+        "bad/unknown_service.yaml: routes[0].to.service: unknown service 'reviws'"
+    )
