@@ -1,0 +1,192 @@
+"""From a RateLimitRequest to a RateLimitResponse: match, replace, count, aggregate, measure.
+
+:class:`RateLimiter` holds the current config as one immutable reference (``swap`` replaces it, a
+request in flight keeps the one it started with), a :class:`~.backends.Backend` and a clock. It
+raises :class:`RateLimitError`; the servicer (:mod:`.service`) turns that into an answer.
+
+Semantics follow envoyproxy/ratelimit: each request descriptor is matched independently; a limit
+named in another matched limit's ``replaces`` is neither checked nor counted; the overall code is
+OVER_LIMIT when any descriptor is; shadow mode (per descriptor, or global) counts and reports but
+answers OK; unlimited descriptors answer OK with ``limit_remaining`` 2^32-1 without touching the
+store; a descriptor nothing matches answers OK with no current limit. The cost of a hit is the
+descriptor's ``hits_addend`` when set, else the request's, else 1. A descriptor carrying its own
+``limit`` (Envoy's route-level override) is counted against that limit, as a fixed window.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from envoy.service.ratelimit.v3 import rls_pb2
+from google.protobuf.duration_pb2 import Duration
+
+from legation.ratelimit.algorithms import Decision, Hit
+from legation.ratelimit.backends import Backend
+from legation.ratelimit.config import Limit, Match, RateLimitConfig
+from legation.ratelimit.errors import RateLimitError
+from legation.ratelimit.metrics import RateLimitMetrics
+
+OK = rls_pb2.RateLimitResponse.OK
+OVER_LIMIT = rls_pb2.RateLimitResponse.OVER_LIMIT
+_UNIT = {name.lower(): v for name, v in rls_pb2.RateLimitResponse.RateLimit.Unit.items()}
+_UNIT_NAME = {v: name for name, v in _UNIT.items()}
+_ESCAPE = str.maketrans({"%": "%25", "|": "%7C", "=": "%3D"})
+MAX_UINT32 = 0xFFFFFFFF
+
+
+@dataclass(frozen=True, slots=True)
+class _Checked:
+    """One request descriptor after matching: its limits still in force and their counter keys."""
+
+    match: Match | None
+    metric_key: str
+    limits: tuple[Limit, ...]
+    keys: tuple[str, ...]
+    cost: int
+    shadow: bool
+    unlimited: bool
+
+
+class RateLimiter:
+    def __init__(
+        self,
+        *,
+        config: RateLimitConfig,
+        backend: Backend,
+        metrics: RateLimitMetrics,
+        shadow_mode: bool = False,
+        near_limit_ratio: float = 0.8,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.backend = backend
+        self.metrics = metrics
+        self.shadow_mode = shadow_mode
+        self.near_limit_ratio = near_limit_ratio
+        self.clock = clock
+        self._counters: dict[tuple[str, str], tuple[object, ...]] = {}
+
+    def swap(self, config: RateLimitConfig) -> None:
+        self.config = config
+
+    async def should_rate_limit(
+        self, request: rls_pb2.RateLimitRequest
+    ) -> rls_pb2.RateLimitResponse:
+        config = self.config  # one snapshot for the whole request
+        if not request.domain:
+            raise RateLimitError("rate limit domain must not be empty", code="invalid_request")
+        if not request.descriptors:
+            raise RateLimitError("rate limit descriptor list must not be empty",
+                                 code="invalid_request")
+        checked = self._match(config, request)
+        hits = [Hit(key, limit, c.cost) for c in checked
+                for key, limit in zip(c.keys, c.limits, strict=True)]
+        now_ms = int(self.clock() * 1000)
+        decisions = await self.backend.hit(hits, now_ms) if hits else []
+        response = rls_pb2.RateLimitResponse(overall_code=OK)
+        at = 0
+        for c in checked:
+            mine = decisions[at:at + len(c.limits)]
+            at += len(c.limits)
+            status = self._status(request.domain, c, mine)
+            response.statuses.append(status)
+            if status.code == OVER_LIMIT:
+                response.overall_code = OVER_LIMIT
+        return response
+
+    def _match(
+        self, config: RateLimitConfig, request: rls_pb2.RateLimitRequest
+    ) -> list[_Checked]:
+        default_cost = request.hits_addend or 1
+        found: list[tuple[tuple[tuple[str, str], ...], Match | None, int, Limit | None]] = []
+        replaced: set[str] = set()
+        for d in request.descriptors:
+            entries = tuple((e.key, e.value) for e in d.entries)
+            if not entries or any(not key for key, _ in entries):
+                raise RateLimitError(f"domain {request.domain!r}: a descriptor has no entries or "
+                                     "an entry with an empty key", code="invalid_request")
+            cost = d.hits_addend.value if d.HasField("hits_addend") else default_cost
+            override = None
+            if d.HasField("limit"):
+                unit = _UNIT_NAME.get(d.limit.unit, "unknown")
+                if unit == "unknown":
+                    raise RateLimitError(f"domain {request.domain!r}: descriptor limit override "
+                                         "has no unit", code="invalid_request")
+                override = Limit(unit=unit, requests_per_unit=d.limit.requests_per_unit,
+                                 name=d.limit.name)
+            match = config.match(request.domain, entries)
+            if match is not None and override is None:
+                for limit in match.limits:
+                    replaced |= limit.replaces
+            found.append((entries, match, cost, override))
+        out = []
+        for entries, match, cost, override in found:
+            base = request.domain + "|" + "|".join(
+                f"{k.translate(_ESCAPE)}={v.translate(_ESCAPE)}" for k, v in entries)
+            metric_key = match.metric_key if match else ".".join(
+                [request.domain, *(k for k, _ in entries)])
+            shadow = self.shadow_mode or (match is not None and match.descriptor.shadow_mode)
+            if override is not None:
+                limits: tuple[Limit, ...] = (override,)
+                keys = (f"{base}|override:{override.unit}:{override.requests_per_unit}",)
+            elif match is None:
+                limits, keys = (), ()
+            else:
+                limits = tuple(lim for lim in match.limits
+                               if not (lim.name and lim.name in replaced) and not lim.unlimited)
+                keys = tuple(f"{base}|{lim.algorithm.value}:{lim.unit}" for lim in limits)
+            unlimited = match is not None and override is None and any(
+                lim.unlimited for lim in match.limits)
+            out.append(_Checked(match, metric_key, limits, keys, cost, shadow, unlimited))
+        return out
+
+    def _status(
+        self, domain: str, c: _Checked, decisions: list[Decision]
+    ) -> rls_pb2.RateLimitResponse.DescriptorStatus:
+        status = rls_pb2.RateLimitResponse.DescriptorStatus(code=OK)
+        if c.unlimited:
+            status.limit_remaining = MAX_UINT32
+            return status
+        if not decisions:
+            return status
+        denied = [(d.reset_ms, i) for i, d in enumerate(decisions) if not d.allowed]
+        if denied:
+            pick = max(denied)[1]  # the longest wait is the one to report
+        else:
+            pick = min((d.remaining, i) for i, d in enumerate(decisions))[1]
+        limit, decision = c.limits[pick], decisions[pick]
+        total, within, over, near, shadow = self._counters_for(domain, c.metric_key)
+        total.inc(c.cost)  # type: ignore[attr-defined]
+        if denied:
+            over.inc(c.cost)  # type: ignore[attr-defined]
+            if c.shadow:
+                shadow.inc(c.cost)  # type: ignore[attr-defined]
+            else:
+                status.code = OVER_LIMIT
+        else:
+            within.inc(c.cost)  # type: ignore[attr-defined]
+            used = limit.requests_per_unit - decision.remaining
+            if used > limit.requests_per_unit * self.near_limit_ratio:
+                near.inc(c.cost)  # type: ignore[attr-defined]
+        status.current_limit.name = limit.name
+        status.current_limit.requests_per_unit = limit.requests_per_unit
+        status.current_limit.unit = _UNIT[limit.unit]
+        status.limit_remaining = min(decision.remaining, MAX_UINT32)
+        status.duration_until_reset.CopyFrom(_duration(decision.reset_ms))
+        return status
+
+    def _counters_for(self, domain: str, metric_key: str) -> tuple[object, ...]:
+        found = self._counters.get((domain, metric_key))
+        if found is None:
+            m = self.metrics
+            found = tuple(counter.labels(domain, metric_key) for counter in (
+                m.total_hits, m.within_limit, m.over_limit, m.near_limit, m.shadow_mode))
+            if len(self._counters) < 100_000:  # bounded, whatever detailed_metric lets in
+                self._counters[(domain, metric_key)] = found
+        return found
+
+
+def _duration(ms: int) -> Duration:
+    return Duration(seconds=ms // 1000, nanos=(ms % 1000) * 1_000_000)

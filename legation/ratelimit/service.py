@@ -1,0 +1,144 @@
+"""The grpc.aio ``envoy.service.ratelimit.v3.RateLimitService`` and how to start it.
+
+``start_server(Settings(port=0, config_paths=("limits.yaml",)))`` loads the config (a bad one fails
+the start with a :class:`ConfigError` naming file and field), creates the backend plugin, binds,
+starts, watches the files for hot reload, and returns ``(server, port)``. ``await server.stop(g)``
+also stops the watcher and closes the backend. ``server.legation_limiter`` is the running
+:class:`RateLimiter` (its config, backend, metrics), ``server.legation_watcher`` the watcher.
+
+Failure mode: when the counter store cannot answer, ``failure_mode="allow"`` answers OK (counted in
+``legation_ratelimit_failure_mode_total{action="allow"}``), ``"deny"`` answers gRPC UNAVAILABLE so
+Envoy applies its own ``failure_mode_deny``, which :func:`legation.ratelimit.envoy_filter.
+rate_limit_filter` sets from the same setting: the store being down and this service being down
+then look the same to clients. A malformed request gets INVALID_ARGUMENT, never a crash.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
+from prometheus_client import CollectorRegistry
+
+from legation import plugins
+from legation.errors import ConfigError
+from legation.ratelimit.config import RateLimitConfig
+from legation.ratelimit.errors import RateLimitError
+from legation.ratelimit.limiter import RateLimiter
+from legation.ratelimit.metrics import RateLimitMetrics
+from legation.ratelimit.watch import ConfigWatcher
+
+log = logging.getLogger(__name__)
+FAILURE_MODES = ("allow", "deny")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 0
+    reuse_port: bool = False
+    config_paths: tuple[str, ...] = ()
+    backend: str = "memory"
+    backend_options: Mapping[str, Any] = field(default_factory=dict)
+    failure_mode: str = "allow"
+    shadow_mode: bool = False
+    near_limit_ratio: float = 0.8
+    reload_interval: float = 1.0  # seconds between polls of config_paths; 0 turns reload off
+    metrics_registry: CollectorRegistry | None = None
+    clock: Callable[[], float] = time.time
+
+    def __post_init__(self) -> None:
+        if self.failure_mode not in FAILURE_MODES:
+            raise ConfigError(f"ratelimit settings: failure_mode: expected one of "
+                              f"{', '.join(FAILURE_MODES)}, got {self.failure_mode!r}",
+                              code="invalid_failure_mode")
+        if not 0 < self.near_limit_ratio <= 1:
+            raise ConfigError("ratelimit settings: near_limit_ratio: expected 0 < ratio <= 1",
+                              code="invalid_near_limit_ratio")
+        if isinstance(self.config_paths, str):
+            raise ConfigError("ratelimit settings: config_paths: expected a tuple of paths",
+                              code="invalid_type")
+
+
+class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):
+    """The one boundary where :class:`RateLimitError` becomes a gRPC answer."""
+
+    def __init__(self, limiter: RateLimiter, *, failure_mode: str = "allow") -> None:
+        self.limiter = limiter
+        self.failure_mode = failure_mode
+        self._last_log = 0.0
+
+    async def ShouldRateLimit(
+        self, request: rls_pb2.RateLimitRequest, context: grpc.aio.ServicerContext
+    ) -> rls_pb2.RateLimitResponse:
+        try:
+            return await self.limiter.should_rate_limit(request)
+        except RateLimitError as exc:
+            if exc.code == "invalid_request":
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            self.limiter.metrics.backend_errors.labels(exc.code).inc()
+            self._log(exc)
+            self.limiter.metrics.failure_mode.labels(self.failure_mode).inc()
+            if self.failure_mode == "allow":
+                return rls_pb2.RateLimitResponse(overall_code=rls_pb2.RateLimitResponse.OK)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"rate limit store: {exc.code}")
+        raise AssertionError("unreachable")  # context.abort raises
+
+    def _log(self, exc: RateLimitError) -> None:
+        now = time.monotonic()
+        if now - self._last_log >= 5.0:  # a down store must not flood the log
+            self._last_log = now
+            log.warning("rate-limit store failed (failure mode %s): %s", self.failure_mode, exc)
+
+
+def build_limiter(settings: Settings, config: RateLimitConfig) -> RateLimiter:
+    """The limiter with its backend plugin (validated, then created) and metrics."""
+    factory = plugins.get("ratelimit.backend", settings.backend,
+                          where="ratelimit settings: backend")
+    backend = factory.create(factory.validate(dict(settings.backend_options)))
+    return RateLimiter(
+        config=config,
+        backend=backend,
+        metrics=RateLimitMetrics.for_registry(settings.metrics_registry),
+        shadow_mode=settings.shadow_mode,
+        near_limit_ratio=settings.near_limit_ratio,
+        clock=settings.clock,
+    )
+
+
+async def start_server(settings: Settings) -> tuple[grpc.aio.Server, int]:
+    metrics = RateLimitMetrics.for_registry(settings.metrics_registry)
+    limiter: RateLimiter | None = None
+    watcher = ConfigWatcher(settings.config_paths, lambda c: limiter.swap(c),  # type: ignore[union-attr]
+                            metrics=metrics, interval=settings.reload_interval)
+    config = watcher.load() if settings.config_paths else RateLimitConfig()
+    limiter = build_limiter(settings, config)
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 1 if settings.reuse_port else 0)])
+    rls_pb2_grpc.add_RateLimitServiceServicer_to_server(
+        RateLimitServicer(limiter, failure_mode=settings.failure_mode), server)
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    try:
+        port = server.add_insecure_port(f"{host}:{settings.port}")
+    except RuntimeError as exc:
+        await limiter.backend.close()
+        raise OSError(f"ratelimit: cannot bind {host}:{settings.port}: {exc}") from None
+    await server.start()
+    if settings.config_paths and settings.reload_interval > 0:
+        watcher.start()
+    original_stop = server.stop
+
+    async def stop(grace: float | None) -> None:
+        await original_stop(grace)
+        await watcher.stop()
+        await limiter.backend.close()
+
+    server.stop = stop  # type: ignore[method-assign]
+    server.legation_limiter = limiter  # type: ignore[attr-defined]
+    server.legation_watcher = watcher  # type: ignore[attr-defined]
+    log.info("rate-limit service on %s:%d (backend %s)", host, port, settings.backend)
+    return server, port
