@@ -1,0 +1,172 @@
+"""CheckRequest -> the policy input document that opa-envoy-plugin builds.
+
+The document is ``{"attributes": <CheckRequest.attributes as protojson>, "parsed_path": [...],
+"parsed_query": {...}, "parsed_body": ..., "truncated_body": bool, "version": {...}}``, so policies
+written for opa-envoy-plugin run unchanged. Legation adds ``jwt`` (the verified claims, once a
+``jwt`` check has run) and ``spiffe_id`` (the peer's SPIFFE id when the connection used mTLS).
+
+The document is built lazily, on first use: a route that only checks a JWT never pays for it.
+The common fields are copied by hand (protojson names, camelCase) because ``MessageToDict`` on a
+whole CheckRequest costs ~75 us, a large share of the per-call budget.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import uuid
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from google.protobuf.json_format import MessageToDict
+
+from legation.extauthz.errors import AuthzError
+
+_VERSION = {"ext_authz": "v3", "encoding": "protojson"}
+
+
+class RequestContext:
+    """One Check call: the raw request, what earlier checks learned, and the lazy input."""
+
+    __slots__ = ("_input", "claims", "decision_id", "extensions", "headers", "jwt_provider",
+                 "request")
+
+    def __init__(self, request: Any) -> None:
+        self.request = request
+        http = request.attributes.request.http
+        self.headers: Any = http.headers  # a protobuf map: lower-case names, like Envoy sends
+        self.extensions: Any = request.attributes.context_extensions
+        self.claims: dict[str, Any] | None = None
+        self.jwt_provider: str | None = None
+        self.decision_id = uuid.uuid4().hex
+        self._input: dict[str, Any] | None = None
+
+    @property
+    def method(self) -> str:
+        return str(self.request.attributes.request.http.method)
+
+    @property
+    def path(self) -> str:
+        return str(self.request.attributes.request.http.path)
+
+    @property
+    def spiffe_id(self) -> str | None:
+        principal = self.request.attributes.source.principal
+        return principal if principal.startswith("spiffe://") else None
+
+    def input(self) -> dict[str, Any]:
+        """The policy input document (built once per request)."""
+        if self._input is None:
+            self._input = build_input(self.request)
+        doc = self._input
+        if self.claims is not None:
+            doc["jwt"] = {"provider": self.jwt_provider, "claims": self.claims}
+        spiffe = self.spiffe_id
+        if spiffe:
+            doc["spiffe_id"] = spiffe
+        return doc
+
+
+def build_input(request: Any) -> dict[str, Any]:
+    attrs = request.attributes
+    http = attrs.request.http
+    http_doc: dict[str, Any] = {
+        "id": http.id,
+        "method": http.method,
+        "headers": dict(http.headers),
+        "path": http.path,
+        "host": http.host,
+        "scheme": http.scheme,
+        "protocol": http.protocol,
+    }
+    if http.query:
+        http_doc["query"] = http.query
+    if http.fragment:
+        http_doc["fragment"] = http.fragment
+    if http.size:
+        http_doc["size"] = str(http.size)  # protojson renders int64 as a string
+    if http.body:
+        http_doc["body"] = http.body
+    if http.raw_body:
+        http_doc["rawBody"] = base64.b64encode(http.raw_body).decode()
+    request_doc: dict[str, Any] = {"http": http_doc}
+    if attrs.request.HasField("time"):
+        request_doc["time"] = attrs.request.time.ToJsonString()
+    attributes: dict[str, Any] = {
+        "source": _peer(attrs.source),
+        "destination": _peer(attrs.destination),
+        "request": request_doc,
+        "contextExtensions": dict(attrs.context_extensions),
+    }
+    if attrs.HasField("metadata_context"):
+        attributes["metadataContext"] = MessageToDict(attrs.metadata_context)
+    if attrs.HasField("route_metadata_context"):
+        attributes["routeMetadataContext"] = MessageToDict(attrs.route_metadata_context)
+    parsed_path, parsed_query = parse_path(http.path)
+    doc: dict[str, Any] = {
+        "attributes": attributes,
+        "parsed_path": parsed_path,
+        "parsed_query": parsed_query,
+        "version": dict(_VERSION),
+    }
+    body, truncated = _body(http)
+    doc["truncated_body"] = truncated
+    if body and not truncated:
+        parsed = parse_body(body, http.headers.get("content-type", ""))
+        if parsed is not None:
+            doc["parsed_body"] = parsed
+    return doc
+
+
+def _peer(peer: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if peer.HasField("address"):
+        sock = peer.address.socket_address
+        out["address"] = {"socketAddress": {"address": sock.address, "portValue": sock.port_value}}
+    if peer.principal:
+        out["principal"] = peer.principal
+    if peer.certificate:
+        out["certificate"] = peer.certificate
+    if peer.labels:
+        out["labels"] = dict(peer.labels)
+    return out
+
+
+def parse_path(path: str) -> tuple[list[str], dict[str, list[str]]]:
+    """``/a/b?x=1&x=2`` -> (["a", "b"], {"x": ["1", "2"]}), as opa-envoy-plugin splits them."""
+    url = urlsplit(path)
+    segments = url.path.lstrip("/").split("/")
+    query = parse_qs(url.query, keep_blank_values=True) if url.query else {}
+    return segments, query
+
+
+def _body(http: Any) -> tuple[bytes, bool]:
+    body = http.raw_body or http.body.encode()
+    if http.headers.get("x-envoy-auth-partial-body") == "true":
+        return body, True
+    length = http.headers.get("content-length")
+    if length is not None:
+        try:
+            return body, int(length) > len(body)
+        except ValueError:
+            raise AuthzError("content-length header is not a number", code="malformed_body",
+                             status=400) from None
+    return body, False
+
+
+def parse_body(body: bytes, content_type: str) -> Any:
+    """JSON and form bodies are parsed; other types are left to the policy (``body``)."""
+    media = content_type.split(";", 1)[0].strip().lower()
+    if media == "application/json" or media.endswith("+json"):
+        try:
+            return json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            raise AuthzError("request body is not valid JSON", code="malformed_body",
+                             status=400) from None
+    if media == "application/x-www-form-urlencoded":
+        try:
+            return parse_qs(body.decode(), keep_blank_values=True, strict_parsing=False)
+        except UnicodeDecodeError:
+            raise AuthzError("form body is not valid UTF-8", code="malformed_body",
+                             status=400) from None
+    return None

@@ -1,0 +1,90 @@
+"""Start the ext_authz gRPC service: the contract the ``legation`` CLI calls.
+
+``start_server(Settings(...))`` loads and validates the config, creates and starts the checks,
+binds and starts a grpc.aio server and returns it with its bound port. ``stop_server`` also stops
+the checks' background work (policy watchers, HTTP sessions) and closes the decision log.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+from envoy.service.auth.v3 import external_auth_pb2_grpc
+from prometheus_client import CollectorRegistry
+
+from legation import plugins
+from legation.extauthz.checks import Check
+from legation.extauthz.config import KIND, LoadedConfig, load_file, load_mapping
+from legation.extauthz.observe import DecisionLog, Metrics
+from legation.extauthz.servicer import AuthorizationServicer
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 0
+    reuse_port: bool = False
+    config_file: Path | None = None
+    config: dict[str, Any] | None = None  # the same document as the file, inline
+    decision_log: str | None = None  # overrides the config's decision_log
+    registry: CollectorRegistry | None = None  # None: prometheus_client's default registry
+    max_concurrent_streams: int = 0  # 0: gRPC default
+
+
+_running: weakref.WeakKeyDictionary[grpc.aio.Server, AuthorizationServicer] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def load(settings: Settings) -> LoadedConfig:
+    if settings.config_file is not None:
+        return load_file(settings.config_file)
+    return load_mapping(settings.config or {}, source="<settings.config>")
+
+
+async def build_servicer(settings: Settings) -> AuthorizationServicer:
+    loaded = load(settings)
+    checks: dict[str, Check] = {}
+    for name, (kind, config) in loaded.check_configs.items():
+        check = plugins.get(KIND, kind, where=f"{loaded.source}: checks.{name}").create(config)
+        await check.start()
+        checks[name] = check
+    return AuthorizationServicer(
+        config=loaded.service,
+        checks=checks,
+        metrics=Metrics(settings.registry),
+        decision_log=DecisionLog(settings.decision_log or loaded.service.decision_log),
+    )
+
+
+async def start_server(settings: Settings) -> tuple[grpc.aio.Server, int]:
+    servicer = await build_servicer(settings)
+    options: list[tuple[str, Any]] = [("grpc.so_reuseport", 1 if settings.reuse_port else 0)]
+    if settings.max_concurrent_streams:
+        options.append(("grpc.max_concurrent_streams", settings.max_concurrent_streams))
+    server = grpc.aio.server(options=options)
+    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(servicer, server)
+    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    if port == 0:
+        await close_checks(servicer)
+        raise OSError(f"cannot bind ext_authz service to {settings.host}:{settings.port}")
+    await server.start()
+    _running[server] = servicer
+    return server, port
+
+
+async def close_checks(servicer: AuthorizationServicer) -> None:
+    for check in servicer.checks.values():
+        await check.close()
+    servicer.decision_log.close()
+
+
+async def stop_server(server: grpc.aio.Server, grace: float | None = None) -> None:
+    await server.stop(grace)
+    servicer = _running.pop(server, None)
+    if servicer is not None:
+        await close_checks(servicer)

@@ -1,0 +1,208 @@
+"""Fixtures for the ext_authz tests: the real service on its own event loop thread, Envoy
+bootstraps built with :mod:`legation.extauthz.envoy_filter`, a plain HTTP client, RSA keys."""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from google.protobuf.json_format import MessageToDict
+from prometheus_client import CollectorRegistry
+
+from legation.demo import DemoApp
+from legation.envoy_process import EnvoyProcess
+from legation.extauthz import envoy_filter
+from legation.extauthz.service import Settings, start_server, stop_server
+from tests.conftest import free_port
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def to_plain(message: Any) -> dict[str, Any]:
+    """A protobuf as plain JSON-able dicts (yaml.safe_dump refuses OrderedDict)."""
+    return json.loads(json.dumps(MessageToDict(message)))
+
+
+class ServiceThread:
+    """The ext_authz service on a private event loop, so tests can block on HTTP calls."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.loop = asyncio.new_event_loop()
+        self.server: grpc.aio.Server | None = None
+        self.port = 0
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+
+    def start(self) -> ServiceThread:
+        self._thread.start()
+        try:
+            self.server, self.port = self.call(start_server(self.settings))
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def call(self, coro: Any, timeout: float = 20) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.call(stop_server(self.server, 0))
+            self.server = None
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(5)
+        self.loop.close()
+
+
+@dataclass
+class Route:
+    prefix: str
+    policy: str | None = None
+    checks: Sequence[str] = ()
+    disabled: bool = False
+
+
+def bootstrap(
+    *, listen_port: int, admin_port: int, authz_port: int, upstream_port: int,
+    routes: Sequence[Route], max_request_bytes: int = 1024, status_on_error: int = 403,
+) -> dict[str, Any]:
+    """A static Envoy bootstrap: one listener, ext_authz then router, per-route authz config."""
+    vroutes = []
+    for r in routes:
+        per_route = envoy_filter.per_route_any(policy=r.policy, checks=tuple(r.checks),
+                                               disabled=r.disabled)
+        vroutes.append({
+            "match": {"prefix": r.prefix},
+            "route": {"cluster": "upstream"},
+            "typed_per_filter_config": {envoy_filter.FILTER_NAME: to_plain(per_route)},
+        })
+    authz = envoy_filter.http_filter("extauthz", max_request_bytes=max_request_bytes,
+                                     status_on_error=status_on_error)
+    hcm = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager"
+                 ".v3.HttpConnectionManager",
+        "stat_prefix": "ingress",
+        "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"],
+                                            "routes": vroutes}]},
+        "http_filters": [
+            to_plain(authz),
+            {"name": "envoy.filters.http.router", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}},
+        ],
+    }
+    upstream = {
+        "name": "upstream", "type": "STATIC", "connect_timeout": "1s",
+        "load_assignment": {"cluster_name": "upstream", "endpoints": [{"lb_endpoints": [
+            {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1",
+                                                         "port_value": upstream_port}}}}]}]},
+    }
+    return {
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1",
+                                                 "port_value": admin_port}}},
+        "static_resources": {
+            "listeners": [{
+                "name": "ingress",
+                "address": {"socket_address": {"address": "127.0.0.1",
+                                               "port_value": listen_port}},
+                "filter_chains": [{"filters": [{
+                    "name": "envoy.filters.network.http_connection_manager",
+                    "typed_config": hcm}]}],
+            }],
+            "clusters": [
+                upstream,
+                to_plain(envoy_filter.grpc_cluster("extauthz", [("127.0.0.1", authz_port)])),
+            ],
+        },
+    }
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+class Client:
+    def __init__(self, port: int) -> None:
+        self.port = port
+
+    def request(self, method: str, path: str, *, headers: Mapping[str, str] | None = None,
+                body: bytes | None = None) -> Reply:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        try:
+            conn.request(method, path, body=body, headers=dict(headers or {}))
+            resp = conn.getresponse()
+            return Reply(resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read())
+        finally:
+            conn.close()
+
+    def get(self, path: str, **kw: Any) -> Reply:
+        return self.request("GET", path, **kw)
+
+
+@dataclass
+class Stack:
+    service: ServiceThread | None
+    envoy: EnvoyProcess
+    client: Client
+    upstream: Any
+    registry: CollectorRegistry
+
+
+StackFactory = Callable[..., Stack]
+
+
+@pytest.fixture
+def stack_factory(tmp_path: Path) -> Iterator[StackFactory]:
+    """``stack_factory(config=..., routes=[...])``: service + Envoy + demo upstream."""
+    services: list[ServiceThread] = []
+    envoys: list[EnvoyProcess] = []
+    upstreams: list[DemoApp] = []
+
+    def make(*, config: dict[str, Any] | None, routes: Sequence[Route],
+             authz_port: int | None = None, **bootstrap_kw: Any) -> Stack:
+        upstream = DemoApp(name="upstream").start_in_thread()
+        upstreams.append(upstream)
+        registry = CollectorRegistry()
+        service = None
+        if config is not None:
+            service = ServiceThread(Settings(port=0, config=config, registry=registry)).start()
+            services.append(service)
+            authz_port = service.port
+        assert authz_port is not None
+        listen, admin = free_port(), free_port()
+        cfg = bootstrap(listen_port=listen, admin_port=admin, authz_port=authz_port,
+                        upstream_port=upstream.port, routes=routes, **bootstrap_kw)
+        envoy = EnvoyProcess(cfg, admin_port=admin, name="envoy-extauthz",
+                             log_dir=tmp_path / f"envoy{len(envoys)}")
+        envoys.append(envoy)
+        envoy.start()
+        envoy.wait_live()
+        return Stack(service, envoy, Client(listen), upstream, registry)
+
+    yield make
+    for e in envoys:
+        e.stop()
+    for s in services:
+        s.stop()
+    for app in upstreams:
+        stop_demo(app)
+
+
+def stop_demo(app: DemoApp) -> None:
+    """DemoApp.stop_thread leaves its loop open (a ResourceWarning, an error here): close it."""
+    app.stop_thread()
+    if app._loop is not None and not app._loop.is_running():
+        app._loop.close()
