@@ -149,6 +149,14 @@ class JwtCheck:
         self._cache: OrderedDict[bytes, tuple[_Provider, dict[str, Any], float]] = OrderedDict()
 
     async def check(self, ctx: RequestContext) -> Decision:
+        try:
+            return await self._check(ctx)
+        except AuthzError as e:
+            if e.is_client_error and e.status is None:
+                e.status = 401  # as Envoy's jwt_authn: the client must authenticate (again)
+            raise
+
+    async def _check(self, ctx: RequestContext) -> Decision:
         provider, token = self._find(ctx)
         digest = hashlib.sha256(token.encode()).digest()
         hit = self._cache.get(digest)

@@ -9,11 +9,15 @@ import json
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import grpc
+import jwt as pyjwt
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 from google.protobuf.json_format import MessageToDict
 from prometheus_client import CollectorRegistry
 
@@ -164,41 +168,51 @@ class Stack:
 StackFactory = Callable[..., Stack]
 
 
-@pytest.fixture
-def stack_factory(tmp_path: Path) -> Iterator[StackFactory]:
-    """``stack_factory(config=..., routes=[...])``: service + Envoy + demo upstream."""
-    services: list[ServiceThread] = []
-    envoys: list[EnvoyProcess] = []
-    upstreams: list[DemoApp] = []
+class StackPool:
+    """Starts service + Envoy + demo upstream stacks and stops all of them on close()."""
 
-    def make(*, config: dict[str, Any] | None, routes: Sequence[Route],
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.services: list[ServiceThread] = []
+        self.envoys: list[EnvoyProcess] = []
+        self.upstreams: list[DemoApp] = []
+
+    def make(self, *, config: dict[str, Any] | None, routes: Sequence[Route],
              authz_port: int | None = None, **bootstrap_kw: Any) -> Stack:
         upstream = DemoApp(name="upstream").start_in_thread()
-        upstreams.append(upstream)
+        self.upstreams.append(upstream)
         registry = CollectorRegistry()
         service = None
         if config is not None:
             service = ServiceThread(Settings(port=0, config=config, registry=registry)).start()
-            services.append(service)
+            self.services.append(service)
             authz_port = service.port
         assert authz_port is not None
         listen, admin = free_port(), free_port()
         cfg = bootstrap(listen_port=listen, admin_port=admin, authz_port=authz_port,
                         upstream_port=upstream.port, routes=routes, **bootstrap_kw)
         envoy = EnvoyProcess(cfg, admin_port=admin, name="envoy-extauthz",
-                             log_dir=tmp_path / f"envoy{len(envoys)}")
-        envoys.append(envoy)
+                             log_dir=self.tmp / f"envoy{len(self.envoys)}")
+        self.envoys.append(envoy)
         envoy.start()
         envoy.wait_live()
         return Stack(service, envoy, Client(listen), upstream, registry)
 
-    yield make
-    for e in envoys:
-        e.stop()
-    for s in services:
-        s.stop()
-    for app in upstreams:
-        stop_demo(app)
+    def close(self) -> None:
+        for e in self.envoys:
+            e.stop()
+        for s in self.services:
+            s.stop()
+        for app in self.upstreams:
+            stop_demo(app)
+
+
+@pytest.fixture
+def stack_factory(tmp_path: Path) -> Iterator[StackFactory]:
+    """``stack_factory(config=..., routes=[...])``: service + Envoy + demo upstream."""
+    pool = StackPool(tmp_path)
+    yield pool.make
+    pool.close()
 
 
 def stop_demo(app: DemoApp) -> None:
@@ -206,3 +220,53 @@ def stop_demo(app: DemoApp) -> None:
     app.stop_thread()
     if app._loop is not None and not app._loop.is_running():
         app._loop.close()
+
+
+class JwksServer:
+    """A loopback HTTP server serving a JWKS document that tests can rotate; counts fetches."""
+
+    def __init__(self) -> None:
+        self.document: dict[str, Any] = {"keys": []}
+        self.fetches = 0
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                outer.fetches += 1
+                data = json.dumps(outer.document).encode()
+                self.send_response(200)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args: Any) -> None:
+                return None
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/jwks.json"
+        self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self._thread.join(5)
+
+
+class Signer:
+    """An RSA key pair (generated per test session) with its public JWK."""
+
+    def __init__(self, kid: str) -> None:
+        self.kid = kid
+        self.private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        jwk = json.loads(pyjwt.algorithms.RSAAlgorithm.to_jwk(self.private.public_key()))
+        self.jwk = {**jwk, "kid": kid, "use": "sig", "alg": "RS256"}
+
+    def public_pem(self) -> bytes:
+        return self.private.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+    def token(self, claims: dict[str, Any], *, kid: str | None = None, **kw: Any) -> str:
+        headers = {"kid": kid if kid is not None else self.kid}
+        return pyjwt.encode(claims, self.private, algorithm="RS256", headers=headers, **kw)

@@ -183,3 +183,16 @@ async def _rego_check(service: Any) -> Any:
     from legation.extauthz.service import _running
 
     return _running[service.server].checks["authz"]
+
+
+def test_service_down_denies_everything(stack_factory: StackFactory) -> None:
+    """Nothing listens on the authz port: Envoy fails closed and no request leaks through."""
+    from tests.conftest import free_port
+
+    s = stack_factory(config=None, authz_port=free_port(), routes=ROUTES)
+    statuses = [s.client.request(m, f"/other/{i}").status
+                for i in range(20) for m in ("GET", "POST")]
+    assert statuses == [403] * 40
+    assert s.upstream.requests == 0
+    assert s.client.get("/public/ok").status == 200  # routes without a check still work
+    assert s.envoy.stats("ext_authz").get("http.ingress.ext_authz.error", 0) >= 40
