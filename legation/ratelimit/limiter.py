@@ -11,6 +11,11 @@ answers OK; unlimited descriptors answer OK with ``limit_remaining`` 2^32-1 with
 store; a descriptor nothing matches answers OK with no current limit. The cost of a hit is the
 descriptor's ``hits_addend`` when set, else the request's, else 1. A descriptor carrying its own
 ``limit`` (Envoy's route-level override) is counted against that limit, as a fixed window.
+
+Several limits on one descriptor are counted independently, each by its own algorithm, in the same
+round trip: a hit refused by one limit still counts against a fixed window next to it (as
+envoyproxy/ratelimit counts every descriptor of a request, refused or not), while sliding windows
+and token buckets only take what they admit.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from envoy.service.ratelimit.v3 import rls_pb2
+from envoy.type.v3 import ratelimit_unit_pb2
 from google.protobuf.duration_pb2 import Duration
 
 from legation.ratelimit.algorithms import Decision, Hit
@@ -31,7 +37,7 @@ from legation.ratelimit.metrics import RateLimitMetrics
 OK = rls_pb2.RateLimitResponse.OK
 OVER_LIMIT = rls_pb2.RateLimitResponse.OVER_LIMIT
 _UNIT = {name.lower(): v for name, v in rls_pb2.RateLimitResponse.RateLimit.Unit.items()}
-_UNIT_NAME = {v: name for name, v in _UNIT.items()}
+_OVERRIDE_UNIT = {v: name.lower() for name, v in ratelimit_unit_pb2.RateLimitUnit.items()}
 _ESCAPE = str.maketrans({"%": "%25", "|": "%7C", "=": "%3D"})
 MAX_UINT32 = 0xFFFFFFFF
 
@@ -110,12 +116,11 @@ class RateLimiter:
             cost = d.hits_addend.value if d.HasField("hits_addend") else default_cost
             override = None
             if d.HasField("limit"):
-                unit = _UNIT_NAME.get(d.limit.unit, "unknown")
+                unit = _OVERRIDE_UNIT.get(d.limit.unit, "unknown")
                 if unit == "unknown":
                     raise RateLimitError(f"domain {request.domain!r}: descriptor limit override "
                                          "has no unit", code="invalid_request")
-                override = Limit(unit=unit, requests_per_unit=d.limit.requests_per_unit,
-                                 name=d.limit.name)
+                override = Limit(unit=unit, requests_per_unit=d.limit.requests_per_unit)
             match = config.match(request.domain, entries)
             if match is not None and override is None:
                 for limit in match.limits:

@@ -1,0 +1,103 @@
+"""The limiter's semantics beyond the README: several limits, cost, overrides, global shadow."""
+
+from __future__ import annotations
+
+import pytest
+from envoy.type.v3 import ratelimit_unit_pb2
+
+from legation.ratelimit.errors import RateLimitError
+from legation.ratelimit.limiter import OK, OVER_LIMIT
+from tests.ratelimit.conftest import FakeClock, descriptor, make_limiter, request, sample
+
+SEVERAL = """
+domain: api
+descriptors:
+  - key: user
+    rate_limits:
+      - {unit: second, requests_per_unit: 3}
+      - {unit: minute, requests_per_unit: 5, algorithm: sliding_window}
+"""
+
+
+async def test_several_limits_all_must_pass() -> None:
+    clock = FakeClock(1_699_999_200.0)
+    lim = make_limiter(SEVERAL, clock=clock)
+    req = request("api", descriptor(("user", "ann")))
+    codes = [(await lim.should_rate_limit(req)).overall_code for _ in range(4)]
+    assert codes == [OK, OK, OK, OVER_LIMIT]  # the per-second limit
+    clock.advance(1)
+    resp = await lim.should_rate_limit(req)
+    # the minute limit (5) now has the least room: it admitted all 4 earlier hits (each limit
+    # counts on its own) and this one
+    assert resp.overall_code == OK
+    assert resp.statuses[0].current_limit.unit == resp.statuses[0].current_limit.MINUTE
+    assert resp.statuses[0].limit_remaining == 0
+    resp = await lim.should_rate_limit(req)
+    assert resp.overall_code == OVER_LIMIT  # per second fine (2 of 3), per minute spent
+    assert resp.statuses[0].current_limit.requests_per_unit == 5
+
+
+async def test_hits_addend_request_and_descriptor() -> None:
+    lim = make_limiter("domain: d\ndescriptors:\n  - key: k\n"
+                       "    rate_limit: {unit: hour, requests_per_unit: 10}\n")
+    resp = await lim.should_rate_limit(request("d", descriptor(("k", "a")), hits_addend=4))
+    assert resp.statuses[0].limit_remaining == 6
+    resp = await lim.should_rate_limit(request("d", descriptor(("k", "a"), hits_addend=5),
+                                               hits_addend=4))
+    assert resp.statuses[0].limit_remaining == 1
+    resp = await lim.should_rate_limit(request("d", descriptor(("k", "a"), hits_addend=2)))
+    assert resp.overall_code == OVER_LIMIT
+    assert sample(lim, "total_hits_total", domain="d", descriptor="d.k") == 11
+    assert sample(lim, "over_limit_total", domain="d", descriptor="d.k") == 2
+    assert sample(lim, "near_limit_total", domain="d", descriptor="d.k") == 5
+
+
+async def test_global_shadow_mode_answers_ok_and_counts() -> None:
+    lim = make_limiter("domain: d\ndescriptors:\n  - key: k\n"
+                       "    rate_limit: {unit: hour, requests_per_unit: 1}\n", shadow_mode=True)
+    req = request("d", descriptor(("k", "a")))
+    assert [(await lim.should_rate_limit(req)).overall_code for _ in range(3)] == [OK] * 3
+    assert sample(lim, "shadow_mode_total", domain="d", descriptor="d.k") == 2
+
+
+async def test_descriptor_limit_override_is_counted_on_its_own() -> None:
+    lim = make_limiter("domain: d\ndescriptors:\n  - key: k\n"
+                       "    rate_limit: {unit: hour, requests_per_unit: 100}\n")
+    d = descriptor(("k", "a"))
+    d.limit.requests_per_unit = 1
+    d.limit.unit = ratelimit_unit_pb2.SECOND
+    codes = [(await lim.should_rate_limit(request("d", d))).overall_code for _ in range(2)]
+    assert codes == [OK, OVER_LIMIT]
+    plain = await lim.should_rate_limit(request("d", descriptor(("k", "a"))))
+    assert plain.statuses[0].limit_remaining == 99
+
+
+async def test_unknown_domain_is_ok_without_limit() -> None:
+    lim = make_limiter("domain: d\n")
+    resp = await lim.should_rate_limit(request("other", descriptor(("k", "a"))))
+    assert resp.overall_code == OK and not resp.statuses[0].HasField("current_limit")
+
+
+@pytest.mark.parametrize("req, message", [
+    (request("", descriptor(("k", "a"))), "domain must not be empty"),
+    (request("d"), "descriptor list must not be empty"),
+    (request("d", descriptor()), "no entries"),
+    (request("d", descriptor(("", "a"))), "empty key"),
+])
+async def test_malformed_requests_raise_invalid_request(req, message) -> None:  # type: ignore[no-untyped-def]
+    lim = make_limiter("domain: d\n")
+    with pytest.raises(RateLimitError, match=message) as info:
+        await lim.should_rate_limit(req)
+    assert info.value.code == "invalid_request"
+
+
+async def test_swap_applies_to_the_next_request() -> None:
+    lim = make_limiter("domain: d\ndescriptors:\n  - key: k\n"
+                       "    rate_limit: {unit: hour, requests_per_unit: 1}\n")
+    other = make_limiter("domain: d\ndescriptors:\n  - key: k\n"
+                         "    rate_limit: {unit: hour, requests_per_unit: 50}\n")
+    req = request("d", descriptor(("k", "a")))
+    await lim.should_rate_limit(req)
+    lim.swap(other.config)
+    resp = await lim.should_rate_limit(req)
+    assert resp.overall_code == OK and resp.statuses[0].limit_remaining == 48  # same counter
