@@ -1,0 +1,134 @@
+"""The Envoy side of the ext_proc service: the HTTP filter, its per-route config, the gRPC cluster.
+
+The mesh translation calls these to wire the service into generated Envoy configs; the integration
+tests build their static bootstraps with them too, so what is generated here runs in a real Envoy.
+
+* :func:`http_filter` - the ``envoy.filters.http.ext_proc`` HttpFilter for the listener. Its
+  default mode sends nothing but request headers; each route then says what it needs.
+* :func:`per_route` - an ``ExtProcPerRoute`` for one route: disabled when the route has no chain,
+  otherwise the chain's ``processing_mode`` (only the phases its filters declare), its failure
+  policy, and the chain name in the stream's gRPC initial metadata (``x-legation-chain``).
+* :func:`grpc_cluster` - a static HTTP/2 cluster pointing at the service.
+"""
+
+from __future__ import annotations
+
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.core.v3 import base_pb2, grpc_service_pb2
+from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
+from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2, processing_mode_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import (
+    http_connection_manager_pb2 as hcm_pb2,
+)
+from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
+from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
+
+from legation.extproc.chain import Chain
+from legation.extproc.config import CHAIN_METADATA_KEY
+from legation.extproc.exchange import METADATA_NAMESPACE
+
+FILTER_NAME = "envoy.filters.http.ext_proc"
+_PM = processing_mode_pb2.ProcessingMode
+
+
+def _duration(seconds: float) -> duration_pb2.Duration:
+    d = duration_pb2.Duration()
+    d.FromNanoseconds(round(seconds * 1e9))
+    return d
+
+
+def _pack(message: object) -> any_pb2.Any:
+    out = any_pb2.Any()
+    out.Pack(message)  # type: ignore[arg-type]
+    return out
+
+
+def _grpc_service(cluster: str, timeout: float | None = None) -> grpc_service_pb2.GrpcService:
+    service = grpc_service_pb2.GrpcService(
+        envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(cluster_name=cluster)
+    )
+    if timeout is not None:
+        service.timeout.CopyFrom(_duration(timeout))
+    return service
+
+
+def http_filter(
+    cluster: str,
+    *,
+    message_timeout: float = 0.2,
+    failure_mode_allow: bool = False,
+    name: str = FILTER_NAME,
+) -> hcm_pb2.HttpFilter:
+    """The ext_proc HttpFilter calling the gRPC service behind ``cluster``.
+
+    ``message_timeout`` is how long Envoy waits for each answer (give the service the same value,
+    :attr:`legation.extproc.service.Settings.message_timeout`). Filters may set dynamic metadata in
+    namespace ``legation.extproc`` and ask for a body with ``mode_override``.
+    """
+    config = ext_proc_pb2.ExternalProcessor(
+        grpc_service=_grpc_service(cluster),
+        failure_mode_allow=failure_mode_allow,
+        message_timeout=_duration(message_timeout),
+        processing_mode=_PM(
+            request_header_mode=_PM.SEND,
+            response_header_mode=_PM.SKIP,
+            request_trailer_mode=_PM.SKIP,
+            response_trailer_mode=_PM.SKIP,
+        ),
+        allow_mode_override=True,
+    )
+    config.metadata_options.receiving_namespaces.untyped.append(METADATA_NAMESPACE)
+    return hcm_pb2.HttpFilter(name=name, typed_config=_pack(config))
+
+
+def per_route(
+    chain: Chain | None,
+    *,
+    fail_open: bool | None = None,
+    service_cluster: str | None = None,
+) -> ext_proc_pb2.ExtProcPerRoute:
+    """The route's ext_proc settings: ``chain`` None (or a chain declaring no phase) disables the
+    filter on the route. ``fail_open`` defaults to the chain's own policy; ``service_cluster``
+    sends the route's streams to another service cluster."""
+    if chain is None or not chain.phases:
+        return ext_proc_pb2.ExtProcPerRoute(disabled=True)
+    overrides = ext_proc_pb2.ExtProcOverrides(processing_mode=chain.processing_mode())
+    overrides.grpc_initial_metadata.append(
+        base_pb2.HeaderValue(key=CHAIN_METADATA_KEY, value=chain.name)
+    )
+    allow = chain.fail_open if fail_open is None else fail_open
+    overrides.failure_mode_allow.CopyFrom(wrappers_pb2.BoolValue(value=allow))
+    if service_cluster is not None:
+        overrides.grpc_service.CopyFrom(_grpc_service(service_cluster))
+    return ext_proc_pb2.ExtProcPerRoute(overrides=overrides)
+
+
+def typed_per_filter_config(
+    chain: Chain | None, *, name: str = FILTER_NAME, **kwargs: object
+) -> dict[str, any_pb2.Any]:
+    """``{filter name: Any(ExtProcPerRoute)}`` for a route's ``typed_per_filter_config``."""
+    return {name: _pack(per_route(chain, **kwargs))}  # type: ignore[arg-type]
+
+
+def grpc_cluster(
+    name: str, host: str, port: int, *, connect_timeout: float = 1.0
+) -> cluster_pb2.Cluster:
+    """A static cluster for the service; gRPC needs HTTP/2 to the upstream."""
+    options = http_protocol_options_pb2.HttpProtocolOptions()
+    options.explicit_http_config.http2_protocol_options.SetInParent()
+    endpoint = endpoint_components_pb2.LbEndpoint()
+    endpoint.endpoint.address.socket_address.address = host
+    endpoint.endpoint.address.socket_address.port_value = port
+    cluster = cluster_pb2.Cluster(
+        name=name,
+        type=cluster_pb2.Cluster.STATIC,
+        connect_timeout=_duration(connect_timeout),
+        load_assignment=endpoint_pb2.ClusterLoadAssignment(
+            cluster_name=name,
+            endpoints=[endpoint_components_pb2.LocalityLbEndpoints(lb_endpoints=[endpoint])],
+        ),
+    )
+    cluster.typed_extension_protocol_options[
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+    ].Pack(options)
+    return cluster

@@ -1,0 +1,193 @@
+"""One HTTP request as the filters see it, and everything they may do to it.
+
+The servicer creates one :class:`Exchange` per ext_proc stream (one per HTTP request) and hands it
+to every hook. What a hook does is recorded and sent back to Envoy in the answer to the current
+message (see :mod:`legation.extproc._wire`); mutations are also applied to :attr:`Exchange.headers`
+at once, so a later filter in the chain sees what an earlier one did.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from legation.extproc.sdk import BodyMode, Phase
+
+METADATA_NAMESPACE = "legation.extproc"
+"""Dynamic metadata set by filters lands in this namespace (the filter's receiving namespace)."""
+
+
+class Immediate:
+    """An answer sent to the client instead of continuing (403, redirect, 500 from the guard)."""
+
+    __slots__ = ("body", "details", "headers", "status")
+
+    def __init__(self, status: int, body: bytes, headers: dict[str, str], details: str) -> None:
+        self.status = status
+        self.body = body
+        self.headers = headers
+        self.details = details
+
+
+class Exchange:
+    """Per-request state and the mutation API of the current phase."""
+
+    __slots__ = (
+        "_body",
+        "_clear_route_cache",
+        "_metadata",
+        "_mode",
+        "_removed",
+        "_set",
+        "body",
+        "buffered",
+        "chain",
+        "current_filter",
+        "end_of_stream",
+        "headers",
+        "immediate",
+        "phase",
+        "request_headers",
+        "response_headers",
+        "state",
+        "trailers",
+    )
+
+    def __init__(self, chain: str) -> None:
+        self.chain = chain
+        """The name of the chain (route configuration) this request runs through."""
+        self.state: dict[str, Any] = {}
+        """Per-request scratch space shared by all hooks of all filters; key it by filter name."""
+        self.request_headers: dict[str, str] = {}
+        """Request headers (lower-case names, pseudo-headers included), as mutated so far."""
+        self.response_headers: dict[str, str] = {}
+        self.headers: dict[str, str] = self.request_headers
+        """The headers of the current phase: request headers until the response starts."""
+        self.trailers: dict[str, str] = {}
+        self.body: bytes = b""
+        """The body (buffered) or the current chunk (streamed) in a body phase."""
+        self.end_of_stream = False
+        self.phase = Phase.REQUEST_HEADERS
+        self.buffered: set[Phase] = set()
+        """Body phases Envoy sends whole (buffered); a replaced buffered body gets its
+        content-length set in the same answer."""
+        self.immediate: Immediate | None = None
+        self.current_filter = ""
+        """The filter whose hook runs now (for the guard's log line on a timeout)."""
+        self._metadata: dict[str, Any] | None = None
+        self._mode: dict[str, str] | None = None
+        self._reset()
+
+    # -- driven by the servicer ---------------------------------------------------------------
+
+    def _reset(self) -> None:
+        self._set: list[tuple[str, str, bool]] | None = None
+        self._removed: list[str] | None = None
+        self._body: bytes | None = None
+        self._clear_route_cache = False
+
+    def begin(self, phase: Phase) -> None:
+        """Start a new phase: forget the previous phase's mutations (they were sent)."""
+        self.phase = phase
+        if self._set is not None or self._removed is not None or self._body is not None:
+            self._reset()
+        self._clear_route_cache = False
+        if phase is Phase.RESPONSE_HEADERS:
+            self.headers = self.response_headers
+
+    # -- headers ------------------------------------------------------------------------------
+
+    def set_header(self, name: str, value: str) -> None:
+        """Set ``name`` to ``value``, replacing any value it had."""
+        name = name.lower()
+        self.headers[name] = value
+        if self._set is None:
+            self._set = []
+        self._set.append((name, value, False))
+
+    def add_header(self, name: str, value: str) -> None:
+        """Append a value to ``name`` (a second header line if it already exists)."""
+        name = name.lower()
+        old = self.headers.get(name)
+        self.headers[name] = value if old is None else f"{old},{value}"
+        if self._set is None:
+            self._set = []
+        self._set.append((name, value, True))
+
+    def remove_header(self, name: str) -> None:
+        name = name.lower()
+        if self.headers.pop(name, None) is None:
+            return
+        if self._removed is None:
+            self._removed = []
+        self._removed.append(name)
+        if self._set:
+            self._set = [s for s in self._set if s[0] != name]
+
+    def rename_header(self, old: str, new: str) -> None:
+        value = self.headers.get(old.lower())
+        if value is not None:
+            self.remove_header(old)
+            self.set_header(new, value)
+
+    def cookie(self, name: str) -> str | None:
+        """The value of cookie ``name`` in the request, or None."""
+        raw = self.request_headers.get("cookie")
+        if not raw:
+            return None
+        for part in raw.split(";"):
+            key, sep, value = part.strip().partition("=")
+            if sep and key == name:
+                return value
+        return None
+
+    # -- body, routing, metadata --------------------------------------------------------------
+
+    def replace_body(self, data: bytes) -> None:
+        """Replace the body (buffered mode) or the current chunk (streamed mode)."""
+        self.body = data
+        self._body = data
+
+    def clear_route_cache(self) -> None:
+        """Make Envoy pick the route again after this phase (headers changed what should match)."""
+        self._clear_route_cache = True
+
+    def set_metadata(self, key: str, value: Any) -> None:
+        """Emit ``key: value`` as Envoy dynamic metadata in namespace ``legation.extproc``."""
+        if self._metadata is None:
+            self._metadata = {}
+        self._metadata[key] = value
+
+    def want_body(self, phase: Phase, mode: BodyMode = BodyMode.BUFFERED) -> None:
+        """Ask Envoy to send a body it would not send on this route (``mode_override``).
+
+        Only honoured in a headers phase: request body from ``on_request_headers``, response body
+        from ``on_request_headers`` or ``on_response_headers``.
+        """
+        if phase not in (Phase.REQUEST_BODY, Phase.RESPONSE_BODY):
+            raise ValueError(f"want_body: {phase.value} is not a body phase")
+        if self._mode is None:
+            self._mode = {}
+        self._mode[f"{phase.value}_mode"] = mode.value
+        if mode is BodyMode.BUFFERED:
+            self.buffered.add(phase)
+        else:
+            self.buffered.discard(phase)
+
+    # -- answering at once --------------------------------------------------------------------
+
+    def respond(
+        self,
+        status: int,
+        body: bytes | str = b"",
+        *,
+        headers: dict[str, str] | None = None,
+        details: str = "",
+    ) -> None:
+        """Answer the client now with ``status``; the rest of the chain and the upstream are
+        skipped."""
+        if isinstance(body, str):
+            body = body.encode()
+        self.immediate = Immediate(status, body, dict(headers or {}), details)
+
+    def redirect(self, location: str, status: int = 302) -> None:
+        self.respond(status, headers={"location": location}, details="legation_redirect")

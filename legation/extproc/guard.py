@@ -1,0 +1,81 @@
+"""The error guard: the fixed outer layer around every chain.
+
+It is the one place where failures become answers: a filter that raises or outlives the
+``message_timeout`` gives the client a clean 500 (no internals in the body) and one log line, or,
+on a route configured fail-open, lets the message through unchanged. Either way a metric counts it
+under the filter's name and a stable code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+
+from legation.extproc import _wire
+from legation.extproc.chain import Chain, FilterFailed
+from legation.extproc.exchange import Exchange
+from legation.extproc.metrics import Metrics
+from legation.extproc.sdk import Phase
+
+log = logging.getLogger("legation.extproc")
+
+
+class ErrorGuard:
+    """Runs one phase of a chain and always returns a well-formed ProcessingResponse."""
+
+    def __init__(self, chain: Chain, *, metrics: Metrics, message_timeout: float) -> None:
+        self.chain = chain
+        self._metrics = metrics
+        self._timeout = chain.message_timeout or message_timeout
+        self._mode = chain.processing_mode()
+        self.buffered = frozenset(
+            phase
+            for phase, mode in (
+                (Phase.REQUEST_BODY, self._mode.request_body_mode),
+                (Phase.RESPONSE_BODY, self._mode.response_body_mode),
+            )
+            if mode == ProcessingMode.BUFFERED
+        )
+
+    async def __call__(self, phase: Phase, ex: Exchange) -> pb.ProcessingResponse:
+        chain = self.chain
+        try:
+            if chain.has_async(phase):
+                async with asyncio.timeout(self._timeout):
+                    await chain.run(phase, ex, self._metrics)
+            else:
+                await chain.run(phase, ex, self._metrics)
+        except FilterFailed as exc:
+            return self._failed(phase, ex, exc.filter_name, exc.code, str(exc), exc.__cause__)
+        except TimeoutError:
+            message = (
+                f"filter {ex.current_filter!r} exceeded message_timeout "
+                f"{self._timeout:g}s in {phase.value}"
+            )
+            return self._failed(phase, ex, ex.current_filter, "message_timeout", message, None)
+        if ex.immediate is not None:
+            self._metrics.answered(chain.name, ex.immediate.status)
+        return _wire.response(phase, ex, self._mode)
+
+    def _failed(
+        self,
+        phase: Phase,
+        ex: Exchange,
+        filter_name: str,
+        code: str,
+        message: str,
+        cause: BaseException | None,
+    ) -> pb.ProcessingResponse:
+        self._metrics.error(filter_name, code)
+        action = "passing through (fail-open)" if self.chain.fail_open else "answering 500"
+        log.error(
+            "chain %r: %s; %s", self.chain.name, message, action,
+            exc_info=(type(cause), cause, cause.__traceback__) if cause is not None else None,
+        )
+        if self.chain.fail_open:
+            return _wire.passthrough(phase)
+        self._metrics.answered(self.chain.name, 500)
+        return _wire.error_response(500, f"legation_{code}")

@@ -1,0 +1,62 @@
+"""Prometheus metrics of the ext_proc service: streams, phases, filter latency and errors.
+
+Pass your own ``CollectorRegistry`` (tests do); label children are cached so a phase costs a dict
+lookup, not a ``labels()`` call.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
+
+_LATENCY_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 1.0)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        reg = registry if registry is not None else REGISTRY
+        self.streams = Counter(
+            "legation_extproc_streams", "ext_proc streams (one per HTTP request)", ["chain"],
+            registry=reg,
+        )
+        self.phases = Counter(
+            "legation_extproc_phases", "Messages processed, by phase", ["chain", "phase"],
+            registry=reg,
+        )
+        self.filter_seconds = Histogram(
+            "legation_extproc_filter_seconds", "Time spent in a filter hook", ["filter", "phase"],
+            buckets=_LATENCY_BUCKETS, registry=reg,
+        )
+        self.errors = Counter(
+            "legation_extproc_errors",
+            "Errors by filter and code (filter is '-' for stream-level errors)",
+            ["filter", "code"], registry=reg,
+        )
+        self.immediate = Counter(
+            "legation_extproc_immediate_responses", "Answers sent without reaching the upstream",
+            ["chain", "status"], registry=reg,
+        )
+        self._cache: dict[tuple[str, ...], Any] = {}
+
+    def stream(self, chain: str) -> None:
+        self._child(self.streams, "s", chain).inc()
+
+    def phase(self, chain: str, phase: str) -> None:
+        self._child(self.phases, "p", chain, phase).inc()
+
+    def observe(self, filter_name: str, phase: str, seconds: float) -> None:
+        self._child(self.filter_seconds, "f", filter_name, phase).observe(seconds)
+
+    def error(self, filter_name: str, code: str) -> None:
+        self._child(self.errors, "e", filter_name, code).inc()
+
+    def answered(self, chain: str, status: int) -> None:
+        self._child(self.immediate, "i", chain, str(status)).inc()
+
+    def _child(self, metric: Any, tag: str, *labels: str) -> Any:
+        key = (tag, *labels)
+        child = self._cache.get(key)
+        if child is None:
+            child = self._cache[key] = metric.labels(*labels)
+        return child

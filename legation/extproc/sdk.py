@@ -1,0 +1,93 @@
+"""The filter SDK: what a filter plugin implements and what it can do to a request.
+
+A filter is a small class. It declares the phases it needs (:attr:`Filter.phases`; every phase is a
+round trip between Envoy and this service, so headers-only is the default) and implements the
+matching ``on_*`` hooks. Each hook receives the :class:`~legation.extproc.exchange.Exchange` of the
+current HTTP request: the same object for every hook of one request, so ``ex.state`` carries
+per-request state from ``on_request_headers`` to ``on_response_headers``.
+
+Hooks may be plain functions or coroutines; a plain function avoids an await per phase. A hook that
+is not overridden costs nothing: the chain only calls what a filter defines.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from legation.extproc.exchange import Exchange  # noqa: F401 - named in docstrings
+
+
+class Phase(enum.Enum):
+    """One kind of message Envoy sends on the stream. The value is the ProcessingRequest field."""
+
+    REQUEST_HEADERS = "request_headers"
+    REQUEST_BODY = "request_body"
+    REQUEST_TRAILERS = "request_trailers"
+    RESPONSE_HEADERS = "response_headers"
+    RESPONSE_BODY = "response_body"
+    RESPONSE_TRAILERS = "response_trailers"
+
+    @property
+    def hook(self) -> str:
+        return "on_" + self.value
+
+
+class BodyMode(enum.Enum):
+    """How a filter wants a body: all at once (``BUFFERED``) or chunk by chunk (``STREAMED``)."""
+
+    BUFFERED = "BUFFERED"
+    STREAMED = "STREAMED"
+
+
+class Filter:
+    """Base class for filters (the :class:`FilterPlugin` protocol with no-op defaults).
+
+    Subclasses set :attr:`name`, :attr:`phases` and, for body phases, :attr:`body_mode`, and
+    override the ``on_*`` hooks of the phases they declare. A hook returns ``None`` (or an
+    awaitable of it); to stop the request it calls :meth:`Exchange.respond`.
+    """
+
+    name: ClassVar[str] = "filter"
+    phases: frozenset[Phase] = frozenset({Phase.REQUEST_HEADERS})
+    body_mode: BodyMode = BodyMode.BUFFERED
+
+
+@runtime_checkable
+class FilterPlugin(Protocol):
+    """What a filter instance looks like to the chain.
+
+    The hooks are optional: ``on_request_headers``, ``on_request_body``, ``on_request_trailers``,
+    ``on_response_headers``, ``on_response_body`` and ``on_response_trailers``, each
+    ``(ex: Exchange) -> None | Awaitable[None]``. A hook is called only for a phase listed in
+    :attr:`phases` (or a phase turned on for one request by :meth:`Exchange.want_body`).
+    """
+
+    name: str
+    phases: frozenset[Phase]
+    """The phases Envoy must send for this filter; the control plane turns them into the route's
+    ``processing_mode``, so a phase not listed here never reaches the service."""
+
+    body_mode: BodyMode
+    """For body phases: buffered (default; the whole body, up to Envoy's buffer limit) or
+    streamed (chunk by chunk)."""
+
+
+Hook = Any  # Callable[[Exchange], None | Awaitable[None]]; Any keeps plugin authors' typing simple
+
+
+@runtime_checkable
+class FilterFactory(Protocol):
+    """An entry point in group ``legation.extproc.filters`` (see :mod:`legation.plugins`)."""
+
+    name: str
+
+    def validate(self, raw: Mapping[str, Any]) -> Any:
+        """Options -> typed, immutable config. Pure; raises ConfigError naming the field."""
+        ...
+
+    def create(self, config: Any) -> FilterPlugin:
+        """A filter instance, shared by every request on the routes that list it."""
+        ...

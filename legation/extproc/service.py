@@ -1,0 +1,62 @@
+"""Starting the ext_proc gRPC service (called by the ``legation`` CLI and by tests)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from prometheus_client import CollectorRegistry
+
+from legation.errors import ConfigError
+from legation.extproc.config import Chains, load_chains
+from legation.extproc.metrics import Metrics
+from legation.extproc.servicer import ExtProcServicer
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 0
+    """0 binds an ephemeral port; :func:`start_server` returns the bound one."""
+    reuse_port: bool = False
+    """SO_REUSEPORT, for ``--workers N`` forked processes sharing one port."""
+    config_path: str | Path | None = None
+    """The chains YAML (see :mod:`legation.extproc.config`); or pass ``chains``."""
+    chains: Chains | None = None
+    message_timeout: float = 0.2
+    """Seconds a phase may take: keep equal to Envoy's ``message_timeout`` (default 200 ms). An
+    async filter still running then is cancelled and the guard answers (Envoy has given up)."""
+    registry: CollectorRegistry | None = None
+    """Prometheus registry for the metrics (default: the global one)."""
+    max_concurrent_streams: int | None = None
+
+
+def _chains(settings: Settings) -> Chains:
+    if settings.chains is not None:
+        return settings.chains
+    if settings.config_path is not None:
+        return load_chains(settings.config_path)
+    raise ConfigError("extproc: Settings needs config_path or chains")
+
+
+async def start_server(settings: Settings) -> tuple[grpc.aio.Server, int]:
+    """Build, bind and start the server; returns it and the bound port."""
+    if settings.message_timeout <= 0:
+        raise ConfigError("extproc: message_timeout must be positive")
+    servicer = ExtProcServicer(
+        _chains(settings),
+        metrics=Metrics(settings.registry),
+        message_timeout=settings.message_timeout,
+    )
+    options: list[tuple[str, int]] = [("grpc.so_reuseport", 1 if settings.reuse_port else 0)]
+    if settings.max_concurrent_streams:
+        options.append(("grpc.max_concurrent_streams", settings.max_concurrent_streams))
+    server = grpc.aio.server(options=options)
+    pb_grpc.add_ExternalProcessorServicer_to_server(servicer, server)
+    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    if port == 0:
+        raise ConfigError(f"extproc: cannot bind {settings.host}:{settings.port}")
+    await server.start()
+    return server, port

@@ -1,0 +1,179 @@
+"""Test harness: the ext_proc service on its own thread, a real Envoy built with envoy_filter."""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from google.protobuf.json_format import MessageToDict
+
+from legation.extproc import envoy_filter
+from legation.extproc.chain import Chain
+from legation.extproc.service import Settings, start_server
+
+
+class ServiceThread:
+    """``start_server(settings)`` on a private event loop, so sync tests can drive Envoy."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.port = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._server: grpc.aio.Server | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> ServiceThread:
+        ready = threading.Event()
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            loop = self._loop = asyncio.new_event_loop()
+            try:
+                self._server, self.port = loop.run_until_complete(start_server(self.settings))
+            except BaseException as exc:  # surfaced to the caller below
+                failure.append(exc)
+                ready.set()
+                return
+            ready.set()
+            loop.run_forever()
+            loop.close()
+
+        self._thread = threading.Thread(target=run, name="extproc-service", daemon=True)
+        self._thread.start()
+        if not ready.wait(10):
+            raise RuntimeError("ext_proc service did not start")
+        if failure:
+            raise failure[0]
+        return self
+
+    def stop(self) -> None:
+        if self._loop is None or self._server is None:
+            return
+        asyncio.run_coroutine_threadsafe(self._server.stop(0), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        if self._thread is not None:
+            self._thread.join(10)
+
+
+def to_dict(message: Any) -> dict[str, Any]:
+    """A protobuf as plain JSON-able dicts (MessageToDict may return OrderedDicts)."""
+    return json.loads(json.dumps(MessageToDict(message, preserving_proto_field_name=True)))
+
+
+def static_cluster(name: str, port: int) -> dict[str, Any]:
+    return {
+        "name": name,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"socket_address": {
+                "address": "127.0.0.1", "port_value": port}}}}]}],
+        },
+    }
+
+
+def route(
+    prefix: str,
+    cluster: str,
+    chain: Chain | None,
+    *,
+    headers: dict[str, str] | None = None,
+    add_request_headers: dict[str, str] | None = None,
+    **per_route: Any,
+) -> dict[str, Any]:
+    match: dict[str, Any] = {"prefix": prefix}
+    if headers:
+        match["headers"] = [
+            {"name": k, "string_match": {"exact": v}} for k, v in headers.items()
+        ]
+    out: dict[str, Any] = {
+        "match": match,
+        "route": {"cluster": cluster, "timeout": "10s"},
+        "typed_per_filter_config": {
+            name: to_dict(cfg)
+            for name, cfg in envoy_filter.typed_per_filter_config(chain, **per_route).items()
+        },
+    }
+    if add_request_headers:
+        out["request_headers_to_add"] = [
+            {"header": {"key": k, "value": v}} for k, v in add_request_headers.items()
+        ]
+    return out
+
+
+def bootstrap(
+    *,
+    listener_port: int,
+    admin_port: int,
+    service_port: int,
+    routes: list[dict[str, Any]],
+    clusters: list[dict[str, Any]],
+    message_timeout: float,
+) -> dict[str, Any]:
+    hcm = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager"
+        ".v3.HttpConnectionManager",
+        "stat_prefix": "ingress",
+        "route_config": {
+            "name": "local",
+            "virtual_hosts": [{"name": "all", "domains": ["*"], "routes": routes}],
+        },
+        "http_filters": [
+            to_dict(envoy_filter.http_filter("extproc", message_timeout=message_timeout)),
+            {"name": "envoy.filters.http.router", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}},
+        ],
+    }
+    return {
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1",
+                                                 "port_value": admin_port}}},
+        "static_resources": {
+            "listeners": [{
+                "name": "ingress",
+                "address": {"socket_address": {"address": "127.0.0.1",
+                                               "port_value": listener_port}},
+                "filter_chains": [{"filters": [{
+                    "name": "envoy.filters.network.http_connection_manager",
+                    "typed_config": hcm,
+                }]}],
+            }],
+            "clusters": [
+                to_dict(envoy_filter.grpc_cluster("extproc", "127.0.0.1", service_port)),
+                *clusters,
+            ],
+        },
+    }
+
+
+@dataclass
+class Response:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def request(
+    port: int,
+    path: str,
+    *,
+    method: str = "GET",
+    headers: dict[str, str] | None = None,
+    body: bytes | None = None,
+) -> Response:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=15)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        resp = conn.getresponse()
+        data = resp.read()
+        return Response(resp.status, {k.lower(): v for k, v in resp.getheaders()}, data)
+    finally:
+        conn.close()
