@@ -89,7 +89,9 @@ class DemoApp:
                 await writer.drain()
                 if close:
                     break
-        except (asyncio.IncompleteReadError, ConnectionError, ValueError, asyncio.LimitOverrunError):
+        except (
+            asyncio.IncompleteReadError, ConnectionError, ValueError, asyncio.LimitOverrunError
+        ):
             pass
         finally:
             writer.close()

@@ -83,7 +83,7 @@ class EnvoyProcess:
         self._log_dir.mkdir(parents=True, exist_ok=True)
         config_path = self._log_dir / f"{self.name}.yaml"
         config_path.write_text(self._config)
-        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child for its lifetime
+        log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [
                 envoy_binary(),
@@ -96,7 +96,7 @@ class EnvoyProcess:
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            preexec_fn=_die_with_parent,  # noqa: PLW1509 - needed for PDEATHSIG
+            preexec_fn=_die_with_parent,
         )
         log.close()
         return self

@@ -66,7 +66,7 @@ def available(kind: str) -> dict[str, PluginFactory]:
 
 
 def get(kind: str, name: str, *, where: str = "") -> PluginFactory:
-    """The factory called ``name``; the error lists what is available and says ``where`` it was asked."""
+    """The factory called ``name``; the error says ``where`` it was asked and what is available."""
     plugins = available(kind)
     try:
         return plugins[name]

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import Iterator
 
 import pytest
 
 from legation.demo import DemoApp
+
+# keep gRPC core chatter (GOAWAY notes) out of test output
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 
 def free_port() -> int:

@@ -32,7 +32,9 @@ class _TypeState:
     sent_version: str = ""
     sent_key: Key | None = None
     held: dict[str, Resource] = field(default_factory=dict)  # what the last response carried
+    accepted: dict[str, Resource] = field(default_factory=dict)  # what the proxy last ACKed
     nacked: bool = False
+    client_version: str = ""  # the version a reconnecting proxy says it has
 
 
 class SotwStream(StreamBase):
@@ -56,19 +58,14 @@ class SotwStream(StreamBase):
                 )
             else:
                 st.nacked = False
+                st.accepted = st.held
                 self.cache.record_ack(self.node_id, rtype, request.version_info)
         self._subscribe(rtype, st, list(request.resource_names))
         st.pending = True
         if first and request.version_info:
-            # Reconnect (e.g. the control plane restarted): the proxy already runs this version.
-            # Versions are content hashes, so an equal version means equal resources.
+            # Reconnect (e.g. the control plane restarted): the proxy runs this version already.
+            st.client_version = request.version_info
             self.cache.record_ack(self.node_id, rtype, request.version_info)
-            snap = self.cache.snapshot_for(self.node_id, self.node_cluster)
-            if snap is not None and snap.version(rtype) == request.version_info:
-                desired = self._desired(rtype, st, snap)
-                st.sent_key = _key(desired)
-                st.sent_version = request.version_info
-                st.held = desired
 
     @staticmethod
     def _subscribe(rtype: ResourceType, st: _TypeState, names: list[str]) -> None:
@@ -94,7 +91,7 @@ class SotwStream(StreamBase):
             desired = {n: available[n] for n in st.names if n in available}
         if rtype is ResourceType.CLUSTER and self.only is None and not self.routes_settled(snap):
             # Keep dropped clusters until listeners and routes have moved off them.
-            for name, res in st.held.items():
+            for name, res in st.accepted.items():
                 desired.setdefault(name, res)
         return desired
 
@@ -106,6 +103,10 @@ class SotwStream(StreamBase):
                 continue
             desired = self._desired(rtype, st, snap)
             key = _key(desired)
+            if st.sent_key is None and st.client_version == snap.version(rtype):
+                # Versions are content hashes: an equal version means equal resources.
+                st.sent_key, st.sent_version = key, st.client_version
+                st.held = st.accepted = desired
             if key == st.sent_key or not self.gate_open(rtype, snap):
                 continue
             version = snap.version(rtype)

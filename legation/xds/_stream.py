@@ -1,4 +1,4 @@
-"""What state-of-the-world and delta streams share: node identity, wake-ups, make-before-break gates.
+"""What state-of-the-world and delta streams share: node identity, wake-ups, make-before-break.
 
 A stream is one task that alternates between reading requests (a reader task sets ``wake``) and
 pumping responses for every type, in ADS send order, whenever something changed: a request arrived

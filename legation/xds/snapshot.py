@@ -3,8 +3,9 @@
 A :class:`Snapshot` holds every resource a proxy should have, per type, each encoded exactly once:
 the ADS server concatenates the cached bytes into responses, so adding a stream costs no
 serialisation. Each resource's version is a hash of its bytes (the delta protocol's per-resource
-version); each type's version is the snapshot's label plus a hash over that type's resources, so an
-unchanged type keeps its version across snapshots and is not re-pushed.
+version); each type's version is a hash over that type's resources, so an unchanged type keeps its
+version across snapshots (and across control-plane restarts) and is not re-pushed. The snapshot's
+``label`` is for people: logs and ``legation status``.
 """
 
 from __future__ import annotations
@@ -123,7 +124,7 @@ class Snapshot:
             digest = hashlib.blake2b(digest_size=6)
             for name in sorted(by_name):
                 digest.update(name.encode() + b"\0" + by_name[name].version.encode() + b"\0")
-            self._versions[rtype] = (f"{version}-" if version else "") + digest.hexdigest()
+            self._versions[rtype] = digest.hexdigest()
 
     def resources(self, rtype: ResourceType) -> Mapping[str, Resource]:
         return self._resources[rtype]
@@ -171,7 +172,9 @@ class Snapshot:
             raise InconsistentSnapshot(label + "; ".join(problems))
 
 
-def _connection_managers(listener: listener_pb2.Listener) -> Iterable[hcm_pb2.HttpConnectionManager]:
+def _connection_managers(
+    listener: listener_pb2.Listener,
+) -> Iterable[hcm_pb2.HttpConnectionManager]:
     chains = list(listener.filter_chains)
     if listener.HasField("default_filter_chain"):
         chains.append(listener.default_filter_chain)

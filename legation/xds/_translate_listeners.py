@@ -1,0 +1,86 @@
+"""Listeners: an HTTP connection manager fed by RDS over ADS, or a TCP proxy for tcp services.
+
+Every connection manager carries the same filter chain, fault -> local_ratelimit -> router, with
+the first two inert unless a route configures them (per-route config), so listeners do not change
+when routes gain or lose a fault or a limit.
+"""
+
+from __future__ import annotations
+
+from envoy.config.core.v3 import base_pb2
+from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
+from envoy.extensions.filters.http.fault.v3 import fault_pb2
+from envoy.extensions.filters.http.local_ratelimit.v3 import local_rate_limit_pb2 as lrl_pb2
+from envoy.extensions.filters.http.router.v3 import router_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import (
+    http_connection_manager_pb2 as hcm_pb2,
+)
+from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
+
+from legation.xds._translate_common import (
+    FAULT_FILTER,
+    HCM_FILTER,
+    LOCAL_RATELIMIT_FILTER,
+    ROUTER_FILTER,
+    TCP_PROXY_FILTER,
+    ads_source,
+    pack,
+    socket,
+)
+
+_DIRECTION = {
+    "inbound": base_pb2.INBOUND,
+    "outbound": base_pb2.OUTBOUND,
+    "gateway": base_pb2.UNSPECIFIED,
+}
+
+
+def http_listener(
+    name: str,
+    host: str,
+    port: int,
+    *,
+    route_config: str,
+    stat_prefix: str,
+    edge: bool = False,
+) -> listener_pb2.Listener:
+    """``edge``: the gateway trusts no client's X-Forwarded-For and uses the peer's address."""
+    hcm = hcm_pb2.HttpConnectionManager(
+        stat_prefix=stat_prefix,
+        codec_type=hcm_pb2.HttpConnectionManager.AUTO,
+        rds=hcm_pb2.Rds(config_source=ads_source(), route_config_name=route_config),
+        http_filters=[
+            hcm_pb2.HttpFilter(name=FAULT_FILTER, typed_config=pack(fault_pb2.HTTPFault())),
+            hcm_pb2.HttpFilter(
+                name=LOCAL_RATELIMIT_FILTER,
+                typed_config=pack(lrl_pb2.LocalRateLimit(stat_prefix=stat_prefix)),
+            ),
+            hcm_pb2.HttpFilter(name=ROUTER_FILTER, typed_config=pack(router_pb2.Router())),
+        ],
+    )
+    if edge:
+        hcm.use_remote_address.value = True
+    return _listener(name, host, port, stat_prefix, HCM_FILTER, pack(hcm))
+
+
+def tcp_listener(
+    name: str, host: str, port: int, *, cluster: str, stat_prefix: str
+) -> listener_pb2.Listener:
+    proxy = tcp_proxy_pb2.TcpProxy(stat_prefix=stat_prefix, cluster=cluster)
+    return _listener(name, host, port, stat_prefix, TCP_PROXY_FILTER, pack(proxy))
+
+
+def _listener(
+    name: str, host: str, port: int, stat_prefix: str, filter_name: str, config: object
+) -> listener_pb2.Listener:
+    return listener_pb2.Listener(
+        name=name,
+        address=socket(host, port),
+        stat_prefix=stat_prefix,
+        traffic_direction=_DIRECTION[name],
+        filter_chains=[
+            listener_components_pb2.FilterChain(
+                filters=[listener_components_pb2.Filter(name=filter_name, typed_config=config)]
+            )
+        ],
+    )

@@ -1,0 +1,176 @@
+"""Mesh -> Envoy resources: one :class:`~legation.xds.snapshot.Snapshot` per proxy.
+
+Pure and deterministic: the same mesh and version give byte-identical snapshots, and every
+snapshot passes ``check_consistent()``. Clusters use EDS and connection managers use RDS, both
+over the proxy's ADS stream, so an endpoint change is an EDS-only update and a route change an
+RDS-only one.
+
+Per proxy (see :meth:`legation.config.Mesh.proxies` for node ids):
+
+* sidecar of an instance of service S: listener ``inbound`` (the instance's ``inbound_port``) with
+  route configuration ``inbound`` forwarding everything to cluster ``inbound|S`` (the local app;
+  S's local rate limit is enforced here), or a TCP proxy for tcp services; listener ``outbound``
+  (``outbound_port``) with route configuration ``outbound``: a virtual host per HTTP service,
+  matched by Host (``name`` or ``name:port``), holding the routes whose ``mesh_hosts`` list it
+  and then a default route to the whole service;
+* the ingress gateway: listener ``gateway`` with route configuration ``gateway``: one virtual
+  host (any Host) with the routes that apply on the gateway, in order;
+* every proxy gets every service's clusters (``outbound|S`` and ``outbound|S|subset``).
+
+The request-path placeholders (``extauthz``, ``extproc``, ``ratelimit``; routes' ``authz``,
+``filters``, ``rate_limits``) are not translated here.
+"""
+
+from __future__ import annotations
+
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.endpoint.v3 import endpoint_pb2
+from envoy.config.listener.v3 import listener_pb2
+from envoy.config.route.v3 import route_components_pb2 as rc
+from envoy.config.route.v3 import route_pb2
+from google.protobuf import duration_pb2
+
+from legation.config.model import Endpoint, Mesh, Service
+from legation.config.proxies import gateway_node_id, sidecar_node_id
+from legation.xds._translate_clusters import inbound_local_app, outbound_clusters
+from legation.xds._translate_common import (
+    GATEWAY,
+    INBOUND,
+    LOCAL_RATELIMIT_FILTER,
+    OUTBOUND,
+    inbound_cluster,
+    pack,
+)
+from legation.xds._translate_listeners import http_listener, tcp_listener
+from legation.xds._translate_routes import default_route, local_rate_limit, route
+from legation.xds.snapshot import Snapshot
+
+__all__ = ["translate"]
+
+_Clusters = list[tuple[cluster_pb2.Cluster, endpoint_pb2.ClusterLoadAssignment]]
+
+
+def translate(mesh: Mesh, *, version: str) -> dict[str, Snapshot]:
+    """A consistent snapshot per proxy node id, labelled ``version``."""
+    shared: _Clusters = [pair for s in mesh.services for pair in outbound_clusters(s)]
+    out: dict[str, Snapshot] = {}
+    for service in mesh.services:
+        for i, endpoint in enumerate(service.endpoints):
+            if endpoint.sidecar is not None:
+                node = sidecar_node_id(service.instance_name(i))
+                out[node] = _sidecar(mesh, service, endpoint, shared, version)
+    if mesh.gateway is not None:
+        out[gateway_node_id(mesh.gateway.name)] = _gateway(mesh, shared, version)
+    for snapshot in out.values():
+        snapshot.check_consistent()
+    return out
+
+
+def _snapshot(
+    version: str,
+    clusters: _Clusters,
+    listeners: list[listener_pb2.Listener],
+    routes: list[route_pb2.RouteConfiguration],
+) -> Snapshot:
+    return Snapshot(
+        version,
+        clusters=[c for c, _ in clusters],
+        endpoints=[e for _, e in clusters],
+        listeners=listeners,
+        routes=routes,
+    )
+
+
+def _gateway(mesh: Mesh, shared: _Clusters, version: str) -> Snapshot:
+    gw = mesh.gateway
+    assert gw is not None
+    routes = route_pb2.RouteConfiguration(
+        name=GATEWAY,
+        virtual_hosts=[
+            rc.VirtualHost(
+                name=gw.name,
+                domains=["*"],
+                routes=[route(mesh, r) for r in mesh.routes if r.on_gateway],
+            )
+        ],
+    )
+    listener = http_listener(
+        GATEWAY, gw.host, gw.port, route_config=GATEWAY, stat_prefix=f"gateway_{gw.name}", edge=True
+    )
+    return _snapshot(version, shared, [listener], [routes])
+
+
+def _sidecar(
+    mesh: Mesh, service: Service, endpoint: Endpoint, shared: _Clusters, version: str
+) -> Snapshot:
+    sidecar = endpoint.sidecar
+    assert sidecar is not None
+    local = inbound_local_app(service, endpoint)
+    listeners: list[listener_pb2.Listener] = []
+    routes: list[route_pb2.RouteConfiguration] = []
+    if service.protocol == "tcp":
+        listeners.append(
+            tcp_listener(
+                INBOUND,
+                endpoint.host,
+                sidecar.inbound_port,
+                cluster=inbound_cluster(service.name),
+                stat_prefix=f"inbound_{service.name}",
+            )
+        )
+    else:
+        listeners.append(
+            http_listener(
+                INBOUND,
+                endpoint.host,
+                sidecar.inbound_port,
+                route_config=INBOUND,
+                stat_prefix=f"inbound_{service.name}",
+            )
+        )
+        routes.append(_inbound_routes(service))
+    listeners.append(
+        http_listener(
+            OUTBOUND,
+            endpoint.host,
+            sidecar.outbound_port,
+            route_config=OUTBOUND,
+            stat_prefix=f"outbound_{service.name}",
+        )
+    )
+    routes.append(_outbound_routes(mesh))
+    return _snapshot(version, [*shared, local], listeners, routes)
+
+
+def _inbound_routes(service: Service) -> route_pb2.RouteConfiguration:
+    """Everything to the local app. No timeout here (the caller's side owns it)."""
+    to_app = rc.Route(
+        name=f"inbound-{service.name}",
+        match=rc.RouteMatch(prefix="/"),
+        route=rc.RouteAction(
+            cluster=inbound_cluster(service.name), timeout=duration_pb2.Duration(seconds=0)
+        ),
+    )
+    if service.local_rate_limit is not None:
+        limit = local_rate_limit(service.local_rate_limit, stat_prefix=f"inbound_{service.name}")
+        to_app.typed_per_filter_config[LOCAL_RATELIMIT_FILTER].CopyFrom(pack(limit))
+    return route_pb2.RouteConfiguration(
+        name=INBOUND,
+        virtual_hosts=[rc.VirtualHost(name=INBOUND, domains=["*"], routes=[to_app])],
+    )
+
+
+def _outbound_routes(mesh: Mesh) -> route_pb2.RouteConfiguration:
+    hosts = []
+    for service in mesh.services:
+        if service.protocol == "tcp":
+            continue
+        own = [route(mesh, r) for r in mesh.routes if service.name in r.mesh_hosts]
+        hosts.append(
+            rc.VirtualHost(
+                name=service.name,
+                domains=[service.name, f"{service.name}:{service.port}"],
+                routes=[*own, default_route(service)],
+            )
+        )
+    return route_pb2.RouteConfiguration(name=OUTBOUND, virtual_hosts=hosts)
