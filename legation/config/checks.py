@@ -163,6 +163,10 @@ def _match(at: str, r: Route) -> Iterator[Problem]:
     regexes = [(f"{at}.match.path.regex", r.match.path.regex)]
     regexes += [(f"{at}.match.headers[{k}].regex", h.regex) for k, h in enumerate(r.match.headers)]
     regexes += [(f"{at}.match.query[{k}].regex", q.regex) for k, q in enumerate(r.match.query)]
+    for k, q in enumerate(r.match.query):
+        if q.invert or q.present is False:
+            message = "query parameters support neither invert nor present: false"
+            yield Problem(f"{at}.match.query[{k}]", message)
     for path, regex in regexes:
         if regex is None:
             continue

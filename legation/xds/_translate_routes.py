@@ -44,14 +44,13 @@ def route(mesh: Mesh, spec: Route) -> rc.Route:
     out = rc.Route(name=spec.name, match=match(spec.match))
     if spec.redirect is not None:
         r = spec.redirect
-        out.redirect.CopyFrom(
-            rc.RedirectAction(
-                scheme_redirect=r.scheme or "",
-                host_redirect=r.host or "",
-                port_redirect=r.port or 0,
-                response_code=_REDIRECT_CODES[r.status],
-            )
-        )
+        out.redirect.response_code = _REDIRECT_CODES[r.status]
+        if r.scheme is not None:
+            out.redirect.scheme_redirect = r.scheme
+        if r.host is not None:
+            out.redirect.host_redirect = r.host
+        if r.port is not None:
+            out.redirect.port_redirect = r.port
         if r.path is not None:
             out.redirect.path_redirect = r.path
         elif r.prefix is not None:

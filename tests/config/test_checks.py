@@ -94,6 +94,8 @@ def test_same_port_on_different_hosts_is_fine_but_not_on_wildcard() -> None:
         ({"to": {"service": "reviews"}, "match": {"path": {"regex": "/(a"}}},
          ["routes[0].match.path.regex: invalid regular expression '/(a': "
           "missing ), unterminated subpattern at position 1"]),
+        ({"to": {"service": "reviews"}, "match": {"query": [{"name": "q", "present": False}]}},
+         ["routes[0].match.query[0]: query parameters support neither invert nor present: false"]),
         ({"to": {"service": "reviews"}, "headers": {"request": {"set": {"Host": "x"}}}},
          ["routes[0].headers.request: header 'Host' cannot be modified"]),
         ({"to": {"service": "reviews"}, "authz": "policy", "filters": [{"name": "headers"}],
