@@ -35,6 +35,14 @@ from legation.extproc.chain import Chain
 CHAIN_METADATA_KEY = "x-legation-chain"
 
 
+class OptionsError(ConfigError):
+    """A filter's options are invalid; ``problems`` are (field path within options, message)."""
+
+    def __init__(self, problems: list[tuple[str, str]]) -> None:
+        super().__init__(_join("options", problems))
+        self.problems = problems
+
+
 class _FilterSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     name: str = Field(min_length=1)
@@ -72,14 +80,18 @@ def field_path(loc: tuple[int | str, ...]) -> str:
     return out
 
 
-def pydantic_error(prefix: str, err: ValidationError) -> ConfigError:
-    """One ConfigError naming every bad field (``prefix``: the file and/or enclosing field)."""
-    lines = []
-    for e in err.errors():
-        where = field_path(tuple(e["loc"]))
-        joined = f"{prefix}.{where}" if prefix and where else (prefix or where)
-        lines.append(f"{joined}: {e['msg']}")
-    return ConfigError("; ".join(lines))
+def pydantic_problems(err: ValidationError) -> list[tuple[str, str]]:
+    """``(field path, problem)`` for every error; the path is empty for the object itself."""
+    return [
+        (field_path(tuple(e["loc"])), e["msg"].removeprefix("Value error, "))
+        for e in err.errors()
+    ]
+
+
+def _join(prefix: str, problems: list[tuple[str, str]]) -> str:
+    return "; ".join(
+        f"{prefix}.{where}: {msg}" if where else f"{prefix}: {msg}" for where, msg in problems
+    )
 
 
 def build_chains(raw: Mapping[str, Any], *, source: str = "<extproc config>") -> Chains:
@@ -89,7 +101,10 @@ def build_chains(raw: Mapping[str, Any], *, source: str = "<extproc config>") ->
     try:
         spec = _FileSpec.model_validate(raw)
     except ValidationError as err:
-        raise pydantic_error(source, err) from None
+        problems = pydantic_problems(err)
+        raise ConfigError(
+            "; ".join(f"{source}: {where or '(top)'}: {msg}" for where, msg in problems)
+        ) from None
     chains: dict[str, Chain] = {}
     for chain_name, chain_spec in spec.chains.items():
         filters = []
@@ -98,8 +113,10 @@ def build_chains(raw: Mapping[str, Any], *, source: str = "<extproc config>") ->
             factory = plugins.get("extproc.filter", f.name, where=where)
             try:
                 config = factory.validate(f.options)
+            except OptionsError as err:
+                raise ConfigError(_join(f"{where}.options", err.problems), code=err.code) from None
             except ConfigError as err:
-                raise ConfigError(f"{where}.options.{err}", code=err.code) from None
+                raise ConfigError(f"{where}.options: {err}", code=err.code) from None
             filters.append(factory.create(config))
         chains[chain_name] = Chain(
             name=chain_name,

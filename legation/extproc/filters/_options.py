@@ -7,8 +7,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from legation.errors import ConfigError
-from legation.extproc.config import field_path
+from legation.extproc.config import OptionsError, pydantic_problems
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -20,14 +19,9 @@ class Options(BaseModel):
 
 
 def validate_options(model: type[M], raw: Mapping[str, Any]) -> M:
-    """``model`` from ``raw``; the ConfigError message is ``field: problem`` (the loader prefixes
+    """``model`` from ``raw``; raises OptionsError listing each bad field (the loader prefixes
     the file and the filter's position)."""
     try:
         return model.model_validate(dict(raw))
     except ValidationError as err:
-        parts = []
-        for e in err.errors():
-            where = field_path(tuple(e["loc"])) or "options"
-            msg = e["msg"].removeprefix("Value error, ")
-            parts.append(f"{where}: {msg}")
-        raise ConfigError("; ".join(parts)) from None
+        raise OptionsError(pydantic_problems(err)) from None

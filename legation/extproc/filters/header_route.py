@@ -76,9 +76,15 @@ class Rule(Options):
 
 class HeaderRouteOptions(Options):
     header: str = Field(default="x-legation-route", min_length=1, pattern=r"^[A-Za-z0-9-]+$")
-    rules: tuple[Rule, ...] = Field(min_length=1)
+    rules: tuple[Rule, ...]
     default: str | None = None
     clear_route_cache: bool = True
+
+    @model_validator(mode="after")
+    def _has_rules(self) -> HeaderRouteOptions:
+        if not self.rules:
+            raise ValueError("rules: needs at least one rule")
+        return self
 
 
 def jwt_claims(authorization: str | None) -> Mapping[str, Any]:

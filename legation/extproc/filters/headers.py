@@ -100,7 +100,7 @@ class HeadersFactory:
     def validate(self, raw: Mapping[str, Any]) -> HeadersOptions:
         options = validate_options(HeadersOptions, raw)
         if options.request.empty() and options.response.empty():
-            raise ConfigError("options: needs at least one of request, response operations")
+            raise ConfigError("needs at least one of request, response operations")
         return options
 
     def create(self, config: HeadersOptions) -> Headers:
