@@ -31,7 +31,8 @@ BAD = Path(__file__).parent / "bad_configs"
 
 
 @pytest.mark.parametrize(("name", "message"), [
-    ("missing_policy_dir.yaml", "checks.authz.options: policy_dir: /nonexistent is not a directory"),
+    ("missing_policy_dir.yaml",
+     "checks.authz.options: policy_dir: /nonexistent is not a directory"),
     ("alg_none.yaml", "checks.jwt.options: providers.0: Value error, algorithm 'none' is not"),
     ("alg_mix.yaml", "cannot mix HMAC (HS*) with public-key algorithms"),
     ("unknown_key.yaml", "default_check: Extra inputs are not permitted"),
