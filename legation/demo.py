@@ -28,6 +28,7 @@ class DemoApp:
     _server: asyncio.base_events.Server | None = None
     _loop: asyncio.AbstractEventLoop | None = None
     _thread: threading.Thread | None = None
+    _conns: set[asyncio.Task[None]] = field(default_factory=set)
 
     async def start(self) -> DemoApp:
         self._server = await asyncio.start_server(self._serve, self.host, self.port)
@@ -37,6 +38,9 @@ class DemoApp:
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
+            for task in list(self._conns):  # keep-alive connections outlive server.close()
+                task.cancel()
+            await asyncio.gather(*self._conns, return_exceptions=True)
             await self._server.wait_closed()
 
     def start_in_thread(self) -> DemoApp:
@@ -48,6 +52,7 @@ class DemoApp:
             self._loop.run_until_complete(self.start())
             ready.set()
             self._loop.run_forever()
+            self._loop.close()
 
         self._thread = threading.Thread(target=run, name=f"demo-{self.name}", daemon=True)
         self._thread.start()
@@ -64,6 +69,9 @@ class DemoApp:
             self._thread.join(5)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._conns.add(task)
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
@@ -90,10 +98,12 @@ class DemoApp:
                 if close:
                     break
         except (
-            asyncio.IncompleteReadError, ConnectionError, ValueError, asyncio.LimitOverrunError
+            asyncio.IncompleteReadError, ConnectionError, ValueError, asyncio.LimitOverrunError,
+            asyncio.CancelledError,
         ):
             pass
         finally:
+            self._conns.discard(task)
             writer.close()
 
     async def _handle(

@@ -29,6 +29,7 @@ class _TypeState:
     inflight: str = ""  # nonce of the response awaiting an answer
     sent_version: str = ""
     nacked: bool = False
+    resumed: bool = False  # reconnected with initial_resource_versions, not yet compared
 
 
 class DeltaStream(StreamBase):
@@ -42,6 +43,7 @@ class DeltaStream(StreamBase):
         if st is None:
             st = self.types[rtype] = _TypeState()
             st.known = dict(request.initial_resource_versions)
+            st.resumed = bool(st.known)
             subscribe = set(request.resource_names_subscribe)
             # A first request naming nothing is the legacy wildcard for CDS and LDS.
             st.wildcard = "*" in subscribe or (rtype.wildcard_by_default and not subscribe)
@@ -89,6 +91,10 @@ class DeltaStream(StreamBase):
             if st is None or st.inflight:
                 continue
             updates, removed = self._changes(rtype, st, snap)
+            if st.resumed and not (updates or removed):
+                # The proxy came back with exactly the current resources: report it as current.
+                self.cache.record_ack(self.node_id, rtype, snap.version(rtype))
+            st.resumed = False
             if not (updates or removed) or not self.gate_open(rtype, snap):
                 continue
             st.inflight = self.nonce()
