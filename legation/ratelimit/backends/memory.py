@@ -106,7 +106,7 @@ class MemoryBackendFactory:
         if unknown:
             raise ConfigError(f"ratelimit backend memory: unknown option {sorted(unknown)[0]!r}",
                               code="unknown_key")
-        max_keys = raw.get("max_keys", MemoryConfig.max_keys)
+        max_keys = raw.get("max_keys", 1_000_000)
         if isinstance(max_keys, bool) or not isinstance(max_keys, int) or max_keys < 1:
             raise ConfigError(f"ratelimit backend memory: max_keys: expected a positive integer, "
                               f"got {max_keys!r}", code="invalid_type")

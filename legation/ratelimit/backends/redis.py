@@ -79,8 +79,7 @@ class RedisBackend:
         }
         self._client: Redis | RedisCluster
         if config.cluster:
-            self._client = RedisCluster.from_url(config.url, cluster_error_retry_attempts=0,
-                                                 **common)
+            self._client = RedisCluster.from_url(config.url, **common)
         else:
             self._client = Redis.from_url(config.url, **common)
 
@@ -144,7 +143,7 @@ class RedisBackend:
         pipe = self._client.pipeline(transaction=False) if not self.config.cluster \
             else self._client.pipeline()
         for _, _, key, args in pending:
-            pipe.evalsha(_SHA, 1, key, *args)
+            pipe.execute_command("EVALSHA", _SHA, 1, key, *args)
         return await pipe.execute()  # type: ignore[no-any-return]
 
     def _decide(self, h: Hit, now_ms: int, reply: list[int]) -> Decision:
