@@ -119,3 +119,20 @@ def shared_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     server = RedisServer(tmp_path_factory.mktemp("redis"))
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def demo_factory_module() -> Iterator[object]:
+    """Like the shared ``demo_factory``, for module-scoped stacks."""
+    from legation.demo import DemoApp
+
+    started: list[DemoApp] = []
+
+    def make(name: str, **kwargs: object) -> DemoApp:
+        app = DemoApp(name=name, **kwargs).start_in_thread()  # type: ignore[arg-type]
+        started.append(app)
+        return app
+
+    yield make
+    for app in started:
+        app.stop_thread()

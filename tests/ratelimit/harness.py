@@ -1,0 +1,133 @@
+"""A real Envoy in front of a demo upstream with the rate-limit filter (or Envoy's native local
+rate limit), and the service on its own event loop thread. Used by the integration tests and by
+bench/ratelimit.py."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from typing import Any
+
+import grpc
+from envoy.config.route.v3 import route_components_pb2 as route_pb2
+from envoy.config.route.v3 import route_pb2 as route_config_pb2
+from envoy.extensions.filters.http.router.v3 import router_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import (
+    http_connection_manager_pb2 as hcm_pb2,
+)
+from google.protobuf.json_format import MessageToDict
+
+from legation.ratelimit import envoy_filter as ef
+from legation.ratelimit.service import Settings, start_server
+
+RLS_CLUSTER = "ratelimit"
+
+
+class ServiceThread:
+    """``start_server(settings)`` on a private event loop in a daemon thread."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.port = 0
+        self.server: grpc.aio.Server | None = None
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
+                                        name="ratelimit-service")
+
+    def start(self) -> ServiceThread:
+        self._thread.start()
+        self.server, self.port = asyncio.run_coroutine_threadsafe(
+            start_server(self.settings), self._loop).result(10)
+        return self
+
+    def call(self, fn: Any) -> Any:
+        """Run ``fn()`` on the service's loop (to read its state safely)."""
+        async def run() -> Any:
+            return fn()
+        return asyncio.run_coroutine_threadsafe(run(), self._loop).result(5)
+
+    def stop(self) -> None:
+        if self.server is not None:
+            asyncio.run_coroutine_threadsafe(self.server.stop(None), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+        if not self._thread.is_alive():
+            self._loop.close()
+
+
+def bootstrap(
+    *,
+    listen_port: int,
+    admin_port: int,
+    upstream_port: int,
+    routes: Sequence[tuple[str, Sequence[ef.DescriptorSpec]]] = (),
+    rls_port: int | None = None,
+    domain: str = "edge",
+    failure_mode: str = "allow",
+    local_limit: int | None = None,
+) -> dict[str, Any]:
+    """A static bootstrap: ``routes`` are (path prefix, descriptor specs), each sending one
+    descriptor; ``rls_port`` adds the ratelimit filter, ``local_limit`` Envoy's local one."""
+    filters = []
+    if rls_port is not None:
+        filters.append(ef.rate_limit_filter(domain=domain, cluster=RLS_CLUSTER,
+                                            failure_mode=failure_mode, timeout_ms=1000))
+    if local_limit is not None:
+        filters.append(ef.local_rate_limit_filter(stat_prefix="local", max_tokens=local_limit))
+    router = hcm_pb2.HttpFilter(name="envoy.filters.http.router")
+    router.typed_config.Pack(router_pb2.Router())
+    filters.append(router)
+    vhost = route_pb2.VirtualHost(name="all", domains=["*"])
+    for prefix, specs in [*routes, ("/", ())]:
+        route = vhost.routes.add()
+        route.match.prefix = prefix
+        route.route.cluster = "upstream"
+        if specs:
+            route.route.rate_limits.extend(ef.route_rate_limits(specs))
+    hcm = hcm_pb2.HttpConnectionManager(
+        stat_prefix="ingress", http_filters=filters,
+        route_config=route_config_pb2.RouteConfiguration(name="local", virtual_hosts=[vhost]))
+    clusters = [_dict(ef.rate_limit_cluster("upstream", "127.0.0.1", upstream_port))]
+    clusters[0].pop("typed_extension_protocol_options")  # the demo upstream speaks HTTP/1.1
+    if rls_port is not None:
+        clusters.append(_dict(ef.rate_limit_cluster(RLS_CLUSTER, "127.0.0.1", rls_port)))
+    hcm_any = _dict(hcm)
+    hcm_any["@type"] = ("type.googleapis.com/envoy.extensions.filters.network."
+                        "http_connection_manager.v3.HttpConnectionManager")
+    return {
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1",
+                                                 "port_value": admin_port}}},
+        "static_resources": {
+            "listeners": [{
+                "name": "ingress",
+                "address": {"socket_address": {"address": "127.0.0.1",
+                                               "port_value": listen_port}},
+                "filter_chains": [{"filters": [{
+                    "name": "envoy.filters.network.http_connection_manager",
+                    "typed_config": hcm_any}]}],
+            }],
+            "clusters": clusters,
+        },
+    }
+
+
+def get(port: int, path: str, headers: dict[str, str] | None = None
+        ) -> tuple[int, dict[str, str]]:
+    """GET through Envoy: (status, lower-cased response headers); 4xx/5xx are answers too."""
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            resp.read()
+            return resp.status, {k.lower(): v for k, v in resp.headers.items()}
+    except urllib.error.HTTPError as err:
+        err.read()
+        return err.code, {k.lower(): v for k, v in err.headers.items()}
+
+
+def _dict(message: Any) -> dict[str, Any]:
+    # a JSON round trip turns the OrderedDicts of Any fields into plain dicts for yaml.safe_dump
+    return json.loads(json.dumps(MessageToDict(message, preserving_proto_field_name=True)))
