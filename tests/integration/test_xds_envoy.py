@@ -119,7 +119,8 @@ def test_many_resources_arrive_and_carry_traffic(
 
     dump = envoy.config_dump()
     kinds = {c["@type"].rsplit(".", 1)[-1]: c for c in dump["configs"]}
-    clusters = {c["cluster"]["name"] for c in kinds["ClustersConfigDump"]["dynamic_active_clusters"]}
+    active = kinds["ClustersConfigDump"]["dynamic_active_clusters"]
+    clusters = {c["cluster"]["name"] for c in active}
     assert set(services) <= clusters
     listeners = {entry["name"] for entry in kinds["ListenersConfigDump"]["dynamic_listeners"]}
     assert listeners == {"l0", "l1", "l2"}

@@ -1,0 +1,306 @@
+"""The ``legation`` command.
+
+    legation up [MESH]                  the quickstart (or MESH): control plane, Envoys, demo apps
+    legation check MESH...              validate mesh files without running anything
+    legation bootstrap --node NAME      print an Envoy bootstrap pointing at the xDS server
+    legation status [--json]            proxies of a running stack, ACKed versions, NACKs
+    legation serve SERVICE              one service alone: xds, extauthz, extproc, ratelimit
+    legation policy test DIR            run Rego unit tests, reported like `opa test`
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from legation.errors import LegationError
+
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
+DEFAULT_STATUS = "http://127.0.0.1:18001"
+
+
+def _quickstart() -> Path:
+    local = Path("examples/quickstart/mesh.yaml")
+    if local.is_file():
+        return local
+    from legation.up import QUICKSTART
+
+    return QUICKSTART
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from legation.up import Stack
+
+    mesh = Path(args.mesh) if args.mesh else _quickstart()
+    stack = Stack(mesh, delta=args.delta, status_port=args.status_port,
+                  log_dir=Path(args.log_dir) if args.log_dir else None,
+                  live=False if args.plain else None)
+    return asyncio.run(stack.run())
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from legation.config import load_mesh
+    from legation.xds.translate import translate
+
+    failed = 0
+    for path in args.mesh:
+        try:
+            mesh = load_mesh(path)
+            snapshots = translate(mesh, version="check")
+        except LegationError as err:
+            print(err, file=sys.stderr)
+            failed += 1
+            continue
+        routes = len(mesh.routes)
+        print(f"{path}: ok ({len(mesh.services)} services, {routes} routes, "
+              f"{len(snapshots)} proxies, {sum(len(s) for s in snapshots.values())} resources)")
+    return 1 if failed else 0
+
+
+def cmd_bootstrap(args: argparse.Namespace) -> int:
+    from legation.xds.bootstrap import bootstrap
+
+    host, _, port = args.xds.rpartition(":")
+    cluster, admin_port = args.cluster, args.admin_port
+    if args.mesh:
+        from legation.config import load_mesh
+
+        try:
+            mesh = load_mesh(args.mesh)
+        except LegationError as err:
+            print(err, file=sys.stderr)
+            return 2
+        spec = next((p for p in mesh.proxies() if p.node_id == args.node), None)
+        if spec is None:
+            known = ", ".join(p.node_id for p in mesh.proxies())
+            print(f"{args.mesh}: no proxy with node id {args.node!r} (known: {known})",
+                  file=sys.stderr)
+            return 2
+        cluster = cluster or spec.node_cluster
+        admin_port = admin_port or spec.admin_port
+        if args.xds == _DEFAULT_XDS:
+            host, port = mesh.xds.host, str(mesh.xds.port)
+    doc = bootstrap(node_id=args.node, node_cluster=cluster or "", xds_host=host or "127.0.0.1",
+                    xds_port=int(port), admin_port=admin_port or 9901, delta=args.delta)
+    if args.json:
+        print(json.dumps(doc, indent=2))
+    else:
+        print(yaml.safe_dump(doc, sort_keys=False), end="")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    try:
+        with urllib.request.urlopen(args.url.rstrip("/") + "/status", timeout=5) as resp:
+            status = json.loads(resp.read())
+    except (urllib.error.URLError, OSError) as err:
+        print(f"no Legation control plane at {args.url} ({err}); is `legation up` running?",
+              file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 0
+    print(f"mesh {status['mesh']}  generation {status['generation']}  xDS {status['xds']}")
+    if status.get("last_error"):
+        print("last rejected change:\n  " + status["last_error"].replace("\n", "\n  "))
+    for p in status["proxies"]:
+        state = "in sync" if p["in_sync"] else ("connected" if p["connected"] else "DISCONNECTED")
+        listeners = ", ".join(f"{k} {v}" for k, v in p["listeners"].items())
+        print(f"\n{p['node_id']}  ({p['kind']}, {state})")
+        print(f"  admin      {p['admin']}")
+        print(f"  listeners  {listeners}")
+        acked = "  ".join(f"{t} {v}" for t, v in sorted(p["acked"].items()))
+        print(f"  acked      {acked or '-'}")
+        nack = p.get("last_nack")
+        last = f"{nack['type']} {nack['version']}: {nack['message']}" if nack else "-"
+        print(f"  last NACK  {last}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    if args.service == "xds":
+        return asyncio.run(_serve_xds(args))
+    workers = max(1, args.workers)
+    if workers == 1:
+        return asyncio.run(_serve_one(args, reuse_port=False))
+    children = []
+    for _ in range(workers):
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                code = asyncio.run(_serve_one(args, reuse_port=True))
+            finally:
+                os._exit(code)
+        children.append(pid)
+
+    def forward(signum: int, _frame: Any) -> None:
+        for child in children:
+            try:
+                os.kill(child, signum)
+            except ProcessLookupError:
+                pass
+
+    signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGTERM, forward)
+    status = 0
+    for child in children:
+        _, code = os.waitpid(child, 0)
+        status = status or os.waitstatus_to_exitcode(code)
+    return status
+
+
+async def _wait_for_signal() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+async def _serve_xds(args: argparse.Namespace) -> int:
+    from legation.controlplane import ControlPlane
+
+    if not args.config:
+        print("legation serve xds needs --config MESH.yaml", file=sys.stderr)
+        return 2
+    host, _, port = (args.listen or "").rpartition(":")
+    cp = ControlPlane(args.config, xds_host=host or None, xds_port=int(port) if port else None,
+                      status_port=args.status_port)
+    try:
+        await cp.start()
+    except LegationError as err:
+        print(err, file=sys.stderr)
+        return 2
+    print(f"xDS on {cp.server.address if cp.server else '?'}; status on "
+          f"http://127.0.0.1:{cp.status_port}/status", flush=True)
+    try:
+        await _wait_for_signal()
+    finally:
+        await cp.stop()
+    return 0
+
+
+async def _serve_one(args: argparse.Namespace, *, reuse_port: bool) -> int:
+    host, _, port = (args.listen or "127.0.0.1:0").rpartition(":")
+    common: dict[str, Any] = {"host": host or "127.0.0.1", "port": int(port),
+                              "reuse_port": reuse_port}
+    try:
+        if args.service == "extauthz":
+            from legation.extauthz import service as svc
+
+            settings: Any = svc.Settings(**common, config_file=_path(args.config))
+        elif args.service == "extproc":
+            from legation.extproc import service as svc  # type: ignore[no-redef]
+
+            settings = svc.Settings(**common, config_path=_path(args.config))
+        else:
+            from legation.ratelimit import service as svc  # type: ignore[no-redef]
+
+            settings = svc.Settings(**common, config_paths=(args.config,) if args.config else (),
+                                    backend=args.backend)
+        server, bound = await svc.start_server(settings)
+    except LegationError as err:
+        print(err, file=sys.stderr)
+        return 2
+    print(f"{args.service} (pid {os.getpid()}) on {common['host']}:{bound}", flush=True)
+    try:
+        await _wait_for_signal()
+    finally:
+        stop = getattr(svc, "stop_server", None)
+        if stop is not None:
+            await stop(server, 1.0)
+        else:
+            await server.stop(1.0)
+    return 0
+
+
+def _path(value: str | None) -> Path | None:
+    return Path(value) if value else None
+
+
+def cmd_policy(args: argparse.Namespace) -> int:
+    from legation.extauthz.policy_test import main as policy_test
+
+    return int(policy_test([args.dir, *(["-v"] if args.verbose else [])]))
+
+
+_DEFAULT_XDS = "127.0.0.1:18000"
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="legation", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="run a mesh locally (default: the quickstart)")
+    up.add_argument("mesh", nargs="?", help="mesh file (default examples/quickstart/mesh.yaml)")
+    up.add_argument("--delta", action="store_true", help="Envoys use delta (incremental) ADS")
+    up.add_argument("--status-port", type=int, default=18001)
+    up.add_argument("--log-dir", help="where Envoy logs go (default .legation/logs)")
+    up.add_argument("--plain", action="store_true", help="log lines instead of a live table")
+    up.set_defaults(fn=cmd_up)
+
+    check = sub.add_parser("check", help="validate mesh files")
+    check.add_argument("mesh", nargs="+")
+    check.set_defaults(fn=cmd_check)
+
+    boot = sub.add_parser("bootstrap", help="print an Envoy bootstrap for a node")
+    boot.add_argument("--node", required=True, help="node id (e.g. gateway-ingress)")
+    boot.add_argument("--cluster", default="", help="node cluster (default: from --mesh, or node)")
+    boot.add_argument("--xds", default=_DEFAULT_XDS, help="xDS server host:port")
+    boot.add_argument("--admin-port", type=int, default=0)
+    boot.add_argument("--mesh", help="take cluster, admin port and xDS address from this mesh")
+    boot.add_argument("--delta", action="store_true", help="use delta (incremental) ADS")
+    boot.add_argument("--json", action="store_true")
+    boot.set_defaults(fn=cmd_bootstrap)
+
+    status = sub.add_parser("status", help="status of a running stack")
+    status.add_argument("--url", default=DEFAULT_STATUS)
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(fn=cmd_status)
+
+    serve = sub.add_parser("serve", help="run one service")
+    serve.add_argument("service", choices=["xds", "extauthz", "extproc", "ratelimit"])
+    serve.add_argument("--config", help="mesh file (xds) or the service's config file")
+    serve.add_argument("--listen", help="host:port (xds default: from the mesh; others :0)")
+    serve.add_argument("--workers", type=int, default=1, help="processes sharing the port")
+    serve.add_argument("--backend", default="memory", help="ratelimit: memory or redis")
+    serve.add_argument("--status-port", type=int, default=18001, help="xds: status endpoint")
+    serve.set_defaults(fn=cmd_serve)
+
+    policy = sub.add_parser("policy", help="Rego policy tools")
+    psub = policy.add_subparsers(dest="policy_command", required=True)
+    ptest = psub.add_parser("test", help="run the Rego unit tests (test_ rules)")
+    ptest.add_argument("dir")
+    ptest.add_argument("-v", "--verbose", action="store_true")
+    ptest.set_defaults(fn=cmd_policy)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.fn(args))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,211 @@
+"""The control plane as a running thing: a mesh file, watched, translated, served over ADS.
+
+A change to the mesh file that validates is translated and handed to the snapshot cache (which
+debounces it and pushes it to the proxies); one that does not is printed, counted, and changes
+nothing: the running config stays. A small HTTP endpoint serves ``/status`` (JSON, what
+``legation status`` prints), ``/metrics`` (Prometheus) and ``/healthz``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+
+from legation.config import Mesh, load_mesh
+from legation.errors import LegationError
+from legation.xds.cache import SnapshotCache
+from legation.xds.metrics import XdsMetrics
+from legation.xds.server import XdsServer
+from legation.xds.snapshot import Snapshot
+from legation.xds.translate import translate
+from legation.xds.types import ResourceType
+
+log = logging.getLogger("legation.controlplane")
+
+DEFAULT_STATUS_PORT = 18001
+
+
+class ControlPlane:
+    def __init__(
+        self,
+        mesh_path: str | Path,
+        *,
+        xds_host: str | None = None,
+        xds_port: int | None = None,
+        status_host: str = "127.0.0.1",
+        status_port: int = DEFAULT_STATUS_PORT,
+        debounce: float = 0.1,
+        max_delay: float = 10.0,
+        poll_interval: float = 0.5,
+        on_event: Callable[[str], None] | None = None,
+    ) -> None:
+        self.mesh_path = Path(mesh_path)
+        self.registry = CollectorRegistry()
+        self.cache = SnapshotCache(
+            debounce=debounce, max_delay=max_delay, metrics=XdsMetrics(self.registry)
+        )
+        self._xds_host = xds_host
+        self._xds_port = xds_port
+        self.status_host = status_host
+        self.status_port = status_port
+        self.poll_interval = poll_interval
+        self.on_event = on_event or (lambda line: log.info("%s", line))
+        self.mesh: Mesh | None = None
+        self.snapshots: dict[str, Snapshot] = {}
+        self.generation = 0
+        self.last_error: str | None = None
+        self._digest = ""
+        self._reloads = Counter(
+            "legation_config_reloads", "Mesh reloads by result", ["result"], registry=self.registry
+        )
+        self._generation = Gauge(
+            "legation_config_generation", "Mesh generation being served", registry=self.registry
+        )
+        self.server: XdsServer | None = None
+        self._status_server: asyncio.base_events.Server | None = None
+        self._watcher: asyncio.Task[None] | None = None
+        self.started_at = time.time()
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> ControlPlane:
+        """Load and serve the mesh; raises ConfigError if the first load fails."""
+        text = self.mesh_path.read_bytes()
+        self._apply(load_mesh(self.mesh_path), text)
+        assert self.mesh is not None
+        self.server = XdsServer(
+            self.cache,
+            host=self._xds_host or self.mesh.xds.host,
+            port=self._xds_port if self._xds_port is not None else self.mesh.xds.port,
+        )
+        await self.server.start()
+        self.cache.flush()
+        self._status_server = await asyncio.start_server(
+            self._serve_status, self.status_host, self.status_port
+        )
+        self.status_port = self._status_server.sockets[0].getsockname()[1]
+        self._watcher = asyncio.create_task(self._watch())
+        return self
+
+    async def stop(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+        if self._status_server is not None:
+            self._status_server.close()
+        if self.server is not None:
+            await self.server.stop(0.5)
+
+    # -- reloads ---------------------------------------------------------------------------
+
+    def _apply(self, mesh: Mesh, text: bytes) -> None:
+        digest = hashlib.sha256(text).hexdigest()[:8]
+        label = f"g{self.generation + 1}-{digest}"
+        snapshots = translate(mesh, version=label)
+        for node, snap in snapshots.items():
+            self.cache.set_snapshot(node, snap)
+        for gone in set(self.snapshots) - set(snapshots):
+            self.cache.clear_snapshot(gone)
+        self.mesh, self.snapshots, self._digest = mesh, snapshots, digest
+        self.generation += 1
+        self._generation.set(self.generation)
+
+    def reload(self) -> bool:
+        """Load the mesh file again; True if it changed and was applied."""
+        try:
+            text = self.mesh_path.read_bytes()
+        except OSError as err:
+            return self._reject(f"{self.mesh_path}: cannot read: {err.strerror or err}")
+        if hashlib.sha256(text).hexdigest()[:8] == self._digest:
+            return False
+        try:
+            mesh = load_mesh(self.mesh_path)
+            before = {p.node_id for p in self.mesh.proxies()} if self.mesh else set()
+            self._apply(mesh, text)
+        except LegationError as err:
+            return self._reject(str(err))
+        self.last_error = None
+        self._reloads.labels("applied").inc()
+        self.on_event(f"mesh reloaded: generation {self.generation} ({self._digest})")
+        added = {p.node_id for p in mesh.proxies()} - before
+        if added:
+            self.on_event(
+                "new proxies in the mesh need an Envoy each (restart `legation up`): "
+                + ", ".join(sorted(added))
+            )
+        return True
+
+    def _reject(self, message: str) -> bool:
+        self.last_error = message
+        self._reloads.labels("rejected").inc()
+        self.on_event(f"mesh change rejected, still serving generation {self.generation}:\n"
+                      f"{message}")
+        return False
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_interval)
+            self.reload()
+
+    # -- status ----------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        proxies = []
+        for spec in self.mesh.proxies() if self.mesh else []:
+            node = self.cache.status.get(spec.node_id)
+            snap = self.snapshots.get(spec.node_id)
+            entry: dict[str, Any] = {
+                "node_id": spec.node_id,
+                "kind": spec.kind,
+                "service": spec.service,
+                "admin": f"127.0.0.1:{spec.admin_port}",
+                "listeners": {ls.name: f"{ls.host}:{ls.port}" for ls in spec.listeners},
+                "expected": {t.short: snap.version(t) for t in ResourceType if snap
+                             and snap.resources(t)},
+            }
+            entry.update(node.as_dict() if node else {"connected": False, "acked": {},
+                                                       "last_nack": None, "nacks": 0})
+            entry["in_sync"] = all(
+                entry["acked"].get(t) == v for t, v in entry["expected"].items()
+            )
+            proxies.append(entry)
+        return {
+            "mesh": str(self.mesh_path),
+            "generation": self.generation,
+            "xds": self.server.address if self.server else None,
+            "last_error": self.last_error,
+            "proxies": proxies,
+        }
+
+    async def _serve_status(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        try:
+            request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            path = request.split(b" ", 2)[1].decode()
+            if path.startswith("/status"):
+                body, ctype, code = json.dumps(self.status()).encode(), "application/json", 200
+            elif path.startswith("/metrics"):
+                body, ctype, code = generate_latest(self.registry), "text/plain; version=0.0.4", 200
+            elif path.startswith("/healthz"):
+                body, ctype, code = b"ok\n", "text/plain", 200
+            else:
+                body, ctype, code = b"not found\n", "text/plain", 404
+            writer.write(
+                f"HTTP/1.1 {code} {'OK' if code == 200 else 'Not Found'}\r\n"
+                f"content-type: {ctype}\r\ncontent-length: {len(body)}\r\n"
+                "connection: close\r\n\r\n".encode() + body
+            )
+            await writer.drain()
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError,
+                ConnectionError, IndexError):
+            pass
+        finally:
+            writer.close()
