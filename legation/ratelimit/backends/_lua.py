@@ -17,7 +17,9 @@ local ttl = tonumber(ARGV[6])
 local k = KEYS[1]
 if algo == 'f' then
   local n = redis.call('INCRBY', k, cost)
-  redis.call('PEXPIRE', k, ttl)
+  if n == cost then
+    redis.call('PEXPIRE', k, ttl)
+  end
   return {n}
 elseif algo == 's' then
   local prev = tonumber(redis.call('HGET', k, ARGV[8]) or '0')
