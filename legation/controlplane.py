@@ -63,6 +63,7 @@ class ControlPlane:
         self.generation = 0
         self.last_error: str | None = None
         self._digest = ""
+        self._rejected = ""  # digest of the last rejected file, so it is reported once
         self._reloads = Counter(
             "legation_config_reloads", "Mesh reloads by result", ["result"], registry=self.registry
         )
@@ -123,15 +124,18 @@ class ControlPlane:
             text = self.mesh_path.read_bytes()
         except OSError as err:
             return self._reject(f"{self.mesh_path}: cannot read: {err.strerror or err}")
-        if hashlib.sha256(text).hexdigest()[:8] == self._digest:
+        digest = hashlib.sha256(text).hexdigest()[:8]
+        if digest in (self._digest, self._rejected):
             return False
         try:
             mesh = load_mesh(self.mesh_path)
             before = {p.node_id for p in self.mesh.proxies()} if self.mesh else set()
             self._apply(mesh, text)
         except LegationError as err:
+            self._rejected = digest
             return self._reject(str(err))
         self.last_error = None
+        self._rejected = ""
         self._reloads.labels("applied").inc()
         self.on_event(f"mesh reloaded: generation {self.generation} ({self._digest})")
         added = {p.node_id for p in mesh.proxies()} - before
@@ -150,8 +154,16 @@ class ControlPlane:
         return False
 
     async def _watch(self) -> None:
+        last = b""
         while True:
             await asyncio.sleep(self.poll_interval)
+            try:
+                text = self.mesh_path.read_bytes()
+            except OSError:
+                text = b""
+            if text != last:  # still being written: wait for it to hold still for one poll
+                last = text
+                continue
             self.reload()
 
     # -- status ----------------------------------------------------------------------------
