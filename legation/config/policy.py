@@ -35,6 +35,8 @@ RetryOn = Literal[
     "unavailable",
 ]
 
+_DEFAULT_RETRY_ON: tuple[RetryOn, ...] = ("5xx",)
+
 
 class RetryBudget(BaseModel):
     """At most ``percent`` of active requests may be retries (but always ``min_concurrency``)."""
@@ -47,7 +49,7 @@ class RetryBudget(BaseModel):
 class Retries(BaseModel):
     model_config = STRICT
     attempts: int = Field(ge=1, le=100, description="retries after the first try")
-    retry_on: list[RetryOn] = Field(default_factory=lambda: ["5xx"], min_length=1)
+    retry_on: list[RetryOn] = Field(default_factory=lambda: list(_DEFAULT_RETRY_ON), min_length=1)
     per_try_timeout: Duration | None = None
     retriable_status_codes: list[HttpStatus] = Field(default_factory=list)
     budget: RetryBudget | None = Field(default=None, description="a cluster setting: services only")
