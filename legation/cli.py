@@ -136,10 +136,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     workers = max(1, args.workers)
     if workers == 1:
         return asyncio.run(_serve_one(args, reuse_port=False))
+    global _worker_index
     children = []
-    for _ in range(workers):
+    for index in range(workers):
         pid = os.fork()
         if pid == 0:
+            _worker_index = index
             code = 1
             try:
                 code = asyncio.run(_serve_one(args, reuse_port=True))
@@ -147,7 +149,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 os._exit(code)
         children.append(pid)
 
+    asked: set[int] = set()
+
     def forward(signum: int, _frame: Any) -> None:
+        asked.add(signum)
         for child in children:
             try:
                 os.kill(child, signum)
@@ -159,7 +164,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     status = 0
     for child in children:
         _, code = os.waitpid(child, 0)
-        status = status or os.waitstatus_to_exitcode(code)
+        exit_code = os.waitstatus_to_exitcode(code)
+        if -exit_code in asked:
+            exit_code = 0  # stopped by the signal we forwarded before it set up its own handler
+        status = status or exit_code
     return status
 
 
@@ -210,12 +218,21 @@ async def _serve_one(args: argparse.Namespace, *, reuse_port: bool) -> int:
         else:
             from legation.ratelimit import service as svc  # type: ignore[no-redef]
 
+            options: dict[str, Any] = {}
+            if args.backend == "redis":
+                options = {"url": args.redis_url, "cluster": args.redis_cluster}
             settings = svc.Settings(**common, config_paths=(args.config,) if args.config else (),
-                                    backend=args.backend)
+                                    backend=args.backend, backend_options=options,
+                                    failure_mode=args.failure_mode, shadow_mode=args.shadow_mode)
         server, bound = await svc.start_server(settings)
     except LegationError as err:
         print(err, file=sys.stderr)
         return 2
+    if args.metrics_port:
+        from prometheus_client import start_http_server
+
+        # each worker of --workers N serves its own metrics, on consecutive ports
+        start_http_server(args.metrics_port + _worker_index, addr=common["host"])
     print(f"{args.service} (pid {os.getpid()}) on {common['host']}:{bound}", flush=True)
     try:
         await _wait_for_signal()
@@ -239,6 +256,7 @@ def cmd_policy(args: argparse.Namespace) -> int:
 
 
 _DEFAULT_XDS = "127.0.0.1:18000"
+_worker_index = 0
 
 
 def parser() -> argparse.ArgumentParser:
@@ -279,7 +297,18 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", help="mesh file (xds) or the service's config file")
     serve.add_argument("--listen", help="host:port (xds default: from the mesh; others :0)")
     serve.add_argument("--workers", type=int, default=1, help="processes sharing the port")
-    serve.add_argument("--backend", default="memory", help="ratelimit: memory or redis")
+    serve.add_argument("--metrics-port", type=int, default=0,
+                       help="serve Prometheus metrics here (worker i on port + i)")
+    serve.add_argument("--backend", default="memory", choices=["memory", "redis"],
+                       help="ratelimit: counter store")
+    serve.add_argument("--redis-url", default="redis://127.0.0.1:6379/0",
+                       help="ratelimit: Redis URL (a password in it is never logged)")
+    serve.add_argument("--redis-cluster", action="store_true", help="ratelimit: Redis Cluster")
+    serve.add_argument("--failure-mode", choices=["allow", "deny"], default="allow",
+                       help="ratelimit: answer while the store is unreachable (default allow, "
+                       "as Envoy)")
+    serve.add_argument("--shadow-mode", action="store_true",
+                       help="ratelimit: count and report, never limit")
     serve.add_argument("--status-port", type=int, default=18001, help="xds: status endpoint")
     serve.set_defaults(fn=cmd_serve)
 

@@ -1,0 +1,104 @@
+"""The `legation` command, run as a user runs it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+import yaml
+from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2 as common_rl
+from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
+
+from tests.conftest import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+QUICKSTART = ROOT / "examples" / "quickstart" / "mesh.yaml"
+
+
+def legation(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "legation.cli", *args], capture_output=True,
+                          text=True, timeout=timeout, cwd=ROOT)
+
+
+def test_check_accepts_the_quickstart() -> None:
+    done = legation("check", str(QUICKSTART))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"{QUICKSTART}: ok (3 services, ")
+
+
+def test_check_names_file_and_field_of_every_bad_fixture() -> None:
+    bad = ROOT / "tests" / "config" / "bad" / "unknown_service.yaml"
+    done = legation("check", str(QUICKSTART), str(bad))
+    assert done.returncode == 1
+    assert done.stderr.startswith(f"{bad}: routes[")
+    assert "unknown service" in done.stderr
+
+
+def test_bootstrap_takes_identity_from_the_mesh() -> None:
+    done = legation("bootstrap", "--node", "gateway-ingress", "--mesh", str(QUICKSTART))
+    assert done.returncode == 0, done.stderr
+    doc = yaml.safe_load(done.stdout)
+    assert doc["node"] == {"id": "gateway-ingress", "cluster": "ingress"}
+    assert doc["admin"]["address"]["socket_address"]["port_value"] == 19000
+    assert doc["dynamic_resources"]["ads_config"]["api_type"] == "GRPC"
+    xds = doc["static_resources"]["clusters"][0]["load_assignment"]["endpoints"][0]
+    assert xds["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]["port_value"] == 18000
+
+
+def test_bootstrap_delta_and_unknown_node() -> None:
+    done = legation("bootstrap", "--node", "edge-1", "--xds", "10.0.0.5:18000", "--delta")
+    doc = yaml.safe_load(done.stdout)
+    assert doc["dynamic_resources"]["ads_config"]["api_type"] == "DELTA_GRPC"
+    assert doc["static_resources"]["clusters"][0]["type"] == "STATIC"
+    missing = legation("bootstrap", "--node", "nope", "--mesh", str(QUICKSTART))
+    assert missing.returncode == 2
+    assert "no proxy with node id 'nope'" in missing.stderr
+
+
+def test_status_without_a_running_stack_says_so() -> None:
+    done = legation("status", "--url", f"http://127.0.0.1:{free_port()}")
+    assert done.returncode == 1
+    assert "is `legation up` running?" in done.stderr
+
+
+@pytest.mark.integration
+def test_serve_ratelimit_with_two_workers_answers(tmp_path: Path) -> None:
+    config = tmp_path / "limits.yaml"
+    config.write_text(
+        "domain: cli\ndescriptors:\n  - key: user\n    rate_limit: {unit: minute, "
+        "requests_per_unit: 1}\n"
+    )
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "legation.cli", "serve", "ratelimit", "--config", str(config),
+         "--listen", f"127.0.0.1:{port}", "--workers", "2"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+    )
+    try:
+        assert proc.stdout is not None
+        started: list[str] = []
+        deadline = time.monotonic() + 30
+        while len(started) < 2 and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if line.startswith("ratelimit (pid "):
+                started.append(line)
+        assert len(started) == 2 and all(f":{port}" in line for line in started), started
+        assert len({line.split("pid ")[1].split(")")[0] for line in started}) == 2
+        request = rls_pb2.RateLimitRequest(
+            domain="cli",
+            descriptors=[common_rl.RateLimitDescriptor(
+                entries=[common_rl.RateLimitDescriptor.Entry(key="user", value="ann")])],
+        )
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = rls_pb2_grpc.RateLimitServiceStub(channel)
+            first = stub.ShouldRateLimit(request, timeout=5)
+            assert first.overall_code == rls_pb2.RateLimitResponse.OK
+    finally:
+        proc.terminate()
+        assert proc.wait(15) == 0
+        if proc.stdout is not None:
+            proc.stdout.close()
