@@ -6,6 +6,7 @@
     legation status [--json]            proxies of a running stack, ACKed versions, NACKs
     legation serve SERVICE              one service alone: xds, extauthz, extproc, ratelimit
     legation policy test DIR            run Rego unit tests, reported like `opa test`
+    legation demo --name N --port P     one demo app (the compose stack runs them this way)
 """
 
 from __future__ import annotations
@@ -245,6 +246,22 @@ async def _serve_one(args: argparse.Namespace, *, reuse_port: bool) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from legation.demo import DemoApp
+
+    async def run() -> None:
+        app = await DemoApp(name=args.name, version=args.version, host=args.host, port=args.port,
+                            fail_every=args.fail_every, delay_ms=args.delay_ms).start()
+        print(f"demo app {args.name} {args.version} on {args.host}:{app.port}", flush=True)
+        try:
+            await _wait_for_signal()
+        finally:
+            await app.stop()
+
+    asyncio.run(run())
+    return 0
+
+
 def _path(value: str | None) -> Path | None:
     return Path(value) if value else None
 
@@ -311,6 +328,15 @@ def parser() -> argparse.ArgumentParser:
                        help="ratelimit: count and report, never limit")
     serve.add_argument("--status-port", type=int, default=18001, help="xds: status endpoint")
     serve.set_defaults(fn=cmd_serve)
+
+    demo = sub.add_parser("demo", help="run one demo app (what `up` starts for the quickstart)")
+    demo.add_argument("--name", required=True)
+    demo.add_argument("--version", default="v1")
+    demo.add_argument("--host", default="127.0.0.1")
+    demo.add_argument("--port", type=int, required=True)
+    demo.add_argument("--fail-every", type=int, default=0, help="answer 503 to every Nth request")
+    demo.add_argument("--delay-ms", type=int, default=0)
+    demo.set_defaults(fn=cmd_demo)
 
     policy = sub.add_parser("policy", help="Rego policy tools")
     psub = policy.add_subparsers(dest="policy_command", required=True)
