@@ -35,7 +35,7 @@ class _TypeState:
 class DeltaStream(StreamBase):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.types: dict[ResourceType, _TypeState] = {}
+        self.types: dict[ResourceType, _TypeState] = {}  # type: ignore[assignment]
 
     def handle(self, request: discovery_pb2.DeltaDiscoveryRequest) -> None:
         rtype = ResourceType.from_url(request.type_url)
@@ -122,16 +122,3 @@ class DeltaStream(StreamBase):
             return False
         updates, _ = self._changes(rtype, st, snap)
         return not updates
-
-    def has_subscription(self, rtype: ResourceType) -> bool:
-        return rtype in self.types
-
-    def covers(self, rtype: ResourceType, names: set[str]) -> bool:
-        st = self.types.get(rtype)
-        if st is None:
-            return not names
-        return st.wildcard or names <= st.names
-
-    def rejected(self, rtype: ResourceType) -> bool:
-        st = self.types.get(rtype)
-        return st is not None and st.nacked

@@ -40,7 +40,7 @@ class _TypeState:
 class SotwStream(StreamBase):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.types: dict[ResourceType, _TypeState] = {}
+        self.types: dict[ResourceType, _TypeState] = {}  # type: ignore[assignment]
 
     def handle(self, request: discovery_pb2.DiscoveryRequest) -> None:
         rtype = ResourceType.from_url(request.type_url)
@@ -132,19 +132,6 @@ class SotwStream(StreamBase):
         if st is None:
             return True
         return st.pending and st.sent_key == _key(self._desired(rtype, st, snap))
-
-    def has_subscription(self, rtype: ResourceType) -> bool:
-        return rtype in self.types
-
-    def covers(self, rtype: ResourceType, names: set[str]) -> bool:
-        st = self.types.get(rtype)
-        if st is None:
-            return not names
-        return st.wildcard or names <= st.names
-
-    def rejected(self, rtype: ResourceType) -> bool:
-        st = self.types.get(rtype)
-        return st is not None and st.nacked
 
 
 def _key(resources: dict[str, Resource]) -> Key:

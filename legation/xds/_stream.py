@@ -17,7 +17,7 @@ import asyncio
 import itertools
 import logging
 import time
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 
@@ -28,6 +28,13 @@ from legation.xds.types import SEND_ORDER, ResourceType
 log = logging.getLogger("legation.xds")
 
 _GATED = (ResourceType.LISTENER, ResourceType.ROUTE)
+
+
+class _Subscription(Protocol):
+    wildcard: bool
+    names: set[str]
+    nacked: bool
+
 _PREREQUISITES = (ResourceType.CLUSTER, ResourceType.ENDPOINT)
 
 
@@ -49,6 +56,7 @@ class StreamBase:
         self._watch: int | None = None
         self._blocked_since: float | None = None
         self.closed = False
+        self.types: dict[ResourceType, _Subscription] = {}
 
     # -- to implement ----------------------------------------------------------------------
 
@@ -62,16 +70,22 @@ class StreamBase:
         """The proxy has answered the latest response of this type and nothing new is due."""
         raise NotImplementedError
 
+    # -- subscription queries (both flavours keep a _Subscription per type in ``types``) ----
+
+    def has_subscription(self, rtype: ResourceType) -> bool:
+        return rtype in self.types
+
     def covers(self, rtype: ResourceType, names: set[str]) -> bool:
         """The proxy has subscribed to all of ``names`` (or to everything) for ``rtype``."""
-        raise NotImplementedError
+        st = self.types.get(rtype)
+        if st is None:
+            return not names
+        return st.wildcard or names <= st.names
 
     def rejected(self, rtype: ResourceType) -> bool:
         """The proxy NACKed the latest response of ``rtype``."""
-        raise NotImplementedError
-
-    def has_subscription(self, rtype: ResourceType) -> bool:
-        raise NotImplementedError
+        st = self.types.get(rtype)
+        return st is not None and st.nacked
 
     # -- shared machinery ------------------------------------------------------------------
 
