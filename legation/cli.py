@@ -208,17 +208,21 @@ async def _serve_one(args: argparse.Namespace, *, reuse_port: bool) -> int:
     common: dict[str, Any] = {"host": host or "127.0.0.1", "port": int(port),
                               "reuse_port": reuse_port}
     try:
+        svc: Any
         if args.service == "extauthz":
-            from legation.extauthz import service as svc
+            from legation.extauthz import service as authz_service
 
+            svc = authz_service
             settings: Any = svc.Settings(**common, config_file=_path(args.config))
         elif args.service == "extproc":
-            from legation.extproc import service as svc  # type: ignore[no-redef]
+            from legation.extproc import service as extproc_service
 
+            svc = extproc_service
             settings = svc.Settings(**common, config_path=_path(args.config))
         else:
-            from legation.ratelimit import service as svc  # type: ignore[no-redef]
+            from legation.ratelimit import service as ratelimit_service
 
+            svc = ratelimit_service
             options: dict[str, Any] = {}
             if args.backend == "redis":
                 options = {"url": args.redis_url, "cluster": args.redis_cluster}

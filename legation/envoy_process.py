@@ -15,6 +15,7 @@ import subprocess
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -131,18 +132,18 @@ class EnvoyProcess:
 
     def admin_get(self, path: str, timeout: float = 5.0) -> str:
         with urllib.request.urlopen(self.admin_url + path, timeout=timeout) as resp:
-            return resp.read().decode()
+            return str(resp.read().decode())
 
     def admin_post(self, path: str, timeout: float = 5.0) -> str:
         req = urllib.request.Request(self.admin_url + path, method="POST", data=b"")
         with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return resp.read().decode()
+            return str(resp.read().decode())
 
     def stats(self, filter_regex: str | None = None) -> dict[str, int]:
         """Counters and gauges as a dict (histograms omitted)."""
         path = "/stats?format=json"
         if filter_regex:
-            path += "&filter=" + urllib.request.quote(filter_regex)
+            path += "&filter=" + urllib.parse.quote(filter_regex)
         out: dict[str, int] = {}
         for stat in json.loads(self.admin_get(path)).get("stats", []):
             if "value" in stat:

@@ -139,7 +139,7 @@ class Snapshot:
         """EDS names that CDS references (clusters of type EDS)."""
         names = set()
         for res in self._resources[ResourceType.CLUSTER].values():
-            c: cluster_pb2.Cluster = res.message  # type: ignore[assignment]
+            c: cluster_pb2.Cluster = res.message
             if c.type == cluster_pb2.Cluster.EDS:
                 names.add(c.eds_cluster_config.service_name or c.name)
         return names
@@ -148,7 +148,7 @@ class Snapshot:
         """RDS names that LDS references (HTTP connection managers configured with ``rds``)."""
         names = set()
         for res in self._resources[ResourceType.LISTENER].values():
-            for hcm in _connection_managers(res.message):  # type: ignore[arg-type]
+            for hcm in _connection_managers(res.message):
                 if hcm.HasField("rds"):
                     names.add(hcm.rds.route_config_name)
         return names

@@ -35,7 +35,7 @@ class ResourceType(enum.IntEnum):
 
     @property
     def type_url(self) -> str:
-        return _PREFIX + self.message_class.DESCRIPTOR.full_name
+        return _PREFIX + str(self.message_class.DESCRIPTOR.full_name)
 
     @property
     def short(self) -> str:
