@@ -4,6 +4,12 @@ A change to the mesh file that validates is translated and handed to the snapsho
 debounces it and pushes it to the proxies); one that does not is printed, counted, and changes
 nothing: the running config stays. A small HTTP endpoint serves ``/status`` (JSON, what
 ``legation status`` prints), ``/metrics`` (Prometheus) and ``/healthz``.
+
+The request-path services the mesh declares with ``embedded: true`` (the default) run on the same
+event loop (:mod:`legation.services`): started before the xDS server (so before any Envoy can be
+told to call them), updated on every valid reload before the new snapshots are published (the
+ext_proc chains follow the routes), stopped last. Their files are validated with the mesh: a bad
+``authz.yaml`` or ``ratelimit.yaml`` rejects the change like a bad mesh does.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
 from legation.config import Mesh, load_mesh
 from legation.errors import LegationError
+from legation.services import EmbeddedServices, Plan, ServiceStartError, plan
 from legation.xds.cache import SnapshotCache
 from legation.xds.metrics import XdsMetrics
 from legation.xds.server import XdsServer
@@ -46,7 +53,10 @@ class ControlPlane:
         max_delay: float = 10.0,
         poll_interval: float = 0.5,
         on_event: Callable[[str], None] | None = None,
+        embedded_services: bool = True,
     ) -> None:
+        """``embedded_services=False`` leaves the mesh's request-path services to others even
+        when their blocks say ``embedded: true`` (only the Envoy side is configured)."""
         self.mesh_path = Path(mesh_path)
         self.registry = CollectorRegistry()
         self.cache = SnapshotCache(
@@ -58,6 +68,8 @@ class ControlPlane:
         self.status_port = status_port
         self.poll_interval = poll_interval
         self.on_event = on_event or (lambda line: log.info("%s", line))
+        self.embedded_services = embedded_services
+        self.services = EmbeddedServices(on_event=self.on_event)
         self.mesh: Mesh | None = None
         self.snapshots: dict[str, Snapshot] = {}
         self.generation = 0
@@ -80,18 +92,28 @@ class ControlPlane:
     async def start(self) -> ControlPlane:
         """Load and serve the mesh; raises ConfigError if the first load fails."""
         text = self.mesh_path.read_bytes()
-        self._apply(load_mesh(self.mesh_path), text)
-        assert self.mesh is not None
-        self.server = XdsServer(
-            self.cache,
-            host=self._xds_host or self.mesh.xds.host,
-            port=self._xds_port if self._xds_port is not None else self.mesh.xds.port,
-        )
-        await self.server.start()
-        self.cache.flush()
-        self._status_server = await asyncio.start_server(
-            self._serve_status, self.status_host, self.status_port
-        )
+        mesh = load_mesh(self.mesh_path)
+        services = self._plan(mesh)
+        snapshots, digest = self._translate(mesh, text)
+        failures = await self.services.apply(services)
+        if failures:
+            await self.services.stop()
+            raise ServiceStartError("\n".join(failures), code="service_start_failed")
+        try:
+            self._publish(mesh, snapshots, digest)
+            self.server = XdsServer(
+                self.cache,
+                host=self._xds_host or mesh.xds.host,
+                port=self._xds_port if self._xds_port is not None else mesh.xds.port,
+            )
+            await self.server.start()
+            self.cache.flush()
+            self._status_server = await asyncio.start_server(
+                self._serve_status, self.status_host, self.status_port
+            )
+        except BaseException:
+            await self.stop()
+            raise
         self.status_port = self._status_server.sockets[0].getsockname()[1]
         self._watcher = asyncio.create_task(self._watch())
         return self
@@ -103,13 +125,23 @@ class ControlPlane:
             self._status_server.close()
         if self.server is not None:
             await self.server.stop(0.5)
+        await self.services.stop()
 
     # -- reloads ---------------------------------------------------------------------------
 
-    def _apply(self, mesh: Mesh, text: bytes) -> None:
+    def _plan(self, mesh: Mesh) -> Plan:
+        if not self.embedded_services:
+            return Plan(embedded={}, remote={})
+        reserved = {self.status_port: "the control plane's status endpoint (--status-port)"}
+        if self.status_port == 0:
+            reserved = {}
+        return plan(mesh, mesh_path=self.mesh_path, reserved=reserved)
+
+    def _translate(self, mesh: Mesh, text: bytes) -> tuple[dict[str, Snapshot], str]:
         digest = hashlib.sha256(text).hexdigest()[:8]
-        label = f"g{self.generation + 1}-{digest}"
-        snapshots = translate(mesh, version=label)
+        return translate(mesh, version=f"g{self.generation + 1}-{digest}"), digest
+
+    def _publish(self, mesh: Mesh, snapshots: dict[str, Snapshot], digest: str) -> None:
         for node, snap in snapshots.items():
             self.cache.set_snapshot(node, snap)
         for gone in set(self.snapshots) - set(snapshots):
@@ -118,8 +150,9 @@ class ControlPlane:
         self.generation += 1
         self._generation.set(self.generation)
 
-    def reload(self) -> bool:
-        """Load the mesh file again; True if it changed and was applied."""
+    async def reload(self) -> bool:
+        """Load the mesh file again; True if it changed and was applied. The embedded services
+        follow first (new chains are served before routes name them), then the snapshots."""
         try:
             text = self.mesh_path.read_bytes()
         except OSError as err:
@@ -129,12 +162,15 @@ class ControlPlane:
             return False
         try:
             mesh = load_mesh(self.mesh_path)
-            before = {p.node_id for p in self.mesh.proxies()} if self.mesh else set()
-            self._apply(mesh, text)
+            services = self._plan(mesh)
+            snapshots, digest = self._translate(mesh, text)
         except LegationError as err:
             self._rejected = digest
             return self._reject(str(err))
-        self.last_error = None
+        before = {p.node_id for p in self.mesh.proxies()} if self.mesh else set()
+        failures = await self.services.apply(services)
+        self._publish(mesh, snapshots, digest)
+        self.last_error = "\n".join(failures) or None
         self._rejected = ""
         self._reloads.labels("applied").inc()
         self.on_event(f"mesh reloaded: generation {self.generation} ({self._digest})")
@@ -164,7 +200,7 @@ class ControlPlane:
             if text != last:  # still being written: wait for it to hold still for one poll
                 last = text
                 continue
-            self.reload()
+            await self.reload()
 
     # -- status ----------------------------------------------------------------------------
 
@@ -193,6 +229,7 @@ class ControlPlane:
             "generation": self.generation,
             "xds": self.server.address if self.server else None,
             "last_error": self.last_error,
+            "services": self.services.status(),
             "proxies": proxies,
         }
 
@@ -205,7 +242,10 @@ class ControlPlane:
             if path.startswith("/status"):
                 body, ctype, code = json.dumps(self.status()).encode(), "application/json", 200
             elif path.startswith("/metrics"):
-                body, ctype, code = generate_latest(self.registry), "text/plain; version=0.0.4", 200
+                body = b"".join(
+                    generate_latest(r) for r in (self.registry, *self.services.registries())
+                )
+                ctype, code = "text/plain; version=0.0.4", 200
             elif path.startswith("/healthz"):
                 body, ctype, code = b"ok\n", "text/plain", 200
             else:

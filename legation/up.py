@@ -1,6 +1,8 @@
 """``legation up``: the control plane, a real Envoy per proxy, and the demo apps, in one command.
 
-Starts everything the mesh declares, waits until every Envoy has ACKed its configuration, prints
+Starts everything the mesh declares (the control plane first, with the request-path services the
+mesh embeds: ext_authz, ext_proc, rate limiting; then the demo apps and the Envoys), waits until
+every Envoy has ACKed its configuration, prints
 where to send requests, then shows a live status (a table on a terminal, log lines otherwise).
 Ctrl-C, SIGTERM, or any child dying stops everything; Envoys are also tied to this process with
 PR_SET_PDEATHSIG, so none is orphaned even if this process is killed.
@@ -21,6 +23,7 @@ from legation.controlplane import DEFAULT_STATUS_PORT, ControlPlane
 from legation.demo import DemoApp
 from legation.envoy_process import EnvoyProcess
 from legation.errors import LegationError
+from legation.services import ServiceStartError
 from legation.xds.bootstrap import bootstrap
 
 QUICKSTART = Path(__file__).resolve().parent.parent / "examples" / "quickstart" / "mesh.yaml"
@@ -67,6 +70,9 @@ class Stack:
     async def _run(self) -> int:
         try:
             await self.cp.start()
+        except ServiceStartError as err:
+            self.say(f"cannot start the mesh's request-path services, nothing started:\n{err}")
+            return 1
         except LegationError as err:
             self.say(f"invalid mesh, nothing started:\n{err}")
             return 2
@@ -77,6 +83,9 @@ class Stack:
         assert mesh is not None
         self.say(f"control plane: xDS on {self.cp.server.address if self.cp.server else '?'}, "
                  f"status on http://127.0.0.1:{self.cp.status_port}/status")
+        for kind, info in self.cp.services.status().items():
+            where = "in this process" if info["embedded"] else "not started here (embedded: false)"
+            self.say(f"{kind} service at {info['address']}, {where}")
         try:
             for spec in mesh.demo_apps():
                 app = DemoApp(name=spec.service, version=spec.version, host=spec.host,

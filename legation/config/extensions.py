@@ -1,19 +1,27 @@
-"""Placeholders for the request-path services (ext_authz, ext_proc, rate limiting).
+"""The request-path services a mesh declares (ext_authz, ext_proc, rate limiting), and what routes
+ask of them. :mod:`legation.xds.translate` turns them into Envoy filters, clusters and per-route
+config; :mod:`legation.services` starts the ``embedded`` ones in-process.
 
-Their shape is validated now so that meshes can declare them; translating them into Envoy filters
-belongs to each service's package (``legation/<pkg>/envoy_filter.py``), which reads these models.
+At mesh level (``config`` paths are relative to the mesh file)::
 
-At mesh level::
+    extauthz:  {port: 18010, config: authz.yaml}          # its own YAML: checks, policy dir
+    extproc:   {port: 18011, failure_mode: closed, timeout: 200ms}   # chains come from routes
+    ratelimit: {port: 18012, config: ratelimit.yaml, domain: mesh,   # envoyproxy/ratelimit YAML
+                backend: memory}                          # or redis, with redis_url
 
-    extauthz:  {host: 127.0.0.1, port: 18001, failure_mode: closed, timeout: 250ms}
-    extproc:   {host: 127.0.0.1, port: 18002, failure_mode: closed, timeout: 250ms}
-    ratelimit: {host: 127.0.0.1, port: 18003, failure_mode: open, timeout: 250ms, domain: mesh}
+Each block takes ``host`` (the bind address when embedded, where Envoy calls either way),
+``failure_mode`` (``closed``: Envoy denies when the service cannot answer; ``open``: the request
+passes; ext_authz and ext_proc default to closed, rate limiting to open), ``timeout`` (Envoy's
+gRPC timeout; ext_proc's per-message timeout) and ``embedded`` (default true: ``legation up`` and
+``legation serve xds`` run the service in their own process; false: it runs elsewhere, at
+``host:port``, e.g. in docker compose).
 
 On a route::
 
-    authz: reviews-policy          # a policy name, or ``disabled`` to skip ext_authz here
-    filters:                       # ext_proc filter plugins, in order
-      - {name: request_id, options: {header: x-request-id}}
+    authz: reviews.authz           # a Rego policy (package) for ext_authz, or ``disabled``;
+                                   # a route without authz makes no ext_authz call
+    filters:                       # ext_proc filter plugins, in order (options validated here,
+      - {name: request_id, options: {header: x-request-id}}   # by the plugin, at mesh load)
     rate_limits:                   # descriptors sent to the rate-limit service
       - actions:
           - {generic_key: {value: reviews}}
@@ -23,13 +31,49 @@ On a route::
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import (
+    BaseModel,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from legation import plugins
 from legation.config._types import STRICT, Duration, Port
+from legation.errors import ConfigError
 
 FailureMode = Literal["closed", "open"]
+FILTER_KIND = "extproc.filter"
+
+
+def _field_error(
+    title: str, loc: tuple[str | int, ...], message: str, given: Any
+) -> ValidationError:
+    return _field_errors(title, [(loc, message)], given)
+
+
+def _field_errors(
+    title: str, problems: list[tuple[tuple[str | int, ...], str]], given: Any
+) -> ValidationError:
+    """Validation errors at ``loc``s below the field being validated (pydantic prefixes the rest),
+    so a problem found by a plugin reads ``routes[0].filters[1].options.rules[0].value: ...``."""
+    return ValidationError.from_exception_data(
+        title,
+        [
+            InitErrorDetails(
+                type=PydanticCustomError("value_error", "{error}", {"error": message}),
+                loc=loc,
+                input=given,
+            )
+            for loc, message in problems
+        ],
+    )
 
 
 class GrpcService(BaseModel):
@@ -41,19 +85,96 @@ class GrpcService(BaseModel):
     port: Port
     failure_mode: FailureMode = "closed"
     timeout: Duration = Field(default="250ms", validate_default=True)
+    embedded: bool = True
+
+    @property
+    def fail_open(self) -> bool:
+        return self.failure_mode == "open"
 
 
-class RateLimitService(GrpcService):
+class _ConfiguredService(GrpcService):
+    """A service that reads its own config file (``config``, relative to the mesh file)."""
+
+    config: str | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="after")
+    def _config_when_embedded(self) -> _ConfiguredService:
+        if self.embedded and self.config is None:
+            raise _field_error(
+                type(self).__name__,
+                ("config",),
+                "an embedded service needs its config file (or set embedded: false)",
+                None,
+            )
+        return self
+
+
+class ExtAuthzService(_ConfiguredService):
+    """ext_authz: ``config`` is the service's YAML (checks, Rego policy dir, JWT providers)."""
+
+
+class ExtProcService(GrpcService):
+    """ext_proc: its chains are the routes' ``filters``; ``timeout`` is the per-message timeout."""
+
+    timeout: Duration = Field(default="200ms", validate_default=True)
+
+
+class RateLimitService(_ConfiguredService):
+    """Rate limiting: ``config`` is envoyproxy/ratelimit YAML declaring ``domain``."""
+
     failure_mode: FailureMode = "open"
     domain: str = Field(default="mesh", min_length=1)
+    backend: Literal["memory", "redis"] = "memory"
+    redis_url: str | None = Field(default=None, min_length=1, repr=False)
+    shadow_mode: bool = False
+
+    @model_validator(mode="after")
+    def _redis_url(self) -> RateLimitService:
+        if self.backend == "redis" and self.redis_url is None:
+            raise _field_error("RateLimitService", ("redis_url",), "needed with backend: redis",
+                               None)
+        if self.backend != "redis" and self.redis_url is not None:
+            raise _field_error("RateLimitService", ("redis_url",), "only used with backend: redis",
+                               "<redacted>")
+        return self
 
 
 class FilterSpec(BaseModel):
-    """One ext_proc filter plugin by name, with its options (validated by the plugin itself)."""
+    """One ext_proc filter plugin by name, with its options, validated by the plugin's factory
+    when the mesh is loaded: a bad option is a mesh error naming ``...options.<field>``."""
 
     model_config = STRICT
     name: str = Field(min_length=1)
     options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        try:
+            plugins.get(FILTER_KIND, name)
+        except ConfigError as err:
+            raise ValueError(str(err)) from None
+        return name
+
+    @field_validator("options")
+    @classmethod
+    def _valid(cls, options: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        name = info.data.get("name")
+        if name is None:
+            return options  # the name is already reported
+        validate_filter(name, options, title="FilterSpec")
+        return options
+
+
+def validate_filter(name: str, options: Mapping[str, Any], *, title: str = "filter") -> Any:
+    """The plugin's typed config for ``options``; a ValidationError located within the options."""
+    factory = plugins.get(FILTER_KIND, name)
+    try:
+        return factory.validate(dict(options))
+    except ConfigError as err:
+        problems: list[tuple[str, str]] = getattr(err, "problems", None) or [("", str(err))]
+        located = [((where,) if where else (), message) for where, message in problems]
+        raise _field_errors(title, located, dict(options)) from None
 
 
 class GenericKey(BaseModel):

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import BaseModel, Field
 
 from legation.config._types import STRICT, Name, Port
-from legation.config.extensions import GrpcService, RateLimitService
+from legation.config.extensions import ExtAuthzService, ExtProcService, RateLimitService
 from legation.config.policy import ServicePolicy
 from legation.config.routes import Route
 
@@ -122,8 +122,8 @@ class Mesh(BaseModel):
     gateway: Gateway | None = None
     services: list[Service] = Field(default_factory=list)
     routes: list[Route] = Field(default_factory=list)
-    extauthz: GrpcService | None = None
-    extproc: GrpcService | None = None
+    extauthz: ExtAuthzService | None = None
+    extproc: ExtProcService | None = None
     ratelimit: RateLimitService | None = None
 
     def service(self, name: str) -> Service | None:

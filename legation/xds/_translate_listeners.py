@@ -2,10 +2,14 @@
 
 Every connection manager carries the same filter chain, fault -> local_ratelimit -> router, with
 the first two inert unless a route configures them (per-route config), so listeners do not change
-when routes gain or lose a fault or a limit.
+when routes gain or lose a fault or a limit. Connection managers that carry mesh routes also get
+the request-path services' filters before the router (``service_filters``, see
+:mod:`legation.xds._translate_services`).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 from envoy.config.core.v3 import base_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
@@ -43,8 +47,10 @@ def http_listener(
     route_config: str,
     stat_prefix: str,
     edge: bool = False,
+    service_filters: Sequence[hcm_pb2.HttpFilter] = (),
 ) -> listener_pb2.Listener:
-    """``edge``: the gateway trusts no client's X-Forwarded-For and uses the peer's address."""
+    """``edge``: the gateway trusts no client's X-Forwarded-For and uses the peer's address.
+    ``service_filters`` go after fault and local_ratelimit, before the router."""
     hcm = hcm_pb2.HttpConnectionManager(
         stat_prefix=stat_prefix,
         codec_type=hcm_pb2.HttpConnectionManager.AUTO,
@@ -55,6 +61,7 @@ def http_listener(
                 name=LOCAL_RATELIMIT_FILTER,
                 typed_config=pack(lrl_pb2.LocalRateLimit(stat_prefix=stat_prefix)),
             ),
+            *service_filters,
             hcm_pb2.HttpFilter(name=ROUTER_FILTER, typed_config=pack(router_pb2.Router())),
         ],
     )

@@ -17,8 +17,12 @@ Per proxy (see :meth:`legation.config.Mesh.proxies` for node ids):
   host (any Host) with the routes that apply on the gateway, in order;
 * every proxy gets every service's clusters (``outbound|S`` and ``outbound|S|subset``).
 
-The request-path placeholders (``extauthz``, ``extproc``, ``ratelimit``; routes' ``authz``,
-``filters``, ``rate_limits``) are not translated here.
+When the mesh declares request-path services (``extauthz``, ``extproc``, ``ratelimit``), the
+gateway and the sidecars' outbound listeners get their filters, every proxy gets their clusters
+(``legation|extauthz``, ``legation|extproc``, ``legation|ratelimit``), and every route in the
+``gateway`` and ``outbound`` route configurations says what each does there (routes' ``authz``,
+``filters``, ``rate_limits``); see :mod:`legation.xds._translate_services`. The ``inbound``
+listener carries none of them: the caller's side already applied the route.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ from google.protobuf import duration_pb2
 
 from legation.config.model import Endpoint, Mesh, Service
 from legation.config.proxies import gateway_node_id, sidecar_node_id
+from legation.config.routes import Route
+from legation.extproc.config import Chains
 from legation.xds._translate_clusters import inbound_local_app, outbound_clusters
 from legation.xds._translate_common import (
     GATEWAY,
@@ -43,6 +49,7 @@ from legation.xds._translate_common import (
 )
 from legation.xds._translate_listeners import http_listener, tcp_listener
 from legation.xds._translate_routes import default_route, local_rate_limit, route
+from legation.xds._translate_services import apply_services, service_clusters, service_filters
 from legation.xds.snapshot import Snapshot
 
 __all__ = ["translate"]
@@ -52,21 +59,46 @@ _Clusters = list[tuple[cluster_pb2.Cluster, endpoint_pb2.ClusterLoadAssignment]]
 
 def translate(mesh: Mesh, *, version: str) -> dict[str, Snapshot]:
     """A consistent snapshot per proxy node id, labelled ``version``."""
+    from legation.services import route_chains  # plugin instances: only their phases are read
+
     shared: _Clusters = [pair for s in mesh.services for pair in outbound_clusters(s)]
+    routed = _Routed(mesh, route_chains(mesh))
     out: dict[str, Snapshot] = {}
     for service in mesh.services:
         for i, endpoint in enumerate(service.endpoints):
             if endpoint.sidecar is not None:
                 node = sidecar_node_id(service.instance_name(i))
-                out[node] = _sidecar(mesh, service, endpoint, shared, version)
+                out[node] = _sidecar(routed, service, endpoint, shared, version)
     if mesh.gateway is not None:
-        out[gateway_node_id(mesh.gateway.name)] = _gateway(mesh, shared, version)
+        out[gateway_node_id(mesh.gateway.name)] = _gateway(routed, shared, version)
     for snapshot in out.values():
         snapshot.check_consistent()
     return out
 
 
+class _Routed:
+    """The mesh with what its routes need from the request-path services."""
+
+    def __init__(self, mesh: Mesh, chains: Chains) -> None:
+        self.mesh = mesh
+        self.chains = chains
+        self.filters = service_filters(mesh)
+        self.clusters = service_clusters(mesh)
+        self._index = {r.name: i for i, r in enumerate(mesh.routes)}
+
+    def route(self, spec: Route) -> rc.Route:
+        out = route(self.mesh, spec)
+        apply_services(self.mesh, out, spec, self.chains, index=self._index[spec.name])
+        return out
+
+    def default_route(self, service: Service) -> rc.Route:
+        out = default_route(service)
+        apply_services(self.mesh, out, None, self.chains)
+        return out
+
+
 def _snapshot(
+    routed: _Routed,
     version: str,
     clusters: _Clusters,
     listeners: list[listener_pb2.Listener],
@@ -74,14 +106,15 @@ def _snapshot(
 ) -> Snapshot:
     return Snapshot(
         version,
-        clusters=[c for c, _ in clusters],
+        clusters=[*(c for c, _ in clusters), *routed.clusters],
         endpoints=[e for _, e in clusters],
         listeners=listeners,
         routes=routes,
     )
 
 
-def _gateway(mesh: Mesh, shared: _Clusters, version: str) -> Snapshot:
+def _gateway(routed: _Routed, shared: _Clusters, version: str) -> Snapshot:
+    mesh = routed.mesh
     gw = mesh.gateway
     assert gw is not None
     routes = route_pb2.RouteConfiguration(
@@ -90,18 +123,24 @@ def _gateway(mesh: Mesh, shared: _Clusters, version: str) -> Snapshot:
             rc.VirtualHost(
                 name=gw.name,
                 domains=["*"],
-                routes=[route(mesh, r) for r in mesh.routes if r.on_gateway],
+                routes=[routed.route(r) for r in mesh.routes if r.on_gateway],
             )
         ],
     )
     listener = http_listener(
-        GATEWAY, gw.host, gw.port, route_config=GATEWAY, stat_prefix=f"gateway_{gw.name}", edge=True
+        GATEWAY,
+        gw.host,
+        gw.port,
+        route_config=GATEWAY,
+        stat_prefix=f"gateway_{gw.name}",
+        edge=True,
+        service_filters=routed.filters,
     )
-    return _snapshot(version, shared, [listener], [routes])
+    return _snapshot(routed, version, shared, [listener], [routes])
 
 
 def _sidecar(
-    mesh: Mesh, service: Service, endpoint: Endpoint, shared: _Clusters, version: str
+    routed: _Routed, service: Service, endpoint: Endpoint, shared: _Clusters, version: str
 ) -> Snapshot:
     sidecar = endpoint.sidecar
     assert sidecar is not None
@@ -136,10 +175,11 @@ def _sidecar(
             sidecar.outbound_port,
             route_config=OUTBOUND,
             stat_prefix=f"outbound_{service.name}",
+            service_filters=routed.filters,
         )
     )
-    routes.append(_outbound_routes(mesh))
-    return _snapshot(version, [*shared, local], listeners, routes)
+    routes.append(_outbound_routes(routed))
+    return _snapshot(routed, version, [*shared, local], listeners, routes)
 
 
 def _inbound_routes(service: Service) -> route_pb2.RouteConfiguration:
@@ -160,17 +200,17 @@ def _inbound_routes(service: Service) -> route_pb2.RouteConfiguration:
     )
 
 
-def _outbound_routes(mesh: Mesh) -> route_pb2.RouteConfiguration:
+def _outbound_routes(routed: _Routed) -> route_pb2.RouteConfiguration:
     hosts = []
-    for service in mesh.services:
+    for service in routed.mesh.services:
         if service.protocol == "tcp":
             continue
-        own = [route(mesh, r) for r in mesh.routes if service.name in r.mesh_hosts]
+        own = [routed.route(r) for r in routed.mesh.routes if service.name in r.mesh_hosts]
         hosts.append(
             rc.VirtualHost(
                 name=service.name,
                 domains=[service.name, f"{service.name}:{service.port}"],
-                routes=[*own, default_route(service)],
+                routes=[*own, routed.default_route(service)],
             )
         )
     return route_pb2.RouteConfiguration(name=OUTBOUND, virtual_hosts=hosts)

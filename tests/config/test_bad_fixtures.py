@@ -21,6 +21,10 @@ EXPECTED = {
         "port 9111 is already used by services[0].endpoints[0].port"
     ),
     "bad_weights": "routes[0].split: weights sum to 95, not 100",
+    "bad_filter_option": (
+        "routes[0].filters[1].options.rules[0]: "
+        "a rule needs exactly one of equals, one_of, present, bucket"
+    ),
     "unreadable": (
         "(top level): invalid YAML at line 4, column 4: "
         "expected <block end>, but found '<block mapping start>'"

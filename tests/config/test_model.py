@@ -128,9 +128,9 @@ def test_quickstart_loads_and_shows_what_the_issue_asks() -> None:
 
 def test_placeholders_are_accepted_and_typed() -> None:
     data = base()
-    data["extauthz"] = {"port": 18001}
-    data["extproc"] = {"port": 18002, "failure_mode": "open"}
-    data["ratelimit"] = {"port": 18003, "domain": "edge"}
+    data["extauthz"] = {"port": 18010, "config": "authz.yaml"}
+    data["extproc"] = {"port": 18011, "failure_mode": "open"}
+    data["ratelimit"] = {"port": 18012, "domain": "edge", "embedded": False}
     data["routes"][0].update(
         authz="reviews-policy",
         filters=[{"name": "request_id", "options": {"header": "x-id"}}],
@@ -148,6 +148,9 @@ def test_placeholders_are_accepted_and_typed() -> None:
     assert mesh.extauthz is not None and mesh.extauthz.failure_mode == "closed"
     assert mesh.ratelimit is not None and mesh.ratelimit.failure_mode == "open"
     assert mesh.ratelimit.domain == "edge"
+    assert mesh.extauthz.embedded and mesh.extauthz.config == "authz.yaml"
+    assert not mesh.ratelimit.embedded and mesh.ratelimit.backend == "memory"
+    assert mesh.extproc is not None and mesh.extproc.timeout.total_seconds() == 0.2
     route = mesh.routes[0]
     assert route.authz == "reviews-policy"
     assert route.filters[0].options == {"header": "x-id"}

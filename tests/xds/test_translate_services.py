@@ -1,0 +1,270 @@
+"""translate() with request-path services: filters, clusters and per-route config as protobufs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from envoy.config.core.v3 import base_pb2, config_source_pb2, grpc_service_pb2
+from envoy.config.ratelimit.v3 import rls_pb2
+from envoy.config.route.v3 import route_components_pb2 as rc
+from envoy.extensions.filters.http.ext_authz.v3 import ext_authz_pb2
+from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2, processing_mode_pb2
+from envoy.extensions.filters.http.ratelimit.v3 import rate_limit_pb2
+from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
+from google.protobuf import duration_pb2, wrappers_pb2
+
+from legation.errors import ConfigError
+from legation.xds.snapshot import Snapshot
+from legation.xds.translate import translate
+from legation.xds.types import ResourceType
+from tests.config.meshdata import base, parse
+from tests.xds.test_translate import hcm_of, message
+
+AUTHZ = "envoy.filters.http.ext_authz"
+PROC = "envoy.filters.http.ext_proc"
+RL = "envoy.filters.http.ratelimit"
+_PM = processing_mode_pb2.ProcessingMode
+
+
+def with_services(**blocks: Any) -> dict[str, Any]:
+    data = base()
+    data["extauthz"] = {"port": 18010, "embedded": False}
+    data["extproc"] = {"port": 18011, "embedded": False}
+    data["ratelimit"] = {"port": 18012, "embedded": False}
+    for name, block in blocks.items():
+        data[name] = {**data[name], **block}
+    data["routes"] = [
+        {
+            "name": "guarded",
+            "gateway": True,
+            "mesh_hosts": ["reviews"],
+            "match": {"path": {"prefix": "/admin"}},
+            "to": {"service": "reviews"},
+            "authz": "quickstart.authz",
+            "filters": [
+                {
+                    "name": "header_route",
+                    "options": {
+                        "header": "x-cohort",
+                        "rules": [{"header": "x-user", "one_of": ["alice"], "value": "beta"}],
+                    },
+                }
+            ],
+            "rate_limits": [
+                {
+                    "actions": [
+                        {"generic_key": {"value": "admin"}},
+                        {"request_headers": {"header": "x-user", "key": "user"}},
+                    ]
+                },
+                {"actions": [{"remote_address": {}}]},
+            ],
+        },
+        {"name": "open", "to": {"service": "ratings"}},
+    ]
+    return data
+
+
+def snaps(data: dict[str, Any]) -> dict[str, Snapshot]:
+    return translate(parse(data), version="v1")
+
+
+def routes_of(snap: Snapshot, config: str) -> dict[str, rc.Route]:
+    rcfg = message(snap, ResourceType.ROUTE, config)
+    return {r.name: r for vh in rcfg.virtual_hosts for r in vh.routes}
+
+
+def per_route(route: rc.Route, name: str, kind: Any) -> Any:
+    out = kind()
+    assert route.typed_per_filter_config[name].Unpack(out)
+    return out
+
+
+def test_filters_before_the_router_in_order_on_gateway_and_outbound_not_inbound() -> None:
+    out = snaps(with_services())
+    expected = [
+        "envoy.filters.http.fault",
+        "envoy.filters.http.local_ratelimit",
+        AUTHZ,
+        PROC,
+        RL,
+        "envoy.filters.http.router",
+    ]
+    gw = hcm_of(message(out["gateway-ingress"], ResourceType.LISTENER, "gateway"))
+    assert [f.name for f in gw.http_filters] == expected
+    sidecar = out["sidecar-reviews-0"]
+    outbound = hcm_of(message(sidecar, ResourceType.LISTENER, "outbound"))
+    assert [f.name for f in outbound.http_filters] == expected
+    inbound = hcm_of(message(sidecar, ResourceType.LISTENER, "inbound"))
+    assert AUTHZ not in [f.name for f in inbound.http_filters]
+    assert not any(r.typed_per_filter_config for r in routes_of(sidecar, "inbound").values()
+                   if AUTHZ in r.typed_per_filter_config)
+
+
+def test_no_service_block_no_filter_and_no_cluster() -> None:
+    data = base()
+    out = snaps(data)["gateway-ingress"]
+    names = [f.name for f in hcm_of(message(out, ResourceType.LISTENER, "gateway")).http_filters]
+    assert not {AUTHZ, PROC, RL} & set(names)
+    assert not [c for c in out.resources(ResourceType.CLUSTER) if c.startswith("legation|")]
+
+
+def test_fail_closed_defaults_follow_each_block() -> None:
+    gw = hcm_of(message(snaps(with_services())["gateway-ingress"], ResourceType.LISTENER,
+                        "gateway"))
+    filters = {f.name: f for f in gw.http_filters}
+    authz = ext_authz_pb2.ExtAuthz()
+    filters[AUTHZ].typed_config.Unpack(authz)
+    expected = ext_authz_pb2.ExtAuthz(transport_api_version=config_source_pb2.V3,
+                                      failure_mode_allow=False)
+    expected.grpc_service.envoy_grpc.cluster_name = "legation|extauthz"
+    expected.grpc_service.timeout.FromMilliseconds(250)
+    expected.status_on_error.code = 403
+    assert authz == expected
+
+    proc = ext_proc_pb2.ExternalProcessor()
+    filters[PROC].typed_config.Unpack(proc)
+    assert proc.failure_mode_allow is False
+    assert proc.grpc_service.envoy_grpc.cluster_name == "legation|extproc"
+    assert proc.message_timeout == duration_pb2.Duration(nanos=200_000_000)
+
+    limit = rate_limit_pb2.RateLimit()
+    filters[RL].typed_config.Unpack(limit)
+    expected_rl = rate_limit_pb2.RateLimit(
+        domain="mesh",
+        failure_mode_deny=False,  # rate limiting defaults to open
+        timeout=duration_pb2.Duration(nanos=250_000_000),
+        enable_x_ratelimit_headers=rate_limit_pb2.RateLimit.DRAFT_VERSION_03,
+        rate_limit_service=rls_pb2.RateLimitServiceConfig(
+            grpc_service=grpc_service_pb2.GrpcService(
+                envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(cluster_name="legation|ratelimit")
+            ),
+            transport_api_version=config_source_pb2.V3,
+        ),
+    )
+    assert limit == expected_rl
+
+
+def test_failure_modes_flip_with_the_blocks() -> None:
+    data = with_services(
+        extauthz={"failure_mode": "open", "timeout": "1s"},
+        extproc={"failure_mode": "open"},
+        ratelimit={"failure_mode": "closed", "domain": "edge"},
+    )
+    out = snaps(data)["gateway-ingress"]
+    filters = {f.name: f for f in hcm_of(message(out, ResourceType.LISTENER, "gateway"))
+               .http_filters}
+    authz, proc, limit = (ext_authz_pb2.ExtAuthz(), ext_proc_pb2.ExternalProcessor(),
+                          rate_limit_pb2.RateLimit())
+    filters[AUTHZ].typed_config.Unpack(authz)
+    filters[PROC].typed_config.Unpack(proc)
+    filters[RL].typed_config.Unpack(limit)
+    assert authz.failure_mode_allow and authz.grpc_service.timeout.seconds == 1
+    assert proc.failure_mode_allow
+    assert limit.failure_mode_deny and limit.domain == "edge"
+    guarded = routes_of(out, "gateway")["guarded"]
+    overrides = per_route(guarded, PROC, ext_proc_pb2.ExtProcPerRoute).overrides
+    assert overrides.failure_mode_allow.value is True
+
+
+def test_static_http2_clusters_at_the_declared_addresses() -> None:
+    data = with_services(extauthz={"host": "10.0.0.5"})
+    out = snaps(data)
+    for node, snap in out.items():
+        clusters = snap.resources(ResourceType.CLUSTER)
+        for name, port in (("legation|extauthz", 18010), ("legation|extproc", 18011),
+                           ("legation|ratelimit", 18012)):
+            cluster = clusters[name].message
+            address = cluster.load_assignment.endpoints[0].lb_endpoints[0].endpoint.address
+            assert address.socket_address.port_value == port, node
+            options = http_protocol_options_pb2.HttpProtocolOptions()
+            cluster.typed_extension_protocol_options[
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"].Unpack(options)
+            assert options.explicit_http_config.HasField("http2_protocol_options")
+        authz = clusters["legation|extauthz"].message
+        host = authz.load_assignment.endpoints[0].lb_endpoints[0].endpoint.address
+        assert host.socket_address.address == "10.0.0.5"
+        snap.check_consistent()
+
+
+def test_route_with_policy_filters_and_limits() -> None:
+    out = snaps(with_services())
+    for snap, config in ((out["gateway-ingress"], "gateway"),
+                         (out["sidecar-reviews-0"], "outbound")):
+        guarded = routes_of(snap, config)["guarded"]
+        expected_authz = ext_authz_pb2.ExtAuthzPerRoute()
+        expected_authz.check_settings.context_extensions["policy"] = "quickstart.authz"
+        assert per_route(guarded, AUTHZ, ext_authz_pb2.ExtAuthzPerRoute) == expected_authz
+
+        expected_proc = ext_proc_pb2.ExtProcPerRoute(
+            overrides=ext_proc_pb2.ExtProcOverrides(
+                processing_mode=_PM(request_header_mode=_PM.SEND, response_header_mode=_PM.SKIP,
+                                    request_trailer_mode=_PM.SKIP,
+                                    response_trailer_mode=_PM.SKIP),
+                grpc_initial_metadata=[base_pb2.HeaderValue(key="x-legation-chain",
+                                                            value="guarded")],
+                failure_mode_allow=wrappers_pb2.BoolValue(value=False),
+            )
+        )
+        assert per_route(guarded, PROC, ext_proc_pb2.ExtProcPerRoute) == expected_proc
+
+        first = rc.RateLimit(actions=[
+            rc.RateLimit.Action(generic_key=rc.RateLimit.Action.GenericKey(
+                descriptor_value="admin", descriptor_key="generic_key")),
+            rc.RateLimit.Action(request_headers=rc.RateLimit.Action.RequestHeaders(
+                header_name="x-user", descriptor_key="user")),
+        ])
+        second = rc.RateLimit(actions=[
+            rc.RateLimit.Action(remote_address=rc.RateLimit.Action.RemoteAddress())])
+        assert list(guarded.route.rate_limits) == [first, second]
+
+
+def test_routes_that_ask_for_nothing_make_no_call_out() -> None:
+    out = snaps(with_services())
+    gw_routes = routes_of(out["gateway-ingress"], "gateway")
+    sidecar_routes = routes_of(out["sidecar-reviews-1"], "outbound")
+    for route in (gw_routes["open"], sidecar_routes["reviews-default"],
+                  sidecar_routes["ratings-default"]):
+        assert per_route(route, AUTHZ, ext_authz_pb2.ExtAuthzPerRoute) == \
+            ext_authz_pb2.ExtAuthzPerRoute(disabled=True)
+        assert per_route(route, PROC, ext_proc_pb2.ExtProcPerRoute) == \
+            ext_proc_pb2.ExtProcPerRoute(disabled=True)
+        assert not route.route.rate_limits
+
+
+def test_authz_disabled_is_disabled() -> None:
+    data = with_services()
+    data["routes"][1]["authz"] = "disabled"
+    route = routes_of(snaps(data)["gateway-ingress"], "gateway")["open"]
+    assert per_route(route, AUTHZ, ext_authz_pb2.ExtAuthzPerRoute).disabled
+
+
+def test_response_phase_filter_asks_for_response_headers() -> None:
+    data = with_services()
+    data["routes"][1]["filters"] = [
+        {"name": "headers", "options": {"response": {"set": {"x-served-by": "legation"}}}}
+    ]
+    route = routes_of(snaps(data)["gateway-ingress"], "gateway")["open"]
+    mode = per_route(route, PROC, ext_proc_pb2.ExtProcPerRoute).overrides.processing_mode
+    assert (mode.request_header_mode, mode.response_header_mode) == (_PM.SKIP, _PM.SEND)
+
+
+def test_rate_limits_on_a_direct_response_are_refused() -> None:
+    data = with_services()
+    data["routes"][1] = {
+        "name": "hello",
+        "direct_response": {"status": 200},
+        "rate_limits": [{"actions": [{"remote_address": {}}]}],
+    }
+    with pytest.raises(ConfigError, match=r"routes\[1\]\.rate_limits: only applies to routes "
+                                          r"with 'to' or 'split'"):
+        snaps(data)
+
+
+def test_deterministic_with_services() -> None:
+    mesh = parse(with_services())
+    first, second = translate(mesh, version="v1"), translate(mesh, version="v1")
+    for node, snap in first.items():
+        for rtype in ResourceType:
+            assert snap.version(rtype) == second[node].version(rtype)
