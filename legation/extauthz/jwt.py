@@ -21,7 +21,7 @@ import jwt as pyjwt
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from legation.errors import ConfigError
-from legation.extauthz.checks import Decision
+from legation.extauthz.checks import ALLOW, Decision
 from legation.extauthz.config import pydantic_error
 from legation.extauthz.errors import AuthzError
 from legation.extauthz.jwks import KeySet
@@ -78,15 +78,18 @@ class JwtConfig(BaseModel):
 class _Provider:
     def __init__(self, config: ProviderConfig) -> None:
         self.config = config
+        self._header = config.from_header.lower() if config.from_header else None
+        self._prefix = config.header_prefix.lower()
+        self._prefix_len = len(config.header_prefix)
         self.keys = KeySet(url=config.jwks_url, path=config.jwks_file, inline=config.jwks,
                            cache_s=config.jwks_cache_s, min_refetch_s=config.jwks_min_refetch_s,
                            timeout_s=config.jwks_timeout_s)
 
     def token(self, ctx: RequestContext) -> str | None:
         c = self.config
-        if c.from_header and (value := ctx.headers.get(c.from_header.lower())):
-            if value[: len(c.header_prefix)].lower() == c.header_prefix.lower():
-                return str(value[len(c.header_prefix):].strip())
+        if self._header and (value := ctx.headers.get(self._header)):
+            if value[: self._prefix_len].lower() == self._prefix:
+                return str(value[self._prefix_len:].strip())
         if c.from_cookie and (cookies := ctx.headers.get("cookie")):
             for part in cookies.split(";"):
                 name, _, value = part.strip().partition("=")
@@ -167,6 +170,8 @@ class JwtCheck:
             self._remember(digest, provider, claims)
         ctx.claims = claims
         ctx.jwt_provider = provider.config.name
+        if not provider.config.claims_to_headers:
+            return ALLOW
         headers = {h: _header_value(claims[c]) for c, h in
                    provider.config.claims_to_headers.items() if c in claims}
         return Decision(allowed=True, headers=headers)

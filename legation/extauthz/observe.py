@@ -2,18 +2,26 @@
 
 The decision log never sees a token: it records the path without its query string, the policy,
 the checks, the result and the latency, and nothing from headers or cookies.
+
+Both sit on the request path: metric children are looked up once per label set, and the log is
+written through a buffer flushed in the background (at most ``flush_interval_s`` behind, and on
+close), not flushed per line.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import threading
 import time
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.metrics_core import Metric
 
 decision_logger = logging.getLogger("legation.extauthz.decisions")
 
@@ -36,39 +44,100 @@ class Metrics:
             ["policy"], buckets=_BUCKETS, registry=registry,
         )
 
+        self._children: dict[tuple[str, str, str], tuple[Any, Any, Any]] = {}
+        self._registry = registry
+
     def observe(self, *, policy: str, result: str, code: str, seconds: float) -> None:
-        self.decisions.labels(policy, result).inc()
-        if code and result in ("error", "would_deny") and code not in ("denied",):
-            self.errors.labels(policy, code).inc()
-        self.latency.labels(policy).observe(seconds)
+        key = (policy, result, code)
+        children = self._children.get(key)
+        if children is None:
+            error = None
+            if code and result in ("error", "would_deny") and code not in ("denied",):
+                error = self.errors.labels(policy, code)
+            children = (self.decisions.labels(policy, result), error,
+                        self.latency.labels(policy))
+            if len(self._children) < 4096:  # policies come from routes, codes are a fixed set
+                self._children[key] = children
+        children[0].inc()
+        if children[1] is not None:
+            children[1].inc()
+        children[2].observe(seconds)
+
+    def watch_reloads(self, checks: Mapping[str, object]) -> None:
+        """Export ``legation_extauthz_policy_reload_failures_total{check}`` for every check
+        with a policy store (policy versions refused: compile errors, engine crashes, hangs)."""
+        self._registry.register(_ReloadFailures(checks))
+
+
+class _ReloadFailures:
+    def __init__(self, checks: Mapping[str, object]) -> None:
+        self._stores: list[tuple[str, Callable[[], int]]] = []
+        for name, check in checks.items():
+            store = getattr(check, "store", None)
+            if store is not None and hasattr(store, "failed_reloads"):
+                self._stores.append((name, lambda s=store: int(s.failed_reloads)))
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "legation_extauthz_policy_reload_failures",
+            "policy versions that did not replace the running one (compile error, engine "
+            "crash or timeout in the probe), by check", labels=["check"])
+        for name, count in self._stores:
+            family.add_metric([name], count())
+        yield family
+
+
+_encode = json.JSONEncoder(separators=(",", ":")).encode
 
 
 class DecisionLog:
-    """Appends one JSON object per decision to a file, or to a logger when ``target`` is "-"."""
+    """Appends one JSON object per decision to a file, or to a logger when ``target`` is "-".
 
-    def __init__(self, target: str | None) -> None:
+    File writes are buffered and flushed by a timer on the running event loop, at most
+    ``flush_interval_s`` after the first unflushed line (and when the buffer fills, and on close).
+    """
+
+    def __init__(self, target: str | None, *, flush_interval_s: float = 0.2) -> None:
         self._file: IO[str] | None = None
         self._to_logger = target == "-"
         self._lock = threading.Lock()
+        self._flush_interval_s = flush_interval_s
+        self._flush_pending = False
         if target and target != "-":
             path = Path(target)
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = path.open("a", buffering=1)
+            self._file = path.open("a", buffering=1 << 16)
 
     @property
     def enabled(self) -> bool:
         return self._file is not None or self._to_logger
 
     def write(self, entry: dict[str, Any]) -> None:
-        entry = {"time": time.time(), **entry}
-        line = json.dumps(entry, separators=(",", ":"))
+        entry["time"] = time.time()
+        line = _encode(entry)
         if self._to_logger:
             decision_logger.info(line)
-        elif self._file is not None:
-            with self._lock:
-                self._file.write(line + "\n")
+            return
+        with self._lock:
+            if self._file is None:
+                return
+            self._file.write(line + "\n")
+            if not self._flush_pending:
+                self._flush_pending = True
+                try:
+                    asyncio.get_running_loop().call_later(self._flush_interval_s, self.flush)
+                except RuntimeError:  # no loop (a synchronous caller): flush now
+                    self._flush_pending = False
+                    self._file.flush()
+
+    def flush(self) -> None:
+        with self._lock:
+            self._flush_pending = False
+            if self._file is not None:
+                self._file.flush()
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        with self._lock:
+            if self._file is not None:
+                self._file.close()
+                self._file = None

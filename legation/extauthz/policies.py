@@ -5,7 +5,10 @@ into a :class:`regopy.Bundle` with one entry point per package and decision rule
 (``envoy/authz/allow``); evaluating a compiled entry point costs ~76 us, a fresh query ~10x more.
 
 The running :class:`CompiledPolicies` is an immutable reference that :class:`PolicyStore` swaps.
-A directory that fails to compile never replaces it: the error is logged and counted.
+A directory that fails to compile never replaces it: the error is logged and counted. Before a
+version is compiled in this process it is compiled and evaluated once in a child process
+(:mod:`legation.extauthz._probe`): a policy that crashes the engine or hangs is refused like one
+that does not compile, so it can never take the service down.
 """
 
 from __future__ import annotations
@@ -14,18 +17,39 @@ import asyncio
 import hashlib
 import logging
 import re
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from regopy import Bundle, Interpreter, RegoError
 
 from legation.errors import ConfigError
+from legation.extauthz import _probe
+from legation.extauthz._inputrefs import input_paths_by_package
 
 log = logging.getLogger("legation.extauthz.policies")
 
 _PACKAGE = re.compile(r"^\s*package\s+([A-Za-z_][\w.]*)", re.MULTILINE)
 _TEST_RULE = re.compile(r"^\s*(test_\w+)\b", re.MULTILINE)
+
+
+@dataclass(frozen=True)
+class Sources:
+    """The policy files of one directory, read once: what is compiled is what was probed."""
+
+    directory: str
+    modules: tuple[tuple[str, str], ...]  # (path, text), sorted by path
+    data: tuple[tuple[str, str], ...]  # data.json documents: (path, text)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"directory": self.directory, "modules": self.modules, "data": self.data}
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> Sources:
+        return cls(directory=raw["directory"],
+                   modules=tuple((p, t) for p, t in raw["modules"]),
+                   data=tuple((p, t) for p, t in raw["data"]))
 
 
 @dataclass(frozen=True)
@@ -35,10 +59,25 @@ class CompiledPolicies:
     entrypoints: frozenset[str]
     packages: frozenset[str]
     files: tuple[str, ...]
+    # per package path (envoy/authz): the input parts its rules can read; None: everything
+    input_paths: Mapping[str, dict[str, Any] | None] = field(default_factory=dict)
+    package_files: Mapping[str, str] = field(default_factory=dict)  # package path -> file
 
 
 def sources(directory: Path) -> list[Path]:
     return sorted(p for p in directory.rglob("*.rego") if p.is_file())
+
+
+def read_sources(directory: Path) -> Sources:
+    files = sources(directory)
+    if not files:
+        raise ConfigError(f"{directory}: no .rego files", code="policy_compile_failed")
+    try:
+        modules = tuple((str(p), p.read_text()) for p in files)
+        data = tuple((str(p), p.read_text()) for p in sorted(directory.rglob("data.json")))
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{directory}: cannot read: {e}", code="policy_compile_failed") from None
+    return Sources(directory=str(directory), modules=modules, data=data)
 
 
 def fingerprint(directory: Path) -> str:
@@ -55,18 +94,22 @@ def fingerprint(directory: Path) -> str:
 
 def compile_dir(directory: Path, *, rules: Iterable[str], tests: bool = False) -> CompiledPolicies:
     """Compile every module under ``directory``; raises ConfigError naming the file on failure."""
-    files = sources(directory)
-    if not files:
-        raise ConfigError(f"{directory}: no .rego files", code="policy_compile_failed")
+    return compile_sources(read_sources(directory), rules=rules, tests=tests)
+
+
+def compile_sources(src: Sources, *, rules: Iterable[str], tests: bool = False,
+                    entrypoints: Iterable[str] = ()) -> CompiledPolicies:
+    """Compile ``src`` with an entry point per package and rule (and test rule, with
+    ``tests``), plus the explicit ``entrypoints``."""
     interp = Interpreter()
     packages: set[str] = set()
-    entrypoints: set[str] = set()
+    entrypoints = set(entrypoints)
+    package_files: dict[str, str] = {}
     digest = hashlib.sha256()
     rules = tuple(rules)
-    for path in files:
-        text = path.read_text()
+    for path, text in src.modules:
         digest.update(text.encode())
-        rel = str(path.relative_to(directory))
+        rel = str(Path(path).relative_to(src.directory))
         try:
             interp.add_module(rel, text)
         except RegoError as e:
@@ -76,26 +119,32 @@ def compile_dir(directory: Path, *, rules: Iterable[str], tests: bool = False) -
             raise ConfigError(f"{path}: no package declaration", code="policy_compile_failed")
         prefix = pkg.group(1).replace(".", "/")
         packages.add(pkg.group(1))
+        package_files.setdefault(prefix, path)
         entrypoints.update(f"{prefix}/{rule}" for rule in rules)
         if tests:
             entrypoints.update(f"{prefix}/{t}" for t in _TEST_RULE.findall(text))
-    for data in sorted(directory.rglob("data.json")):
+    for path, text in src.data:
+        digest.update(text.encode())
         try:
-            interp.add_data_json(data.read_text())
+            interp.add_data_json(text)
         except (RegoError, ValueError) as e:
-            raise ConfigError(f"{data}: {_first_line(e)}", code="policy_compile_failed") from None
+            raise ConfigError(f"{path}: {_first_line(e)}", code="policy_compile_failed") from None
     try:
         bundle = interp.build(None, sorted(entrypoints))
     except RegoError as e:
-        raise ConfigError(f"{directory}: {_first_line(e)}", code="policy_compile_failed") from None
+        raise ConfigError(f"{src.directory}: {_first_line(e)}",
+                          code="policy_compile_failed") from None
     if not bundle.ok():
-        raise ConfigError(f"{directory}: policies did not compile", code="policy_compile_failed")
+        raise ConfigError(f"{src.directory}: policies did not compile",
+                          code="policy_compile_failed")
     return CompiledPolicies(
         version=digest.hexdigest()[:12],
         bundle=bundle,
         entrypoints=frozenset(entrypoints),
         packages=frozenset(packages),
-        files=tuple(str(f) for f in files),
+        files=tuple(path for path, _ in src.modules),
+        input_paths=input_paths_by_package((_package_path(t), t) for _, t in src.modules),
+        package_files=package_files,
     )
 
 
@@ -108,17 +157,65 @@ def _first_line(e: Exception) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
+def probe(src: Sources, *, rules: Iterable[str], timeout_s: float) -> None:
+    """Compile and evaluate every entry point of ``src`` once in a child process (with a
+    representative request and an empty input); raises ConfigError naming the file when the
+    child crashes, hangs or cannot compile."""
+    result = _probe.run(src, rules=tuple(rules), inputs=(_probe.representative_input(), {}),
+                        timeout_s=timeout_s)
+    if result.compile_error is not None:
+        raise ConfigError(result.compile_error, code="policy_compile_failed")
+    crash = result.crash
+    if crash is None:
+        return
+    rules = tuple(rules)
+    where = src.directory
+    if crash.entrypoint is not None:
+        package = crash.entrypoint.rsplit("/", 1)[0]
+        where = next((path for path, text in src.modules if _package_path(text) == package),
+                     where)
+    else:  # building the bundle crashed: find the module that does it on its own
+        for path, text in src.modules[:_MAX_BISECT]:
+            package = _package_path(text)
+            alone = replace(src, modules=((path, text),), data=())
+            if _probe.run(alone, entrypoints=[f"{package}/{r}" for r in rules],
+                          timeout_s=timeout_s).crash is not None:
+                where = path
+                break
+    what = f"evaluating {crash.entrypoint}" if crash.entrypoint else "compiling"
+    raise ConfigError(f"{where}: {what}: {crash.reason}", code="policy_crashed")
+
+
+_MAX_BISECT = 32  # modules tried one by one to name the one that crashes the build
+
+
+def _package_path(text: str) -> str:
+    m = _PACKAGE.search(text)
+    return m.group(1).replace(".", "/") if m else ""
+
+
+def load(directory: Path, *, rules: Iterable[str], probe_timeout_s: float) -> CompiledPolicies:
+    """Read, probe in a child process, then compile here. Blocking."""
+    src = read_sources(directory)
+    rules = tuple(rules)
+    probe(src, rules=rules, timeout_s=probe_timeout_s)
+    return compile_sources(src, rules=rules)
+
+
 class PolicyStore:
     """Holds the running compiled policies and swaps them when the directory changes."""
 
-    def __init__(self, directory: Path, *, rules: Iterable[str], interval_s: float) -> None:
+    def __init__(self, directory: Path, *, rules: Iterable[str], interval_s: float,
+                 probe_timeout_s: float = 10.0) -> None:
         self.directory = directory
         self.rules = tuple(rules)
         self.interval_s = interval_s
+        self.probe_timeout_s = probe_timeout_s
         self.failed_reloads = 0
         self.last_error: str | None = None
         self._fingerprint = fingerprint(directory)
-        self.current = compile_dir(directory, rules=self.rules)  # fails at start: ConfigError
+        # fails at start with a ConfigError, crashing policies included
+        self.current = load(directory, rules=self.rules, probe_timeout_s=probe_timeout_s)
         self._task: asyncio.Task[None] | None = None
 
     async def reload(self) -> bool:
@@ -128,7 +225,8 @@ class PolicyStore:
             return False
         self._fingerprint = fp
         try:
-            compiled = await asyncio.to_thread(compile_dir, self.directory, rules=self.rules)
+            compiled = await asyncio.to_thread(load, self.directory, rules=self.rules,
+                                               probe_timeout_s=self.probe_timeout_s)
         except ConfigError as e:
             self.failed_reloads += 1
             self.last_error = str(e)

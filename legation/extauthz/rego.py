@@ -4,6 +4,10 @@ The route names its policy in ``context_extensions["policy"]`` as a package (``e
 evaluated at its ``decision`` rule, ``allow`` by default, as opa-envoy-plugin's
 ``data.envoy.authz.allow``) or as an explicit ``package/path/rule``. The result is read by
 :func:`~legation.extauthz.response.decision_from_result`.
+
+Per call: the input parts the bundle can read (``project_input``, see
+:mod:`legation.extauthz._inputrefs`) go to one interpreter per bundle version, the compiled entry
+point is queried, and the result text maps to a cached :class:`Decision` (results repeat).
 """
 
 from __future__ import annotations
@@ -13,9 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from regopy import Input, Interpreter, RegoError
+from regopy import Interpreter, RegoError
 
 from legation.errors import ConfigError
+from legation.extauthz import _regofast
 from legation.extauthz.checks import Decision
 from legation.extauthz.config import pydantic_error
 from legation.extauthz.errors import AuthzError
@@ -31,6 +36,10 @@ class RegoConfig(BaseModel):
     decision: str = Field(default="allow", pattern=r"^[A-Za-z_]\w*$")
     default_policy: str | None = None
     reload_interval_s: float = Field(default=1.0, ge=0)
+    # send the engine only the input parts the policies reference (input.a.b refs); a bundle
+    # that uses `input` as a whole value always gets the whole document
+    project_input: bool = True
+    probe_timeout_s: float = Field(default=10.0, gt=0, le=120)
 
 
 def entrypoint(policy: str, decision: str) -> str:
@@ -39,44 +48,78 @@ def entrypoint(policy: str, decision: str) -> str:
     return policy.replace(".", "/") + "/" + decision
 
 
+_RESULT_CACHE = 4096
+
+
 class RegoCheck:
     name = "rego"
 
     def __init__(self, config: RegoConfig) -> None:
         self.config = config
         self.store = PolicyStore(config.policy_dir, rules=(config.decision,),
-                                 interval_s=config.reload_interval_s)
-        self._interp: tuple[CompiledPolicies, Interpreter] | None = None
+                                 interval_s=config.reload_interval_s,
+                                 probe_timeout_s=config.probe_timeout_s)
+        self._compiled: CompiledPolicies | None = None
+        self._interp = Interpreter()
+        # policy -> (entry point, input parts it reads), or None when not compiled
+        self._entrypoints: dict[str, tuple[bytes, Any] | None] = {}
+        self._decisions: dict[tuple[str, str], Decision] = {}  # (policy, result text) ->
 
-    def _interpreter(self) -> tuple[CompiledPolicies, Interpreter]:
+    def _current(self) -> CompiledPolicies:
         compiled = self.store.current
-        if self._interp is None or self._interp[0] is not compiled:
-            self._interp = (compiled, Interpreter())
-        return self._interp
+        if compiled is not self._compiled:  # a reload swapped the bundle: start afresh
+            self._compiled = compiled
+            self._interp = Interpreter()
+            self._entrypoints.clear()
+            self._decisions.clear()
+        return compiled
+
+    def _entrypoint(self, compiled: CompiledPolicies, policy: str) -> tuple[bytes, Any]:
+        if policy in self._entrypoints:
+            found = self._entrypoints[policy]
+        else:
+            name = entrypoint(policy, self.config.decision)
+            found = None
+            if name in compiled.entrypoints:
+                only = compiled.input_paths.get(name.rsplit("/", 1)[0])
+                found = (name.encode(), only if self.config.project_input else None)
+            if len(self._entrypoints) < _RESULT_CACHE:
+                self._entrypoints[policy] = found
+        if found is None:
+            raise AuthzError(f"rego: unknown policy {policy!r}", code="unknown_policy")
+        return found
 
     async def check(self, ctx: RequestContext) -> Decision:
         policy = ctx.extensions.get("policy") or self.config.default_policy
         if not policy:
             raise AuthzError("rego: the route names no policy and no default_policy is set",
                              code="no_policy")
-        return self.evaluate(policy, ctx.input())
+        compiled = self._current()
+        ep, only = self._entrypoint(compiled, policy)
+        return self._evaluate(compiled, policy, ep, ctx.input(only))
 
     def evaluate(self, policy: str, document: dict[str, Any]) -> Decision:
-        compiled, interp = self._interpreter()
-        ep = entrypoint(policy, self.config.decision)
-        if ep not in compiled.entrypoints:
-            raise AuthzError(f"rego: unknown policy {policy!r}", code="unknown_policy")
+        compiled = self._current()
+        return self._evaluate(compiled, policy, self._entrypoint(compiled, policy)[0], document)
+
+    def _evaluate(self, compiled: CompiledPolicies, policy: str, ep: bytes,
+                  document: dict[str, Any]) -> Decision:
         try:
-            interp.set_input(Input(document))
-            output = interp.query_bundle_entrypoint(compiled.bundle, ep)
-        except RegoError as e:
+            _regofast.set_input(self._interp, document)
+            ok, text = _regofast.query(self._interp, compiled.bundle, ep)
+        except (RegoError, TypeError) as e:
             raise AuthzError(f"rego: {policy}: evaluation failed: {e}",
                              code="policy_error") from None
-        if not output.ok():
+        if not ok:
             raise AuthzError(f"rego: {policy}: evaluation failed", code="policy_error")
-        text = str(output)
-        result = None if text == "undefined" else json.loads(text)["expressions"][0]
-        decision = decision_from_result(result, where=f"policy {policy}")
+        key = (policy, text)
+        decision = self._decisions.get(key)
+        if decision is None:
+            result = None if text == "undefined" else json.loads(text)["expressions"][0]
+            decision = decision_from_result(result, where=f"policy {policy}")
+            if len(self._decisions) >= _RESULT_CACHE:
+                self._decisions.clear()
+            self._decisions[key] = decision
         return decision
 
     async def start(self) -> None:

@@ -13,7 +13,6 @@ from typing import Any
 from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import external_auth_pb2
 from envoy.type.v3 import http_status_pb2
-from google.protobuf import struct_pb2
 from google.rpc import code_pb2
 
 from legation.extauthz.checks import Decision
@@ -89,28 +88,34 @@ def _header_options(headers: Mapping[str, str]) -> list[base_pb2.HeaderValueOpti
 
 
 def to_check_response(
-    decision: Decision, *, decision_id: str, deny_status: int, metadata: Mapping[str, Any] = ()
+    decision: Decision, *, decision_id: str, deny_status: int, policy: str | None = None,
+    metadata: Mapping[str, Any] | None = None,
 ) -> external_auth_pb2.CheckResponse:
-    """The CheckResponse Envoy applies; the decision id always travels in dynamic metadata."""
+    """The CheckResponse Envoy applies; the decision id always travels in dynamic metadata
+    (after ``policy``, ``metadata`` and the decision's own metadata, which override in turn)."""
     response = external_auth_pb2.CheckResponse()
-    meta = {**dict(metadata), **dict(decision.dynamic_metadata), "decision_id": decision_id}
-    response.dynamic_metadata.CopyFrom(_struct(meta))
+    meta = response.dynamic_metadata
+    if policy is not None:
+        meta.fields["policy"].string_value = policy
+    if metadata:
+        meta.update(metadata)
+    if decision.dynamic_metadata:
+        meta.update(decision.dynamic_metadata)
+    meta.fields["decision_id"].string_value = decision_id
     if decision.allowed:
         response.status.code = code_pb2.OK
         ok = response.ok_response
-        ok.headers.extend(_header_options(decision.headers))
-        ok.headers_to_remove.extend(decision.request_headers_to_remove)
-        ok.response_headers_to_add.extend(_header_options(decision.response_headers_to_add))
+        if decision.headers:
+            ok.headers.extend(_header_options(decision.headers))
+        if decision.request_headers_to_remove:
+            ok.headers_to_remove.extend(decision.request_headers_to_remove)
+        if decision.response_headers_to_add:
+            ok.response_headers_to_add.extend(_header_options(decision.response_headers_to_add))
         return response
     response.status.code = code_pb2.PERMISSION_DENIED
     denied = response.denied_response
     denied.status.code = decision.http_status or deny_status  # type: ignore[assignment]
-    denied.headers.extend(_header_options(decision.headers))
+    if decision.headers:
+        denied.headers.extend(_header_options(decision.headers))
     denied.body = decision.body
     return response
-
-
-def _struct(values: Mapping[str, Any]) -> struct_pb2.Struct:
-    s = struct_pb2.Struct()
-    s.update(values)
-    return s

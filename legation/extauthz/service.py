@@ -53,10 +53,12 @@ async def build_servicer(settings: Settings) -> AuthorizationServicer:
         check = plugins.get(KIND, kind, where=f"{loaded.source}: checks.{name}").create(config)
         await check.start()
         checks[name] = check
+    metrics = Metrics(settings.registry)
+    metrics.watch_reloads(checks)
     return AuthorizationServicer(
         config=loaded.service,
         checks=checks,
-        metrics=Metrics(settings.registry),
+        metrics=metrics,
         decision_log=DecisionLog(settings.decision_log or loaded.service.decision_log),
     )
 

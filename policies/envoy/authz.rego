@@ -4,11 +4,33 @@
 #
 # The decision is a function of the request document so that the tests below can call it
 # directly: regopy 1.5 (rego-cpp) crashes on `with input as` over rules that use other rules.
+#
+# `allow` names the input fields it reads (input.a.b refs) instead of passing `input` whole:
+# Legation then hands the engine only those fields, which costs far less per request than the
+# whole document (each node costs microseconds to hand over). Passing `input` itself works too.
 package envoy.authz
 
 import rego.v1
 
-allow := decision(input)
+allow := decision({
+	"attributes": {"request": {"http": {"method": input.attributes.request.http.method}}},
+	"parsed_path": input.parsed_path,
+	"jwt": {"claims": claims},
+	"parsed_body": body,
+	"truncated_body": truncated,
+})
+
+default claims := {}
+
+claims := input.jwt.claims
+
+default body := null
+
+body := input.parsed_body
+
+default truncated := true
+
+truncated := input.truncated_body
 
 decision(req) := {
 	"allowed": true,

@@ -7,6 +7,7 @@ import asyncio
 import http.client
 import json
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -270,3 +271,16 @@ class Signer:
     def token(self, claims: dict[str, Any], *, kid: str | None = None, **kw: Any) -> str:
         headers = {"kid": kid if kid is not None else self.kid}
         return pyjwt.encode(claims, self.private, algorithm="RS256", headers=headers, **kw)
+
+
+def read_log(path: Path, until: Callable[[list[dict[str, Any]]], bool],
+             timeout: float = 5.0) -> list[dict[str, Any]]:
+    """The decision log's entries once ``until`` holds for them: the service flushes the log in
+    the background (~0.2 s behind), so tests wait for the entries they need, bounded in time."""
+    deadline = time.monotonic() + timeout
+    while True:
+        text = path.read_text() if path.exists() else ""
+        entries = [json.loads(line) for line in text.splitlines() if line.strip()]
+        if until(entries) or time.monotonic() > deadline:
+            return entries
+        time.sleep(0.05)

@@ -230,7 +230,7 @@ async def test_opa_check_against_rest_api_stand_in() -> None:
 
 def test_policy_test_cli_on_shipped_policies() -> None:
     out = io.StringIO()
-    assert policy_test.run(REPO / "policies", verbose=True, out=out) == 0
+    assert policy_test.run(REPO / "policies" / "envoy", verbose=True, out=out) == 0
     assert "data.envoy.authz.test_guest_can_list_people: PASS" in out.getvalue()
     assert "PASS: 8/8" in out.getvalue()
 
