@@ -242,7 +242,7 @@ _SPECS: dict[str, Callable[[Mesh, Path], ServiceSpec]] = {
 # -- running ------------------------------------------------------------------------------------
 
 
-class _ChainSwitch(extproc_grpc.ExternalProcessorServicer):
+class _ChainSwitch(extproc_grpc.ExternalProcessorServicer):  # type: ignore[misc]
     """The ext_proc servicer behind a reference that a reload swaps. The ext_proc package's
     servicer fixes its chains when built, so a new one is built per generation; a stream stays
     with the servicer it started on."""

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-from legation.config import Mesh
+from legation.config import Mesh, Route
 from legation.controlplane import DEFAULT_STATUS_PORT, ControlPlane
 from legation.demo import DemoApp
 from legation.envoy_process import EnvoyProcess
@@ -98,12 +98,12 @@ class Stack:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         xds = self.cp.server
         assert xds is not None
-        for spec in mesh.proxies():
-            config = bootstrap(node_id=spec.node_id, node_cluster=spec.node_cluster,
+        for proxy in mesh.proxies():
+            config = bootstrap(node_id=proxy.node_id, node_cluster=proxy.node_cluster,
                                xds_host=xds.host, xds_port=xds.port,
-                               admin_port=spec.admin_port, delta=self.delta)
-            self.envoys.append(EnvoyProcess(config, admin_port=spec.admin_port,
-                                            name=spec.node_id, log_dir=self.log_dir).start())
+                               admin_port=proxy.admin_port, delta=self.delta)
+            self.envoys.append(EnvoyProcess(config, admin_port=proxy.admin_port,
+                                            name=proxy.node_id, log_dir=self.log_dir).start())
         self.say(f"started {len(self.apps)} demo apps and {len(self.envoys)} Envoys "
                  f"(logs in {self.log_dir})")
         if not await self._wait_ready():
@@ -141,12 +141,14 @@ class Stack:
                 if not route.on_gateway:
                     continue
                 path = route.match.path.exact or route.match.path.prefix
-                if path is None:
-                    continue
+                computed = {str(f.options.get("header", "")).lower() for f in route.filters
+                            if f.name == "header_route"}
+                if path is None or any(h.name.lower() in computed for h in route.match.headers):
+                    continue  # a header its own filter computes: a client cannot pick it
                 headers = " ".join(f"-H '{h.name}: {h.exact}'" for h in route.match.headers
                                    if h.exact is not None and not h.invert)
                 lines.append(f"  curl -s {base}{path} {headers}".rstrip()
-                             + f"    # route {route.name}")
+                             + f"    # route {route.name}{_asks(route)}")
         lines += ["", "  legation status            # proxies, ACKed versions, NACKs",
                   f"  edit {self.mesh_path} and save: the change is validated and pushed live",
                   "  Ctrl-C stops everything", ""]
@@ -209,6 +211,20 @@ class Stack:
         for app in self.apps:
             await app.stop()
         await self.cp.stop()
+
+
+def _asks(route: Route) -> str:
+    """What a route asks of the request-path services, for the banner."""
+    parts = []
+    if route.authz is not None and route.authz != "disabled":
+        parts.append(f"policy {route.authz}")
+    if route.filters:
+        parts.append("filters " + ", ".join(f.name for f in route.filters))
+    if route.rate_limits:
+        keys = [a.request_headers.header for d in route.rate_limits for a in d.actions
+                if a.request_headers is not None]
+        parts.append("rate limited" + (f" per {', '.join(keys)}" if keys else ""))
+    return f" ({'; '.join(parts)})" if parts else ""
 
 
 def _requests(envoy: EnvoyProcess) -> tuple[int, int]:

@@ -173,7 +173,9 @@ def validate_filter(name: str, options: Mapping[str, Any], *, title: str = "filt
         return factory.validate(dict(options))
     except ConfigError as err:
         problems: list[tuple[str, str]] = getattr(err, "problems", None) or [("", str(err))]
-        located = [((where,) if where else (), message) for where, message in problems]
+        located: list[tuple[tuple[str | int, ...], str]] = [
+            ((where,) if where else (), message) for where, message in problems
+        ]
         raise _field_errors(title, located, dict(options)) from None
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -235,3 +236,66 @@ def test_up_refuses_an_invalid_mesh(tmp_path: Path, ports: dict[str, int]) -> No
         assert run.envoy_pids() == []
     finally:
         run.stop()
+
+
+SERVICES = """\
+extauthz: {{port: {authz}, config: authz.yaml}}
+ratelimit: {{port: {rl}, config: limits.yaml}}
+"""
+
+
+def test_up_runs_the_mesh_services_and_stops_them(tmp_path: Path, ports: dict[str, int]) -> None:
+    repo = Path(__file__).resolve().parents[2]
+    (tmp_path / "authz.yaml").write_text(
+        f"checks: {{rego: {{type: rego, options: {{policy_dir: {repo / 'policies/quickstart'}}}}}}}"
+        "\ndefault_checks: [rego]\n")
+    (tmp_path / "limits.yaml").write_text("domain: mesh\ndescriptors: []\n")
+    service_ports = {"authz": free_port(), "rl": free_port()}
+    mesh = tmp_path / "mesh.yaml"
+    mesh.write_text(SERVICES.format(**service_ports)
+                    + MESH.format(**ports, greeting="hi", subset="v1")
+                    .replace("    to: {service: web, subset: v1}",
+                             "    to: {service: web, subset: v1}\n    authz: quickstart.authz"))
+    run = Up(mesh, tmp_path, ports["status"])
+    try:
+        run.wait_for("Legation is up")
+        assert f"extauthz service at 127.0.0.1:{service_ports['authz']}, in this process" \
+            in run.output
+        gw = f"http://127.0.0.1:{ports['gw']}"
+        status, body = http(gw + "/page")
+        assert status == 403 and json.loads(body)["policy"] == "quickstart.authz"
+        assert http(gw + "/page", {"x-role": "admin"})[0] == 200
+        assert http(gw + "/hello") == (200, "hi")  # no authz on that route
+        doc = json.loads(http(run.status_url + "/status")[1])
+        assert doc["services"]["ratelimit"] == {
+            "embedded": True, "address": f"127.0.0.1:{service_ports['rl']}"}
+        run.proc.send_signal(signal.SIGINT)
+        assert run.proc.wait(20) == 0
+        for port in service_ports.values():  # the services stopped with it
+            with socket.socket() as s:
+                assert s.connect_ex(("127.0.0.1", port)) != 0
+    finally:
+        run.stop()
+
+
+def test_up_refuses_to_start_when_a_service_port_is_taken(
+    tmp_path: Path, ports: dict[str, int]
+) -> None:
+    (tmp_path / "limits.yaml").write_text("domain: mesh\ndescriptors: []\n")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        mesh = tmp_path / "mesh.yaml"
+        mesh.write_text(f"ratelimit: {{port: {port}, config: limits.yaml}}\n"
+                        + MESH.format(**ports, greeting="hi", subset="v1"))
+        run = Up(mesh, tmp_path, ports["status"])
+        try:
+            assert run.proc.wait(30) == 1
+            run._reader.join(5)
+            assert "cannot start the mesh's request-path services, nothing started" in run.output
+            assert f"cannot start the embedded ratelimit service on 127.0.0.1:{port}" \
+                in run.output
+            assert run.envoy_pids() == []
+        finally:
+            run.stop()
