@@ -3,9 +3,12 @@
 Scenarios (one Envoy, one listener each, direct_response so no upstream limits the numbers):
   none       no authorization (the limit)
   native     Envoy's jwt_authn + rbac enforcing the same rule (role claim == guest)
+  trivial    ext_authz to a Python servicer that always allows (the floor of any call-out)
   jwt        Legation ext_authz, JWT check only
   jwt+rego   Legation ext_authz, JWT + the shipped envoy.authz Rego policy
-The Legation scenarios run with --workers 1 and 2 (forked service processes, SO_REUSEPORT).
+The Python scenarios run with 1 and 2 service processes sharing a port (SO_REUSEPORT, as
+``--workers``); with 2, the gRPC clusters cap max_concurrent_streams so that Envoy opens several
+connections, and the decisions each process served are printed to show the spread.
 Per scenario: saturation rps (wrk -c16), latency percentiles at a fixed 1,000 rps (h2load --rps,
 per-request log), and the service's handler-time percentiles (from its Prometheus histogram).
 
@@ -38,6 +41,34 @@ from tests.extauthz.conftest import to_plain
 
 REPO = Path(__file__).resolve().parents[1]
 ISSUER = "https://bench.test"
+STREAMS_PER_CONNECTION = 2
+
+
+def serve_trivial(port: int, metrics_port: int) -> None:
+    """A trivial servicer process (``--serve-trivial``): always allows, counts its calls."""
+    import grpc
+    from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+    from prometheus_client import Counter, start_http_server
+
+    calls = Counter("legation_extauthz_decisions", "calls", ["policy", "result"]).labels(
+        "trivial", "allow")
+    start_http_server(metrics_port, addr="127.0.0.1")
+
+    class Trivial(external_auth_pb2_grpc.AuthorizationServicer):
+        async def Check(self, request: Any, context: Any) -> Any:
+            calls.inc()
+            response = external_auth_pb2.CheckResponse()
+            response.status.code = 0
+            return response
+
+    async def main() -> None:
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
+        external_auth_pb2_grpc.add_AuthorizationServicer_to_server(Trivial(), server)
+        server.add_insecure_port(f"127.0.0.1:{port}")
+        await server.start()
+        await server.wait_for_termination()
+
+    asyncio.run(main())
 
 
 def serve(port: int, metrics_port: int, jwks_path: str) -> None:
@@ -74,9 +105,10 @@ def hcm(prefix: str, filters: list[dict[str, Any]], per_route: dict[str, Any]) -
             "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}]}}
 
 
-def bootstrap(ports: dict[str, int], admin: int, authz_port: int, jwks: dict[str, Any],
-              streams: int) -> dict[str, Any]:
+def bootstrap(ports: dict[str, int], admin: int, authz_port: int, trivial_port: int,
+              jwks: dict[str, Any], streams: int) -> dict[str, Any]:
     ext = to_plain(envoy_filter.http_filter("extauthz"))
+    trivial = to_plain(envoy_filter.http_filter("trivial"))
     jwt_authn = {"name": "envoy.filters.http.jwt_authn", "typed_config": {
         "@type": "type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication",
         "providers": {"bench": {"issuer": ISSUER, "audiences": ["legation"],
@@ -95,6 +127,7 @@ def bootstrap(ports: dict[str, int], admin: int, authz_port: int, jwks: dict[str
     chains = {
         "none": hcm("none", [], {}),
         "native": hcm("native", [jwt_authn, rbac], {}),
+        "trivial": hcm("trivial", [trivial], {}),
         "jwt": hcm("jwt", [ext], {envoy_filter.FILTER_NAME: to_plain(
             envoy_filter.per_route_any(policy="jwt-only", checks=["jwt"]))}),
         "jwt+rego": hcm("rego", [ext], {envoy_filter.FILTER_NAME: to_plain(
@@ -107,7 +140,8 @@ def bootstrap(ports: dict[str, int], admin: int, authz_port: int, jwks: dict[str
                 "address": "127.0.0.1", "port_value": ports[n]}},
                 "filter_chains": [{"filters": [chains[n]]}]} for n in chains],
             "clusters": [to_plain(envoy_filter.grpc_cluster(
-                "extauthz", [("127.0.0.1", authz_port)], max_concurrent_streams=streams))],
+                name, [("127.0.0.1", port)], max_concurrent_streams=streams))
+                for name, port in (("extauthz", authz_port), ("trivial", trivial_port))],
         },
     }
 
@@ -134,6 +168,15 @@ def fixed_rate(port: int, token: str, seconds: int, tmp: Path) -> dict[str, floa
     return {f"p{p}": ok[min(len(ok) - 1, int(len(ok) * p / 100))] for p in (50, 90, 99)}
 
 
+def decisions_per_process(metrics_ports: list[int]) -> list[int]:
+    out = []
+    for mp in metrics_ports:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{mp}/metrics", timeout=5).read().decode()
+        out.append(int(sum(float(m.group(1)) for m in re.finditer(
+            r'^legation_extauthz_decisions_total\{[^}]*\} ([\d.e+]+)$', text, re.MULTILINE))))
+    return out
+
+
 def handler_percentiles(metrics_ports: list[int]) -> dict[str, float]:
     """Approximate p50/p99 (upper bucket bound, ms) of the summed handler histograms."""
     buckets: dict[float, float] = {}
@@ -155,37 +198,53 @@ def run_workers(workers: int, seconds: int, tmp: Path, token: str, jwks: dict[st
                 results: dict[str, Any], include_native: bool) -> None:
     jwks_path = tmp / "jwks.json"
     jwks_path.write_text(json.dumps(jwks))
-    authz_port = free_port()
+    authz_port, trivial_port = free_port(), free_port()
     metrics_ports = [free_port() for _ in range(workers)]
+    trivial_metrics = [free_port() for _ in range(workers)]
     procs = [subprocess.Popen([sys.executable, "-m", "bench.extauthz", "--serve",
                                str(authz_port), str(mp), str(jwks_path)], cwd=REPO)
              for mp in metrics_ports]
-    ports = {n: free_port() for n in ("none", "native", "jwt", "jwt+rego")}
+    procs += [subprocess.Popen([sys.executable, "-m", "bench.extauthz", "--serve-trivial",
+                                str(trivial_port), str(mp)], cwd=REPO) for mp in trivial_metrics]
+    ports = {n: free_port() for n in ("none", "native", "trivial", "jwt", "jwt+rego")}
     admin = free_port()
-    envoy = EnvoyProcess(bootstrap(ports, admin, authz_port, jwks, 8 if workers > 1 else 0),
+    # 16 requests in flight, 2 streams per connection: Envoy opens ~8 connections, which the
+    # kernel spreads over the SO_REUSEPORT processes (uncapped: one connection, one process)
+    streams = STREAMS_PER_CONNECTION if workers > 1 else 0
+    envoy = EnvoyProcess(bootstrap(ports, admin, authz_port, trivial_port, jwks, streams),
                          admin_port=admin, name=f"bench-{workers}", log_dir=tmp / f"e{workers}")
     try:
         envoy.start()
         envoy.wait_live()
         deadline = time.monotonic() + 15
-        while True:  # wait until the workers answer through Envoy
-            try:
-                urllib.request.urlopen(urllib.request.Request(
-                    f"http://127.0.0.1:{ports['jwt']}/people",
-                    headers={"authorization": f"Bearer {token}"}), timeout=2)
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)
+        for probe in ("jwt", "trivial"):  # wait until the workers answer through Envoy
+            while True:
+                try:
+                    urllib.request.urlopen(urllib.request.Request(
+                        f"http://127.0.0.1:{ports[probe]}/people",
+                        headers={"authorization": f"Bearer {token}"}), timeout=2)
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.2)
         names = ["none", "native"] if include_native else []
-        for name in [*names, "jwt", "jwt+rego"]:
+        for name in [*names, "trivial", "jwt", "jwt+rego"]:
             label = name if name in ("none", "native") else f"{name} (workers={workers})"
+            before = decisions_per_process(trivial_metrics if name == "trivial"
+                                           else metrics_ports)
             rps = wrk(ports[name], token, seconds)
             lat = fixed_rate(ports[name], token, seconds, tmp)
+            after = decisions_per_process(trivial_metrics if name == "trivial"
+                                          else metrics_ports)
+            spread = [a - b for a, b in zip(after, before, strict=True)]
             results[label] = {"rps": rps, "latency_ms": lat}
+            if name not in ("none", "native"):
+                results[label]["per_process"] = spread
             print(f"  {label:24s} {rps:9.0f} rps   p50 {lat['p50']:.2f} ms  "
-                  f"p90 {lat['p90']:.2f} ms  p99 {lat['p99']:.2f} ms", flush=True)
+                  f"p90 {lat['p90']:.2f} ms  p99 {lat['p99']:.2f} ms"
+                  + (f"   calls per process {spread}" if name not in ("none", "native")
+                     else ""), flush=True)
         results[f"handler (workers={workers})"] = handler_percentiles(metrics_ports)
     finally:
         envoy.stop()
@@ -201,6 +260,9 @@ def run_workers(workers: int, seconds: int, tmp: Path, token: str, jwks: dict[st
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--serve":
         serve(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
+        return
+    if len(sys.argv) > 1 and sys.argv[1] == "--serve-trivial":
+        serve_trivial(int(sys.argv[2]), int(sys.argv[3]))
         return
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=int, default=4)
@@ -220,10 +282,13 @@ def main() -> None:
         run_workers(1, args.seconds, tmp, token, jwks, results, include_native=True)
         run_workers(2, args.seconds, tmp, token, jwks, results, include_native=False)
     base = results["none"]["rps"]
-    print("\nratio to no authz (saturation rps):")
+    print("\nratio to no authz (saturation rps), and to the trivial servicer (the floor):")
     for label, r in results.items():
         if "rps" in r:
-            print(f"  {label:24s} {r['rps'] / base:5.2f}")
+            floor = results.get(f"trivial (workers={label[-2]})", {}).get("rps") \
+                if label.endswith("=1)") or label.endswith("=2)") else None
+            vs_floor = f"   {r['rps'] / floor:5.2f} of trivial" if floor else ""
+            print(f"  {label:24s} {r['rps'] / base:5.2f}{vs_floor}")
     for w in (1, 2):
         h = results[f"handler (workers={w})"]
         print(f"service handler time, workers={w} (histogram bucket bounds): "
