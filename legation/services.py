@@ -8,7 +8,8 @@ plane's event loop, before any Envoy starts, and stop them after the Envoys. Blo
 Two steps, so that a bad file never replaces a running service:
 
 * :func:`plan` (pure but for reading files) validates what each service needs: the ext_authz YAML
-  (``extauthz.config``, relative paths inside it resolved against its own folder), the
+  (``extauthz.config``; ``policy_dir``, ``jwks_file`` and ``decision_log`` in it are resolved
+  against its own folder, which the ext_authz package itself does not do), the
   envoyproxy/ratelimit YAML (``ratelimit.config``, which must declare the mesh's ``domain``), the
   ext_proc chains built from the routes' ``filters`` (one chain per route, named after it). A
   problem raises :class:`~legation.config.MeshConfigError` naming the mesh file and the field.
@@ -164,28 +165,35 @@ def _authz_spec(mesh: Mesh, base: Path) -> ServiceSpec:
     )
 
 
+_PATH_KEYS = frozenset({"policy_dir", "jwks_file"})  # file options of the built-in checks
+
+
 def _resolve_paths(raw: Any, folder: Path) -> Any:
-    """The ext_authz YAML with its relative ``policy_dir``s and ``decision_log`` made absolute
-    against the file's folder, so that the service does not depend on the working directory."""
+    """The ext_authz YAML with its relative paths (checks' ``policy_dir`` and ``jwks_file`` at
+    any depth of their options, ``decision_log``) made absolute against the file's folder, so that
+    the service does not depend on the working directory."""
     if not isinstance(raw, dict):
         return raw  # load_mapping reports it
     out = dict(raw)
     log_target = out.get("decision_log")
     if isinstance(log_target, str) and log_target != "-" and not Path(log_target).is_absolute():
         out["decision_log"] = str(folder / log_target)
-    checks = out.get("checks")
-    if isinstance(checks, dict):
-        resolved = {}
-        for name, check in checks.items():
-            if isinstance(check, dict) and isinstance(check.get("options"), dict):
-                options = dict(check["options"])
-                policy_dir = options.get("policy_dir")
-                if isinstance(policy_dir, str) and not Path(policy_dir).is_absolute():
-                    options["policy_dir"] = str(folder / policy_dir)
-                check = {**check, "options": options}
-            resolved[name] = check
-        out["checks"] = resolved
+    if isinstance(out.get("checks"), dict):
+        out["checks"] = _resolve_in(out["checks"], folder)
     return out
+
+
+def _resolve_in(value: Any, folder: Path) -> Any:
+    if isinstance(value, list):
+        return [_resolve_in(v, folder) for v in value]
+    if not isinstance(value, dict):
+        return value
+    return {
+        k: str(folder / v)
+        if k in _PATH_KEYS and isinstance(v, str) and not Path(v).is_absolute()
+        else _resolve_in(v, folder)
+        for k, v in value.items()
+    }
 
 
 def _proc_spec(mesh: Mesh, base: Path) -> ServiceSpec:

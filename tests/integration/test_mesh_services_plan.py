@@ -165,3 +165,22 @@ def test_route_chains_follow_the_routes(tmp_path: Path) -> None:
     chains = route_chains(load_mesh(path))
     assert list(chains.chains) == ["web"]
     assert chains.chains["web"].fail_open is True
+
+
+def test_relative_paths_in_authz_yaml_follow_the_file(tmp_path: Path) -> None:
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "policies").mkdir()
+    (tmp_path / "conf" / "jwks.json").write_text('{"keys": []}')
+    path = write(tmp_path, "extauthz: {port: 18010, config: conf/authz.yaml}", **{
+        "conf/authz.yaml": (
+            "checks:\n"
+            "  rego: {type: rego, options: {policy_dir: ../policies}}\n"
+            "  jwt: {type: jwt, options: {providers: [{name: p, issuer: i,"
+            " jwks_file: jwks.json}]}}\n"
+            "default_checks: [jwt, rego]\ndecision_log: decisions.jsonl\n"),
+    })
+    config = plan(load_mesh(path), mesh_path=path).embedded["extauthz"].settings["config"]
+    assert config["checks"]["rego"]["options"]["policy_dir"] == str(tmp_path / "conf/../policies")
+    provider = config["checks"]["jwt"]["options"]["providers"][0]
+    assert provider["jwks_file"] == str(tmp_path / "conf" / "jwks.json")
+    assert config["decision_log"] == str(tmp_path / "conf" / "decisions.jsonl")
