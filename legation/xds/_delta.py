@@ -10,6 +10,7 @@ routes are settled (make-before-break).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +31,7 @@ class _TypeState:
     sent_version: str = ""
     nacked: bool = False
     resumed: bool = False  # reconnected with initial_resource_versions, not yet compared
+    synced: Snapshot | None = None  # the snapshot whose resources the proxy has exactly
 
 
 class DeltaStream(StreamBase):
@@ -57,6 +59,8 @@ class DeltaStream(StreamBase):
             else:
                 st.nacked = False
                 self.cache.record_ack(self.node_id, rtype, st.sent_version)
+        if request.resource_names_subscribe or request.resource_names_unsubscribe:
+            st.synced = None  # the subscription changed: compare everything once
         for name in request.resource_names_subscribe:
             if name == "*":
                 st.wildcard = True
@@ -72,17 +76,32 @@ class DeltaStream(StreamBase):
 
     def _changes(
         self, rtype: ResourceType, st: _TypeState, snap: Snapshot
-    ) -> tuple[list[Resource], list[str]]:
+    ) -> tuple[list[Resource], list[str], bool]:
+        """What to send: updates, removals, and whether that brings the proxy exactly to ``snap``
+        (False while cluster removals wait for the routes)."""
         available = snap.resources(rtype)
-        wanted = available.keys() if st.wildcard else st.names & available.keys()
+        base = st.synced
+        if base is not None and base.version(rtype) == snap.version(rtype):
+            return [], [], True
+        if base is not None:
+            # Work in proportion to what changed, not to the size of the snapshot.
+            changed, gone = snap.diff(base, rtype)
+            wanted: Iterable[str] = (
+                changed if st.wildcard else (n for n in changed if n in st.names)
+            )
+            candidates = gone
+        else:
+            wanted = available.keys() if st.wildcard else st.names & available.keys()
+            candidates = frozenset(st.known)
         updates = [available[n] for n in sorted(wanted) if st.known.get(n) != available[n].version]
         removed = sorted(
-            n for n in st.known if n not in available and (st.wildcard or n in st.names)
+            n for n in candidates
+            if n in st.known and n not in available and (st.wildcard or n in st.names)
         )
         if removed and rtype is ResourceType.CLUSTER and self.only is None:
             if not self.routes_settled(snap):
-                removed = []  # break after make: listeners and routes first
-        return updates, removed
+                return updates, [], False  # break after make: listeners and routes first
+        return updates, removed, True
 
     def pending_responses(self, snap: Snapshot) -> list[bytes]:
         out = []
@@ -90,7 +109,9 @@ class DeltaStream(StreamBase):
             st = self.types.get(rtype)
             if st is None or st.inflight:
                 continue
-            updates, removed = self._changes(rtype, st, snap)
+            updates, removed, complete = self._changes(rtype, st, snap)
+            if complete and not (updates or removed):
+                st.synced = snap
             if st.resumed and not (updates or removed):
                 # The proxy came back with exactly the current resources: report it as current.
                 self.cache.record_ack(self.node_id, rtype, snap.version(rtype))
@@ -103,6 +124,8 @@ class DeltaStream(StreamBase):
                 st.known[res.name] = res.version
             for name in removed:
                 st.known.pop(name, None)
+            if complete:
+                st.synced = snap
             data = _wire.delta_discovery_response(
                 system_version=st.sent_version,
                 type_url=rtype.type_url,
@@ -120,5 +143,5 @@ class DeltaStream(StreamBase):
             return True
         if st.inflight:
             return False
-        updates, _ = self._changes(rtype, st, snap)
+        updates, _, _ = self._changes(rtype, st, snap)
         return not updates

@@ -19,7 +19,7 @@ from legation.xds._stream import StreamBase
 from legation.xds.snapshot import Resource, Snapshot
 from legation.xds.types import ResourceType
 
-Key = tuple[tuple[str, str], ...]
+Key = tuple[Any, ...]
 
 
 @dataclass
@@ -35,6 +35,8 @@ class _TypeState:
     accepted: dict[str, Resource] = field(default_factory=dict)  # what the proxy last ACKed
     nacked: bool = False
     client_version: str = ""  # the version a reconnecting proxy says it has
+    generation: int = 0  # bumped when the subscription changes
+    memo: tuple[Snapshot, int, dict[str, Resource], Key] | None = None
 
 
 class SotwStream(StreamBase):
@@ -69,6 +71,13 @@ class SotwStream(StreamBase):
 
     @staticmethod
     def _subscribe(rtype: ResourceType, st: _TypeState, names: list[str]) -> None:
+        before = (st.wildcard, st.names)
+        SotwStream._apply_subscription(rtype, st, names)
+        if (st.wildcard, st.names) != before:
+            st.generation += 1
+
+    @staticmethod
+    def _apply_subscription(rtype: ResourceType, st: _TypeState, names: list[str]) -> None:
         if "*" in names:
             st.wildcard = True
             st.explicit = True
@@ -83,17 +92,30 @@ class SotwStream(StreamBase):
             st.wildcard = rtype.wildcard_by_default and not st.explicit
             st.names = set()
 
-    def _desired(self, rtype: ResourceType, st: _TypeState, snap: Snapshot) -> dict[str, Resource]:
-        available = snap.resources(rtype)
-        if st.wildcard:
-            desired = dict(available)
+    def _selection(
+        self, rtype: ResourceType, st: _TypeState, snap: Snapshot
+    ) -> tuple[dict[str, Resource], Key]:
+        """What a response of ``rtype`` would carry now, and a key that is equal exactly when
+        the content is. Memoised per snapshot and subscription, so a stream woken for another
+        type's change does no work proportional to this type's size."""
+        if st.memo is not None and st.memo[0] is snap and st.memo[1] == st.generation:
+            desired, key = st.memo[2], st.memo[3]
         else:
-            desired = {n: available[n] for n in st.names if n in available}
+            available = snap.resources(rtype)
+            if st.wildcard:
+                desired = dict(available)
+                key = ("*", snap.version(rtype))
+            else:
+                desired = {n: available[n] for n in st.names if n in available}
+                key = ("=", frozenset((n, r.version) for n, r in desired.items()))
+            st.memo = (snap, st.generation, desired, key)
         if rtype is ResourceType.CLUSTER and self.only is None and not self.routes_settled(snap):
             # Keep dropped clusters until listeners and routes have moved off them.
-            for name, res in st.accepted.items():
-                desired.setdefault(name, res)
-        return desired
+            kept = {n: r for n, r in st.accepted.items() if n not in desired}
+            if kept:
+                desired = {**desired, **kept}
+                key = ("+", key, frozenset((n, r.version) for n, r in kept.items()))
+        return desired, key
 
     def pending_responses(self, snap: Snapshot) -> list[bytes]:
         out = []
@@ -101,8 +123,7 @@ class SotwStream(StreamBase):
             st = self.types.get(rtype)
             if st is None or not st.pending:
                 continue
-            desired = self._desired(rtype, st, snap)
-            key = _key(desired)
+            desired, key = self._selection(rtype, st, snap)
             if st.sent_key is None and st.client_version == snap.version(rtype):
                 # Versions are content hashes: an equal version means equal resources.
                 st.sent_key, st.sent_version = key, st.client_version
@@ -131,8 +152,4 @@ class SotwStream(StreamBase):
         st = self.types.get(rtype)
         if st is None:
             return True
-        return st.pending and st.sent_key == _key(self._desired(rtype, st, snap))
-
-
-def _key(resources: dict[str, Resource]) -> Key:
-    return tuple(sorted((name, res.version) for name, res in resources.items()))
+        return st.pending and st.sent_key == self._selection(rtype, st, snap)[1]

@@ -113,6 +113,7 @@ class Snapshot:
         }
         self._resources: dict[ResourceType, dict[str, Resource]] = {}
         self._versions: dict[ResourceType, str] = {}
+        self._diffs: dict[ResourceType, tuple[Snapshot, tuple[frozenset[str], frozenset[str]]]] = {}
         for rtype, messages in given.items():
             by_name: dict[str, Resource] = {}
             for message in messages:
@@ -125,6 +126,20 @@ class Snapshot:
             for name in sorted(by_name):
                 digest.update(name.encode() + b"\0" + by_name[name].version.encode() + b"\0")
             self._versions[rtype] = digest.hexdigest()
+
+    def diff(self, older: Snapshot, rtype: ResourceType) -> tuple[frozenset[str], frozenset[str]]:
+        """Names of ``rtype`` added or changed since ``older``, and names gone. Computed once per
+        pair and shared by every stream moving from ``older`` to this snapshot."""
+        memo = self._diffs.get(rtype)
+        if memo is not None and memo[0] is older:
+            return memo[1]
+        new, old = self._resources[rtype], older._resources[rtype]
+        changed = frozenset(
+            n for n, r in new.items() if (o := old.get(n)) is None or o.version != r.version
+        )
+        result = (changed, frozenset(old.keys() - new.keys()))
+        self._diffs[rtype] = (older, result)
+        return result
 
     def resources(self, rtype: ResourceType) -> Mapping[str, Resource]:
         return self._resources[rtype]
