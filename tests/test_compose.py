@@ -33,6 +33,15 @@ def test_compose_file_passes_docker_compose_schema_check() -> None:
     assert {"control-plane", "redis", "opa", "gateway-ingress"} <= set(services)
 
 
+def test_service_files_validate() -> None:
+    """The control plane container runs the request-path services: their files must load."""
+    from legation.services import plan
+
+    path = generate.OUT / "mesh.yaml"
+    planned = plan(load_mesh(path), mesh_path=path)
+    assert set(planned.embedded) == {"extauthz", "extproc", "ratelimit"}
+
+
 def test_same_topology_as_the_quickstart() -> None:
     quick = load_mesh(generate.QUICKSTART / "mesh.yaml")
     compose = load_mesh(generate.OUT / "mesh.yaml")
