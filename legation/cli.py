@@ -54,12 +54,16 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     from legation.config import load_mesh
+    from legation.controlplane import DEFAULT_STATUS_PORT
+    from legation.services import plan
     from legation.xds.translate import translate
 
     failed = 0
     for path in args.mesh:
         try:
             mesh = load_mesh(path)
+            # the request-path services' own files (policies, limits, chains) are checked too
+            plan(mesh, mesh_path=path, reserved={DEFAULT_STATUS_PORT: "the status endpoint's"})
             snapshots = translate(mesh, version="check")
         except LegationError as err:
             print(err, file=sys.stderr)

@@ -177,7 +177,7 @@ def _resolve_paths(raw: Any, folder: Path) -> Any:
     out = dict(raw)
     log_target = out.get("decision_log")
     if isinstance(log_target, str) and log_target != "-" and not Path(log_target).is_absolute():
-        out["decision_log"] = str(folder / log_target)
+        out["decision_log"] = str((folder / log_target).resolve())
     if isinstance(out.get("checks"), dict):
         out["checks"] = _resolve_in(out["checks"], folder)
     return out
@@ -189,7 +189,7 @@ def _resolve_in(value: Any, folder: Path) -> Any:
     if not isinstance(value, dict):
         return value
     return {
-        k: str(folder / v)
+        k: str((folder / v).resolve())
         if k in _PATH_KEYS and isinstance(v, str) and not Path(v).is_absolute()
         else _resolve_in(v, folder)
         for k, v in value.items()

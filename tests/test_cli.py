@@ -102,3 +102,15 @@ def test_serve_ratelimit_with_two_workers_answers(tmp_path: Path) -> None:
         assert proc.wait(15) == 0
         if proc.stdout is not None:
             proc.stdout.close()
+
+
+def test_check_reads_the_request_path_services_files(tmp_path: Path) -> None:
+    mesh = tmp_path / "mesh.yaml"
+    mesh.write_text(QUICKSTART.read_text())
+    (tmp_path / "authz.yaml").write_text("checks: {rego: {type: rego, options: {policy_dir: x}}}\n"
+                                         "defualt_checks: [rego]\n")
+    (tmp_path / "ratelimit.yaml").write_text((QUICKSTART.parent / "ratelimit.yaml").read_text())
+    done = legation("check", str(mesh))
+    assert done.returncode == 1
+    assert done.stderr.startswith(f"{mesh}: extauthz.config: ")
+    assert "defualt_checks" in done.stderr
