@@ -180,7 +180,8 @@ def test_relative_paths_in_authz_yaml_follow_the_file(tmp_path: Path) -> None:
             "default_checks: [jwt, rego]\ndecision_log: decisions.jsonl\n"),
     })
     config = plan(load_mesh(path), mesh_path=path).embedded["extauthz"].settings["config"]
-    assert config["checks"]["rego"]["options"]["policy_dir"] == str(tmp_path / "conf/../policies")
+    policy_dir = config["checks"]["rego"]["options"]["policy_dir"]
+    assert policy_dir == str((tmp_path / "policies").resolve())
     provider = config["checks"]["jwt"]["options"]["providers"][0]
-    assert provider["jwks_file"] == str(tmp_path / "conf" / "jwks.json")
-    assert config["decision_log"] == str(tmp_path / "conf" / "decisions.jsonl")
+    assert provider["jwks_file"] == str((tmp_path / "conf" / "jwks.json").resolve())
+    assert config["decision_log"] == str((tmp_path / "conf" / "decisions.jsonl").resolve())
