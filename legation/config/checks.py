@@ -148,6 +148,8 @@ def _route(mesh: Mesh, i: int, r: Route) -> Iterator[Problem]:
         for name in ("timeout", "retries", "mirror", "rewrite"):
             if getattr(r, name) is not None:
                 yield Problem(f"{at}.{name}", "only applies to routes with 'to' or 'split'")
+        if r.rate_limits:  # Envoy's route-level rate limits live in the RouteAction
+            yield Problem(f"{at}.rate_limits", "only applies to routes with 'to' or 'split'")
     yield from _policy(mesh, at, r, budget_allowed=False)
     yield from _match(at, r)
     for side in ("request", "response"):

@@ -21,6 +21,9 @@ EXPECTED = {
         "port 9111 is already used by services[0].endpoints[0].port"
     ),
     "bad_weights": "routes[0].split: weights sum to 95, not 100",
+    "rate_limits_on_redirect": (
+        "routes[0].rate_limits: only applies to routes with 'to' or 'split'"
+    ),
     "bad_filter_option": (
         "routes[0].filters[1].options.rules[0]: "
         "a rule needs exactly one of equals, one_of, present, bucket"
