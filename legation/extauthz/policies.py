@@ -64,12 +64,20 @@ class CompiledPolicies:
     package_files: Mapping[str, str] = field(default_factory=dict)  # package path -> file
 
 
-def sources(directory: Path) -> list[Path]:
-    return sorted(p for p in directory.rglob("*.rego") if p.is_file())
+def is_test_file(path: Path) -> bool:
+    """``*_test.rego``: where `opa test` suites live by convention."""
+    return path.name.endswith("_test.rego")
 
 
-def read_sources(directory: Path) -> Sources:
-    files = sources(directory)
+def sources(directory: Path, *, tests: bool = True) -> list[Path]:
+    return sorted(
+        p for p in directory.rglob("*.rego") if p.is_file() and (tests or not is_test_file(p))
+    )
+
+
+def read_sources(directory: Path, *, tests: bool = True) -> Sources:
+    """The modules under ``directory``; ``tests=False`` leaves out ``*_test.rego`` files."""
+    files = sources(directory, tests=tests)
     if not files:
         raise ConfigError(f"{directory}: no .rego files", code="policy_compile_failed")
     try:
@@ -194,9 +202,15 @@ def _package_path(text: str) -> str:
     return m.group(1).replace(".", "/") if m else ""
 
 
-def load(directory: Path, *, rules: Iterable[str], probe_timeout_s: float) -> CompiledPolicies:
-    """Read, probe in a child process, then compile here. Blocking."""
-    src = read_sources(directory)
+def load(
+    directory: Path, *, rules: Iterable[str], probe_timeout_s: float, tests: bool = False
+) -> CompiledPolicies:
+    """Read, probe in a child process, then compile here. Blocking.
+
+    Test files are left out unless ``tests``: the service never evaluates them, and regopy 1.5
+    crashes while building a bundle that holds an `opa test`-style ``with input as`` over a rule
+    that uses other rules, which would refuse a whole directory of otherwise good policies."""
+    src = read_sources(directory, tests=tests)
     rules = tuple(rules)
     probe(src, rules=rules, timeout_s=probe_timeout_s)
     return compile_sources(src, rules=rules)
@@ -206,8 +220,9 @@ class PolicyStore:
     """Holds the running compiled policies and swaps them when the directory changes."""
 
     def __init__(self, directory: Path, *, rules: Iterable[str], interval_s: float,
-                 probe_timeout_s: float = 10.0) -> None:
+                 probe_timeout_s: float = 10.0, tests: bool = False) -> None:
         self.directory = directory
+        self.tests = tests
         self.rules = tuple(rules)
         self.interval_s = interval_s
         self.probe_timeout_s = probe_timeout_s
@@ -215,7 +230,8 @@ class PolicyStore:
         self.last_error: str | None = None
         self._fingerprint = fingerprint(directory)
         # fails at start with a ConfigError, crashing policies included
-        self.current = load(directory, rules=self.rules, probe_timeout_s=probe_timeout_s)
+        self.current = load(directory, rules=self.rules, probe_timeout_s=probe_timeout_s,
+                            tests=tests)
         self._task: asyncio.Task[None] | None = None
 
     async def reload(self) -> bool:
@@ -226,7 +242,8 @@ class PolicyStore:
         self._fingerprint = fp
         try:
             compiled = await asyncio.to_thread(load, self.directory, rules=self.rules,
-                                               probe_timeout_s=self.probe_timeout_s)
+                                               probe_timeout_s=self.probe_timeout_s,
+                                               tests=self.tests)
         except ConfigError as e:
             self.failed_reloads += 1
             self.last_error = str(e)

@@ -40,6 +40,8 @@ class RegoConfig(BaseModel):
     # that uses `input` as a whole value always gets the whole document
     project_input: bool = True
     probe_timeout_s: float = Field(default=10.0, gt=0, le=120)
+    # load *_test.rego files into the serving bundle too (`legation policy test` always does)
+    include_tests: bool = False
 
 
 def entrypoint(policy: str, decision: str) -> str:
@@ -58,7 +60,8 @@ class RegoCheck:
         self.config = config
         self.store = PolicyStore(config.policy_dir, rules=(config.decision,),
                                  interval_s=config.reload_interval_s,
-                                 probe_timeout_s=config.probe_timeout_s)
+                                 probe_timeout_s=config.probe_timeout_s,
+                                 tests=config.include_tests)
         self._compiled: CompiledPolicies | None = None
         self._interp = Interpreter()
         # policy -> (entry point, input parts it reads), or None when not compiled

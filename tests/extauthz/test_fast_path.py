@@ -210,3 +210,14 @@ async def test_hot_reload_refuses_a_crashing_policy(tmp_path: Path) -> None:
     assert await store.reload() is True
     assert (await servicer.Check(request("/a", "POST", policy="p"), None)).status.code == 0
     await close_checks(servicer)
+
+
+def test_test_files_stay_out_of_the_serving_bundle(tmp_path: Path) -> None:
+    """An `opa test`-style suite that crashes regopy does not keep good policies from serving."""
+    (tmp_path / "good.rego").write_text("package good\nimport rego.v1\nallow := true\n")
+    (tmp_path / "good_test.rego").write_text(CRASHING_TEST)
+    compiled = load(tmp_path, rules=("allow",), probe_timeout_s=30)
+    assert compiled.files == (str(tmp_path / "good.rego"),)
+    with pytest.raises(ConfigError) as err:
+        load(tmp_path, rules=("allow",), probe_timeout_s=30, tests=True)
+    assert err.value.code == "policy_crashed"
