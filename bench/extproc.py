@@ -12,10 +12,11 @@ for that before it is measured. Upstreams are a second Envoy answering with dire
 upstream is never the bottleneck. Each setup: saturation (wrk -c16) and latency percentiles at a
 fixed rate (an open-loop asyncio client, latency measured from the scheduled send time).
 
-envoy-extproc-sdk is not a dependency of Legation. Install it in the venv, or with
-``pip install --target DIR --no-deps envoy-extproc-sdk==0.1.1 'ddtrace<2' envier bytecode wrapt
-opentelemetry-api protoc-gen-validate==0.4.2 xmltodict cattrs six grpcio-health-checking`` and set
-``LEGATION_EXTPROC_SDK_PATH=DIR``. Without it the sdk row is skipped.
+envoy-extproc-sdk is not a dependency of Legation, and its own dependencies would disturb the
+project's venv, so the bench installs it once into ``.legation/bench/extproc-sdk`` (``pip install
+--target``, pinned as below) and puts that folder on the SDK server's path; set
+``LEGATION_EXTPROC_SDK_PATH=DIR`` to use another install. If it cannot be installed (no access to
+the package index), the sdk row is skipped and the output says so.
 """
 
 from __future__ import annotations
@@ -141,11 +142,31 @@ def _start(code: str, port: int, env: dict[str, str]) -> subprocess.Popen[str]:
     return proc
 
 
+SDK_TARGET = Path(__file__).resolve().parent.parent / ".legation" / "bench" / "extproc-sdk"
+SDK_PACKAGES = ["envoy-extproc-sdk==0.1.1", "ddtrace<2", "envier", "bytecode", "wrapt",
+                "opentelemetry-api", "protoc-gen-validate==0.4.2", "xmltodict", "cattrs", "six",
+                "grpcio-health-checking"]
+
+
+def _install_sdk() -> str | None:
+    """Install the SDK beside the project (not into its venv) once; its folder, or None."""
+    if (SDK_TARGET / "envoy_extproc_sdk").is_dir():
+        return str(SDK_TARGET)
+    print(f"  installing envoy-extproc-sdk into {SDK_TARGET} (once) ...")
+    done = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--target",
+                           str(SDK_TARGET), "--no-deps", *SDK_PACKAGES],
+                          capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        print("  could not install envoy-extproc-sdk:", done.stderr.strip().splitlines()[-1:])
+        return None
+    return str(SDK_TARGET)
+
+
 def _sdk_env() -> dict[str, str] | None:
     # ddtrace is imported by the SDK; no agent runs here, so tracing and telemetry are off.
     env = dict(os.environ, DD_TRACE_ENABLED="false", DD_INSTRUMENTATION_TELEMETRY_ENABLED="false",
                DD_REMOTE_CONFIGURATION_ENABLED="false")
-    extra = os.environ.get("LEGATION_EXTPROC_SDK_PATH")
+    extra = os.environ.get("LEGATION_EXTPROC_SDK_PATH") or _install_sdk()
     if extra:
         env["PYTHONPATH"] = extra + os.pathsep + env.get("PYTHONPATH", "")
     shim = SDK_SERVER.split("import grpc\n", 1)[0]
