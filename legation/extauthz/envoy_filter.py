@@ -12,15 +12,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from envoy.config.cluster.v3 import cluster_pb2
-from envoy.config.core.v3 import address_pb2, grpc_service_pb2
-from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.extensions.filters.http.ext_authz.v3 import ext_authz_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
-from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import any_pb2
+
+from legation import envoy_grpc
 
 FILTER_NAME = "envoy.filters.http.ext_authz"
 _HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
@@ -86,30 +85,6 @@ def grpc_cluster(
     name: str, endpoints: Sequence[tuple[str, int]], *, connect_timeout_ms: int = 1000,
     max_concurrent_streams: int = 0,
 ) -> cluster_pb2.Cluster:
-    """A STATIC HTTP/2 cluster for the service. Envoy opens one connection per worker; capping
-    ``max_concurrent_streams`` makes it open more, which spreads load over SO_REUSEPORT workers."""
-    cluster = cluster_pb2.Cluster(name=name, type=cluster_pb2.Cluster.STATIC)
-    cluster.connect_timeout.FromMilliseconds(connect_timeout_ms)
-    cla = endpoint_pb2.ClusterLoadAssignment(cluster_name=name)
-    locality = cla.endpoints.add()
-    for host, port in endpoints:
-        lb = endpoint_components_pb2.LbEndpoint()
-        lb.endpoint.address.CopyFrom(
-            address_pb2.Address(socket_address=address_pb2.SocketAddress(address=host,
-                                                                         port_value=port))
-        )
-        locality.lb_endpoints.append(lb)
-    cluster.load_assignment.CopyFrom(cla)
-    options = http_protocol_options_pb2.HttpProtocolOptions()
-    h2 = options.explicit_http_config.http2_protocol_options
-    if max_concurrent_streams:
-        h2.max_concurrent_streams.value = max_concurrent_streams
-    else:
-        h2.SetInParent()
-    typed = any_pb2.Any()
-    typed.Pack(options)
-    cluster.typed_extension_protocol_options[_HTTP_PROTOCOL_OPTIONS].CopyFrom(typed)
-    return cluster
-
-
-_ = grpc_service_pb2  # the GrpcService type must be registered for JSON conversion
+    """A STATIC HTTP/2 cluster for the service (see :mod:`legation.envoy_grpc`)."""
+    return envoy_grpc.grpc_cluster(name, endpoints, connect_timeout_ms=connect_timeout_ms,
+                                   max_concurrent_streams=max_concurrent_streams)

@@ -15,14 +15,13 @@ from __future__ import annotations
 
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import base_pb2, grpc_service_pb2
-from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2, processing_mode_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
-from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
 
+from legation import envoy_grpc
 from legation.extproc.chain import Chain
 from legation.extproc.config import CHAIN_METADATA_KEY
 from legation.extproc.exchange import METADATA_NAMESPACE
@@ -113,22 +112,6 @@ def typed_per_filter_config(
 def grpc_cluster(
     name: str, host: str, port: int, *, connect_timeout: float = 1.0
 ) -> cluster_pb2.Cluster:
-    """A static cluster for the service; gRPC needs HTTP/2 to the upstream."""
-    options = http_protocol_options_pb2.HttpProtocolOptions()
-    options.explicit_http_config.http2_protocol_options.SetInParent()
-    endpoint = endpoint_components_pb2.LbEndpoint()
-    endpoint.endpoint.address.socket_address.address = host
-    endpoint.endpoint.address.socket_address.port_value = port
-    cluster = cluster_pb2.Cluster(
-        name=name,
-        type=cluster_pb2.Cluster.STATIC,
-        connect_timeout=_duration(connect_timeout),
-        load_assignment=endpoint_pb2.ClusterLoadAssignment(
-            cluster_name=name,
-            endpoints=[endpoint_components_pb2.LocalityLbEndpoints(lb_endpoints=[endpoint])],
-        ),
-    )
-    cluster.typed_extension_protocol_options[
-        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
-    ].Pack(options)
-    return cluster
+    """A static HTTP/2 cluster for the service (see :mod:`legation.envoy_grpc`)."""
+    return envoy_grpc.grpc_cluster(name, [(host, port)],
+                                   connect_timeout_ms=round(connect_timeout * 1000))

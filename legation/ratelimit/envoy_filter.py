@@ -29,7 +29,6 @@ from dataclasses import dataclass
 
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import base_pb2, config_source_pb2, grpc_service_pb2
-from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.ratelimit.v3 import rls_pb2 as rls_config_pb2
 from envoy.config.route.v3 import route_components_pb2 as route_pb2
 from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2 as common_rl_pb2
@@ -38,11 +37,11 @@ from envoy.extensions.filters.http.ratelimit.v3 import rate_limit_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
-from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from envoy.type.metadata.v3 import metadata_pb2
 from envoy.type.v3 import percent_pb2, token_bucket_pb2
-from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
+from google.protobuf import duration_pb2, wrappers_pb2
 
+from legation import envoy_grpc
 from legation.ratelimit.service import FAILURE_MODES
 
 RATE_LIMIT_FILTER = "envoy.filters.http.ratelimit"
@@ -141,29 +140,9 @@ def rate_limit_cluster(
     name: str, host: str, port: int, *, connect_timeout_ms: int = 1000,
     max_concurrent_streams: int | None = None,
 ) -> cluster_pb2.Cluster:
-    """A static HTTP/2 cluster for the gRPC service. ``max_concurrent_streams`` makes Envoy open
-    more connections (needed to spread over ``--workers`` sharing one port)."""
-    h2 = http_protocol_options_pb2.HttpProtocolOptions()
-    h2.explicit_http_config.http2_protocol_options.SetInParent()
-    if max_concurrent_streams:
-        h2.explicit_http_config.http2_protocol_options.max_concurrent_streams.value = (
-            max_concurrent_streams)
-    endpoint = endpoint_components_pb2.LbEndpoint()
-    endpoint.endpoint.address.socket_address.address = host
-    endpoint.endpoint.address.socket_address.port_value = port
-    cluster = cluster_pb2.Cluster(
-        name=name,
-        type=cluster_pb2.Cluster.STATIC,
-        connect_timeout=_ms(connect_timeout_ms),
-        load_assignment=endpoint_pb2.ClusterLoadAssignment(
-            cluster_name=name,
-            endpoints=[endpoint_components_pb2.LocalityLbEndpoints(lb_endpoints=[endpoint])]),
-    )
-    packed = any_pb2.Any()
-    packed.Pack(h2)
-    cluster.typed_extension_protocol_options[
-        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"].CopyFrom(packed)
-    return cluster
+    """A static HTTP/2 cluster for the gRPC service (see :mod:`legation.envoy_grpc`)."""
+    return envoy_grpc.grpc_cluster(name, [(host, port)], connect_timeout_ms=connect_timeout_ms,
+                                   max_concurrent_streams=max_concurrent_streams)
 
 
 def local_rate_limit_filter(

@@ -1,0 +1,45 @@
+"""The Envoy cluster every request-path service is called through: static, HTTP/2.
+
+Envoy opens one HTTP/2 connection per worker to a gRPC cluster, so several service processes
+sharing a port (``legation serve ... --workers N``, SO_REUSEPORT) only all get traffic when
+``max_concurrent_streams`` is capped: Envoy then opens more connections, which the kernel spreads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
+from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
+
+_HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+
+
+def grpc_cluster(
+    name: str,
+    endpoints: Sequence[tuple[str, int]],
+    *,
+    connect_timeout_ms: int = 1000,
+    max_concurrent_streams: int | None = None,
+) -> cluster_pb2.Cluster:
+    """A STATIC cluster of ``endpoints`` (host, port) speaking HTTP/2."""
+    locality = endpoint_components_pb2.LocalityLbEndpoints()
+    for host, port in endpoints:
+        lb = locality.lb_endpoints.add()
+        lb.endpoint.address.socket_address.address = host
+        lb.endpoint.address.socket_address.port_value = port
+    cluster = cluster_pb2.Cluster(
+        name=name,
+        type=cluster_pb2.Cluster.STATIC,
+        load_assignment=endpoint_pb2.ClusterLoadAssignment(cluster_name=name,
+                                                           endpoints=[locality]),
+    )
+    cluster.connect_timeout.FromMilliseconds(connect_timeout_ms)
+    options = http_protocol_options_pb2.HttpProtocolOptions()
+    h2 = options.explicit_http_config.http2_protocol_options
+    h2.SetInParent()
+    if max_concurrent_streams:
+        h2.max_concurrent_streams.value = max_concurrent_streams
+    cluster.typed_extension_protocol_options[_HTTP_PROTOCOL_OPTIONS].Pack(options)
+    return cluster
