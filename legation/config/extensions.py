@@ -27,6 +27,7 @@ On a route::
           - {generic_key: {value: reviews}}
           - {request_headers: {header: x-user, key: user}}
           - {remote_address: {}}
+          - {jwt_claim: {claim: sub, key: user}}   # a claim the ext_authz jwt check verified
 """
 
 from __future__ import annotations
@@ -192,6 +193,15 @@ class RequestHeaders(BaseModel):
     skip_if_absent: bool = False
 
 
+class JwtClaim(BaseModel):
+    """A claim of the token the ext_authz ``jwt`` check verified on this request. The provider
+    must list it in ``claims_to_metadata``; requests without it are not counted by this limit."""
+
+    model_config = STRICT
+    claim: str = Field(min_length=1)
+    key: str | None = Field(default=None, min_length=1, description="default: the claim name")
+
+
 class RemoteAddress(BaseModel):
     model_config = STRICT
 
@@ -203,14 +213,15 @@ class RateLimitAction(BaseModel):
     generic_key: GenericKey | None = None
     request_headers: RequestHeaders | None = None
     remote_address: RemoteAddress | None = None
+    jwt_claim: JwtClaim | None = None
 
     @model_validator(mode="after")
     def _exactly_one(self) -> RateLimitAction:
-        names = ("generic_key", "request_headers", "remote_address")
+        names = ("generic_key", "request_headers", "remote_address", "jwt_claim")
         given = [n for n in names if getattr(self, n) is not None]
         if len(given) != 1:
             raise ValueError(
-                "give exactly one of generic_key, request_headers, remote_address"
+                "give exactly one of generic_key, request_headers, remote_address, jwt_claim"
                 + (f" (got {', '.join(given)})" if given else "")
             )
         return self

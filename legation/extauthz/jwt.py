@@ -32,6 +32,9 @@ SUPPORTED = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES
                        "ES512", "EdDSA", "HS256", "HS384", "HS512"})
 
 
+# where claims_to_metadata puts the claims in the CheckResponse dynamic metadata
+METADATA_KEY = "jwt_claims"
+
 class ProviderConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -45,6 +48,9 @@ class ProviderConfig(BaseModel):
     leeway_s: float = Field(default=30, ge=0, le=600)
     required_claims: list[str] = Field(default_factory=list)
     claims_to_headers: dict[str, str] = Field(default_factory=dict)
+    # claims Envoy gets as dynamic metadata (namespace envoy.filters.http.ext_authz, under
+    # "jwt_claims"), e.g. for rate-limit descriptors keyed by user
+    claims_to_metadata: list[str] = Field(default_factory=list)
     from_header: str | None = "authorization"
     header_prefix: str = "Bearer "
     from_cookie: str | None = None
@@ -170,11 +176,15 @@ class JwtCheck:
             self._remember(digest, provider, claims)
         ctx.claims = claims
         ctx.jwt_provider = provider.config.name
-        if not provider.config.claims_to_headers:
+        config = provider.config
+        if not (config.claims_to_headers or config.claims_to_metadata):
             return ALLOW
         headers = {h: _header_value(claims[c]) for c, h in
-                   provider.config.claims_to_headers.items() if c in claims}
-        return Decision(allowed=True, headers=headers)
+                   config.claims_to_headers.items() if c in claims}
+        metadata = {METADATA_KEY: {c: _header_value(claims[c])
+                                   for c in config.claims_to_metadata if c in claims}}
+        return Decision(allowed=True, headers=headers,
+                        dynamic_metadata=metadata if config.claims_to_metadata else {})
 
     def _find(self, ctx: RequestContext) -> tuple[_Provider, str]:
         token = None

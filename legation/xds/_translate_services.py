@@ -34,6 +34,8 @@ from legation.config.model import Mesh
 from legation.config.routes import Route
 from legation.errors import ConfigError
 from legation.extauthz import envoy_filter as authz_filter
+from legation.extauthz.envoy_filter import FILTER_NAME as EXT_AUTHZ_FILTER_NAME
+from legation.extauthz.jwt import METADATA_KEY as JWT_METADATA_KEY
 from legation.extproc import envoy_filter as proc_filter
 from legation.extproc.config import Chains
 from legation.ratelimit import envoy_filter as rl_filter
@@ -130,4 +132,9 @@ def _spec(action: RateLimitAction) -> rl_filter.DescriptorSpec:
     if action.request_headers is not None:
         h = action.request_headers
         return rl_filter.RequestHeader(h.header, h.key, h.skip_if_absent)
+    if action.jwt_claim is not None:
+        # the ext_authz jwt check puts claims_to_metadata in the filter's dynamic metadata
+        c = action.jwt_claim
+        return rl_filter.Metadata(c.key or c.claim, EXT_AUTHZ_FILTER_NAME,
+                                  (JWT_METADATA_KEY, c.claim), skip_if_absent=True)
     return rl_filter.RemoteAddress()

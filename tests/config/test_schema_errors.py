@@ -79,7 +79,7 @@ def test_bad_name_pattern() -> None:
          "routes[0].retries.attempts: must be >= 1, got 0"),
         ({"to": {"service": "reviews"}, "split": None, "rate_limits": [{"actions": [{}]}]},
          "routes[0].rate_limits[0].actions[0]: give exactly one of generic_key, request_headers, "
-         "remote_address"),
+         "remote_address, jwt_claim"),
     ],
 )
 def test_route_shape_errors(route: dict[str, Any], message: str) -> None:
