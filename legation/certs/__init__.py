@@ -1,0 +1,27 @@
+"""Mesh identity and encryption: a CA, SPIFFE workload certificates, rotation, SDS secrets.
+
+* :mod:`~legation.certs.ca`: the root (generated and kept in a directory, or loaded) and issuing;
+* :mod:`~legation.certs.spiffe`: the SPIFFE id scheme;
+* :mod:`~legation.certs.workload`: an issued certificate and when it is due for renewal;
+* :mod:`~legation.certs.sds`: certificates as Envoy SDS secrets;
+* :mod:`~legation.certs.issuer`: a mesh's proxies' certificates, followed across reloads.
+"""
+
+from legation.certs.ca import CertificateAuthority
+from legation.certs.errors import CertError
+from legation.certs.issuer import MeshIssuer, proxy_identities
+from legation.certs.sds import TRUST_BUNDLE, WORKLOAD_CERT, proxy_secrets
+from legation.certs.spiffe import spiffe_id
+from legation.certs.workload import WorkloadCert
+
+__all__ = [
+    "TRUST_BUNDLE",
+    "WORKLOAD_CERT",
+    "CertError",
+    "CertificateAuthority",
+    "MeshIssuer",
+    "WorkloadCert",
+    "proxy_identities",
+    "proxy_secrets",
+    "spiffe_id",
+]

@@ -20,6 +20,7 @@ from legation.config.model import (
     Subset,
     XdsAddress,
 )
+from legation.config.mtls import Mtls
 from legation.config.proxies import DemoSpec, ListenerSpec, ProxySpec
 from legation.config.routes import Route
 
@@ -31,6 +32,7 @@ __all__ = [
     "ListenerSpec",
     "Mesh",
     "MeshConfigError",
+    "Mtls",
     "Problem",
     "ProxySpec",
     "Route",

@@ -4,7 +4,8 @@ Checks: unique names (services, instances, subsets, routes), references (routes,
 ``mesh_hosts`` name defined services and subsets; subsets select at least one endpoint), split
 weights summing to 100, one owner per listening port, settings that only make sense in one place
 (retry budgets on services; timeouts, retries, mirrors and rewrites on forwarding routes), and the
-request-path placeholders referring to services the mesh declares.
+request-path placeholders referring to services the mesh declares, and the ``mtls`` block's
+(:func:`legation.config.mtls.mtls_problems`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import Iterator
 
 from legation.config.errors import Problem
 from legation.config.model import Mesh, Service
+from legation.config.mtls import mtls_problems
 from legation.config.policy import RoutePolicy
 from legation.config.routes import Destination, Route
 
@@ -28,6 +30,7 @@ def semantic_problems(mesh: Mesh) -> list[Problem]:
         *_ports(mesh),
         *(p for i, s in enumerate(mesh.services) for p in _service(mesh, i, s)),
         *(p for i, r in enumerate(mesh.routes) for p in _route(mesh, i, r)),
+        *mtls_problems(mesh),
     ]
 
 

@@ -18,6 +18,7 @@ from pydantic import BaseModel, Field
 
 from legation.config._types import STRICT, Name, Port
 from legation.config.extensions import ExtAuthzService, ExtProcService, RateLimitService
+from legation.config.mtls import Mtls
 from legation.config.policy import ServicePolicy
 from legation.config.routes import Route
 
@@ -125,6 +126,7 @@ class Mesh(BaseModel):
     extauthz: ExtAuthzService | None = None
     extproc: ExtProcService | None = None
     ratelimit: RateLimitService | None = None
+    mtls: Mtls = Field(default_factory=Mtls)
 
     def service(self, name: str) -> Service | None:
         return next((s for s in self.services if s.name == name), None)

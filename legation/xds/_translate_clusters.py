@@ -24,6 +24,7 @@ from legation.xds._translate_common import (
     pack,
     socket,
 )
+from legation.xds._translate_mtls import secure_cluster
 
 _LB = {
     "round_robin": cluster_pb2.Cluster.ROUND_ROBIN,
@@ -35,9 +36,10 @@ _HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 
 
 def outbound_clusters(
-    service: Service,
+    service: Service, *, server_id: str | None = None
 ) -> list[tuple[cluster_pb2.Cluster, endpoint_pb2.ClusterLoadAssignment]]:
-    """The service's cluster and one per subset, each with its endpoints."""
+    """The service's cluster and one per subset, each with its endpoints. With ``server_id``
+    (the service's SPIFFE id; the mesh uses mTLS) they speak mTLS to the sidecars among them."""
     out = []
     for subset in [None, *(s.name for s in service.subsets)]:
         name = outbound_cluster(service.name, subset)
@@ -45,7 +47,11 @@ def outbound_clusters(
         addresses = [
             (e.host, e.sidecar.inbound_port if e.sidecar else e.port) for e in members
         ]
-        out.append((_cluster(name, service), load_assignment(name, addresses)))
+        cluster, endpoints = _cluster(name, service), load_assignment(name, addresses)
+        if server_id is not None:
+            sidecars = [e.sidecar is not None for e in members]
+            secure_cluster(cluster, endpoints, sidecars, server_id)
+        out.append((cluster, endpoints))
     return out
 
 

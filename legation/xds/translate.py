@@ -23,17 +23,25 @@ gateway and the sidecars' outbound listeners get their filters, every proxy gets
 ``gateway`` and ``outbound`` route configurations says what each does there (routes' ``authz``,
 ``filters``, ``rate_limits``); see :mod:`legation.xds._translate_services`. The ``inbound``
 listener carries none of them: the caller's side already applied the route.
+
+When the mesh turns ``mtls`` on, sidecar inbound listeners terminate mTLS and the clusters to
+sidecars originate it, with the certificates of the ``secrets`` given (SDS over ADS); see
+:mod:`legation.xds._translate_mtls`.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
 
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.config.listener.v3 import listener_pb2
 from envoy.config.route.v3 import route_components_pb2 as rc
 from envoy.config.route.v3 import route_pb2
+from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
 from google.protobuf import duration_pb2
 
+from legation.certs.spiffe import spiffe_id
 from legation.config.model import Endpoint, Mesh, Service
 from legation.config.proxies import gateway_node_id, sidecar_node_id
 from legation.config.routes import Route
@@ -48,6 +56,7 @@ from legation.xds._translate_common import (
     pack,
 )
 from legation.xds._translate_listeners import http_listener, tcp_listener
+from legation.xds._translate_mtls import check_sds, secure_inbound
 from legation.xds._translate_routes import default_route, local_rate_limit, route
 from legation.xds._translate_services import apply_services, service_clusters, service_filters
 from legation.xds.snapshot import Snapshot
@@ -57,23 +66,49 @@ __all__ = ["translate"]
 _Clusters = list[tuple[cluster_pb2.Cluster, endpoint_pb2.ClusterLoadAssignment]]
 
 
-def translate(mesh: Mesh, *, version: str) -> dict[str, Snapshot]:
-    """A consistent snapshot per proxy node id, labelled ``version``."""
+Secrets = Mapping[str, Sequence[secret_pb2.Secret]]
+
+
+def translate(
+    mesh: Mesh, *, version: str, secrets: Secrets | None = None
+) -> dict[str, Snapshot]:
+    """A consistent snapshot per proxy node id, labelled ``version``.
+
+    ``secrets``: node id -> its SDS secrets (:meth:`legation.certs.MeshIssuer.secrets`), put in
+    that proxy's snapshot; with them, every secret a listener or cluster names must be there.
+    Without them an mTLS mesh translates to snapshots that name secrets they do not carry: good
+    for checking a mesh, not for serving it."""
     from legation.services import route_chains  # plugin instances: only their phases are read
 
-    shared: _Clusters = [pair for s in mesh.services for pair in outbound_clusters(s)]
+    shared: _Clusters = [
+        pair for s in mesh.services for pair in outbound_clusters(s, server_id=_identity(mesh, s))
+    ]
     routed = _Routed(mesh, route_chains(mesh))
     out: dict[str, Snapshot] = {}
     for service in mesh.services:
         for i, endpoint in enumerate(service.endpoints):
             if endpoint.sidecar is not None:
                 node = sidecar_node_id(service.instance_name(i))
-                out[node] = _sidecar(routed, service, endpoint, shared, version)
+                out[node] = _sidecar(routed, service, endpoint, shared, version,
+                                     _secrets_of(secrets, node))
     if mesh.gateway is not None:
-        out[gateway_node_id(mesh.gateway.name)] = _gateway(routed, shared, version)
+        node = gateway_node_id(mesh.gateway.name)
+        out[node] = _gateway(routed, shared, version, _secrets_of(secrets, node))
     for snapshot in out.values():
         snapshot.check_consistent()
+        if secrets is not None:
+            check_sds(snapshot)
     return out
+
+
+def _identity(mesh: Mesh, service: Service) -> str | None:
+    """The service's SPIFFE id when the mesh uses mTLS (see :mod:`legation.certs.spiffe`)."""
+    m = mesh.mtls
+    return spiffe_id(m.trust_domain, m.namespace, service.name) if m.enabled else None
+
+
+def _secrets_of(secrets: Secrets | None, node: str) -> Sequence[secret_pb2.Secret]:
+    return () if secrets is None else secrets.get(node, ())
 
 
 class _Routed:
@@ -103,6 +138,7 @@ def _snapshot(
     clusters: _Clusters,
     listeners: list[listener_pb2.Listener],
     routes: list[route_pb2.RouteConfiguration],
+    secrets: Sequence[secret_pb2.Secret],
 ) -> Snapshot:
     return Snapshot(
         version,
@@ -110,10 +146,13 @@ def _snapshot(
         endpoints=[e for _, e in clusters],
         listeners=listeners,
         routes=routes,
+        secrets=secrets,
     )
 
 
-def _gateway(routed: _Routed, shared: _Clusters, version: str) -> Snapshot:
+def _gateway(
+    routed: _Routed, shared: _Clusters, version: str, secrets: Sequence[secret_pb2.Secret]
+) -> Snapshot:
     mesh = routed.mesh
     gw = mesh.gateway
     assert gw is not None
@@ -136,11 +175,16 @@ def _gateway(routed: _Routed, shared: _Clusters, version: str) -> Snapshot:
         edge=True,
         service_filters=routed.filters,
     )
-    return _snapshot(routed, version, shared, [listener], [routes])
+    return _snapshot(routed, version, shared, [listener], [routes], secrets)
 
 
 def _sidecar(
-    routed: _Routed, service: Service, endpoint: Endpoint, shared: _Clusters, version: str
+    routed: _Routed,
+    service: Service,
+    endpoint: Endpoint,
+    shared: _Clusters,
+    version: str,
+    secrets: Sequence[secret_pb2.Secret],
 ) -> Snapshot:
     sidecar = endpoint.sidecar
     assert sidecar is not None
@@ -168,6 +212,8 @@ def _sidecar(
             )
         )
         routes.append(_inbound_routes(service))
+    if routed.mesh.mtls.enabled:
+        secure_inbound(listeners[0], permissive=routed.mesh.mtls.mode == "permissive")
     listeners.append(
         http_listener(
             OUTBOUND,
@@ -179,7 +225,7 @@ def _sidecar(
         )
     )
     routes.append(_outbound_routes(routed))
-    return _snapshot(routed, version, [*shared, local], listeners, routes)
+    return _snapshot(routed, version, [*shared, local], listeners, routes, secrets)
 
 
 def _inbound_routes(service: Service) -> route_pb2.RouteConfiguration:

@@ -28,6 +28,11 @@ EXPECTED = {
         "routes[0].filters[1].options.rules[0]: "
         "a rule needs exactly one of equals, one_of, present, bucket"
     ),
+    "mtls_mode": (
+        "mtls.mode: expected 'off', 'permissive' or 'strict', got on/true "
+        "(YAML reads it as a boolean)"
+    ),
+    "mtls_half_ca": "mtls.ca_key: needs mtls.ca_cert too",
     "unreadable": (
         "(top level): invalid YAML at line 4, column 4: "
         "expected <block end>, but found '<block mapping start>'"

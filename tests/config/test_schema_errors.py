@@ -20,8 +20,8 @@ def test_unknown_top_level_key_lists_allowed_keys() -> None:
     data = base()
     data["servics"] = []
     assert error_of(data) == (
-        "mesh.yaml: servics: unknown key (allowed: extauthz, extproc, gateway, ratelimit, "
-        "routes, services, xds)"
+        "mesh.yaml: servics: unknown key (allowed: extauthz, extproc, gateway, mtls, "
+        "ratelimit, routes, services, xds)"
     )
 
 

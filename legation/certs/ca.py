@@ -1,0 +1,242 @@
+"""The mesh's certificate authority: a root (self-signed, generated once and kept on disk, or
+loaded from configured PEM files) that signs short-lived SPIFFE workload certificates.
+
+Generated roots are EC P-256, valid ten years, stored as ``ca.crt`` (0644) and ``ca.key`` (0600)
+in a directory created 0700. Workload certificates are X509-SVIDs: EC P-256 keys, the SPIFFE id as
+the only URI SAN, ``digitalSignature`` only, server and client auth, signed by the root directly
+(the chain is the leaf; the trust bundle is the root).
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from legation.certs.errors import CertError
+from legation.certs.workload import WorkloadCert
+
+CERT_FILE = "ca.crt"
+KEY_FILE = "ca.key"
+ROOT_VALIDITY = timedelta(days=3650)
+CLOCK_SKEW = timedelta(minutes=1)  # workload certs start this much in the past
+
+SigningKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+
+
+class CertificateAuthority:
+    """A root certificate and its key. ``source`` says where it came from (for messages)."""
+
+    def __init__(self, cert: x509.Certificate, key: SigningKey, *, source: str) -> None:
+        self.cert = cert
+        self._key = key
+        self.source = source
+        self.root_pem = cert.public_bytes(serialization.Encoding.PEM)
+
+    def __repr__(self) -> str:
+        return f"CertificateAuthority({self.source!r}, fingerprint={self.fingerprint!r})"
+
+    # -- what it is ------------------------------------------------------------------------
+
+    @property
+    def fingerprint(self) -> str:
+        """SHA-256 of the root, ``AB:CD:...`` as ``openssl x509 -fingerprint -sha256`` prints."""
+        return self.cert.fingerprint(hashes.SHA256()).hex(":").upper()
+
+    @property
+    def not_after(self) -> datetime:
+        return self.cert.not_valid_after_utc
+
+    # -- making and finding one --------------------------------------------------------------
+
+    @classmethod
+    def generate(cls, *, trust_domain: str, now: datetime | None = None) -> CertificateAuthority:
+        now = now or datetime.now(UTC)
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Legation"),
+            x509.NameAttribute(NameOID.COMMON_NAME, f"Legation root CA {trust_domain}"[:64]),
+        ])
+        ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - CLOCK_SKEW)
+            .not_valid_after(now + ROOT_VALIDITY)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(_usage(cert_sign=True), critical=True)
+            .add_extension(ski, critical=False)
+            .add_extension(
+                x509.SubjectAlternativeName(
+                    [x509.UniformResourceIdentifier(f"spiffe://{trust_domain}")]
+                ),
+                critical=False,
+            )
+            .sign(key, hashes.SHA256())
+        )
+        return cls(cert, key, source="generated")
+
+    @classmethod
+    def load(cls, cert_path: Path, key_path: Path) -> CertificateAuthority:
+        """A CA from PEM files; raises ``ca_unreadable`` or ``ca_invalid``."""
+        cert = _read_cert(cert_path)
+        key = _read_key(key_path)
+        ca = cls(cert, key, source=f"{cert_path} + {key_path}")
+        ca._check(cert_path, key_path)
+        return ca
+
+    @classmethod
+    def in_directory(cls, directory: Path, *, trust_domain: str) -> CertificateAuthority:
+        """The CA kept in ``directory``; generated and stored there on first use."""
+        cert_path, key_path = directory / CERT_FILE, directory / KEY_FILE
+        if cert_path.exists() or key_path.exists():
+            return cls.load(cert_path, key_path)
+        ca = cls.generate(trust_domain=trust_domain)
+        ca._store(directory)
+        ca.source = str(directory)
+        return ca
+
+    def _store(self, directory: Path) -> None:
+        key_pem = self._key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        try:
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            _write(directory / KEY_FILE, key_pem, 0o600)
+            _write(directory / CERT_FILE, self.root_pem, 0o644)
+        except OSError as err:
+            raise CertError(
+                f"{directory}: cannot store the new CA: {err.strerror or err}",
+                code="ca_write_failed",
+            ) from None
+
+    def _check(self, cert_path: Path, key_path: Path) -> None:
+        try:
+            constraints = self.cert.extensions.get_extension_for_class(x509.BasicConstraints)
+            is_ca = constraints.value.ca
+        except x509.ExtensionNotFound:
+            is_ca = False
+        if not is_ca:
+            raise CertError(f"{cert_path}: not a CA certificate", code="ca_invalid")
+        if self.not_after <= datetime.now(UTC):
+            raise CertError(f"{cert_path}: expired on {self.not_after:%Y-%m-%d}",
+                            code="ca_invalid")
+        public = serialization.PublicFormat.SubjectPublicKeyInfo
+        mine = self._key.public_key().public_bytes(serialization.Encoding.DER, public)
+        theirs = self.cert.public_key().public_bytes(serialization.Encoding.DER, public)
+        if mine != theirs:
+            raise CertError(f"{key_path}: does not match {cert_path}", code="ca_invalid")
+
+    # -- issuing -----------------------------------------------------------------------------
+
+    def issue(self, spiffe_id: str, *, ttl: timedelta, now: datetime | None = None
+              ) -> WorkloadCert:
+        """A fresh key and certificate for ``spiffe_id``, valid ``ttl`` from ``now`` (never past
+        the root's own expiry)."""
+        now = (now or datetime.now(UTC)).replace(microsecond=0)  # X.509 keeps whole seconds
+        key = ec.generate_private_key(ec.SECP256R1())
+        not_before = max(now - CLOCK_SKEW, self.cert.not_valid_before_utc)
+        not_after = min(now + ttl, self.not_after)
+        serial = x509.random_serial_number()
+        name = spiffe_id.rsplit("/", 1)[-1][:64] or "workload"
+        issuer_ski = self.cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([
+                x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Legation"),
+                x509.NameAttribute(NameOID.COMMON_NAME, name),
+            ]))
+            .issuer_name(self.cert.subject)
+            .public_key(key.public_key())
+            .serial_number(serial)
+            .not_valid_before(not_before)
+            .not_valid_after(not_after)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(_usage(cert_sign=False), critical=True)
+            .add_extension(
+                x509.ExtendedKeyUsage(
+                    [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+                ),
+                critical=False,
+            )
+            .add_extension(
+                x509.SubjectAlternativeName([x509.UniformResourceIdentifier(spiffe_id)]),
+                critical=False,
+            )
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
+                           critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(issuer_ski.value),
+                critical=False,
+            )
+            .sign(self._key, hashes.SHA256())
+        )
+        return WorkloadCert(
+            spiffe_id=spiffe_id,
+            cert_pem=cert.public_bytes(serialization.Encoding.PEM),
+            key_pem=key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            ),
+            serial=serial,
+            issued_at=now,
+            not_before=not_before,
+            not_after=not_after,
+        )
+
+
+def _usage(*, cert_sign: bool) -> x509.KeyUsage:
+    return x509.KeyUsage(
+        digital_signature=True, content_commitment=False, key_encipherment=False,
+        data_encipherment=False, key_agreement=False, key_cert_sign=cert_sign,
+        crl_sign=cert_sign, encipher_only=False, decipher_only=False,
+    )
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as err:
+        raise CertError(f"{path}: cannot read: {err.strerror or err}",
+                        code="ca_unreadable") from None
+
+
+def _read_cert(path: Path) -> x509.Certificate:
+    try:
+        return x509.load_pem_x509_certificate(_read(path))
+    except ValueError:
+        raise CertError(f"{path}: not a PEM certificate", code="ca_unreadable") from None
+
+
+def _read_key(path: Path) -> SigningKey:
+    try:
+        key = serialization.load_pem_private_key(_read(path), password=None)
+    except (ValueError, TypeError):
+        # the parser's message is not repeated: it could quote the file
+        raise CertError(f"{path}: not an unencrypted PEM private key",
+                        code="ca_unreadable") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
+        raise CertError(f"{path}: the CA key must be EC or RSA", code="ca_invalid")
+    return key
+
+
+def _write(path: Path, data: bytes, mode: int) -> None:
+    """Write through a private temporary file and rename, so no reader sees half a file and the
+    key is never readable by others, not even briefly."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "wb") as out:
+        os.fchmod(out.fileno(), mode)  # the umask never widens it, but may have narrowed it
+        out.write(data)
+    os.replace(tmp, path)

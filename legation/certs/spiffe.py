@@ -1,0 +1,34 @@
+"""SPIFFE ids of the mesh's workloads.
+
+The scheme (Istio's, so tools that read Istio identities read ours)::
+
+    spiffe://<trust_domain>/ns/<namespace>/sa/<service>
+
+* ``trust_domain``: ``mtls.trust_domain`` (default ``cluster.local``); one CA per trust domain;
+* ``namespace``: ``mtls.namespace`` (default ``default``), the mesh's name;
+* ``service``: the service of a sidecar's instance (every instance of a service shares the
+  identity), or, for the ingress gateway, the gateway's ``name`` (``ingress``); the mesh checks
+  refuse a service named like the gateway when mTLS is on, so the two never share an identity.
+
+The id is the certificate's only URI SAN; Envoy puts the peer's in ``source.principal`` (what
+ext_authz reads) and in ``x-forwarded-client-cert`` on the inbound side.
+"""
+
+from __future__ import annotations
+
+import re
+
+from legation.certs.errors import CertError
+
+_TRUST_DOMAIN = re.compile(r"^[a-z0-9._-]{1,255}$")
+_SEGMENT = re.compile(r"^[A-Za-z0-9._-]+$")
+
+
+def spiffe_id(trust_domain: str, namespace: str, name: str) -> str:
+    """``spiffe://<trust_domain>/ns/<namespace>/sa/<name>``; raises ``bad_identity``."""
+    if not _TRUST_DOMAIN.match(trust_domain):
+        raise CertError(f"invalid SPIFFE trust domain {trust_domain!r}", code="bad_identity")
+    for part in (namespace, name):
+        if not _SEGMENT.match(part) or part in (".", ".."):
+            raise CertError(f"invalid SPIFFE path segment {part!r}", code="bad_identity")
+    return f"spiffe://{trust_domain}/ns/{namespace}/sa/{name}"
