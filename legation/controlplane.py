@@ -10,6 +10,13 @@ event loop (:mod:`legation.services`): started before the xDS server (so before 
 told to call them), updated on every valid reload before the new snapshots are published (the
 ext_proc chains follow the routes), stopped last. Their files are validated with the mesh: a bad
 ``authz.yaml`` or ``ratelimit.yaml`` rejects the change like a bad mesh does.
+
+When the mesh turns ``mtls`` on, a :class:`~legation.certs.MeshIssuer` opens (or creates) the CA
+and gives every proxy a SPIFFE certificate, delivered in its snapshot as SDS secrets. Reloads keep
+certificates whose identity is unchanged. A timer re-issues each certificate at 2/3 of its
+lifetime and publishes the proxies' snapshots again: only their SDS secrets change, so Envoy
+swaps certificates without restarting or draining. ``/status`` shows the root's fingerprint and
+each proxy's certificate (SPIFFE id, serial, expiry; never key material).
 """
 
 from __future__ import annotations
@@ -20,11 +27,14 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
+from legation.certs import MeshIssuer
+from legation.certs.issuer import DEFAULT_CA_DIR
 from legation.config import Mesh, load_mesh
 from legation.errors import LegationError
 from legation.services import EmbeddedServices, Plan, ServiceStartError, plan
@@ -54,9 +64,15 @@ class ControlPlane:
         poll_interval: float = 0.5,
         on_event: Callable[[str], None] | None = None,
         embedded_services: bool = True,
+        ca_dir: Path | None = None,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        rotation_check: float = 60.0,
     ) -> None:
         """``embedded_services=False`` leaves the mesh's request-path services to others even
-        when their blocks say ``embedded: true`` (only the Envoy side is configured)."""
+        when their blocks say ``embedded: true`` (only the Envoy side is configured).
+        ``ca_dir``: where the generated CA lives when the mesh names none (default
+        ``.legation/ca``). ``clock`` dates certificates; the rotation timer looks at it at least
+        every ``rotation_check`` seconds (so a suspended machine catches up)."""
         self.mesh_path = Path(mesh_path)
         self.registry = CollectorRegistry()
         self.cache = SnapshotCache(
@@ -70,6 +86,11 @@ class ControlPlane:
         self.on_event = on_event or (lambda line: log.info("%s", line))
         self.embedded_services = embedded_services
         self.services = EmbeddedServices(on_event=self.on_event)
+        self.issuer = MeshIssuer(mesh_dir=self.mesh_path.parent,
+                                 default_ca_dir=ca_dir or DEFAULT_CA_DIR, clock=clock)
+        self.rotation_check = rotation_check
+        self._certs_changed = asyncio.Event()
+        self._rotator: asyncio.Task[None] | None = None
         self.mesh: Mesh | None = None
         self.snapshots: dict[str, Snapshot] = {}
         self.generation = 0
@@ -81,6 +102,10 @@ class ControlPlane:
         )
         self._generation = Gauge(
             "legation_config_generation", "Mesh generation being served", registry=self.registry
+        )
+        self._rotations = Counter(
+            "legation_certificate_rotations", "Workload certificates re-issued before expiry",
+            registry=self.registry,
         )
         self.server: XdsServer | None = None
         self._status_server: asyncio.base_events.Server | None = None
@@ -116,11 +141,14 @@ class ControlPlane:
             raise
         self.status_port = self._status_server.sockets[0].getsockname()[1]
         self._watcher = asyncio.create_task(self._watch())
+        self._rotator = asyncio.create_task(self._rotate_when_due())
         return self
 
     async def stop(self) -> None:
         if self._watcher is not None:
             self._watcher.cancel()
+        if self._rotator is not None:
+            self._rotator.cancel()
         if self._status_server is not None:
             self._status_server.close()
         if self.server is not None:
@@ -138,8 +166,13 @@ class ControlPlane:
         return plan(mesh, mesh_path=self.mesh_path, reserved=reserved)
 
     def _translate(self, mesh: Mesh, text: bytes) -> tuple[dict[str, Snapshot], str]:
+        """Snapshots for ``mesh``, with certificates for its proxies. A CA that cannot be opened
+        raises (a LegationError) and leaves the certificates as they were."""
         digest = hashlib.sha256(text).hexdigest()[:8]
-        return translate(mesh, version=f"g{self.generation + 1}-{digest}"), digest
+        self.issuer.update(mesh)
+        self._certs_changed.set()
+        version = f"g{self.generation + 1}-{digest}"
+        return translate(mesh, version=version, secrets=self.issuer.secrets()), digest
 
     def _publish(self, mesh: Mesh, snapshots: dict[str, Snapshot], digest: str) -> None:
         for node, snap in snapshots.items():
@@ -189,6 +222,43 @@ class ControlPlane:
                       f"{message}")
         return False
 
+    # -- certificates ----------------------------------------------------------------------
+
+    def rotate(self, *, force: bool = False) -> list[str]:
+        """Re-issue the certificates due for renewal (all with ``force``) and publish the
+        snapshots of those proxies again (only their SDS secrets change). Their node ids."""
+        nodes = self.issuer.rotate(force=force)
+        if not nodes or self.mesh is None:
+            return nodes
+        version = f"g{self.generation}-{self._digest}"
+        fresh = translate(self.mesh, version=version, secrets=self.issuer.secrets())
+        for node in nodes:
+            self.cache.set_snapshot(node, fresh[node])
+            self.snapshots[node] = fresh[node]
+        self._rotations.inc(len(nodes))
+        self._certs_changed.set()
+        self.on_event(f"certificates renewed for {len(nodes)} proxies")
+        return nodes
+
+    async def _rotate_when_due(self) -> None:
+        while True:
+            self._certs_changed.clear()
+            due = self.issuer.next_renewal()
+            wait = self.rotation_check
+            if due is not None:
+                wait = min(wait, max(0.0, (due - self.issuer.clock()).total_seconds()))
+            try:
+                await asyncio.wait_for(self._certs_changed.wait(), timeout=wait)
+                continue  # new certificates, new schedule
+            except TimeoutError:
+                pass
+            try:
+                self.rotate()
+            except Exception as err:  # keep the timer alive: expiring certificates are worse
+                log.exception("certificate rotation failed")
+                self.last_error = f"certificate rotation failed: {err}"
+                await asyncio.sleep(self.rotation_check)
+
     async def _watch(self) -> None:
         last = b""
         while True:
@@ -223,6 +293,9 @@ class ControlPlane:
             entry["in_sync"] = all(
                 entry["acked"].get(t) == v for t, v in entry["expected"].items()
             )
+            cert = self.issuer.certs.get(spec.node_id) if self.issuer.enabled else None
+            if cert is not None:
+                entry["certificate"] = cert.summary()
             proxies.append(entry)
         return {
             "mesh": str(self.mesh_path),
@@ -230,8 +303,16 @@ class ControlPlane:
             "xds": self.server.address if self.server else None,
             "last_error": self.last_error,
             "services": self.services.status(),
+            "mtls": self._mtls_status(),
             "proxies": proxies,
         }
+
+    def _mtls_status(self) -> dict[str, Any] | None:
+        status = self.issuer.status()
+        if status is None or self.mesh is None:
+            return None
+        return {"mode": self.mesh.mtls.mode, "trust_domain": self.mesh.mtls.trust_domain,
+                "ca": status["ca"]}
 
     async def _serve_status(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter

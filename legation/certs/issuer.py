@@ -31,7 +31,10 @@ def proxy_identities(mesh: Mesh) -> dict[str, str]:
     m = mesh.mtls
     out = {}
     for proxy in mesh.proxies():
-        name = proxy.service if proxy.kind == "sidecar" else mesh.gateway and mesh.gateway.name
+        if proxy.kind == "sidecar":
+            name = proxy.service
+        else:
+            name = mesh.gateway.name if mesh.gateway is not None else None
         assert name is not None
         out[proxy.node_id] = spiffe_id(m.trust_domain, m.namespace, name)
     return out

@@ -1,0 +1,118 @@
+"""The control plane's certificates: issued on start, kept across reloads, rotated by its timer
+(a settable clock makes them due; the real timer task notices), a bad CA rejected like a bad mesh.
+No Envoy here: the published snapshots are read from the cache."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+import yaml
+
+from legation.certs import WORKLOAD_CERT
+from legation.controlplane import ControlPlane
+from legation.xds.types import ResourceType
+from tests.config.meshdata import base
+from tests.conftest import free_port
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = datetime.now(UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+def write(path: Path, **mtls: object) -> None:
+    data = base()
+    data["xds"] = {"port": free_port()}
+    for i, ep in enumerate(data["services"][0]["endpoints"]):
+        ep["sidecar"] = {"inbound_port": free_port(), "outbound_port": free_port(),
+                         "admin_port": free_port()}
+        ep["port"] = 9111 + i
+    data["gateway"] = {"port": free_port(), "admin_port": free_port()}
+    if mtls:
+        data["mtls"] = mtls
+    path.write_text(yaml.safe_dump(data))
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+async def cp(tmp_path: Path, clock: Clock) -> AsyncIterator[ControlPlane]:
+    mesh = tmp_path / "mesh.yaml"
+    write(mesh, mode="strict", cert_ttl="1h", ca_dir="ca")
+    plane = ControlPlane(mesh, status_port=0, poll_interval=3600, on_event=lambda line: None,
+                         clock=clock, rotation_check=0.02)
+    await plane.start()
+    yield plane
+    await plane.stop()
+
+
+async def test_issued_on_start_and_shown_in_status(cp: ControlPlane, tmp_path: Path) -> None:
+    assert (tmp_path / "ca" / "ca.key").is_file()
+    status = cp.status()
+    assert status["mtls"]["mode"] == "strict"
+    assert status["mtls"]["ca"]["fingerprint_sha256"] == cp.issuer.ca.fingerprint  # type: ignore[union-attr]
+    certs = {p["node_id"]: p["certificate"] for p in status["proxies"]}
+    assert certs["gateway-ingress"]["spiffe_id"] == "spiffe://cluster.local/ns/default/sa/ingress"
+    assert certs["sidecar-reviews-0"]["serial"] == cp.issuer.certs["sidecar-reviews-0"].serial_hex
+    assert all(WORKLOAD_CERT in s.resources(ResourceType.SECRET) for s in cp.snapshots.values())
+
+
+async def test_timer_rotates_due_certificates_and_republishes(cp: ControlPlane,
+                                                              clock: Clock) -> None:
+    before = {n: c.serial for n, c in cp.issuer.certs.items()}
+    snaps = dict(cp.snapshots)
+    generation = cp.generation
+    clock.now += timedelta(minutes=41)  # past 2/3 of an hour
+    deadline = time.monotonic() + 5
+    while any(cp.issuer.certs[n].serial == s for n, s in before.items()):
+        assert time.monotonic() < deadline, "the rotation timer did not re-issue"
+        await asyncio.sleep(0.02)
+    assert cp.generation == generation  # same mesh, new certificates
+    while any(cp.cache.snapshot(n) is not cp.snapshots[n] for n in snaps):  # debounced
+        assert time.monotonic() < deadline, "the new snapshots were not published"
+        await asyncio.sleep(0.02)
+    for node, old in snaps.items():
+        new = cp.snapshots[node]
+        changed = {t for t in ResourceType if old.version(t) != new.version(t)}
+        assert changed == {ResourceType.SECRET}
+    assert cp.issuer.next_renewal() == clock.now.replace(microsecond=0) + timedelta(minutes=40)
+
+
+async def test_reload_keeps_certificates_and_a_bad_ca_is_rejected(cp: ControlPlane,
+                                                                  tmp_path: Path) -> None:
+    before = {n: c.serial for n, c in cp.issuer.certs.items()}
+    text = cp.mesh_path.read_text().replace("9111", "9113")  # an endpoint moves
+    cp.mesh_path.write_text(text)
+    assert await cp.reload()
+    assert {n: c.serial for n, c in cp.issuer.certs.items()} == before
+    (tmp_path / "bad.crt").write_text("not a certificate")
+    (tmp_path / "bad.key").write_text("not a key")
+    data = yaml.safe_load(text)
+    data["mtls"] = {"mode": "strict", "ca_cert": "bad.crt", "ca_key": "bad.key"}
+    cp.mesh_path.write_text(yaml.safe_dump(data))
+    generation = cp.generation
+    assert not await cp.reload()
+    assert cp.last_error == f"{tmp_path / 'bad.crt'}: not a PEM certificate"
+    assert cp.generation == generation
+    assert {n: c.serial for n, c in cp.issuer.certs.items()} == before
+
+
+async def test_turning_mtls_off_drops_the_secrets(cp: ControlPlane) -> None:
+    data = yaml.safe_load(cp.mesh_path.read_text())
+    del data["mtls"]
+    cp.mesh_path.write_text(yaml.safe_dump(data))
+    assert await cp.reload()
+    assert cp.status()["mtls"] is None
+    assert all(not s.resources(ResourceType.SECRET) for s in cp.snapshots.values())
+    assert "certificate" not in cp.status()["proxies"][0]
