@@ -7,6 +7,7 @@
     legation serve SERVICE              one service alone: xds, extauthz, extproc, ratelimit
     legation policy test DIR            run Rego unit tests, reported like `opa test`
     legation demo --name N --port P     one demo app (the compose stack runs them this way)
+    legation ca show [DIR]              the mesh CA's root: fingerprint and expiry
 """
 
 from __future__ import annotations
@@ -280,6 +281,20 @@ def cmd_policy(args: argparse.Namespace) -> int:
     return int(policy_test([args.dir, *(["-v"] if args.verbose else [])]))
 
 
+def cmd_ca(args: argparse.Namespace) -> int:
+    from legation.certs.ca import CERT_FILE, describe_root
+
+    try:
+        info = describe_root(Path(args.dir) / CERT_FILE)
+    except LegationError as err:
+        print(err, file=sys.stderr)
+        return 1
+    width = max(len(k) for k in info)
+    for key, value in info.items():
+        print(f"{key:<{width}}  {value}")
+    return 0
+
+
 _DEFAULT_XDS = "127.0.0.1:18000"
 _worker_index = 0
 
@@ -345,6 +360,13 @@ def parser() -> argparse.ArgumentParser:
     demo.add_argument("--fail-every", type=int, default=0, help="answer 503 to every Nth request")
     demo.add_argument("--delay-ms", type=int, default=0)
     demo.set_defaults(fn=cmd_demo)
+
+    ca = sub.add_parser("ca", help="the mesh certificate authority (mtls)")
+    csub = ca.add_subparsers(dest="ca_command", required=True)
+    show = csub.add_parser("show", help="print the root's fingerprint and expiry")
+    show.add_argument("dir", nargs="?", default=".legation/ca",
+                      help="the CA directory (default .legation/ca, where `legation up` keeps it)")
+    show.set_defaults(fn=cmd_ca)
 
     policy = sub.add_parser("policy", help="Rego policy tools")
     psub = policy.add_subparsers(dest="policy_command", required=True)

@@ -196,6 +196,19 @@ class CertificateAuthority:
         )
 
 
+def describe_root(cert_path: Path) -> dict[str, str]:
+    """A root certificate's subject, SHA-256 fingerprint and validity (``legation ca show``);
+    reads only the certificate, never the key."""
+    cert = _read_cert(cert_path)
+    return {
+        "certificate": str(cert_path),
+        "subject": cert.subject.rfc4514_string(),
+        "fingerprint_sha256": cert.fingerprint(hashes.SHA256()).hex(":").upper(),
+        "not_before": cert.not_valid_before_utc.isoformat(),
+        "not_after": cert.not_valid_after_utc.isoformat(),
+    }
+
+
 def _usage(*, cert_sign: bool) -> x509.KeyUsage:
     return x509.KeyUsage(
         digital_signature=True, content_commitment=False, key_encipherment=False,

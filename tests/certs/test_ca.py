@@ -149,3 +149,17 @@ def test_bad_ca_files_have_stable_codes(tmp_path: Path) -> None:
     with pytest.raises(CertError) as info:
         CertificateAuthority.in_directory(tmp_path / "a", trust_domain="x")
     assert info.value.code == "ca_unreadable"
+
+
+def test_cli_ca_show_prints_fingerprint_and_expiry(tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from legation.cli import main
+
+    ca = CertificateAuthority.in_directory(tmp_path, trust_domain="cluster.local")
+    assert main(["ca", "show", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert f"fingerprint_sha256  {ca.fingerprint}" in out
+    assert f"not_after           {ca.not_after.isoformat()}" in out
+    assert "PRIVATE" not in out
+    assert main(["ca", "show", str(tmp_path / "none")]) == 1
+    assert "cannot read" in capsys.readouterr().err
