@@ -36,7 +36,7 @@ REVIEWS_ID = "spiffe://cluster.local/ns/default/sa/reviews"
 
 MESH = """\
 xds: {{port: {xds}}}
-mtls: {{mode: strict, ca_dir: ca, cert_ttl: 1h}}
+mtls: {{mode: {mode}, ca_dir: ca, cert_ttl: 1h}}
 gateway: {{port: {gw}, admin_port: {gw_admin}}}
 services:
   - name: reviews
@@ -87,13 +87,13 @@ def http(port: int, path: str, headers: dict[str, str] | None = None
 
 
 class World:
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, mode: str = "strict") -> None:
         self.tmp = tmp
         self.apps = {v: DemoApp(name="reviews", version=v).start_in_thread() for v in ("v1", "v2")}
         names = ("xds", "gw", "gw_admin", "in1", "out1", "admin1", "in2", "out2", "admin2")
         self.ports = {n: free_port() for n in names}
         self.mesh_path = tmp / "mesh.yaml"
-        self.mesh_path.write_text(MESH.format(**self.ports, app1=self.apps["v1"].port,
+        self.mesh_path.write_text(MESH.format(**self.ports, mode=mode, app1=self.apps["v1"].port,
                                               app2=self.apps["v2"].port))
         self.loop = LoopThread()
         self.cp = ControlPlane(self.mesh_path, status_port=0, poll_interval=3600,
@@ -261,3 +261,20 @@ def test_rotation_reaches_envoy_over_sds_without_restart(world: World) -> None:
     names = sorted(s["name"] for s in dump["configs"])
     assert names == ["legation-trust-bundle", "legation-workload-cert"]
     assert "BEGIN EC PRIVATE" not in json.dumps(dump) and "BEGIN PRIVATE" not in json.dumps(dump)
+
+
+def test_permissive_sidecar_takes_plaintext_and_mtls(tmp_path_factory: pytest.TempPathFactory
+                                                     ) -> None:
+    w = World(tmp_path_factory.mktemp("mtls-permissive"), mode="permissive")
+    try:
+        w.start()
+        status, body = http(w.ports["in1"], "/plaintext")  # a client outside the mesh
+        assert (status, body["version"]) == (200, "v1")
+        assert "x-forwarded-client-cert" not in body["headers"]
+        status, body = http(w.ports["gw"], "/reviews")  # the gateway still speaks mTLS
+        assert (status, body["version"]) == (200, "v1")
+        assert f"URI={GATEWAY_ID}" in body["headers"]["x-forwarded-client-cert"]
+        stats = w.envoys["sidecar-reviews-v1"].stats(r"^listener\.inbound_reviews\.ssl\.handshake$")
+        assert stats["listener.inbound_reviews.ssl.handshake"] >= 1
+    finally:
+        w.close()
