@@ -40,6 +40,7 @@ _UNIT = {name.lower(): v for name, v in rls_pb2.RateLimitResponse.RateLimit.Unit
 _OVERRIDE_UNIT = {v: name.lower() for name, v in ratelimit_unit_pb2.RateLimitUnit.items()}
 _ESCAPE = str.maketrans({"%": "%25", "|": "%7C", "=": "%3D"})
 MAX_UINT32 = 0xFFFFFFFF
+_MAX_PLANS = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +54,12 @@ class _Checked:
     cost: int
     shadow: bool
     unlimited: bool
+
+
+# one descriptor as sent: entries, cost, the override's (unit, requests_per_unit) or None
+_Shape = tuple[tuple[tuple[tuple[str, str], ...], int, tuple[int, int] | None], ...]
+_PlanKey = tuple[str, _Shape]
+_Plan = tuple[tuple[_Checked, ...], tuple[Hit, ...]]
 
 
 class RateLimiter:
@@ -73,6 +80,9 @@ class RateLimiter:
         self.near_limit_ratio = near_limit_ratio
         self.clock = clock
         self._counters: dict[tuple[str, str], tuple[object, ...]] = {}
+        # request shape -> its plan, for the config in _plans_for (a swap starts a new table)
+        self._plans: dict[_PlanKey, _Plan] = {}
+        self._plans_for: RateLimitConfig | None = None
 
     def swap(self, config: RateLimitConfig) -> None:
         self.config = config
@@ -86,9 +96,7 @@ class RateLimiter:
         if not request.descriptors:
             raise RateLimitError("rate limit descriptor list must not be empty",
                                  code="invalid_request")
-        checked = self._match(config, request)
-        hits = [Hit(key, limit, c.cost) for c in checked
-                for key, limit in zip(c.keys, c.limits, strict=True)]
+        checked, hits = self._plan(config, request)
         now_ms = int(self.clock() * 1000)
         decisions = await self.backend.hit(hits, now_ms) if hits else []
         response = rls_pb2.RateLimitResponse(overall_code=OK)
@@ -102,36 +110,64 @@ class RateLimiter:
                 response.overall_code = OVER_LIMIT
         return response
 
-    def _match(
-        self, config: RateLimitConfig, request: rls_pb2.RateLimitRequest
-    ) -> list[_Checked]:
+    def _plan(self, config: RateLimitConfig, request: rls_pb2.RateLimitRequest) -> _Plan:
+        """The request's descriptors matched against ``config``, with the hits to count.
+
+        Envoy sends the same few request shapes over and over (a route's descriptors, with values
+        from a bounded set more often than not), so the plan is kept per shape: matching, key
+        escaping and ``replaces`` are done once per shape and config, not once per request. The
+        table is bounded: when full it is emptied (high-cardinality values then cost what they
+        cost without the table, plus one dict insert).
+        """
+        domain = request.domain
         default_cost = request.hits_addend or 1
-        found: list[tuple[tuple[tuple[str, str], ...], Match | None, int, Limit | None]] = []
-        replaced: set[str] = set()
+        shape = []
         for d in request.descriptors:
             entries = tuple((e.key, e.value) for e in d.entries)
             if not entries or any(not key for key, _ in entries):
-                raise RateLimitError(f"domain {request.domain!r}: a descriptor has no entries or "
+                raise RateLimitError(f"domain {domain!r}: a descriptor has no entries or "
                                      "an entry with an empty key", code="invalid_request")
             cost = d.hits_addend.value if d.HasField("hits_addend") else default_cost
+            override = (d.limit.unit, d.limit.requests_per_unit) if d.HasField("limit") else None
+            shape.append((entries, cost, override))
+        key = (domain, tuple(shape))
+        if self._plans_for is not config:
+            self._plans, self._plans_for = {}, config
+        plan = self._plans.get(key)
+        if plan is None:
+            checked = self._match(config, domain, key[1])
+            hits = tuple(Hit(k, limit, c.cost) for c in checked
+                         for k, limit in zip(c.keys, c.limits, strict=True))
+            plan = (checked, hits)
+            if len(self._plans) >= _MAX_PLANS:
+                self._plans.clear()
+            self._plans[key] = plan
+        return plan
+
+    def _match(
+        self, config: RateLimitConfig, domain: str, shape: _Shape
+    ) -> tuple[_Checked, ...]:
+        found: list[tuple[tuple[tuple[str, str], ...], Match | None, int, Limit | None]] = []
+        replaced: set[str] = set()
+        for entries, cost, raw_override in shape:
             override = None
-            if d.HasField("limit"):
-                unit = _OVERRIDE_UNIT.get(d.limit.unit, "unknown")
+            if raw_override is not None:
+                unit = _OVERRIDE_UNIT.get(raw_override[0], "unknown")
                 if unit == "unknown":
-                    raise RateLimitError(f"domain {request.domain!r}: descriptor limit override "
+                    raise RateLimitError(f"domain {domain!r}: descriptor limit override "
                                          "has no unit", code="invalid_request")
-                override = Limit(unit=unit, requests_per_unit=d.limit.requests_per_unit)
-            match = config.match(request.domain, entries)
+                override = Limit(unit=unit, requests_per_unit=raw_override[1])
+            match = config.match(domain, entries)
             if match is not None and override is None:
                 for limit in match.limits:
                     replaced |= limit.replaces
             found.append((entries, match, cost, override))
         out = []
         for entries, match, cost, override in found:
-            base = request.domain + "|" + "|".join(
+            base = domain + "|" + "|".join(
                 f"{k.translate(_ESCAPE)}={v.translate(_ESCAPE)}" for k, v in entries)
             metric_key = match.metric_key if match else ".".join(
-                [request.domain, *(k for k, _ in entries)])
+                [domain, *(k for k, _ in entries)])
             shadow = self.shadow_mode or (match is not None and match.descriptor.shadow_mode)
             if override is not None:
                 limits: tuple[Limit, ...] = (override,)
@@ -145,7 +181,7 @@ class RateLimiter:
             unlimited = match is not None and override is None and any(
                 lim.unlimited for lim in match.limits)
             out.append(_Checked(match, metric_key, limits, keys, cost, shadow, unlimited))
-        return out
+        return tuple(out)
 
     def _status(
         self, domain: str, c: _Checked, decisions: list[Decision]
