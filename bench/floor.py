@@ -273,13 +273,14 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _CLK_TCK
 
 
-def wrk(port: int, seconds: int, connections: int, threads: int) -> tuple[float, str]:
+def wrk(port: int, seconds: int, connections: int, threads: int,
+        strict: bool = True) -> tuple[float, str]:
     out = subprocess.run(["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s",
                           f"http://127.0.0.1:{port}/"],
                          capture_output=True, text=True, timeout=seconds + 30).stdout
     m = re.search(r"Requests/sec:\s+([\d.]+)", out)
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    if m is None or non2xx:
+    if m is None or (non2xx and strict):
         raise RuntimeError(f"wrk on port {port}: no rate or non-2xx answers:\n{out}")
     return float(m.group(1)), out
 
@@ -317,8 +318,9 @@ def main() -> None:
     ap.add_argument("--connections", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--only", help="comma-separated scenarios (plain is always measured)")
-    ap.add_argument("--profile", metavar="DIR", help="py-spy record each service under load "
-                    "(round 1; the sampling slows it, so profiled rates are not comparable)")
+    ap.add_argument("--profile", metavar="DIR",
+                    help="py-spy record --native each service under load (round 1; sampling "
+                         "stops the process, so profiled rates are not comparable)")
     args = ap.parse_args()
     scenarios = SCENARIOS if not args.only else tuple(
         s for s in SCENARIOS if s == "plain" or s in args.only.split(","))
@@ -373,7 +375,8 @@ def main() -> None:
                         "-p", str(procs[name].pid)], stdout=subprocess.DEVNULL,
                         stderr=subprocess.DEVNULL)
                 t0 = time.monotonic()
-                rps, _ = wrk(ports[name], args.seconds, args.connections, args.threads)
+                rps, _ = wrk(ports[name], args.seconds, args.connections, args.threads,
+                             strict=spy is None)  # a sampled ext_proc may miss its timeout
                 wall = time.monotonic() - t0
                 if spy is not None:
                     spy.wait(30)

@@ -26,7 +26,6 @@ from dataclasses import dataclass
 
 from envoy.service.ratelimit.v3 import rls_pb2
 from envoy.type.v3 import ratelimit_unit_pb2
-from google.protobuf.duration_pb2 import Duration
 
 from legation.ratelimit.algorithms import Decision, Hit
 from legation.ratelimit.backends import Backend
@@ -171,7 +170,8 @@ class RateLimiter:
             shadow = self.shadow_mode or (match is not None and match.descriptor.shadow_mode)
             if override is not None:
                 limits: tuple[Limit, ...] = (override,)
-                keys = (f"{base}|override:{override.unit}:{override.requests_per_unit}",)
+                keys: tuple[str, ...] = (
+                    f"{base}|override:{override.unit}:{override.requests_per_unit}",)
             elif match is None:
                 limits, keys = (), ()
             else:
@@ -192,11 +192,16 @@ class RateLimiter:
             return status
         if not decisions:
             return status
-        denied = [(d.reset_ms, i) for i, d in enumerate(decisions) if not d.allowed]
-        if denied:
-            pick = max(denied)[1]  # the longest wait is the one to report
+        if len(decisions) == 1:  # the common case: one limit on the descriptor
+            pick = 0
+            denied = not decisions[0].allowed
         else:
-            pick = min((d.remaining, i) for i, d in enumerate(decisions))[1]
+            late = [(d.reset_ms, i) for i, d in enumerate(decisions) if not d.allowed]
+            denied = bool(late)
+            if late:
+                pick = max(late)[1]  # the longest wait is the one to report
+            else:
+                pick = min((d.remaining, i) for i, d in enumerate(decisions))[1]
         limit, decision = c.limits[pick], decisions[pick]
         total, within, over, near, shadow = self._counters_for(domain, c.metric_key)
         total.inc(c.cost)  # type: ignore[attr-defined]
@@ -211,11 +216,14 @@ class RateLimiter:
             used = limit.requests_per_unit - decision.remaining
             if used > limit.requests_per_unit * self.near_limit_ratio:
                 near.inc(c.cost)  # type: ignore[attr-defined]
-        status.current_limit.name = limit.name
-        status.current_limit.requests_per_unit = limit.requests_per_unit
-        status.current_limit.unit = _UNIT[limit.unit]
+        current = status.current_limit
+        current.name = limit.name
+        current.requests_per_unit = limit.requests_per_unit
+        current.unit = _UNIT[limit.unit]
         status.limit_remaining = min(decision.remaining, MAX_UINT32)
-        status.duration_until_reset.CopyFrom(_duration(decision.reset_ms))
+        reset = status.duration_until_reset
+        reset.seconds, ms = divmod(decision.reset_ms, 1000)
+        reset.nanos = ms * 1_000_000
         return status
 
     def _counters_for(self, domain: str, metric_key: str) -> tuple[object, ...]:
@@ -227,7 +235,3 @@ class RateLimiter:
             if len(self._counters) < 100_000:  # bounded, whatever detailed_metric lets in
                 self._counters[(domain, metric_key)] = found
         return found
-
-
-def _duration(ms: int) -> Duration:
-    return Duration(seconds=ms // 1000, nanos=(ms % 1000) * 1_000_000)
