@@ -1,9 +1,10 @@
 """A snapshot inlined into a static Envoy bootstrap: no control plane needed.
 
-EDS clusters become STATIC clusters carrying their ClusterLoadAssignment, and connection managers
-that use RDS get their route configuration inline. Useful to try a translated mesh with a plain
-``envoy -c``, to debug a snapshot, and in tests that check the generated config against the real
-Envoy without the xDS server.
+EDS clusters become STATIC clusters carrying their ClusterLoadAssignment, connection managers
+that use RDS get their route configuration inline, and SDS secrets become static secrets (the
+transport sockets then name them without an ``sds_config``). Useful to try a translated mesh
+with a plain ``envoy -c``, to debug a snapshot, and in tests that check the generated config
+against the real Envoy without the xDS server.
 """
 
 from __future__ import annotations
@@ -62,11 +63,36 @@ def static_bootstrap(
                         hcm.route_config.CopyFrom(routes[name].message)
                     f.typed_config.CopyFrom(pack(hcm))
         listeners.append(_as_dict(listener))
+    secrets = [_as_dict(res.message) for res in snapshot.resources(ResourceType.SECRET).values()]
+    static: dict[str, Any] = {"clusters": _static_sds(clusters),
+                              "listeners": _static_sds(listeners)}
+    if secrets:
+        static["secrets"] = secrets
     return {
         "node": {"id": node_id, "cluster": node_cluster or node_id},
         "admin": {"address": {"socket_address": {"address": admin_host, "port_value": admin_port}}},
-        "static_resources": {"clusters": clusters, "listeners": listeners},
+        "static_resources": static,
     }
+
+
+_SDS_REFS = ("tls_certificate_sds_secret_configs", "validation_context_sds_secret_config")
+
+
+def _static_sds(value: Any) -> Any:
+    """Drop ``sds_config`` from SDS secret references: a bare name refers to a static secret."""
+    if isinstance(value, list):
+        return [_static_sds(v) for v in value]
+    if not isinstance(value, dict):
+        return value
+    out = {}
+    for key, item in value.items():
+        if key in _SDS_REFS:
+            refs = item if isinstance(item, list) else [item]
+            stripped = [{k: v for k, v in ref.items() if k != "sds_config"} for ref in refs]
+            out[key] = stripped if isinstance(item, list) else stripped[0]
+        else:
+            out[key] = _static_sds(item)
+    return out
 
 
 def _as_dict(message: Message) -> dict[str, Any]:

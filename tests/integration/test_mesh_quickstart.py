@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from legation.certs import MeshIssuer
 from legation.config import load_mesh
 from legation.envoy_process import envoy_binary
 from legation.xds.translate import translate
@@ -23,7 +24,13 @@ QUICKSTART = Path(__file__).parents[2] / "examples" / "quickstart" / "mesh.yaml"
 
 def test_every_quickstart_proxy_config_validates_in_envoy(tmp_path: Path) -> None:
     mesh = load_mesh(QUICKSTART)
-    snapshots = translate(mesh, version="quickstart")
+    secrets = None
+    if mesh.mtls.enabled:  # certificates from a throw-away CA, inlined as static secrets
+        issuer = MeshIssuer(mesh_dir=tmp_path, default_ca_dir=tmp_path / "ca")
+        issuer.update(mesh.model_copy(update={"mtls": mesh.mtls.model_copy(
+            update={"ca_dir": None, "ca_cert": None, "ca_key": None})}))
+        secrets = issuer.secrets()
+    snapshots = translate(mesh, version="quickstart", secrets=secrets)
     assert sorted(snapshots) == sorted(p.node_id for p in mesh.proxies())
     for proxy in mesh.proxies():
         config = static_bootstrap(
