@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import grpc
 import pytest
@@ -254,20 +255,27 @@ async def test_sotw_reconnect_at_current_version_is_not_resent(xds: XdsServer) -
 
 
 class RawStream:
-    """A hand-driven SotW ADS stream for protocol corner cases."""
+    """A hand-driven ADS stream (SotW, or delta with ``delta=True``) for protocol corner cases."""
 
-    def __init__(self, target: str) -> None:
+    def __init__(self, target: str, *, delta: bool = False) -> None:
         self.channel = grpc.aio.insecure_channel(target)
-        self.queue: asyncio.Queue[discovery_pb2.DiscoveryRequest] = asyncio.Queue()
+        self.queue: asyncio.Queue[Any] = asyncio.Queue()
+        self.request_type: Any = (
+            discovery_pb2.DeltaDiscoveryRequest if delta else discovery_pb2.DiscoveryRequest
+        )
+        response_type = (
+            discovery_pb2.DeltaDiscoveryResponse if delta else discovery_pb2.DiscoveryResponse
+        )
+        method = "DeltaAggregatedResources" if delta else "StreamAggregatedResources"
 
         async def gen():  # type: ignore[no-untyped-def]
             while True:
                 yield await self.queue.get()
 
         self.call = self.channel.stream_stream(
-            "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources",
-            request_serializer=discovery_pb2.DiscoveryRequest.SerializeToString,
-            response_deserializer=discovery_pb2.DiscoveryResponse.FromString,
+            f"/envoy.service.discovery.v3.AggregatedDiscoveryService/{method}",
+            request_serializer=self.request_type.SerializeToString,
+            response_deserializer=response_type.FromString,
         )(gen())
         self.responses: asyncio.Queue[object] = asyncio.Queue()
         self.reader = asyncio.create_task(self._read())
@@ -280,13 +288,13 @@ class RawStream:
             self.responses.put_nowait(err)
 
     def send(self, **kw: object) -> None:
-        self.queue.put_nowait(discovery_pb2.DiscoveryRequest(**kw))  # type: ignore[arg-type]
+        self.queue.put_nowait(self.request_type(**kw))
 
-    async def recv(self, timeout: float = 3.0) -> discovery_pb2.DiscoveryResponse:
+    async def recv(self, timeout: float = 3.0) -> Any:
         got = await asyncio.wait_for(self.responses.get(), timeout)
         if isinstance(got, Exception):
             raise got
-        return got  # type: ignore[return-value]
+        return got
 
     async def nothing(self, timeout: float = 0.3) -> bool:
         await asyncio.sleep(timeout)
@@ -390,45 +398,6 @@ async def test_resources_are_sent_as_encoded_once(xds: XdsServer) -> None:
             await c.stop()
 
 
-class RawDeltaStream:
-    """A hand-driven delta ADS stream."""
-
-    def __init__(self, target: str) -> None:
-        self.channel = grpc.aio.insecure_channel(target)
-        self.queue: asyncio.Queue[discovery_pb2.DeltaDiscoveryRequest] = asyncio.Queue()
-
-        async def gen():  # type: ignore[no-untyped-def]
-            while True:
-                yield await self.queue.get()
-
-        self.call = self.channel.stream_stream(
-            "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources",
-            request_serializer=discovery_pb2.DeltaDiscoveryRequest.SerializeToString,
-            response_deserializer=discovery_pb2.DeltaDiscoveryResponse.FromString,
-        )(gen())
-        self.responses: asyncio.Queue[discovery_pb2.DeltaDiscoveryResponse] = asyncio.Queue()
-        self.reader = asyncio.create_task(self._read())
-
-    async def _read(self) -> None:
-        async for response in self.call:
-            self.responses.put_nowait(response)
-
-    def send(self, **kw: object) -> None:
-        self.queue.put_nowait(discovery_pb2.DeltaDiscoveryRequest(**kw))  # type: ignore[arg-type]
-
-    async def recv(self, timeout: float = 3.0) -> discovery_pb2.DeltaDiscoveryResponse:
-        return await asyncio.wait_for(self.responses.get(), timeout)
-
-    async def nothing(self, timeout: float = 0.3) -> bool:
-        await asyncio.sleep(timeout)
-        return self.responses.empty()
-
-    async def close(self) -> None:
-        self.reader.cancel()
-        self.call.cancel()
-        await self.channel.close()
-
-
 async def test_delta_named_secrets_unsubscribe_and_resubscribe(xds: XdsServer) -> None:
     from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2
 
@@ -442,7 +411,7 @@ async def test_delta_named_secrets_unsubscribe_and_resubscribe(xds: XdsServer) -
     snap = Snapshot("v1", secrets=[secret("a", b"k1"), secret("b", b"k2")])
     xds.cache.set_snapshot("n1", snap)
     url = T.SECRET.type_url
-    s = RawDeltaStream(xds.address)
+    s = RawStream(xds.address, delta=True)
     try:
         s.send(node=base_pb2.Node(id="n1"), type_url=url, resource_names_subscribe=["a"])
         r1 = await s.recv()
