@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import signal
 import sys
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -47,6 +49,8 @@ class Stack:
         self.log_dir = log_dir or Path(".legation") / "logs"
         self.ready_timeout = ready_timeout
         self.live = out.isatty() if live is None else live
+        self._recent: _Recent | None = None
+        self._banner: list[str] = []
         self.cp = ControlPlane(mesh_path, status_port=status_port, on_event=self.say)
         self.apps: list[DemoApp] = []
         self.envoys: list[EnvoyProcess] = []
@@ -54,9 +58,36 @@ class Stack:
         self._last: dict[str, Any] = {}
 
     def say(self, line: str) -> None:
+        if self.live and self._recent is not None:
+            self._recent.lines.append(f"{time.strftime('%H:%M:%S')} {line.splitlines()[0]}")
+            return
         print(f"[{time.strftime('%H:%M:%S')}] {line}", file=self.out, flush=True)
 
     async def run(self) -> int:
+        with self._logging():
+            return await self._run_with_signals()
+
+    @contextlib.contextmanager
+    def _logging(self) -> Any:
+        """On a terminal the live table owns the screen: log records go to a file and the last
+        few to the table; otherwise they stay where the caller sent them."""
+        if not self.live:
+            yield
+            return
+        root = logging.getLogger()
+        saved = root.handlers[:]
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        to_file = logging.FileHandler(self.log_dir / "legation.log")
+        to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        self._recent = _Recent()
+        root.handlers = [to_file, self._recent]
+        try:
+            yield
+        finally:
+            root.handlers = saved
+            to_file.close()
+
+    async def _run_with_signals(self) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._stopping.set)
@@ -152,6 +183,7 @@ class Stack:
         lines += ["", "  legation status            # proxies, ACKed versions, NACKs",
                   f"  edit {self.mesh_path} and save: the change is validated and pushed live",
                   "  Ctrl-C stops everything", ""]
+        self._banner = lines
         print("\n".join(lines), file=self.out, flush=True)
 
     async def _supervise(self) -> int:
@@ -202,7 +234,10 @@ class Stack:
                             f"{p['last_nack']['message'][:90]}")
         if status["last_error"]:
             rows += ["", "last rejected mesh change:", *status["last_error"].splitlines()[:6]]
-        self.out.write("\x1b[H\x1b[J" + "\n".join(rows) + "\n\nCtrl-C stops everything\n")
+        if self._recent is not None and self._recent.lines:
+            rows += ["", f"recent (all of it in {self.log_dir / 'legation.log'}):",
+                     *(f"  {line[:110]}" for line in self._recent.lines)]
+        self.out.write("\x1b[H\x1b[J" + "\n".join([*self._banner[1:], *rows]) + "\n")
         self.out.flush()
 
     async def shutdown(self) -> None:
@@ -238,3 +273,15 @@ def _requests(envoy: EnvoyProcess) -> tuple[int, int]:
     errors = sum(v for k, v in stats.items() if k.endswith("downstream_rq_5xx")
                  and not k.startswith("http.admin"))
     return total, errors
+
+
+class _Recent(logging.Handler):
+    """The last few log lines, for the live table."""
+
+    def __init__(self, keep: int = 6) -> None:
+        super().__init__(level=logging.INFO)
+        self.lines: deque[str] = deque(maxlen=keep)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(f"{time.strftime('%H:%M:%S')} {record.levelname.lower()} "
+                          f"{record.getMessage().splitlines()[0]}")
