@@ -48,13 +48,18 @@ routes:
 class Up:
     """A `legation up` subprocess whose output is collected line by line."""
 
-    def __init__(self, mesh: Path, tmp: Path, status_port: int) -> None:
+    def __init__(self, mesh: Path, tmp: Path, status_port: int, *, terminal: bool = False
+                 ) -> None:
         self.log_dir = tmp / "logs"
         self.status_url = f"http://127.0.0.1:{status_port}"
+        command = [sys.executable, "-m", "legation.cli", "up", str(mesh),
+                   "--status-port", str(status_port), "--log-dir", str(self.log_dir)]
+        if terminal:  # util-linux `script` gives the command a pseudo-terminal
+            command = ["script", "-qfec", " ".join(command), "/dev/null"]
+        else:
+            command.append("--plain")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "legation.cli", "up", str(mesh), "--plain",
-             "--status-port", str(status_port), "--log-dir", str(self.log_dir)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
         self.lines: list[str] = []
@@ -299,3 +304,24 @@ def test_up_refuses_to_start_when_a_service_port_is_taken(
             assert run.envoy_pids() == []
         finally:
             run.stop()
+
+
+def test_up_on_a_terminal_shows_a_live_table(
+    mesh_file: Path, tmp_path: Path, ports: dict[str, int]
+) -> None:
+    run = Up(mesh_file, tmp_path, ports["status"], terminal=True)
+    try:
+        run.wait_for("recent (all of it in")  # the table, with the latest log lines under it
+        gw = f"http://127.0.0.1:{ports['gw']}"
+        for _ in range(5):
+            assert http(gw + "/hello") == (200, "hello v1")
+        eventually(lambda: "gateway-gw" in (screen := run.output.rsplit("\x1b[H\x1b[J", 1)[-1])
+                   and " 5 " in screen.split("gateway-gw", 1)[1].splitlines()[0])
+        screen = run.output.rsplit("\x1b[H\x1b[J", 1)[-1]
+        assert f"curl -s {gw}/hello" in screen  # the banner stays on screen
+        assert "sidecar-web-v1" in screen and "yes" in screen
+        assert (run.log_dir / "legation.log").read_text().count("connected") >= 2
+        run.proc.send_signal(signal.SIGINT)
+        assert run.proc.wait(20) == 0
+    finally:
+        run.stop()
