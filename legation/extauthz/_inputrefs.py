@@ -12,6 +12,10 @@ refs in the sources bound what any evaluation can see:
   whole document, and :func:`input_paths` returns ``None``.
 
 The projection is conservative by construction: every value a ref can reach is kept whole.
+
+The same scan tells whether a package can reach a nondeterministic builtin (``time.now_ns``,
+``http.send``, ``io.jwt.decode_verify``, ...): only a package that cannot is a pure function of its
+input, so that its decisions may be cached by input (see :mod:`legation.extauthz.rego`).
 """
 
 from __future__ import annotations
@@ -114,9 +118,50 @@ def input_paths_by_package(
     """For each package (``a/b``), the projection its rules can read: its own modules and those
     of every package they reach through ``data.`` refs, transitively. ``modules`` are
     (package path, source) pairs."""
-    mods = [(tuple(pkg.split("/")), _refs(src, "input"), _refs(src, "data"), src)
-            for pkg, src in modules]
-    out: dict[str, dict[str, Any] | None] = {}
+    return {package: paths for package, (paths, _) in analyse_packages(modules).items()}
+
+
+# Builtins whose result is not a function of their arguments (OPA marks them nondeterministic:
+# the clock, randomness, the network, the runtime) or that act on the outside (print, trace).
+# A package that can reach one of them must be evaluated on every request.
+NONDETERMINISTIC = frozenset({
+    "time.now_ns", "rand.intn", "uuid.rfc4122", "http.send", "net.lookup_ip_addr",
+    "opa.runtime", "io.jwt.decode_verify", "crypto.x509.parse_and_verify_certificates",
+    "crypto.x509.parse_and_verify_certificates_with_options", "print", "trace",
+})
+
+
+def nondeterministic_calls(source: str) -> set[str]:
+    """The :data:`NONDETERMINISTIC` builtins that ``source`` names (outside comments and
+    strings), wherever they appear: a call, a ``with ... as`` mock, an argument."""
+    tokens = [t for t in _tokens(source) if t[0] != "space"]
+    found: set[str] = set()
+    i = 0
+    while i < len(tokens):
+        if tokens[i][0] != "word" or (i > 0 and tokens[i - 1] == ("other", ".")):
+            i += 1
+            continue
+        name = [tokens[i][1]]
+        i += 1
+        while (i + 1 < len(tokens) and tokens[i] == ("other", ".")
+               and tokens[i + 1][0] == "word"):
+            name.append(tokens[i + 1][1])
+            i += 2
+        for n in range(1, len(name) + 1):  # a prefix: `io.jwt.decode_verify(...)` and its ref
+            if ".".join(name[:n]) in NONDETERMINISTIC:
+                found.add(".".join(name[:n]))
+    return found
+
+
+def analyse_packages(
+    modules: Iterable[tuple[str, str]],
+) -> dict[str, tuple[dict[str, Any] | None, bool]]:
+    """For each package (``a/b``): (the projection its rules can read, whether its result is
+    a function of the input and data alone), over its own modules and those of every package
+    they reach through ``data.`` refs, transitively."""
+    mods = [(tuple(pkg.split("/")), _refs(src, "input"), _refs(src, "data"),
+             not nondeterministic_calls(src)) for pkg, src in modules]
+    out: dict[str, tuple[dict[str, Any] | None, bool]] = {}
     for package in dict.fromkeys(m[0] for m in mods):
         reached = {i for i, m in enumerate(mods) if m[0] == package}
         todo = list(reached)
@@ -135,7 +180,8 @@ def input_paths_by_package(
                 paths = None
                 break
             paths |= refs
-        out["/".join(package)] = None if paths is None else _tree(paths)
+        out["/".join(package)] = (None if paths is None else _tree(paths),
+                                  all(mods[i][3] for i in reached))
     return out
 
 

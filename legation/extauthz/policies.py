@@ -26,7 +26,7 @@ from regopy import Bundle, Interpreter, RegoError
 
 from legation.errors import ConfigError
 from legation.extauthz import _probe
-from legation.extauthz._inputrefs import input_paths_by_package
+from legation.extauthz._inputrefs import analyse_packages
 
 log = logging.getLogger("legation.extauthz.policies")
 
@@ -62,6 +62,9 @@ class CompiledPolicies:
     # per package path (envoy/authz): the input parts its rules can read; None: everything
     input_paths: Mapping[str, dict[str, Any] | None] = field(default_factory=dict)
     package_files: Mapping[str, str] = field(default_factory=dict)  # package path -> file
+    # per package path: no nondeterministic builtin (time.now_ns, http.send, ...) is reachable,
+    # so equal inputs give equal results and a decision may be cached for this version
+    deterministic: Mapping[str, bool] = field(default_factory=dict)
 
 
 def is_test_file(path: Path) -> bool:
@@ -145,14 +148,16 @@ def compile_sources(src: Sources, *, rules: Iterable[str], tests: bool = False,
     if not bundle.ok():
         raise ConfigError(f"{src.directory}: policies did not compile",
                           code="policy_compile_failed")
+    analysis = analyse_packages((_package_path(t), t) for _, t in src.modules)
     return CompiledPolicies(
         version=digest.hexdigest()[:12],
         bundle=bundle,
         entrypoints=frozenset(entrypoints),
         packages=frozenset(packages),
         files=tuple(path for path, _ in src.modules),
-        input_paths=input_paths_by_package((_package_path(t), t) for _, t in src.modules),
+        input_paths={pkg: paths for pkg, (paths, _) in analysis.items()},
         package_files=package_files,
+        deterministic={pkg: det for pkg, (_, det) in analysis.items()},
     )
 
 

@@ -8,11 +8,30 @@ evaluated at its ``decision`` rule, ``allow`` by default, as opa-envoy-plugin's
 Per call: the input parts the bundle can read (``project_input``, see
 :mod:`legation.extauthz._inputrefs`) go to one interpreter per bundle version, the compiled entry
 point is queried, and the result text maps to a cached :class:`Decision` (results repeat).
+
+Decision cache. A policy that reads a few input fields (method, path, a claim) sees the same
+projected input over and over, and handing it to the engine and evaluating costs 100-400 us. So
+decisions are kept in a bounded LRU (``decision_cache_size``) keyed by the entry point and the
+exact projected input (its ``repr``: every str, int, float, bool, None, list and dict renders
+distinctly, so two inputs share a key only if the engine would get the same value), and the
+whole cache is dropped whenever a new policy version is swapped in. It is used only when it is
+safe and useful:
+
+* the package (and every package it reaches through ``data.``) names no nondeterministic builtin
+  (``time.now_ns``, ``rand.intn``, ``http.send``, ``io.jwt.decode_verify``, ``print``, ... see
+  :data:`~legation.extauthz._inputrefs.NONDETERMINISTIC`): such a policy is evaluated every time;
+* the input is projected (a package that reads ``input`` whole sees the request id and time,
+  which never repeat);
+* the key is short (under ``_MAX_KEY`` characters: large bodies are not kept);
+* the input comes from a request (:meth:`RegoCheck.check`); :meth:`RegoCheck.evaluate` with a
+  caller's document always evaluates.
+Errors are never cached.
 """
 
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +61,9 @@ class RegoConfig(BaseModel):
     probe_timeout_s: float = Field(default=10.0, gt=0, le=120)
     # load *_test.rego files into the serving bundle too (`legation policy test` always does)
     include_tests: bool = False
+    # decisions kept per policy version, keyed by the exact projected input; 0 turns it off.
+    # Policies that use time.now_ns, http.send, ... are never cached (see the module docstring)
+    decision_cache_size: int = Field(default=4096, ge=0, le=1_000_000)
 
 
 def entrypoint(policy: str, decision: str) -> str:
@@ -51,6 +73,7 @@ def entrypoint(policy: str, decision: str) -> str:
 
 
 _RESULT_CACHE = 4096
+_MAX_KEY = 4096  # characters of projected input beyond which a decision is not cached
 
 
 class RegoCheck:
@@ -64,9 +87,13 @@ class RegoCheck:
                                  tests=config.include_tests)
         self._compiled: CompiledPolicies | None = None
         self._interp = Interpreter()
-        # policy -> (entry point, input parts it reads), or None when not compiled
-        self._entrypoints: dict[str, tuple[bytes, Any] | None] = {}
+        # policy -> (entry point, input parts it reads, cacheable), or None when not compiled
+        self._entrypoints: dict[str, tuple[bytes, Any, bool] | None] = {}
         self._decisions: dict[tuple[str, str], Decision] = {}  # (policy, result text) ->
+        # (entry point, repr of the projected input) -> decision, this version only
+        self._cache: OrderedDict[tuple[bytes, str], Decision] = OrderedDict()
+        self.cache_hits = 0
+        self.cache_misses = 0
 
     def _current(self) -> CompiledPolicies:
         compiled = self.store.current
@@ -75,17 +102,25 @@ class RegoCheck:
             self._interp = Interpreter()
             self._entrypoints.clear()
             self._decisions.clear()
+            self._cache.clear()
         return compiled
 
-    def _entrypoint(self, compiled: CompiledPolicies, policy: str) -> tuple[bytes, Any]:
+    def cacheable(self, policy: str) -> bool:
+        """Whether decisions of ``policy`` (in the running version) go through the cache."""
+        return self._entrypoint(self._current(), policy)[2]
+
+    def _entrypoint(self, compiled: CompiledPolicies, policy: str) -> tuple[bytes, Any, bool]:
         if policy in self._entrypoints:
             found = self._entrypoints[policy]
         else:
             name = entrypoint(policy, self.config.decision)
             found = None
             if name in compiled.entrypoints:
-                only = compiled.input_paths.get(name.rsplit("/", 1)[0])
-                found = (name.encode(), only if self.config.project_input else None)
+                package = name.rsplit("/", 1)[0]
+                only = compiled.input_paths.get(package) if self.config.project_input else None
+                cacheable = (self.config.decision_cache_size > 0 and only is not None
+                             and compiled.deterministic.get(package, False))
+                found = (name.encode(), only, cacheable)
             if len(self._entrypoints) < _RESULT_CACHE:
                 self._entrypoints[policy] = found
         if found is None:
@@ -98,8 +133,26 @@ class RegoCheck:
             raise AuthzError("rego: the route names no policy and no default_policy is set",
                              code="no_policy")
         compiled = self._current()
-        ep, only = self._entrypoint(compiled, policy)
-        return self._evaluate(compiled, policy, ep, ctx.input(only))
+        ep, only, cacheable = self._entrypoint(compiled, policy)
+        document = ctx.input(only)
+        if not cacheable:
+            return self._evaluate(compiled, policy, ep, document)
+        text = repr(document)
+        if len(text) > _MAX_KEY:
+            return self._evaluate(compiled, policy, ep, document)
+        key = (ep, text)
+        cache = self._cache
+        decision = cache.get(key)
+        if decision is not None:
+            cache.move_to_end(key)
+            self.cache_hits += 1
+            return decision
+        self.cache_misses += 1
+        decision = self._evaluate(compiled, policy, ep, document)
+        cache[key] = decision
+        if len(cache) > self.config.decision_cache_size:
+            cache.popitem(last=False)
+        return decision
 
     def evaluate(self, policy: str, document: dict[str, Any]) -> Decision:
         compiled = self._current()

@@ -98,12 +98,13 @@ class RequestContext:
 
 
 def build_input(request: Any, only: InputPaths | None = None) -> dict[str, Any]:
-    """The document for ``request``; with ``only``, just those parts (see :func:`project`)."""
+    """The document for ``request``; with ``only``, just those parts (see :func:`project`).
+    With ``only``, the parts it leaves out are not built at all."""
     attrs = request.attributes
     http = attrs.request.http
     doc: dict[str, Any] = {}
     if only is None or "attributes" in only:
-        doc["attributes"] = _attributes(attrs, http)
+        doc["attributes"] = _attributes(attrs, http, _sub(only, "attributes"))
     if only is None or "parsed_path" in only or "parsed_query" in only:
         doc["parsed_path"], doc["parsed_query"] = parse_path(http.path)
     if only is None or "version" in only:
@@ -118,6 +119,14 @@ def build_input(request: Any, only: InputPaths | None = None) -> dict[str, Any]:
     return doc if only is None else project(doc, only)
 
 
+def _sub(only: InputPaths | None, key: str) -> InputPaths | None:
+    """The projection under ``key``; None (everything) when ``only`` keeps all of it."""
+    if not only:
+        return None
+    sub = only[key]
+    return sub or None
+
+
 def project(value: Any, only: InputPaths) -> Any:
     """The parts of ``value`` named by ``only``; an empty tree keeps the whole value. A policy
     that reads ``input.a.b`` sees exactly what it would see in the whole document."""
@@ -126,7 +135,46 @@ def project(value: Any, only: InputPaths) -> Any:
     return {k: project(value[k], sub) for k, sub in only.items() if k in value}
 
 
-def _attributes(attrs: Any, http: Any) -> dict[str, Any]:
+def _attributes(attrs: Any, http: Any, only: InputPaths | None = None) -> dict[str, Any]:
+    """``attributes`` as protojson; with ``only``, just the branches it names (the caller
+    projects what is below them)."""
+    attributes: dict[str, Any] = {}
+    if only is None or "source" in only:
+        attributes["source"] = _peer(attrs.source)
+    if only is None or "destination" in only:
+        attributes["destination"] = _peer(attrs.destination)
+    if only is None or "request" in only:
+        wanted = _sub(only, "request")
+        request_doc: dict[str, Any] = {}
+        if wanted is None or "http" in wanted:
+            request_doc["http"] = _http(http, _sub(wanted, "http"))
+        if (wanted is None or "time" in wanted) and attrs.request.HasField("time"):
+            request_doc["time"] = attrs.request.time.ToJsonString()
+        attributes["request"] = request_doc
+    if only is None or "contextExtensions" in only:
+        attributes["contextExtensions"] = dict(attrs.context_extensions)
+    if (only is None or "metadataContext" in only) and attrs.HasField("metadata_context"):
+        attributes["metadataContext"] = MessageToDict(attrs.metadata_context)
+    if ((only is None or "routeMetadataContext" in only)
+            and attrs.HasField("route_metadata_context")):
+        attributes["routeMetadataContext"] = MessageToDict(attrs.route_metadata_context)
+    return attributes
+
+
+_HTTP_ALWAYS = ("id", "method", "path", "host", "scheme", "protocol")  # even when empty
+
+
+def _http(http: Any, only: InputPaths | None) -> dict[str, Any]:
+    if only is not None:  # a policy reads a few fields: fetch just those
+        out = {}
+        for key in only:
+            if key in _HTTP_ALWAYS:
+                out[key] = getattr(http, key)
+            elif key == "headers":
+                out[key] = dict(http.headers)
+            else:
+                out.update(_http_optional(http, key))
+        return out
     http_doc: dict[str, Any] = {
         "id": http.id,
         "method": http.method,
@@ -136,30 +184,24 @@ def _attributes(attrs: Any, http: Any) -> dict[str, Any]:
         "scheme": http.scheme,
         "protocol": http.protocol,
     }
-    if http.query:
-        http_doc["query"] = http.query
-    if http.fragment:
-        http_doc["fragment"] = http.fragment
-    if http.size:
-        http_doc["size"] = str(http.size)  # protojson renders int64 as a string
-    if http.body:
-        http_doc["body"] = http.body
-    if http.raw_body:
-        http_doc["rawBody"] = base64.b64encode(http.raw_body).decode()
-    request_doc: dict[str, Any] = {"http": http_doc}
-    if attrs.request.HasField("time"):
-        request_doc["time"] = attrs.request.time.ToJsonString()
-    attributes: dict[str, Any] = {
-        "source": _peer(attrs.source),
-        "destination": _peer(attrs.destination),
-        "request": request_doc,
-        "contextExtensions": dict(attrs.context_extensions),
-    }
-    if attrs.HasField("metadata_context"):
-        attributes["metadataContext"] = MessageToDict(attrs.metadata_context)
-    if attrs.HasField("route_metadata_context"):
-        attributes["routeMetadataContext"] = MessageToDict(attrs.route_metadata_context)
-    return attributes
+    for key in ("query", "fragment", "size", "body", "rawBody"):
+        http_doc.update(_http_optional(http, key))
+    return http_doc
+
+
+def _http_optional(http: Any, key: str) -> dict[str, Any]:
+    """The fields protojson leaves out when empty: ``{key: value}`` or ``{}``."""
+    if key == "query" and http.query:
+        return {"query": http.query}
+    if key == "fragment" and http.fragment:
+        return {"fragment": http.fragment}
+    if key == "size" and http.size:
+        return {"size": str(http.size)}  # protojson renders int64 as a string
+    if key == "body" and http.body:
+        return {"body": http.body}
+    if key == "rawBody" and http.raw_body:
+        return {"rawBody": base64.b64encode(http.raw_body).decode()}
+    return {}
 
 
 def _peer(peer: Any) -> dict[str, Any]:
