@@ -21,7 +21,7 @@ and token buckets only take what they admit.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from envoy.service.ratelimit.v3 import rls_pb2
@@ -57,8 +57,28 @@ class _Checked:
 
 # one descriptor as sent: entries, cost, the override's (unit, requests_per_unit) or None
 _Shape = tuple[tuple[tuple[tuple[str, str], ...], int, tuple[int, int] | None], ...]
-_PlanKey = tuple[str, _Shape]
 _Plan = tuple[tuple[_Checked, ...], tuple[Hit, ...]]
+
+
+def _shape(request: rls_pb2.RateLimitRequest) -> _Shape:
+    """The request's descriptors as plain values; raises on a malformed request."""
+    domain = request.domain
+    if not domain:
+        raise RateLimitError("rate limit domain must not be empty", code="invalid_request")
+    if not request.descriptors:
+        raise RateLimitError("rate limit descriptor list must not be empty",
+                             code="invalid_request")
+    default_cost = request.hits_addend or 1
+    shape = []
+    for d in request.descriptors:
+        entries = tuple((e.key, e.value) for e in d.entries)
+        if not entries or any(not key for key, _ in entries):
+            raise RateLimitError(f"domain {domain!r}: a descriptor has no entries or "
+                                 "an entry with an empty key", code="invalid_request")
+        cost = d.hits_addend.value if d.HasField("hits_addend") else default_cost
+        override = (d.limit.unit, d.limit.requests_per_unit) if d.HasField("limit") else None
+        shape.append((entries, cost, override))
+    return tuple(shape)
 
 
 class RateLimiter:
@@ -79,8 +99,8 @@ class RateLimiter:
         self.near_limit_ratio = near_limit_ratio
         self.clock = clock
         self._counters: dict[tuple[str, str], tuple[object, ...]] = {}
-        # request shape -> its plan, for the config in _plans_for (a swap starts a new table)
-        self._plans: dict[_PlanKey, _Plan] = {}
+        # serialized request -> its plan, for the config in _plans_for (a swap starts a new table)
+        self._plans: dict[bytes, _Plan] = {}
         self._plans_for: RateLimitConfig | None = None
 
     def swap(self, config: RateLimitConfig) -> None:
@@ -90,51 +110,36 @@ class RateLimiter:
         self, request: rls_pb2.RateLimitRequest
     ) -> rls_pb2.RateLimitResponse:
         config = self.config  # one snapshot for the whole request
-        if not request.domain:
-            raise RateLimitError("rate limit domain must not be empty", code="invalid_request")
-        if not request.descriptors:
-            raise RateLimitError("rate limit descriptor list must not be empty",
-                                 code="invalid_request")
         checked, hits = self._plan(config, request)
         now_ms = int(self.clock() * 1000)
-        decisions = await self.backend.hit(hits, now_ms) if hits else []
+        decisions = await self.backend.hit(hits, now_ms) if hits else ()
         response = rls_pb2.RateLimitResponse(overall_code=OK)
+        statuses = response.statuses
         at = 0
         for c in checked:
-            mine = decisions[at:at + len(c.limits)]
-            at += len(c.limits)
-            status = self._status(request.domain, c, mine)
-            response.statuses.append(status)
-            if status.code == OVER_LIMIT:
+            status = statuses.add(code=OK)  # filled in place: append() would copy it
+            n = len(c.limits)
+            if self._status(request.domain, c, decisions[at:at + n], status):
                 response.overall_code = OVER_LIMIT
+            at += n
         return response
 
     def _plan(self, config: RateLimitConfig, request: rls_pb2.RateLimitRequest) -> _Plan:
         """The request's descriptors matched against ``config``, with the hits to count.
 
-        Envoy sends the same few request shapes over and over (a route's descriptors, with values
-        from a bounded set more often than not), so the plan is kept per shape: matching, key
-        escaping and ``replaces`` are done once per shape and config, not once per request. The
-        table is bounded: when full it is emptied (high-cardinality values then cost what they
-        cost without the table, plus one dict insert).
+        Envoy sends the same few requests over and over (a route's descriptors, with values from
+        a bounded set more often than not), so the plan is kept per request, keyed by its
+        serialized bytes (domain, descriptors and hits_addend are all the request holds): checks,
+        matching, key escaping and ``replaces`` are done once per distinct request and config, not
+        once per call. The table is bounded: when full it is emptied (high-cardinality values then
+        cost what they cost without the table, plus one dict insert).
         """
-        domain = request.domain
-        default_cost = request.hits_addend or 1
-        shape = []
-        for d in request.descriptors:
-            entries = tuple((e.key, e.value) for e in d.entries)
-            if not entries or any(not key for key, _ in entries):
-                raise RateLimitError(f"domain {domain!r}: a descriptor has no entries or "
-                                     "an entry with an empty key", code="invalid_request")
-            cost = d.hits_addend.value if d.HasField("hits_addend") else default_cost
-            override = (d.limit.unit, d.limit.requests_per_unit) if d.HasField("limit") else None
-            shape.append((entries, cost, override))
-        key = (domain, tuple(shape))
+        key = request.SerializeToString()
         if self._plans_for is not config:
             self._plans, self._plans_for = {}, config
         plan = self._plans.get(key)
         if plan is None:
-            checked = self._match(config, domain, key[1])
+            checked = self._match(config, request.domain, _shape(request))
             hits = tuple(Hit(k, limit, c.cost) for c in checked
                          for k, limit in zip(c.keys, c.limits, strict=True))
             plan = (checked, hits)
@@ -184,14 +189,15 @@ class RateLimiter:
         return tuple(out)
 
     def _status(
-        self, domain: str, c: _Checked, decisions: list[Decision]
-    ) -> rls_pb2.RateLimitResponse.DescriptorStatus:
-        status = rls_pb2.RateLimitResponse.DescriptorStatus(code=OK)
+        self, domain: str, c: _Checked, decisions: Sequence[Decision],
+        status: rls_pb2.RateLimitResponse.DescriptorStatus,
+    ) -> bool:
+        """Fill ``status`` (code OK) for one descriptor; True when it is over the limit."""
         if c.unlimited:
             status.limit_remaining = MAX_UINT32
-            return status
+            return False
         if not decisions:
-            return status
+            return False
         if len(decisions) == 1:  # the common case: one limit on the descriptor
             pick = 0
             denied = not decisions[0].allowed
@@ -205,26 +211,29 @@ class RateLimiter:
         limit, decision = c.limits[pick], decisions[pick]
         total, within, over, near, shadow = self._counters_for(domain, c.metric_key)
         total.inc(c.cost)  # type: ignore[attr-defined]
+        over_limit = False
         if denied:
             over.inc(c.cost)  # type: ignore[attr-defined]
             if c.shadow:
                 shadow.inc(c.cost)  # type: ignore[attr-defined]
             else:
                 status.code = OVER_LIMIT
+                over_limit = True
         else:
             within.inc(c.cost)  # type: ignore[attr-defined]
             used = limit.requests_per_unit - decision.remaining
             if used > limit.requests_per_unit * self.near_limit_ratio:
                 near.inc(c.cost)  # type: ignore[attr-defined]
         current = status.current_limit
-        current.name = limit.name
+        if limit.name:
+            current.name = limit.name
         current.requests_per_unit = limit.requests_per_unit
         current.unit = _UNIT[limit.unit]
         status.limit_remaining = min(decision.remaining, MAX_UINT32)
         reset = status.duration_until_reset
         reset.seconds, ms = divmod(decision.reset_ms, 1000)
         reset.nanos = ms * 1_000_000
-        return status
+        return over_limit
 
     def _counters_for(self, domain: str, metric_key: str) -> tuple[object, ...]:
         found = self._counters.get((domain, metric_key))

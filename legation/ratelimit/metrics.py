@@ -10,12 +10,20 @@ Per descriptor (labels ``domain`` and ``descriptor``, the envoyproxy/ratelimit s
 Service-wide: ``legation_ratelimit_config_reloads_total{result="success|error"}``,
 ``legation_ratelimit_backend_errors_total{code}`` and
 ``legation_ratelimit_failure_mode_total{action="allow|deny"}`` (requests decided by the failure
-mode while the store was unreachable).
+mode while the store was unreachable), and for a store behind the network (Redis)
+``legation_ratelimit_backend_round_trips_total`` (pipelines sent) and
+``legation_ratelimit_backend_local_cache_hits_total`` (hits answered by the over-limit cache). Those
+two are read from the backend when scraped, so they cost a request nothing.
 """
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Iterator
+
 from prometheus_client import REGISTRY, CollectorRegistry, Counter
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 # keyed by id(); the registry is kept alive alongside so its id cannot be reused
 _BY_REGISTRY: dict[int, tuple[CollectorRegistry, RateLimitMetrics]] = {}
@@ -39,6 +47,13 @@ class RateLimitMetrics:
         self.backend_errors = counter("backend_errors", "Counter store failures", ["code"])
         self.failure_mode = counter("failure_mode", "Requests decided by the failure mode",
                                     ["action"])
+        self._backends = _BackendCollector()
+        registry.register(self._backends)
+
+    def track_backend(self, backend: object) -> None:
+        """Expose ``backend.round_trips`` and ``backend.cache_hits``, where it has them."""
+        if hasattr(backend, "round_trips"):
+            self._backends.backends.add(backend)
 
     @classmethod
     def for_registry(cls, registry: CollectorRegistry | None = None) -> RateLimitMetrics:
@@ -48,3 +63,20 @@ class RateLimitMetrics:
         if found is None:
             found = _BY_REGISTRY[id(registry)] = (registry, cls(registry))
         return found[1]
+
+
+class _BackendCollector(Collector):
+    """Sums the counters that network backends keep as plain ints, at scrape time."""
+
+    def __init__(self) -> None:
+        self.backends: weakref.WeakSet[object] = weakref.WeakSet()
+
+    def collect(self) -> Iterator[Metric]:
+        live = list(self.backends)
+        for name, attr, doc in (
+            ("backend_round_trips", "round_trips", "Round trips to the counter store"),
+            ("backend_local_cache_hits", "cache_hits", "Hits answered by the over-limit cache"),
+        ):
+            family = CounterMetricFamily(f"legation_ratelimit_{name}", doc)
+            family.add_metric([], sum(getattr(b, attr, 0) for b in live))
+            yield family

@@ -101,10 +101,12 @@ def build_limiter(settings: Settings, config: RateLimitConfig) -> RateLimiter:
     factory = plugins.get("ratelimit.backend", settings.backend,
                           where="ratelimit settings: backend")
     backend = factory.create(factory.validate(dict(settings.backend_options)))
+    metrics = RateLimitMetrics.for_registry(settings.metrics_registry)
+    metrics.track_backend(backend)
     return RateLimiter(
         config=config,
         backend=backend,
-        metrics=RateLimitMetrics.for_registry(settings.metrics_registry),
+        metrics=metrics,
         shadow_mode=settings.shadow_mode,
         near_limit_ratio=settings.near_limit_ratio,
         clock=settings.clock,

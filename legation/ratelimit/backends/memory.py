@@ -38,14 +38,20 @@ class MemoryBackend:
 
     def hit_one(self, hit: Hit, now_ms: int) -> Decision:
         """Synchronous, atomic under the event loop (no await inside)."""
-        self._maybe_sweep(now_ms)
+        if now_ms >= self._next_sweep or len(self._state) >= self._config.max_keys:
+            self._sweep(now_ms)
         limit, cost = hit.limit, hit.cost
         w = limit.window_ms
         if limit.algorithm is Algorithm.FIXED_WINDOW:
             start = alg.window_start(now_ms, w)
-            state = self._get(f"{hit.key}:{start}", now_ms)
-            count = (state[1] if state else 0) + cost
-            self._put(f"{hit.key}:{start}", now_ms, w - (now_ms - start) + 1000, count, 0)
+            key = f"{hit.key}:{start}"
+            state = self._state.get(key)
+            if state is not None and state[0] > now_ms:
+                state[1] += cost  # the same expiry (window end + 1 s): counted in place
+                count = state[1]
+            else:
+                count = cost
+                self._state[key] = [start + w + 1000, count, 0]
             return alg.fixed_window(limit, now_ms, cost, count)
         if limit.algorithm is Algorithm.SLIDING_WINDOW:
             start = alg.window_start(now_ms, w)
@@ -86,9 +92,7 @@ class MemoryBackend:
     def _put(self, key: str, now_ms: int, ttl: int, *values: int) -> None:
         self._state[key] = [now_ms + ttl, *values]
 
-    def _maybe_sweep(self, now_ms: int) -> None:
-        if len(self._state) < self._config.max_keys and now_ms < self._next_sweep:
-            return
+    def _sweep(self, now_ms: int) -> None:
         self._next_sweep = now_ms + 10_000
         for key in [k for k, v in self._state.items() if v[0] <= now_ms]:
             del self._state[key]

@@ -98,8 +98,8 @@ class RedisBackend:
             pending.append((i, h, *self._command(h, now_ms)))
         if pending:
             try:
-                replies = await asyncio.wait_for(self._run(pending),
-                                                 self.config.timeout_ms / 1000)
+                async with asyncio.timeout(self.config.timeout_ms / 1000):  # no extra task
+                    replies = await self._run(pending)
             except (RedisError, OSError, TimeoutError) as exc:
                 raise RateLimitError(
                     f"redis {self.config.redacted_url}: {type(exc).__name__}: "
