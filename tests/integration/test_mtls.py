@@ -6,15 +6,13 @@ rotation reaches Envoy over SDS (the serial in /certs changes) with no restart, 
 
 from __future__ import annotations
 
-import asyncio
 import json
 import socket
 import ssl
-import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Coroutine, Iterator
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
@@ -27,6 +25,7 @@ from legation.demo import DemoApp
 from legation.envoy_process import EnvoyProcess
 from legation.xds.bootstrap import bootstrap
 from tests.conftest import free_port
+from tests.integration.test_mesh_services import LoopThread
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -59,21 +58,6 @@ routes:
     gateway: true
     to: {{service: reviews, subset: v1}}
 """
-
-
-class LoopThread:
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 30) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
-        self.loop.close()
 
 
 def http(port: int, path: str, headers: dict[str, str] | None = None
