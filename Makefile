@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 $(BIN)/legation: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q --ignore-requires-python -e '.[test]'
 	touch $(BIN)/legation
 
 install: $(BIN)/legation
