@@ -9,7 +9,8 @@ the only URI SAN, ``digitalSignature`` only, server and client auth, signed by t
 
 from __future__ import annotations
 
-import os
+import ipaddress
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from legation.certs._files import check_private_key_file, private_dir, write_private
 from legation.certs.errors import CertError
 from legation.certs.workload import WorkloadCert
 
@@ -25,6 +27,7 @@ CERT_FILE = "ca.crt"
 KEY_FILE = "ca.key"
 ROOT_VALIDITY = timedelta(days=3650)
 CLOCK_SKEW = timedelta(minutes=1)  # workload certs start this much in the past
+MIN_RSA_BITS = 2048
 
 SigningKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 
@@ -86,8 +89,10 @@ class CertificateAuthority:
 
     @classmethod
     def load(cls, cert_path: Path, key_path: Path) -> CertificateAuthority:
-        """A CA from PEM files; raises ``ca_unreadable`` or ``ca_invalid``."""
+        """A CA from PEM files; raises ``ca_unreadable``, ``ca_insecure`` (the key file is
+        accessible to group or others) or ``ca_invalid``."""
         cert = _read_cert(cert_path)
+        check_private_key_file(key_path)
         key = _read_key(key_path)
         ca = cls(cert, key, source=f"{cert_path} + {key_path}")
         ca._check(cert_path, key_path)
@@ -111,9 +116,9 @@ class CertificateAuthority:
             serialization.NoEncryption(),
         )
         try:
-            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-            _write(directory / KEY_FILE, key_pem, 0o600)
-            _write(directory / CERT_FILE, self.root_pem, 0o644)
+            private_dir(directory)
+            write_private(directory / KEY_FILE, key_pem, 0o600)
+            write_private(directory / CERT_FILE, self.root_pem, 0o644)
         except OSError as err:
             raise CertError(
                 f"{directory}: cannot store the new CA: {err.strerror or err}",
@@ -142,19 +147,42 @@ class CertificateAuthority:
     def issue(self, spiffe_id: str, *, ttl: timedelta, now: datetime | None = None
               ) -> WorkloadCert:
         """A fresh key and certificate for ``spiffe_id``, valid ``ttl`` from ``now`` (never past
-        the root's own expiry)."""
+        the root's own expiry); server and client auth (mesh mTLS goes both ways)."""
+        return self.issue_leaf(
+            spiffe_id, ttl=ttl, now=now,
+            usages=(ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH),
+        )
+
+    def issue_leaf(
+        self,
+        uri: str,
+        *,
+        ttl: timedelta,
+        usages: Sequence[x509.ObjectIdentifier],
+        hosts: Sequence[str] = (),
+        common_name: str | None = None,
+        now: datetime | None = None,
+    ) -> WorkloadCert:
+        """A fresh EC P-256 key and a certificate whose SANs are the URI ``uri`` and ``hosts``
+        (IP addresses as IP SANs, names as DNS SANs), for the extended key ``usages``."""
         now = (now or datetime.now(UTC)).replace(microsecond=0)  # X.509 keeps whole seconds
         key = ec.generate_private_key(ec.SECP256R1())
         not_before = max(now - CLOCK_SKEW, self.cert.not_valid_before_utc)
         not_after = min(now + ttl, self.not_after)
         serial = x509.random_serial_number()
-        name = spiffe_id.rsplit("/", 1)[-1][:64] or "workload"
+        name = common_name or uri.rsplit("/", 1)[-1][:64] or "workload"
         issuer_ski = self.cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
+        sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(uri)]
+        for host in hosts:
+            try:
+                sans.append(x509.IPAddress(ipaddress.ip_address(host)))
+            except ValueError:
+                sans.append(x509.DNSName(host))
         cert = (
             x509.CertificateBuilder()
             .subject_name(x509.Name([
                 x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Legation"),
-                x509.NameAttribute(NameOID.COMMON_NAME, name),
+                x509.NameAttribute(NameOID.COMMON_NAME, name[:64]),
             ]))
             .issuer_name(self.cert.subject)
             .public_key(key.public_key())
@@ -163,16 +191,8 @@ class CertificateAuthority:
             .not_valid_after(not_after)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(_usage(cert_sign=False), critical=True)
-            .add_extension(
-                x509.ExtendedKeyUsage(
-                    [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
-                ),
-                critical=False,
-            )
-            .add_extension(
-                x509.SubjectAlternativeName([x509.UniformResourceIdentifier(spiffe_id)]),
-                critical=False,
-            )
+            .add_extension(x509.ExtendedKeyUsage(list(usages)), critical=False)
+            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
                            critical=False)
             .add_extension(
@@ -182,7 +202,7 @@ class CertificateAuthority:
             .sign(self._key, hashes.SHA256())
         )
         return WorkloadCert(
-            spiffe_id=spiffe_id,
+            spiffe_id=uri,
             cert_pem=cert.public_bytes(serialization.Encoding.PEM),
             key_pem=key.private_bytes(
                 serialization.Encoding.PEM,
@@ -241,15 +261,7 @@ def _read_key(path: Path) -> SigningKey:
                         code="ca_unreadable") from None
     if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
         raise CertError(f"{path}: the CA key must be EC or RSA", code="ca_invalid")
+    if isinstance(key, rsa.RSAPrivateKey) and key.key_size < MIN_RSA_BITS:
+        raise CertError(f"{path}: the RSA CA key has {key.key_size} bits; at least "
+                        f"{MIN_RSA_BITS} are needed", code="ca_invalid")
     return key
-
-
-def _write(path: Path, data: bytes, mode: int) -> None:
-    """Write through a private temporary file and rename, so no reader sees half a file and the
-    key is never readable by others, not even briefly."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "wb") as out:
-        os.fchmod(out.fileno(), mode)  # the umask never widens it, but may have narrowed it
-        out.write(data)
-    os.replace(tmp, path)

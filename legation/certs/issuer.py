@@ -11,19 +11,56 @@ certificates past :data:`~legation.certs.workload.RENEW_AT` of their lifetime (o
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
 
-from legation.certs.ca import CertificateAuthority
+from legation.certs.ca import CERT_FILE, KEY_FILE, CertificateAuthority
 from legation.certs.sds import proxy_secrets
 from legation.certs.spiffe import spiffe_id
 from legation.certs.workload import WorkloadCert
 from legation.config.model import Mesh
 
 DEFAULT_CA_DIR = Path(".legation") / "ca"
+
+
+@dataclass(frozen=True, slots=True)
+class CaLocation:
+    """Where a mesh's CA is: PEM files it names, or a directory (generated there on first use).
+    ``home`` is the directory the enrolment records live in (next to the CA)."""
+
+    cert_path: Path
+    key_path: Path
+    generate: bool
+
+    @property
+    def home(self) -> Path:
+        return self.cert_path.parent
+
+    @property
+    def nodes_dir(self) -> Path:
+        """Default parent of the proxies' credential directories (``.legation/nodes``)."""
+        return self.home.parent / "nodes"
+
+    def open(self, trust_domain: str) -> CertificateAuthority:
+        if self.generate:
+            return CertificateAuthority.in_directory(self.home, trust_domain=trust_domain)
+        return CertificateAuthority.load(self.cert_path, self.key_path)
+
+
+def locate_ca(mesh: Mesh, *, mesh_dir: Path, default_ca_dir: Path = DEFAULT_CA_DIR
+              ) -> CaLocation:
+    """The CA ``mesh`` configures (``mtls.ca_cert``/``ca_key``, or ``mtls.ca_dir``, relative to
+    ``mesh_dir``), else ``default_ca_dir``; whether or not the mesh turns mTLS on (the xDS
+    channel always needs one)."""
+    m = mesh.mtls
+    if m.ca_cert is not None and m.ca_key is not None:
+        return CaLocation(mesh_dir / m.ca_cert, mesh_dir / m.ca_key, generate=False)
+    directory = mesh_dir / m.ca_dir if m.ca_dir else default_ca_dir
+    return CaLocation(directory / CERT_FILE, directory / KEY_FILE, generate=True)
 
 
 def proxy_identities(mesh: Mesh) -> dict[str, str]:
@@ -54,7 +91,7 @@ class MeshIssuer:
         self.clock = clock
         self.ca: CertificateAuthority | None = None
         self.certs: dict[str, WorkloadCert] = {}
-        self._ca_key: tuple[Any, ...] | None = None
+        self._ca_key: CaLocation | None = None
         self._mesh: Mesh | None = None
 
     @property
@@ -110,16 +147,9 @@ class MeshIssuer:
         }
 
     def _open_ca(self, mesh: Mesh) -> CertificateAuthority:
-        m = mesh.mtls
-        if m.ca_cert is not None and m.ca_key is not None:
-            key: tuple[Any, ...] = ("files", self.mesh_dir / m.ca_cert, self.mesh_dir / m.ca_key)
-        else:
-            key = ("dir", self.mesh_dir / m.ca_dir if m.ca_dir else self.default_ca_dir)
-        if self.ca is not None and key == self._ca_key:
+        where = locate_ca(mesh, mesh_dir=self.mesh_dir, default_ca_dir=self.default_ca_dir)
+        if self.ca is not None and where == self._ca_key:
             return self.ca
-        if key[0] == "files":
-            ca = CertificateAuthority.load(key[1], key[2])
-        else:
-            ca = CertificateAuthority.in_directory(key[1], trust_domain=m.trust_domain)
-        self._ca_key = key
+        ca = where.open(mesh.mtls.trust_domain)
+        self._ca_key = where
         return ca

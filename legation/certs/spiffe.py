@@ -20,6 +20,10 @@ import re
 
 from legation.certs.errors import CertError
 
+#: Reserved for the xDS enrolment credentials (see :mod:`legation.certs.enrol`): a mesh may not
+#: use it, so a workload certificate can never pass for a proxy's xDS credential.
+XDS_TRUST_DOMAIN = "xds.legation.internal"
+
 _TRUST_DOMAIN = re.compile(r"^[a-z0-9._-]{1,255}$")
 _SEGMENT = re.compile(r"^[A-Za-z0-9._-]+$")
 
@@ -28,6 +32,9 @@ def spiffe_id(trust_domain: str, namespace: str, name: str) -> str:
     """``spiffe://<trust_domain>/ns/<namespace>/sa/<name>``; raises ``bad_identity``."""
     if not _TRUST_DOMAIN.match(trust_domain):
         raise CertError(f"invalid SPIFFE trust domain {trust_domain!r}", code="bad_identity")
+    if trust_domain == XDS_TRUST_DOMAIN:
+        raise CertError(f"SPIFFE trust domain {trust_domain!r} is reserved for xDS enrolment",
+                        code="bad_identity")
     for part in (namespace, name):
         if not _SEGMENT.match(part) or part in (".", ".."):
             raise CertError(f"invalid SPIFFE path segment {part!r}", code="bad_identity")

@@ -123,6 +123,7 @@ def test_bad_ca_files_have_stable_codes(tmp_path: Path) -> None:
     CertificateAuthority.in_directory(tmp_path / "a", trust_domain="x")
     CertificateAuthority.in_directory(tmp_path / "b", trust_domain="x")
     (tmp_path / "junk.pem").write_text("not pem")
+    (tmp_path / "junk.pem").chmod(0o600)  # a key file that only its owner reads, but junk
     cases = [
         (tmp_path / "missing.crt", tmp_path / "a" / "ca.key", "ca_unreadable", "cannot read"),
         (tmp_path / "junk.pem", tmp_path / "a" / "ca.key", "ca_unreadable", "not a PEM cert"),
@@ -140,6 +141,7 @@ def test_bad_ca_files_have_stable_codes(tmp_path: Path) -> None:
     issued = ca.issue(SID, ttl=timedelta(hours=1))
     (tmp_path / "leaf.crt").write_bytes(issued.cert_pem)
     (tmp_path / "leaf.key").write_bytes(issued.key_pem)
+    (tmp_path / "leaf.key").chmod(0o600)
     with pytest.raises(CertError) as info:
         CertificateAuthority.load(tmp_path / "leaf.crt", tmp_path / "leaf.key")
     assert (info.value.code, str(info.value)) == ("ca_invalid",
@@ -163,3 +165,80 @@ def test_cli_ca_show_prints_fingerprint_and_expiry(tmp_path: Path,
     assert "PRIVATE" not in out
     assert main(["ca", "show", str(tmp_path / "none")]) == 1
     assert "cannot read" in capsys.readouterr().err
+
+
+def test_a_key_readable_by_group_or_others_is_refused_naming_the_file(tmp_path: Path) -> None:
+    CertificateAuthority.in_directory(tmp_path, trust_domain="x")
+    key = tmp_path / "ca.key"
+    for mode in (0o640, 0o604, 0o660):
+        key.chmod(mode)
+        with pytest.raises(CertError) as info:
+            CertificateAuthority.in_directory(tmp_path, trust_domain="x")
+        assert info.value.code == "ca_insecure"
+        assert str(info.value).startswith(f"{key}: the CA key is accessible to group or others")
+        assert f"chmod 600 {key}" in str(info.value)
+    key.chmod(0o400)
+    CertificateAuthority.in_directory(tmp_path, trust_domain="x")
+
+
+def test_a_small_rsa_ca_key_is_refused(tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import NameOID
+
+    def rsa_ca(bits: int, name: str) -> tuple[Path, Path]:
+        key = rsa.generate_private_key(public_exponent=65537, key_size=bits)
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        now = datetime.now(UTC)
+        cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
+                .public_key(key.public_key()).serial_number(1)
+                .not_valid_before(now - timedelta(minutes=1))
+                .not_valid_after(now + timedelta(days=1))
+                .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+                .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
+                               critical=False)
+                .sign(key, hashes.SHA256()))
+        cert_path, key_path = tmp_path / f"{name}.crt", tmp_path / f"{name}.key"
+        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                               serialization.PrivateFormat.PKCS8,
+                                               serialization.NoEncryption()))
+        key_path.chmod(0o600)
+        return cert_path, key_path
+
+    small = rsa_ca(1024, "small")
+    with pytest.raises(CertError) as info:
+        CertificateAuthority.load(*small)
+    assert (info.value.code, str(info.value)) == (
+        "ca_invalid", f"{small[1]}: the RSA CA key has 1024 bits; at least 2048 are needed")
+    CertificateAuthority.load(*rsa_ca(2048, "big"))
+
+
+def test_key_files_are_written_exclusively_never_through_a_planted_link(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    from legation.certs import _files
+
+    opened: list[int] = []
+    real_open = os.open
+
+    def spy(path: object, flags: int, *args: object) -> int:
+        opened.append(flags)
+        return real_open(path, flags, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_files.os, "open", spy)
+    CertificateAuthority.in_directory(tmp_path / "ca", trust_domain="x")
+    assert opened and all(f & os.O_EXCL and f & os.O_NOFOLLOW and f & os.O_CREAT
+                          for f in opened)
+    # a symlink planted where the temporary file would go is not followed
+    target = tmp_path / "victim"
+    target.write_text("untouched")
+    monkeypatch.setattr(_files.secrets, "token_hex", lambda n: "fixed")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / ".k.pem.fixed.tmp").symlink_to(target)
+    with pytest.raises(FileExistsError):
+        _files.write_private(tmp_path / "out" / "k.pem", b"secret")
+    assert target.read_text() == "untouched"
+    assert not (tmp_path / "out" / "k.pem").exists()
