@@ -40,6 +40,7 @@ _OVERRIDE_UNIT = {v: name.lower() for name, v in ratelimit_unit_pb2.RateLimitUni
 _ESCAPE = str.maketrans({"%": "%25", "|": "%7C", "=": "%3D"})
 MAX_UINT32 = 0xFFFFFFFF
 _MAX_PLANS = 4096
+_MAX_PLANNED_REQUEST = 2048  # bytes: larger requests are planned each time, never kept
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,7 +133,9 @@ class RateLimiter:
         serialized bytes (domain, descriptors and hits_addend are all the request holds): checks,
         matching, key escaping and ``replaces`` are done once per distinct request and config, not
         once per call. The table is bounded: when full it is emptied (high-cardinality values then
-        cost what they cost without the table, plus one dict insert).
+        cost what they cost without the table, plus one dict insert), and only requests up to
+        ``_MAX_PLANNED_REQUEST`` bytes are kept, so callers choosing long descriptor values cannot
+        make it hold more than a few MB.
         """
         key = request.SerializeToString()
         if self._plans_for is not config:
@@ -143,9 +146,10 @@ class RateLimiter:
             hits = tuple(Hit(k, limit, c.cost) for c in checked
                          for k, limit in zip(c.keys, c.limits, strict=True))
             plan = (checked, hits)
-            if len(self._plans) >= _MAX_PLANS:
-                self._plans.clear()
-            self._plans[key] = plan
+            if len(key) <= _MAX_PLANNED_REQUEST:
+                if len(self._plans) >= _MAX_PLANS:
+                    self._plans.clear()
+                self._plans[key] = plan
         return plan
 
     def _match(
