@@ -25,6 +25,7 @@ CLIENT_CODES = frozenset(
         "disallowed_algorithm",
         "missing_claim",
         "malformed_body",
+        "malformed_path",
     }
 )
 

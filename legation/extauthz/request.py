@@ -21,7 +21,6 @@ import json
 import os
 from collections.abc import Mapping
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
 from google.protobuf.json_format import MessageToDict
 
@@ -218,12 +217,74 @@ def _peer(peer: Any) -> dict[str, Any]:
     return out
 
 
+# Go's url.ParseQuery refuses a query with this many '&' (more than 10,000 parameters, its default
+# GODEBUG urlmaxqueryparams), and opa-envoy-plugin then refuses the request.
+MAX_QUERY_PARAMS = 10_000
+_HEX = frozenset(b"0123456789abcdefABCDEF")
+
+
 def parse_path(path: str) -> tuple[list[str], dict[str, list[str]]]:
-    """``/a/b?x=1&x=2`` -> (["a", "b"], {"x": ["1", "2"]}), as opa-envoy-plugin splits them."""
-    url = urlsplit(path)
-    segments = url.path.lstrip("/").split("/")
-    query = parse_qs(url.query, keep_blank_values=True) if url.query else {}
-    return segments, query
+    """``parsed_path`` and ``parsed_query`` exactly as opa-envoy-plugin builds them (since its
+    2026 fix for ``//admin``): the request target is cut at the first ``?``; the path part is
+    percent-decoded (``%2F`` becomes a separator), its leading slashes dropped and the rest split
+    on ``/``, keeping empty and dot segments as they are (``/a//b/../c`` -> ``["a", "", "b",
+    "..", "c"]``); the query is parsed by :func:`parse_query`. Envoy sends the target with no
+    normalisation unless the listener asks for it, so a deny rule must not assume a clean path.
+
+    A malformed escape (``%zz``, a lone ``%``), a ``;`` in the query or too many parameters is
+    :class:`AuthzError` ``malformed_path`` (400), where opa-envoy-plugin fails the request: a
+    policy never decides on a path it cannot read. Decoded bytes that are not UTF-8 become U+FFFD.
+    """
+    raw_path, _, raw_query = path.partition("?")
+    try:
+        decoded = unescape(raw_path, plus=False)
+        query = parse_query(raw_query)
+    except ValueError as e:
+        raise AuthzError(f"the request path cannot be parsed: {e}", code="malformed_path",
+                         status=400) from None
+    return decoded.lstrip("/").split("/"), query
+
+
+def parse_query(raw: str, *, strict: bool = True) -> dict[str, list[str]]:
+    """``a=1&a=2&b&c=x+y`` -> ``{"a": ["1", "2"], "b": [""], "c": ["x y"]}``, as Go's
+    ``url.ParseQuery``: pairs split on ``&`` only, empty pairs skipped, ``+`` is a space, values
+    of a repeated key kept in order. ``strict`` raises ValueError on a ``;`` or a malformed
+    escape (as opa-envoy-plugin does); otherwise such pairs are skipped, as Go skips them."""
+    if raw.count("&") >= MAX_QUERY_PARAMS:
+        raise ValueError(f"more than {MAX_QUERY_PARAMS} query parameters")
+    out: dict[str, list[str]] = {}
+    for pair in raw.split("&"):
+        if not pair:
+            continue
+        try:
+            if ";" in pair:
+                raise ValueError("';' is not a query separator")
+            key, _, value = pair.partition("=")
+            key, value = unescape(key, plus=True), unescape(value, plus=True)
+        except ValueError:
+            if strict:
+                raise
+            continue
+        out.setdefault(key, []).append(value)
+    return out
+
+
+def unescape(raw: str, *, plus: bool) -> str:
+    """Percent-decoding as Go's ``url.PathUnescape`` (``plus=False``) and ``url.QueryUnescape``
+    (``plus=True``: ``+`` is a space): every ``%`` must start two hex digits, else ValueError.
+    The decoded bytes are read as UTF-8, invalid sequences as U+FFFD."""
+    if plus and "+" in raw:
+        raw = raw.replace("+", " ")
+    if "%" not in raw:
+        return raw
+    pieces = raw.encode().split(b"%")
+    out = [pieces[0]]
+    for piece in pieces[1:]:
+        if len(piece) < 2 or piece[0] not in _HEX or piece[1] not in _HEX:
+            raise ValueError(f"invalid escape %{piece[:2].decode(errors='replace')!r}")
+        out.append(bytes((int(piece[:2], 16),)))
+        out.append(piece[2:])
+    return b"".join(out).decode("utf-8", "replace")
 
 
 def _body(http: Any) -> tuple[bytes, bool]:
@@ -251,8 +312,8 @@ def parse_body(body: bytes, content_type: str) -> Any:
                              status=400) from None
     if media == "application/x-www-form-urlencoded":
         try:
-            return parse_qs(body.decode(), keep_blank_values=True, strict_parsing=False)
-        except UnicodeDecodeError:
-            raise AuthzError("form body is not valid UTF-8", code="malformed_body",
+            return parse_query(body.decode())  # url.ParseQuery, as opa-envoy-plugin
+        except (UnicodeDecodeError, ValueError):
+            raise AuthzError("form body is not valid UTF-8 form data", code="malformed_body",
                              status=400) from None
     return None
