@@ -1,14 +1,14 @@
-"""Rego sources on disk -> one compiled regopy bundle, and the hot reload that swaps it.
+"""Rego sources on disk -> a validated policy version, and the hot reload that swaps it.
 
-A directory of ``*.rego`` modules (and ``data.json`` base documents) is compiled once per version
-into a :class:`regopy.Bundle` with one entry point per package and decision rule
-(``envoy/authz/allow``); evaluating a compiled entry point costs ~76 us, a fresh query ~10x more.
+A directory of ``*.rego`` modules (and ``data.json`` base documents) is read once per version and
+loaded into OPA's engine in a short-lived evaluator process (:func:`~legation.extauthz.evaluator.
+validate`): a module that does not parse, does not type-check (a function the engine does not
+know, with its file and line) or crashes the engine is refused before it can serve. The version
+that passes is evaluated by an :class:`~legation.extauthz.evaluator.EvaluatorPool` of processes
+loaded with exactly the text that was validated.
 
-The running :class:`CompiledPolicies` is an immutable reference that :class:`PolicyStore` swaps.
-A directory that fails to compile never replaces it: the error is logged and counted. Before a
-version is compiled in this process it is compiled and evaluated once in a child process
-(:mod:`legation.extauthz._probe`): a policy that crashes the engine or hangs is refused like one
-that does not compile, so it can never take the service down.
+The running :class:`CompiledPolicies` is an immutable reference that :class:`PolicyStore` swaps,
+with its pool. A directory that fails to load never replaces it: the error is logged and counted.
 """
 
 from __future__ import annotations
@@ -18,15 +18,14 @@ import hashlib
 import logging
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from regopy import Bundle, Interpreter, RegoError
-
 from legation.errors import ConfigError
-from legation.extauthz import _probe
+from legation.extauthz import evaluator
 from legation.extauthz._inputrefs import analyse_packages
+from legation.extauthz.evaluator import EvaluatorPool
 
 log = logging.getLogger("legation.extauthz.policies")
 
@@ -55,7 +54,7 @@ class Sources:
 @dataclass(frozen=True)
 class CompiledPolicies:
     version: str
-    bundle: Bundle
+    sources: Sources
     entrypoints: frozenset[str]
     packages: frozenset[str]
     files: tuple[str, ...]
@@ -103,28 +102,16 @@ def fingerprint(directory: Path) -> str:
     return h.hexdigest()
 
 
-def compile_dir(directory: Path, *, rules: Iterable[str], tests: bool = False) -> CompiledPolicies:
-    """Compile every module under ``directory``; raises ConfigError naming the file on failure."""
-    return compile_sources(read_sources(directory), rules=rules, tests=tests)
-
-
-def compile_sources(src: Sources, *, rules: Iterable[str], tests: bool = False,
-                    entrypoints: Iterable[str] = ()) -> CompiledPolicies:
-    """Compile ``src`` with an entry point per package and rule (and test rule, with
-    ``tests``), plus the explicit ``entrypoints``."""
-    interp = Interpreter()
+def analyse(src: Sources, *, rules: Iterable[str], tests: bool = False) -> CompiledPolicies:
+    """The version's entry points (``package/path/rule`` for each package and rule, and each
+    test rule with ``tests``) and what each package reads; no engine involved."""
     packages: set[str] = set()
-    entrypoints = set(entrypoints)
+    entrypoints: set[str] = set()
     package_files: dict[str, str] = {}
     digest = hashlib.sha256()
     rules = tuple(rules)
     for path, text in src.modules:
-        digest.update(text.encode())
-        rel = str(Path(path).relative_to(src.directory))
-        try:
-            interp.add_module(rel, text)
-        except RegoError as e:
-            raise ConfigError(f"{path}: {_first_line(e)}", code="policy_compile_failed") from None
+        digest.update(path.encode() + b"\0" + text.encode() + b"\0")
         pkg = _PACKAGE.search(text)
         if pkg is None:
             raise ConfigError(f"{path}: no package declaration", code="policy_compile_failed")
@@ -135,23 +122,11 @@ def compile_sources(src: Sources, *, rules: Iterable[str], tests: bool = False,
         if tests:
             entrypoints.update(f"{prefix}/{t}" for t in _TEST_RULE.findall(text))
     for path, text in src.data:
-        digest.update(text.encode())
-        try:
-            interp.add_data_json(text)
-        except (RegoError, ValueError) as e:
-            raise ConfigError(f"{path}: {_first_line(e)}", code="policy_compile_failed") from None
-    try:
-        bundle = interp.build(None, sorted(entrypoints))
-    except RegoError as e:
-        raise ConfigError(f"{src.directory}: {_first_line(e)}",
-                          code="policy_compile_failed") from None
-    if not bundle.ok():
-        raise ConfigError(f"{src.directory}: policies did not compile",
-                          code="policy_compile_failed")
+        digest.update(path.encode() + b"\0" + text.encode() + b"\0")
     analysis = analyse_packages((_package_path(t), t) for _, t in src.modules)
     return CompiledPolicies(
         version=digest.hexdigest()[:12],
-        bundle=bundle,
+        sources=src,
         entrypoints=frozenset(entrypoints),
         packages=frozenset(packages),
         files=tuple(path for path, _ in src.modules),
@@ -159,47 +134,6 @@ def compile_sources(src: Sources, *, rules: Iterable[str], tests: bool = False,
         package_files=package_files,
         deterministic={pkg: det for pkg, (_, det) in analysis.items()},
     )
-
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip()
-    msg = re.search(r"errormsg \d+:([^)\n]*)", text)
-    where = re.search(r"\(error \d+:([^|\s]+)", text)
-    if msg:
-        return f"{msg.group(1).strip()}" + (f" (in {where.group(1)})" if where else "")
-    return text.splitlines()[0] if text else type(e).__name__
-
-
-def probe(src: Sources, *, rules: Iterable[str], timeout_s: float) -> None:
-    """Compile and evaluate every entry point of ``src`` once in a child process (with a
-    representative request and an empty input); raises ConfigError naming the file when the
-    child crashes, hangs or cannot compile."""
-    result = _probe.run(src, rules=tuple(rules), inputs=(_probe.representative_input(), {}),
-                        timeout_s=timeout_s)
-    if result.compile_error is not None:
-        raise ConfigError(result.compile_error, code="policy_compile_failed")
-    crash = result.crash
-    if crash is None:
-        return
-    rules = tuple(rules)
-    where = src.directory
-    if crash.entrypoint is not None:
-        package = crash.entrypoint.rsplit("/", 1)[0]
-        where = next((path for path, text in src.modules if _package_path(text) == package),
-                     where)
-    else:  # building the bundle crashed: find the module that does it on its own
-        for path, text in src.modules[:_MAX_BISECT]:
-            package = _package_path(text)
-            alone = replace(src, modules=((path, text),), data=())
-            if _probe.run(alone, entrypoints=[f"{package}/{r}" for r in rules],
-                          timeout_s=timeout_s).crash is not None:
-                where = path
-                break
-    what = f"evaluating {crash.entrypoint}" if crash.entrypoint else "compiling"
-    raise ConfigError(f"{where}: {what}: {crash.reason}", code="policy_crashed")
-
-
-_MAX_BISECT = 32  # modules tried one by one to name the one that crashes the build
 
 
 def _package_path(text: str) -> str:
@@ -210,37 +144,65 @@ def _package_path(text: str) -> str:
 def load(
     directory: Path, *, rules: Iterable[str], probe_timeout_s: float, tests: bool = False
 ) -> CompiledPolicies:
-    """Read, probe in a child process, then compile here. Blocking.
+    """Read and validate in an evaluator process (blocking). Raises ConfigError naming the file.
 
-    Test files are left out unless ``tests``: the service never evaluates them, and regopy 1.5
-    crashes while building a bundle that holds an `opa test`-style ``with input as`` over a rule
-    that uses other rules, which would refuse a whole directory of otherwise good policies."""
+    Test files are left out unless ``tests``: the service never evaluates them."""
     src = read_sources(directory, tests=tests)
-    rules = tuple(rules)
-    probe(src, rules=rules, timeout_s=probe_timeout_s)
-    return compile_sources(src, rules=rules)
+    compiled = analyse(src, rules=rules, tests=tests)
+    evaluator.validate(src.modules, src.data, timeout_s=probe_timeout_s)
+    return compiled
 
 
 class PolicyStore:
-    """Holds the running compiled policies and swaps them when the directory changes."""
+    """Holds the running policy version and its evaluator pool, and swaps both when the
+    directory changes. The first version is validated at construction (bad policies fail at
+    start); its pool starts with :meth:`start` (or the first :meth:`pool` call)."""
 
     def __init__(self, directory: Path, *, rules: Iterable[str], interval_s: float,
-                 probe_timeout_s: float = 10.0, tests: bool = False) -> None:
+                 probe_timeout_s: float = 10.0, tests: bool = False,
+                 evaluators: int = 2) -> None:
         self.directory = directory
         self.tests = tests
         self.rules = tuple(rules)
         self.interval_s = interval_s
         self.probe_timeout_s = probe_timeout_s
+        self.evaluators = evaluators
         self.failed_reloads = 0
         self.last_error: str | None = None
         self._fingerprint = fingerprint(directory)
-        # fails at start with a ConfigError, crashing policies included
         self.current = load(directory, rules=self.rules, probe_timeout_s=probe_timeout_s,
                             tests=tests)
+        self._pool: EvaluatorPool | None = None
+        self._pool_for: CompiledPolicies | None = None
+        self._starting: asyncio.Task[EvaluatorPool] | None = None
+        self._retired: dict[EvaluatorPool, asyncio.Task[None]] = {}
         self._task: asyncio.Task[None] | None = None
 
+    def _new_pool(self, compiled: CompiledPolicies) -> EvaluatorPool:
+        return EvaluatorPool(compiled.sources.modules, compiled.sources.data,
+                             size=self.evaluators, load_timeout_s=self.probe_timeout_s)
+
+    async def pool(self) -> EvaluatorPool:
+        """The running version's pool, started on first use."""
+        if self._pool is not None:
+            return self._pool
+        if self._starting is None:
+            compiled = self.current
+            self._starting = asyncio.get_running_loop().create_task(
+                self._new_pool(compiled).start())
+            self._pool_for = compiled
+        try:
+            pool = await asyncio.shield(self._starting)
+        except BaseException:
+            if self._starting.done():
+                self._starting = None
+            raise
+        if self._pool is None:
+            self._pool = pool
+        return self._pool
+
     async def reload(self) -> bool:
-        """Recompile if the directory changed; True when a new version was swapped in."""
+        """Reload if the directory changed; True when a new version was swapped in."""
         fp = fingerprint(self.directory)
         if fp == self._fingerprint:
             return False
@@ -249,6 +211,7 @@ class PolicyStore:
             compiled = await asyncio.to_thread(load, self.directory, rules=self.rules,
                                                probe_timeout_s=self.probe_timeout_s,
                                                tests=self.tests)
+            pool = await self._new_pool(compiled).start() if self._pool is not None else None
         except ConfigError as e:
             self.failed_reloads += 1
             self.last_error = str(e)
@@ -256,7 +219,15 @@ class PolicyStore:
             return False
         if compiled.version != self.current.version:
             log.info("policies reloaded: %s -> %s", self.current.version, compiled.version)
-        self.current = compiled
+        old = self._pool
+        if old is None and self._starting is not None:  # a pool for the old version, starting
+            self._starting.cancel()
+        self.current, self._pool, self._pool_for = compiled, pool, compiled if pool else None
+        self._starting = None
+        if old is not None:  # in-flight evaluations may finish on the old version
+            task = asyncio.get_running_loop().create_task(old.close(grace_s=5.0))
+            self._retired[old] = task
+            task.add_done_callback(lambda _: self._retired.pop(old, None))
         self.last_error = None
         return True
 
@@ -268,7 +239,9 @@ class PolicyStore:
             except Exception:  # a watcher must survive anything the filesystem does
                 log.exception("policy watcher error")
 
-    def start(self) -> None:
+    async def start(self) -> None:
+        """Start the evaluator pool (raises ConfigError if it cannot load) and the watcher."""
+        await self.pool()
         if self._task is None and self.interval_s > 0:
             self._task = asyncio.get_running_loop().create_task(self._watch())
 
@@ -280,4 +253,12 @@ class PolicyStore:
             except asyncio.CancelledError:
                 pass
             self._task = None
-
+        if self._starting is not None and not self._starting.done():
+            self._starting.cancel()
+        pools = [self._pool] if self._pool is not None else []
+        self._pool, self._starting = None, None
+        for pool, task in list(self._retired.items()):
+            task.cancel()
+            pools.append(pool)
+        for pool in pools:
+            await pool.close()

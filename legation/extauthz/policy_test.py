@@ -1,25 +1,24 @@
 """``legation policy test policies/``: run the Rego unit tests (``test_`` rules) like ``opa test``.
 
-Every ``test_*`` rule of every package is compiled into one regopy bundle and evaluated with an
-empty input; a rule that is true passes, false or undefined fails, an evaluation error errors.
-Exit status as ``opa test``: 0 all pass, 2 some fail, 1 the policies do not compile.
-
-The tests run in a child process (:mod:`legation.extauthz._probe`): regopy aborts the process on
-some programs (``allow with input as {...}`` over rules that use other rules, the usual
-``opa test`` style), so a test that kills the child is reported as an ERROR for that test and the
-remaining tests run in a fresh child.
+Every module (``*_test.rego`` included) is loaded into OPA's engine in an evaluator process
+(:mod:`legation.extauthz.evaluator`) and every ``test_*`` rule of every package is evaluated with
+an empty input: true passes, false or undefined fails, an evaluation error errors. Each test has a
+deadline (``timeout_s``): a test that runs past it is killed with its process and errors, and the
+remaining tests run in a fresh one. Exit status as ``opa test``: 0 all pass, 2 some fail, 1 the
+policies do not load.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import re
 import sys
-from dataclasses import replace
+import time
 from pathlib import Path
 
 from legation.errors import ConfigError
-from legation.extauthz import _probe
+from legation.extauthz.evaluator import EvaluationError, EvaluatorPool, parse_result
 from legation.extauthz.policies import Sources, read_sources
 
 _PACKAGE = re.compile(r"^\s*package\s+([A-Za-z_][\w.]*)", re.MULTILINE)
@@ -38,41 +37,46 @@ def discover(src: Sources) -> list[tuple[str, str, str]]:
     return found
 
 
+async def _evaluate_all(src: Sources, names: list[str], timeout_s: float,
+                        ) -> dict[str, tuple[str, float, str]]:
+    """data path -> (PASS|FAIL|ERROR, ms, detail); raises ConfigError if loading fails."""
+    pool = await EvaluatorPool(src.modules, src.data, size=1).start()
+    results: dict[str, tuple[str, float, str]] = {}
+    try:
+        for name in names:
+            started = time.perf_counter()
+            try:
+                async with asyncio.timeout(timeout_s):
+                    kind, text = await pool.evaluate(name, b"{}")
+            except TimeoutError:
+                results[name] = ("ERROR", timeout_s * 1000, f"timed out after {timeout_s:g} s")
+                continue
+            except EvaluationError as e:
+                results[name] = ("ERROR", (time.perf_counter() - started) * 1000, str(e))
+                continue
+            ms = (time.perf_counter() - started) * 1000
+            passed = kind == "v" and parse_result(text) is True
+            results[name] = ("PASS" if passed else "FAIL", ms, "")
+    finally:
+        await pool.close()
+    return results
+
+
 def run(directory: Path, *, verbose: bool, out: object = sys.stdout,
         timeout_s: float = 60.0) -> int:
     write = out.write  # type: ignore[attr-defined]
     try:
         src = read_sources(directory)
+        tests = discover(src)
+        names = list(dict.fromkeys(f"{pkg}.{rule}" for _, pkg, rule in tests))
+        results = asyncio.run(_evaluate_all(src, names, timeout_s))
     except ConfigError as e:
         write(f"1 error occurred: {e}\n")
         return 1
-    tests = discover(src)
-    results: dict[str, tuple[str, float, str]] = {}  # entry point -> (status, ms, detail)
-    everything = list(dict.fromkeys(_entrypoint(pkg, rule) for _, pkg, rule in tests))
-    first = _run_group(src, everything, results, timeout_s)
-    if first is not None and first.compile_error is not None:
-        write(f"1 error occurred: {first.compile_error}\n")
-        return 1
-    if first is not None:
-        # building the bundle crashed the engine: every test file on its own, with the modules
-        # that hold no tests, so that only the tests of the file that crashes it error
-        base = tuple(m for m in src.modules if not _TEST_RULE.search(m[1]))
-        for path, text in src.modules:
-            eps = [_entrypoint(pkg, rule) for f, pkg, rule in tests if f == path]
-            if not eps:
-                continue
-            group = replace(src, modules=tuple(sorted({*base, (path, text)})))
-            failed_build = _run_group(group, list(dict.fromkeys(eps)), results, timeout_s)
-            if failed_build is not None:
-                reason = failed_build.compile_error or (
-                    failed_build.crash.reason if failed_build.crash else "")
-                for ep in eps:
-                    results.setdefault(ep, ("ERROR", 0.0, reason))
     passed = failed = errors = 0
     current_file = None
     for file, pkg, rule in tests:
-        status, ms, detail = results.get(f"{pkg.replace('.', '/')}/{rule}",
-                                         ("ERROR", 0.0, "not evaluated"))
+        status, ms, detail = results.get(f"{pkg}.{rule}", ("ERROR", 0.0, "not evaluated"))
         passed += status == "PASS"
         failed += status == "FAIL"
         errors += status == "ERROR"
@@ -96,35 +100,6 @@ def run(directory: Path, *, verbose: bool, out: object = sys.stdout,
     if errors:
         write(f"ERROR: {errors}/{total}\n")
     return 0 if failed == errors == 0 else 2
-
-
-def _entrypoint(package: str, rule: str) -> str:
-    return f"{package.replace('.', '/')}/{rule}"
-
-
-def _run_group(src: Sources, entrypoints: list[str],
-               results: dict[str, tuple[str, float, str]],
-               timeout_s: float) -> _probe.ProbeResult | None:
-    """Run ``entrypoints`` in child processes, a fresh child after each one that kills the
-    engine (that test errors). Returns the probe result when the bundle itself cannot be built
-    (a compile error, or a crash before any test ran), else None."""
-    pending = entrypoints
-    while pending:
-        probe = _probe.run(src, entrypoints=pending, timeout_s=timeout_s)
-        if probe.compile_error is not None:
-            return probe
-        for o in probe.outcomes:
-            status = "PASS" if o.ok and o.text == '{"expressions":[true]}' else (
-                "FAIL" if o.ok else "ERROR")
-            results[o.entrypoint] = (status, o.ms, "" if o.ok else o.text)
-        crash = probe.crash
-        if crash is None:
-            return None
-        if crash.entrypoint is None:
-            return probe
-        results[crash.entrypoint] = ("ERROR", 0.0, crash.reason)
-        pending = pending[pending.index(crash.entrypoint) + 1:]
-    return None
 
 
 def main(argv: list[str] | None = None) -> int:

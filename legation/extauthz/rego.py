@@ -1,13 +1,17 @@
-"""The ``rego`` check: the embedded regopy engine evaluating compiled, hot-reloaded policies.
+"""The ``rego`` check: OPA's engine evaluating validated, hot-reloaded policies, out of process.
 
 The route names its policy in ``context_extensions["policy"]`` as a package (``envoy.authz``,
 evaluated at its ``decision`` rule, ``allow`` by default, as opa-envoy-plugin's
 ``data.envoy.authz.allow``) or as an explicit ``package/path/rule``. The result is read by
 :func:`~legation.extauthz.response.decision_from_result`.
 
-Per call: the input parts the bundle can read (``project_input``, see
-:mod:`legation.extauthz._inputrefs`) go to one interpreter per bundle version, the compiled entry
-point is queried, and the result text maps to a cached :class:`Decision` (results repeat).
+Per call: the input parts the policies can read (``project_input``, see
+:mod:`legation.extauthz._inputrefs`) are encoded as JSON and evaluated by one of the version's
+evaluator processes (:mod:`legation.extauthz.evaluator`); the check's deadline holds because the
+wait is cancellable and a late evaluation's process is killed. What comes back is parsed with
+duplicate keys refused. Fail closed: an evaluation error (a builtin error such as
+``net.cidr_contains("garbage", ...)``, ``1 / 0``, a conflict, a crash, a deadline) is an
+AuthzError, never "undefined"; an undefined decision denies.
 
 Decision cache. A policy that reads a few input fields (method, path, a claim) sees the same
 projected input over and over, and handing it to the engine and evaluating costs 100-400 us. So
@@ -36,13 +40,11 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from regopy import Interpreter, RegoError
-
 from legation.errors import ConfigError
-from legation.extauthz import _regofast
 from legation.extauthz.checks import Decision
 from legation.extauthz.config import pydantic_error
 from legation.extauthz.errors import AuthzError
+from legation.extauthz.evaluator import EvaluationError, parse_result
 from legation.extauthz.policies import CompiledPolicies, PolicyStore
 from legation.extauthz.request import RequestContext
 from legation.extauthz.response import decision_from_result
@@ -58,7 +60,11 @@ class RegoConfig(BaseModel):
     # send the engine only the input parts the policies reference (input.a.b refs); a bundle
     # that uses `input` as a whole value always gets the whole document
     project_input: bool = True
+    # how long loading a policy version into OPA's engine may take
     probe_timeout_s: float = Field(default=10.0, gt=0, le=120)
+    # evaluator processes per policy version: evaluations run in parallel with each other and
+    # with the service; one stuck at its deadline is killed and replaced
+    evaluators: int = Field(default=2, ge=1, le=64)
     # load *_test.rego files into the serving bundle too (`legation policy test` always does)
     include_tests: bool = False
     # decisions kept per policy version, keyed by the exact projected input; 0 turns it off.
@@ -84,14 +90,14 @@ class RegoCheck:
         self.store = PolicyStore(config.policy_dir, rules=(config.decision,),
                                  interval_s=config.reload_interval_s,
                                  probe_timeout_s=config.probe_timeout_s,
-                                 tests=config.include_tests)
+                                 tests=config.include_tests,
+                                 evaluators=config.evaluators)
         self._compiled: CompiledPolicies | None = None
-        self._interp = Interpreter()
-        # policy -> (entry point, input parts it reads, cacheable), or None when not compiled
-        self._entrypoints: dict[str, tuple[bytes, Any, bool] | None] = {}
+        # policy -> (data path, input parts it reads, cacheable), or None when not compiled
+        self._entrypoints: dict[str, tuple[str, Any, bool] | None] = {}
         self._decisions: dict[tuple[str, str], Decision] = {}  # (policy, result text) ->
-        # (entry point, repr of the projected input) -> decision, this version only
-        self._cache: OrderedDict[tuple[bytes, str], Decision] = OrderedDict()
+        # (data path, repr of the projected input) -> decision, this version only
+        self._cache: OrderedDict[tuple[str, str], Decision] = OrderedDict()
         self.cache_hits = 0
         self.cache_misses = 0
 
@@ -99,7 +105,6 @@ class RegoCheck:
         compiled = self.store.current
         if compiled is not self._compiled:  # a reload swapped the bundle: start afresh
             self._compiled = compiled
-            self._interp = Interpreter()
             self._entrypoints.clear()
             self._decisions.clear()
             self._cache.clear()
@@ -109,7 +114,7 @@ class RegoCheck:
         """Whether decisions of ``policy`` (in the running version) go through the cache."""
         return self._entrypoint(self._current(), policy)[2]
 
-    def _entrypoint(self, compiled: CompiledPolicies, policy: str) -> tuple[bytes, Any, bool]:
+    def _entrypoint(self, compiled: CompiledPolicies, policy: str) -> tuple[str, Any, bool]:
         if policy in self._entrypoints:
             found = self._entrypoints[policy]
         else:
@@ -120,7 +125,7 @@ class RegoCheck:
                 only = compiled.input_paths.get(package) if self.config.project_input else None
                 cacheable = (self.config.decision_cache_size > 0 and only is not None
                              and compiled.deterministic.get(package, False))
-                found = (name.encode(), only, cacheable)
+                found = (name.replace("/", "."), only, cacheable)
             if len(self._entrypoints) < _RESULT_CACHE:
                 self._entrypoints[policy] = found
         if found is None:
@@ -136,10 +141,10 @@ class RegoCheck:
         ep, only, cacheable = self._entrypoint(compiled, policy)
         document = ctx.input(only)
         if not cacheable:
-            return self._evaluate(compiled, policy, ep, document)
+            return await self._evaluate(compiled, policy, ep, document)
         text = repr(document)
         if len(text) > _MAX_KEY:
-            return self._evaluate(compiled, policy, ep, document)
+            return await self._evaluate(compiled, policy, ep, document)
         key = (ep, text)
         cache = self._cache
         decision = cache.get(key)
@@ -148,30 +153,44 @@ class RegoCheck:
             self.cache_hits += 1
             return decision
         self.cache_misses += 1
-        decision = self._evaluate(compiled, policy, ep, document)
+        decision = await self._evaluate(compiled, policy, ep, document)
+        if self._compiled is not compiled:  # swapped while evaluating: not for the new version
+            return decision
         cache[key] = decision
         if len(cache) > self.config.decision_cache_size:
             cache.popitem(last=False)
         return decision
 
-    def evaluate(self, policy: str, document: dict[str, Any]) -> Decision:
+    async def evaluate(self, policy: str, document: dict[str, Any]) -> Decision:
+        """Evaluate ``policy`` with a caller's input document (no projection, no cache)."""
         compiled = self._current()
-        return self._evaluate(compiled, policy, self._entrypoint(compiled, policy)[0], document)
+        ep = self._entrypoint(compiled, policy)[0]
+        return await self._evaluate(compiled, policy, ep, document)
 
-    def _evaluate(self, compiled: CompiledPolicies, policy: str, ep: bytes,
-                  document: dict[str, Any]) -> Decision:
+    async def _evaluate(self, compiled: CompiledPolicies, policy: str, ep: str,
+                        document: dict[str, Any]) -> Decision:
         try:
-            _regofast.set_input(self._interp, document)
-            ok, text = _regofast.query(self._interp, compiled.bundle, ep)
-        except (RegoError, TypeError) as e:
+            data = json.dumps(document, ensure_ascii=False, separators=(",", ":"),
+                              allow_nan=False).encode()
+        except (TypeError, ValueError) as e:  # lone surrogates, NaN, a non-JSON value
+            raise AuthzError(f"rego: {policy}: the input cannot be encoded as JSON: {e}",
+                             code="policy_input_error") from None
+        try:
+            pool = await self.store.pool()
+            kind, text = await pool.evaluate(ep, data)
+        except EvaluationError as e:
             raise AuthzError(f"rego: {policy}: evaluation failed: {e}",
                              code="policy_error") from None
-        if not ok:
-            raise AuthzError(f"rego: {policy}: evaluation failed", code="policy_error")
-        key = (policy, text)
+        except ConfigError as e:  # the pool could not load this version
+            raise AuthzError(f"rego: {policy}: policy engine unavailable: {e}",
+                             code="policy_error") from None
+        key = (policy, text if kind == "v" else "")
         decision = self._decisions.get(key)
         if decision is None:
-            result = None if text == "undefined" else json.loads(text)["expressions"][0]
+            try:
+                result = parse_result(text) if kind == "v" else None
+            except EvaluationError as e:
+                raise AuthzError(f"rego: {policy}: {e}", code="invalid_policy_result") from None
             decision = decision_from_result(result, where=f"policy {policy}")
             if len(self._decisions) >= _RESULT_CACHE:
                 self._decisions.clear()
@@ -179,7 +198,7 @@ class RegoCheck:
         return decision
 
     async def start(self) -> None:
-        self.store.start()
+        await self.store.start()
 
     async def close(self) -> None:
         await self.store.close()

@@ -3,9 +3,11 @@ decision is only ever served for the same policy version, entry point and projec
 
 from __future__ import annotations
 
-import asyncio
 import os
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from envoy.service.auth.v3 import external_auth_pb2
 
@@ -77,70 +79,92 @@ allow if {
 """
 
 
-def ask(check: RegoCheck, method: str, role: str | None, policy: str = "p") -> Decision:
+@pytest.fixture
+async def make_check() -> Any:
+    """RegoCheck instances whose evaluator processes stop with the test."""
+    made: list[RegoCheck] = []
+
+    def make(**options: Any) -> RegoCheck:
+        made.append(RegoCheck(RegoConfig(**options)))
+        return made[-1]
+
+    yield make
+    for check in made:
+        await check.close()
+
+
+async def ask(check: RegoCheck, method: str, role: str | None, policy: str = "p") -> Decision:
     r = external_auth_pb2.CheckRequest()
     r.attributes.request.http.method, r.attributes.request.http.path = method, "/x"
     r.attributes.context_extensions["policy"] = policy
     ctx = RequestContext(r)
     if role is not None:
         ctx.claims, ctx.jwt_provider = {"role": role, "sub": "s"}, "p"
-    return asyncio.run(check.check(ctx))
+    return await check.check(ctx)
 
 
-def test_the_cache_serves_only_the_same_input(tmp_path: Path) -> None:
+async def test_the_cache_serves_only_the_same_input(tmp_path: Path, make_check: Any) -> None:
     (tmp_path / "p.rego").write_text(POLICY % "guest")
-    cached = RegoCheck(RegoConfig(policy_dir=tmp_path, reload_interval_s=0))
-    fresh = RegoCheck(RegoConfig(policy_dir=tmp_path, reload_interval_s=0,
-                                 decision_cache_size=0))
+    cached = make_check(policy_dir=tmp_path, reload_interval_s=0)
+    fresh = make_check(policy_dir=tmp_path, reload_interval_s=0,
+                                 decision_cache_size=0)
     assert cached.cacheable("p") and not fresh.cacheable("p")
     grid = [(m, r) for m in ("GET", "POST", "get") for r in ("guest", "admin", "", None)]
     for _ in range(2):
         for method, role in grid:
-            assert ask(cached, method, role) == ask(fresh, method, role), (method, role)
-    assert ask(cached, "GET", "guest").allowed and not ask(cached, "GET", "admin").allowed
+            assert await ask(cached, method, role) == await ask(fresh, method, role), (method, role)
+    assert (await ask(cached, "GET", "guest")).allowed and not (await ask(cached, "GET", "admin")).allowed
     assert cached.cache_misses == len(grid) and cached.cache_hits == len(grid) + 2
 
 
-def test_the_cache_is_bounded_and_drops_the_least_recent(tmp_path: Path) -> None:
+async def test_the_cache_is_bounded_and_drops_the_least_recent(
+    tmp_path: Path, make_check: Any
+) -> None:
     (tmp_path / "p.rego").write_text(POLICY % "guest")
-    check = RegoCheck(RegoConfig(policy_dir=tmp_path, reload_interval_s=0,
-                                 decision_cache_size=2))
+    check = make_check(policy_dir=tmp_path, reload_interval_s=0,
+                                 decision_cache_size=2)
     for role in ("a", "b", "a", "c", "a"):
-        ask(check, "GET", role)
+        await ask(check, "GET", role)
     assert len(check._cache) == 2 and check.cache_hits == 2  # "b" went, "a" stayed
 
 
-def test_a_new_policy_version_never_sees_old_decisions(tmp_path: Path) -> None:
+async def test_a_new_policy_version_never_sees_old_decisions(
+    tmp_path: Path, make_check: Any
+) -> None:
     source = tmp_path / "p.rego"
     source.write_text(POLICY % "guest")
-    check = RegoCheck(RegoConfig(policy_dir=tmp_path, reload_interval_s=0))
-    assert ask(check, "GET", "guest").allowed
-    assert ask(check, "GET", "guest").allowed and check.cache_hits == 1
+    check = make_check(policy_dir=tmp_path, reload_interval_s=0)
+    assert (await ask(check, "GET", "guest")).allowed
+    assert (await ask(check, "GET", "guest")).allowed and check.cache_hits == 1
     source.write_text(POLICY % "admin")
     os.utime(source, ns=(1, 1))  # a new fingerprint even within one mtime tick
-    assert asyncio.run(check.store.reload())
-    assert not ask(check, "GET", "guest").allowed
-    assert ask(check, "GET", "admin").allowed
+    assert await check.store.reload()
+    assert not (await ask(check, "GET", "guest")).allowed
+    assert (await ask(check, "GET", "admin")).allowed
     assert check.cache_hits == 1
 
 
-def test_policies_that_read_the_clock_or_the_whole_input_are_not_cached(tmp_path: Path) -> None:
+async def test_policies_that_read_the_clock_or_the_whole_input_are_not_cached(
+    tmp_path: Path, make_check: Any
+) -> None:
     (tmp_path / "tutorial.rego").write_text(TUTORIAL_STYLE)
     (tmp_path / "whole.rego").write_text("package whole\nimport rego.v1\n"
                                          "allow if input.attributes.request.http.method == 'GET'"
                                          .replace("'", '"') + "\nx := input\n")
-    check = RegoCheck(RegoConfig(policy_dir=tmp_path, reload_interval_s=0))
+    check = make_check(policy_dir=tmp_path, reload_interval_s=0)
     assert not check.cacheable("envoy.authz") and not check.cacheable("whole")
     for policy in ("envoy.authz", "whole", "envoy.authz", "whole"):
-        ask(check, "GET", "guest", policy)
+        await ask(check, "GET", "guest", policy)
     assert check.cache_hits == check.cache_misses == 0
 
 
-def test_the_shipped_policies_decide_the_same_with_and_without_the_cache() -> None:
-    checks = [RegoCheck(RegoConfig(policy_dir=REPO / "policies", reload_interval_s=0,
-                                   decision_cache_size=n)) for n in (0, 4096)]
+async def test_the_shipped_policies_decide_the_same_with_and_without_the_cache(
+    make_check: Any
+) -> None:
+    checks = [make_check(policy_dir=REPO / "policies", reload_interval_s=0,
+                                   decision_cache_size=n) for n in (0, 4096)]
     for _ in range(2):
         for method in ("GET", "POST", "DELETE"):
             for role in ("guest", "admin", None):
-                results = [ask(c, method, role, "envoy.authz") for c in checks]
+                results = [await ask(c, method, role, "envoy.authz") for c in checks]
                 assert results[0] == results[1]

@@ -1,6 +1,7 @@
 """The request path's shortcuts change nothing a policy or Envoy can see: input projection,
-the timer-free check step, decision ids, the metric and decision-log caches; and policies that
-crash the engine are caught in a child process (``legation policy test``, hot reload)."""
+the timer-free check step, decision ids, the metric and decision-log caches; and policies that do
+not load, or tests that run away, are caught in evaluator processes (``legation policy test``,
+hot reload)."""
 
 from __future__ import annotations
 
@@ -25,9 +26,9 @@ from legation.extauthz.request import RequestContext, build_input, new_decision_
 from legation.extauthz.service import Settings, build_servicer, close_checks
 from tests.extauthz.conftest import REPO
 
-# regopy 1.5.2 aborts the process building this module ("shape rego-localref has no field
-# rego-refhead"): `with input as` over a rule that uses another rule
-CRASHING_TEST = """package crash
+# `with input as` over a rule that uses another rule: the usual `opa test` style (regopy 1.5.2,
+# the engine before OPA's, aborted the process on it)
+WITH_TEST = """package crash
 import rego.v1
 
 default allow := false
@@ -35,6 +36,20 @@ allow if is_get
 is_get if input.method == "GET"
 
 test_get if allow with input as {"method": "GET"}
+"""
+
+# a module that type-checks only if the engine knows every function it calls
+UNKNOWN_FUNCTION = """package broken
+import rego.v1
+
+deny if net.cidr_contain("10.0.0.0/8", input.ip)
+"""
+
+# runs for minutes: stopped by the per-test deadline
+RUNAWAY_TEST = """package slow
+import rego.v1
+
+test_forever if count([x | some x in numbers.range(1, 400000000); x % 7 == 0]) > 0
 """
 
 
@@ -83,16 +98,17 @@ def request(path: str, method: str = "GET", policy: str = "envoy.authz",
 @pytest.mark.parametrize("role", ["guest", "admin", None])
 @pytest.mark.parametrize(("method", "path"), [("GET", "/people"), ("GET", "/people/bob"),
                                               ("POST", "/people"), ("DELETE", "/people")])
-def test_projected_input_decides_as_the_whole_document(role: str | None, method: str,
-                                                       path: str) -> None:
+async def test_projected_input_decides_as_the_whole_document(role: str | None, method: str,
+                                                             path: str) -> None:
     checks = [RegoCheck(RegoConfig(policy_dir=REPO / "policies", reload_interval_s=0,
-                                   project_input=p)) for p in (True, False)]
+                                   project_input=p, evaluators=1)) for p in (True, False)]
     decisions = []
     for check in checks:
         ctx = RequestContext(request(path, method))
         if role:
             ctx.claims, ctx.jwt_provider = {"sub": "alice", "role": role}, "p"
-        decisions.append(asyncio.run(check.check(ctx)))
+        decisions.append(await check.check(ctx))
+        await check.close()
     assert decisions[0] == decisions[1]
     assert decisions[0].allowed == ((role == "guest" and path == "/people" and method == "GET")
                                     or (role == "admin" and method == "GET"))
@@ -159,31 +175,33 @@ async def test_timeout_applies_only_to_checks_that_wait() -> None:
         plugins.unregister("extauthz.check", "slow")
 
 
-def test_policy_test_reports_an_engine_crash_as_an_error(tmp_path: Path) -> None:
+def test_policy_test_runs_with_tests_and_stops_a_runaway_one(tmp_path: Path) -> None:
     (tmp_path / "ok.rego").write_text(
         "package ok\nimport rego.v1\nx := 1\ntest_one if x == 1\ntest_two if x == 2\n")
-    (tmp_path / "crash.rego").write_text(CRASHING_TEST)
+    (tmp_path / "crash.rego").write_text(WITH_TEST)
+    (tmp_path / "slow.rego").write_text(RUNAWAY_TEST)
     out = io.StringIO()
-    assert policy_test.run(tmp_path, verbose=True, out=out) == 2
+    assert policy_test.run(tmp_path, verbose=True, out=out, timeout_s=1.0) == 2
     text = out.getvalue()
-    assert "data.crash.test_get: ERROR" in text
-    assert "the policy engine crashed (killed by SIGABRT)" in text
+    assert "data.crash.test_get: PASS" in text
+    assert "data.slow.test_forever: ERROR" in text and "timed out after 1 s" in text
     assert "data.ok.test_one: PASS" in text and "data.ok.test_two: FAIL" in text
-    assert "PASS: 1/3" in text and "FAIL: 1/3" in text and "ERROR: 1/3" in text
-    assert policy_test.main([str(tmp_path)]) == 2  # the CLI survives and exits non-zero
+    assert "PASS: 2/4" in text and "FAIL: 1/4" in text and "ERROR: 1/4" in text
+    (tmp_path / "slow.rego").unlink()
+    assert policy_test.main([str(tmp_path)]) == 2  # the CLI exits non-zero on a failure
 
 
-def test_a_policy_that_crashes_the_engine_is_refused_at_load(tmp_path: Path) -> None:
+def test_a_policy_calling_an_unknown_function_is_refused_at_load(tmp_path: Path) -> None:
     (tmp_path / "good.rego").write_text("package good\nimport rego.v1\nallow := true\n")
-    (tmp_path / "crash.rego").write_text(CRASHING_TEST)
+    (tmp_path / "broken.rego").write_text(UNKNOWN_FUNCTION)
     with pytest.raises(ConfigError) as err:
         load(tmp_path, rules=("allow",), probe_timeout_s=30)
-    assert err.value.code == "policy_crashed"
-    assert str(err.value).startswith(f"{tmp_path / 'crash.rego'}: compiling: the policy engine "
-                                     "crashed")
+    assert err.value.code == "policy_compile_failed"
+    assert str(err.value) == (f"{tmp_path / 'broken.rego'}:4: rego_type_error: "
+                              "undefined function net.cidr_contain")
 
 
-async def test_hot_reload_refuses_a_crashing_policy(tmp_path: Path) -> None:
+async def test_hot_reload_refuses_a_policy_that_does_not_load(tmp_path: Path) -> None:
     (tmp_path / "p.rego").write_text(
         "package p\nimport rego.v1\ndefault allow := false\n"
         "allow if input.attributes.request.http.method == \"GET\"\n")
@@ -194,18 +212,18 @@ async def test_hot_reload_refuses_a_crashing_policy(tmp_path: Path) -> None:
         "default_checks": ["authz"], "default_policy": "p"}, registry=registry))
     store: PolicyStore = servicer.checks["authz"].store  # type: ignore[attr-defined]
     running = store.current
-    (tmp_path / "crash.rego").write_text(CRASHING_TEST)
+    (tmp_path / "broken.rego").write_text(UNKNOWN_FUNCTION)
     assert await store.reload() is False
     assert store.current is running
-    assert store.last_error is not None and "crash.rego" in store.last_error
-    assert "crashed" in store.last_error
+    assert store.last_error is not None and "broken.rego:4" in store.last_error
+    assert "undefined function net.cidr_contain" in store.last_error
     assert registry.get_sample_value("legation_extauthz_policy_reload_failures_total",
                                      {"check": "authz"}) == 1
-    # the running policy keeps deciding, in this process
+    # the running policy keeps deciding
     assert (await servicer.Check(request("/a", policy="p"), None)).status.code == 0
     denied = await servicer.Check(request("/a", "POST", policy="p"), None)
     assert denied.denied_response.status.code == 403
-    (tmp_path / "crash.rego").unlink()
+    (tmp_path / "broken.rego").unlink()
     (tmp_path / "p.rego").write_text("package p\nimport rego.v1\nallow := true\n")
     assert await store.reload() is True
     assert (await servicer.Check(request("/a", "POST", policy="p"), None)).status.code == 0
@@ -213,11 +231,11 @@ async def test_hot_reload_refuses_a_crashing_policy(tmp_path: Path) -> None:
 
 
 def test_test_files_stay_out_of_the_serving_bundle(tmp_path: Path) -> None:
-    """An `opa test`-style suite that crashes regopy does not keep good policies from serving."""
+    """A broken `opa test`-style suite does not keep good policies from serving."""
     (tmp_path / "good.rego").write_text("package good\nimport rego.v1\nallow := true\n")
-    (tmp_path / "good_test.rego").write_text(CRASHING_TEST)
+    (tmp_path / "good_test.rego").write_text(UNKNOWN_FUNCTION)
     compiled = load(tmp_path, rules=("allow",), probe_timeout_s=30)
     assert compiled.files == (str(tmp_path / "good.rego"),)
     with pytest.raises(ConfigError) as err:
         load(tmp_path, rules=("allow",), probe_timeout_s=30, tests=True)
-    assert err.value.code == "policy_crashed"
+    assert err.value.code == "policy_compile_failed"

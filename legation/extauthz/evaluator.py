@@ -1,0 +1,263 @@
+"""Rego evaluation in evaluator processes: OPA's engine, bounded by the check's deadline.
+
+A :class:`EvaluatorPool` keeps ``size`` evaluator processes (:mod:`legation.extauthz._evaluator`)
+loaded with one policy version. :meth:`EvaluatorPool.evaluate` hands a request's input (JSON text)
+to an idle one and awaits its answer on the event loop, so:
+
+* the deadline holds: the caller's ``asyncio.timeout`` cancels the wait, and the process that was
+  evaluating is killed (its CPU is bounded by the deadline) and replaced in the background;
+* other requests keep being answered meanwhile, by the other processes and by checks that need
+  no policy;
+* an engine crash ends one process, answers that request with an error (the servicer denies) and
+  is replaced; the service lives on.
+
+:func:`validate` loads a version once in a short-lived process, synchronously: what
+``legation check`` and the policy hot reload use to refuse a directory before it can serve.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from legation.errors import ConfigError
+
+log = logging.getLogger("legation.extauthz.evaluator")
+
+_CMD = (sys.executable, "-m", "legation.extauthz._evaluator")
+_LIMIT = 64 * 1024 * 1024  # longest answer line accepted from an evaluator (a result document)
+_ENV = {**os.environ, "PYTHONIOENCODING": "utf-8", "GOMAXPROCS": "1"}
+
+Modules = Sequence[tuple[str, str]]
+
+
+class EvaluationError(Exception):
+    """The engine could not evaluate: a builtin error, a crash, a conflict. Never "undefined"."""
+
+
+def load_line(modules: Modules, data: Modules) -> bytes:
+    spec = {"modules": [list(m) for m in modules], "data": [list(d) for d in data]}
+    return b"L " + json.dumps(spec, ensure_ascii=False).encode("utf-8", "surrogatepass") + b"\n"
+
+
+def validate(modules: Modules, data: Modules, *, timeout_s: float) -> None:
+    """Load the policies in a fresh evaluator process; raises ConfigError naming the file and
+    line when they do not compile (unknown functions included) or the process dies or hangs."""
+    try:
+        proc = subprocess.run(_CMD, input=load_line(modules, data), capture_output=True,
+                              timeout=timeout_s, env=_ENV, check=False)
+    except subprocess.TimeoutExpired:
+        raise ConfigError(f"compiling the policies took longer than {timeout_s:g} s",
+                          code="policy_compile_failed") from None
+    answer = proc.stdout.decode("utf-8", "replace").splitlines()
+    if answer and answer[0] == "L ok":
+        return
+    if answer and answer[0].startswith("L err "):
+        raise ConfigError(str(json.loads(answer[0][6:])), code="policy_compile_failed")
+    raise ConfigError(f"the policy engine exited while compiling ({_exit(proc.returncode)})",
+                      code="policy_crashed")
+
+
+def _exit(returncode: int | None) -> str:
+    if returncode is None:
+        return "still running"
+    return f"signal {-returncode}" if returncode < 0 else f"exit status {returncode}"
+
+
+def _strict_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def parse_result(text: str) -> Any:
+    """A result document as JSON text -> its value; a duplicate key anywhere is an error, so a
+    later key can never override an earlier one."""
+    try:
+        return json.loads(text, object_pairs_hook=_strict_object)
+    except ValueError as e:
+        raise EvaluationError(f"unusable result document: {e}") from None
+
+
+class _Worker:
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.calls = 0
+
+    @classmethod
+    async def spawn(cls, load: bytes, *, timeout_s: float) -> _Worker:
+        proc = await asyncio.create_subprocess_exec(
+            *_CMD, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL, env=_ENV, limit=_LIMIT)
+        worker = cls(proc)
+        try:
+            async with asyncio.timeout(timeout_s):
+                answer = await worker._roundtrip(load)
+            if answer.startswith(b"L err "):
+                raise ConfigError(str(json.loads(answer[6:])), code="policy_compile_failed")
+            if answer != b"L ok\n":
+                raise ConfigError("the policy engine exited while compiling",
+                                  code="policy_crashed")
+        except BaseException:
+            worker.kill()
+            await asyncio.shield(worker.wait())
+            raise
+        return worker
+
+    async def _roundtrip(self, line: bytes) -> bytes:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(line)
+        await self.proc.stdin.drain()
+        return await self.proc.stdout.readline()
+
+    async def call(self, path: str, document: bytes) -> tuple[str, str]:
+        self.calls += 1
+        try:
+            raw = await self._roundtrip(b"E %d %s %s\n" % (self.calls, path.encode(), document))
+        except (ConnectionError, asyncio.LimitOverrunError, ValueError) as e:
+            raise EvaluationError(f"the policy engine failed: {type(e).__name__}") from None
+        if not raw.endswith(b"\n"):
+            raise EvaluationError("the policy engine exited while evaluating "
+                                  f"({_exit(self.proc.returncode)})")
+        ident, _, rest = raw[:-1].decode("utf-8", "replace").partition(" ")
+        kind, _, payload = rest.partition(" ")
+        if ident != str(self.calls) or kind not in ("v", "u", "e"):
+            raise EvaluationError("the policy engine answered out of turn")
+        if kind == "e":
+            return kind, str(json.loads(payload))
+        return kind, payload
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.returncode is None
+
+    def kill(self) -> None:
+        if self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+
+    async def wait(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            await self.proc.wait()
+
+
+class EvaluatorPool:
+    """``size`` evaluator processes loaded with the same modules and data."""
+
+    def __init__(self, modules: Modules, data: Modules, *, size: int = 2,
+                 load_timeout_s: float = 10.0) -> None:
+        self._load = load_line(modules, data)
+        self.size = size
+        self.load_timeout_s = load_timeout_s
+        self._idle: asyncio.Queue[_Worker] = asyncio.Queue()
+        self._workers: set[_Worker] = set()
+        self._spawning: set[asyncio.Task[None]] = set()
+        self._dying: set[_Worker] = set()  # killed, not yet reaped
+        self._closed = False
+        self.killed = 0  # evaluations stopped at their deadline (tests, metrics)
+        self.crashed = 0
+
+    async def start(self) -> EvaluatorPool:
+        """Spawn and load every process; raises ConfigError if the policies do not load."""
+        workers = await asyncio.gather(
+            *(_Worker.spawn(self._load, timeout_s=self.load_timeout_s) for _ in range(self.size)),
+            return_exceptions=True)
+        failure = next((w for w in workers if isinstance(w, BaseException)), None)
+        for w in workers:
+            if isinstance(w, _Worker):
+                if failure is None:
+                    self._workers.add(w)
+                    self._idle.put_nowait(w)
+                else:
+                    w.kill()
+        if failure is not None:
+            raise failure
+        return self
+
+    async def evaluate(self, path: str, document: bytes) -> tuple[str, str]:
+        """Evaluate ``data.<path>`` with ``document`` (JSON text): ``("v", value JSON)`` or
+        ``("u", "")`` for undefined; raises EvaluationError when the engine fails. Cancelling
+        the call (a deadline) kills the process that was evaluating."""
+        if self._closed:
+            raise EvaluationError("the policy version was replaced")
+        worker = await self._idle.get()
+        try:
+            kind, payload = await worker.call(path, document)
+        except asyncio.CancelledError:
+            self.killed += 1
+            self._replace(worker)
+            raise
+        except EvaluationError:
+            self.crashed += 1
+            self._replace(worker)
+            raise
+        except BaseException:
+            self._replace(worker)
+            raise
+        self._idle.put_nowait(worker)
+        if kind == "e":
+            raise EvaluationError(payload)
+        return kind, payload
+
+    def _replace(self, worker: _Worker) -> None:
+        worker.kill()
+        self._workers.discard(worker)
+        self._dying.add(worker)
+        if self._closed:
+            return
+        task = asyncio.get_running_loop().create_task(self._respawn(worker))
+        self._spawning.add(task)
+        task.add_done_callback(self._spawning.discard)
+
+    async def _respawn(self, dead: _Worker) -> None:
+        await dead.wait()
+        self._dying.discard(dead)
+        delay = 0.05
+        while not self._closed:
+            try:
+                worker = await _Worker.spawn(self._load, timeout_s=self.load_timeout_s)
+            except (ConfigError, OSError, TimeoutError) as e:
+                log.error("cannot start a policy evaluator (retrying in %.1f s): %s", delay, e)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            if self._closed:
+                worker.kill()
+                return
+            self._workers.add(worker)
+            self._idle.put_nowait(worker)
+            return
+
+    @property
+    def idle(self) -> int:
+        return self._idle.qsize()
+
+    async def close(self, grace_s: float = 0.0) -> None:
+        """Stop taking work; after ``grace_s`` (in-flight evaluations may finish) kill all."""
+        self._closed = True
+        if grace_s > 0:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(grace_s):
+                    while self._idle.qsize() < len(self._workers):
+                        await asyncio.sleep(0.01)
+        for task in list(self._spawning):
+            task.cancel()
+        for worker in list(self._workers):
+            worker.kill()
+            if worker.proc.stdin is not None:
+                worker.proc.stdin.close()
+        await asyncio.gather(*(w.wait() for w in (*self._workers, *self._dying)),
+                             return_exceptions=True)
+        await asyncio.gather(*self._spawning, return_exceptions=True)
+        self._workers.clear()
+        self._dying.clear()
