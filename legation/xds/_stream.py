@@ -17,10 +17,13 @@ import asyncio
 import itertools
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 import grpc
 
+from legation.xds._escape import escaped
+from legation.xds.auth import Refused, XdsAuth
 from legation.xds.cache import SnapshotCache
 from legation.xds.snapshot import Snapshot
 from legation.xds.types import SEND_ORDER, ResourceType
@@ -42,6 +45,10 @@ class StreamBase:
     """Per-stream plumbing; subclasses implement the protocol flavour."""
 
     gate_timeout = 5.0
+    #: The node id the caller's credential names (None only in the insecure test mode): every
+    #: request that carries a node must name it, or the stream is refused before it yields.
+    credential: str | None = None
+    on_refused: Callable[[Any, Refused, str], Awaitable[None]] | None = None
 
     def __init__(
         self, cache: SnapshotCache, context: grpc.aio.ServicerContext, only: ResourceType | None
@@ -98,7 +105,7 @@ class StreamBase:
         self.node_id = node.id
         self.node_cluster = node.cluster
         self._watch = self.cache.watch(self.node_id, self.node_cluster, self.wake.set)
-        log.info("%s connected (cluster %r)", self.node_id, self.node_cluster)
+        log.info("%s connected (cluster %s)", escaped(self.node_id), escaped(self.node_cluster))
 
     async def run(self, requests: Any) -> Any:
         """The async generator a grpc.aio stream handler returns: yields response bytes."""
@@ -122,11 +129,18 @@ class StreamBase:
             reader.cancel()
             if self._watch is not None:
                 self.cache.unwatch(self._watch)
-                log.info("%s disconnected", self.node_id)
+                log.info("%s disconnected", escaped(self.node_id))
 
     async def _read(self, requests: Any) -> None:
         try:
             async for request in requests:
+                if self.credential is not None and request.node.id:
+                    try:
+                        XdsAuth.check_node(self.credential, request.node.id)
+                    except Refused as refused:
+                        self.closed = True
+                        assert self.on_refused is not None
+                        await self.on_refused(self.context, refused, request.node.id)
                 if not self.node_id:
                     self.identify(request.node)
                     if not self.node_id:
@@ -137,15 +151,16 @@ class StreamBase:
                 try:
                     rtype = ResourceType.from_url(request.type_url)
                 except ValueError:
-                    log.warning("%s asked for unsupported type %s", self.node_id, request.type_url)
+                    log.warning("%s asked for unsupported type %s", escaped(self.node_id),
+                                escaped(request.type_url))
                     continue
                 if self.only is not None and rtype is not self.only:
-                    log.warning("%s asked for %s on the %s service", self.node_id,
+                    log.warning("%s asked for %s on the %s service", escaped(self.node_id),
                                 rtype.short, self.only.short)
                     continue
                 self.handle(request)
                 self.wake.set()
-        except (asyncio.CancelledError, grpc.aio.AioRpcError):
+        except (asyncio.CancelledError, grpc.aio.AioRpcError, grpc.aio.AbortError):
             pass
         finally:
             self.closed = True
@@ -174,7 +189,7 @@ class StreamBase:
             asyncio.get_running_loop().call_later(self.gate_timeout, self.wake.set)
         elif now - self._blocked_since >= self.gate_timeout:
             log.warning("%s: sending %s without waiting for clusters/endpoints to settle",
-                        self.node_id, rtype.short)
+                        escaped(self.node_id), rtype.short)
             return True
         return False
 

@@ -2,9 +2,11 @@
 
 ``set_snapshot(key, snapshot)`` checks the snapshot and, after a debounce, publishes it to every
 stream of that node. A stream finds its snapshot by node id first, then by node cluster, so one
-snapshot can serve a fleet of identical proxies. Bursts of ``set_snapshot`` within ``debounce``
-seconds coalesce into one push; a steady stream of changes is still published at least every
-``max_delay`` seconds. An inconsistent snapshot raises and replaces nothing.
+snapshot can serve a fleet of identical proxies; one found by cluster is served without its SDS
+secrets (a key is one proxy's, never a fleet's, and the cluster is only the client's claim).
+Bursts of ``set_snapshot`` within ``debounce`` seconds coalesce into one push; a steady stream of
+changes is still published at least every ``max_delay`` seconds. An inconsistent snapshot raises
+and replaces nothing.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from legation.xds._escape import escaped
 from legation.xds.metrics import XdsMetrics
 from legation.xds.snapshot import Snapshot
 from legation.xds.types import ResourceType
@@ -22,6 +25,9 @@ from legation.xds.types import ResourceType
 log = logging.getLogger("legation.xds")
 
 Wakeup = Callable[[], None]
+
+#: NACK messages are the proxy's text: kept and logged at most this long.
+NACK_MESSAGE_LIMIT = 1024
 
 
 @dataclass
@@ -80,6 +86,7 @@ class SnapshotCache:
         self.max_delay = max_delay
         self.metrics = metrics or XdsMetrics()
         self._published: dict[str, Snapshot] = {}
+        self._shared: dict[str, tuple[Snapshot, Snapshot]] = {}  # cluster -> (full, no secrets)
         self._pending: dict[str, Snapshot] = {}
         self._first_pending: float | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -112,6 +119,10 @@ class SnapshotCache:
     def clear_snapshot(self, key: str) -> None:
         self._pending.pop(key, None)
         self._published.pop(key, None)
+        self._shared.pop(key, None)
+        st = self.status.get(key)
+        if st is not None and st.streams == 0:
+            del self.status[key]
 
     def flush(self) -> None:
         """Publish what is staged now, without waiting for the debounce."""
@@ -135,10 +146,17 @@ class SnapshotCache:
     # -- consumer side (the ADS server) ------------------------------------------------------
 
     def snapshot_for(self, node_id: str, cluster: str) -> Snapshot | None:
+        """The node's own snapshot, else its cluster's without secrets."""
         snap = self._published.get(node_id)
-        if snap is None and cluster:
-            snap = self._published.get(cluster)
-        return snap
+        if snap is not None or not cluster:
+            return snap
+        shared = self._published.get(cluster)
+        if shared is None:
+            return None
+        memo = self._shared.get(cluster)
+        if memo is None or memo[0] is not shared:
+            memo = self._shared[cluster] = (shared, shared.without_secrets())
+        return memo[1]
 
     def snapshot(self, key: str) -> Snapshot | None:
         return self._published.get(key)
@@ -162,6 +180,8 @@ class SnapshotCache:
             st.streams -= 1
             if st.streams == 0:
                 st.connected_since = None
+                if entry[0] not in self._published and entry[0] not in self._pending:
+                    del self.status[entry[0]]  # a node with no snapshot of its own: forget it
         self.metrics.connected.set(sum(1 for s in self.status.values() if s.streams))
 
     def node_status(self, node_id: str, cluster: str = "") -> NodeStatus:
@@ -174,21 +194,30 @@ class SnapshotCache:
 
     # -- protocol events, recorded for status and metrics -------------------------------------
 
+    # Only streams that are watching (so authenticated) record; a node's status exists while it
+    # has a stream or a snapshot of its own, so what a client sends never grows it unboundedly.
+
     def record_push(self, node_id: str, rtype: ResourceType, nbytes: int) -> None:
-        self.node_status(node_id).pushes += 1
+        st = self.status.get(node_id)
+        if st is not None:
+            st.pushes += 1
         self.metrics.pushes.labels(rtype.short).inc()
         self.metrics.push_bytes.labels(rtype.short).inc(nbytes)
 
     def record_ack(self, node_id: str, rtype: ResourceType, version: str) -> None:
-        self.node_status(node_id).acked[rtype.short] = version
+        st = self.status.get(node_id)
+        if st is not None:
+            st.acked[rtype.short] = version[:128]
         self.metrics.acks.labels(rtype.short).inc()
 
     def record_nack(self, node_id: str, rtype: ResourceType, version: str, message: str) -> None:
-        st = self.node_status(node_id)
-        st.nacks += 1
-        st.last_nack = Nack(type=rtype.short, version=version, message=message, at=time.time())
+        st = self.status.get(node_id)
+        if st is not None:
+            st.nacks += 1
+            st.last_nack = Nack(type=rtype.short, version=version,
+                                message=message[:NACK_MESSAGE_LIMIT], at=time.time())
         self.metrics.nacks.labels(rtype.short).inc()
         log.warning(
             "%s rejected %s version %s: %s (not resent until the config changes)",
-            node_id, rtype.short, version, message,
+            escaped(node_id), rtype.short, version, escaped(message, NACK_MESSAGE_LIMIT),
         )

@@ -57,8 +57,13 @@ class AdsClient:
         reject: Reject | None = None,
         initial: dict[ResourceType, dict[str, str]] | None = None,
         initial_versions: dict[ResourceType, str] | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
+        """``credentials``: the node's enrolment credential (see
+        :func:`legation.xds.auth.channel_credentials`); None only against a server in its
+        insecure test mode."""
         self.target = target
+        self.credentials = credentials
         self.node = base_pb2.Node(id=node_id, cluster=cluster or node_id)
         self.delta = delta
         self.reject = reject
@@ -76,9 +81,11 @@ class AdsClient:
         self._first = True
 
     async def start(self) -> AdsClient:
-        self._channel = grpc.aio.insecure_channel(
-            self.target, options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)]
-        )
+        options = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
+        if self.credentials is not None:
+            self._channel = grpc.aio.secure_channel(self.target, self.credentials, options)
+        else:
+            self._channel = grpc.aio.insecure_channel(self.target, options)
         if self.delta:
             call = self._channel.stream_stream(
                 _ADS + "DeltaAggregatedResources",

@@ -15,6 +15,11 @@ class XdsMetrics:
         )
         self.acks = Counter("legation_xds_acks", "xDS responses ACKed", ["type"], registry=r)
         self.nacks = Counter("legation_xds_nacks", "xDS responses rejected", ["type"], registry=r)
+        self.auth_refused = Counter(
+            "legation_xds_auth_refused",
+            "xDS calls refused: no or bad credential, or a node id other than the credential's",
+            ["reason"], registry=r,
+        )
         self.connected = Gauge(
             "legation_xds_connected_proxies", "Proxies with an open xDS stream", registry=r
         )

@@ -4,10 +4,17 @@ Serves ``AggregatedDiscoveryService`` (state of the world and delta) and the per
 RDS and SDS services (streaming, delta and fetch) for clients that do not use ADS. Responses are
 assembled from bytes each resource encoded once (see snapshot.py), so the response serialiser is the
 identity.
+
+Every call is authenticated (see :mod:`legation.xds.auth`): TLS with a client certificate that
+names one node, and every request's node id must be that node's. The one exception is
+``insecure_unauthenticated_loopback_only=True``, for protocol tests and benchmarks: it serves
+plaintext to anyone who claims any node id, is refused on any host but a loopback address, and
+is never what the control plane uses.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from typing import Any
 
@@ -17,6 +24,7 @@ from envoy.service.discovery.v3 import discovery_pb2
 from legation.xds import _wire
 from legation.xds._delta import DeltaStream
 from legation.xds._sotw import SotwStream
+from legation.xds.auth import Refused, XdsAuth
 from legation.xds.cache import SnapshotCache
 from legation.xds.types import ResourceType
 
@@ -48,7 +56,21 @@ class XdsServer:
         host: str = DEFAULT_HOST,
         port: int = DEFAULT_PORT,
         gate_timeout: float = 5.0,
+        auth: XdsAuth | None = None,
+        insecure_unauthenticated_loopback_only: bool = False,
     ) -> None:
+        """``auth``: the TLS material and identity checks; required unless
+        ``insecure_unauthenticated_loopback_only`` (then ``host`` must be a loopback address)."""
+        if auth is None and not insecure_unauthenticated_loopback_only:
+            raise ValueError("XdsServer needs auth=XdsAuth(...): xDS hands out private keys, "
+                             "it never serves unauthenticated clients by default")
+        if auth is not None and insecure_unauthenticated_loopback_only:
+            raise ValueError("XdsServer: auth and insecure_unauthenticated_loopback_only "
+                             "exclude each other")
+        if auth is None and not _is_loopback(host):
+            raise ValueError(f"XdsServer: refusing to serve unauthenticated xDS on {host!r}; "
+                             "insecure_unauthenticated_loopback_only needs a loopback host")
+        self.auth = auth
         self.cache = cache
         self.host = host
         self.port = port
@@ -58,7 +80,8 @@ class XdsServer:
     def handlers(self) -> list[grpc.GenericRpcHandler]:
         def sotw(only: ResourceType | None) -> grpc.RpcMethodHandler:
             async def handler(requests: Any, context: Any) -> Any:
-                async for response in self._stream(SotwStream, requests, context, only):
+                node = await self._authenticate(context)
+                async for response in self._stream(SotwStream, requests, context, only, node):
                     yield response
 
             return grpc.stream_stream_rpc_method_handler(
@@ -69,7 +92,8 @@ class XdsServer:
 
         def delta(only: ResourceType | None) -> grpc.RpcMethodHandler:
             async def handler(requests: Any, context: Any) -> Any:
-                async for response in self._stream(DeltaStream, requests, context, only):
+                node = await self._authenticate(context)
+                async for response in self._stream(DeltaStream, requests, context, only, node):
                     yield response
 
             return grpc.stream_stream_rpc_method_handler(
@@ -80,6 +104,12 @@ class XdsServer:
 
         def fetch(only: ResourceType) -> grpc.RpcMethodHandler:
             async def unary(request: discovery_pb2.DiscoveryRequest, context: Any) -> bytes:
+                node = await self._authenticate(context)
+                if node is not None:
+                    try:
+                        XdsAuth.check_node(node, request.node.id)
+                    except Refused as refused:
+                        await self._refuse(context, refused, request.node.id)
                 return self._fetch(only, request)
 
             return grpc.unary_unary_rpc_method_handler(
@@ -107,10 +137,28 @@ class XdsServer:
             )
         return out
 
-    def _stream(self, cls: type, requests: Any, context: Any, only: ResourceType | None) -> Any:
+    def _stream(self, cls: type, requests: Any, context: Any, only: ResourceType | None,
+                node: str | None) -> Any:
         stream = cls(self.cache, context, only)
         stream.gate_timeout = self.gate_timeout
+        stream.credential = node
+        stream.on_refused = self._refuse
         return stream.run(requests)
+
+    async def _authenticate(self, context: Any) -> str | None:
+        """The node the caller's credential names (None in the insecure test mode); aborts the
+        call when there is no acceptable credential."""
+        if self.auth is None:
+            return None
+        try:
+            return self.auth.peer_node(context)
+        except Refused as refused:
+            await self._refuse(context, refused, "")
+            raise AssertionError("unreachable: abort raises") from None
+
+    async def _refuse(self, context: Any, refused: Refused, claimed: str) -> None:
+        XdsAuth.record(self.cache.metrics, refused, claimed=claimed, peer=context.peer())
+        await context.abort(refused.status, refused.message)
 
     def _fetch(self, rtype: ResourceType, request: discovery_pb2.DiscoveryRequest) -> bytes:
         snap = self.cache.snapshot_for(request.node.id, request.node.cluster)
@@ -137,13 +185,19 @@ class XdsServer:
             ]
         )
         server.add_generic_rpc_handlers(self.handlers())
-        bound = server.add_insecure_port(f"{self.host}:{self.port}")
+        address = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        if self.auth is not None:
+            bound = server.add_secure_port(address, self.auth.server_credentials())
+        else:
+            log.warning("xDS server on %s serves UNAUTHENTICATED clients (test mode)", address)
+            bound = server.add_insecure_port(address)
         if bound == 0:
             raise OSError(f"xDS server: cannot listen on {self.host}:{self.port}")
         self.port = bound
         await server.start()
         self._server = server
-        log.info("xDS server listening on %s:%d", self.host, self.port)
+        log.info("xDS server listening on %s:%d (%s)", self.host, self.port,
+                 "TLS, client certificates required" if self.auth else "plaintext, no auth")
         return self
 
     async def stop(self, grace: float | None = 1.0) -> None:
@@ -154,3 +208,12 @@ class XdsServer:
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -141,6 +141,16 @@ class Snapshot:
         self._diffs[rtype] = (older, result)
         return result
 
+    def without_secrets(self) -> Snapshot:
+        """This snapshot minus its SDS secrets (what a node served by its cluster's snapshot
+        gets: keys are per proxy, never shared through a fleet's snapshot)."""
+        if not self._resources[ResourceType.SECRET]:
+            return self
+        out = Snapshot(self.label)
+        out._resources = {**self._resources, ResourceType.SECRET: {}}
+        out._versions = {**self._versions, ResourceType.SECRET: out._versions[ResourceType.SECRET]}
+        return out
+
     def resources(self, rtype: ResourceType) -> Mapping[str, Resource]:
         return self._resources[rtype]
 

@@ -11,9 +11,9 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 
 from legation.xds.client import AdsClient
-from legation.xds.server import XdsServer
 from legation.xds.snapshot import InconsistentSnapshot, Snapshot
 from legation.xds.types import ResourceType as T
+from tests.xds.conftest import XdsUnderTest
 from tests.xds.envoy_resources import cluster, endpoints, listener, routes, services_snapshot
 
 MODES = [pytest.param(False, id="sotw"), pytest.param(True, id="delta")]
@@ -42,10 +42,10 @@ async def settle(seconds: float = 0.15) -> None:
 
 
 @pytest.mark.parametrize("delta", MODES)
-async def test_initial_config_arrives_in_send_order(xds: XdsServer, delta: bool) -> None:
+async def test_initial_config_arrives_in_send_order(xds: XdsUnderTest, delta: bool) -> None:
     snap = services_snapshot("v1", 10000, {"a": 1, "b": 2})
     xds.cache.set_snapshot("n1", snap)
-    client = await AdsClient(xds.address, "n1", delta=delta).start()
+    client = await xds.client("n1", delta=delta).start()
     try:
         await client.wait_for(lambda: client.has_versions(snap))
         assert first_seen_order(client) == ["CDS", "EDS", "LDS", "RDS"]
@@ -62,11 +62,11 @@ async def test_initial_config_arrives_in_send_order(xds: XdsServer, delta: bool)
 
 
 @pytest.mark.parametrize("delta", MODES)
-async def test_snapshot_by_node_cluster_serves_a_fleet(xds: XdsServer, delta: bool) -> None:
+async def test_snapshot_by_node_cluster_serves_a_fleet(xds: XdsUnderTest, delta: bool) -> None:
     snap = services_snapshot("v1", 10000, {"a": 1})
     xds.cache.set_snapshot("gateways", snap)
     clients = [
-        await AdsClient(xds.address, f"gw-{i}", cluster="gateways", delta=delta).start()
+        await xds.client(f"gw-{i}", cluster="gateways", delta=delta).start()
         for i in range(3)
     ]
     try:
@@ -78,10 +78,10 @@ async def test_snapshot_by_node_cluster_serves_a_fleet(xds: XdsServer, delta: bo
 
 
 @pytest.mark.parametrize("delta", MODES)
-async def test_endpoint_change_pushes_only_endpoints(xds: XdsServer, delta: bool) -> None:
+async def test_endpoint_change_pushes_only_endpoints(xds: XdsUnderTest, delta: bool) -> None:
     v1 = services_snapshot("v1", 10000, {"a": 1, "b": 2})
     xds.cache.set_snapshot("n1", v1)
-    client = await AdsClient(xds.address, "n1", delta=delta).start()
+    client = await xds.client("n1", delta=delta).start()
     try:
         await client.wait_for(lambda: client.has_versions(v1))
         before = len(client.received)
@@ -102,7 +102,7 @@ async def test_endpoint_change_pushes_only_endpoints(xds: XdsServer, delta: bool
 
 
 @pytest.mark.parametrize("delta", MODES)
-async def test_nack_is_recorded_and_not_resent(xds: XdsServer, delta: bool) -> None:
+async def test_nack_is_recorded_and_not_resent(xds: XdsUnderTest, delta: bool) -> None:
     def reject(rtype: T, resources: dict[str, object]) -> str | None:
         if rtype is T.CLUSTER and "bad" in resources:
             return "cluster bad: invalid"
@@ -110,7 +110,7 @@ async def test_nack_is_recorded_and_not_resent(xds: XdsServer, delta: bool) -> N
 
     good = services_snapshot("v1", 10000, {"a": 1})
     xds.cache.set_snapshot("n1", good)
-    client = await AdsClient(xds.address, "n1", delta=delta, reject=reject).start()
+    client = await xds.client("n1", delta=delta, reject=reject).start()
     try:
         await client.wait_for(lambda: client.has_versions(good))
         bad = services_snapshot("v2", 10000, {"a": 1, "bad": 2})
@@ -142,10 +142,10 @@ async def test_nack_is_recorded_and_not_resent(xds: XdsServer, delta: bool) -> N
 
 
 @pytest.mark.parametrize("delta", MODES)
-async def test_make_before_break_on_cluster_swap(xds: XdsServer, delta: bool) -> None:
+async def test_make_before_break_on_cluster_swap(xds: XdsUnderTest, delta: bool) -> None:
     v1 = services_snapshot("v1", 10000, {"old": 1})
     xds.cache.set_snapshot("n1", v1)
-    client = await AdsClient(xds.address, "n1", delta=delta).start()
+    client = await xds.client("n1", delta=delta).start()
     try:
         await client.wait_for(lambda: client.has_versions(v1))
         before = len(client.received)
@@ -173,11 +173,11 @@ async def test_make_before_break_on_cluster_swap(xds: XdsServer, delta: bool) ->
 
 
 @pytest.mark.parametrize("delta", MODES)
-async def test_debounce_coalesces_a_burst(xds: XdsServer, delta: bool) -> None:
+async def test_debounce_coalesces_a_burst(xds: XdsUnderTest, delta: bool) -> None:
     xds.cache.debounce = 0.1
     first = services_snapshot("v0", 10000, {"a": 1})
     xds.cache.set_snapshot("n1", first)
-    client = await AdsClient(xds.address, "n1", delta=delta).start()
+    client = await xds.client("n1", delta=delta).start()
     try:
         await client.wait_for(lambda: client.has_versions(first))
         published = xds.cache.publications
@@ -194,7 +194,7 @@ async def test_debounce_coalesces_a_burst(xds: XdsServer, delta: bool) -> None:
         await client.stop()
 
 
-async def test_debounce_is_capped_under_a_steady_stream_of_changes(xds: XdsServer) -> None:
+async def test_debounce_is_capped_under_a_steady_stream_of_changes(xds: XdsUnderTest) -> None:
     xds.cache.debounce = 0.1
     xds.cache.max_delay = 0.2
     for i in range(12):  # a change every 40 ms never leaves 100 ms of quiet
@@ -215,18 +215,18 @@ def test_inconsistent_snapshot_is_refused_and_replaces_nothing() -> None:
 
 
 async def test_delta_reconnect_with_initial_versions_sends_only_what_changed(
-    xds: XdsServer,
+    xds: XdsUnderTest,
 ) -> None:
     v1 = services_snapshot("v1", 10000, {"a": 1, "b": 2})
     xds.cache.set_snapshot("n1", v1)
-    first = await AdsClient(xds.address, "n1", delta=True).start()
+    first = await xds.client("n1", delta=True).start()
     await first.wait_for(lambda: first.has_versions(v1))
     known = {t: dict(first.subs[t].versions) for t in first.subs}
     await first.stop()
     v2 = services_snapshot("v2", 10000, {"a": 1, "b": 3})
     xds.cache.set_snapshot("n1", v2)
     await asyncio.sleep(0.05)
-    again = await AdsClient(xds.address, "n1", delta=True, initial=known).start()
+    again = await xds.client("n1", delta=True, initial=known).start()
     try:
         await client_settles(again, T.ENDPOINT)
         sent = [(r.type.short, r.names) for r in again.received]
@@ -240,11 +240,11 @@ async def client_settles(client: AdsClient, rtype: T) -> None:
     await settle(0.3)
 
 
-async def test_sotw_reconnect_at_current_version_is_not_resent(xds: XdsServer) -> None:
+async def test_sotw_reconnect_at_current_version_is_not_resent(xds: XdsUnderTest) -> None:
     v1 = services_snapshot("v1", 10000, {"a": 1})
     xds.cache.set_snapshot("n1", v1)
     versions = {t: v1.version(t) for t in (T.CLUSTER, T.LISTENER)}
-    client = await AdsClient(xds.address, "n1", initial_versions=versions).start()
+    client = await xds.client("n1", initial_versions=versions).start()
     try:
         # CDS and LDS are current: nothing for them; EDS and RDS are asked for by name afresh.
         await settle(0.4)
@@ -257,8 +257,8 @@ async def test_sotw_reconnect_at_current_version_is_not_resent(xds: XdsServer) -
 class RawStream:
     """A hand-driven ADS stream (SotW, or delta with ``delta=True``) for protocol corner cases."""
 
-    def __init__(self, target: str, *, delta: bool = False) -> None:
-        self.channel = grpc.aio.insecure_channel(target)
+    def __init__(self, xds: XdsUnderTest, *, node: str = "n1", delta: bool = False) -> None:
+        self.channel = grpc.aio.secure_channel(xds.address, xds.credentials(node))
         self.queue: asyncio.Queue[Any] = asyncio.Queue()
         self.request_type: Any = (
             discovery_pb2.DeltaDiscoveryRequest if delta else discovery_pb2.DiscoveryRequest
@@ -306,10 +306,10 @@ class RawStream:
         await self.channel.close()
 
 
-async def test_stale_nonce_is_ignored_and_resubscribe_resends(xds: XdsServer) -> None:
+async def test_stale_nonce_is_ignored_and_resubscribe_resends(xds: XdsUnderTest) -> None:
     snap = Snapshot("v1", endpoints=[endpoints("a", 1), endpoints("b", 2)])
     xds.cache.set_snapshot("n1", snap)
-    s = RawStream(xds.address)
+    s = RawStream(xds)
     url = T.ENDPOINT.type_url
     try:
         s.send(node=base_pb2.Node(id="n1"), type_url=url, resource_names=["a"])
@@ -333,8 +333,8 @@ async def test_stale_nonce_is_ignored_and_resubscribe_resends(xds: XdsServer) ->
         await s.close()
 
 
-async def test_first_request_without_node_is_refused(xds: XdsServer) -> None:
-    s = RawStream(xds.address)
+async def test_first_request_without_node_is_refused(xds: XdsUnderTest) -> None:
+    s = RawStream(xds)
     try:
         s.send(type_url=T.CLUSTER.type_url)
         with pytest.raises(grpc.aio.AioRpcError) as err:
@@ -346,7 +346,7 @@ async def test_first_request_without_node_is_refused(xds: XdsServer) -> None:
 
 
 @pytest.mark.parametrize("rtype", [T.CLUSTER, T.ENDPOINT, T.LISTENER, T.ROUTE])
-async def test_per_type_services_stream_and_fetch(xds: XdsServer, rtype: T) -> None:
+async def test_per_type_services_stream_and_fetch(xds: XdsUnderTest, rtype: T) -> None:
     snap = services_snapshot("v1", 10000, {"a": 1})
     xds.cache.set_snapshot("n1", snap)
     xds.cache.flush()
@@ -358,7 +358,7 @@ async def test_per_type_services_stream_and_fetch(xds: XdsServer, rtype: T) -> N
     }[rtype]
     prefix = f"/envoy.service.{service[0]}.v3.{service[0].capitalize()}DiscoveryService/"
     names = [] if rtype.wildcard_by_default else list(snap.resources(rtype))
-    async with grpc.aio.insecure_channel(xds.address) as channel:
+    async with grpc.aio.secure_channel(xds.address, xds.credentials("n1")) as channel:
         fetch = channel.unary_unary(
             prefix + "Fetch" + service[1],
             request_serializer=discovery_pb2.DiscoveryRequest.SerializeToString,
@@ -382,11 +382,11 @@ async def test_per_type_services_stream_and_fetch(xds: XdsServer, rtype: T) -> N
         call.cancel()
 
 
-async def test_resources_are_sent_as_encoded_once(xds: XdsServer) -> None:
+async def test_resources_are_sent_as_encoded_once(xds: XdsUnderTest) -> None:
     snap = Snapshot("v1", clusters=[cluster("a")], endpoints=[endpoints("a", 7)],
                     listeners=[listener("l", 10000, "r")], routes=[routes("r", {"/": "a"})])
     xds.cache.set_snapshot("n1", snap)
-    clients = [await AdsClient(xds.address, "n1").start() for _ in range(3)]
+    clients = [await xds.client("n1").start() for _ in range(3)]
     try:
         for c in clients:
             await c.wait_for(lambda c=c: c.has_versions(snap))
@@ -398,7 +398,7 @@ async def test_resources_are_sent_as_encoded_once(xds: XdsServer) -> None:
             await c.stop()
 
 
-async def test_delta_named_secrets_unsubscribe_and_resubscribe(xds: XdsServer) -> None:
+async def test_delta_named_secrets_unsubscribe_and_resubscribe(xds: XdsUnderTest) -> None:
     from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2
 
     def secret(name: str, key: bytes) -> secret_pb2.Secret:
@@ -411,7 +411,7 @@ async def test_delta_named_secrets_unsubscribe_and_resubscribe(xds: XdsServer) -
     snap = Snapshot("v1", secrets=[secret("a", b"k1"), secret("b", b"k2")])
     xds.cache.set_snapshot("n1", snap)
     url = T.SECRET.type_url
-    s = RawStream(xds.address, delta=True)
+    s = RawStream(xds, delta=True)
     try:
         s.send(node=base_pb2.Node(id="n1"), type_url=url, resource_names_subscribe=["a"])
         r1 = await s.recv()
@@ -433,12 +433,12 @@ async def test_delta_named_secrets_unsubscribe_and_resubscribe(xds: XdsServer) -
         await s.close()
 
 
-async def test_sotw_secrets_by_name(xds: XdsServer) -> None:
+async def test_sotw_secrets_by_name(xds: XdsUnderTest) -> None:
     from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
 
     snap = Snapshot("v1", secrets=[secret_pb2.Secret(name="x"), secret_pb2.Secret(name="y")])
     xds.cache.set_snapshot("n1", snap)
-    s = RawStream(xds.address)
+    s = RawStream(xds)
     try:
         s.send(node=base_pb2.Node(id="n1"), type_url=T.SECRET.type_url, resource_names=["y"])
         r = await s.recv()
