@@ -26,6 +26,7 @@ CLIENT_CODES = frozenset(
         "missing_claim",
         "malformed_body",
         "malformed_path",
+        "invalid_claim",
     }
 )
 

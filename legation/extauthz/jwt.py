@@ -5,6 +5,17 @@ algorithms (``none`` is refused at config time, and symmetric and asymmetric alg
 be mixed, so an RSA public key can never be used as an HMAC secret), ``exp``/``nbf`` with leeway,
 required claims, claims forwarded upstream as headers, and where the token comes from (a header,
 a cookie or a query parameter). Verified tokens are cached by SHA-256 of the token until expiry.
+
+Hostile-input rules (each has a test in ``tests/security/test_extauthz_jwt.py``):
+
+* ``audiences`` is required: the ``aud`` values this provider accepts, or ``any`` to accept a
+  token whatever its audience (an explicit opt-out, never the silent default).
+* The check owns every header named in ``claims_to_headers``: the claim's value overwrites it, and
+  when the claim is absent the header is removed, so a client can never pass its own copy on.
+* A claim forwarded as a header whose value holds a control character (CR, LF, NUL...) denies the
+  request (``invalid_claim``, 401) rather than reaching Envoy.
+* A token whose header is malformed (a ``kid`` that is not a string, a bad ``crit``...) is a
+  well-formed denial (``invalid_token``), never an exception.
 """
 
 from __future__ import annotations
@@ -14,18 +25,18 @@ import json
 import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from typing import Any, Literal
 
 import jwt as pyjwt
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from legation.errors import ConfigError
 from legation.extauthz.checks import ALLOW, Decision
 from legation.extauthz.config import pydantic_error
 from legation.extauthz.errors import AuthzError
-from legation.extauthz.jwks import KeySet
-from legation.extauthz.request import RequestContext
+from legation.extauthz._headers import bad_header_name, bad_header_value
+from legation.extauthz.jwks import KeySet, check_jwks_url
+from legation.extauthz.request import RequestContext, parse_query
 
 _FAMILY = {"RS": "RSA", "PS": "RSA", "ES": "EC", "Ed": "OKP", "HS": "oct"}
 SUPPORTED = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384",
@@ -40,8 +51,11 @@ class ProviderConfig(BaseModel):
 
     name: str
     issuer: str
-    audiences: list[str] = Field(default_factory=list)
+    # required: the accepted ``aud`` values, or "any" (no audience check, explicitly)
+    audiences: list[str] | Literal["any"] | None = None
     jwks_url: str | None = None
+    # jwks_url may be http:// only for a loopback host, and only with this set (tests, local IdPs)
+    allow_insecure_http: bool = False
     jwks_file: Path | None = None
     jwks: dict[str, Any] | None = None
     algorithms: list[str] = Field(default_factory=lambda: ["RS256"], min_length=1)
@@ -56,11 +70,28 @@ class ProviderConfig(BaseModel):
     from_cookie: str | None = None
     from_query: str | None = None
     jwks_cache_s: float = Field(default=300, gt=0)
-    jwks_min_refetch_s: float = Field(default=5, ge=0)
+    # an unknown kid refetches the JWKS at most this often: anyone can send unknown kids
+    jwks_min_refetch_s: float = Field(default=5, ge=1)
+    jwks_max_bytes: int = Field(default=1 << 20, ge=1024, le=16 << 20)
     jwks_timeout_s: float = Field(default=2, gt=0, le=30)
+
+    @field_validator("claims_to_headers")
+    @classmethod
+    def _header_names(cls, value: dict[str, str]) -> dict[str, str]:
+        for claim, header in value.items():
+            problem = bad_header_name(header)
+            if problem or header.startswith(":") or header.lower() == "host":
+                raise ValueError(f"claim {claim!r}: {header!r} cannot be a request header name"
+                                 f" ({problem or 'a pseudo-header or host'})")
+        return {claim: header.lower() for claim, header in value.items()}
 
     @model_validator(mode="after")
     def _semantics(self) -> ProviderConfig:
+        if not self.audiences:
+            raise ValueError("audiences is required: the 'aud' values this provider accepts, "
+                             "or 'any' to accept tokens for any audience")
+        if self.jwks_url is not None:
+            check_jwks_url(self.jwks_url, allow_insecure_http=self.allow_insecure_http)
         sources = [s for s in (self.jwks_url, self.jwks_file, self.jwks) if s is not None]
         if len(sources) != 1:
             raise ValueError("exactly one of jwks_url, jwks_file, jwks is required")
@@ -89,7 +120,9 @@ class _Provider:
         self._prefix_len = len(config.header_prefix)
         self.keys = KeySet(url=config.jwks_url, path=config.jwks_file, inline=config.jwks,
                            cache_s=config.jwks_cache_s, min_refetch_s=config.jwks_min_refetch_s,
-                           timeout_s=config.jwks_timeout_s)
+                           timeout_s=config.jwks_timeout_s, max_bytes=config.jwks_max_bytes,
+                           allow_insecure_http=config.allow_insecure_http)
+        self.audiences = None if config.audiences == "any" else config.audiences
 
     def token(self, ctx: RequestContext) -> str | None:
         c = self.config
@@ -102,7 +135,11 @@ class _Provider:
                 if name == c.from_cookie and value:
                     return value
         if c.from_query and "?" in ctx.path:
-            values = parse_qs(urlsplit(ctx.path).query).get(c.from_query)
+            try:
+                values = parse_query(ctx.path.partition("?")[2], strict=False).get(c.from_query)
+            except ValueError:  # too many parameters
+                raise AuthzError("the query string cannot be parsed",
+                                 code="malformed_token") from None
             if values:
                 return values[0]
         return None
@@ -113,19 +150,25 @@ class _Provider:
             header = pyjwt.get_unverified_header(token)
         except pyjwt.DecodeError:
             raise AuthzError("the token is not a JWT", code="malformed_token") from None
+        except pyjwt.InvalidTokenError as e:  # kid not a string, bad crit...: no traceback
+            raise AuthzError(f"the token header is invalid: {e}", code="invalid_token") from None
         alg = header.get("alg")
-        if alg not in c.algorithms:
-            raise AuthzError(f"algorithm {alg!r} is not allowed", code="disallowed_algorithm")
-        key = await self.keys.get(header.get("kid"))
+        if not isinstance(alg, str) or alg not in c.algorithms:
+            shown = repr(alg[:20]) if isinstance(alg, str) else type(alg).__name__
+            raise AuthzError(f"algorithm {shown} is not allowed", code="disallowed_algorithm")
+        kid = header.get("kid")
+        if kid is not None and not isinstance(kid, str):  # pyjwt checks this today; we rely on it
+            raise AuthzError("the token header's kid is not a string", code="invalid_token")
+        key = await self.keys.get(kid)
         if key.key_type != _FAMILY[str(alg)[:2]]:
             raise AuthzError(f"algorithm {alg} does not fit a {key.key_type} key",
                              code="disallowed_algorithm")
         try:
             return pyjwt.decode(
                 token, key.key, algorithms=[alg], issuer=c.issuer,
-                audience=c.audiences or None, leeway=c.leeway_s,
+                audience=self.audiences, leeway=c.leeway_s,
                 options={"require": ["exp", *c.required_claims],
-                         "verify_aud": bool(c.audiences)},
+                         "verify_aud": self.audiences is not None},
             )
         except pyjwt.ExpiredSignatureError:
             raise AuthzError("the token has expired", code="token_expired") from None
@@ -179,11 +222,21 @@ class JwtCheck:
         config = provider.config
         if not (config.claims_to_headers or config.claims_to_metadata):
             return ALLOW
-        headers = {h: _header_value(claims[c]) for c, h in
-                   config.claims_to_headers.items() if c in claims}
+        # every header this check owns is set from the claim or removed: never the client's copy
+        headers: dict[str, str] = {}
+        remove: list[str] = []
+        for claim, header in config.claims_to_headers.items():
+            if claim not in claims:
+                remove.append(header)
+                continue
+            value = _header_value(claims[claim])
+            if bad_header_value(value):
+                raise AuthzError(f"claim {claim!r} cannot be a header value (control "
+                                 "characters)", code="invalid_claim")
+            headers[header] = value
         metadata = {METADATA_KEY: {c: _header_value(claims[c])
                                    for c in config.claims_to_metadata if c in claims}}
-        return Decision(allowed=True, headers=headers,
+        return Decision(allowed=True, headers=headers, request_headers_to_remove=tuple(remove),
                         dynamic_metadata=metadata if config.claims_to_metadata else {})
 
     def _find(self, ctx: RequestContext) -> tuple[_Provider, str]:
@@ -200,7 +253,9 @@ class JwtCheck:
             issuer = pyjwt.decode(token, options={"verify_signature": False}).get("iss")
         except pyjwt.DecodeError:
             raise AuthzError("the token is not a JWT", code="malformed_token") from None
-        provider = self._by_issuer.get(issuer)  # type: ignore[arg-type]
+        except pyjwt.InvalidTokenError as e:
+            raise AuthzError(f"the token header is invalid: {e}", code="invalid_token") from None
+        provider = self._by_issuer.get(issuer) if isinstance(issuer, str) else None
         if provider is None:
             raise AuthzError("no provider for the token's issuer", code="wrong_issuer")
         return provider, token

@@ -27,6 +27,7 @@ from tests.extauthz.conftest import (
 pytestmark = pytest.mark.integration
 
 ISSUER = "https://issuer.test"
+MIN_REFETCH_S = 1  # the smallest allowed: unknown kids refetch the JWKS at most once a second
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +48,8 @@ def stack(tmp_path_factory: Any, jwks: JwksServer) -> Iterator[Stack]:
     tmp = tmp_path_factory.mktemp("jwt")
     provider = {
         "name": "test", "issuer": ISSUER, "audiences": ["legation"], "jwks_url": jwks.url,
-        "jwks_min_refetch_s": 0, "leeway_s": 5, "required_claims": ["sub"],
+        "allow_insecure_http": True,  # the JWKS server is on loopback
+        "jwks_min_refetch_s": MIN_REFETCH_S, "leeway_s": 5, "required_claims": ["sub"],
         "claims_to_headers": {"sub": "x-jwt-sub"},
         "from_cookie": "session", "from_query": "access_token",
     }
@@ -169,12 +171,19 @@ def test_decision_log_never_contains_tokens(stack: Stack, keys: dict[str, Signer
 def test_jwks_rotation_picks_up_new_kid(stack: Stack, keys: dict[str, Signer],
                                        jwks: JwksServer) -> None:
     token = keys["c"].token(claims())
-    assert stack.client.get("/jwt/r", headers=bearer(token)).json() == {"error": "unknown_kid"}
+    time.sleep(MIN_REFETCH_S + 0.1)  # past the refetch floor: the unknown kid refetches
     fetches = jwks.fetches
+    assert stack.client.get("/jwt/r", headers=bearer(token)).json() == {"error": "unknown_kid"}
+    assert jwks.fetches == fetches + 1
+    # within the floor, more unknown kids do not reach the issuer
+    assert stack.client.get("/jwt/r", headers=bearer(keys["b"].token(
+        claims(), kid="other"))).json() == {"error": "unknown_kid"}
+    assert jwks.fetches == fetches + 1
     jwks.document = {"keys": [keys["a"].jwk, keys["c"].jwk]}
+    time.sleep(MIN_REFETCH_S + 0.1)
     r = stack.client.get("/jwt/r", headers=bearer(token))
     assert r.status == 200
-    assert jwks.fetches == fetches + 1
+    assert jwks.fetches == fetches + 2
     # the verified token is cached: no further fetch, still allowed
     assert stack.client.get("/jwt/r", headers=bearer(token)).status == 200
-    assert jwks.fetches == fetches + 1
+    assert jwks.fetches == fetches + 2

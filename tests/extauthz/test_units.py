@@ -38,6 +38,19 @@ BAD = Path(__file__).parent / "bad_configs"
     ("unknown_key.yaml", "default_check: Extra inputs are not permitted"),
     ("unknown_plugin.yaml", "checks.x.type: unknown extauthz.check plugin 'nosuch'"),
     ("unknown_default.yaml", "default_checks.0: no check named 'ghost'"),
+    ("no_audiences.yaml", "providers.0: Value error, audiences is required: the 'aud' values "
+     "this provider accepts, or 'any' to accept tokens for any audience"),
+    ("empty_audiences.yaml", "providers.0: Value error, audiences is required"),
+    ("jwks_http_remote.yaml", "jwks_url 'http://issuer.test/jwks.json': http is allowed only "
+     "to a loopback host; use https"),
+    ("jwks_http_loopback.yaml", "jwks_url 'http://127.0.0.1:9/jwks.json': http needs "
+     "allow_insecure_http: true (loopback only); use https"),
+    ("jwks_file_url.yaml", "jwks_url 'file:///etc/passwd': only https URLs are allowed"),
+    ("refetch_zero.yaml", "providers.0.jwks_min_refetch_s: Input should be greater than or "
+     "equal to 1"),
+    ("claim_header_crlf.yaml", "providers.0.claims_to_headers: Value error, claim 'sub': "
+     "'x-sub\\r\\nx-admin: 1' cannot be a request header name (not an RFC 9110 token)"),
+    ("claim_header_host.yaml", "claim 'sub': 'host' cannot be a request header name"),
 ])
 def test_bad_configs_name_file_and_field(name: str, message: str) -> None:
     with pytest.raises(ConfigError) as err:
