@@ -35,11 +35,10 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import yaml
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as extproc_grpc
 from prometheus_client import CollectorRegistry
 
-from legation import plugins
+from legation import _yaml, plugins
 from legation.config import Mesh, MeshConfigError, Problem
 from legation.config.extensions import FILTER_KIND
 from legation.errors import ConfigError, LegationError
@@ -146,11 +145,11 @@ def _authz_spec(mesh: Mesh, base: Path) -> ServiceSpec:
     assert block is not None and block.config is not None
     path = base / block.config
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = _yaml.load_file(path) or {}
     except OSError as err:
         raise _Invalid("config", f"cannot read {path}: {err.strerror or err}") from None
-    except yaml.YAMLError as err:
-        raise _Invalid("config", f"{path}: not valid YAML: {err}") from None
+    except _yaml.YamlError as err:
+        raise _Invalid("config", str(err)) from None
     raw = _resolve_paths(raw, path.parent)
     try:
         load_mapping(raw, source=str(path))

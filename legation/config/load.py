@@ -8,12 +8,11 @@ reports every problem it finds, one per line, each naming the file and the field
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import ValidationError
 
+from legation import _yaml
 from legation.config import _messages
 from legation.config.checks import semantic_problems
 from legation.config.errors import TOP, MeshConfigError, Problem
@@ -24,7 +23,10 @@ def load_mesh(path: str | os.PathLike[str]) -> Mesh:
     """Read and validate ``path``; raise :class:`MeshConfigError` (a ``ConfigError``)."""
     source = os.fspath(path)
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = _yaml.read_text(path)
+    except _yaml.YamlError as exc:
+        raise MeshConfigError(source, [Problem(TOP, exc.reason)], code="unreadable_config"
+                              ) from None
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise MeshConfigError(
@@ -52,35 +54,9 @@ def parse_mesh(text: str, *, source: str) -> Mesh:
     return mesh
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):  # type: ignore[misc]
-    """Safe YAML that rejects a key given twice in one mapping (PyYAML keeps the last silently)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if isinstance(key, list | dict):
-                continue  # unhashable; the schema pass rejects it
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r}", key_node.start_mark
-                )
-            seen.add(key)
-        mapping: dict[Any, Any] = super().construct_mapping(node, deep=deep)
-        return mapping
-
-
 def _parse_yaml(text: str, source: str) -> Any:
     try:
-        return yaml.load(text, Loader=_UniqueKeyLoader)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        what = exc.problem or exc.context or "unparsable"
-        raise MeshConfigError(
-            source, [Problem(TOP, f"invalid YAML{where}: {what}")], code="unreadable_config"
-        ) from None
-    except yaml.YAMLError as exc:
-        raise MeshConfigError(
-            source, [Problem(TOP, f"invalid YAML: {exc}")], code="unreadable_config"
-        ) from None
+        return _yaml.load(text, source=source, unique_keys=True)
+    except _yaml.YamlError as exc:
+        raise MeshConfigError(source, [Problem(TOP, exc.reason)], code="unreadable_config"
+                              ) from None

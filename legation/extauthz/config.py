@@ -24,10 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from legation import plugins
+from legation import _yaml, plugins
 from legation.errors import ConfigError
 
 KIND = "extauthz.check"
@@ -72,11 +71,9 @@ class LoadedConfig:
 def load_file(path: str | Path) -> LoadedConfig:
     p = Path(path)
     try:
-        raw = yaml.safe_load(p.read_text()) or {}
+        raw = _yaml.load_file(p) or {}
     except OSError as e:
         raise ConfigError(f"{p}: cannot read: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML: {e}") from None
     return load_mapping(raw, source=str(p))
 
 

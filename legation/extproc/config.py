@@ -25,10 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from legation import plugins
+from legation import _yaml, plugins
 from legation.errors import ConfigError
 from legation.extproc.chain import Chain
 
@@ -136,9 +135,7 @@ def load_chains(path: str | Path) -> Chains:
     """Read and validate the YAML file at ``path``."""
     p = Path(path)
     try:
-        raw = yaml.safe_load(p.read_text()) or {}
+        raw = _yaml.load_file(p) or {}
     except OSError as err:
         raise ConfigError(f"{p}: cannot read: {err.strerror}") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{p}: not valid YAML: {err}") from None
     return build_chains(raw, source=str(p))

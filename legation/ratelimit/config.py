@@ -34,8 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from legation import _yaml
 from legation.errors import ConfigError
 
 UNIT_SECONDS: Mapping[str, int] = {
@@ -183,7 +182,7 @@ def _combine(loaded_domains: Iterable[DomainConfig]) -> RateLimitConfig:
 def load_file(path: str | Path) -> DomainConfig:
     path = Path(path)
     try:
-        text = path.read_text()
+        text = _yaml.read_text(path)
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}",
                           code="unreadable") from None
@@ -192,10 +191,7 @@ def load_file(path: str | Path) -> DomainConfig:
 
 def parse(text: str, *, source: str = "<string>") -> DomainConfig:
     """Parse one file's text; ``source`` names it in every error."""
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{source}: invalid YAML: {exc}", code="invalid_yaml") from None
+    raw = _yaml.load(text, source=source)  # bounded: aliases, size, depth
     return _Parser(source).domain(raw)
 
 

@@ -16,6 +16,7 @@ import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from legation import _yaml
 from legation.errors import ConfigError
 from legation.ratelimit.config import RateLimitConfig, load_texts
 from legation.ratelimit.metrics import RateLimitMetrics
@@ -104,7 +105,7 @@ class ConfigWatcher:
         h = hashlib.sha256()
         for path in self.paths:
             try:
-                data = Path(path).read_bytes()
+                data = _yaml.read_bytes(path)  # a file over the size bound is refused unread
             except OSError as exc:
                 raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}",
                                   code="unreadable") from None

@@ -54,7 +54,7 @@ def test_unknown_filter_lists_the_available_ones():
 
 def test_not_yaml_names_the_file():
     path = BAD / "not_yaml.yaml"
-    with pytest.raises(ConfigError, match=rf"^{path}: not valid YAML"):
+    with pytest.raises(ConfigError, match=rf"^{path}: invalid YAML"):
         load_chains(path)
 
 
