@@ -8,7 +8,7 @@ other requests), and the Go runtime inside ``opa-golib-python-bindings`` never m
 
 Protocol, one line per message in both directions (JSON never contains a raw newline):
 
-    parent: ``L <json>``          load: ``{"modules": [[path, text]...], "data": [[path, text]...]}``
+    parent: ``L <json>``   load ``{"modules": [[path, text]...], "data": [[path, text]...]}``
     child:  ``L ok`` | ``L err <json message>``
     parent: ``E <id> <path> <input json>``   evaluate ``data.<path>`` (dotted) with that input
     child:  ``<id> v <value json>`` | ``<id> u`` (undefined) | ``<id> e <json message>``
