@@ -8,7 +8,7 @@ first denial stops the chain (unless the route's policy is in dry-run).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -53,6 +53,16 @@ class Check(Protocol):
 
     async def close(self) -> None:
         """Release connections and stop background work."""
+        ...
+
+
+@runtime_checkable
+class PolicyCatalog(Protocol):
+    """Optional, for checks that select a policy by name (``rego``): the names they serve, so
+    the ``policy`` metric label stays bounded (see :mod:`legation.extauthz.observe`)."""
+
+    def policy_names(self) -> Collection[str]:
+        """The policy names this check can decide right now (after its latest reload)."""
         ...
 
 

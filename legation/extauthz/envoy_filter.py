@@ -1,7 +1,9 @@
 """Envoy-side wiring for the ext_authz service, as protobufs the mesh translation reuses.
 
 * :func:`http_filter` -- the ``envoy.filters.http.ext_authz`` HttpFilter calling our gRPC cluster,
-  fail closed (``failure_mode_allow: false``), transport API v3, optionally with the request body.
+  fail closed (``failure_mode_allow: false``), transport API v3, optionally with the request body,
+  and ``validate_mutations: true``: Envoy refuses (denies with ``status_on_error``) a response whose
+  header mutations are invalid, a second line behind the service's own header checks.
 * :func:`per_route` -- the route's ``ExtAuthzPerRoute``: the policy and checks travel in
   ``context_extensions``; ``disabled=True`` for routes that need no check.
 * :func:`grpc_cluster` -- the HTTP/2 cluster pointing at the service.
@@ -42,6 +44,7 @@ def http_filter(
         transport_api_version=2,  # V3
         failure_mode_allow=failure_mode_allow,
         include_peer_certificate=include_peer_certificate,
+        validate_mutations=True,
     )
     config.grpc_service.envoy_grpc.cluster_name = cluster
     config.grpc_service.timeout.FromMilliseconds(timeout_ms)

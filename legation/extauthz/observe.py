@@ -3,6 +3,13 @@
 The decision log never sees a token: it records the path without its query string, the policy,
 the checks, the result and the latency, and nothing from headers or cookies.
 
+The ``policy`` label is bounded: the policy name comes from the route's ``context_extensions``,
+which any client of the gRPC port chooses, so a series per name would grow without end. A name
+gets its own series when the service knows it (``default_policy``, ``dry_run``, a check's
+``default_policy``, the packages a policy check has loaded, see :class:`PolicyLabels`), and the
+first ``spare_policy_labels`` (32) other names get one too (routes whose policy is only a label,
+e.g. a JWT-only route); every later unknown name is counted under ``policy="other"``.
+
 Both sit on the request path: metric children are looked up once per label set, and the log is
 written through a buffer flushed in the background (at most ``flush_interval_s`` behind, and on
 close), not flushed per line.
@@ -15,7 +22,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -28,8 +35,75 @@ decision_logger = logging.getLogger("legation.extauthz.decisions")
 _BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 
 
+OTHER_POLICY = "other"
+
+
+class PolicyLabels:
+    """Policy name -> ``policy`` label, from a bounded set (see the module docstring).
+
+    ``known`` are fixed names; each of ``catalogs`` returns the names a check knows right now
+    (it may change on a policy reload), and is asked only for names not seen before."""
+
+    def __init__(self, known: Iterable[str] = (),
+                 catalogs: Iterable[Callable[[], Collection[str]]] = (), *,
+                 spare: int = 32) -> None:
+        self._known = frozenset(known) | {OTHER_POLICY}
+        self._catalogs = tuple(catalogs)
+        self._spare = spare
+        self._labels: dict[str, str] = {}  # name -> its own label; bounded below
+        self._spare_used = 0
+
+    def __call__(self, policy: str) -> str:
+        label = self._labels.get(policy)
+        if label is not None:
+            return label
+        if policy in self._known or self._in_catalog(policy):
+            label = policy
+        elif self._spare_used < self._spare:
+            self._spare_used += 1
+            label = policy
+        else:
+            return OTHER_POLICY  # not remembered: the map stays bounded too
+        if len(self._labels) < 4096:
+            self._labels[policy] = label
+        return label
+
+    def _in_catalog(self, policy: str) -> bool:
+        for catalog in self._catalogs:
+            try:
+                if policy in catalog():
+                    return True
+            except Exception:  # a catalog must never break a decision
+                continue
+        return False
+
+
+def service_policy_labels(config: Any, checks: Mapping[str, object]) -> PolicyLabels:
+    """The :class:`PolicyLabels` of a service: the names its config and its checks know.
+
+    A check that knows policies by name implements :class:`~legation.extauthz.checks.
+    PolicyCatalog` (``policy_names()``); a check with a policy store whose running version lists
+    ``packages`` is read the same way until it does."""
+    known = {"-", *(getattr(config, "dry_run", ()) or ())}
+    if getattr(config, "default_policy", None):
+        known.add(config.default_policy)
+    catalogs: list[Callable[[], Collection[str]]] = []
+    for check in checks.values():
+        default = getattr(getattr(check, "config", None), "default_policy", None)
+        if isinstance(default, str) and default:
+            known.add(default)
+        names = getattr(check, "policy_names", None)
+        if callable(names):
+            catalogs.append(names)
+        elif getattr(check, "store", None) is not None:
+            store = check.store  # type: ignore[attr-defined]
+            catalogs.append(lambda s=store: getattr(s.current, "packages", ()))
+    return PolicyLabels(known, catalogs)
+
+
 class Metrics:
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None, *,
+                 policy_labels: PolicyLabels | None = None) -> None:
         registry = registry if registry is not None else REGISTRY
         self.decisions = Counter(
             "legation_extauthz_decisions", "ext_authz decisions by policy and result",
@@ -46,8 +120,15 @@ class Metrics:
 
         self._children: dict[tuple[str, str, str], tuple[Any, Any, Any]] = {}
         self._registry = registry
+        self.policy_label = policy_labels or PolicyLabels()
+
+    def bound_policies(self, labels: PolicyLabels) -> None:
+        """Use ``labels`` for the ``policy`` label from now on (the servicer knows the policies)."""
+        self.policy_label = labels
+        self._children.clear()
 
     def observe(self, *, policy: str, result: str, code: str, seconds: float) -> None:
+        policy = self.policy_label(policy)
         key = (policy, result, code)
         children = self._children.get(key)
         if children is None:
@@ -56,7 +137,7 @@ class Metrics:
                 error = self.errors.labels(policy, code)
             children = (self.decisions.labels(policy, result), error,
                         self.latency.labels(policy))
-            if len(self._children) < 4096:  # policies come from routes, codes are a fixed set
+            if len(self._children) < 4096:  # policies bounded by PolicyLabels, codes fixed
                 self._children[key] = children
         children[0].inc()
         if children[1] is not None:

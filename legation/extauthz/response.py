@@ -3,6 +3,12 @@
 :func:`decision_from_result` reads the result document exactly as opa-envoy-plugin does: a boolean,
 or an object with ``allowed`` and optionally ``headers``, ``response_headers_to_add``,
 ``request_headers_to_remove``, ``body``, ``http_status`` and ``dynamic_metadata``.
+
+Header names must be RFC 9110 tokens and values free of control characters (CR, LF, NUL...,
+see :mod:`legation.extauthz._headers`): a result that breaks this is a policy error, so the
+request is denied with the error status (fail closed), never passed on with a header Envoy would
+have to refuse. :func:`check_decision` applies the same rule to decisions that Python checks
+build themselves; the servicer calls it on every decision before answering.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from envoy.service.auth.v3 import external_auth_pb2
 from envoy.type.v3 import http_status_pb2
 from google.rpc import code_pb2
 
+from legation.extauthz._headers import bad_header_name, bad_header_value
 from legation.extauthz.checks import Decision
 from legation.extauthz.errors import AuthzError
 
@@ -47,6 +54,10 @@ def decision_from_result(result: Any, *, where: str) -> Decision:
     if not isinstance(remove, list) or not all(isinstance(h, str) for h in remove):
         raise AuthzError(f"{where}: 'request_headers_to_remove' must be a list of strings",
                          code="invalid_policy_result")
+    for name in remove:
+        if problem := bad_header_name(name):
+            raise AuthzError(f"{where}: 'request_headers_to_remove': {_show(name)} is {problem}",
+                             code="invalid_policy_result")
     metadata = result.get("dynamic_metadata", {})
     if not isinstance(metadata, Mapping):
         raise AuthzError(f"{where}: 'dynamic_metadata' must be an object",
@@ -73,10 +84,34 @@ def _headers(raw: Any, where: str) -> dict[str, str]:
         if isinstance(value, list) and all(isinstance(v, str) for v in value):
             value = ", ".join(value)
         if not isinstance(value, str):
-            raise AuthzError(f"{where}: header {name!r} must be a string",
+            raise AuthzError(f"{where}: header {_show(name)} must be a string",
                              code="invalid_policy_result")
-        out[str(name)] = value
+        if problem := bad_header_name(name) or bad_header_value(value):
+            raise AuthzError(f"{where}: header {_show(name)}: {problem}",
+                             code="invalid_policy_result")
+        out[name] = value
     return out
+
+
+def check_decision(decision: Decision) -> None:
+    """Raise ``invalid_result`` when a decision carries a header Envoy must not get."""
+    for field, headers in (("headers", decision.headers),
+                           ("response_headers_to_add", decision.response_headers_to_add)):
+        for name, value in headers.items():
+            if problem := bad_header_name(name) or bad_header_value(value):
+                raise AuthzError(f"decision {field}: header {_show(name)}: {problem}",
+                                 code="invalid_result")
+    for name in decision.request_headers_to_remove:
+        if problem := bad_header_name(name):
+            raise AuthzError(f"decision request_headers_to_remove: {_show(name)} is {problem}",
+                             code="invalid_result")
+    if not isinstance(decision.body, str):
+        raise AuthzError("decision body: not a string", code="invalid_result")
+
+
+def _show(name: object) -> str:
+    """A header name for a message: bounded, its control characters escaped by repr."""
+    return repr(name[:64]) if isinstance(name, str) else type(name).__name__
 
 
 def _header_options(headers: Mapping[str, str]) -> list[base_pb2.HeaderValueOption]:

@@ -22,9 +22,9 @@ from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from legation.extauthz.checks import Check, Decision
 from legation.extauthz.config import ServiceConfig
 from legation.extauthz.errors import CLIENT_CODES, AuthzError
-from legation.extauthz.observe import DecisionLog, Metrics
+from legation.extauthz.observe import DecisionLog, Metrics, service_policy_labels
 from legation.extauthz.request import RequestContext
-from legation.extauthz.response import to_check_response
+from legation.extauthz.response import check_decision, to_check_response
 
 log = logging.getLogger("legation.extauthz")
 
@@ -41,6 +41,7 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
         self.config = config
         self.checks = dict(checks)
         self.metrics = metrics
+        metrics.bound_policies(service_policy_labels(config, self.checks))  # bounded series
         self.decision_log = decision_log
         self._timeout = config.check_timeout_ms / 1000
         self._dry_run = frozenset(config.dry_run)
@@ -59,6 +60,7 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
         code = ""
         try:
             decision = await self._run(ctx, names)
+            check_decision(decision)  # no CR/LF/NUL header reaches Envoy, whoever built it
             if not decision.allowed:
                 code = "denied"
         except AuthzError as e:
