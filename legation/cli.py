@@ -77,10 +77,13 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_bootstrap(args: argparse.Namespace) -> int:
+    from legation.certs.issuer import DEFAULT_CA_DIR, CaLocation, locate_ca
     from legation.xds.bootstrap import bootstrap
 
     host, _, port = args.xds.rpartition(":")
     cluster, admin_port = args.cluster, args.admin_port
+    trust_domain = "cluster.local"
+    where = CaLocation(DEFAULT_CA_DIR / "ca.crt", DEFAULT_CA_DIR / "ca.key", generate=True)
     if args.mesh:
         from legation.config import load_mesh
 
@@ -99,13 +102,63 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
         admin_port = admin_port or spec.admin_port
         if args.xds == _DEFAULT_XDS:
             host, port = mesh.xds.host, str(mesh.xds.port)
+        trust_domain = mesh.mtls.trust_domain
+        where = locate_ca(mesh, mesh_dir=Path(args.mesh).parent)
+    if args.ca_dir:
+        where = CaLocation(Path(args.ca_dir) / "ca.crt", Path(args.ca_dir) / "ca.key",
+                           generate=True)
+    try:
+        directory = _enrol(args, where, trust_domain)
+    except LegationError as err:
+        print(err, file=sys.stderr)
+        return 2
     doc = bootstrap(node_id=args.node, node_cluster=cluster or "", xds_host=host or "127.0.0.1",
-                    xds_port=int(port), admin_port=admin_port or 9901, delta=args.delta)
+                    xds_port=int(port), admin_port=admin_port or 9901, delta=args.delta,
+                    credentials_dir=directory.resolve())
     if args.json:
         print(json.dumps(doc, indent=2))
     else:
         print(yaml.safe_dump(doc, sort_keys=False), end="")
     return 0
+
+
+def _enrol(args: argparse.Namespace, where: Any, trust_domain: str) -> Path:
+    """The node's credential directory, with a current credential in it: the one there is kept
+    unless ``--rotate``, it is no longer the node's current one, or it is due for renewal."""
+    from datetime import UTC, datetime
+
+    from legation.certs.enrol import BOOTSTRAP_TTL, Enrolments, NodeFiles, enrol, node_dir_name
+
+    directory = Path(args.credentials_dir) if args.credentials_dir else (
+        where.nodes_dir / node_dir_name(args.node))
+    enrolments = Enrolments.beside(where.home)
+    if not args.rotate:
+        held = _held_serial(NodeFiles(directory))
+        if held is not None and held[0] == enrolments.current(args.node) \
+                and datetime.now(UTC) < held[1]:
+            print(f"node {args.node!r}: keeping the credential in {directory} "
+                  f"(--rotate issues a new one)", file=sys.stderr)
+            return directory
+    ca = where.open(trust_domain)
+    cert, _ = enrol(ca, enrolments, args.node, directory, ttl=BOOTSTRAP_TTL)
+    print(f"node {args.node!r}: new xDS credential in {directory}, serial {cert.serial_hex}, "
+          f"expires {cert.not_after:%Y-%m-%d %H:%M} UTC; any earlier one is revoked",
+          file=sys.stderr)
+    return directory
+
+
+def _held_serial(files: Any) -> tuple[int, Any] | None:
+    """(serial, renew-at time) of the credential in ``files``, if there is a readable one."""
+    from cryptography import x509
+
+    from legation.certs.workload import RENEW_AT
+
+    try:
+        cert = x509.load_pem_x509_certificate(files.read()[0])
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return None
+    start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
+    return cert.serial_number, start + (end - start) * RENEW_AT
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -317,7 +370,8 @@ def parser() -> argparse.ArgumentParser:
     check.add_argument("mesh", nargs="+")
     check.set_defaults(fn=cmd_check)
 
-    boot = sub.add_parser("bootstrap", help="print an Envoy bootstrap for a node")
+    boot = sub.add_parser("bootstrap", help="enrol a node (its xDS credential, written to "
+                          "files) and print its Envoy bootstrap")
     boot.add_argument("--node", required=True, help="node id (e.g. gateway-ingress)")
     boot.add_argument("--cluster", default="", help="node cluster (default: from --mesh, or node)")
     boot.add_argument("--xds", default=_DEFAULT_XDS, help="xDS server host:port")
@@ -325,6 +379,13 @@ def parser() -> argparse.ArgumentParser:
     boot.add_argument("--mesh", help="take cluster, admin port and xDS address from this mesh")
     boot.add_argument("--delta", action="store_true", help="use delta (incremental) ADS")
     boot.add_argument("--json", action="store_true")
+    boot.add_argument("--credentials-dir",
+                      help="where the node's xDS credential is written (default: next to the "
+                      "CA, .legation/nodes/NODE); the bootstrap points Envoy at it")
+    boot.add_argument("--ca-dir", help="the CA directory (default: from --mesh, else "
+                      ".legation/ca, created on first use)")
+    boot.add_argument("--rotate", action="store_true",
+                      help="issue a new credential even if a current one is there (revokes it)")
     boot.set_defaults(fn=cmd_bootstrap)
 
     status = sub.add_parser("status", help="status of a running stack")

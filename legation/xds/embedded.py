@@ -1,7 +1,9 @@
 """The control plane on a private event loop in a background thread.
 
 For synchronous callers (integration tests, scripts, a Python app embedding Legation): every method
-is thread-safe and blocks until the loop has done the work.
+is thread-safe and blocks until the loop has done the work. It authenticates as the control plane
+does: a CA kept in ``ca_dir`` (generated there on first use), and :meth:`enrol` writes a node's
+credential files for the bootstrap of the proxy that will present them.
 """
 
 from __future__ import annotations
@@ -9,8 +11,13 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
 from typing import Any, TypeVar
 
+from legation.certs.ca import CertificateAuthority
+from legation.certs.enrol import BOOTSTRAP_TTL, Enrolments, NodeFiles, enrol, node_dir_name
+from legation.xds.auth import XdsAuth, serving_hosts
 from legation.xds.cache import NodeStatus, SnapshotCache
 from legation.xds.server import XdsServer
 from legation.xds.snapshot import Snapshot
@@ -20,8 +27,12 @@ T = TypeVar("T")
 
 class BackgroundControlPlane:
     def __init__(
-        self, *, host: str = "127.0.0.1", port: int = 0, debounce: float = 0.05
+        self, *, ca_dir: Path, host: str = "127.0.0.1", port: int = 0, debounce: float = 0.05,
+        trust_domain: str = "cluster.local",
     ) -> None:
+        self.ca_dir = ca_dir
+        self.ca = CertificateAuthority.in_directory(ca_dir, trust_domain=trust_domain)
+        self.enrolments = Enrolments.beside(ca_dir)
         self.host = host
         self.port = port
         self.debounce = debounce
@@ -46,11 +57,20 @@ class BackgroundControlPlane:
 
         async def go() -> None:
             self.cache = SnapshotCache(debounce=self.debounce)
-            self.server = await XdsServer(self.cache, host=self.host, port=self.port).start()
+            auth = XdsAuth.for_ca(self.ca, self.ca_dir, hosts=serving_hosts(self.host))
+            self.server = await XdsServer(self.cache, host=self.host, port=self.port,
+                                          auth=auth).start()
             self.port = self.server.port
 
         self._call(go)
         return self
+
+    def enrol(self, node_id: str, directory: Path | None = None, *,
+              ttl: timedelta = BOOTSTRAP_TTL) -> NodeFiles:
+        """Issue ``node_id`` a credential (revoking its previous one) and write its files, by
+        default into ``<ca_dir>/../nodes/<node>``; pass the directory to ``bootstrap``."""
+        where = directory or self.ca_dir.parent / "nodes" / node_dir_name(node_id)
+        return enrol(self.ca, self.enrolments, node_id, where, ttl=ttl)[1]
 
     def stop_server(self) -> None:
         if self.server is not None:
@@ -79,6 +99,13 @@ class BackgroundControlPlane:
             return None if st is None else st.as_dict()
 
         return self._call(go)  # type: ignore[no-any-return]
+
+    def refused(self, reason: str) -> float:
+        """How many calls were refused for ``reason`` (see :data:`legation.xds.auth.REASONS`)."""
+        assert self.cache is not None
+        cache = self.cache
+        return self._call(  # type: ignore[no-any-return]
+            lambda: cache.metrics.auth_refused.labels(reason)._value.get())
 
     def pushes(self, short: str) -> float:
         assert self.cache is not None

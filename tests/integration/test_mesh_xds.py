@@ -9,6 +9,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -88,9 +89,9 @@ class Running:
 
 
 @pytest.fixture
-def running() -> Iterator[Running]:
+def running(tmp_path: Path) -> Iterator[Running]:
     apps = {v: DemoApp(name="reviews", version=v).start_in_thread() for v in ("v1", "v2")}
-    control_plane = BackgroundControlPlane(debounce=0.01).start()
+    control_plane = BackgroundControlPlane(ca_dir=tmp_path / "ca", debounce=0.01).start()
     data = mesh_data(apps, header_subset="v2")
     data["xds"] = {"port": control_plane.port}
     world = Running(data, control_plane)
@@ -103,6 +104,7 @@ def running() -> Iterator[Running]:
                 xds_host="127.0.0.1",
                 xds_port=control_plane.port,
                 admin_port=proxy.admin_port,
+                credentials_dir=control_plane.enrol(proxy.node_id).directory,
             )
             envoy = EnvoyProcess(config, admin_port=proxy.admin_port, name=proxy.node_id)
             world.envoys[proxy.node_id] = envoy.start()

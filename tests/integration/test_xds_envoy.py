@@ -89,8 +89,8 @@ def apps() -> Iterator[list[DemoApp]]:
 
 
 @pytest.fixture
-def control_plane() -> Iterator[BackgroundControlPlane]:
-    cp = BackgroundControlPlane(debounce=0.02).start()
+def control_plane(tmp_path: Any) -> Iterator[BackgroundControlPlane]:
+    cp = BackgroundControlPlane(ca_dir=tmp_path / "ca", debounce=0.02).start()
     yield cp
     cp.close()
 
@@ -101,7 +101,7 @@ def envoy(request: pytest.FixtureRequest, control_plane: BackgroundControlPlane,
     admin = free_port()
     proc = EnvoyProcess(
         bootstrap(node_id=NODE, xds_port=control_plane.port, admin_port=admin,
-                  delta=request.param),
+                  delta=request.param, credentials_dir=control_plane.enrol(NODE).directory),
         admin_port=admin, name=f"envoy-{request.node.name}", log_dir=tmp_path,
     )
     proc.delta = request.param  # type: ignore[attr-defined]
@@ -238,4 +238,7 @@ def test_bootstrap_file_in_sync() -> None:
     import yaml
 
     on_disk = yaml.safe_load((Path(__file__).parents[2] / "envoy" / "bootstrap.yaml").read_text())
-    assert on_disk == bootstrap(node_id="example-proxy", node_cluster="example", admin_port=9901)
+    assert on_disk == bootstrap(node_id="example-proxy", node_cluster="example", admin_port=9901,
+                                credentials_dir="/etc/legation/xds/example-proxy")
+    tls = on_disk["static_resources"]["clusters"][0]["transport_socket"]["typed_config"]
+    assert tls["common_tls_context"]["validation_context"]["match_typed_subject_alt_names"]

@@ -372,3 +372,76 @@ def test_surrogates_and_oversized_ids_are_refused() -> None:
             node_uri(bad)
     assert node_of_uri(XDS_NODE_PREFIX + "%FF") is None  # not UTF-8
     assert node_dir_name("..") == "%2E%2E" and node_dir_name(".") == "%2E"
+
+
+# -- a real Envoy, enrolled with `legation bootstrap` ---------------------------------------------
+
+
+@pytest.mark.integration
+def test_envoy_with_legation_bootstrap_output_connects_acks_serves_and_survives_rotation(
+    tmp_path: Path,
+) -> None:
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    from legation.demo import DemoApp
+    from legation.envoy_process import EnvoyProcess
+    from legation.xds.embedded import BackgroundControlPlane
+    from tests.conftest import free_port
+    from tests.integration.test_xds_envoy import converge, get, mesh
+
+    node, admin, listen = "edge proxy/1", free_port(), free_port()  # an id that needs encoding
+    app = DemoApp("app", version="v1").start_in_thread()
+    cp = BackgroundControlPlane(ca_dir=tmp_path / "ca", debounce=0.01).start()
+    envoy: EnvoyProcess | None = None
+
+    def legation_bootstrap(*extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "legation.cli", "bootstrap", "--node", node,
+             "--xds", f"127.0.0.1:{cp.port}", "--admin-port", str(admin),
+             "--ca-dir", str(tmp_path / "ca"), *extra],
+            capture_output=True, text=True, timeout=60, cwd=tmp_path)
+
+    try:
+        cp.set_snapshot(node, mesh("v1", listen, 1, {"app": app.port}))
+        done = legation_bootstrap()
+        assert done.returncode == 0, done.stderr
+        assert "PRIVATE" not in done.stdout + done.stderr
+        creds = tmp_path / "nodes" / node_dir_name(node)  # next to the CA
+        assert (creds / "xds-client.yaml").stat().st_mode & 0o777 == 0o600
+        assert creds.stat().st_mode & 0o777 == 0o700
+        envoy = EnvoyProcess(done.stdout, admin_port=admin, name="enrolled",
+                             log_dir=tmp_path / "logs").start()
+        envoy.wait_live()
+        converge(lambda: get(listen, "/app")[0] == 200)
+        st = cp.status(node)
+        assert st is not None and st["connected"] and st["nacks"] == 0
+        assert set(st["acked"]) == {"CDS", "EDS", "LDS", "RDS"}
+
+        # re-enrol: the old credential is revoked, the running Envoy picks the new one up from
+        # the watched directory and reconnects with it after a control-plane restart
+        old = (creds / "xds-client.yaml").read_bytes()
+        rotated = legation_bootstrap("--rotate")
+        assert rotated.returncode == 0, rotated.stderr
+        assert (creds / "xds-client.yaml").read_bytes() != old
+        time.sleep(1.0)  # Envoy reloads the watched secret
+        cp.stop_server()
+        cp.start()
+        cp.set_snapshot(node, mesh("v2", listen, 1, {"app": app.port}))
+        deadline = time.monotonic() + 20
+        while True:
+            st = cp.status(node)
+            if st is not None and st["connected"] and len(st["acked"]) == 4:
+                break
+            assert time.monotonic() < deadline, envoy.log_tail()
+            time.sleep(0.1)
+        assert cp.refused("superseded") == 0  # it did not come back with the revoked one
+        assert get(listen, "/app")[0] == 200
+    finally:
+        if envoy is not None:
+            envoy.stop()
+        cp.close()
+        app.stop_thread()
