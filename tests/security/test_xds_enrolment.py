@@ -385,8 +385,6 @@ def test_envoy_with_legation_bootstrap_output_connects_acks_serves_and_survives_
     import sys
     import time
 
-    import yaml
-
     from legation.demo import DemoApp
     from legation.envoy_process import EnvoyProcess
     from legation.xds.embedded import BackgroundControlPlane
