@@ -1,18 +1,21 @@
-"""Embedded Rego per decision, in process, side by side in one run.
+"""Rego per decision, side by side in one run: the alternative, the engine alone, Legation.
 
-For each policy shape, the cost of one decision:
-  regopy API    regopy's own high-level API with a fresh ``Input`` of the whole opa-envoy-plugin
-                document each call (``Interpreter.set_input`` + ``query_bundle_entrypoint``,
-                the result read from ``Output``): what a straightforward embedding pays
-  engine only   our direct C calls with the projected input already built: set input + query
-  RegoCheck     Legation's path as the servicer runs it, CheckRequest -> RequestContext ->
-                ``RegoCheck.check`` -> Decision, with the decision cache off
+For each policy shape, the cost of one decision (GET /people, role guest):
+  regopy        the embedded engine Legation used before (rego-cpp), its high-level API with a
+                fresh ``Input`` of the whole opa-envoy-plugin document each call, in this process
+                (the alternative; ``-`` when regopy is not installed: ``pip install regopy``)
+  OPA engine    OPA's Go engine (opa-golib-python-bindings) in this process with the projected
+                input: ``eval_document`` alone, no isolation (the limit)
+  RegoCheck     Legation's path, CheckRequest -> RequestContext -> ``RegoCheck.check`` ->
+                Decision with the decision cache off: the input is sent as JSON to an evaluator
+                process and the answer awaited on the event loop; wall time per decision, and the
+                CPU of the service process and of the evaluator process per decision
   cached        the same with the decision cache on and the same request repeated (what a
                 benchmark or a hot route sees); ``-`` where the policy is not cacheable
 Shapes: a one-rule policy, the OPA-Envoy tutorial (token verified in Rego, ``time.now_ns``), the
-function style (``allow := decision({...input parts...})``) the shipped example used before, and
-plain rules returning an object (allowed/headers/body), which is what ``policies/envoy`` uses now.
-The JWT check is assumed done: ``input.jwt.claims`` is set as the ``jwt`` check would set it.
+function style (``allow := decision({...input parts...})``), plain rules returning an object
+(allowed/headers/body), and the shipped ``policies/envoy``. The JWT check is assumed done:
+``input.jwt.claims`` is set as the ``jwt`` check would set it.
 
     .venv/bin/python -m bench.rego [--seconds 0.4] [--rounds 3]
 """
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import sys
 import tempfile
@@ -30,9 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from envoy.service.auth.v3 import external_auth_pb2
-from regopy import Input, Interpreter
+from opa_bindings import OpaEngine, OpaUndefinedError
 
-from legation.extauthz import _regofast
 from legation.extauthz.checks import Decision
 from legation.extauthz.rego import RegoCheck, RegoConfig
 from legation.extauthz.request import RequestContext, build_input
@@ -171,14 +174,45 @@ def context(request: external_auth_pb2.CheckRequest) -> RequestContext:
     return ctx
 
 
-def run_check(check: RegoCheck, request: external_auth_pb2.CheckRequest) -> Decision:
-    """RequestContext + check, stepped by hand as the servicer's ``_bounded`` does."""
-    coro = check.check(context(request))
-    try:
-        coro.send(None)
-    except StopIteration as done:
-        return done.value  # type: ignore[no-any-return]
-    raise RuntimeError("the rego check suspended")
+async def run_check(check: RegoCheck, request: external_auth_pb2.CheckRequest) -> Decision:
+    return await check.check(context(request))
+
+
+def _cpu_of(pid: int) -> float:
+    """CPU seconds (user + system) a process has used so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def per_check(loop: asyncio.AbstractEventLoop, check: RegoCheck,
+              request: external_auth_pb2.CheckRequest, seconds: float,
+              rounds: int) -> tuple[float, float, float]:
+    """(wall us, service CPU us, evaluator CPU us) per decision, medians over rounds."""
+    async def many(n: int) -> None:
+        for _ in range(n):
+            await run_check(check, request)
+
+    loop.run_until_complete(many(50))
+    pool = loop.run_until_complete(check.store.pool())
+    pids = [w.proc.pid for w in pool._workers]
+    n = 50
+    while True:
+        t = time.perf_counter()
+        loop.run_until_complete(many(n))
+        if time.perf_counter() - t > seconds / 4:
+            break
+        n *= 2
+    n = max(1, int(n * seconds / max(time.perf_counter() - t, 1e-9)))
+    walls, cpus, children = [], [], []
+    for _ in range(rounds):
+        t, c = time.perf_counter(), time.process_time()
+        e = sum(_cpu_of(p) for p in pids)
+        loop.run_until_complete(many(n))
+        walls.append((time.perf_counter() - t) / n * 1e6)
+        cpus.append((time.process_time() - c) / n * 1e6)
+        children.append((sum(_cpu_of(p) for p in pids) - e) / n * 1e6)
+    return statistics.median(walls), statistics.median(cpus), statistics.median(children)
 
 
 def per_call_us(fn: Callable[[], Any], seconds: float, rounds: int) -> float:
@@ -202,10 +236,19 @@ def per_call_us(fn: Callable[[], Any], seconds: float, rounds: int) -> float:
     return statistics.median(samples)
 
 
-def high_level(check: RegoCheck, package: str, document: dict[str, Any]) -> Callable[[], Any]:
-    bundle = check.store.current.bundle
-    ep = package.replace(".", "/") + "/allow"
+def regopy_api(directory: Path, package: str, document: dict[str, Any],
+               ) -> Callable[[], Any] | None:
+    """regopy's own API over the same modules, or None when regopy is not installed."""
+    try:
+        from regopy import Input, Interpreter
+    except ImportError:
+        return None
     interp = Interpreter()
+    for path in sorted(directory.rglob("*.rego")):
+        if not path.name.endswith("_test.rego"):
+            interp.add_module(path.name, path.read_text())
+    ep = package.replace(".", "/") + "/allow"
+    bundle = interp.build(None, [ep])
 
     def call() -> Decision:
         interp.set_input(Input(document))
@@ -213,21 +256,26 @@ def high_level(check: RegoCheck, package: str, document: dict[str, Any]) -> Call
         if not out.ok():
             raise RuntimeError(str(out))
         exprs = out.results[0].expressions if out.results else []
-        result = exprs[0] if exprs else None
-        return decision_from_result(result, where=package)
+        return decision_from_result(exprs[0] if exprs else None, where=package)
     return call
 
 
-def engine_only(check: RegoCheck, package: str, request: external_auth_pb2.CheckRequest,
-                ) -> Callable[[], Any]:
-    compiled = check._current()
-    ep, only = check._entrypoint(compiled, package)[:2]
+def opa_engine(directory: Path, check: RegoCheck, package: str,
+               request: external_auth_pb2.CheckRequest) -> Callable[[], Any]:
+    """OPA's engine in this process, projected input ready: the evaluation alone."""
+    engine = OpaEngine()
+    for path in sorted(directory.rglob("*.rego")):
+        if not path.name.endswith("_test.rego"):
+            engine.add_policy(str(path), path.read_text())
+    only = check._entrypoint(check._current(), package)[1]
     document = context(request).input(only)
-    interp = Interpreter()
+    path = package + ".allow"
 
-    def call() -> tuple[bool, str]:
-        _regofast.set_input(interp, document)
-        return _regofast.query(interp, compiled.bundle, ep)
+    def call() -> Any:
+        try:
+            return engine.eval_document(path, document)
+        except OpaUndefinedError:
+            return None
     return call
 
 
@@ -236,6 +284,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=0.4, help="per round and row")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
+    loop = asyncio.new_event_loop()
     with tempfile.TemporaryDirectory(prefix="bench-rego-") as d:
         tmp = Path(d)
         for _, package, source in SHAPES:
@@ -243,42 +292,44 @@ def main() -> None:
                 (tmp / f"{package.replace('.', '_')}.rego").write_text(source)
 
         def rego(directory: Path, cache: int) -> RegoCheck:
-            return RegoCheck(RegoConfig(policy_dir=directory, reload_interval_s=0,
-                                        **({"decision_cache_size": cache}
-                                           if "decision_cache_size" in RegoConfig.model_fields
-                                           else {})))
-        checks = {(src, cache): rego(tmp if src else REPO / "policies", cache)
-                  for src in (True, False) for cache in (0, 4096)}
-        rows = []
+            check = RegoCheck(RegoConfig(policy_dir=directory, reload_interval_s=0,
+                                         decision_cache_size=cache, evaluators=1))
+            loop.run_until_complete(check.start())
+            return check
+        dirs = {True: tmp, False: REPO / "policies"}
+        checks = {(src, cache): rego(dirs[src], cache) for src in (True, False)
+                  for cache in (0, 4096)}
         print(f"us per decision (median of {args.rounds} rounds of ~{args.seconds} s), "
-              "GET /people, role guest", flush=True)
-        print(f"  {'shape':22s} {'regopy API':>10s} {'engine':>8s} {'RegoCheck':>10s} "
-              f"{'cached':>8s}   {'API/Check':>9s} {'Check/engine':>12s} {'Check/cached':>12s}")
+              "GET /people, role guest; RegoCheck: wall / service CPU / evaluator CPU",
+              flush=True)
+        print(f"  {'shape':22s} {'regopy':>8s} {'OPA engine':>10s} {'RegoCheck':>22s} "
+              f"{'cached':>8s}   {'regopy/Check':>12s} {'Check/engine':>12s}")
         for label, package, source in SHAPES:
+            directory = dirs[source is not None]
             check, cached = checks[(source is not None, 0)], checks[(source is not None, 4096)]
             request = check_request(package)
-            whole = context(request).input()
-            expected = run_check(check, request)
-            assert high_level(check, package, whole)() == expected, label
-            assert run_check(cached, request) == expected, label
-            api = per_call_us(high_level(check, package, whole), args.seconds, args.rounds)
-            eng = per_call_us(engine_only(check, package, request), args.seconds, args.rounds)
-            ours = per_call_us(lambda c=check, r=request: run_check(c, r), args.seconds,
-                               args.rounds)
+            expected = loop.run_until_complete(run_check(check, request))
+            assert loop.run_until_complete(run_check(cached, request)) == expected, label
+            api_fn = regopy_api(directory, package, context(request).input())
+            api = per_call_us(api_fn, args.seconds, args.rounds) if api_fn else None
+            if api_fn is not None:
+                assert api_fn() == expected, label
+            eng = per_call_us(opa_engine(directory, check, package, request), args.seconds,
+                              args.rounds)
+            wall, cpu, child = per_check(loop, check, request, args.seconds, args.rounds)
             hit = None
-            if getattr(cached, "cacheable", lambda p: False)(package):
-                hit = per_call_us(lambda c=cached, r=request: run_check(c, r), args.seconds,
-                                  args.rounds)
-            rows.append((label, api, eng, ours, hit))
-            print(f"  {label:22s} {api:10.1f} {eng:8.1f} {ours:10.1f} "
-                  f"{(f'{hit:8.1f}' if hit else '       -')}   {api / ours:9.2f} "
-                  f"{ours / eng:12.2f} {(f'{ours / hit:12.1f}' if hit else '           -')}",
+            if cached.cacheable(package):
+                hit = per_check(loop, cached, request, args.seconds, args.rounds)[0]
+            ours = f"{wall:.0f} / {cpu:.0f} / {child:.0f}"
+            print(f"  {label:22s} {(f'{api:8.1f}' if api else '       -')} {eng:10.1f} "
+                  f"{ours:>22s} {(f'{hit:8.1f}' if hit else '       -')}   "
+                  f"{(f'{api / wall:12.2f}' if api else '           -')} {wall / eng:12.2f}",
                   flush=True)
         print("\nbuilding the input alone (whole document, for comparison): "
               f"{per_call_us(lambda: build_input(check_request('x')), args.seconds, 1):.1f} us")
         for c in checks.values():
-            asyncio.run(c.close())
-    del rows
+            loop.run_until_complete(c.close())
+    loop.close()
 
 
 if __name__ == "__main__":
