@@ -8,7 +8,7 @@ other requests), and the Go runtime inside ``opa-golib-python-bindings`` never m
 
 Protocol, one line per message in both directions (JSON never contains a raw newline):
 
-    parent: ``L <json>``   load ``{"modules": [[path, text]...], "data": [[path, text]...]}``
+    parent: ``L <json>``   load ``{"modules": [[path, text]...], "data": [[path, json, at]...]}``
     child:  ``L ok`` | ``L err <json message>``
     parent: ``E <id> <path> <input json>``   evaluate ``data.<path>`` (dotted) with that input
     child:  ``<id> v <value json>`` | ``<id> u`` (undefined) | ``<id> e <json message>``
@@ -37,14 +37,19 @@ def _load(engine_cls: Any, error_cls: Any, spec: dict[str, Any]) -> tuple[Any, s
     try:
         for path, text in spec["modules"]:
             engine.add_policy(path, text)
-        for path, text in spec["data"]:
+        for path, text, at in spec["data"]:
             try:
                 value = json.loads(text)
             except ValueError as e:
                 return None, f"{path}: not valid JSON: {e}"
-            if not isinstance(value, dict):
-                return None, f"{path}: a data document must be a JSON object"
-            engine.add_data(value)
+            if not at and not isinstance(value, dict):
+                return None, f"{path}: a data document at the root must be an object"
+            for key in reversed(at):  # roles/data.json is data.roles, as in an OPA bundle
+                value = {key: value}
+            try:
+                engine.add_data(value)
+            except error_cls as e:
+                return None, f"{path}: {_describe(e)}"
         # compiling happens on the first evaluation: do one now, so that every module's type
         # errors (unknown functions among them) refuse the load instead of a request
         engine.eval_query("true")

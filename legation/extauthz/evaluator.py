@@ -36,18 +36,20 @@ _LIMIT = 64 * 1024 * 1024  # longest answer line accepted from an evaluator (a r
 _ENV = {**os.environ, "PYTHONIOENCODING": "utf-8", "GOMAXPROCS": "1"}
 
 Modules = Sequence[tuple[str, str]]
+Data = Sequence[tuple[str, str, Sequence[str]]]  # (path, JSON text, place under data)
 
 
 class EvaluationError(Exception):
     """The engine could not evaluate: a builtin error, a crash, a conflict. Never "undefined"."""
 
 
-def load_line(modules: Modules, data: Modules) -> bytes:
-    spec = {"modules": [list(m) for m in modules], "data": [list(d) for d in data]}
+def load_line(modules: Modules, data: Data) -> bytes:
+    spec = {"modules": [list(m) for m in modules],
+            "data": [[path, text, list(at)] for path, text, at in data]}
     return b"L " + json.dumps(spec, ensure_ascii=False).encode("utf-8", "surrogatepass") + b"\n"
 
 
-def validate(modules: Modules, data: Modules, *, timeout_s: float) -> None:
+def validate(modules: Modules, data: Data, *, timeout_s: float) -> None:
     """Load the policies in a fresh evaluator process; raises ConfigError naming the file and
     line when they do not compile (unknown functions included) or the process dies or hangs."""
     try:
@@ -154,7 +156,7 @@ class _Worker:
 class EvaluatorPool:
     """``size`` evaluator processes loaded with the same modules and data."""
 
-    def __init__(self, modules: Modules, data: Modules, *, size: int = 2,
+    def __init__(self, modules: Modules, data: Data, *, size: int = 2,
                  load_timeout_s: float = 10.0) -> None:
         self._load = load_line(modules, data)
         self.size = size

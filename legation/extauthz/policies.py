@@ -1,6 +1,8 @@
 """Rego sources on disk -> a validated policy version, and the hot reload that swaps it.
 
-A directory of ``*.rego`` modules (and ``data.json`` base documents) is read once per version and
+A directory of ``*.rego`` modules (and ``data.json`` / ``data.yaml`` base documents, each placed
+at its directory's path as OPA places a bundle's data: ``roles/data.json`` is ``data.roles``) is
+read once per version and
 loaded into OPA's engine in a short-lived evaluator process (:func:`~legation.extauthz.evaluator.
 validate`): a module that does not parse, does not type-check (a function the engine does not
 know, with its file and line) or crashes the engine is refused before it can serve. The version
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import re
 from collections.abc import Iterable, Mapping
@@ -22,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from legation import _yaml
 from legation.errors import ConfigError
 from legation.extauthz import evaluator
 from legation.extauthz._inputrefs import analyse_packages
@@ -39,7 +43,8 @@ class Sources:
 
     directory: str
     modules: tuple[tuple[str, str], ...]  # (path, text), sorted by path
-    data: tuple[tuple[str, str], ...]  # data.json documents: (path, text)
+    # data documents: (path, JSON text, where under ``data`` it goes: the directory's parts)
+    data: tuple[tuple[str, str, tuple[str, ...]], ...]
 
     def to_json(self) -> dict[str, Any]:
         return {"directory": self.directory, "modules": self.modules, "data": self.data}
@@ -48,7 +53,7 @@ class Sources:
     def from_json(cls, raw: dict[str, Any]) -> Sources:
         return cls(directory=raw["directory"],
                    modules=tuple((p, t) for p, t in raw["modules"]),
-                   data=tuple((p, t) for p, t in raw["data"]))
+                   data=tuple((p, t, tuple(at)) for p, t, at in raw["data"]))
 
 
 @dataclass(frozen=True)
@@ -84,16 +89,33 @@ def read_sources(directory: Path, *, tests: bool = True) -> Sources:
         raise ConfigError(f"{directory}: no .rego files", code="policy_compile_failed")
     try:
         modules = tuple((str(p), p.read_text()) for p in files)
-        data = tuple((str(p), p.read_text()) for p in sorted(directory.rglob("data.json")))
+        data = tuple(_data_document(directory, p) for p in data_files(directory))
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{directory}: cannot read: {e}", code="policy_compile_failed") from None
     return Sources(directory=str(directory), modules=modules, data=data)
 
 
+_DATA_NAMES = ("data.json", "data.yaml", "data.yml")
+
+
+def data_files(directory: Path) -> list[Path]:
+    return sorted(p for name in _DATA_NAMES for p in directory.rglob(name) if p.is_file())
+
+
+def _data_document(directory: Path, path: Path) -> tuple[str, str, tuple[str, ...]]:
+    """(path, the document as JSON text, its place under ``data``). YAML goes through the
+    project's bounded loader; JSON is checked by the engine's loader in the evaluator."""
+    at = path.parent.relative_to(directory).parts
+    if path.suffix == ".json":
+        return str(path), path.read_text(), at
+    value = _yaml.load_file(path)
+    return str(path), json.dumps(value if value is not None else {}), at
+
+
 def fingerprint(directory: Path) -> str:
     """Changes whenever a policy or data file is added, removed or rewritten."""
     h = hashlib.sha256()
-    for p in sorted([*directory.rglob("*.rego"), *directory.rglob("data.json")]):
+    for p in sorted([*directory.rglob("*.rego"), *data_files(directory)]):
         try:
             st = p.stat()
         except OSError:
@@ -121,7 +143,7 @@ def analyse(src: Sources, *, rules: Iterable[str], tests: bool = False) -> Compi
         entrypoints.update(f"{prefix}/{rule}" for rule in rules)
         if tests:
             entrypoints.update(f"{prefix}/{t}" for t in _TEST_RULE.findall(text))
-    for path, text in src.data:
+    for path, text, _ in src.data:
         digest.update(path.encode() + b"\0" + text.encode() + b"\0")
     analysis = analyse_packages((_package_path(t), t) for _, t in src.modules)
     return CompiledPolicies(
