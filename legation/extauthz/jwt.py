@@ -31,10 +31,10 @@ import jwt as pyjwt
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from legation.errors import ConfigError
+from legation.extauthz._headers import bad_header_name, bad_header_value
 from legation.extauthz.checks import ALLOW, Decision
 from legation.extauthz.config import pydantic_error
 from legation.extauthz.errors import AuthzError
-from legation.extauthz._headers import bad_header_name, bad_header_value
 from legation.extauthz.jwks import KeySet, check_jwks_url
 from legation.extauthz.request import RequestContext, parse_query
 
@@ -255,10 +255,10 @@ class JwtCheck:
             raise AuthzError("the token is not a JWT", code="malformed_token") from None
         except pyjwt.InvalidTokenError as e:
             raise AuthzError(f"the token header is invalid: {e}", code="invalid_token") from None
-        provider = self._by_issuer.get(issuer) if isinstance(issuer, str) else None
-        if provider is None:
+        found = self._by_issuer.get(issuer) if isinstance(issuer, str) else None
+        if found is None:
             raise AuthzError("no provider for the token's issuer", code="wrong_issuer")
-        return provider, token
+        return found, token
 
     def _remember(self, digest: bytes, provider: _Provider, claims: dict[str, Any]) -> None:
         if self.config.cache_size == 0:

@@ -96,9 +96,15 @@ def service_policy_labels(config: Any, checks: Mapping[str, object]) -> PolicyLa
         if callable(names):
             catalogs.append(names)
         elif getattr(check, "store", None) is not None:
-            store = check.store  # type: ignore[attr-defined]
-            catalogs.append(lambda s=store: getattr(s.current, "packages", ()))
+            catalogs.append(_store_packages(check.store))  # type: ignore[attr-defined]
     return PolicyLabels(known, catalogs)
+
+
+def _store_packages(store: Any) -> Callable[[], Collection[str]]:
+    def packages() -> Collection[str]:
+        found = getattr(store.current, "packages", ())
+        return found if isinstance(found, Collection) else ()
+    return packages
 
 
 class Metrics:
@@ -156,7 +162,7 @@ class _ReloadFailures:
         for name, check in checks.items():
             store = getattr(check, "store", None)
             if store is not None and hasattr(store, "failed_reloads"):
-                self._stores.append((name, lambda s=store: int(s.failed_reloads)))
+                self._stores.append((name, _failed_reloads(store)))
 
     def collect(self) -> Iterator[Metric]:
         family = CounterMetricFamily(
@@ -166,6 +172,10 @@ class _ReloadFailures:
         for name, count in self._stores:
             family.add_metric([name], count())
         yield family
+
+
+def _failed_reloads(store: Any) -> Callable[[], int]:
+    return lambda: int(store.failed_reloads)
 
 
 _encode = json.JSONEncoder(separators=(",", ":")).encode

@@ -25,8 +25,8 @@ from legation.extauthz._headers import bad_header_name, bad_header_value
 from legation.extauthz.checks import ALLOW, Decision, PythonCheck
 from legation.extauthz.errors import AuthzError
 from legation.extauthz.request import RequestContext, build_input, parse_path
-from legation.extauthz.servicer import AuthorizationServicer
 from legation.extauthz.service import Settings, build_servicer, close_checks
+from legation.extauthz.servicer import AuthorizationServicer
 from tests.extauthz.conftest import Signer
 
 FUZZ = settings(max_examples=300, deadline=None, database=None,
