@@ -17,6 +17,12 @@ certificates whose identity is unchanged. A timer re-issues each certificate at 
 lifetime and publishes the proxies' snapshots again: only their SDS secrets change, so Envoy
 swaps certificates without restarting or draining. ``/status`` shows the root's fingerprint and
 each proxy's certificate (SPIFFE id, serial, expiry; never key material).
+
+The xDS channel itself always needs the CA, whatever ``mtls.mode`` says: the server speaks TLS
+with a certificate from it and serves only proxies enrolled with a credential from it
+(:mod:`legation.xds.auth`). The CA is found as for mTLS (the mesh's ``mtls.ca_*`` settings, else
+``.legation/ca``) when the control plane starts; :meth:`ControlPlane.enrol` issues a proxy's
+credential files.
 """
 
 from __future__ import annotations
@@ -27,17 +33,20 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
-from legation.certs import MeshIssuer
-from legation.certs.issuer import DEFAULT_CA_DIR
+from legation.certs import CertificateAuthority, MeshIssuer
+from legation.certs.enrol import BOOTSTRAP_TTL, Enrolments, NodeFiles, enrol, node_dir_name
+from legation.certs.issuer import DEFAULT_CA_DIR, CaLocation, locate_ca
+from legation.certs.workload import WorkloadCert
 from legation.config import Mesh, load_mesh
 from legation.errors import LegationError
 from legation.services import EmbeddedServices, Plan, ServiceStartError, plan
+from legation.xds.auth import XdsAuth, serving_hosts
 from legation.xds.cache import SnapshotCache
 from legation.xds.metrics import XdsMetrics
 from legation.xds.server import XdsServer
@@ -48,6 +57,7 @@ from legation.xds.types import ResourceType
 log = logging.getLogger("legation.controlplane")
 
 DEFAULT_STATUS_PORT = 18001
+_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found"}
 
 
 class ControlPlane:
@@ -88,6 +98,9 @@ class ControlPlane:
         self.services = EmbeddedServices(on_event=self.on_event)
         self.issuer = MeshIssuer(mesh_dir=self.mesh_path.parent,
                                  default_ca_dir=ca_dir or DEFAULT_CA_DIR, clock=clock)
+        self.clock = clock
+        self.xds_ca: CertificateAuthority | None = None
+        self.xds_ca_location: CaLocation | None = None
         self.rotation_check = rotation_check
         self._certs_changed = asyncio.Event()
         self._rotator: asyncio.Task[None] | None = None
@@ -126,10 +139,17 @@ class ControlPlane:
             raise ServiceStartError("\n".join(failures), code="service_start_failed")
         try:
             self._publish(mesh, snapshots, digest)
+            where = locate_ca(mesh, mesh_dir=self.mesh_path.parent,
+                              default_ca_dir=self.issuer.default_ca_dir)
+            ca = where.open(mesh.mtls.trust_domain)
+            self.xds_ca, self.xds_ca_location = ca, where
+            host = self._xds_host or mesh.xds.host
             self.server = XdsServer(
                 self.cache,
-                host=self._xds_host or mesh.xds.host,
+                host=host,
                 port=self._xds_port if self._xds_port is not None else mesh.xds.port,
+                auth=XdsAuth.for_ca(ca, where.home, hosts=serving_hosts(mesh.xds.host, host),
+                                    clock=self.clock),
             )
             await self.server.start()
             self.cache.flush()
@@ -221,6 +241,19 @@ class ControlPlane:
         self.on_event(f"mesh change rejected, still serving generation {self.generation}:\n"
                       f"{message}")
         return False
+
+    # -- enrolment ---------------------------------------------------------------------------
+
+    def enrol(self, node_id: str, directory: Path | None = None, *,
+              ttl: timedelta = BOOTSTRAP_TTL) -> tuple[WorkloadCert, NodeFiles]:
+        """Issue ``node_id`` an xDS credential (revoking its previous one) and write its files
+        into ``directory`` (default ``<CA dir>/../nodes/<node>``). Needs a started plane."""
+        if self.xds_ca is None or self.xds_ca_location is None:
+            raise RuntimeError("enrol() needs a started control plane")
+        where = self.xds_ca_location
+        directory = directory or where.nodes_dir / node_dir_name(node_id)
+        return enrol(self.xds_ca, Enrolments.beside(where.home), node_id, directory, ttl=ttl,
+                     clock=self.clock)
 
     # -- certificates ----------------------------------------------------------------------
 
@@ -319,8 +352,13 @@ class ControlPlane:
     ) -> None:
         try:
             request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-            path = request.split(b" ", 2)[1].decode()
-            if path.startswith("/status"):
+            try:  # the request line: METHOD SP PATH SP VERSION, in ASCII
+                _, path, _ = request.split(b"\r\n", 1)[0].decode("ascii").split(" ")
+            except (ValueError, UnicodeDecodeError):
+                path = ""
+            if not path.startswith("/"):
+                body, ctype, code = b"bad request\n", "text/plain", 400
+            elif path.startswith("/status"):
                 body, ctype, code = json.dumps(self.status()).encode(), "application/json", 200
             elif path.startswith("/metrics"):
                 body = b"".join(
@@ -332,13 +370,13 @@ class ControlPlane:
             else:
                 body, ctype, code = b"not found\n", "text/plain", 404
             writer.write(
-                f"HTTP/1.1 {code} {'OK' if code == 200 else 'Not Found'}\r\n"
+                f"HTTP/1.1 {code} {_REASONS[code]}\r\n"
                 f"content-type: {ctype}\r\ncontent-length: {len(body)}\r\n"
                 "connection: close\r\n\r\n".encode() + body
             )
             await writer.drain()
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError,
-                ConnectionError, IndexError):
+                ConnectionError):
             pass
         finally:
             writer.close()

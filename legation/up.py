@@ -6,6 +6,13 @@ every Envoy has ACKed its configuration, prints
 where to send requests, then shows a live status (a table on a terminal, log lines otherwise).
 Ctrl-C, SIGTERM, or any child dying stops everything; Envoys are also tied to this process with
 PR_SET_PDEATHSIG, so none is orphaned even if this process is killed.
+
+Each Envoy is enrolled before it starts: its xDS credential (valid :data:`UP_TTL`) is written to
+``.legation/nodes/<node>`` and its bootstrap reads it through file-based SDS with a watched
+directory. Credentials are short-lived so a copied file is worth little for long; the stack
+re-issues each one at 2/3 of its lifetime and rewrites the file in place, so an Envoy that lives
+longer than its first credential reconnects (after a control-plane restart or a dropped stream)
+with a current one, without a restart of its own.
 """
 
 from __future__ import annotations
@@ -20,6 +27,8 @@ from collections import deque
 from pathlib import Path
 from typing import Any, TextIO
 
+from legation.certs.enrol import UP_TTL
+from legation.certs.workload import WorkloadCert
 from legation.config import Mesh, Route
 from legation.controlplane import DEFAULT_STATUS_PORT, ControlPlane
 from legation.demo import DemoApp
@@ -56,6 +65,7 @@ class Stack:
         self.envoys: list[EnvoyProcess] = []
         self._stopping = asyncio.Event()
         self._last: dict[str, Any] = {}
+        self.credentials: dict[str, WorkloadCert] = {}  # node id -> its current xDS credential
 
     def say(self, line: str) -> None:
         if self.live and self._recent is not None:
@@ -130,9 +140,16 @@ class Stack:
         xds = self.cp.server
         assert xds is not None
         for proxy in mesh.proxies():
+            try:
+                cert, files = self.cp.enrol(proxy.node_id, ttl=UP_TTL)
+            except LegationError as err:
+                self.say(f"cannot enrol {proxy.node_id}: {err}")
+                return 1
+            self.credentials[proxy.node_id] = cert
             config = bootstrap(node_id=proxy.node_id, node_cluster=proxy.node_cluster,
                                xds_host=xds.host, xds_port=xds.port,
-                               admin_port=proxy.admin_port, delta=self.delta)
+                               admin_port=proxy.admin_port, delta=self.delta,
+                               credentials_dir=files.directory.resolve())
             self.envoys.append(EnvoyProcess(config, admin_port=proxy.admin_port,
                                             name=proxy.node_id, log_dir=self.log_dir).start())
         self.say(f"started {len(self.apps)} demo apps and {len(self.envoys)} Envoys "
@@ -193,11 +210,26 @@ class Stack:
                 self.say(f"{dead.name} exited (code {dead.proc.returncode if dead.proc else '?'})"
                          f"; stopping everything. Its log:\n{dead.log_tail(20)}")
                 return 1
+            self.renew_credentials()
             await self._report()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), 1.0)
         self.say("stopping")
         return 0
+
+    def renew_credentials(self) -> list[str]:
+        """Re-issue the Envoys' xDS credentials past 2/3 of their lifetime (files rewritten in
+        place, the old ones revoked); their node ids."""
+        now = self.cp.clock()
+        due = [node for node, cert in self.credentials.items() if cert.due(now)]
+        for node in due:
+            try:
+                self.credentials[node] = self.cp.enrol(node, ttl=UP_TTL)[0]
+            except LegationError as err:
+                self.say(f"cannot renew the xDS credential of {node}: {err}")
+        if due:
+            self.say(f"xDS credentials renewed for {len(due)} Envoys")
+        return due
 
     async def _report(self) -> None:
         status = self.cp.status()

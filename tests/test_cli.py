@@ -38,8 +38,9 @@ def test_check_names_file_and_field_of_every_bad_fixture() -> None:
     assert "unknown service" in done.stderr
 
 
-def test_bootstrap_takes_identity_from_the_mesh() -> None:
-    done = legation("bootstrap", "--node", "gateway-ingress", "--mesh", str(QUICKSTART))
+def test_bootstrap_takes_identity_from_the_mesh(tmp_path: Path) -> None:
+    done = legation("bootstrap", "--node", "gateway-ingress", "--mesh", str(QUICKSTART),
+                    "--ca-dir", str(tmp_path / "ca"))
     assert done.returncode == 0, done.stderr
     doc = yaml.safe_load(done.stdout)
     assert doc["node"] == {"id": "gateway-ingress", "cluster": "ingress"}
@@ -49,12 +50,50 @@ def test_bootstrap_takes_identity_from_the_mesh() -> None:
     assert xds["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]["port_value"] == 18000
 
 
-def test_bootstrap_delta_and_unknown_node() -> None:
-    done = legation("bootstrap", "--node", "edge-1", "--xds", "10.0.0.5:18000", "--delta")
+def test_bootstrap_writes_the_nodes_credential_and_points_the_xds_cluster_at_it(
+    tmp_path: Path,
+) -> None:
+    import stat
+
+    creds = tmp_path / "creds"
+    args = ("bootstrap", "--node", "edge-1", "--ca-dir", str(tmp_path / "ca"),
+            "--credentials-dir", str(creds))
+    done = legation(*args)
+    assert done.returncode == 0, done.stderr
+    assert "PRIVATE" not in done.stdout + done.stderr
+    assert stat.S_IMODE(creds.stat().st_mode) == 0o700
+    assert stat.S_IMODE((creds / "xds-client.yaml").stat().st_mode) == 0o600
+    assert "PRIVATE KEY" in (creds / "xds-client.yaml").read_text()
+    tls = yaml.safe_load(done.stdout)["static_resources"]["clusters"][0]["transport_socket"]
+    context = tls["typed_config"]["common_tls_context"]
+    sds = context["tls_certificate_sds_secret_configs"][0]["sds_config"]["path_config_source"]
+    assert sds == {"path": str(creds / "xds-client.yaml"),
+                   "watched_directory": {"path": str(creds)}}
+    assert context["validation_context"]["trusted_ca"] == {"filename": str(creds / "ca.crt")}
+    # run again: the current credential is kept; --rotate replaces (and revokes) it
+    before = (creds / "xds-client.yaml").read_bytes()
+    assert legation(*args).returncode == 0
+    assert (creds / "xds-client.yaml").read_bytes() == before
+    rotated = legation(*args, "--rotate")
+    assert rotated.returncode == 0 and "revoked" in rotated.stderr
+    assert (creds / "xds-client.yaml").read_bytes() != before
+    # with the example's placeholder directory, the output is envoy/bootstrap.yaml
+    example = yaml.safe_load((ROOT / "envoy" / "bootstrap.yaml").read_text())
+    ours = yaml.safe_load(legation("bootstrap", "--node", "example-proxy", "--cluster", "example",
+                                   "--admin-port", "9901", "--ca-dir", str(tmp_path / "ca"),
+                                   "--credentials-dir", str(creds)).stdout)
+    assert yaml.safe_dump(ours).replace(str(creds), "/etc/legation/xds/example-proxy") \
+        == yaml.safe_dump(example)
+
+
+def test_bootstrap_delta_and_unknown_node(tmp_path: Path) -> None:
+    done = legation("bootstrap", "--node", "edge-1", "--xds", "10.0.0.5:18000", "--delta",
+                    "--ca-dir", str(tmp_path / "ca"))
     doc = yaml.safe_load(done.stdout)
     assert doc["dynamic_resources"]["ads_config"]["api_type"] == "DELTA_GRPC"
     assert doc["static_resources"]["clusters"][0]["type"] == "STATIC"
-    missing = legation("bootstrap", "--node", "nope", "--mesh", str(QUICKSTART))
+    missing = legation("bootstrap", "--node", "nope", "--mesh", str(QUICKSTART),
+                       "--ca-dir", str(tmp_path / "ca"))
     assert missing.returncode == 2
     assert "no proxy with node id 'nope'" in missing.stderr
 

@@ -116,3 +116,47 @@ async def test_turning_mtls_off_drops_the_secrets(cp: ControlPlane) -> None:
     assert cp.status()["mtls"] is None
     assert all(not s.resources(ResourceType.SECRET) for s in cp.snapshots.values())
     assert "certificate" not in cp.status()["proxies"][0]
+
+
+async def test_xds_is_tls_with_enrolled_proxies_even_with_mtls_off(tmp_path: Path) -> None:
+    import grpc
+    from envoy.config.core.v3 import base_pb2
+    from envoy.service.discovery.v3 import discovery_pb2
+
+    from legation.xds.auth import files_credentials
+
+    mesh = tmp_path / "mesh.yaml"
+    write(mesh)  # no mtls block: mode off
+    plane = ControlPlane(mesh, status_port=0, poll_interval=3600, on_event=lambda line: None,
+                         ca_dir=tmp_path / "ca")
+    await plane.start()
+    try:
+        assert plane.server is not None and plane.issuer.certs == {}
+        assert (tmp_path / "ca" / "ca.key").is_file()  # the xDS channel's CA
+        _, files = plane.enrol("gateway-ingress")
+        assert files.directory == tmp_path / "nodes" / "gateway-ingress"
+        method = "/envoy.service.cluster.v3.ClusterDiscoveryService/FetchClusters"
+        ask = discovery_pb2.DiscoveryRequest(node=base_pb2.Node(id="gateway-ingress"))
+        async with grpc.aio.insecure_channel(plane.server.address) as channel:
+            with pytest.raises(grpc.aio.AioRpcError):
+                await channel.unary_unary(method)(ask.SerializeToString(), timeout=5)
+        async with grpc.aio.secure_channel(plane.server.address,
+                                           files_credentials(files)) as channel:
+            got = await channel.unary_unary(method)(ask.SerializeToString(), timeout=5)
+            assert discovery_pb2.DiscoveryResponse.FromString(got).resources
+    finally:
+        await plane.stop()
+
+
+async def test_status_endpoint_answers_400_to_a_non_utf8_request_line(cp: ControlPlane) -> None:
+    for line in (b"GET /\xff\xfe HTTP/1.1", b"\xc3\x28 / HTTP/1.1", b"GARBAGE", b"GET status"):
+        reader, writer = await asyncio.open_connection("127.0.0.1", cp.status_port)
+        writer.write(line + b"\r\nhost: x\r\n\r\n")
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 400 Bad Request\r\n"), (line, answer)
+    reader, writer = await asyncio.open_connection("127.0.0.1", cp.status_port)
+    writer.write(b"GET /healthz HTTP/1.1\r\n\r\n")
+    assert (await asyncio.wait_for(reader.read(), 5)).startswith(b"HTTP/1.1 200 OK")
+    writer.close()

@@ -75,10 +75,11 @@ def gateway(tmp_path_factory: pytest.TempPathFactory, signer: Signer) -> Iterato
     (tmp / "mesh.yaml").write_text(MESH.format(**ports, app=app.port))
     loop = LoopThread()
     cp = ControlPlane(tmp / "mesh.yaml", status_port=free_port(), poll_interval=3600,
-                      debounce=0.01, on_event=lambda line: None)
+                      debounce=0.01, on_event=lambda line: None, ca_dir=tmp / "ca")
     loop.run(cp.start())
     envoy = EnvoyProcess(bootstrap(node_id="gateway-gw", node_cluster="gw",
-                                   xds_port=ports["xds"], admin_port=ports["gw_admin"]),
+                                   xds_port=ports["xds"], admin_port=ports["gw_admin"],
+                                   credentials_dir=cp.enrol("gateway-gw")[1].directory),
                          admin_port=ports["gw_admin"], name="gw", log_dir=tmp).start()
     try:
         envoy.wait_live()

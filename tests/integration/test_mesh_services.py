@@ -138,7 +138,8 @@ class World:
         self.write_mesh(tag="one")
         self.loop = LoopThread()
         self.cp = ControlPlane(self.mesh_path, status_port=free_port(), poll_interval=3600,
-                               debounce=0.01, on_event=lambda line: None)
+                               debounce=0.01, on_event=lambda line: None,
+                               ca_dir=tmp / "ca")
         self.envoys: list[EnvoyProcess] = []
 
     def write_mesh(self, *, tag: str) -> None:
@@ -151,7 +152,8 @@ class World:
         for proxy in self.cp.mesh.proxies():
             config = bootstrap(node_id=proxy.node_id, node_cluster=proxy.node_cluster,
                                xds_host="127.0.0.1", xds_port=self.ports["xds"],
-                               admin_port=proxy.admin_port)
+                               admin_port=proxy.admin_port,
+                               credentials_dir=self.cp.enrol(proxy.node_id)[1].directory)
             self.envoys.append(EnvoyProcess(config, admin_port=proxy.admin_port,
                                             name=proxy.node_id, log_dir=self.tmp).start())
         for envoy in self.envoys:

@@ -81,7 +81,8 @@ class World:
                                               app2=self.apps["v2"].port))
         self.loop = LoopThread()
         self.cp = ControlPlane(self.mesh_path, status_port=0, poll_interval=3600,
-                               debounce=0.01, on_event=lambda line: None)
+                               debounce=0.01, on_event=lambda line: None,
+                               ca_dir=tmp / "ca")
         self.envoys: dict[str, EnvoyProcess] = {}
 
     def start(self) -> None:
@@ -90,7 +91,8 @@ class World:
         for proxy in self.cp.mesh.proxies():
             config = bootstrap(node_id=proxy.node_id, node_cluster=proxy.node_cluster,
                                xds_host="127.0.0.1", xds_port=self.ports["xds"],
-                               admin_port=proxy.admin_port)
+                               admin_port=proxy.admin_port,
+                               credentials_dir=self.cp.enrol(proxy.node_id)[1].directory)
             self.envoys[proxy.node_id] = EnvoyProcess(
                 config, admin_port=proxy.admin_port, name=proxy.node_id, log_dir=self.tmp
             ).start()
@@ -243,7 +245,8 @@ def test_rotation_reaches_envoy_over_sds_without_restart(world: World) -> None:
         assert (status, body["version"]) == (200, version)
     dump = sidecar.config_dump("dynamic_active_secrets")
     names = sorted(s["name"] for s in dump["configs"])
-    assert names == ["legation-trust-bundle", "legation-workload-cert"]
+    # the mesh's two from ADS, and the proxy's xDS credential from its watched file
+    assert names == ["legation-trust-bundle", "legation-workload-cert", "legation-xds-client"]
     assert "BEGIN EC PRIVATE" not in json.dumps(dump) and "BEGIN PRIVATE" not in json.dumps(dump)
 
 
