@@ -5,10 +5,22 @@ that filters define, in declaration order, so a request pays for nothing it does
 phase calls those hooks in order and stops at the first filter that answers (``ex.respond``).
 The error guard (:mod:`legation.extproc.guard`) wraps the chain from outside, as starlette's
 ``ServerErrorMiddleware`` wraps the user's middleware: filters never see the guard.
+
+How a hook runs, so that the phase's deadline (``message_timeout``) holds and one filter cannot
+stall the other streams on the event loop:
+
+* a coroutine hook runs on the loop; at the deadline it is cancelled;
+* a plain-function hook runs on a worker thread (:mod:`._pool`) and is awaited until the
+  deadline; at the deadline the guard answers without it (the thread finishes on its own, its
+  late mutations are never sent: the stream is ended after the answer);
+* a plain-function hook of a filter that declares ``inline = True`` runs on the loop, with no
+  thread hop: only for hooks that never block and whose work is bounded by the message (the
+  built-in filters). The deadline is checked after each such hook: a late one fails the phase.
 """
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import time
 from collections.abc import Sequence
@@ -17,6 +29,7 @@ from typing import Any
 
 from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
 
+from legation.extproc._pool import POOL
 from legation.extproc.errors import ExtProcError
 from legation.extproc.exchange import Exchange
 from legation.extproc.metrics import Metrics
@@ -37,11 +50,20 @@ class FilterFailed(ExtProcError):
         self.phase = phase
 
 
+_ASYNC, _INLINE, _THREAD = "async", "inline", "thread"
+
+
 @dataclass(frozen=True)
 class _Step:
     name: str
     hook: Any
-    is_async: bool
+    mode: str  # _ASYNC, _INLINE or _THREAD
+
+
+def _mode(f: FilterPlugin, hook: Any) -> str:
+    if inspect.iscoroutinefunction(hook):
+        return _ASYNC
+    return _INLINE if getattr(f, "inline", False) is True else _THREAD
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -64,11 +86,12 @@ class Chain:
             for f in self.filters:
                 hook = getattr(f, phase.hook, None)
                 if hook is not None:
-                    found.append(_Step(f.name, hook, inspect.iscoroutinefunction(hook)))
+                    found.append(_Step(f.name, hook, _mode(f, hook)))
             steps[phase] = tuple(found)
         object.__setattr__(self, "_steps", steps)
-        has_async = {p: any(s.is_async for s in v) for p, v in steps.items()}
-        object.__setattr__(self, "_async", has_async)
+        # a phase with a coroutine or threaded hook is awaited under a timer
+        timed = {p: any(s.mode != _INLINE for s in v) for p, v in steps.items()}
+        object.__setattr__(self, "_async", timed)
 
     @property
     def phases(self) -> frozenset[Phase]:
@@ -79,6 +102,7 @@ class Chain:
         return out
 
     def has_async(self, phase: Phase) -> bool:
+        """True when some hook of ``phase`` is awaited (a coroutine, or a threaded function)."""
         return self._async[phase]
 
     def processing_mode(self) -> ProcessingMode:
@@ -102,19 +126,33 @@ class Chain:
                 setattr(mode, attr, value)
         return mode
 
-    async def run(self, phase: Phase, ex: Exchange, metrics: Metrics) -> None:
-        """Call the phase's hooks in order until one answers; a raise becomes FilterFailed."""
+    async def run(
+        self, phase: Phase, ex: Exchange, metrics: Metrics, deadline: float = float("inf")
+    ) -> None:
+        """Call the phase's hooks in order until one answers; a raise becomes FilterFailed.
+        ``deadline`` (``time.monotonic()``) is checked after each inline hook: TimeoutError; the
+        caller bounds the awaited hooks with a timer."""
         pv = phase.value
         for step in self._steps[phase]:
             ex.current_filter = step.name
             start = time.perf_counter()
             try:
-                result = step.hook(ex)
+                if step.mode is _THREAD:
+                    job = POOL.submit(step.hook, ex)
+                    ex.detached = True
+                    try:
+                        result = await asyncio.wrap_future(job)
+                    finally:  # cancelled at the deadline while running: it runs on, detached
+                        ex.detached = not job.done()
+                else:
+                    result = step.hook(ex)
                 if result is not None:
                     await result
             except Exception as exc:
                 raise FilterFailed(step.name, phase, exc) from exc
             finally:
                 metrics.observe(step.name, pv, time.perf_counter() - start)
+            if step.mode is _INLINE and time.monotonic() > deadline:
+                raise TimeoutError
             if ex.immediate is not None:
                 return

@@ -42,6 +42,7 @@ class Exchange:
         "buffered",
         "chain",
         "current_filter",
+        "detached",
         "end_of_stream",
         "headers",
         "immediate",
@@ -73,6 +74,9 @@ class Exchange:
         self.immediate: Immediate | None = None
         self.current_filter = ""
         """The filter whose hook runs now (for the guard's log line on a timeout)."""
+        self.detached = False
+        """True while a threaded hook may still be running on this exchange after its deadline:
+        the servicer then ends the stream (nothing it does later may reach Envoy)."""
         self._metadata: dict[str, Any] | None = None
         self._mode: dict[str, str] | None = None
         self._reset()

@@ -2,14 +2,16 @@
 
 It is the one place where failures become answers: a filter that raises or outlives the
 ``message_timeout`` gives the client a clean 500 (no internals in the body) and one log line, or,
-on a route configured fail-open, lets the message through unchanged. Either way a metric counts it
-under the filter's name and a stable code.
+on a route configured fail-open, lets the message through unchanged (a threaded hook that outlived
+the deadline also ends the stream after that answer, see :mod:`.chain`). Either way a metric
+counts it under the filter's name and a stable code.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
@@ -46,8 +48,8 @@ class ErrorGuard:
             if chain.has_async(phase):
                 async with asyncio.timeout(self._timeout):
                     await chain.run(phase, ex, self._metrics)
-            else:
-                await chain.run(phase, ex, self._metrics)
+            else:  # inline hooks only: the deadline is checked after each
+                await chain.run(phase, ex, self._metrics, time.monotonic() + self._timeout)
         except FilterFailed as exc:
             return self._failed(phase, ex, exc.filter_name, exc.code, str(exc), exc.__cause__)
         except TimeoutError:

@@ -6,8 +6,11 @@ matching ``on_*`` hooks. Each hook receives the :class:`~legation.extproc.exchan
 current HTTP request: the same object for every hook of one request, so ``ex.state`` carries
 per-request state from ``on_request_headers`` to ``on_response_headers``.
 
-Hooks may be plain functions or coroutines; a plain function avoids an await per phase. A hook that
-is not overridden costs nothing: the chain only calls what a filter defines.
+Hooks may be plain functions or coroutines. A plain function runs on a worker thread, so that one
+which blocks (I/O, a lock, a long computation) cannot stall the service's event loop, and the
+phase's ``message_timeout`` holds; a filter whose plain hooks never block and are bounded by the
+message (the built-ins) sets ``inline = True`` and runs them on the loop with no thread hop. A hook
+that is not overridden costs nothing: the chain only calls what a filter defines.
 """
 
 from __future__ import annotations
@@ -53,6 +56,10 @@ class Filter:
     name: ClassVar[str] = "filter"
     phases: frozenset[Phase] = frozenset({Phase.REQUEST_HEADERS})
     body_mode: BodyMode = BodyMode.BUFFERED
+    inline: ClassVar[bool] = False
+    """Run plain-function hooks on the event loop instead of a worker thread: only for hooks that
+    never block; the deadline is then checked after the hook returns (a late one fails the phase,
+    but the loop was held meanwhile)."""
 
 
 @runtime_checkable

@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry
 from legation.errors import ConfigError
 from legation.extproc.config import Chains, load_chains
 from legation.extproc.metrics import Metrics
-from legation.extproc.servicer import ExtProcServicer
+from legation.extproc.servicer import DEFAULT_STREAM_IDLE_TIMEOUT, ExtProcServicer
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -28,6 +28,10 @@ class Settings:
     message_timeout: float = 0.2
     """Seconds a phase may take: keep equal to Envoy's ``message_timeout`` (default 200 ms). An
     async filter still running then is cancelled and the guard answers (Envoy has given up)."""
+    stream_idle_timeout: float = DEFAULT_STREAM_IDLE_TIMEOUT
+    """Seconds a stream may go without a message from Envoy before it is ended (DEADLINE_EXCEEDED);
+    keep it above the routes' timeouts (Envoy waits for the upstream between request and response
+    messages). Default 300, Envoy's own default stream idle timeout."""
     registry: CollectorRegistry | None = None
     """Prometheus registry for the metrics (default: the global one)."""
     max_concurrent_streams: int | None = None
@@ -45,10 +49,13 @@ async def start_server(settings: Settings) -> tuple[grpc.aio.Server, int]:
     """Build, bind and start the server; returns it and the bound port."""
     if settings.message_timeout <= 0:
         raise ConfigError("extproc: message_timeout must be positive")
+    if settings.stream_idle_timeout <= 0:
+        raise ConfigError("extproc: stream_idle_timeout must be positive")
     servicer = ExtProcServicer(
         _chains(settings),
         metrics=Metrics(settings.registry),
         message_timeout=settings.message_timeout,
+        stream_idle_timeout=settings.stream_idle_timeout,
     )
     options: list[tuple[str, int]] = [("grpc.so_reuseport", 1 if settings.reuse_port else 0)]
     if settings.max_concurrent_streams:

@@ -4,10 +4,16 @@ The servicer is a thin facade: it finds the route's chain from the stream's init
 creates the request's :class:`Exchange`, and for each message Envoy sends runs the chain's guard
 and writes exactly one answer, in order. Malformed input (no phase set, an unknown chain) gets a
 well-formed answer, never a crash of the stream.
+
+A stream on which Envoy sends nothing for ``stream_idle_timeout`` seconds (default 300, Envoy's
+own default stream idle timeout) is ended with DEADLINE_EXCEEDED: whoever can open streams cannot
+hold them, and their exchanges, forever. Between two messages of one request Envoy may wait for the
+upstream (request headers, then response headers), so keep it above the routes' timeouts.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -23,13 +29,22 @@ from legation.extproc.sdk import Phase
 
 log = logging.getLogger("legation.extproc")
 
+DEFAULT_STREAM_IDLE_TIMEOUT = 300.0
 _HEADERS = {Phase.REQUEST_HEADERS, Phase.RESPONSE_HEADERS}
 _BODIES = {Phase.REQUEST_BODY, Phase.RESPONSE_BODY}
 
 
 class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
-    def __init__(self, chains: Chains, *, metrics: Metrics, message_timeout: float) -> None:
+    def __init__(
+        self,
+        chains: Chains,
+        *,
+        metrics: Metrics,
+        message_timeout: float,
+        stream_idle_timeout: float = DEFAULT_STREAM_IDLE_TIMEOUT,
+    ) -> None:
         self._metrics = metrics
+        self._idle = stream_idle_timeout
         self._guards = {
             name: ErrorGuard(chain, metrics=metrics, message_timeout=message_timeout)
             for name, chain in chains.chains.items()
@@ -60,34 +75,54 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
         metrics.stream(chain)
         ex = Exchange(chain)
         ex.buffered.update(guard.buffered)
-        while True:
-            req = await context.read()
-            if req is grpc.aio.EOF:
-                return
-            which = req.WhichOneof("request")
-            phase = _wire.PHASES.get(which) if which else None
-            if phase is None:
-                metrics.error("-", "malformed_request")
-                await context.write(_wire.error_response(500, "legation_malformed_request"))
-                continue
-            metrics.phase(chain, which)  # type: ignore[arg-type]
-            ex.begin(phase)
-            msg = getattr(req, which)
-            if phase in _HEADERS:
-                _wire.read_headers(msg.headers, ex.headers)
-                ex.end_of_stream = msg.end_of_stream
-            elif phase in _BODIES:
-                ex.body = msg.body
-                ex.end_of_stream = msg.end_of_stream
-            else:
-                ex.trailers = {}
-                _wire.read_headers(msg.trailers, ex.trailers)
-            await context.write(await guard(phase, ex))
-            if ex.immediate is not None:
-                return
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(None) as idle:
+                while True:
+                    idle.reschedule(loop.time() + self._idle)
+                    if not await self._one(context, guard, ex, chain):
+                        return
+        except TimeoutError:
+            metrics.error("-", "stream_idle_timeout")
+            log.warning("chain %r: ext_proc stream idle for %gs; ending it", chain, self._idle)
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "stream idle timeout")
+
+    async def _one(
+        self, context: grpc.aio.ServicerContext, guard: ErrorGuard, ex: Exchange, chain: str
+    ) -> bool:
+        """Read and answer one message; False when the stream is over."""
+        metrics = self._metrics
+        req = await context.read()
+        if req is grpc.aio.EOF:
+            return False
+        which = req.WhichOneof("request")
+        phase = _wire.PHASES.get(which) if which else None
+        if phase is None:
+            metrics.error("-", "malformed_request")
+            await context.write(_wire.error_response(500, "legation_malformed_request"))
+            return True
+        metrics.phase(chain, which)  # type: ignore[arg-type]
+        ex.begin(phase)
+        msg = getattr(req, which)
+        if phase in _HEADERS:
+            _wire.read_headers(msg.headers, ex.headers)
+            ex.end_of_stream = msg.end_of_stream
+        elif phase in _BODIES:
+            ex.body = msg.body
+            ex.end_of_stream = msg.end_of_stream
+        else:
+            ex.trailers = {}
+            _wire.read_headers(msg.trailers, ex.trailers)
+        await context.write(await guard(phase, ex))
+        # a threaded hook still running past its deadline may yet touch ex: end the stream
+        return ex.immediate is None and not ex.detached
 
     async def _refuse(self, context: grpc.aio.ServicerContext, name: str | None) -> None:
-        req = await context.read()
+        try:
+            async with asyncio.timeout(self._idle):
+                req = await context.read()
+        except TimeoutError:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "stream idle timeout")
         if req is grpc.aio.EOF:
             return
         self._metrics.answered(name or "-", 500)

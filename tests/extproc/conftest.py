@@ -76,6 +76,11 @@ chains:
     filters: [{name: t_raise}]
   slow:
     filters: [{name: t_slow}]
+  block:
+    filters: [{name: t_block}]
+  block_open:
+    fail_open: true
+    filters: [{name: t_block}]
   slow_open:
     fail_open: true
     filters: [{name: t_slow}]
@@ -158,6 +163,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory, test_filters: None) -> Itera
         R("/raise/", "stable", c["raise"]),
         R("/raise-open/", "stable", c["raise_open"]),
         R("/slow/", "stable", c["slow"]),
+        R("/block/", "stable", c["block"]),
+        R("/block-open/", "echo", c["block_open"]),
         R("/slow-open/", "stable", c["slow_open"]),
         R("/slow-envoy/", "stable", c["slow_envoy"]),
         R("/slow-envoy-open/", "stable", c["slow_envoy_open"]),

@@ -3,8 +3,10 @@ and echoes the request body and headers as JSON."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import threading
+import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
@@ -32,12 +34,17 @@ class _Echo(BaseHTTPRequestHandler):
             "chunked": "chunked" in self.headers.get("transfer-encoding", ""),
             "headers": {k.lower(): ",".join(self.headers.get_all(k) or ()) for k in self.headers},
         }).encode()
-        ctype = "application/json"
+        ctype = self.headers.get("x-echo-content-type", "application/json")
         if "/text" in self.path:
             out = b"plain text with authorization: keep-me"
             ctype = "text/plain"
+        encoding = self.headers.get("x-echo-encoding", "")
+        if encoding:  # the JSON compressed as asked (a response from a compressing upstream)
+            out = _encode(out, encoding)
         self.send_response(200)
         self.send_header("content-type", ctype)
+        if encoding:
+            self.send_header("content-encoding", encoding.removesuffix("-bomb"))
         self.send_header("content-length", str(len(out)))
         self.end_headers()
         self.wfile.write(out)
@@ -46,6 +53,16 @@ class _Echo(BaseHTTPRequestHandler):
 
     def log_message(self, *args: object) -> None:
         pass
+
+
+def _encode(data: bytes, encoding: str) -> bytes:
+    if encoding == "gzip":
+        return gzip.compress(data)
+    if encoding == "deflate":
+        return zlib.compress(data)
+    if encoding == "gzip-bomb":  # 16 MiB of JSON whitespace around the document, ~16 KB gzipped
+        return gzip.compress(b" " * (16 << 20) + data, 9)
+    return b"\x0b\x02\x80" + data + b"\x03"  # "br": not decodable here, whatever it holds
 
 
 class EchoServer:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -39,6 +40,21 @@ class Slow(Filter):
         except asyncio.CancelledError:
             type(self).cancelled += 1
             raise
+
+
+class Blocks(Filter):
+    """A plain hook that blocks (as a filter doing blocking I/O would) until released."""
+
+    name = "t_block"
+    entered = threading.Event()
+    release = threading.Event()
+    returned = 0
+
+    def on_request_headers(self, ex: Exchange) -> None:
+        type(self).entered.set()
+        type(self).release.wait(15)
+        ex.set_header("x-late", "too-late")  # after the deadline: must never reach upstream
+        type(self).returned += 1
 
 
 class UpperStreamed(Filter):
@@ -78,5 +94,6 @@ class Answers(Filter):
 
 
 FACTORIES = [
-    _Factory(cls.name, cls) for cls in (Raises, Slow, UpperStreamed, WrapBuffered, Answers)
+    _Factory(cls.name, cls)
+    for cls in (Raises, Slow, Blocks, UpperStreamed, WrapBuffered, Answers)
 ]

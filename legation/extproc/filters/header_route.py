@@ -111,6 +111,7 @@ def bucket_of(value: str, *, seed: str, buckets: int) -> int:
 
 class HeaderRoute(Filter):
     name = "header_route"
+    inline = True  # plain, non-blocking hooks bounded by the message: no thread hop
     phases = frozenset({Phase.REQUEST_HEADERS})
 
     def __init__(self, options: HeaderRouteOptions) -> None:

@@ -77,6 +77,7 @@ class HeadersOptions(Options):
 
 class Headers(Filter):
     name = "headers"
+    inline = True  # plain, non-blocking hooks bounded by the message: no thread hop
 
     def __init__(self, options: HeadersOptions) -> None:
         self.options = options

@@ -36,6 +36,7 @@ class RequestIdOptions(Options):
 
 class RequestId(Filter):
     name = "request_id"
+    inline = True  # plain, non-blocking hooks bounded by the message: no thread hop
 
     def __init__(self, options: RequestIdOptions) -> None:
         self.options = options
