@@ -175,15 +175,15 @@ class EvaluatorPool:
             *(_Worker.spawn(self._load, timeout_s=self.load_timeout_s) for _ in range(self.size)),
             return_exceptions=True)
         failure = next((w for w in workers if isinstance(w, BaseException)), None)
-        for w in workers:
-            if isinstance(w, _Worker):
-                if failure is None:
-                    self._workers.add(w)
-                    self._idle.put_nowait(w)
-                else:
-                    w.kill()
+        started = [w for w in workers if isinstance(w, _Worker)]
         if failure is not None:
+            for w in started:
+                w.kill()
+            await asyncio.gather(*(w.wait() for w in started), return_exceptions=True)
             raise failure
+        for w in started:
+            self._workers.add(w)
+            self._idle.put_nowait(w)
         return self
 
     async def evaluate(self, path: str, document: bytes) -> tuple[str, str]:

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
 from legation.errors import ConfigError
 from legation.extauthz.checks import Decision
 from legation.extauthz.config import pydantic_error
@@ -109,6 +110,11 @@ class RegoCheck:
             self._decisions.clear()
             self._cache.clear()
         return compiled
+
+    def policy_names(self) -> frozenset[str]:
+        """The packages of the running version (:class:`~legation.extauthz.checks.
+        PolicyCatalog`: what bounds the ``policy`` metric label)."""
+        return self._current().packages
 
     def cacheable(self, policy: str) -> bool:
         """Whether decisions of ``policy`` (in the running version) go through the cache."""
