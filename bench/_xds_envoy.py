@@ -66,7 +66,8 @@ def envoy_apply(server: ServerProcess, *, snapshot: str, services: int, delta: b
     """Start one Envoy as ``node`` and time it applying ``snapshot`` (see the module doc)."""
     admin = free_port()
     proc = EnvoyProcess(
-        bootstrap(node_id=node, xds_port=server.port, admin_port=admin, delta=delta),
+        bootstrap(node_id=node, xds_port=server.port, admin_port=admin, delta=delta,
+                  credentials_dir=None),  # the bench server's plaintext test mode
         admin_port=admin, name=node, log_dir=workdir,
     )
     try:

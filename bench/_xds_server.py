@@ -156,7 +156,9 @@ class Control:
 
 async def _serve(conn: Connection) -> None:
     cache = TimedCache()
-    server = await XdsServer(cache, port=0).start()
+    # The protocol's cost is what is measured: the explicit loopback-only plaintext mode (the
+    # control plane itself always serves TLS with client certificates).
+    server = await XdsServer(cache, port=0, insecure_unauthenticated_loopback_only=True).start()
     control = Control(cache)
     conn.send({"port": server.port})
     loop = asyncio.get_running_loop()
