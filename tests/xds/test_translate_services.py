@@ -117,7 +117,8 @@ def test_fail_closed_defaults_follow_each_block() -> None:
     authz = ext_authz_pb2.ExtAuthz()
     filters[AUTHZ].typed_config.Unpack(authz)
     expected = ext_authz_pb2.ExtAuthz(transport_api_version=config_source_pb2.V3,
-                                      failure_mode_allow=False)
+                                      failure_mode_allow=False,
+                                      validate_mutations=True)  # header CR/LF/NUL refused
     expected.grpc_service.envoy_grpc.cluster_name = "legation|extauthz"
     expected.grpc_service.timeout.FromMilliseconds(250)
     expected.status_on_error.code = 403
