@@ -176,7 +176,7 @@ def test_relative_paths_in_authz_yaml_follow_the_file(tmp_path: Path) -> None:
             "checks:\n"
             "  rego: {type: rego, options: {policy_dir: ../policies}}\n"
             "  jwt: {type: jwt, options: {providers: [{name: p, issuer: i,"
-            " jwks_file: jwks.json}]}}\n"
+            " jwks_file: jwks.json, audiences: any}]}}\n"
             "default_checks: [jwt, rego]\ndecision_log: decisions.jsonl\n"),
     })
     config = plan(load_mesh(path), mesh_path=path).embedded["extauthz"].settings["config"]
