@@ -127,6 +127,12 @@ class Mesh(BaseModel):
     extproc: ExtProcService | None = None
     ratelimit: RateLimitService | None = None
     mtls: Mtls = Field(default_factory=Mtls)
+    # what Envoy does to a request path before routing and before any call-out sees it (Istio's
+    # names): none; base (RFC 3986: dot segments resolved); merge_slashes (base, and `//` -> `/`);
+    # decode_and_merge_slashes (also %2F/%5C decoded, then forwarded decoded). The default keeps
+    # `//admin` from reaching a policy that matches `/admin`.
+    path_normalization: Literal["none", "base", "merge_slashes", "decode_and_merge_slashes"] = (
+        "merge_slashes")
 
     def service(self, name: str) -> Service | None:
         return next((s for s in self.services if s.name == name), None)

@@ -48,9 +48,11 @@ def http_listener(
     stat_prefix: str,
     edge: bool = False,
     service_filters: Sequence[hcm_pb2.HttpFilter] = (),
+    path_normalization: str = "merge_slashes",
 ) -> listener_pb2.Listener:
     """``edge``: the gateway trusts no client's X-Forwarded-For and uses the peer's address.
-    ``service_filters`` go after fault and local_ratelimit, before the router."""
+    ``service_filters`` go after fault and local_ratelimit, before the router.
+    ``path_normalization``: see :attr:`legation.config.model.Mesh.path_normalization`."""
     hcm = hcm_pb2.HttpConnectionManager(
         stat_prefix=stat_prefix,
         codec_type=hcm_pb2.HttpConnectionManager.AUTO,
@@ -67,7 +69,22 @@ def http_listener(
     )
     if edge:
         hcm.use_remote_address.value = True
+    normalize_paths(hcm, path_normalization)
     return _listener(name, host, port, stat_prefix, HCM_FILTER, pack(hcm))
+
+
+def normalize_paths(hcm: hcm_pb2.HttpConnectionManager, mode: str) -> None:
+    """Envoy's path normalisation, applied before routing, ext_authz, ext_proc and rate limits,
+    so they all see one spelling of a path (``/a/../admin``, ``//admin`` and, when decoding,
+    ``/%2Fadmin`` all become ``/admin``)."""
+    if mode == "none":
+        return
+    hcm.normalize_path.value = True
+    if mode in ("merge_slashes", "decode_and_merge_slashes"):
+        hcm.merge_slashes = True
+    if mode == "decode_and_merge_slashes":
+        hcm.path_with_escaped_slashes_action = (
+            hcm_pb2.HttpConnectionManager.UNESCAPE_AND_FORWARD)
 
 
 def tcp_listener(

@@ -174,6 +174,7 @@ def _gateway(
         stat_prefix=f"gateway_{gw.name}",
         edge=True,
         service_filters=routed.filters,
+        path_normalization=routed.mesh.path_normalization,
     )
     return _snapshot(routed, version, shared, [listener], [routes], secrets)
 
@@ -209,6 +210,7 @@ def _sidecar(
                 sidecar.inbound_port,
                 route_config=INBOUND,
                 stat_prefix=f"inbound_{service.name}",
+                path_normalization=routed.mesh.path_normalization,
             )
         )
         routes.append(_inbound_routes(service))
@@ -222,6 +224,7 @@ def _sidecar(
             route_config=OUTBOUND,
             stat_prefix=f"outbound_{service.name}",
             service_filters=routed.filters,
+            path_normalization=routed.mesh.path_normalization,
         )
     )
     routes.append(_outbound_routes(routed))

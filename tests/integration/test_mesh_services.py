@@ -209,6 +209,17 @@ def test_policy_allows_and_denies_with_a_body(world: World) -> None:
     assert json.loads(body) == {"error": "forbidden", "policy": "quickstart.authz"}
 
 
+@pytest.mark.parametrize("path", ["//admin", "///admin/x", "/x/../admin", "/./admin"])
+def test_other_spellings_of_a_protected_path_meet_the_same_policy(world: World, path: str
+                                                                  ) -> None:
+    """Envoy normalises the path (the mesh default, merge_slashes) before it routes, so another
+    spelling of /admin cannot fall through to the catch-all route that has no policy."""
+    status, _, body = world.gateway(path)
+    assert status == 403, (path, body)
+    assert json.loads(body) == {"error": "forbidden", "policy": "quickstart.authz"}
+    assert world.gateway(path, {"x-role": "admin"})[0] == 200
+
+
 def test_sidecar_outbound_enforces_the_policy_too(world: World) -> None:
     out = world.ports["out1"]
     assert http(out, "/admin", {"host": "web"})[0] == 403
