@@ -13,9 +13,12 @@ ext_proc chains follow the routes), stopped last. Their files are validated with
 
 When the mesh turns ``mtls`` on, a :class:`~legation.certs.MeshIssuer` opens (or creates) the CA
 and gives every proxy a SPIFFE certificate, delivered in its snapshot as SDS secrets. Reloads keep
-certificates whose identity is unchanged. A timer re-issues each certificate at 2/3 of its
-lifetime and publishes the proxies' snapshots again: only their SDS secrets change, so Envoy
-swaps certificates without restarting or draining. ``/status`` shows the root's fingerprint and
+certificates whose identity is unchanged. The embedded request-path services get a server
+certificate from the same CA (identity ``legation-<kind>``) and accept only clients with a
+certificate from it, i.e. the proxies. A timer re-issues each certificate at 2/3 of its
+lifetime: a service serves its new one from the next handshake on; the proxies' snapshots are
+published again, only their SDS secrets change, so Envoy swaps certificates without restarting
+or draining. ``/status`` shows the root's fingerprint and
 each proxy's certificate (SPIFFE id, serial, expiry; never key material).
 
 The xDS channel itself always needs the CA, whatever ``mtls.mode`` says: the server speaks TLS
@@ -95,9 +98,10 @@ class ControlPlane:
         self.poll_interval = poll_interval
         self.on_event = on_event or (lambda line: log.info("%s", line))
         self.embedded_services = embedded_services
-        self.services = EmbeddedServices(on_event=self.on_event)
         self.issuer = MeshIssuer(mesh_dir=self.mesh_path.parent,
                                  default_ca_dir=ca_dir or DEFAULT_CA_DIR, clock=clock)
+        self.services = EmbeddedServices(on_event=self.on_event,
+                                         tls_source=self.issuer.service_tls)
         self.clock = clock
         self.xds_ca: CertificateAuthority | None = None
         self.xds_ca_location: CaLocation | None = None
@@ -132,7 +136,7 @@ class ControlPlane:
         text = self.mesh_path.read_bytes()
         mesh = load_mesh(self.mesh_path)
         services = self._plan(mesh)
-        snapshots, digest = self._translate(mesh, text)
+        snapshots, digest = self._translate(mesh, text, services)
         failures = await self.services.apply(services)
         if failures:
             await self.services.stop()
@@ -185,11 +189,14 @@ class ControlPlane:
             reserved = {}
         return plan(mesh, mesh_path=self.mesh_path, reserved=reserved)
 
-    def _translate(self, mesh: Mesh, text: bytes) -> tuple[dict[str, Snapshot], str]:
-        """Snapshots for ``mesh``, with certificates for its proxies. A CA that cannot be opened
-        raises (a LegationError) and leaves the certificates as they were."""
+    def _translate(self, mesh: Mesh, text: bytes, services: Plan
+                   ) -> tuple[dict[str, Snapshot], str]:
+        """Snapshots for ``mesh``, with certificates for its proxies and for the embedded
+        services that serve mTLS. A CA that cannot be opened raises (a LegationError) and leaves
+        the certificates as they were."""
         digest = hashlib.sha256(text).hexdigest()[:8]
-        self.issuer.update(mesh)
+        self.issuer.update(mesh, services={k: s.host for k, s in services.embedded.items()
+                                           if s.tls})
         self._certs_changed.set()
         version = f"g{self.generation + 1}-{digest}"
         return translate(mesh, version=version, secrets=self.issuer.secrets()), digest
@@ -216,7 +223,7 @@ class ControlPlane:
         try:
             mesh = load_mesh(self.mesh_path)
             services = self._plan(mesh)
-            snapshots, digest = self._translate(mesh, text)
+            snapshots, digest = self._translate(mesh, text, services)
         except LegationError as err:
             self._rejected = digest
             return self._reject(str(err))
@@ -260,6 +267,11 @@ class ControlPlane:
     def rotate(self, *, force: bool = False) -> list[str]:
         """Re-issue the certificates due for renewal (all with ``force``) and publish the
         snapshots of those proxies again (only their SDS secrets change). Their node ids."""
+        kinds = self.issuer.rotate_services(force=force)  # served from the next handshake on
+        if kinds:
+            self._rotations.inc(len(kinds))
+            self._certs_changed.set()
+            self.on_event(f"certificates renewed for services: {', '.join(kinds)}")
         nodes = self.issuer.rotate(force=force)
         if not nodes or self.mesh is None:
             return nodes
@@ -345,7 +357,7 @@ class ControlPlane:
         if status is None or self.mesh is None:
             return None
         return {"mode": self.mesh.mtls.mode, "trust_domain": self.mesh.mtls.trust_domain,
-                "ca": status["ca"]}
+                "ca": status["ca"], "services": status["services"]}
 
     async def _serve_status(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter

@@ -19,6 +19,13 @@ Two steps, so that a bad file never replaces a running service:
   chains they started with. The previous generation's chains stay served next to the new ones, so
   an Envoy still on the old routes never names an unknown chain.
 
+With the mesh's mTLS on (and the block's ``tls`` not ``none``), each embedded service serves
+mutual TLS: a server certificate for ``spiffe://<trust_domain>/ns/<namespace>/sa/legation-<kind>``
+from the mesh CA, and only clients whose certificate chains to that CA (the mesh's proxies) get
+through the handshake. The certificate comes from ``tls_source`` (the control plane's
+:meth:`~legation.certs.MeshIssuer.service_tls`), asked before every handshake, so renewals need
+no restart; turning TLS on or off restarts the service.
+
 The rate-limit service watches its own file (hot reload keeps the last good config); Rego
 policies are re-read by the ext_authz service's policy store. Each started service gets its own
 Prometheus registry (:meth:`EmbeddedServices.registries`), served on the control plane's /metrics.
@@ -30,7 +37,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,16 +47,17 @@ from prometheus_client import CollectorRegistry
 
 from legation import _yaml, plugins
 from legation.config import Mesh, MeshConfigError, Problem
-from legation.config.extensions import FILTER_KIND
+from legation.config.extensions import FILTER_KIND, SERVICE_KINDS
 from legation.errors import ConfigError, LegationError
 from legation.extproc.chain import Chain
 from legation.extproc.config import Chains
 from legation.extproc.metrics import Metrics as ExtProcMetrics
 from legation.extproc.servicer import ExtProcServicer
+from legation.grpc_server import ServerTls, TlsSource, start_grpc_server
 
 log = logging.getLogger("legation.services")
 
-KINDS = ("extauthz", "extproc", "ratelimit")
+KINDS = SERVICE_KINDS
 
 
 class ServiceStartError(LegationError):
@@ -85,6 +93,7 @@ class ServiceSpec:
     key: str
     settings: Mapping[str, Any] = field(default_factory=dict)
     chains: Chains | None = None  # extproc only
+    tls: bool = False  # serve mesh mTLS (certificate from EmbeddedServices' tls_source)
 
 
 @dataclass(frozen=True)
@@ -119,9 +128,12 @@ def plan(
             )
             continue
         try:
-            embedded[kind] = _SPECS[kind](mesh, base)
+            spec = _SPECS[kind](mesh, base)
         except _Invalid as err:
             problems.append(Problem(f"{kind}.{err.field}", str(err)))
+            continue
+        tls = block.mesh_tls(mtls_enabled=mesh.mtls.enabled)
+        embedded[kind] = replace(spec, tls=tls, key=_key(spec.key, tls))
     if problems:
         raise MeshConfigError(source, problems)
     return Plan(embedded=embedded, remote=remote)
@@ -274,8 +286,16 @@ class _Running:
 class EmbeddedServices:
     """The embedded services of the current mesh generation."""
 
-    def __init__(self, *, on_event: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        on_event: Callable[[str], None] | None = None,
+        tls_source: Callable[[str], ServerTls | None] | None = None,
+    ) -> None:
+        """``tls_source(kind)``: the certificate a service with ``spec.tls`` serves, asked before
+        each handshake (None: keep the current one; none at start: the start fails)."""
         self.on_event = on_event or (lambda line: log.info("%s", line))
+        self.tls_source = tls_source
         self.running: dict[str, _Running] = {}
         self.remote: dict[str, str] = {}
         self._chains: Chains = Chains(chains={})
@@ -320,12 +340,23 @@ class EmbeddedServices:
     def status(self) -> dict[str, dict[str, Any]]:
         out: dict[str, dict[str, Any]] = {}
         for kind, running in self.running.items():
-            out[kind] = {"embedded": True, "address": f"{running.spec.host}:{running.port}"}
+            out[kind] = {"embedded": True, "address": f"{running.spec.host}:{running.port}",
+                         "tls": "mesh" if running.spec.tls else "none"}
         for kind, address in self.remote.items():
             out[kind] = {"embedded": False, "address": address}
         return out
 
     # -- per kind ---------------------------------------------------------------------------
+
+    def _tls(self, spec: ServiceSpec) -> TlsSource | None:
+        if not spec.tls:
+            return None
+        source = self.tls_source
+        if source is None or source(spec.kind) is None:
+            raise ServiceStartError(f"{spec.kind}: no mesh certificate to serve mTLS with",
+                                    code="service_start_failed")
+        kind = spec.kind
+        return lambda: source(kind)
 
     async def _stop(self, kind: str) -> None:
         running = self.running.pop(kind)
@@ -341,7 +372,8 @@ class EmbeddedServices:
 
         registry = CollectorRegistry()
         settings = service.Settings(
-            host=spec.host, port=spec.port, config=dict(spec.settings["config"]), registry=registry
+            host=spec.host, port=spec.port, config=dict(spec.settings["config"]),
+            registry=registry, tls=self._tls(spec),
         )
         server, port = await service.start_server(settings)
         return _Running(spec, server, port, registry)
@@ -351,7 +383,8 @@ class EmbeddedServices:
 
         registry = CollectorRegistry()
         settings = service.Settings(
-            host=spec.host, port=spec.port, metrics_registry=registry, **spec.settings
+            host=spec.host, port=spec.port, metrics_registry=registry, tls=self._tls(spec),
+            **spec.settings,
         )
         server, port = await service.start_server(settings)
         return _Running(spec, server, port, registry)
@@ -360,17 +393,12 @@ class EmbeddedServices:
         assert spec.chains is not None
         registry = CollectorRegistry()
         metrics = ExtProcMetrics(registry)
-        self._chains = spec.chains
         switch = _ChainSwitch(self._servicer(spec, spec.chains, metrics))
-        server = grpc.aio.server()
-        extproc_grpc.add_ExternalProcessorServicer_to_server(switch, server)
-        try:
-            port = server.add_insecure_port(f"{spec.host}:{spec.port}")
-        except RuntimeError as err:
-            raise OSError(str(err)) from None
-        if port == 0:
-            raise OSError(f"cannot bind {spec.host}:{spec.port}")
-        await server.start()
+        server, port = await start_grpc_server(
+            "extproc", lambda s: extproc_grpc.add_ExternalProcessorServicer_to_server(switch, s),
+            host=spec.host, port=spec.port, tls=self._tls(spec),
+        )
+        self._chains = spec.chains
         return _Running(spec, server, port, registry, switch=switch, metrics=metrics)
 
     def _servicer(self, spec: ServiceSpec, chains: Chains, metrics: ExtProcMetrics

@@ -4,12 +4,13 @@
 * :mod:`~legation.certs.spiffe`: the SPIFFE id scheme;
 * :mod:`~legation.certs.workload`: an issued certificate and when it is due for renewal;
 * :mod:`~legation.certs.sds`: certificates as Envoy SDS secrets;
-* :mod:`~legation.certs.issuer`: a mesh's proxies' certificates, followed across reloads.
+* :mod:`~legation.certs.issuer`: a mesh's proxies' (and embedded services') certificates,
+  followed across reloads.
 """
 
 from legation.certs.ca import CertificateAuthority
 from legation.certs.errors import CertError
-from legation.certs.issuer import MeshIssuer, proxy_identities
+from legation.certs.issuer import MeshIssuer, proxy_identities, service_identity
 from legation.certs.sds import TRUST_BUNDLE, WORKLOAD_CERT, proxy_secrets
 from legation.certs.spiffe import spiffe_id
 from legation.certs.workload import WorkloadCert
@@ -23,5 +24,6 @@ __all__ = [
     "WorkloadCert",
     "proxy_identities",
     "proxy_secrets",
+    "service_identity",
     "spiffe_id",
 ]

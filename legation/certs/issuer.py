@@ -6,23 +6,31 @@ names (once; again only if ``ca_dir``/``ca_cert``/``ca_key`` change), issues a c
 proxy that has none or whose SPIFFE id changed, keeps the others (a reload that does not touch
 identities pushes no SDS), and forgets proxies that left. :meth:`MeshIssuer.rotate` re-issues the
 certificates past :data:`~legation.certs.workload.RENEW_AT` of their lifetime (or all, forced).
+
+The embedded request-path services that serve mesh mTLS get a server certificate the same way
+(``update(mesh, services=...)``, :meth:`MeshIssuer.rotate_services`): identity
+``spiffe://<trust_domain>/ns/<namespace>/sa/legation-<kind>``, plus DNS/IP SANs for the service
+name and its bind address so that ordinary gRPC clients can verify it too. The running services
+read :meth:`MeshIssuer.service_tls` before each handshake, so a renewal needs no restart.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from cryptography.x509.oid import ExtendedKeyUsageOID
 from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
 
 from legation.certs.ca import CERT_FILE, KEY_FILE, CertificateAuthority
 from legation.certs.sds import proxy_secrets
-from legation.certs.spiffe import spiffe_id
+from legation.certs.spiffe import service_name, spiffe_id
 from legation.certs.workload import WorkloadCert
 from legation.config.model import Mesh
+from legation.grpc_server import ServerTls
 
 DEFAULT_CA_DIR = Path(".legation") / "ca"
 
@@ -77,6 +85,18 @@ def proxy_identities(mesh: Mesh) -> dict[str, str]:
     return out
 
 
+def service_identity(mesh: Mesh, kind: str) -> str:
+    """The SPIFFE id of request-path service ``kind`` (``.../sa/legation-<kind>``)."""
+    return spiffe_id(mesh.mtls.trust_domain, mesh.mtls.namespace, service_name(kind))
+
+
+_WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", "[::]", ""})
+
+
+def _service_hosts(kind: str, host: str) -> tuple[str, ...]:
+    return (service_name(kind), *(() if host in _WILDCARD_HOSTS else (host.strip("[]"),)))
+
+
 class MeshIssuer:
     def __init__(
         self,
@@ -91,6 +111,9 @@ class MeshIssuer:
         self.clock = clock
         self.ca: CertificateAuthority | None = None
         self.certs: dict[str, WorkloadCert] = {}
+        self.service_certs: dict[str, WorkloadCert] = {}
+        self._service_hosts: dict[str, tuple[str, ...]] = {}
+        self._service_tls: dict[str, ServerTls] = {}
         self._ca_key: CaLocation | None = None
         self._mesh: Mesh | None = None
 
@@ -98,11 +121,13 @@ class MeshIssuer:
     def enabled(self) -> bool:
         return self._mesh is not None and self._mesh.mtls.enabled
 
-    def update(self, mesh: Mesh) -> None:
+    def update(self, mesh: Mesh, *, services: Mapping[str, str] | None = None) -> None:
         """Follow ``mesh``; raises :class:`~legation.certs.errors.CertError` (and then changes
-        nothing) when its CA cannot be opened."""
+        nothing) when its CA cannot be opened. ``services``: kind -> bind host of the embedded
+        request-path services that serve mesh mTLS (they get a server certificate each)."""
         if not mesh.mtls.enabled:
             self._mesh, self.certs = mesh, {}
+            self.service_certs, self._service_hosts, self._service_tls = {}, {}, {}
             return
         ca = self._open_ca(mesh)
         wanted = proxy_identities(mesh)
@@ -113,7 +138,17 @@ class MeshIssuer:
             fresh = held is not None and held.spiffe_id == sid and ca is self.ca
             certs[node] = held if fresh and held else ca.issue(sid, ttl=mesh.mtls.cert_ttl,
                                                                  now=now)
+        service_certs, hosts = {}, {}
+        for kind, host in (services or {}).items():
+            sid, hosts[kind] = service_identity(mesh, kind), _service_hosts(kind, host)
+            held = self.service_certs.get(kind)
+            fresh = (held is not None and held.spiffe_id == sid and ca is self.ca
+                     and self._service_hosts.get(kind) == hosts[kind])
+            service_certs[kind] = held if fresh and held else self._issue_service(
+                ca, sid, hosts[kind], mesh, now)
+        tls = {kind: self._tls_for(kind, c, ca) for kind, c in service_certs.items()}
         self.ca, self.certs, self._mesh = ca, certs, mesh
+        self.service_certs, self._service_hosts, self._service_tls = service_certs, hosts, tls
 
     def rotate(self, *, force: bool = False) -> list[str]:
         """Re-issue the certificates due for renewal (all with ``force``); their node ids."""
@@ -127,8 +162,29 @@ class MeshIssuer:
             )
         return due
 
+    def rotate_services(self, *, force: bool = False) -> list[str]:
+        """Re-issue the services' certificates due for renewal (all with ``force``); their kinds.
+        The running services pick the new one up at their next handshake."""
+        if not self.enabled or self.ca is None or self._mesh is None:
+            return []
+        now = self.clock()
+        due = sorted(k for k, c in self.service_certs.items() if force or c.due(now))
+        for kind in due:
+            cert = self._issue_service(self.ca, self.service_certs[kind].spiffe_id,
+                                       self._service_hosts[kind], self._mesh, now)
+            self.service_certs[kind] = cert
+            self._service_tls[kind] = self._tls_for(kind, cert, self.ca)
+        return due
+
+    def service_tls(self, kind: str) -> ServerTls | None:
+        """What service ``kind`` serves (its certificate, the mesh CA for its clients); the same
+        object until the certificate changes. None when it has none. A lookup, safe to call
+        from gRPC's handshake threads."""
+        return self._service_tls.get(kind)
+
     def next_renewal(self) -> datetime | None:
-        return min((c.renew_at for c in self.certs.values()), default=None)
+        everything = (*self.certs.values(), *self.service_certs.values())
+        return min((c.renew_at for c in everything), default=None)
 
     def secrets(self) -> dict[str, list[secret_pb2.Secret]] | None:
         """Node id -> its SDS secrets; None when the mesh does not use mTLS."""
@@ -144,7 +200,22 @@ class MeshIssuer:
             "ca": {"fingerprint_sha256": self.ca.fingerprint,
                    "not_after": self.ca.not_after.isoformat(), "source": self.ca.source},
             "proxies": {node: c.summary() for node, c in sorted(self.certs.items())},
+            "services": {kind: c.summary() for kind, c in sorted(self.service_certs.items())},
         }
+
+    @staticmethod
+    def _issue_service(ca: CertificateAuthority, sid: str, hosts: tuple[str, ...], mesh: Mesh,
+                       now: datetime) -> WorkloadCert:
+        return ca.issue_leaf(sid, ttl=mesh.mtls.cert_ttl, now=now, hosts=hosts,
+                             usages=(ExtendedKeyUsageOID.SERVER_AUTH,))
+
+    def _tls_for(self, kind: str, cert: WorkloadCert, ca: CertificateAuthority) -> ServerTls:
+        held = self._service_tls.get(kind)
+        if held is not None and held.cert_chain_pem == cert.cert_pem \
+                and held.client_ca_pem == ca.root_pem:
+            return held  # unchanged: the same object, so the running server keeps it
+        return ServerTls(cert_chain_pem=cert.cert_pem, key_pem=cert.key_pem,
+                         client_ca_pem=ca.root_pem)
 
     def _open_ca(self, mesh: Mesh) -> CertificateAuthority:
         where = locate_ca(mesh, mesh_dir=self.mesh_dir, default_ca_dir=self.default_ca_dir)

@@ -10,6 +10,10 @@ The scheme (Istio's, so tools that read Istio identities read ours)::
   identity), or, for the ingress gateway, the gateway's ``name`` (``ingress``); the mesh checks
   refuse a service named like the gateway when mTLS is on, so the two never share an identity.
 
+The request-path services (ext_authz, ext_proc, rate limiting) have the identity
+``legation-<kind>`` (:func:`service_name`) in the same scheme when the mesh turns mTLS on; the mesh
+checks refuse a service or gateway of that name.
+
 The id is the certificate's only URI SAN; Envoy puts the peer's in ``source.principal`` (what
 ext_authz reads) and in ``x-forwarded-client-cert`` on the inbound side.
 """
@@ -39,3 +43,12 @@ def spiffe_id(trust_domain: str, namespace: str, name: str) -> str:
         if not _SEGMENT.match(part) or part in (".", ".."):
             raise CertError(f"invalid SPIFFE path segment {part!r}", code="bad_identity")
     return f"spiffe://{trust_domain}/ns/{namespace}/sa/{name}"
+
+
+#: The prefix of the request-path services' identities (``legation-extauthz``, ...).
+SERVICE_PREFIX = "legation-"
+
+
+def service_name(kind: str) -> str:
+    """The SPIFFE path name of request-path service ``kind`` (e.g. ``legation-extauthz``)."""
+    return f"{SERVICE_PREFIX}{kind}"

@@ -13,7 +13,9 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 
+from legation.certs.spiffe import service_name
 from legation.config.errors import Problem
+from legation.config.extensions import SERVICE_KINDS, service_blocks
 from legation.config.model import Mesh, Service
 from legation.config.mtls import mtls_problems
 from legation.config.policy import RoutePolicy
@@ -31,6 +33,7 @@ def semantic_problems(mesh: Mesh) -> list[Problem]:
         *(p for i, s in enumerate(mesh.services) for p in _service(mesh, i, s)),
         *(p for i, r in enumerate(mesh.routes) for p in _route(mesh, i, r)),
         *mtls_problems(mesh),
+        *_service_tls(mesh),
     ]
 
 
@@ -115,6 +118,25 @@ def _ports(mesh: Mesh) -> Iterator[Problem]:
             yield Problem(path, f"port {port} is already used by {clash}")
         else:
             seen.append((host, port, path))
+
+
+def _service_tls(mesh: Mesh) -> Iterator[Problem]:
+    """``tls: mesh`` needs the mesh's mTLS (the certificates come from its CA); with mTLS on, the
+    request-path services' SPIFFE names (``legation-<kind>``) belong to them alone."""
+    for kind, block in service_blocks(mesh):
+        if block.tls == "mesh" and not mesh.mtls.enabled:
+            yield Problem(f"{kind}.tls", "'mesh' needs mtls.mode permissive or strict (the "
+                          "certificates come from the mesh CA); or set tls: none")
+    if not mesh.mtls.enabled:
+        return
+    reserved = {service_name(kind) for kind in SERVICE_KINDS}
+    for i, s in enumerate(mesh.services):
+        if s.name in reserved:
+            yield Problem(f"services[{i}].name", f"{s.name!r} is reserved for Legation's "
+                          "request-path service of that name (its SPIFFE identity with mTLS)")
+    if mesh.gateway is not None and mesh.gateway.name in reserved:
+        yield Problem("gateway.name", f"{mesh.gateway.name!r} is reserved for Legation's "
+                      "request-path service of that name (its SPIFFE identity with mTLS)")
 
 
 def _service(mesh: Mesh, i: int, s: Service) -> Iterator[Problem]:

@@ -12,9 +12,19 @@ At mesh level (``config`` paths are relative to the mesh file)::
 Each block takes ``host`` (the bind address when embedded, where Envoy calls either way),
 ``failure_mode`` (``closed``: Envoy denies when the service cannot answer; ``open``: the request
 passes; ext_authz and ext_proc default to closed, rate limiting to open), ``timeout`` (Envoy's
-gRPC timeout; ext_proc's per-message timeout) and ``embedded`` (default true: ``legation up`` and
+gRPC timeout; ext_proc's per-message timeout), ``embedded`` (default true: ``legation up`` and
 ``legation serve xds`` run the service in their own process; false: it runs elsewhere, at
-``host:port``, e.g. in docker compose).
+``host:port``) and ``tls``:
+
+* ``mesh`` (the default when ``mtls.mode`` is permissive or strict; an error when mTLS is off):
+  proxies call the service over mutual TLS with their workload certificate (SDS), and accept only
+  a server certificate from the mesh CA whose URI SAN is
+  ``spiffe://<trust_domain>/ns/<namespace>/sa/legation-<kind>``. An embedded service gets that
+  certificate from the control plane (renewed like the proxies') and accepts only clients whose
+  certificate chains to the mesh CA, i.e. the mesh's proxies. A service with ``embedded: false``
+  must present such a certificate itself and should require client certificates from the CA.
+* ``none`` (the default when mTLS is off): plaintext gRPC; anyone who reaches ``host:port`` may
+  call the service, so keep it on loopback or a private network.
 
 On a route::
 
@@ -33,7 +43,7 @@ On a route::
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -49,8 +59,21 @@ from legation import plugins
 from legation.config._types import STRICT, Duration, Port
 from legation.errors import ConfigError
 
+if TYPE_CHECKING:
+    from legation.config.model import Mesh
+
 FailureMode = Literal["closed", "open"]
 FILTER_KIND = "extproc.filter"
+
+SERVICE_KINDS = ("extauthz", "extproc", "ratelimit")
+"""The request-path services a mesh may declare: the names of their mesh fields."""
+
+
+def service_blocks(mesh: Mesh) -> list[tuple[str, GrpcService]]:
+    """The request-path services ``mesh`` declares, as (kind, block), in :data:`SERVICE_KINDS`
+    order."""
+    blocks = ((kind, getattr(mesh, kind)) for kind in SERVICE_KINDS)
+    return [(kind, block) for kind, block in blocks if block is not None]
 
 
 def _field_error(
@@ -87,10 +110,15 @@ class GrpcService(BaseModel):
     failure_mode: FailureMode = "closed"
     timeout: Duration = Field(default="250ms", validate_default=True)
     embedded: bool = True
+    tls: Literal["mesh", "none"] | None = None  # None: mesh when the mesh's mTLS is on
 
     @property
     def fail_open(self) -> bool:
         return self.failure_mode == "open"
+
+    def mesh_tls(self, *, mtls_enabled: bool) -> bool:
+        """Whether proxies call this service over mesh mTLS (see ``tls`` above)."""
+        return self.tls == "mesh" or (self.tls is None and mtls_enabled)
 
 
 class _ConfiguredService(GrpcService):

@@ -1,8 +1,10 @@
 """Start the ext_authz gRPC service: the contract the ``legation`` CLI calls.
 
 ``start_server(Settings(...))`` loads and validates the config, creates and starts the checks,
-binds and starts a grpc.aio server and returns it with its bound port. ``stop_server`` also stops
-the checks' background work (policy watchers, HTTP sessions) and closes the decision log.
+binds and starts a grpc.aio server (plaintext, or mTLS with ``tls``; a port that cannot be bound
+raises :class:`~legation.grpc_server.BindError`) and returns it with its bound port.
+``stop_server`` also stops the checks' background work (policy watchers, HTTP sessions) and
+closes the decision log.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from legation.extauthz.checks import Check
 from legation.extauthz.config import KIND, LoadedConfig, load_file, load_mapping
 from legation.extauthz.observe import DecisionLog, Metrics
 from legation.extauthz.servicer import AuthorizationServicer
+from legation.grpc_server import ServerTls, TlsSource, start_grpc_server
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -33,6 +36,7 @@ class Settings:
     decision_log: str | None = None  # overrides the config's decision_log
     registry: CollectorRegistry | None = None  # None: prometheus_client's default registry
     max_concurrent_streams: int = 0  # 0: gRPC default
+    tls: ServerTls | TlsSource | None = None  # None: plaintext; see legation.grpc_server
 
 
 _running: weakref.WeakKeyDictionary[grpc.aio.Server, AuthorizationServicer] = (
@@ -65,16 +69,19 @@ async def build_servicer(settings: Settings) -> AuthorizationServicer:
 
 async def start_server(settings: Settings) -> tuple[grpc.aio.Server, int]:
     servicer = await build_servicer(settings)
-    options: list[tuple[str, Any]] = [("grpc.so_reuseport", 1 if settings.reuse_port else 0)]
+    options: list[tuple[str, Any]] = []
     if settings.max_concurrent_streams:
         options.append(("grpc.max_concurrent_streams", settings.max_concurrent_streams))
-    server = grpc.aio.server(options=options)
-    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(servicer, server)
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
-    if port == 0:
+    try:
+        server, port = await start_grpc_server(
+            "extauthz",
+            lambda s: external_auth_pb2_grpc.add_AuthorizationServicer_to_server(servicer, s),
+            host=settings.host, port=settings.port, reuse_port=settings.reuse_port,
+            options=options, tls=settings.tls,
+        )
+    except BaseException:
         await close_checks(servicer)
-        raise OSError(f"cannot bind ext_authz service to {settings.host}:{settings.port}")
-    await server.start()
+        raise
     _running[server] = servicer
     return server, port
 

@@ -13,6 +13,7 @@ from legation.errors import ConfigError
 from legation.extproc.config import Chains, load_chains
 from legation.extproc.metrics import Metrics
 from legation.extproc.servicer import DEFAULT_STREAM_IDLE_TIMEOUT, ExtProcServicer
+from legation.grpc_server import ServerTls, TlsSource, start_grpc_server
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -35,6 +36,8 @@ class Settings:
     registry: CollectorRegistry | None = None
     """Prometheus registry for the metrics (default: the global one)."""
     max_concurrent_streams: int | None = None
+    tls: ServerTls | TlsSource | None = None
+    """None: plaintext; else mTLS (see :mod:`legation.grpc_server`)."""
 
 
 def _chains(settings: Settings) -> Chains:
@@ -46,7 +49,8 @@ def _chains(settings: Settings) -> Chains:
 
 
 async def start_server(settings: Settings) -> tuple[grpc.aio.Server, int]:
-    """Build, bind and start the server; returns it and the bound port."""
+    """Build, bind and start the server; returns it and the bound port. A port that cannot be
+    bound raises :class:`~legation.grpc_server.BindError`."""
     if settings.message_timeout <= 0:
         raise ConfigError("extproc: message_timeout must be positive")
     if settings.stream_idle_timeout <= 0:
@@ -57,13 +61,11 @@ async def start_server(settings: Settings) -> tuple[grpc.aio.Server, int]:
         message_timeout=settings.message_timeout,
         stream_idle_timeout=settings.stream_idle_timeout,
     )
-    options: list[tuple[str, int]] = [("grpc.so_reuseport", 1 if settings.reuse_port else 0)]
+    options: list[tuple[str, int]] = []
     if settings.max_concurrent_streams:
         options.append(("grpc.max_concurrent_streams", settings.max_concurrent_streams))
-    server = grpc.aio.server(options=options)
-    pb_grpc.add_ExternalProcessorServicer_to_server(servicer, server)
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
-    if port == 0:
-        raise ConfigError(f"extproc: cannot bind {settings.host}:{settings.port}")
-    await server.start()
-    return server, port
+    return await start_grpc_server(
+        "extproc", lambda s: pb_grpc.add_ExternalProcessorServicer_to_server(servicer, s),
+        host=settings.host, port=settings.port, reuse_port=settings.reuse_port, options=options,
+        tls=settings.tls,
+    )

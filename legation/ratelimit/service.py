@@ -1,7 +1,8 @@
 """The grpc.aio ``envoy.service.ratelimit.v3.RateLimitService`` and how to start it.
 
 ``start_server(Settings(port=0, config_paths=("limits.yaml",)))`` loads the config (a bad one fails
-the start with a :class:`ConfigError` naming file and field), creates the backend plugin, binds,
+the start with a :class:`ConfigError` naming file and field), creates the backend plugin, binds
+(plaintext, or mTLS with ``tls``; a taken port raises :class:`~legation.grpc_server.BindError`),
 starts, watches the files for hot reload, and returns ``(server, port)``. ``await server.stop(g)``
 also stops the watcher and closes the backend. ``server.legation_limiter`` is the running
 :class:`RateLimiter` (its config, backend, metrics), ``server.legation_watcher`` the watcher.
@@ -27,6 +28,7 @@ from prometheus_client import CollectorRegistry
 
 from legation import plugins
 from legation.errors import ConfigError
+from legation.grpc_server import ServerTls, TlsSource, start_grpc_server
 from legation.ratelimit.config import RateLimitConfig
 from legation.ratelimit.errors import RateLimitError
 from legation.ratelimit.limiter import RateLimiter
@@ -51,6 +53,7 @@ class Settings:
     reload_interval: float = 1.0  # seconds between polls of config_paths; 0 turns reload off
     metrics_registry: CollectorRegistry | None = None
     clock: Callable[[], float] = time.time
+    tls: ServerTls | TlsSource | None = None  # None: plaintext; see legation.grpc_server
 
     def __post_init__(self) -> None:
         if self.failure_mode not in FAILURE_MODES:
@@ -120,16 +123,17 @@ async def start_server(settings: Settings) -> tuple[grpc.aio.Server, int]:
                             metrics=metrics, interval=settings.reload_interval)
     config = watcher.load() if settings.config_paths else RateLimitConfig()
     limiter = build_limiter(settings, config)
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 1 if settings.reuse_port else 0)])
-    rls_pb2_grpc.add_RateLimitServiceServicer_to_server(
-        RateLimitServicer(limiter, failure_mode=settings.failure_mode), server)
+    servicer = RateLimitServicer(limiter, failure_mode=settings.failure_mode)
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     try:
-        port = server.add_insecure_port(f"{host}:{settings.port}")
-    except RuntimeError as exc:
+        server, port = await start_grpc_server(
+            "ratelimit", lambda s: rls_pb2_grpc.add_RateLimitServiceServicer_to_server(servicer, s),
+            host=settings.host, port=settings.port, reuse_port=settings.reuse_port,
+            tls=settings.tls,
+        )
+    except BaseException:
         await limiter.backend.close()
-        raise OSError(f"ratelimit: cannot bind {host}:{settings.port}: {exc}") from None
-    await server.start()
+        raise
     if settings.config_paths and settings.reload_interval > 0:
         watcher.start()
     original_stop = server.stop

@@ -15,7 +15,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import base_pb2
@@ -56,10 +56,12 @@ def downstream_tls() -> base_pb2.TransportSocket:
     return base_pb2.TransportSocket(name=TLS_SOCKET, typed_config=pack(context))
 
 
-def upstream_tls(server_id: str) -> base_pb2.TransportSocket:
-    """To a sidecar: our certificate; the server must chain to the bundle and be ``server_id``."""
+def upstream_tls(server_id: str, *, alpn: Sequence[str] = ()) -> base_pb2.TransportSocket:
+    """To a sidecar (or a request-path service): our certificate; the server must chain to the
+    bundle and be ``server_id``. ``alpn``: protocols to offer (gRPC servers want ``h2``)."""
     context = tls_pb2.UpstreamTlsContext(
         common_tls_context=tls_pb2.CommonTlsContext(
+            alpn_protocols=list(alpn),
             tls_certificate_sds_secret_configs=[_sds(WORKLOAD_CERT)],
             combined_validation_context=tls_pb2.CommonTlsContext.CombinedCertificateValidationContext(
                 default_validation_context=common_pb2.CertificateValidationContext(

@@ -19,6 +19,12 @@ unless the route has ``filters`` (its chain, named after the route, travels in t
 ``x-legation-chain`` metadata with the processing mode its filters need); a route's
 ``rate_limits`` become its route action's descriptor actions. Envoy fails closed or open as each
 block's ``failure_mode`` says.
+
+A service whose block uses mesh TLS (``tls: mesh``, the default when the mesh's mTLS is on) is
+called over mutual TLS: its cluster presents the proxy's workload certificate (SDS
+``legation-workload-cert``), verifies the server against the trust bundle (SDS
+``legation-trust-bundle``) and accepts only the URI SAN
+``spiffe://<trust_domain>/ns/<namespace>/sa/legation-<kind>``, offering ALPN ``h2`` (gRPC).
 """
 
 from __future__ import annotations
@@ -29,7 +35,8 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
 
-from legation.config.extensions import RateLimitAction
+from legation.certs.issuer import service_identity
+from legation.config.extensions import RateLimitAction, service_blocks
 from legation.config.model import Mesh
 from legation.config.routes import Route
 from legation.errors import ConfigError
@@ -39,6 +46,7 @@ from legation.extauthz.jwt import METADATA_KEY as JWT_METADATA_KEY
 from legation.extproc import envoy_filter as proc_filter
 from legation.extproc.config import Chains
 from legation.ratelimit import envoy_filter as rl_filter
+from legation.xds._translate_mtls import upstream_tls
 
 EXTAUTHZ_CLUSTER = "legation|extauthz"
 EXTPROC_CLUSTER = "legation|extproc"
@@ -85,7 +93,8 @@ def service_filters(mesh: Mesh) -> list[hcm_pb2.HttpFilter]:
 
 
 def service_clusters(mesh: Mesh) -> list[cluster_pb2.Cluster]:
-    """A static HTTP/2 cluster per declared service (its address needs no EDS)."""
+    """A static HTTP/2 cluster per declared service (its address needs no EDS); mTLS when the
+    service uses mesh TLS."""
     out = []
     if mesh.extauthz is not None:
         out.append(
@@ -96,6 +105,11 @@ def service_clusters(mesh: Mesh) -> list[cluster_pb2.Cluster]:
     if mesh.ratelimit is not None:
         rl = mesh.ratelimit
         out.append(rl_filter.rate_limit_cluster(RATELIMIT_CLUSTER, rl.host, rl.port))
+    for cluster, (kind, block) in zip(out, service_blocks(mesh), strict=True):
+        if block.mesh_tls(mtls_enabled=mesh.mtls.enabled):
+            cluster.transport_socket.CopyFrom(
+                upstream_tls(service_identity(mesh, kind), alpn=("h2",))
+            )
     return out
 
 
