@@ -3,7 +3,8 @@
 One control plane (with its embedded ext_authz, ext_proc and rate-limit services) serves a gateway
 and one sidecar over ADS, on free ports. A Rego policy allows and denies; routes without ``authz``
 make no ext_authz call; a header_route filter picks a cohort; a limit answers 429; a mesh reload
-swaps the ext_proc chains; with the ext_authz service gone, Envoy denies (fail closed).
+swaps the ext_proc chains; with the ext_authz service gone, Envoy denies (fail closed). All of it
+twice: with the mesh's mTLS off, and strict (the services then serve mTLS to the proxies).
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ descriptors:
 
 MESH = """\
 xds: {{port: {xds}}}
+mtls: {{mode: {mtls}, ca_dir: ca, cert_ttl: 1h}}
 gateway: {{name: gw, port: {gw}, admin_port: {gw_admin}}}
 extauthz: {{port: {authz}, config: authz.yaml}}
 extproc: {{port: {proc}}}
@@ -127,8 +129,9 @@ def http(port: int, path: str, headers: dict[str, str] | None = None
 
 
 class World:
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, mtls: str = "off") -> None:
         self.tmp = tmp
+        self.mtls = mtls
         self.apps = {v: DemoApp(name="web", version=v).start_in_thread() for v in ("v1", "v2")}
         self.ports = {name: free_port() for name in
                       ("xds", "gw", "gw_admin", "authz", "proc", "rl", "in1", "out1", "admin1")}
@@ -144,7 +147,8 @@ class World:
 
     def write_mesh(self, *, tag: str) -> None:
         self.mesh_path.write_text(MESH.format(
-            **self.ports, app1=self.apps["v1"].port, app2=self.apps["v2"].port, tag=tag))
+            **self.ports, app1=self.apps["v1"].port, app2=self.apps["v2"].port, tag=tag,
+            mtls=self.mtls))
 
     def start(self) -> None:
         self.loop.run(self.cp.start())
@@ -187,9 +191,13 @@ class World:
             app.stop_thread()
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
-    w = World(tmp_path_factory.mktemp("mesh-services"))
+@pytest.fixture(scope="module", params=["off", "strict"], ids=["plaintext", "mtls-strict"])
+def world(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+          ) -> Iterator[World]:
+    """The whole module runs twice: without mTLS (the services speak plaintext gRPC) and with
+    strict mTLS (every proxy calls the services over mTLS with its workload certificate, and the
+    services accept nothing else)."""
+    w = World(tmp_path_factory.mktemp("mesh-services"), mtls=request.param)
     try:
         w.start()
         yield w
@@ -289,6 +297,21 @@ def test_bad_filter_option_on_reload_is_rejected_and_nothing_changes(world: Worl
         assert json.loads(world.gateway("/cohort", {"x-user": "alice"})[2])["version"] == "v2"
     finally:
         world.mesh_path.write_text(good)
+
+
+def test_proxies_reach_the_services_over_mtls_when_the_mesh_is_strict(world: World) -> None:
+    """The traffic above went over TLS handshakes with the services iff the mesh is strict."""
+    assert world.gateway("/admin", {"x-role": "admin"})[0] == 200
+    assert world.gateway("/limited", {"x-user": "handshake"})[0] == 200
+    assert json.loads(world.gateway("/tagged")[2])["headers"]["x-tag"]
+    gateway = world.envoys[-1]
+    strict = world.mtls == "strict"
+    for kind in ("extauthz", "extproc", "ratelimit"):
+        assert world.cp.services.status()[kind]["tls"] == ("mesh" if strict else "none")
+        prefix = f"cluster.legation|{kind}."
+        stats = gateway.stats(rf"^{re.escape(prefix)}(ssl\.handshake|upstream_cx_total)$")
+        assert stats[prefix + "upstream_cx_total"] >= 1, stats
+        assert (stats.get(prefix + "ssl.handshake", 0) >= 1) is strict, stats
 
 
 def test_zz_authz_service_gone_means_denials(world: World) -> None:
