@@ -94,8 +94,22 @@ def _die_with_parent() -> None:
         pass
 
 
+def _limit_memory() -> None:
+    """Cap this process's data segment (``LEGATION_EVALUATOR_MEMORY_MB``): a policy that builds
+    huge values fails here (the parent denies and replaces the process) instead of growing
+    until the kernel's OOM killer picks a victim, which could be the service."""
+    import os
+    import resource
+
+    mb = int(os.environ.get("LEGATION_EVALUATOR_MEMORY_MB", "0") or 0)
+    if mb > 0:
+        limit = mb * 1024 * 1024
+        resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+
+
 def main() -> int:
     _die_with_parent()
+    _limit_memory()
     from opa_bindings import OpaEngine, OpaError, OpaUndefinedError
 
     out = _Out(sys.stdout.buffer)

@@ -27,6 +27,7 @@ from typing import Any
 
 _TOKEN = re.compile(r"""
     (?P<comment>\#[^\n]*)
+  | (?P<template>\$(?:"(?:[^"\\\n]|\\.)*"|`[^`]*`))
   | (?P<string>"(?:[^"\\\n]|\\.)*")
   | (?P<raw>`[^`]*`)
   | (?P<word>[A-Za-z_][A-Za-z0-9_]*)
@@ -39,9 +40,37 @@ def _tokens(source: str) -> list[tuple[str, str]]:
     out = []
     for m in _TOKEN.finditer(source):
         kind = m.lastgroup or "other"
-        if kind != "comment":
+        if kind == "template":
+            # $"...{expr}..." evaluates code inside a string: keep a marker (it makes the
+            # analysis give up: whole input, no cache) and the code parts, so that a builtin
+            # named inside one is still seen
+            out.append((kind, m.group()))
+            out.extend(_tokens(" ".join(_template_code(m.group()[2:-1]))))
+        elif kind != "comment":
             out.append((kind, m.group()))
     return out
+
+
+def _template_code(body: str) -> list[str]:
+    """The ``{...}`` expression parts of a template string's body (``\\{`` is a literal)."""
+    parts, depth, start, i = [], 0, 0, 0
+    while i < len(body):
+        c = body[i]
+        if c == "\\":
+            i += 2
+            continue
+        if c == "{":
+            if depth == 0:
+                start = i + 1
+            depth += 1
+        elif c == "}" and depth:
+            depth -= 1
+            if depth == 0:
+                parts.append(body[start:i])
+        i += 1
+    if depth:  # unbalanced: treat the rest as code, never as text
+        parts.append(body[start:])
+    return parts
 
 
 def _ref_path(tokens: list[tuple[str, str]], i: int) -> list[str]:
@@ -72,6 +101,8 @@ def _refs(source: str, root: str) -> set[tuple[str, ...]] | None:
     """The constant paths of the refs rooted at ``root`` (``input`` or ``data``); None when the
     root is used as a whole value."""
     tokens = _tokens(source)
+    if any(kind == "template" for kind, _ in tokens):
+        return None  # a template string can read anything: no projection for this module
     paths: set[tuple[str, ...]] = set()
     for i, (kind, text) in enumerate(tokens):
         if kind != "word" or text != root:
@@ -131,11 +162,16 @@ NONDETERMINISTIC = frozenset({
 })
 
 
+TEMPLATE = "$template"  # what nondeterministic_calls reports for a template string
+
+
 def nondeterministic_calls(source: str) -> set[str]:
     """The :data:`NONDETERMINISTIC` builtins that ``source`` names (outside comments and
     strings), wherever they appear: a call, a ``with ... as`` mock, an argument."""
     tokens = [t for t in _tokens(source) if t[0] != "space"]
     found: set[str] = set()
+    if any(kind == "template" for kind, _ in tokens):
+        found.add(TEMPLATE)  # evaluated at run time: never cached
     i = 0
     while i < len(tokens):
         if tokens[i][0] != "word" or (i > 0 and tokens[i - 1] == ("other", ".")):
@@ -163,7 +199,10 @@ def analyse_packages(
              not nondeterministic_calls(src)) for pkg, src in modules]
     out: dict[str, tuple[dict[str, Any] | None, bool]] = {}
     for package in dict.fromkeys(m[0] for m in mods):
-        reached = {i for i, m in enumerate(mods) if m[0] == package}
+        # what data.<package>.<rule> can be made of: its own modules, and those of packages
+        # above it (`package envoy` with `authz.allow if ...`) or below it (`package
+        # envoy.authz.allow`): every module whose package overlaps the path
+        reached = {i for i, m in enumerate(mods) if _overlap(m[0], package)}
         todo = list(reached)
         while todo:
             data_refs = mods[todo.pop()][2]

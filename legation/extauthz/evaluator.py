@@ -34,6 +34,7 @@ log = logging.getLogger("legation.extauthz.evaluator")
 _CMD = (sys.executable, "-m", "legation.extauthz._evaluator")
 _LIMIT = 64 * 1024 * 1024  # longest answer line accepted from an evaluator (a result document)
 _ENV = {**os.environ, "PYTHONIOENCODING": "utf-8", "GOMAXPROCS": "1"}
+_MEMORY_ENV = "LEGATION_EVALUATOR_MEMORY_MB"  # read by the evaluator before the engine loads
 
 Modules = Sequence[tuple[str, str]]
 Data = Sequence[tuple[str, str, Sequence[str]]]  # (path, JSON text, place under data)
@@ -97,10 +98,13 @@ class _Worker:
         self.calls = 0
 
     @classmethod
-    async def spawn(cls, load: bytes, *, timeout_s: float) -> _Worker:
+    async def spawn(cls, load: bytes, *, timeout_s: float, memory_mb: int = 1024) -> _Worker:
+        """A loaded evaluator; raises ConfigError (the policies do not load), TimeoutError or
+        OSError (the process could not be started or loaded in time)."""
         proc = await asyncio.create_subprocess_exec(
             *_CMD, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.DEVNULL, env=_ENV, limit=_LIMIT)
+            stderr=asyncio.subprocess.DEVNULL, env={**_ENV, _MEMORY_ENV: str(memory_mb)},
+            limit=_LIMIT)
         worker = cls(proc)
         try:
             async with asyncio.timeout(timeout_s):
@@ -157,10 +161,11 @@ class EvaluatorPool:
     """``size`` evaluator processes loaded with the same modules and data."""
 
     def __init__(self, modules: Modules, data: Data, *, size: int = 2,
-                 load_timeout_s: float = 10.0) -> None:
+                 load_timeout_s: float = 10.0, memory_mb: int = 1024) -> None:
         self._load = load_line(modules, data)
         self.size = size
         self.load_timeout_s = load_timeout_s
+        self.memory_mb = memory_mb
         self._idle: asyncio.Queue[_Worker] = asyncio.Queue()
         self._workers: set[_Worker] = set()
         self._spawning: set[asyncio.Task[None]] = set()
@@ -170,17 +175,19 @@ class EvaluatorPool:
         self.crashed = 0
 
     async def start(self) -> EvaluatorPool:
-        """Spawn and load every process; raises ConfigError if the policies do not load."""
-        workers = await asyncio.gather(
-            *(_Worker.spawn(self._load, timeout_s=self.load_timeout_s) for _ in range(self.size)),
-            return_exceptions=True)
-        failure = next((w for w in workers if isinstance(w, BaseException)), None)
-        started = [w for w in workers if isinstance(w, _Worker)]
-        if failure is not None:
+        """Spawn and load every process, one after the other (so that each load gets the
+        machine's cores and its whole timeout); raises ConfigError if the policies do not load,
+        TimeoutError or OSError if a process could not be started or loaded in time."""
+        started: list[_Worker] = []
+        try:
+            for _ in range(self.size):
+                started.append(await _Worker.spawn(self._load, timeout_s=self.load_timeout_s,
+                                                   memory_mb=self.memory_mb))
+        except BaseException:
             for w in started:
                 w.kill()
             await asyncio.gather(*(w.wait() for w in started), return_exceptions=True)
-            raise failure
+            raise
         for w in started:
             self._workers.add(w)
             self._idle.put_nowait(w)
@@ -227,7 +234,8 @@ class EvaluatorPool:
         delay = 0.05
         while not self._closed:
             try:
-                worker = await _Worker.spawn(self._load, timeout_s=self.load_timeout_s)
+                worker = await _Worker.spawn(self._load, timeout_s=self.load_timeout_s,
+                                             memory_mb=self.memory_mb)
             except (ConfigError, OSError, TimeoutError) as e:
                 log.error("cannot start a policy evaluator (retrying in %.1f s): %s", delay, e)
                 await asyncio.sleep(delay)

@@ -28,12 +28,33 @@ from typing import Any
 from legation import _yaml
 from legation.errors import ConfigError
 from legation.extauthz import evaluator
-from legation.extauthz._inputrefs import analyse_packages
+from legation.extauthz._inputrefs import analyse_packages, nondeterministic_calls
 from legation.extauthz.evaluator import EvaluatorPool
 
 log = logging.getLogger("legation.extauthz.policies")
 
-_PACKAGE = re.compile(r"^\s*package\s+([A-Za-z_][\w.]*)", re.MULTILINE)
+_IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
+# the whole declaration line: `package a.b`, `package a["b"].c`, then only a comment
+_PACKAGE_LINE = re.compile(
+    rf'package\s+(?P<ref>{_IDENT}(?:\s*\.\s*{_IDENT}|\s*\[\s*"{_IDENT}"\s*\])*)\s*(?:#.*)?')
+_PART = re.compile(rf'{_IDENT}')
+
+
+def package_of(path: str, text: str) -> str:
+    """The module's package, dotted (``envoy.authz``). The declaration is the first line that is
+    not blank or a comment; one this cannot read completely (``package a["b.c"]``) is refused
+    rather than guessed, since the analysis of what a package reads depends on it."""
+    for line in text.splitlines():
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        m = _PACKAGE_LINE.fullmatch(stripped)
+        if m is None:
+            raise ConfigError(f"{path}: the first statement must be a package declaration of "
+                              'plain names (package a.b or a["b"])',
+                              code="policy_compile_failed")
+        return ".".join(_PART.findall(m.group("ref")))
+    raise ConfigError(f"{path}: no package declaration", code="policy_compile_failed")
 _TEST_RULE = re.compile(r"^\s*(test_\w+)\b", re.MULTILINE)
 
 
@@ -124,6 +145,25 @@ def fingerprint(directory: Path) -> str:
     return h.hexdigest()
 
 
+#: Builtins that reach the network from the evaluator. Off unless the check allows them:
+#: a policy is data-plane code, and a request must not be able to steer it into a network call.
+NETWORK_BUILTINS = frozenset({"http.send", "net.lookup_ip_addr"})
+
+
+def refuse_network(src: Sources) -> None:
+    """Raise ConfigError naming the file and line of the first network builtin a module names."""
+    for path, text in src.modules:
+        found = nondeterministic_calls(text) & NETWORK_BUILTINS
+        if not found:
+            continue
+        name = sorted(found)[0]
+        line = next((n for n, ln in enumerate(text.splitlines(), 1)
+                     if name in ln.split("#", 1)[0]), 1)
+        raise ConfigError(f"{path}:{line}: {name} reaches the network and is disabled for this "
+                          "check (set its option allow_network: true to allow it)",
+                          code="policy_compile_failed")
+
+
 def analyse(src: Sources, *, rules: Iterable[str], tests: bool = False) -> CompiledPolicies:
     """The version's entry points (``package/path/rule`` for each package and rule, and each
     test rule with ``tests``) and what each package reads; no engine involved."""
@@ -134,18 +174,16 @@ def analyse(src: Sources, *, rules: Iterable[str], tests: bool = False) -> Compi
     rules = tuple(rules)
     for path, text in src.modules:
         digest.update(path.encode() + b"\0" + text.encode() + b"\0")
-        pkg = _PACKAGE.search(text)
-        if pkg is None:
-            raise ConfigError(f"{path}: no package declaration", code="policy_compile_failed")
-        prefix = pkg.group(1).replace(".", "/")
-        packages.add(pkg.group(1))
+        package = package_of(path, text)
+        prefix = package.replace(".", "/")
+        packages.add(package)
         package_files.setdefault(prefix, path)
         entrypoints.update(f"{prefix}/{rule}" for rule in rules)
         if tests:
             entrypoints.update(f"{prefix}/{t}" for t in _TEST_RULE.findall(text))
     for path, text, _ in src.data:
         digest.update(path.encode() + b"\0" + text.encode() + b"\0")
-    analysis = analyse_packages((_package_path(t), t) for _, t in src.modules)
+    analysis = analyse_packages((package_of(p, t).replace(".", "/"), t) for p, t in src.modules)
     return CompiledPolicies(
         version=digest.hexdigest()[:12],
         sources=src,
@@ -158,19 +196,17 @@ def analyse(src: Sources, *, rules: Iterable[str], tests: bool = False) -> Compi
     )
 
 
-def _package_path(text: str) -> str:
-    m = _PACKAGE.search(text)
-    return m.group(1).replace(".", "/") if m else ""
-
-
 def load(
-    directory: Path, *, rules: Iterable[str], probe_timeout_s: float, tests: bool = False
+    directory: Path, *, rules: Iterable[str], probe_timeout_s: float, tests: bool = False,
+    allow_network: bool = False,
 ) -> CompiledPolicies:
     """Read and validate in an evaluator process (blocking). Raises ConfigError naming the file.
 
     Test files are left out unless ``tests``: the service never evaluates them."""
     src = read_sources(directory, tests=tests)
     compiled = analyse(src, rules=rules, tests=tests)
+    if not allow_network:
+        refuse_network(src)
     evaluator.validate(src.modules, src.data, timeout_s=probe_timeout_s)
     return compiled
 
@@ -182,18 +218,22 @@ class PolicyStore:
 
     def __init__(self, directory: Path, *, rules: Iterable[str], interval_s: float,
                  probe_timeout_s: float = 10.0, tests: bool = False,
-                 evaluators: int = 2) -> None:
+                 evaluators: int = 2, allow_network: bool = False,
+                 evaluator_memory_mb: int = 1024) -> None:
         self.directory = directory
         self.tests = tests
         self.rules = tuple(rules)
         self.interval_s = interval_s
         self.probe_timeout_s = probe_timeout_s
         self.evaluators = evaluators
+        self.allow_network = allow_network
+        self.evaluator_memory_mb = evaluator_memory_mb
         self.failed_reloads = 0
+        self._settling: str | None = None  # a new fingerprint seen once, loaded when it holds
         self.last_error: str | None = None
         self._fingerprint = fingerprint(directory)
         self.current = load(directory, rules=self.rules, probe_timeout_s=probe_timeout_s,
-                            tests=tests)
+                            tests=tests, allow_network=allow_network)
         self._pool: EvaluatorPool | None = None
         self._pool_for: CompiledPolicies | None = None
         self._starting: asyncio.Task[EvaluatorPool] | None = None
@@ -202,7 +242,8 @@ class PolicyStore:
 
     def _new_pool(self, compiled: CompiledPolicies) -> EvaluatorPool:
         return EvaluatorPool(compiled.sources.modules, compiled.sources.data,
-                             size=self.evaluators, load_timeout_s=self.probe_timeout_s)
+                             size=self.evaluators, load_timeout_s=self.probe_timeout_s,
+                             memory_mb=self.evaluator_memory_mb)
 
     async def pool(self) -> EvaluatorPool:
         """The running version's pool, started on first use."""
@@ -223,22 +264,35 @@ class PolicyStore:
             self._pool = pool
         return self._pool
 
-    async def reload(self) -> bool:
-        """Reload if the directory changed; True when a new version was swapped in."""
+    async def reload(self, *, settle: bool = False) -> bool:
+        """Reload if the directory changed; True when a new version was swapped in.
+
+        ``settle`` (the watcher): a change is loaded only once the directory has looked the
+        same on two polls in a row, so a file still being written is not read half-way (a
+        truncated policy can be a more permissive one). A version that does not validate is
+        not tried again until the files change; one whose evaluators could not start (a
+        timeout, no memory, no processes) is retried on the next poll."""
         fp = fingerprint(self.directory)
         if fp == self._fingerprint:
+            self._settling = None
             return False
-        self._fingerprint = fp
+        if settle and fp != self._settling:
+            self._settling = fp
+            return False
+        self._settling = None
         try:
             compiled = await asyncio.to_thread(load, self.directory, rules=self.rules,
                                                probe_timeout_s=self.probe_timeout_s,
-                                               tests=self.tests)
-            pool = await self._new_pool(compiled).start() if self._pool is not None else None
+                                               tests=self.tests,
+                                               allow_network=self.allow_network)
         except ConfigError as e:
-            self.failed_reloads += 1
-            self.last_error = str(e)
-            log.error("policy reload failed, keeping version %s: %s", self.current.version, e)
-            return False
+            self._fingerprint = fp  # the same files would fail the same way
+            return self._failed(str(e))
+        try:
+            pool = await self._new_pool(compiled).start() if self._pool is not None else None
+        except (ConfigError, OSError, TimeoutError) as e:
+            return self._failed(f"policy evaluators did not start: {e or type(e).__name__}")
+        self._fingerprint = fp
         if compiled.version != self.current.version:
             log.info("policies reloaded: %s -> %s", self.current.version, compiled.version)
         old = self._pool
@@ -253,11 +307,17 @@ class PolicyStore:
         self.last_error = None
         return True
 
+    def _failed(self, message: str) -> bool:
+        self.failed_reloads += 1
+        self.last_error = message
+        log.error("policy reload failed, keeping version %s: %s", self.current.version, message)
+        return False
+
     async def _watch(self) -> None:
         while True:
             await asyncio.sleep(self.interval_s)
             try:
-                await self.reload()
+                await self.reload(settle=True)
             except Exception:  # a watcher must survive anything the filesystem does
                 log.exception("policy watcher error")
 

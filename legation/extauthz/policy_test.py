@@ -19,9 +19,8 @@ from pathlib import Path
 
 from legation.errors import ConfigError
 from legation.extauthz.evaluator import EvaluationError, EvaluatorPool, parse_result
-from legation.extauthz.policies import Sources, read_sources
+from legation.extauthz.policies import Sources, package_of, read_sources
 
-_PACKAGE = re.compile(r"^\s*package\s+([A-Za-z_][\w.]*)", re.MULTILINE)
 _TEST_RULE = re.compile(r"^\s*(test_\w+)\b", re.MULTILINE)
 
 
@@ -29,11 +28,9 @@ def discover(src: Sources) -> list[tuple[str, str, str]]:
     """(file, package, rule) for each test rule, in file order."""
     found: list[tuple[str, str, str]] = []
     for path, text in src.modules:
-        pkg = _PACKAGE.search(text)
-        if pkg is None:
-            continue
+        package = package_of(path, text)
         for rule in dict.fromkeys(_TEST_RULE.findall(text)):
-            found.append((str(path), pkg.group(1), rule))
+            found.append((str(path), package, rule))
     return found
 
 

@@ -66,6 +66,12 @@ class RegoConfig(BaseModel):
     # evaluator processes per policy version: evaluations run in parallel with each other and
     # with the service; one stuck at its deadline is killed and replaced
     evaluators: int = Field(default=2, ge=1, le=64)
+    # address space an evaluator process may use (RLIMIT_DATA); past it the engine fails, the
+    # request is denied and the process replaced, before the kernel picks a victim
+    evaluator_memory_mb: int = Field(default=1024, ge=128, le=65536)
+    # http.send and net.lookup_ip_addr: a policy naming them is refused at load unless this is
+    # set (the deadline still bounds every call)
+    allow_network: bool = False
     # load *_test.rego files into the serving bundle too (`legation policy test` always does)
     include_tests: bool = False
     # decisions kept per policy version, keyed by the exact projected input; 0 turns it off.
@@ -92,7 +98,9 @@ class RegoCheck:
                                  interval_s=config.reload_interval_s,
                                  probe_timeout_s=config.probe_timeout_s,
                                  tests=config.include_tests,
-                                 evaluators=config.evaluators)
+                                 evaluators=config.evaluators,
+                                 evaluator_memory_mb=config.evaluator_memory_mb,
+                                 allow_network=config.allow_network)
         self._compiled: CompiledPolicies | None = None
         # policy -> (data path, input parts it reads, cacheable), or None when not compiled
         self._entrypoints: dict[str, tuple[str, Any, bool] | None] = {}
@@ -198,9 +206,10 @@ class RegoCheck:
             except EvaluationError as e:
                 raise AuthzError(f"rego: {policy}: {e}", code="invalid_policy_result") from None
             decision = decision_from_result(result, where=f"policy {policy}")
-            if len(self._decisions) >= _RESULT_CACHE:
-                self._decisions.clear()
-            self._decisions[key] = decision
+            if len(text) <= _MAX_KEY:  # results that repeat are short; one echoing a body is not
+                if len(self._decisions) >= _RESULT_CACHE:
+                    self._decisions.clear()
+                self._decisions[key] = decision
         return decision
 
     async def start(self) -> None:

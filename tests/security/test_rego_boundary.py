@@ -308,3 +308,165 @@ async def test_an_evaluator_that_dies_mid_request_denies_and_is_replaced(
         assert (await servicer.Check(request("attack.fast"), None)).status.code == 0
     finally:
         await close_checks(servicer)
+
+
+# -- 4. what a policy reads: the input projection and the decision cache must not be fooled -----
+# (found by an attacker's review of the evaluator rewrite: each allowed `x-role: admin`)
+
+
+def _deny_admin_checks(tmp_path: Path, files: dict[str, str]) -> list[RegoCheck]:
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    return [RegoCheck(RegoConfig(policy_dir=tmp_path, reload_interval_s=0, evaluators=1,
+                                 project_input=p)) for p in (True, False)]
+
+
+_READS_ROLE = 'input.attributes.request.http.headers["x-role"]'
+
+HIDDEN_READS = {
+    "template string": {"p.rego": (
+        'package envoy.authz\nimport rego.v1\ndefault allow := false\nallow if not deny\n'
+        f'deny if $"{{{_READS_ROLE}}}" == "admin"\n')},
+    "raw template string": {"p.rego": (
+        'package envoy.authz\nimport rego.v1\ndefault allow := false\nallow if not deny\n'
+        f'deny if $`{{{_READS_ROLE}}}` == "admin"\n')},
+    "rule from a sub-package": {
+        "a.rego": "package envoy.authz\nimport rego.v1\nx := 1\n",
+        "b.rego": ("package envoy.authz.allow\nimport rego.v1\ndefault allowed := false\n"
+                   f'allowed if not deny\ndeny if {_READS_ROLE} == "admin"\n')},
+    "rule from a parent package": {
+        "a.rego": "package envoy.authz\nimport rego.v1\nx := 1\n",
+        "b.rego": ("package envoy\nimport rego.v1\ndefault authz.allow := false\n"
+                   f'authz.allow if not admin\nadmin if {_READS_ROLE} == "admin"\n')},
+    "package written with brackets": {
+        "a.rego": ("package envoy.authz\nimport rego.v1\ndefault allow := false\n"
+                   "allow if not deny\n"),
+        "b.rego": f'package envoy["authz"]\nimport rego.v1\ndeny if {_READS_ROLE} == "admin"\n'},
+}
+
+
+@pytest.mark.parametrize("files", HIDDEN_READS.values(), ids=HIDDEN_READS.keys())
+async def test_a_deny_rule_sees_what_it_reads_however_the_policy_is_written(
+    tmp_path: Path, files: dict[str, str]
+) -> None:
+    checks = _deny_admin_checks(tmp_path, files)
+    try:
+        for check in checks:
+            for role, allowed in (("admin", False), ("guest", True)):
+                ctx = RequestContext(request("envoy.authz", {"x-role": role}))
+                decision = await check.check(ctx)
+                assert decision.allowed is allowed, (check.config.project_input, role)
+    finally:
+        for check in checks:
+            await check.close()
+
+
+async def test_a_template_string_reading_the_clock_is_never_cached(tmp_path: Path) -> None:
+    (tmp_path / "p.rego").write_text(
+        'package clock\nimport rego.v1\nallow if $"{time.now_ns()}" != ""\n')
+    check = RegoCheck(RegoConfig(policy_dir=tmp_path, reload_interval_s=0, evaluators=1))
+    try:
+        assert not check.cacheable("clock")
+    finally:
+        await check.close()
+
+
+def test_a_package_declaration_that_cannot_be_read_whole_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "p.rego").write_text('package envoy["au.thz"]\nimport rego.v1\nallow := true\n')
+    with pytest.raises(ConfigError) as err:
+        load(tmp_path, rules=("allow",), probe_timeout_s=30)
+    assert str(err.value).startswith(f"{tmp_path / 'p.rego'}: the first statement must be a "
+                                     "package declaration")
+
+
+async def test_results_that_echo_large_input_are_not_kept(policy_dir: Path) -> None:
+    check = RegoCheck(RegoConfig(policy_dir=policy_dir, reload_interval_s=0, evaluators=1))
+    try:
+        for i in range(20):
+            ctx = RequestContext(request("attack.echo", {"x-user": f"{i}" + "x" * 10_000}))
+            assert not (await check.check(ctx)).allowed
+        assert len(check._decisions) == 0
+    finally:
+        await check.close()
+
+
+# -- 5. resources an evaluation may take -------------------------------------------------------
+
+
+async def test_an_evaluation_past_its_memory_cap_denies_and_its_process_is_replaced(
+    policy_dir: Path,
+) -> None:
+    servicer = await build_servicer(Settings(config={
+        "checks": {"authz": {"type": "rego", "options": {
+            "policy_dir": str(policy_dir), "reload_interval_s": 0, "evaluators": 1,
+            "evaluator_memory_mb": 256}}},
+        "default_checks": ["authz"], "check_timeout_ms": 60_000, "error_status": 503},
+        registry=CollectorRegistry()))
+    check: RegoCheck = servicer.checks["authz"]  # type: ignore[assignment]
+    try:
+        huge = await servicer.Check(request("attack.slow", {"x-n": "4000000000"}), None)
+        assert huge.denied_response.status.code == 503
+        assert json.loads(huge.denied_response.body) == {"error": "policy_error"}
+        pool = await check.store.pool()
+        assert pool.crashed == 1 and pool.killed == 0  # the cap ended it, not the deadline
+        assert (await servicer.Check(request("attack.fast"), None)).status.code == 0
+    finally:
+        await close_checks(servicer)
+
+
+def test_network_builtins_are_refused_unless_allowed(tmp_path: Path) -> None:
+    for text, line in (
+        ('package p\nimport rego.v1\n\nr := http.send({"method": "GET", "url": "x"})\n', 4),
+        ('package p\nimport rego.v1\nr := $"{http.send({})}"\n', 3),
+        ("package p\nimport rego.v1\nips := net.lookup_ip_addr(input.host)\n", 3),
+    ):
+        (tmp_path / "p.rego").write_text(text)
+        with pytest.raises(ConfigError) as err:
+            load(tmp_path, rules=("allow",), probe_timeout_s=30)
+        assert str(err.value).startswith(f"{tmp_path / 'p.rego'}:{line}: "), text
+        assert "allow_network: true" in str(err.value)
+        load(tmp_path, rules=("allow",), probe_timeout_s=30, allow_network=True)
+
+
+# -- 6. reloads ----------------------------------------------------------------------------------
+
+
+async def test_a_reload_whose_evaluators_did_not_start_is_retried(
+    policy_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from legation.extauthz import evaluator
+
+    check = RegoCheck(RegoConfig(policy_dir=policy_dir, reload_interval_s=0, evaluators=1))
+    await check.start()
+    try:
+        (policy_dir / "fast.rego").write_text(FAST.replace('"GET"', '"PUT"'))
+        os.utime(policy_dir / "fast.rego", ns=(1, 1))
+        real = evaluator._Worker.spawn
+
+        async def timing_out(*args: Any, **kwargs: Any) -> Any:
+            raise TimeoutError
+
+        monkeypatch.setattr(evaluator._Worker, "spawn", timing_out)
+        assert await check.store.reload() is False
+        assert check.store.failed_reloads == 1
+        assert "did not start" in (check.store.last_error or "")
+        assert (await check.evaluate("attack.fast", {"attributes": {"request": {"http": {
+            "method": "GET"}}}})).allowed  # the running version still decides
+        monkeypatch.setattr(evaluator._Worker, "spawn", real)
+        assert await check.store.reload() is True  # same files, tried again
+        assert (await check.evaluate("attack.fast", {"attributes": {"request": {"http": {
+            "method": "PUT"}}}})).allowed
+    finally:
+        await check.close()
+
+
+async def test_the_watcher_loads_a_change_only_once_it_holds_still(policy_dir: Path) -> None:
+    check = RegoCheck(RegoConfig(policy_dir=policy_dir, reload_interval_s=0, evaluators=1))
+    try:
+        (policy_dir / "fast.rego").write_text(FAST.replace('"GET"', '"PUT"'))
+        os.utime(policy_dir / "fast.rego", ns=(1, 1))
+        assert await check.store.reload(settle=True) is False  # seen once: maybe mid-write
+        assert await check.store.reload(settle=True) is True
+        assert await check.store.reload(settle=True) is False
+    finally:
+        await check.close()
