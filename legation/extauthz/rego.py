@@ -154,8 +154,9 @@ class RegoCheck:
         compiled = self._current()
         ep, only, cacheable = self._entrypoint(compiled, policy)
         document = ctx.input(only)
-        if not cacheable:
-            return await self._evaluate(compiled, policy, ep, document)
+        http = ctx.request.attributes.request.http
+        if not cacheable or len(http.body) + len(http.raw_body) > _MAX_KEY:
+            return await self._evaluate(compiled, policy, ep, document)  # no repr of a big body
         text = repr(document)
         if len(text) > _MAX_KEY:
             return await self._evaluate(compiled, policy, ep, document)
