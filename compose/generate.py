@@ -18,8 +18,12 @@ bootstrap`` per proxy) creates the CA in the ``legation-ca`` volume, writes each
 credential into a volume of that proxy's own (mounted only into its Envoy, at
 ``/etc/legation/xds``), and a random Redis password into the ``redis-secret`` volume (read by
 Redis and the control plane only). The control plane serves xDS over TLS with client certificates
-(as everywhere). Redis requires the password and is capped by ``maxmemory`` (counters have TTLs,
-so ``volatile-ttl`` evicts the ones closest to expiry). The mesh names the Redis URL with the
+(as everywhere). The mesh's mTLS is strict, and the request-path services (listening on the
+compose network, where every container can reach them) say ``tls: mesh``: they present a
+certificate from the mesh CA (``legation-<kind>``, issued in memory by the control plane) and
+accept only clients with a workload certificate from it, i.e. the proxies. Redis requires the
+password and is capped by ``maxmemory`` (counters have TTLs, so ``volatile-ttl`` evicts the ones
+closest to expiry). The mesh names the Redis URL with the
 placeholder ``__REDIS_PASSWORD__``, filled in inside the control-plane container.
 """
 
@@ -72,8 +76,10 @@ def compose_mesh(raw: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
     for block in ("extauthz", "extproc", "ratelimit"):
         if block in mesh:
             mesh[block]["host"] = IPS["control-plane"]  # embedded in the control plane
-    # the CA (for xDS always, for mTLS when on) lives on a volume the control plane can write
-    mesh.setdefault("mtls", {"mode": "off"})["ca_dir"] = CA_DIR
+            mesh[block]["tls"] = "mesh"  # reachable by every container: proxies only (mTLS)
+    # strict mTLS, whatever the quickstart says; the CA (for xDS and mTLS) lives on a volume
+    # the control plane can write
+    mesh.setdefault("mtls", {}).update(mode="strict", ca_dir=CA_DIR)
     if "ratelimit" in mesh:
         mesh["ratelimit"]["backend"] = "redis"
         mesh["ratelimit"]["redis_url"] = (

@@ -42,6 +42,40 @@ def test_service_files_validate() -> None:
     assert set(planned.embedded) == {"extauthz", "extproc", "ratelimit"}
 
 
+def test_request_path_services_accept_only_mesh_proxies(tmp_path: Path) -> None:
+    """Strict mTLS: the embedded services serve mTLS (client certificates from the mesh CA) and
+    every proxy's cluster to them originates it with its workload certificate, pinning the
+    service's SPIFFE id."""
+    from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
+
+    from legation.certs import MeshIssuer
+    from legation.services import plan
+    from legation.xds.translate import translate
+    from legation.xds.types import ResourceType
+
+    path = generate.OUT / "mesh.yaml"
+    mesh = load_mesh(path)
+    assert mesh.mtls.mode == "strict"
+    planned = plan(mesh, mesh_path=path)
+    assert {kind: spec.tls for kind, spec in planned.embedded.items()} == {
+        "extauthz": True, "extproc": True, "ratelimit": True}
+    issuer = MeshIssuer(mesh_dir=tmp_path, default_ca_dir=tmp_path / "ca")
+    issuer.update(mesh.model_copy(update={"mtls": mesh.mtls.model_copy(update={"ca_dir": None})}),
+                  services={k: s.host for k, s in planned.embedded.items()})
+    assert set(issuer.service_certs) == {"extauthz", "extproc", "ratelimit"}
+    snapshots = translate(mesh, version="compose", secrets=issuer.secrets())
+    assert set(snapshots) == {p.node_id for p in mesh.proxies()}
+    for node, snap in snapshots.items():
+        for kind in ("extauthz", "extproc", "ratelimit"):
+            cluster = snap.resources(ResourceType.CLUSTER)[f"legation|{kind}"].message
+            context = tls_pb2.UpstreamTlsContext()
+            assert cluster.transport_socket.typed_config.Unpack(context), (node, kind)
+            combined = context.common_tls_context.combined_validation_context
+            sans = combined.default_validation_context.match_typed_subject_alt_names
+            assert [m.matcher.exact for m in sans] == [
+                f"spiffe://cluster.local/ns/default/sa/legation-{kind}"]
+
+
 def test_same_topology_as_the_quickstart() -> None:
     quick = load_mesh(generate.QUICKSTART / "mesh.yaml")
     compose = load_mesh(generate.OUT / "mesh.yaml")

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
+from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import base_pb2, config_source_pb2, grpc_service_pb2
 from envoy.config.ratelimit.v3 import rls_pb2
 from envoy.config.route.v3 import route_components_pb2 as rc
 from envoy.extensions.filters.http.ext_authz.v3 import ext_authz_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2, processing_mode_pb2
 from envoy.extensions.filters.http.ratelimit.v3 import rate_limit_pb2
+from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2, tls_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
+from envoy.type.matcher.v3 import string_pb2
 from google.protobuf import duration_pb2, wrappers_pb2
 
+from legation.certs import MeshIssuer
 from legation.errors import ConfigError
 from legation.xds.snapshot import Snapshot
 from legation.xds.translate import translate
@@ -269,3 +274,88 @@ def test_deterministic_with_services() -> None:
     for node, snap in first.items():
         for rtype in ResourceType:
             assert snap.version(rtype) == second[node].version(rtype)
+
+
+# -- mesh mTLS to the services ---------------------------------------------------------------
+
+SERVICE_CLUSTERS = {"extauthz": "legation|extauthz", "extproc": "legation|extproc",
+                    "ratelimit": "legation|ratelimit"}
+
+
+def expected_service_tls(server_id: str) -> base_pb2.TransportSocket:
+    """Written out field by field: the proxy's certificate and the trust bundle over ADS (SDS),
+    the server's URI SAN pinned, ALPN h2."""
+    ads = config_source_pb2.ConfigSource(
+        ads=config_source_pb2.AggregatedConfigSource(),
+        resource_api_version=config_source_pb2.V3,
+    )
+    context = tls_pb2.UpstreamTlsContext(
+        common_tls_context=tls_pb2.CommonTlsContext(
+            alpn_protocols=["h2"],
+            tls_certificate_sds_secret_configs=[
+                secret_pb2.SdsSecretConfig(name="legation-workload-cert", sds_config=ads)
+            ],
+            combined_validation_context=tls_pb2.CommonTlsContext.CombinedCertificateValidationContext(
+                default_validation_context=common_pb2.CertificateValidationContext(
+                    match_typed_subject_alt_names=[common_pb2.SubjectAltNameMatcher(
+                        san_type=common_pb2.SubjectAltNameMatcher.URI,
+                        matcher=string_pb2.StringMatcher(exact=server_id),
+                    )]
+                ),
+                validation_context_sds_secret_config=secret_pb2.SdsSecretConfig(
+                    name="legation-trust-bundle", sds_config=ads),
+            ),
+        ),
+    )
+    socket = base_pb2.TransportSocket(name="envoy.transport_sockets.tls")
+    socket.typed_config.Pack(context)
+    return socket
+
+
+def service_cluster(snap: Snapshot, kind: str) -> cluster_pb2.Cluster:
+    cluster: cluster_pb2.Cluster = snap.resources(ResourceType.CLUSTER)[
+        SERVICE_CLUSTERS[kind]].message
+    return cluster
+
+
+def with_mtls(mode: str, **blocks: Any) -> dict[str, Any]:
+    data = with_services(**blocks)
+    data["mtls"] = {"mode": mode, "trust_domain": "example.org", "namespace": "shop"}
+    return data
+
+
+@pytest.mark.parametrize("mode", ["strict", "permissive"])
+def test_with_mtls_every_proxy_calls_the_services_over_mtls_pinning_their_identity(
+    mode: str
+) -> None:
+    out = snaps(with_mtls(mode))
+    for node in ("gateway-ingress", "sidecar-reviews-0"):
+        for kind in SERVICE_CLUSTERS:
+            cluster = service_cluster(out[node], kind)
+            assert cluster.transport_socket == expected_service_tls(
+                f"spiffe://example.org/ns/shop/sa/legation-{kind}"), (node, kind)
+            assert not cluster.transport_socket_matches
+
+
+def test_without_mtls_the_service_clusters_stay_plaintext() -> None:
+    out = snaps(with_services())
+    for kind in SERVICE_CLUSTERS:
+        cluster = service_cluster(out["gateway-ingress"], kind)
+        assert not cluster.HasField("transport_socket")
+        assert not cluster.transport_socket_matches
+
+
+def test_a_block_with_tls_none_stays_plaintext_in_an_mtls_mesh() -> None:
+    out = snaps(with_mtls("strict", ratelimit={"tls": "none"}))["gateway-ingress"]
+    assert not service_cluster(out, "ratelimit").HasField("transport_socket")
+    assert service_cluster(out, "extauthz").HasField("transport_socket")
+    assert service_cluster(out, "extproc").HasField("transport_socket")
+
+
+def test_service_tls_names_only_secrets_every_proxy_is_sent(tmp_path: Path) -> None:
+    """With the proxies' certificates, the SDS consistency check passes for every snapshot."""
+    mesh = parse(with_mtls("strict"))
+    issuer = MeshIssuer(mesh_dir=tmp_path, default_ca_dir=tmp_path / "ca")
+    issuer.update(mesh)
+    out = translate(mesh, version="v1", secrets=issuer.secrets())  # raises when one is missing
+    assert {n for n, s in out.items() if s.resources(ResourceType.SECRET)} == set(out)
