@@ -273,7 +273,7 @@ def test_up_runs_the_mesh_services_and_stops_them(tmp_path: Path, ports: dict[st
         assert http(gw + "/hello") == (200, "hi")  # no authz on that route
         doc = json.loads(http(run.status_url + "/status")[1])
         assert doc["services"]["ratelimit"] == {
-            "embedded": True, "address": f"127.0.0.1:{service_ports['rl']}"}
+            "embedded": True, "address": f"127.0.0.1:{service_ports['rl']}", "tls": "none"}
         run.proc.send_signal(signal.SIGINT)
         assert run.proc.wait(20) == 0
         for port in service_ports.values():  # the services stopped with it
