@@ -93,19 +93,44 @@ def parse_result(text: str) -> Any:
 
 
 class _Worker:
-    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+    """One evaluator process and the two pipes to it, driven straight from the event loop: a
+    request is one ``os.write`` (the rest, if the pipe is full, when it drains), the answer is
+    read by a reader callback that resolves the one waiting future. asyncio's subprocess
+    streams cost ~3x the CPU per round trip for the same bytes."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, to_child: int, from_child: int) -> None:
         self.proc = proc
         self.calls = 0
+        self._to = to_child
+        self._from = from_child
+        self._loop = asyncio.get_running_loop()
+        self._buffer = bytearray()
+        self._pending = b""  # bytes of the current request not yet written
+        self._waiter: asyncio.Future[bytes] | None = None
+        self._eof = False
+        os.set_blocking(to_child, False)
+        os.set_blocking(from_child, False)
+        self._loop.add_reader(from_child, self._readable)
 
     @classmethod
     async def spawn(cls, load: bytes, *, timeout_s: float, memory_mb: int = 1024) -> _Worker:
         """A loaded evaluator; raises ConfigError (the policies do not load), TimeoutError or
         OSError (the process could not be started or loaded in time)."""
-        proc = await asyncio.create_subprocess_exec(
-            *_CMD, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.DEVNULL, env={**_ENV, _MEMORY_ENV: str(memory_mb)},
-            limit=_LIMIT)
-        worker = cls(proc)
+        child_in, to_child = os.pipe()
+        from_child, child_out = os.pipe()
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *_CMD, stdin=child_in, stdout=child_out, stderr=asyncio.subprocess.DEVNULL,
+                env={**_ENV, _MEMORY_ENV: str(memory_mb)})
+        except BaseException:
+            for fd in (child_in, to_child, from_child, child_out):
+                os.close(fd)
+            raise
+        finally:
+            with contextlib.suppress(OSError):
+                os.close(child_in)
+                os.close(child_out)
+        worker = cls(proc, to_child, from_child)
         try:
             async with asyncio.timeout(timeout_s):
                 answer = await worker._roundtrip(load)
@@ -120,18 +145,65 @@ class _Worker:
             raise
         return worker
 
+    # -- the pipes -------------------------------------------------------------------------
+
+    def _readable(self) -> None:
+        try:
+            chunk = os.read(self._from, 1 << 16)
+        except BlockingIOError:
+            return
+        except OSError:
+            chunk = b""
+        if not chunk:
+            self._eof = True
+            self._loop.remove_reader(self._from)
+            self._answer(b"")  # a torn or missing line: the caller reports the exit
+            return
+        self._buffer += chunk
+        if len(self._buffer) > _LIMIT:
+            self._answer(b"")
+            self.kill()
+            return
+        end = self._buffer.find(b"\n")
+        if end >= 0:
+            line = bytes(self._buffer[:end + 1])
+            del self._buffer[:end + 1]
+            self._answer(line)
+
+    def _answer(self, line: bytes) -> None:
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(line)
+
+    def _writable(self) -> None:
+        try:
+            n = os.write(self._to, self._pending)
+        except BlockingIOError:
+            return
+        except OSError:
+            n = len(self._pending)  # the child is gone: its EOF answers the waiter
+        self._pending = self._pending[n:]
+        if not self._pending:
+            self._loop.remove_writer(self._to)
+
     async def _roundtrip(self, line: bytes) -> bytes:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write(line)
-        await self.proc.stdin.drain()
-        return await self.proc.stdout.readline()
+        if self._eof:
+            return b""
+        self._waiter = self._loop.create_future()
+        try:
+            n = os.write(self._to, line)
+        except BlockingIOError:
+            n = 0
+        except OSError:
+            n = len(line)
+        if n < len(line):
+            self._pending = line[n:]
+            self._loop.add_writer(self._to, self._writable)
+        return await self._waiter
 
     async def call(self, path: str, document: bytes) -> tuple[str, str]:
         self.calls += 1
-        try:
-            raw = await self._roundtrip(b"E %d %s %s\n" % (self.calls, path.encode(), document))
-        except (ConnectionError, asyncio.LimitOverrunError, ValueError) as e:
-            raise EvaluationError(f"the policy engine failed: {type(e).__name__}") from None
+        raw = await self._roundtrip(b"E %d %s %s\n" % (self.calls, path.encode(), document))
         if not raw.endswith(b"\n"):
             raise EvaluationError("the policy engine exited while evaluating "
                                   f"({_exit(self.proc.returncode)})")
@@ -143,6 +215,8 @@ class _Worker:
             return kind, str(json.loads(payload))
         return kind, payload
 
+    # -- lifecycle ---------------------------------------------------------------------------
+
     @property
     def alive(self) -> bool:
         return self.proc.returncode is None
@@ -152,9 +226,21 @@ class _Worker:
             with contextlib.suppress(ProcessLookupError):
                 self.proc.kill()
 
+    def _close_pipes(self) -> None:
+        if self._to >= 0:
+            self._loop.remove_writer(self._to)
+            os.close(self._to)
+            self._to = -1
+        if self._from >= 0:
+            self._loop.remove_reader(self._from)
+            os.close(self._from)
+            self._from = -1
+        self._answer(b"")
+
     async def wait(self) -> None:
         with contextlib.suppress(ProcessLookupError):
             await self.proc.wait()
+        self._close_pipes()
 
 
 class EvaluatorPool:
@@ -264,8 +350,6 @@ class EvaluatorPool:
             task.cancel()
         for worker in list(self._workers):
             worker.kill()
-            if worker.proc.stdin is not None:
-                worker.proc.stdin.close()
         await asyncio.gather(*(w.wait() for w in (*self._workers, *self._dying)),
                              return_exceptions=True)
         await asyncio.gather(*self._spawning, return_exceptions=True)

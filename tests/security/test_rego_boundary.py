@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
 from legation.errors import ConfigError
+from legation.extauthz.errors import AuthzError
 from legation.extauthz.policies import load
 from legation.extauthz.rego import RegoCheck, RegoConfig
 from legation.extauthz.request import RequestContext
@@ -53,8 +54,11 @@ allow if input.attributes.request.http.headers["x-token"] == "a\\"b\\\\c"
 MIRROR = """package attack.mirror
 import rego.v1
 
+# as in opa-envoy-plugin, a request without headers has no `headers` key at all
+headers := object.get(input.attributes.request.http, "headers", {})
+
 allow := {"allowed": false, "http_status": 403, "body": json.marshal({
-    "headers": input.attributes.request.http.headers,
+    "headers": headers,
     "path": input.attributes.request.http.path,
 })}
 """
@@ -178,7 +182,11 @@ def test_the_policy_sees_exactly_the_strings_sent(
 ) -> None:
     loop, check = mirror
     ctx = RequestContext(request("attack.mirror", headers, path=path))
-    decision = loop.run_until_complete(check.check(ctx))
+    try:
+        decision = loop.run_until_complete(check.check(ctx))
+    except AuthzError as e:  # a path opa-envoy-plugin cannot parse either: a named denial
+        assert e.code == "malformed_path" and e.is_client_error, e
+        return
     assert not decision.allowed
     seen = json.loads(decision.body)
     assert seen == {"headers": headers, "path": path}
