@@ -8,11 +8,20 @@ first denial stops the chain (unless the route's policy is in dry-run).
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 from legation.extauthz.request import RequestContext
+
+# Headers as a name -> value mapping, or as (name, value) pairs when a name has several values
+# (two Set-Cookie): opa-envoy-plugin sends one header entry per value, never a joined value.
+Headers = Mapping[str, str] | Sequence[tuple[str, str]]
+
+
+def header_items(headers: Headers) -> Iterable[tuple[str, str]]:
+    """The (name, value) pairs of ``headers``, in order."""
+    return headers.items() if isinstance(headers, Mapping) else headers
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -20,15 +29,21 @@ class Decision:
     """What one check decided, in opa-envoy-plugin's vocabulary.
 
     ``headers`` go to the upstream when allowed and to the client when denied;
-    ``response_headers_to_add`` go to the client on an allowed request's response.
+    ``response_headers_to_add`` go to the client on an allowed request's response;
+    ``request_headers_to_remove``, ``query_parameters_to_set`` ((key, value) pairs, a key may
+    repeat) and ``query_parameters_to_remove`` change the allowed request before it goes
+    upstream (query parameters: gRPC ext_authz only); ``http_status`` and ``body`` make the
+    denial. ``dynamic_metadata`` is emitted by Envoy for the filters and access logs after it.
     """
 
     allowed: bool
     http_status: int | None = None
     body: str = ""
-    headers: Mapping[str, str] = field(default_factory=dict)
-    response_headers_to_add: Mapping[str, str] = field(default_factory=dict)
+    headers: Headers = field(default_factory=dict)
+    response_headers_to_add: Headers = field(default_factory=dict)
     request_headers_to_remove: tuple[str, ...] = ()
+    query_parameters_to_set: tuple[tuple[str, str], ...] = ()
+    query_parameters_to_remove: tuple[str, ...] = ()
     dynamic_metadata: Mapping[str, Any] = field(default_factory=dict)
     reason: str = ""
 

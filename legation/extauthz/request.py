@@ -1,29 +1,29 @@
 """CheckRequest -> the policy input document that opa-envoy-plugin builds.
 
-The document is ``{"attributes": <CheckRequest.attributes as protojson>, "parsed_path": [...],
-"parsed_query": {...}, "parsed_body": ..., "truncated_body": bool, "version": {...}}``, so policies
+The document is ``{"attributes": <CheckRequest.attributes>, "parsed_path": [...],
+"parsed_query": {...}, "parsed_body": ..., "truncated_body": bool, "version": {...},
+"source_principal": "..."}``, built by opa-envoy-plugin's rules (``attributes`` by
+:mod:`legation.extauthz._protomap`, the body by :mod:`legation.extauthz._body`), so policies
 written for opa-envoy-plugin run unchanged. Legation adds ``jwt`` (the verified claims, once a
 ``jwt`` check has run) and ``spiffe_id`` (the peer's SPIFFE id when the connection used mTLS).
 
 The document is built lazily, on first use: a route that only checks a JWT never pays for it.
-The common fields are copied by hand (protojson names, camelCase) because ``MessageToDict`` on a
-whole CheckRequest costs ~75 us, a large share of the per-call budget. A caller that knows which
-parts of the document it reads (the embedded Rego engine, see :mod:`legation.extauthz._inputrefs`)
-passes an :data:`InputPaths` tree and gets only those parts: handing each node to the engine costs
-a few microseconds, so the whole document would cost more than evaluating the policy.
+A caller that knows which parts of the document it reads (the embedded Rego engine, see
+:mod:`legation.extauthz._inputrefs`) passes an :data:`InputPaths` tree and gets only those parts:
+the parts it leaves out are not built (a body that is never read is never parsed).
 """
 
 from __future__ import annotations
 
-import base64
 import itertools
-import json
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
-from google.protobuf.json_format import MessageToDict
-
+from legation.extauthz._body import ProtoSet
+from legation.extauthz._body import parse as parse_body_of
+from legation.extauthz._protomap import protomap
 from legation.extauthz.errors import AuthzError
 
 _VERSION = {"ext_authz": "v3", "encoding": "protojson"}
@@ -53,10 +53,11 @@ class RequestContext:
     """One Check call: the raw request, what earlier checks learned, and the lazy input."""
 
     __slots__ = ("_input", "claims", "decision_id", "extensions", "headers", "jwt_provider",
-                 "request")
+                 "options", "request")
 
-    def __init__(self, request: Any) -> None:
+    def __init__(self, request: Any, options: InputOptions | None = None) -> None:
         self.request = request
+        self.options = options or DEFAULT_OPTIONS
         http = request.attributes.request.http
         self.headers: Any = http.headers  # a protobuf map: lower-case names, like Envoy sends
         self.extensions: Any = request.attributes.context_extensions
@@ -81,10 +82,10 @@ class RequestContext:
     def input(self, only: InputPaths | None = None) -> dict[str, Any]:
         """The policy input document (built once per request), or only the parts in ``only``."""
         if only is not None:
-            doc = build_input(self.request, only)
+            doc = build_input(self.request, only, self.options)
         else:
             if self._input is None:
-                self._input = build_input(self.request)
+                self._input = build_input(self.request, options=self.options)
             doc = self._input
         if self.claims is not None and (only is None or "jwt" in only):
             jwt = {"provider": self.jwt_provider, "claims": self.claims}
@@ -96,25 +97,46 @@ class RequestContext:
         return doc
 
 
-def build_input(request: Any, only: InputPaths | None = None) -> dict[str, Any]:
+@dataclass(frozen=True, kw_only=True)
+class InputOptions:
+    """How the input document is built, as opa-envoy-plugin's plugin options:
+    ``skip_body_parse`` (its ``skip_request_body_parse``: no ``parsed_body`` and no
+    ``truncated_body`` keys at all) and ``proto_set`` (its ``proto_descriptor``: gRPC bodies
+    decoded, see :mod:`legation.extauthz._body`)."""
+
+    skip_body_parse: bool = False
+    proto_set: ProtoSet | None = None
+
+
+DEFAULT_OPTIONS = InputOptions()
+
+
+def build_input(request: Any, only: InputPaths | None = None,
+                options: InputOptions = DEFAULT_OPTIONS) -> dict[str, Any]:
     """The document for ``request``; with ``only``, just those parts (see :func:`project`).
-    With ``only``, the parts it leaves out are not built at all."""
-    attrs = request.attributes
-    http = attrs.request.http
+    With ``only``, the parts it leaves out are not built at all.
+
+    As opa-envoy-plugin: ``attributes`` is the CheckRequest's populated fields
+    (:mod:`legation.extauthz._protomap`: absent when empty, numbers as numbers);
+    ``parsed_path``, ``parsed_query`` and ``version`` are always there; ``parsed_body`` (null
+    when the body is not parsed) and ``truncated_body`` unless body parsing is skipped;
+    ``source_principal`` when the peer has one."""
+    http = request.attributes.request.http
     doc: dict[str, Any] = {}
-    if only is None or "attributes" in only:
-        doc["attributes"] = _attributes(attrs, http, _sub(only, "attributes"))
-    if only is None or "parsed_path" in only or "parsed_query" in only:
-        doc["parsed_path"], doc["parsed_query"] = parse_path(http.path)
+    if (only is None or "attributes" in only) and request.HasField("attributes"):
+        doc["attributes"] = protomap(request.attributes, _sub(only, "attributes"))
+    want_body = not options.skip_body_parse and (
+        only is None or "truncated_body" in only or "parsed_body" in only)
+    parsed_path, doc["parsed_query"] = parse_path(http.path)  # cheap; refuses a bad path
+    doc["parsed_path"] = parsed_path
+    if want_body:
+        doc["parsed_body"], doc["truncated_body"] = parse_body_of(
+            http, parsed_path, options.proto_set)
     if only is None or "version" in only:
         doc["version"] = dict(_VERSION)
-    if only is None or "truncated_body" in only or "parsed_body" in only:
-        body, truncated = _body(http)
-        doc["truncated_body"] = truncated
-        if body and not truncated:
-            parsed = parse_body(body, http.headers.get("content-type", ""))
-            if parsed is not None:
-                doc["parsed_body"] = parsed
+    principal = request.attributes.source.principal
+    if principal and (only is None or "source_principal" in only):
+        doc["source_principal"] = principal
     return doc if only is None else project(doc, only)
 
 
@@ -132,89 +154,6 @@ def project(value: Any, only: InputPaths) -> Any:
     if not only or not isinstance(value, dict):
         return value
     return {k: project(value[k], sub) for k, sub in only.items() if k in value}
-
-
-def _attributes(attrs: Any, http: Any, only: InputPaths | None = None) -> dict[str, Any]:
-    """``attributes`` as protojson; with ``only``, just the branches it names (the caller
-    projects what is below them)."""
-    attributes: dict[str, Any] = {}
-    if only is None or "source" in only:
-        attributes["source"] = _peer(attrs.source)
-    if only is None or "destination" in only:
-        attributes["destination"] = _peer(attrs.destination)
-    if only is None or "request" in only:
-        wanted = _sub(only, "request")
-        request_doc: dict[str, Any] = {}
-        if wanted is None or "http" in wanted:
-            request_doc["http"] = _http(http, _sub(wanted, "http"))
-        if (wanted is None or "time" in wanted) and attrs.request.HasField("time"):
-            request_doc["time"] = attrs.request.time.ToJsonString()
-        attributes["request"] = request_doc
-    if only is None or "contextExtensions" in only:
-        attributes["contextExtensions"] = dict(attrs.context_extensions)
-    if (only is None or "metadataContext" in only) and attrs.HasField("metadata_context"):
-        attributes["metadataContext"] = MessageToDict(attrs.metadata_context)
-    if ((only is None or "routeMetadataContext" in only)
-            and attrs.HasField("route_metadata_context")):
-        attributes["routeMetadataContext"] = MessageToDict(attrs.route_metadata_context)
-    return attributes
-
-
-_HTTP_ALWAYS = ("id", "method", "path", "host", "scheme", "protocol")  # even when empty
-
-
-def _http(http: Any, only: InputPaths | None) -> dict[str, Any]:
-    if only is not None:  # a policy reads a few fields: fetch just those
-        out = {}
-        for key in only:
-            if key in _HTTP_ALWAYS:
-                out[key] = getattr(http, key)
-            elif key == "headers":
-                out[key] = dict(http.headers)
-            else:
-                out.update(_http_optional(http, key))
-        return out
-    http_doc: dict[str, Any] = {
-        "id": http.id,
-        "method": http.method,
-        "headers": dict(http.headers),
-        "path": http.path,
-        "host": http.host,
-        "scheme": http.scheme,
-        "protocol": http.protocol,
-    }
-    for key in ("query", "fragment", "size", "body", "rawBody"):
-        http_doc.update(_http_optional(http, key))
-    return http_doc
-
-
-def _http_optional(http: Any, key: str) -> dict[str, Any]:
-    """The fields protojson leaves out when empty: ``{key: value}`` or ``{}``."""
-    if key == "query" and http.query:
-        return {"query": http.query}
-    if key == "fragment" and http.fragment:
-        return {"fragment": http.fragment}
-    if key == "size" and http.size:
-        return {"size": str(http.size)}  # protojson renders int64 as a string
-    if key == "body" and http.body:
-        return {"body": http.body}
-    if key == "rawBody" and http.raw_body:
-        return {"rawBody": base64.b64encode(http.raw_body).decode()}
-    return {}
-
-
-def _peer(peer: Any) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    if peer.HasField("address"):
-        sock = peer.address.socket_address
-        out["address"] = {"socketAddress": {"address": sock.address, "portValue": sock.port_value}}
-    if peer.principal:
-        out["principal"] = peer.principal
-    if peer.certificate:
-        out["certificate"] = peer.certificate
-    if peer.labels:
-        out["labels"] = dict(peer.labels)
-    return out
 
 
 # Go's url.ParseQuery refuses a query with this many '&' (more than 10,000 parameters, its default
@@ -285,35 +224,3 @@ def unescape(raw: str, *, plus: bool) -> str:
         out.append(bytes((int(piece[:2], 16),)))
         out.append(piece[2:])
     return b"".join(out).decode("utf-8", "replace")
-
-
-def _body(http: Any) -> tuple[bytes, bool]:
-    body = http.raw_body or http.body.encode()
-    if http.headers.get("x-envoy-auth-partial-body") == "true":
-        return body, True
-    length = http.headers.get("content-length")
-    if length is not None:
-        try:
-            return body, int(length) > len(body)
-        except ValueError:
-            raise AuthzError("content-length header is not a number", code="malformed_body",
-                             status=400) from None
-    return body, False
-
-
-def parse_body(body: bytes, content_type: str) -> Any:
-    """JSON and form bodies are parsed; other types are left to the policy (``body``)."""
-    media = content_type.split(";", 1)[0].strip().lower()
-    if media == "application/json" or media.endswith("+json"):
-        try:
-            return json.loads(body)
-        except (ValueError, UnicodeDecodeError, RecursionError):
-            raise AuthzError("request body is not valid JSON", code="malformed_body",
-                             status=400) from None
-    if media == "application/x-www-form-urlencoded":
-        try:
-            return parse_query(body.decode())  # url.ParseQuery, as opa-envoy-plugin
-        except (UnicodeDecodeError, ValueError):
-            raise AuthzError("form body is not valid UTF-8 form data", code="malformed_body",
-                             status=400) from None
-    return None

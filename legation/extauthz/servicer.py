@@ -19,11 +19,11 @@ from typing import Any
 
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 
-from legation.extauthz.checks import Check, Decision
+from legation.extauthz.checks import Check, Decision, Headers, header_items
 from legation.extauthz.config import ServiceConfig
 from legation.extauthz.errors import CLIENT_CODES, AuthzError
 from legation.extauthz.observe import DecisionLog, Metrics, service_policy_labels
-from legation.extauthz.request import RequestContext
+from legation.extauthz.request import InputOptions, RequestContext
 from legation.extauthz.response import check_decision, to_check_response
 
 log = logging.getLogger("legation.extauthz")
@@ -37,8 +37,10 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
         checks: Mapping[str, Check],
         metrics: Metrics,
         decision_log: DecisionLog,
+        input_options: InputOptions | None = None,
     ) -> None:
         self.config = config
+        self.input_options = input_options  # skip_body_parse, proto_set (opa-envoy-plugin's)
         self.checks = dict(checks)
         self.metrics = metrics
         metrics.bound_policies(service_policy_labels(config, self.checks))  # bounded series
@@ -53,7 +55,7 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
         self, request: external_auth_pb2.CheckRequest, context: Any
     ) -> external_auth_pb2.CheckResponse:
         started = time.perf_counter()
-        ctx = RequestContext(request)
+        ctx = RequestContext(request, self.input_options)
         extensions = ctx.extensions
         policy = extensions.get("policy") or self._default_policy
         names = self._names(extensions.get("checks"))
@@ -87,7 +89,9 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
             result = "would_deny"  # the decision log and the metric make it visible
             log.debug("dry-run policy %s would deny (decision %s): %s", policy,
                       ctx.decision_id, decision.reason)
-            decision = _DRY_RUN_ALLOW
+            # as opa-envoy-plugin: allowed, no mutation, the policy's metadata kept
+            decision = Decision(allowed=True,
+                                dynamic_metadata={**decision.dynamic_metadata, "dry_run": True})
         response = to_check_response(decision, decision_id=ctx.decision_id,
                                      deny_status=self.config.deny_status, policy=policy)
         elapsed = time.perf_counter() - started
@@ -125,20 +129,27 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
                              code="no_checks")
         if len(names) == 1:
             return await _bounded(self._check(names[0]).check(ctx), self._timeout)
-        headers: dict[str, str] = {}
-        response_headers: dict[str, str] = {}
+        headers: list[tuple[str, str]] = []
+        response_headers: list[tuple[str, str]] = []
         remove: list[str] = []
+        query_set: list[tuple[str, str]] = []
+        query_remove: list[str] = []
         metadata: dict[str, Any] = {}
         for name in names:
             decision = await _bounded(self._check(name).check(ctx), self._timeout)
             if not decision.allowed:
                 return decision
-            headers.update(decision.headers)
-            response_headers.update(decision.response_headers_to_add)
+            _replace(headers, decision.headers)  # a later check's header wins, all its values
+            _replace(response_headers, decision.response_headers_to_add)
             remove.extend(decision.request_headers_to_remove)
+            query_set.extend(decision.query_parameters_to_set)
+            query_remove.extend(decision.query_parameters_to_remove)
             metadata.update(decision.dynamic_metadata)
-        return Decision(allowed=True, headers=headers, response_headers_to_add=response_headers,
-                        request_headers_to_remove=tuple(remove), dynamic_metadata=metadata)
+        return Decision(allowed=True, headers=tuple(headers),
+                        response_headers_to_add=tuple(response_headers),
+                        request_headers_to_remove=tuple(remove),
+                        query_parameters_to_set=tuple(query_set),
+                        query_parameters_to_remove=tuple(query_remove), dynamic_metadata=metadata)
 
     def _check(self, name: str) -> Check:
         check = self.checks.get(name)
@@ -148,7 +159,14 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
 
 
 _JSON = {"content-type": "application/json"}
-_DRY_RUN_ALLOW = Decision(allowed=True, dynamic_metadata={"dry_run": True})
+
+
+def _replace(acc: list[tuple[str, str]], headers: Headers) -> None:
+    """Add ``headers`` to ``acc``, dropping what ``acc`` had under the same names."""
+    pairs = list(header_items(headers))
+    if pairs:
+        names = {name.lower() for name, _ in pairs}
+        acc[:] = [p for p in acc if p[0].lower() not in names] + pairs
 
 
 async def _bounded(coro: Coroutine[Any, Any, Decision], timeout: float) -> Decision:
