@@ -312,3 +312,23 @@ def test_server_tls_keeps_the_key_out_of_repr() -> None:
     tls = ServerTls(cert_chain_pem=b"CERT", key_pem=b"-----BEGIN PRIVATE KEY-----",
                     client_ca_pem=b"CA")
     assert "PRIVATE" not in repr(tls)
+
+
+async def test_a_reload_that_turns_mtls_off_restarts_the_services_in_plaintext(
+    plane: ControlPlane
+) -> None:
+    text = plane.mesh_path.read_text()
+    plane.mesh_path.write_text(text.replace("mode: strict", "mode: off"))
+    assert await plane.reload() is True
+    for kind in KINDS:
+        assert plane.services.status()[kind]["tls"] == "none"
+        async with grpc.aio.insecure_channel(address(plane, kind)) as channel:
+            assert_served(kind, await call(kind, channel))
+    plane.mesh_path.write_text(text)  # and back on: plaintext refused again
+    assert await plane.reload() is True
+    for kind in KINDS:
+        async with grpc.aio.insecure_channel(address(plane, kind)) as channel:
+            assert_refused(kind, await call(kind, channel))
+        async with tls_channel(address(plane, kind), mesh_root(plane),
+                               proxy_cert(plane)) as channel:
+            assert_served(kind, await call(kind, channel))
