@@ -100,6 +100,14 @@ routes:
 """
 
 
+def distinct_ports(*names: str) -> dict[str, int]:
+    """A free loopback port per name, no two alike (``free_port`` alone may repeat one)."""
+    chosen: set[int] = set()
+    while len(chosen) < len(names):
+        chosen.add(free_port())
+    return dict(zip(names, sorted(chosen), strict=True))
+
+
 class LoopThread:
     """An event loop in a daemon thread (the control plane and its services run on it)."""
 
@@ -133,14 +141,14 @@ class World:
         self.tmp = tmp
         self.mtls = mtls
         self.apps = {v: DemoApp(name="web", version=v).start_in_thread() for v in ("v1", "v2")}
-        self.ports = {name: free_port() for name in
-                      ("xds", "gw", "gw_admin", "authz", "proc", "rl", "in1", "out1", "admin1")}
+        self.ports = distinct_ports("xds", "gw", "gw_admin", "authz", "proc", "rl", "in1", "out1",
+                                    "admin1", "status")
         (tmp / "authz.yaml").write_text(AUTHZ_YAML)
         (tmp / "limits.yaml").write_text(RATELIMIT_YAML)
         self.mesh_path = tmp / "mesh.yaml"
         self.write_mesh(tag="one")
         self.loop = LoopThread()
-        self.cp = ControlPlane(self.mesh_path, status_port=free_port(), poll_interval=3600,
+        self.cp = ControlPlane(self.mesh_path, status_port=self.ports["status"], poll_interval=3600,
                                debounce=0.01, on_event=lambda line: None,
                                ca_dir=tmp / "ca")
         self.envoys: list[EnvoyProcess] = []

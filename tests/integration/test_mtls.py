@@ -24,8 +24,7 @@ from legation.controlplane import ControlPlane
 from legation.demo import DemoApp
 from legation.envoy_process import EnvoyProcess
 from legation.xds.bootstrap import bootstrap
-from tests.conftest import free_port
-from tests.integration.test_mesh_services import LoopThread
+from tests.integration.test_mesh_services import LoopThread, distinct_ports
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -75,7 +74,7 @@ class World:
         self.tmp = tmp
         self.apps = {v: DemoApp(name="reviews", version=v).start_in_thread() for v in ("v1", "v2")}
         names = ("xds", "gw", "gw_admin", "in1", "out1", "admin1", "in2", "out2", "admin2")
-        self.ports = {n: free_port() for n in names}
+        self.ports = distinct_ports(*names)
         self.mesh_path = tmp / "mesh.yaml"
         self.mesh_path.write_text(MESH.format(**self.ports, mode=mode, app1=self.apps["v1"].port,
                                               app2=self.apps["v2"].port))

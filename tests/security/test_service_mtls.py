@@ -32,7 +32,7 @@ from legation.config import MeshConfigError, parse_mesh
 from legation.controlplane import ControlPlane
 from legation.extproc.config import CHAIN_METADATA_KEY
 from legation.grpc_server import BindError, ServerTls, start_grpc_server
-from tests.conftest import free_port
+from tests.integration.test_mesh_services import distinct_ports
 
 REPO = Path(__file__).resolve().parents[2]
 KINDS = ("extauthz", "extproc", "ratelimit")
@@ -81,10 +81,7 @@ def write_mesh(tmp: Path, *, mode: str, tls: str | None = None) -> Path:
     (tmp / "authz.yaml").write_text(AUTHZ_YAML)
     (tmp / "limits.yaml").write_text(LIMITS_YAML)
     names = ("xds", "gw", "gw_admin", "extauthz", "extproc", "ratelimit", "app")
-    chosen: set[int] = set()
-    while len(chosen) < len(names):  # free_port may hand out a port twice
-        chosen.add(free_port())
-    ports = dict(zip(names, sorted(chosen), strict=True))
+    ports = distinct_ports(*names)
     path = tmp / "mesh.yaml"
     path.write_text(MESH.format(**ports, mode=mode, tls=f", tls: {tls}" if tls else ""))
     return path
