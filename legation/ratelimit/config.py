@@ -1,14 +1,15 @@
 """envoyproxy/ratelimit configuration, loaded unchanged, plus what Legation adds on top.
 
-The file format is envoyproxy/ratelimit's (one domain per file)::
+The file format is envoyproxy/ratelimit's (one domain per file; several files of one domain are
+merged with ``merge_domains``, upstream's ``MERGE_DOMAIN_CONFIG``)::
 
     domain: <unique domain>
     descriptors:
       - key: <required>
-        value: <optional; a trailing * matches by prefix>
-        rate_limit: {unit, requests_per_unit, unlimited, name, replaces: [{name}]}
-        shadow_mode: <bool>
-        detailed_metric: <bool>
+        value: <optional; each * matches zero or more characters, anywhere in the value>
+        rate_limit: {unit, requests_per_unit (default 0), unlimited, name, replaces: [{name}]}
+        shadow_mode, quota_mode, detailed_metric, value_to_metric, share_threshold: <bool>
+        metadata: <mapping, returned in the response's dynamic metadata>
         descriptors: [...]            # nested, same shape
 
 Additions (ignored by nobody, since unknown keys are errors in both implementations):
@@ -22,8 +23,9 @@ Loading runs two passes, like envoyproxy/ratelimit: unknown keys and wrong types
 semantic checks (units, unlimited, duplicates). Every message starts with the file name and the
 field path, e.g. ``limits.yaml: descriptors[0].rate_limit.unit: invalid unit 'sec' ...``.
 Matching (:meth:`RateLimitConfig.match`) follows the reference: a request descriptor with N entries
-matches a config descriptor N levels deep, trying at each level key+value, then a wildcard value,
-then key alone.
+matches a config descriptor N levels deep, trying at each level key+value, then the wildcard values
+in the order written, then key alone. The stats key of a match is upstream's (``detailed_metric``,
+``value_to_metric`` and ``share_threshold`` shape it the same way).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from typing import Any
 
 from legation import _yaml
 from legation.errors import ConfigError
+from legation.ratelimit import _scalars
 
 UNIT_SECONDS: Mapping[str, int] = {
     "second": 1,
@@ -72,40 +75,79 @@ class Limit:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Descriptor:
-    """A node of the descriptor tree. ``value`` is "" (any value) or may end with ``*``."""
+    """A node of the descriptor tree. ``value`` is "" (any value), literal, or a wildcard."""
 
     key: str
     value: str = ""
     limits: tuple[Limit, ...] = ()
     shadow_mode: bool = False
+    quota_mode: bool = False
     detailed_metric: bool = False
+    value_to_metric: bool = False
+    share_threshold: bool = False
+    metadata: Mapping[str, Any] | None = None
     children: DescriptorTable = field(default_factory=lambda: DescriptorTable())
+
+    @property
+    def composite(self) -> str:
+        """Upstream's name for the node at its level: ``key`` or ``key_value``."""
+        return f"{self.key}_{self.value}" if self.value else self.key
+
+
+class How(enum.IntEnum):
+    """How a request entry met its config node (what the stats key shows of the value)."""
+
+    EXACT = 0
+    WILDCARD = 1
+    KEY_ONLY = 2
 
 
 @dataclass(frozen=True, slots=True)
 class DescriptorTable:
-    """The descriptors of one level, indexed the way matching looks them up."""
+    """The descriptors of one level, indexed the way matching looks them up. ``items`` keeps the
+    declaration order (wildcards are tried in it, and domain merging rebuilds from it)."""
 
     exact: Mapping[tuple[str, str], Descriptor] = field(default_factory=dict)
-    wildcards: tuple[tuple[str, str, Descriptor], ...] = ()  # (key, value prefix, node)
+    wildcards: tuple[tuple[str, tuple[str, ...], Descriptor], ...] = ()  # (key, parts, node)
     any_value: Mapping[str, Descriptor] = field(default_factory=dict)
+    items: tuple[Descriptor, ...] = ()
 
-    def lookup(self, key: str, value: str) -> Descriptor | None:
+    @classmethod
+    def of(cls, items: Iterable[Descriptor]) -> DescriptorTable:
+        """The table of ``items`` (composite keys already checked unique by the parser)."""
+        exact: dict[tuple[str, str], Descriptor] = {}
+        wildcards: list[tuple[str, tuple[str, ...], Descriptor]] = []
+        any_value: dict[str, Descriptor] = {}
+        items = tuple(items)
+        for node in items:
+            if not node.value:
+                any_value[node.key] = node
+            elif "*" in node.value:
+                wildcards.append((node.key, _scalars.wildcard_parts(node.value), node))
+            else:
+                exact[(node.key, node.value)] = node
+        return cls(exact, tuple(wildcards), any_value, items)
+
+    def lookup(self, key: str, value: str) -> tuple[Descriptor, How] | None:
         node = self.exact.get((key, value))
         if node is not None:
-            return node
-        for wkey, prefix, wnode in self.wildcards:
-            if wkey == key and value.startswith(prefix):
-                return wnode
-        return self.any_value.get(key)
+            return node, How.EXACT
+        for wkey, parts, wnode in self.wildcards:
+            if wkey == key and _scalars.wildcard_match(parts, value):
+                return wnode, How.WILDCARD
+        node = self.any_value.get(key)
+        return None if node is None else (node, How.KEY_ONLY)
 
 
 @dataclass(frozen=True, slots=True)
 class Match:
-    """A request descriptor's matched config node, with its metric name (``domain.k_v.k``)."""
+    """A request descriptor's matched config node, with its stats key (``domain.k_v.k``) and, for
+    entries matched by a ``share_threshold`` wildcard, the pattern that replaces the value in the
+    counter key (``shared[i]``; "" for other entries; empty when no entry shares)."""
 
     descriptor: Descriptor
     metric_key: str
+    shared: tuple[str, ...] = ()
 
     @property
     def limits(self) -> tuple[Limit, ...]:
@@ -130,53 +172,81 @@ class RateLimitConfig:
         config = self.domains.get(domain)
         if config is None or not entries:
             return None
-        table = config.descriptors
-        parts = [domain]
+        table: DescriptorTable | None = config.descriptors
+        shown: list[str] = []  # value_to_metric-style stats key parts
+        shared = [""] * len(entries)
         node: Descriptor | None = None
-        for key, value in entries:
-            if table is None:
+        for i, (key, value) in enumerate(entries):
+            found = table.lookup(key, value) if table is not None else None
+            if found is None:
                 return None
-            node = table.lookup(key, value)
-            if node is None:
-                return None
-            if node.detailed_metric or node.value:
-                parts.append(f"{key}_{value if node.detailed_metric else node.value}")
+            node, how = found
+            if how is How.WILDCARD:
+                if node.share_threshold:
+                    shared[i] = node.value
+                part = value if node.value_to_metric and not node.share_threshold else node.value
+            elif how is How.EXACT:
+                part = value
             else:
-                parts.append(key)
-            table = node.children
+                part = value if node.value_to_metric else ""
+            shown.append(f"{key}_{part}" if part else key)
+            table = node.children if node.children.items else None
         if node is None or not node.limits:
             return None
-        return Match(node, ".".join(parts))
+        sharing = any(shared)
+        if node.detailed_metric:
+            shown = [f"{k}_{shared[i]}" if shared[i] else (f"{k}_{v}" if v or not sharing else k)
+                     for i, (k, v) in enumerate(entries)]
+        return Match(node, ".".join([domain, *shown]), tuple(shared) if sharing else ())
 
 
-_DESCRIPTOR_KEYS = frozenset(
-    {"key", "value", "rate_limit", "rate_limits", "descriptors", "shadow_mode", "detailed_metric"}
-)
+_DESCRIPTOR_KEYS = frozenset({
+    "key", "value", "rate_limit", "rate_limits", "descriptors", "shadow_mode", "quota_mode",
+    "detailed_metric", "value_to_metric", "share_threshold", "metadata",
+})
 _LIMIT_KEYS = frozenset({"unit", "requests_per_unit", "unlimited", "name", "replaces", "algorithm"})
 
 
-def load_files(paths: Iterable[str | Path]) -> RateLimitConfig:
-    """Load every file (one domain each). Domains must be unique across files."""
-    return _combine(load_file(path) for path in paths)
+def load_files(paths: Iterable[str | Path], *, merge_domains: bool = False) -> RateLimitConfig:
+    """Load every file (one domain each). Domains must be unique across files, unless
+    ``merge_domains``: then files of one domain add their top-level descriptors together."""
+    return _combine((load_file(path) for path in paths), merge_domains)
 
 
-def load_texts(texts: Iterable[tuple[str, str]]) -> RateLimitConfig:
+def load_texts(texts: Iterable[tuple[str, str]], *, merge_domains: bool = False
+               ) -> RateLimitConfig:
     """Like :func:`load_files` from ``(source, text)`` pairs already read (the watcher's case)."""
-    return _combine(parse(text, source=source) for source, text in texts)
+    return _combine((parse(text, source=source) for source, text in texts), merge_domains)
 
 
-def _combine(loaded_domains: Iterable[DomainConfig]) -> RateLimitConfig:
+def _combine(loaded_domains: Iterable[DomainConfig], merge: bool) -> RateLimitConfig:
     domains: dict[str, DomainConfig] = {}
     for loaded in loaded_domains:
         other = domains.get(loaded.domain)
-        if other is not None:
+        if other is None:
+            domains[loaded.domain] = loaded
+        elif merge:
+            domains[loaded.domain] = merge_domains(other, loaded)
+        else:
             raise ConfigError(
                 f"{loaded.source}: domain: duplicate domain {loaded.domain!r} "
-                f"(already loaded from {other.source})",
-                code="duplicate_domain",
-            )
-        domains[loaded.domain] = loaded
+                f"(already loaded from {other.source}; set merge_domains to merge them)",
+                code="duplicate_domain")
     return RateLimitConfig(domains)
+
+
+def merge_domains(first: DomainConfig, second: DomainConfig) -> DomainConfig:
+    """``second``'s top-level descriptors added to ``first``'s (upstream's MERGE_DOMAIN_CONFIG:
+    a composite key defined in both is an error naming ``second``'s file)."""
+    seen = {node.composite for node in first.descriptors.items}
+    for i, node in enumerate(second.descriptors.items):
+        if node.composite in seen:
+            raise ConfigError(
+                f"{second.source}: descriptors[{i}]: duplicate descriptor composite key "
+                f"'{first.domain}.{node.composite}'", code="duplicate_descriptor")
+        seen.add(node.composite)
+    table = DescriptorTable.of((*first.descriptors.items, *second.descriptors.items))
+    return DomainConfig(first.domain, first.source, table)
 
 
 def load_file(path: str | Path) -> DomainConfig:
@@ -191,8 +261,14 @@ def load_file(path: str | Path) -> DomainConfig:
 
 def parse(text: str, *, source: str = "<string>") -> DomainConfig:
     """Parse one file's text; ``source`` names it in every error."""
-    raw = _yaml.load(text, source=source)  # bounded: aliases, size, depth
+    raw = _scalars.load(text, source=source)  # bounded: aliases, size, depth
     return _Parser(source).domain(raw)
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, str | int | float | bool) or value is None:
+        return repr(value)
+    return f"a {type(value).__name__}"
 
 
 class _Parser:
@@ -205,8 +281,10 @@ class _Parser:
 
     def mapping(self, raw: Any, where: str, allowed: frozenset[str]) -> Mapping[str, Any]:
         if not isinstance(raw, Mapping):
-            raise self.fail(where, f"expected a mapping, got {type(raw).__name__}")
+            raise self.fail(where, f"expected a mapping, got {_shown(raw)}")
         for key in raw:
+            if not isinstance(key, str):
+                raise self.fail(where, f"a key must be a string, got {key!r}", "invalid_type")
             if key not in allowed:
                 raise self.fail(where, f"unknown key {key!r}", "unknown_key")
         return raw
@@ -221,47 +299,62 @@ class _Parser:
                             f"expected {kind.__name__}, got {value!r}", "invalid_type")
         return value
 
+    def text(self, raw: Mapping[str, Any], name: str, where: str) -> str:
+        """A string field; numbers other than integers are refused as upstream refuses them."""
+        value = raw.get(name)
+        if value is None:
+            return ""
+        if isinstance(value, float):
+            raise self.fail(f"{where}.{name}" if where else name,
+                            f"expected a string, got the number {value!r} (quote it)",
+                            "invalid_type")
+        if isinstance(value, bool | int):  # only when _scalars could not keep the text
+            return str(value).lower() if isinstance(value, bool) else str(value)
+        if not isinstance(value, str):
+            raise self.fail(f"{where}.{name}" if where else name,
+                            f"expected a string, got {_shown(value)}", "invalid_type")
+        return value
+
     def domain(self, raw: Any) -> DomainConfig:
         if raw is None:
             raise self.fail("", "empty file", "missing_domain")
         raw = self.mapping(raw, "", frozenset({"domain", "descriptors"}))
-        domain = self.typed(raw, "domain", "", str, "")
+        domain = self.text(raw, "domain", "")
         if not domain:
             raise self.fail("domain", "the domain is required and must not be empty",
                             "missing_domain")
         descriptors = self.typed(raw, "descriptors", "", list, [])
-        return DomainConfig(domain, self.source, self.table(descriptors or [], "descriptors"))
+        return DomainConfig(domain, self.source,
+                            self.table(descriptors or [], "descriptors", domain + "."))
 
-    def table(self, items: list[Any], where: str) -> DescriptorTable:
-        exact: dict[tuple[str, str], Descriptor] = {}
-        wildcards: list[tuple[str, str, Descriptor]] = []
-        any_value: dict[str, Descriptor] = {}
-        seen: set[tuple[str, str]] = set()
+    def table(self, items: list[Any], where: str, parent: str) -> DescriptorTable:
+        nodes: list[Descriptor] = []
+        seen: set[str] = set()
         for i, item in enumerate(items):
             here = f"{where}[{i}]"
-            node = self.descriptor(item, here)
-            composite = (node.key, node.value)
-            if composite in seen:
-                shown = f"{node.key}_{node.value}" if node.value else node.key
-                raise self.fail(here, f"duplicate descriptor composite key {shown!r}",
-                                "duplicate_descriptor")
-            seen.add(composite)
-            if not node.value:
-                any_value[node.key] = node
-            elif node.value.endswith("*"):
-                wildcards.append((node.key, node.value[:-1], node))
-            else:
-                exact[composite] = node
-        return DescriptorTable(exact, tuple(wildcards), any_value)
+            node = self.descriptor(item, here, parent)
+            if node.composite in seen:
+                raise self.fail(here, f"duplicate descriptor composite key "
+                                f"'{parent}{node.composite}'", "duplicate_descriptor")
+            seen.add(node.composite)
+            nodes.append(node)
+        return DescriptorTable.of(nodes)
 
-    def descriptor(self, raw: Any, where: str) -> Descriptor:
+    def descriptor(self, raw: Any, where: str, parent: str) -> Descriptor:
         raw = self.mapping(raw, where, _DESCRIPTOR_KEYS)
-        key = self.typed(raw, "key", where, str, "")
+        key = self.text(raw, "key", where)
         if not key:
             raise self.fail(f"{where}.key", "descriptor has no key", "missing_key")
-        value = raw.get("value", "")
-        if isinstance(value, bool) or not isinstance(value, str | int | float):
-            raise self.fail(f"{where}.value", f"expected a string, got {value!r}", "invalid_type")
+        if "*" in key:
+            raise self.fail(f"{where}.key", f"a key cannot hold a wildcard ({key!r}); only "
+                            "values can", "wildcard_key")
+        value = self.text(raw, "value", where)
+        flags = {name: self.typed(raw, name, where, bool, False) for name in (
+            "shadow_mode", "quota_mode", "detailed_metric", "value_to_metric", "share_threshold")}
+        if flags["share_threshold"] and "*" not in value:
+            shown = f"{key}_{value}" if value else key
+            raise self.fail(f"{where}.share_threshold", "share_threshold needs a wildcard value "
+                            f"(containing '*'), got key '{shown}'", "share_without_wildcard")
         limits: list[Limit] = []
         if raw.get("rate_limit") is not None:
             limits.append(self.limit(raw["rate_limit"], f"{where}.rate_limit"))
@@ -276,35 +369,54 @@ class _Parser:
             raise self.fail(where, "two limits with the same unit and algorithm (they would share "
                             "one counter)", "duplicate_limit")
         children = self.typed(raw, "descriptors", where, list, [])
+        composite = f"{key}_{value}" if value else key
         return Descriptor(
             key=key,
-            value=str(value),
+            value=value,
             limits=tuple(limits),
-            shadow_mode=self.typed(raw, "shadow_mode", where, bool, False),
-            detailed_metric=self.typed(raw, "detailed_metric", where, bool, False),
-            children=self.table(children or [], f"{where}.descriptors"),
+            metadata=self.metadata(raw.get("metadata"), f"{where}.metadata"),
+            children=self.table(children or [], f"{where}.descriptors",
+                                f"{parent}{composite}."),
+            **flags,
         )
+
+    def metadata(self, raw: Any, where: str) -> Mapping[str, Any] | None:
+        if raw is None:
+            return None
+        if not isinstance(raw, Mapping):
+            raise self.fail(where, f"expected a mapping, got {_shown(raw)}")
+        return self.json_value(raw, where) or None
+
+    def json_value(self, raw: Any, where: str) -> Any:
+        """``raw`` as JSON-like data (what a protobuf Struct holds); keys become strings as
+        upstream's conversion makes them; dates become their ISO text."""
+        if isinstance(raw, Mapping):
+            return {str(k): self.json_value(v, f"{where}.{k}") for k, v in raw.items()}
+        if isinstance(raw, list):
+            return [self.json_value(v, f"{where}[{i}]") for i, v in enumerate(raw)]
+        if raw is None or isinstance(raw, str | int | float | bool):
+            return raw
+        if hasattr(raw, "isoformat"):
+            return raw.isoformat()
+        raise self.fail(where, f"cannot be metadata: {_shown(raw)}", "invalid_type")
 
     def limit(self, raw: Any, where: str) -> Limit:
         raw = self.mapping(raw, where, _LIMIT_KEYS)
         unlimited = self.typed(raw, "unlimited", where, bool, False)
-        unit = self.typed(raw, "unit", where, str, "")
-        rpu = self.typed(raw, "requests_per_unit", where, int, None)
-        name = self.typed(raw, "name", where, str, "")
+        unit = self.text(raw, "unit", where)
+        rpu = self.typed(raw, "requests_per_unit", where, int, 0)
+        name = self.text(raw, "name", where)
         algorithm_raw = self.typed(raw, "algorithm", where, str, Algorithm.FIXED_WINDOW.value)
-        replaces = self.replaces(raw.get("replaces"), f"{where}.replaces")
+        replaces = self.replaces(raw.get("replaces"), f"{where}.replaces", name)
         if unlimited:
-            if unit or rpu is not None:
-                raise self.fail(where, "an unlimited rate limit must not set unit or "
-                                "requests_per_unit", "unlimited_with_unit")
+            if unit:
+                raise self.fail(f"{where}.unit", "an unlimited rate limit must not set a unit",
+                                "unlimited_with_unit")
             return Limit(unlimited=True, name=name, replaces=replaces)
         unit = unit.lower()
         if unit not in UNIT_SECONDS:
             raise self.fail(f"{where}.unit", f"invalid rate limit unit {unit!r} "
                             f"(one of {', '.join(UNIT_SECONDS)})", "invalid_unit")
-        if rpu is None:
-            raise self.fail(f"{where}.requests_per_unit", "requests_per_unit is required",
-                            "missing_requests_per_unit")
         if rpu < 0 or rpu > 0xFFFFFFFF:
             raise self.fail(f"{where}.requests_per_unit", f"must be 0..4294967295, got {rpu}",
                             "invalid_requests_per_unit")
@@ -317,7 +429,7 @@ class _Parser:
         return Limit(unit=unit, requests_per_unit=rpu, algorithm=algorithm, name=name,
                      replaces=replaces)
 
-    def replaces(self, raw: Any, where: str) -> frozenset[str]:
+    def replaces(self, raw: Any, where: str, own_name: str) -> frozenset[str]:
         if raw is None:
             return frozenset()
         if not isinstance(raw, list):
@@ -325,8 +437,11 @@ class _Parser:
         names = set()
         for i, item in enumerate(raw):
             item = self.mapping(item, f"{where}[{i}]", frozenset({"name"}))
-            name = self.typed(item, "name", f"{where}[{i}]", str, "")
+            name = self.text(item, "name", f"{where}[{i}]")
             if not name:
                 raise self.fail(f"{where}[{i}].name", "replaces needs a name", "missing_name")
+            if name == own_name:
+                raise self.fail(f"{where}[{i}].name", f"a rate limit cannot replace itself "
+                                f"({name!r})", "replaces_self")
             names.add(name)
         return frozenset(names)

@@ -21,13 +21,11 @@ CASES = {
     "missing_key": ("descriptors[0].key: descriptor has no key", "missing_key"),
     "invalid_unit": ("descriptors[0].rate_limit.unit: invalid rate limit unit 'sec' (one of "
                      "second, minute, hour, day, week, month, year)", "invalid_unit"),
-    "missing_rpu": ("descriptors[0].rate_limit.requests_per_unit: requests_per_unit is required",
-                    "missing_requests_per_unit"),
     "rpu_not_int": ("descriptors[0].rate_limit.requests_per_unit: expected int, got 'many'",
                     "invalid_type"),
-    "unlimited_with_unit": ("descriptors[0].rate_limit: an unlimited rate limit must not set "
-                            "unit or requests_per_unit", "unlimited_with_unit"),
-    "duplicate_descriptor": ("descriptors[2]: duplicate descriptor composite key 'a_b'",
+    "unlimited_with_unit": ("descriptors[0].rate_limit.unit: an unlimited rate limit must not "
+                            "set a unit", "unlimited_with_unit"),
+    "duplicate_descriptor": ("descriptors[2]: duplicate descriptor composite key 'd.a_b'",
                              "duplicate_descriptor"),
     "invalid_algorithm": ("descriptors[0].descriptors[0].rate_limit.algorithm: unknown algorithm "
                           "'leaky_bucket' (one of fixed_window, sliding_window, token_bucket)",
@@ -74,7 +72,8 @@ def test_duplicate_domain_across_files_names_both(tmp_path: Path) -> None:
     b.write_text("domain: same\n")
     with pytest.raises(ConfigError) as info:
         load_files([a, b])
-    assert str(info.value) == f"{b}: domain: duplicate domain 'same' (already loaded from {a})"
+    assert str(info.value) == (f"{b}: domain: duplicate domain 'same' (already loaded from {a}; "
+                               "set merge_domains to merge them)")
 
 
 def test_every_readme_example_loads() -> None:
