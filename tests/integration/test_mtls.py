@@ -140,11 +140,14 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
 
 
 def envoy_cert(envoy: EnvoyProcess) -> dict[str, Any]:
-    """The proxy's own certificate as its admin /certs shows it (not the CA)."""
+    """The proxy's mesh certificate as its admin /certs shows it (not the CA, and not its xDS
+    credential, which /certs lists too, in no fixed order)."""
     for entry in json.loads(envoy.admin_get("/certs"))["certificates"]:
         for cert in entry.get("cert_chain") or []:
-            return cert  # type: ignore[no-any-return]
-    raise AssertionError("no certificate in /certs")
+            uris = [san.get("uri", "") for san in cert.get("subject_alt_names", [])]
+            if any(uri.startswith("spiffe://cluster.local/") for uri in uris):
+                return cert  # type: ignore[no-any-return]
+    raise AssertionError("no mesh certificate in /certs")
 
 
 def tls_request(port: int, ca_pem: bytes, cert: WorkloadCert | None, tmp: Path) -> bytes:
