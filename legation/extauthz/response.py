@@ -182,19 +182,25 @@ def _show(name: object) -> str:
     return repr(name[:64]) if isinstance(name, str) else type(name).__name__
 
 
-def _header_options(headers: Headers, *, append: bool = False,
+def _header_options(headers: Headers, *, append: bool = False, legacy: bool = False,
                     ) -> list[base_pb2.HeaderValueOption]:
     """One option per value. Without ``append``, a name's first value replaces what the message
     already has under that name (a client-sent ``x-user`` never survives next to the policy's)
-    and its further values are appended to it; with ``append``, every value is appended."""
+    and its further values are appended to it; with ``append``, every value is appended.
+    ``legacy`` also sets the deprecated ``append`` flag on appended values: Envoy 1.40's
+    ext_authz reads only that flag for the request headers of an OkHttpResponse (it then joins
+    the values with a comma)."""
     out = []
     seen: set[str] = set()
     for name, value in header_items(headers):
         key = name.lower()
         action = _APPEND if append or key in seen else _OVERWRITE
         seen.add(key)
-        out.append(base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=name, value=value),
-                                              append_action=action))
+        option = base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=name, value=value),
+                                            append_action=action)
+        if action == _APPEND and legacy:
+            option.append.value = True  # Envoy's ext_authz reads only this for request headers
+        out.append(option)
     return out
 
 
@@ -221,7 +227,7 @@ def to_check_response(
         response.status.code = code_pb2.OK
         ok = response.ok_response
         if decision.headers:
-            ok.headers.extend(_header_options(decision.headers))
+            ok.headers.extend(_header_options(decision.headers, legacy=True))
         if decision.request_headers_to_remove:
             ok.headers_to_remove.extend(decision.request_headers_to_remove)
         if decision.response_headers_to_add:

@@ -173,7 +173,10 @@ def test_header_append_actions() -> None:
     ok = respond({"allowed": True, "headers": {"x-user": ["a", "b"]},
                   "response_headers_to_add": {"set-cookie": ["a=1", "b=2"]}}).ok_response
     assert [h.append_action for h in ok.headers] == [OVERWRITE, APPEND]
+    assert [h.append.value for h in ok.headers] == [False, True]  # what Envoy reads there
     assert [h.append_action for h in ok.response_headers_to_add] == [APPEND, APPEND]
+    denied = respond({"allowed": False, "headers": {"set-cookie": ["a=1", "b=2"]}})
+    assert [h.append_action for h in denied.denied_response.headers] == [OVERWRITE, APPEND]
 
 
 def test_denied_object() -> None:
