@@ -37,12 +37,15 @@ class Hit:
 class Decision:
     """``remaining`` after this hit; ``reset_ms`` until the limit resets (window end, or bucket
     full); ``retry_ms``: when refused, the earliest the same hit could pass (the over-limit
-    cache's TTL)."""
+    cache's TTL); ``used``: the counter after this hit where the algorithm counts every hit
+    (fixed window), else the admitted usage, or -1 when unknown (the hit was refused without being
+    counted, or answered from an over-limit cache): the near/over-limit split needs it."""
 
     allowed: bool
     remaining: int
     reset_ms: int
     retry_ms: int = 0
+    used: int = -1
 
 
 def window_start(now_ms: int, window_ms: int) -> int:
@@ -58,7 +61,7 @@ def fixed_window(limit: Limit, now_ms: int, cost: int, count_after: int) -> Deci
     reset = window_start(now_ms, w) + w - now_ms
     allowed = count_after <= limit.requests_per_unit
     remaining = max(0, limit.requests_per_unit - count_after)
-    return Decision(allowed, remaining, reset, 0 if allowed else reset)
+    return Decision(allowed, remaining, reset, 0 if allowed else reset, count_after)
 
 
 # -- sliding window -------------------------------------------------------------------------------
@@ -81,7 +84,7 @@ def sliding_window(
     used = prev * (w - elapsed) + cur_after * w  # in 1/w requests
     remaining = max(0, (rpu * w - used) // w)
     if allowed:
-        return Decision(True, remaining, reset)
+        return Decision(True, remaining, reset, used=rpu - remaining)
     if cur_after + cost > rpu or prev == 0:
         retry = reset  # not before this window ends, maybe later: the cache re-asks then
     else:
@@ -113,7 +116,7 @@ def token_bucket(limit: Limit, cost: int, units_after: int, allowed: bool) -> De
         return Decision(allowed, 0, w, 0 if allowed else w)
     reset = -(-(rpu * w - units_after) // rpu)  # until full, rounded up
     if allowed:
-        return Decision(True, remaining, reset)
+        return Decision(True, remaining, reset, used=rpu - remaining)
     if cost > rpu:
         return Decision(False, remaining, reset, w)  # can never fit; ask again each window
     retry = -(-(cost * w - units_after) // rpu)

@@ -4,13 +4,21 @@
 request in flight keeps the one it started with), a :class:`~.backends.Backend` and a clock. It
 raises :class:`RateLimitError`; the servicer (:mod:`.service`) turns that into an answer.
 
-Semantics follow envoyproxy/ratelimit: each request descriptor is matched independently; a limit
-named in another matched limit's ``replaces`` is neither checked nor counted; the overall code is
-OVER_LIMIT when any descriptor is; shadow mode (per descriptor, or global) counts and reports but
-answers OK; unlimited descriptors answer OK with ``limit_remaining`` 2^32-1 without touching the
-store; a descriptor nothing matches answers OK with no current limit. The cost of a hit is the
-descriptor's ``hits_addend`` when set, else the request's, else 1. A descriptor carrying its own
-``limit`` (Envoy's route-level override) is counted against that limit, as a fixed window.
+Semantics follow envoyproxy/ratelimit (``src/service/ratelimit.go``): each request descriptor is
+matched independently; a limit named in another matched limit's ``replaces`` is neither checked nor
+counted; a descriptor in shadow mode answers OK when over its limit (counted as such); the overall
+code is OVER_LIMIT when a descriptor not in quota mode is over, or when every quota-mode descriptor
+is; the global shadow mode then answers OK but leaves the statuses as they are; unlimited
+descriptors answer OK with ``limit_remaining`` 2^32-1 without touching the store; a descriptor
+nothing matches answers OK with no current limit. The cost of a hit is the descriptor's
+``hits_addend`` when set (0 checks without counting), else the request's, else 1. A descriptor
+carrying its own ``limit`` (Envoy's route-level override) in a known domain is counted against that
+limit, on the counter the descriptor's entries and unit name (never in shadow mode).
+
+Optional, as upstream's settings: ``response_headers`` (``LIMIT_RESPONSE_HEADERS_ENABLED``) adds
+limit/remaining/reset headers for the descriptor closest to its limit; ``dynamic_metadata``
+(``RESPONSE_DYNAMIC_METADATA``) returns the domain, the descriptors and the merged ``metadata`` of
+the descriptors that passed.
 
 Several limits on one descriptor are counted independently, each by its own algorithm, in the same
 round trip: a hit refused by one limit still counts against a fixed window next to it (as
@@ -20,22 +28,27 @@ and token buckets only take what they admit.
 
 from __future__ import annotations
 
+import math
+import struct
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from envoy.service.ratelimit.v3 import rls_pb2
 from envoy.type.v3 import ratelimit_unit_pb2
+from google.protobuf import text_format
 
 from legation.ratelimit.algorithms import Decision, Hit
 from legation.ratelimit.backends import Backend
-from legation.ratelimit.config import Limit, Match, RateLimitConfig
+from legation.ratelimit.config import UNIT_SECONDS, Algorithm, Limit, Match, RateLimitConfig
 from legation.ratelimit.errors import RateLimitError
 from legation.ratelimit.metrics import RateLimitMetrics
 
 OK = rls_pb2.RateLimitResponse.OK
 OVER_LIMIT = rls_pb2.RateLimitResponse.OVER_LIMIT
 _UNIT = {name.lower(): v for name, v in rls_pb2.RateLimitResponse.RateLimit.Unit.items()}
+_UNIT_SECONDS = {v: UNIT_SECONDS[name] for name, v in _UNIT.items() if name in UNIT_SECONDS}
 _OVERRIDE_UNIT = {v: name.lower() for name, v in ratelimit_unit_pb2.RateLimitUnit.items()}
 _ESCAPE = str.maketrans({"%": "%25", "|": "%7C", "=": "%3D"})
 MAX_UINT32 = 0xFFFFFFFF
@@ -43,17 +56,34 @@ _MAX_PLANS = 4096
 _MAX_PLANNED_REQUEST = 2048  # bytes: larger requests are planned each time, never kept
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ResponseHeaders:
+    """Names of the headers added to the response (upstream's defaults)."""
+
+    limit: str = "RateLimit-Limit"
+    remaining: str = "RateLimit-Remaining"
+    reset: str = "RateLimit-Reset"
+
+
 @dataclass(frozen=True, slots=True)
 class _Checked:
-    """One request descriptor after matching: its limits still in force and their counter keys."""
+    """One request descriptor after matching: its limits still in force, their counter keys and
+    near-limit thresholds, and the modes that decide what an over-limit status means."""
 
     match: Match | None
     metric_key: str
     limits: tuple[Limit, ...]
     keys: tuple[str, ...]
+    near: tuple[int, ...]
     cost: int
     shadow: bool
+    quota: bool
     unlimited: bool
+    metadata: Mapping[str, Any] | None
+
+
+def _f32(x: float) -> float:
+    return float(struct.unpack("f", struct.pack("f", x))[0])
 
 
 # one descriptor as sent: entries, cost, the override's (unit, requests_per_unit) or None
@@ -73,9 +103,6 @@ def _shape(request: rls_pb2.RateLimitRequest) -> _Shape:
     shape = []
     for d in request.descriptors:
         entries = tuple((e.key, e.value) for e in d.entries)
-        if not entries or any(not key for key, _ in entries):
-            raise RateLimitError(f"domain {domain!r}: a descriptor has no entries or "
-                                 "an entry with an empty key", code="invalid_request")
         cost = d.hits_addend.value if d.HasField("hits_addend") else default_cost
         override = (d.limit.unit, d.limit.requests_per_unit) if d.HasField("limit") else None
         shape.append((entries, cost, override))
@@ -90,15 +117,22 @@ class RateLimiter:
         backend: Backend,
         metrics: RateLimitMetrics,
         shadow_mode: bool = False,
+        quota_mode: bool = False,
         near_limit_ratio: float = 0.8,
+        response_headers: ResponseHeaders | None = None,
+        dynamic_metadata: bool = False,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
         self.backend = backend
         self.metrics = metrics
         self.shadow_mode = shadow_mode
+        self.quota_mode = quota_mode
         self.near_limit_ratio = near_limit_ratio
+        self.response_headers = response_headers
+        self.dynamic_metadata = dynamic_metadata
         self.clock = clock
+        self._ratio32 = _f32(near_limit_ratio)
         self._counters: dict[tuple[str, str], tuple[object, ...]] = {}
         # serialized request -> its plan, for the config in _plans_for (a swap starts a new table)
         self._plans: dict[bytes, _Plan] = {}
@@ -112,18 +146,53 @@ class RateLimiter:
     ) -> rls_pb2.RateLimitResponse:
         config = self.config  # one snapshot for the whole request
         checked, hits = self._plan(config, request)
-        now_ms = int(self.clock() * 1000)
-        decisions = await self.backend.hit(hits, now_ms) if hits else ()
+        now = self.clock()
+        decisions = await self.backend.hit(hits, int(now * 1000)) if hits else ()
         response = rls_pb2.RateLimitResponse(overall_code=OK)
         statuses = response.statuses
+        refused = quota_all = quota_over = 0
+        closest: rls_pb2.RateLimitResponse.DescriptorStatus | None = None
+        least = MAX_UINT32
+        passed: list[_Checked] = []
         at = 0
         for c in checked:
             status = statuses.add(code=OK)  # filled in place: append() would copy it
             n = len(c.limits)
-            if self._status(request.domain, c, decisions[at:at + n], status):
-                response.overall_code = OVER_LIMIT
+            self._status(request.domain, c, decisions[at:at + n], status)
             at += n
+            if c.unlimited:
+                continue
+            if status.limit_remaining < least and status.HasField("current_limit"):
+                closest, least = status, status.limit_remaining
+            if status.code == OVER_LIMIT:
+                if c.quota:
+                    quota_over += 1
+                else:
+                    refused += 1
+                    closest, least = status, 0
+            else:
+                passed.append(c)
+            quota_all += c.quota
+        if refused or (quota_all and quota_all == quota_over):
+            response.overall_code = OVER_LIMIT
+        if self.response_headers is not None and closest is not None:
+            self._headers(response, closest, now)
+        if response.overall_code == OVER_LIMIT and self.shadow_mode:
+            response.overall_code = OK
+            self.metrics.global_shadow_mode.inc()
+        if self.dynamic_metadata:
+            response.dynamic_metadata.update(_metadata(request, passed))
         return response
+
+    def _headers(self, response: rls_pb2.RateLimitResponse,
+                 status: rls_pb2.RateLimitResponse.DescriptorStatus, now: float) -> None:
+        names = self.response_headers
+        assert names is not None
+        unit = _UNIT_SECONDS.get(status.current_limit.unit, 1)
+        reset = unit - int(now) % unit
+        for key, value in ((names.limit, status.current_limit.requests_per_unit),
+                           (names.remaining, status.limit_remaining), (names.reset, reset)):
+            response.response_headers_to_add.add(key=key, value=str(value))
 
     def _plan(self, config: RateLimitConfig, request: rls_pb2.RateLimitRequest) -> _Plan:
         """The request's descriptors matched against ``config``, with the hits to count.
@@ -155,53 +224,72 @@ class RateLimiter:
     def _match(
         self, config: RateLimitConfig, domain: str, shape: _Shape
     ) -> tuple[_Checked, ...]:
+        known = domain in config.domains  # overrides apply in configured domains only
         found: list[tuple[tuple[tuple[str, str], ...], Match | None, int, Limit | None]] = []
         replaced: set[str] = set()
         for entries, cost, raw_override in shape:
-            override = None
+            override = match = None
             if raw_override is not None:
-                unit = _OVERRIDE_UNIT.get(raw_override[0], "unknown")
-                if unit == "unknown":
-                    raise RateLimitError(f"domain {domain!r}: descriptor limit override "
-                                         "has no unit", code="invalid_request")
-                override = Limit(unit=unit, requests_per_unit=raw_override[1])
-            match = config.match(domain, entries)
-            if match is not None and override is None:
-                for limit in match.limits:
-                    replaced |= limit.replaces
+                if known:
+                    unit = _OVERRIDE_UNIT.get(raw_override[0], "unknown")
+                    if unit == "unknown":
+                        raise RateLimitError(f"domain {domain!r}: descriptor limit override "
+                                             "has no unit", code="invalid_request")
+                    override = Limit(unit=unit, requests_per_unit=raw_override[1])
+            else:
+                match = config.match(domain, entries)
+                if match is not None:
+                    for limit in match.limits:
+                        replaced |= limit.replaces
             found.append((entries, match, cost, override))
         out = []
         for entries, match, cost, override in found:
+            shared = match.shared if match is not None else ()
+            values = [shared[i] or v for i, (_, v) in enumerate(entries)] if shared else [
+                v for _, v in entries]
             base = domain + "|" + "|".join(
-                f"{k.translate(_ESCAPE)}={v.translate(_ESCAPE)}" for k, v in entries)
-            metric_key = match.metric_key if match else ".".join(
-                [domain, *(k for k, _ in entries)])
-            shadow = self.shadow_mode or (match is not None and match.descriptor.shadow_mode)
+                f"{k.translate(_ESCAPE)}={v.translate(_ESCAPE)}"
+                for (k, _), v in zip(entries, values, strict=True))
+            node = match.descriptor if match is not None else None
+            limits: tuple[Limit, ...] = ()
             if override is not None:
-                limits: tuple[Limit, ...] = (override,)
-                keys: tuple[str, ...] = (
-                    f"{base}|override:{override.unit}:{override.requests_per_unit}",)
-            elif match is None:
-                limits, keys = (), ()
-            else:
+                limits = (override,)
+                metric_key = ".".join([domain, *(f"{k}_{v}" if v else k for k, v in entries)])
+            elif match is not None:
                 limits = tuple(lim for lim in match.limits
                                if not (lim.name and lim.name in replaced) and not lim.unlimited)
-                keys = tuple(f"{base}|{lim.algorithm.value}:{lim.unit}" for lim in limits)
-            unlimited = match is not None and override is None and any(
-                lim.unlimited for lim in match.limits)
-            out.append(_Checked(match, metric_key, limits, keys, cost, shadow, unlimited))
+                metric_key = match.metric_key
+            else:
+                metric_key = ".".join([domain, *(k for k, _ in entries)])
+            out.append(_Checked(
+                match=match,
+                metric_key=metric_key,
+                limits=limits,
+                keys=tuple(f"{base}|{lim.algorithm.value}:{lim.unit}" for lim in limits),
+                near=tuple(self._near_threshold(lim.requests_per_unit) for lim in limits),
+                cost=cost,
+                shadow=node is not None and node.shadow_mode,
+                quota=self.quota_mode or (node is not None and node.quota_mode),
+                unlimited=node is not None and any(lim.unlimited for lim in node.limits),
+                metadata=node.metadata if node is not None else None,
+            ))
         return tuple(out)
+
+    def _near_threshold(self, requests_per_unit: int) -> int:
+        """floor(limit x ratio) in float32, as upstream computes it (so 0.8 of 10 is 8)."""
+        return min(requests_per_unit,
+                   math.floor(_f32(_f32(requests_per_unit) * self._ratio32)))
 
     def _status(
         self, domain: str, c: _Checked, decisions: Sequence[Decision],
         status: rls_pb2.RateLimitResponse.DescriptorStatus,
-    ) -> bool:
-        """Fill ``status`` (code OK) for one descriptor; True when it is over the limit."""
+    ) -> None:
+        """Fill ``status`` (code OK) for one descriptor and count its hits."""
         if c.unlimited:
             status.limit_remaining = MAX_UINT32
-            return False
+            return
         if not decisions:
-            return False
+            return
         if len(decisions) == 1:  # the common case: one limit on the descriptor
             pick = 0
             denied = not decisions[0].allowed
@@ -212,32 +300,41 @@ class RateLimiter:
                 pick = max(late)[1]  # the longest wait is the one to report
             else:
                 pick = min((d.remaining, i) for i, d in enumerate(decisions))[1]
-        limit, decision = c.limits[pick], decisions[pick]
+        limit, decision, near_at = c.limits[pick], decisions[pick], c.near[pick]
         total, within, over, near, shadow = self._counters_for(domain, c.metric_key)
-        total.inc(c.cost)  # type: ignore[attr-defined]
-        over_limit = False
+        cost, rpu, used = c.cost, limit.requests_per_unit, decision.used
+        total.inc(cost)  # type: ignore[attr-defined]
         if denied:
-            over.inc(c.cost)  # type: ignore[attr-defined]
+            # upstream's split: hits past the limit are over; those between the near threshold
+            # and the limit, when this hit crossed it, are near
+            if used < 0 or used - cost >= rpu:
+                over_hits = cost
+            else:
+                over_hits = used - rpu
+                near.inc(rpu - max(near_at, used - cost))  # type: ignore[attr-defined]
+            over.inc(over_hits)  # type: ignore[attr-defined]
             if c.shadow:
-                shadow.inc(c.cost)  # type: ignore[attr-defined]
+                shadow.inc(over_hits)  # type: ignore[attr-defined]
             else:
                 status.code = OVER_LIMIT
-                over_limit = True
         else:
-            within.inc(c.cost)  # type: ignore[attr-defined]
-            used = limit.requests_per_unit - decision.remaining
-            if used > limit.requests_per_unit * self.near_limit_ratio:
-                near.inc(c.cost)  # type: ignore[attr-defined]
+            within.inc(cost)  # type: ignore[attr-defined]
+            if used < 0:
+                used = rpu - decision.remaining
+            if used > near_at:
+                near.inc(cost if used - cost >= near_at else used - near_at)  # type: ignore[attr-defined]
         current = status.current_limit
         if limit.name:
             current.name = limit.name
-        current.requests_per_unit = limit.requests_per_unit
+        current.requests_per_unit = rpu
         current.unit = _UNIT[limit.unit]
         status.limit_remaining = min(decision.remaining, MAX_UINT32)
         reset = status.duration_until_reset
-        reset.seconds, ms = divmod(decision.reset_ms, 1000)
-        reset.nanos = ms * 1_000_000
-        return over_limit
+        if limit.algorithm is Algorithm.FIXED_WINDOW:  # whole seconds, as upstream
+            reset.seconds = -(-decision.reset_ms // 1000)
+        else:
+            reset.seconds, ms = divmod(decision.reset_ms, 1000)
+            reset.nanos = ms * 1_000_000
 
     def _counters_for(self, domain: str, metric_key: str) -> tuple[object, ...]:
         found = self._counters.get((domain, metric_key))
@@ -248,3 +345,43 @@ class RateLimiter:
             if len(self._counters) < 100_000:  # bounded, whatever detailed_metric lets in
                 self._counters[(domain, metric_key)] = found
         return found
+
+
+def _metadata(request: rls_pb2.RateLimitRequest, passed: Sequence[_Checked]) -> dict[str, Any]:
+    """Upstream's response dynamic metadata: domain, descriptors (entries as ``k=v``, override,
+    hits_addend), the request's hits_addend, and the metadata of the descriptors that passed,
+    merged (the first value of a key wins; nested mappings merge)."""
+    descriptors = []
+    for d in request.descriptors:
+        item: dict[str, Any] = {"entries": [f"{e.key}={e.value}" for e in d.entries]}
+        if d.HasField("limit"):
+            item["limit"] = text_format.MessageToString(d.limit, as_one_line=True)
+        if d.HasField("hits_addend"):
+            item["hitsAddend"] = d.hits_addend.value
+        descriptors.append(item)
+    out: dict[str, Any] = {"domain": request.domain, "descriptors": descriptors}
+    if request.hits_addend:
+        out["hitsAddend"] = request.hits_addend
+    merged: dict[str, Any] = {}
+    for c in passed:
+        if c.metadata:
+            _merge_first_wins(merged, c.metadata)
+    if merged:
+        out["metadata"] = merged
+    return out
+
+
+def _merge_first_wins(dest: dict[str, Any], src: Mapping[str, Any]) -> None:
+    for key, value in src.items():
+        if key not in dest:
+            dest[key] = _copy(value)
+        elif isinstance(dest[key], dict) and isinstance(value, Mapping):
+            _merge_first_wins(dest[key], value)
+
+
+def _copy(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_copy(v) for v in value]
+    return value

@@ -4,10 +4,13 @@ Per descriptor (labels ``domain`` and ``descriptor``, the envoyproxy/ratelimit s
 ``messaging.message_type_marketing.to_number``), counted in hits (a request's cost):
 
 * ``legation_ratelimit_total_hits_total``, ``..._within_limit_total``, ``..._over_limit_total``,
-  ``..._near_limit_total`` (allowed, but past ``near_limit_ratio`` of the limit),
+  ``..._near_limit_total`` (hits past ``near_limit_ratio`` of the limit; a ``hits_addend`` that
+  crosses a threshold is split between near and over as envoyproxy/ratelimit splits it),
   ``..._shadow_mode_total`` (over the limit, let through by shadow mode, per rule or global).
 
-Service-wide: ``legation_ratelimit_config_reloads_total{result="success|error"}``,
+Service-wide: ``legation_ratelimit_global_shadow_mode_total`` (requests that would have been
+refused, answered OK by the service-wide shadow mode; their statuses still say OVER_LIMIT),
+``legation_ratelimit_config_reloads_total{result="success|error"}``,
 ``legation_ratelimit_backend_errors_total{code}`` and
 ``legation_ratelimit_failure_mode_total{action="allow|deny"}`` (requests decided by the failure
 mode while the store was unreachable), and for a store behind the network (Redis)
@@ -43,6 +46,9 @@ class RateLimitMetrics:
         self.near_limit = counter("near_limit", "Allowed hits past the near-limit ratio", labels)
         self.shadow_mode = counter("shadow_mode", "Hits over the limit let through by shadow mode",
                                    labels)
+        self.global_shadow_mode = counter(
+            "global_shadow_mode", "Requests over the limit answered OK by the global shadow mode",
+            [])
         self.config_reloads = counter("config_reloads", "Config loads by result", ["result"])
         self.backend_errors = counter("backend_errors", "Counter store failures", ["code"])
         self.failure_mode = counter("failure_mode", "Requests decided by the failure mode",

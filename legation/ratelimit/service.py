@@ -31,7 +31,7 @@ from legation.errors import ConfigError
 from legation.grpc_server import ServerTls, TlsSource, start_grpc_server
 from legation.ratelimit.config import RateLimitConfig
 from legation.ratelimit.errors import RateLimitError
-from legation.ratelimit.limiter import RateLimiter
+from legation.ratelimit.limiter import RateLimiter, ResponseHeaders
 from legation.ratelimit.metrics import RateLimitMetrics
 from legation.ratelimit.watch import ConfigWatcher
 
@@ -48,8 +48,15 @@ class Settings:
     backend: str = "memory"
     backend_options: Mapping[str, Any] = field(default_factory=dict)
     failure_mode: str = "allow"
-    shadow_mode: bool = False
+    shadow_mode: bool = False  # upstream SHADOW_MODE: statuses as found, overall always OK
+    quota_mode: bool = False  # upstream QUOTA_MODE: refuse only when every descriptor is over
     near_limit_ratio: float = 0.8
+    merge_domains: bool = False  # upstream MERGE_DOMAIN_CONFIG: files of one domain add up
+    response_headers: bool = False  # upstream LIMIT_RESPONSE_HEADERS_ENABLED
+    header_limit: str = "RateLimit-Limit"  # upstream LIMIT_LIMIT_HEADER
+    header_remaining: str = "RateLimit-Remaining"  # upstream LIMIT_REMAINING_HEADER
+    header_reset: str = "RateLimit-Reset"  # upstream LIMIT_RESET_HEADER
+    response_dynamic_metadata: bool = False  # upstream RESPONSE_DYNAMIC_METADATA
     reload_interval: float = 1.0  # seconds between polls of config_paths; 0 turns reload off
     metrics_registry: CollectorRegistry | None = None
     clock: Callable[[], float] = time.time
@@ -111,7 +118,12 @@ def build_limiter(settings: Settings, config: RateLimitConfig) -> RateLimiter:
         backend=backend,
         metrics=metrics,
         shadow_mode=settings.shadow_mode,
+        quota_mode=settings.quota_mode,
         near_limit_ratio=settings.near_limit_ratio,
+        response_headers=ResponseHeaders(
+            limit=settings.header_limit, remaining=settings.header_remaining,
+            reset=settings.header_reset) if settings.response_headers else None,
+        dynamic_metadata=settings.response_dynamic_metadata,
         clock=settings.clock,
     )
 
@@ -120,7 +132,8 @@ async def start_server(settings: Settings) -> tuple[grpc.aio.Server, int]:
     metrics = RateLimitMetrics.for_registry(settings.metrics_registry)
     limiter: RateLimiter | None = None
     watcher = ConfigWatcher(settings.config_paths, lambda c: limiter.swap(c),  # type: ignore[union-attr]
-                            metrics=metrics, interval=settings.reload_interval)
+                            metrics=metrics, interval=settings.reload_interval,
+                            merge_domains=settings.merge_domains)
     config = watcher.load() if settings.config_paths else RateLimitConfig()
     limiter = build_limiter(settings, config)
     servicer = RateLimitServicer(limiter, failure_mode=settings.failure_mode)

@@ -34,8 +34,10 @@ class ConfigWatcher:
         *,
         metrics: RateLimitMetrics,
         interval: float = 1.0,
+        merge_domains: bool = False,
     ) -> None:
         self.paths = [str(p) for p in paths]
+        self.merge_domains = merge_domains
         self.interval = interval
         self.last_error: str | None = None
         self._apply = apply
@@ -46,7 +48,7 @@ class ConfigWatcher:
     def load(self) -> RateLimitConfig:
         """The initial load: raises :class:`ConfigError` (a bad config must fail the start)."""
         texts, digest = self._read()
-        config = load_texts(texts)
+        config = load_texts(texts, merge_domains=self.merge_domains)
         self._digest = digest
         self._metrics.config_reloads.labels("success").inc()
         return config
@@ -66,7 +68,7 @@ class ConfigWatcher:
             return None
         self._digest = digest
         try:
-            config = load_texts(texts)
+            config = load_texts(texts, merge_domains=self.merge_domains)
         except ConfigError as exc:
             return self._failed(exc)
         self._apply(config)

@@ -48,16 +48,22 @@ async def test_hits_addend_request_and_descriptor() -> None:
     resp = await lim.should_rate_limit(request("d", descriptor(("k", "a"), hits_addend=2)))
     assert resp.overall_code == OVER_LIMIT
     assert sample(lim, "total_hits_total", domain="d", descriptor="d.k") == 11
-    assert sample(lim, "over_limit_total", domain="d", descriptor="d.k") == 2
-    assert sample(lim, "near_limit_total", domain="d", descriptor="d.k") == 5
+    # split as upstream splits a hits_addend: 9 -> 11 puts 1 hit over 10 and 1 between 8 and 10;
+    # 4 -> 9 put 1 past the near threshold (8)
+    assert sample(lim, "over_limit_total", domain="d", descriptor="d.k") == 1
+    assert sample(lim, "near_limit_total", domain="d", descriptor="d.k") == 2
 
 
 async def test_global_shadow_mode_answers_ok_and_counts() -> None:
     lim = make_limiter("domain: d\ndescriptors:\n  - key: k\n"
                        "    rate_limit: {unit: hour, requests_per_unit: 1}\n", shadow_mode=True)
     req = request("d", descriptor(("k", "a")))
-    assert [(await lim.should_rate_limit(req)).overall_code for _ in range(3)] == [OK] * 3
-    assert sample(lim, "shadow_mode_total", domain="d", descriptor="d.k") == 2
+    responses = [await lim.should_rate_limit(req) for _ in range(3)]
+    assert [r.overall_code for r in responses] == [OK] * 3
+    # as upstream: the statuses still say OVER_LIMIT, only the overall answer is OK
+    assert [r.statuses[0].code for r in responses] == [OK, OVER_LIMIT, OVER_LIMIT]
+    assert sample(lim, "global_shadow_mode_total") == 2
+    assert sample(lim, "over_limit_total", domain="d", descriptor="d.k") == 2
 
 
 async def test_descriptor_limit_override_is_counted_on_its_own() -> None:
@@ -81,8 +87,6 @@ async def test_unknown_domain_is_ok_without_limit() -> None:
 @pytest.mark.parametrize("req, message", [
     (request("", descriptor(("k", "a"))), "domain must not be empty"),
     (request("d"), "descriptor list must not be empty"),
-    (request("d", descriptor()), "no entries"),
-    (request("d", descriptor(("", "a"))), "empty key"),
 ])
 async def test_malformed_requests_raise_invalid_request(req, message) -> None:  # type: ignore[no-untyped-def]
     lim = make_limiter("domain: d\n")
