@@ -174,7 +174,8 @@ class FilterSpec(BaseModel):
 
     model_config = STRICT
     name: str = Field(min_length=1)
-    options: dict[str, Any] = Field(default_factory=dict)
+    # validated even when omitted: a filter whose options are required must say so at load
+    options: dict[str, Any] = Field(default_factory=dict, validate_default=True)
 
     @field_validator("name")
     @classmethod
