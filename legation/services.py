@@ -151,7 +151,7 @@ def _key(*parts: Any) -> str:
 
 
 def _authz_spec(mesh: Mesh, base: Path) -> ServiceSpec:
-    from legation.extauthz.config import load_mapping
+    from legation.extauthz.config import load_mapping, resolve_paths
 
     block = mesh.extauthz
     assert block is not None and block.config is not None
@@ -162,7 +162,7 @@ def _authz_spec(mesh: Mesh, base: Path) -> ServiceSpec:
         raise _Invalid("config", f"cannot read {path}: {err.strerror or err}") from None
     except _yaml.YamlError as err:
         raise _Invalid("config", str(err)) from None
-    raw = _resolve_paths(raw, path.parent)
+    raw = resolve_paths(raw, path.resolve().parent)
     try:
         load_mapping(raw, source=str(path))
     except ConfigError as err:
@@ -174,37 +174,6 @@ def _authz_spec(mesh: Mesh, base: Path) -> ServiceSpec:
         key=_key(block.model_dump(mode="json"), raw),
         settings={"config": raw},
     )
-
-
-_PATH_KEYS = frozenset({"policy_dir", "jwks_file"})  # file options of the built-in checks
-
-
-def _resolve_paths(raw: Any, folder: Path) -> Any:
-    """The ext_authz YAML with its relative paths (checks' ``policy_dir`` and ``jwks_file`` at
-    any depth of their options, ``decision_log``) made absolute against the file's folder, so that
-    the service does not depend on the working directory."""
-    if not isinstance(raw, dict):
-        return raw  # load_mapping reports it
-    out = dict(raw)
-    log_target = out.get("decision_log")
-    if isinstance(log_target, str) and log_target != "-" and not Path(log_target).is_absolute():
-        out["decision_log"] = str((folder / log_target).resolve())
-    if isinstance(out.get("checks"), dict):
-        out["checks"] = _resolve_in(out["checks"], folder)
-    return out
-
-
-def _resolve_in(value: Any, folder: Path) -> Any:
-    if isinstance(value, list):
-        return [_resolve_in(v, folder) for v in value]
-    if not isinstance(value, dict):
-        return value
-    return {
-        k: str((folder / v).resolve())
-        if k in _PATH_KEYS and isinstance(v, str) and not Path(v).is_absolute()
-        else _resolve_in(v, folder)
-        for k, v in value.items()
-    }
 
 
 def _proc_spec(mesh: Mesh, base: Path) -> ServiceSpec:

@@ -28,6 +28,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from legation import _yaml, plugins
 from legation.errors import ConfigError
+from legation.extauthz._body import ProtoSet
+from legation.extauthz.request import DEFAULT_OPTIONS, InputOptions
 
 KIND = "extauthz.check"
 
@@ -50,6 +52,10 @@ class ServiceConfig(BaseModel):
     error_status: int = Field(default=403, ge=200, le=599)
     check_timeout_ms: int = Field(default=1000, gt=0, le=60_000)
     decision_log: str | None = None
+    # opa-envoy-plugin's options of the same names: no parsed_body/truncated_body at all, and a
+    # protobuf descriptor set (`protoc --descriptor_set_out`) to decode gRPC request bodies with
+    skip_request_body_parse: bool = False
+    proto_descriptor: str | None = None
 
     @model_validator(mode="after")
     def _known_defaults(self) -> ServiceConfig:
@@ -66,15 +72,50 @@ class LoadedConfig:
     service: ServiceConfig
     check_configs: Mapping[str, tuple[str, Any]]  # instance name -> (plugin type, config)
     source: str = "<inline>"
+    input_options: InputOptions = DEFAULT_OPTIONS
 
 
 def load_file(path: str | Path) -> LoadedConfig:
+    """Load and validate a service config file; its relative paths are relative to its folder,
+    whatever the working directory."""
     p = Path(path)
     try:
         raw = _yaml.load_file(p) or {}
     except OSError as e:
         raise ConfigError(f"{p}: cannot read: {e.strerror}") from None
-    return load_mapping(raw, source=str(p))
+    return load_mapping(resolve_paths(raw, p.resolve().parent), source=str(p))
+
+
+# file options of the built-in checks, at any depth of their options
+_PATH_KEYS = frozenset({"policy_dir", "jwks_file"})
+
+
+def resolve_paths(raw: Any, folder: Path) -> Any:
+    """The document with its relative paths (checks' ``policy_dir`` and ``jwks_file``,
+    ``decision_log``, ``proto_descriptor``) made absolute against ``folder``."""
+    if not isinstance(raw, dict):
+        return raw  # load_mapping reports it
+    out = dict(raw)
+    for key in ("decision_log", "proto_descriptor"):
+        target = out.get(key)
+        if isinstance(target, str) and target != "-" and not Path(target).is_absolute():
+            out[key] = str((folder / target).resolve())
+    if isinstance(out.get("checks"), dict):
+        out["checks"] = _resolve_in(out["checks"], folder)
+    return out
+
+
+def _resolve_in(value: Any, folder: Path) -> Any:
+    if isinstance(value, list):
+        return [_resolve_in(v, folder) for v in value]
+    if not isinstance(value, dict):
+        return value
+    return {
+        k: str((folder / v).resolve())
+        if k in _PATH_KEYS and isinstance(v, str) and not Path(v).is_absolute()
+        else _resolve_in(v, folder)
+        for k, v in value.items()
+    }
 
 
 def load_mapping(raw: Any, *, source: str = "<inline>") -> LoadedConfig:
@@ -94,7 +135,18 @@ def load_mapping(raw: Any, *, source: str = "<inline>") -> LoadedConfig:
             configs[name] = (spec.type, factory.validate(spec.options))
         except ConfigError as e:
             raise ConfigError(f"{where}.options: {e}", code=e.code) from None
-    return LoadedConfig(service=service, check_configs=configs, source=source)
+    options = DEFAULT_OPTIONS
+    if service.skip_request_body_parse or service.proto_descriptor:
+        proto_set = None
+        if service.proto_descriptor:
+            try:
+                proto_set = ProtoSet.load(service.proto_descriptor)
+            except ConfigError as e:
+                raise ConfigError(f"{source}: proto_descriptor: {e}", code=e.code) from None
+        options = InputOptions(skip_body_parse=service.skip_request_body_parse,
+                               proto_set=proto_set)
+    return LoadedConfig(service=service, check_configs=configs, source=source,
+                        input_options=options)
 
 
 def pydantic_error(e: ValidationError) -> str:

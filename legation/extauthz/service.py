@@ -64,6 +64,7 @@ async def build_servicer(settings: Settings) -> AuthorizationServicer:
         checks=checks,
         metrics=metrics,
         decision_log=DecisionLog(settings.decision_log or loaded.service.decision_log),
+        input_options=loaded.input_options,
     )
 
 
