@@ -331,7 +331,7 @@ def _path(value: str | None) -> Path | None:
 def cmd_policy(args: argparse.Namespace) -> int:
     from legation.extauthz.policy_test import main as policy_test
 
-    return int(policy_test([args.dir, *(["-v"] if args.verbose else [])]))
+    return int(policy_test(args.argv))
 
 
 def cmd_ca(args: argparse.Namespace) -> int:
@@ -431,9 +431,10 @@ def parser() -> argparse.ArgumentParser:
 
     policy = sub.add_parser("policy", help="Rego policy tools")
     psub = policy.add_subparsers(dest="policy_command", required=True)
-    ptest = psub.add_parser("test", help="run the Rego unit tests (test_ rules)")
-    ptest.add_argument("dir")
-    ptest.add_argument("-v", "--verbose", action="store_true")
+    # every argument (-v, --coverage, -r, --help...) goes to policy_test.main's own parser
+    ptest = psub.add_parser("test", help="run the Rego unit tests like `opa test`",
+                            prefix_chars="+", add_help=False)
+    ptest.add_argument("argv", nargs=argparse.REMAINDER)
     ptest.set_defaults(fn=cmd_policy)
     return p
 
