@@ -22,7 +22,7 @@ from typing import Any
 
 from bench._xds_server import ServerProcess
 from legation.envoy_process import EnvoyProcess
-from legation.xds.bootstrap import bootstrap
+from legation.translate.bootstrap import bootstrap
 from tests.conftest import free_port
 
 _READY = r"^(server\.state|cluster_manager\.active_clusters)$"

@@ -37,7 +37,7 @@ from typing import Any
 import yaml
 
 from legation.config import parse_mesh
-from legation.xds.bootstrap import bootstrap
+from legation.translate.bootstrap import bootstrap
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICKSTART = ROOT / "examples" / "quickstart"

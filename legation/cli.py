@@ -57,7 +57,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     from legation.config import load_mesh
     from legation.controlplane import DEFAULT_STATUS_PORT
     from legation.services import plan
-    from legation.xds.translate import translate
+    from legation.translate import translate
 
     failed = 0
     for path in args.mesh:
@@ -78,7 +78,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_bootstrap(args: argparse.Namespace) -> int:
     from legation.certs.issuer import DEFAULT_CA_DIR, CaLocation, locate_ca
-    from legation.xds.bootstrap import bootstrap
+    from legation.translate.bootstrap import bootstrap
 
     host, _, port = args.xds.rpartition(":")
     cluster, admin_port = args.cluster, args.admin_port

@@ -46,15 +46,15 @@ from legation.certs import CertificateAuthority, MeshIssuer
 from legation.certs.enrol import BOOTSTRAP_TTL, Enrolments, NodeFiles, enrol, node_dir_name
 from legation.certs.issuer import DEFAULT_CA_DIR, CaLocation, locate_ca
 from legation.certs.workload import WorkloadCert
+from legation.certs.xds_auth import XdsAuth, serving_hosts
 from legation.config import Mesh, load_mesh
 from legation.errors import LegationError
 from legation.services import EmbeddedServices, Plan, ServiceStartError, plan
-from legation.xds.auth import XdsAuth, serving_hosts
+from legation.translate import translate
 from legation.xds.cache import SnapshotCache
 from legation.xds.metrics import XdsMetrics
 from legation.xds.server import XdsServer
 from legation.xds.snapshot import Snapshot
-from legation.xds.translate import translate
 from legation.xds.types import ResourceType
 
 log = logging.getLogger("legation.controlplane")

@@ -35,7 +35,7 @@ from legation.demo import DemoApp
 from legation.envoy_process import EnvoyProcess
 from legation.errors import LegationError
 from legation.services import ServiceStartError
-from legation.xds.bootstrap import bootstrap
+from legation.translate.bootstrap import bootstrap
 
 QUICKSTART = Path(__file__).resolve().parent.parent / "examples" / "quickstart" / "mesh.yaml"
 

@@ -50,7 +50,7 @@ def test_request_path_services_accept_only_mesh_proxies(tmp_path: Path) -> None:
 
     from legation.certs import MeshIssuer
     from legation.services import plan
-    from legation.xds.translate import translate
+    from legation.translate import translate
     from legation.xds.types import ResourceType
 
     path = generate.OUT / "mesh.yaml"

@@ -5,7 +5,10 @@
 * :mod:`~legation.certs.workload`: an issued certificate and when it is due for renewal;
 * :mod:`~legation.certs.sds`: certificates as Envoy SDS secrets;
 * :mod:`~legation.certs.issuer`: a mesh's proxies' (and embedded services') certificates,
-  followed across reloads.
+  followed across reloads;
+* :mod:`~legation.certs.enrol`: the xDS enrolment credentials of proxies, and which is current;
+* :mod:`~legation.certs.xds_auth`: the xDS server's authenticator built on them (imported from
+  its module, so that importing this package does not load gRPC).
 """
 
 from legation.certs.ca import CertificateAuthority

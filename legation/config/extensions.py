@@ -1,5 +1,5 @@
 """The request-path services a mesh declares (ext_authz, ext_proc, rate limiting), and what routes
-ask of them. :mod:`legation.xds.translate` turns them into Envoy filters, clusters and per-route
+ask of them. :mod:`legation.translate` turns them into Envoy filters, clusters and per-route
 config; :mod:`legation.services` starts the ``embedded`` ones in-process.
 
 At mesh level (``config`` paths are relative to the mesh file)::

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import grpc
 
 from legation.xds._escape import escaped
-from legation.xds.auth import Refused, XdsAuth
+from legation.xds.auth import Refused, check_node
 from legation.xds.cache import SnapshotCache
 from legation.xds.snapshot import Snapshot
 from legation.xds.types import SEND_ORDER, ResourceType
@@ -136,7 +136,7 @@ class StreamBase:
             async for request in requests:
                 if self.credential is not None and request.node.id:
                     try:
-                        XdsAuth.check_node(self.credential, request.node.id)
+                        check_node(self.credential, request.node.id)
                     except Refused as refused:
                         self.closed = True
                         assert self.on_refused is not None

@@ -1,40 +1,27 @@
-"""Who is on the other end of an xDS stream: TLS with client certificates, one node per credential.
+"""Who is on the other end of an xDS stream: the server's view of authentication.
 
-The server speaks TLS only and requires a client certificate chaining to the mesh CA (checked by
-the TLS layer). :class:`XdsAuth` then reads the peer certificate from the call's auth context and
-accepts it only if it is an enrolment credential (:mod:`legation.certs.enrol`): its URI SAN names
-a node, it is within its validity period, it was signed by the CA, and its serial is that node's
-newest one. Every DiscoveryRequest that carries a node must name that same node. Refusals are
+The server speaks TLS only, with the credentials an :class:`Authenticator` gives it, and asks
+the same authenticator which node the peer of each call is. Every DiscoveryRequest that carries
+a node must then name that same node (:func:`check_node`). Refusals are :class:`Refused`:
 ``UNAUTHENTICATED`` (no usable credential) or ``PERMISSION_DENIED`` (a credential for another
-node), counted by reason and logged with the claimed node id escaped.
+node), counted by reason (:data:`REASONS`) and logged with the claimed node id escaped
+(:func:`record`).
 
-The serving certificate is issued from the CA for the hosts proxies dial and re-issued on a new
-handshake once 2/3 of its lifetime has passed (gRPC asks for it per handshake).
+The mesh's implementation (enrolment credentials signed by the mesh CA) is
+:class:`legation.certs.xds_auth.XdsAuth`; the control plane hands it to the server.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
-from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 
-from legation.certs.ca import CertificateAuthority
-from legation.certs.enrol import (
-    SERVER_TTL,
-    Enrolments,
-    NodeFiles,
-    issue_server_credential,
-    node_of_uri,
-)
-from legation.certs.workload import WorkloadCert
 from legation.xds._escape import escaped
 from legation.xds.metrics import XdsMetrics
+
+__all__ = ["REASONS", "Authenticator", "Refused", "channel_credentials", "check_node", "record"]
 
 log = logging.getLogger("legation.xds.auth")
 
@@ -53,105 +40,43 @@ class Refused(Exception):
         self.message = message
 
 
-@dataclass
-class XdsAuth:
-    """The xDS server's TLS material and its per-call identity checks."""
-
-    ca: CertificateAuthority
-    enrolments: Enrolments
-    hosts: list[str]
-    clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
-    _serving: WorkloadCert | None = field(default=None, init=False, repr=False)
-
-    @classmethod
-    def for_ca(cls, ca: CertificateAuthority, ca_home: Any, *, hosts: list[str],
-               clock: Callable[[], datetime] | None = None) -> XdsAuth:
-        """Checks against ``ca`` and the enrolments recorded in ``ca_home`` (a Path)."""
-        extra = {"clock": clock} if clock is not None else {}
-        return cls(ca=ca, enrolments=Enrolments.beside(ca_home), hosts=hosts, **extra)
-
-    # -- TLS ---------------------------------------------------------------------------------
+class Authenticator(Protocol):
+    """The xDS server's TLS material and its per-call identity check."""
 
     def server_credentials(self) -> grpc.ServerCredentials:
-        return grpc.dynamic_ssl_server_credentials(
-            self._certificate_configuration(),
-            self._fetch_configuration,
-            require_client_authentication=True,
-        )
+        """The credentials the server's port is bound with, asked for once when it starts.
 
-    def _certificate_configuration(self) -> Any:
-        self._serving = issue_server_credential(self.ca, self.hosts, ttl=SERVER_TTL,
-                                                now=self.clock())
-        return grpc.ssl_server_certificate_configuration(
-            [(self._serving.key_pem, self._serving.cert_pem)], root_certificates=self.ca.root_pem
-        )
-
-    def _fetch_configuration(self) -> Any:
-        """Called by gRPC on every handshake: None keeps the current certificate."""
-        if self._serving is not None and not self._serving.due(self.clock()):
-            return None
-        return self._certificate_configuration()
-
-    # -- identity ----------------------------------------------------------------------------
+        They must require a client certificate: xDS hands out private keys (SDS), so an
+        unauthenticated peer must not get past the handshake. Re-issuing the serving
+        certificate is the credentials' business (gRPC may ask for it on every handshake)."""
+        ...
 
     def peer_node(self, context: Any) -> str:
-        """The node id the peer's credential names; raises :class:`Refused`."""
-        pems = context.auth_context().get("x509_pem_cert") or []
-        if not pems:
-            raise Refused("no_credential", grpc.StatusCode.UNAUTHENTICATED,
-                          "xDS needs a client certificate (see `legation bootstrap`)")
-        try:
-            cert = x509.load_pem_x509_certificate(pems[0])
-            cert.verify_directly_issued_by(self.ca.cert)
-            sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-            uris = sans.get_values_for_type(x509.UniformResourceIdentifier)
-        except (ValueError, TypeError, InvalidSignature, x509.ExtensionNotFound):
-            raise Refused("bad_credential", grpc.StatusCode.UNAUTHENTICATED,
-                          "the client certificate is not a credential of this mesh") from None
-        nodes = [n for n in map(node_of_uri, uris) if n is not None]
-        if len(nodes) != 1 or len(uris) != 1:
-            raise Refused("not_a_node", grpc.StatusCode.UNAUTHENTICATED,
-                          "the client certificate is not an xDS node credential")
-        node = nodes[0]
-        now = self.clock()
-        if not cert.not_valid_before_utc <= now < cert.not_valid_after_utc:
-            raise Refused("expired", grpc.StatusCode.UNAUTHENTICATED,
-                          "the xDS credential has expired (or is not valid yet)")
-        if self.enrolments.current(node) != cert.serial_number:
-            raise Refused("superseded", grpc.StatusCode.UNAUTHENTICATED,
-                          "the xDS credential was revoked or superseded; enrol again")
-        return node
+        """The node id that the peer's credential names, for a call's ``context``.
 
-    @staticmethod
-    def check_node(credential: str, claimed: str) -> None:
-        """A request's node id must be the credential's."""
-        if claimed != credential:
-            raise Refused("node_mismatch", grpc.StatusCode.PERMISSION_DENIED,
-                          "node.id does not match the client certificate")
-
-    @staticmethod
-    def record(metrics: XdsMetrics, refused: Refused, *, claimed: str, peer: str) -> None:
-        metrics.auth_refused.labels(refused.reason).inc()
-        log.warning("xDS refused %s from %s claiming node %s: %s", refused.reason,
-                    escaped(peer, 80), escaped(claimed), refused.message)
+        Called once per stream or fetch, before any resource is sent; every request's
+        ``node.id`` on that call is then held to it (:func:`check_node`). Raises
+        :class:`Refused` (with one of :data:`REASONS`) when the peer has no credential, one
+        that is not a node's, or one that has expired or been superseded."""
+        ...
 
 
-def serving_hosts(*hosts: str) -> list[str]:
-    """SANs for the serving certificate: the hosts proxies dial (a wildcard listen address is
-    not one), plus the loopback names so local tools can connect."""
-    out: list[str] = []
-    for host in (*hosts, "127.0.0.1", "localhost"):
-        if host and host not in ("0.0.0.0", "::", "[::]") and host not in out:
-            out.append(host)
-    return out
+def check_node(credential: str, claimed: str) -> None:
+    """A request's node id must be the credential's."""
+    if claimed != credential:
+        raise Refused("node_mismatch", grpc.StatusCode.PERMISSION_DENIED,
+                      "node.id does not match the client certificate")
+
+
+def record(metrics: XdsMetrics, refused: Refused, *, claimed: str, peer: str) -> None:
+    """Count a refusal by reason and log it, the claimed node id escaped."""
+    metrics.auth_refused.labels(refused.reason).inc()
+    log.warning("xDS refused %s from %s claiming node %s: %s", refused.reason,
+                escaped(peer, 80), escaped(claimed), refused.message)
 
 
 def channel_credentials(cert_pem: bytes, key_pem: bytes, root_pem: bytes
                         ) -> grpc.ChannelCredentials:
-    """What a (non-Envoy) client presents: its enrolment credential, trusting only the CA."""
+    """What a (non-Envoy) client presents: its client certificate, trusting only ``root_pem``."""
     return grpc.ssl_channel_credentials(root_certificates=root_pem, private_key=key_pem,
                                         certificate_chain=cert_pem)
-
-
-def files_credentials(files: NodeFiles) -> grpc.ChannelCredentials:
-    return channel_credentials(*files.read())

@@ -5,8 +5,9 @@ RDS and SDS services (streaming, delta and fetch) for clients that do not use AD
 assembled from bytes each resource encoded once (see snapshot.py), so the response serialiser is the
 identity.
 
-Every call is authenticated (see :mod:`legation.xds.auth`): TLS with a client certificate that
-names one node, and every request's node id must be that node's. The one exception is
+Every call is authenticated by the :class:`~legation.xds.auth.Authenticator` the server is given
+(the control plane's is :class:`legation.certs.xds_auth.XdsAuth`): TLS with a client certificate
+that names one node, and every request's node id must be that node's. The one exception is
 ``insecure_unauthenticated_loopback_only=True``, for protocol tests and benchmarks: it serves
 plaintext to anyone who claims any node id, is refused on any host but a loopback address, and
 is never what the control plane uses.
@@ -24,7 +25,7 @@ from envoy.service.discovery.v3 import discovery_pb2
 from legation.xds import _wire
 from legation.xds._delta import DeltaStream
 from legation.xds._sotw import SotwStream
-from legation.xds.auth import Refused, XdsAuth
+from legation.xds.auth import Authenticator, Refused, check_node, record
 from legation.xds.cache import SnapshotCache
 from legation.xds.types import ResourceType
 
@@ -56,13 +57,13 @@ class XdsServer:
         host: str = DEFAULT_HOST,
         port: int = DEFAULT_PORT,
         gate_timeout: float = 5.0,
-        auth: XdsAuth | None = None,
+        auth: Authenticator | None = None,
         insecure_unauthenticated_loopback_only: bool = False,
     ) -> None:
         """``auth``: the TLS material and identity checks; required unless
         ``insecure_unauthenticated_loopback_only`` (then ``host`` must be a loopback address)."""
         if auth is None and not insecure_unauthenticated_loopback_only:
-            raise ValueError("XdsServer needs auth=XdsAuth(...): xDS hands out private keys, "
+            raise ValueError("XdsServer needs auth=<an Authenticator>: xDS hands out private keys, "
                              "it never serves unauthenticated clients by default")
         if auth is not None and insecure_unauthenticated_loopback_only:
             raise ValueError("XdsServer: auth and insecure_unauthenticated_loopback_only "
@@ -107,7 +108,7 @@ class XdsServer:
                 node = await self._authenticate(context)
                 if node is not None:
                     try:
-                        XdsAuth.check_node(node, request.node.id)
+                        check_node(node, request.node.id)
                     except Refused as refused:
                         await self._refuse(context, refused, request.node.id)
                 return self._fetch(only, request)
@@ -157,7 +158,7 @@ class XdsServer:
             raise AssertionError("unreachable: abort raises") from None
 
     async def _refuse(self, context: Any, refused: Refused, claimed: str) -> None:
-        XdsAuth.record(self.cache.metrics, refused, claimed=claimed, peer=context.peer())
+        record(self.cache.metrics, refused, claimed=claimed, peer=context.peer())
         await context.abort(refused.status, refused.message)
 
     def _fetch(self, rtype: ResourceType, request: discovery_pb2.DiscoveryRequest) -> bytes:

@@ -123,7 +123,7 @@ async def test_xds_is_tls_with_enrolled_proxies_even_with_mtls_off(tmp_path: Pat
     from envoy.config.core.v3 import base_pb2
     from envoy.service.discovery.v3 import discovery_pb2
 
-    from legation.xds.auth import files_credentials
+    from legation.certs.xds_auth import files_credentials
 
     mesh = tmp_path / "mesh.yaml"
     write(mesh)  # no mtls block: mode off

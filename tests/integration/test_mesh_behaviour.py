@@ -22,8 +22,8 @@ import yaml
 from legation.config import Mesh, parse_mesh
 from legation.demo import DemoApp
 from legation.envoy_process import EnvoyProcess
-from legation.xds.translate import translate
-from legation.xds.translate_static import static_bootstrap
+from legation.translate import translate
+from legation.translate.static import static_bootstrap
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.integration

@@ -14,7 +14,7 @@ import pytest
 from legation.controlplane import ControlPlane
 from legation.demo import DemoApp
 from legation.envoy_process import EnvoyProcess
-from legation.xds.bootstrap import bootstrap
+from legation.translate.bootstrap import bootstrap
 from tests.conftest import free_port
 from tests.extauthz.conftest import Signer
 from tests.integration.test_mesh_services import LoopThread, http

@@ -13,8 +13,8 @@ import yaml
 from legation.certs import MeshIssuer
 from legation.config import load_mesh
 from legation.envoy_process import envoy_binary
-from legation.xds.translate import translate
-from legation.xds.translate_static import static_bootstrap
+from legation.translate import translate
+from legation.translate.static import static_bootstrap
 from legation.xds.types import ResourceType
 
 pytestmark = pytest.mark.integration

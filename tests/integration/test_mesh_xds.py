@@ -17,10 +17,10 @@ import yaml
 
 from legation.config import Mesh, parse_mesh
 from legation.demo import DemoApp
+from legation.embedded import BackgroundControlPlane
 from legation.envoy_process import EnvoyProcess
-from legation.xds.bootstrap import bootstrap
-from legation.xds.embedded import BackgroundControlPlane
-from legation.xds.translate import translate
+from legation.translate import translate
+from legation.translate.bootstrap import bootstrap
 from tests.conftest import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

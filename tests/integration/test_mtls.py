@@ -23,7 +23,7 @@ from legation.certs import CertificateAuthority, WorkloadCert
 from legation.controlplane import ControlPlane
 from legation.demo import DemoApp
 from legation.envoy_process import EnvoyProcess
-from legation.xds.bootstrap import bootstrap
+from legation.translate.bootstrap import bootstrap
 from tests.integration.test_mesh_services import LoopThread, distinct_ports
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

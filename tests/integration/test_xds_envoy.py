@@ -12,9 +12,9 @@ import pytest
 from google.protobuf import duration_pb2
 
 from legation.demo import DemoApp
+from legation.embedded import BackgroundControlPlane
 from legation.envoy_process import EnvoyProcess
-from legation.xds.bootstrap import bootstrap
-from legation.xds.embedded import BackgroundControlPlane
+from legation.translate.bootstrap import bootstrap
 from legation.xds.snapshot import Snapshot
 from legation.xds.types import ResourceType
 from tests.conftest import free_port

@@ -386,8 +386,8 @@ def test_envoy_with_legation_bootstrap_output_connects_acks_serves_and_survives_
     import time
 
     from legation.demo import DemoApp
+    from legation.embedded import BackgroundControlPlane
     from legation.envoy_process import EnvoyProcess
-    from legation.xds.embedded import BackgroundControlPlane
     from tests.conftest import free_port
     from tests.integration.test_xds_envoy import converge, get, mesh
 

@@ -10,7 +10,8 @@ import grpc
 from legation.certs.ca import CertificateAuthority
 from legation.certs.enrol import Enrolments, NodeFiles, enrol, issue_node_credential
 from legation.certs.workload import WorkloadCert
-from legation.xds.auth import XdsAuth, channel_credentials, serving_hosts
+from legation.certs.xds_auth import XdsAuth, serving_hosts
+from legation.xds.auth import channel_credentials
 from legation.xds.cache import SnapshotCache
 from legation.xds.server import XdsServer
 

@@ -4,7 +4,7 @@ Every connection manager carries the same filter chain, fault -> local_ratelimit
 the first two inert unless a route configures them (per-route config), so listeners do not change
 when routes gain or lose a fault or a limit. Connection managers that carry mesh routes also get
 the request-path services' filters before the router (``service_filters``, see
-:mod:`legation.xds._translate_services`).
+:mod:`legation.translate._services`).
 """
 
 from __future__ import annotations
@@ -21,15 +21,13 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 )
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 
-from legation.xds._translate_common import (
+from legation._proto import address, ads_source, pack
+from legation.translate._names import (
     FAULT_FILTER,
     HCM_FILTER,
     LOCAL_RATELIMIT_FILTER,
     ROUTER_FILTER,
     TCP_PROXY_FILTER,
-    ads_source,
-    pack,
-    socket,
 )
 
 _DIRECTION = {
@@ -99,7 +97,7 @@ def _listener(
 ) -> listener_pb2.Listener:
     return listener_pb2.Listener(
         name=name,
-        address=socket(host, port),
+        address=address(host, port),
         stat_prefix=stat_prefix,
         traffic_direction=_DIRECTION[name],
         filter_chains=[

@@ -15,8 +15,8 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 from envoy.type.v3 import percent_pb2
 from google.protobuf import duration_pb2, wrappers_pb2
 
+from legation.translate import translate
 from legation.xds.snapshot import Snapshot
-from legation.xds.translate import translate
 from legation.xds.types import ResourceType
 from tests.config.meshdata import base, parse
 

@@ -1,9 +1,10 @@
-"""The control plane on a private event loop in a background thread.
+"""The xDS server of a control plane on a private event loop in a background thread.
 
 For synchronous callers (integration tests, scripts, a Python app embedding Legation): every method
 is thread-safe and blocks until the loop has done the work. It authenticates as the control plane
 does: a CA kept in ``ca_dir`` (generated there on first use), and :meth:`enrol` writes a node's
-credential files for the bootstrap of the proxy that will present them.
+credential files for the bootstrap of the proxy that will present them. It wires the protocol
+(:mod:`legation.xds`) to the mesh CA (:mod:`legation.certs`), so it lives beside neither.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any, TypeVar
 
 from legation.certs.ca import CertificateAuthority
 from legation.certs.enrol import BOOTSTRAP_TTL, Enrolments, NodeFiles, enrol, node_dir_name
-from legation.xds.auth import XdsAuth, serving_hosts
+from legation.certs.xds_auth import XdsAuth, serving_hosts
 from legation.xds.cache import NodeStatus, SnapshotCache
 from legation.xds.server import XdsServer
 from legation.xds.snapshot import Snapshot

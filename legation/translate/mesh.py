@@ -21,12 +21,12 @@ When the mesh declares request-path services (``extauthz``, ``extproc``, ``ratel
 gateway and the sidecars' outbound listeners get their filters, every proxy gets their clusters
 (``legation|extauthz``, ``legation|extproc``, ``legation|ratelimit``), and every route in the
 ``gateway`` and ``outbound`` route configurations says what each does there (routes' ``authz``,
-``filters``, ``rate_limits``); see :mod:`legation.xds._translate_services`. The ``inbound``
+``filters``, ``rate_limits``); see :mod:`legation.translate._services`. The ``inbound``
 listener carries none of them: the caller's side already applied the route.
 
 When the mesh turns ``mtls`` on, sidecar inbound listeners terminate mTLS and the clusters to
 sidecars originate it, with the certificates of the ``secrets`` given (SDS over ADS); see
-:mod:`legation.xds._translate_mtls`.
+:mod:`legation.translate._mtls`.
 """
 
 from __future__ import annotations
@@ -41,24 +41,24 @@ from envoy.config.route.v3 import route_pb2
 from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
 from google.protobuf import duration_pb2
 
+from legation._proto import pack
 from legation.certs.spiffe import spiffe_id
 from legation.config.model import Endpoint, Mesh, Service
 from legation.config.proxies import gateway_node_id, sidecar_node_id
 from legation.config.routes import Route
 from legation.extproc.config import Chains
-from legation.xds._translate_clusters import inbound_local_app, outbound_clusters
-from legation.xds._translate_common import (
+from legation.translate._clusters import inbound_local_app, outbound_clusters
+from legation.translate._listeners import http_listener, tcp_listener
+from legation.translate._mtls import check_sds, secure_inbound
+from legation.translate._names import (
     GATEWAY,
     INBOUND,
     LOCAL_RATELIMIT_FILTER,
     OUTBOUND,
     inbound_cluster,
-    pack,
 )
-from legation.xds._translate_listeners import http_listener, tcp_listener
-from legation.xds._translate_mtls import check_sds, secure_inbound
-from legation.xds._translate_routes import default_route, local_rate_limit, route
-from legation.xds._translate_services import apply_services, service_clusters, service_filters
+from legation.translate._routes import default_route, local_rate_limit, route
+from legation.translate._services import apply_services, service_clusters, service_filters
 from legation.xds.snapshot import Snapshot
 
 __all__ = ["translate"]

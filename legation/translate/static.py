@@ -20,7 +20,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from legation.xds._translate_common import pack
+from legation._proto import pack
 from legation.xds.snapshot import Snapshot, SnapshotError
 from legation.xds.types import ResourceType
 

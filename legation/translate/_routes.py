@@ -3,7 +3,7 @@
 A route's settings win over its service's defaults (``timeout``, ``retries``, ``fault``,
 ``mirror``); the "route's service" is the one service all its destinations belong to, if any.
 Faults and local rate limits are per-route configs of HTTP filters every connection manager has
-(:mod:`legation.xds._translate_listeners`), so adding one is an RDS-only change.
+(:mod:`legation.translate._listeners`), so adding one is an RDS-only change.
 """
 
 from __future__ import annotations
@@ -17,17 +17,11 @@ from envoy.type.matcher.v3 import regex_pb2, string_pb2
 from envoy.type.v3 import http_status_pb2, percent_pb2, token_bucket_pb2
 from google.protobuf import wrappers_pb2
 
+from legation._proto import duration, every_request, pack
 from legation.config.model import Mesh, Service
 from legation.config.policy import Fault, LocalRateLimit, Mirror, Retries
 from legation.config.routes import HeaderChanges, Match, Route, ValueMatch
-from legation.xds._translate_common import (
-    FAULT_FILTER,
-    LOCAL_RATELIMIT_FILTER,
-    duration,
-    fraction,
-    outbound_cluster,
-    pack,
-)
+from legation.translate._names import FAULT_FILTER, LOCAL_RATELIMIT_FILTER, outbound_cluster
 
 _REDIRECT_CODES = {
     301: rc.RedirectAction.MOVED_PERMANENTLY,
@@ -209,11 +203,7 @@ def http_fault(spec: Fault) -> fault_pb2.HTTPFault:
 
 
 def local_rate_limit(spec: LocalRateLimit, *, stat_prefix: str) -> lrl_pb2.LocalRateLimit:
-    everyone = base_pb2.RuntimeFractionalPercent(
-        default_value=percent_pb2.FractionalPercent(
-            numerator=100, denominator=percent_pb2.FractionalPercent.HUNDRED
-        )
-    )
+    everyone = every_request()
     return lrl_pb2.LocalRateLimit(
         stat_prefix=stat_prefix,
         status=http_status_pb2.HttpStatus(code=spec.status),
@@ -224,6 +214,13 @@ def local_rate_limit(spec: LocalRateLimit, *, stat_prefix: str) -> lrl_pb2.Local
         ),
         filter_enabled=everyone,
         filter_enforced=everyone,
+    )
+
+
+def fraction(percent: float) -> percent_pb2.FractionalPercent:
+    """A percentage as parts per million (so 0.1% survives)."""
+    return percent_pb2.FractionalPercent(
+        numerator=round(percent * 10_000), denominator=percent_pb2.FractionalPercent.MILLION
     )
 
 

@@ -15,16 +15,10 @@ from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2 as upst
 from envoy.type.v3 import percent_pb2
 from google.protobuf import wrappers_pb2
 
+from legation._proto import address, ads_source, duration, pack
 from legation.config.model import Endpoint, Service
-from legation.xds._translate_common import (
-    ads_source,
-    duration,
-    inbound_cluster,
-    outbound_cluster,
-    pack,
-    socket,
-)
-from legation.xds._translate_mtls import secure_cluster
+from legation.translate._mtls import secure_cluster
+from legation.translate._names import inbound_cluster, outbound_cluster
 
 _LB = {
     "round_robin": cluster_pb2.Cluster.ROUND_ROBIN,
@@ -80,7 +74,7 @@ def load_assignment(
             endpoint_components_pb2.LocalityLbEndpoints(
                 lb_endpoints=[
                     endpoint_components_pb2.LbEndpoint(
-                        endpoint=endpoint_components_pb2.Endpoint(address=socket(host, port))
+                        endpoint=endpoint_components_pb2.Endpoint(address=address(host, port))
                     )
                     for host, port in addresses
                 ]

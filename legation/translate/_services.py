@@ -46,7 +46,7 @@ from legation.extauthz.jwt import METADATA_KEY as JWT_METADATA_KEY
 from legation.extproc import envoy_filter as proc_filter
 from legation.extproc.config import Chains
 from legation.ratelimit import envoy_filter as rl_filter
-from legation.xds._translate_mtls import upstream_tls
+from legation.translate._mtls import upstream_tls
 
 EXTAUTHZ_CLUSTER = "legation|extauthz"
 EXTPROC_CLUSTER = "legation|extproc"

@@ -22,8 +22,8 @@ from google.protobuf import any_pb2, struct_pb2, wrappers_pb2
 
 from legation.certs import TRUST_BUNDLE, WORKLOAD_CERT, MeshIssuer
 from legation.config import Mesh
+from legation.translate import translate
 from legation.xds.snapshot import InconsistentSnapshot, Snapshot
-from legation.xds.translate import translate
 from legation.xds.types import ResourceType
 from tests.config.meshdata import base, parse
 

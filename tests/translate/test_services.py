@@ -20,11 +20,11 @@ from google.protobuf import duration_pb2, wrappers_pb2
 
 from legation.certs import MeshIssuer
 from legation.errors import ConfigError
+from legation.translate import translate
 from legation.xds.snapshot import Snapshot
-from legation.xds.translate import translate
 from legation.xds.types import ResourceType
 from tests.config.meshdata import base, parse
-from tests.xds.test_translate import hcm_of, message
+from tests.translate.test_mesh import hcm_of, message
 
 AUTHZ = "envoy.filters.http.ext_authz"
 PROC = "envoy.filters.http.ext_proc"

@@ -29,8 +29,9 @@ from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2, tl
 from envoy.type.matcher.v3 import string_pb2
 from google.protobuf import struct_pb2, wrappers_pb2
 
+from legation._proto import ads_source, pack
 from legation.certs.sds import TRUST_BUNDLE, WORKLOAD_CERT
-from legation.xds._translate_common import HCM_FILTER, ads_source, pack
+from legation.translate._names import HCM_FILTER
 from legation.xds.snapshot import InconsistentSnapshot, Snapshot
 from legation.xds.types import ResourceType
 
