@@ -13,6 +13,23 @@ Protocol, one line per message in both directions (JSON never contains a raw new
     parent: ``E <id> <path> <input json>``   evaluate ``data.<path>`` (dotted) with that input
     child:  ``<id> v <value json>`` | ``<id> u`` (undefined) | ``<id> e <json message>``
 
+``legation policy test`` (:mod:`legation.extauthz.policy_test`) adds two operations:
+
+    parent: ``P <json>``   parse ``{"modules": [[path, text]...]}`` (no load needed) for test rules
+    child:  ``P ok <json>`` ``[[path, package, [rule...]]...]`` | ``P err <json message>``
+    parent: ``T <id> <json>``   run one test rule ``{"path", "coverage", "cases"}``
+    child:  ``<id> t <json>``   ``{"value"|"undefined"|"error", "ns", "prints", "coverage",
+            "cases"}``
+
+A ``P`` rule is ``{"ref", "name", "skip", "key"}``: the rule's name as `opa test` prints it (the
+head's ground prefix up to the ``test_``/``todo_test_`` term), that term, whether it is a
+``todo_`` test, and the head's remaining terms (the case key of a parameterized test, else
+``[]``); it comes from OPA's own parser (``rego.parse_module``), in file order. ``T`` evaluates
+``data.<path>`` with an empty input; ``"coverage": true`` returns ``{file: [covered rows, not
+covered rows]}``; ``"cases": {"at": "file:row", "key": [terms]}`` traces the evaluation and
+returns every case key the rule's body bound (``[[k1, k2...]...]``), so that a case whose body
+failed is reported as OPA's tester reports it, not silently dropped.
+
 The input arrives as JSON text and goes to the engine as a parsed value: no string is ever pasted
 into Rego. A module that calls a function the engine does not know (``net.cidr_contain``) is a
 type error when the modules are compiled, so loading refuses it with the file and line. Builtin
@@ -112,6 +129,8 @@ def main() -> int:
     _limit_memory()
     from opa_bindings import OpaEngine, OpaError, OpaUndefinedError
 
+    from legation.extauthz import _evaluator_tests as _tests
+
     out = _Out(sys.stdout.buffer)
     engine: Any = None
     for raw in sys.stdin.buffer:  # bytes: only b"\n" ends a line
@@ -134,6 +153,20 @@ def main() -> int:
                     out.write(f"{ident} e {_dumps(_describe(e))}\n")
                 except ValueError as e:  # input that is not JSON: the parent never sends it
                     out.write(f"{ident} e {_dumps(f'bad input: {e}')}\n")
+        elif op == "P":
+            try:
+                found = _tests.parse(OpaEngine(), json.loads(rest)["modules"])
+                out.write(f"P ok {_dumps(found)}\n")
+            except OpaError as e:
+                out.write(f"P err {_dumps(_describe(e))}\n")
+        elif op == "T":
+            ident, _, rest = rest.partition(" ")
+            if engine is None:
+                answer: dict[str, Any] = {"error": "no policies loaded"}
+            else:
+                answer = _tests.run(engine, json.loads(rest), OpaError, OpaUndefinedError,
+                                    _describe)
+            out.write(f"{ident} t {_dumps(answer)}\n")
         else:
             out.write(f"? e {_dumps('unknown operation')}\n")
         out.flush()

@@ -68,6 +68,27 @@ def validate(modules: Modules, data: Data, *, timeout_s: float) -> None:
                       code="policy_crashed")
 
 
+def parse_tests(modules: Modules, *, timeout_s: float) -> list[list[Any]]:
+    """The test rules of each module, found by OPA's parser in a fresh evaluator process
+    (the ``P`` operation): ``[[path, package, [rule...]]...]``; raises ConfigError when a
+    module does not parse."""
+    line = b"P " + json.dumps({"modules": [list(m) for m in modules]},
+                              ensure_ascii=False).encode("utf-8", "surrogatepass") + b"\n"
+    try:
+        proc = subprocess.run(_CMD, input=line, capture_output=True, timeout=timeout_s,
+                              env=_ENV, check=False)
+    except subprocess.TimeoutExpired:
+        raise ConfigError(f"parsing the policies took longer than {timeout_s:g} s",
+                          code="policy_compile_failed") from None
+    answer = proc.stdout.decode("utf-8", "replace").splitlines()
+    if answer and answer[0].startswith("P ok "):
+        return list(json.loads(answer[0][5:]))
+    if answer and answer[0].startswith("P err "):
+        raise ConfigError(str(json.loads(answer[0][6:])), code="policy_compile_failed")
+    raise ConfigError(f"the policy engine exited while parsing ({_exit(proc.returncode)})",
+                      code="policy_crashed")
+
+
 def _exit(returncode: int | None) -> str:
     if returncode is None:
         return "still running"
@@ -215,6 +236,21 @@ class _Worker:
             return kind, str(json.loads(payload))
         return kind, payload
 
+    async def test(self, spec: dict[str, Any]) -> dict[str, Any]:
+        """Run one test rule (the ``T`` operation); raises EvaluationError if the process dies."""
+        self.calls += 1
+        line = (b"T %d " % self.calls
+                + json.dumps(spec, ensure_ascii=False).encode("utf-8", "surrogatepass") + b"\n")
+        raw = await self._roundtrip(line)
+        prefix = b"%d t " % self.calls
+        if not raw.endswith(b"\n"):
+            raise EvaluationError("the policy engine exited while evaluating "
+                                  f"({_exit(self.proc.returncode)})")
+        if not raw.startswith(prefix):
+            raise EvaluationError("the policy engine answered out of turn")
+        answer: dict[str, Any] = json.loads(raw[len(prefix):])
+        return answer
+
     # -- lifecycle ---------------------------------------------------------------------------
 
     @property
@@ -303,6 +339,27 @@ class EvaluatorPool:
         if kind == "e":
             raise EvaluationError(payload)
         return kind, payload
+
+    async def run_test(self, spec: dict[str, Any], *, timeout_s: float) -> dict[str, Any]:
+        """Run one test rule (``legation policy test``) with a deadline that starts when a
+        process is ready (a fresh one may still be loading after the previous test's kill);
+        raises TimeoutError after killing the process that ran past it, EvaluationError if
+        that process died."""
+        if self._closed:
+            raise EvaluationError("the policy version was replaced")
+        worker = await self._idle.get()
+        try:
+            async with asyncio.timeout(timeout_s):
+                answer = await worker.test(spec)
+        except TimeoutError:
+            self.killed += 1
+            self._replace(worker)
+            raise
+        except BaseException:
+            self._replace(worker)
+            raise
+        self._idle.put_nowait(worker)
+        return answer
 
     def _replace(self, worker: _Worker) -> None:
         worker.kill()

@@ -1,117 +1,322 @@
-"""``legation policy test policies/``: run the Rego unit tests (``test_`` rules) like ``opa test``.
+"""``legation policy test policies/``: run the Rego unit tests like ``opa test``.
 
-Every module (``*_test.rego`` included) is loaded into OPA's engine in an evaluator process
-(:mod:`legation.extauthz.evaluator`) and every ``test_*`` rule of every package is evaluated with
-an empty input: true passes, false or undefined fails, an evaluation error errors. Each test has a
-deadline (``timeout_s``): a test that runs past it is killed with its process and errors, and the
-remaining tests run in a fresh one. Exit status as ``opa test``: 0 all pass, 2 some fail, 1 the
-policies do not load.
+Every module (``*_test.rego`` included) and every ``data.json``/``data.yaml`` (at its directory's
+path) is loaded into OPA's engine in an evaluator process (:mod:`legation.extauthz.evaluator`),
+and each test rule is evaluated on its own with an empty input, as OPA's tester does:
+
+* a test rule is one whose name (the head's ground prefix) has a term starting ``test_``, found
+  by OPA's parser; ``todo_test_*`` rules are reported SKIPPED without running; every rule body
+  is its own test: a second ``test_x`` in the same package is ``test_x#01``, and so on;
+* true passes; false, undefined or any other value fails; an evaluation error errors;
+* a parameterized test (``test_x[note] if { some note, tc in cases ... }``) reports one case per
+  key: ``true`` passes, anything else fails, and a case whose body bound the key but then
+  failed (so the key is missing from the result) fails too;
+* each test has a deadline (``--timeout``, 5 s as OPA's): one that runs past it is killed with
+  its process and errors, and the rest run in a fresh process.
+
+Output, ``-v``, ``--format json``, ``--coverage``/``--threshold``, ``-r``, ``-z`` and the exit
+status (0 all pass, 2 some did not, 1 the policies do not load) follow `opa test`; see
+:mod:`legation.extauthz._test_report`.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import re
 import sys
-import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TextIO
 
 from legation.errors import ConfigError
-from legation.extauthz.evaluator import EvaluationError, EvaluatorPool, parse_result
-from legation.extauthz.policies import Sources, package_of, read_sources
+from legation.extauthz import _test_report as report
+from legation.extauthz.evaluator import EvaluationError, EvaluatorPool, parse_tests
+from legation.extauthz.policies import Sources, read_sources
 
-_TEST_RULE = re.compile(r"^\s*(test_\w+)\b", re.MULTILINE)
-
-
-def discover(src: Sources) -> list[tuple[str, str, str]]:
-    """(file, package, rule) for each test rule, in file order."""
-    found: list[tuple[str, str, str]] = []
-    for path, text in src.modules:
-        package = package_of(path, text)
-        for rule in dict.fromkeys(_TEST_RULE.findall(text)):
-            found.append((str(path), package, rule))
-    return found
+_DUPLICATE = "__legation_test_{:02d}"  # the engine's name for the k-th body of a test rule
 
 
-async def _evaluate_all(src: Sources, names: list[str], timeout_s: float,
-                        ) -> dict[str, tuple[str, float, str]]:
-    """data path -> (PASS|FAIL|ERROR, ms, detail); raises ConfigError if loading fails."""
-    pool = await EvaluatorPool(src.modules, src.data, size=1).start()
-    results: dict[str, tuple[str, float, str]] = {}
+@dataclass(frozen=True)
+class TestRule:
+    file: str
+    row: int
+    col: int
+    package: str  # dotted, without "data."
+    name: str  # as reported: "test_x", "test_x#01", "p.test_y"
+    query: str  # the dotted path the engine evaluates
+    skip: bool
+    key: tuple[Any, ...]  # head terms after the name: the case key of a parameterized test
+
+
+def _head(text: str, ref: str, start: int) -> re.Match[str] | None:
+    """The next line at or after ``start`` that declares rule ``ref`` (``test_x if``,
+    ``default test_x :=``, ``test_x[note] if``, ``p.test_y contains``)."""
+    pattern = (r"^[ \t]*(?:default[ \t]+)?(" + re.escape(ref)
+               + r")(?![\w])(?=[ \t]*(?:\[|\(|:=|=|\{|if\b|contains\b|#|$))")
+    return re.compile(pattern, re.MULTILINE).search(text, start)
+
+
+def discover(modules: tuple[tuple[str, str], ...], *, timeout_s: float = 30.0,
+             ) -> tuple[list[TestRule], tuple[tuple[str, str], ...]]:
+    """The test rules in file order, and the modules to load: the same text, except that the
+    second and later bodies of one test name are renamed (same line, so locations and coverage
+    rows stay), so that each runs on its own as in `opa test`."""
+    parsed = parse_tests(modules, timeout_s=timeout_s)
+    rules: list[TestRule] = []
+    texts = dict(modules)
+    seen: dict[str, int] = {}
+    for path, package, found in parsed:
+        text = texts[path]
+        edits: list[tuple[int, int, str]] = []
+        cursor = 0
+        for rule in found:
+            m = _head(text, rule["ref"], cursor)
+            row = col = 0
+            if m is not None:
+                cursor = m.end()
+                line_start = text.rfind("\n", 0, m.start(1)) + 1
+                row = text.count("\n", 0, m.start(1)) + 1
+                line = text[line_start:m.end(1)]
+                col = len(line) - len(line.lstrip(" \t")) + 1
+            name, query = rule["ref"], f"{package}.{rule['ref']}"
+            if not rule["skip"]:
+                k = seen.get(query, 0)
+                seen[query] = k + 1
+                if k and m is not None:
+                    stem = rule["ref"][:len(rule["ref"]) - len(rule["name"])]
+                    name = f"{stem}{rule['name']}#{k:02d}"
+                    renamed = rule["name"] + _DUPLICATE.format(k)
+                    query = f"{package}.{stem}{renamed}"
+                    edits.append((m.end(1) - len(rule["name"]), m.end(1), renamed))
+            rules.append(TestRule(file=path, row=row, col=col, package=f"data.{package}",
+                                  name=name, query=query, skip=bool(rule["skip"]),
+                                  key=tuple(rule["key"])))
+        for start, end, new in reversed(edits):
+            text = text[:start] + new + text[end:]
+        texts[path] = text
+    return rules, tuple((path, texts[path]) for path, _ in modules)
+
+
+def _case_name(value: Any) -> str:
+    """A case key as OPA names it: a string as is, anything else as JSON."""
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, separators=(",", ":"), sort_keys=True, ensure_ascii=False)
+
+
+def _sub_results(value: Any) -> tuple[bool, dict[str, report.SubResult]]:
+    if not isinstance(value, dict):
+        return True, {}
+    fail, subs = False, {}
+    for key, v in value.items():
+        if isinstance(v, dict):
+            nested_fail, nested = _sub_results(v)
+            sr = report.SubResult(key, nested_fail, nested)
+        else:
+            sr = report.SubResult(key, v is not True)
+        subs[key] = sr
+        fail = fail or sr.fail
+    return fail, subs
+
+
+def _add_case(subs: dict[str, report.SubResult], path: list[str]) -> bool:
+    """A case the body reached: one missing from the result is a failed case."""
+    entry = subs.get(path[0])
+    if entry is None:
+        entry = subs[path[0]] = report.SubResult(path[0], True)
+    if len(path) == 1:
+        return entry.fail
+    if _add_case(entry.sub, path[1:]):
+        entry.fail = True
+    return entry.fail
+
+
+def judge(rule: TestRule, answer: dict[str, Any]) -> report.Result:
+    result = report.Result(file=rule.file, row=rule.row, col=rule.col, package=rule.package,
+                           name=rule.name, ns=int(answer.get("ns", 0)),
+                           output="".join(f"{p}\n" for p in answer.get("prints", [])))
+    if "error" in answer:
+        result.error = str(answer["error"])
+    elif answer.get("undefined"):
+        result.fail = True
+    elif rule.key:
+        result.fail, result.sub = _sub_results(answer.get("value"))
+        for case in answer.get("cases", []):
+            if _add_case(result.sub, [_case_name(v) for v in case]):
+                result.fail = True
+    else:
+        result.fail = answer.get("value") is not True
+    return result
+
+
+async def _run(modules: tuple[tuple[str, str], ...], data: Any, rules: list[TestRule], *,
+               timeout_s: float, coverage: report.Coverage | None) -> list[report.Result]:
+    pool = await EvaluatorPool(modules, data, size=1).start()
+    results: list[report.Result] = []
     try:
-        for name in names:
-            started = time.perf_counter()
+        for rule in rules:
+            if rule.skip:
+                results.append(report.Result(file=rule.file, row=rule.row, col=rule.col,
+                                             package=rule.package, name=rule.name, skip=True))
+                continue
+            spec: dict[str, Any] = {"path": rule.query, "coverage": coverage is not None}
+            if rule.key:
+                spec["cases"] = {"at": f"{rule.file}:{rule.row}", "key": list(rule.key)}
             try:
-                async with asyncio.timeout(timeout_s):
-                    kind, text = await pool.evaluate(name, b"{}")
+                answer = await pool.run_test(spec, timeout_s=timeout_s)
             except TimeoutError:
-                results[name] = ("ERROR", timeout_s * 1000, f"timed out after {timeout_s:g} s")
-                continue
+                answer = {"error": f"eval_cancel_error: timed out after {timeout_s:g} s",
+                          "ns": int(timeout_s * 1e9)}
             except EvaluationError as e:
-                results[name] = ("ERROR", (time.perf_counter() - started) * 1000, str(e))
-                continue
-            ms = (time.perf_counter() - started) * 1000
-            passed = kind == "v" and parse_result(text) is True
-            results[name] = ("PASS" if passed else "FAIL", ms, "")
+                answer = {"error": str(e)}
+            if coverage is not None and "coverage" in answer:
+                coverage.add(answer["coverage"])
+            results.append(judge(rule, answer))
     finally:
         await pool.close()
     return results
 
 
-def run(directory: Path, *, verbose: bool, out: object = sys.stdout,
-        timeout_s: float = 60.0) -> int:
-    write = out.write  # type: ignore[attr-defined]
-    try:
-        src = read_sources(directory)
-        tests = discover(src)
-        names = list(dict.fromkeys(f"{pkg}.{rule}" for _, pkg, rule in tests))
-        results = asyncio.run(_evaluate_all(src, names, timeout_s))
-    except ConfigError as e:
-        write(f"1 error occurred: {e}\n")
+def _load(paths: list[Path]) -> Sources:
+    """All the paths as one set of sources, as `opa test a/ b/` loads them together."""
+    modules: list[tuple[str, str]] = []
+    data: list[tuple[str, str, tuple[str, ...]]] = []
+    for path in paths:
+        if path.is_file() and path.suffix == ".rego":
+            modules.append((str(path), path.read_text()))
+            continue
+        if not path.is_dir():
+            raise ConfigError(f"{path}: no such file or directory", code="policy_compile_failed")
+        src = read_sources(path)
+        modules.extend(src.modules)
+        data.extend(src.data)
+    return Sources(directory=",".join(map(str, paths)), modules=tuple(modules), data=tuple(data))
+
+
+@dataclass(frozen=True)
+class Options:
+    verbose: bool = False
+    format: str = "pretty"
+    coverage: bool = False
+    threshold: float = 0.0
+    run: str | None = None
+    exit_zero_on_skipped: bool = False
+    fail_on_empty: bool = False
+    timeout_s: float = 5.0
+
+
+def run_paths(paths: list[Path], options: Options, *, out: TextIO | None = None,
+              err: TextIO | None = None) -> int:
+    out = out if out is not None else sys.stdout
+    err = err if err is not None else sys.stderr
+    if not 0 <= options.threshold <= 100:
+        err.write("Code coverage threshold must be between 0 and 100\n")
         return 1
-    passed = failed = errors = 0
-    current_file = None
-    for file, pkg, rule in tests:
-        status, ms, detail = results.get(f"{pkg}.{rule}", ("ERROR", 0.0, "not evaluated"))
-        passed += status == "PASS"
-        failed += status == "FAIL"
-        errors += status == "ERROR"
-        if verbose or status != "PASS":
-            if file != current_file:
-                write(f"{file}:\n")
-                current_file = file
-            write(f"data.{pkg}.{rule}: {status} ({ms:.3f}ms)\n")
-            if detail:
-                write(f"  {detail.strip().splitlines()[0][:300]}\n")
-    total = passed + failed + errors
-    if total == 0:
-        write("no tests found\n")
-        return 0
-    if verbose or failed or errors:
-        write("-" * 80 + "\n")
-    if passed:
-        write(f"PASS: {passed}/{total}\n")
-    if failed:
-        write(f"FAIL: {failed}/{total}\n")
-    if errors:
-        write(f"ERROR: {errors}/{total}\n")
-    return 0 if failed == errors == 0 else 2
+    try:
+        pattern = re.compile(options.run) if options.run else None
+    except re.error as e:
+        err.write(f"error parsing regexp: {e}: `{options.run}`\n")
+        return 1
+    coverage = report.Coverage() if options.coverage or options.threshold > 0 else None
+    try:
+        src = _load(paths)
+        rules, modules = discover(src.modules)
+        if pattern is not None:
+            rules = [r for r in rules if pattern.search(f"{r.package}.{r.name}")]
+        results = asyncio.run(_run(modules, src.data, rules, timeout_s=options.timeout_s,
+                                   coverage=coverage))
+    except (ConfigError, OSError, TimeoutError) as e:
+        err.write(f"{e}\n")
+        return 1
+    status = 0
+    for r in results:
+        if not r.passed and not (r.skip and options.exit_zero_on_skipped):
+            status = 2
+    if coverage is not None:
+        return _report_coverage(results, coverage, options, status, out=out, err=err)
+    if options.format == "json":
+        report.as_json(results, out)
+    else:
+        report.pretty(results, out, verbose=options.verbose)
+    if not results and options.fail_on_empty:
+        err.write("no tests were run\n")
+        return 1
+    return status
+
+
+def _report_coverage(results: list[report.Result], coverage: report.Coverage, options: Options,
+                     status: int, *, out: TextIO, err: TextIO) -> int:
+    """`opa test --coverage`: an error or a failure ends the run (exit 1) without a report; a
+    report under ``--threshold`` is exit 2; otherwise the report as JSON."""
+    for r in results:
+        if r.error is not None:
+            err.write(f"{r.error}\n")
+            return 1
+    failures = [r for r in results if r.fail]
+    if failures:
+        report.pretty(failures, out, verbose=options.verbose)
+        first = failures[0]
+        err.write(first.line() + "\n" + "".join(
+            f"{'  ' * (d + 1)}{sr.name}: {'FAIL' if sr.fail else 'PASS'}\n"
+            for d, sr in report.walk(first.sub)) + "\n")
+        return 1
+    document = coverage.report()
+    if document["coverage"] < options.threshold:
+        err.write(report.threshold_message(document, options.threshold,
+                                           verbose=options.verbose) + "\n")
+        return 2
+    out.write(json.dumps(document, indent=2, ensure_ascii=False) + "\n")
+    return status
+
+
+def run(directory: Path, *, verbose: bool, out: TextIO | None = None,
+        timeout_s: float = 5.0, err: TextIO | None = None) -> int:
+    """One directory, pretty output (what ``legation policy test DIR [-v]`` does); errors
+    go to ``err``, by default to ``out`` too."""
+    return run_paths([directory], Options(verbose=verbose, timeout_s=timeout_s), out=out,
+                     err=err if err is not None else out)
+
+
+def _duration(text: str) -> float:
+    """``--timeout``: Go's duration syntax (``5s``, ``500ms``, ``1m30s``) or plain seconds."""
+    units = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)", text)
+    if not parts or "".join(a + b for a, b in parts) != text:
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r}")
+    return sum(float(a) * units[b] for a, b in parts)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="legation policy test",
-                                     description="Run the Rego unit tests (test_ rules).")
-    parser.add_argument("paths", nargs="*", default=["policies"], type=Path)
+    parser = argparse.ArgumentParser(
+        prog="legation policy test",
+        description="Run the Rego unit tests (test_ rules) like `opa test`.")
+    parser.add_argument("paths", nargs="*", default=["policies"], type=Path,
+                        help="directories (their .rego and data.json/data.yaml) or .rego files")
     parser.add_argument("-v", "--verbose", action="store_true", help="list every test")
+    parser.add_argument("-f", "--format", choices=("pretty", "json"), default="pretty")
+    parser.add_argument("-c", "--coverage", action="store_true",
+                        help="report coverage as JSON instead of the test results")
+    parser.add_argument("--threshold", type=float, default=0.0,
+                        help="exit 2 if coverage (percent) is under this; implies --coverage")
+    parser.add_argument("-r", "--run", help="run only tests whose name matches this regex")
+    parser.add_argument("-z", "--exit-zero-on-skipped", action="store_true",
+                        help="skipped (todo_) tests do not make the exit status 2")
+    parser.add_argument("--fail-on-empty", action="store_true",
+                        help="exit 1 when no test was run")
+    parser.add_argument("--timeout", type=_duration, default=5.0,
+                        help="each test's deadline (5s, 500ms, or seconds; default 5s)")
     args = parser.parse_args(argv)
-    status = 0
-    for path in args.paths:
-        if not path.is_dir():
-            print(f"{path}: not a directory", file=sys.stderr)
-            return 1
-        status = max(status, run(path, verbose=args.verbose))
-    return status
+    options = Options(verbose=args.verbose, format=args.format, coverage=args.coverage,
+                      threshold=args.threshold, run=args.run,
+                      exit_zero_on_skipped=args.exit_zero_on_skipped,
+                      fail_on_empty=args.fail_on_empty, timeout_s=args.timeout)
+    return run_paths(list(args.paths), options)
 
 
 if __name__ == "__main__":
