@@ -14,8 +14,9 @@ For each policy shape, the cost of one decision (GET /people, role guest):
                 benchmark or a hot route sees); ``-`` where the policy is not cacheable
 Shapes: a one-rule policy, the OPA-Envoy tutorial (token verified in Rego, ``time.now_ns``), the
 function style (``allow := decision({...input parts...})``), plain rules returning an object
-(allowed/headers/body), and the shipped ``policies/envoy``. The JWT check is assumed done:
-``input.jwt.claims`` is set as the ``jwt`` check would set it.
+(allowed/headers/body), the shipped ``policies/envoy`` and the quickstart's policy (reads
+``x-role``: viewer). The JWT check is assumed done: ``input.jwt.claims`` is set as the ``jwt`` check
+would set it.
 
     .venv/bin/python -m bench.rego [--seconds 0.4] [--rounds 3]
 """
@@ -138,6 +139,7 @@ SHAPES = [  # (label, package, source or None for the shipped policies/ director
     ("function style", "bench.function", FUNCTION_STYLE),
     ("object, plain rules", "bench.object", OBJECT_RULES),
     ("shipped envoy.authz", "envoy.authz", None),
+    ("quickstart.authz", "quickstart.authz", None),
 ]
 
 
@@ -152,7 +154,7 @@ def check_request(package: str) -> external_auth_pb2.CheckRequest:
     token = hs256({"role": "guest", "sub": "YWxpY2U", "nbf": now - 60, "exp": now + 3600})
     for k, v in {":authority": "svc", ":method": "GET", ":path": "/people", ":scheme": "http",
                  "authorization": f"Bearer {token}", "user-agent": "wrk/4.2",
-                 "accept": "*/*", "x-forwarded-proto": "http",
+                 "accept": "*/*", "x-forwarded-proto": "http", "x-role": "viewer",
                  "x-request-id": "8a6e4bb6-54a1-4c4e-9a53-1c1f8b5e3c2d"}.items():
         h.headers[k] = v
     attrs.request.time.FromSeconds(now)
