@@ -13,6 +13,8 @@ from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 
+from legation._proto import address, milliseconds, pack
+
 _HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 
 
@@ -24,22 +26,22 @@ def grpc_cluster(
     max_concurrent_streams: int | None = None,
 ) -> cluster_pb2.Cluster:
     """A STATIC cluster of ``endpoints`` (host, port) speaking HTTP/2."""
-    locality = endpoint_components_pb2.LocalityLbEndpoints()
-    for host, port in endpoints:
-        lb = locality.lb_endpoints.add()
-        lb.endpoint.address.socket_address.address = host
-        lb.endpoint.address.socket_address.port_value = port
+    locality = endpoint_components_pb2.LocalityLbEndpoints(lb_endpoints=[
+        endpoint_components_pb2.LbEndpoint(
+            endpoint=endpoint_components_pb2.Endpoint(address=address(host, port)))
+        for host, port in endpoints
+    ])
     cluster = cluster_pb2.Cluster(
         name=name,
         type=cluster_pb2.Cluster.STATIC,
         load_assignment=endpoint_pb2.ClusterLoadAssignment(cluster_name=name,
                                                            endpoints=[locality]),
+        connect_timeout=milliseconds(connect_timeout_ms),
     )
-    cluster.connect_timeout.FromMilliseconds(connect_timeout_ms)
     options = http_protocol_options_pb2.HttpProtocolOptions()
     h2 = options.explicit_http_config.http2_protocol_options
     h2.SetInParent()
     if max_concurrent_streams:
         h2.max_concurrent_streams.value = max_concurrent_streams
-    cluster.typed_extension_protocol_options[_HTTP_PROTOCOL_OPTIONS].Pack(options)
+    cluster.typed_extension_protocol_options[_HTTP_PROTOCOL_OPTIONS].CopyFrom(pack(options))
     return cluster

@@ -22,9 +22,11 @@ from envoy.type.v3 import http_status_pb2
 from google.protobuf import any_pb2
 
 from legation import envoy_grpc
+from legation._proto import envoy_grpc as grpc_service
+from legation._proto import http_filter as _http_filter
+from legation._proto import milliseconds, pack
 
 FILTER_NAME = "envoy.filters.http.ext_authz"
-_HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 
 
 def http_filter(
@@ -45,9 +47,8 @@ def http_filter(
         failure_mode_allow=failure_mode_allow,
         include_peer_certificate=include_peer_certificate,
         validate_mutations=True,
+        grpc_service=grpc_service(cluster, timeout=milliseconds(timeout_ms)),
     )
-    config.grpc_service.envoy_grpc.cluster_name = cluster
-    config.grpc_service.timeout.FromMilliseconds(timeout_ms)
     config.status_on_error.code = http_status_pb2.StatusCode.Value(
         http_status_pb2.StatusCode.Name(status_on_error)  # validates the status
     )
@@ -55,9 +56,7 @@ def http_filter(
         config.with_request_body.max_request_bytes = max_request_bytes
         config.with_request_body.allow_partial_message = allow_partial_message
         config.with_request_body.pack_as_bytes = pack_as_bytes
-    typed = any_pb2.Any()
-    typed.Pack(config)
-    return hcm_pb2.HttpFilter(name=FILTER_NAME, typed_config=typed)
+    return _http_filter(FILTER_NAME, config)
 
 
 def per_route(
@@ -79,9 +78,7 @@ def per_route(
 
 def per_route_any(**kwargs: object) -> any_pb2.Any:
     """:func:`per_route` packed for ``typed_per_filter_config[FILTER_NAME]``."""
-    typed = any_pb2.Any()
-    typed.Pack(per_route(**kwargs))  # type: ignore[arg-type]
-    return typed
+    return pack(per_route(**kwargs))  # type: ignore[arg-type]
 
 
 def grpc_cluster(

@@ -14,41 +14,23 @@ tests build their static bootstraps with them too, so what is generated here run
 from __future__ import annotations
 
 from envoy.config.cluster.v3 import cluster_pb2
-from envoy.config.core.v3 import base_pb2, grpc_service_pb2
+from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2, processing_mode_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
-from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
+from google.protobuf import any_pb2, wrappers_pb2
 
 from legation import envoy_grpc
+from legation._proto import envoy_grpc as grpc_service
+from legation._proto import http_filter as _http_filter
+from legation._proto import pack, seconds
 from legation.extproc.chain import Chain
 from legation.extproc.config import CHAIN_METADATA_KEY
 from legation.extproc.exchange import METADATA_NAMESPACE
 
 FILTER_NAME = "envoy.filters.http.ext_proc"
 _PM = processing_mode_pb2.ProcessingMode
-
-
-def _duration(seconds: float) -> duration_pb2.Duration:
-    d = duration_pb2.Duration()
-    d.FromNanoseconds(round(seconds * 1e9))
-    return d
-
-
-def _pack(message: object) -> any_pb2.Any:
-    out = any_pb2.Any()
-    out.Pack(message)  # type: ignore[arg-type]
-    return out
-
-
-def _grpc_service(cluster: str, timeout: float | None = None) -> grpc_service_pb2.GrpcService:
-    service = grpc_service_pb2.GrpcService(
-        envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(cluster_name=cluster)
-    )
-    if timeout is not None:
-        service.timeout.CopyFrom(_duration(timeout))
-    return service
 
 
 def http_filter(
@@ -65,9 +47,9 @@ def http_filter(
     namespace ``legation.extproc`` and ask for a body with ``mode_override``.
     """
     config = ext_proc_pb2.ExternalProcessor(
-        grpc_service=_grpc_service(cluster),
+        grpc_service=grpc_service(cluster),
         failure_mode_allow=failure_mode_allow,
-        message_timeout=_duration(message_timeout),
+        message_timeout=seconds(message_timeout),
         processing_mode=_PM(
             request_header_mode=_PM.SEND,
             response_header_mode=_PM.SKIP,
@@ -77,7 +59,7 @@ def http_filter(
         allow_mode_override=True,
     )
     config.metadata_options.receiving_namespaces.untyped.append(METADATA_NAMESPACE)
-    return hcm_pb2.HttpFilter(name=name, typed_config=_pack(config))
+    return _http_filter(name, config)
 
 
 def per_route(
@@ -98,7 +80,7 @@ def per_route(
     allow = chain.fail_open if fail_open is None else fail_open
     overrides.failure_mode_allow.CopyFrom(wrappers_pb2.BoolValue(value=allow))
     if service_cluster is not None:
-        overrides.grpc_service.CopyFrom(_grpc_service(service_cluster))
+        overrides.grpc_service.CopyFrom(grpc_service(service_cluster))
     return ext_proc_pb2.ExtProcPerRoute(overrides=overrides)
 
 
@@ -106,7 +88,7 @@ def typed_per_filter_config(
     chain: Chain | None, *, name: str = FILTER_NAME, **kwargs: object
 ) -> dict[str, any_pb2.Any]:
     """``{filter name: Any(ExtProcPerRoute)}`` for a route's ``typed_per_filter_config``."""
-    return {name: _pack(per_route(chain, **kwargs))}  # type: ignore[arg-type]
+    return {name: pack(per_route(chain, **kwargs))}  # type: ignore[arg-type]
 
 
 def grpc_cluster(

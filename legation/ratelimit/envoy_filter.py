@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from envoy.config.cluster.v3 import cluster_pb2
-from envoy.config.core.v3 import base_pb2, config_source_pb2, grpc_service_pb2
+from envoy.config.core.v3 import config_source_pb2
 from envoy.config.ratelimit.v3 import rls_pb2 as rls_config_pb2
 from envoy.config.route.v3 import route_components_pb2 as route_pb2
 from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2 as common_rl_pb2
@@ -38,10 +38,12 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
 from envoy.type.metadata.v3 import metadata_pb2
-from envoy.type.v3 import percent_pb2, token_bucket_pb2
-from google.protobuf import duration_pb2, wrappers_pb2
+from envoy.type.v3 import token_bucket_pb2
+from google.protobuf import wrappers_pb2
 
 from legation import envoy_grpc
+from legation._proto import envoy_grpc as grpc_service
+from legation._proto import every_request, http_filter, milliseconds
 from legation.ratelimit.service import FAILURE_MODES
 
 RATE_LIMIT_FILTER = "envoy.filters.http.ratelimit"
@@ -110,16 +112,15 @@ def rate_limit_filter(
         domain=domain,
         stage=stage,
         failure_mode_deny=failure_mode == "deny",
-        timeout=_ms(timeout_ms),
+        timeout=milliseconds(timeout_ms),
         rate_limit_service=rls_config_pb2.RateLimitServiceConfig(
-            grpc_service=grpc_service_pb2.GrpcService(
-                envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(cluster_name=cluster)),
+            grpc_service=grpc_service(cluster),
             transport_api_version=config_source_pb2.V3,
         ),
     )
     if rate_limit_headers:
         config.enable_x_ratelimit_headers = rate_limit_pb2.RateLimit.DRAFT_VERSION_03
-    return _filter(RATE_LIMIT_FILTER, config)
+    return http_filter(RATE_LIMIT_FILTER, config)
 
 
 def route_rate_limits(*descriptors: Sequence[DescriptorSpec], stage: int = 0
@@ -150,20 +151,19 @@ def local_rate_limit_filter(
     fill_interval_ms: int = 1000, rate_limit_headers: bool = True,
 ) -> hcm_pb2.HttpFilter:
     """Envoy's native per-proxy token bucket (enabled and enforced for every request)."""
-    every = base_pb2.RuntimeFractionalPercent(default_value=percent_pb2.FractionalPercent(
-        numerator=100, denominator=percent_pb2.FractionalPercent.HUNDRED))
+    every = every_request()
     config = local_rate_limit_pb2.LocalRateLimit(
         stat_prefix=stat_prefix,
         token_bucket=token_bucket_pb2.TokenBucket(
             max_tokens=max_tokens,
             tokens_per_fill=wrappers_pb2.UInt32Value(value=tokens_per_fill or max_tokens),
-            fill_interval=_ms(fill_interval_ms)),
+            fill_interval=milliseconds(fill_interval_ms)),
         filter_enabled=every,
         filter_enforced=every,
     )
     if rate_limit_headers:
         config.enable_x_ratelimit_headers = common_rl_pb2.DRAFT_VERSION_03
-    return _filter(LOCAL_RATE_LIMIT_FILTER, config)
+    return http_filter(LOCAL_RATE_LIMIT_FILTER, config)
 
 
 def _action(spec: DescriptorSpec) -> route_pb2.RateLimit.Action:
@@ -192,11 +192,3 @@ def _action(spec: DescriptorSpec) -> route_pb2.RateLimit.Action:
     return action
 
 
-def _filter(name: str, config: object) -> hcm_pb2.HttpFilter:
-    f = hcm_pb2.HttpFilter(name=name)
-    f.typed_config.Pack(config)  # type: ignore[arg-type]
-    return f
-
-
-def _ms(ms: int) -> duration_pb2.Duration:
-    return duration_pb2.Duration(seconds=ms // 1000, nanos=(ms % 1000) * 1_000_000)
