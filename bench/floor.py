@@ -175,14 +175,14 @@ async def _serve(kind: str, workdir: Path) -> None:
 
         config = workdir / "limits.yaml"
         config.write_text(LIMITS)
-        server, port = await rl.start_server(rl.Settings(config_paths=(str(config),)))
+        server, port = await rl.start_server(rl.Settings(config_files=(str(config),)))
     elif kind == "proc-leg":
         from legation.extproc import service as proc
 
         _register_plugins()
         config = workdir / "chains.yaml"
         config.write_text(json.dumps(_chains_doc()))
-        server, port = await proc.start_server(proc.Settings(config_path=config))
+        server, port = await proc.start_server(proc.Settings(config_file=config))
     else:
         raise SystemExit(f"unknown service {kind!r}")
     print(f"ready {port}", flush=True)

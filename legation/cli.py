@@ -56,7 +56,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     from legation.config import load_mesh
     from legation.controlplane import DEFAULT_STATUS_PORT
-    from legation.services import plan
+    from legation.services.planning import plan
     from legation.translate import translate
 
     failed = 0
@@ -194,40 +194,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return asyncio.run(_serve_xds(args))
     workers = max(1, args.workers)
     if workers == 1:
-        return asyncio.run(_serve_one(args, reuse_port=False))
-    global _worker_index
-    children = []
-    for index in range(workers):
-        pid = os.fork()
-        if pid == 0:
-            _worker_index = index
-            code = 1
-            try:
-                code = asyncio.run(_serve_one(args, reuse_port=True))
-            finally:
-                os._exit(code)
-        children.append(pid)
+        return asyncio.run(_serve_one(args, reuse_port=False, index=0))
+    from legation.services.workers import run_workers
 
-    asked: set[int] = set()
-
-    def forward(signum: int, _frame: Any) -> None:
-        asked.add(signum)
-        for child in children:
-            try:
-                os.kill(child, signum)
-            except ProcessLookupError:
-                pass
-
-    signal.signal(signal.SIGINT, forward)
-    signal.signal(signal.SIGTERM, forward)
-    status = 0
-    for child in children:
-        _, code = os.waitpid(child, 0)
-        exit_code = os.waitstatus_to_exitcode(code)
-        if -exit_code in asked:
-            exit_code = 0  # stopped by the signal we forwarded before it set up its own handler
-        status = status or exit_code
-    return status
+    return run_workers(workers, lambda index: asyncio.run(
+        _serve_one(args, reuse_port=True, index=index)))
 
 
 async def _wait_for_signal() -> None:
@@ -261,33 +232,15 @@ async def _serve_xds(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _serve_one(args: argparse.Namespace, *, reuse_port: bool) -> int:
+async def _serve_one(args: argparse.Namespace, *, reuse_port: bool, index: int) -> int:
+    from legation.services import kinds
+
     host, _, port = (args.listen or "127.0.0.1:0").rpartition(":")
-    common: dict[str, Any] = {"host": host or "127.0.0.1", "port": int(port),
-                              "reuse_port": reuse_port}
+    host = host or "127.0.0.1"
+    service = kinds.get(args.service).service_class()
     try:
-        svc: Any
-        if args.service == "extauthz":
-            from legation.extauthz import service as authz_service
-
-            svc = authz_service
-            settings: Any = svc.Settings(**common, config_file=_path(args.config))
-        elif args.service == "extproc":
-            from legation.extproc import service as extproc_service
-
-            svc = extproc_service
-            settings = svc.Settings(**common, config_path=_path(args.config))
-        else:
-            from legation.ratelimit import service as ratelimit_service
-
-            svc = ratelimit_service
-            options: dict[str, Any] = {}
-            if args.backend == "redis":
-                options = {"url": args.redis_url, "cluster": args.redis_cluster}
-            settings = svc.Settings(**common, config_paths=(args.config,) if args.config else (),
-                                    backend=args.backend, backend_options=options,
-                                    failure_mode=args.failure_mode, shadow_mode=args.shadow_mode)
-        server, bound = await svc.start_server(settings)
+        _, bound, stop = await service.serve_cli(args, host=host, port=int(port),
+                                                 reuse_port=reuse_port)
     except LegationError as err:
         print(err, file=sys.stderr)
         return 2
@@ -295,16 +248,12 @@ async def _serve_one(args: argparse.Namespace, *, reuse_port: bool) -> int:
         from prometheus_client import start_http_server
 
         # each worker of --workers N serves its own metrics, on consecutive ports
-        start_http_server(args.metrics_port + _worker_index, addr=common["host"])
-    print(f"{args.service} (pid {os.getpid()}) on {common['host']}:{bound}", flush=True)
+        start_http_server(args.metrics_port + index, addr=host)
+    print(f"{args.service} (pid {os.getpid()}) on {host}:{bound}", flush=True)
     try:
         await _wait_for_signal()
     finally:
-        stop = getattr(svc, "stop_server", None)
-        if stop is not None:
-            await stop(server, 1.0)
-        else:
-            await server.stop(1.0)
+        await stop(1.0)
     return 0
 
 
@@ -322,10 +271,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     asyncio.run(run())
     return 0
-
-
-def _path(value: str | None) -> Path | None:
-    return Path(value) if value else None
 
 
 def cmd_policy(args: argparse.Namespace) -> int:
@@ -349,7 +294,6 @@ def cmd_ca(args: argparse.Namespace) -> int:
 
 
 _DEFAULT_XDS = "127.0.0.1:18000"
-_worker_index = 0
 
 
 def parser() -> argparse.ArgumentParser:
@@ -394,24 +338,23 @@ def parser() -> argparse.ArgumentParser:
     status.set_defaults(fn=cmd_status)
 
     serve = sub.add_parser("serve", help="run one service")
-    serve.add_argument("service", choices=["xds", "extauthz", "extproc", "ratelimit"])
-    serve.add_argument("--config", help="mesh file (xds) or the service's config file")
-    serve.add_argument("--listen", help="host:port (xds default: from the mesh; others :0)")
-    serve.add_argument("--workers", type=int, default=1, help="processes sharing the port")
-    serve.add_argument("--metrics-port", type=int, default=0,
-                       help="serve Prometheus metrics here (worker i on port + i)")
-    serve.add_argument("--backend", default="memory", choices=["memory", "redis"],
-                       help="ratelimit: counter store")
-    serve.add_argument("--redis-url", default="redis://127.0.0.1:6379/0",
-                       help="ratelimit: Redis URL (a password in it is never logged)")
-    serve.add_argument("--redis-cluster", action="store_true", help="ratelimit: Redis Cluster")
-    serve.add_argument("--failure-mode", choices=["allow", "deny"], default="allow",
-                       help="ratelimit: answer while the store is unreachable (default allow, "
-                       "as Envoy)")
-    serve.add_argument("--shadow-mode", action="store_true",
-                       help="ratelimit: count and report, never limit")
-    serve.add_argument("--status-port", type=int, default=18001, help="xds: status endpoint")
-    serve.set_defaults(fn=cmd_serve)
+    ssub = serve.add_subparsers(dest="service", required=True, metavar="SERVICE")
+    xds = ssub.add_parser("xds", help="the control plane (xDS, status, the embedded services)")
+    xds.add_argument("--config", help="the mesh file")
+    xds.add_argument("--listen", help="host:port (default: from the mesh)")
+    xds.add_argument("--status-port", type=int, default=18001, help="status endpoint")
+    xds.set_defaults(fn=cmd_serve)
+    from legation.services import KINDS
+
+    for kind in KINDS:
+        one = ssub.add_parser(kind.name, help=kind.help)
+        one.add_argument("--config", help="the service's own config file")
+        one.add_argument("--listen", help="host:port (default 127.0.0.1, an ephemeral port)")
+        one.add_argument("--workers", type=int, default=1, help="processes sharing the port")
+        one.add_argument("--metrics-port", type=int, default=0,
+                         help="serve Prometheus metrics here (worker i on port + i)")
+        kind.service_class().add_cli_options(one)
+        one.set_defaults(fn=cmd_serve)
 
     demo = sub.add_parser("demo", help="run one demo app (what `up` starts for the quickstart)")
     demo.add_argument("--name", required=True)

@@ -1,30 +1,30 @@
-"""The control plane as a running thing: a mesh file, watched, translated, served over ADS.
+"""The control plane as a running thing: a mesh file, watched, validated, served over ADS.
 
-A change to the mesh file that validates is translated and handed to the snapshot cache (which
-debounces it and pushes it to the proxies); one that does not is printed, counted, and changes
-nothing: the running config stays. A small HTTP endpoint serves ``/status`` (JSON, what
-``legation status`` prints), ``/metrics`` (Prometheus) and ``/healthz``.
+The reload loop lives here; the rest is delegated: the request-path services to
+:mod:`legation.services` (planned, started, swapped), certificates to
+:class:`~legation.certs.MeshIssuer` and their renewal to :mod:`legation.certs.rotation`, the
+``/status``, ``/metrics`` and ``/healthz`` endpoint to :mod:`legation.status_http`.
 
-The request-path services the mesh declares with ``embedded: true`` (the default) run on the same
-event loop (:mod:`legation.services`): started before the xDS server (so before any Envoy can be
-told to call them), updated on every valid reload before the new snapshots are published (the
-ext_proc chains follow the routes), stopped last. Their files are validated with the mesh: a bad
-``authz.yaml`` or ``ratelimit.yaml`` rejects the change like a bad mesh does.
+Inputs are the mesh file and the files its embedded services read (``authz.yaml``, the
+rate-limit YAML, the Rego policy directories). A change to any of them that validates is applied:
+one validation phase first (the mesh, every service file and reference, the translation), and
+nothing is created before it passes; then certificates are issued, the services follow (new
+chains and configs are served before routes name them) and the snapshots are published. A change
+that does not validate is printed, counted (``legation_config_reloads{result="rejected"}``), shown
+in ``/status`` and changes nothing: the running config stays. An edit to a service's file alone
+swaps that service's config live and publishes nothing new to the proxies.
 
 When the mesh turns ``mtls`` on, a :class:`~legation.certs.MeshIssuer` opens (or creates) the CA
 and gives every proxy a SPIFFE certificate, delivered in its snapshot as SDS secrets. Reloads keep
 certificates whose identity is unchanged. The embedded request-path services get a server
 certificate from the same CA (identity ``legation-<kind>``) and accept only clients with a
-certificate from it, i.e. the proxies. A timer re-issues each certificate at 2/3 of its
-lifetime: a service serves its new one from the next handshake on; the proxies' snapshots are
-published again, only their SDS secrets change, so Envoy swaps certificates without restarting
-or draining. ``/status`` shows the root's fingerprint and
-each proxy's certificate (SPIFFE id, serial, expiry; never key material).
+certificate from it, i.e. the proxies. ``/status`` shows the root's fingerprint and each proxy's
+certificate (SPIFFE id, serial, expiry; never key material).
 
 The xDS channel itself always needs the CA, whatever ``mtls.mode`` says: the server speaks TLS
 with a certificate from it and serves only proxies enrolled with a credential from it
-(:mod:`legation.xds.auth`). The CA is found as for mTLS (the mesh's ``mtls.ca_*`` settings, else
-``.legation/ca``) when the control plane starts; :meth:`ControlPlane.enrol` issues a proxy's
+(:mod:`legation.certs.xds_auth`). The CA is found as for mTLS (the mesh's ``mtls.ca_*`` settings,
+else ``.legation/ca``) when the control plane starts; :meth:`ControlPlane.enrol` issues a proxy's
 credential files.
 """
 
@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -40,16 +39,19 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from legation.certs import CertificateAuthority, MeshIssuer
 from legation.certs.enrol import BOOTSTRAP_TTL, Enrolments, NodeFiles, enrol, node_dir_name
 from legation.certs.issuer import DEFAULT_CA_DIR, CaLocation, locate_ca
+from legation.certs.rotation import Rotation
 from legation.certs.workload import WorkloadCert
 from legation.certs.xds_auth import XdsAuth, serving_hosts
 from legation.config import Mesh, load_mesh
 from legation.errors import LegationError
-from legation.services import EmbeddedServices, Plan, ServiceStartError, plan
+from legation.services import EmbeddedServices, Plan, ServiceStartError, kinds
+from legation.services.planning import plan, watched_digest
+from legation.status_http import StatusEndpoint
 from legation.translate import translate
 from legation.xds.cache import SnapshotCache
 from legation.xds.metrics import XdsMetrics
@@ -60,7 +62,6 @@ from legation.xds.types import ResourceType
 log = logging.getLogger("legation.controlplane")
 
 DEFAULT_STATUS_PORT = 18001
-_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found"}
 
 
 class ControlPlane:
@@ -102,47 +103,47 @@ class ControlPlane:
                                  default_ca_dir=ca_dir or DEFAULT_CA_DIR, clock=clock)
         self.services = EmbeddedServices(on_event=self.on_event,
                                          tls_source=self.issuer.service_tls)
+        self.rotation = Rotation(self.issuer, republish=self._republish, registry=self.registry,
+                                 on_event=self.on_event, on_error=self._set_error,
+                                 check_every=rotation_check)
         self.clock = clock
         self.xds_ca: CertificateAuthority | None = None
         self.xds_ca_location: CaLocation | None = None
-        self.rotation_check = rotation_check
-        self._certs_changed = asyncio.Event()
-        self._rotator: asyncio.Task[None] | None = None
         self.mesh: Mesh | None = None
         self.snapshots: dict[str, Snapshot] = {}
         self.generation = 0
         self.last_error: str | None = None
-        self._digest = ""
-        self._rejected = ""  # digest of the last rejected file, so it is reported once
+        self._digest = ""  # of the mesh file being served
+        self._inputs = ""  # of the mesh file and the services' files being served
+        self._rejected = ""  # of the inputs last rejected, so a rejection is reported once
+        self._watched: tuple[Path, ...] = ()
         self._reloads = Counter(
             "legation_config_reloads", "Mesh reloads by result", ["result"], registry=self.registry
         )
         self._generation = Gauge(
             "legation_config_generation", "Mesh generation being served", registry=self.registry
         )
-        self._rotations = Counter(
-            "legation_certificate_rotations", "Workload certificates re-issued before expiry",
-            registry=self.registry,
-        )
         self.server: XdsServer | None = None
-        self._status_server: asyncio.base_events.Server | None = None
+        self._status = StatusEndpoint(
+            status=self.status,
+            registries=lambda: (self.registry, *self.services.registries()))
         self._watcher: asyncio.Task[None] | None = None
         self.started_at = time.time()
 
     # -- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> ControlPlane:
-        """Load and serve the mesh; raises ConfigError if the first load fails."""
+        """Load and serve the mesh; raises ConfigError if the first load fails (nothing is
+        created then: no CA, no server), ServiceStartError if an embedded service cannot start."""
         text = self.mesh_path.read_bytes()
-        mesh = load_mesh(self.mesh_path)
-        services = self._plan(mesh)
-        snapshots, digest = self._translate(mesh, text, services)
+        mesh, services = self._validate(text)
+        self._issue(mesh, services)
         failures = await self.services.apply(services)
         if failures:
             await self.services.stop()
             raise ServiceStartError("\n".join(failures), code="service_start_failed")
         try:
-            self._publish(mesh, snapshots, digest)
+            self._publish(mesh, text)
             where = locate_ca(mesh, mesh_dir=self.mesh_path.parent,
                               default_ca_dir=self.issuer.default_ca_dir)
             ca = where.open(mesh.mtls.trust_domain)
@@ -157,51 +158,53 @@ class ControlPlane:
             )
             await self.server.start()
             self.cache.flush()
-            self._status_server = await asyncio.start_server(
-                self._serve_status, self.status_host, self.status_port
-            )
+            self.status_port = await self._status.start(self.status_host, self.status_port)
         except BaseException:
             await self.stop()
             raise
-        self.status_port = self._status_server.sockets[0].getsockname()[1]
         self._watcher = asyncio.create_task(self._watch())
-        self._rotator = asyncio.create_task(self._rotate_when_due())
+        self.rotation.start()
         return self
 
     async def stop(self) -> None:
         if self._watcher is not None:
             self._watcher.cancel()
-        if self._rotator is not None:
-            self._rotator.cancel()
-        if self._status_server is not None:
-            self._status_server.close()
+        self.rotation.stop()
+        await self._status.stop()
         if self.server is not None:
             await self.server.stop(0.5)
         await self.services.stop()
 
     # -- reloads ---------------------------------------------------------------------------
 
-    def _plan(self, mesh: Mesh) -> Plan:
-        if not self.embedded_services:
-            return Plan(embedded={}, remote={})
+    def _validate(self, text: bytes) -> tuple[Mesh, Plan]:
+        """The one validation phase: the mesh, its services' files and references, and the
+        translation (without certificates). Raises LegationError; creates nothing."""
+        mesh = load_mesh(self.mesh_path)
+        self._watched = _config_files(mesh, self.mesh_path.parent) + self._watched
         reserved = {self.status_port: "the control plane's status endpoint (--status-port)"}
-        if self.status_port == 0:
-            reserved = {}
-        return plan(mesh, mesh_path=self.mesh_path, reserved=reserved)
+        services = plan(mesh, mesh_path=self.mesh_path, embedded=self.embedded_services,
+                        reserved=reserved if self.status_port else {})
+        self._watched = tuple(dict.fromkeys(
+            _config_files(mesh, self.mesh_path.parent) + services.watched))
+        translate(mesh, version="check")
+        self._inputs = self._digest_of(text)
+        return mesh, services
 
-    def _translate(self, mesh: Mesh, text: bytes, services: Plan
-                   ) -> tuple[dict[str, Snapshot], str]:
-        """Snapshots for ``mesh``, with certificates for its proxies and for the embedded
-        services that serve mTLS. A CA that cannot be opened raises (a LegationError) and leaves
-        the certificates as they were."""
-        digest = hashlib.sha256(text).hexdigest()[:8]
+    def _digest_of(self, text: bytes) -> str:
+        return hashlib.sha256(text).hexdigest()[:8] + "-" + watched_digest(self._watched)
+
+    def _issue(self, mesh: Mesh, services: Plan) -> None:
+        """Certificates for the accepted mesh's proxies and mTLS services (a CA that cannot be
+        opened raises a LegationError and leaves them as they were)."""
         self.issuer.update(mesh, services={k: s.host for k, s in services.embedded.items()
                                            if s.tls})
-        self._certs_changed.set()
-        version = f"g{self.generation + 1}-{digest}"
-        return translate(mesh, version=version, secrets=self.issuer.secrets()), digest
+        self.rotation.changed()
 
-    def _publish(self, mesh: Mesh, snapshots: dict[str, Snapshot], digest: str) -> None:
+    def _publish(self, mesh: Mesh, text: bytes) -> None:
+        digest = hashlib.sha256(text).hexdigest()[:8]
+        version = f"g{self.generation + 1}-{digest}"
+        snapshots = translate(mesh, version=version, secrets=self.issuer.secrets())
         for node, snap in snapshots.items():
             self.cache.set_snapshot(node, snap)
         for gone in set(self.snapshots) - set(snapshots):
@@ -211,28 +214,34 @@ class ControlPlane:
         self._generation.set(self.generation)
 
     async def reload(self) -> bool:
-        """Load the mesh file again; True if it changed and was applied. The embedded services
-        follow first (new chains are served before routes name them), then the snapshots."""
+        """Read the mesh and its services' files again; True if they changed and were applied.
+        The embedded services follow first (new chains are served before routes name them),
+        then the snapshots (only when the mesh file itself changed)."""
         try:
             text = self.mesh_path.read_bytes()
         except OSError as err:
             return self._reject(f"{self.mesh_path}: cannot read: {err.strerror or err}")
-        digest = hashlib.sha256(text).hexdigest()[:8]
-        if digest in (self._digest, self._rejected):
+        inputs = self._digest_of(text)
+        if inputs in (self._inputs, self._rejected):
             return False
+        served = self._inputs
         try:
-            mesh = load_mesh(self.mesh_path)
-            services = self._plan(mesh)
-            snapshots, digest = self._translate(mesh, text, services)
+            mesh, services = self._validate(text)
+            mesh_changed = hashlib.sha256(text).hexdigest()[:8] != self._digest
+            if mesh_changed:
+                self._issue(mesh, services)
         except LegationError as err:
-            self._rejected = digest
+            self._rejected, self._inputs = self._digest_of(text), served
             return self._reject(str(err))
         before = {p.node_id for p in self.mesh.proxies()} if self.mesh else set()
         failures = await self.services.apply(services)
-        self._publish(mesh, snapshots, digest)
         self.last_error = "\n".join(failures) or None
         self._rejected = ""
         self._reloads.labels("applied").inc()
+        if not mesh_changed:
+            self.on_event(f"service config reloaded, still generation {self.generation}")
+            return True
+        self._publish(mesh, text)
         self.on_event(f"mesh reloaded: generation {self.generation} ({self._digest})")
         added = {p.node_id for p in mesh.proxies()} - before
         if added:
@@ -248,6 +257,23 @@ class ControlPlane:
         self.on_event(f"mesh change rejected, still serving generation {self.generation}:\n"
                       f"{message}")
         return False
+
+    def _set_error(self, message: str) -> None:
+        self.last_error = message
+
+    async def _watch(self) -> None:
+        last = ""
+        while True:
+            await asyncio.sleep(self.poll_interval)
+            try:
+                text = self.mesh_path.read_bytes()
+            except OSError:
+                text = b""
+            now = self._digest_of(text)
+            if now != last:  # still being written: wait for it to hold still for one poll
+                last = now
+                continue
+            await self.reload()
 
     # -- enrolment ---------------------------------------------------------------------------
 
@@ -267,55 +293,16 @@ class ControlPlane:
     def rotate(self, *, force: bool = False) -> list[str]:
         """Re-issue the certificates due for renewal (all with ``force``) and publish the
         snapshots of those proxies again (only their SDS secrets change). Their node ids."""
-        kinds = self.issuer.rotate_services(force=force)  # served from the next handshake on
-        if kinds:
-            self._rotations.inc(len(kinds))
-            self._certs_changed.set()
-            self.on_event(f"certificates renewed for services: {', '.join(kinds)}")
-        nodes = self.issuer.rotate(force=force)
-        if not nodes or self.mesh is None:
-            return nodes
+        return self.rotation.rotate(force=force)
+
+    def _republish(self, nodes: list[str]) -> None:
+        if self.mesh is None:
+            return
         version = f"g{self.generation}-{self._digest}"
         fresh = translate(self.mesh, version=version, secrets=self.issuer.secrets())
         for node in nodes:
             self.cache.set_snapshot(node, fresh[node])
             self.snapshots[node] = fresh[node]
-        self._rotations.inc(len(nodes))
-        self._certs_changed.set()
-        self.on_event(f"certificates renewed for {len(nodes)} proxies")
-        return nodes
-
-    async def _rotate_when_due(self) -> None:
-        while True:
-            self._certs_changed.clear()
-            due = self.issuer.next_renewal()
-            wait = self.rotation_check
-            if due is not None:
-                wait = min(wait, max(0.0, (due - self.issuer.clock()).total_seconds()))
-            try:
-                await asyncio.wait_for(self._certs_changed.wait(), timeout=wait)
-                continue  # new certificates, new schedule
-            except TimeoutError:
-                pass
-            try:
-                self.rotate()
-            except Exception as err:  # keep the timer alive: expiring certificates are worse
-                log.exception("certificate rotation failed")
-                self.last_error = f"certificate rotation failed: {err}"
-                await asyncio.sleep(self.rotation_check)
-
-    async def _watch(self) -> None:
-        last = b""
-        while True:
-            await asyncio.sleep(self.poll_interval)
-            try:
-                text = self.mesh_path.read_bytes()
-            except OSError:
-                text = b""
-            if text != last:  # still being written: wait for it to hold still for one poll
-                last = text
-                continue
-            await self.reload()
 
     # -- status ----------------------------------------------------------------------------
 
@@ -359,36 +346,12 @@ class ControlPlane:
         return {"mode": self.mesh.mtls.mode, "trust_domain": self.mesh.mtls.trust_domain,
                 "ca": status["ca"], "services": status["services"]}
 
-    async def _serve_status(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        try:
-            request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-            try:  # the request line: METHOD SP PATH SP VERSION, in ASCII
-                _, path, _ = request.split(b"\r\n", 1)[0].decode("ascii").split(" ")
-            except (ValueError, UnicodeDecodeError):
-                path = ""
-            if not path.startswith("/"):
-                body, ctype, code = b"bad request\n", "text/plain", 400
-            elif path.startswith("/status"):
-                body, ctype, code = json.dumps(self.status()).encode(), "application/json", 200
-            elif path.startswith("/metrics"):
-                body = b"".join(
-                    generate_latest(r) for r in (self.registry, *self.services.registries())
-                )
-                ctype, code = "text/plain; version=0.0.4", 200
-            elif path.startswith("/healthz"):
-                body, ctype, code = b"ok\n", "text/plain", 200
-            else:
-                body, ctype, code = b"not found\n", "text/plain", 404
-            writer.write(
-                f"HTTP/1.1 {code} {_REASONS[code]}\r\n"
-                f"content-type: {ctype}\r\ncontent-length: {len(body)}\r\n"
-                "connection: close\r\n\r\n".encode() + body
-            )
-            await writer.drain()
-        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError,
-                ConnectionError):
-            pass
-        finally:
-            writer.close()
+
+def _config_files(mesh: Mesh, mesh_dir: Path) -> tuple[Path, ...]:
+    """The service files the mesh names (watched even while they do not validate)."""
+    out = []
+    for _, block in kinds.blocks(mesh):
+        config = getattr(block, "config", None)
+        if block.embedded and config is not None:
+            out.append(mesh_dir.resolve() / config)
+    return tuple(out)

@@ -15,11 +15,12 @@ from collections.abc import Iterator
 
 from legation.certs.spiffe import service_name
 from legation.config.errors import Problem
-from legation.config.extensions import SERVICE_KINDS, service_blocks
+from legation.config.extensions import service_blocks
 from legation.config.model import Mesh, Service
 from legation.config.mtls import mtls_problems
 from legation.config.policy import RoutePolicy
 from legation.config.routes import Destination, Route
+from legation.services import kinds
 
 _WILDCARD_HOSTS = {"0.0.0.0", "::", "[::]"}
 _FORBIDDEN_HEADERS = {"host"}
@@ -95,14 +96,8 @@ def _ports(mesh: Mesh) -> Iterator[Problem]:
                     (e.host, e.sidecar.outbound_port, f"{at}.sidecar.outbound_port"),
                     ("127.0.0.1", e.sidecar.admin_port, f"{at}.sidecar.admin_port"),
                 ]
-    for name, field, label in (
-        ("extauthz", mesh.extauthz, "extauthz.port"),
-        ("extproc", mesh.extproc, "extproc.port"),
-        ("ratelimit", mesh.ratelimit, "ratelimit.port"),
-    ):
-        del name
-        if field is not None:
-            wanted.append((field.host, field.port, label))
+    for kind, block in kinds.blocks(mesh):
+        wanted.append((block.host, block.port, f"{kind.block}.port"))
     seen: list[tuple[str, int, str]] = []
     for host, port, path in wanted:
         host = "127.0.0.1" if host == "localhost" else host
@@ -129,7 +124,7 @@ def _service_tls(mesh: Mesh) -> Iterator[Problem]:
                           "certificates come from the mesh CA); or set tls: none")
     if not mesh.mtls.enabled:
         return
-    reserved = {service_name(kind) for kind in SERVICE_KINDS}
+    reserved = {service_name(kind) for kind in kinds.names()}
     for i, s in enumerate(mesh.services):
         if s.name in reserved:
             yield Problem(f"services[{i}].name", f"{s.name!r} is reserved for Legation's "

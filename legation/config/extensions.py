@@ -48,8 +48,8 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import (
     BaseModel,
     Field,
+    PrivateAttr,
     ValidationError,
-    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -58,6 +58,7 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 from legation import plugins
 from legation.config._types import STRICT, Duration, Port
 from legation.errors import ConfigError
+from legation.services import kinds
 
 if TYPE_CHECKING:
     from legation.config.model import Mesh
@@ -65,15 +66,10 @@ if TYPE_CHECKING:
 FailureMode = Literal["closed", "open"]
 FILTER_KIND = "extproc.filter"
 
-SERVICE_KINDS = ("extauthz", "extproc", "ratelimit")
-"""The request-path services a mesh may declare: the names of their mesh fields."""
-
-
 def service_blocks(mesh: Mesh) -> list[tuple[str, GrpcService]]:
-    """The request-path services ``mesh`` declares, as (kind, block), in :data:`SERVICE_KINDS`
-    order."""
-    blocks = ((kind, getattr(mesh, kind)) for kind in SERVICE_KINDS)
-    return [(kind, block) for kind, block in blocks if block is not None]
+    """The request-path services ``mesh`` declares, as (kind name, block), in the order of
+    :data:`legation.services.kinds.KINDS` (the one list of kinds)."""
+    return [(kind.name, block) for kind, block in kinds.blocks(mesh)]
 
 
 def _field_error(
@@ -143,9 +139,23 @@ class ExtAuthzService(_ConfiguredService):
 
 
 class ExtProcService(GrpcService):
-    """ext_proc: its chains are the routes' ``filters``; ``timeout`` is the per-message timeout."""
+    """ext_proc: its chains are the routes' ``filters``; ``timeout`` is the per-message timeout;
+    a stream silent for ``stream_idle_timeout`` is ended (keep it above the routes' timeouts)."""
 
     timeout: Duration = Field(default="200ms", validate_default=True)
+    stream_idle_timeout: Duration = Field(default="300s", validate_default=True)
+
+
+_HEADER_NAME = r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$"
+
+
+class RateLimitHeaderNames(BaseModel):
+    """The names of the RateLimit-* response headers (upstream's LIMIT_*_HEADER settings)."""
+
+    model_config = STRICT
+    limit: str = Field(default="RateLimit-Limit", pattern=_HEADER_NAME)
+    remaining: str = Field(default="RateLimit-Remaining", pattern=_HEADER_NAME)
+    reset: str = Field(default="RateLimit-Reset", pattern=_HEADER_NAME)
 
 
 class RateLimitService(_ConfiguredService):
@@ -155,7 +165,14 @@ class RateLimitService(_ConfiguredService):
     domain: str = Field(default="mesh", min_length=1)
     backend: Literal["memory", "redis"] = "memory"
     redis_url: str | None = Field(default=None, min_length=1, repr=False)
-    shadow_mode: bool = False
+    shadow_mode: bool = False  # upstream SHADOW_MODE: count and report, never limit
+    quota_mode: bool = False  # upstream QUOTA_MODE: refuse only when every descriptor is over
+    merge_domains: bool = False  # upstream MERGE_DOMAIN_CONFIG: files of one domain add up
+    response_headers: bool = False  # upstream LIMIT_RESPONSE_HEADERS_ENABLED
+    response_header_names: RateLimitHeaderNames = Field(default_factory=RateLimitHeaderNames)
+    response_dynamic_metadata: bool = False  # upstream RESPONSE_DYNAMIC_METADATA
+    max_keys: int | None = Field(default=None, ge=1)  # memory backend: counters kept at most
+    max_bytes: int | None = Field(default=None, ge=65536)  # memory backend: their size bound
 
     @model_validator(mode="after")
     def _redis_url(self) -> RateLimitService:
@@ -165,7 +182,20 @@ class RateLimitService(_ConfiguredService):
         if self.backend != "redis" and self.redis_url is not None:
             raise _field_error("RateLimitService", ("redis_url",), "only used with backend: redis",
                                "<redacted>")
+        for name in ("max_keys", "max_bytes"):
+            if self.backend != "memory" and getattr(self, name) is not None:
+                raise _field_error("RateLimitService", (name,), "only used with backend: memory",
+                                   getattr(self, name))
+        if "response_header_names" in self.model_fields_set and not self.response_headers:
+            raise _field_error("RateLimitService", ("response_header_names",),
+                               "only used with response_headers: true", None)
         return self
+
+    def backend_options(self) -> dict[str, Any]:
+        """The backend plugin's options, from this block."""
+        if self.backend == "redis":
+            return {"url": self.redis_url}
+        return {k: v for k in ("max_keys", "max_bytes") if (v := getattr(self, k)) is not None}
 
 
 class FilterSpec(BaseModel):
@@ -186,25 +216,32 @@ class FilterSpec(BaseModel):
             raise ValueError(str(err)) from None
         return name
 
-    @field_validator("options")
-    @classmethod
-    def _valid(cls, options: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
-        name = info.data.get("name")
-        if name is None:
-            return options  # the name is already reported
-        validate_filter(name, options, title="FilterSpec")
-        return options
+    # the plugin's typed config, validated once when the mesh loads (routes' chains use it)
+    _config: Any = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _valid(self) -> FilterSpec:
+        self._config = validate_filter(self.name, self.options, title="FilterSpec",
+                                       at=("options",))
+        return self
+
+    @property
+    def config(self) -> Any:
+        """The plugin's validated config for ``options`` (what its factory's ``create`` takes)."""
+        return self._config
 
 
-def validate_filter(name: str, options: Mapping[str, Any], *, title: str = "filter") -> Any:
-    """The plugin's typed config for ``options``; a ValidationError located within the options."""
+def validate_filter(name: str, options: Mapping[str, Any], *, title: str = "filter",
+                    at: tuple[str, ...] = ()) -> Any:
+    """The plugin's typed config for ``options``; a ValidationError located within the options
+    (below ``at``)."""
     factory = plugins.get(FILTER_KIND, name)
     try:
         return factory.validate(dict(options))
     except ConfigError as err:
         problems: list[tuple[str, str]] = getattr(err, "problems", None) or [("", str(err))]
         located: list[tuple[tuple[str | int, ...], str]] = [
-            ((where,) if where else (), message) for where, message in problems
+            ((*at, where) if where else at, message) for where, message in problems
         ]
         raise _field_errors(title, located, dict(options)) from None
 

@@ -12,9 +12,9 @@ no sidecar. One ingress gateway carries the routes marked ``gateway: true``.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, PrivateAttr
 
 from legation.config._types import STRICT, Name, Port
 from legation.config.extensions import ExtAuthzService, ExtProcService, RateLimitService
@@ -133,6 +133,9 @@ class Mesh(BaseModel):
     # `//admin` from reaching a policy that matches `/admin`.
     path_normalization: Literal["none", "base", "merge_slashes", "decode_and_merge_slashes"] = (
         "merge_slashes")
+
+    # built once per loaded mesh by legation.services.chains.route_chains (plugin instances)
+    _route_chains: Any = PrivateAttr(default=None)
 
     def service(self, name: str) -> Service | None:
         return next((s for s in self.services if s.name == name), None)

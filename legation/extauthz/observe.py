@@ -152,17 +152,28 @@ class Metrics:
 
     def watch_reloads(self, checks: Mapping[str, object]) -> None:
         """Export ``legation_extauthz_policy_reload_failures_total{check}`` for every check
-        with a policy store (policy versions refused: compile errors, engine crashes, hangs)."""
-        self._registry.register(_ReloadFailures(checks))
+        with a policy store (policy versions refused: compile errors, engine crashes, hangs).
+        Called again after a config swap, it follows the new checks (registered once)."""
+        collector = getattr(self, "_reload_failures", None)
+        if collector is None:
+            self._reload_failures = _ReloadFailures(checks)
+            self._registry.register(self._reload_failures)
+        else:
+            collector.follow(checks)
 
 
 class _ReloadFailures:
     def __init__(self, checks: Mapping[str, object]) -> None:
         self._stores: list[tuple[str, Callable[[], int]]] = []
+        self.follow(checks)
+
+    def follow(self, checks: Mapping[str, object]) -> None:
+        stores: list[tuple[str, Callable[[], int]]] = []
         for name, check in checks.items():
             store = getattr(check, "store", None)
             if store is not None and hasattr(store, "failed_reloads"):
-                self._stores.append((name, _failed_reloads(store)))
+                stores.append((name, _failed_reloads(store)))
+        self._stores = stores
 
     def collect(self) -> Iterator[Metric]:
         family = CounterMetricFamily(

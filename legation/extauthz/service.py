@@ -4,11 +4,13 @@
 binds and starts a grpc.aio server (plaintext, or mTLS with ``tls``; a port that cannot be bound
 raises :class:`~legation.grpc_server.BindError`) and returns it with its bound port.
 ``stop_server`` also stops the checks' background work (policy watchers, HTTP sessions) and
-closes the decision log.
+closes the decision log. ``reconfigure`` swaps a running server's config and checks in place.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,13 +52,25 @@ def load(settings: Settings) -> LoadedConfig:
     return load_mapping(settings.config or {}, source="<settings.config>")
 
 
+async def start_checks(loaded: LoadedConfig) -> dict[str, Check]:
+    """Create and start the config's checks; if one fails to start, close those started."""
+    checks: dict[str, Check] = {}
+    try:
+        for name, (kind, config) in loaded.check_configs.items():
+            where = f"{loaded.source}: checks.{name}"
+            check = plugins.get(KIND, kind, where=where).create(config)
+            checks[name] = check
+            await check.start()
+    except BaseException:
+        for check in checks.values():
+            await check.close()
+        raise
+    return checks
+
+
 async def build_servicer(settings: Settings) -> AuthorizationServicer:
     loaded = load(settings)
-    checks: dict[str, Check] = {}
-    for name, (kind, config) in loaded.check_configs.items():
-        check = plugins.get(KIND, kind, where=f"{loaded.source}: checks.{name}").create(config)
-        await check.start()
-        checks[name] = check
+    checks = await start_checks(loaded)
     metrics = Metrics(settings.registry)
     metrics.watch_reloads(checks)
     return AuthorizationServicer(
@@ -87,6 +101,41 @@ async def start_server(settings: Settings) -> tuple[grpc.aio.Server, int]:
     return server, port
 
 
+async def reconfigure(server: grpc.aio.Server, loaded: LoadedConfig, *,
+                      decision_log: str | None = None, grace: float = 5.0) -> None:
+    """Swap a running server's config and checks in place (no restart, no dropped call): the
+    new checks start first (a failure raises and keeps the running ones); the old ones are
+    closed ``grace`` seconds later, when the calls they were serving are done."""
+    servicer = _running[server]
+    checks = await start_checks(loaded)
+    target = decision_log or loaded.service.decision_log
+    old_checks, old_log = servicer.checks, servicer.decision_log
+    keep_log = target == servicer.config.decision_log and decision_log is None
+    servicer.swap(config=loaded.service, checks=checks,
+                  decision_log=old_log if keep_log else DecisionLog(target),
+                  input_options=loaded.input_options)
+    servicer.metrics.watch_reloads(checks)
+
+    async def retire() -> None:
+        try:
+            await asyncio.sleep(grace)
+        finally:  # stop_server cancels the wait: close now
+            for check in old_checks.values():
+                await check.close()
+            if not keep_log:
+                old_log.close()
+
+    tasks = _retiring.setdefault(servicer, set())
+    task = asyncio.get_running_loop().create_task(retire())
+    tasks.add(task)
+    task.add_done_callback(tasks.discard)
+
+
+_retiring: weakref.WeakKeyDictionary[AuthorizationServicer, set[asyncio.Task[None]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
 async def close_checks(servicer: AuthorizationServicer) -> None:
     for check in servicer.checks.values():
         await check.close()
@@ -97,4 +146,8 @@ async def stop_server(server: grpc.aio.Server, grace: float | None = None) -> No
     await server.stop(grace)
     servicer = _running.pop(server, None)
     if servicer is not None:
+        for task in list(_retiring.pop(servicer, ())):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await close_checks(servicer)

@@ -39,11 +39,19 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
         decision_log: DecisionLog,
         input_options: InputOptions | None = None,
     ) -> None:
+        self.metrics = metrics
+        self.swap(config=config, checks=checks, decision_log=decision_log,
+                  input_options=input_options)
+
+    def swap(self, *, config: ServiceConfig, checks: Mapping[str, Check],
+             decision_log: DecisionLog, input_options: InputOptions | None = None) -> None:
+        """Serve with a new config and checks from the next call on (a config file reload). A
+        call in flight finishes with the checks it started with; closing the old checks is the
+        caller's business (after a grace period)."""
         self.config = config
         self.input_options = input_options  # skip_body_parse, proto_set (opa-envoy-plugin's)
         self.checks = dict(checks)
-        self.metrics = metrics
-        metrics.bound_policies(service_policy_labels(config, self.checks))  # bounded series
+        self.metrics.bound_policies(service_policy_labels(config, self.checks))  # bounded series
         self.decision_log = decision_log
         self._timeout = config.check_timeout_ms / 1000
         self._dry_run = frozenset(config.dry_run)

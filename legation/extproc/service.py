@@ -23,7 +23,7 @@ class Settings:
     """0 binds an ephemeral port; :func:`start_server` returns the bound one."""
     reuse_port: bool = False
     """SO_REUSEPORT, for ``--workers N`` forked processes sharing one port."""
-    config_path: str | Path | None = None
+    config_file: str | Path | None = None
     """The chains YAML (see :mod:`legation.extproc.config`); or pass ``chains``."""
     chains: Chains | None = None
     message_timeout: float = 0.2
@@ -43,9 +43,9 @@ class Settings:
 def _chains(settings: Settings) -> Chains:
     if settings.chains is not None:
         return settings.chains
-    if settings.config_path is not None:
-        return load_chains(settings.config_path)
-    raise ConfigError("extproc: Settings needs config_path or chains")
+    if settings.config_file is not None:
+        return load_chains(settings.config_file)
+    raise ConfigError("extproc: Settings needs config_file or chains")
 
 
 async def start_server(settings: Settings) -> tuple[grpc.aio.Server, int]:

@@ -9,6 +9,9 @@ A stream on which Envoy sends nothing for ``stream_idle_timeout`` seconds (defau
 own default stream idle timeout) is ended with DEADLINE_EXCEEDED: whoever can open streams cannot
 hold them, and their exchanges, forever. Between two messages of one request Envoy may wait for the
 upstream (request headers, then response headers), so keep it above the routes' timeouts.
+
+:meth:`ExtProcServicer.swap` replaces the chains and timeouts in place (a mesh reload): new
+streams get the new chains, open ones finish on theirs.
 """
 
 from __future__ import annotations
@@ -44,9 +47,18 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
         stream_idle_timeout: float = DEFAULT_STREAM_IDLE_TIMEOUT,
     ) -> None:
         self._metrics = metrics
+        self.swap(chains, message_timeout=message_timeout,
+                  stream_idle_timeout=stream_idle_timeout)
+
+    def swap(self, chains: Chains, *, message_timeout: float,
+             stream_idle_timeout: float = DEFAULT_STREAM_IDLE_TIMEOUT) -> None:
+        """Serve ``chains`` from the next stream on. A stream already open keeps the chain (and
+        the timeouts) it started with, so a reload never changes a request half-way."""
+        if message_timeout <= 0 or stream_idle_timeout <= 0:
+            raise ValueError("ext_proc timeouts must be positive")
         self._idle = stream_idle_timeout
         self._guards = {
-            name: ErrorGuard(chain, metrics=metrics, message_timeout=message_timeout)
+            name: ErrorGuard(chain, metrics=self._metrics, message_timeout=message_timeout)
             for name, chain in chains.chains.items()
         }
         self._default = chains.default
@@ -65,6 +77,7 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
         self, request_iterator: Any, context: grpc.aio.ServicerContext
     ) -> None:
         name, guard = self._guard_for(context)
+        idle = self._idle  # this stream's, whatever a swap does meanwhile
         metrics = self._metrics
         if guard is None:
             metrics.error("-", "unknown_chain")
@@ -77,14 +90,14 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
         ex.buffered.update(guard.buffered)
         loop = asyncio.get_running_loop()
         try:
-            async with asyncio.timeout(None) as idle:
+            async with asyncio.timeout(None) as deadline:
                 while True:
-                    idle.reschedule(loop.time() + self._idle)
+                    deadline.reschedule(loop.time() + idle)
                     if not await self._one(context, guard, ex, chain):
                         return
         except TimeoutError:
             metrics.error("-", "stream_idle_timeout")
-            log.warning("chain %r: ext_proc stream idle for %gs; ending it", chain, self._idle)
+            log.warning("chain %r: ext_proc stream idle for %gs; ending it", chain, idle)
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "stream idle timeout")
 
     async def _one(

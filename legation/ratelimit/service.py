@@ -1,6 +1,6 @@
 """The grpc.aio ``envoy.service.ratelimit.v3.RateLimitService`` and how to start it.
 
-``start_server(Settings(port=0, config_paths=("limits.yaml",)))`` loads the config (a bad one fails
+``start_server(Settings(port=0, config_files=("limits.yaml",)))`` loads the config (a bad one fails
 the start with a :class:`ConfigError` naming file and field), creates the backend plugin, binds
 (plaintext, or mTLS with ``tls``; a taken port raises :class:`~legation.grpc_server.BindError`),
 starts, watches the files for hot reload, and returns ``(server, port)``. ``await server.stop(g)``
@@ -44,7 +44,7 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 0
     reuse_port: bool = False
-    config_paths: tuple[str, ...] = ()
+    config_files: tuple[str, ...] = ()
     backend: str = "memory"
     backend_options: Mapping[str, Any] = field(default_factory=dict)
     failure_mode: str = "allow"
@@ -57,8 +57,8 @@ class Settings:
     header_remaining: str = "RateLimit-Remaining"  # upstream LIMIT_REMAINING_HEADER
     header_reset: str = "RateLimit-Reset"  # upstream LIMIT_RESET_HEADER
     response_dynamic_metadata: bool = False  # upstream RESPONSE_DYNAMIC_METADATA
-    reload_interval: float = 1.0  # seconds between polls of config_paths; 0 turns reload off
-    metrics_registry: CollectorRegistry | None = None
+    reload_interval: float = 1.0  # seconds between polls of config_files; 0 turns reload off
+    registry: CollectorRegistry | None = None
     clock: Callable[[], float] = time.time
     tls: ServerTls | TlsSource | None = None  # None: plaintext; see legation.grpc_server
 
@@ -70,8 +70,8 @@ class Settings:
         if not 0 < self.near_limit_ratio <= 1:
             raise ConfigError("ratelimit settings: near_limit_ratio: expected 0 < ratio <= 1",
                               code="invalid_near_limit_ratio")
-        if isinstance(self.config_paths, str):
-            raise ConfigError("ratelimit settings: config_paths: expected a tuple of paths",
+        if isinstance(self.config_files, str):
+            raise ConfigError("ratelimit settings: config_files: expected a tuple of paths",
                               code="invalid_type")
 
 
@@ -111,7 +111,7 @@ def build_limiter(settings: Settings, config: RateLimitConfig) -> RateLimiter:
     factory = plugins.get("ratelimit.backend", settings.backend,
                           where="ratelimit settings: backend")
     backend = factory.create(factory.validate(dict(settings.backend_options)))
-    metrics = RateLimitMetrics.for_registry(settings.metrics_registry)
+    metrics = RateLimitMetrics.for_registry(settings.registry)
     metrics.track_backend(backend)
     return RateLimiter(
         config=config,
@@ -128,13 +128,17 @@ def build_limiter(settings: Settings, config: RateLimitConfig) -> RateLimiter:
     )
 
 
-async def start_server(settings: Settings) -> tuple[grpc.aio.Server, int]:
-    metrics = RateLimitMetrics.for_registry(settings.metrics_registry)
+async def start_server(settings: Settings, *, config: RateLimitConfig | None = None
+                       ) -> tuple[grpc.aio.Server, int]:
+    """``config``: the limits, already loaded from ``config_files`` (the embedded service's
+    plan loaded them to validate the mesh); None: load them here."""
+    metrics = RateLimitMetrics.for_registry(settings.registry)
     limiter: RateLimiter | None = None
-    watcher = ConfigWatcher(settings.config_paths, lambda c: limiter.swap(c),  # type: ignore[union-attr]
+    watcher = ConfigWatcher(settings.config_files, lambda c: limiter.swap(c),  # type: ignore[union-attr]
                             metrics=metrics, interval=settings.reload_interval,
                             merge_domains=settings.merge_domains)
-    config = watcher.load() if settings.config_paths else RateLimitConfig()
+    if config is None:
+        config = watcher.load() if settings.config_files else RateLimitConfig()
     limiter = build_limiter(settings, config)
     servicer = RateLimitServicer(limiter, failure_mode=settings.failure_mode)
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
@@ -147,7 +151,7 @@ async def start_server(settings: Settings) -> tuple[grpc.aio.Server, int]:
     except BaseException:
         await limiter.backend.close()
         raise
-    if settings.config_paths and settings.reload_interval > 0:
+    if settings.config_files and settings.reload_interval > 0:
         watcher.start()
     original_stop = server.stop
 
@@ -158,6 +162,7 @@ async def start_server(settings: Settings) -> tuple[grpc.aio.Server, int]:
 
     server.stop = stop  # type: ignore[method-assign]
     server.legation_limiter = limiter  # type: ignore[attr-defined]
+    server.legation_servicer = servicer  # type: ignore[attr-defined]
     server.legation_watcher = watcher  # type: ignore[attr-defined]
     log.info("rate-limit service on %s:%d (backend %s)", host, port, settings.backend)
     return server, port

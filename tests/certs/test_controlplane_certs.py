@@ -155,8 +155,10 @@ async def test_status_endpoint_answers_400_to_a_non_utf8_request_line(cp: Contro
         await writer.drain()
         answer = await asyncio.wait_for(reader.read(), 5)
         writer.close()
-        assert answer.startswith(b"HTTP/1.1 400 Bad Request\r\n"), (line, answer)
+        # the endpoint's HTTP library answers a request it cannot parse in HTTP/1.0
+        assert answer.split(b"\r\n", 1)[0] in (b"HTTP/1.1 400 Bad Request",
+                                                b"HTTP/1.0 400 Bad Request"), (line, answer)
     reader, writer = await asyncio.open_connection("127.0.0.1", cp.status_port)
-    writer.write(b"GET /healthz HTTP/1.1\r\n\r\n")
+    writer.write(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")  # HTTP/1.1 needs a Host
     assert (await asyncio.wait_for(reader.read(), 5)).startswith(b"HTTP/1.1 200 OK")
     writer.close()

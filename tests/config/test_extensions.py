@@ -54,7 +54,7 @@ def test_embedded_defaults_and_fields() -> None:
          "mesh.yaml: ratelimit.backend: expected 'memory' or 'redis', got 'memcached'"),
         ({"extproc": {"port": 18011, "embeded": True}},
          "mesh.yaml: extproc.embeded: unknown key (allowed: embedded, failure_mode, host, port, "
-         "timeout, tls)"),
+         "stream_idle_timeout, timeout, tls)"),
     ],
 )
 def test_block_errors_name_the_field(blocks: dict[str, Any], expected: str) -> None:

@@ -140,7 +140,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, test_filters: None) -> Itera
     echo = EchoServer().start()
     registry = CollectorRegistry()
     service = harness.ServiceThread(
-        Settings(config_path=config, registry=registry, message_timeout=SERVICE_MESSAGE_TIMEOUT)
+        Settings(config_file=config, registry=registry, message_timeout=SERVICE_MESSAGE_TIMEOUT)
     ).start()
     c = chains.chains
     hf = HeadersFactory()

@@ -100,5 +100,5 @@ async def test_immediate_answer_ends_the_stream(client):
 
 
 async def test_settings_need_chains():
-    with pytest.raises(ConfigError, match="config_path or chains"):
+    with pytest.raises(ConfigError, match="config_file or chains"):
         await start_server(Settings(port=0))

@@ -1,4 +1,4 @@
-"""legation.services.plan(): the files the embedded services need, validated with the mesh, and
+"""legation.services.planning(): the files the embedded services need, validated with the mesh, and
 EmbeddedServices starting, swapping and stopping real gRPC servers on loopback."""
 
 from __future__ import annotations
@@ -50,11 +50,11 @@ def test_the_quickstart_plans_all_three() -> None:
     assert sorted(p.embedded) == ["extauthz", "extproc", "ratelimit"]
     assert [p.embedded[k].port for k in ("extauthz", "extproc", "ratelimit")] == [
         18010, 18011, 18012]
-    chains = p.embedded["extproc"].chains
+    chains = p.embedded["extproc"].live["chains"]
     assert chains is not None and sorted(chains.chains) == ["reviews-beta-cohort",
                                                             "reviews-canary"]
     # the policy dir in authz.yaml is resolved against authz.yaml's folder, not the cwd
-    checks = p.embedded["extauthz"].settings["config"]["checks"]
+    checks = p.embedded["extauthz"].live["config"]["checks"]
     assert Path(checks["rego"]["options"]["policy_dir"]).resolve() == (
         QUICKSTART.parents[2] / "policies" / "quickstart").resolve()
 
@@ -179,7 +179,7 @@ def test_relative_paths_in_authz_yaml_follow_the_file(tmp_path: Path) -> None:
             " jwks_file: jwks.json, audiences: any}]}}\n"
             "default_checks: [jwt, rego]\ndecision_log: decisions.jsonl\n"),
     })
-    config = plan(load_mesh(path), mesh_path=path).embedded["extauthz"].settings["config"]
+    config = plan(load_mesh(path), mesh_path=path).embedded["extauthz"].live["config"]
     policy_dir = config["checks"]["rego"]["options"]["policy_dir"]
     assert policy_dir == str((tmp_path / "policies").resolve())
     provider = config["checks"]["jwt"]["options"]["providers"][0]

@@ -44,8 +44,8 @@ _users = itertools.count()
 def stack(tmp_path_factory: pytest.TempPathFactory, demo_factory_module) -> Iterator[tuple]:  # type: ignore[no-untyped-def]
     config = tmp_path_factory.mktemp("rl") / "limits.yaml"
     config.write_text(LIMITS)
-    service = ServiceThread(Settings(config_paths=(str(config),), reload_interval=0,
-                                     metrics_registry=CollectorRegistry())).start()
+    service = ServiceThread(Settings(config_files=(str(config),), reload_interval=0,
+                                     registry=CollectorRegistry())).start()
     upstream = demo_factory_module("upstream")
     listen, admin = free_port(), free_port()
     envoy = EnvoyProcess(bootstrap(listen_port=listen, admin_port=admin,

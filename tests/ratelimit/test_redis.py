@@ -100,9 +100,9 @@ async def test_unreachable_store_raises_within_timeout(tmp_path: Path) -> None:
 async def serve(server: RedisServer, tmp_path: Path, failure_mode: str):  # type: ignore[no-untyped-def]
     path = tmp_path / "limits.yaml"
     path.write_text(LIMITS)
-    settings = Settings(config_paths=(str(path),), reload_interval=0, backend="redis",
+    settings = Settings(config_files=(str(path),), reload_interval=0, backend="redis",
                         backend_options={"url": server.url, "timeout_ms": 100},
-                        failure_mode=failure_mode, metrics_registry=CollectorRegistry())
+                        failure_mode=failure_mode, registry=CollectorRegistry())
     grpc_server, port = await start_server(settings)
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     return grpc_server, channel, rls_pb2_grpc.RateLimitServiceStub(channel)

@@ -29,8 +29,8 @@ def config_file(tmp_path: Path) -> Path:
 
 @pytest.fixture
 async def service(config_file: Path) -> AsyncIterator[tuple[grpc.aio.Server, object]]:
-    settings = Settings(port=0, config_paths=(str(config_file),), reload_interval=0.05,
-                        metrics_registry=CollectorRegistry())
+    settings = Settings(port=0, config_files=(str(config_file),), reload_interval=0.05,
+                        registry=CollectorRegistry())
     server, port = await start_server(settings)
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     yield server, rls_pb2_grpc.RateLimitServiceStub(channel)
@@ -90,7 +90,7 @@ async def test_bad_config_fails_the_start(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("domain: d\ndescriptors:\n  - key: k\n    rate_limt: {}\n")
     with pytest.raises(ConfigError, match=rf"^{bad}: descriptors\[0\]: unknown key 'rate_limt'"):
-        await start_server(Settings(config_paths=(str(bad),), metrics_registry=CollectorRegistry()))
+        await start_server(Settings(config_files=(str(bad),), registry=CollectorRegistry()))
 
 
 def test_settings_reject_an_unknown_failure_mode() -> None:
@@ -100,4 +100,4 @@ def test_settings_reject_an_unknown_failure_mode() -> None:
 
 async def test_unknown_backend_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match=r"unknown ratelimit\.backend plugin 'etcd'"):
-        await start_server(Settings(backend="etcd", metrics_registry=CollectorRegistry()))
+        await start_server(Settings(backend="etcd", registry=CollectorRegistry()))

@@ -441,10 +441,10 @@ def test_settings_carry_upstream_switches(tmp_path: Any) -> None:
     b.write_text("domain: d\ndescriptors: [{key: b, rate_limit: {unit: minute, "
                  "requests_per_unit: 1}}]\n")
     registry = CollectorRegistry()
-    settings = Settings(config_paths=(str(a), str(b)), merge_domains=True, shadow_mode=True,
+    settings = Settings(config_files=(str(a), str(b)), merge_domains=True, shadow_mode=True,
                         quota_mode=True, response_headers=True, header_limit="X-Limit",
-                        response_dynamic_metadata=True, metrics_registry=registry)
-    watcher = ConfigWatcher(settings.config_paths, lambda c: None,
+                        response_dynamic_metadata=True, registry=registry)
+    watcher = ConfigWatcher(settings.config_files, lambda c: None,
                             metrics=RateLimitMetrics.for_registry(registry),
                             merge_domains=settings.merge_domains)
     lim = build_limiter(settings, watcher.load())

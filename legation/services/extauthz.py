@@ -1,0 +1,147 @@
+"""The ext_authz service as a :class:`~legation.services.base.Service`.
+
+Its block names the service's YAML (``extauthz.config``, relative to the mesh file; the paths in
+it relative to its own folder). Planning validates that file and every route's ``authz``
+reference against the packages the policy directories of its ``rego`` checks declare, so a
+misspelt policy is a ``legation check`` error instead of a 403 on every request. Both the file
+and the policy directories are watched: an edit re-runs the validation and, when valid, the new
+config is swapped into the running servicer (new checks started first, old ones closed after a
+grace period), no restart. The rego check also reloads its policy directory by itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from prometheus_client import CollectorRegistry
+
+from legation import _yaml
+from legation.errors import ConfigError
+from legation.extauthz.config import LoadedConfig, load_mapping, resolve_paths
+from legation.services.base import Invalid, ServiceSpec, spec_key
+
+if TYPE_CHECKING:
+    import grpc
+
+    from legation.config import Mesh
+    from legation.grpc_server import TlsSource
+
+
+class AuthzService:
+    kind: ClassVar[str] = "extauthz"
+
+    @classmethod
+    def settings(cls, mesh: Mesh, mesh_dir: Path) -> ServiceSpec:
+        block = mesh.extauthz
+        assert block is not None and block.config is not None
+        path = mesh_dir / block.config
+        try:
+            raw = _yaml.load_file(path) or {}
+        except OSError as err:
+            raise Invalid("config", f"cannot read {path}: {err.strerror or err}") from None
+        except _yaml.YamlError as err:
+            raise Invalid("config", str(err)) from None
+        raw = resolve_paths(raw, path.resolve().parent)
+        try:
+            loaded = load_mapping(raw, source=str(path))
+        except ConfigError as err:
+            raise Invalid("config", str(err)) from None
+        return ServiceSpec(
+            kind=cls.kind, host=block.host, port=block.port,
+            restart_key=spec_key(block.host, block.port),
+            live={"config": raw, "source": str(path), "loaded": loaded},
+            watched=(path, *(Path(rego.policy_dir) for rego in _regos(loaded))),
+        )
+
+    @classmethod
+    def references(cls, mesh: Mesh, spec: ServiceSpec) -> list[tuple[str, str]]:
+        from legation.extauthz import policies
+        from legation.extauthz.rego import entrypoint
+
+        regos = _regos(spec.live["loaded"])
+        asked = [(i, r.authz) for i, r in enumerate(mesh.routes)
+                 if r.authz is not None and r.authz != "disabled"]
+        if not regos or not asked:
+            return []  # no rego check: a route's policy name reaches no engine
+        known: list[tuple[Any, frozenset[str]]] = []
+        for rego in regos:
+            try:
+                src = policies.read_sources(rego.policy_dir, tests=rego.include_tests)
+                packages = policies.analyse(src, rules=(rego.decision,)).packages
+            except ConfigError as err:
+                return [("extauthz.config", f"{spec.live['source']}: {err}")]
+            known.append((rego, packages))
+        problems = []
+        for i, policy in asked:
+            if any(entrypoint(policy, rego.decision).rsplit("/", 1)[0].replace("/", ".")
+                   in packages for rego, packages in known):
+                continue
+            declared = sorted({p for _, packages in known for p in packages})
+            dirs = ", ".join(str(rego.policy_dir) for rego, _ in known)
+            problems.append((f"routes[{i}].authz",
+                             f"no policy package {policy!r} in {dirs} (it declares: "
+                             f"{', '.join(declared) or 'none'})"))
+        return problems
+
+    def __init__(self, spec: ServiceSpec, *, tls: TlsSource | None) -> None:
+        self.spec = spec
+        self._tls = tls
+        self._registry = CollectorRegistry()
+        self.server: grpc.aio.Server | None = None
+        self.port = spec.port
+
+    async def start(self) -> int:
+        from legation.extauthz import service
+
+        settings = service.Settings(host=self.spec.host, port=self.spec.port,
+                                    config=dict(self.spec.live["config"]),
+                                    registry=self._registry, tls=self._tls)
+        self.server, self.port = await service.start_server(settings)
+        return self.port
+
+    async def apply(self, spec: ServiceSpec) -> None:
+        from legation.extauthz import service
+
+        if spec.live["config"] != self.spec.live["config"] and self.server is not None:
+            await service.reconfigure(self.server, spec.live["loaded"])
+        self.spec = spec
+
+    async def stop(self, grace: float) -> None:
+        from legation.extauthz import service
+
+        if self.server is not None:
+            await service.stop_server(self.server, grace)
+
+    @property
+    def registry(self) -> CollectorRegistry:
+        return self._registry
+
+    def status(self) -> dict[str, Any]:
+        return {}
+
+    @classmethod
+    def add_cli_options(cls, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--decision-log", help="overrides the config's decision_log")
+
+    @classmethod
+    async def serve_cli(cls, args: argparse.Namespace, *, host: str, port: int,
+                        reuse_port: bool) -> tuple[grpc.aio.Server, int, Any]:
+        from legation.extauthz import service
+
+        settings = service.Settings(host=host, port=port, reuse_port=reuse_port,
+                                    config_file=Path(args.config) if args.config else None,
+                                    decision_log=args.decision_log)
+        server, bound = await service.start_server(settings)
+
+        async def stop(grace: float) -> None:
+            await service.stop_server(server, grace)
+
+        return server, bound, stop
+
+
+def _regos(loaded: LoadedConfig) -> list[Any]:
+    """The configs of the rego checks the routes run (the default checks, else all of them)."""
+    names = loaded.service.default_checks or list(loaded.check_configs)
+    return [loaded.check_configs[n][1] for n in names if loaded.check_configs[n][0] == "rego"]

@@ -1,0 +1,108 @@
+"""The ext_proc service as a :class:`~legation.services.base.Service`.
+
+Its chains are the mesh routes' ``filters`` (one chain per route, named after it); the block
+gives the per-message ``timeout`` and ``stream_idle_timeout``. Everything but the address and
+TLS is swapped live on the servicer (:meth:`ExtProcServicer.swap`): a reload changes the chains
+for new streams, open ones finish on theirs. The previous generation's chains stay served next to
+the new ones, so an Envoy still on the old routes never names an unknown chain.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from prometheus_client import CollectorRegistry
+
+from legation.extproc.config import Chains
+from legation.extproc.metrics import Metrics
+from legation.extproc.servicer import ExtProcServicer
+from legation.grpc_server import start_grpc_server
+from legation.services.base import ServiceSpec, spec_key
+from legation.services.chains import route_chains
+
+if TYPE_CHECKING:
+    import grpc
+
+    from legation.config import Mesh
+    from legation.grpc_server import TlsSource
+
+
+class ExtProcService:
+    kind: ClassVar[str] = "extproc"
+
+    @classmethod
+    def settings(cls, mesh: Mesh, mesh_dir: Path) -> ServiceSpec:
+        block = mesh.extproc
+        assert block is not None
+        return ServiceSpec(
+            kind=cls.kind, host=block.host, port=block.port,
+            restart_key=spec_key(block.host, block.port),
+            live={"chains": route_chains(mesh),
+                  "message_timeout": block.timeout.total_seconds(),
+                  "stream_idle_timeout": block.stream_idle_timeout.total_seconds()},
+        )
+
+    @classmethod
+    def references(cls, mesh: Mesh, spec: ServiceSpec) -> list[tuple[str, str]]:
+        return []  # filters are validated by their plugins when the mesh loads
+
+    def __init__(self, spec: ServiceSpec, *, tls: TlsSource | None) -> None:
+        self.spec = spec
+        self._tls = tls
+        self._registry = CollectorRegistry()
+        self._metrics = Metrics(self._registry)
+        self._chains: Chains = spec.live["chains"]
+        self.servicer = ExtProcServicer(
+            self._chains, metrics=self._metrics,
+            message_timeout=float(spec.live["message_timeout"]),
+            stream_idle_timeout=float(spec.live["stream_idle_timeout"]))
+        self.server: grpc.aio.Server | None = None
+        self.port = spec.port
+
+    async def start(self) -> int:
+        servicer = self.servicer
+        self.server, self.port = await start_grpc_server(
+            "extproc", lambda s: pb_grpc.add_ExternalProcessorServicer_to_server(servicer, s),
+            host=self.spec.host, port=self.spec.port, tls=self._tls)
+        return self.port
+
+    async def apply(self, spec: ServiceSpec) -> None:
+        chains: Chains = spec.live["chains"]
+        served = Chains(chains={**self._chains.chains, **chains.chains}, default=chains.default)
+        self.servicer.swap(served, message_timeout=float(spec.live["message_timeout"]),
+                           stream_idle_timeout=float(spec.live["stream_idle_timeout"]))
+        self._chains, self.spec = chains, spec
+
+    async def stop(self, grace: float) -> None:
+        if self.server is not None:
+            await self.server.stop(grace)
+
+    @property
+    def registry(self) -> CollectorRegistry:
+        return self._registry
+
+    def status(self) -> dict[str, Any]:
+        return {}  # address and TLS are reported by the runner
+
+    @classmethod
+    def add_cli_options(cls, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--message-timeout", type=float, default=0.2,
+                            help="seconds a phase may take (Envoy's message_timeout)")
+        parser.add_argument("--stream-idle-timeout", type=float, default=300.0,
+                            help="seconds a stream may stay silent before it is ended")
+
+    @classmethod
+    async def serve_cli(cls, args: argparse.Namespace, *, host: str, port: int,
+                        reuse_port: bool) -> tuple[grpc.aio.Server, int, Any]:
+        from legation.extproc import service
+
+        settings = service.Settings(
+            host=host, port=port, reuse_port=reuse_port,
+            config_file=Path(args.config) if args.config else None,
+            message_timeout=args.message_timeout,
+            stream_idle_timeout=args.stream_idle_timeout)
+        server, bound = await service.start_server(settings)
+        return server, bound, server.stop

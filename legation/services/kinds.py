@@ -1,0 +1,84 @@
+"""The one table of request-path service kinds: ext_authz, ext_proc, rate limiting.
+
+Everything that needs "which services exist" reads :data:`KINDS`: the embedded runner
+(:mod:`legation.services.embedded`), ``legation serve`` (its choices and each kind's options),
+the mesh checks (ports, reserved SPIFFE names) and the translation (filters, clusters). Adding a
+kind is one entry here, its mesh block in :class:`legation.config.Mesh`, and a class that
+implements :class:`~legation.services.base.Service`.
+
+The order is Envoy's filter order: ext_authz denies first, ext_proc may set headers that the
+rate-limit descriptors read, and rate limiting counts only requests about to be forwarded.
+
+This module imports nothing of the services themselves (the config package reads it while it
+is being imported): a kind's class is imported on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from legation.config import Mesh
+    from legation.config.extensions import GrpcService
+    from legation.services.base import Service
+
+__all__ = ["KINDS", "ServiceKind", "blocks", "get", "names"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServiceKind:
+    """One kind of request-path service."""
+
+    name: str
+    """Its name: ``legation serve <name>``, its SPIFFE identity ``legation-<name>``, labels."""
+    block: str
+    """The :class:`~legation.config.Mesh` attribute holding its block."""
+    service: str
+    """``module:Class`` implementing :class:`~legation.services.base.Service`."""
+    help: str
+    """One line for ``legation serve --help``."""
+
+    def service_class(self) -> type[Service]:
+        module, _, attr = self.service.partition(":")
+        cls: type[Service] = getattr(importlib.import_module(module), attr)
+        return cls
+
+    def block_of(self, mesh: Mesh) -> GrpcService | None:
+        block: Any = getattr(mesh, self.block)
+        return block  # type: ignore[no-any-return]
+
+
+KINDS: tuple[ServiceKind, ...] = (
+    ServiceKind(name="extauthz", block="extauthz",
+                service="legation.services.extauthz:AuthzService",
+                help="ext_authz: JWT and Rego checks (Authorization/Check)"),
+    ServiceKind(name="extproc", block="extproc",
+                service="legation.services.extproc:ExtProcService",
+                help="ext_proc: filter chains (ExternalProcessor/Process)"),
+    ServiceKind(name="ratelimit", block="ratelimit",
+                service="legation.services.ratelimit:RateLimitService",
+                help="rate limiting, envoyproxy/ratelimit compatible (RateLimitService)"),
+)
+
+
+def names() -> tuple[str, ...]:
+    return tuple(k.name for k in KINDS)
+
+
+def get(name: str) -> ServiceKind:
+    for kind in KINDS:
+        if kind.name == name:
+            return kind
+    raise KeyError(name)
+
+
+def blocks(mesh: Mesh) -> list[tuple[ServiceKind, GrpcService]]:
+    """The kinds ``mesh`` declares, with their blocks, in :data:`KINDS` order."""
+    out = []
+    for kind in KINDS:
+        block = kind.block_of(mesh)
+        if block is not None:
+            out.append((kind, block))
+    return out

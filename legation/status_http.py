@@ -1,0 +1,66 @@
+"""The control plane's small HTTP endpoint, on aiohttp: ``/status`` (JSON, what ``legation
+status`` prints), ``/metrics`` (Prometheus text of the given registries) and ``/healthz``.
+
+It only reads: the status document and the registries come from callables, so it holds no state
+of its own. Paths match by prefix (``/status?x`` and ``/status/`` answer too); a request that is
+not HTTP gets aiohttp's 400; every answer closes its connection.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, generate_latest
+
+__all__ = ["StatusEndpoint"]
+
+
+class StatusEndpoint:
+    def __init__(self, *, status: Callable[[], dict[str, Any]],
+                 registries: Callable[[], Iterable[CollectorRegistry]]) -> None:
+        self._status = status
+        self._registries = registries
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    async def start(self, host: str, port: int) -> int:
+        """Listen on ``host:port`` (0: an ephemeral port); the bound port. Raises OSError when
+        the port cannot be bound."""
+        app = web.Application()
+        app.router.add_route("GET", "/{tail:.*}", self._handle)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        site = web.TCPSite(runner, host, port)
+        try:
+            await site.start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        self.port = int(runner.addresses[0][1])
+        return self.port
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        response = self._answer(request.path)
+        response.force_close()  # one request per connection, as `legation status` makes
+        return response
+
+    def _answer(self, path: str) -> web.Response:
+        if path.startswith("/status"):
+            return web.Response(body=json.dumps(self._status()).encode(),
+                                content_type="application/json")
+        if path.startswith("/metrics"):
+            body = b"".join(generate_latest(r) for r in self._registries())
+            return web.Response(body=body, headers={
+                "content-type": "text/plain; version=0.0.4; charset=utf-8"})
+        if path.startswith("/healthz"):
+            return web.Response(text="ok\n")
+        return web.Response(status=404, text="not found\n")
