@@ -20,6 +20,14 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def distinct_ports(*names: str) -> dict[str, int]:
+    """A free loopback port per name, no two alike (``free_port`` alone may repeat one)."""
+    chosen: set[int] = set()
+    while len(chosen) < len(names):
+        chosen.add(free_port())
+    return dict(zip(names, sorted(chosen), strict=True))
+
+
 @pytest.fixture
 def port() -> int:
     return free_port()

@@ -27,6 +27,7 @@ from legation.envoy_process import EnvoyProcess
 from legation.extauthz import envoy_filter
 from legation.extauthz.service import Settings, start_server, stop_server
 from tests.conftest import free_port
+from tests.envoy_stack import static_bootstrap, static_cluster
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -91,42 +92,14 @@ def bootstrap(
         })
     authz = envoy_filter.http_filter("extauthz", max_request_bytes=max_request_bytes,
                                      status_on_error=status_on_error)
-    hcm = {
-        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager"
-                 ".v3.HttpConnectionManager",
-        "stat_prefix": "ingress",
-        "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"],
-                                            "routes": vroutes}]},
-        "http_filters": [
-            to_plain(authz),
-            {"name": "envoy.filters.http.router", "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}},
+    return static_bootstrap(
+        listen_port=listen_port, admin_port=admin_port, routes=vroutes,
+        http_filters=[to_plain(authz)],
+        clusters=[
+            static_cluster("upstream", upstream_port),
+            to_plain(envoy_filter.grpc_cluster("extauthz", [("127.0.0.1", authz_port)])),
         ],
-    }
-    upstream = {
-        "name": "upstream", "type": "STATIC", "connect_timeout": "1s",
-        "load_assignment": {"cluster_name": "upstream", "endpoints": [{"lb_endpoints": [
-            {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1",
-                                                         "port_value": upstream_port}}}}]}]},
-    }
-    return {
-        "admin": {"address": {"socket_address": {"address": "127.0.0.1",
-                                                 "port_value": admin_port}}},
-        "static_resources": {
-            "listeners": [{
-                "name": "ingress",
-                "address": {"socket_address": {"address": "127.0.0.1",
-                                               "port_value": listen_port}},
-                "filter_chains": [{"filters": [{
-                    "name": "envoy.filters.network.http_connection_manager",
-                    "typed_config": hcm}]}],
-            }],
-            "clusters": [
-                upstream,
-                to_plain(envoy_filter.grpc_cluster("extauthz", [("127.0.0.1", authz_port)])),
-            ],
-        },
-    }
+    )
 
 
 @dataclass

@@ -15,6 +15,8 @@ from google.protobuf.json_format import MessageToDict
 from legation.extproc import envoy_filter
 from legation.extproc.chain import Chain
 from legation.extproc.service import Settings, start_server
+from tests.envoy_stack import static_bootstrap
+from tests.envoy_stack import static_cluster as static_cluster  # used as harness.static_cluster
 
 
 class ServiceThread:
@@ -65,19 +67,6 @@ def to_dict(message: Any) -> dict[str, Any]:
     return json.loads(json.dumps(MessageToDict(message, preserving_proto_field_name=True)))
 
 
-def static_cluster(name: str, port: int) -> dict[str, Any]:
-    return {
-        "name": name,
-        "type": "STATIC",
-        "connect_timeout": "1s",
-        "load_assignment": {
-            "cluster_name": name,
-            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"socket_address": {
-                "address": "127.0.0.1", "port_value": port}}}}]}],
-        },
-    }
-
-
 def route(
     prefix: str,
     cluster: str,
@@ -116,39 +105,16 @@ def bootstrap(
     clusters: list[dict[str, Any]],
     message_timeout: float,
 ) -> dict[str, Any]:
-    hcm = {
-        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager"
-        ".v3.HttpConnectionManager",
-        "stat_prefix": "ingress",
-        "route_config": {
-            "name": "local",
-            "virtual_hosts": [{"name": "all", "domains": ["*"], "routes": routes}],
-        },
-        "http_filters": [
+    return static_bootstrap(
+        listen_port=listener_port, admin_port=admin_port, routes=routes,
+        http_filters=[
             to_dict(envoy_filter.http_filter("extproc", message_timeout=message_timeout)),
-            {"name": "envoy.filters.http.router", "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}},
         ],
-    }
-    return {
-        "admin": {"address": {"socket_address": {"address": "127.0.0.1",
-                                                 "port_value": admin_port}}},
-        "static_resources": {
-            "listeners": [{
-                "name": "ingress",
-                "address": {"socket_address": {"address": "127.0.0.1",
-                                               "port_value": listener_port}},
-                "filter_chains": [{"filters": [{
-                    "name": "envoy.filters.network.http_connection_manager",
-                    "typed_config": hcm,
-                }]}],
-            }],
-            "clusters": [
-                to_dict(envoy_filter.grpc_cluster("extproc", "127.0.0.1", service_port)),
-                *clusters,
-            ],
-        },
-    }
+        clusters=[
+            to_dict(envoy_filter.grpc_cluster("extproc", "127.0.0.1", service_port)),
+            *clusters,
+        ],
+    )
 
 
 @dataclass

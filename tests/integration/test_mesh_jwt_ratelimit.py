@@ -11,13 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from legation.controlplane import ControlPlane
 from legation.demo import DemoApp
-from legation.envoy_process import EnvoyProcess
-from legation.translate.bootstrap import bootstrap
 from tests.conftest import free_port
+from tests.envoy_stack import MeshWorld
 from tests.extauthz.conftest import Signer
-from tests.integration.test_mesh_services import LoopThread, http
+from tests.integration.test_mesh_services import http
 
 pytestmark = [pytest.mark.integration]
 
@@ -73,25 +71,13 @@ def gateway(tmp_path_factory: pytest.TempPathFactory, signer: Signer) -> Iterato
     (tmp / "authz.yaml").write_text(json.dumps(authz))
     (tmp / "limits.yaml").write_text(LIMITS)
     (tmp / "mesh.yaml").write_text(MESH.format(**ports, app=app.port))
-    loop = LoopThread()
-    cp = ControlPlane(tmp / "mesh.yaml", status_port=free_port(), poll_interval=3600,
-                      debounce=0.01, on_event=lambda line: None, ca_dir=tmp / "ca")
-    loop.run(cp.start())
-    envoy = EnvoyProcess(bootstrap(node_id="gateway-gw", node_cluster="gw",
-                                   xds_port=ports["xds"], admin_port=ports["gw_admin"],
-                                   credentials_dir=cp.enrol("gateway-gw")[1].directory),
-                         admin_port=ports["gw_admin"], name="gw", log_dir=tmp).start()
+    world = MeshWorld(tmp, tmp / "mesh.yaml", status_port=free_port())
     try:
-        envoy.wait_live()
-        deadline = time.monotonic() + 20
-        while not all(p["in_sync"] for p in cp.status()["proxies"]):
-            assert time.monotonic() < deadline, cp.status()
-            time.sleep(0.05)
+        world.start()
+        assert list(world.envoys) == ["gateway-gw"]
         yield ports["gw"]
     finally:
-        envoy.stop()
-        loop.run(cp.stop())
-        loop.close()
+        world.close()
         app.stop_thread()
 
 

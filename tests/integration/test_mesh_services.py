@@ -9,24 +9,20 @@ twice: with the mesh's mTLS off, and strict (the services then serve mTLS to the
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
-import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Coroutine, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import pytest
 
-from legation.controlplane import ControlPlane
 from legation.demo import DemoApp
-from legation.envoy_process import EnvoyProcess
-from legation.translate.bootstrap import bootstrap
-from tests.conftest import free_port
+from tests.conftest import distinct_ports
+from tests.envoy_stack import MeshWorld
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -100,31 +96,6 @@ routes:
 """
 
 
-def distinct_ports(*names: str) -> dict[str, int]:
-    """A free loopback port per name, no two alike (``free_port`` alone may repeat one)."""
-    chosen: set[int] = set()
-    while len(chosen) < len(names):
-        chosen.add(free_port())
-    return dict(zip(names, sorted(chosen), strict=True))
-
-
-class LoopThread:
-    """An event loop in a daemon thread (the control plane and its services run on it)."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 30) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
-        self.loop.close()
-
-
 def http(port: int, path: str, headers: dict[str, str] | None = None
          ) -> tuple[int, dict[str, str], str]:
     req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", headers=headers or {})
@@ -136,9 +107,8 @@ def http(port: int, path: str, headers: dict[str, str] | None = None
         return err.code, {k.lower(): v for k, v in err.headers.items()}, err.read().decode()
 
 
-class World:
+class World(MeshWorld):
     def __init__(self, tmp: Path, mtls: str = "off") -> None:
-        self.tmp = tmp
         self.mtls = mtls
         self.apps = {v: DemoApp(name="web", version=v).start_in_thread() for v in ("v1", "v2")}
         self.ports = distinct_ports("xds", "gw", "gw_admin", "authz", "proc", "rl", "in1", "out1",
@@ -147,33 +117,12 @@ class World:
         (tmp / "limits.yaml").write_text(RATELIMIT_YAML)
         self.mesh_path = tmp / "mesh.yaml"
         self.write_mesh(tag="one")
-        self.loop = LoopThread()
-        self.cp = ControlPlane(self.mesh_path, status_port=self.ports["status"], poll_interval=3600,
-                               debounce=0.01, on_event=lambda line: None,
-                               ca_dir=tmp / "ca")
-        self.envoys: list[EnvoyProcess] = []
+        super().__init__(tmp, self.mesh_path, status_port=self.ports["status"])
 
     def write_mesh(self, *, tag: str) -> None:
         self.mesh_path.write_text(MESH.format(
             **self.ports, app1=self.apps["v1"].port, app2=self.apps["v2"].port, tag=tag,
             mtls=self.mtls))
-
-    def start(self) -> None:
-        self.loop.run(self.cp.start())
-        assert self.cp.mesh is not None
-        for proxy in self.cp.mesh.proxies():
-            config = bootstrap(node_id=proxy.node_id, node_cluster=proxy.node_cluster,
-                               xds_host="127.0.0.1", xds_port=self.ports["xds"],
-                               admin_port=proxy.admin_port,
-                               credentials_dir=self.cp.enrol(proxy.node_id)[1].directory)
-            self.envoys.append(EnvoyProcess(config, admin_port=proxy.admin_port,
-                                            name=proxy.node_id, log_dir=self.tmp).start())
-        for envoy in self.envoys:
-            envoy.wait_live()
-        deadline = time.monotonic() + 20
-        while not all(p["in_sync"] for p in self.cp.status()["proxies"]):
-            assert time.monotonic() < deadline, self.cp.status()
-            time.sleep(0.05)
 
     def gateway(self, path: str, headers: dict[str, str] | None = None
                 ) -> tuple[int, dict[str, str], str]:
@@ -191,10 +140,7 @@ class World:
         return total
 
     def close(self) -> None:
-        for envoy in self.envoys:
-            envoy.stop()
-        self.loop.run(self.cp.stop())
-        self.loop.close()
+        super().close()
         for app in self.apps.values():
             app.stop_thread()
 
@@ -246,12 +192,12 @@ def test_sidecar_outbound_enforces_the_policy_too(world: World) -> None:
 def test_route_without_authz_makes_no_ext_authz_call(world: World) -> None:
     decisions = world.metric("legation_extauthz_decisions_total")
     stats_key = "http.gateway_gw.ext_authz"
-    before = world.envoys[-1].stats(rf"^{re.escape(stats_key)}\.")
+    before = world.envoys["gateway-gw"].stats(rf"^{re.escape(stats_key)}\.")
     for _ in range(5):
         status, _, body = world.gateway("/open/page")
         assert status == 200 and json.loads(body)["version"] == "v1"
     assert world.metric("legation_extauthz_decisions_total") == decisions
-    assert world.envoys[-1].stats(rf"^{re.escape(stats_key)}\.") == before
+    assert world.envoys["gateway-gw"].stats(rf"^{re.escape(stats_key)}\.") == before
     world.gateway("/admin", {"x-role": "admin"})  # the same counters do move on a checked route
     assert world.metric("legation_extauthz_decisions_total") == decisions + 1
 
@@ -312,7 +258,7 @@ def test_proxies_reach_the_services_over_mtls_when_the_mesh_is_strict(world: Wor
     assert world.gateway("/admin", {"x-role": "admin"})[0] == 200
     assert world.gateway("/limited", {"x-user": "handshake"})[0] == 200
     assert json.loads(world.gateway("/tagged")[2])["headers"]["x-tag"]
-    gateway = world.envoys[-1]
+    gateway = world.envoys["gateway-gw"]
     strict = world.mtls == "strict"
     for kind in ("extauthz", "extproc", "ratelimit"):
         assert world.cp.services.status()[kind]["tls"] == ("mesh" if strict else "none")

@@ -20,11 +20,10 @@ from typing import Any, TypeVar
 import pytest
 
 from legation.certs import CertificateAuthority, WorkloadCert
-from legation.controlplane import ControlPlane
 from legation.demo import DemoApp
 from legation.envoy_process import EnvoyProcess
-from legation.translate.bootstrap import bootstrap
-from tests.integration.test_mesh_services import LoopThread, distinct_ports
+from tests.conftest import distinct_ports
+from tests.envoy_stack import MeshWorld
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -69,47 +68,15 @@ def http(port: int, path: str, headers: dict[str, str] | None = None
         return err.code, {}
 
 
-class World:
+class World(MeshWorld):
     def __init__(self, tmp: Path, mode: str = "strict") -> None:
-        self.tmp = tmp
         self.apps = {v: DemoApp(name="reviews", version=v).start_in_thread() for v in ("v1", "v2")}
         names = ("xds", "gw", "gw_admin", "in1", "out1", "admin1", "in2", "out2", "admin2")
         self.ports = distinct_ports(*names)
-        self.mesh_path = tmp / "mesh.yaml"
-        self.mesh_path.write_text(MESH.format(**self.ports, mode=mode, app1=self.apps["v1"].port,
-                                              app2=self.apps["v2"].port))
-        self.loop = LoopThread()
-        self.cp = ControlPlane(self.mesh_path, status_port=0, poll_interval=3600,
-                               debounce=0.01, on_event=lambda line: None,
-                               ca_dir=tmp / "ca")
-        self.envoys: dict[str, EnvoyProcess] = {}
-
-    def start(self) -> None:
-        self.loop.run(self.cp.start())
-        assert self.cp.mesh is not None
-        for proxy in self.cp.mesh.proxies():
-            config = bootstrap(node_id=proxy.node_id, node_cluster=proxy.node_cluster,
-                               xds_host="127.0.0.1", xds_port=self.ports["xds"],
-                               admin_port=proxy.admin_port,
-                               credentials_dir=self.cp.enrol(proxy.node_id)[1].directory)
-            self.envoys[proxy.node_id] = EnvoyProcess(
-                config, admin_port=proxy.admin_port, name=proxy.node_id, log_dir=self.tmp
-            ).start()
-        for envoy in self.envoys.values():
-            envoy.wait_live()
-        self.wait_in_sync()
-
-    def wait_in_sync(self) -> None:
-        deadline = time.monotonic() + 20
-        while not all(p["in_sync"] for p in self.status()["proxies"]):
-            assert time.monotonic() < deadline, self.status()
-            time.sleep(0.05)
-
-    def status(self) -> dict[str, Any]:
-        async def get() -> dict[str, Any]:
-            return self.cp.status()
-
-        return self.loop.run(get())
+        mesh_path = tmp / "mesh.yaml"
+        mesh_path.write_text(MESH.format(**self.ports, mode=mode, app1=self.apps["v1"].port,
+                                         app2=self.apps["v2"].port))
+        super().__init__(tmp, mesh_path)
 
     def rotate(self) -> list[str]:
         async def go() -> list[str]:
@@ -121,10 +88,7 @@ class World:
         return self.cp.issuer.certs[node]
 
     def close(self) -> None:
-        for envoy in self.envoys.values():
-            envoy.stop()
-        self.loop.run(self.cp.stop())
-        self.loop.close()
+        super().close()
         for app in self.apps.values():
             app.stop_thread()
 

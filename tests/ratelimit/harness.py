@@ -14,15 +14,11 @@ from typing import Any
 
 import grpc
 from envoy.config.route.v3 import route_components_pb2 as route_pb2
-from envoy.config.route.v3 import route_pb2 as route_config_pb2
-from envoy.extensions.filters.http.router.v3 import router_pb2
-from envoy.extensions.filters.network.http_connection_manager.v3 import (
-    http_connection_manager_pb2 as hcm_pb2,
-)
 from google.protobuf.json_format import MessageToDict
 
 from legation.ratelimit import envoy_filter as ef
 from legation.ratelimit.service import Settings, start_server
+from tests.envoy_stack import static_bootstrap, static_cluster
 
 RLS_CLUSTER = "ratelimit"
 
@@ -78,9 +74,6 @@ def bootstrap(
                                             failure_mode=failure_mode, timeout_ms=1000))
     if local_limit is not None:
         filters.append(ef.local_rate_limit_filter(stat_prefix="local", max_tokens=local_limit))
-    router = hcm_pb2.HttpFilter(name="envoy.filters.http.router")
-    router.typed_config.Pack(router_pb2.Router())
-    filters.append(router)
     vhost = route_pb2.VirtualHost(name="all", domains=["*"])
     for prefix, specs in [*routes, ("/", ())]:
         route = vhost.routes.add()
@@ -88,31 +81,12 @@ def bootstrap(
         route.route.cluster = "upstream"
         if specs:
             route.route.rate_limits.extend(ef.route_rate_limits(specs))
-    hcm = hcm_pb2.HttpConnectionManager(
-        stat_prefix="ingress", http_filters=filters,
-        route_config=route_config_pb2.RouteConfiguration(name="local", virtual_hosts=[vhost]))
-    clusters = [_dict(ef.rate_limit_cluster("upstream", "127.0.0.1", upstream_port))]
-    clusters[0].pop("typed_extension_protocol_options")  # the demo upstream speaks HTTP/1.1
+    clusters = [static_cluster("upstream", upstream_port)]  # the demo upstream speaks HTTP/1.1
     if rls_port is not None:
         clusters.append(_dict(ef.rate_limit_cluster(RLS_CLUSTER, "127.0.0.1", rls_port)))
-    hcm_any = _dict(hcm)
-    hcm_any["@type"] = ("type.googleapis.com/envoy.extensions.filters.network."
-                        "http_connection_manager.v3.HttpConnectionManager")
-    return {
-        "admin": {"address": {"socket_address": {"address": "127.0.0.1",
-                                                 "port_value": admin_port}}},
-        "static_resources": {
-            "listeners": [{
-                "name": "ingress",
-                "address": {"socket_address": {"address": "127.0.0.1",
-                                               "port_value": listen_port}},
-                "filter_chains": [{"filters": [{
-                    "name": "envoy.filters.network.http_connection_manager",
-                    "typed_config": hcm_any}]}],
-            }],
-            "clusters": clusters,
-        },
-    }
+    return static_bootstrap(listen_port=listen_port, admin_port=admin_port,
+                            routes=_dict(vhost)["routes"],
+                            http_filters=[_dict(f) for f in filters], clusters=clusters)
 
 
 def get(port: int, path: str, headers: dict[str, str] | None = None
