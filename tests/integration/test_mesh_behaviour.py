@@ -1,8 +1,8 @@
 """A translated mesh behaves as declared in the real Envoy (one gateway, demo apps on loopback).
 
-The gateway's snapshot is inlined into a static bootstrap (translate_static), which proves the
-generated resources are valid for Envoy 1.40 and do what the mesh says, without the xDS server
-(test_mesh_xds.py goes through it). One Envoy serves every test of this module.
+The gateway's snapshot is inlined into a static bootstrap (legation.translate.static), which
+proves the generated resources are valid for Envoy 1.40 and do what the mesh says, without the
+xDS server (test_mesh_xds.py goes through it). One Envoy serves every test of this module.
 """
 
 from __future__ import annotations
