@@ -42,6 +42,7 @@ On a route::
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -146,16 +147,24 @@ class ExtProcService(GrpcService):
     stream_idle_timeout: Duration = Field(default="300s", validate_default=True)
 
 
-_HEADER_NAME = r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$"
+_HEADER_NAME = r"[A-Za-z0-9!#$%&'*+.^_`|~-]+"
 
 
 class RateLimitHeaderNames(BaseModel):
     """The names of the RateLimit-* response headers (upstream's LIMIT_*_HEADER settings)."""
 
     model_config = STRICT
-    limit: str = Field(default="RateLimit-Limit", pattern=_HEADER_NAME)
-    remaining: str = Field(default="RateLimit-Remaining", pattern=_HEADER_NAME)
-    reset: str = Field(default="RateLimit-Reset", pattern=_HEADER_NAME)
+    limit: str = "RateLimit-Limit"
+    remaining: str = "RateLimit-Remaining"
+    reset: str = "RateLimit-Reset"
+
+    @field_validator("limit", "remaining", "reset")
+    @classmethod
+    def _token(cls, name: str) -> str:
+        if not re.fullmatch(_HEADER_NAME, name):
+            raise ValueError(f"{name!r} is not an HTTP header name (letters, digits and "
+                             "!#$%&'*+.^_`|~- only)")
+        return name
 
 
 class RateLimitService(_ConfiguredService):

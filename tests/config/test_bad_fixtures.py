@@ -33,6 +33,19 @@ EXPECTED = {
         "(YAML reads it as a boolean)"
     ),
     "mtls_half_ca": "mtls.ca_key: needs mtls.ca_cert too",
+    "ratelimit_max_bytes": "ratelimit.max_bytes: must be >= 65536, got 1024",
+    "ratelimit_max_keys_with_redis": "ratelimit.max_keys: only used with backend: memory",
+    "ratelimit_header_names_alone": (
+        "ratelimit.response_header_names: only used with response_headers: true"
+    ),
+    "ratelimit_bad_header_name": (
+        "ratelimit.response_header_names.remaining: 'X Remaining' is not an HTTP header name "
+        "(letters, digits and !#$%&'*+.^_`|~- only)"
+    ),
+    "ratelimit_quota_mode": "ratelimit.quota_mode: expected true or false, got 'maybe'",
+    "extproc_stream_idle_timeout": (
+        "extproc.stream_idle_timeout: invalid duration 'forever': use e.g. 250ms, 2s or 1m"
+    ),
     "unreadable": (
         "(top level): invalid YAML at line 4, column 4: "
         "expected <block end>, but found '<block mapping start>'"
