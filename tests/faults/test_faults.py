@@ -1,0 +1,105 @@
+"""The fault suite: each scenario breaks one thing under bounded load through real Envoys on
+loopback and prints its figures in one line (``FAULTS ...``; run with ``-s`` to see them).
+
+Asserted are counts (failed, leaked, hung, rejections), never timings; recovery is printed and
+only asserted to have happened within the run. The scenarios that need the request-path services
+to outlive the control plane, or features not built yet, are strict xfails naming what is
+missing. ``bench/faults.py`` runs the same scenarios and prints them as one table.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.faults import scenarios
+from tests.faults.load import Report
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+SCALE = float(os.environ.get("LEGATION_FAULTS_SCALE", "0.6"))  # short in CI
+
+
+def run(scenario, tmp_path: Path, **kwargs: object) -> Report:
+    result: Report = scenario(tmp_path, SCALE, **kwargs)
+    print(result.line())
+    assert result.sent > 0
+    return result
+
+
+def test_extauthz_killed_fails_closed_and_resumes(tmp_path):
+    r = run(scenarios.extauthz_killed, tmp_path)
+    assert r.leaked == 0 and r.hung == 0
+    assert r.extra["failed_by_design"] > 0  # the outage was felt: allowed requests denied
+    assert r.extra["resumed"] and not r.extra["envoy_restarted"]
+    assert r.statuses["open"] == {200: r.statuses["open"][200]}  # no authz, never touched
+
+
+def test_invalid_configs_keep_the_running_config(tmp_path):
+    r = run(scenarios.invalid_configs, tmp_path)
+    assert r.failed == 0 and r.leaked == 0 and r.hung == 0
+    assert r.extra["rejections_reported"] == r.extra["saves"] == 20
+    assert r.extra["running_config_unchanged"]
+
+
+def test_valid_reloads_are_coalesced(tmp_path):
+    r = run(scenarios.valid_reloads, tmp_path)
+    assert r.failed == 0 and r.leaked == 0 and r.hung == 0
+    assert r.extra["reloads"] == 100
+    assert r.extra["pushes"] < r.extra["reloads"]
+    assert r.extra["last_served"]
+    assert r.extra["rss_growth_kb"] < 64 * 1024
+
+
+def test_extproc_filter_raising_or_hanging(tmp_path):
+    r = run(scenarios.extproc_faults, tmp_path)
+    assert r.failed == 0 and r.leaked == 0 and r.hung == 0
+
+
+def test_redis_slowed_killed_restarted_fail_open(tmp_path):
+    r = run(scenarios.redis_outage, tmp_path)
+    assert r.failed == 0 and r.hung == 0
+    assert r.extra["store_failures"] > 0
+    assert r.extra["counting_resumed"]
+
+
+def test_workload_certificate_rotation_under_load(tmp_path):
+    r = run(scenarios.cert_rotation, tmp_path)
+    assert r.failed == 0 and r.hung == 0
+    assert r.extra["rotations"] >= 2 and r.extra["distinct_serials"] > 2
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "the request-path services run inside the control-plane process: killing `legation serve "
+    "xds` takes ext_authz/ext_proc with it (allowed requests 403, ext_proc routes 500); needs "
+    "them as separate supervised processes that outlive the control plane"))
+def test_control_plane_killed_data_path_keeps_serving(tmp_path):
+    r = run(scenarios.control_plane_killed, tmp_path)
+    assert r.failed == 0 and r.leaked == 0 and r.hung == 0
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "`legation up` does not start or stop Envoys on reload (it prints 'restart legation up'); "
+    "traffic to the added endpoint fails 503 as it has no sidecar"))
+def test_proxies_added_and_removed_by_reload(tmp_path):
+    r = run(scenarios.proxies_reloaded, tmp_path)
+    assert r.extra["envoys_followed"] and r.failed == 0
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "there is no `legation ca rotate-root` (root rotation by cross-signing, trust bundles with "
+    "both roots during the overlap)"))
+def test_root_ca_rotation_under_load(tmp_path):
+    r = run(scenarios.root_rotation, tmp_path)
+    assert r.extra["rotate_root_rc"] == 0 and r.failed == 0
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "no local-fallback failure mode for the rate limiter (`ratelimit.failure_mode: local`: "
+    "per-instance in-memory limits while Redis is away); the mesh rejects the value"))
+def test_redis_outage_local_fallback_keeps_limits(tmp_path):
+    r = run(scenarios.redis_outage, tmp_path, mode="local")
+    assert r.failed == 0 and r.hung == 0
+    assert r.extra["outage_admitted_per_s"] <= 2 * r.extra["limit_per_s"]
