@@ -554,3 +554,39 @@ def proxies_reloaded(tmp: Path, scale: float = 1.0) -> Report:
         samples = load.finish()
         return report("proxies added/removed", probes, samples, restored_at=changed_at,
                       extra={"envoys_followed": followed})
+
+
+# -- soak (bench/faults.py --soak only, never in CI) ----------------------------------------
+
+def soak(tmp: Path, minutes: float = 30.0) -> Report:
+    """Steady load for ``minutes`` through a ``legation serve xds`` child (control plane and
+    embedded services) with every call-out on the path; its RSS sampled every 10 s. Reported:
+    RSS after warm-up (the first tenth) and at the end, and the growth between them."""
+    with Stack(tmp) as stack:
+        ports = stack.ports("xds", "gw", "gw_admin", "authz", "proc", "rl", "status")
+        app = stack.app("web")
+        _policies(stack)
+        stack.write("authz.yaml", AUTHZ_YAML)
+        stack.write("limits.yaml", LIMITS_YAML.format(unit="minute", limit=1_000_000))
+        mesh = stack.write("mesh.yaml", SERVICES_MESH.replace(
+            "  - {{name: fragile, match: {{path: {{prefix: /fragile}}}}, to: {{service: web}},\n"
+            "     filters: [{{name: fault_t}}]}}\n", "").format(
+                **ports, app=app.port, tag="0", rl_mode="open", rl_store=""))
+        xds = stack.serve("xds", port=ports["status"], args=[
+            "--config", str(mesh), "--status-port", str(ports["status"])])
+        stack.proxies_by_cli(mesh)
+        probes = [ADMIN, DENIED, LIMITED, TAGGED]
+        seconds = minutes * 60
+        load = stack.load(ports["gw"], probes, rate=200, duration=seconds,
+                          max_requests=int(seconds * 250))
+        rss: list[tuple[float, int]] = []
+        while time.time() < load.started_at + seconds:
+            rss.append((time.time() - load.started_at, rss_kb(xds.pid)))
+            time.sleep(min(10.0, max(0.0, load.started_at + seconds - time.time())))
+        samples = load.finish()
+        warm = next(kb for t, kb in rss if t >= seconds / 10) if rss[-1][0] >= seconds / 10 \
+            else rss[0][1]
+        end = rss[-1][1]
+        return report(f"soak {minutes:g} min", probes, samples, extra={
+            "rss_warm_kb": warm, "rss_end_kb": end,
+            "rss_growth_pct": round(100 * (end - warm) / warm, 1)})
