@@ -51,13 +51,12 @@ from legation.config import Mesh, load_mesh
 from legation.errors import LegationError
 from legation.services import EmbeddedServices, Plan, ServiceStartError, kinds
 from legation.services.planning import plan, watched_digest
-from legation.status_http import StatusEndpoint
+from legation.status_http import StatusEndpoint, status_document
 from legation.translate import translate
 from legation.xds.cache import SnapshotCache
 from legation.xds.metrics import XdsMetrics
 from legation.xds.server import XdsServer
 from legation.xds.snapshot import Snapshot
-from legation.xds.types import ResourceType
 
 log = logging.getLogger("legation.controlplane")
 
@@ -307,44 +306,8 @@ class ControlPlane:
     # -- status ----------------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
-        proxies = []
-        for spec in self.mesh.proxies() if self.mesh else []:
-            node = self.cache.status.get(spec.node_id)
-            snap = self.snapshots.get(spec.node_id)
-            entry: dict[str, Any] = {
-                "node_id": spec.node_id,
-                "kind": spec.kind,
-                "service": spec.service,
-                "admin": f"127.0.0.1:{spec.admin_port}",
-                "listeners": {ls.name: f"{ls.host}:{ls.port}" for ls in spec.listeners},
-                "expected": {t.short: snap.version(t) for t in ResourceType if snap
-                             and snap.resources(t)},
-            }
-            entry.update(node.as_dict() if node else {"connected": False, "acked": {},
-                                                       "last_nack": None, "nacks": 0})
-            entry["in_sync"] = all(
-                entry["acked"].get(t) == v for t, v in entry["expected"].items()
-            )
-            cert = self.issuer.certs.get(spec.node_id) if self.issuer.enabled else None
-            if cert is not None:
-                entry["certificate"] = cert.summary()
-            proxies.append(entry)
-        return {
-            "mesh": str(self.mesh_path),
-            "generation": self.generation,
-            "xds": self.server.address if self.server else None,
-            "last_error": self.last_error,
-            "services": self.services.status(),
-            "mtls": self._mtls_status(),
-            "proxies": proxies,
-        }
-
-    def _mtls_status(self) -> dict[str, Any] | None:
-        status = self.issuer.status()
-        if status is None or self.mesh is None:
-            return None
-        return {"mode": self.mesh.mtls.mode, "trust_domain": self.mesh.mtls.trust_domain,
-                "ca": status["ca"], "services": status["services"]}
+        """What ``/status`` serves (see :func:`legation.status_http.status_document`)."""
+        return status_document(self)
 
 
 def _config_files(mesh: Mesh, mesh_dir: Path) -> tuple[Path, ...]:

@@ -1,8 +1,8 @@
 """The control plane's small HTTP endpoint, on aiohttp: ``/status`` (JSON, what ``legation
 status`` prints), ``/metrics`` (Prometheus text of the given registries) and ``/healthz``.
 
-It only reads: the status document and the registries come from callables, so it holds no state
-of its own. Paths match by prefix (``/status?x`` and ``/status/`` answer too); a request that is
+It only reads: the status document (:func:`status_document`, built from the control plane) and
+the registries come from callables, so it holds no state of its own. Paths match by prefix (``/status?x`` and ``/status/`` answer too); a request that is
 not HTTP gets aiohttp's 400; every answer closes its connection.
 """
 
@@ -10,12 +10,17 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 
-__all__ = ["StatusEndpoint"]
+from legation.xds.types import ResourceType
+
+if TYPE_CHECKING:
+    from legation.controlplane import ControlPlane
+
+__all__ = ["StatusEndpoint", "status_document"]
 
 
 class StatusEndpoint:
@@ -64,3 +69,47 @@ class StatusEndpoint:
         if path.startswith("/healthz"):
             return web.Response(text="ok\n")
         return web.Response(status=404, text="not found\n")
+
+
+def status_document(cp: ControlPlane) -> dict[str, Any]:
+    """The control plane's state as ``/status`` serves it: the mesh and generation, the last
+    rejected change, the services, mTLS, and per proxy its expected and ACKed versions."""
+    proxies = []
+    for spec in cp.mesh.proxies() if cp.mesh else []:
+        node = cp.cache.status.get(spec.node_id)
+        snap = cp.snapshots.get(spec.node_id)
+        entry: dict[str, Any] = {
+            "node_id": spec.node_id,
+            "kind": spec.kind,
+            "service": spec.service,
+            "admin": f"127.0.0.1:{spec.admin_port}",
+            "listeners": {ls.name: f"{ls.host}:{ls.port}" for ls in spec.listeners},
+            "expected": {t.short: snap.version(t) for t in ResourceType if snap
+                         and snap.resources(t)},
+        }
+        entry.update(node.as_dict() if node else {"connected": False, "acked": {},
+                                                   "last_nack": None, "nacks": 0})
+        entry["in_sync"] = all(
+            entry["acked"].get(t) == v for t, v in entry["expected"].items()
+        )
+        cert = cp.issuer.certs.get(spec.node_id) if cp.issuer.enabled else None
+        if cert is not None:
+            entry["certificate"] = cert.summary()
+        proxies.append(entry)
+    return {
+        "mesh": str(cp.mesh_path),
+        "generation": cp.generation,
+        "xds": cp.server.address if cp.server else None,
+        "last_error": cp.last_error,
+        "services": cp.services.status(),
+        "mtls": _mtls_status(cp),
+        "proxies": proxies,
+    }
+
+
+def _mtls_status(cp: ControlPlane) -> dict[str, Any] | None:
+    status = cp.issuer.status()
+    if status is None or cp.mesh is None:
+        return None
+    return {"mode": cp.mesh.mtls.mode, "trust_domain": cp.mesh.mtls.trust_domain,
+            "ca": status["ca"], "services": status["services"]}

@@ -34,7 +34,7 @@ from legation.controlplane import DEFAULT_STATUS_PORT, ControlPlane
 from legation.demo import DemoApp
 from legation.envoy_process import EnvoyProcess
 from legation.errors import LegationError
-from legation.services import ServiceStartError
+from legation.services import ServiceStartError, route_chains
 from legation.translate.bootstrap import bootstrap
 
 QUICKSTART = Path(__file__).resolve().parent.parent / "examples" / "quickstart" / "mesh.yaml"
@@ -185,12 +185,14 @@ class Stack:
         gw = mesh.gateway
         if gw is not None:
             base = f"http://{gw.host}:{gw.port}"
+            chains = route_chains(mesh).chains  # the plan's chains, as the service runs them
             for route in mesh.routes:
                 if not route.on_gateway:
                     continue
                 path = route.match.path.exact or route.match.path.prefix
-                computed = {str(f.options.get("header", "")).lower() for f in route.filters
-                            if f.name == "header_route"}
+                chain = chains.get(route.name)
+                computed = {h for f in (chain.filters if chain else ())
+                            for h in getattr(f, "computes", ())}
                 if path is None or any(h.name.lower() in computed for h in route.match.headers):
                     continue  # a header its own filter computes: a client cannot pick it
                 headers = " ".join(f"-H '{h.name}: {h.exact}'" for h in route.match.headers

@@ -1,6 +1,6 @@
 """The request-path services a mesh declares (ext_authz, ext_proc, rate limiting), and what routes
 ask of them. :mod:`legation.translate` turns them into Envoy filters, clusters and per-route
-config; :mod:`legation.services` starts the ``embedded`` ones in-process.
+config; :mod:`legation.services` validates and starts the ``embedded`` ones in-process.
 
 At mesh level (``config`` paths are relative to the mesh file)::
 
@@ -8,6 +8,12 @@ At mesh level (``config`` paths are relative to the mesh file)::
     extproc:   {port: 18011, failure_mode: closed, timeout: 200ms}   # chains come from routes
     ratelimit: {port: 18012, config: ratelimit.yaml, domain: mesh,   # envoyproxy/ratelimit YAML
                 backend: memory}                          # or redis, with redis_url
+
+The rate-limit block also takes upstream's service switches (``shadow_mode``, ``quota_mode``,
+``merge_domains``, ``response_headers`` with ``response_header_names: {limit, remaining, reset}``,
+``response_dynamic_metadata``) and the memory backend's bounds (``max_keys``, ``max_bytes``);
+ext_proc's takes ``stream_idle_timeout`` (default 300s). Which kinds exist, and in which order
+their filters run, is :data:`legation.services.kinds.KINDS`.
 
 Each block takes ``host`` (the bind address when embedded, where Envoy calls either way),
 ``failure_mode`` (``closed``: Envoy denies when the service cannot answer; ``open``: the request

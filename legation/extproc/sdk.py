@@ -60,6 +60,10 @@ class Filter:
     """Run plain-function hooks on the event loop instead of a worker thread: only for hooks that
     never block; the deadline is then checked after the hook returns (a late one fails the phase,
     but the loop was held meanwhile)."""
+    computes: frozenset[str] = frozenset()
+    """Request headers (lower case) this filter always sets or removes, whatever the client
+    sent: a route that matches on one of them cannot be picked by a client (``legation up``
+    leaves such routes out of the curl examples it prints)."""
 
 
 @runtime_checkable

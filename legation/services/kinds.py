@@ -37,13 +37,17 @@ class ServiceKind:
     """The :class:`~legation.config.Mesh` attribute holding its block."""
     service: str
     """``module:Class`` implementing :class:`~legation.services.base.Service`."""
+    envoy: str
+    """``module:Class`` with its Envoy side: ``http_filter``, ``cluster``, ``per_route``."""
     help: str
     """One line for ``legation serve --help``."""
 
     def service_class(self) -> type[Service]:
-        module, _, attr = self.service.partition(":")
-        cls: type[Service] = getattr(importlib.import_module(module), attr)
+        cls: type[Service] = _load(self.service)
         return cls
+
+    def envoy_side(self) -> Any:
+        return _load(self.envoy)
 
     def block_of(self, mesh: Mesh) -> GrpcService | None:
         block: Any = getattr(mesh, self.block)
@@ -53,14 +57,22 @@ class ServiceKind:
 KINDS: tuple[ServiceKind, ...] = (
     ServiceKind(name="extauthz", block="extauthz",
                 service="legation.services.extauthz:AuthzService",
+                envoy="legation.translate._services:AuthzSide",
                 help="ext_authz: JWT and Rego checks (Authorization/Check)"),
     ServiceKind(name="extproc", block="extproc",
                 service="legation.services.extproc:ExtProcService",
+                envoy="legation.translate._services:ExtProcSide",
                 help="ext_proc: filter chains (ExternalProcessor/Process)"),
     ServiceKind(name="ratelimit", block="ratelimit",
                 service="legation.services.ratelimit:RateLimitService",
+                envoy="legation.translate._services:RateLimitSide",
                 help="rate limiting, envoyproxy/ratelimit compatible (RateLimitService)"),
 )
+
+
+def _load(target: str) -> Any:
+    module, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module), attr)
 
 
 def names() -> tuple[str, ...]:

@@ -25,9 +25,14 @@ called over mutual TLS: its cluster presents the proxy's workload certificate (S
 ``legation-workload-cert``), verifies the server against the trust bundle (SDS
 ``legation-trust-bundle``) and accepts only the URI SAN
 ``spiffe://<trust_domain>/ns/<namespace>/sa/legation-<kind>``, offering ALPN ``h2`` (gRPC).
+
+The kinds and their order come from :data:`legation.services.kinds.KINDS`; each kind's Envoy side
+is a class here (``AuthzSide``, ``ExtProcSide``, ``RateLimitSide``) that its table entry names.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.route.v3 import route_components_pb2 as rc
@@ -36,7 +41,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 )
 
 from legation.certs.issuer import service_identity
-from legation.config.extensions import RateLimitAction, service_blocks
+from legation.config.extensions import RateLimitAction
 from legation.config.model import Mesh
 from legation.config.routes import Route
 from legation.errors import ConfigError
@@ -46,79 +51,40 @@ from legation.extauthz.jwt import METADATA_KEY as JWT_METADATA_KEY
 from legation.extproc import envoy_filter as proc_filter
 from legation.extproc.config import Chains
 from legation.ratelimit import envoy_filter as rl_filter
+from legation.services import kinds
+from legation.services.kinds import ServiceKind
 from legation.translate._mtls import upstream_tls
-
-EXTAUTHZ_CLUSTER = "legation|extauthz"
-EXTPROC_CLUSTER = "legation|extproc"
-RATELIMIT_CLUSTER = "legation|ratelimit"
 
 EXTAUTHZ_FILTER = authz_filter.FILTER_NAME
 EXTPROC_FILTER = proc_filter.FILTER_NAME
 RATELIMIT_FILTER = rl_filter.RATE_LIMIT_FILTER
 
 
+def cluster_name(kind: ServiceKind) -> str:
+    """The static cluster Envoy calls the service on: ``legation|<kind>``."""
+    return f"legation|{kind.name}"
+
+
+
+
 def _ms(seconds: float) -> int:
     return max(1, round(seconds * 1000))
 
 
-def service_filters(mesh: Mesh) -> list[hcm_pb2.HttpFilter]:
-    """The declared services' HTTP filters, in chain order (before the router)."""
-    out = []
-    if mesh.extauthz is not None:
-        out.append(
-            authz_filter.http_filter(
-                EXTAUTHZ_CLUSTER,
-                timeout_ms=_ms(mesh.extauthz.timeout.total_seconds()),
-                failure_mode_allow=mesh.extauthz.fail_open,
-            )
-        )
-    if mesh.extproc is not None:
-        out.append(
-            proc_filter.http_filter(
-                EXTPROC_CLUSTER,
-                message_timeout=mesh.extproc.timeout.total_seconds(),
-                failure_mode_allow=mesh.extproc.fail_open,
-            )
-        )
-    if mesh.ratelimit is not None:
-        out.append(
-            rl_filter.rate_limit_filter(
-                domain=mesh.ratelimit.domain,
-                cluster=RATELIMIT_CLUSTER,
-                failure_mode="allow" if mesh.ratelimit.fail_open else "deny",
-                timeout_ms=_ms(mesh.ratelimit.timeout.total_seconds()),
-            )
-        )
-    return out
+class AuthzSide:
+    """ext_authz in Envoy: the filter, its cluster, each route's policy or ``disabled``."""
 
+    @staticmethod
+    def http_filter(block: Any, cluster: str) -> hcm_pb2.HttpFilter:
+        return authz_filter.http_filter(cluster, timeout_ms=_ms(block.timeout.total_seconds()),
+                                        failure_mode_allow=block.fail_open)
 
-def service_clusters(mesh: Mesh) -> list[cluster_pb2.Cluster]:
-    """A static HTTP/2 cluster per declared service (its address needs no EDS); mTLS when the
-    service uses mesh TLS."""
-    out = []
-    if mesh.extauthz is not None:
-        out.append(
-            authz_filter.grpc_cluster(EXTAUTHZ_CLUSTER, [(mesh.extauthz.host, mesh.extauthz.port)])
-        )
-    if mesh.extproc is not None:
-        out.append(proc_filter.grpc_cluster(EXTPROC_CLUSTER, mesh.extproc.host, mesh.extproc.port))
-    if mesh.ratelimit is not None:
-        rl = mesh.ratelimit
-        out.append(rl_filter.rate_limit_cluster(RATELIMIT_CLUSTER, rl.host, rl.port))
-    for cluster, (kind, block) in zip(out, service_blocks(mesh), strict=True):
-        if block.mesh_tls(mtls_enabled=mesh.mtls.enabled):
-            cluster.transport_socket.CopyFrom(
-                upstream_tls(service_identity(mesh, kind), alpn=("h2",))
-            )
-    return out
+    @staticmethod
+    def cluster(block: Any, cluster: str) -> cluster_pb2.Cluster:
+        return authz_filter.grpc_cluster(cluster, [(block.host, block.port)])
 
-
-def apply_services(
-    mesh: Mesh, out: rc.Route, spec: Route | None, chains: Chains, *, index: int = -1
-) -> None:
-    """Set on ``out`` what each declared service does for mesh route ``spec`` (None: a default
-    route, which asks for nothing). ``index`` is the route's position, for error messages."""
-    if mesh.extauthz is not None:
+    @staticmethod
+    def per_route(out: rc.Route, spec: Route | None, chains: Chains, index: int) -> None:
         policy = spec.authz if spec is not None else None
         per_route = (
             authz_filter.per_route(policy=policy)
@@ -126,10 +92,45 @@ def apply_services(
             else authz_filter.per_route(disabled=True)
         )
         out.typed_per_filter_config[EXTAUTHZ_FILTER].Pack(per_route)
-    if mesh.extproc is not None:
+
+
+class ExtProcSide:
+    """ext_proc in Envoy: the filter, its cluster, each route's chain or ``disabled``."""
+
+    @staticmethod
+    def http_filter(block: Any, cluster: str) -> hcm_pb2.HttpFilter:
+        return proc_filter.http_filter(cluster, message_timeout=block.timeout.total_seconds(),
+                                       failure_mode_allow=block.fail_open)
+
+    @staticmethod
+    def cluster(block: Any, cluster: str) -> cluster_pb2.Cluster:
+        return proc_filter.grpc_cluster(cluster, block.host, block.port)
+
+    @staticmethod
+    def per_route(out: rc.Route, spec: Route | None, chains: Chains, index: int) -> None:
         chain = chains.get(spec.name) if spec is not None and spec.filters else None
         out.typed_per_filter_config[EXTPROC_FILTER].Pack(proc_filter.per_route(chain))
-    if mesh.ratelimit is not None and spec is not None and spec.rate_limits:
+
+
+class RateLimitSide:
+    """Rate limiting in Envoy: the filter (the mesh's domain), its cluster, each route's
+    descriptors on its route action."""
+
+    @staticmethod
+    def http_filter(block: Any, cluster: str) -> hcm_pb2.HttpFilter:
+        return rl_filter.rate_limit_filter(
+            domain=block.domain, cluster=cluster,
+            failure_mode="allow" if block.fail_open else "deny",
+            timeout_ms=_ms(block.timeout.total_seconds()))
+
+    @staticmethod
+    def cluster(block: Any, cluster: str) -> cluster_pb2.Cluster:
+        return rl_filter.rate_limit_cluster(cluster, block.host, block.port)
+
+    @staticmethod
+    def per_route(out: rc.Route, spec: Route | None, chains: Chains, index: int) -> None:
+        if spec is None or not spec.rate_limits:
+            return
         if not out.HasField("route"):
             raise ConfigError(
                 f"routes[{index}].rate_limits: only applies to routes with 'to' or 'split'",
@@ -138,6 +139,35 @@ def apply_services(
         out.route.rate_limits.extend(
             rl_filter.route_rate_limits(*([_spec(a) for a in d.actions] for d in spec.rate_limits))
         )
+
+
+def service_filters(mesh: Mesh) -> list[hcm_pb2.HttpFilter]:
+    """The declared services' HTTP filters, in chain order (before the router)."""
+    return [kind.envoy_side().http_filter(block, cluster_name(kind))
+            for kind, block in kinds.blocks(mesh)]
+
+
+def service_clusters(mesh: Mesh) -> list[cluster_pb2.Cluster]:
+    """A static HTTP/2 cluster per declared service (its address needs no EDS); mTLS when the
+    service uses mesh TLS."""
+    out = []
+    for kind, block in kinds.blocks(mesh):
+        cluster = kind.envoy_side().cluster(block, cluster_name(kind))
+        if block.mesh_tls(mtls_enabled=mesh.mtls.enabled):
+            cluster.transport_socket.CopyFrom(
+                upstream_tls(service_identity(mesh, kind.name), alpn=("h2",))
+            )
+        out.append(cluster)
+    return out
+
+
+def apply_services(
+    mesh: Mesh, out: rc.Route, spec: Route | None, chains: Chains, *, index: int = -1
+) -> None:
+    """Set on ``out`` what each declared service does for mesh route ``spec`` (None: a default
+    route, which asks for nothing). ``index`` is the route's position, for error messages."""
+    for kind, _ in kinds.blocks(mesh):
+        kind.envoy_side().per_route(out, spec, chains, index)
 
 
 def _spec(action: RateLimitAction) -> rl_filter.DescriptorSpec:

@@ -117,6 +117,7 @@ class HeaderRoute(Filter):
     def __init__(self, options: HeaderRouteOptions) -> None:
         self.options = options
         self._header = options.header.lower()
+        self.computes = frozenset({self._header})
 
     def _source(self, rule: Rule, ex: Exchange, claims: dict[str, Any]) -> str | None:
         if rule.header is not None:
