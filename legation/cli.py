@@ -127,7 +127,14 @@ def _enrol(args: argparse.Namespace, where: Any, trust_domain: str) -> Path:
     unless ``--rotate``, it is no longer the node's current one, or it is due for renewal."""
     from datetime import UTC, datetime
 
-    from legation.certs.enrol import BOOTSTRAP_TTL, Enrolments, NodeFiles, enrol, node_dir_name
+    from legation.certs.enrol import (
+        BOOTSTRAP_TTL,
+        Enrolments,
+        NodeFiles,
+        enrol,
+        node_dir_name,
+        xds_root,
+    )
 
     directory = Path(args.credentials_dir) if args.credentials_dir else (
         where.nodes_dir / node_dir_name(args.node))
@@ -139,7 +146,7 @@ def _enrol(args: argparse.Namespace, where: Any, trust_domain: str) -> Path:
             print(f"node {args.node!r}: keeping the credential in {directory} "
                   f"(--rotate issues a new one)", file=sys.stderr)
             return directory
-    ca = where.open(trust_domain)
+    ca = xds_root(where.home)  # the xDS root beside the mesh CA, never the mesh root
     cert, _ = enrol(ca, enrolments, args.node, directory, ttl=BOOTSTRAP_TTL)
     print(f"node {args.node!r}: new xDS credential in {directory}, serial {cert.serial_hex}, "
           f"expires {cert.not_after:%Y-%m-%d %H:%M} UTC; any earlier one is revoked",

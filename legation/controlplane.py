@@ -21,11 +21,12 @@ certificate from the same CA (identity ``legation-<kind>``) and accept only clie
 certificate from it, i.e. the proxies. ``/status`` shows the root's fingerprint and each proxy's
 certificate (SPIFFE id, serial, expiry; never key material).
 
-The xDS channel itself always needs the CA, whatever ``mtls.mode`` says: the server speaks TLS
-with a certificate from it and serves only proxies enrolled with a credential from it
-(:mod:`legation.certs.xds_auth`). The CA is found as for mTLS (the mesh's ``mtls.ca_*`` settings,
-else ``.legation/ca``) when the control plane starts; :meth:`ControlPlane.enrol` issues a proxy's
-credential files.
+The xDS channel itself always needs a CA, whatever ``mtls.mode`` says: its own root, kept beside
+the mesh CA (``<CA dir>/xds/``, :func:`legation.certs.enrol.xds_root`), never the mesh root. The
+server speaks TLS with a certificate from it and serves only proxies enrolled with a credential
+from it (:mod:`legation.certs.xds_auth`). The CA directory is found as for mTLS (the mesh's
+``mtls.ca_*`` settings, else ``.legation/ca``) when the control plane starts;
+:meth:`ControlPlane.enrol` issues a proxy's credential files.
 """
 
 from __future__ import annotations
@@ -42,7 +43,14 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from legation.certs import CertificateAuthority, MeshIssuer
-from legation.certs.enrol import BOOTSTRAP_TTL, Enrolments, NodeFiles, enrol, node_dir_name
+from legation.certs.enrol import (
+    BOOTSTRAP_TTL,
+    Enrolments,
+    NodeFiles,
+    enrol,
+    node_dir_name,
+    xds_root,
+)
 from legation.certs.issuer import DEFAULT_CA_DIR, CaLocation, locate_ca
 from legation.certs.rotation import Rotation
 from legation.certs.workload import WorkloadCert
@@ -145,7 +153,7 @@ class ControlPlane:
             self._publish(mesh, text)
             where = locate_ca(mesh, mesh_dir=self.mesh_path.parent,
                               default_ca_dir=self.issuer.default_ca_dir)
-            ca = where.open(mesh.mtls.trust_domain)
+            ca = xds_root(where.home)  # not the mesh root: see the module docstring
             self.xds_ca, self.xds_ca_location = ca, where
             host = self._xds_host or mesh.xds.host
             self.server = XdsServer(

@@ -2,7 +2,8 @@
 
 For synchronous callers (integration tests, scripts, a Python app embedding Legation): every method
 is thread-safe and blocks until the loop has done the work. It authenticates as the control plane
-does: a CA kept in ``ca_dir`` (generated there on first use), and :meth:`enrol` writes a node's
+does: an xDS root kept in ``ca_dir/xds`` (generated there on first use; never a mesh root, see
+:func:`legation.certs.enrol.xds_root`), and :meth:`enrol` writes a node's
 credential files for the bootstrap of the proxy that will present them. It wires the protocol
 (:mod:`legation.xds`) to the mesh CA (:mod:`legation.certs`), so it lives beside neither.
 """
@@ -16,8 +17,14 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
-from legation.certs.ca import CertificateAuthority
-from legation.certs.enrol import BOOTSTRAP_TTL, Enrolments, NodeFiles, enrol, node_dir_name
+from legation.certs.enrol import (
+    BOOTSTRAP_TTL,
+    Enrolments,
+    NodeFiles,
+    enrol,
+    node_dir_name,
+    xds_root,
+)
 from legation.certs.xds_auth import XdsAuth, serving_hosts
 from legation.xds.cache import NodeStatus, SnapshotCache
 from legation.xds.server import XdsServer
@@ -29,10 +36,9 @@ T = TypeVar("T")
 class BackgroundControlPlane:
     def __init__(
         self, *, ca_dir: Path, host: str = "127.0.0.1", port: int = 0, debounce: float = 0.05,
-        trust_domain: str = "cluster.local",
     ) -> None:
         self.ca_dir = ca_dir
-        self.ca = CertificateAuthority.in_directory(ca_dir, trust_domain=trust_domain)
+        self.ca = xds_root(ca_dir)
         self.enrolments = Enrolments.beside(ca_dir)
         self.host = host
         self.port = port

@@ -19,12 +19,18 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from legation.certs._files import check_private_key_file, private_dir, write_private
+from legation.certs._files import (
+    check_private_key_file,
+    exclusive_lock,
+    private_dir,
+    write_new_private,
+)
 from legation.certs.errors import CertError
 from legation.certs.workload import WorkloadCert
 
 CERT_FILE = "ca.crt"
 KEY_FILE = "ca.key"
+LOCK_FILE = ".ca.lock"
 ROOT_VALIDITY = timedelta(days=3650)
 CLOCK_SKEW = timedelta(minutes=1)  # workload certs start this much in the past
 MIN_RSA_BITS = 2048
@@ -100,30 +106,37 @@ class CertificateAuthority:
 
     @classmethod
     def in_directory(cls, directory: Path, *, trust_domain: str) -> CertificateAuthority:
-        """The CA kept in ``directory``; generated and stored there on first use."""
-        cert_path, key_path = directory / CERT_FILE, directory / KEY_FILE
-        if cert_path.exists() or key_path.exists():
-            return cls.load(cert_path, key_path)
-        ca = cls.generate(trust_domain=trust_domain)
-        ca._store(directory)
-        ca.source = str(directory)
-        return ca
+        """The CA kept in ``directory``; generated and stored there on first use.
 
-    def _store(self, directory: Path) -> None:
-        key_pem = self._key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
+        The directory must be this user's and writable by no one else. Creation holds a lock
+        (``.ca.lock``) and never replaces a file (the key is hard-linked into place), so two
+        processes opening a new directory at once end up with the same CA: the one on disk,
+        which both read back."""
+        cert_path, key_path = directory / CERT_FILE, directory / KEY_FILE
         try:
             private_dir(directory)
-            write_private(directory / KEY_FILE, key_pem, 0o600)
-            write_private(directory / CERT_FILE, self.root_pem, 0o644)
+            if not (cert_path.exists() or key_path.exists()):
+                with exclusive_lock(directory / LOCK_FILE):
+                    if not (cert_path.exists() or key_path.exists()):
+                        cls.generate(trust_domain=trust_domain)._store(directory)
         except OSError as err:
             raise CertError(
                 f"{directory}: cannot store the new CA: {err.strerror or err}",
                 code="ca_write_failed",
             ) from None
+        ca = cls.load(cert_path, key_path)
+        ca.source = str(directory)
+        return ca
+
+    def _store(self, directory: Path) -> None:
+        """Write the key, then the certificate; neither replaces an existing file."""
+        key_pem = self._key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        write_new_private(directory / KEY_FILE, key_pem, 0o600)
+        write_new_private(directory / CERT_FILE, self.root_pem, 0o644)
 
     def _check(self, cert_path: Path, key_path: Path) -> None:
         try:

@@ -1,28 +1,32 @@
 """xDS enrolment: the credential a proxy presents to the control plane, and which one is current.
 
-A proxy proves who it is to the xDS server with a client certificate signed by the mesh CA whose
-only URI SAN is ``spiffe://xds.legation.internal/node/<node id, percent-encoded>`` (the trust
+A proxy proves who it is to the xDS server with a client certificate signed by the xDS root
+(:func:`xds_root`: a CA of its own kept in ``<mesh CA dir>/xds/``, never the mesh root) whose only
+URI SAN is ``spiffe://xds.legation.internal/node/<node id, percent-encoded>`` (the trust
 domain is reserved: :func:`~legation.certs.spiffe.spiffe_id` refuses it, so no workload
 certificate can pass for an enrolment credential, nor one for the other). The node id is UTF-8,
 percent-encoded with everything but ``A-Z a-z 0-9 - . _ ~`` escaped; only that canonical
-encoding is accepted back. The xDS server's own certificate carries :data:`XDS_SERVER_ID`, which
-proxies check.
+encoding is accepted back. The xDS server's own certificate, from the same xDS root, carries
+:data:`XDS_SERVER_ID`, which proxies check. Two roots, so that neither side accepts the other's
+certificates: the mesh trust bundle (the mesh root) never accepts an xDS credential as a mesh
+peer, and the xDS server (the xDS root) never accepts a workload certificate.
 
 Revocation: every credential issued is recorded in ``xds-nodes.json`` next to the CA (node id ->
 serial); the server accepts only the newest serial of each node, so re-enrolling a node (``legation
-bootstrap --rotate``) revokes its previous credential, and a new CA revokes them all (the chain no
-longer verifies). Expiry: :data:`BOOTSTRAP_TTL` for credentials handed out by ``legation
-bootstrap``; ``legation up`` issues shorter ones and re-issues them before they expire.
+bootstrap --rotate``) revokes its previous credential, and a new xDS root revokes them all (the
+chain no longer verifies). A read of the registry that fails (say, out of descriptors) keeps the
+last good view and is retried on the next check. Expiry: :data:`BOOTSTRAP_TTL` for credentials
+handed out by ``legation bootstrap``; ``legation up`` issues shorter ones and re-issues them
+before they expire.
 
-Files of one node (in a directory of its own, 0700): ``ca.crt`` (the root to verify the server
-with) and ``xds-client.yaml``, 0600: a file-based SDS response holding the certificate and key
-inline, so one atomic rename replaces both and Envoy (watching the directory) picks the new pair
+Files of one node (in a directory of its own, 0700): ``ca.crt`` (the xDS root, to verify the
+server with) and ``xds-client.yaml``, 0600: a file-based SDS response holding the certificate and
+key inline, so one atomic rename replaces both and Envoy (watching the directory) picks the new pair
 up without a restart.
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import urllib.parse
@@ -35,7 +39,7 @@ from typing import Any
 import yaml
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from legation.certs._files import private_dir, write_private
+from legation.certs._files import exclusive_lock, private_dir, write_private
 from legation.certs.ca import CertificateAuthority
 from legation.certs.errors import CertError
 from legation.certs.spiffe import XDS_TRUST_DOMAIN
@@ -47,6 +51,8 @@ REGISTRY_FILE = "xds-nodes.json"
 CLIENT_SECRET = "legation-xds-client"
 CLIENT_SDS_FILE = "xds-client.yaml"
 ROOT_FILE = "ca.crt"
+#: The xDS root's directory, inside the mesh CA's.
+XDS_ROOT_DIR = "xds"
 MAX_NODE_ID_BYTES = 1024
 
 #: ``legation bootstrap``: the operator re-runs it (``--rotate``) within a month.
@@ -90,6 +96,19 @@ def node_dir_name(node_id: str) -> str:
     return name.replace(".", "%2E") if set(name) == {"."} else name
 
 
+def xds_root(ca_home: Path) -> CertificateAuthority:
+    """The root that signs enrolment credentials and the xDS server's certificate, kept in
+    ``ca_home/xds/`` beside the mesh CA (``ca_home``: its directory) and generated there on
+    first use, with the same file safety as the mesh CA. It is never the mesh root."""
+    try:
+        private_dir(ca_home)  # 0700 even when the xDS root is made before the mesh CA
+    except OSError as err:
+        raise CertError(f"{ca_home}: cannot create: {err.strerror or err}",
+                        code="ca_write_failed") from None
+    return CertificateAuthority.in_directory(ca_home / XDS_ROOT_DIR,
+                                             trust_domain=XDS_TRUST_DOMAIN)
+
+
 def issue_node_credential(ca: CertificateAuthority, node_id: str, *, ttl: timedelta,
                           now: datetime | None = None) -> WorkloadCert:
     return ca.issue_leaf(node_uri(node_id), ttl=ttl, now=now,
@@ -127,14 +146,16 @@ class Enrolments:
         self._refresh()
         return self._serials.get(node_id)
 
-    def record(self, node_id: str, cert: WorkloadCert) -> None:
-        """Make ``cert`` the node's only accepted credential."""
+    def record(self, node_id: str, cert: WorkloadCert,
+               *, write_files: Callable[[], object] | None = None) -> None:
+        """Make ``cert`` the node's only accepted credential. ``write_files`` (the node's
+        credential files) runs first under the same lock, so two enrolments of one node at once
+        leave its files and the registry naming the same credential."""
         try:
             private_dir(self.path.parent)
-            lock = os.open(self.path.with_name(f".{self.path.name}.lock"),
-                           os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX)
+            with exclusive_lock(self.path.with_name(f".{self.path.name}.lock")):
+                if write_files is not None:
+                    write_files()
                 nodes = self._read()
                 nodes[node_id] = {"serial": cert.serial_hex,
                                   "not_after": cert.not_after.isoformat()}
@@ -142,8 +163,6 @@ class Enrolments:
                 nodes = {n: e for n, e in nodes.items() if e.get("not_after", "") > now}
                 body = json.dumps({"nodes": nodes}, indent=1, sort_keys=True).encode()
                 write_private(self.path, body + b"\n", 0o600)
-            finally:
-                os.close(lock)
         except OSError as err:
             raise CertError(f"{self.path}: cannot record the credential of node "
                             f"{node_id[:80]!r}: {err.strerror or err}",
@@ -164,20 +183,25 @@ class Enrolments:
         return nodes
 
     def _refresh(self) -> None:
+        """Re-read the registry if it changed. A read that fails keeps the last good view (a
+        failure is no news about who is enrolled, and caching it as "nobody" would refuse every
+        proxy until the file changes again) and is retried on the next check."""
         try:
             st = os.stat(self.path)
-            seen = (st.st_ino, st.st_size, st.st_mtime_ns)
         except FileNotFoundError:
             self._seen, self._serials = None, {}
             return
+        except OSError:
+            return
+        seen = (st.st_ino, st.st_size, st.st_mtime_ns)
         if seen == self._seen:
             return
         try:
             nodes = self._read()
-            self._serials = {n: int(e["serial"], 16) for n, e in nodes.items()}
-        except (CertError, KeyError, TypeError, ValueError):
-            self._serials = {}  # fail closed: no credential is current
-        self._seen = seen
+            serials = {n: int(e["serial"], 16) for n, e in nodes.items()}
+        except (CertError, KeyError, TypeError, ValueError, AttributeError):
+            return  # the last good view stands; nothing before one refuses everyone
+        self._serials, self._seen = serials, seen
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,9 +256,10 @@ def enrol(
     ttl: timedelta = BOOTSTRAP_TTL,
     clock: Callable[[], datetime] = lambda: datetime.now(UTC),
 ) -> tuple[WorkloadCert, NodeFiles]:
-    """Issue ``node_id`` a credential, write its files into ``directory``, then make it the
-    node's only accepted one (the previous credential is revoked once the new files exist)."""
+    """Issue ``node_id`` a credential from ``ca`` (the xDS root, :func:`xds_root`), write its
+    files into ``directory``, then make it the node's only accepted one (the previous credential
+    is revoked once the new files exist; both under the registry's lock)."""
     cert = issue_node_credential(ca, node_id, ttl=ttl, now=clock())
-    files = write_node_files(directory, cert, ca.root_pem)
-    enrolments.record(node_id, cert)
-    return cert, files
+    enrolments.record(node_id, cert,
+                      write_files=lambda: write_node_files(directory, cert, ca.root_pem))
+    return cert, NodeFiles(directory)

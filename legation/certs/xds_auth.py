@@ -1,13 +1,15 @@
-"""The mesh's xDS authenticator: enrolment credentials signed by the mesh CA, one node each.
+"""The mesh's xDS authenticator: enrolment credentials signed by the xDS root, one node each.
 
 Implements :class:`legation.xds.auth.Authenticator`. The server requires a client certificate
-chaining to the mesh CA (checked by the TLS layer); :class:`XdsAuth` then reads the peer
-certificate from the call's auth context and accepts it only if it is an enrolment credential
-(:mod:`legation.certs.enrol`): its URI SAN names a node, it is within its validity period, it was
-signed by the CA, and its serial is that node's newest one.
+chaining to the xDS root (:func:`legation.certs.enrol.xds_root`, not the mesh root: a workload
+certificate fails the handshake); :class:`XdsAuth` then reads the peer certificate from the call's
+auth context and accepts it only if it is an enrolment credential (:mod:`legation.certs.enrol`):
+signed by that root, an end-entity certificate (``BasicConstraints`` ``ca=False``) for client
+authentication (the ``clientAuth`` extended key usage), its only URI SAN names a node, it is
+within its validity period, and its serial is that node's newest one.
 
-The serving certificate is issued from the CA for the hosts proxies dial and re-issued on a new
-handshake once 2/3 of its lifetime has passed (gRPC asks for it per handshake).
+The serving certificate is issued from the xDS root for the hosts proxies dial and re-issued on a
+new handshake once 2/3 of its lifetime has passed (gRPC asks for it per handshake).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 import grpc
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from legation.certs.ca import CertificateAuthority
 from legation.certs.enrol import (
@@ -35,8 +38,8 @@ from legation.xds.auth import Refused, channel_credentials
 
 @dataclass
 class XdsAuth:
-    """The xDS server's TLS material and its per-call identity check, from the mesh CA and the
-    enrolments recorded beside it (an :class:`~legation.xds.auth.Authenticator`)."""
+    """The xDS server's TLS material and its per-call identity check, from the xDS root and the
+    enrolments recorded beside the mesh CA (an :class:`~legation.xds.auth.Authenticator`)."""
 
     ca: CertificateAuthority
     enrolments: Enrolments
@@ -47,7 +50,8 @@ class XdsAuth:
     @classmethod
     def for_ca(cls, ca: CertificateAuthority, ca_home: Any, *, hosts: list[str],
                clock: Callable[[], datetime] | None = None) -> XdsAuth:
-        """Checks against ``ca`` and the enrolments recorded in ``ca_home`` (a Path)."""
+        """Checks against ``ca`` (the xDS root) and the enrolments recorded in ``ca_home``
+        (a Path: the mesh CA's directory)."""
         extra = {"clock": clock} if clock is not None else {}
         return cls(ca=ca, enrolments=Enrolments.beside(ca_home), hosts=hosts, **extra)
 
@@ -89,6 +93,10 @@ class XdsAuth:
         except (ValueError, TypeError, InvalidSignature, x509.ExtensionNotFound):
             raise Refused("bad_credential", grpc.StatusCode.UNAUTHENTICATED,
                           "the client certificate is not a credential of this mesh") from None
+        if not _client_leaf(cert):
+            raise Refused("bad_credential", grpc.StatusCode.UNAUTHENTICATED,
+                          "the client certificate is not an end-entity certificate for "
+                          "client authentication")
         nodes = [n for n in map(node_of_uri, uris) if n is not None]
         if len(nodes) != 1 or len(uris) != 1:
             raise Refused("not_a_node", grpc.StatusCode.UNAUTHENTICATED,
@@ -102,6 +110,17 @@ class XdsAuth:
             raise Refused("superseded", grpc.StatusCode.UNAUTHENTICATED,
                           "the xDS credential was revoked or superseded; enrol again")
         return node
+
+
+def _client_leaf(cert: x509.Certificate) -> bool:
+    """``BasicConstraints`` present with ``ca=False``, and ``clientAuth`` among the extended key
+    usages (present): what :func:`~legation.certs.enrol.issue_node_credential` issues."""
+    try:
+        constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+        usages = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except (x509.ExtensionNotFound, ValueError):
+        return False
+    return not constraints.ca and ExtendedKeyUsageOID.CLIENT_AUTH in usages
 
 
 def serving_hosts(*hosts: str) -> list[str]:

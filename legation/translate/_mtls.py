@@ -2,11 +2,13 @@
 
 * Sidecar inbound listeners terminate TLS with the proxy's certificate (secret
   ``legation-workload-cert``) and require a client certificate that chains to the trust bundle
-  (``legation-trust-bundle``). ``strict``: that is the only filter chain. ``permissive``: a
-  ``tls_inspector`` listener filter tells TLS from plaintext; TLS connections take the secured
-  chain (``transport_protocol: tls``), plaintext ones an identical chain without TLS. HTTP inbound
-  connection managers replace ``x-forwarded-client-cert`` with the verified peer's URI (its
-  SPIFFE id), so the app learns who called.
+  (``legation-trust-bundle``, the mesh root only) and names a SPIFFE id of the mesh's trust
+  domain (URI SAN prefix ``spiffe://<trust_domain>/``; a second line behind the separate roots:
+  an xDS enrolment credential is never a mesh peer). ``strict``: that is the only filter chain.
+  ``permissive``: a ``tls_inspector`` listener filter tells TLS from plaintext; TLS connections
+  take the secured chain (``transport_protocol: tls``), plaintext ones an identical chain without
+  TLS. HTTP inbound connection managers replace ``x-forwarded-client-cert`` with the verified
+  peer's URI (its SPIFFE id), so the app learns who called.
 * Clusters whose endpoints are sidecars (``outbound|S[|subset]``) originate TLS with the proxy's
   certificate and accept only a server certificate whose URI SAN is S's SPIFFE id. Endpoints
   without a sidecar speak plaintext: a cluster mixing both selects TLS per endpoint by the
@@ -45,12 +47,23 @@ def _sds(name: str) -> secret_pb2.SdsSecretConfig:
     return secret_pb2.SdsSecretConfig(name=name, sds_config=ads_source())
 
 
-def downstream_tls() -> base_pb2.TransportSocket:
-    """A sidecar's inbound side: our certificate, a client certificate from the mesh required."""
+def downstream_tls(trust_domain: str) -> base_pb2.TransportSocket:
+    """A sidecar's inbound side: our certificate; a client certificate from the mesh required,
+    naming a workload of ``trust_domain``."""
     context = tls_pb2.DownstreamTlsContext(
         common_tls_context=tls_pb2.CommonTlsContext(
             tls_certificate_sds_secret_configs=[_sds(WORKLOAD_CERT)],
-            validation_context_sds_secret_config=_sds(TRUST_BUNDLE),
+            combined_validation_context=tls_pb2.CommonTlsContext.CombinedCertificateValidationContext(
+                default_validation_context=common_pb2.CertificateValidationContext(
+                    match_typed_subject_alt_names=[
+                        common_pb2.SubjectAltNameMatcher(
+                            san_type=common_pb2.SubjectAltNameMatcher.URI,
+                            matcher=string_pb2.StringMatcher(prefix=f"spiffe://{trust_domain}/"),
+                        )
+                    ]
+                ),
+                validation_context_sds_secret_config=_sds(TRUST_BUNDLE),
+            ),
         ),
         require_client_certificate=wrappers_pb2.BoolValue(value=True),
     )
@@ -80,8 +93,10 @@ def upstream_tls(server_id: str, *, alpn: Sequence[str] = ()) -> base_pb2.Transp
     return base_pb2.TransportSocket(name=TLS_SOCKET, typed_config=pack(context))
 
 
-def secure_inbound(listener: listener_pb2.Listener, *, permissive: bool) -> None:
-    """Make a sidecar's inbound listener (one filter chain) terminate mTLS, in place."""
+def secure_inbound(listener: listener_pb2.Listener, *, permissive: bool, trust_domain: str
+                   ) -> None:
+    """Make a sidecar's inbound listener (one filter chain) terminate mTLS, in place, for
+    peers of ``trust_domain``."""
     chain = listener.filter_chains[0]
     for f in chain.filters:
         if f.name == HCM_FILTER:
@@ -92,7 +107,7 @@ def secure_inbound(listener: listener_pb2.Listener, *, permissive: bool) -> None
             f.typed_config.CopyFrom(pack(hcm))
     plain = listener_components_pb2.FilterChain()
     plain.CopyFrom(chain)
-    chain.transport_socket.CopyFrom(downstream_tls())
+    chain.transport_socket.CopyFrom(downstream_tls(trust_domain))
     if permissive:
         listener.listener_filters.append(
             listener_components_pb2.ListenerFilter(

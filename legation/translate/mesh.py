@@ -215,7 +215,8 @@ def _sidecar(
         )
         routes.append(_inbound_routes(service))
     if routed.mesh.mtls.enabled:
-        secure_inbound(listeners[0], permissive=routed.mesh.mtls.mode == "permissive")
+        secure_inbound(listeners[0], permissive=routed.mesh.mtls.mode == "permissive",
+                       trust_domain=routed.mesh.mtls.trust_domain)
     listeners.append(
         http_listener(
             OUTBOUND,

@@ -99,12 +99,20 @@ class StreamBase:
     def nonce(self) -> str:
         return str(next(self._nonces))
 
+    @property
+    def fleet(self) -> str:
+        """The fleet whose snapshot serves this node if it has none of its own: its claimed
+        cluster, but only on a server that does not authenticate nodes (an authenticated node
+        gets its own snapshot or nothing)."""
+        return self.node_cluster if self.credential is None else ""
+
     def identify(self, node: Any) -> None:
         if self.node_id or not node.id:
             return
         self.node_id = node.id
         self.node_cluster = node.cluster
-        self._watch = self.cache.watch(self.node_id, self.node_cluster, self.wake.set)
+        self._watch = self.cache.watch(self.node_id, self.node_cluster, self.wake.set,
+                                       fleet=self.fleet)
         log.info("%s connected (cluster %s)", escaped(self.node_id), escaped(self.node_cluster))
 
     async def run(self, requests: Any) -> Any:
@@ -117,7 +125,7 @@ class StreamBase:
                 if self.closed:
                     return
                 snap = (
-                    self.cache.snapshot_for(self.node_id, self.node_cluster)
+                    self.cache.snapshot_for(self.node_id, self.fleet)
                     if self.node_id
                     else None
                 )

@@ -5,15 +5,18 @@ the same authenticator which node the peer of each call is. Every DiscoveryReque
 a node must then name that same node (:func:`check_node`). Refusals are :class:`Refused`:
 ``UNAUTHENTICATED`` (no usable credential) or ``PERMISSION_DENIED`` (a credential for another
 node), counted by reason (:data:`REASONS`) and logged with the claimed node id escaped
-(:func:`record`).
+(:func:`record`): every refusal is counted, but at most :data:`LOG_PER_SECOND` lines per reason
+are logged each second (:class:`RefusalLog`), so one client cannot flood the log.
 
-The mesh's implementation (enrolment credentials signed by the mesh CA) is
+The mesh's implementation (enrolment credentials signed by the xDS root) is
 :class:`legation.certs.xds_auth.XdsAuth`; the control plane hands it to the server.
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import grpc
@@ -21,13 +24,17 @@ import grpc
 from legation.xds._escape import escaped
 from legation.xds.metrics import XdsMetrics
 
-__all__ = ["REASONS", "Authenticator", "Refused", "channel_credentials", "check_node", "record"]
+__all__ = ["LOG_PER_SECOND", "REASONS", "Authenticator", "RefusalLog", "Refused",
+           "channel_credentials", "check_node", "record"]
 
 log = logging.getLogger("legation.xds.auth")
 
 #: The bounded set of refusal reasons (metric label values).
 REASONS = ("no_credential", "bad_credential", "not_a_node", "expired", "superseded",
            "node_mismatch")
+
+#: Refusal lines logged per reason per second at most (the metric counts every refusal).
+LOG_PER_SECOND = 10
 
 
 class Refused(Exception):
@@ -68,11 +75,46 @@ def check_node(credential: str, claimed: str) -> None:
                       "node.id does not match the client certificate")
 
 
-def record(metrics: XdsMetrics, refused: Refused, *, claimed: str, peer: str) -> None:
-    """Count a refusal by reason and log it, the claimed node id escaped."""
+class RefusalLog:
+    """Which refusals to log: at most ``per_second`` per reason in each one-second window; the
+    number left out is reported with the next line logged for that reason."""
+
+    def __init__(self, *, per_second: int = LOG_PER_SECOND,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.per_second = per_second
+        self.clock = clock
+        self._windows: dict[str, tuple[float, int, int]] = {}  # reason -> start, logged, left out
+
+    def admit(self, reason: str) -> tuple[bool, int]:
+        """(log this refusal?, how many of this reason were left out before it)."""
+        now = self.clock()
+        start, logged, left_out = self._windows.get(reason, (now, 0, 0))
+        if now - start >= 1.0:
+            start, logged = now, 0
+        if logged < self.per_second:
+            self._windows[reason] = (start, logged + 1, 0)
+            return True, left_out
+        self._windows[reason] = (start, logged, left_out + 1)
+        return False, 0
+
+
+_refusal_log = RefusalLog()
+
+
+def record(metrics: XdsMetrics, refused: Refused, *, claimed: str, peer: str,
+           limiter: RefusalLog | None = None) -> None:
+    """Count a refusal by reason and log it (rate-limited per reason), the claimed node id
+    escaped."""
     metrics.auth_refused.labels(refused.reason).inc()
-    log.warning("xDS refused %s from %s claiming node %s: %s", refused.reason,
-                escaped(peer, 80), escaped(claimed), refused.message)
+    limiter = limiter or _refusal_log
+    logged, left_out = limiter.admit(refused.reason)
+    if left_out:
+        log.warning("xDS refused %d more calls for %s (not logged one by one: at most %d lines "
+                    "per reason per second; the metric counts all)", left_out, refused.reason,
+                    limiter.per_second)
+    if logged:
+        log.warning("xDS refused %s from %s claiming node %s: %s", refused.reason,
+                    escaped(peer, 80), escaped(claimed), refused.message)
 
 
 def channel_credentials(cert_pem: bytes, key_pem: bytes, root_pem: bytes

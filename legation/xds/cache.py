@@ -1,10 +1,14 @@
 """The snapshot cache: the one place the translation hands its output to the ADS server.
 
-``set_snapshot(key, snapshot)`` checks the snapshot and, after a debounce, publishes it to every
-stream of that node. A stream finds its snapshot by node id first, then by node cluster, so one
-snapshot can serve a fleet of identical proxies; one found by cluster is served without its SDS
-secrets (a key is one proxy's, never a fleet's, and the cluster is only the client's claim).
-Bursts of ``set_snapshot`` within ``debounce`` seconds coalesce into one push; a steady stream of
+``set_snapshot(node_id, snapshot)`` checks the snapshot and, after a debounce, publishes it to
+every stream of that node. Fleet snapshots live in a namespace of their own:
+``set_fleet_snapshot(cluster, snapshot)`` serves every proxy that names ``cluster`` as its node
+cluster and has no snapshot of its own, without the SDS secrets (a key is one proxy's, never a
+fleet's, and the cluster is only the client's claim). Node ids and clusters never meet: a node
+cluster that happens to be another node's id finds nothing. The authenticating server does not
+use fleets at all (it asks with no cluster; the control plane publishes one snapshot per node);
+they are for library users serving xDS without it.
+Bursts of changes within ``debounce`` seconds coalesce into one push; a steady stream of
 changes is still published at least every ``max_delay`` seconds. An inconsistent snapshot raises
 and replaces nothing.
 """
@@ -85,9 +89,10 @@ class SnapshotCache:
         self.debounce = debounce
         self.max_delay = max_delay
         self.metrics = metrics or XdsMetrics()
-        self._published: dict[str, Snapshot] = {}
+        self._published: dict[str, Snapshot] = {}  # node id -> its snapshot
+        self._fleets: dict[str, Snapshot] = {}  # node cluster -> the fleet's snapshot
         self._shared: dict[str, tuple[Snapshot, Snapshot]] = {}  # cluster -> (full, no secrets)
-        self._pending: dict[str, Snapshot] = {}
+        self._pending: dict[tuple[bool, str], Snapshot] = {}  # (is a fleet's, key) -> snapshot
         self._first_pending: float | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._watchers: dict[int, tuple[str, str, Wakeup]] = {}
@@ -98,11 +103,20 @@ class SnapshotCache:
     # -- producer side ---------------------------------------------------------------------
 
     def set_snapshot(self, key: str, snapshot: Snapshot) -> None:
-        """Stage ``snapshot`` for the node id or node cluster ``key``; published after the debounce.
+        """Stage ``snapshot`` for the node id ``key``; published after the debounce.
 
         Raises :class:`~legation.xds.snapshot.InconsistentSnapshot` (and stages nothing) if a
         cluster or listener references an EDS or RDS resource the snapshot lacks.
         """
+        self._stage((False, key), snapshot)
+
+    def set_fleet_snapshot(self, cluster: str, snapshot: Snapshot) -> None:
+        """Stage ``snapshot`` for the proxies whose node cluster is ``cluster`` and that have no
+        snapshot of their own (served without its secrets, and only by a server that does not
+        authenticate nodes). Raises as :meth:`set_snapshot` does."""
+        self._stage((True, cluster), snapshot)
+
+    def _stage(self, key: tuple[bool, str], snapshot: Snapshot) -> None:
         snapshot.check_consistent()
         self._pending[key] = snapshot
         if self.debounce == 0:
@@ -117,12 +131,17 @@ class SnapshotCache:
         self._timer = asyncio.get_running_loop().call_later(max(wait, 0.0), self._publish)
 
     def clear_snapshot(self, key: str) -> None:
-        self._pending.pop(key, None)
+        """Forget node ``key``'s snapshot."""
+        self._pending.pop((False, key), None)
         self._published.pop(key, None)
-        self._shared.pop(key, None)
         st = self.status.get(key)
         if st is not None and st.streams == 0:
             del self.status[key]
+
+    def clear_fleet_snapshot(self, cluster: str) -> None:
+        self._pending.pop((True, cluster), None)
+        self._fleets.pop(cluster, None)
+        self._shared.pop(cluster, None)
 
     def flush(self) -> None:
         """Publish what is staged now, without waiting for the debounce."""
@@ -135,22 +154,25 @@ class SnapshotCache:
         self._first_pending = None
         if not self._pending:
             return
-        changed = set(self._pending)
-        self._published.update(self._pending)
+        nodes = {key for fleet, key in self._pending if not fleet}
+        fleets = {key for fleet, key in self._pending if fleet}
+        for (fleet, key), snapshot in self._pending.items():
+            (self._fleets if fleet else self._published)[key] = snapshot
         self._pending.clear()
         self.publications += 1
         for node_id, cluster, wake in list(self._watchers.values()):
-            if node_id in changed or cluster in changed:
+            if node_id in nodes or cluster in fleets:
                 wake()
 
     # -- consumer side (the ADS server) ------------------------------------------------------
 
     def snapshot_for(self, node_id: str, cluster: str) -> Snapshot | None:
-        """The node's own snapshot, else its cluster's without secrets."""
+        """The node's own snapshot, else its fleet's (by ``cluster``; ``""``: no fleet) without
+        secrets."""
         snap = self._published.get(node_id)
         if snap is not None or not cluster:
             return snap
-        shared = self._published.get(cluster)
+        shared = self._fleets.get(cluster)
         if shared is None:
             return None
         memo = self._shared.get(cluster)
@@ -159,11 +181,15 @@ class SnapshotCache:
         return memo[1]
 
     def snapshot(self, key: str) -> Snapshot | None:
+        """Node ``key``'s published snapshot."""
         return self._published.get(key)
 
-    def watch(self, node_id: str, cluster: str, wake: Wakeup) -> int:
+    def watch(self, node_id: str, cluster: str, wake: Wakeup, *, fleet: str | None = None
+              ) -> int:
+        """Call ``wake`` when node ``node_id``'s snapshot, or fleet ``fleet``'s (default
+        ``cluster``; ``""``: none), is published. ``cluster`` is what status reports."""
         self._next_watch += 1
-        self._watchers[self._next_watch] = (node_id, cluster, wake)
+        self._watchers[self._next_watch] = (node_id, cluster if fleet is None else fleet, wake)
         st = self.node_status(node_id, cluster)
         if st.streams == 0:
             st.connected_since = time.time()
@@ -180,7 +206,8 @@ class SnapshotCache:
             st.streams -= 1
             if st.streams == 0:
                 st.connected_since = None
-                if entry[0] not in self._published and entry[0] not in self._pending:
+                own = entry[0] in self._published or (False, entry[0]) in self._pending
+                if not own:
                     del self.status[entry[0]]  # a node with no snapshot of its own: forget it
         self.metrics.connected.set(sum(1 for s in self.status.values() if s.streams))
 

@@ -10,7 +10,12 @@ Every call is authenticated by the :class:`~legation.xds.auth.Authenticator` the
 that names one node, and every request's node id must be that node's. The one exception is
 ``insecure_unauthenticated_loopback_only=True``, for protocol tests and benchmarks: it serves
 plaintext to anyone who claims any node id, is refused on any host but a loopback address, and
-is never what the control plane uses.
+is never what the control plane uses. An authenticated node gets its own snapshot or nothing:
+fleet snapshots (by node cluster, :meth:`~legation.xds.cache.SnapshotCache.set_fleet_snapshot`)
+are served only in that test mode, since a cluster is the client's claim.
+
+A connection must finish its TLS handshake within ``handshake_timeout`` seconds (default 10), so
+idle or stalled unauthenticated connections do not hold the server's descriptors.
 """
 
 from __future__ import annotations
@@ -33,6 +38,8 @@ log = logging.getLogger("legation.xds")
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 18000
+#: Seconds a new connection has to complete its handshake before it is closed.
+HANDSHAKE_TIMEOUT = 10.0
 
 _PER_TYPE = {
     ResourceType.CLUSTER: ("envoy.service.cluster.v3.ClusterDiscoveryService", "Clusters"),
@@ -57,6 +64,7 @@ class XdsServer:
         host: str = DEFAULT_HOST,
         port: int = DEFAULT_PORT,
         gate_timeout: float = 5.0,
+        handshake_timeout: float = HANDSHAKE_TIMEOUT,
         auth: Authenticator | None = None,
         insecure_unauthenticated_loopback_only: bool = False,
     ) -> None:
@@ -76,6 +84,7 @@ class XdsServer:
         self.host = host
         self.port = port
         self.gate_timeout = gate_timeout
+        self.handshake_timeout = handshake_timeout
         self._server: grpc.aio.Server | None = None
 
     def handlers(self) -> list[grpc.GenericRpcHandler]:
@@ -162,7 +171,8 @@ class XdsServer:
         await context.abort(refused.status, refused.message)
 
     def _fetch(self, rtype: ResourceType, request: discovery_pb2.DiscoveryRequest) -> bytes:
-        snap = self.cache.snapshot_for(request.node.id, request.node.cluster)
+        fleet = request.node.cluster if self.auth is None else ""  # see the module docstring
+        snap = self.cache.snapshot_for(request.node.id, fleet)
         if snap is None:
             return _wire.discovery_response(
                 version="", type_url=rtype.type_url, nonce="", resource_fields=[]
@@ -183,6 +193,7 @@ class XdsServer:
                 ("grpc.max_send_message_length", 64 * 1024 * 1024),
                 ("grpc.max_receive_message_length", 16 * 1024 * 1024),
                 ("grpc.keepalive_time_ms", 30_000),
+                ("grpc.server_handshake_timeout_ms", int(self.handshake_timeout * 1000)),
             ]
         )
         server.add_generic_rpc_handlers(self.handlers())

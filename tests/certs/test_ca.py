@@ -222,16 +222,18 @@ def test_key_files_are_written_exclusively_never_through_a_planted_link(
     from legation.certs import _files
 
     opened: list[int] = []
+    locks: list[int] = []
     real_open = os.open
 
     def spy(path: object, flags: int, *args: object) -> int:
-        opened.append(flags)
+        (locks if str(path).endswith(".lock") else opened).append(flags)
         return real_open(path, flags, *args)  # type: ignore[arg-type]
 
     monkeypatch.setattr(_files.os, "open", spy)
     CertificateAuthority.in_directory(tmp_path / "ca", trust_domain="x")
     assert opened and all(f & os.O_EXCL and f & os.O_NOFOLLOW and f & os.O_CREAT
                           for f in opened)
+    assert locks and all(f & os.O_NOFOLLOW for f in locks)  # the lock file holds no secret
     # a symlink planted where the temporary file would go is not followed
     target = tmp_path / "victim"
     target.write_text("untouched")

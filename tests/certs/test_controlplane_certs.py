@@ -132,7 +132,8 @@ async def test_xds_is_tls_with_enrolled_proxies_even_with_mtls_off(tmp_path: Pat
     await plane.start()
     try:
         assert plane.server is not None and plane.issuer.certs == {}
-        assert (tmp_path / "ca" / "ca.key").is_file()  # the xDS channel's CA
+        assert (tmp_path / "ca" / "xds" / "ca.key").is_file()  # the xDS channel's own root
+        assert not (tmp_path / "ca" / "ca.key").exists()  # no mesh CA without mTLS
         _, files = plane.enrol("gateway-ingress")
         assert files.directory == tmp_path / "nodes" / "gateway-ingress"
         method = "/envoy.service.cluster.v3.ClusterDiscoveryService/FetchClusters"

@@ -48,7 +48,15 @@ EXPECTED_DOWNSTREAM = base_pb2.TransportSocket(
     typed_config=packed(tls_pb2.DownstreamTlsContext(
         common_tls_context=tls_pb2.CommonTlsContext(
             tls_certificate_sds_secret_configs=[sds(WORKLOAD_CERT)],
-            validation_context_sds_secret_config=sds(TRUST_BUNDLE),
+            combined_validation_context=tls_pb2.CommonTlsContext.CombinedCertificateValidationContext(
+                default_validation_context=common_pb2.CertificateValidationContext(
+                    match_typed_subject_alt_names=[common_pb2.SubjectAltNameMatcher(
+                        san_type=common_pb2.SubjectAltNameMatcher.URI,
+                        matcher=string_pb2.StringMatcher(prefix="spiffe://cluster.local/"),
+                    )]
+                ),
+                validation_context_sds_secret_config=sds(TRUST_BUNDLE),
+            ),
         ),
         require_client_certificate=wrappers_pb2.BoolValue(value=True),
     )),

@@ -1,4 +1,5 @@
-"""A throwaway mesh CA for tests: xDS servers that authenticate, and nodes' credentials."""
+"""A throwaway CA directory for tests, laid out as the control plane's: the mesh root (workload
+certificates) and, beside it, the xDS root (xDS servers that authenticate, nodes' credentials)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 import grpc
 
 from legation.certs.ca import CertificateAuthority
-from legation.certs.enrol import Enrolments, NodeFiles, enrol, issue_node_credential
+from legation.certs.enrol import Enrolments, NodeFiles, enrol, issue_node_credential, xds_root
 from legation.certs.workload import WorkloadCert
 from legation.certs.xds_auth import XdsAuth, serving_hosts
 from legation.xds.auth import channel_credentials
@@ -22,7 +23,8 @@ class TestPki:
     def __init__(self, directory: Path, *, trust_domain: str = "test.local") -> None:
         self.directory = directory
         self.ca_dir = directory / "ca"
-        self.ca = CertificateAuthority.in_directory(self.ca_dir, trust_domain=trust_domain)
+        self.mesh_ca = CertificateAuthority.in_directory(self.ca_dir, trust_domain=trust_domain)
+        self.ca = xds_root(self.ca_dir)  # what xDS credentials and the server's come from
         self.enrolments = Enrolments.beside(self.ca_dir)
         self._credentials: dict[str, grpc.ChannelCredentials] = {}
 

@@ -10,7 +10,9 @@ import pytest
 from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 
+from legation.xds.cache import SnapshotCache
 from legation.xds.client import AdsClient
+from legation.xds.server import XdsServer
 from legation.xds.snapshot import InconsistentSnapshot, Snapshot
 from legation.xds.types import ResourceType as T
 from tests.xds.conftest import XdsUnderTest
@@ -62,11 +64,14 @@ async def test_initial_config_arrives_in_send_order(xds: XdsUnderTest, delta: bo
 
 
 @pytest.mark.parametrize("delta", MODES)
-async def test_snapshot_by_node_cluster_serves_a_fleet(xds: XdsUnderTest, delta: bool) -> None:
+async def test_fleet_snapshot_serves_proxies_by_cluster_without_auth(delta: bool) -> None:
+    """Fleets are for a server that does not authenticate nodes (a library user's)."""
+    cache = SnapshotCache(debounce=0.01)
+    server = await XdsServer(cache, port=0, insecure_unauthenticated_loopback_only=True).start()
     snap = services_snapshot("v1", 10000, {"a": 1})
-    xds.cache.set_snapshot("gateways", snap)
+    cache.set_fleet_snapshot("gateways", snap)
     clients = [
-        await xds.client(f"gw-{i}", cluster="gateways", delta=delta).start()
+        await AdsClient(server.address, f"gw-{i}", cluster="gateways", delta=delta).start()
         for i in range(3)
     ]
     try:
@@ -75,6 +80,32 @@ async def test_snapshot_by_node_cluster_serves_a_fleet(xds: XdsUnderTest, delta:
     finally:
         for c in clients:
             await c.stop()
+        await server.stop(0)
+
+
+def test_node_ids_and_fleets_are_separate_namespaces() -> None:
+    cache = SnapshotCache(debounce=0)
+    node, fleet = services_snapshot("node", 10000, {"a": 1}), services_snapshot("f", 10000, {})
+    cache.set_snapshot("gateways", node)
+    assert cache.snapshot_for("gw-1", "gateways") is None  # a node id is no fleet
+    cache.set_fleet_snapshot("gateways", fleet)
+    assert cache.snapshot_for("gw-1", "gateways") is not None
+    assert cache.snapshot_for("gw-1", "gateways").label == "f"  # type: ignore[union-attr]
+    assert cache.snapshot("gateways") is node
+    cache.clear_fleet_snapshot("gateways")
+    assert cache.snapshot_for("gw-1", "gateways") is None
+    assert cache.snapshot("gateways") is node
+
+
+@pytest.mark.parametrize("delta", MODES)
+async def test_authenticating_server_serves_no_fleet(xds: XdsUnderTest, delta: bool) -> None:
+    xds.cache.set_fleet_snapshot("gateways", services_snapshot("v1", 10000, {"a": 1}))
+    client = await xds.client("gw-0", cluster="gateways", delta=delta).start()
+    try:
+        await settle(0.3)
+        assert not client.received
+    finally:
+        await client.stop()
 
 
 @pytest.mark.parametrize("delta", MODES)
