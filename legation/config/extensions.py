@@ -174,9 +174,13 @@ class RateLimitHeaderNames(BaseModel):
 
 
 class RateLimitService(_ConfiguredService):
-    """Rate limiting: ``config`` is envoyproxy/ratelimit YAML declaring ``domain``."""
+    """Rate limiting: ``config`` is envoyproxy/ratelimit YAML declaring ``domain``.
+    ``failure_mode: local`` (backend redis): while Redis is away the service counts in its own
+    memory, each limit divided by ``local_instances`` (default 1); Envoy lets a request through
+    when the service itself cannot answer (see :mod:`legation.ratelimit.fallback`)."""
 
-    failure_mode: FailureMode = "open"
+    failure_mode: Literal["closed", "open", "local"] = "open"  # type: ignore[assignment]
+    local_instances: int = Field(default=1, ge=1)  # failure_mode local: instances sharing limits
     domain: str = Field(default="mesh", min_length=1)
     backend: Literal["memory", "redis"] = "memory"
     redis_url: str | None = Field(default=None, min_length=1, repr=False)
@@ -197,6 +201,12 @@ class RateLimitService(_ConfiguredService):
         if self.backend != "redis" and self.redis_url is not None:
             raise _field_error("RateLimitService", ("redis_url",), "only used with backend: redis",
                                "<redacted>")
+        if self.failure_mode == "local" and self.backend != "redis":
+            raise _field_error("RateLimitService", ("failure_mode",),
+                               "local is only used with backend: redis", "local")
+        if "local_instances" in self.model_fields_set and self.failure_mode != "local":
+            raise _field_error("RateLimitService", ("local_instances",),
+                               "only used with failure_mode: local", self.local_instances)
         for name in ("max_keys", "max_bytes"):
             if self.backend != "memory" and getattr(self, name) is not None:
                 raise _field_error("RateLimitService", (name,), "only used with backend: memory",
@@ -205,6 +215,11 @@ class RateLimitService(_ConfiguredService):
             raise _field_error("RateLimitService", ("response_header_names",),
                                "only used with response_headers: true", None)
         return self
+
+    @property
+    def fail_open(self) -> bool:
+        """Envoy's side: with ``local`` the service answers, so Envoy allows when it cannot."""
+        return self.failure_mode in ("open", "local")
 
     def backend_options(self) -> dict[str, Any]:
         """The backend plugin's options, from this block."""

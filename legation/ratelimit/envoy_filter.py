@@ -104,8 +104,9 @@ def rate_limit_filter(
     rate_limit_headers: bool = True,
 ) -> hcm_pb2.HttpFilter:
     """Envoy's ratelimit filter calling ``cluster``. ``failure_mode`` is the service's setting
-    (``allow`` or ``deny``); the timeout should exceed the backend's so the service, not Envoy,
-    decides on a slow store."""
+    (``allow``, ``deny``, or ``local``, for which Envoy allows when the service itself cannot be
+    reached: the service answers from memory while its store is away); the timeout should exceed
+    the backend's so the service, not Envoy, decides on a slow store."""
     if failure_mode not in FAILURE_MODES:
         raise ValueError(f"failure_mode must be one of {FAILURE_MODES}, got {failure_mode!r}")
     config = rate_limit_pb2.RateLimit(

@@ -12,11 +12,14 @@ Service-wide: ``legation_ratelimit_global_shadow_mode_total`` (requests that wou
 refused, answered OK by the service-wide shadow mode; their statuses still say OVER_LIMIT),
 ``legation_ratelimit_config_reloads_total{result="success|error"}``,
 ``legation_ratelimit_backend_errors_total{code}`` and
-``legation_ratelimit_failure_mode_total{action="allow|deny"}`` (requests decided by the failure
-mode while the store was unreachable), and for a store behind the network (Redis)
-``legation_ratelimit_backend_round_trips_total`` (pipelines sent) and
-``legation_ratelimit_backend_local_cache_hits_total`` (hits answered by the over-limit cache). Those
-two are read from the backend when scraped, so they cost a request nothing.
+``legation_ratelimit_failure_mode_total{action="allow|deny|local"}`` (requests decided by the
+failure mode while the store was unreachable; ``local``: decided by in-memory counters, see
+:mod:`.fallback`), and for a store behind the network (Redis)
+``legation_ratelimit_backend_round_trips_total`` (pipelines sent),
+``legation_ratelimit_backend_local_cache_hits_total`` (hits answered by the over-limit cache) and
+the gauge ``legation_ratelimit_backend_available`` (1 when the store answered its last call, 0
+after a failure until it answers again). Those are read from the backend when scraped, so they
+cost a request nothing.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import weakref
 from collections.abc import Iterator
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter
-from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 # keyed by id(); the registry is kept alive alongside so its id cannot be reused
@@ -57,7 +60,8 @@ class RateLimitMetrics:
         registry.register(self._backends)
 
     def track_backend(self, backend: object) -> None:
-        """Expose ``backend.round_trips`` and ``backend.cache_hits``, where it has them."""
+        """Expose ``backend.round_trips``, ``backend.cache_hits`` and ``backend.available``, where
+        it has them."""
         if hasattr(backend, "round_trips"):
             self._backends.backends.add(backend)
 
@@ -86,3 +90,9 @@ class _BackendCollector(Collector):
             family = CounterMetricFamily(f"legation_ratelimit_{name}", doc)
             family.add_metric([], sum(getattr(b, attr, 0) for b in live))
             yield family
+        states = [bool(b.available) for b in live if hasattr(b, "available")]
+        if states:
+            gauge = GaugeMetricFamily("legation_ratelimit_backend_available",
+                                      "1 when the counter store answered its last call, else 0")
+            gauge.add_metric([], float(all(states)))
+            yield gauge

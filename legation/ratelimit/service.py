@@ -11,7 +11,10 @@ Failure mode: when the counter store cannot answer, ``failure_mode="allow"`` ans
 ``legation_ratelimit_failure_mode_total{action="allow"}``), ``"deny"`` answers gRPC UNAVAILABLE so
 Envoy applies its own ``failure_mode_deny``, which :func:`legation.ratelimit.envoy_filter.
 rate_limit_filter` sets from the same setting: the store being down and this service being down
-then look the same to clients. A malformed request gets INVALID_ARGUMENT, never a crash.
+then look the same to clients. ``"local"`` decides in this process's memory with the same limits
+(divided by ``local_instances``, default 1) until the store answers a probe again
+(:mod:`legation.ratelimit.fallback`); Envoy is configured to allow when this service itself
+cannot be reached. A malformed request gets INVALID_ARGUMENT, never a crash.
 """
 
 from __future__ import annotations
@@ -31,12 +34,13 @@ from legation.errors import ConfigError
 from legation.grpc_server import ServerTls, TlsSource, start_grpc_server
 from legation.ratelimit.config import RateLimitConfig
 from legation.ratelimit.errors import RateLimitError
+from legation.ratelimit.fallback import LocalFallback
 from legation.ratelimit.limiter import RateLimiter, ResponseHeaders
 from legation.ratelimit.metrics import RateLimitMetrics
 from legation.ratelimit.watch import ConfigWatcher
 
 log = logging.getLogger(__name__)
-FAILURE_MODES = ("allow", "deny")
+FAILURE_MODES = ("allow", "deny", "local")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -48,6 +52,7 @@ class Settings:
     backend: str = "memory"
     backend_options: Mapping[str, Any] = field(default_factory=dict)
     failure_mode: str = "allow"
+    local_instances: int = 1  # failure_mode local: limits divided by this while the store is away
     shadow_mode: bool = False  # upstream SHADOW_MODE: statuses as found, overall always OK
     quota_mode: bool = False  # upstream QUOTA_MODE: refuse only when every descriptor is over
     near_limit_ratio: float = 0.8
@@ -67,6 +72,10 @@ class Settings:
             raise ConfigError(f"ratelimit settings: failure_mode: expected one of "
                               f"{', '.join(FAILURE_MODES)}, got {self.failure_mode!r}",
                               code="invalid_failure_mode")
+        if isinstance(self.local_instances, bool) or not isinstance(self.local_instances, int) \
+                or self.local_instances < 1:
+            raise ConfigError("ratelimit settings: local_instances: expected an integer >= 1, "
+                              f"got {self.local_instances!r}", code="invalid_type")
         if not 0 < self.near_limit_ratio <= 1:
             raise ConfigError("ratelimit settings: near_limit_ratio: expected 0 < ratio <= 1",
                               code="invalid_near_limit_ratio")
@@ -76,12 +85,34 @@ class Settings:
 
 
 class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):
-    """The one boundary where :class:`RateLimitError` becomes a gRPC answer."""
+    """The one boundary where :class:`RateLimitError` becomes a gRPC answer.
 
-    def __init__(self, limiter: RateLimiter, *, failure_mode: str = "allow") -> None:
+    Setting :attr:`failure_mode` (also live, on a reload) to or from ``local`` wraps the limiter's
+    backend in a :class:`LocalFallback` or takes it out again."""
+
+    def __init__(self, limiter: RateLimiter, *, failure_mode: str = "allow",
+                 local_instances: int = 1) -> None:
         self.limiter = limiter
+        self.local_instances = local_instances
+        self._failure_mode = "allow"
         self.failure_mode = failure_mode
         self._last_log = 0.0
+
+    @property
+    def failure_mode(self) -> str:
+        return self._failure_mode
+
+    @failure_mode.setter
+    def failure_mode(self, mode: str) -> None:
+        limiter = self.limiter
+        if mode == "local" and isinstance(limiter.backend, LocalFallback):
+            limiter.backend.share_among(self.local_instances)
+        elif mode == "local":
+            limiter.backend = LocalFallback(limiter.backend, metrics=limiter.metrics,
+                                            instances=self.local_instances)
+        elif mode != "local" and isinstance(limiter.backend, LocalFallback):
+            limiter.backend = limiter.backend.store  # its in-memory counters are dropped
+        self._failure_mode = mode
 
     async def ShouldRateLimit(
         self, request: rls_pb2.RateLimitRequest, context: grpc.aio.ServicerContext
@@ -94,7 +125,7 @@ class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):
             self.limiter.metrics.backend_errors.labels(exc.code).inc()
             self._log(exc)
             self.limiter.metrics.failure_mode.labels(self.failure_mode).inc()
-            if self.failure_mode == "allow":
+            if self.failure_mode != "deny":  # local: only when the fallback itself failed
                 return rls_pb2.RateLimitResponse(overall_code=rls_pb2.RateLimitResponse.OK)
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"rate limit store: {exc.code}")
         raise AssertionError("unreachable")  # context.abort raises
@@ -140,7 +171,8 @@ async def start_server(settings: Settings, *, config: RateLimitConfig | None = N
     if config is None:
         config = watcher.load() if settings.config_files else RateLimitConfig()
     limiter = build_limiter(settings, config)
-    servicer = RateLimitServicer(limiter, failure_mode=settings.failure_mode)
+    servicer = RateLimitServicer(limiter, failure_mode=settings.failure_mode,
+                                 local_instances=settings.local_instances)
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     try:
         server, port = await start_grpc_server(

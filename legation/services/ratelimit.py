@@ -60,7 +60,9 @@ class RateLimitService:
                 "config": loaded,
                 "backend": block.backend,
                 "backend_options": block.backend_options(),
-                "failure_mode": "allow" if block.fail_open else "deny",
+                "failure_mode": {"open": "allow", "closed": "deny"}.get(
+                    block.failure_mode, block.failure_mode),
+                "local_instances": block.local_instances,
                 "shadow_mode": block.shadow_mode,
                 "quota_mode": block.quota_mode,
                 "merge_domains": block.merge_domains,
@@ -106,6 +108,7 @@ class RateLimitService:
         limiter.response_headers = ResponseHeaders(
             limit=live["header_limit"], remaining=live["header_remaining"],
             reset=live["header_reset"]) if live["response_headers"] else None
+        self.server.legation_servicer.local_instances = live["local_instances"]  # type: ignore
         self.server.legation_servicer.failure_mode = live["failure_mode"]  # type: ignore
         self.spec = spec
 
@@ -127,9 +130,11 @@ class RateLimitService:
         parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0",
                             help="Redis URL (a password in it is never logged)")
         parser.add_argument("--redis-cluster", action="store_true", help="Redis Cluster")
-        parser.add_argument("--failure-mode", choices=["allow", "deny"], default="allow",
-                            help="answer while the store is unreachable (default allow, as "
-                            "Envoy)")
+        parser.add_argument("--failure-mode", choices=["allow", "deny", "local"],
+                            default="allow", help="answer while the store is unreachable "
+                            "(default allow, as Envoy; local: in-memory limits)")
+        parser.add_argument("--local-instances", type=int, default=1,
+                            help="with --failure-mode local: instances sharing the limits")
         parser.add_argument("--shadow-mode", action="store_true",
                             help="count and report, never limit")
 
@@ -145,6 +150,7 @@ class RateLimitService:
             host=host, port=port, reuse_port=reuse_port,
             config_files=(args.config,) if args.config else (), backend=args.backend,
             backend_options=options, failure_mode=args.failure_mode,
+            local_instances=args.local_instances,
             shadow_mode=args.shadow_mode)
         server, bound = await service.start_server(settings)
         return server, bound, server.stop

@@ -63,12 +63,15 @@ class RedisConfig:
 
 
 class RedisBackend:
-    """See the module docstring. ``round_trips`` counts pipelines sent (for the benchmark)."""
+    """See the module docstring. ``round_trips`` counts pipelines sent (for the benchmark),
+    ``available`` is the store's state as the last call found it (a metric)."""
 
     def __init__(self, config: RedisConfig) -> None:
         self.config = config
         self.round_trips = 0
         self.cache_hits = 0
+        self.available = True
+        """Whether the last call got its answers (False from a failure until the next answer)."""
         self._over: dict[str, tuple[int, int]] = {}  # key -> (retry at, reset at), in ms
         timeout = config.timeout_ms / 1000
         common: dict[str, Any] = {
@@ -100,7 +103,9 @@ class RedisBackend:
             try:
                 async with asyncio.timeout(self.config.timeout_ms / 1000):  # no extra task
                     replies = await self._run(pending)
+                self.available = True
             except (RedisError, OSError, TimeoutError) as exc:
+                self.available = False
                 raise RateLimitError(
                     f"redis {self.config.redacted_url}: {type(exc).__name__}: "
                     f"{_safe(exc, self.config.url)}", code="backend_unavailable") from None
