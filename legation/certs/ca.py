@@ -118,7 +118,10 @@ class CertificateAuthority:
             if not (cert_path.exists() or key_path.exists()):
                 with exclusive_lock(directory / LOCK_FILE):
                     if not (cert_path.exists() or key_path.exists()):
-                        cls.generate(trust_domain=trust_domain)._store(directory)
+                        try:
+                            cls.generate(trust_domain=trust_domain)._store(directory)
+                        except FileExistsError:
+                            pass  # a writer that takes no lock got there first: theirs stands
         except OSError as err:
             raise CertError(
                 f"{directory}: cannot store the new CA: {err.strerror or err}",
