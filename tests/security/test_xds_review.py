@@ -277,7 +277,7 @@ def test_a_ca_stored_by_someone_else_meanwhile_is_the_one_used(
     other = CertificateAuthority.generate(trust_domain="other")
     real_generate = CertificateAuthority.generate.__func__  # type: ignore[attr-defined]
 
-    def generate_while_someone_stores(cls: type, **kw: Any) -> CertificateAuthority:
+    def generate_while_someone_stores(cls: type, /, **kw: Any) -> CertificateAuthority:
         other._store(directory)  # a writer that got there first
         return real_generate(cls, **kw)  # type: ignore[no-any-return]
 
