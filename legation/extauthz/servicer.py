@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
@@ -62,8 +62,20 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
     async def Check(
         self, request: external_auth_pb2.CheckRequest, context: Any
     ) -> external_auth_pb2.CheckResponse:
-        started = time.perf_counter()
         ctx = RequestContext(request, self.input_options)
+        decision, policy = await self.decide(ctx)
+        return to_check_response(decision, decision_id=ctx.decision_id,
+                                 deny_status=self.config.deny_status, policy=policy)
+
+    async def decide(self, ctx: RequestContext, *,
+                     validate: Callable[[Decision], None] | None = None) -> tuple[Decision, str]:
+        """Run the route's checks on ``ctx`` and return the decision to answer with and the
+        policy label. Never raises: an error or a timeout is a denial with ``error_status``
+        (fail closed), a client error one with ``deny_status``; dry-run, the metric and the
+        decision log are applied here. ``validate`` (the HTTP call-out's) may raise
+        :class:`AuthzError` to refuse a decision its transport cannot carry. Shared by the gRPC
+        ``Check`` and :mod:`legation.fastpath`, so both decide alike."""
+        started = time.perf_counter()
         extensions = ctx.extensions
         policy = extensions.get("policy") or self._default_policy
         names = self._names(extensions.get("checks"))
@@ -71,6 +83,8 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
         try:
             decision = await self._run(ctx, names)
             check_decision(decision)  # no CR/LF/NUL header reaches Envoy, whoever built it
+            if validate is not None:
+                validate(decision)
             if not decision.allowed:
                 code = "denied"
         except AuthzError as e:
@@ -100,8 +114,6 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
             # as opa-envoy-plugin: allowed, no mutation, the policy's metadata kept
             decision = Decision(allowed=True,
                                 dynamic_metadata={**decision.dynamic_metadata, "dry_run": True})
-        response = to_check_response(decision, decision_id=ctx.decision_id,
-                                     deny_status=self.config.deny_status, policy=policy)
         elapsed = time.perf_counter() - started
         self.metrics.observe(policy=policy, result=result, code=code, seconds=elapsed)
         if self.decision_log.enabled:
@@ -119,7 +131,7 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
                 "path": ctx.path.split("?", 1)[0],
                 "latency_ms": round(elapsed * 1000, 3),
             })
-        return response
+        return decision, policy
 
     def _names(self, raw: str | None) -> tuple[str, ...]:
         if raw is None:
@@ -183,7 +195,7 @@ async def _bounded(coro: Coroutine[Any, Any, Decision], timeout: float) -> Decis
     Most checks finish without suspending (a cached token, an embedded policy), and
     ``asyncio.wait_for`` costs a task and a timer (~25 us) per call even then. So the coroutine
     is stepped once by hand; only if it suspends does the rest run under ``asyncio.timeout``,
-    driven by :func:`_resume` exactly as a Task would drive it.
+    driven by :func:`resume` exactly as a Task would drive it.
     """
     try:
         waiting = coro.send(None)
@@ -192,11 +204,18 @@ async def _bounded(coro: Coroutine[Any, Any, Decision], timeout: float) -> Decis
     except BaseException:
         coro.close()
         raise
+    if asyncio.current_task() is None:
+        # driven by hand outside a task (the HTTP call-out steps ``decide`` once): yield, so the
+        # driver moves the rest into a task, where the timeout can be armed
+        await asyncio.sleep(0)
     async with asyncio.timeout(timeout):
-        return await _resume(coro, waiting)
+        return await resume(coro, waiting)
 
 
-async def _resume(coro: Coroutine[Any, Any, Decision], waiting: Any) -> Decision:
+async def resume(coro: Coroutine[Any, Any, Any], waiting: Any) -> Any:
+    """Drive ``coro``, already stepped by hand and now blocked on ``waiting`` (what its last
+    ``send`` returned), to its end, as a Task would. The HTTP call-out steps
+    :meth:`AuthorizationServicer.decide` the same way."""
     while True:
         try:
             if waiting is None:

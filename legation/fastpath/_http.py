@@ -1,0 +1,196 @@
+"""The HTTP/1.1 connection: httptools parses, this class keeps order and limits.
+
+One :class:`CalloutProtocol` per connection from Envoy. httptools (llhttp, strict) does all the
+parsing and refuses what is malformed: a bad request line or header, a Content-Length given
+twice, Content-Length with Transfer-Encoding, an invalid chunk. Any parse error, an oversized
+head or body, or an upgrade is answered with a 4xx denial and the connection is closed: never an
+allow. Pipelined requests are answered in order; a check that has to wait (a JWKS fetch, a
+remote OPA) holds the answers behind it, and reading pauses when too many queue up.
+
+Per request the work is: the parser's callbacks, one ``CheckRequest``, the servicer's
+``decide`` stepped by hand (no task, no timer unless a check really waits), one ``write``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+import httptools
+
+from legation.extauthz.servicer import resume
+from legation.fastpath import answer
+
+log = logging.getLogger("legation.fastpath")
+
+_MAX_QUEUED = 32  # pipelined requests held behind a waiting check before reading pauses
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    method: bytes
+    target: bytes
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+    keep_alive: bool
+
+
+# The handler: a call -> the answer's bytes now, or a coroutine that will return them.
+Handler = Callable[[Call], "bytes | Coroutine[Any, Any, bytes]"]
+
+
+class _Reject(Exception):
+    def __init__(self, status: int, code: str) -> None:
+        self.status, self.code = status, code
+
+
+@dataclass(frozen=True, kw_only=True)
+class Limits:
+    max_head_bytes: int = 64 * 1024  # request line + headers (Envoy's own default is 60 KiB)
+    max_headers: int = 100
+    max_body_bytes: int = 1024 * 1024
+
+
+class CalloutProtocol(asyncio.Protocol):
+    __slots__ = ("_body", "_busy", "_head", "_headers", "_queue", "_target", "handler",
+                 "limits", "parser", "transport")
+
+    def __init__(self, handler: Handler, limits: Limits) -> None:
+        self.handler = handler
+        self.limits = limits
+        self.parser = httptools.HttpRequestParser(self)
+        self.transport: asyncio.Transport | None = None
+        self._queue: deque[Call] = deque()
+        self._busy = False  # an answer is being computed by a task
+        self._reset()
+
+    def _reset(self) -> None:
+        self._target = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._body: list[bytes] = []
+        self._head = 0
+
+    # -- asyncio.Protocol ------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        self._queue.clear()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._fail(400, "upgrade_refused")
+        except httptools.HttpParserCallbackError as e:
+            reject = e.__context__ if isinstance(e.__context__, _Reject) else None
+            if reject is None:
+                log.exception("fast path: request handling failed")
+                self._fail(500, "internal")
+            else:
+                self._fail(reject.status, reject.code)
+        except httptools.HttpParserError:
+            self._fail(400, "malformed_request")
+
+    # -- httptools callbacks ---------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._reset()
+
+    def on_url(self, url: bytes) -> None:
+        self._target += url
+        self._count(len(url))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count(len(name) + len(value) + 4)
+        self._headers.append((name, value))
+        if len(self._headers) > self.limits.max_headers:
+            raise _Reject(431, "too_many_headers")
+
+    def on_headers_complete(self) -> None:
+        if self.parser.should_upgrade():  # Upgrade or CONNECT: never a call Envoy makes
+            raise _Reject(400, "upgrade_refused")
+
+    def on_body(self, body: bytes) -> None:
+        self._body.append(body)
+        if sum(map(len, self._body)) > self.limits.max_body_bytes:
+            raise _Reject(413, "body_too_large")
+
+    def on_message_complete(self) -> None:
+        if self.transport is None:  # closed by an earlier answer in the same read
+            return
+        call = Call(self.parser.get_method(), self._target, self._headers,
+                    b"".join(self._body), self.parser.should_keep_alive())
+        self._reset()
+        if self._busy or self._queue:
+            self._queue.append(call)
+            if len(self._queue) >= _MAX_QUEUED and self.transport is not None:
+                self.transport.pause_reading()
+            return
+        self._serve(call)
+
+    def _count(self, n: int) -> None:
+        self._head += n
+        if self._head > self.limits.max_head_bytes:
+            raise _Reject(431, "head_too_large")
+
+    # -- answering -------------------------------------------------------------------------
+
+    def _serve(self, call: Call) -> None:
+        """Answer ``call`` now if its checks do not wait, else from a task (answers in order)."""
+        out = self.handler(call)
+        if isinstance(out, bytes):
+            self._write(out, call.keep_alive)
+            return
+        try:
+            waiting = out.send(None)
+        except StopIteration as done:
+            self._write(done.value, call.keep_alive)
+            return
+        except BaseException:
+            out.close()
+            log.exception("fast path: request handling failed")
+            self._fail(500, "internal")
+            return
+        self._busy = True
+        task = asyncio.get_running_loop().create_task(resume(out, waiting))
+        task.add_done_callback(lambda t: self._finished(t, call.keep_alive))
+
+    def _finished(self, task: asyncio.Task[bytes], keep_alive: bool) -> None:
+        self._busy = False
+        if task.cancelled() or task.exception() is not None:
+            if not task.cancelled():
+                log.error("fast path: request handling failed", exc_info=task.exception())
+            self._fail(500, "internal")
+            return
+        self._write(task.result(), keep_alive)
+        while self._queue and not self._busy and self.transport is not None:
+            self._serve(self._queue.popleft())
+        if not self._queue and self.transport is not None:
+            self.transport.resume_reading()
+
+    def _write(self, data: bytes, keep_alive: bool) -> None:
+        if self.transport is None:
+            return
+        self.transport.write(data)
+        if not keep_alive:
+            self._close()
+
+    def _fail(self, status: int, code: str) -> None:
+        """Deny with ``status`` and close: the stream cannot be trusted any further."""
+        if self.transport is not None and not self.transport.is_closing():
+            if not self._busy:  # with an answer pending, closing is the only clean reply
+                self.transport.write(answer.error(status, code))
+        self._close()
+
+    def _close(self) -> None:
+        self._queue.clear()
+        if self.transport is not None:
+            self.transport.close()
+            self.transport = None

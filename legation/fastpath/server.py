@@ -1,0 +1,109 @@
+"""The HTTP call-out server: Envoy's ext_authz in HTTP mode, answered by the ext_authz checks.
+
+``start_server(Settings)`` builds the same :class:`~legation.extauthz.servicer.
+AuthorizationServicer` as the gRPC service (same config file, checks, metrics, decision log)
+and serves it over HTTP/1.1 with :mod:`legation.fastpath._http` (httptools; uvloop when the
+caller runs on it). Per call: the HTTP request becomes the ``CheckRequest`` gRPC would carry
+(:mod:`legation.fastpath.request`), the servicer decides (:meth:`AuthorizationServicer.decide`,
+so dry-run, fail-closed errors and timeouts are the gRPC path's), and the decision becomes the
+HTTP answer Envoy applies (:mod:`legation.fastpath.answer`).
+
+``upstream_headers`` and ``client_headers`` must be the ones the filter was built with
+(:class:`legation.fastpath.envoy_filter.Callout`): a decision that names another header is
+denied with ``error_status`` rather than passed on without it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Coroutine, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+
+from legation.errors import ConfigError
+from legation.extauthz import service as authz
+from legation.extauthz.request import RequestContext
+from legation.extauthz.servicer import AuthorizationServicer
+from legation.fastpath import answer
+from legation.fastpath._http import Call, CalloutProtocol, Limits
+from legation.fastpath.contract import Forwarded
+from legation.fastpath.request import NotACheck, check_request
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 0
+    reuse_port: bool = False
+    config_file: Path | None = None  # the ext_authz service's config (same file, same checks)
+    config: dict[str, Any] | None = None  # the same document, inline
+    decision_log: str | None = None
+    registry: CollectorRegistry | None = None
+    upstream_headers: Sequence[str] = ()  # as the filter's Callout.upstream_headers
+    client_headers: Sequence[str] = ()  # as the filter's Callout.client_headers
+    limits: Limits = field(default_factory=Limits)
+
+
+class CalloutApp:
+    """Call -> answer bytes, around one servicer (swapped configs apply from the next call)."""
+
+    def __init__(self, servicer: AuthorizationServicer, *, upstream_headers: Sequence[str] = (),
+                 client_headers: Sequence[str] = ()) -> None:
+        self.servicer = servicer
+        self.validate = answer.validator(Forwarded(upstream_headers), client_headers)
+
+    def __call__(self, call: Call) -> bytes | Coroutine[Any, Any, bytes]:
+        try:
+            request = check_request(call.method, call.target, call.headers, call.body)
+        except NotACheck:
+            return answer.error(400, "not_a_check", keep_alive=call.keep_alive)
+        return self._answer(RequestContext(request, self.servicer.input_options), call.keep_alive)
+
+    async def _answer(self, ctx: RequestContext, keep_alive: bool) -> bytes:
+        decision, _ = await self.servicer.decide(ctx, validate=self.validate)
+        return answer.encode(decision, deny_status=self.servicer.config.deny_status,
+                             keep_alive=keep_alive)
+
+
+class CalloutServer:
+    """A running server: ``port``, ``servicer`` (for reloads), ``close()``."""
+
+    def __init__(self, server: asyncio.Server, servicer: AuthorizationServicer, port: int) -> None:
+        self.server = server
+        self.servicer = servicer
+        self.port = port
+
+    async def serve_forever(self) -> None:
+        await self.server.serve_forever()
+
+    async def close(self) -> None:
+        self.server.close()
+        await self.server.wait_closed()
+        await authz.close_checks(self.servicer)
+
+
+async def start_server(settings: Settings) -> CalloutServer:
+    servicer = await authz.build_servicer(authz.Settings(
+        config_file=settings.config_file, config=settings.config,
+        decision_log=settings.decision_log, registry=settings.registry))
+    try:
+        for field in ("deny_status", "error_status"):
+            if getattr(servicer.config, field) == 200:
+                where = settings.config_file or "<settings.config>"
+                raise ConfigError(f"{where}: {field}: 200 would allow the request in Envoy's "
+                                  "HTTP mode")
+        app = CalloutApp(servicer, upstream_headers=settings.upstream_headers,
+                         client_headers=settings.client_headers)
+        limits = settings.limits
+        server = await asyncio.get_running_loop().create_server(
+            lambda: CalloutProtocol(app, limits), settings.host, settings.port,
+            reuse_port=settings.reuse_port or None, backlog=1024)
+    except BaseException:
+        await authz.close_checks(servicer)
+        raise
+    sock: socket.socket = server.sockets[0]
+    return CalloutServer(server, servicer, int(sock.getsockname()[1]))
