@@ -6,8 +6,8 @@ phase calls those hooks in order and stops at the first filter that answers (``e
 The error guard (:mod:`legation.extproc.guard`) wraps the chain from outside, as starlette's
 ``ServerErrorMiddleware`` wraps the user's middleware: filters never see the guard.
 
-How a hook runs, so that the phase's deadline (``message_timeout``) holds and one filter cannot
-stall the other streams on the event loop:
+How a hook runs, so that the phase's deadline (80% of Envoy's ``message_timeout``) holds and one
+filter cannot stall the other streams on the event loop:
 
 * a coroutine hook runs on the loop; at the deadline it is cancelled;
 * a plain-function hook runs on a worker thread (:mod:`._pool`) and is awaited until the
@@ -75,7 +75,8 @@ class Chain:
     fail_open: bool = False
     """On a filter error or a timeout, let the request through unchanged instead of a 500."""
     message_timeout: float | None = None
-    """Seconds one phase may take here; None uses the service's setting."""
+    """Seconds one phase may take here; None: 80% of Envoy's ``message_timeout`` (the service's
+    setting). Set, it must stay below Envoy's, or Envoy's 504 answers before the chain's."""
     _steps: dict[Phase, tuple[_Step, ...]] = field(init=False, repr=False, compare=False)
     _async: dict[Phase, bool] = field(init=False, repr=False, compare=False)
 

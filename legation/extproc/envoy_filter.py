@@ -43,8 +43,9 @@ def http_filter(
     """The ext_proc HttpFilter calling the gRPC service behind ``cluster``.
 
     ``message_timeout`` is how long Envoy waits for each answer (give the service the same value,
-    :attr:`legation.extproc.service.Settings.message_timeout`). Filters may set dynamic metadata in
-    namespace ``legation.extproc`` and ask for a body with ``mode_override``.
+    :attr:`legation.extproc.service.Settings.message_timeout`: it answers within 80% of it).
+    Filters may set dynamic metadata in namespace ``legation.extproc`` and ask for a body with
+    ``mode_override``.
     """
     config = ext_proc_pb2.ExternalProcessor(
         grpc_service=grpc_service(cluster),

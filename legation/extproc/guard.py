@@ -1,7 +1,8 @@
 """The error guard: the fixed outer layer around every chain.
 
 It is the one place where failures become answers: a filter that raises or outlives the
-``message_timeout`` gives the client a clean 500 (no internals in the body) and one log line, or,
+phase deadline (:func:`phase_deadline`: 80% of Envoy's ``message_timeout``, so the guard answers
+before Envoy gives up) gives the client a clean 500 (no internals in the body) and one log line, or,
 on a route configured fail-open, lets the message through unchanged (a threaded hook that outlived
 the deadline also ends the stream after that answer, see :mod:`.chain`). Either way a metric
 counts it under the filter's name and a stable code.
@@ -24,14 +25,31 @@ from legation.extproc.sdk import Phase
 
 log = logging.getLogger("legation.extproc")
 
+DEADLINE_SHARE = 0.8
+"""The service's own deadline for a phase, as a share of Envoy's ``message_timeout``.
+
+Envoy gives up on an answer after its ``message_timeout`` and answers 504 itself; the guard must
+answer first, so that the client sees the chain's failure behaviour (500, or the request passed
+through on a fail-open chain), every time, not whichever of two equal timers fires first. The
+20% left (40 ms of the default 200 ms) covers the message's trip to the service, the answer's
+trip back and a busy event loop."""
+
+
+def phase_deadline(envoy_message_timeout: float, chain_timeout: float | None = None) -> float:
+    """Seconds the guard lets one phase run: the chain's own ``message_timeout`` when it sets one
+    (an explicit override: keep it below Envoy's, or Envoy's 504 wins), else
+    :data:`DEADLINE_SHARE` of Envoy's ``message_timeout``."""
+    return chain_timeout if chain_timeout else DEADLINE_SHARE * envoy_message_timeout
+
 
 class ErrorGuard:
     """Runs one phase of a chain and always returns a well-formed ProcessingResponse."""
 
     def __init__(self, chain: Chain, *, metrics: Metrics, message_timeout: float) -> None:
+        """``message_timeout``: Envoy's (see :func:`phase_deadline`)."""
         self.chain = chain
         self._metrics = metrics
-        self._timeout = chain.message_timeout or message_timeout
+        self._timeout = phase_deadline(message_timeout, chain.message_timeout)
         self._mode = chain.processing_mode()
         self.buffered = frozenset(
             phase
@@ -54,7 +72,7 @@ class ErrorGuard:
             return self._failed(phase, ex, exc.filter_name, exc.code, str(exc), exc.__cause__)
         except TimeoutError:
             message = (
-                f"filter {ex.current_filter!r} exceeded message_timeout "
+                f"filter {ex.current_filter!r} exceeded the phase deadline "
                 f"{self._timeout:g}s in {phase.value}"
             )
             return self._failed(phase, ex, ex.current_filter, "message_timeout", message, None)

@@ -27,8 +27,10 @@ class Settings:
     """The chains YAML (see :mod:`legation.extproc.config`); or pass ``chains``."""
     chains: Chains | None = None
     message_timeout: float = 0.2
-    """Seconds a phase may take: keep equal to Envoy's ``message_timeout`` (default 200 ms). An
-    async filter still running then is cancelled and the guard answers (Envoy has given up)."""
+    """Envoy's ``message_timeout`` (the value its ext_proc filter is configured with, default
+    200 ms). Each phase here gets 80% of it (:data:`legation.extproc.guard.DEADLINE_SHARE`): a
+    filter still running then is cancelled (or left behind, on a thread) and the guard answers
+    with the chain's failure behaviour before Envoy would answer 504."""
     stream_idle_timeout: float = DEFAULT_STREAM_IDLE_TIMEOUT
     """Seconds a stream may go without a message from Envoy before it is ended (DEADLINE_EXCEEDED);
     keep it above the routes' timeouts (Envoy waits for the upstream between request and response
