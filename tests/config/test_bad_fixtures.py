@@ -35,6 +35,12 @@ EXPECTED = {
     "mtls_half_ca": "mtls.ca_key: needs mtls.ca_cert too",
     "ratelimit_max_bytes": "ratelimit.max_bytes: must be >= 65536, got 1024",
     "ratelimit_max_keys_with_redis": "ratelimit.max_keys: only used with backend: memory",
+    "ratelimit_local_with_memory": (
+        "ratelimit.failure_mode: local is only used with backend: redis"
+    ),
+    "ratelimit_local_instances_alone": (
+        "ratelimit.local_instances: only used with failure_mode: local"
+    ),
     "ratelimit_header_names_alone": (
         "ratelimit.response_header_names: only used with response_headers: true"
     ),
