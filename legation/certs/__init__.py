@@ -6,7 +6,8 @@
 * :mod:`~legation.certs.sds`: certificates as Envoy SDS secrets;
 * :mod:`~legation.certs.issuer`: a mesh's proxies' (and embedded services') certificates,
   followed across reloads;
-* :mod:`~legation.certs.enrol`: the xDS enrolment credentials of proxies, and which is current;
+* :mod:`~legation.certs.enrol`: the xDS enrolment credentials of proxies (from the xDS root,
+  kept beside the mesh CA and separate from it), and which is current;
 * :mod:`~legation.certs.xds_auth`: the xDS server's authenticator built on them (imported from
   its module, so that importing this package does not load gRPC).
 """

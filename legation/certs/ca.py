@@ -1,10 +1,13 @@
 """The mesh's certificate authority: a root (self-signed, generated once and kept on disk, or
 loaded from configured PEM files) that signs short-lived SPIFFE workload certificates.
 
-Generated roots are EC P-256, valid ten years, stored as ``ca.crt`` (0644) and ``ca.key`` (0600)
-in a directory created 0700. Workload certificates are X509-SVIDs: EC P-256 keys, the SPIFFE id as
-the only URI SAN, ``digitalSignature`` only, server and client auth, signed by the root directly
-(the chain is the leaf; the trust bundle is the root).
+Generated roots are EC P-256, valid ten years, stored as ``ca.crt`` (0644) and ``ca.key`` (0600) in
+a directory created 0700 (an existing one must be this user's and writable by no one else), under a
+lock and without ever replacing a file, so concurrent first uses share one root. The xDS root
+(:func:`legation.certs.enrol.xds_root`) is another instance, kept the same way. Workload
+certificates are X509-SVIDs: EC P-256 keys, the SPIFFE id as the only URI SAN, ``digitalSignature``
+only, server and client auth, signed by the root directly (the chain is the leaf; the trust bundle
+is the root).
 """
 
 from __future__ import annotations
