@@ -28,6 +28,7 @@ from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
 from legation.certs.ca import CERT_FILE, KEY_FILE, CertificateAuthority
 from legation.certs.sds import proxy_secrets
 from legation.certs.spiffe import service_name, spiffe_id
+from legation.certs.store import CertStore
 from legation.certs.workload import WorkloadCert
 from legation.config.model import Mesh
 from legation.grpc_server import ServerTls
@@ -104,8 +105,11 @@ class MeshIssuer:
         mesh_dir: Path,
         default_ca_dir: Path = DEFAULT_CA_DIR,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        persist: bool = False,
     ) -> None:
-        """``mesh_dir``: what relative CA paths are relative to. ``clock``: the current time."""
+        """``mesh_dir``: what relative CA paths are relative to. ``clock``: the current time.
+        ``persist``: keep the issued certificates beside a generated CA (``<CA dir>/issued``,
+        :class:`~legation.certs.store.CertStore`) and re-use the valid ones after a restart."""
         self.mesh_dir = mesh_dir
         self.default_ca_dir = default_ca_dir
         self.clock = clock
@@ -116,6 +120,8 @@ class MeshIssuer:
         self._service_tls: dict[str, ServerTls] = {}
         self._ca_key: CaLocation | None = None
         self._mesh: Mesh | None = None
+        self.persist = persist
+        self._store: CertStore | None = None
 
     @property
     def enabled(self) -> bool:
@@ -136,6 +142,9 @@ class MeshIssuer:
         for node, sid in wanted.items():
             held = self.certs.get(node)
             fresh = held is not None and held.spiffe_id == sid and ca is self.ca
+            if not fresh and self._store is not None:
+                held = self._store.load(f"proxy-{node}", ca=ca, spiffe_id=sid, now=now)
+                fresh = held is not None
             certs[node] = held if fresh and held else ca.issue(sid, ttl=mesh.mtls.cert_ttl,
                                                                  now=now)
         service_certs, hosts = {}, {}
@@ -144,11 +153,16 @@ class MeshIssuer:
             held = self.service_certs.get(kind)
             fresh = (held is not None and held.spiffe_id == sid and ca is self.ca
                      and self._service_hosts.get(kind) == hosts[kind])
+            if not fresh and self._store is not None:
+                held = self._store.load(f"service-{kind}", ca=ca, spiffe_id=sid, now=now,
+                                        hosts=hosts[kind])
+                fresh = held is not None
             service_certs[kind] = held if fresh and held else self._issue_service(
                 ca, sid, hosts[kind], mesh, now)
         tls = {kind: self._tls_for(kind, c, ca) for kind, c in service_certs.items()}
         self.ca, self.certs, self._mesh = ca, certs, mesh
         self.service_certs, self._service_hosts, self._service_tls = service_certs, hosts, tls
+        self._keep()
 
     def rotate(self, *, force: bool = False) -> list[str]:
         """Re-issue the certificates due for renewal (all with ``force``); their node ids."""
@@ -160,6 +174,8 @@ class MeshIssuer:
             self.certs[node] = self.ca.issue(
                 self.certs[node].spiffe_id, ttl=self._mesh.mtls.cert_ttl, now=now
             )
+        if due:
+            self._keep()
         return due
 
     def rotate_services(self, *, force: bool = False) -> list[str]:
@@ -174,6 +190,8 @@ class MeshIssuer:
                                        self._service_hosts[kind], self._mesh, now)
             self.service_certs[kind] = cert
             self._service_tls[kind] = self._tls_for(kind, cert, self.ca)
+        if due:
+            self._keep()
         return due
 
     def service_tls(self, kind: str) -> ServerTls | None:
@@ -223,4 +241,12 @@ class MeshIssuer:
             return self.ca
         ca = where.open(mesh.mtls.trust_domain)
         self._ca_key = where
+        self._store = CertStore(where.home / "issued") if self.persist and where.generate \
+            else None
         return ca
+
+    def _keep(self) -> None:
+        """Persist the current certificates (with ``persist``)."""
+        if self._store is not None:
+            self._store.save({**{f"proxy-{n}": c for n, c in self.certs.items()},
+                              **{f"service-{k}": c for k, c in self.service_certs.items()}})
