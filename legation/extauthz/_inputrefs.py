@@ -212,14 +212,15 @@ def analyse_packages(
                 if data_refs is None or any(_overlap(other[0], r) for r in data_refs):
                     reached.add(j)
                     todo.append(j)
-        paths: set[tuple[str, ...]] | None = set()
+        paths: set[tuple[str, ...]] = set()
+        whole = False
         for i in reached:
             refs = mods[i][1]
             if refs is None:
-                paths = None
+                whole = True
                 break
             paths |= refs
-        out["/".join(package)] = (None if paths is None else _tree(paths),
+        out["/".join(package)] = (None if whole else _tree(paths),
                                   all(mods[i][3] for i in reached))
     return out
 

@@ -19,7 +19,9 @@ from typing import Any
 
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 
-from legation.extauthz.checks import Check, Decision, Headers, header_items
+# the gRPC method is named Check too: the plugin type goes by another name in this module
+from legation.extauthz.checks import Check as CheckPlugin
+from legation.extauthz.checks import Decision, Headers, header_items
 from legation.extauthz.config import ServiceConfig
 from legation.extauthz.errors import CLIENT_CODES, AuthzError
 from legation.extauthz.observe import DecisionLog, Metrics, service_policy_labels
@@ -34,7 +36,7 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
         self,
         *,
         config: ServiceConfig,
-        checks: Mapping[str, Check],
+        checks: Mapping[str, CheckPlugin],
         metrics: Metrics,
         decision_log: DecisionLog,
         input_options: InputOptions | None = None,
@@ -43,7 +45,7 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
         self.swap(config=config, checks=checks, decision_log=decision_log,
                   input_options=input_options)
 
-    def swap(self, *, config: ServiceConfig, checks: Mapping[str, Check],
+    def swap(self, *, config: ServiceConfig, checks: Mapping[str, CheckPlugin],
              decision_log: DecisionLog, input_options: InputOptions | None = None) -> None:
         """Serve with a new config and checks from the next call on (a config file reload). A
         call in flight finishes with the checks it started with; closing the old checks is the
@@ -171,7 +173,7 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
                         query_parameters_to_set=tuple(query_set),
                         query_parameters_to_remove=tuple(query_remove), dynamic_metadata=metadata)
 
-    def _check(self, name: str) -> Check:
+    def _check(self, name: str) -> CheckPlugin:
         check = self.checks.get(name)
         if check is None:
             raise AuthzError(f"the route names unknown check {name!r}", code="unknown_check")
