@@ -36,7 +36,7 @@ SCENARIOS: list[tuple[str, Callable[..., Report], dict[str, object], bool]] = [
     ("control-plane", scenarios.control_plane_killed, {}, True),
     ("proxies", scenarios.proxies_reloaded, {}, True),
     ("root-ca", scenarios.root_rotation, {}, True),
-    ("redis-local", scenarios.redis_outage, {"mode": "local"}, True),
+    ("redis-local", scenarios.redis_outage, {"mode": "local"}, False),
 ]
 
 
