@@ -199,6 +199,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     if args.service == "xds":
         return asyncio.run(_serve_xds(args))
+    if args.plan:
+        return asyncio.run(_serve_plan(args))
     workers = max(1, args.workers)
     if workers == 1:
         return asyncio.run(_serve_one(args, reuse_port=False, index=0))
@@ -224,7 +226,9 @@ async def _serve_xds(args: argparse.Namespace) -> int:
         return 2
     host, _, port = (args.listen or "").rpartition(":")
     cp = ControlPlane(args.config, xds_host=host or None, xds_port=int(port) if port else None,
-                      status_port=args.status_port)
+                      status_port=args.status_port,
+                      services_dir=Path(args.services_dir) if args.services_dir else None,
+                      processes_file=Path(args.processes_file) if args.processes_file else None)
     try:
         await cp.start()
     except LegationError as err:
@@ -236,6 +240,33 @@ async def _serve_xds(args: argparse.Namespace) -> int:
         await _wait_for_signal()
     finally:
         await cp.stop()
+    return 0
+
+
+async def _serve_plan(args: argparse.Namespace) -> int:
+    """``legation serve <kind> --plan FILE``: the service the control plane published, kept
+    following the file (:mod:`legation.services.follower`)."""
+    from legation.services.follower import Follower
+
+    follower = Follower(Path(args.plan), kind=args.service)
+    try:
+        bound = await follower.start()
+    except LegationError as err:
+        print(err, file=sys.stderr)
+        return 2
+    if args.metrics_port:
+        from prometheus_client import start_http_server
+
+        registry = follower.services.running[args.service].registry
+        start_http_server(args.metrics_port, addr="127.0.0.1", registry=registry)
+    print(f"{args.service} (pid {os.getpid()}) on port {bound}, following {args.plan}",
+          flush=True)
+    watching = asyncio.create_task(follower.follow())
+    try:
+        await _wait_for_signal()
+    finally:
+        watching.cancel()
+        await follower.stop(1.0)
     return 0
 
 
@@ -350,12 +381,19 @@ def parser() -> argparse.ArgumentParser:
     xds.add_argument("--config", help="the mesh file")
     xds.add_argument("--listen", help="host:port (default: from the mesh)")
     xds.add_argument("--status-port", type=int, default=18001, help="status endpoint")
+    xds.add_argument("--services-dir",
+                     help="publish the request-path services' plans here for their own "
+                     "processes (`legation serve KIND --plan DIR/KIND/plan.json`) instead of "
+                     "running them in this one")
+    xds.add_argument("--processes-file", help=argparse.SUPPRESS)  # written by `legation up`
     xds.set_defaults(fn=cmd_serve)
     from legation.services import KINDS
 
     for kind in KINDS:
         one = ssub.add_parser(kind.name, help=kind.help)
         one.add_argument("--config", help="the service's own config file")
+        one.add_argument("--plan", help="follow the plan a control plane publishes "
+                         "(`serve xds --services-dir`) instead of --config")
         one.add_argument("--listen", help="host:port (default 127.0.0.1, an ephemeral port)")
         one.add_argument("--workers", type=int, default=1, help="processes sharing the port")
         one.add_argument("--metrics-port", type=int, default=0,

@@ -59,6 +59,7 @@ from legation.config import Mesh, load_mesh
 from legation.errors import LegationError
 from legation.services import EmbeddedServices, Plan, ServiceStartError, kinds
 from legation.services.planning import plan, watched_digest
+from legation.services.published import PublishedServices
 from legation.status_http import StatusEndpoint, status_document
 from legation.translate import translate
 from legation.xds.cache import SnapshotCache
@@ -85,12 +86,19 @@ class ControlPlane:
         poll_interval: float = 0.5,
         on_event: Callable[[str], None] | None = None,
         embedded_services: bool = True,
+        services_dir: Path | None = None,
+        processes_file: Path | None = None,
         ca_dir: Path | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         rotation_check: float = 60.0,
     ) -> None:
         """``embedded_services=False`` leaves the mesh's request-path services to others even
         when their blocks say ``embedded: true`` (only the Envoy side is configured).
+        ``services_dir``: the embedded services run as processes of their own
+        (``legation serve <kind> --plan``): each accepted generation is published there for them
+        (:mod:`legation.services.published`) instead of being run on this loop.
+        ``processes_file``: the JSON list of supervised processes ``legation up`` keeps, shown
+        in ``/status`` as ``processes``.
         ``ca_dir``: where the generated CA lives when the mesh names none (default
         ``.legation/ca``). ``clock`` dates certificates; the rotation timer looks at it at least
         every ``rotation_check`` seconds (so a suspended machine catches up)."""
@@ -107,9 +115,18 @@ class ControlPlane:
         self.on_event = on_event or (lambda line: log.info("%s", line))
         self.embedded_services = embedded_services
         self.issuer = MeshIssuer(mesh_dir=self.mesh_path.parent,
-                                 default_ca_dir=ca_dir or DEFAULT_CA_DIR, clock=clock)
-        self.services = EmbeddedServices(on_event=self.on_event,
-                                         tls_source=self.issuer.service_tls)
+                                 default_ca_dir=ca_dir or DEFAULT_CA_DIR, clock=clock,
+                                 persist=True)  # a restart re-uses the valid certificates
+        self.services: EmbeddedServices | PublishedServices
+        if services_dir is not None:
+            self.services = PublishedServices(
+                services_dir,
+                source=lambda: (str(self.mesh_path.resolve()), self._text, self._inputs),
+                tls_source=self.issuer.service_tls, on_event=self.on_event)
+        else:
+            self.services = EmbeddedServices(on_event=self.on_event,
+                                             tls_source=self.issuer.service_tls)
+        self.processes_file = processes_file
         self.rotation = Rotation(self.issuer, republish=self._republish, registry=self.registry,
                                  on_event=self.on_event, on_error=self._set_error,
                                  check_every=rotation_check)
@@ -122,6 +139,7 @@ class ControlPlane:
         self.last_error: str | None = None
         self._digest = ""  # of the mesh file being served
         self._inputs = ""  # of the mesh file and the services' files being served
+        self._text = ""  # the mesh file being served (what service processes are handed)
         self._rejected = ""  # of the inputs last rejected, so a rejection is reported once
         self._watched: tuple[Path, ...] = ()
         self._reloads = Counter(
@@ -196,6 +214,7 @@ class ControlPlane:
             _config_files(mesh, self.mesh_path.parent) + services.watched))
         translate(mesh, version="check")
         self._inputs = self._digest_of(text)
+        self._text = text.decode("utf-8", "replace")
         return mesh, services
 
     def _digest_of(self, text: bytes) -> str:
@@ -231,14 +250,15 @@ class ControlPlane:
         inputs = self._digest_of(text)
         if inputs in (self._inputs, self._rejected):
             return False
-        served = self._inputs
-        try:
-            mesh, services = self._validate(text)
+        served, served_text = self._inputs, self._text
+        try:  # off the loop: compiling policies may take a while, the loop serves meanwhile
+            mesh, services = await asyncio.to_thread(self._validate, text)
             mesh_changed = hashlib.sha256(text).hexdigest()[:8] != self._digest
             if mesh_changed:
                 self._issue(mesh, services)
         except LegationError as err:
             self._rejected, self._inputs = self._digest_of(text), served
+            self._text = served_text
             return self._reject(str(err))
         before = {p.node_id for p in self.mesh.proxies()} if self.mesh else set()
         failures = await self.services.apply(services)

@@ -2,13 +2,15 @@
 status`` prints), ``/metrics`` (Prometheus text of the given registries) and ``/healthz``.
 
 It only reads: the status document (:func:`status_document`, built from the control plane) and
-the registries come from callables, so it holds no state of its own. Paths match by prefix (``/status?x`` and ``/status/`` answer too); a request that is
-not HTTP gets aiohttp's 400; every answer closes its connection.
+the registries come from callables, so it holds no state of its own. Paths match by prefix
+(``/status?x`` and ``/status/`` answer too); a request that is not HTTP gets aiohttp's 400; every
+answer closes its connection.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -81,6 +83,7 @@ def status_document(cp: ControlPlane) -> dict[str, Any]:
         entry: dict[str, Any] = {
             "node_id": spec.node_id,
             "kind": spec.kind,
+            "cluster": spec.node_cluster,
             "service": spec.service,
             "admin": f"127.0.0.1:{spec.admin_port}",
             "listeners": {ls.name: f"{ls.host}:{ls.port}" for ls in spec.listeners},
@@ -99,12 +102,27 @@ def status_document(cp: ControlPlane) -> dict[str, Any]:
     return {
         "mesh": str(cp.mesh_path),
         "generation": cp.generation,
+        "mesh_digest": cp._digest,
         "xds": cp.server.address if cp.server else None,
         "last_error": cp.last_error,
         "services": cp.services.status(),
+        "processes": _processes(cp),
         "mtls": _mtls_status(cp),
         "proxies": proxies,
     }
+
+
+def _processes(cp: ControlPlane) -> list[dict[str, Any]]:
+    """The Legation processes serving this mesh: what ``legation up`` supervises (its
+    processes file: role, PID, restarts), else this one process."""
+    if cp.processes_file is not None:
+        try:
+            listed = json.loads(cp.processes_file.read_text())
+            if isinstance(listed, list):
+                return listed
+        except (OSError, ValueError):
+            pass
+    return [{"role": "xds", "pid": os.getpid(), "restarts": 0, "alive": True}]
 
 
 def _mtls_status(cp: ControlPlane) -> dict[str, Any] | None:

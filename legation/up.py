@@ -1,11 +1,22 @@
-"""``legation up``: the control plane, a real Envoy per proxy, and the demo apps, in one command.
+"""``legation up``: the control plane, the request-path services, a real Envoy per proxy, and the
+demo apps, in one command.
 
-Starts everything the mesh declares (the control plane first, with the request-path services the
-mesh embeds: ext_authz, ext_proc, rate limiting; then the demo apps and the Envoys), waits until
-every Envoy has ACKed its configuration, prints
-where to send requests, then shows a live status (a table on a terminal, log lines otherwise).
-Ctrl-C, SIGTERM, or any child dying stops everything; Envoys are also tied to this process with
-PR_SET_PDEATHSIG, so none is orphaned even if this process is killed.
+``legation up`` is a supervisor. The mesh is validated first (an invalid one starts nothing); then
+it starts, as child processes of its own, the control plane (``legation serve xds
+--services-dir .legation/services``) and one process per request-path service the mesh embeds
+(``legation serve <kind> --plan .legation/services/<kind>/plan.json``: ext_authz, ext_proc, rate
+limiting), then the demo apps and the Envoys. It waits until every Envoy has ACKed its
+configuration, prints where to send requests, then shows a live status (a table on a terminal,
+log lines otherwise).
+
+The data path does not depend on the control plane: the services follow the plan the control
+plane publishes (a live change is swapped in without a restart) and keep serving their last good
+config while it is away. Any Legation process that dies is started again (backoff from 0.5 s to
+10 s, each restart logged and counted); the Envoys keep running meanwhile and reconnect to the
+control plane by themselves. ``legation status --json`` lists the processes (role, PID, restarts).
+A reload that adds proxies starts their Envoys (and demo apps); one that removes proxies stops
+theirs. Ctrl-C, SIGTERM, or an Envoy dying stops everything; every child is tied to this process
+with PR_SET_PDEATHSIG, so none is orphaned even if this process is killed.
 
 Each Envoy is enrolled before it starts: its xDS credential (valid :data:`UP_TTL`) is written to
 ``.legation/nodes/<node>`` and its bootstrap reads it through file-based SDS with a watched
@@ -19,25 +30,39 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import json
 import logging
+import os
 import signal
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections import deque
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
-from legation.certs.enrol import UP_TTL
+from legation.certs._files import private_dir, write_private
+from legation.certs.enrol import UP_TTL, Enrolments, enrol, node_dir_name, xds_root
+from legation.certs.issuer import DEFAULT_CA_DIR, CaLocation, locate_ca
 from legation.certs.workload import WorkloadCert
-from legation.config import Mesh, Route
-from legation.controlplane import DEFAULT_STATUS_PORT, ControlPlane
+from legation.config import Mesh, Route, load_mesh
+from legation.controlplane import DEFAULT_STATUS_PORT
 from legation.demo import DemoApp
 from legation.envoy_process import EnvoyProcess
 from legation.errors import LegationError
-from legation.services import ServiceStartError, route_chains
+from legation.services import route_chains
+from legation.services.planning import plan
+from legation.supervisor import Supervised
+from legation.translate import translate
 from legation.translate.bootstrap import bootstrap
 
 QUICKSTART = Path(__file__).resolve().parent.parent / "examples" / "quickstart" / "mesh.yaml"
+STATE_DIR = DEFAULT_CA_DIR.parent  # .legation
+LEGATION = [sys.executable, "-m", "legation.cli"]
+log = logging.getLogger("legation.up")
 
 
 class Stack:
@@ -51,20 +76,31 @@ class Stack:
         out: TextIO = sys.stdout,
         ready_timeout: float = 60.0,
         live: bool | None = None,
+        state_dir: Path = STATE_DIR,
     ) -> None:
         self.mesh_path = mesh_path
         self.delta = delta
         self.out = out
-        self.log_dir = log_dir or Path(".legation") / "logs"
+        self.log_dir = log_dir or state_dir / "logs"
         self.ready_timeout = ready_timeout
         self.live = out.isatty() if live is None else live
+        self.status_port = status_port
+        self.state_dir = state_dir
+        self.services_dir = state_dir / "services"
+        self.processes_file = state_dir / "processes.json"
         self._recent: _Recent | None = None
         self._banner: list[str] = []
-        self.cp = ControlPlane(mesh_path, status_port=status_port, on_event=self.say)
-        self.apps: list[DemoApp] = []
+        self.mesh: Mesh | None = None
+        self.ca_where: CaLocation | None = None
+        self.cp: Supervised | None = None
+        self.services: dict[str, Supervised] = {}
+        self.apps: dict[tuple[str, int], DemoApp] = {}
         self.envoys: list[EnvoyProcess] = []
         self._stopping = asyncio.Event()
         self._last: dict[str, Any] = {}
+        self._status: dict[str, Any] = {}
+        self._followed = ""  # digest of the mesh whose proxies and demo apps are running
+        self._processes = ""
         self.credentials: dict[str, WorkloadCert] = {}  # node id -> its current xDS credential
 
     def say(self, line: str) -> None:
@@ -110,54 +146,218 @@ class Stack:
 
     async def _run(self) -> int:
         try:
-            await self.cp.start()
-        except ServiceStartError as err:
-            self.say(f"cannot start the mesh's request-path services, nothing started:\n{err}")
-            return 1
+            mesh = load_mesh(self.mesh_path)
+            plan(mesh, mesh_path=self.mesh_path,
+                 reserved={self.status_port: "the control plane's status endpoint (--status-port)"})
+            translate(mesh, version="check")
         except LegationError as err:
             self.say(f"invalid mesh, nothing started:\n{err}")
             return 2
-        except OSError as err:
-            self.say(f"cannot start the control plane: {err}")
-            return 1
-        mesh = self.cp.mesh
-        assert mesh is not None
-        self.say(f"control plane: xDS on {self.cp.server.address if self.cp.server else '?'}, "
-                 f"status on http://127.0.0.1:{self.cp.status_port}/status")
-        for kind, info in self.cp.services.status().items():
-            where = "in this process" if info["embedded"] else "not started here (embedded: false)"
-            self.say(f"{kind} service at {info['address']}, {where}")
+        self.mesh = mesh
+        self.ca_where = locate_ca(mesh, mesh_dir=self.mesh_path.parent)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        code = await self._start_control_plane()
+        if code:
+            return code
+        status = self._status
+        pid = self.cp.pid if self.cp else "?"
+        self.say(f"control plane: xDS on {status['xds']}, status on "
+                 f"http://127.0.0.1:{self.status_port}/status (pid {pid})")
+        code = await self._start_services(status["services"])
+        if code:
+            return code
         try:
-            for spec in mesh.demo_apps():
-                app = DemoApp(name=spec.service, version=spec.version, host=spec.host,
-                              port=spec.port, fail_every=spec.fail_every, delay_ms=spec.delay_ms)
-                await app.start()
-                self.apps.append(app)
+            await self._follow_apps(mesh)
         except OSError as err:
             self.say(f"cannot start a demo app: {err} (is another `legation up` running?)")
             return 1
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        xds = self.cp.server
-        assert xds is not None
-        for proxy in mesh.proxies():
-            try:
-                cert, files = self.cp.enrol(proxy.node_id, ttl=UP_TTL)
-            except LegationError as err:
-                self.say(f"cannot enrol {proxy.node_id}: {err}")
-                return 1
-            self.credentials[proxy.node_id] = cert
-            config = bootstrap(node_id=proxy.node_id, node_cluster=proxy.node_cluster,
-                               xds_host=xds.host, xds_port=xds.port,
-                               admin_port=proxy.admin_port, delta=self.delta,
-                               credentials_dir=files.directory.resolve())
-            self.envoys.append(EnvoyProcess(config, admin_port=proxy.admin_port,
-                                            name=proxy.node_id, log_dir=self.log_dir).start())
+        try:
+            self._follow_proxies(status)
+        except LegationError as err:
+            self.say(f"cannot enrol an Envoy: {err}")
+            return 1
+        self._followed = _digest(self.mesh_path)
         self.say(f"started {len(self.apps)} demo apps and {len(self.envoys)} Envoys "
                  f"(logs in {self.log_dir})")
+        self._write_processes()
         if not await self._wait_ready():
             return 1
         self.banner(mesh)
         return await self._supervise()
+
+    # -- Legation's own processes ----------------------------------------------------------
+
+    def _child(self, role: str, command: list[str], ready_line: str | None = None
+               ) -> Supervised:
+        return Supervised(role=role, command=command, log_path=self.log_dir / f"{role}.log",
+                          on_line=self._child_line, ready_line=ready_line)
+
+    def _child_line(self, role: str, line: str) -> None:
+        if self.live:  # to the log file and the table's recent lines
+            logging.getLogger(f"legation.up.{role}").info("%s", line)
+        else:
+            print(f"[{time.strftime('%H:%M:%S')}] {role}| {line}", file=self.out, flush=True)
+
+    async def _start_control_plane(self) -> int:
+        self.cp = self._child("xds", [
+            *LEGATION, "serve", "xds", "--config", str(self.mesh_path),
+            "--status-port", str(self.status_port),
+            "--services-dir", str(self.services_dir.resolve()),
+            "--processes-file", str(self.processes_file.resolve())])
+        await self.cp.start()
+        deadline = time.monotonic() + self.ready_timeout
+        while time.monotonic() < deadline and not self._stopping.is_set():
+            if not self.cp.alive():
+                await self.cp.output_done()
+                code = self.cp.returncode
+                self.say(("invalid mesh, nothing started" if code == 2 else
+                          f"the control plane exited (code {code}), nothing started")
+                         + ":\n" + "\n".join(self.cp.tail[-20:]))
+                return 2 if code == 2 else 1
+            status = await self._fetch_status()
+            if status is not None:
+                return 0
+            await asyncio.sleep(0.1)
+        self.say("the control plane did not answer on its status port in time")
+        return 1
+
+    async def _start_services(self, declared: dict[str, Any]) -> int:
+        """A process per service the control plane published; wait until each listens."""
+        for kind, info in declared.items():
+            if "plan" not in info:
+                self.say(f"{kind} service at {info['address']}, not started here "
+                         f"(embedded: false)")
+                continue
+            child = self._child(kind, [*LEGATION, "serve", kind, "--plan", info["plan"]],
+                                ready_line=f"following {info['plan']}")
+            self.services[kind] = await child.start()
+        deadline = time.monotonic() + self.ready_timeout
+        waiting = {k: declared[k]["address"] for k in self.services}
+        while waiting and time.monotonic() < deadline and not self._stopping.is_set():
+            for kind, address in list(waiting.items()):
+                child = self.services[kind]
+                if not child.alive():
+                    await child.output_done()
+                    self.say("cannot start the mesh's request-path services, nothing started:"
+                             "\n" + "\n".join(child.tail[-10:]))
+                    return 1
+                if child.ready:
+                    self.say(f"{kind} service at {address}, in its own process "
+                             f"(pid {child.pid})")
+                    del waiting[kind]
+            await asyncio.sleep(0.05)
+        if waiting:
+            self.say(f"request-path services not listening in time: {', '.join(waiting)}")
+            return 1
+        return 0
+
+    async def _restart_dead(self) -> None:
+        for child in [c for c in (self.cp, *self.services.values()) if c is not None]:
+            wait = child.due()
+            if wait is None:
+                continue
+            if child.restart_at is not None and not getattr(child, "_announced", False):
+                child._announced = True  # type: ignore[attr-defined]
+                self.say(f"{child.role} (pid {child.pid}) exited with code {child.returncode}; "
+                         f"restarting it in {wait:.1f}s (restart #{child.restarts + 1}); "
+                         f"the Envoys keep running")
+            if wait == 0:
+                child._announced = False  # type: ignore[attr-defined]
+                await child.start()
+                self.say(f"{child.role} restarted (pid {child.pid})")
+                self._write_processes()
+
+    def _write_processes(self) -> None:
+        """The processes file the control plane's /status lists (``processes``)."""
+        listed = [{"role": "up", "pid": os.getpid(), "restarts": 0, "alive": True}]
+        listed += [c.describe() for c in (self.cp, *self.services.values()) if c is not None]
+        listed += [{"role": "envoy", "name": e.name, "pid": e.proc.pid if e.proc else None,
+                    "restarts": 0, "alive": e.alive()} for e in self.envoys]
+        text = json.dumps(listed, indent=1)
+        if text == self._processes:
+            return
+        try:
+            private_dir(self.state_dir)
+            write_private(self.processes_file, text.encode())
+            self._processes = text
+        except (OSError, LegationError) as err:
+            self.say(f"cannot write {self.processes_file}: {err}")
+
+    async def _fetch_status(self) -> dict[str, Any] | None:
+        """The control plane's /status (kept as the last known one), or None if it does not
+        answer."""
+        try:
+            status = await asyncio.to_thread(_get_json, self.status_port)
+        except (OSError, ValueError, urllib.error.URLError):
+            return None
+        self._status = status
+        return status
+
+    # -- Envoys and demo apps, following the accepted mesh ------------------------------------
+
+    async def _follow_apps(self, mesh: Mesh) -> None:
+        wanted = {(a.service, a.port): a for a in mesh.demo_apps()}
+        for key in [k for k in self.apps if k not in wanted]:
+            await self.apps.pop(key).stop()
+        for key, spec in wanted.items():
+            if key not in self.apps:
+                app = DemoApp(name=spec.service, version=spec.version, host=spec.host,
+                              port=spec.port, fail_every=spec.fail_every, delay_ms=spec.delay_ms)
+                await app.start()
+                self.apps[key] = app
+
+    def _follow_proxies(self, status: dict[str, Any]) -> tuple[list[str], list[str]]:
+        """Start an Envoy for each proxy the served mesh has and none runs for; stop those of
+        proxies it no longer has. (started, stopped) node ids."""
+        wanted = {p["node_id"]: p for p in status["proxies"]}
+        running = {e.name for e in self.envoys}
+        stopped = sorted(running - set(wanted))
+        for envoy in [e for e in self.envoys if e.name in stopped]:
+            self.envoys.remove(envoy)
+            envoy.stop()
+            self.credentials.pop(envoy.name, None)
+        started = []
+        host, _, port = str(status["xds"]).rpartition(":")
+        for node, proxy in wanted.items():
+            if node in running:
+                continue
+            cert, directory = self._enrol(node)
+            self.credentials[node] = cert
+            admin_port = int(proxy["admin"].rpartition(":")[2])
+            config = bootstrap(node_id=node, node_cluster=proxy.get("cluster", ""),
+                               xds_host=host, xds_port=int(port), admin_port=admin_port,
+                               delta=self.delta, credentials_dir=directory.resolve())
+            self.envoys.append(EnvoyProcess(config, admin_port=admin_port, name=node,
+                                            log_dir=self.log_dir).start())
+            started.append(node)
+        return started, stopped
+
+    def _enrol(self, node: str) -> tuple[WorkloadCert, Path]:
+        """A new xDS credential for ``node`` (its earlier one revoked), written to its files."""
+        assert self.ca_where is not None
+        where = self.ca_where
+        directory = where.nodes_dir / node_dir_name(node)
+        cert, _ = enrol(xds_root(where.home), Enrolments.beside(where.home), node, directory,
+                        ttl=UP_TTL)
+        return cert, directory
+
+    async def _follow_mesh(self, status: dict[str, Any]) -> None:
+        """After a reload: the Envoys and demo apps of the proxies the served mesh has."""
+        digest = _digest(self.mesh_path)
+        if digest == self._followed or digest != status.get("mesh_digest"):
+            return  # nothing new, or the file on disk is not the mesh being served
+        try:
+            mesh = load_mesh(self.mesh_path)
+            await self._follow_apps(mesh)
+            started, stopped = self._follow_proxies(status)
+        except (LegationError, OSError) as err:
+            self.say(f"cannot follow the reloaded mesh's proxies: {err}")
+            return
+        self.mesh, self._followed = mesh, digest
+        if started:
+            self.say(f"new proxies in the mesh, their Envoys started: {', '.join(started)}")
+        if stopped:
+            self.say(f"proxies gone from the mesh, their Envoys stopped: {', '.join(stopped)}")
 
     async def _wait_ready(self) -> bool:
         deadline = time.monotonic() + self.ready_timeout
@@ -166,14 +366,16 @@ class Stack:
             if dead:
                 self.say(f"{dead.name} exited during start-up:\n{dead.log_tail()}")
                 return False
-            proxies = self.cp.status()["proxies"]
+            status = await self._fetch_status() or {}
+            proxies = status.get("proxies", [])
             if proxies and all(p["in_sync"] for p in proxies):
-                self.say(f"all {len(proxies)} Envoys ACKed generation {self.cp.generation}")
+                self.say(f"all {len(proxies)} Envoys ACKed generation {status['generation']}")
                 return True
+            await self._restart_dead()
             await asyncio.sleep(0.1)
         if self._stopping.is_set():
             return False
-        waiting = [p["node_id"] for p in self.cp.status()["proxies"] if not p["in_sync"]]
+        waiting = [p["node_id"] for p in self._status.get("proxies", []) if not p["in_sync"]]
         self.say(f"timed out waiting for Envoys to ACK: {', '.join(waiting)}")
         return False
 
@@ -212,29 +414,37 @@ class Stack:
                 self.say(f"{dead.name} exited (code {dead.proc.returncode if dead.proc else '?'})"
                          f"; stopping everything. Its log:\n{dead.log_tail(20)}")
                 return 1
+            await self._restart_dead()
+            status = await self._fetch_status() if self.cp and self.cp.alive() else None
+            if status is not None:
+                await self._follow_mesh(status)
+            self._write_processes()
             self.renew_credentials()
-            await self._report()
+            await self._report(status)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), 1.0)
+                await asyncio.wait_for(self._stopping.wait(), 0.5)
         self.say("stopping")
         return 0
 
     def renew_credentials(self) -> list[str]:
         """Re-issue the Envoys' xDS credentials past 2/3 of their lifetime (files rewritten in
         place, the old ones revoked); their node ids."""
-        now = self.cp.clock()
+        now = datetime.now(UTC)
         due = [node for node, cert in self.credentials.items() if cert.due(now)]
         for node in due:
             try:
-                self.credentials[node] = self.cp.enrol(node, ttl=UP_TTL)[0]
+                self.credentials[node] = self._enrol(node)[0]
             except LegationError as err:
                 self.say(f"cannot renew the xDS credential of {node}: {err}")
         if due:
             self.say(f"xDS credentials renewed for {len(due)} Envoys")
         return due
 
-    async def _report(self) -> None:
-        status = self.cp.status()
+    async def _report(self, status: dict[str, Any] | None) -> None:
+        if status is None:
+            if self.live:
+                self._table(self._status or {}, {}, away=True)
+            return
         counts = await asyncio.gather(*(asyncio.to_thread(_requests, e) for e in self.envoys))
         by_node = dict(zip((e.name for e in self.envoys), counts, strict=True))
         if self.live:
@@ -251,12 +461,15 @@ class Stack:
                     self.say(f"{key} in sync with generation {status['generation']}")
                 self._last[key] = now
 
-    def _table(self, status: dict[str, Any], counts: dict[str, tuple[int, int]]) -> None:
-        rows = [f"Legation  mesh {status['mesh']}  generation {status['generation']}  "
-                f"xDS {status['xds']}", ""]
+    def _table(self, status: dict[str, Any], counts: dict[str, tuple[int, int]], *,
+               away: bool = False) -> None:
+        rows = [f"Legation  mesh {status.get('mesh', '?')}  generation "
+                f"{status.get('generation', '?')}  xDS {status.get('xds', '?')}"
+                + ("  (control plane restarting; the data path keeps serving)" if away else ""),
+                ""]
         rows.append(f"{'proxy':28} {'admin':16} {'sync':5} {'CDS':13} {'LDS':13} {'nacks':>5} "
                      f"{'requests':>9} {'5xx':>6}")
-        for p in status["proxies"]:
+        for p in status.get("proxies", []):
             total, errors = counts.get(p["node_id"], (0, 0))
             rows.append(
                 f"{p['node_id']:28} {p['admin']:16} {'yes' if p['in_sync'] else 'NO':5} "
@@ -266,7 +479,7 @@ class Stack:
             if p["last_nack"]:
                 rows.append(f"    last NACK ({p['last_nack']['type']}): "
                             f"{p['last_nack']['message'][:90]}")
-        if status["last_error"]:
+        if status.get("last_error"):
             rows += ["", "last rejected mesh change:", *status["last_error"].splitlines()[:6]]
         if self._recent is not None and self._recent.lines:
             rows += ["", f"recent (all of it in {self.log_dir / 'legation.log'}):",
@@ -277,9 +490,25 @@ class Stack:
     async def shutdown(self) -> None:
         for envoy in self.envoys:
             await asyncio.to_thread(envoy.stop)
-        for app in self.apps:
+        for app in self.apps.values():
             await app.stop()
-        await self.cp.stop()
+        await asyncio.gather(*(c.stop() for c in self.services.values()))
+        if self.cp is not None:
+            await self.cp.stop()
+
+
+def _digest(path: Path) -> str:
+    """The mesh file's digest as the control plane reports it (``mesh_digest``)."""
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()[:8]
+    except OSError:
+        return ""
+
+
+def _get_json(port: int) -> dict[str, Any]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=2) as resp:
+        doc: dict[str, Any] = json.loads(resp.read())
+    return doc
 
 
 def _asks(route: Route) -> str:

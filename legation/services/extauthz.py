@@ -57,19 +57,24 @@ class AuthzService:
 
     @classmethod
     def references(cls, mesh: Mesh, spec: ServiceSpec) -> list[tuple[str, str]]:
-        from legation.extauthz import policies
         from legation.extauthz.rego import entrypoint
 
         regos = _regos(spec.live["loaded"])
         asked = [(i, r.authz) for i, r in enumerate(mesh.routes)
                  if r.authz is not None and r.authz != "disabled"]
-        if not regos or not asked:
+        if not regos:
             return []  # no rego check: a route's policy name reaches no engine
+        if not asked:  # still compiled: a policy that cannot serve is a rejected change
+            for rego in regos:
+                try:
+                    _compiled_packages(rego)
+                except ConfigError as err:
+                    return [("extauthz.config", f"{spec.live['source']}: {err}")]
+            return []
         known: list[tuple[Any, frozenset[str]]] = []
         for rego in regos:
             try:
-                src = policies.read_sources(rego.policy_dir, tests=rego.include_tests)
-                packages = policies.analyse(src, rules=(rego.decision,)).packages
+                packages = _compiled_packages(rego)
             except ConfigError as err:
                 return [("extauthz.config", f"{spec.live['source']}: {err}")]
             known.append((rego, packages))
@@ -139,6 +144,37 @@ class AuthzService:
             await service.stop_server(server, grace)
 
         return server, bound, stop
+
+
+_COMPILED: dict[tuple[Any, ...], frozenset[str] | ConfigError] = {}
+_COMPILED_KEEP = 16
+
+
+def _compiled_packages(rego: Any) -> frozenset[str]:
+    """The packages a rego check's policy directory declares, once its policies compiled in the
+    engine (as the check's policy store loads them): a syntax or type error is a ConfigError
+    naming the file, here in the validation phase, so the control plane rejects the change
+    instead of counting it applied while the store refuses it. Remembered per directory
+    fingerprint, so an unchanged directory is not compiled again on every reload."""
+    from legation.extauthz import policies
+
+    key = (str(rego.policy_dir), policies.fingerprint(Path(rego.policy_dir)), rego.decision,
+           rego.include_tests, rego.allow_network)
+    found = _COMPILED.get(key)
+    if found is None:
+        try:
+            found = policies.load(Path(rego.policy_dir), rules=(rego.decision,),
+                                  probe_timeout_s=rego.probe_timeout_s,
+                                  tests=rego.include_tests,
+                                  allow_network=rego.allow_network).packages
+        except ConfigError as err:
+            found = err
+        while len(_COMPILED) >= _COMPILED_KEEP:
+            _COMPILED.pop(next(iter(_COMPILED)))
+        _COMPILED[key] = found
+    if isinstance(found, ConfigError):
+        raise found
+    return found
 
 
 def _regos(loaded: LoadedConfig) -> list[Any]:

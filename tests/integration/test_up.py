@@ -114,6 +114,12 @@ def http(url: str, headers: dict[str, str] | None = None) -> tuple[int, str]:
         return 0, ""
 
 
+def processes(status_url: str) -> list[dict[str, Any]]:
+    """``processes`` of the status document ([] while the control plane is away)."""
+    status, body = http(status_url + "/status")
+    return list(json.loads(body)["processes"]) if status == 200 else []
+
+
 def eventually(check: Any, timeout: float = 15.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -264,7 +270,7 @@ def test_up_runs_the_mesh_services_and_stops_them(tmp_path: Path, ports: dict[st
     run = Up(mesh, tmp_path, ports["status"])
     try:
         run.wait_for("Legation is up")
-        assert f"extauthz service at 127.0.0.1:{service_ports['authz']}, in this process" \
+        assert f"extauthz service at 127.0.0.1:{service_ports['authz']}, in its own process" \
             in run.output
         gw = f"http://127.0.0.1:{ports['gw']}"
         status, body = http(gw + "/page")
@@ -273,7 +279,27 @@ def test_up_runs_the_mesh_services_and_stops_them(tmp_path: Path, ports: dict[st
         assert http(gw + "/hello") == (200, "hi")  # no authz on that route
         doc = json.loads(http(run.status_url + "/status")[1])
         assert doc["services"]["ratelimit"] == {
-            "embedded": True, "address": f"127.0.0.1:{service_ports['rl']}", "tls": "none"}
+            "embedded": True, "address": f"127.0.0.1:{service_ports['rl']}", "tls": "none",
+            "process": "own", "plan": str(Path(".legation/services/ratelimit/plan.json")
+                                          .resolve())}
+        eventually(lambda: {p["role"] for p in processes(run.status_url)} >= {
+            "up", "xds", "extauthz", "ratelimit", "envoy"})
+        roles = {p["role"]: p for p in processes(run.status_url)}
+
+        # the control plane killed: the services (their own processes) keep deciding, and it is
+        # started again by `legation up`, counted
+        os.kill(roles["xds"]["pid"], signal.SIGKILL)
+        for _ in range(10):
+            assert http(gw + "/page")[0] == 403
+            assert http(gw + "/page", {"x-role": "admin"})[0] == 200
+        run.wait_for("xds restarted")
+        eventually(lambda: any(p["role"] == "xds" and p["restarts"] == 1
+                               for p in processes(run.status_url)))
+        # a service process killed is started again with its last good config
+        os.kill(roles["extauthz"]["pid"], signal.SIGKILL)
+        run.wait_for("extauthz restarted")
+        eventually(lambda: http(gw + "/page", {"x-role": "admin"})[0] == 200)
+        assert http(gw + "/page")[0] == 403
         run.proc.send_signal(signal.SIGINT)
         assert run.proc.wait(20) == 0
         for port in service_ports.values():  # the services stopped with it

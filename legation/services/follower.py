@@ -1,0 +1,106 @@
+"""``legation serve <kind> --plan FILE``: one request-path service in a process of its own,
+following the plan the control plane publishes (:mod:`legation.services.published`).
+
+The process plans its own service from the accepted mesh in the file (the same
+:meth:`~legation.services.base.Service.settings` the control plane validated with, relative paths
+against the mesh's folder) and runs it with :class:`~legation.services.embedded.EmbeddedServices`,
+so a changed plan is swapped in live (ext_authz config and checks, chains, limits and modes) and
+only a new address or TLS setting restarts the server, inside this process. It checks the file
+every ``poll`` seconds; it never needs the control plane to be running: a plan that cannot be
+applied is logged and the running config stays. With mTLS, the certificate files beside the plan
+are read before each handshake (:class:`~legation.services.published.FileTls`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+from legation.config import parse_mesh
+from legation.errors import LegationError
+from legation.services.base import Invalid
+from legation.services.embedded import EmbeddedServices
+from legation.services.kinds import get
+from legation.services.planning import Plan
+from legation.services.published import FileTls, ServicePlan, read_plan
+
+log = logging.getLogger("legation.services.follower")
+
+__all__ = ["Follower"]
+
+
+class Follower:
+    """The service of one plan file, kept matching it."""
+
+    def __init__(self, plan_file: Path, *, kind: str, poll: float = 0.25) -> None:
+        self.plan_file = plan_file
+        self.kind = kind
+        self.poll = poll
+        self.tls = FileTls(plan_file.parent)
+        self.services = EmbeddedServices(on_event=lambda line: log.info("%s", line),
+                                         tls_source=lambda _kind: self.tls())
+        self.current: ServicePlan | None = None
+        self._raw = b""
+
+    async def start(self) -> int:
+        """Serve the plan in the file; its port. Raises LegationError when it cannot (no
+        readable plan, an invalid one, a port that cannot be bound): nothing is left running."""
+        try:
+            self._raw = self.plan_file.read_bytes()
+            plan = read_plan(self.plan_file)
+        except (OSError, ValueError, TypeError, KeyError) as err:
+            raise LegationError(f"{self.plan_file}: no readable plan: {err}",
+                                code="plan_unreadable") from None
+        failures = await self.services.apply(self._target(plan))
+        if failures:
+            await self.services.stop()
+            raise LegationError("\n".join(failures), code="service_start_failed")
+        self.current = plan
+        return self.services.running[self.kind].port
+
+    async def follow(self) -> None:
+        """Check the plan file every ``poll`` seconds, until cancelled."""
+        while True:
+            await asyncio.sleep(self.poll)
+            await self.check()
+
+    async def check(self) -> bool:
+        """Apply the plan file if it changed; True if a new plan was applied."""
+        try:
+            raw = self.plan_file.read_bytes()
+        except OSError:
+            return False  # being replaced, or the control plane cleared it: keep serving
+        if raw == self._raw:
+            return False
+        self._raw = raw
+        try:
+            plan = read_plan(self.plan_file)
+            target = self._target(plan)
+        except (OSError, ValueError, TypeError, KeyError, LegationError) as err:
+            log.error("%s: cannot apply the new plan, the running config stays: %s",
+                      self.plan_file, err)
+            return False
+        failures = await self.services.apply(target)
+        if failures:
+            return False
+        self.current = plan
+        log.info("%s service follows the plan of inputs %s", self.kind, plan.inputs)
+        return True
+
+    async def stop(self, grace: float = 1.0) -> None:
+        await self.services.stop()
+
+    def _target(self, plan: ServicePlan) -> Plan:
+        if plan.kind != self.kind:
+            raise LegationError(f"{self.plan_file}: a plan for {plan.kind}, not {self.kind}",
+                                code="plan_mismatch")
+        mesh = parse_mesh(plan.mesh_text, source=plan.mesh_path)
+        cls = get(self.kind).service_class()
+        try:
+            spec = cls.settings(mesh, Path(plan.mesh_path).resolve().parent)
+        except Invalid as err:
+            raise LegationError(f"{plan.mesh_path}: {self.kind}.{err.field}: {err}",
+                                code="invalid_plan") from None
+        return Plan(embedded={self.kind: replace(spec, tls=plan.tls)}, remote={})

@@ -1,0 +1,124 @@
+"""Legation's own processes under ``legation up``: started, watched, restarted when they die.
+
+A :class:`Supervised` is one child (the control plane, ``legation serve xds``, or a request-path
+service, ``legation serve <kind> --plan``): its output goes to a log file and, line by line, to a
+callback; it is tied to its parent with ``PR_SET_PDEATHSIG`` (as the Envoys are), so nothing
+outlives ``legation up`` even when it is killed. :meth:`Supervised.due` tells the caller when a dead
+child should be started again: after a backoff that doubles with each quick death (0.5 s up to
+10 s) and starts over once a child has stayed up for a minute.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from legation.envoy_process import _die_with_parent
+
+__all__ = ["Supervised"]
+
+BACKOFF_FIRST = 0.5
+BACKOFF_MAX = 10.0
+STABLE_AFTER = 60.0
+
+
+class Supervised:
+    def __init__(self, *, role: str, command: Sequence[str], log_path: Path,
+                 on_line: Callable[[str, str], None], env: dict[str, str] | None = None,
+                 ready_line: str | None = None) -> None:
+        """``role``: what it is (``xds``, ``extauthz``...); ``on_line(role, line)`` gets each
+        line it prints; ``ready_line``: the text of the line that says it serves (``ready``)."""
+        self.role = role
+        self.command = list(command)
+        self.log_path = log_path
+        self.on_line = on_line
+        self.env = env
+        self.proc: asyncio.subprocess.Process | None = None
+        self.restarts = 0
+        self.started_at = 0.0
+        self.restart_at: float | None = None
+        self._quick_deaths = 0
+        self._reader: asyncio.Task[None] | None = None
+        self.tail: list[str] = []
+        self.ready_line = ready_line
+        self.ready = False
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.returncode is None
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.returncode if self.proc is not None else None
+
+    async def start(self) -> Supervised:
+        if self.proc is not None:
+            self.restarts += 1
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.proc = await asyncio.create_subprocess_exec(
+            *self.command, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT, preexec_fn=_die_with_parent,
+            env={**os.environ, "GRPC_VERBOSITY": "ERROR", **(self.env or {})})
+        self.started_at, self.restart_at, self.ready = time.monotonic(), None, False
+        self._reader = asyncio.get_running_loop().create_task(self._read(self.proc))
+        return self
+
+    async def _read(self, proc: asyncio.subprocess.Process) -> None:
+        assert proc.stdout is not None
+        with open(self.log_path, "ab") as log:
+            while line := await proc.stdout.readline():
+                log.write(line)
+                log.flush()
+                text = line.decode("utf-8", "replace").rstrip()
+                self.tail = [*self.tail[-39:], text]
+                if self.ready_line is not None and self.ready_line in text:
+                    self.ready = True
+                self.on_line(self.role, text)
+        await proc.wait()
+
+    def due(self, now: float | None = None) -> float | None:
+        """For a dead child: seconds until it should be started again (0: now), scheduling the
+        restart on the first call after its death; None while it runs."""
+        if self.alive() or self.proc is None:
+            return None
+        now = time.monotonic() if now is None else now
+        if self.restart_at is None:
+            quick = now - self.started_at < STABLE_AFTER
+            self._quick_deaths = self._quick_deaths + 1 if quick else 1
+            delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (self._quick_deaths - 1))
+            self.restart_at = now + delay
+        return max(0.0, self.restart_at - now)
+
+    async def output_done(self, timeout: float = 2.0) -> None:
+        """Wait (bounded) until everything the child printed has been read."""
+        if self._reader is not None:
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(self._reader), timeout)
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        """SIGTERM, then SIGKILL after ``timeout`` seconds."""
+        proc = self.proc
+        if proc is not None and proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.wait(), timeout)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+        await self.output_done()
+
+    def describe(self) -> dict[str, Any]:
+        """What ``/status`` lists under ``processes``."""
+        return {"role": self.role, "pid": self.pid, "restarts": self.restarts,
+                "alive": self.alive()}
