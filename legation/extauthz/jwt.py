@@ -133,7 +133,7 @@ class _Provider:
             for part in cookies.split(";"):
                 name, _, value = part.strip().partition("=")
                 if name == c.from_cookie and value:
-                    return value
+                    return str(value)
         if c.from_query and "?" in ctx.path:
             try:
                 values = parse_query(ctx.path.partition("?")[2], strict=False).get(c.from_query)

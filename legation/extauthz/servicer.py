@@ -211,7 +211,8 @@ async def _bounded(coro: Coroutine[Any, Any, Decision], timeout: float) -> Decis
         # driver moves the rest into a task, where the timeout can be armed
         await asyncio.sleep(0)
     async with asyncio.timeout(timeout):
-        return await resume(coro, waiting)
+        decision: Decision = await resume(coro, waiting)
+        return decision
 
 
 async def resume(coro: Coroutine[Any, Any, Any], waiting: Any) -> Any:
