@@ -493,11 +493,20 @@ def _kill(pid: int | None) -> bool:
         return False
 
 
-def control_plane_killed(tmp: Path, scale: float = 1.0) -> Report:
+def _certificates(doc: dict[str, Any]) -> dict[str, str]:
+    """Serial of every proxy's and service's certificate in a status document."""
+    out = {p["node_id"]: p["certificate"]["serial"] for p in doc.get("proxies", [])
+           if "certificate" in p}
+    services = (doc.get("mtls") or {}).get("services", {})
+    return {**out, **{k: v["serial"] for k, v in services.items()}}
+
+
+def control_plane_killed(tmp: Path, scale: float = 1.0, *, mtls: str = "off") -> Report:
     """``legation up`` under load: its control-plane process (``legation serve xds``) killed,
     and killed again each time it comes back, for a while; then left to be restarted. The
     request-path services are processes of their own: every route should keep serving,
-    call-outs included; on return the Envoys resync with the same versions."""
+    call-outs included; on return the Envoys resync with the same versions and, with ``mtls``
+    strict, every proxy and service keeps its certificate (none re-issued)."""
     with Stack(tmp) as stack:
         ports = stack.ports("xds", "gw", "gw_admin", "authz", "proc", "rl", "status")
         app = stack.app("web")
@@ -506,7 +515,8 @@ def control_plane_killed(tmp: Path, scale: float = 1.0) -> Report:
         stack.write("limits.yaml", LIMITS_YAML.format(unit="minute", limit=1_000_000))
         mesh = stack.write("mesh.yaml", SERVICES_MESH.replace(
             "  - {{name: fragile, match: {{path: {{prefix: /fragile}}}}, to: {{service: web}},\n"
-            "     filters: [{{name: fault_t}}]}}\n", "").format(
+            "     filters: [{{name: fault_t}}]}}\n", "").replace(
+                "mtls: {{mode: off}}", f"mtls: {{{{mode: {mtls}}}}}").format(
                 **ports, app=app.port, tag="0", rl_mode="open", rl_store=""))
         stack.child([*LEGATION, "up", str(mesh), "--plain", "--status-port", str(ports["status"]),
                      "--log-dir", str(stack.tmp / "up-logs")], port=ports["status"], name="up")
@@ -527,14 +537,17 @@ def control_plane_killed(tmp: Path, scale: float = 1.0) -> Report:
         samples = load.finish()
         after = _status(ports["status"]) or {}
         roles = _processes(stack)
-        return report("control plane killed", probes, samples, restored_at=released_at,
+        return report(f"control plane killed (mtls {mtls})", probes, samples,
+                      restored_at=released_at,
                       extra={"away_s": round(back_at - killed_at, 1), "kills": kills,
                              "xds_restarts": roles.get("xds", {}).get("restarts"),
                              "services_restarted": sum(
                                  p["restarts"] for r, p in roles.items() if r not in
                                  ("xds", "up")),
                              "versions_kept": {p["node_id"]: p["acked"] for p in
-                                               after.get("proxies", [])} == acked})
+                                               after.get("proxies", [])} == acked,
+                             "certificates_kept": _certificates(after) == _certificates(before),
+                             "certificates": len(_certificates(before))})
 
 
 def root_rotation(tmp: Path, scale: float = 1.0) -> Report:

@@ -78,12 +78,15 @@ def test_workload_certificate_rotation_under_load(tmp_path):
     assert r.extra["rotations"] >= 2 and r.extra["distinct_serials"] > 2
 
 
-def test_control_plane_killed_data_path_keeps_serving(tmp_path):
-    r = run(scenarios.control_plane_killed, tmp_path)
+@pytest.mark.parametrize("mtls", ["off", "strict"])
+def test_control_plane_killed_data_path_keeps_serving(tmp_path, mtls):
+    r = run(scenarios.control_plane_killed, tmp_path, mtls=mtls)
     assert r.failed == 0 and r.leaked == 0 and r.hung == 0
     assert r.extra["kills"] >= 1 and r.extra["xds_restarts"] >= 1
     assert r.extra["services_restarted"] == 0  # the data path never depended on it
     assert r.extra["versions_kept"]  # resynced with nothing new to send
+    assert r.extra["certificates_kept"]  # none re-issued by the restarted control plane
+    assert r.extra["certificates"] == (4 if mtls == "strict" else 0)  # gateway + 3 services
 
 
 @pytest.mark.xfail(strict=True, reason=(
