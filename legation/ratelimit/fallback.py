@@ -6,7 +6,7 @@ every hit is counted there and the memory backend is not touched. When a call fa
 ``backend_unavailable`` (an error, or no answer within the store's own ``timeout_ms``, which
 stays the bound of every call), that request and the ones after it are decided by the memory
 backend with the same limits, each divided by ``instances`` (the number of rate-limit service
-instances expected to share the traffic, default 1; rounded up so a limit of 1 or more stays at
+processes expected to share the traffic, ``--workers`` included; default 1; rounded up so a limit of 1 or more stays at
 least 1): with N instances each admitting limit/N, the mesh admits about the limit. The limits
 are therefore per instance while the store is away, and roughly hold instead of vanishing
 (``allow``) or refusing everything (``deny``).
