@@ -47,7 +47,7 @@ class LocalFallback:
     """See the module docstring. ``store`` is the backend wrapped (its ``close`` is ours)."""
 
     def __init__(self, store: Backend, *, metrics: RateLimitMetrics, instances: int = 1,
-                 probe_interval: float = 0.25, max_probe_interval: float = 2.0,
+                 probe_interval: float = 0.25, max_probe_interval: float = 1.0,
                  monotonic: Callable[[], float] = time.monotonic) -> None:
         self.store = store
         self.local = MemoryBackend(LOCAL_MEMORY)
