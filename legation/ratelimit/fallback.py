@@ -6,10 +6,11 @@ every hit is counted there and the memory backend is not touched. When a call fa
 ``backend_unavailable`` (an error, or no answer within the store's own ``timeout_ms``, which
 stays the bound of every call), that request and the ones after it are decided by the memory
 backend with the same limits, each divided by ``instances`` (the number of rate-limit service
-processes expected to share the traffic, ``--workers`` included; default 1; rounded up so a limit of 1 or more stays at
-least 1): with N instances each admitting limit/N, the mesh admits about the limit. The limits
-are therefore per instance while the store is away, and roughly hold instead of vanishing
-(``allow``) or refusing everything (``deny``).
+processes expected to share the traffic, ``--workers`` included; default 1; rounded up so a
+limit of 1 or more stays at least 1): with N instances each admitting limit/N, the mesh admits
+about the limit. The limits are therefore per instance while the store is away, and roughly
+hold instead of vanishing (``allow``) or refusing everything (``deny``). One warning is logged
+when an outage starts and one when the store answers again.
 
 Going back: after a failure the store is left alone for a backoff (``probe_interval``, doubled
 after each failed probe up to ``max_probe_interval``). When it is due, one request (one at a
@@ -28,6 +29,7 @@ it: 0 from a failure until a probe gets an answer).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -38,6 +40,8 @@ from legation.ratelimit.backends.memory import MemoryBackend, MemoryConfig
 from legation.ratelimit.config import Limit
 from legation.ratelimit.errors import RateLimitError
 from legation.ratelimit.metrics import RateLimitMetrics
+
+log = logging.getLogger(__name__)
 
 LOCAL_MEMORY = MemoryConfig(max_keys=100_000, max_bytes=32 * 1024 * 1024)
 """Bounds of the in-memory counters used during an outage (an LRU, as the memory backend)."""
@@ -91,6 +95,9 @@ class LocalFallback:
             if exc.code != "backend_unavailable":
                 raise
             self.metrics.backend_errors.labels(exc.code).inc()
+            if not self._down:  # one line per outage, not per request
+                log.warning("rate-limit store failed, deciding in memory until it answers "
+                            "(limits / %d): %s", self.instances, exc)
             self._failed(probe)
             return self._decide_locally(hits, now_ms)
         finally:
@@ -99,6 +106,7 @@ class LocalFallback:
         if probe:  # only a probe brings the store back: a call that started before a failure
             self._down = False  # and answered after it says nothing about the store now
             self._backoff = self.probe_interval
+            log.warning("rate-limit store answers again: counting there")
         return decisions
 
     async def close(self) -> None:
