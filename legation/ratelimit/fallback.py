@@ -17,8 +17,10 @@ after each failed probe up to ``max_probe_interval``). When it is due, one reque
 time, never a burst) tries the store; the others keep deciding locally meanwhile. The first
 answer puts every request back on the store, so counting resumes there with no herd of
 requests each waiting for a timeout. Counters kept in memory during an outage are not copied to
-the store (the store's window carries on from what it had): during the second of the switch a
-client can get up to the limit from each side.
+the store (the store's window carries on from what it had), nor the store's to memory; but a
+counter the store had found over its limit stays refused in memory until the store said it could
+pass (its over-limit cache, when it has one: ``cached_refusal``). Otherwise, during the second of
+a switch a client can get up to the limit from each side.
 
 Measured in the limiter's metrics: ``legation_ratelimit_failure_mode_total{action="local"}``
 (requests decided in memory), ``..._backend_errors_total{code}`` (store calls that failed, probes
@@ -54,6 +56,8 @@ class LocalFallback:
                  probe_interval: float = 0.25, max_probe_interval: float = 1.0,
                  monotonic: Callable[[], float] = time.monotonic) -> None:
         self.store = store
+        self._refusal: Callable[[str, int], Decision | None] | None = getattr(
+            store, "cached_refusal", None)
         self.local = MemoryBackend(LOCAL_MEMORY)
         self.metrics = metrics
         self.instances = 1
@@ -124,8 +128,13 @@ class LocalFallback:
 
     def _decide_locally(self, hits: Sequence[Hit], now_ms: int) -> list[Decision]:
         self.metrics.failure_mode.labels("local").inc()
-        local = self.local
-        return [local.hit_one(Hit(h.key, self._share(h.limit), h.cost), now_ms) for h in hits]
+        local, refusal = self.local, self._refusal
+        out = []
+        for h in hits:
+            refused = refusal(h.key, now_ms) if refusal is not None else None
+            out.append(refused if refused is not None
+                       else local.hit_one(Hit(h.key, self._share(h.limit), h.cost), now_ms))
+        return out
 
     def _share(self, limit: Limit) -> Limit:
         """``limit`` divided among the instances (rounded up; 0 stays 0)."""

@@ -175,6 +175,19 @@ async def test_a_late_answer_from_before_the_failure_does_not_end_the_outage() -
     assert store.calls == calls
 
 
+async def test_a_counter_the_store_had_over_stays_refused_in_memory() -> None:
+    class Remembers(Store):
+        def cached_refusal(self, key: str, now_ms: int) -> Decision | None:
+            return Decision(False, 0, 1000, 1000) if key == "hot" and now_ms < T0 + 1000 else None
+
+    store = Remembers()
+    backend, _, _ = fallback(store)
+    store.up = False
+    assert await allowed(backend, "hot", PER_MINUTE, 3) == [False] * 3  # Redis said: over
+    assert await allowed(backend, "cold", PER_MINUTE, 6) == [True] * 5 + [False]
+    assert await allowed(backend, "hot", PER_MINUTE, 6, now_ms=T0 + 1000) == [True] * 5 + [False]
+
+
 async def test_other_errors_are_not_swallowed() -> None:
     class Broken(Store):
         async def hit(self, hits: Sequence[Hit], now_ms: int) -> list[Decision]:

@@ -93,10 +93,10 @@ class RedisBackend:
         decisions: list[Decision | None] = [None] * len(hits)
         pending: list[tuple[int, Hit, str, list[Any]]] = []
         for i, h in enumerate(hits):
-            cached = self._over.get(h.key) if self.config.local_cache_size else None
-            if cached is not None and cached[0] > now_ms:
+            refused = self.cached_refusal(h.key, now_ms)
+            if refused is not None:
                 self.cache_hits += 1
-                decisions[i] = Decision(False, 0, max(0, cached[1] - now_ms), cached[0] - now_ms)
+                decisions[i] = refused
                 continue
             pending.append((i, h, *self._command(h, now_ms)))
         if pending:
@@ -118,6 +118,14 @@ class RedisBackend:
 
     async def close(self) -> None:
         await self._client.aclose()
+
+    def cached_refusal(self, key: str, now_ms: int) -> Decision | None:
+        """The refusal the over-limit cache holds for ``key`` at ``now_ms``, if any (no I/O; the
+        local failure mode asks it too, so a counter Redis had over stays refused in memory)."""
+        cached = self._over.get(key) if self.config.local_cache_size else None
+        if cached is None or cached[0] <= now_ms:
+            return None
+        return Decision(False, 0, max(0, cached[1] - now_ms), cached[0] - now_ms)
 
     def _command(self, h: Hit, now_ms: int) -> tuple[str, list[Any]]:
         limit = h.limit
