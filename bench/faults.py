@@ -33,8 +33,9 @@ SCENARIOS: list[tuple[str, Callable[..., Report], dict[str, object], bool]] = [
     ("redis", scenarios.redis_outage, {}, False),
     ("redis-closed", scenarios.redis_outage, {"mode": "closed"}, False),
     ("rotation", scenarios.cert_rotation, {}, False),
-    ("control-plane", scenarios.control_plane_killed, {}, True),
-    ("proxies", scenarios.proxies_reloaded, {}, True),
+    ("control-plane", scenarios.control_plane_killed, {}, False),
+    ("control-plane-mtls", scenarios.control_plane_killed, {"mtls": "strict"}, False),
+    ("proxies", scenarios.proxies_reloaded, {}, False),
     ("root-ca", scenarios.root_rotation, {}, True),
     ("redis-local", scenarios.redis_outage, {"mode": "local"}, False),
 ]

@@ -7,10 +7,13 @@ Each app instance becomes a container with a fixed address on the ``legation`` n
 Envoy (the official image) shares the app's network namespace, as a sidecar does in a pod. The
 gateway Envoy publishes port 8080. The control plane and the request-path services run from the
 image ``compose/Dockerfile`` builds; Redis and OPA are the official images. The mesh is the
-quickstart's with loopback addresses replaced by container addresses. As in ``legation up``, the
-control plane runs the request-path services in-process; here the rate limiter keeps its counters
-in the Redis container and ext_authz asks the OPA container (the ``opa`` check, OPA's REST API)
-instead of embedding the Rego engine. OPA serves ``policies/``.
+quickstart's with loopback addresses replaced by container addresses. As in ``legation up``, each
+request-path service runs on its own (a container per service, ``legation serve <kind> --plan``),
+following the plan the control plane publishes into a volume of that service's own (``svc-<kind>``:
+the accepted mesh, and the service's certificate and key), so the data path keeps serving while
+the control plane restarts; every Legation container restarts when it dies. Here the rate limiter
+keeps its counters in the Redis container and ext_authz asks the OPA container (the ``opa`` check,
+OPA's REST API) instead of embedding the Rego engine. OPA serves ``policies/``.
 A test regenerates everything and compares, so the committed files cannot drift.
 
 Secrets are made at start-up, never committed: a one-shot ``enrol`` container (``legation
@@ -20,7 +23,8 @@ credential into a volume of that proxy's own (mounted only into its Envoy, at
 Redis and the control plane only). The control plane serves xDS over TLS with client certificates
 (as everywhere). The mesh's mTLS is strict, and the request-path services (listening on the
 compose network, where every container can reach them) say ``tls: mesh``: they present a
-certificate from the mesh CA (``legation-<kind>``, issued in memory by the control plane) and
+certificate from the mesh CA (``legation-<kind>``, issued by the control plane into the service's
+own volume) and
 accept only clients with a workload certificate from it, i.e. the proxies. Redis requires the
 password and is capped by ``maxmemory`` (counters have TTLs, so ``volatile-ttl`` evicts the ones
 closest to expiry). The mesh names the Redis URL with the
@@ -46,8 +50,10 @@ OUT = ROOT / "compose"
 SUBNET = "172.30.0.0/24"
 ENVOY_IMAGE = "envoyproxy/envoy:v1.40-latest"
 IPS = {"control-plane": "172.30.0.2", "gateway": "172.30.0.3", "redis": "172.30.0.4",
-       "opa": "172.30.0.5"}
+       "opa": "172.30.0.5", "extauthz": "172.30.0.6", "extproc": "172.30.0.7",
+       "ratelimit": "172.30.0.8"}
 CA_DIR = "/var/lib/legation/ca"
+SERVICES_DIR = "/var/lib/legation/services"  # one volume per service below it
 CREDENTIALS_DIR = "/etc/legation/xds"  # a proxy's own volume, inside its Envoy container
 REDIS_SECRET = "/run/legation-secret/redis_password"
 REDIS_PASSWORD_PLACEHOLDER = "__REDIS_PASSWORD__"  # not a secret: substituted at start-up
@@ -75,7 +81,7 @@ def compose_mesh(raw: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
             endpoint["host"] = address
     for block in ("extauthz", "extproc", "ratelimit"):
         if block in mesh:
-            mesh[block]["host"] = IPS["control-plane"]  # embedded in the control plane
+            mesh[block]["host"] = IPS[block]  # a container of its own
             mesh[block]["tls"] = "mesh"  # reachable by every container: proxies only (mTLS)
     # strict mTLS, whatever the quickstart says; the CA (for xDS and mTLS) lives on a volume
     # the control plane can write
@@ -110,6 +116,7 @@ def stack(mesh_doc: dict[str, Any], apps: dict[str, str]) -> dict[str, Any]:
                 "image": "legation:dev"}
 
     nodes = [p.node_id for p in mesh.proxies()]
+    kinds = [k for k in ("extauthz", "extproc", "ratelimit") if k in mesh_doc]
     secret_dir = REDIS_SECRET.rsplit("/", 1)[0]
     enrol = (
         "set -e; umask 077; "
@@ -117,14 +124,17 @@ def stack(mesh_doc: dict[str, Any], apps: dict[str, str]) -> dict[str, Any]:
         f"--ca-dir {CA_DIR} --credentials-dir \"/nodes/$$node\" "
         f"--xds {IPS['control-plane']}:{mesh.xds.port} > /dev/null; done; "
         f"[ -s {REDIS_SECRET} ] || python -c 'import secrets; print(secrets.token_hex(24))' "
-        f"> {REDIS_SECRET}; chown -R legation /var/lib/legation {secret_dir}"
+        f"> {REDIS_SECRET}; chown -R legation /var/lib/legation {secret_dir}; "
+        f"chmod 700 {' '.join(f'{SERVICES_DIR}/{k}' for k in kinds)}"
     )
     serve = (
         "set -e; umask 077; mkdir -p /tmp/mesh; cp /mesh/*.yaml /tmp/mesh/; "
         f"sed -i \"s/{REDIS_PASSWORD_PLACEHOLDER}/$$(cat {REDIS_SECRET})/\" /tmp/mesh/mesh.yaml; "
         "exec legation serve xds --config /tmp/mesh/mesh.yaml "
-        f"--listen 0.0.0.0:{mesh.xds.port}"
+        f"--listen 0.0.0.0:{mesh.xds.port} --services-dir {SERVICES_DIR}"
     )
+    mesh_files = ["./mesh.yaml:/mesh/mesh.yaml:ro", "./authz.yaml:/mesh/authz.yaml:ro",
+                  "./ratelimit.yaml:/mesh/ratelimit.yaml:ro"]
     redis = (
         f"printf 'requirepass %s\\nmaxmemory {REDIS_MAXMEMORY}\\nmaxmemory-policy volatile-ttl"
         f"\\nsave \"\"\\nappendonly no\\n' \"$$(cat {REDIS_SECRET})\" "
@@ -137,15 +147,17 @@ def stack(mesh_doc: dict[str, Any], apps: dict[str, str]) -> dict[str, Any]:
             "user": "root",
             "command": ["sh", "-c", enrol],
             "volumes": ["legation-ca:/var/lib/legation", f"redis-secret:{secret_dir}",
-                        *(f"xds-{n}:/nodes/{n}" for n in nodes)],
+                        *(f"xds-{n}:/nodes/{n}" for n in nodes),
+                        *(f"svc-{k}:{SERVICES_DIR}/{k}" for k in kinds)],
             "network_mode": "none",
         },
         "control-plane": {
             **legation_image(),
             "command": ["sh", "-c", serve],
-            "volumes": ["./mesh.yaml:/mesh/mesh.yaml:ro", "./authz.yaml:/mesh/authz.yaml:ro",
-                        "./ratelimit.yaml:/mesh/ratelimit.yaml:ro",
-                        "legation-ca:/var/lib/legation", f"redis-secret:{secret_dir}:ro"],
+            "volumes": [*mesh_files, "legation-ca:/var/lib/legation",
+                        f"redis-secret:{secret_dir}:ro",
+                        *(f"svc-{k}:{SERVICES_DIR}/{k}" for k in kinds)],
+            "restart": "unless-stopped",
             "networks": {"legation": {"ipv4_address": IPS["control-plane"]}},
             "depends_on": {"enrol": {"condition": "service_completed_successfully"},
                            "redis": {"condition": "service_started"},
@@ -160,6 +172,17 @@ def stack(mesh_doc: dict[str, Any], apps: dict[str, str]) -> dict[str, Any]:
                 "volumes": ["../policies:/policies:ro"],
                 "networks": {"legation": {"ipv4_address": IPS["opa"]}}},
     }
+    for kind in kinds:  # the mesh (relative paths) where the plan says it is: /tmp/mesh
+        follow = ("set -e; mkdir -p /tmp/mesh; cp /mesh/*.yaml /tmp/mesh/; "
+                  f"exec legation serve {kind} --plan {SERVICES_DIR}/{kind}/plan.json")
+        services[f"legation-{kind}"] = {
+            **legation_image(),
+            "command": ["sh", "-c", follow],
+            "volumes": [*mesh_files, f"svc-{kind}:{SERVICES_DIR}/{kind}:ro"],
+            "networks": {"legation": {"ipv4_address": IPS[kind]}},
+            "restart": "unless-stopped",  # until the control plane has published its plan too
+            "depends_on": ["control-plane"],
+        }
     for spec in mesh.demo_apps():
         name = next(n for n, ip in apps.items()
                     if ip == spec.host and _port_of(mesh, n) == spec.port)
@@ -196,7 +219,7 @@ def stack(mesh_doc: dict[str, Any], apps: dict[str, str]) -> dict[str, Any]:
         "networks": {"legation": {"ipam": {"config": [{"subnet": SUBNET}]}}},
         # the mesh CA's key survives container restarts; one credential volume per proxy
         "volumes": {"legation-ca": {}, "redis-secret": {},
-                    **{f"xds-{n}": {} for n in nodes}},
+                    **{f"xds-{n}": {} for n in nodes}, **{f"svc-{k}": {} for k in kinds}},
     }
 
 

@@ -48,6 +48,7 @@ class Supervised:
         self.tail: list[str] = []
         self.ready_line = ready_line
         self.ready = False
+        self.announced = False  # its death has been reported (by the caller)
 
     @property
     def pid(self) -> int | None:

@@ -101,6 +101,7 @@ class Stack:
         self._status: dict[str, Any] = {}
         self._followed = ""  # digest of the mesh whose proxies and demo apps are running
         self._processes = ""
+        self._retiring: list[EnvoyProcess | DemoApp] = []  # removed, stopped once unrouted
         self.credentials: dict[str, WorkloadCert] = {}  # node id -> its current xDS credential
 
     def say(self, line: str) -> None:
@@ -251,18 +252,32 @@ class Stack:
             return 1
         return 0
 
+    async def _follow_services(self, declared: dict[str, Any]) -> None:
+        """After a reload: a process for a service the mesh added, none for one it removed (a
+        service whose address changed restarts its server inside its own process)."""
+        for kind in [k for k in self.services if "plan" not in declared.get(k, {})]:
+            await self.services.pop(kind).stop()
+            self.say(f"{kind} service gone from the mesh, its process stopped")
+        for kind, info in declared.items():
+            if "plan" in info and kind not in self.services:
+                child = self._child(kind, [*LEGATION, "serve", kind, "--plan", info["plan"]],
+                                    ready_line=f"following {info['plan']}")
+                self.services[kind] = await child.start()
+                self.say(f"{kind} service added to the mesh, its process started "
+                         f"(pid {child.pid})")
+
     async def _restart_dead(self) -> None:
         for child in [c for c in (self.cp, *self.services.values()) if c is not None]:
             wait = child.due()
             if wait is None:
                 continue
-            if child.restart_at is not None and not getattr(child, "_announced", False):
-                child._announced = True  # type: ignore[attr-defined]
+            if child.restart_at is not None and not child.announced:
+                child.announced = True
                 self.say(f"{child.role} (pid {child.pid}) exited with code {child.returncode}; "
                          f"restarting it in {wait:.1f}s (restart #{child.restarts + 1}); "
                          f"the Envoys keep running")
             if wait == 0:
-                child._announced = False  # type: ignore[attr-defined]
+                child.announced = False
                 await child.start()
                 self.say(f"{child.role} restarted (pid {child.pid})")
                 self._write_processes()
@@ -296,9 +311,11 @@ class Stack:
     # -- Envoys and demo apps, following the accepted mesh ------------------------------------
 
     async def _follow_apps(self, mesh: Mesh) -> None:
+        """Start the demo apps ``mesh`` adds; those it removes stop once the Envoys no longer
+        route to them (:meth:`_retire`)."""
         wanted = {(a.service, a.port): a for a in mesh.demo_apps()}
         for key in [k for k in self.apps if k not in wanted]:
-            await self.apps.pop(key).stop()
+            self._retiring.append(self.apps.pop(key))
         for key, spec in wanted.items():
             if key not in self.apps:
                 app = DemoApp(name=spec.service, version=spec.version, host=spec.host,
@@ -307,14 +324,15 @@ class Stack:
                 self.apps[key] = app
 
     def _follow_proxies(self, status: dict[str, Any]) -> tuple[list[str], list[str]]:
-        """Start an Envoy for each proxy the served mesh has and none runs for; stop those of
-        proxies it no longer has. (started, stopped) node ids."""
+        """Start an Envoy for each proxy the served mesh has and none runs for; those of proxies
+        it no longer has stop once the others are in sync (no one routes to them any more).
+        (started, stopping) node ids."""
         wanted = {p["node_id"]: p for p in status["proxies"]}
         running = {e.name for e in self.envoys}
         stopped = sorted(running - set(wanted))
         for envoy in [e for e in self.envoys if e.name in stopped]:
             self.envoys.remove(envoy)
-            envoy.stop()
+            self._retiring.append(envoy)
             self.credentials.pop(envoy.name, None)
         started = []
         host, _, port = str(status["xds"]).rpartition(":")
@@ -357,7 +375,24 @@ class Stack:
         if started:
             self.say(f"new proxies in the mesh, their Envoys started: {', '.join(started)}")
         if stopped:
-            self.say(f"proxies gone from the mesh, their Envoys stopped: {', '.join(stopped)}")
+            self.say(f"proxies gone from the mesh, their Envoys stop once the others are in "
+                     f"sync: {', '.join(stopped)}")
+
+    async def _retire(self, status: dict[str, Any]) -> None:
+        """Stop the Envoys and demo apps a reload removed, once every remaining Envoy has ACKed
+        the mesh without them."""
+        if not self._retiring or not all(p["in_sync"] for p in status["proxies"]):
+            return
+        names = []
+        for gone in self._retiring:
+            if isinstance(gone, EnvoyProcess):
+                await asyncio.to_thread(gone.stop)
+                names.append(gone.name)
+            else:
+                await gone.stop()
+        self._retiring = []
+        if names:
+            self.say(f"Envoys stopped: {', '.join(names)}")
 
     async def _wait_ready(self) -> bool:
         deadline = time.monotonic() + self.ready_timeout
@@ -418,6 +453,8 @@ class Stack:
             status = await self._fetch_status() if self.cp and self.cp.alive() else None
             if status is not None:
                 await self._follow_mesh(status)
+                await self._follow_services(status["services"])
+                await self._retire(status)
             self._write_processes()
             self.renew_credentials()
             await self._report(status)
@@ -488,9 +525,9 @@ class Stack:
         self.out.flush()
 
     async def shutdown(self) -> None:
-        for envoy in self.envoys:
+        for envoy in [*self.envoys, *(e for e in self._retiring if isinstance(e, EnvoyProcess))]:
             await asyncio.to_thread(envoy.stop)
-        for app in self.apps.values():
+        for app in [*self.apps.values(), *(a for a in self._retiring if isinstance(a, DemoApp))]:
             await app.stop()
         await asyncio.gather(*(c.stop() for c in self.services.values()))
         if self.cp is not None:

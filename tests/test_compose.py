@@ -145,3 +145,25 @@ def test_no_secret_material_is_committed() -> None:
     for path in generate.OUT.rglob("*"):
         if path.is_file() and path.suffix in (".yaml", ".txt", ""):
             assert "PRIVATE KEY" not in path.read_text(errors="replace"), path
+
+
+def test_each_request_path_service_is_a_container_following_its_own_plan() -> None:
+    """As in `legation up`: the services outlive the control plane. Each one's container
+    follows the plan published into a volume of its own (read-only there), which only the
+    control plane (and the one-shot enrolment, to own it) also mount; each restarts on exit."""
+    doc = yaml.safe_load(COMPOSE.read_text())
+    services = doc["services"]
+    mesh = load_mesh(generate.OUT / "mesh.yaml")
+    for kind in ("extauthz", "extproc", "ratelimit"):
+        container = services[f"legation-{kind}"]
+        plan = f"{generate.SERVICES_DIR}/{kind}/plan.json"
+        assert f"legation serve {kind} --plan {plan}" in container["command"][-1]
+        assert f"svc-{kind}:{generate.SERVICES_DIR}/{kind}:ro" in container["volumes"]
+        assert container["restart"] == "unless-stopped"
+        block = getattr(mesh, kind)
+        assert container["networks"]["legation"]["ipv4_address"] == block.host
+        holders = {name for name, svc in services.items()
+                   if any(m.startswith(f"svc-{kind}:") for m in svc.get("volumes", []))}
+        assert holders == {"enrol", "control-plane", f"legation-{kind}"}
+    assert f"--services-dir {generate.SERVICES_DIR}" in services["control-plane"]["command"][-1]
+    assert services["control-plane"]["restart"] == "unless-stopped"

@@ -614,7 +614,20 @@ def proxies_reloaded(tmp: Path, scale: float = 1.0) -> Report:
             followed = False
         samples = load.finish()
         return report("proxies added/removed", probes, samples, restored_at=changed_at,
-                      extra={"envoys_followed": followed})
+                      extra={"envoys_followed": followed,
+                             "served_by_new": _inbound_requests(p["admin3"])})
+
+
+def _inbound_requests(admin_port: int) -> int:
+    """Requests a sidecar's inbound listener answered (its admin stats)."""
+    url = (f"http://127.0.0.1:{admin_port}/stats?format=json&filter="
+           r"^http\.inbound.*downstream_rq_completed$")
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            stats = json.loads(resp.read()).get("stats", [])
+    except OSError:
+        return 0
+    return sum(int(s.get("value", 0)) for s in stats)
 
 
 # -- soak (bench/faults.py --soak only, never in CI) ----------------------------------------

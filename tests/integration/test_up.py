@@ -300,9 +300,15 @@ def test_up_runs_the_mesh_services_and_stops_them(tmp_path: Path, ports: dict[st
         run.wait_for("extauthz restarted")
         eventually(lambda: http(gw + "/page", {"x-role": "admin"})[0] == 200)
         assert http(gw + "/page")[0] == 403
+
+        # a reload that drops a service stops its process
+        mesh.write_text(mesh.read_text().replace(
+            SERVICES.format(**service_ports).splitlines()[1] + "\n", ""))
+        run.wait_for("ratelimit service gone from the mesh, its process stopped")
+        eventually(lambda: "ratelimit" not in {p["role"] for p in processes(run.status_url)})
         run.proc.send_signal(signal.SIGINT)
         assert run.proc.wait(20) == 0
-        for port in service_ports.values():  # the services stopped with it
+        for port in service_ports.values():  # the services stopped with it (or before)
             with socket.socket() as s:
                 assert s.connect_ex(("127.0.0.1", port)) != 0
     finally:
