@@ -182,6 +182,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"mesh {status['mesh']}  generation {status['generation']}  xDS {status['xds']}")
     if status.get("last_error"):
         print("last rejected change:\n  " + status["last_error"].replace("\n", "\n  "))
+    processes = [f"{p.get('name') or p['role']} {p['pid']}"
+                 + (f" ({p['restarts']} restarts)" if p.get("restarts") else "")
+                 for p in status.get("processes", [])]
+    if processes:
+        print("processes  " + ", ".join(processes))
     for p in status["proxies"]:
         state = "in sync" if p["in_sync"] else ("connected" if p["connected"] else "DISCONNECTED")
         listeners = ", ".join(f"{k} {v}" for k, v in p["listeners"].items())
@@ -254,20 +259,18 @@ async def _serve_plan(args: argparse.Namespace) -> int:
     except LegationError as err:
         print(err, file=sys.stderr)
         return 2
-    if args.metrics_port:
-        from prometheus_client import start_http_server
-
-        registry = follower.services.running[args.service].registry
-        start_http_server(args.metrics_port, addr="127.0.0.1", registry=registry)
-    print(f"{args.service} (pid {os.getpid()}) on port {bound}, following {args.plan}",
-          flush=True)
+    metrics = follower.serve_metrics(args.metrics_port)
+    print(f"{args.service} (pid {os.getpid()}) on port {bound}, metrics on 127.0.0.1:{metrics}, "
+          f"following {args.plan}", flush=True)
     watching = asyncio.create_task(follower.follow())
+    signalled = asyncio.create_task(_wait_for_signal())
     try:
-        await _wait_for_signal()
+        await asyncio.wait({watching, signalled}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         watching.cancel()
+        signalled.cancel()
         await follower.stop(1.0)
-    return 0
+    return 0 if signalled.done() and not signalled.cancelled() else 1
 
 
 async def _serve_one(args: argparse.Namespace, *, reuse_port: bool, index: int) -> int:

@@ -153,7 +153,8 @@ class ControlPlane:
         self.server: XdsServer | None = None
         self._status = StatusEndpoint(
             status=self.status,
-            registries=lambda: (self.registry, *self.services.registries()))
+            registries=lambda: (self.registry, *self.services.registries()),
+            more_metrics=getattr(self.services, "metrics_text", None))
         self._watcher: asyncio.Task[None] | None = None
         self._hold: asyncio.Task[None] | None = None
         self.started_at = time.time()

@@ -9,6 +9,7 @@ answer closes its connection.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from collections.abc import Callable, Iterable
@@ -27,9 +28,13 @@ __all__ = ["StatusEndpoint", "status_document"]
 
 class StatusEndpoint:
     def __init__(self, *, status: Callable[[], dict[str, Any]],
-                 registries: Callable[[], Iterable[CollectorRegistry]]) -> None:
+                 registries: Callable[[], Iterable[CollectorRegistry]],
+                 more_metrics: Callable[[], bytes] | None = None) -> None:
+        """``more_metrics``: Prometheus text gathered elsewhere (the service processes'),
+        appended to ``/metrics``; called on a thread, it may block briefly."""
         self._status = status
         self._registries = registries
+        self._more_metrics = more_metrics
         self._runner: web.AppRunner | None = None
         self.port = 0
 
@@ -57,6 +62,11 @@ class StatusEndpoint:
 
     async def _handle(self, request: web.Request) -> web.Response:
         response = self._answer(request.path)
+        if request.path.startswith("/metrics") and self._more_metrics is not None:
+            more = await asyncio.to_thread(self._more_metrics)
+            response = web.Response(body=response.body + more,  # type: ignore[operator]
+                                    headers={"content-type": response.content_type
+                                             + "; version=0.0.4; charset=utf-8"})
         response.force_close()  # one request per connection, as `legation status` makes
         return response
 

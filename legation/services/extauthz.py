@@ -12,6 +12,7 @@ grace period), no restart. The rego check also reloads its policy directory by i
 from __future__ import annotations
 
 import argparse
+import hashlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -148,11 +149,12 @@ def _compiled_packages(rego: Any) -> frozenset[str]:
     engine (as the check's policy store loads them): a syntax or type error is a ConfigError
     naming the file, here in the validation phase, so the control plane rejects the change
     instead of counting it applied while the store refuses it. Remembered per directory
-    fingerprint, so an unchanged directory is not compiled again on every reload."""
+    content, so an unchanged directory (a file saved again as it was, too) is not compiled again."""
     from legation.extauthz import policies
 
-    key = (str(rego.policy_dir), policies.fingerprint(Path(rego.policy_dir)), rego.decision,
-           rego.include_tests, rego.allow_network)
+    src = policies.read_sources(Path(rego.policy_dir), tests=rego.include_tests)
+    digest = hashlib.sha256(repr((src.modules, src.data)).encode()).hexdigest()
+    key = (str(rego.policy_dir), digest, rego.decision, rego.include_tests, rego.allow_network)
     found = _COMPILED.get(key)
     if found is None:
         try:

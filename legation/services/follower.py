@@ -15,16 +15,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
+from legation.certs._files import write_private
 from legation.config import parse_mesh
 from legation.errors import LegationError
 from legation.services.base import Invalid
 from legation.services.embedded import EmbeddedServices
 from legation.services.kinds import get
 from legation.services.planning import Plan
-from legation.services.published import FileTls, ServicePlan, read_plan
+from legation.services.published import METRICS_PORT_FILE, FileTls, ServicePlan, read_plan
 
 log = logging.getLogger("legation.services.follower")
 
@@ -43,6 +46,7 @@ class Follower:
                                          tls_source=lambda _kind: self.tls())
         self.current: ServicePlan | None = None
         self._raw = b""
+        self._metrics: Any = None
 
     async def start(self) -> int:
         """Serve the plan in the file; its port. Raises LegationError when it cannot (no
@@ -61,10 +65,16 @@ class Follower:
         return self.services.running[self.kind].port
 
     async def follow(self) -> None:
-        """Check the plan file every ``poll`` seconds, until cancelled."""
+        """Check the plan file every ``poll`` seconds, until cancelled; returns when the service
+        is no longer running (a new address it could not bind: the process should exit so its
+        supervisor starts it again)."""
         while True:
             await asyncio.sleep(self.poll)
             await self.check()
+            if self.kind not in self.services.running:
+                log.error("%s: the %s service is not running any more", self.plan_file,
+                          self.kind)
+                return
 
     async def check(self) -> bool:
         """Apply the plan file if it changed; True if a new plan was applied."""
@@ -91,6 +101,24 @@ class Follower:
 
     async def stop(self, grace: float = 1.0) -> None:
         await self.services.stop()
+        if self._metrics is not None:
+            self._metrics.shutdown()
+            self._metrics.server_close()
+
+    def serve_metrics(self, port: int = 0) -> int:
+        """Serve the running service's metrics on ``127.0.0.1:port`` (0: an ephemeral port,
+        written beside the plan for the control plane's ``/metrics``); the bound port."""
+        from prometheus_client import CollectorRegistry, start_http_server
+
+        registry = CollectorRegistry()
+        registry.register(_Current(self))  # type: ignore[arg-type]
+        self._metrics, _ = start_http_server(port, addr="127.0.0.1", registry=registry)
+        bound = int(self._metrics.server_port)
+        try:
+            write_private(self.plan_file.parent / METRICS_PORT_FILE, str(bound).encode())
+        except OSError as err:
+            log.warning("cannot write %s: %s", self.plan_file.parent / METRICS_PORT_FILE, err)
+        return bound
 
     def _target(self, plan: ServicePlan) -> Plan:
         if plan.kind != self.kind:
@@ -104,3 +132,15 @@ class Follower:
             raise LegationError(f"{plan.mesh_path}: {self.kind}.{err.field}: {err}",
                                 code="invalid_plan") from None
         return Plan(embedded={self.kind: replace(spec, tls=plan.tls)}, remote={})
+
+
+class _Current:
+    """A collector for whatever service the follower runs now (a restart replaces it)."""
+
+    def __init__(self, follower: Follower) -> None:
+        self.follower = follower
+
+    def collect(self) -> Iterator[Any]:
+        service = self.follower.services.running.get(self.follower.kind)
+        if service is not None:
+            yield from service.registry.collect()

@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import shutil
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,7 @@ log = logging.getLogger("legation.services.published")
 __all__ = ["FileTls", "PublishedServices", "ServicePlan", "plan_path", "read_plan"]
 
 PLAN_FILE = "plan.json"
+METRICS_PORT_FILE = "metrics.port"  # written by the service process: where its /metrics is
 CERT_FILE, KEY_FILE, CA_FILE = "cert.pem", "key.pem", "ca.pem"
 
 
@@ -144,7 +146,22 @@ class PublishedServices:
             self._task = None
 
     def registries(self) -> list[Any]:
-        return []  # each process serves its own metrics
+        return []  # each process serves its own metrics: see metrics_text
+
+    def metrics_text(self) -> bytes:
+        """The service processes' Prometheus text (each serves it on the loopback port it wrote
+        beside its plan), for the control plane's ``/metrics``; a process that does not answer
+        within a second is left out. Blocking: call it on a thread."""
+        out = []
+        for kind in list(self.published):
+            try:
+                port = int((self.directory / kind / METRICS_PORT_FILE).read_text())
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics",
+                                            timeout=1) as resp:
+                    out.append(resp.read())
+            except (OSError, ValueError):
+                continue
+        return b"".join(out)
 
     def status(self) -> dict[str, dict[str, Any]]:
         out: dict[str, dict[str, Any]] = {}

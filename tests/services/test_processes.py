@@ -6,8 +6,10 @@ one loop over loopback gRPC; tests/integration/test_up.py and the fault suite ru
 
 from __future__ import annotations
 
+import asyncio
 import os
 import stat
+import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -45,6 +47,11 @@ async def published(tmp_path: Path) -> AsyncIterator[tuple[ControlPlane, Followe
         await cp.stop()
 
 
+def _get(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        return str(resp.read().decode())
+
+
 class _Via:
     """What live._check needs of a control plane: the service's address, from the follower."""
 
@@ -66,6 +73,12 @@ async def test_the_published_plan_is_served_and_followed_live(
     assert await follower.check() is True
     assert (await live._check(via, "viewer")).denied_response.status.code == 418  # type: ignore
     assert follower.services.running["extauthz"].server is server  # swapped, not restarted
+
+    # the process's metrics, on the control plane's /metrics too
+    follower.serve_metrics()
+    text = await asyncio.to_thread(_get, f"http://127.0.0.1:{cp.status_port}/metrics")
+    assert "legation_config_reloads_total" in text  # the control plane's own
+    assert 'legation_extauthz_decisions_total{' in text  # the extauthz process's
     assert await follower.check() is False  # nothing new
 
     (cp.mesh_path.parent / "authz.yaml").write_text(live.AUTHZ.format(deny=99))
