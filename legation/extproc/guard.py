@@ -32,7 +32,9 @@ Envoy gives up on an answer after its ``message_timeout`` and answers 504 itself
 answer first, so that the client sees the chain's failure behaviour (500, or the request passed
 through on a fail-open chain), every time, not whichever of two equal timers fires first. The
 20% left (40 ms of the default 200 ms) covers the message's trip to the service, the answer's
-trip back and a busy event loop."""
+trip back and a busy event loop. It is a margin, not a guarantee: a message that spends longer
+than that between Envoy and the guard (the first on a new connection to the service, a process
+stalled that long) still meets Envoy's 504."""
 
 
 def phase_deadline(envoy_message_timeout: float, chain_timeout: float | None = None) -> float:
