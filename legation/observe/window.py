@@ -91,24 +91,32 @@ class SlidingWindow:
 
     def stats(self, now_second: int, seconds: int) -> WindowStats:
         """The window of ``seconds`` ending with ``now_second`` (included, though running)."""
-        if not 0 < seconds <= HORIZON_S:
-            raise ValueError(f"a window is 1..{HORIZON_S} s, not {seconds}")
-        hist = [0] * _NB
-        count = fails = 0
+        return self.stats_for(now_second, (seconds,))[seconds]
+
+    def stats_for(self, now_second: int, windows: tuple[int, ...]) -> dict[int, WindowStats]:
+        """Several windows ending with ``now_second``, in one pass over the slots."""
+        for w in windows:
+            if not 0 < w <= HORIZON_S:
+                raise ValueError(f"a window is 1..{HORIZON_S} s, not {w}")
+        hists = {w: [0] * _NB for w in windows}
+        counts = dict.fromkeys(windows, 0)
+        fails = dict.fromkeys(windows, 0)
         for i in range(HORIZON_S):
-            s = self._sec[i]
-            if now_second - seconds < s <= now_second:
-                count += self._counts[i]
-                fails += self._fails[i]
-                base = i * _NB
-                for b in range(_NB):
-                    hist[b] += self._hist[base + b]
-        return WindowStats(
-            requests=count, failures=fails, seconds=seconds,
-            p50_ms=_quantile(hist, count, 0.50),
-            p90_ms=_quantile(hist, count, 0.90),
-            p99_ms=_quantile(hist, count, 0.99),
-        )
+            age = now_second - self._sec[i]
+            if not 0 <= age < HORIZON_S or not self._counts[i]:
+                continue
+            slot = self._hist[i * _NB:(i + 1) * _NB]
+            for w in windows:
+                if age < w:
+                    counts[w] += self._counts[i]
+                    fails[w] += self._fails[i]
+                    hists[w] = [a + b for a, b in zip(hists[w], slot, strict=True)]
+        return {w: WindowStats(
+            requests=counts[w], failures=fails[w], seconds=w,
+            p50_ms=_quantile(hists[w], counts[w], 0.50),
+            p90_ms=_quantile(hists[w], counts[w], 0.90),
+            p99_ms=_quantile(hists[w], counts[w], 0.99),
+        ) for w in windows}
 
 
 def _quantile(hist: list[int], count: int, q: float) -> float | None:
