@@ -22,10 +22,12 @@ from tests.observe.conftest import NODE_CLUSTER, NODE_ID, AlsWorld
 
 FAULT = "envoy.filters.http.fault"
 FAULT_TYPE = "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault"
-DELAY_MS = 120
+DELAY_MS = 220  # bucket (200, 300] ms: a late timer has 80 ms of room
 N_OK, M_5XX, K_SLOW = 20, 7, 5
 TOKEN = "Bearer sekrit-token-4711"
 COOKIE = "session=cookie-value-0815"
+
+pytestmark = pytest.mark.integration
 
 
 def _routes() -> list[dict[str, Any]]:
