@@ -163,3 +163,24 @@ def test_access_log_config_carries_the_log_name_and_batching() -> None:
     assert common.buffer_flush_interval.ToMilliseconds() == 250
     assert common.buffer_size_bytes.value == 4096
     assert list(config.additional_request_headers_to_log) == ["x-request-id"]
+
+
+def test_the_table_renders_the_same_from_metrics_text() -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from legation.observe.prometheus import GoldenCollector, snapshot_from_text
+
+    clock = Clock()
+    agg = Aggregator(windows=(10, 60), clock=clock)
+    for i in range(40):
+        agg.record(entry(route=f"r{i % 3}", code=503 if i % 7 == 0 else 200, ms=i * 3.0,
+                         cluster=f"outbound|s{i % 2}"))
+    clock.now += 20
+    agg.record(entry(route="late"))
+    registry = CollectorRegistry()
+    registry.register(GoldenCollector(agg))
+    text = generate_latest(registry).decode() + "other_metric 1\n"
+    rebuilt = snapshot_from_text(text)
+    for window in (10, 60):
+        assert render(rebuilt, window=window) == render(agg.snapshot(), window=window)
+    assert rebuilt["overflowed"] == {"route": 0, "pair": 0, "proxy": 0}
