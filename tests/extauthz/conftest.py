@@ -3,7 +3,6 @@ bootstraps built with :mod:`legation.extauthz.envoy_filter`, a plain HTTP client
 
 from __future__ import annotations
 
-import asyncio
 import http.client
 import json
 import threading
@@ -14,7 +13,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-import grpc
 import jwt as pyjwt
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -26,6 +24,7 @@ from legation.demo import DemoApp
 from legation.envoy_process import EnvoyProcess
 from legation.extauthz import envoy_filter
 from legation.extauthz.service import Settings, start_server, stop_server
+from tests import loop
 from tests.conftest import free_port
 from tests.envoy_stack import static_bootstrap, static_cluster
 
@@ -37,35 +36,12 @@ def to_plain(message: Any) -> dict[str, Any]:
     return json.loads(json.dumps(MessageToDict(message)))
 
 
-class ServiceThread:
+class ServiceThread(loop.ServiceThread):
     """The ext_authz service on a private event loop, so tests can block on HTTP calls."""
 
     def __init__(self, settings: Settings) -> None:
+        super().__init__(lambda: start_server(settings), stop=lambda s: stop_server(s, 0))
         self.settings = settings
-        self.loop = asyncio.new_event_loop()
-        self.server: grpc.aio.Server | None = None
-        self.port = 0
-        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-
-    def start(self) -> ServiceThread:
-        self._thread.start()
-        try:
-            self.server, self.port = self.call(start_server(self.settings))
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def call(self, coro: Any, timeout: float = 20) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def stop(self) -> None:
-        if self.server is not None:
-            self.call(stop_server(self.server, 0))
-            self.server = None
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(5)
-        self.loop.close()
 
 
 @dataclass

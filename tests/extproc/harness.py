@@ -2,64 +2,27 @@
 
 from __future__ import annotations
 
-import asyncio
 import http.client
 import json
-import threading
 from dataclasses import dataclass
 from typing import Any
 
-import grpc
 from google.protobuf.json_format import MessageToDict
 
 from legation.extproc import envoy_filter
 from legation.extproc.chain import Chain
 from legation.extproc.service import Settings, start_server
+from tests import loop
 from tests.envoy_stack import static_bootstrap
 from tests.envoy_stack import static_cluster as static_cluster  # used as harness.static_cluster
 
 
-class ServiceThread:
+class ServiceThread(loop.ServiceThread):
     """``start_server(settings)`` on a private event loop, so sync tests can drive Envoy."""
 
     def __init__(self, settings: Settings) -> None:
+        super().__init__(lambda: start_server(settings))
         self.settings = settings
-        self.port = 0
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._server: grpc.aio.Server | None = None
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> ServiceThread:
-        ready = threading.Event()
-        failure: list[BaseException] = []
-
-        def run() -> None:
-            loop = self._loop = asyncio.new_event_loop()
-            try:
-                self._server, self.port = loop.run_until_complete(start_server(self.settings))
-            except BaseException as exc:  # surfaced to the caller below
-                failure.append(exc)
-                ready.set()
-                return
-            ready.set()
-            loop.run_forever()
-            loop.close()
-
-        self._thread = threading.Thread(target=run, name="extproc-service", daemon=True)
-        self._thread.start()
-        if not ready.wait(10):
-            raise RuntimeError("ext_proc service did not start")
-        if failure:
-            raise failure[0]
-        return self
-
-    def stop(self) -> None:
-        if self._loop is None or self._server is None:
-            return
-        asyncio.run_coroutine_threadsafe(self._server.stop(0), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        if self._thread is not None:
-            self._thread.join(10)
 
 
 def to_dict(message: Any) -> dict[str, Any]:

@@ -4,55 +4,29 @@ bench/ratelimit.py."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-import threading
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from typing import Any
 
-import grpc
 from envoy.config.route.v3 import route_components_pb2 as route_pb2
 from google.protobuf.json_format import MessageToDict
 
 from legation.ratelimit import envoy_filter as ef
 from legation.ratelimit.service import Settings, start_server
+from tests import loop
 from tests.envoy_stack import static_bootstrap, static_cluster
 
 RLS_CLUSTER = "ratelimit"
 
 
-class ServiceThread:
+class ServiceThread(loop.ServiceThread):
     """``start_server(settings)`` on a private event loop in a daemon thread."""
 
     def __init__(self, settings: Settings) -> None:
+        super().__init__(lambda: start_server(settings), stop=lambda s: s.stop(None))
         self.settings = settings
-        self.port = 0
-        self.server: grpc.aio.Server | None = None
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
-                                        name="ratelimit-service")
-
-    def start(self) -> ServiceThread:
-        self._thread.start()
-        self.server, self.port = asyncio.run_coroutine_threadsafe(
-            start_server(self.settings), self._loop).result(10)
-        return self
-
-    def call(self, fn: Any) -> Any:
-        """Run ``fn()`` on the service's loop (to read its state safely)."""
-        async def run() -> Any:
-            return fn()
-        return asyncio.run_coroutine_threadsafe(run(), self._loop).result(5)
-
-    def stop(self) -> None:
-        if self.server is not None:
-            asyncio.run_coroutine_threadsafe(self.server.stop(None), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(5)
-        if not self._thread.is_alive():
-            self._loop.close()
 
 
 def bootstrap(
