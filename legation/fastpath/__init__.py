@@ -4,3 +4,5 @@
 ``answer`` (Decision -> HTTP answer), ``_http`` (the connection, httptools), ``server``
 (start/stop), ``envoy_filter`` (the filter, per-route override and cluster as protobufs).
 """
+
+__all__ = ["answer", "contract", "envoy_filter", "request", "server"]

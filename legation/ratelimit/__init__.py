@@ -8,3 +8,6 @@
   :mod:`.metrics` the Prometheus side.
 * :mod:`.envoy_filter` builds the Envoy HTTP filter, route actions and the gRPC cluster for it.
 """
+
+__all__ = ["algorithms", "backends", "config", "envoy_filter", "errors", "fallback", "limiter",
+           "metrics", "service", "watch"]

@@ -12,6 +12,8 @@ from typing import Protocol, runtime_checkable
 
 from legation.ratelimit.algorithms import Decision, Hit
 
+__all__ = ["Backend", "Decision", "Hit"]
+
 
 @runtime_checkable
 class Backend(Protocol):
