@@ -131,7 +131,8 @@ class ControlPlane:
         self.processes_file = processes_file
         self.rotation = Rotation(self.issuer, republish=self._republish, registry=self.registry,
                                  on_event=self.on_event, on_error=self._set_error,
-                                 check_every=rotation_check)
+                                 check_every=rotation_check, root_check=min(1.0, rotation_check),
+                                 in_sync=lambda: all(self._in_sync(n) for n in self.snapshots))
         self.clock = clock
         self.xds_ca: CertificateAuthority | None = None
         self.xds_ca_location: CaLocation | None = None

@@ -67,12 +67,17 @@ class CertificateAuthority:
     # -- making and finding one --------------------------------------------------------------
 
     @classmethod
-    def generate(cls, *, trust_domain: str, now: datetime | None = None) -> CertificateAuthority:
+    def generate(cls, *, trust_domain: str, now: datetime | None = None, label: str = ""
+                 ) -> CertificateAuthority:
+        """A new root; ``label`` (a rotated root's) ends its common name, so that two roots of
+        one mesh never share a subject."""
         now = now or datetime.now(UTC)
+        common = f"Legation root CA {trust_domain}"[:63 - len(label)] + (f" {label}" if label
+                                                                           else "")
         key = ec.generate_private_key(ec.SECP256R1())
         name = x509.Name([
             x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Legation"),
-            x509.NameAttribute(NameOID.COMMON_NAME, f"Legation root CA {trust_domain}"[:64]),
+            x509.NameAttribute(NameOID.COMMON_NAME, common[:64]),
         ])
         ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
         cert = (
@@ -134,15 +139,16 @@ class CertificateAuthority:
         ca.source = str(directory)
         return ca
 
-    def _store(self, directory: Path) -> None:
+    def _store(self, directory: Path, *, cert_name: str = CERT_FILE, key_name: str = KEY_FILE
+               ) -> None:
         """Write the key, then the certificate; neither replaces an existing file."""
         key_pem = self._key.private_bytes(
             serialization.Encoding.PEM,
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         )
-        write_new_private(directory / KEY_FILE, key_pem, 0o600)
-        write_new_private(directory / CERT_FILE, self.root_pem, 0o644)
+        write_new_private(directory / key_name, key_pem, 0o600)
+        write_new_private(directory / cert_name, self.root_pem, 0o644)
 
     def _check(self, cert_path: Path, key_path: Path) -> None:
         try:

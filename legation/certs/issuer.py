@@ -26,6 +26,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
 
 from legation.certs.ca import CERT_FILE, KEY_FILE, CertificateAuthority
+from legation.certs.errors import CertError
+from legation.certs.roots import Phase, Roots, advance, open_roots
 from legation.certs.sds import proxy_secrets
 from legation.certs.spiffe import service_name, spiffe_id
 from legation.certs.store import CertStore
@@ -58,6 +60,14 @@ class CaLocation:
         if self.generate:
             return CertificateAuthority.in_directory(self.home, trust_domain=trust_domain)
         return CertificateAuthority.load(self.cert_path, self.key_path)
+
+    def open_roots(self, trust_domain: str) -> Roots:
+        """The signing root and the trust bundle; a generated CA's as its root rotation
+        (:mod:`legation.certs.roots`) says, configured files' always the one root."""
+        if self.generate:
+            return open_roots(self.home, trust_domain=trust_domain)
+        ca = self.open(trust_domain)
+        return Roots(ca, (ca,), None)
 
 
 def locate_ca(mesh: Mesh, *, mesh_dir: Path, default_ca_dir: Path = DEFAULT_CA_DIR
@@ -113,7 +123,8 @@ class MeshIssuer:
         self.mesh_dir = mesh_dir
         self.default_ca_dir = default_ca_dir
         self.clock = clock
-        self.ca: CertificateAuthority | None = None
+        self.ca: CertificateAuthority | None = None  # the signing root
+        self.roots: Roots | None = None  # the signing root and the trust bundle
         self.certs: dict[str, WorkloadCert] = {}
         self.service_certs: dict[str, WorkloadCert] = {}
         self._service_hosts: dict[str, tuple[str, ...]] = {}
@@ -135,7 +146,8 @@ class MeshIssuer:
             self._mesh, self.certs = mesh, {}
             self.service_certs, self._service_hosts, self._service_tls = {}, {}, {}
             return
-        ca = self._open_ca(mesh)
+        roots = self._open_ca(mesh)
+        ca = roots.signer
         wanted = proxy_identities(mesh)
         now = self.clock()
         certs = {}
@@ -159,8 +171,8 @@ class MeshIssuer:
                 fresh = held is not None
             service_certs[kind] = held if fresh and held else self._issue_service(
                 ca, sid, hosts[kind], mesh, now)
-        tls = {kind: self._tls_for(kind, c, ca) for kind, c in service_certs.items()}
-        self.ca, self.certs, self._mesh = ca, certs, mesh
+        tls = {kind: self._tls_for(kind, c, roots) for kind, c in service_certs.items()}
+        self.ca, self.roots, self.certs, self._mesh = ca, roots, certs, mesh
         self.service_certs, self._service_hosts, self._service_tls = service_certs, hosts, tls
         self._keep()
 
@@ -189,7 +201,7 @@ class MeshIssuer:
             cert = self._issue_service(self.ca, self.service_certs[kind].spiffe_id,
                                        self._service_hosts[kind], self._mesh, now)
             self.service_certs[kind] = cert
-            self._service_tls[kind] = self._tls_for(kind, cert, self.ca)
+            self._service_tls[kind] = self._tls_for(kind, cert, self.roots)
         if due:
             self._keep()
         return due
@@ -208,7 +220,52 @@ class MeshIssuer:
         """Node id -> its SDS secrets; None when the mesh does not use mTLS."""
         if not self.enabled or self.ca is None:
             return None
-        return {node: proxy_secrets(c, self.ca.root_pem) for node, c in self.certs.items()}
+        bundle = self.bundle_pem
+        return {node: proxy_secrets(c, bundle) for node, c in self.certs.items()}
+
+    @property
+    def bundle_pem(self) -> bytes:
+        """The trust bundle: the root, or both roots while one is being rotated."""
+        if self.roots is not None:
+            return self.roots.bundle_pem
+        return self.ca.root_pem if self.ca is not None else b""
+
+    # -- root rotation (the phases: legation.certs.roots) ----------------------------------
+
+    @property
+    def root_phase(self) -> Phase | None:
+        """The rotation phase being served; None when no rotation is under way."""
+        return self.roots.state.phase if self.roots and self.roots.state else None
+
+    def reload_roots(self) -> bool:
+        """Read the generated CA's roots again (a rotation requested, advanced or finished by
+        another process, or by :meth:`advance_root`). True if the roots served changed: a new
+        signing root re-issues every certificate, a new bundle reaches the services at once;
+        the caller republishes every proxy. Raises CertError (and changes nothing)."""
+        where, mesh = self._ca_key, self._mesh
+        if not self.enabled or where is None or mesh is None or not where.generate:
+            return False
+        roots = where.open_roots(mesh.mtls.trust_domain)
+        if roots.same_as(self.roots):
+            self.roots = roots  # the same roots; the record may say more (phase_since)
+            return False
+        signer_changed = self.ca is None or roots.signer.fingerprint != self.ca.fingerprint
+        self.roots, self.ca = roots, roots.signer
+        if signer_changed:
+            self.rotate(force=True)
+            self.rotate_services(force=True)
+        else:
+            self._service_tls = {k: self._tls_for(k, c, roots)
+                                 for k, c in self.service_certs.items()}
+        return True
+
+    def advance_root(self, phase: Phase) -> None:
+        """Record ``phase`` of the rotation under way (retiring the old root for
+        :attr:`~legation.certs.roots.Phase.RETIRE`) and serve it (:meth:`reload_roots`)."""
+        if self.roots is None or self.roots.state is None or self._ca_key is None:
+            raise CertError("no root rotation is under way", code="rotation_invalid")
+        advance(self._ca_key.home, self.roots.state, phase, now=self.clock())
+        self.reload_roots()
 
     def status(self) -> dict[str, Any] | None:
         """The root's fingerprint and expiry, and each proxy's certificate (never keys)."""
@@ -216,7 +273,11 @@ class MeshIssuer:
             return None
         return {
             "ca": {"fingerprint_sha256": self.ca.fingerprint,
-                   "not_after": self.ca.not_after.isoformat(), "source": self.ca.source},
+                   "not_after": self.ca.not_after.isoformat(), "source": self.ca.source,
+                   "trusted": [c.fingerprint for c in self.roots.trusted] if self.roots
+                   else [self.ca.fingerprint],
+                   "rotation": self.roots.state.to_json() if self.roots and self.roots.state
+                   else None},
             "proxies": {node: c.summary() for node, c in sorted(self.certs.items())},
             "services": {kind: c.summary() for kind, c in sorted(self.service_certs.items())},
         }
@@ -227,23 +288,24 @@ class MeshIssuer:
         return ca.issue_leaf(sid, ttl=mesh.mtls.cert_ttl, now=now, hosts=hosts,
                              usages=(ExtendedKeyUsageOID.SERVER_AUTH,))
 
-    def _tls_for(self, kind: str, cert: WorkloadCert, ca: CertificateAuthority) -> ServerTls:
+    def _tls_for(self, kind: str, cert: WorkloadCert, roots: Roots | None) -> ServerTls:
+        bundle = roots.bundle_pem if roots is not None else b""
         held = self._service_tls.get(kind)
         if held is not None and held.cert_chain_pem == cert.cert_pem \
-                and held.client_ca_pem == ca.root_pem:
+                and held.client_ca_pem == bundle:
             return held  # unchanged: the same object, so the running server keeps it
         return ServerTls(cert_chain_pem=cert.cert_pem, key_pem=cert.key_pem,
-                         client_ca_pem=ca.root_pem)
+                         client_ca_pem=bundle)
 
-    def _open_ca(self, mesh: Mesh) -> CertificateAuthority:
+    def _open_ca(self, mesh: Mesh) -> Roots:
         where = locate_ca(mesh, mesh_dir=self.mesh_dir, default_ca_dir=self.default_ca_dir)
-        if self.ca is not None and where == self._ca_key:
-            return self.ca
-        ca = where.open(mesh.mtls.trust_domain)
+        if self.roots is not None and where == self._ca_key:
+            return self.roots
+        roots = where.open_roots(mesh.mtls.trust_domain)
         self._ca_key = where
         self._store = CertStore(where.home / "issued") if self.persist and where.generate \
             else None
-        return ca
+        return roots
 
     def _keep(self) -> None:
         """Persist the current certificates (with ``persist``)."""
