@@ -29,21 +29,28 @@ and token buckets only take what they admit.
 from __future__ import annotations
 
 import math
-import struct
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Sequence
 
 from envoy.service.ratelimit.v3 import rls_pb2
 from envoy.type.v3 import ratelimit_unit_pb2
-from google.protobuf import text_format
 
+from legation.ratelimit._request import (
+    ResponseHeaders,
+    _Checked,
+    _f32,
+    _metadata,
+    _Plan,
+    _Shape,
+    _shape,
+)
 from legation.ratelimit.algorithms import Decision, Hit
 from legation.ratelimit.backends import Backend
 from legation.ratelimit.config import UNIT_SECONDS, Algorithm, Limit, Match, RateLimitConfig
 from legation.ratelimit.errors import RateLimitError
 from legation.ratelimit.metrics import RateLimitMetrics
+
+__all__ = ["MAX_UINT32", "OK", "OVER_LIMIT", "RateLimiter", "ResponseHeaders"]
 
 OK = rls_pb2.RateLimitResponse.OK
 OVER_LIMIT = rls_pb2.RateLimitResponse.OVER_LIMIT
@@ -54,59 +61,6 @@ _ESCAPE = str.maketrans({"%": "%25", "|": "%7C", "=": "%3D"})
 MAX_UINT32 = 0xFFFFFFFF
 _MAX_PLANS = 4096
 _MAX_PLANNED_REQUEST = 2048  # bytes: larger requests are planned each time, never kept
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ResponseHeaders:
-    """Names of the headers added to the response (upstream's defaults)."""
-
-    limit: str = "RateLimit-Limit"
-    remaining: str = "RateLimit-Remaining"
-    reset: str = "RateLimit-Reset"
-
-
-@dataclass(frozen=True, slots=True)
-class _Checked:
-    """One request descriptor after matching: its limits still in force, their counter keys and
-    near-limit thresholds, and the modes that decide what an over-limit status means."""
-
-    match: Match | None
-    metric_key: str
-    limits: tuple[Limit, ...]
-    keys: tuple[str, ...]
-    near: tuple[int, ...]
-    cost: int
-    shadow: bool
-    quota: bool
-    unlimited: bool
-    metadata: Mapping[str, Any] | None
-
-
-def _f32(x: float) -> float:
-    return float(struct.unpack("f", struct.pack("f", x))[0])
-
-
-# one descriptor as sent: entries, cost, the override's (unit, requests_per_unit) or None
-_Shape = tuple[tuple[tuple[tuple[str, str], ...], int, tuple[int, int] | None], ...]
-_Plan = tuple[tuple[_Checked, ...], tuple[Hit, ...]]
-
-
-def _shape(request: rls_pb2.RateLimitRequest) -> _Shape:
-    """The request's descriptors as plain values; raises on a malformed request."""
-    domain = request.domain
-    if not domain:
-        raise RateLimitError("rate limit domain must not be empty", code="invalid_request")
-    if not request.descriptors:
-        raise RateLimitError("rate limit descriptor list must not be empty",
-                             code="invalid_request")
-    default_cost = request.hits_addend or 1
-    shape = []
-    for d in request.descriptors:
-        entries = tuple((e.key, e.value) for e in d.entries)
-        cost = d.hits_addend.value if d.HasField("hits_addend") else default_cost
-        override = (d.limit.unit, d.limit.requests_per_unit) if d.HasField("limit") else None
-        shape.append((entries, cost, override))
-    return tuple(shape)
 
 
 class RateLimiter:
@@ -345,43 +299,3 @@ class RateLimiter:
             if len(self._counters) < 100_000:  # bounded, whatever detailed_metric lets in
                 self._counters[(domain, metric_key)] = found
         return found
-
-
-def _metadata(request: rls_pb2.RateLimitRequest, passed: Sequence[_Checked]) -> dict[str, Any]:
-    """Upstream's response dynamic metadata: domain, descriptors (entries as ``k=v``, override,
-    hits_addend), the request's hits_addend, and the metadata of the descriptors that passed,
-    merged (the first value of a key wins; nested mappings merge)."""
-    descriptors = []
-    for d in request.descriptors:
-        item: dict[str, Any] = {"entries": [f"{e.key}={e.value}" for e in d.entries]}
-        if d.HasField("limit"):
-            item["limit"] = text_format.MessageToString(d.limit, as_one_line=True)
-        if d.HasField("hits_addend"):
-            item["hitsAddend"] = d.hits_addend.value
-        descriptors.append(item)
-    out: dict[str, Any] = {"domain": request.domain, "descriptors": descriptors}
-    if request.hits_addend:
-        out["hitsAddend"] = request.hits_addend
-    merged: dict[str, Any] = {}
-    for c in passed:
-        if c.metadata:
-            _merge_first_wins(merged, c.metadata)
-    if merged:
-        out["metadata"] = merged
-    return out
-
-
-def _merge_first_wins(dest: dict[str, Any], src: Mapping[str, Any]) -> None:
-    for key, value in src.items():
-        if key not in dest:
-            dest[key] = _copy(value)
-        elif isinstance(dest[key], dict) and isinstance(value, Mapping):
-            _merge_first_wins(dest[key], value)
-
-
-def _copy(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {k: _copy(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_copy(v) for v in value]
-    return value
