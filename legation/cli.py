@@ -8,6 +8,7 @@
     legation policy test DIR            run Rego unit tests, reported like `opa test`
     legation demo --name N --port P     one demo app (the compose stack runs them this way)
     legation ca show [DIR]              the mesh CA's root: fingerprint and expiry
+    legation ca rotate-root             a new mesh root, phased in by the running control plane
 """
 
 from __future__ import annotations
@@ -320,6 +321,45 @@ def cmd_policy(args: argparse.Namespace) -> int:
     return int(policy_test(args.argv))
 
 
+def cmd_rotate_root(args: argparse.Namespace) -> int:
+    from datetime import timedelta
+
+    from legation.certs.issuer import DEFAULT_CA_DIR, locate_ca
+    from legation.certs.roots import request_rotation
+    from legation.config._types import _parse_duration
+
+    try:
+        overlap = timedelta(0) if args.overlap.strip() in ("0", "0s") else \
+            _parse_duration(args.overlap)
+    except ValueError as err:
+        print(f"--overlap: {err}", file=sys.stderr)
+        return 2
+    try:
+        if args.ca_dir:
+            directory = Path(args.ca_dir)
+        elif args.mesh:
+            from legation.config import load_mesh
+
+            where = locate_ca(load_mesh(Path(args.mesh)), mesh_dir=Path(args.mesh).parent)
+            if not where.generate:
+                print(f"{args.mesh}: mtls.ca_cert/ca_key name a root of your own; "
+                      "rotate-root rotates a generated CA directory (mtls.ca_dir)",
+                      file=sys.stderr)
+                return 1
+            directory = where.home
+        else:
+            directory = DEFAULT_CA_DIR
+        state = request_rotation(directory, overlap=overlap)
+    except LegationError as err:
+        print(err, file=sys.stderr)
+        return 1
+    print(f"root rotation requested in {directory}: {state.old} -> {state.new}; the running "
+          f"control plane trusts both, re-issues every certificate from the new root once "
+          f"every proxy has the bundle, and retires the old root {overlap.total_seconds():g}s "
+          f"after that (`legation status --json`: mtls.ca.rotation)")
+    return 0
+
+
 def cmd_ca(args: argparse.Namespace) -> int:
     from legation.certs.ca import CERT_FILE, describe_root
 
@@ -419,6 +459,14 @@ def parser() -> argparse.ArgumentParser:
     show.add_argument("dir", nargs="?", default=".legation/ca",
                       help="the CA directory (default .legation/ca, where `legation up` keeps it)")
     show.set_defaults(fn=cmd_ca)
+    rotate = csub.add_parser("rotate-root", help="generate a new mesh root; the running control "
+                             "plane trusts both, moves every certificate over, retires the old")
+    rotate.add_argument("--ca-dir", help="the CA directory (default: from --mesh, else "
+                        ".legation/ca)")
+    rotate.add_argument("--mesh", help="find the CA directory from this mesh (mtls.ca_dir)")
+    rotate.add_argument("--overlap", default="60s", help="how long the old root stays trusted "
+                        "once every certificate comes from the new one (default 60s)")
+    rotate.set_defaults(fn=cmd_rotate_root)
 
     policy = sub.add_parser("policy", help="Rego policy tools")
     psub = policy.add_subparsers(dest="policy_command", required=True)

@@ -32,6 +32,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from cryptography import x509
+
 from legation.certs._files import exclusive_lock, private_dir, write_new_private, write_private
 from legation.certs.ca import CERT_FILE, KEY_FILE, LOCK_FILE, CertificateAuthority
 from legation.certs.errors import CertError
@@ -115,11 +117,12 @@ def _write_state(directory: Path, state: RotationState) -> None:
     write_private(directory / STATE_FILE, json.dumps(state.to_json(), indent=1).encode())
 
 
-def request_rotation(directory: Path, *, trust_domain: str, overlap: timedelta = DEFAULT_OVERLAP,
+def request_rotation(directory: Path, *, overlap: timedelta = DEFAULT_OVERLAP,
                      now: datetime | None = None) -> RotationState:
-    """Generate the next root beside the current one and record phase ``trust``. Refused
-    (``rotation_in_progress``) while a rotation is under way; the current root must load (the
-    same ownership and permission checks as every use)."""
+    """Generate the next root beside the current one (for the same trust domain) and record
+    phase ``trust``; ``overlap``: how long both roots stay trusted once every certificate comes
+    from the new one. Refused (``rotation_in_progress``) while a rotation is under way; the
+    current root must load (the same ownership and permission checks as every use)."""
     now = now or datetime.now(UTC)
     try:
         private_dir(directory)
@@ -138,7 +141,8 @@ def request_rotation(directory: Path, *, trust_domain: str, overlap: timedelta =
                                 code="ca_unreadable")
             current = CertificateAuthority.load(directory / CERT_FILE, directory / KEY_FILE)
             label = f"{now:%Y%m%d%H%M%S}-{secrets.token_hex(2)}"
-            nxt = CertificateAuthority.generate(trust_domain=trust_domain, now=now, label=label)
+            nxt = CertificateAuthority.generate(trust_domain=_trust_domain(current), now=now,
+                                                label=label)
             nxt._store(directory, cert_name=NEXT_CERT, key_name=NEXT_KEY)
             state = RotationState(phase=Phase.TRUST, old=current.fingerprint,
                                   new=nxt.fingerprint, overlap=overlap, requested_at=now,
@@ -148,6 +152,18 @@ def request_rotation(directory: Path, *, trust_domain: str, overlap: timedelta =
     except OSError as err:
         raise CertError(f"{directory}: cannot store the new root: {err.strerror or err}",
                         code="ca_write_failed") from None
+
+
+def _trust_domain(ca: CertificateAuthority) -> str:
+    """The trust domain a root names (its ``spiffe://<td>`` SAN; a brought root may have none)."""
+    try:
+        sans = ca.cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return "cluster.local"
+    for uri in sans.get_values_for_type(x509.UniformResourceIdentifier):
+        if uri.startswith("spiffe://"):
+            return uri.removeprefix("spiffe://").split("/", 1)[0]
+    return "cluster.local"
 
 
 def open_roots(directory: Path, *, trust_domain: str) -> Roots:
