@@ -36,7 +36,7 @@ SCENARIOS: list[tuple[str, Callable[..., Report], dict[str, object], bool]] = [
     ("control-plane", scenarios.control_plane_killed, {}, False),
     ("control-plane-mtls", scenarios.control_plane_killed, {"mtls": "strict"}, False),
     ("proxies", scenarios.proxies_reloaded, {}, False),
-    ("root-ca", scenarios.root_rotation, {}, True),
+    ("root-ca", scenarios.root_rotation, {}, False),
     ("redis-local", scenarios.redis_outage, {"mode": "local"}, False),
 ]
 
