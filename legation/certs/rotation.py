@@ -10,8 +10,10 @@ every ``check_every`` seconds (so a suspended machine catches up).
 It also drives a root rotation (:mod:`legation.certs.roots`), looking every ``root_check``
 seconds: a rotation requested by ``legation ca rotate-root`` (or left by a control plane that
 stopped mid-way) is served at once (both roots in every trust bundle); each next phase begins
-only when ``in_sync()`` says every proxy ACKed what the last one published (and, before the old
-root is retired, the recorded overlap has passed). Every phase republishes every proxy.
+only when ``in_sync()`` says every proxy ACKed what the last one published, the phase has lasted
+``settle`` seconds (service processes read their certificate files every second: they follow
+within it), and, before the old root is retired, the recorded overlap has passed. Every phase
+republishes every proxy.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from datetime import timedelta
 
 from prometheus_client import CollectorRegistry, Counter
 
@@ -34,12 +37,14 @@ class Rotation:
     def __init__(self, issuer: MeshIssuer, *, republish: Callable[[list[str]], None],
                  registry: CollectorRegistry, on_event: Callable[[str], None],
                  on_error: Callable[[str], None], check_every: float = 60.0,
-                 in_sync: Callable[[], bool] = lambda: True, root_check: float = 1.0) -> None:
+                 in_sync: Callable[[], bool] = lambda: True, root_check: float = 1.0,
+                 settle: float = 5.0) -> None:
         """``in_sync``: every proxy ACKed the snapshot last published to it (the gate between
         root rotation phases)."""
         self.issuer = issuer
         self.in_sync = in_sync
         self.root_check = root_check
+        self.settle = timedelta(seconds=settle)
         self.republish = republish
         self.on_event = on_event
         self.on_error = on_error
@@ -84,7 +89,8 @@ class Rotation:
         if issuer.reload_roots():
             self._roots_published(before)
         state = issuer.roots.state if issuer.roots else None
-        if state is None or not self.in_sync():
+        if state is None or not self.in_sync() \
+                or issuer.clock() < state.phase_since + self.settle:
             return issuer.root_phase
         if state.phase is Phase.TRUST:
             issuer.advance_root(Phase.ISSUE)

@@ -207,8 +207,11 @@ async def test_the_phases_each_published_and_gated(mesh: Path, clock: Clock,
     assert "PRIVATE" not in json.dumps(cp.status())
     assert cp.rotation.step_root() is Phase.TRUST  # not every proxy has the bundle yet
 
-    # (b) once every proxy ACKed it: certificates from the new root, both still trusted
+    # (b) once every proxy ACKed it and the phase settled: certificates from the new root,
+    # both still trusted
     gate.open = True
+    assert cp.rotation.step_root() is Phase.TRUST  # not settled: service processes follow
+    clock.now += cp.rotation.settle
     assert cp.rotation.step_root() is Phase.ISSUE
     for node in nodes:
         assert signed_by(workload(cp, node), new)
@@ -253,6 +256,7 @@ async def test_a_restart_mid_phase_resumes_it(mesh: Path, clock: Clock, phase: P
     cp.rotation.step_root()
     if phase is Phase.ISSUE:
         gate.open = True
+        clock.now += cp.rotation.settle
         cp.rotation.step_root()
         gate.open = False
     assert cp.issuer.root_phase is phase
@@ -270,6 +274,8 @@ async def test_a_restart_mid_phase_resumes_it(mesh: Path, clock: Clock, phase: P
     assert {n: c.serial for n, c in again.issuer.certs.items()} == serials
     assert again.rotation.step_root() is phase  # the gate is still closed
     gate.open = True
-    while again.rotation.step_root() is not None:
-        pass
+    for _ in range(3):
+        clock.now += again.rotation.settle
+        again.rotation.step_root()
+    assert again.issuer.root_phase is None
     assert fingerprints(bundle_roots(again, sorted(again.snapshots)[0])) == [new.fingerprint]
