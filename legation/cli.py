@@ -188,6 +188,10 @@ def cmd_status(args: argparse.Namespace) -> int:
                  for p in status.get("processes", [])]
     if processes:
         print("processes  " + ", ".join(processes))
+    rotation = ((status.get("mtls") or {}).get("ca") or {}).get("rotation")
+    if rotation:
+        print(f"root rotation  phase {rotation['phase']} since {rotation['phase_since']}: "
+              f"{rotation['old_fingerprint']} -> {rotation['new_fingerprint']}")
     for p in status["proxies"]:
         state = "in sync" if p["in_sync"] else ("connected" if p["connected"] else "DISCONNECTED")
         listeners = ", ".join(f"{k} {v}" for k, v in p["listeners"].items())
