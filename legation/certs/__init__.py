@@ -6,6 +6,9 @@
 * :mod:`~legation.certs.sds`: certificates as Envoy SDS secrets;
 * :mod:`~legation.certs.issuer`: a mesh's proxies' (and embedded services') certificates,
   followed across reloads;
+* :mod:`~legation.certs.roots`: rotating a generated root with an overlap (``legation ca
+  rotate-root``): the next root's files, the recorded phase, the old root's retirement;
+* :mod:`~legation.certs.rotation`: the timer that renews certificates and walks those phases;
 * :mod:`~legation.certs.enrol`: the xDS enrolment credentials of proxies (from the xDS root,
   kept beside the mesh CA and separate from it), and which is current;
 * :mod:`~legation.certs.xds_auth`: the xDS server's authenticator built on them (imported from
