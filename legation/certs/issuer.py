@@ -27,7 +27,7 @@ from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
 
 from legation.certs.ca import CERT_FILE, KEY_FILE, CertificateAuthority
 from legation.certs.errors import CertError
-from legation.certs.roots import Phase, Roots, advance, open_roots
+from legation.certs.roots import Phase, Roots, advance, open_roots, rotation_requested
 from legation.certs.sds import proxy_secrets
 from legation.certs.spiffe import service_name, spiffe_id
 from legation.certs.store import CertStore
@@ -245,6 +245,9 @@ class MeshIssuer:
         where, mesh = self._ca_key, self._mesh
         if not self.enabled or where is None or mesh is None or not where.generate:
             return False
+        if self.roots is not None and self.roots.state is None and not rotation_requested(
+                where.home):
+            return False  # the usual case, every second: two stats, no key read
         roots = where.open_roots(mesh.mtls.trust_domain)
         if roots.same_as(self.roots):
             self.roots = roots  # the same roots; the record may say more (phase_since)

@@ -45,7 +45,7 @@ RETIRED_DIR = "retired"
 DEFAULT_OVERLAP = timedelta(seconds=60)
 
 __all__ = ["DEFAULT_OVERLAP", "Phase", "Roots", "RotationState", "advance", "open_roots",
-           "read_state", "request_rotation", "retire"]
+           "read_state", "request_rotation", "retire", "rotation_requested"]
 
 
 class Phase(StrEnum):
@@ -130,8 +130,9 @@ def request_rotation(directory: Path, *, overlap: timedelta = DEFAULT_OVERLAP,
             held = read_state(directory)
             if held is not None or (directory / NEXT_CERT).exists() \
                     or (directory / NEXT_KEY).exists():
-                what = f"phase {held.phase}, new root {held.new}" if held else \
-                    f"{NEXT_CERT} is there"
+                what = f"phase {held.phase}, new root {held.new}" if held else (
+                    f"{NEXT_CERT} or {NEXT_KEY} is there without {STATE_FILE}: a request that "
+                    f"did not finish; remove them to request again")
                 raise CertError(
                     f"{directory}: a root rotation is already in progress ({what}); wait for "
                     f"it to finish (`legation status` shows the phase) before requesting "
@@ -164,6 +165,11 @@ def _trust_domain(ca: CertificateAuthority) -> str:
         if uri.startswith("spiffe://"):
             return uri.removeprefix("spiffe://").split("/", 1)[0]
     return "cluster.local"
+
+
+def rotation_requested(directory: Path) -> bool:
+    """Whether a rotation is recorded (or its record is being written) in ``directory``."""
+    return (directory / STATE_FILE).exists() or (directory / NEXT_CERT).exists()
 
 
 def open_roots(directory: Path, *, trust_domain: str) -> Roots:

@@ -45,6 +45,7 @@ class Rotation:
         self.in_sync = in_sync
         self.root_check = root_check
         self.settle = timedelta(seconds=settle)
+        self._root_error = ""
         self.republish = republish
         self.on_event = on_event
         self.on_error = on_error
@@ -139,8 +140,12 @@ class Rotation:
             try:
                 self.step_root()
             except Exception as err:  # a bad record: said in status, the current roots served
-                log.warning("root rotation step failed: %s", err)
-                self.on_error(f"root rotation: {err}")
+                if str(err) != self._root_error:  # once per distinct error, not every second
+                    log.warning("root rotation step failed: %s", err)
+                    self.on_error(f"root rotation: {err}")
+                self._root_error = str(err)
+            else:
+                self._root_error = ""
             try:
                 self.rotate()
             except Exception as err:  # keep the timer alive: expiring certificates are worse

@@ -279,3 +279,31 @@ async def test_a_restart_mid_phase_resumes_it(mesh: Path, clock: Clock, phase: P
         again.rotation.step_root()
     assert again.issuer.root_phase is None
     assert fingerprints(bundle_roots(again, sorted(again.snapshots)[0])) == [new.fingerprint]
+
+
+async def test_a_bad_record_keeps_the_roots_served_and_says_why(
+        mesh: Path, clock: Clock, planes: list[ControlPlane]) -> None:
+    cp = await started(mesh, clock, Gate())
+    planes.append(cp)
+    ca_dir = mesh.parent / "ca"
+    before = {n: s.version(ResourceType.SECRET) for n, s in cp.snapshots.items()}
+    (ca_dir / STATE_FILE).write_text('{"phase": "trust"}')
+    with pytest.raises(CertError) as err:
+        cp.rotation.step_root()
+    assert err.value.code == "rotation_invalid"
+    assert str(err.value) == f"{ca_dir / STATE_FILE}: not a root rotation record (fix or remove it)"
+    assert {n: s.version(ResourceType.SECRET) for n, s in cp.snapshots.items()} == before
+    assert cp.issuer.root_phase is None
+
+
+def test_a_request_that_did_not_finish_is_named(tmp_path: Path) -> None:
+    ca_dir, _ = new_ca(tmp_path)
+    request_rotation(ca_dir)
+    (ca_dir / STATE_FILE).unlink()  # as if the request died before recording it
+    with pytest.raises(CertError) as err:
+        request_rotation(ca_dir)
+    assert str(err.value) == (
+        f"{ca_dir}: a root rotation is already in progress (ca.next.crt or ca.next.key is there "
+        f"without rotation.json: a request that did not finish; remove them to request again); "
+        f"wait for it to finish (`legation status` shows the phase) before requesting another")
+    assert open_roots(ca_dir, trust_domain=TD).state is None  # the current root still served
