@@ -130,13 +130,15 @@ def request_rotation(directory: Path, *, overlap: timedelta = DEFAULT_OVERLAP,
             held = read_state(directory)
             if held is not None or (directory / NEXT_CERT).exists() \
                     or (directory / NEXT_KEY).exists():
-                what = f"phase {held.phase}, new root {held.new}" if held else (
-                    f"{NEXT_CERT} or {NEXT_KEY} is there without {STATE_FILE}: a request that "
-                    f"did not finish; remove them to request again")
+                if held is None:
+                    raise CertError(
+                        f"{directory}: {NEXT_CERT} or {NEXT_KEY} is there without "
+                        f"{STATE_FILE}: a rotation request that did not finish; remove them to "
+                        f"request again", code="rotation_in_progress")
                 raise CertError(
-                    f"{directory}: a root rotation is already in progress ({what}); wait for "
-                    f"it to finish (`legation status` shows the phase) before requesting "
-                    f"another", code="rotation_in_progress")
+                    f"{directory}: a root rotation is already in progress (phase {held.phase}, "
+                    f"new root {held.new}); wait for it to finish (`legation status` shows the "
+                    f"phase) before requesting another", code="rotation_in_progress")
             if not (directory / CERT_FILE).exists():
                 raise CertError(f"{directory}: no mesh root to rotate ({CERT_FILE} is missing)",
                                 code="ca_unreadable")
