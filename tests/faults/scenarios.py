@@ -489,11 +489,14 @@ def _processes(stack: Stack) -> dict[str, dict[str, Any]]:
 
 
 def _kill(pid: int | None) -> bool:
+    """SIGKILL ``pid``; whether there was one to kill."""
+    if not pid:
+        return False
     try:
-        os.kill(pid or 0, 9) if pid else None
-        return bool(pid)
+        os.kill(pid, 9)
     except ProcessLookupError:
         return False
+    return True
 
 
 def _certificates(doc: dict[str, Any]) -> dict[str, str]:
@@ -636,7 +639,8 @@ def root_rotation(tmp: Path, scale: float = 1.0) -> Report:
         samples = load.finish(early=True)
         trusted = {n: _served_roots(stack, n)[1] for n in stack.envoys}
         return report("root CA rotation", probes, samples, extra={
-            "rotate_root_rc": rotate.returncode, "rotate_root_err": rotate.stderr[-300:],
+            "rotate_root_rc": rotate.returncode,
+            **({"rotate_root_err": rotate.stderr[-300:]} if rotate.returncode else {}),
             "phases": phases, "fresh_handshakes": fresh["sent"],
             "fresh_handshakes_failed": fresh["failed"],
             "old_root_trusted_at_end": any(format(old, "x") in t for t in trusted.values()),

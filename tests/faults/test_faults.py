@@ -97,7 +97,7 @@ def test_proxies_added_and_removed_by_reload(tmp_path):
 
 def test_root_ca_rotation_under_load(tmp_path):
     r = run(scenarios.root_rotation, tmp_path)
-    assert r.extra["rotate_root_rc"] == 0, r.extra["rotate_root_err"]
+    assert r.extra["rotate_root_rc"] == 0, r.extra.get("rotate_root_err")
     assert r.failed == 0 and r.hung == 0
     assert r.extra["phases"][-3:] == ["trust", "issue", "done"]
     assert r.extra["fresh_handshakes"] > 0 and r.extra["fresh_handshakes_failed"] == 0
