@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import shutil
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -119,7 +120,8 @@ class PublishedServices:
                 if folder.exists():
                     shutil.rmtree(folder, ignore_errors=True)
                 continue
-            plan = ServicePlan(kind=kind.name, mesh_path=mesh_path, mesh_text=text,
+            plan = ServicePlan(kind=kind.name, mesh_path=mesh_path,
+                               mesh_text=text if kind.name == "ratelimit" else _redacted(text),
                                inputs=inputs, address=f"{spec.host}:{spec.port}", tls=spec.tls)
             try:
                 private_dir(folder)
@@ -231,3 +233,21 @@ class FileTls:
             return self._current
         self._stamp, self._current = stamp, tls
         return tls
+
+
+def _redacted(text: str) -> str:
+    """The mesh for a service other than the rate limiter: the Redis password in
+    ``ratelimit.redis_url`` (only the rate limiter needs it) replaced, the rest as it was."""
+    import yaml
+
+    try:
+        doc = yaml.safe_load(text)
+        url = doc["ratelimit"]["redis_url"]
+    except (yaml.YAMLError, KeyError, TypeError):
+        return text
+    parts = urllib.parse.urlsplit(str(url))
+    if not parts.password:
+        return text
+    netloc = parts.netloc.replace(f":{parts.password}@", ":redacted@", 1)
+    doc["ratelimit"]["redis_url"] = urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+    return str(yaml.safe_dump(doc, sort_keys=False))

@@ -143,3 +143,27 @@ async def test_mtls_certificates_are_private_files_that_follow_renewals(tmp_path
         await follower.stop()
     finally:
         await cp.stop()
+
+
+async def test_only_the_rate_limiter_is_handed_the_redis_password(tmp_path: Path) -> None:
+    (tmp_path / "limits.yaml").write_text("domain: test\ndescriptors: []\n")
+    mesh = tmp_path / "mesh.yaml"
+    mesh.write_text(
+        f"xds: {{port: {free_port()}}}\n"
+        f"services: [{{name: web, port: 9080, endpoints: [{{port: {free_port()}}}]}}]\n"
+        f"extproc: {{port: {free_port()}}}\n"
+        f"ratelimit: {{port: {free_port()}, config: limits.yaml, domain: test, backend: redis,"
+        f" redis_url: 'redis://:s3cret-pw@127.0.0.1:6390/0'}}\n")
+    cp = ControlPlane(mesh, status_port=0, ca_dir=tmp_path / "ca", on_event=lambda _: None,
+                      poll_interval=3600, services_dir=tmp_path / "services")
+    await cp.start()
+    try:
+        services = tmp_path / "services"
+        assert "s3cret-pw" in read_plan(plan_path(services, "ratelimit")).mesh_text
+        other = read_plan(plan_path(services, "extproc")).mesh_text
+        assert "s3cret-pw" not in other and "redis://:redacted@127.0.0.1:6390/0" in other
+        follower = Follower(plan_path(services, "extproc"), kind="extproc")
+        assert await follower.start() > 0  # the redacted mesh still plans the service
+        await follower.stop()
+    finally:
+        await cp.stop()

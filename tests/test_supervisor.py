@@ -1,0 +1,50 @@
+"""`legation up`'s children (legation.supervisor): output forwarded line by line and logged, the
+ready line noticed, a dead child's restart scheduled with a doubling backoff, counted."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from legation.supervisor import BACKOFF_FIRST, BACKOFF_MAX, Supervised
+
+
+async def test_a_dead_child_is_restarted_with_backoff(tmp_path: Path) -> None:
+    lines: list[tuple[str, str]] = []
+    child = Supervised(role="demo", log_path=tmp_path / "demo.log",
+                       command=[sys.executable, "-c", "print('serving on 1', flush=True)"],
+                       on_line=lambda role, line: lines.append((role, line)),
+                       ready_line="serving on")
+    assert child.due() is None  # never started: nothing to restart
+    await child.start()
+    assert child.proc is not None
+    await child.proc.wait()
+    await child.output_done()
+    assert lines == [("demo", "serving on 1")] and child.ready
+    assert (tmp_path / "demo.log").read_text() == "serving on 1\n"
+    assert child.describe() == {"role": "demo", "pid": child.pid, "restarts": 0,
+                                "alive": False}
+
+    now = child.started_at + 1.0  # it died quickly
+    assert child.due(now) == BACKOFF_FIRST
+    assert child.due(now + BACKOFF_FIRST) == 0  # scheduled once, then due
+    await child.start()
+    assert child.restarts == 1 and not child.ready  # ready again only when it says so
+    await child.proc.wait()
+    await child.output_done()
+    assert child.due(child.started_at + 1.0) == 2 * BACKOFF_FIRST  # another quick death
+    child.restart_at, child.started_at = None, child.started_at - 3600  # it had run an hour
+    assert child.due(child.started_at + 3600) == BACKOFF_FIRST  # stable: backoff starts over
+    for _ in range(20):
+        child.restart_at = None
+        child.started_at = 0.0
+        assert child.due(1.0) <= BACKOFF_MAX
+
+
+async def test_stop_terminates_a_running_child(tmp_path: Path) -> None:
+    child = Supervised(role="sleeper", log_path=tmp_path / "s.log", on_line=lambda *_: None,
+                       command=[sys.executable, "-c", "import time; time.sleep(30)"])
+    await child.start()
+    assert child.alive()
+    await child.stop(timeout=5)
+    assert not child.alive() and child.returncode is not None
