@@ -18,16 +18,14 @@ import asyncio
 import json
 import logging
 import os
-import signal
 import sys
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-import yaml
-
+from legation._cli_certs import DEFAULT_XDS, cmd_bootstrap, cmd_ca, cmd_rotate_root
+from legation._cli_serve import _wait_for_signal, cmd_serve
 from legation.errors import LegationError
 
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
@@ -77,98 +75,6 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def cmd_bootstrap(args: argparse.Namespace) -> int:
-    from legation.certs.issuer import DEFAULT_CA_DIR, CaLocation, locate_ca
-    from legation.translate.bootstrap import bootstrap
-
-    host, _, port = args.xds.rpartition(":")
-    cluster, admin_port = args.cluster, args.admin_port
-    trust_domain = "cluster.local"
-    where = CaLocation(DEFAULT_CA_DIR / "ca.crt", DEFAULT_CA_DIR / "ca.key", generate=True)
-    if args.mesh:
-        from legation.config import load_mesh
-
-        try:
-            mesh = load_mesh(args.mesh)
-        except LegationError as err:
-            print(err, file=sys.stderr)
-            return 2
-        spec = next((p for p in mesh.proxies() if p.node_id == args.node), None)
-        if spec is None:
-            known = ", ".join(p.node_id for p in mesh.proxies())
-            print(f"{args.mesh}: no proxy with node id {args.node!r} (known: {known})",
-                  file=sys.stderr)
-            return 2
-        cluster = cluster or spec.node_cluster
-        admin_port = admin_port or spec.admin_port
-        if args.xds == _DEFAULT_XDS:
-            host, port = mesh.xds.host, str(mesh.xds.port)
-        trust_domain = mesh.mtls.trust_domain
-        where = locate_ca(mesh, mesh_dir=Path(args.mesh).parent)
-    if args.ca_dir:
-        where = CaLocation(Path(args.ca_dir) / "ca.crt", Path(args.ca_dir) / "ca.key",
-                           generate=True)
-    try:
-        directory = _enrol(args, where, trust_domain)
-    except LegationError as err:
-        print(err, file=sys.stderr)
-        return 2
-    doc = bootstrap(node_id=args.node, node_cluster=cluster or "", xds_host=host or "127.0.0.1",
-                    xds_port=int(port), admin_port=admin_port or 9901, delta=args.delta,
-                    credentials_dir=directory.resolve())
-    if args.json:
-        print(json.dumps(doc, indent=2))
-    else:
-        print(yaml.safe_dump(doc, sort_keys=False), end="")
-    return 0
-
-
-def _enrol(args: argparse.Namespace, where: Any, trust_domain: str) -> Path:
-    """The node's credential directory, with a current credential in it: the one there is kept
-    unless ``--rotate``, it is no longer the node's current one, or it is due for renewal."""
-    from datetime import UTC, datetime
-
-    from legation.certs.enrol import (
-        BOOTSTRAP_TTL,
-        Enrolments,
-        NodeFiles,
-        enrol,
-        node_dir_name,
-        xds_root,
-    )
-
-    directory = Path(args.credentials_dir) if args.credentials_dir else (
-        where.nodes_dir / node_dir_name(args.node))
-    enrolments = Enrolments.beside(where.home)
-    if not args.rotate:
-        held = _held_serial(NodeFiles(directory))
-        if held is not None and held[0] == enrolments.current(args.node) \
-                and datetime.now(UTC) < held[1]:
-            print(f"node {args.node!r}: keeping the credential in {directory} "
-                  f"(--rotate issues a new one)", file=sys.stderr)
-            return directory
-    ca = xds_root(where.home)  # the xDS root beside the mesh CA, never the mesh root
-    cert, _ = enrol(ca, enrolments, args.node, directory, ttl=BOOTSTRAP_TTL)
-    print(f"node {args.node!r}: new xDS credential in {directory}, serial {cert.serial_hex}, "
-          f"expires {cert.not_after:%Y-%m-%d %H:%M} UTC; any earlier one is revoked",
-          file=sys.stderr)
-    return directory
-
-
-def _held_serial(files: Any) -> tuple[int, Any] | None:
-    """(serial, renew-at time) of the credential in ``files``, if there is a readable one."""
-    from cryptography import x509
-
-    from legation.certs.workload import RENEW_AT
-
-    try:
-        cert = x509.load_pem_x509_certificate(files.read()[0])
-    except (OSError, ValueError, KeyError, TypeError, IndexError):
-        return None
-    start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
-    return cert.serial_number, start + (end - start) * RENEW_AT
-
-
 def cmd_status(args: argparse.Namespace) -> int:
     try:
         with urllib.request.urlopen(args.url.rstrip("/") + "/status", timeout=5) as resp:
@@ -206,103 +112,6 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    if args.service == "xds":
-        return asyncio.run(_serve_xds(args))
-    if args.plan:
-        return asyncio.run(_serve_plan(args))
-    workers = max(1, args.workers)
-    if workers == 1:
-        return asyncio.run(_serve_one(args, reuse_port=False, index=0))
-    from legation.services.workers import run_workers
-
-    return run_workers(workers, lambda index: asyncio.run(
-        _serve_one(args, reuse_port=True, index=index)))
-
-
-async def _wait_for_signal() -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-
-
-async def _serve_xds(args: argparse.Namespace) -> int:
-    from legation.controlplane import ControlPlane
-
-    if not args.config:
-        print("legation serve xds needs --config MESH.yaml", file=sys.stderr)
-        return 2
-    host, _, port = (args.listen or "").rpartition(":")
-    cp = ControlPlane(args.config, xds_host=host or None, xds_port=int(port) if port else None,
-                      status_port=args.status_port,
-                      services_dir=Path(args.services_dir) if args.services_dir else None,
-                      processes_file=Path(args.processes_file) if args.processes_file else None)
-    try:
-        await cp.start()
-    except LegationError as err:
-        print(err, file=sys.stderr)
-        return 2
-    print(f"xDS on {cp.server.address if cp.server else '?'}; status on "
-          f"http://127.0.0.1:{cp.status_port}/status", flush=True)
-    try:
-        await _wait_for_signal()
-    finally:
-        await cp.stop()
-    return 0
-
-
-async def _serve_plan(args: argparse.Namespace) -> int:
-    """``legation serve <kind> --plan FILE``: the service the control plane published, kept
-    following the file (:mod:`legation.services.follower`)."""
-    from legation.services.follower import Follower
-
-    follower = Follower(Path(args.plan), kind=args.service)
-    try:
-        bound = await follower.start()
-    except LegationError as err:
-        print(err, file=sys.stderr)
-        return 2
-    metrics = follower.serve_metrics(args.metrics_port)
-    print(f"{args.service} (pid {os.getpid()}) on port {bound}, metrics on 127.0.0.1:{metrics}, "
-          f"following {args.plan}", flush=True)
-    watching = asyncio.create_task(follower.follow())
-    signalled = asyncio.create_task(_wait_for_signal())
-    try:
-        await asyncio.wait({watching, signalled}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watching.cancel()
-        signalled.cancel()
-        await follower.stop(1.0)
-    return 0 if signalled.done() and not signalled.cancelled() else 1
-
-
-async def _serve_one(args: argparse.Namespace, *, reuse_port: bool, index: int) -> int:
-    from legation.services import kinds
-
-    host, _, port = (args.listen or "127.0.0.1:0").rpartition(":")
-    host = host or "127.0.0.1"
-    service = kinds.get(args.service).service_class()
-    try:
-        _, bound, stop = await service.serve_cli(args, host=host, port=int(port),
-                                                 reuse_port=reuse_port)
-    except LegationError as err:
-        print(err, file=sys.stderr)
-        return 2
-    if args.metrics_port:
-        from prometheus_client import start_http_server
-
-        # each worker of --workers N serves its own metrics, on consecutive ports
-        start_http_server(args.metrics_port + index, addr=host)
-    print(f"{args.service} (pid {os.getpid()}) on {host}:{bound}", flush=True)
-    try:
-        await _wait_for_signal()
-    finally:
-        await stop(1.0)
-    return 0
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
     from legation.demo import DemoApp
 
@@ -325,60 +134,6 @@ def cmd_policy(args: argparse.Namespace) -> int:
     return int(policy_test(args.argv))
 
 
-def cmd_rotate_root(args: argparse.Namespace) -> int:
-    from datetime import timedelta
-
-    from legation.certs.issuer import DEFAULT_CA_DIR, locate_ca
-    from legation.certs.roots import request_rotation
-    from legation.config._types import _parse_duration
-
-    try:
-        overlap = timedelta(0) if args.overlap.strip() in ("0", "0s") else \
-            _parse_duration(args.overlap)
-    except ValueError as err:
-        print(f"--overlap: {err}", file=sys.stderr)
-        return 2
-    try:
-        if args.ca_dir:
-            directory = Path(args.ca_dir)
-        elif args.mesh:
-            from legation.config import load_mesh
-
-            where = locate_ca(load_mesh(Path(args.mesh)), mesh_dir=Path(args.mesh).parent)
-            if not where.generate:
-                print(f"{args.mesh}: mtls.ca_cert/ca_key name a root of your own; "
-                      "rotate-root rotates a generated CA directory (mtls.ca_dir)",
-                      file=sys.stderr)
-                return 1
-            directory = where.home
-        else:
-            directory = DEFAULT_CA_DIR
-        state = request_rotation(directory, overlap=overlap)
-    except LegationError as err:
-        print(err, file=sys.stderr)
-        return 1
-    print(f"root rotation requested in {directory}: {state.old} -> {state.new}; the running "
-          f"control plane trusts both, re-issues every certificate from the new root once "
-          f"every proxy has the bundle, and retires the old root {overlap.total_seconds():g}s "
-          f"after that (`legation status --json`: mtls.ca.rotation)")
-    return 0
-
-
-def cmd_ca(args: argparse.Namespace) -> int:
-    from legation.certs.ca import CERT_FILE, describe_root
-
-    try:
-        info = describe_root(Path(args.dir) / CERT_FILE)
-    except LegationError as err:
-        print(err, file=sys.stderr)
-        return 1
-    width = max(len(k) for k in info)
-    for key, value in info.items():
-        print(f"{key:<{width}}  {value}")
-    return 0
-
-
-_DEFAULT_XDS = "127.0.0.1:18000"
 
 
 def parser() -> argparse.ArgumentParser:
@@ -403,7 +158,7 @@ def parser() -> argparse.ArgumentParser:
                           "files) and print its Envoy bootstrap")
     boot.add_argument("--node", required=True, help="node id (e.g. gateway-ingress)")
     boot.add_argument("--cluster", default="", help="node cluster (default: from --mesh, or node)")
-    boot.add_argument("--xds", default=_DEFAULT_XDS, help="xDS server host:port")
+    boot.add_argument("--xds", default=DEFAULT_XDS, help="xDS server host:port")
     boot.add_argument("--admin-port", type=int, default=0)
     boot.add_argument("--mesh", help="take cluster, admin port and xDS address from this mesh")
     boot.add_argument("--delta", action="store_true", help="use delta (incremental) ADS")

@@ -1,0 +1,109 @@
+"""``legation serve``: one service (or the control plane) alone, as a foreground process."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+from pathlib import Path
+
+from legation.errors import LegationError
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    if args.service == "xds":
+        return asyncio.run(_serve_xds(args))
+    if args.plan:
+        return asyncio.run(_serve_plan(args))
+    workers = max(1, args.workers)
+    if workers == 1:
+        return asyncio.run(_serve_one(args, reuse_port=False, index=0))
+    from legation.services.workers import run_workers
+
+    return run_workers(workers, lambda index: asyncio.run(
+        _serve_one(args, reuse_port=True, index=index)))
+
+
+async def _wait_for_signal() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+async def _serve_xds(args: argparse.Namespace) -> int:
+    from legation.controlplane import ControlPlane
+
+    if not args.config:
+        print("legation serve xds needs --config MESH.yaml", file=sys.stderr)
+        return 2
+    host, _, port = (args.listen or "").rpartition(":")
+    cp = ControlPlane(args.config, xds_host=host or None, xds_port=int(port) if port else None,
+                      status_port=args.status_port,
+                      services_dir=Path(args.services_dir) if args.services_dir else None,
+                      processes_file=Path(args.processes_file) if args.processes_file else None)
+    try:
+        await cp.start()
+    except LegationError as err:
+        print(err, file=sys.stderr)
+        return 2
+    print(f"xDS on {cp.server.address if cp.server else '?'}; status on "
+          f"http://127.0.0.1:{cp.status_port}/status", flush=True)
+    try:
+        await _wait_for_signal()
+    finally:
+        await cp.stop()
+    return 0
+
+
+async def _serve_plan(args: argparse.Namespace) -> int:
+    """``legation serve <kind> --plan FILE``: the service the control plane published, kept
+    following the file (:mod:`legation.services.follower`)."""
+    from legation.services.follower import Follower
+
+    follower = Follower(Path(args.plan), kind=args.service)
+    try:
+        bound = await follower.start()
+    except LegationError as err:
+        print(err, file=sys.stderr)
+        return 2
+    metrics = follower.serve_metrics(args.metrics_port)
+    print(f"{args.service} (pid {os.getpid()}) on port {bound}, metrics on 127.0.0.1:{metrics}, "
+          f"following {args.plan}", flush=True)
+    watching = asyncio.create_task(follower.follow())
+    signalled = asyncio.create_task(_wait_for_signal())
+    try:
+        await asyncio.wait({watching, signalled}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watching.cancel()
+        signalled.cancel()
+        await follower.stop(1.0)
+    return 0 if signalled.done() and not signalled.cancelled() else 1
+
+
+async def _serve_one(args: argparse.Namespace, *, reuse_port: bool, index: int) -> int:
+    from legation.services import kinds
+
+    host, _, port = (args.listen or "127.0.0.1:0").rpartition(":")
+    host = host or "127.0.0.1"
+    service = kinds.get(args.service).service_class()
+    try:
+        _, bound, stop = await service.serve_cli(args, host=host, port=int(port),
+                                                 reuse_port=reuse_port)
+    except LegationError as err:
+        print(err, file=sys.stderr)
+        return 2
+    if args.metrics_port:
+        from prometheus_client import start_http_server
+
+        # each worker of --workers N serves its own metrics, on consecutive ports
+        start_http_server(args.metrics_port + index, addr=host)
+    print(f"{args.service} (pid {os.getpid()}) on {host}:{bound}", flush=True)
+    try:
+        await _wait_for_signal()
+    finally:
+        await stop(1.0)
+    return 0
