@@ -98,6 +98,8 @@ def _ports(mesh: Mesh) -> Iterator[Problem]:
                 ]
     for kind, block in kinds.blocks(mesh):
         wanted.append((block.host, block.port, f"{kind.block}.port"))
+    if mesh.extauthz is not None and mesh.extauthz.http_port is not None:
+        wanted.append((mesh.extauthz.host, mesh.extauthz.http_port, "extauthz.http_port"))
     seen: list[tuple[str, int, str]] = []
     for host, port, path in wanted:
         host = "127.0.0.1" if host == "localhost" else host
@@ -122,6 +124,12 @@ def _service_tls(mesh: Mesh) -> Iterator[Problem]:
         if block.tls == "mesh" and not mesh.mtls.enabled:
             yield Problem(f"{kind}.tls", "'mesh' needs mtls.mode permissive or strict (the "
                           "certificates come from the mesh CA); or set tls: none")
+    authz = mesh.extauthz
+    if authz is not None and authz.http and authz.mesh_tls(mtls_enabled=mesh.mtls.enabled):
+        # the HTTP call-out server has no TLS yet: refused rather than served in plaintext
+        yield Problem("extauthz.protocol", "http is served without TLS, so it cannot be called "
+                      "over mesh mTLS: set extauthz.tls: none (keep it on loopback) or "
+                      "protocol: grpc")
     if not mesh.mtls.enabled:
         return
     reserved = {service_name(kind) for kind in kinds.names()}

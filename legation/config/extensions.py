@@ -5,6 +5,9 @@ config; :mod:`legation.services` validates and starts the ``embedded`` ones in-p
 At mesh level (``config`` paths are relative to the mesh file)::
 
     extauthz:  {port: 18010, config: authz.yaml}          # its own YAML: checks, policy dir
+    extauthz:  {port: 18010, config: authz.yaml, protocol: http, http_port: 18020,
+                http_headers: {request: [x-tenant], upstream: [x-user], client: [x-cache]}}
+                # also Envoy's HTTP mode, for the routes that fit it (one hop, no gRPC)
     extproc:   {port: 18011, failure_mode: closed, timeout: 200ms}   # chains come from routes
     ratelimit: {port: 18012, config: ratelimit.yaml, domain: mesh,   # envoyproxy/ratelimit YAML
                 backend: memory}                          # or redis, with redis_url
@@ -36,6 +39,7 @@ On a route::
 
     authz: reviews.authz           # a Rego policy (package) for ext_authz, or ``disabled``;
                                    # a route without authz makes no ext_authz call
+    authz_protocol: grpc           # with extauthz.protocol http: keep this route on gRPC
     filters:                       # ext_proc filter plugins, in order (options validated here,
       - {name: request_id, options: {header: x-request-id}}   # by the plugin, at mesh load)
     rate_limits:                   # descriptors sent to the rate-limit service
@@ -141,8 +145,58 @@ class _ConfiguredService(GrpcService):
         return self
 
 
+class HttpCalloutHeaders(BaseModel):
+    """The headers Envoy passes between a request and the HTTP call-out (HTTP mode forwards only
+    what its config lists): ``request`` names sent to the service besides method, path, Host,
+    Content-Length and Authorization (``x-tenant`` or a ``prefix*``); ``upstream`` names a
+    decision may add to the upstream request besides ``x-legation-*``; ``client`` names a
+    decision may add to the client's response when it allows."""
+
+    model_config = STRICT
+    request: list[str] = Field(default_factory=list)
+    upstream: list[str] = Field(default_factory=list)
+    client: list[str] = Field(default_factory=list)
+
+    @field_validator("request", "upstream", "client")
+    @classmethod
+    def _names(cls, names: list[str]) -> list[str]:
+        for name in names:
+            stem = name.rstrip("*")
+            if not stem or not re.fullmatch(_HEADER_NAME, stem) or "*" in stem:
+                raise ValueError(f"{name!r} is not a header name or a 'prefix*'")
+            if stem.lower().startswith("x-legation-") or (
+                    name.endswith("*") and "x-legation-".startswith(stem.lower())):
+                raise ValueError(f"{name!r} would pass Legation's own x-legation-* headers")
+        return names
+
+
 class ExtAuthzService(_ConfiguredService):
-    """ext_authz: ``config`` is the service's YAML (checks, Rego policy dir, JWT providers)."""
+    """ext_authz: ``config`` is the service's YAML (checks, Rego policy dir, JWT providers).
+
+    ``protocol: http`` (default ``grpc``) also serves the checks over Envoy's ext_authz HTTP mode
+    on ``http_port``, and routes whose needs fit HTTP mode call it instead of the gRPC service
+    (the rule: :func:`legation.translate._services.authz_call`); ``http_headers`` lists what
+    Envoy passes (see :class:`HttpCalloutHeaders`)."""
+
+    protocol: Literal["grpc", "http"] = "grpc"
+    http_port: Port | None = None
+    http_headers: HttpCalloutHeaders | None = None
+
+    @model_validator(mode="after")
+    def _http(self) -> ExtAuthzService:
+        if self.protocol == "http" and self.http_port is None:
+            raise _field_error("ExtAuthzService", ("http_port",), "needed with protocol: http",
+                               None)
+        for name in ("http_port", "http_headers"):
+            if self.protocol != "http" and getattr(self, name) is not None:
+                raise _field_error("ExtAuthzService", (name,), "only used with protocol: http",
+                                   None)
+        return self
+
+    @property
+    def http(self) -> bool:
+        """Whether the HTTP call-out is served (and routes may use it)."""
+        return self.protocol == "http"
 
 
 class ExtProcService(GrpcService):

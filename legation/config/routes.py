@@ -140,6 +140,7 @@ class Route(RoutePolicy):
     headers: Headers = Field(default_factory=Headers)
     rewrite: Rewrite | None = None
     authz: str | None = Field(default=None, min_length=1)
+    authz_protocol: Literal["grpc"] | None = None  # keep this route's ext_authz call on gRPC
     filters: list[FilterSpec] = Field(default_factory=list)
     rate_limits: list[RateLimitSpec] = Field(default_factory=list)
 
