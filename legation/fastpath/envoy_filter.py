@@ -1,8 +1,8 @@
 """Envoy-side wiring for the HTTP call-out: ext_authz in HTTP mode, as protobufs.
 
 * :func:`http_filter` -- the ``envoy.filters.http.ext_authz`` HttpFilter calling the fast-path
-  server over HTTP/1.1, fail closed (``failure_mode_allow: false``; an error or a timeout denies
-  with ``status_on_error``), ``validate_mutations: true``.
+  server over HTTP/1.1, fail closed unless ``Callout.failure_mode_allow`` (an error or a
+  timeout denies with ``status_on_error``), ``validate_mutations: true``.
 * :func:`per_route` -- the route's ``ExtAuthzPerRoute``: the same ``http_service`` with the
   route's policy and checks in :data:`~legation.fastpath.contract.POLICY_HEADER` /
   :data:`~legation.fastpath.contract.CHECKS_HEADER` (``headers_to_add``; HTTP mode has no
@@ -55,6 +55,7 @@ class Callout:
 
     cluster: str
     timeout_ms: int = 1000
+    failure_mode_allow: bool = False  # True: Envoy lets the request through when the call fails
     status_on_error: int = 403
     allowed_headers: Sequence[str] = ()
     upstream_headers: Sequence[str] = ()
@@ -120,7 +121,7 @@ def http_filter(callout: Callout) -> hcm_pb2.HttpFilter:
     bytes; a larger body is cut (``allow_partial_message``) or refused 413."""
     config = ext_authz_pb2.ExtAuthz(
         transport_api_version=2,  # V3
-        failure_mode_allow=False,
+        failure_mode_allow=callout.failure_mode_allow,
         validate_mutations=True,
         http_service=http_service(callout),
     )

@@ -359,3 +359,104 @@ def test_service_tls_names_only_secrets_every_proxy_is_sent(tmp_path: Path) -> N
     issuer.update(mesh)
     out = translate(mesh, version="v1", secrets=issuer.secrets())  # raises when one is missing
     assert {n for n, s in out.items() if s.resources(ResourceType.SECRET)} == set(out)
+
+
+# -- ext_authz over HTTP (extauthz.protocol: http) ---------------------------------------------
+
+HTTP_AUTHZ = "legation.ext_authz.http"
+HTTP_BLOCK = {"protocol": "http", "http_port": 18020,
+              "http_headers": {"request": ["x-tenant"], "upstream": ["x-user"],
+                               "client": ["x-cache"]}}
+
+
+def all_resources(out: dict[str, Snapshot]) -> dict[tuple[str, str, str], bytes]:
+    return {(node, rtype.short, name): res.data for node, snap in out.items()
+            for rtype in ResourceType for name, res in snap.resources(rtype).items()}
+
+
+@pytest.mark.parametrize("mtls", ["off", "strict"])
+def test_protocol_grpc_or_absent_is_todays_config_byte_for_byte(mtls: str) -> None:
+    absent = with_services()
+    explicit = with_services(extauthz={"protocol": "grpc"})
+    jwt = {"actions": [{"jwt_claim": {"claim": "sub"}}]}
+    for data in (absent, explicit):
+        data["mtls"] = {"mode": mtls, "ca_dir": "ca"}
+        data["routes"].append({"name": "pinned", "to": {"service": "ratings"},
+                               "authz": "a.b", "authz_protocol": "grpc", "rate_limits": [jwt]})
+    assert "protocol" not in absent["extauthz"]
+    assert all_resources(snaps(absent)) == all_resources(snaps(explicit))
+    names = {name for (_, _, name) in all_resources(snaps(absent))}
+    assert "legation|extauthz-http" not in names
+
+
+def http_mesh(*routes: dict[str, Any]) -> dict[str, Any]:
+    data = with_services(extauthz=HTTP_BLOCK)
+    data["routes"].extend(routes)
+    return data
+
+
+def test_http_protocol_adds_the_http_filter_after_the_grpc_one_and_its_cluster() -> None:
+    out = snaps(http_mesh())["gateway-ingress"]
+    gw = hcm_of(message(out, ResourceType.LISTENER, "gateway"))
+    names = [f.name for f in gw.http_filters]
+    assert names[names.index(AUTHZ):names.index(PROC)] == [AUTHZ, HTTP_AUTHZ]
+    http = ext_authz_pb2.ExtAuthz()
+    next(f for f in gw.http_filters if f.name == HTTP_AUTHZ).typed_config.Unpack(http)
+    assert http.http_service.server_uri.cluster == "legation|extauthz-http"
+    assert http.http_service.path_prefix == "/legation/check"
+    assert http.failure_mode_allow is False
+    assert [m.exact for m in http.allowed_headers.patterns] == ["x-tenant"]
+    allowed_up = http.http_service.authorization_response.allowed_upstream_headers.patterns
+    assert [(m.prefix, m.exact) for m in allowed_up] == [("x-legation-", ""), ("", "x-user")]
+    cluster = message(out, ResourceType.CLUSTER, "legation|extauthz-http")
+    assert cluster.type == cluster_pb2.Cluster.STATIC
+    assert not cluster.typed_extension_protocol_options  # HTTP/1.1, Envoy's default
+    sock = cluster.load_assignment.endpoints[0].lb_endpoints[0].endpoint.address.socket_address
+    assert (sock.address, sock.port_value) == ("127.0.0.1", 18020)
+
+
+JWT_LIMIT = {"actions": [{"jwt_claim": {"claim": "sub", "key": "user"}}]}
+
+# (route's extra keys, the protocol its ext_authz call uses; None: no call)
+RULE = [
+    ({"authz": "a.b"}, "http"),
+    ({"authz": "a.b", "authz_protocol": "grpc"}, "grpc"),
+    ({"authz": "a.b", "rate_limits": [JWT_LIMIT]}, "grpc"),
+    ({"authz": "a.b", "rate_limits": [{"actions": [{"remote_address": {}}]}]}, "http"),
+    ({"authz": "disabled"}, None),
+    ({}, None),
+]
+
+
+@pytest.mark.parametrize(("extra", "expected"), RULE, ids=[str(e) for e, _ in RULE])
+def test_which_routes_use_the_http_callout(extra: dict[str, Any], expected: str | None) -> None:
+    out = snaps(http_mesh({"name": "r", "to": {"service": "ratings"}, **extra}))
+    route = routes_of(out["gateway-ingress"], "gateway")["r"]
+    grpc = per_route(route, AUTHZ, ext_authz_pb2.ExtAuthzPerRoute)
+    http = per_route(route, HTTP_AUTHZ, ext_authz_pb2.ExtAuthzPerRoute)
+    assert grpc.disabled == (expected != "grpc")
+    assert http.disabled == (expected != "http")
+    if expected == "grpc":
+        assert dict(grpc.check_settings.context_extensions) == {"policy": "a.b"}
+    if expected == "http":
+        service = http.check_settings.http_service
+        assert [(h.key, h.value) for h in service.authorization_request.headers_to_add] == [
+            ("x-legation-policy", "a.b")]
+        assert service.server_uri.cluster == "legation|extauthz-http"
+    # with protocol grpc the same route is gRPC or no call, and has no HTTP override
+    data = http_mesh({"name": "r", "to": {"service": "ratings"}, **extra})
+    data["extauthz"] = {"port": 18010, "embedded": False}
+    plain = routes_of(snaps(data)["gateway-ingress"], "gateway")["r"]
+    assert HTTP_AUTHZ not in plain.typed_per_filter_config
+    assert per_route(plain, AUTHZ, ext_authz_pb2.ExtAuthzPerRoute).disabled == (
+        expected is None)
+
+
+def test_default_routes_disable_both_filters() -> None:
+    sidecar = snaps(http_mesh())["sidecar-reviews-0"]
+    defaults = [r for r in routes_of(sidecar, "outbound").values()
+                if HTTP_AUTHZ in r.typed_per_filter_config and r.name != "guarded"]
+    assert defaults
+    for route in defaults:
+        assert per_route(route, AUTHZ, ext_authz_pb2.ExtAuthzPerRoute).disabled
+        assert per_route(route, HTTP_AUTHZ, ext_authz_pb2.ExtAuthzPerRoute).disabled
