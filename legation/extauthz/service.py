@@ -101,6 +101,11 @@ async def start_server(settings: Settings) -> tuple[grpc.aio.Server, int]:
     return server, port
 
 
+def servicer_of(server: grpc.aio.Server) -> AuthorizationServicer:
+    """The servicer a running server answers with (the HTTP call-out serves the same one)."""
+    return _running[server]
+
+
 async def reconfigure(server: grpc.aio.Server, loaded: LoadedConfig, *,
                       decision_log: str | None = None, grace: float = 5.0) -> None:
     """Swap a running server's config and checks in place (no restart, no dropped call): the

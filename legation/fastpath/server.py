@@ -70,12 +70,15 @@ class CalloutApp:
 
 
 class CalloutServer:
-    """A running server: ``port``, ``servicer`` (for reloads), ``close()``."""
+    """A running server: ``port``, ``servicer`` (for reloads), ``close()``. ``owns_checks``:
+    ``close()`` also closes the servicer's checks (False when it shares a gRPC server's)."""
 
-    def __init__(self, server: asyncio.Server, servicer: AuthorizationServicer, port: int) -> None:
+    def __init__(self, server: asyncio.Server, servicer: AuthorizationServicer, port: int, *,
+                 owns_checks: bool = True) -> None:
         self.server = server
         self.servicer = servicer
         self.port = port
+        self.owns_checks = owns_checks
 
     async def serve_forever(self) -> None:
         await self.server.serve_forever()
@@ -83,27 +86,38 @@ class CalloutServer:
     async def close(self) -> None:
         self.server.close()
         await self.server.wait_closed()
-        await authz.close_checks(self.servicer)
+        if self.owns_checks:
+            await authz.close_checks(self.servicer)
 
 
 async def start_server(settings: Settings) -> CalloutServer:
+    """A server with its own servicer, built from ``settings``' config."""
     servicer = await authz.build_servicer(authz.Settings(
         config_file=settings.config_file, config=settings.config,
         decision_log=settings.decision_log, registry=settings.registry))
     try:
-        for field in ("deny_status", "error_status"):
-            if getattr(servicer.config, field) == 200:
-                where = settings.config_file or "<settings.config>"
-                raise ConfigError(f"{where}: {field}: 200 would allow the request in Envoy's "
-                                  "HTTP mode")
-        app = CalloutApp(servicer, upstream_headers=settings.upstream_headers,
-                         client_headers=settings.client_headers)
-        limits = settings.limits
-        server = await asyncio.get_running_loop().create_server(
-            lambda: CalloutProtocol(app, limits), settings.host, settings.port,
-            reuse_port=settings.reuse_port or None, backlog=1024)
+        return await serve(servicer, settings, owns_checks=True)
     except BaseException:
         await authz.close_checks(servicer)
         raise
+
+
+async def serve(servicer: AuthorizationServicer, settings: Settings, *,
+                owns_checks: bool = False) -> CalloutServer:
+    """Serve ``servicer`` (e.g. the gRPC server's: same checks, and a config swapped into it
+    applies here from the next call) on ``settings``' address; ``settings``' config fields are
+    not read. Raises ConfigError for a config whose statuses would allow over HTTP, OSError when
+    the address cannot be bound."""
+    for name in ("deny_status", "error_status"):
+        if getattr(servicer.config, name) == 200:
+            where = settings.config_file or "<settings.config>"
+            raise ConfigError(f"{where}: {name}: 200 would allow the request in Envoy's "
+                              "HTTP mode")
+    app = CalloutApp(servicer, upstream_headers=settings.upstream_headers,
+                     client_headers=settings.client_headers)
+    limits = settings.limits
+    server = await asyncio.get_running_loop().create_server(
+        lambda: CalloutProtocol(app, limits), settings.host, settings.port,
+        reuse_port=settings.reuse_port or None, backlog=1024)
     sock: socket.socket = server.sockets[0]
-    return CalloutServer(server, servicer, int(sock.getsockname()[1]))
+    return CalloutServer(server, servicer, int(sock.getsockname()[1]), owns_checks=owns_checks)

@@ -7,12 +7,18 @@ misspelt policy is a ``legation check`` error instead of a 403 on every request.
 and the policy directories are watched: an edit re-runs the validation and, when valid, the new
 config is swapped into the running servicer (new checks started first, old ones closed after a
 grace period), no restart. The rego check also reloads its policy directory by itself.
+
+With ``protocol: http`` the service also serves Envoy's ext_authz HTTP mode on ``http_port``
+(:mod:`legation.fastpath`), around the gRPC server's own servicer: the same checks, and a
+swapped config applies to both from the next call. Its forwarded headers come from the same
+:func:`~legation.translate._services.authz_callout` the proxies' filter is built from.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -21,12 +27,14 @@ from prometheus_client import CollectorRegistry
 from legation import _yaml
 from legation.errors import ConfigError
 from legation.extauthz.config import LoadedConfig, load_mapping, resolve_paths
+from legation.grpc_server import BindError
 from legation.services.base import Invalid, ServiceSpec, spec_key
 
 if TYPE_CHECKING:
     import grpc
 
     from legation.config import Mesh
+    from legation.fastpath.server import CalloutServer
     from legation.grpc_server import TlsSource
 
 
@@ -49,10 +57,19 @@ class AuthzService:
             loaded = load_mapping(raw, source=str(path))
         except ConfigError as err:
             raise Invalid("config", str(err)) from None
+        live: dict[str, Any] = {"config": raw, "source": str(path), "loaded": loaded}
+        restart_key = spec_key(block.host, block.port)
+        if block.http:
+            from legation.translate._services import authz_callout
+
+            callout = authz_callout(block)
+            live["http"] = {"port": block.http_port,
+                            "upstream_headers": list(callout.upstream_headers),
+                            "client_headers": list(callout.client_headers)}
+            restart_key = spec_key(block.host, block.port, live["http"])
         return ServiceSpec(
             kind=cls.kind, host=block.host, port=block.port,
-            restart_key=spec_key(block.host, block.port),
-            live={"config": raw, "source": str(path), "loaded": loaded},
+            restart_key=restart_key, live=live,
             watched=(path, *(Path(rego.policy_dir) for rego in _regos(loaded))),
         )
 
@@ -89,6 +106,7 @@ class AuthzService:
         self._tls = tls
         self._registry = CollectorRegistry()
         self.server: grpc.aio.Server | None = None
+        self.http: CalloutServer | None = None
         self.port = spec.port
 
     async def start(self) -> int:
@@ -98,6 +116,15 @@ class AuthzService:
                                     config=dict(self.spec.live["config"]),
                                     registry=self._registry, tls=self._tls)
         self.server, self.port = await service.start_server(settings)
+        http = self.spec.live.get("http")
+        if http is not None:
+            try:
+                self.http = await _start_http(service.servicer_of(self.server), self.spec.host,
+                                              http)
+            except BaseException:
+                await service.stop_server(self.server, 0)
+                self.server = None
+                raise
         return self.port
 
     async def apply(self, spec: ServiceSpec) -> None:
@@ -110,6 +137,9 @@ class AuthzService:
     async def stop(self, grace: float) -> None:
         from legation.extauthz import service
 
+        if self.http is not None:
+            await self.http.close()  # the checks are the gRPC server's: closed with it
+            self.http = None
         if self.server is not None:
             await service.stop_server(self.server, grace)
 
@@ -118,7 +148,7 @@ class AuthzService:
         return self._registry
 
     def status(self) -> dict[str, Any]:
-        return {}
+        return {"http_port": self.http.port} if self.http is not None else {}
 
     @classmethod
     def add_cli_options(cls, parser: argparse.ArgumentParser) -> None:
@@ -138,6 +168,20 @@ class AuthzService:
             await service.stop_server(server, grace)
 
         return server, bound, stop
+
+
+async def _start_http(servicer: Any, host: str, http: Mapping[str, Any]) -> CalloutServer:
+    """The HTTP call-out around ``servicer``; BindError when its port cannot be bound."""
+    from legation.fastpath import server as fastpath
+
+    settings = fastpath.Settings(host=host, port=http["port"],
+                                 upstream_headers=tuple(http["upstream_headers"]),
+                                 client_headers=tuple(http["client_headers"]))
+    try:
+        return await fastpath.serve(servicer, settings)
+    except OSError as err:
+        raise BindError(f"extauthz: cannot listen on {host}:{http['port']} (http_port): "
+                        f"{err.strerror or err}") from None
 
 
 _COMPILED: dict[tuple[Any, ...], frozenset[str] | ConfigError] = {}
