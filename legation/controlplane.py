@@ -21,12 +21,7 @@ certificate from the same CA (identity ``legation-<kind>``) and accept only clie
 certificate from it, i.e. the proxies. ``/status`` shows the root's fingerprint and each proxy's
 certificate (SPIFFE id, serial, expiry; never key material).
 
-The xDS channel itself always needs a CA, whatever ``mtls.mode`` says: its own root, kept beside
-the mesh CA (``<CA dir>/xds/``, :func:`legation.certs.enrol.xds_root`), never the mesh root. The
-server speaks TLS with a certificate from it and serves only proxies enrolled with a credential
-from it (:mod:`legation.certs.xds_auth`). The CA directory is found as for mTLS (the mesh's
-``mtls.ca_*`` settings, else ``.legation/ca``) when the control plane starts;
-:meth:`ControlPlane.enrol` issues a proxy's credential files.
+The xDS channel (its own root, TLS, enrolment) is :mod:`legation._xds_channel`.
 """
 
 from __future__ import annotations
@@ -42,23 +37,20 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from legation._publishing import Publishing
+from legation._xds_channel import enrol_node, xds_channel
 from legation.certs import CertificateAuthority, MeshIssuer
 from legation.certs.enrol import (
     BOOTSTRAP_TTL,
-    Enrolments,
     NodeFiles,
-    enrol,
-    node_dir_name,
-    xds_root,
 )
-from legation.certs.issuer import DEFAULT_CA_DIR, CaLocation, locate_ca
+from legation.certs.issuer import DEFAULT_CA_DIR, CaLocation
 from legation.certs.rotation import Rotation
 from legation.certs.workload import WorkloadCert
-from legation.certs.xds_auth import XdsAuth, serving_hosts
 from legation.config import Mesh, load_mesh
 from legation.errors import LegationError
-from legation.services import EmbeddedServices, Plan, ServiceStartError, kinds
-from legation.services.planning import plan, watched_digest
+from legation.services import EmbeddedServices, Plan, ServiceStartError
+from legation.services.planning import config_files, plan, watched_digest
 from legation.services.published import PublishedServices
 from legation.status_http import StatusEndpoint, status_document
 from legation.translate import translate
@@ -66,15 +58,13 @@ from legation.xds.cache import SnapshotCache
 from legation.xds.metrics import XdsMetrics
 from legation.xds.server import XdsServer
 from legation.xds.snapshot import Snapshot
-from legation.xds.types import ResourceType
 
 log = logging.getLogger("legation.controlplane")
 
 DEFAULT_STATUS_PORT = 18001
-HOLD_NEW_MAX = 15.0  # seconds a new sidecar's endpoint waits for its Envoy to be in sync
 
 
-class ControlPlane:
+class ControlPlane(Publishing):
     def __init__(
         self,
         mesh_path: str | Path,
@@ -174,19 +164,10 @@ class ControlPlane:
             raise ServiceStartError("\n".join(failures), code="service_start_failed")
         try:
             self._publish(mesh, text)
-            where = locate_ca(mesh, mesh_dir=self.mesh_path.parent,
-                              default_ca_dir=self.issuer.default_ca_dir)
-            ca = xds_root(where.home)  # not the mesh root: see the module docstring
-            self.xds_ca, self.xds_ca_location = ca, where
-            host = self._xds_host or mesh.xds.host
-            self.server = XdsServer(
-                self.cache,
-                host=host,
-                port=self._xds_port if self._xds_port is not None else mesh.xds.port,
-                auth=XdsAuth.for_ca(ca, where.home, hosts=serving_hosts(mesh.xds.host, host),
-                                    clock=self.clock),
-            )
-            await self.server.start()
+            self.server, self.xds_ca, self.xds_ca_location = await xds_channel(
+                mesh, self.cache, mesh_dir=self.mesh_path.parent,
+                default_ca_dir=self.issuer.default_ca_dir, host=self._xds_host,
+                port=self._xds_port, clock=self.clock)
             self.cache.flush()
             self.status_port = await self._status.start(self.status_host, self.status_port)
         except BaseException:
@@ -212,12 +193,12 @@ class ControlPlane:
         """The one validation phase: the mesh, its services' files and references, and the
         translation (without certificates). Raises LegationError; creates nothing."""
         mesh = load_mesh(self.mesh_path)
-        self._watched = _config_files(mesh, self.mesh_path.parent) + self._watched
+        self._watched = config_files(mesh, self.mesh_path.parent) + self._watched
         reserved = {self.status_port: "the control plane's status endpoint (--status-port)"}
         services = plan(mesh, mesh_path=self.mesh_path, embedded=self.embedded_services,
                         reserved=reserved if self.status_port else {})
         self._watched = tuple(dict.fromkeys(
-            _config_files(mesh, self.mesh_path.parent) + services.watched))
+            config_files(mesh, self.mesh_path.parent) + services.watched))
         translate(mesh, version="check")
         self._inputs = self._digest_of(text)
         self._text = text.decode("utf-8", "replace")
@@ -232,59 +213,6 @@ class ControlPlane:
         self.issuer.update(mesh, services={k: s.host for k, s in services.embedded.items()
                                            if s.tls})
         self.rotation.changed()
-
-    def _publish(self, mesh: Mesh, text: bytes, *, hold_new: bool = False) -> None:
-        """Translate ``mesh`` and publish it. ``hold_new`` (a reload): the endpoints of sidecars
-        new in this generation reach the other proxies only once their own Envoy is in sync (or
-        after :data:`HOLD_NEW_MAX` seconds), so no one is routed to an instance whose sidecar
-        is not listening yet; the new sidecars get their own config at once."""
-        digest = hashlib.sha256(text).hexdigest()[:8]
-        version = f"g{self.generation + 1}-{digest}"
-        secrets = self.issuer.secrets()
-        snapshots = translate(mesh, version=version, secrets=secrets)
-        new = {p.node_id for p in mesh.proxies() if p.kind == "sidecar"} - set(self.snapshots) \
-            if hold_new and self.snapshots else set()
-        served = snapshots
-        self._cancel_hold()
-        if new:
-            gated = translate(_without_sidecars(mesh, new), version=version, secrets=secrets)
-            served = {n: s if n in new else gated.get(n, s) for n, s in snapshots.items()}
-            self._hold = asyncio.get_running_loop().create_task(
-                self._release(snapshots, frozenset(new)))
-        for node, snap in served.items():
-            self.cache.set_snapshot(node, snap)
-        for gone in set(self.snapshots) - set(served):
-            self.cache.clear_snapshot(gone)
-        self.mesh, self.snapshots, self._digest = mesh, served, digest
-        self.generation += 1
-        self._generation.set(self.generation)
-
-    def _cancel_hold(self) -> None:
-        if self._hold is not None:
-            self._hold.cancel()
-            self._hold = None
-
-    async def _release(self, full: dict[str, Snapshot], new: frozenset[str]) -> None:
-        deadline = time.monotonic() + HOLD_NEW_MAX
-        while time.monotonic() < deadline and not all(self._in_sync(n) for n in new):
-            await asyncio.sleep(0.05)
-        ready = all(self._in_sync(n) for n in new)
-        for node, snap in full.items():
-            if self.snapshots.get(node) is not snap:
-                self.cache.set_snapshot(node, snap)
-                self.snapshots[node] = snap
-        self._hold = None
-        self.on_event(("new sidecars in sync, their endpoints published: " if ready else
-                       f"new sidecars not in sync after {HOLD_NEW_MAX:g}s, their endpoints "
-                       f"published anyway: ") + ", ".join(sorted(new)))
-
-    def _in_sync(self, node: str) -> bool:
-        status, snap = self.cache.status.get(node), self.snapshots.get(node)
-        if status is None or snap is None:
-            return False
-        acked: Any = status.as_dict()["acked"]
-        return all(acked.get(t.short) == snap.version(t) for t in ResourceType
-                   if snap.resources(t))
 
     async def reload(self) -> bool:
         """Read the mesh and its services' files again; True if they changed and were applied.
@@ -355,10 +283,8 @@ class ControlPlane:
         into ``directory`` (default ``<CA dir>/../nodes/<node>``). Needs a started plane."""
         if self.xds_ca is None or self.xds_ca_location is None:
             raise RuntimeError("enrol() needs a started control plane")
-        where = self.xds_ca_location
-        directory = directory or where.nodes_dir / node_dir_name(node_id)
-        return enrol(self.xds_ca, Enrolments.beside(where.home), node_id, directory, ttl=ttl,
-                     clock=self.clock)
+        return enrol_node(self.xds_ca, self.xds_ca_location, node_id, directory, ttl=ttl,
+                          clock=self.clock)
 
     # -- certificates ----------------------------------------------------------------------
 
@@ -367,41 +293,8 @@ class ControlPlane:
         snapshots of those proxies again (only their SDS secrets change). Their node ids."""
         return self.rotation.rotate(force=force)
 
-    def _republish(self, nodes: list[str]) -> None:
-        if self.mesh is None:
-            return
-        version = f"g{self.generation}-{self._digest}"
-        fresh = translate(self.mesh, version=version, secrets=self.issuer.secrets())
-        for node in nodes:
-            self.cache.set_snapshot(node, fresh[node])
-            self.snapshots[node] = fresh[node]
-
     # -- status ----------------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
         """What ``/status`` serves (see :func:`legation.status_http.status_document`)."""
         return status_document(self)
-
-
-def _without_sidecars(mesh: Mesh, nodes: frozenset[str] | set[str]) -> Mesh:
-    """``mesh`` without the endpoints whose sidecars are ``nodes`` (every endpoint keeps its
-    instance name, so the others translate exactly as in ``mesh``)."""
-    from legation.config.proxies import sidecar_node_id
-
-    services = []
-    for service in mesh.services:
-        kept = [ep.model_copy(update={"name": service.instance_name(i)})
-                for i, ep in enumerate(service.endpoints)
-                if ep.sidecar is None or sidecar_node_id(service.instance_name(i)) not in nodes]
-        services.append(service.model_copy(update={"endpoints": kept}))
-    return mesh.model_copy(update={"services": services})
-
-
-def _config_files(mesh: Mesh, mesh_dir: Path) -> tuple[Path, ...]:
-    """The service files the mesh names (watched even while they do not validate)."""
-    out = []
-    for _, block in kinds.blocks(mesh):
-        config = getattr(block, "config", None)
-        if block.embedded and config is not None:
-            out.append(mesh_dir.resolve() / config)
-    return tuple(out)

@@ -18,9 +18,9 @@ from pathlib import Path
 
 from legation.config import Mesh, MeshConfigError, Problem
 from legation.services.base import Invalid, ServiceSpec
-from legation.services.kinds import KINDS
+from legation.services.kinds import KINDS, blocks
 
-__all__ = ["Plan", "plan", "watched_digest"]
+__all__ = ["Plan", "config_files", "plan", "watched_digest"]
 
 
 @dataclass(frozen=True)
@@ -93,3 +93,13 @@ def watched_digest(paths: tuple[Path, ...]) -> str:
             h.update(f"unreadable: {err}".encode())
         h.update(b"\0")
     return h.hexdigest()[:16]
+
+
+def config_files(mesh: Mesh, mesh_dir: Path) -> tuple[Path, ...]:
+    """The service files the mesh names (watched even while they do not validate)."""
+    out = []
+    for _, block in blocks(mesh):
+        config = getattr(block, "config", None)
+        if block.embedded and config is not None:
+            out.append(mesh_dir.resolve() / config)
+    return tuple(out)
