@@ -9,6 +9,7 @@
     legation demo --name N --port P     one demo app (the compose stack runs them this way)
     legation ca show [DIR]              the mesh CA's root: fingerprint and expiry
     legation ca rotate-root             a new mesh root, phased in by the running control plane
+    legation explain [ROUTE]            per route: services called, HTTP or gRPC, hops, and why
 """
 
 from __future__ import annotations
@@ -234,6 +235,9 @@ def parser() -> argparse.ArgumentParser:
                             prefix_chars="+", add_help=False)
     ptest.add_argument("argv", nargs=argparse.REMAINDER)
     ptest.set_defaults(fn=cmd_policy)
+    from legation.explain import add_parser as add_explain
+
+    add_explain(sub, default_mesh=_quickstart)
     return p
 
 
