@@ -1,0 +1,124 @@
+"""The decision table through real Envoys configured by the control plane: one mesh with
+``extauthz.protocol: http`` (the gateway's route calls the HTTP call-out), the same mesh with the
+default gRPC call-out; the client and the upstream see the same answers. ``legation explain``
+names the protocol each one uses.
+
+One difference is by design and asserted: a check that fails (raises, times out, builds a bad
+header) is the service's ``error_status`` (503 here) on gRPC; in HTTP mode Envoy reads any 5xx
+answer as a failed call and answers the filter's ``status_on_error`` (403, as for an unreachable
+service on either path) without a body. Both deny."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from legation import plugins
+from legation.demo import DemoApp
+from legation.explain import explain
+from tests.conftest import distinct_ports
+from tests.envoy_stack import MeshWorld
+from tests.extauthz.conftest import Client
+from tests.fastpath.cases import (
+    ALLOWED_HEADERS,
+    CLIENT_HEADERS,
+    UPSTREAM_HEADERS,
+    TableFactory,
+    service_config,
+)
+from tests.fastpath.conftest import policy_dir
+from tests.fastpath.test_envoy import CASES, seen, set_cookies
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+MESH_CASES = [*CASES, ("/inject", {}), ("/method", {})]
+
+
+def write_mesh(folder: Path, upstream: int, *, protocol: str | None) -> Path:
+    folder.mkdir()
+    config = service_config(policy_dir(folder))
+    config["default_checks"] = ["table", "rego"]  # table: /boom raises, /slow times out
+    (folder / "authz.yaml").write_text(yaml.safe_dump(config))
+    ports = distinct_ports("xds", "gw", "admin", "authz", "http")
+    authz: dict[str, Any] = {"port": ports["authz"], "config": "authz.yaml"}
+    if protocol is not None:
+        authz.update(protocol=protocol, http_port=ports["http"], http_headers={
+            "request": list(ALLOWED_HEADERS), "upstream": list(UPSTREAM_HEADERS),
+            "client": list(CLIENT_HEADERS)})
+    mesh = {
+        "xds": {"port": ports["xds"]},
+        "gateway": {"name": "gw", "port": ports["gw"], "admin_port": ports["admin"]},
+        "extauthz": authz,
+        "services": [{"name": "upstream", "port": 9080, "endpoints": [{"port": upstream}]}],
+        "routes": [{"name": "checked", "to": {"service": "upstream"}, "authz": "fast.test"}],
+    }
+    path = folder / "mesh.yaml"
+    path.write_text(yaml.safe_dump(mesh))
+    return path
+
+
+@pytest.fixture(scope="module")
+def worlds(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, MeshWorld]]:
+    tmp = tmp_path_factory.mktemp("fastpath-mesh")
+    plugins.register("extauthz.check", TableFactory())
+    upstream = DemoApp(name="upstream").start_in_thread()
+    started: dict[str, MeshWorld] = {}
+    try:
+        for name, protocol in (("grpc", None), ("http", "http")):
+            world = MeshWorld(tmp / name, write_mesh(tmp / name, upstream.port,
+                                                     protocol=protocol))
+            started[name] = world
+            world.start()
+        yield started
+    finally:
+        for world in started.values():
+            world.close()
+        upstream.stop_thread()
+        plugins.unregister("extauthz.check", "table")
+
+
+def client(world: MeshWorld) -> Client:
+    assert world.cp.mesh is not None and world.cp.mesh.gateway is not None
+    return Client(world.cp.mesh.gateway.port)
+
+
+def test_each_mesh_uses_the_protocol_explain_names(worlds: dict[str, MeshWorld]) -> None:
+    for name, world in worlds.items():
+        assert world.cp.mesh is not None
+        (entry,) = explain(world.cp.mesh, "checked")
+        assert [(s["service"], s["protocol"]) for s in entry["services"]] == [
+            ("extauthz", name)]
+    assert "http_port" in worlds["http"].cp.services.running["extauthz"].status()
+
+
+@pytest.mark.parametrize(("path", "headers"), MESH_CASES,
+                         ids=[f"{p} {h}" for p, h in MESH_CASES])
+def test_same_answers_over_http_and_grpc(worlds: dict[str, MeshWorld], path: str,
+                                         headers: dict[str, str]) -> None:
+    grpc = seen(client(worlds["grpc"]).get(path, headers=headers))
+    http = seen(client(worlds["http"]).get(path, headers=headers))
+    if grpc["status"] >= 500:  # a failed check: both deny (see the module docstring)
+        assert grpc["status"] == 503
+        assert http == {"status": 403, "body": b"", "content-type": None}
+    else:
+        assert http == grpc
+
+
+def test_the_cases_are_not_vacuous(worlds: dict[str, MeshWorld]) -> None:
+    http = client(worlds["http"])
+    allow = seen(http.get("/allow", headers={"x-tenant": "t1", "x-user": "forged"}))
+    assert allow["upstream"] == {"x-user": "t1", "x-tenant": "t1"}
+    assert seen(http.get("/remove", headers={"x-drop": "1"}))["upstream"] == {
+        "x-legation-user": "bob"}
+    assert seen(http.get("/cache"))["x-cache"] == "hit"
+    teapot = seen(http.get("/teapot"))
+    assert (teapot["status"], teapot["body"]) == (409, b"no tea")
+    assert set_cookies(http, "/teapot") == set_cookies(client(worlds["grpc"]), "/teapot") == [
+        "a=1", "b=2"]
+    assert seen(http.get("/limited"))["status"] == 429
+    # a client's own x-legation-policy does not reach the call-out
+    assert http.get("/teapot", headers={"x-legation-policy": "fast.dry"}).status == 409
