@@ -69,8 +69,8 @@ def free_port_block(n: int) -> int:
             socks = []
             for i in range(n):
                 s = socket.socket()
+                socks.append(s)  # closed below even when its bind fails
                 s.bind(("127.0.0.1", base + i))
-                socks.append(s)
             for s in socks:
                 s.close()
             return base
@@ -96,13 +96,21 @@ def control_plane(tmp_path: Any) -> Iterator[BackgroundControlPlane]:
 
 
 @pytest.fixture(params=[False, True], ids=["sotw", "delta"])
-def envoy(request: pytest.FixtureRequest, control_plane: BackgroundControlPlane,
-          tmp_path: Any) -> Iterator[EnvoyProcess]:
+def envoy(
+    request: pytest.FixtureRequest, control_plane: BackgroundControlPlane, tmp_path: Any
+) -> Iterator[EnvoyProcess]:
     admin = free_port()
     proc = EnvoyProcess(
-        bootstrap(node_id=NODE, xds_port=control_plane.port, admin_port=admin,
-                  delta=request.param, credentials_dir=control_plane.enrol(NODE).directory),
-        admin_port=admin, name=f"envoy-{request.node.name}", log_dir=tmp_path,
+        bootstrap(
+            node_id=NODE,
+            xds_port=control_plane.port,
+            admin_port=admin,
+            delta=request.param,
+            credentials_dir=control_plane.enrol(NODE).directory,
+        ),
+        admin_port=admin,
+        name=f"envoy-{request.node.name}",
+        log_dir=tmp_path,
     )
     proc.delta = request.param  # type: ignore[attr-defined]
     yield proc
@@ -199,8 +207,10 @@ def test_rejected_config_is_nacked_and_envoy_keeps_serving(
         assert get(port, "/x")[0] == 200
     time.sleep(0.5)
     assert control_plane.pushes("CDS") == cds_before + 1
-    assert envoy.stats("cluster_manager.cds.update_rejected")[
-        "cluster_manager.cds.update_rejected"] == 1
+    assert (
+        envoy.stats("cluster_manager.cds.update_rejected")["cluster_manager.cds.update_rejected"]
+        == 1
+    )
 
 
 def test_control_plane_restart(
@@ -238,7 +248,11 @@ def test_bootstrap_file_in_sync() -> None:
     import yaml
 
     on_disk = yaml.safe_load((Path(__file__).parents[2] / "envoy" / "bootstrap.yaml").read_text())
-    assert on_disk == bootstrap(node_id="example-proxy", node_cluster="example", admin_port=9901,
-                                credentials_dir="/etc/legation/xds/example-proxy")
+    assert on_disk == bootstrap(
+        node_id="example-proxy",
+        node_cluster="example",
+        admin_port=9901,
+        credentials_dir="/etc/legation/xds/example-proxy",
+    )
     tls = on_disk["static_resources"]["clusters"][0]["transport_socket"]["typed_config"]
     assert tls["common_tls_context"]["validation_context"]["match_typed_subject_alt_names"]
