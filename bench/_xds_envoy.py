@@ -45,12 +45,15 @@ def wait_ready(proc: EnvoyProcess, clusters: int, timeout: float) -> float:
             stats = proc.stats(_READY)
         except OSError:  # admin not listening yet (cold start)
             stats = {}
-        if (stats.get("server.state") == 0
-                and stats.get("cluster_manager.active_clusters", 0) >= clusters + 1):
+        if (
+            stats.get("server.state") == 0
+            and stats.get("cluster_manager.active_clusters", 0) >= clusters + 1
+        ):
             return time.monotonic()
         time.sleep(0.01)
-    raise TimeoutError(f"{proc.name}: not LIVE with {clusters} clusters in {timeout:.0f} s:\n"
-                       f"{proc.log_tail()}")
+    raise TimeoutError(
+        f"{proc.name}: not LIVE with {clusters} clusters in {timeout:.0f} s:\n{proc.log_tail()}"
+    )
 
 
 def _wait_connected(server: ServerProcess, node: str, timeout: float) -> None:
@@ -61,14 +64,26 @@ def _wait_connected(server: ServerProcess, node: str, timeout: float) -> None:
         time.sleep(0.02)
 
 
-def envoy_apply(server: ServerProcess, *, snapshot: str, services: int, delta: bool, cold: bool,
-                node: str, workdir: Path, timeout: float = 60.0) -> dict[str, Any]:
+def envoy_apply(
+    server: ServerProcess,
+    *,
+    snapshot: str,
+    services: int,
+    delta: bool,
+    cold: bool,
+    node: str,
+    workdir: Path,
+    timeout: float = 60.0,
+) -> dict[str, Any]:
     """Start one Envoy as ``node`` and time it applying ``snapshot`` (see the module doc)."""
     admin = free_port()
     proc = EnvoyProcess(
-        bootstrap(node_id=node, xds_port=server.port, admin_port=admin, delta=delta,
-                  credentials_dir=None),  # the bench server's plaintext test mode
-        admin_port=admin, name=node, log_dir=workdir,
+        bootstrap(
+            node_id=node, xds_port=server.port, admin_port=admin, delta=delta, credentials_dir=None
+        ),  # the bench server's plaintext test mode
+        admin_port=admin,
+        name=node,
+        log_dir=workdir,
     )
     try:
         if cold:

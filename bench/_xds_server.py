@@ -101,8 +101,9 @@ class Control:
         self.cache = cache
         self.snapshots: dict[str, Snapshot] = {}
 
-    async def build(self, *, name: str, services: int, listen_port: int,
-                    bump: int | None = None) -> dict[str, Any]:
+    async def build(
+        self, *, name: str, services: int, listen_port: int, bump: int | None = None
+    ) -> dict[str, Any]:
         cpu0, t0 = time.process_time(), time.perf_counter()
         snap = build_snapshot(name, services, listen_port, bump)
         snap.check_consistent()
@@ -123,12 +124,13 @@ class Control:
         return {}
 
     async def connected(self, *, nodes: list[str]) -> dict[str, Any]:
-        return {"connected": sum(
-            1 for n in nodes if (st := self.cache.status.get(n)) is not None and st.streams > 0
-        )}
+        return {
+            "connected": sum(
+                1 for n in nodes if (st := self.cache.status.get(n)) is not None and st.streams > 0
+            )
+        }
 
-    async def set(self, *, name: str, key: str, nodes: list[str],
-                  timeout: float) -> dict[str, Any]:
+    async def set(self, *, name: str, key: str, nodes: list[str], timeout: float) -> dict[str, Any]:
         snap = self.snapshots[name]
         cache = self.cache
         cache.push_bytes.clear()

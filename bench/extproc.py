@@ -42,9 +42,22 @@ from legation.extproc.config import build_chains
 from tests.conftest import free_port
 from tests.extproc import harness
 
-CHAINS = {"chains": {"route": {"filters": [{"name": "header_route", "options": {
-    "header": "x-legation-cohort", "default": "stable",
-    "rules": [{"header": "x-beta", "present": True, "value": "canary"}]}}]}}}
+CHAINS = {
+    "chains": {
+        "route": {
+            "filters": [
+                {
+                    "name": "header_route",
+                    "options": {
+                        "header": "x-legation-cohort",
+                        "default": "stable",
+                        "rules": [{"header": "x-beta", "present": True, "value": "canary"}],
+                    },
+                }
+            ]
+        }
+    }
+}
 
 LEGATION_SERVER = """
 import asyncio, sys
@@ -103,38 +116,86 @@ end
 
 
 def _direct(name: str, port: int) -> dict[str, Any]:
-    hcm = {"@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager"
-           ".v3.HttpConnectionManager", "stat_prefix": name,
-           "route_config": {"virtual_hosts": [{"name": name, "domains": ["*"], "routes": [{
-               "match": {"prefix": "/"},
-               "direct_response": {"status": 200, "body": {"inline_string": name}}}]}]},
-           "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
-               "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}]}
-    return {"name": name, "address": {"socket_address": {"address": "127.0.0.1",
-                                                         "port_value": port}},
-            "filter_chains": [{"filters": [{
-                "name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}]}
+    hcm = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager"
+        ".v3.HttpConnectionManager",
+        "stat_prefix": name,
+        "route_config": {
+            "virtual_hosts": [
+                {
+                    "name": name,
+                    "domains": ["*"],
+                    "routes": [
+                        {
+                            "match": {"prefix": "/"},
+                            "direct_response": {"status": 200, "body": {"inline_string": name}},
+                        }
+                    ],
+                }
+            ]
+        },
+        "http_filters": [
+            {
+                "name": "envoy.filters.http.router",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+                },
+            }
+        ],
+    }
+    return {
+        "name": name,
+        "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
+        "filter_chains": [
+            {
+                "filters": [
+                    {"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}
+                ]
+            }
+        ],
+    }
 
 
-def _listener(name: str, port: int, routes: list[dict[str, Any]], ext_cluster: str | None,
-              ) -> dict[str, Any]:
-    filters = [{"name": "envoy.filters.http.router", "typed_config": {
-        "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}]
+def _listener(
+    name: str,
+    port: int,
+    routes: list[dict[str, Any]],
+    ext_cluster: str | None,
+) -> dict[str, Any]:
+    filters = [
+        {
+            "name": "envoy.filters.http.router",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+            },
+        }
+    ]
     if ext_cluster:
         filters.insert(0, harness.to_dict(envoy_filter.http_filter(ext_cluster)))
-    hcm = {"@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager"
-           ".v3.HttpConnectionManager", "stat_prefix": name,
-           "route_config": {"virtual_hosts": [{"name": name, "domains": ["*"], "routes": routes}]},
-           "http_filters": filters}
-    return {"name": name, "address": {"socket_address": {"address": "127.0.0.1",
-                                                         "port_value": port}},
-            "filter_chains": [{"filters": [{
-                "name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}]}
+    hcm = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager"
+        ".v3.HttpConnectionManager",
+        "stat_prefix": name,
+        "route_config": {"virtual_hosts": [{"name": name, "domains": ["*"], "routes": routes}]},
+        "http_filters": filters,
+    }
+    return {
+        "name": name,
+        "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
+        "filter_chains": [
+            {
+                "filters": [
+                    {"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}
+                ]
+            }
+        ],
+    }
 
 
 def _start(code: str, port: int, env: dict[str, str]) -> subprocess.Popen[str]:
-    proc = subprocess.Popen([sys.executable, "-c", code, str(port)], stdout=subprocess.PIPE,
-                            env=env, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, str(port)], stdout=subprocess.PIPE, env=env, text=True
+    )
     line = proc.stdout.readline() if proc.stdout else ""
     if "ready" not in line:
         proc.kill()
@@ -143,9 +204,19 @@ def _start(code: str, port: int, env: dict[str, str]) -> subprocess.Popen[str]:
 
 
 SDK_TARGET = Path(__file__).resolve().parent.parent / ".legation" / "bench" / "extproc-sdk"
-SDK_PACKAGES = ["envoy-extproc-sdk==0.1.1", "ddtrace<2", "envier", "bytecode", "wrapt",
-                "opentelemetry-api", "protoc-gen-validate==0.4.2", "xmltodict", "cattrs", "six",
-                "grpcio-health-checking"]
+SDK_PACKAGES = [
+    "envoy-extproc-sdk==0.1.1",
+    "ddtrace<2",
+    "envier",
+    "bytecode",
+    "wrapt",
+    "opentelemetry-api",
+    "protoc-gen-validate==0.4.2",
+    "xmltodict",
+    "cattrs",
+    "six",
+    "grpcio-health-checking",
+]
 
 
 def _install_sdk() -> str | None:
@@ -153,9 +224,22 @@ def _install_sdk() -> str | None:
     if (SDK_TARGET / "envoy_extproc_sdk").is_dir():
         return str(SDK_TARGET)
     print(f"  installing envoy-extproc-sdk into {SDK_TARGET} (once) ...")
-    done = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--target",
-                           str(SDK_TARGET), "--no-deps", *SDK_PACKAGES],
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--target",
+            str(SDK_TARGET),
+            "--no-deps",
+            *SDK_PACKAGES,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     if done.returncode != 0:
         print("  could not install envoy-extproc-sdk:", done.stderr.strip().splitlines()[-1:])
         return None
@@ -164,21 +248,28 @@ def _install_sdk() -> str | None:
 
 def _sdk_env() -> dict[str, str] | None:
     # ddtrace is imported by the SDK; no agent runs here, so tracing and telemetry are off.
-    env = dict(os.environ, DD_TRACE_ENABLED="false", DD_INSTRUMENTATION_TELEMETRY_ENABLED="false",
-               DD_REMOTE_CONFIGURATION_ENABLED="false")
+    env = dict(
+        os.environ,
+        DD_TRACE_ENABLED="false",
+        DD_INSTRUMENTATION_TELEMETRY_ENABLED="false",
+        DD_REMOTE_CONFIGURATION_ENABLED="false",
+    )
     extra = os.environ.get("LEGATION_EXTPROC_SDK_PATH") or _install_sdk()
     if extra:
         env["PYTHONPATH"] = extra + os.pathsep + env.get("PYTHONPATH", "")
     shim = SDK_SERVER.split("import grpc\n", 1)[0]
-    probe = subprocess.run([sys.executable, "-c", shim + "import envoy_extproc_sdk\n"],
-                           env=env, capture_output=True)
+    probe = subprocess.run(
+        [sys.executable, "-c", shim + "import envoy_extproc_sdk\n"], env=env, capture_output=True
+    )
     return env if probe.returncode == 0 else None
 
 
 def wrk(port: int, seconds: float, script: Path) -> float:
     out = subprocess.run(
         ["wrk", "-t1", "-c16", f"-d{seconds:g}s", "-s", str(script), f"http://127.0.0.1:{port}/"],
-        capture_output=True, text=True, timeout=seconds + 30,
+        capture_output=True,
+        text=True,
+        timeout=seconds + 30,
     ).stdout
     m = re.search(r"Requests/sec:\s+([\d.]+)", out)
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
@@ -258,10 +349,21 @@ def main() -> None:
     try:
         up = {"stable": free_port(), "canary": free_port()}
         upstream_admin = free_port()
-        envoys.append(EnvoyProcess({"admin": {"address": {"socket_address": {
-            "address": "127.0.0.1", "port_value": upstream_admin}}},
-            "static_resources": {"listeners": [_direct(n, p) for n, p in up.items()]}},
-            admin_port=upstream_admin, name="bench-upstreams", log_dir=tmp).start())
+        envoys.append(
+            EnvoyProcess(
+                {
+                    "admin": {
+                        "address": {
+                            "socket_address": {"address": "127.0.0.1", "port_value": upstream_admin}
+                        }
+                    },
+                    "static_resources": {"listeners": [_direct(n, p) for n, p in up.items()]},
+                },
+                admin_port=upstream_admin,
+                name="bench-upstreams",
+                log_dir=tmp,
+            ).start()
+        )
         legation_port = free_port()
         procs.append(_start(LEGATION_SERVER.replace("{chains}", repr(CHAINS)), legation_port, env))
         sdk_port = free_port()
@@ -270,8 +372,12 @@ def main() -> None:
         ports = {name: free_port() for name in ("plain", "native", "legation", "sdk")}
         beta = {"x-legation-cohort": "canary"}
 
-        def rt(cluster: str, headers: dict[str, str] | None = None,
-               chain: Chain | None = None, ext: bool = False) -> dict[str, Any]:
+        def rt(
+            cluster: str,
+            headers: dict[str, str] | None = None,
+            chain: Chain | None = None,
+            ext: bool = False,
+        ) -> dict[str, Any]:
             r = harness.route("/", cluster, chain, headers=headers)
             if not ext:
                 r.pop("typed_per_filter_config")
@@ -280,28 +386,43 @@ def main() -> None:
         native_match = {"prefix": "/", "headers": [{"name": "x-beta", "present_match": True}]}
         listeners = [
             _listener("plain", ports["plain"], [rt("stable")], None),
-            _listener("native", ports["native"], [
-                {"match": native_match, "route": {"cluster": "canary"}}, rt("stable")], None),
-            _listener("legation", ports["legation"], [
-                rt("canary", beta, route_chain, True), rt("stable", None, route_chain, True)],
-                "legation"),
+            _listener(
+                "native",
+                ports["native"],
+                [{"match": native_match, "route": {"cluster": "canary"}}, rt("stable")],
+                None,
+            ),
+            _listener(
+                "legation",
+                ports["legation"],
+                [rt("canary", beta, route_chain, True), rt("stable", None, route_chain, True)],
+                "legation",
+            ),
         ]
         if sdk_env is not None:
-            sdk_routes = [rt("canary", beta, route_chain, True),
-                          rt("stable", None, route_chain, True)]
+            sdk_routes = [
+                rt("canary", beta, route_chain, True),
+                rt("stable", None, route_chain, True),
+            ]
             listeners.append(_listener("sdk", ports["sdk"], sdk_routes, "sdk"))
         admin = free_port()
-        boot = {"admin": {"address": {"socket_address": {"address": "127.0.0.1",
-                                                         "port_value": admin}}},
-                "static_resources": {"listeners": listeners, "clusters": [
+        boot = {
+            "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
+            "static_resources": {
+                "listeners": listeners,
+                "clusters": [
                     harness.static_cluster("stable", up["stable"]),
                     harness.static_cluster("canary", up["canary"]),
-                    harness.to_dict(envoy_filter.grpc_cluster("legation", "127.0.0.1",
-                                                              legation_port)),
+                    harness.to_dict(
+                        envoy_filter.grpc_cluster("legation", "127.0.0.1", legation_port)
+                    ),
                     harness.to_dict(envoy_filter.grpc_cluster("sdk", "127.0.0.1", sdk_port)),
-                ]}}
-        front = EnvoyProcess(json.dumps(boot), admin_port=admin, name="bench-front",
-                             log_dir=tmp).start()
+                ],
+            },
+        }
+        front = EnvoyProcess(
+            json.dumps(boot), admin_port=admin, name="bench-front", log_dir=tmp
+        ).start()
         envoys.append(front)
         front.wait_live()
         envoys[0].wait_live()
@@ -316,12 +437,16 @@ def main() -> None:
             rows[name] = (rps, lat)
             print(f"{name:9s} measured", flush=True)
         base = rows["plain"][0] or 1.0
-        print(f"\n{'setup':10s} {'sat rps':>9s} {'ratio':>6s}   @{args.rate} rps: "
-              f"{'p50 ms':>7s} {'p90 ms':>7s} {'p99 ms':>7s} {'max ms':>7s}")
+        print(
+            f"\n{'setup':10s} {'sat rps':>9s} {'ratio':>6s}   @{args.rate} rps: "
+            f"{'p50 ms':>7s} {'p90 ms':>7s} {'p99 ms':>7s} {'max ms':>7s}"
+        )
         for name, (rps, lat) in rows.items():
-            print(f"{name:10s} {rps:9.0f} {rps / base:6.2f}   {'':>{len(str(args.rate)) + 6}}"
-                  f"{_pct(lat, 50):7.2f} {_pct(lat, 90):7.2f} {_pct(lat, 99):7.2f} "
-                  f"{max(lat) * 1000:7.2f}")
+            print(
+                f"{name:10s} {rps:9.0f} {rps / base:6.2f}   {'':>{len(str(args.rate)) + 6}}"
+                f"{_pct(lat, 50):7.2f} {_pct(lat, 90):7.2f} {_pct(lat, 99):7.2f} "
+                f"{max(lat) * 1000:7.2f}"
+            )
         if "legation" in rows and "sdk" in rows and rows["sdk"][0]:
             print(f"\nlegation / sdk saturation: {rows['legation'][0] / rows['sdk'][0]:.2f}x")
         if "native" in rows:

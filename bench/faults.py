@@ -51,8 +51,17 @@ def table(rows: list[tuple[str, Report | str, bool]]) -> str:
             continue
         recovery = "-" if result.recovery_s is None else f"{result.recovery_s:.2f} s"
         notes = ", ".join(f"{k}={v}" for k, v in result.extra.items())
-        lines.append([f"{result.scenario}" + (" (xfail)" if xfail else ""), str(result.sent),
-                      str(result.failed), str(result.leaked), str(result.hung), recovery, notes])
+        lines.append(
+            [
+                f"{result.scenario}" + (" (xfail)" if xfail else ""),
+                str(result.sent),
+                str(result.failed),
+                str(result.leaked),
+                str(result.hung),
+                recovery,
+                notes,
+            ]
+        )
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     out += ["| " + " | ".join(row) + " |" for row in lines[1:]]
     return "\n".join(out)

@@ -193,21 +193,35 @@ async def _serve(kind: str, workdir: Path) -> None:
 
 
 def _router() -> dict[str, Any]:
-    return {"name": "envoy.filters.http.router", "typed_config": {
-        "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}
+    return {
+        "name": "envoy.filters.http.router",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+        },
+    }
 
 
-def _listener(name: str, port: int, route: dict[str, Any],
-              filters: list[dict[str, Any]]) -> dict[str, Any]:
-    hcm = {"@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager"
-           ".v3.HttpConnectionManager", "stat_prefix": name.replace("-", "_"),
-           "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"],
-                                               "routes": [route]}]},
-           "http_filters": [*filters, _router()]}
-    return {"name": name, "address": {"socket_address": {"address": "127.0.0.1",
-                                                         "port_value": port}},
-            "filter_chains": [{"filters": [{
-                "name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}]}
+def _listener(
+    name: str, port: int, route: dict[str, Any], filters: list[dict[str, Any]]
+) -> dict[str, Any]:
+    hcm = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager"
+        ".v3.HttpConnectionManager",
+        "stat_prefix": name.replace("-", "_"),
+        "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [route]}]},
+        "http_filters": [*filters, _router()],
+    }
+    return {
+        "name": name,
+        "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
+        "filter_chains": [
+            {
+                "filters": [
+                    {"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}
+                ]
+            }
+        ],
+    }
 
 
 def _plain(message: Any) -> dict[str, Any]:
@@ -217,15 +231,19 @@ def _plain(message: Any) -> dict[str, Any]:
 
 
 def upstream_bootstrap(port: int, admin: int) -> dict[str, Any]:
-    route = {"match": {"prefix": "/"},
-             "direct_response": {"status": 200, "body": {"inline_string": "ok"}}}
-    return {"admin": {"address": {"socket_address": {"address": "127.0.0.1",
-                                                     "port_value": admin}}},
-            "static_resources": {"listeners": [_listener("upstream", port, route, [])]}}
+    route = {
+        "match": {"prefix": "/"},
+        "direct_response": {"status": 200, "body": {"inline_string": "ok"}},
+    }
+    return {
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
+        "static_resources": {"listeners": [_listener("upstream", port, route, [])]},
+    }
 
 
-def front_bootstrap(ports: Mapping[str, int], services: Mapping[str, int], upstream: int,
-                    admin: int) -> dict[str, Any]:
+def front_bootstrap(
+    ports: Mapping[str, int], services: Mapping[str, int], upstream: int, admin: int
+) -> dict[str, Any]:
     from legation.extauthz import envoy_filter as authz_ef
     from legation.extproc import envoy_filter as proc_ef
     from legation.extproc.config import build_chains
@@ -234,34 +252,62 @@ def front_bootstrap(ports: Mapping[str, int], services: Mapping[str, int], upstr
     _register_plugins()
     chain = build_chains(_chains_doc()).chains[CHAIN]
     listeners = []
-    clusters: list[dict[str, Any]] = [{
-        "name": "upstream", "type": "STATIC", "connect_timeout": "1s",
-        "load_assignment": {"cluster_name": "upstream", "endpoints": [{"lb_endpoints": [{
-            "endpoint": {"address": {"socket_address": {"address": "127.0.0.1",
-                                                        "port_value": upstream}}}}]}]}}]
+    clusters: list[dict[str, Any]] = [
+        {
+            "name": "upstream",
+            "type": "STATIC",
+            "connect_timeout": "1s",
+            "load_assignment": {
+                "cluster_name": "upstream",
+                "endpoints": [
+                    {
+                        "lb_endpoints": [
+                            {
+                                "endpoint": {
+                                    "address": {
+                                        "socket_address": {
+                                            "address": "127.0.0.1",
+                                            "port_value": upstream,
+                                        }
+                                    }
+                                }
+                            }
+                        ]
+                    }
+                ],
+            },
+        }
+    ]
     for name in SCENARIOS:
         route: dict[str, Any] = {"match": {"prefix": "/"}, "route": {"cluster": "upstream"}}
         filters: list[dict[str, Any]] = []
         if name.startswith("authz"):
             filters.append(_plain(authz_ef.http_filter(name)))
-            route["typed_per_filter_config"] = {authz_ef.FILTER_NAME: _plain(
-                authz_ef.per_route_any(policy="floor", checks=["allow"]))}
+            route["typed_per_filter_config"] = {
+                authz_ef.FILTER_NAME: _plain(
+                    authz_ef.per_route_any(policy="floor", checks=["allow"])
+                )
+            }
             clusters.append(_plain(authz_ef.grpc_cluster(name, [("127.0.0.1", services[name])])))
         elif name.startswith("rl"):
-            filters.append(_plain(rl_ef.rate_limit_filter(domain="floor", cluster=name,
-                                                          timeout_ms=1000)))
-            route["route"]["rate_limits"] = [_plain(r) for r in rl_ef.route_rate_limits(
-                [rl_ef.GenericKey("floor")])]
+            filters.append(
+                _plain(rl_ef.rate_limit_filter(domain="floor", cluster=name, timeout_ms=1000))
+            )
+            route["route"]["rate_limits"] = [
+                _plain(r) for r in rl_ef.route_rate_limits([rl_ef.GenericKey("floor")])
+            ]
             clusters.append(_plain(rl_ef.rate_limit_cluster(name, "127.0.0.1", services[name])))
         elif name.startswith("proc"):
             filters.append(_plain(proc_ef.http_filter(name)))
             route["typed_per_filter_config"] = {
-                k: _plain(v) for k, v in proc_ef.typed_per_filter_config(chain).items()}
+                k: _plain(v) for k, v in proc_ef.typed_per_filter_config(chain).items()
+            }
             clusters.append(_plain(proc_ef.grpc_cluster(name, "127.0.0.1", services[name])))
         listeners.append(_listener(name, ports[name], route, filters))
-    return {"admin": {"address": {"socket_address": {"address": "127.0.0.1",
-                                                     "port_value": admin}}},
-            "static_resources": {"listeners": listeners, "clusters": clusters}}
+    return {
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
+        "static_resources": {"listeners": listeners, "clusters": clusters},
+    }
 
 
 # -- measuring --------------------------------------------------------------------------------
@@ -273,11 +319,15 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _CLK_TCK
 
 
-def wrk(port: int, seconds: int, connections: int, threads: int,
-        strict: bool = True) -> tuple[float, str]:
-    out = subprocess.run(["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s",
-                          f"http://127.0.0.1:{port}/"],
-                         capture_output=True, text=True, timeout=seconds + 30).stdout
+def wrk(
+    port: int, seconds: int, connections: int, threads: int, strict: bool = True
+) -> tuple[float, str]:
+    out = subprocess.run(
+        ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", f"http://127.0.0.1:{port}/"],
+        capture_output=True,
+        text=True,
+        timeout=seconds + 30,
+    ).stdout
     m = re.search(r"Requests/sec:\s+([\d.]+)", out)
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     if m is None or (non2xx and strict):
@@ -302,8 +352,13 @@ def start_service(kind: str, workdir: Path) -> subprocess.Popen[str]:
     workdir.mkdir()
     env = dict(os.environ)
     env.setdefault("GRPC_VERBOSITY", "ERROR")
-    return subprocess.Popen([sys.executable, "-m", "bench.floor", "--serve", kind, str(workdir)],
-                            cwd=REPO, stdout=subprocess.PIPE, text=True, env=env)
+    return subprocess.Popen(
+        [sys.executable, "-m", "bench.floor", "--serve", kind, str(workdir)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
 
 
 def main() -> None:
@@ -318,12 +373,18 @@ def main() -> None:
     ap.add_argument("--connections", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--only", help="comma-separated scenarios (plain is always measured)")
-    ap.add_argument("--profile", metavar="DIR",
-                    help="py-spy record --native each service under load (round 1; sampling "
-                         "stops the process, so profiled rates are not comparable)")
+    ap.add_argument(
+        "--profile",
+        metavar="DIR",
+        help="py-spy record --native each service under load (round 1; sampling "
+        "stops the process, so profiled rates are not comparable)",
+    )
     args = ap.parse_args()
-    scenarios = SCENARIOS if not args.only else tuple(
-        s for s in SCENARIOS if s == "plain" or s in args.only.split(","))
+    scenarios = (
+        SCENARIOS
+        if not args.only
+        else tuple(s for s in SCENARIOS if s == "plain" or s in args.only.split(","))
+    )
 
     from legation.envoy_process import EnvoyProcess
     from tests.conftest import free_port
@@ -342,11 +403,19 @@ def main() -> None:
             services[kind] = int(line.split()[1])
         up_port, up_admin, admin = free_port(), free_port(), free_port()
         ports = {name: free_port() for name in SCENARIOS}
-        upstream = EnvoyProcess(upstream_bootstrap(up_port, up_admin), admin_port=up_admin,
-                                name="floor-upstream", log_dir=workdir).start()
+        upstream = EnvoyProcess(
+            upstream_bootstrap(up_port, up_admin),
+            admin_port=up_admin,
+            name="floor-upstream",
+            log_dir=workdir,
+        ).start()
         envoys.append(upstream)
-        front = EnvoyProcess(front_bootstrap(ports, services, up_port, admin), admin_port=admin,
-                             name="floor-front", log_dir=workdir).start()
+        front = EnvoyProcess(
+            front_bootstrap(ports, services, up_port, admin),
+            admin_port=admin,
+            name="floor-front",
+            log_dir=workdir,
+        ).start()
         envoys.append(front)
         upstream.wait_live()
         front.wait_live()
@@ -355,9 +424,12 @@ def main() -> None:
             wait_ok(ports[name], deadline)
         ports["direct"] = up_port  # calibration: the upstream Envoy alone, no proxying
         assert front.proc is not None and upstream.proc is not None
-        print(f"wrk -t{args.threads} -c{args.connections} -d{args.seconds}s, front Envoy "
-              f"--concurrency 1, {args.rounds} round(s); load average "
-              f"{os.getloadavg()[0]:.2f} before", flush=True)
+        print(
+            f"wrk -t{args.threads} -c{args.connections} -d{args.seconds}s, front Envoy "
+            f"--concurrency 1, {args.rounds} round(s); load average "
+            f"{os.getloadavg()[0]:.2f} before",
+            flush=True,
+        )
         order = ("direct", *scenarios)
         rows: dict[str, list[dict[str, float]]] = {n: [] for n in order}
         for r in range(args.rounds):
@@ -368,15 +440,29 @@ def main() -> None:
                 before = {k: cpu_seconds(p) for k, p in pids.items()}
                 spy = None
                 if args.profile and r == 0 and name in procs:
-                    spy = subprocess.Popen([
-                        str(Path(sys.executable).with_name("py-spy")), "record", "--native",
-                        "-r", "200", "-d", str(args.seconds), "-f", "raw",
-                        "-o", str(Path(args.profile) / f"{name}.txt"),
-                        "-p", str(procs[name].pid)], stdout=subprocess.DEVNULL,
-                        stderr=subprocess.DEVNULL)
+                    spy = subprocess.Popen(
+                        [
+                            str(Path(sys.executable).with_name("py-spy")),
+                            "record",
+                            "--native",
+                            "-r",
+                            "200",
+                            "-d",
+                            str(args.seconds),
+                            "-f",
+                            "raw",
+                            "-o",
+                            str(Path(args.profile) / f"{name}.txt"),
+                            "-p",
+                            str(procs[name].pid),
+                        ],
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL,
+                    )
                 t0 = time.monotonic()
-                rps, _ = wrk(ports[name], args.seconds, args.connections, args.threads,
-                             strict=spy is None)  # a sampled ext_proc may miss its timeout
+                rps, _ = wrk(
+                    ports[name], args.seconds, args.connections, args.threads, strict=spy is None
+                )  # a sampled ext_proc may miss its timeout
                 wall = time.monotonic() - t0
                 if spy is not None:
                     spy.wait(30)
@@ -390,12 +476,19 @@ def main() -> None:
                 print(f"  round {r + 1} {name:10s} {rps:8.0f} rps", flush=True)
         print_table(rows, args.rounds)
         # the ratelimit filter fails open: a call that errs or times out still answers 200
-        failed = {k: v for k, v in front.stats(
-            r"ratelimit\.(error|failure_mode_allowed)|ext_authz\.(error|failure_mode_allowed)"
-            r"|ext_proc\..*(error|timeout|failed)|upstream_rq_timeout|upstream_rq_5xx"
-        ).items() if v and not k.startswith("cluster.upstream.")}
-        print("Envoy saw no call-out errors or timeouts" if not failed else
-              f"call-out errors/timeouts (answered 200 all the same where fail-open): {failed}")
+        failed = {
+            k: v
+            for k, v in front.stats(
+                r"ratelimit\.(error|failure_mode_allowed)|ext_authz\.(error|failure_mode_allowed)"
+                r"|ext_proc\..*(error|timeout|failed)|upstream_rq_timeout|upstream_rq_5xx"
+            ).items()
+            if v and not k.startswith("cluster.upstream.")
+        }
+        print(
+            "Envoy saw no call-out errors or timeouts"
+            if not failed
+            else f"call-out errors/timeouts (answered 200 all the same where fail-open): {failed}"
+        )
     finally:
         for e in envoys:
             e.stop()
@@ -410,21 +503,31 @@ def print_table(rows: Mapping[str, list[dict[str, float]]], rounds: int) -> None
         return statistics.median(vals) if vals else float("nan")
 
     base = med("plain", "rps")
-    print(f"\n{'path':11s}{'rps':>8s}{'spread':>14s}{'/plain':>8s}{'leg/min':>8s}"
-          f"{'svc us/req':>11s}{'svc cpu':>8s}{'front us':>9s}{'front cpu':>10s}{'up us':>7s}")
+    print(
+        f"\n{'path':11s}{'rps':>8s}{'spread':>14s}{'/plain':>8s}{'leg/min':>8s}"
+        f"{'svc us/req':>11s}{'svc cpu':>8s}{'front us':>9s}{'front cpu':>10s}{'up us':>7s}"
+    )
     for name in rows:
         rps = [r["rps"] for r in rows[name]]
         spread = f"{min(rps):.0f}-{max(rps):.0f}" if rounds > 1 else ""
         vs_min = ""
         if name.endswith("-leg"):
             vs_min = f"{med(name, 'rps') / med(name[:-4] + '-min', 'rps'):8.2f}"
-        svc = (f"{med(name, 'service_us'):11.0f}{med(name, 'service_cpu'):8.0%}"
-               if name not in ("plain", "direct") else f"{'':11s}{'':8s}")
-        front = (f"{med(name, 'front_us'):9.0f}{med(name, 'front_cpu'):10.0%}"
-                 if name != "direct" else f"{'':9s}{'':10s}")
-        print(f"{name:11s}{med(name, 'rps'):8.0f}{spread:>14s}{med(name, 'rps') / base:8.2f}"
-              f"{vs_min:>8s}{svc}{front}"
-              f"{med(name, 'upstream_us'):7.0f}")
+        svc = (
+            f"{med(name, 'service_us'):11.0f}{med(name, 'service_cpu'):8.0%}"
+            if name not in ("plain", "direct")
+            else f"{'':11s}{'':8s}"
+        )
+        front = (
+            f"{med(name, 'front_us'):9.0f}{med(name, 'front_cpu'):10.0%}"
+            if name != "direct"
+            else f"{'':9s}{'':10s}"
+        )
+        print(
+            f"{name:11s}{med(name, 'rps'):8.0f}{spread:>14s}{med(name, 'rps') / base:8.2f}"
+            f"{vs_min:>8s}{svc}{front}"
+            f"{med(name, 'upstream_us'):7.0f}"
+        )
     if os.environ.get("BENCH_JSON"):
         print(json.dumps(rows))
 

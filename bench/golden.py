@@ -80,6 +80,7 @@ async def _serve(kind: str, arg: str) -> None:
         await _scrape(int(arg))
         return
     if kind == "als-min":
+
         class Drain(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc]
             async def StreamAccessLogs(self, it: Any, context: Any) -> Any:
                 async for _ in it:
@@ -87,8 +88,11 @@ async def _serve(kind: str, arg: str) -> None:
                 return als_pb2.StreamAccessLogsResponse()
 
         _, port = await start_grpc_server(
-            "als-min", lambda s: als_pb2_grpc.add_AccessLogServiceServicer_to_server(Drain(), s),
-            host="127.0.0.1", port=0)
+            "als-min",
+            lambda s: als_pb2_grpc.add_AccessLogServiceServicer_to_server(Drain(), s),
+            host="127.0.0.1",
+            port=0,
+        )
     else:
         servicer = AccessLogServicer(Aggregator())
         _, port = await start_als_server(servicer)
@@ -112,8 +116,13 @@ async def _scrape(admin: int) -> None:
 
 def start(kind: str, arg: str) -> tuple[subprocess.Popen[str], int]:
     env = dict(os.environ, GRPC_VERBOSITY="ERROR")
-    proc = subprocess.Popen([sys.executable, "-m", "bench.golden", "--serve", kind, arg],
-                            cwd=REPO, stdout=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bench.golden", "--serve", kind, arg],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     line = proc.stdout.readline() if proc.stdout else ""
     if not line.startswith("ready "):
         raise RuntimeError(f"{kind} did not start")
@@ -123,8 +132,14 @@ def start(kind: str, arg: str) -> tuple[subprocess.Popen[str], int]:
 # -- the front Envoy --------------------------------------------------------------------------
 
 
-def front_bootstrap(ports: Mapping[str, int], als: Mapping[str, int], upstream: int,
-                    admin: int, log_file: Path, idle_clusters: int) -> dict[str, Any]:
+def front_bootstrap(
+    ports: Mapping[str, int],
+    als: Mapping[str, int],
+    upstream: int,
+    admin: int,
+    log_file: Path,
+    idle_clusters: int,
+) -> dict[str, Any]:
     from legation.observe.envoy_config import access_log, als_cluster
     from tests.envoy_stack import static_cluster
 
@@ -139,14 +154,22 @@ def front_bootstrap(ports: Mapping[str, int], als: Mapping[str, int], upstream: 
             hcm["access_log"] = [_plain(access_log("outbound", cluster=name))]
             clusters.append(_plain(als_cluster("127.0.0.1", als[name], name=name)))
         elif name == "file":
-            hcm["access_log"] = [{"name": "envoy.access_loggers.file", "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3."
-                         "FileAccessLog", "path": str(log_file)}}]
+            hcm["access_log"] = [
+                {
+                    "name": "envoy.access_loggers.file",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3."
+                        "FileAccessLog",
+                        "path": str(log_file),
+                    },
+                }
+            ]
         listeners.append(listener)
-    return {"node": {"id": "front", "cluster": "bench"},
-            "admin": {"address": {"socket_address": {"address": "127.0.0.1",
-                                                     "port_value": admin}}},
-            "static_resources": {"listeners": listeners, "clusters": clusters}}
+    return {
+        "node": {"id": "front", "cluster": "bench"},
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
+        "static_resources": {"listeners": listeners, "clusters": clusters},
+    }
 
 
 def main() -> None:
@@ -173,12 +196,19 @@ def main() -> None:
         up_port, up_admin, admin = free_port(), free_port(), free_port()
         ports = {name: free_port() for name in LISTENERS}
         ports["scrape"] = ports["plain"]
-        upstream = EnvoyProcess(upstream_bootstrap(up_port, up_admin), admin_port=up_admin,
-                                name="golden-upstream", log_dir=workdir).start()
+        upstream = EnvoyProcess(
+            upstream_bootstrap(up_port, up_admin),
+            admin_port=up_admin,
+            name="golden-upstream",
+            log_dir=workdir,
+        ).start()
         envoys.append(upstream)
         front = EnvoyProcess(
             front_bootstrap(ports, als, up_port, admin, workdir / "access.log", args.clusters),
-            admin_port=admin, name="golden-front", log_dir=workdir).start()
+            admin_port=admin,
+            name="golden-front",
+            log_dir=workdir,
+        ).start()
         envoys.append(front)
         upstream.wait_live()
         front.wait_live()
@@ -187,9 +217,12 @@ def main() -> None:
             wait_ok(ports[name], deadline)
         assert front.proc is not None
         stats_bytes = len(front.admin_get("/stats/prometheus"))
-        print(f"wrk -t1 -c{args.connections} -d{args.seconds}s, front Envoy --concurrency 1, "
-              f"{args.rounds} round(s), /stats/prometheus {stats_bytes / 1024:.0f} KiB; "
-              f"load average {os.getloadavg()[0]:.2f} before", flush=True)
+        print(
+            f"wrk -t1 -c{args.connections} -d{args.seconds}s, front Envoy --concurrency 1, "
+            f"{args.rounds} round(s), /stats/prometheus {stats_bytes / 1024:.0f} KiB; "
+            f"load average {os.getloadavg()[0]:.2f} before",
+            flush=True,
+        )
         rows: dict[str, list[dict[str, float]]] = {n: [] for n in ROWS}
         for r in range(args.rounds):
             for name in ROWS:
@@ -230,21 +263,32 @@ def print_table(rows: Mapping[str, list[dict[str, float]]]) -> None:
         return statistics.median(vals) if vals else float("nan")
 
     base = med("plain", "rps")
-    print(f"\n{'row':9s}{'rps':>8s}{'spread':>14s}{'/plain':>8s}{'envoy us/req':>13s}"
-          f"{'legation us/req':>16s}{'legation cpu':>13s}")
+    print(
+        f"\n{'row':9s}{'rps':>8s}{'spread':>14s}{'/plain':>8s}{'envoy us/req':>13s}"
+        f"{'legation us/req':>16s}{'legation cpu':>13s}"
+    )
     for name in rows:
         rps = [r["rps"] for r in rows[name]]
-        leg = (f"{med(name, 'legation_us'):16.1f}{med(name, 'legation_cpu'):12.1%}"
-               if "legation_us" in rows[name][0] else f"{'-':>16s}{'-':>13s}")
-        print(f"{name:9s}{med(name, 'rps'):8.0f}{min(rps):>8.0f}-{max(rps):<5.0f}"
-              f"{med(name, 'rps') / base:8.2f}{med(name, 'front_us'):13.1f}{leg}")
+        leg = (
+            f"{med(name, 'legation_us'):16.1f}{med(name, 'legation_cpu'):12.1%}"
+            if "legation_us" in rows[name][0]
+            else f"{'-':>16s}{'-':>13s}"
+        )
+        print(
+            f"{name:9s}{med(name, 'rps'):8.0f}{min(rps):>8.0f}-{max(rps):<5.0f}"
+            f"{med(name, 'rps') / base:8.2f}{med(name, 'front_us'):13.1f}{leg}"
+        )
     als_us, scrape_ms = med("als-leg", "legation_us"), med("scrape", "legation_cpu") * 1000
-    print(f"\nLegation ALS server: {als_us:.1f} us CPU per entry = {1e6 / als_us:,.0f} entries/s "
-          f"per core; Envoy's extra CPU for the gRPC log: "
-          f"{med('als-leg', 'front_us') - med('plain', 'front_us'):.1f} us per request")
-    print(f"scraping one proxy once a second: {scrape_ms:.0f} ms CPU per scrape in Legation "
-          f"(plus Envoy's to render it); the ALS costs as much at {scrape_ms * 1000 / als_us:,.0f} "
-          f"rps per proxy, and scraping P proxies costs P times that whatever the traffic")
+    print(
+        f"\nLegation ALS server: {als_us:.1f} us CPU per entry = {1e6 / als_us:,.0f} entries/s "
+        f"per core; Envoy's extra CPU for the gRPC log: "
+        f"{med('als-leg', 'front_us') - med('plain', 'front_us'):.1f} us per request"
+    )
+    print(
+        f"scraping one proxy once a second: {scrape_ms:.0f} ms CPU per scrape in Legation "
+        f"(plus Envoy's to render it); the ALS costs as much at {scrape_ms * 1000 / als_us:,.0f} "
+        f"rps per proxy, and scraping P proxies costs P times that whatever the traffic"
+    )
 
 
 if __name__ == "__main__":

@@ -39,8 +39,7 @@ from typing import Any
 
 from bench import floor
 
-ROWS = ("plain", "grpc-min", "h-asyncio", "h-uvloop", "uvicorn", "granian", "leg-grpc",
-        "leg-http")
+ROWS = ("plain", "grpc-min", "h-asyncio", "h-uvloop", "uvicorn", "granian", "leg-grpc", "leg-http")
 HTTP_ROWS = ("h-asyncio", "h-uvloop", "uvicorn", "granian", "leg-http")
 _OK = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"
 
@@ -81,8 +80,9 @@ class _AllowProtocol(asyncio.Protocol):
 
 
 async def asgi_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-    await send({"type": "http.response.start", "status": 200,
-                "headers": [(b"content-length", b"0")]})
+    await send(
+        {"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"0")]}
+    )
     await send({"type": "http.response.body", "body": b""})
 
 
@@ -126,14 +126,40 @@ def serve(kind: str, port: int, workdir: Path) -> None:
         import uvicorn
 
         print(f"ready {port}", flush=True)
-        uvicorn.run(asgi_app, host="127.0.0.1", port=port, loop="uvloop", http="httptools",
-                    lifespan="off", access_log=False, log_level="warning", interface="asgi3")
+        uvicorn.run(
+            asgi_app,
+            host="127.0.0.1",
+            port=port,
+            loop="uvloop",
+            http="httptools",
+            lifespan="off",
+            access_log=False,
+            log_level="warning",
+            interface="asgi3",
+        )
     elif kind == "granian":
         granian = Path(sys.executable).with_name("granian")
         print(f"ready {port}", flush=True)
-        os.execv(granian, [str(granian), "--interface", "rsgi", "--host", "127.0.0.1",
-                           "--port", str(port), "--workers", "1", "--runtime-threads", "1",
-                           "--no-ws", "--log-level", "warning", "bench.http_callout:rsgi_app"])
+        os.execv(
+            granian,
+            [
+                str(granian),
+                "--interface",
+                "rsgi",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--workers",
+                "1",
+                "--runtime-threads",
+                "1",
+                "--no-ws",
+                "--log-level",
+                "warning",
+                "bench.http_callout:rsgi_app",
+            ],
+        )
     elif kind in ("leg-grpc", "leg-http"):
         import uvloop
 
@@ -146,34 +172,45 @@ def serve(kind: str, port: int, workdir: Path) -> None:
 # -- set-up -----------------------------------------------------------------------------------
 
 
-def front_bootstrap(ports: Mapping[str, int], services: Mapping[str, int], upstream: int,
-                    admin: int) -> dict[str, Any]:
+def front_bootstrap(
+    ports: Mapping[str, int], services: Mapping[str, int], upstream: int, admin: int
+) -> dict[str, Any]:
     from legation.extauthz import envoy_filter as grpc_ef
     from legation.fastpath import envoy_filter as http_ef
 
     listeners = []
-    clusters: list[dict[str, Any]] = [floor._plain(http_ef.http_cluster(
-        "upstream", [("127.0.0.1", upstream)]))]
+    clusters: list[dict[str, Any]] = [
+        floor._plain(http_ef.http_cluster("upstream", [("127.0.0.1", upstream)]))
+    ]
     for name in ROWS:
         route: dict[str, Any] = {"match": {"prefix": "/"}, "route": {"cluster": "upstream"}}
         filters: list[dict[str, Any]] = []
         if name in HTTP_ROWS:
             callout = http_ef.Callout(cluster=name)
             filters.append(floor._plain(http_ef.http_filter(callout)))
-            route["typed_per_filter_config"] = {http_ef.FILTER_NAME: floor._plain(
-                http_ef.per_route_any(callout, policy="floor", checks=["allow"]))}
-            clusters.append(floor._plain(http_ef.http_cluster(
-                name, [("127.0.0.1", services[name])])))
+            route["typed_per_filter_config"] = {
+                http_ef.FILTER_NAME: floor._plain(
+                    http_ef.per_route_any(callout, policy="floor", checks=["allow"])
+                )
+            }
+            clusters.append(
+                floor._plain(http_ef.http_cluster(name, [("127.0.0.1", services[name])]))
+            )
         elif name != "plain":
             filters.append(floor._plain(grpc_ef.http_filter(name)))
-            route["typed_per_filter_config"] = {grpc_ef.FILTER_NAME: floor._plain(
-                grpc_ef.per_route_any(policy="floor", checks=["allow"]))}
-            clusters.append(floor._plain(grpc_ef.grpc_cluster(
-                name, [("127.0.0.1", services[name])])))
+            route["typed_per_filter_config"] = {
+                grpc_ef.FILTER_NAME: floor._plain(
+                    grpc_ef.per_route_any(policy="floor", checks=["allow"])
+                )
+            }
+            clusters.append(
+                floor._plain(grpc_ef.grpc_cluster(name, [("127.0.0.1", services[name])]))
+            )
         listeners.append(floor._listener(name, ports[name], route, filters))
-    return {"admin": {"address": {"socket_address": {"address": "127.0.0.1",
-                                                     "port_value": admin}}},
-            "static_resources": {"listeners": listeners, "clusters": clusters}}
+    return {
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
+        "static_resources": {"listeners": listeners, "clusters": clusters},
+    }
 
 
 def tree_cpu(pid: int) -> float:
@@ -208,10 +245,22 @@ def start(kind: str, workdir: Path) -> tuple[subprocess.Popen[str], int]:
         proc = floor.start_service("authz-min", workdir / kind)
     else:
         (workdir / kind).mkdir()
-        proc = subprocess.Popen([sys.executable, "-m", "bench.http_callout", "--serve", kind,
-                                 str(_free_port()), str(workdir / kind)], cwd=floor.REPO,
-                                stdout=subprocess.PIPE, text=True, start_new_session=True,
-                                env={**os.environ, "GRPC_VERBOSITY": "ERROR"})
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "bench.http_callout",
+                "--serve",
+                kind,
+                str(_free_port()),
+                str(workdir / kind),
+            ],
+            cwd=floor.REPO,
+            stdout=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+            env={**os.environ, "GRPC_VERBOSITY": "ERROR"},
+        )
     line = proc.stdout.readline() if proc.stdout else ""
     if not line.startswith("ready "):
         proc.kill()
@@ -229,8 +278,11 @@ def main() -> None:
     ap.add_argument("--connections", type=int, default=16)
     ap.add_argument("--only", help="comma-separated rows (plain is always measured)")
     args = ap.parse_args()
-    rows_run = ROWS if not args.only else tuple(
-        n for n in ROWS if n == "plain" or n in args.only.split(","))
+    rows_run = (
+        ROWS
+        if not args.only
+        else tuple(n for n in ROWS if n == "plain" or n in args.only.split(","))
+    )
 
     from legation.envoy_process import EnvoyProcess
 
@@ -244,11 +296,19 @@ def main() -> None:
         ports = {name: _free_port() for name in ROWS}
         services = {**dict.fromkeys(ROWS[1:], 1), **services}  # rows not run: never called
         up_port, up_admin, admin = _free_port(), _free_port(), _free_port()
-        upstream = EnvoyProcess(floor.upstream_bootstrap(up_port, up_admin), admin_port=up_admin,
-                                name="callout-upstream", log_dir=workdir).start()
+        upstream = EnvoyProcess(
+            floor.upstream_bootstrap(up_port, up_admin),
+            admin_port=up_admin,
+            name="callout-upstream",
+            log_dir=workdir,
+        ).start()
         envoys.append(upstream)
-        front = EnvoyProcess(front_bootstrap(ports, services, up_port, admin), admin_port=admin,
-                             name="callout-front", log_dir=workdir).start()
+        front = EnvoyProcess(
+            front_bootstrap(ports, services, up_port, admin),
+            admin_port=admin,
+            name="callout-front",
+            log_dir=workdir,
+        ).start()
         envoys.append(front)
         upstream.wait_live()
         front.wait_live()
@@ -256,9 +316,11 @@ def main() -> None:
         for name in rows_run:
             floor.wait_ok(ports[name], deadline)
         assert front.proc is not None
-        print(f"wrk -t1 -c{args.connections} -d{args.seconds}s, front Envoy --concurrency 1, "
-              f"{args.rounds} round(s); load average {os.getloadavg()[0]:.2f} before",
-              flush=True)
+        print(
+            f"wrk -t1 -c{args.connections} -d{args.seconds}s, front Envoy --concurrency 1, "
+            f"{args.rounds} round(s); load average {os.getloadavg()[0]:.2f} before",
+            flush=True,
+        )
         rows: dict[str, list[dict[str, float]]] = {n: [] for n in rows_run}
         for r in range(args.rounds):
             for name in rows_run:
@@ -274,10 +336,16 @@ def main() -> None:
                 rows[name].append(row)
                 print(f"  round {r + 1} {name:10s} {rps:8.0f} rps", flush=True)
         print_table(rows)
-        failed = {k: v for k, v in front.stats(r"ext_authz\.(error|failure_mode_allowed|denied)")
-                  .items() if v}
-        print("Envoy saw no call-out errors or denials" if not failed else
-              f"call-out errors/denials: {failed}")
+        failed = {
+            k: v
+            for k, v in front.stats(r"ext_authz\.(error|failure_mode_allowed|denied)").items()
+            if v
+        }
+        print(
+            "Envoy saw no call-out errors or denials"
+            if not failed
+            else f"call-out errors/denials: {failed}"
+        )
     finally:
         for e in envoys:
             e.stop()
@@ -295,13 +363,17 @@ def print_table(rows: Mapping[str, list[dict[str, float]]]) -> None:
         return statistics.median(vals) if vals else float("nan")
 
     base = med("plain", "rps")
-    print(f"\n{'path':11s}{'rps':>8s}{'spread':>14s}{'/plain':>8s}{'svc us/check':>14s}"
-          f"{'front us/req':>14s}")
+    print(
+        f"\n{'path':11s}{'rps':>8s}{'spread':>14s}{'/plain':>8s}{'svc us/check':>14s}"
+        f"{'front us/req':>14s}"
+    )
     for name in rows:
         rps = [r["rps"] for r in rows[name]]
         svc = f"{med(name, 'service_us'):14.0f}" if name != "plain" else f"{'-':>14s}"
-        print(f"{name:11s}{med(name, 'rps'):8.0f}{f'{min(rps):.0f}-{max(rps):.0f}':>14s}"
-              f"{med(name, 'rps') / base:8.2f}{svc}{med(name, 'front_us'):14.0f}")
+        print(
+            f"{name:11s}{med(name, 'rps'):8.0f}{f'{min(rps):.0f}-{max(rps):.0f}':>14s}"
+            f"{med(name, 'rps') / base:8.2f}{svc}{med(name, 'front_us'):14.0f}"
+        )
     if os.environ.get("BENCH_JSON"):
         print(json.dumps(rows))
 

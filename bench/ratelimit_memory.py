@@ -78,7 +78,9 @@ def main() -> None:
     for size in (1_000, 5_000, 50_000):
         fill = [Hit(f"api|user=fill{i}", LIMIT, 1) for i in range(size)]
         stores: list[ScanBackend | MemoryBackend] = [
-            ScanBackend(size), MemoryBackend(MemoryConfig(max_keys=size))]
+            ScanBackend(size),
+            MemoryBackend(MemoryConfig(max_keys=size)),
+        ]
         for store in stores:
             for h in fill:
                 store.hit_one(h, T0)

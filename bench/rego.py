@@ -134,8 +134,11 @@ allow := {
 
 SHAPES = [  # (label, package, source or None for the shipped policies/ directory)
     ("one rule", "bench.one", ONE_RULE),
-    ("OPA-Envoy tutorial", "bench.tutorial",
-     TUTORIAL_STYLE.replace("package envoy.authz", "package bench.tutorial")),
+    (
+        "OPA-Envoy tutorial",
+        "bench.tutorial",
+        TUTORIAL_STYLE.replace("package envoy.authz", "package bench.tutorial"),
+    ),
     ("function style", "bench.function", FUNCTION_STYLE),
     ("object, plain rules", "bench.object", OBJECT_RULES),
     ("shipped envoy.authz", "envoy.authz", None),
@@ -150,12 +153,26 @@ def check_request(package: str) -> external_auth_pb2.CheckRequest:
     attrs = r.attributes
     h = attrs.request.http
     h.id, h.method, h.path, h.host, h.scheme, h.protocol = (
-        "1234567890", "GET", "/people", "svc", "http", "HTTP/1.1")
+        "1234567890",
+        "GET",
+        "/people",
+        "svc",
+        "http",
+        "HTTP/1.1",
+    )
     token = hs256({"role": "guest", "sub": "YWxpY2U", "nbf": now - 60, "exp": now + 3600})
-    for k, v in {":authority": "svc", ":method": "GET", ":path": "/people", ":scheme": "http",
-                 "authorization": f"Bearer {token}", "user-agent": "wrk/4.2",
-                 "accept": "*/*", "x-forwarded-proto": "http", "x-role": "viewer",
-                 "x-request-id": "8a6e4bb6-54a1-4c4e-9a53-1c1f8b5e3c2d"}.items():
+    for k, v in {
+        ":authority": "svc",
+        ":method": "GET",
+        ":path": "/people",
+        ":scheme": "http",
+        "authorization": f"Bearer {token}",
+        "user-agent": "wrk/4.2",
+        "accept": "*/*",
+        "x-forwarded-proto": "http",
+        "x-role": "viewer",
+        "x-request-id": "8a6e4bb6-54a1-4c4e-9a53-1c1f8b5e3c2d",
+    }.items():
         h.headers[k] = v
     attrs.request.time.FromSeconds(now)
     attrs.source.address.socket_address.address = "127.0.0.1"
@@ -166,8 +183,14 @@ def check_request(package: str) -> external_auth_pb2.CheckRequest:
     return r
 
 
-CLAIMS = {"iss": "https://bench.test", "aud": "legation", "sub": "alice", "role": "guest",
-          "iat": 1700000000, "exp": 1900000000}
+CLAIMS = {
+    "iss": "https://bench.test",
+    "aud": "legation",
+    "sub": "alice",
+    "role": "guest",
+    "iat": 1700000000,
+    "exp": 1900000000,
+}
 
 
 def context(request: external_auth_pb2.CheckRequest) -> RequestContext:
@@ -187,10 +210,15 @@ def _cpu_of(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def per_check(loop: asyncio.AbstractEventLoop, check: RegoCheck,
-              request: external_auth_pb2.CheckRequest, seconds: float,
-              rounds: int) -> tuple[float, float, float]:
+def per_check(
+    loop: asyncio.AbstractEventLoop,
+    check: RegoCheck,
+    request: external_auth_pb2.CheckRequest,
+    seconds: float,
+    rounds: int,
+) -> tuple[float, float, float]:
     """(wall us, service CPU us, evaluator CPU us) per decision, medians over rounds."""
+
     async def many(n: int) -> None:
         for _ in range(n):
             await run_check(check, request)
@@ -238,8 +266,11 @@ def per_call_us(fn: Callable[[], Any], seconds: float, rounds: int) -> float:
     return statistics.median(samples)
 
 
-def regopy_api(directory: Path, package: str, document: dict[str, Any],
-               ) -> Callable[[], Any] | None:
+def regopy_api(
+    directory: Path,
+    package: str,
+    document: dict[str, Any],
+) -> Callable[[], Any] | None:
     """regopy's own API over the same modules, or None when regopy is not installed."""
     try:
         from regopy import Input, Interpreter
@@ -259,11 +290,13 @@ def regopy_api(directory: Path, package: str, document: dict[str, Any],
             raise RuntimeError(str(out))
         exprs = out.results[0].expressions if out.results else []
         return decision_from_result(exprs[0] if exprs else None, where=package)
+
     return call
 
 
-def opa_engine(directory: Path, check: RegoCheck, package: str,
-               request: external_auth_pb2.CheckRequest) -> Callable[[], Any]:
+def opa_engine(
+    directory: Path, check: RegoCheck, package: str, request: external_auth_pb2.CheckRequest
+) -> Callable[[], Any]:
     """OPA's engine in this process, projected input ready: the evaluation alone."""
     engine = OpaEngine()
     for path in sorted(directory.rglob("*.rego")):
@@ -278,6 +311,7 @@ def opa_engine(directory: Path, check: RegoCheck, package: str,
             return engine.eval_document(path, document)
         except OpaUndefinedError:
             return None
+
     return call
 
 
@@ -294,18 +328,30 @@ def main() -> None:
                 (tmp / f"{package.replace('.', '_')}.rego").write_text(source)
 
         def rego(directory: Path, cache: int) -> RegoCheck:
-            check = RegoCheck(RegoConfig(policy_dir=directory, reload_interval_s=0,
-                                         decision_cache_size=cache, evaluators=1))
+            check = RegoCheck(
+                RegoConfig(
+                    policy_dir=directory,
+                    reload_interval_s=0,
+                    decision_cache_size=cache,
+                    evaluators=1,
+                )
+            )
             loop.run_until_complete(check.start())
             return check
+
         dirs = {True: tmp, False: REPO / "policies"}
-        checks = {(src, cache): rego(dirs[src], cache) for src in (True, False)
-                  for cache in (0, 4096)}
-        print(f"us per decision (median of {args.rounds} rounds of ~{args.seconds} s), "
-              "GET /people, role guest; RegoCheck: wall / service CPU / evaluator CPU",
-              flush=True)
-        print(f"  {'shape':22s} {'regopy':>8s} {'OPA engine':>10s} {'RegoCheck':>22s} "
-              f"{'cached':>8s}   {'regopy/Check':>12s} {'Check/engine':>12s}")
+        checks = {
+            (src, cache): rego(dirs[src], cache) for src in (True, False) for cache in (0, 4096)
+        }
+        print(
+            f"us per decision (median of {args.rounds} rounds of ~{args.seconds} s), "
+            "GET /people, role guest; RegoCheck: wall / service CPU / evaluator CPU",
+            flush=True,
+        )
+        print(
+            f"  {'shape':22s} {'regopy':>8s} {'OPA engine':>10s} {'RegoCheck':>22s} "
+            f"{'cached':>8s}   {'regopy/Check':>12s} {'Check/engine':>12s}"
+        )
         for label, package, source in SHAPES:
             directory = dirs[source is not None]
             check, cached = checks[(source is not None, 0)], checks[(source is not None, 4096)]
@@ -316,19 +362,24 @@ def main() -> None:
             api = per_call_us(api_fn, args.seconds, args.rounds) if api_fn else None
             if api_fn is not None:
                 assert api_fn() == expected, label
-            eng = per_call_us(opa_engine(directory, check, package, request), args.seconds,
-                              args.rounds)
+            eng = per_call_us(
+                opa_engine(directory, check, package, request), args.seconds, args.rounds
+            )
             wall, cpu, child = per_check(loop, check, request, args.seconds, args.rounds)
             hit = None
             if cached.cacheable(package):
                 hit = per_check(loop, cached, request, args.seconds, args.rounds)[0]
             ours = f"{wall:.0f} / {cpu:.0f} / {child:.0f}"
-            print(f"  {label:22s} {(f'{api:8.1f}' if api else '       -')} {eng:10.1f} "
-                  f"{ours:>22s} {(f'{hit:8.1f}' if hit else '       -')}   "
-                  f"{(f'{api / wall:12.2f}' if api else '           -')} {wall / eng:12.2f}",
-                  flush=True)
-        print("\nbuilding the input alone (whole document, for comparison): "
-              f"{per_call_us(lambda: build_input(check_request('x')), args.seconds, 1):.1f} us")
+            print(
+                f"  {label:22s} {(f'{api:8.1f}' if api else '       -')} {eng:10.1f} "
+                f"{ours:>22s} {(f'{hit:8.1f}' if hit else '       -')}   "
+                f"{(f'{api / wall:12.2f}' if api else '           -')} {wall / eng:12.2f}",
+                flush=True,
+            )
+        print(
+            "\nbuilding the input alone (whole document, for comparison): "
+            f"{per_call_us(lambda: build_input(check_request('x')), args.seconds, 1):.1f} us"
+        )
         for c in checks.values():
             loop.run_until_complete(c.close())
     loop.close()

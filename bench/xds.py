@@ -51,8 +51,7 @@ GROUP = "bench"  # node cluster shared by the clients; their snapshot is set und
 
 
 async def _connect(server: ServerProcess, nodes: list[str], delta: bool) -> list[AdsClient]:
-    clients = [await AdsClient(server.target, n, cluster=GROUP, delta=delta).start()
-               for n in nodes]
+    clients = [await AdsClient(server.target, n, cluster=GROUP, delta=delta).start() for n in nodes]
     deadline = time.monotonic() + 30
     while (await server.acall("connected", nodes=nodes))["connected"] < len(nodes):
         if time.monotonic() > deadline:
@@ -61,12 +60,18 @@ async def _connect(server: ServerProcess, nodes: list[str], delta: bool) -> list
     return clients
 
 
-async def _phase(server: ServerProcess, clients: list[AdsClient], snapshot: str,
-                 target: dict[str, str], before: dict[str, str]) -> dict[str, Any]:
+async def _phase(
+    server: ServerProcess,
+    clients: list[AdsClient],
+    snapshot: str,
+    target: dict[str, str],
+    before: dict[str, str],
+) -> dict[str, Any]:
     """Set ``snapshot`` and wait until every client has ACKed ``target``; times and bytes."""
     cpu0 = time.process_time()
-    answer = await server.acall("set", name=snapshot, key=GROUP,
-                                nodes=[c.node.id for c in clients], timeout=60.0)
+    answer = await server.acall(
+        "set", name=snapshot, key=GROUP, nodes=[c.node.id for c in clients], timeout=60.0
+    )
     clients_cpu = time.process_time() - cpu0
     if not answer["ok"]:
         raise TimeoutError(f"not ACKed in 60 s by {answer['missing']}")
@@ -80,8 +85,13 @@ async def _phase(server: ServerProcess, clients: list[AdsClient], snapshot: str,
         acked = {t.short: v for t, v in c.acked.items()}
         if any(acked.get(t) != v for t, v in target.items()):
             raise RuntimeError(f"{c.node.id} did not end at the snapshot's versions")
-        done.append(max(max(r.at for r in got if r.type.short == t and r.version == target[t])
-                        for t in changed) - t0)
+        done.append(
+            max(
+                max(r.at for r in got if r.type.short == t and r.version == target[t])
+                for t in changed
+            )
+            - t0
+        )
     return {
         "server_all_acked_s": answer["acked_at"] - t0,
         "clients_all_acked_s": max(done),
@@ -96,20 +106,29 @@ async def _phase(server: ServerProcess, clients: list[AdsClient], snapshot: str,
     }
 
 
-async def _client_rounds(server: ServerProcess, args: argparse.Namespace, delta: bool,
-                         v1: dict[str, Any], v2: dict[str, Any]) -> dict[str, list[Any]]:
+async def _client_rounds(
+    server: ServerProcess,
+    args: argparse.Namespace,
+    delta: bool,
+    v1: dict[str, Any],
+    v2: dict[str, Any],
+) -> dict[str, list[Any]]:
     """Per round: new clients connect to nothing, then v1 is set, then v2 (one endpoint moved)."""
     out: dict[str, list[Any]] = {"initial": [], "endpoint_change": []}
     for r in range(args.rounds):
-        print(f"  {'delta' if delta else 'sotw'} round {r + 1}/{args.rounds}: "
-              f"{args.clients} ADS clients ...", flush=True)
+        print(
+            f"  {'delta' if delta else 'sotw'} round {r + 1}/{args.rounds}: "
+            f"{args.clients} ADS clients ...",
+            flush=True,
+        )
         await server.acall("clear", key=GROUP)
         nodes = [f"r{r}-client-{i:02d}" for i in range(args.clients)]
         clients = await _connect(server, nodes, delta)
         try:
             out["initial"].append(await _phase(server, clients, "v1", v1["versions"], {}))
             out["endpoint_change"].append(
-                await _phase(server, clients, "v2", v2["versions"], v1["versions"]))
+                await _phase(server, clients, "v2", v2["versions"], v1["versions"])
+            )
         finally:
             for c in clients:
                 await c.stop()
@@ -132,26 +151,40 @@ def run_protocol(args: argparse.Namespace, delta: bool, workdir: Path) -> dict[s
     try:
         idle = server.memory_mib()
         listen = free_port()  # only Envoy binds it
-        builds = [server.call("build", name="v1", services=args.services, listen_port=listen)
-                  for _ in range(args.rounds)]  # the same snapshot each time: median of N
+        builds = [
+            server.call("build", name="v1", services=args.services, listen_port=listen)
+            for _ in range(args.rounds)
+        ]  # the same snapshot each time: median of N
         v1 = _median(builds)
-        v2 = server.call("build", name="v2", services=args.services, listen_port=listen,
-                         bump=args.services // 2)
+        v2 = server.call(
+            "build", name="v2", services=args.services, listen_port=listen, bump=args.services // 2
+        )
         rounds = asyncio.run(_client_rounds(server, args, delta, v1, v2))
         mem = server.memory_mib()
         for r in range(args.rounds):
             print(f"  {name} round {r + 1}/{args.rounds}: real Envoy ...", flush=True)
             for how in ("warm", "cold"):
-                rounds.setdefault(f"envoy_{how}", []).append(envoy_apply(
-                    server, snapshot="v1", services=args.services, delta=delta,
-                    cold=how == "cold", node=f"envoy-{name}-{how}-{r}", workdir=workdir))
+                rounds.setdefault(f"envoy_{how}", []).append(
+                    envoy_apply(
+                        server,
+                        snapshot="v1",
+                        services=args.services,
+                        delta=delta,
+                        cold=how == "cold",
+                        node=f"envoy-{name}-{how}-{r}",
+                        workdir=workdir,
+                    )
+                )
     finally:
         server.stop()
     rounds["build"] = builds
     out: dict[str, Any] = {"build": v1, "rounds": rounds}
     out.update({phase: _median(results) for phase, results in rounds.items()})
-    out["server_rss_mib"] = {"idle": idle["VmRSS"], "after_clients": mem["VmRSS"],
-                             "peak_after_clients": mem["VmHWM"]}
+    out["server_rss_mib"] = {
+        "idle": idle["VmRSS"],
+        "after_clients": mem["VmRSS"],
+        "peak_after_clients": mem["VmHWM"],
+    }
     return out
 
 
@@ -178,28 +211,47 @@ def print_table(res: dict[str, Any]) -> None:
         rows.append((label, fmt(a), fmt(b), _ratio(b, a)))
 
     load = ", ".join(f"{x:.2f}" for x in res["loadavg_before"])
-    print(f"\nxDS control plane: {n} services, {k} ADS clients, median of {res['rounds']} rounds, "
-          f"server in its own process, debounce 0\n(machine: {res['cpus']} CPUs, load average "
-          f"before the run {load})")
+    print(
+        f"\nxDS control plane: {n} services, {k} ADS clients, median of {res['rounds']} rounds, "
+        f"server in its own process, debounce 0\n(machine: {res['cpus']} CPUs, load average "
+        f"before the run {load})"
+    )
     row("snapshot build (same work in both)", s["build"]["build_s"], d["build"]["build_s"], _ms)
     for phase, title in (("initial", "initial sync"), ("endpoint_change", "1 endpoint change")):
         a, b = s[phase], d[phase]
-        row(f"{title}: set -> all ACKed (server)", a["server_all_acked_s"],
-            b["server_all_acked_s"], _ms)
-        row(f"{title}: set -> all ACKed (clients)", a["clients_all_acked_s"],
-            b["clients_all_acked_s"], _ms)
+        row(
+            f"{title}: set -> all ACKed (server)",
+            a["server_all_acked_s"],
+            b["server_all_acked_s"],
+            _ms,
+        )
+        row(
+            f"{title}: set -> all ACKed (clients)",
+            a["clients_all_acked_s"],
+            b["clients_all_acked_s"],
+            _ms,
+        )
         row(f"{title}: bytes per client", a["bytes_per_client"], b["bytes_per_client"], _kb)
         row(f"{title}: server CPU", a["server_cpu_s"], b["server_cpu_s"], _ms)
         row(f"{title}: clients CPU (bench process)", a["clients_cpu_s"], b["clients_cpu_s"], _ms)
-    row("server RSS idle (before building)", s["server_rss_mib"]["idle"],
-        d["server_rss_mib"]["idle"], lambda v: f"{v:.0f} MiB")
-    row("server peak RSS (VmHWM)", s["server_rss_mib"]["peak_after_clients"],
+    row(
+        "server RSS idle (before building)",
+        s["server_rss_mib"]["idle"],
+        d["server_rss_mib"]["idle"],
+        lambda v: f"{v:.0f} MiB",
+    )
+    row(
+        "server peak RSS (VmHWM)",
+        s["server_rss_mib"]["peak_after_clients"],
         d["server_rss_mib"]["peak_after_clients"],
-        lambda v: f"{v:.0f} MiB")
+        lambda v: f"{v:.0f} MiB",
+    )
     _print(("", "SotW", "delta", "delta/SotW"), rows)
 
-    print(f"\nReal Envoy 1.40 (1 worker) applying the same {n}-service snapshot over ADS "
-          f"(median of {res['rounds']})")
+    print(
+        f"\nReal Envoy 1.40 (1 worker) applying the same {n}-service snapshot over ADS "
+        f"(median of {res['rounds']})"
+    )
     rows = []
     for proto in ("sotw", "delta"):
         r = res[proto]
@@ -207,24 +259,51 @@ def print_table(res: dict[str, Any]) -> None:
         for how in ("warm", "cold"):
             e = r[f"envoy_{how}"]
             cp = build + e["server_cpu_s"]
-            rows.append((f"{proto} {how}", _ms(build), _ms(e["server_cpu_s"]), _ms(cp),
-                         _ms(e["apply_s"]), _ratio(e["apply_s"], cp), _ms(e["envoy_cpu_s"]),
-                         _ms(e["type_acked_s"]["CDS"]), _ms(e["server_acked_s"])))
-    _print(("", "CP build", "CP serve", "CP total", "Envoy apply", "Envoy/CP", "Envoy CPU",
-            "CDS ACK", "last ACK"), rows)
-    print("  CP build: building the snapshot. CP serve: server CPU from set_snapshot until\n"
-          "  Envoy's last ACK. Envoy apply (wall): warm = set_snapshot -> LIVE with all clusters\n"
-          "  active, Envoy connected and waiting; cold = Envoy process start -> the same, the\n"
-          "  snapshot set before. Envoy CPU: its CPU time meanwhile. CDS ACK, last ACK:\n"
-          "  when the server recorded Envoy's ACK of the clusters, of the last type (same start).")
+            rows.append(
+                (
+                    f"{proto} {how}",
+                    _ms(build),
+                    _ms(e["server_cpu_s"]),
+                    _ms(cp),
+                    _ms(e["apply_s"]),
+                    _ratio(e["apply_s"], cp),
+                    _ms(e["envoy_cpu_s"]),
+                    _ms(e["type_acked_s"]["CDS"]),
+                    _ms(e["server_acked_s"]),
+                )
+            )
+    _print(
+        (
+            "",
+            "CP build",
+            "CP serve",
+            "CP total",
+            "Envoy apply",
+            "Envoy/CP",
+            "Envoy CPU",
+            "CDS ACK",
+            "last ACK",
+        ),
+        rows,
+    )
+    print(
+        "  CP build: building the snapshot. CP serve: server CPU from set_snapshot until\n"
+        "  Envoy's last ACK. Envoy apply (wall): warm = set_snapshot -> LIVE with all clusters\n"
+        "  active, Envoy connected and waiting; cold = Envoy process start -> the same, the\n"
+        "  snapshot set before. Envoy CPU: its CPU time meanwhile. CDS ACK, last ACK:\n"
+        "  when the server recorded Envoy's ACK of the clusters, of the last type (same start)."
+    )
 
 
 def _print(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
     width = max(len(r[0]) for r in [header, *rows])
     cols = [max(len(r[i]) for r in [header, *rows]) for i in range(1, len(header))]
     for r in [header, *rows]:
-        print("  " + r[0].ljust(width) + "".join(
-            "  " + c.rjust(w) for c, w in zip(r[1:], cols, strict=True)))
+        print(
+            "  "
+            + r[0].ljust(width)
+            + "".join("  " + c.rjust(w) for c, w in zip(r[1:], cols, strict=True))
+        )
 
 
 def main() -> None:
@@ -232,16 +311,25 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="200 services, 10 clients (~30 s)")
     parser.add_argument("--services", type=int, default=None)
     parser.add_argument("--clients", type=int, default=None)
-    parser.add_argument("--rounds", type=int, default=None,
-                        help="repetitions, medians are printed (default 3, --quick 2)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="repetitions, medians are printed (default 3, --quick 2)",
+    )
     args = parser.parse_args()
     args.services = args.services or (200 if args.quick else 1000)
     args.clients = args.clients or (10 if args.quick else 50)
     args.rounds = args.rounds or (2 if args.quick else 3)
     started = time.monotonic()
-    res: dict[str, Any] = {"services": args.services, "clients": args.clients,
-                           "rounds": args.rounds, "quick": args.quick,
-                           "cpus": os.cpu_count(), "loadavg_before": os.getloadavg()}
+    res: dict[str, Any] = {
+        "services": args.services,
+        "clients": args.clients,
+        "rounds": args.rounds,
+        "quick": args.quick,
+        "cpus": os.cpu_count(),
+        "loadavg_before": os.getloadavg(),
+    }
     with tempfile.TemporaryDirectory(prefix="legation-bench-xds-") as tmp:
         for delta in (False, True):
             res["delta" if delta else "sotw"] = run_protocol(args, delta, Path(tmp))

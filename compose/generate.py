@@ -49,9 +49,15 @@ OUT = ROOT / "compose"
 
 SUBNET = "172.30.0.0/24"
 ENVOY_IMAGE = "envoyproxy/envoy:v1.40-latest"
-IPS = {"control-plane": "172.30.0.2", "gateway": "172.30.0.3", "redis": "172.30.0.4",
-       "opa": "172.30.0.5", "extauthz": "172.30.0.6", "extproc": "172.30.0.7",
-       "ratelimit": "172.30.0.8"}
+IPS = {
+    "control-plane": "172.30.0.2",
+    "gateway": "172.30.0.3",
+    "redis": "172.30.0.4",
+    "opa": "172.30.0.5",
+    "extauthz": "172.30.0.6",
+    "extproc": "172.30.0.7",
+    "ratelimit": "172.30.0.8",
+}
 CA_DIR = "/var/lib/legation/ca"
 SERVICES_DIR = "/var/lib/legation/services"  # one volume per service below it
 CREDENTIALS_DIR = "/etc/legation/xds"  # a proxy's own volume, inside its Envoy container
@@ -89,7 +95,8 @@ def compose_mesh(raw: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
     if "ratelimit" in mesh:
         mesh["ratelimit"]["backend"] = "redis"
         mesh["ratelimit"]["redis_url"] = (
-            f"redis://:{REDIS_PASSWORD_PLACEHOLDER}@{IPS['redis']}:6379/0")
+            f"redis://:{REDIS_PASSWORD_PLACEHOLDER}@{IPS['redis']}:6379/0"
+        )
     return mesh, apps
 
 
@@ -100,8 +107,10 @@ def authz_config(raw: dict[str, Any]) -> dict[str, Any]:
     for name, check in raw.get("checks", {}).items():
         if check.get("type") == "rego":
             del config["checks"][name]
-            config["checks"]["opa"] = {"type": "opa",
-                                       "options": {"url": f"http://{IPS['opa']}:8181"}}
+            config["checks"]["opa"] = {
+                "type": "opa",
+                "options": {"url": f"http://{IPS['opa']}:8181"},
+            }
             renamed[name] = "opa"
     if "default_checks" in config:
         config["default_checks"] = [renamed.get(c, c) for c in config["default_checks"]]
@@ -112,16 +121,18 @@ def stack(mesh_doc: dict[str, Any], apps: dict[str, str]) -> dict[str, Any]:
     mesh = parse_mesh(yaml.safe_dump(mesh_doc), source="compose/mesh.yaml")
 
     def legation_image() -> dict[str, Any]:
-        return {"build": {"context": "..", "dockerfile": "compose/Dockerfile"},
-                "image": "legation:dev"}
+        return {
+            "build": {"context": "..", "dockerfile": "compose/Dockerfile"},
+            "image": "legation:dev",
+        }
 
     nodes = [p.node_id for p in mesh.proxies()]
     kinds = [k for k in ("extauthz", "extproc", "ratelimit") if k in mesh_doc]
     secret_dir = REDIS_SECRET.rsplit("/", 1)[0]
     enrol = (
         "set -e; umask 077; "
-        f"for node in {' '.join(nodes)}; do legation bootstrap --node \"$$node\" "
-        f"--ca-dir {CA_DIR} --credentials-dir \"/nodes/$$node\" "
+        f'for node in {" ".join(nodes)}; do legation bootstrap --node "$$node" '
+        f'--ca-dir {CA_DIR} --credentials-dir "/nodes/$$node" '
         f"--xds {IPS['control-plane']}:{mesh.xds.port} > /dev/null; done; "
         f"[ -s {REDIS_SECRET} ] || python -c 'import secrets; print(secrets.token_hex(24))' "
         f"> {REDIS_SECRET}; chown -R legation /var/lib/legation {secret_dir}; "
@@ -129,15 +140,18 @@ def stack(mesh_doc: dict[str, Any], apps: dict[str, str]) -> dict[str, Any]:
     )
     serve = (
         "set -e; umask 077; mkdir -p /tmp/mesh; cp /mesh/*.yaml /tmp/mesh/; "
-        f"sed -i \"s/{REDIS_PASSWORD_PLACEHOLDER}/$$(cat {REDIS_SECRET})/\" /tmp/mesh/mesh.yaml; "
+        f'sed -i "s/{REDIS_PASSWORD_PLACEHOLDER}/$$(cat {REDIS_SECRET})/" /tmp/mesh/mesh.yaml; '
         "exec legation serve xds --config /tmp/mesh/mesh.yaml "
         f"--listen 0.0.0.0:{mesh.xds.port} --services-dir {SERVICES_DIR}"
     )
-    mesh_files = ["./mesh.yaml:/mesh/mesh.yaml:ro", "./authz.yaml:/mesh/authz.yaml:ro",
-                  "./ratelimit.yaml:/mesh/ratelimit.yaml:ro"]
+    mesh_files = [
+        "./mesh.yaml:/mesh/mesh.yaml:ro",
+        "./authz.yaml:/mesh/authz.yaml:ro",
+        "./ratelimit.yaml:/mesh/ratelimit.yaml:ro",
+    ]
     redis = (
         f"printf 'requirepass %s\\nmaxmemory {REDIS_MAXMEMORY}\\nmaxmemory-policy volatile-ttl"
-        f"\\nsave \"\"\\nappendonly no\\n' \"$$(cat {REDIS_SECRET})\" "
+        f'\\nsave ""\\nappendonly no\\n\' "$$(cat {REDIS_SECRET})" '
         "| exec gosu redis redis-server -"
     )
     services: dict[str, Any] = {
@@ -146,35 +160,50 @@ def stack(mesh_doc: dict[str, Any], apps: dict[str, str]) -> dict[str, Any]:
             **legation_image(),
             "user": "root",
             "command": ["sh", "-c", enrol],
-            "volumes": ["legation-ca:/var/lib/legation", f"redis-secret:{secret_dir}",
-                        *(f"xds-{n}:/nodes/{n}" for n in nodes),
-                        *(f"svc-{k}:{SERVICES_DIR}/{k}" for k in kinds)],
+            "volumes": [
+                "legation-ca:/var/lib/legation",
+                f"redis-secret:{secret_dir}",
+                *(f"xds-{n}:/nodes/{n}" for n in nodes),
+                *(f"svc-{k}:{SERVICES_DIR}/{k}" for k in kinds),
+            ],
             "network_mode": "none",
         },
         "control-plane": {
             **legation_image(),
             "command": ["sh", "-c", serve],
-            "volumes": [*mesh_files, "legation-ca:/var/lib/legation",
-                        f"redis-secret:{secret_dir}:ro",
-                        *(f"svc-{k}:{SERVICES_DIR}/{k}" for k in kinds)],
+            "volumes": [
+                *mesh_files,
+                "legation-ca:/var/lib/legation",
+                f"redis-secret:{secret_dir}:ro",
+                *(f"svc-{k}:{SERVICES_DIR}/{k}" for k in kinds),
+            ],
             "restart": "unless-stopped",
             "networks": {"legation": {"ipv4_address": IPS["control-plane"]}},
-            "depends_on": {"enrol": {"condition": "service_completed_successfully"},
-                           "redis": {"condition": "service_started"},
-                           "opa": {"condition": "service_started"}},
+            "depends_on": {
+                "enrol": {"condition": "service_completed_successfully"},
+                "redis": {"condition": "service_started"},
+                "opa": {"condition": "service_started"},
+            },
         },
-        "redis": {"image": "redis:7", "command": ["sh", "-c", redis],
-                  "volumes": [f"redis-secret:{secret_dir}:ro"],
-                  "depends_on": {"enrol": {"condition": "service_completed_successfully"}},
-                  "networks": {"legation": {"ipv4_address": IPS["redis"]}}},
-        "opa": {"image": "openpolicyagent/opa:latest",
-                "command": ["run", "--server", "--addr", "0.0.0.0:8181", "/policies"],
-                "volumes": ["../policies:/policies:ro"],
-                "networks": {"legation": {"ipv4_address": IPS["opa"]}}},
+        "redis": {
+            "image": "redis:7",
+            "command": ["sh", "-c", redis],
+            "volumes": [f"redis-secret:{secret_dir}:ro"],
+            "depends_on": {"enrol": {"condition": "service_completed_successfully"}},
+            "networks": {"legation": {"ipv4_address": IPS["redis"]}},
+        },
+        "opa": {
+            "image": "openpolicyagent/opa:latest",
+            "command": ["run", "--server", "--addr", "0.0.0.0:8181", "/policies"],
+            "volumes": ["../policies:/policies:ro"],
+            "networks": {"legation": {"ipv4_address": IPS["opa"]}},
+        },
     }
     for kind in kinds:  # the mesh (relative paths) where the plan says it is: /tmp/mesh
-        follow = ("set -e; mkdir -p /tmp/mesh; cp /mesh/*.yaml /tmp/mesh/; "
-                  f"exec legation serve {kind} --plan {SERVICES_DIR}/{kind}/plan.json")
+        follow = (
+            "set -e; mkdir -p /tmp/mesh; cp /mesh/*.yaml /tmp/mesh/; "
+            f"exec legation serve {kind} --plan {SERVICES_DIR}/{kind}/plan.json"
+        )
         services[f"legation-{kind}"] = {
             **legation_image(),
             "command": ["sh", "-c", follow],
@@ -184,24 +213,40 @@ def stack(mesh_doc: dict[str, Any], apps: dict[str, str]) -> dict[str, Any]:
             "depends_on": ["control-plane"],
         }
     for spec in mesh.demo_apps():
-        name = next(n for n, ip in apps.items()
-                    if ip == spec.host and _port_of(mesh, n) == spec.port)
-        command = ["legation", "demo", "--name", spec.service, "--version", spec.version,
-                   "--host", "0.0.0.0", "--port", str(spec.port)]
+        name = next(
+            n for n, ip in apps.items() if ip == spec.host and _port_of(mesh, n) == spec.port
+        )
+        command = [
+            "legation",
+            "demo",
+            "--name",
+            spec.service,
+            "--version",
+            spec.version,
+            "--host",
+            "0.0.0.0",
+            "--port",
+            str(spec.port),
+        ]
         if spec.fail_every:
             command += ["--fail-every", str(spec.fail_every)]
         if spec.delay_ms:
             command += ["--delay-ms", str(spec.delay_ms)]
-        services[name] = {**legation_image(), "command": command,
-                          "networks": {"legation": {"ipv4_address": spec.host}}}
+        services[name] = {
+            **legation_image(),
+            "command": command,
+            "networks": {"legation": {"ipv4_address": spec.host}},
+        }
     for proxy in mesh.proxies():
         envoy: dict[str, Any] = {
             "image": ENVOY_IMAGE,
             "command": ["envoy", "-c", "/etc/envoy/envoy.yaml", "--log-level", "warning"],
             # its own credential only; ENVOY_UID 0: the image would drop to uid 101, which
             # cannot read the 0600 files the enrol container wrote
-            "volumes": [f"./envoy/{proxy.node_id}.yaml:/etc/envoy/envoy.yaml:ro",
-                        f"xds-{proxy.node_id}:{CREDENTIALS_DIR}:ro"],
+            "volumes": [
+                f"./envoy/{proxy.node_id}.yaml:/etc/envoy/envoy.yaml:ro",
+                f"xds-{proxy.node_id}:{CREDENTIALS_DIR}:ro",
+            ],
             "environment": {"ENVOY_UID": "0"},
             "depends_on": ["control-plane"],
         }
@@ -218,8 +263,12 @@ def stack(mesh_doc: dict[str, Any], apps: dict[str, str]) -> dict[str, Any]:
         "services": services,
         "networks": {"legation": {"ipam": {"config": [{"subnet": SUBNET}]}}},
         # the mesh CA's key survives container restarts; one credential volume per proxy
-        "volumes": {"legation-ca": {}, "redis-secret": {},
-                    **{f"xds-{n}": {} for n in nodes}, **{f"svc-{k}": {} for k in kinds}},
+        "volumes": {
+            "legation-ca": {},
+            "redis-secret": {},
+            **{f"xds-{n}": {} for n in nodes},
+            **{f"svc-{k}": {} for k in kinds},
+        },
     }
 
 
@@ -235,8 +284,10 @@ def render() -> dict[Path, str]:
     """Every generated file and its content."""
     raw = yaml.safe_load((QUICKSTART / "mesh.yaml").read_text())
     mesh_doc, apps = compose_mesh(raw)
-    files = {OUT / "mesh.yaml": _dump(mesh_doc),
-             OUT / "docker-compose.yaml": _dump(stack(mesh_doc, apps))}
+    files = {
+        OUT / "mesh.yaml": _dump(mesh_doc),
+        OUT / "docker-compose.yaml": _dump(stack(mesh_doc, apps)),
+    }
     if "extauthz" in raw:
         authz = yaml.safe_load((QUICKSTART / raw["extauthz"]["config"]).read_text())
         files[OUT / "authz.yaml"] = _dump(authz_config(authz))
@@ -245,10 +296,15 @@ def render() -> dict[Path, str]:
         files[OUT / "ratelimit.yaml"] = HEADER + limits
     mesh = parse_mesh(yaml.safe_dump(mesh_doc), source="compose/mesh.yaml")
     for proxy in mesh.proxies():
-        doc = bootstrap(node_id=proxy.node_id, node_cluster=proxy.node_cluster,
-                        xds_host=IPS["control-plane"], xds_port=mesh.xds.port,
-                        admin_host="0.0.0.0", admin_port=proxy.admin_port,
-                        credentials_dir=CREDENTIALS_DIR)
+        doc = bootstrap(
+            node_id=proxy.node_id,
+            node_cluster=proxy.node_cluster,
+            xds_host=IPS["control-plane"],
+            xds_port=mesh.xds.port,
+            admin_host="0.0.0.0",
+            admin_port=proxy.admin_port,
+            credentials_dir=CREDENTIALS_DIR,
+        )
         files[OUT / "envoy" / f"{proxy.node_id}.yaml"] = _dump(doc)
     return files
 

@@ -34,8 +34,10 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
         spec = next((p for p in mesh.proxies() if p.node_id == args.node), None)
         if spec is None:
             known = ", ".join(p.node_id for p in mesh.proxies())
-            print(f"{args.mesh}: no proxy with node id {args.node!r} (known: {known})",
-                  file=sys.stderr)
+            print(
+                f"{args.mesh}: no proxy with node id {args.node!r} (known: {known})",
+                file=sys.stderr,
+            )
             return 2
         cluster = cluster or spec.node_cluster
         admin_port = admin_port or spec.admin_port
@@ -44,16 +46,23 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
         trust_domain = mesh.mtls.trust_domain
         where = locate_ca(mesh, mesh_dir=Path(args.mesh).parent)
     if args.ca_dir:
-        where = CaLocation(Path(args.ca_dir) / "ca.crt", Path(args.ca_dir) / "ca.key",
-                           generate=True)
+        where = CaLocation(
+            Path(args.ca_dir) / "ca.crt", Path(args.ca_dir) / "ca.key", generate=True
+        )
     try:
         directory = _enrol(args, where, trust_domain)
     except LegationError as err:
         print(err, file=sys.stderr)
         return 2
-    doc = bootstrap(node_id=args.node, node_cluster=cluster or "", xds_host=host or "127.0.0.1",
-                    xds_port=int(port), admin_port=admin_port or 9901, delta=args.delta,
-                    credentials_dir=directory.resolve())
+    doc = bootstrap(
+        node_id=args.node,
+        node_cluster=cluster or "",
+        xds_host=host or "127.0.0.1",
+        xds_port=int(port),
+        admin_port=admin_port or 9901,
+        delta=args.delta,
+        credentials_dir=directory.resolve(),
+    )
     if args.json:
         print(json.dumps(doc, indent=2))
     else:
@@ -75,21 +84,32 @@ def _enrol(args: argparse.Namespace, where: Any, trust_domain: str) -> Path:
         xds_root,
     )
 
-    directory = Path(args.credentials_dir) if args.credentials_dir else (
-        where.nodes_dir / node_dir_name(args.node))
+    directory = (
+        Path(args.credentials_dir)
+        if args.credentials_dir
+        else (where.nodes_dir / node_dir_name(args.node))
+    )
     enrolments = Enrolments.beside(where.home)
     if not args.rotate:
         held = _held_serial(NodeFiles(directory))
-        if held is not None and held[0] == enrolments.current(args.node) \
-                and datetime.now(UTC) < held[1]:
-            print(f"node {args.node!r}: keeping the credential in {directory} "
-                  f"(--rotate issues a new one)", file=sys.stderr)
+        if (
+            held is not None
+            and held[0] == enrolments.current(args.node)
+            and datetime.now(UTC) < held[1]
+        ):
+            print(
+                f"node {args.node!r}: keeping the credential in {directory} "
+                f"(--rotate issues a new one)",
+                file=sys.stderr,
+            )
             return directory
     ca = xds_root(where.home)  # the xDS root beside the mesh CA, never the mesh root
     cert, _ = enrol(ca, enrolments, args.node, directory, ttl=BOOTSTRAP_TTL)
-    print(f"node {args.node!r}: new xDS credential in {directory}, serial {cert.serial_hex}, "
-          f"expires {cert.not_after:%Y-%m-%d %H:%M} UTC; any earlier one is revoked",
-          file=sys.stderr)
+    print(
+        f"node {args.node!r}: new xDS credential in {directory}, serial {cert.serial_hex}, "
+        f"expires {cert.not_after:%Y-%m-%d %H:%M} UTC; any earlier one is revoked",
+        file=sys.stderr,
+    )
     return directory
 
 
@@ -115,8 +135,9 @@ def cmd_rotate_root(args: argparse.Namespace) -> int:
     from legation.config._types import _parse_duration
 
     try:
-        overlap = timedelta(0) if args.overlap.strip() in ("0", "0s") else \
-            _parse_duration(args.overlap)
+        overlap = (
+            timedelta(0) if args.overlap.strip() in ("0", "0s") else _parse_duration(args.overlap)
+        )
     except ValueError as err:
         print(f"--overlap: {err}", file=sys.stderr)
         return 2
@@ -128,9 +149,11 @@ def cmd_rotate_root(args: argparse.Namespace) -> int:
 
             where = locate_ca(load_mesh(Path(args.mesh)), mesh_dir=Path(args.mesh).parent)
             if not where.generate:
-                print(f"{args.mesh}: mtls.ca_cert/ca_key name a root of your own; "
-                      "rotate-root rotates a generated CA directory (mtls.ca_dir)",
-                      file=sys.stderr)
+                print(
+                    f"{args.mesh}: mtls.ca_cert/ca_key name a root of your own; "
+                    "rotate-root rotates a generated CA directory (mtls.ca_dir)",
+                    file=sys.stderr,
+                )
                 return 1
             directory = where.home
         else:
@@ -139,10 +162,12 @@ def cmd_rotate_root(args: argparse.Namespace) -> int:
     except LegationError as err:
         print(err, file=sys.stderr)
         return 1
-    print(f"root rotation requested in {directory}: {state.old} -> {state.new}; the running "
-          f"control plane trusts both, re-issues every certificate from the new root once "
-          f"every proxy has the bundle, and retires the old root {overlap.total_seconds():g}s "
-          f"after that (`legation status --json`: mtls.ca.rotation)")
+    print(
+        f"root rotation requested in {directory}: {state.old} -> {state.new}; the running "
+        f"control plane trusts both, re-issues every certificate from the new root once "
+        f"every proxy has the bundle, and retires the old root {overlap.total_seconds():g}s "
+        f"after that (`legation status --json`: mtls.ca.rotation)"
+    )
     return 0
 
 

@@ -22,8 +22,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return asyncio.run(_serve_one(args, reuse_port=False, index=0))
     from legation.services.workers import run_workers
 
-    return run_workers(workers, lambda index: asyncio.run(
-        _serve_one(args, reuse_port=True, index=index)))
+    return run_workers(
+        workers, lambda index: asyncio.run(_serve_one(args, reuse_port=True, index=index))
+    )
 
 
 async def _wait_for_signal() -> None:
@@ -41,17 +42,24 @@ async def _serve_xds(args: argparse.Namespace) -> int:
         print("legation serve xds needs --config MESH.yaml", file=sys.stderr)
         return 2
     host, _, port = (args.listen or "").rpartition(":")
-    cp = ControlPlane(args.config, xds_host=host or None, xds_port=int(port) if port else None,
-                      status_port=args.status_port,
-                      services_dir=Path(args.services_dir) if args.services_dir else None,
-                      processes_file=Path(args.processes_file) if args.processes_file else None)
+    cp = ControlPlane(
+        args.config,
+        xds_host=host or None,
+        xds_port=int(port) if port else None,
+        status_port=args.status_port,
+        services_dir=Path(args.services_dir) if args.services_dir else None,
+        processes_file=Path(args.processes_file) if args.processes_file else None,
+    )
     try:
         await cp.start()
     except LegationError as err:
         print(err, file=sys.stderr)
         return 2
-    print(f"xDS on {cp.server.address if cp.server else '?'}; status on "
-          f"http://127.0.0.1:{cp.status_port}/status", flush=True)
+    print(
+        f"xDS on {cp.server.address if cp.server else '?'}; status on "
+        f"http://127.0.0.1:{cp.status_port}/status",
+        flush=True,
+    )
     try:
         await _wait_for_signal()
     finally:
@@ -71,8 +79,11 @@ async def _serve_plan(args: argparse.Namespace) -> int:
         print(err, file=sys.stderr)
         return 2
     metrics = follower.serve_metrics(args.metrics_port)
-    print(f"{args.service} (pid {os.getpid()}) on port {bound}, metrics on 127.0.0.1:{metrics}, "
-          f"following {args.plan}", flush=True)
+    print(
+        f"{args.service} (pid {os.getpid()}) on port {bound}, metrics on 127.0.0.1:{metrics}, "
+        f"following {args.plan}",
+        flush=True,
+    )
     watching = asyncio.create_task(follower.follow())
     signalled = asyncio.create_task(_wait_for_signal())
     try:
@@ -91,8 +102,9 @@ async def _serve_one(args: argparse.Namespace, *, reuse_port: bool, index: int) 
     host = host or "127.0.0.1"
     service = kinds.get(args.service).service_class()
     try:
-        _, bound, stop = await service.serve_cli(args, host=host, port=int(port),
-                                                 reuse_port=reuse_port)
+        _, bound, stop = await service.serve_cli(
+            args, host=host, port=int(port), reuse_port=reuse_port
+        )
     except LegationError as err:
         print(err, file=sys.stderr)
         return 2

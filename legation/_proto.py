@@ -72,8 +72,9 @@ def address(host: str, port: int) -> address_pb2.Address:
     )
 
 
-def envoy_grpc(cluster: str, *, timeout: duration_pb2.Duration | None = None
-               ) -> grpc_service_pb2.GrpcService:
+def envoy_grpc(
+    cluster: str, *, timeout: duration_pb2.Duration | None = None
+) -> grpc_service_pb2.GrpcService:
     """A gRPC service reached through Envoy's own client, over ``cluster``."""
     service = grpc_service_pb2.GrpcService(
         envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(cluster_name=cluster)

@@ -44,15 +44,19 @@ class Publishing:
         version = f"g{self.generation + 1}-{digest}"
         secrets = self.issuer.secrets()
         snapshots = translate(mesh, version=version, secrets=secrets)
-        new = {p.node_id for p in mesh.proxies() if p.kind == "sidecar"} - set(self.snapshots) \
-            if hold_new and self.snapshots else set()
+        new = (
+            {p.node_id for p in mesh.proxies() if p.kind == "sidecar"} - set(self.snapshots)
+            if hold_new and self.snapshots
+            else set()
+        )
         served = snapshots
         self._cancel_hold()
         if new:
             gated = translate(_without_sidecars(mesh, new), version=version, secrets=secrets)
             served = {n: s if n in new else gated.get(n, s) for n, s in snapshots.items()}
             self._hold = asyncio.get_running_loop().create_task(
-                self._release(snapshots, frozenset(new)))
+                self._release(snapshots, frozenset(new))
+            )
         for node, snap in served.items():
             self.cache.set_snapshot(node, snap)
         for gone in set(self.snapshots) - set(served):
@@ -76,17 +80,22 @@ class Publishing:
                 self.cache.set_snapshot(node, snap)
                 self.snapshots[node] = snap
         self._hold = None
-        self.on_event(("new sidecars in sync, their endpoints published: " if ready else
-                       f"new sidecars not in sync after {HOLD_NEW_MAX:g}s, their endpoints "
-                       f"published anyway: ") + ", ".join(sorted(new)))
+        self.on_event(
+            (
+                "new sidecars in sync, their endpoints published: "
+                if ready
+                else f"new sidecars not in sync after {HOLD_NEW_MAX:g}s, their endpoints "
+                f"published anyway: "
+            )
+            + ", ".join(sorted(new))
+        )
 
     def _in_sync(self, node: str) -> bool:
         status, snap = self.cache.status.get(node), self.snapshots.get(node)
         if status is None or snap is None:
             return False
         acked: Any = status.as_dict()["acked"]
-        return all(acked.get(t.short) == snap.version(t) for t in ResourceType
-                   if snap.resources(t))
+        return all(acked.get(t.short) == snap.version(t) for t in ResourceType if snap.resources(t))
 
     def _republish(self, nodes: list[str]) -> None:
         if self.mesh is None:
@@ -105,8 +114,10 @@ def _without_sidecars(mesh: Mesh, nodes: frozenset[str] | set[str]) -> Mesh:
 
     services = []
     for service in mesh.services:
-        kept = [ep.model_copy(update={"name": service.instance_name(i)})
-                for i, ep in enumerate(service.endpoints)
-                if ep.sidecar is None or sidecar_node_id(service.instance_name(i)) not in nodes]
+        kept = [
+            ep.model_copy(update={"name": service.instance_name(i)})
+            for i, ep in enumerate(service.endpoints)
+            if ep.sidecar is None or sidecar_node_id(service.instance_name(i)) not in nodes
+        ]
         services.append(service.model_copy(update={"endpoints": kept}))
     return mesh.model_copy(update={"services": services})

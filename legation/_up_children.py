@@ -45,10 +45,14 @@ class StackChildren:
     async def _fetch_status(self) -> dict[str, Any] | None:
         raise NotImplementedError
 
-    def _child(self, role: str, command: list[str], ready_line: str | None = None
-               ) -> Supervised:
-        return Supervised(role=role, command=command, log_path=self.log_dir / f"{role}.log",
-                          on_line=self._child_line, ready_line=ready_line)
+    def _child(self, role: str, command: list[str], ready_line: str | None = None) -> Supervised:
+        return Supervised(
+            role=role,
+            command=command,
+            log_path=self.log_dir / f"{role}.log",
+            on_line=self._child_line,
+            ready_line=ready_line,
+        )
 
     def _child_line(self, role: str, line: str) -> None:
         if self.live:  # to the log file and the table's recent lines
@@ -57,20 +61,37 @@ class StackChildren:
             print(f"[{time.strftime('%H:%M:%S')}] {role}| {line}", file=self.out, flush=True)
 
     async def _start_control_plane(self) -> int:
-        self.cp = self._child("xds", [
-            *LEGATION, "serve", "xds", "--config", str(self.mesh_path),
-            "--status-port", str(self.status_port),
-            "--services-dir", str(self.services_dir.resolve()),
-            "--processes-file", str(self.processes_file.resolve())])
+        self.cp = self._child(
+            "xds",
+            [
+                *LEGATION,
+                "serve",
+                "xds",
+                "--config",
+                str(self.mesh_path),
+                "--status-port",
+                str(self.status_port),
+                "--services-dir",
+                str(self.services_dir.resolve()),
+                "--processes-file",
+                str(self.processes_file.resolve()),
+            ],
+        )
         await self.cp.start()
         deadline = time.monotonic() + self.ready_timeout
         while time.monotonic() < deadline and not self._stopping.is_set():
             if not self.cp.alive():
                 await self.cp.output_done()
                 code = self.cp.returncode
-                self.say(("invalid mesh, nothing started" if code == 2 else
-                          f"the control plane exited (code {code}), nothing started")
-                         + ":\n" + "\n".join(self.cp.tail[-20:]))
+                self.say(
+                    (
+                        "invalid mesh, nothing started"
+                        if code == 2
+                        else f"the control plane exited (code {code}), nothing started"
+                    )
+                    + ":\n"
+                    + "\n".join(self.cp.tail[-20:])
+                )
                 return 2 if code == 2 else 1
             status = await self._fetch_status()
             if status is not None:
@@ -83,11 +104,13 @@ class StackChildren:
         """A process per service the control plane published; wait until each listens."""
         for kind, info in declared.items():
             if "plan" not in info:
-                self.say(f"{kind} service at {info['address']}, not started here "
-                         f"(embedded: false)")
+                self.say(f"{kind} service at {info['address']}, not started here (embedded: false)")
                 continue
-            child = self._child(kind, [*LEGATION, "serve", kind, "--plan", info["plan"]],
-                                ready_line=f"following {info['plan']}")
+            child = self._child(
+                kind,
+                [*LEGATION, "serve", kind, "--plan", info["plan"]],
+                ready_line=f"following {info['plan']}",
+            )
             self.services[kind] = await child.start()
         deadline = time.monotonic() + self.ready_timeout
         waiting = {k: declared[k]["address"] for k in self.services}
@@ -96,12 +119,13 @@ class StackChildren:
                 child = self.services[kind]
                 if not child.alive():
                     await child.output_done()
-                    self.say("cannot start the mesh's request-path services, nothing started:"
-                             "\n" + "\n".join(child.tail[-10:]))
+                    self.say(
+                        "cannot start the mesh's request-path services, nothing started:"
+                        "\n" + "\n".join(child.tail[-10:])
+                    )
                     return 1
                 if child.ready:
-                    self.say(f"{kind} service at {address}, in its own process "
-                             f"(pid {child.pid})")
+                    self.say(f"{kind} service at {address}, in its own process (pid {child.pid})")
                     del waiting[kind]
             await asyncio.sleep(0.05)
         if waiting:
@@ -117,11 +141,13 @@ class StackChildren:
             self.say(f"{kind} service gone from the mesh, its process stopped")
         for kind, info in declared.items():
             if "plan" in info and kind not in self.services:
-                child = self._child(kind, [*LEGATION, "serve", kind, "--plan", info["plan"]],
-                                    ready_line=f"following {info['plan']}")
+                child = self._child(
+                    kind,
+                    [*LEGATION, "serve", kind, "--plan", info["plan"]],
+                    ready_line=f"following {info['plan']}",
+                )
                 self.services[kind] = await child.start()
-                self.say(f"{kind} service added to the mesh, its process started "
-                         f"(pid {child.pid})")
+                self.say(f"{kind} service added to the mesh, its process started (pid {child.pid})")
 
     async def _restart_dead(self) -> None:
         for child in [c for c in (self.cp, *self.services.values()) if c is not None]:
@@ -130,9 +156,11 @@ class StackChildren:
                 continue
             if child.restart_at is not None and not child.announced:
                 child.announced = True
-                self.say(f"{child.role} (pid {child.pid}) exited with code {child.returncode}; "
-                         f"restarting it in {wait:.1f}s (restart #{child.restarts + 1}); "
-                         f"the Envoys keep running")
+                self.say(
+                    f"{child.role} (pid {child.pid}) exited with code {child.returncode}; "
+                    f"restarting it in {wait:.1f}s (restart #{child.restarts + 1}); "
+                    f"the Envoys keep running"
+                )
             if wait == 0:
                 child.announced = False
                 await child.start()
@@ -143,8 +171,16 @@ class StackChildren:
         """The processes file the control plane's /status lists (``processes``)."""
         listed = [{"role": "up", "pid": os.getpid(), "restarts": 0, "alive": True}]
         listed += [c.describe() for c in (self.cp, *self.services.values()) if c is not None]
-        listed += [{"role": "envoy", "name": e.name, "pid": e.proc.pid if e.proc else None,
-                    "restarts": 0, "alive": e.alive()} for e in self.envoys]
+        listed += [
+            {
+                "role": "envoy",
+                "name": e.name,
+                "pid": e.proc.pid if e.proc else None,
+                "restarts": 0,
+                "alive": e.alive(),
+            }
+            for e in self.envoys
+        ]
         text = json.dumps(listed, indent=1)
         if text == self._processes:
             return

@@ -45,8 +45,14 @@ class StackProxies:
             self._retiring.append(self.apps.pop(key))
         for key, spec in wanted.items():
             if key not in self.apps:
-                app = DemoApp(name=spec.service, version=spec.version, host=spec.host,
-                              port=spec.port, fail_every=spec.fail_every, delay_ms=spec.delay_ms)
+                app = DemoApp(
+                    name=spec.service,
+                    version=spec.version,
+                    host=spec.host,
+                    port=spec.port,
+                    fail_every=spec.fail_every,
+                    delay_ms=spec.delay_ms,
+                )
                 await app.start()
                 self.apps[key] = app
 
@@ -69,11 +75,18 @@ class StackProxies:
             cert, directory = self._enrol(node)
             self.credentials[node] = cert
             admin_port = int(proxy["admin"].rpartition(":")[2])
-            config = bootstrap(node_id=node, node_cluster=proxy.get("cluster", ""),
-                               xds_host=host, xds_port=int(port), admin_port=admin_port,
-                               delta=self.delta, credentials_dir=directory.resolve())
-            self.envoys.append(EnvoyProcess(config, admin_port=admin_port, name=node,
-                                            log_dir=self.log_dir).start())
+            config = bootstrap(
+                node_id=node,
+                node_cluster=proxy.get("cluster", ""),
+                xds_host=host,
+                xds_port=int(port),
+                admin_port=admin_port,
+                delta=self.delta,
+                credentials_dir=directory.resolve(),
+            )
+            self.envoys.append(
+                EnvoyProcess(config, admin_port=admin_port, name=node, log_dir=self.log_dir).start()
+            )
             started.append(node)
         return started, stopped
 
@@ -82,8 +95,9 @@ class StackProxies:
         assert self.ca_where is not None
         where = self.ca_where
         directory = where.nodes_dir / node_dir_name(node)
-        cert, _ = enrol(xds_root(where.home), Enrolments.beside(where.home), node, directory,
-                        ttl=UP_TTL)
+        cert, _ = enrol(
+            xds_root(where.home), Enrolments.beside(where.home), node, directory, ttl=UP_TTL
+        )
         return cert, directory
 
     async def _follow_mesh(self, status: dict[str, Any]) -> None:
@@ -102,8 +116,10 @@ class StackProxies:
         if started:
             self.say(f"new proxies in the mesh, their Envoys started: {', '.join(started)}")
         if stopped:
-            self.say(f"proxies gone from the mesh, their Envoys stop once the others are in "
-                     f"sync: {', '.join(stopped)}")
+            self.say(
+                f"proxies gone from the mesh, their Envoys stop once the others are in "
+                f"sync: {', '.join(stopped)}"
+            )
 
     async def _retire(self, status: dict[str, Any]) -> None:
         """Stop the Envoys and demo apps a reload removed, once every remaining Envoy has ACKed

@@ -42,17 +42,27 @@ class StackView:
                     continue
                 path = route.match.path.exact or route.match.path.prefix
                 chain = chains.get(route.name)
-                computed = {h for f in (chain.filters if chain else ())
-                            for h in getattr(f, "computes", ())}
+                computed = {
+                    h for f in (chain.filters if chain else ()) for h in getattr(f, "computes", ())
+                }
                 if path is None or any(h.name.lower() in computed for h in route.match.headers):
                     continue  # a header its own filter computes: a client cannot pick it
-                headers = " ".join(f"-H '{h.name}: {h.exact}'" for h in route.match.headers
-                                   if h.exact is not None and not h.invert)
-                lines.append(f"  curl -s {base}{path} {headers}".rstrip()
-                             + f"    # route {route.name}{_asks(route)}")
-        lines += ["", "  legation status            # proxies, ACKed versions, NACKs",
-                  f"  edit {self.mesh_path} and save: the change is validated and pushed live",
-                  "  Ctrl-C stops everything", ""]
+                headers = " ".join(
+                    f"-H '{h.name}: {h.exact}'"
+                    for h in route.match.headers
+                    if h.exact is not None and not h.invert
+                )
+                lines.append(
+                    f"  curl -s {base}{path} {headers}".rstrip()
+                    + f"    # route {route.name}{_asks(route)}"
+                )
+        lines += [
+            "",
+            "  legation status            # proxies, ACKed versions, NACKs",
+            f"  edit {self.mesh_path} and save: the change is validated and pushed live",
+            "  Ctrl-C stops everything",
+            "",
+        ]
         self._banner = lines
         print("\n".join(lines), file=self.out, flush=True)
 
@@ -77,14 +87,19 @@ class StackView:
                     self.say(f"{key} in sync with generation {status['generation']}")
                 self._last[key] = now
 
-    def _table(self, status: dict[str, Any], counts: dict[str, tuple[int, int]], *,
-               away: bool = False) -> None:
-        rows = [f"Legation  mesh {status.get('mesh', '?')}  generation "
-                f"{status.get('generation', '?')}  xDS {status.get('xds', '?')}"
-                + ("  (control plane restarting; the data path keeps serving)" if away else ""),
-                ""]
-        rows.append(f"{'proxy':28} {'admin':16} {'sync':5} {'CDS':13} {'LDS':13} {'nacks':>5} "
-                     f"{'requests':>9} {'5xx':>6}")
+    def _table(
+        self, status: dict[str, Any], counts: dict[str, tuple[int, int]], *, away: bool = False
+    ) -> None:
+        rows = [
+            f"Legation  mesh {status.get('mesh', '?')}  generation "
+            f"{status.get('generation', '?')}  xDS {status.get('xds', '?')}"
+            + ("  (control plane restarting; the data path keeps serving)" if away else ""),
+            "",
+        ]
+        rows.append(
+            f"{'proxy':28} {'admin':16} {'sync':5} {'CDS':13} {'LDS':13} {'nacks':>5} "
+            f"{'requests':>9} {'5xx':>6}"
+        )
         for p in status.get("proxies", []):
             total, errors = counts.get(p["node_id"], (0, 0))
             rows.append(
@@ -93,13 +108,17 @@ class StackView:
                 f"{p['nacks']:>5} {total:>9} {errors:>6}"
             )
             if p["last_nack"]:
-                rows.append(f"    last NACK ({p['last_nack']['type']}): "
-                            f"{p['last_nack']['message'][:90]}")
+                rows.append(
+                    f"    last NACK ({p['last_nack']['type']}): {p['last_nack']['message'][:90]}"
+                )
         if status.get("last_error"):
             rows += ["", "last rejected mesh change:", *status["last_error"].splitlines()[:6]]
         if self._recent is not None and self._recent.lines:
-            rows += ["", f"recent (all of it in {self.log_dir / 'legation.log'}):",
-                     *(f"  {line[:110]}" for line in self._recent.lines)]
+            rows += [
+                "",
+                f"recent (all of it in {self.log_dir / 'legation.log'}):",
+                *(f"  {line[:110]}" for line in self._recent.lines),
+            ]
         self.out.write("\x1b[H\x1b[J" + "\n".join([*self._banner[1:], *rows]) + "\n")
         self.out.flush()
 
@@ -112,8 +131,12 @@ def _asks(route: Route) -> str:
     if route.filters:
         parts.append("filters " + ", ".join(f.name for f in route.filters))
     if route.rate_limits:
-        keys = [a.request_headers.header for d in route.rate_limits for a in d.actions
-                if a.request_headers is not None]
+        keys = [
+            a.request_headers.header
+            for d in route.rate_limits
+            for a in d.actions
+            if a.request_headers is not None
+        ]
         parts.append("rate limited" + (f" per {', '.join(keys)}" if keys else ""))
     return f" ({'; '.join(parts)})" if parts else ""
 
@@ -124,10 +147,16 @@ def _requests(envoy: EnvoyProcess) -> tuple[int, int]:
         stats = envoy.stats(r"^http\..*downstream_rq_(completed|5xx)$")
     except (OSError, ValueError):
         return (0, 0)
-    total = sum(v for k, v in stats.items() if k.endswith("downstream_rq_completed")
-                and not k.startswith("http.admin"))
-    errors = sum(v for k, v in stats.items() if k.endswith("downstream_rq_5xx")
-                 and not k.startswith("http.admin"))
+    total = sum(
+        v
+        for k, v in stats.items()
+        if k.endswith("downstream_rq_completed") and not k.startswith("http.admin")
+    )
+    errors = sum(
+        v
+        for k, v in stats.items()
+        if k.endswith("downstream_rq_5xx") and not k.startswith("http.admin")
+    )
     return total, errors
 
 
@@ -139,5 +168,7 @@ class _Recent(logging.Handler):
         self.lines: deque[str] = deque(maxlen=keep)
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(f"{time.strftime('%H:%M:%S')} {record.levelname.lower()} "
-                          f"{record.getMessage().splitlines()[0]}")
+        self.lines.append(
+            f"{time.strftime('%H:%M:%S')} {record.levelname.lower()} "
+            f"{record.getMessage().splitlines()[0]}"
+        )

@@ -27,25 +27,40 @@ from legation.xds.server import XdsServer
 __all__ = ["enrol_node", "xds_channel"]
 
 
-async def xds_channel(mesh: Mesh, cache: SnapshotCache, *, mesh_dir: Path, default_ca_dir: Path,
-                      host: str | None, port: int | None, clock: Callable[[], datetime],
-                      ) -> tuple[XdsServer, CertificateAuthority, CaLocation]:
+async def xds_channel(
+    mesh: Mesh,
+    cache: SnapshotCache,
+    *,
+    mesh_dir: Path,
+    default_ca_dir: Path,
+    host: str | None,
+    port: int | None,
+    clock: Callable[[], datetime],
+) -> tuple[XdsServer, CertificateAuthority, CaLocation]:
     """Start the xDS server for ``mesh`` (``host``/``port`` override the mesh's): TLS with a
     certificate from the xDS root (never the mesh root), serving only enrolled proxies."""
     where = locate_ca(mesh, mesh_dir=mesh_dir, default_ca_dir=default_ca_dir)
     ca = xds_root(where.home)
     bind = host or mesh.xds.host
     server = XdsServer(
-        cache, host=bind, port=port if port is not None else mesh.xds.port,
-        auth=XdsAuth.for_ca(ca, where.home, hosts=serving_hosts(mesh.xds.host, bind),
-                            clock=clock))
+        cache,
+        host=bind,
+        port=port if port is not None else mesh.xds.port,
+        auth=XdsAuth.for_ca(ca, where.home, hosts=serving_hosts(mesh.xds.host, bind), clock=clock),
+    )
     await server.start()
     return server, ca, where
 
 
-def enrol_node(ca: CertificateAuthority, where: CaLocation, node_id: str,
-               directory: Path | None, *, ttl: timedelta, clock: Callable[[], datetime],
-               ) -> tuple[WorkloadCert, NodeFiles]:
+def enrol_node(
+    ca: CertificateAuthority,
+    where: CaLocation,
+    node_id: str,
+    directory: Path | None,
+    *,
+    ttl: timedelta,
+    clock: Callable[[], datetime],
+) -> tuple[WorkloadCert, NodeFiles]:
     """Issue ``node_id`` an xDS credential (revoking its previous one) and write its files into
     ``directory`` (default ``<CA dir>/../nodes/<node>``)."""
     directory = directory or where.nodes_dir / node_dir_name(node_id)

@@ -37,8 +37,9 @@ class YamlError(ConfigError):
 
     code = "invalid_yaml"
 
-    def __init__(self, source: str, reason: str, *, line: int | None = None,
-                 code: str | None = None) -> None:
+    def __init__(
+        self, source: str, reason: str, *, line: int | None = None, code: str | None = None
+    ) -> None:
         super().__init__(f"{source}: {reason}", code=code)
         self.source = source
         self.reason = reason
@@ -73,7 +74,8 @@ class UniqueKeySafeLoader(SafeLoader):
             try:
                 if key in seen:
                     raise yaml.constructor.ConstructorError(
-                        None, None, f"duplicate key {key!r}", key_node.start_mark)
+                        None, None, f"duplicate key {key!r}", key_node.start_mark
+                    )
                 seen.add(key)
             except TypeError:
                 continue  # unhashable: the base class reports it
@@ -89,8 +91,7 @@ def _children(node: yaml.Node) -> list[yaml.Node]:
     return []
 
 
-def check_graph(root: yaml.Node, *, max_nodes: int = MAX_NODES, max_depth: int = MAX_DEPTH
-                ) -> None:
+def check_graph(root: yaml.Node, *, max_nodes: int = MAX_NODES, max_depth: int = MAX_DEPTH) -> None:
     """Refuse a node graph whose alias-expanded size, depth or shape is over the bounds.
 
     Iterative post-order walk over *distinct* nodes with the expanded size of each memoised, so
@@ -107,23 +108,33 @@ def check_graph(root: yaml.Node, *, max_nodes: int = MAX_NODES, max_depth: int =
             if total > max_nodes:
                 raise _Refused(
                     f"the document expands to more than {max_nodes} nodes "
-                    "(YAML aliases repeating large anchors?)", node.start_mark, "yaml_too_large")
+                    "(YAML aliases repeating large anchors?)",
+                    node.start_mark,
+                    "yaml_too_large",
+                )
             size[key] = total
             continue
         if key in size:
             continue
         if key in on_path:
-            raise _Refused("a YAML alias refers to a node that contains it (recursive)",
-                           node.start_mark, "yaml_recursive")
+            raise _Refused(
+                "a YAML alias refers to a node that contains it (recursive)",
+                node.start_mark,
+                "yaml_recursive",
+            )
         on_path.add(key)
         if len(on_path) > max_depth:
-            raise _Refused(f"nested more than {max_depth} levels deep", node.start_mark,
-                           "yaml_too_deep")
+            raise _Refused(
+                f"nested more than {max_depth} levels deep", node.start_mark, "yaml_too_deep"
+            )
         stack.append((node, True))
         for child in _children(node):
             if id(child) in on_path:
-                raise _Refused("a YAML alias refers to a node that contains it (recursive)",
-                               child.start_mark, "yaml_recursive")
+                raise _Refused(
+                    "a YAML alias refers to a node that contains it (recursive)",
+                    child.start_mark,
+                    "yaml_recursive",
+                )
             if id(child) not in size:
                 stack.append((child, False))
 
@@ -131,8 +142,9 @@ def check_graph(root: yaml.Node, *, max_nodes: int = MAX_NODES, max_depth: int =
 def load(text: str | bytes, *, source: str, unique_keys: bool = False) -> Any:
     """Parse one YAML document; raise :class:`YamlError` naming ``source``."""
     if len(text) > MAX_BYTES:
-        raise YamlError(source, f"the document is larger than {MAX_BYTES} bytes",
-                        code="yaml_too_large")
+        raise YamlError(
+            source, f"the document is larger than {MAX_BYTES} bytes", code="yaml_too_large"
+        )
     loader = UniqueKeySafeLoader if unique_keys else SafeLoader
     try:
         return yaml.load(text, Loader=loader)
@@ -148,8 +160,9 @@ def load(text: str | bytes, *, source: str, unique_keys: bool = False) -> Any:
     except yaml.YAMLError as exc:
         raise YamlError(source, f"invalid YAML: {exc}") from None
     except RecursionError:
-        raise YamlError(source, f"nested more than {MAX_DEPTH} levels deep",
-                        code="yaml_too_deep") from None
+        raise YamlError(
+            source, f"nested more than {MAX_DEPTH} levels deep", code="yaml_too_deep"
+        ) from None
     except (ValueError, TypeError, OverflowError) as exc:  # e.g. a date such as 2001-02-30
         raise YamlError(source, f"invalid YAML: {exc}") from None
 
@@ -160,8 +173,9 @@ def read_bytes(path: str | os.PathLike[str]) -> bytes:
     with open(path, "rb") as f:
         data = f.read(MAX_BYTES + 1)
     if len(data) > MAX_BYTES:
-        raise YamlError(os.fspath(path), f"the file is larger than {MAX_BYTES} bytes",
-                        code="yaml_too_large")
+        raise YamlError(
+            os.fspath(path), f"the file is larger than {MAX_BYTES} bytes", code="yaml_too_large"
+        )
     return data
 
 
@@ -171,8 +185,9 @@ def read_text(path: str | os.PathLike[str]) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise YamlError(os.fspath(path), f"not UTF-8 text (byte {exc.start})",
-                        code="invalid_yaml") from None
+        raise YamlError(
+            os.fspath(path), f"not UTF-8 text (byte {exc.start})", code="invalid_yaml"
+        ) from None
 
 
 def load_file(path: str | Path, *, unique_keys: bool = False) -> Any:

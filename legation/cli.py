@@ -1,15 +1,15 @@
 """The ``legation`` command.
 
-    legation up [MESH]                  the quickstart (or MESH): control plane, Envoys, demo apps
-    legation check MESH...              validate mesh files without running anything
-    legation bootstrap --node NAME      print an Envoy bootstrap pointing at the xDS server
-    legation status [--json]            proxies of a running stack, ACKed versions, NACKs
-    legation serve SERVICE              one service alone: xds, extauthz, extproc, ratelimit
-    legation policy test DIR            run Rego unit tests, reported like `opa test`
-    legation demo --name N --port P     one demo app (the compose stack runs them this way)
-    legation ca show [DIR]              the mesh CA's root: fingerprint and expiry
-    legation ca rotate-root             a new mesh root, phased in by the running control plane
-    legation explain [ROUTE]            per route: services called, HTTP or gRPC, hops, and why
+legation up [MESH]                  the quickstart (or MESH): control plane, Envoys, demo apps
+legation check MESH...              validate mesh files without running anything
+legation bootstrap --node NAME      print an Envoy bootstrap pointing at the xDS server
+legation status [--json]            proxies of a running stack, ACKed versions, NACKs
+legation serve SERVICE              one service alone: xds, extauthz, extproc, ratelimit
+legation policy test DIR            run Rego unit tests, reported like `opa test`
+legation demo --name N --port P     one demo app (the compose stack runs them this way)
+legation ca show [DIR]              the mesh CA's root: fingerprint and expiry
+legation ca rotate-root             a new mesh root, phased in by the running control plane
+legation explain [ROUTE]            per route: services called, HTTP or gRPC, hops, and why
 """
 
 from __future__ import annotations
@@ -47,9 +47,13 @@ def cmd_up(args: argparse.Namespace) -> int:
     from legation.up import Stack
 
     mesh = Path(args.mesh) if args.mesh else _quickstart()
-    stack = Stack(mesh, delta=args.delta, status_port=args.status_port,
-                  log_dir=Path(args.log_dir) if args.log_dir else None,
-                  live=False if args.plain else None)
+    stack = Stack(
+        mesh,
+        delta=args.delta,
+        status_port=args.status_port,
+        log_dir=Path(args.log_dir) if args.log_dir else None,
+        live=False if args.plain else None,
+    )
     return asyncio.run(stack.run())
 
 
@@ -71,8 +75,10 @@ def cmd_check(args: argparse.Namespace) -> int:
             failed += 1
             continue
         routes = len(mesh.routes)
-        print(f"{path}: ok ({len(mesh.services)} services, {routes} routes, "
-              f"{len(snapshots)} proxies, {sum(len(s) for s in snapshots.values())} resources)")
+        print(
+            f"{path}: ok ({len(mesh.services)} services, {routes} routes, "
+            f"{len(snapshots)} proxies, {sum(len(s) for s in snapshots.values())} resources)"
+        )
     return 1 if failed else 0
 
 
@@ -81,8 +87,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         with urllib.request.urlopen(args.url.rstrip("/") + "/status", timeout=5) as resp:
             status = json.loads(resp.read())
     except (urllib.error.URLError, OSError) as err:
-        print(f"no Legation control plane at {args.url} ({err}); is `legation up` running?",
-              file=sys.stderr)
+        print(
+            f"no Legation control plane at {args.url} ({err}); is `legation up` running?",
+            file=sys.stderr,
+        )
         return 1
     if args.json:
         print(json.dumps(status, indent=2))
@@ -90,15 +98,19 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"mesh {status['mesh']}  generation {status['generation']}  xDS {status['xds']}")
     if status.get("last_error"):
         print("last rejected change:\n  " + status["last_error"].replace("\n", "\n  "))
-    processes = [f"{p.get('name') or p['role']} {p['pid']}"
-                 + (f" ({p['restarts']} restarts)" if p.get("restarts") else "")
-                 for p in status.get("processes", [])]
+    processes = [
+        f"{p.get('name') or p['role']} {p['pid']}"
+        + (f" ({p['restarts']} restarts)" if p.get("restarts") else "")
+        for p in status.get("processes", [])
+    ]
     if processes:
         print("processes  " + ", ".join(processes))
     rotation = ((status.get("mtls") or {}).get("ca") or {}).get("rotation")
     if rotation:
-        print(f"root rotation  phase {rotation['phase']} since {rotation['phase_since']}: "
-              f"{rotation['old_fingerprint']} -> {rotation['new_fingerprint']}")
+        print(
+            f"root rotation  phase {rotation['phase']} since {rotation['phase_since']}: "
+            f"{rotation['old_fingerprint']} -> {rotation['new_fingerprint']}"
+        )
     for p in status["proxies"]:
         state = "in sync" if p["in_sync"] else ("connected" if p["connected"] else "DISCONNECTED")
         listeners = ", ".join(f"{k} {v}" for k, v in p["listeners"].items())
@@ -117,8 +129,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from legation.demo import DemoApp
 
     async def run() -> None:
-        app = await DemoApp(name=args.name, version=args.version, host=args.host, port=args.port,
-                            fail_every=args.fail_every, delay_ms=args.delay_ms).start()
+        app = await DemoApp(
+            name=args.name,
+            version=args.version,
+            host=args.host,
+            port=args.port,
+            fail_every=args.fail_every,
+            delay_ms=args.delay_ms,
+        ).start()
         print(f"demo app {args.name} {args.version} on {args.host}:{app.port}", flush=True)
         try:
             await _wait_for_signal()
@@ -135,11 +153,10 @@ def cmd_policy(args: argparse.Namespace) -> int:
     return int(policy_test(args.argv))
 
 
-
-
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="legation", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="legation", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -155,8 +172,10 @@ def parser() -> argparse.ArgumentParser:
     check.add_argument("mesh", nargs="+")
     check.set_defaults(fn=cmd_check)
 
-    boot = sub.add_parser("bootstrap", help="enrol a node (its xDS credential, written to "
-                          "files) and print its Envoy bootstrap")
+    boot = sub.add_parser(
+        "bootstrap",
+        help="enrol a node (its xDS credential, written to files) and print its Envoy bootstrap",
+    )
     boot.add_argument("--node", required=True, help="node id (e.g. gateway-ingress)")
     boot.add_argument("--cluster", default="", help="node cluster (default: from --mesh, or node)")
     boot.add_argument("--xds", default=DEFAULT_XDS, help="xDS server host:port")
@@ -164,13 +183,20 @@ def parser() -> argparse.ArgumentParser:
     boot.add_argument("--mesh", help="take cluster, admin port and xDS address from this mesh")
     boot.add_argument("--delta", action="store_true", help="use delta (incremental) ADS")
     boot.add_argument("--json", action="store_true")
-    boot.add_argument("--credentials-dir",
-                      help="where the node's xDS credential is written (default: next to the "
-                      "CA, .legation/nodes/NODE); the bootstrap points Envoy at it")
-    boot.add_argument("--ca-dir", help="the CA directory (default: from --mesh, else "
-                      ".legation/ca, created on first use)")
-    boot.add_argument("--rotate", action="store_true",
-                      help="issue a new credential even if a current one is there (revokes it)")
+    boot.add_argument(
+        "--credentials-dir",
+        help="where the node's xDS credential is written (default: next to the "
+        "CA, .legation/nodes/NODE); the bootstrap points Envoy at it",
+    )
+    boot.add_argument(
+        "--ca-dir",
+        help="the CA directory (default: from --mesh, else .legation/ca, created on first use)",
+    )
+    boot.add_argument(
+        "--rotate",
+        action="store_true",
+        help="issue a new credential even if a current one is there (revokes it)",
+    )
     boot.set_defaults(fn=cmd_bootstrap)
 
     status = sub.add_parser("status", help="status of a running stack")
@@ -184,10 +210,12 @@ def parser() -> argparse.ArgumentParser:
     xds.add_argument("--config", help="the mesh file")
     xds.add_argument("--listen", help="host:port (default: from the mesh)")
     xds.add_argument("--status-port", type=int, default=18001, help="status endpoint")
-    xds.add_argument("--services-dir",
-                     help="publish the request-path services' plans here for their own "
-                     "processes (`legation serve KIND --plan DIR/KIND/plan.json`) instead of "
-                     "running them in this one")
+    xds.add_argument(
+        "--services-dir",
+        help="publish the request-path services' plans here for their own "
+        "processes (`legation serve KIND --plan DIR/KIND/plan.json`) instead of "
+        "running them in this one",
+    )
     xds.add_argument("--processes-file", help=argparse.SUPPRESS)  # written by `legation up`
     xds.set_defaults(fn=cmd_serve)
     from legation.services import KINDS
@@ -195,12 +223,19 @@ def parser() -> argparse.ArgumentParser:
     for kind in KINDS:
         one = ssub.add_parser(kind.name, help=kind.help)
         one.add_argument("--config", help="the service's own config file")
-        one.add_argument("--plan", help="follow the plan a control plane publishes "
-                         "(`serve xds --services-dir`) instead of --config")
+        one.add_argument(
+            "--plan",
+            help="follow the plan a control plane publishes "
+            "(`serve xds --services-dir`) instead of --config",
+        )
         one.add_argument("--listen", help="host:port (default 127.0.0.1, an ephemeral port)")
         one.add_argument("--workers", type=int, default=1, help="processes sharing the port")
-        one.add_argument("--metrics-port", type=int, default=0,
-                         help="serve Prometheus metrics here (worker i on port + i)")
+        one.add_argument(
+            "--metrics-port",
+            type=int,
+            default=0,
+            help="serve Prometheus metrics here (worker i on port + i)",
+        )
         kind.service_class().add_cli_options(one)
         one.set_defaults(fn=cmd_serve)
 
@@ -216,23 +251,36 @@ def parser() -> argparse.ArgumentParser:
     ca = sub.add_parser("ca", help="the mesh certificate authority (mtls)")
     csub = ca.add_subparsers(dest="ca_command", required=True)
     show = csub.add_parser("show", help="print the root's fingerprint and expiry")
-    show.add_argument("dir", nargs="?", default=".legation/ca",
-                      help="the CA directory (default .legation/ca, where `legation up` keeps it)")
+    show.add_argument(
+        "dir",
+        nargs="?",
+        default=".legation/ca",
+        help="the CA directory (default .legation/ca, where `legation up` keeps it)",
+    )
     show.set_defaults(fn=cmd_ca)
-    rotate = csub.add_parser("rotate-root", help="generate a new mesh root; the running control "
-                             "plane trusts both, moves every certificate over, retires the old")
-    rotate.add_argument("--ca-dir", help="the CA directory (default: from --mesh, else "
-                        ".legation/ca)")
+    rotate = csub.add_parser(
+        "rotate-root",
+        help="generate a new mesh root; the running control "
+        "plane trusts both, moves every certificate over, retires the old",
+    )
+    rotate.add_argument(
+        "--ca-dir", help="the CA directory (default: from --mesh, else .legation/ca)"
+    )
     rotate.add_argument("--mesh", help="find the CA directory from this mesh (mtls.ca_dir)")
-    rotate.add_argument("--overlap", default="60s", help="how long the old root stays trusted "
-                        "once every certificate comes from the new one (default 60s)")
+    rotate.add_argument(
+        "--overlap",
+        default="60s",
+        help="how long the old root stays trusted "
+        "once every certificate comes from the new one (default 60s)",
+    )
     rotate.set_defaults(fn=cmd_rotate_root)
 
     policy = sub.add_parser("policy", help="Rego policy tools")
     psub = policy.add_subparsers(dest="policy_command", required=True)
     # every argument (-v, --coverage, -r, --help...) goes to policy_test.main's own parser
-    ptest = psub.add_parser("test", help="run the Rego unit tests like `opa test`",
-                            prefix_chars="+", add_help=False)
+    ptest = psub.add_parser(
+        "test", help="run the Rego unit tests like `opa test`", prefix_chars="+", add_help=False
+    )
     ptest.add_argument("argv", nargs=argparse.REMAINDER)
     ptest.set_defaults(fn=cmd_policy)
     from legation.explain import add_parser as add_explain
@@ -243,8 +291,10 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     try:
         return int(args.fn(args))
     except KeyboardInterrupt:

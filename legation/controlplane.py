@@ -106,23 +106,35 @@ class ControlPlane(Publishing):
         self.poll_interval = poll_interval
         self.on_event = on_event or (lambda line: log.info("%s", line))
         self.embedded_services = embedded_services
-        self.issuer = MeshIssuer(mesh_dir=self.mesh_path.parent,
-                                 default_ca_dir=ca_dir or DEFAULT_CA_DIR, clock=clock,
-                                 persist=True)  # a restart re-uses the valid certificates
+        self.issuer = MeshIssuer(
+            mesh_dir=self.mesh_path.parent,
+            default_ca_dir=ca_dir or DEFAULT_CA_DIR,
+            clock=clock,
+            persist=True,
+        )  # a restart re-uses the valid certificates
         self.services: EmbeddedServices | PublishedServices
         if services_dir is not None:
             self.services = PublishedServices(
                 services_dir,
                 source=lambda: (str(self.mesh_path.resolve()), self._text, self._inputs),
-                tls_source=self.issuer.service_tls, on_event=self.on_event)
+                tls_source=self.issuer.service_tls,
+                on_event=self.on_event,
+            )
         else:
-            self.services = EmbeddedServices(on_event=self.on_event,
-                                             tls_source=self.issuer.service_tls)
+            self.services = EmbeddedServices(
+                on_event=self.on_event, tls_source=self.issuer.service_tls
+            )
         self.processes_file = processes_file
-        self.rotation = Rotation(self.issuer, republish=self._republish, registry=self.registry,
-                                 on_event=self.on_event, on_error=self._set_error,
-                                 check_every=rotation_check, root_check=min(1.0, rotation_check),
-                                 in_sync=lambda: all(self._in_sync(n) for n in self.snapshots))
+        self.rotation = Rotation(
+            self.issuer,
+            republish=self._republish,
+            registry=self.registry,
+            on_event=self.on_event,
+            on_error=self._set_error,
+            check_every=rotation_check,
+            root_check=min(1.0, rotation_check),
+            in_sync=lambda: all(self._in_sync(n) for n in self.snapshots),
+        )
         self.clock = clock
         self.xds_ca: CertificateAuthority | None = None
         self.xds_ca_location: CaLocation | None = None
@@ -145,7 +157,8 @@ class ControlPlane(Publishing):
         self._status = StatusEndpoint(
             status=self.status,
             registries=lambda: (self.registry, *self.services.registries()),
-            more_metrics=getattr(self.services, "metrics_text", None))
+            more_metrics=getattr(self.services, "metrics_text", None),
+        )
         self._watcher: asyncio.Task[None] | None = None
         self._hold: asyncio.Task[None] | None = None
         self.started_at = time.time()
@@ -165,9 +178,14 @@ class ControlPlane(Publishing):
         try:
             self._publish(mesh, text)
             self.server, self.xds_ca, self.xds_ca_location = await xds_channel(
-                mesh, self.cache, mesh_dir=self.mesh_path.parent,
-                default_ca_dir=self.issuer.default_ca_dir, host=self._xds_host,
-                port=self._xds_port, clock=self.clock)
+                mesh,
+                self.cache,
+                mesh_dir=self.mesh_path.parent,
+                default_ca_dir=self.issuer.default_ca_dir,
+                host=self._xds_host,
+                port=self._xds_port,
+                clock=self.clock,
+            )
             self.cache.flush()
             self.status_port = await self._status.start(self.status_host, self.status_port)
         except BaseException:
@@ -195,10 +213,15 @@ class ControlPlane(Publishing):
         mesh = load_mesh(self.mesh_path)
         self._watched = config_files(mesh, self.mesh_path.parent) + self._watched
         reserved = {self.status_port: "the control plane's status endpoint (--status-port)"}
-        services = plan(mesh, mesh_path=self.mesh_path, embedded=self.embedded_services,
-                        reserved=reserved if self.status_port else {})
-        self._watched = tuple(dict.fromkeys(
-            config_files(mesh, self.mesh_path.parent) + services.watched))
+        services = plan(
+            mesh,
+            mesh_path=self.mesh_path,
+            embedded=self.embedded_services,
+            reserved=reserved if self.status_port else {},
+        )
+        self._watched = tuple(
+            dict.fromkeys(config_files(mesh, self.mesh_path.parent) + services.watched)
+        )
         translate(mesh, version="check")
         self._inputs = self._digest_of(text)
         self._text = text.decode("utf-8", "replace")
@@ -210,8 +233,9 @@ class ControlPlane(Publishing):
     def _issue(self, mesh: Mesh, services: Plan) -> None:
         """Certificates for the accepted mesh's proxies and mTLS services (a CA that cannot be
         opened raises a LegationError and leaves them as they were)."""
-        self.issuer.update(mesh, services={k: s.host for k, s in services.embedded.items()
-                                           if s.tls})
+        self.issuer.update(
+            mesh, services={k: s.host for k, s in services.embedded.items() if s.tls}
+        )
         self.rotation.changed()
 
     async def reload(self) -> bool:
@@ -247,15 +271,18 @@ class ControlPlane(Publishing):
         self.on_event(f"mesh reloaded: generation {self.generation} ({self._digest})")
         added = {p.node_id for p in mesh.proxies()} - before
         if added:
-            self.on_event("new proxies in the mesh (`legation up` starts an Envoy for each): "
-                          + ", ".join(sorted(added)))
+            self.on_event(
+                "new proxies in the mesh (`legation up` starts an Envoy for each): "
+                + ", ".join(sorted(added))
+            )
         return True
 
     def _reject(self, message: str) -> bool:
         self.last_error = message
         self._reloads.labels("rejected").inc()
-        self.on_event(f"mesh change rejected, still serving generation {self.generation}:\n"
-                      f"{message}")
+        self.on_event(
+            f"mesh change rejected, still serving generation {self.generation}:\n{message}"
+        )
         return False
 
     def _set_error(self, message: str) -> None:
@@ -277,14 +304,16 @@ class ControlPlane(Publishing):
 
     # -- enrolment ---------------------------------------------------------------------------
 
-    def enrol(self, node_id: str, directory: Path | None = None, *,
-              ttl: timedelta = BOOTSTRAP_TTL) -> tuple[WorkloadCert, NodeFiles]:
+    def enrol(
+        self, node_id: str, directory: Path | None = None, *, ttl: timedelta = BOOTSTRAP_TTL
+    ) -> tuple[WorkloadCert, NodeFiles]:
         """Issue ``node_id`` an xDS credential (revoking its previous one) and write its files
         into ``directory`` (default ``<CA dir>/../nodes/<node>``). Needs a started plane."""
         if self.xds_ca is None or self.xds_ca_location is None:
             raise RuntimeError("enrol() needs a started control plane")
-        return enrol_node(self.xds_ca, self.xds_ca_location, node_id, directory, ttl=ttl,
-                          clock=self.clock)
+        return enrol_node(
+            self.xds_ca, self.xds_ca_location, node_id, directory, ttl=ttl, clock=self.clock
+        )
 
     # -- certificates ----------------------------------------------------------------------
 

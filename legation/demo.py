@@ -98,7 +98,10 @@ class DemoApp:
                 if close:
                     break
         except (
-            asyncio.IncompleteReadError, ConnectionError, ValueError, asyncio.LimitOverrunError,
+            asyncio.IncompleteReadError,
+            ConnectionError,
+            ValueError,
+            asyncio.LimitOverrunError,
             asyncio.CancelledError,
         ):
             pass

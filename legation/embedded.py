@@ -35,7 +35,12 @@ T = TypeVar("T")
 
 class BackgroundControlPlane:
     def __init__(
-        self, *, ca_dir: Path, host: str = "127.0.0.1", port: int = 0, debounce: float = 0.05,
+        self,
+        *,
+        ca_dir: Path,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        debounce: float = 0.05,
     ) -> None:
         self.ca_dir = ca_dir
         self.ca = xds_root(ca_dir)
@@ -44,8 +49,9 @@ class BackgroundControlPlane:
         self.port = port
         self.debounce = debounce
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
-                                        name="legation-xds")
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, daemon=True, name="legation-xds"
+        )
         self._thread.start()
         self.cache: SnapshotCache | None = None
         self.server: XdsServer | None = None
@@ -65,15 +71,17 @@ class BackgroundControlPlane:
         async def go() -> None:
             self.cache = SnapshotCache(debounce=self.debounce)
             auth = XdsAuth.for_ca(self.ca, self.ca_dir, hosts=serving_hosts(self.host))
-            self.server = await XdsServer(self.cache, host=self.host, port=self.port,
-                                          auth=auth).start()
+            self.server = await XdsServer(
+                self.cache, host=self.host, port=self.port, auth=auth
+            ).start()
             self.port = self.server.port
 
         self._call(go)
         return self
 
-    def enrol(self, node_id: str, directory: Path | None = None, *,
-              ttl: timedelta = BOOTSTRAP_TTL) -> NodeFiles:
+    def enrol(
+        self, node_id: str, directory: Path | None = None, *, ttl: timedelta = BOOTSTRAP_TTL
+    ) -> NodeFiles:
         """Issue ``node_id`` a credential (revoking its previous one) and write its files, by
         default into ``<ca_dir>/../nodes/<node>``; pass the directory to ``bootstrap``."""
         where = directory or self.ca_dir.parent / "nodes" / node_dir_name(node_id)
@@ -112,7 +120,8 @@ class BackgroundControlPlane:
         assert self.cache is not None
         cache = self.cache
         return self._call(  # type: ignore[no-any-return]
-            lambda: cache.metrics.auth_refused.labels(reason)._value.get())
+            lambda: cache.metrics.auth_refused.labels(reason)._value.get()
+        )
 
     def pushes(self, short: str) -> float:
         assert self.cache is not None

@@ -26,16 +26,18 @@ def grpc_cluster(
     max_concurrent_streams: int | None = None,
 ) -> cluster_pb2.Cluster:
     """A STATIC cluster of ``endpoints`` (host, port) speaking HTTP/2."""
-    locality = endpoint_components_pb2.LocalityLbEndpoints(lb_endpoints=[
-        endpoint_components_pb2.LbEndpoint(
-            endpoint=endpoint_components_pb2.Endpoint(address=address(host, port)))
-        for host, port in endpoints
-    ])
+    locality = endpoint_components_pb2.LocalityLbEndpoints(
+        lb_endpoints=[
+            endpoint_components_pb2.LbEndpoint(
+                endpoint=endpoint_components_pb2.Endpoint(address=address(host, port))
+            )
+            for host, port in endpoints
+        ]
+    )
     cluster = cluster_pb2.Cluster(
         name=name,
         type=cluster_pb2.Cluster.STATIC,
-        load_assignment=endpoint_pb2.ClusterLoadAssignment(cluster_name=name,
-                                                           endpoints=[locality]),
+        load_assignment=endpoint_pb2.ClusterLoadAssignment(cluster_name=name, endpoints=[locality]),
         connect_timeout=milliseconds(connect_timeout_ms),
     )
     options = http_protocol_options_pb2.HttpProtocolOptions()

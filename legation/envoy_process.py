@@ -88,10 +88,13 @@ class EnvoyProcess:
         self.proc = subprocess.Popen(
             [
                 envoy_binary(),
-                "-c", str(config_path),
+                "-c",
+                str(config_path),
                 "--use-dynamic-base-id",
-                "--concurrency", str(self._concurrency),
-                "--log-level", self._log_level,
+                "--concurrency",
+                str(self._concurrency),
+                "--log-level",
+                self._log_level,
                 "--disable-hot-restart",
             ],
             stdout=log,

@@ -47,16 +47,26 @@ def explain(mesh: Mesh, route: str | None = None) -> list[dict[str, Any]]:
     for spec in routes:
         hops = route_hops(mesh, spec)
         calls = [h for h in hops if h.calls]
-        out.append({
-            "route": spec.name,
-            "applies_on": _where(spec),
-            "hops": len(calls),
-            "http": sum(h.protocol == "http" for h in calls),
-            "grpc": sum(h.protocol == "grpc" for h in calls),
-            "services": [{"service": h.kind, "calls": h.calls, "protocol": h.protocol,
-                          "filter": h.filter, "cluster": h.cluster, "reason": h.reason}
-                         for h in hops],
-        })
+        out.append(
+            {
+                "route": spec.name,
+                "applies_on": _where(spec),
+                "hops": len(calls),
+                "http": sum(h.protocol == "http" for h in calls),
+                "grpc": sum(h.protocol == "grpc" for h in calls),
+                "services": [
+                    {
+                        "service": h.kind,
+                        "calls": h.calls,
+                        "protocol": h.protocol,
+                        "filter": h.filter,
+                        "cluster": h.cluster,
+                        "reason": h.reason,
+                    }
+                    for h in hops
+                ],
+            }
+        )
     return out
 
 
@@ -71,8 +81,10 @@ def render(entries: list[dict[str, Any]]) -> str:
         lines.append(f"route {e['route']}: {count}, on the {where}")
         for s in e["services"]:
             if s["calls"]:
-                lines.append(f"  {s['service']:<10} {_LABEL[s['protocol']]:<5} {s['filter']} -> "
-                             f"{s['cluster']}: {s['reason']}")
+                lines.append(
+                    f"  {s['service']:<10} {_LABEL[s['protocol']]:<5} {s['filter']} -> "
+                    f"{s['cluster']}: {s['reason']}"
+                )
             else:
                 lines.append(f"  {s['service']:<10} {'-':<5} no call: {s['reason']}")
         if not e["services"]:
@@ -102,8 +114,9 @@ def cmd_explain(args: argparse.Namespace, default_mesh: Callable[[], Path]) -> i
 
 def add_parser(sub: Any, *, default_mesh: Callable[[], Path]) -> None:
     """Register ``explain`` on the ``legation`` command's subparsers."""
-    p = sub.add_parser("explain", help="per route: the services it calls, HTTP or gRPC, hops, "
-                       "and why")
+    p = sub.add_parser(
+        "explain", help="per route: the services it calls, HTTP or gRPC, hops, and why"
+    )
     p.add_argument("route", nargs="?", help="a route's name (default: every route)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--mesh", help="mesh file (default examples/quickstart/mesh.yaml)")

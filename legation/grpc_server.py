@@ -132,8 +132,10 @@ class _Fetcher:
             log.exception("TLS certificate source failed; serving the current certificate")
             return None
         with self._lock:
-            if latest is None or latest is self._current or (
-                latest.require_client_auth != self._current.require_client_auth
+            if (
+                latest is None
+                or latest is self._current
+                or (latest.require_client_auth != self._current.require_client_auth)
             ):
                 return None
             self._current = latest

@@ -27,9 +27,13 @@ __all__ = ["StatusEndpoint", "status_document"]
 
 
 class StatusEndpoint:
-    def __init__(self, *, status: Callable[[], dict[str, Any]],
-                 registries: Callable[[], Iterable[CollectorRegistry]],
-                 more_metrics: Callable[[], bytes] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        status: Callable[[], dict[str, Any]],
+        registries: Callable[[], Iterable[CollectorRegistry]],
+        more_metrics: Callable[[], bytes] | None = None,
+    ) -> None:
         """``more_metrics``: Prometheus text gathered elsewhere (the service processes'),
         appended to ``/metrics``; called on a thread, it may block briefly."""
         self._status = status
@@ -64,20 +68,23 @@ class StatusEndpoint:
         response = self._answer(request.path)
         if request.path.startswith("/metrics") and self._more_metrics is not None:
             more = await asyncio.to_thread(self._more_metrics)
-            response = web.Response(body=response.body + more,  # type: ignore[operator]
-                                    headers={"content-type": response.content_type
-                                             + "; version=0.0.4; charset=utf-8"})
+            response = web.Response(
+                body=response.body + more,  # type: ignore[operator]
+                headers={"content-type": response.content_type + "; version=0.0.4; charset=utf-8"},
+            )
         response.force_close()  # one request per connection, as `legation status` makes
         return response
 
     def _answer(self, path: str) -> web.Response:
         if path.startswith("/status"):
-            return web.Response(body=json.dumps(self._status()).encode(),
-                                content_type="application/json")
+            return web.Response(
+                body=json.dumps(self._status()).encode(), content_type="application/json"
+            )
         if path.startswith("/metrics"):
             body = b"".join(generate_latest(r) for r in self._registries())
-            return web.Response(body=body, headers={
-                "content-type": "text/plain; version=0.0.4; charset=utf-8"})
+            return web.Response(
+                body=body, headers={"content-type": "text/plain; version=0.0.4; charset=utf-8"}
+            )
         if path.startswith("/healthz"):
             return web.Response(text="ok\n")
         return web.Response(status=404, text="not found\n")
@@ -97,14 +104,16 @@ def status_document(cp: ControlPlane) -> dict[str, Any]:
             "service": spec.service,
             "admin": f"127.0.0.1:{spec.admin_port}",
             "listeners": {ls.name: f"{ls.host}:{ls.port}" for ls in spec.listeners},
-            "expected": {t.short: snap.version(t) for t in ResourceType if snap
-                         and snap.resources(t)},
+            "expected": {
+                t.short: snap.version(t) for t in ResourceType if snap and snap.resources(t)
+            },
         }
-        entry.update(node.as_dict() if node else {"connected": False, "acked": {},
-                                                   "last_nack": None, "nacks": 0})
-        entry["in_sync"] = all(
-            entry["acked"].get(t) == v for t, v in entry["expected"].items()
+        entry.update(
+            node.as_dict()
+            if node
+            else {"connected": False, "acked": {}, "last_nack": None, "nacks": 0}
         )
+        entry["in_sync"] = all(entry["acked"].get(t) == v for t, v in entry["expected"].items())
         cert = cp.issuer.certs.get(spec.node_id) if cp.issuer.enabled else None
         if cert is not None:
             entry["certificate"] = cert.summary()
@@ -139,5 +148,9 @@ def _mtls_status(cp: ControlPlane) -> dict[str, Any] | None:
     status = cp.issuer.status()
     if status is None or cp.mesh is None:
         return None
-    return {"mode": cp.mesh.mtls.mode, "trust_domain": cp.mesh.mtls.trust_domain,
-            "ca": status["ca"], "services": status["services"]}
+    return {
+        "mode": cp.mesh.mtls.mode,
+        "trust_domain": cp.mesh.mtls.trust_domain,
+        "ca": status["ca"],
+        "services": status["services"],
+    }

@@ -29,9 +29,16 @@ STABLE_AFTER = 60.0
 
 
 class Supervised:
-    def __init__(self, *, role: str, command: Sequence[str], log_path: Path,
-                 on_line: Callable[[str, str], None], env: dict[str, str] | None = None,
-                 ready_line: str | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        role: str,
+        command: Sequence[str],
+        log_path: Path,
+        on_line: Callable[[str, str], None],
+        env: dict[str, str] | None = None,
+        ready_line: str | None = None,
+    ) -> None:
         """``role``: what it is (``xds``, ``extauthz``...); ``on_line(role, line)`` gets each
         line it prints; ``ready_line``: the text of the line that says it serves (``ready``)."""
         self.role = role
@@ -66,9 +73,13 @@ class Supervised:
             self.restarts += 1
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.proc = await asyncio.create_subprocess_exec(
-            *self.command, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT, preexec_fn=_die_with_parent,
-            env={**os.environ, "GRPC_VERBOSITY": "ERROR", **(self.env or {})})
+            *self.command,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            preexec_fn=_die_with_parent,
+            env={**os.environ, "GRPC_VERBOSITY": "ERROR", **(self.env or {})},
+        )
         self.started_at, self.restart_at, self.ready = time.monotonic(), None, False
         self._reader = asyncio.get_running_loop().create_task(self._read(self.proc))
         return self
@@ -121,5 +132,9 @@ class Supervised:
 
     def describe(self) -> dict[str, Any]:
         """What ``/status`` lists under ``processes``."""
-        return {"role": self.role, "pid": self.pid, "restarts": self.restarts,
-                "alive": self.alive()}
+        return {
+            "role": self.role,
+            "pid": self.pid,
+            "restarts": self.restarts,
+            "alive": self.alive(),
+        }

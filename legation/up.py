@@ -142,8 +142,11 @@ class Stack(StackChildren, StackProxies, StackView):
     async def _run(self) -> int:
         try:
             mesh = load_mesh(self.mesh_path)
-            plan(mesh, mesh_path=self.mesh_path,
-                 reserved={self.status_port: "the control plane's status endpoint (--status-port)"})
+            plan(
+                mesh,
+                mesh_path=self.mesh_path,
+                reserved={self.status_port: "the control plane's status endpoint (--status-port)"},
+            )
             translate(mesh, version="check")
         except LegationError as err:
             self.say(f"invalid mesh, nothing started:\n{err}")
@@ -156,8 +159,10 @@ class Stack(StackChildren, StackProxies, StackView):
             return code
         status = self._status
         pid = self.cp.pid if self.cp else "?"
-        self.say(f"control plane: xDS on {status['xds']}, status on "
-                 f"http://127.0.0.1:{self.status_port}/status (pid {pid})")
+        self.say(
+            f"control plane: xDS on {status['xds']}, status on "
+            f"http://127.0.0.1:{self.status_port}/status (pid {pid})"
+        )
         code = await self._start_services(status["services"])
         if code:
             return code
@@ -172,8 +177,10 @@ class Stack(StackChildren, StackProxies, StackView):
             self.say(f"cannot enrol an Envoy: {err}")
             return 1
         self._followed = _digest(self.mesh_path)
-        self.say(f"started {len(self.apps)} demo apps and {len(self.envoys)} Envoys "
-                 f"(logs in {self.log_dir})")
+        self.say(
+            f"started {len(self.apps)} demo apps and {len(self.envoys)} Envoys "
+            f"(logs in {self.log_dir})"
+        )
         self._write_processes()
         if not await self._wait_ready():
             return 1
@@ -217,8 +224,10 @@ class Stack(StackChildren, StackProxies, StackView):
         while not self._stopping.is_set():
             dead = self._dead()
             if dead is not None:
-                self.say(f"{dead.name} exited (code {dead.proc.returncode if dead.proc else '?'})"
-                         f"; stopping everything. Its log:\n{dead.log_tail(20)}")
+                self.say(
+                    f"{dead.name} exited (code {dead.proc.returncode if dead.proc else '?'})"
+                    f"; stopping everything. Its log:\n{dead.log_tail(20)}"
+                )
                 return 1
             await self._restart_dead()
             status = await self._fetch_status() if self.cp and self.cp.alive() else None

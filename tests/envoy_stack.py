@@ -20,10 +20,14 @@ from legation.envoy_process import EnvoyProcess
 from legation.translate.bootstrap import bootstrap
 from tests.loop import LoopThread
 
-HCM_TYPE = ("type.googleapis.com/envoy.extensions.filters.network.http_connection_manager"
-            ".v3.HttpConnectionManager")
-ROUTER = {"name": "envoy.filters.http.router", "typed_config": {
-    "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}
+HCM_TYPE = (
+    "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager"
+    ".v3.HttpConnectionManager"
+)
+ROUTER = {
+    "name": "envoy.filters.http.router",
+    "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
+}
 
 
 def static_cluster(name: str, port: int, host: str = "127.0.0.1") -> dict[str, Any]:
@@ -34,8 +38,17 @@ def static_cluster(name: str, port: int, host: str = "127.0.0.1") -> dict[str, A
         "connect_timeout": "1s",
         "load_assignment": {
             "cluster_name": name,
-            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"socket_address": {
-                "address": host, "port_value": port}}}}]}],
+            "endpoints": [
+                {
+                    "lb_endpoints": [
+                        {
+                            "endpoint": {
+                                "address": {"socket_address": {"address": host, "port_value": port}}
+                            }
+                        }
+                    ]
+                }
+            ],
         },
     }
 
@@ -60,18 +73,28 @@ def static_bootstrap(
         "http_filters": [*http_filters, ROUTER],
     }
     return {
-        "admin": {"address": {"socket_address": {"address": "127.0.0.1",
-                                                 "port_value": admin_port}}},
+        "admin": {
+            "address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}
+        },
         "static_resources": {
-            "listeners": [{
-                "name": "ingress",
-                "address": {"socket_address": {"address": "127.0.0.1",
-                                               "port_value": listen_port}},
-                "filter_chains": [{"filters": [{
-                    "name": "envoy.filters.network.http_connection_manager",
-                    "typed_config": hcm,
-                }]}],
-            }],
+            "listeners": [
+                {
+                    "name": "ingress",
+                    "address": {
+                        "socket_address": {"address": "127.0.0.1", "port_value": listen_port}
+                    },
+                    "filter_chains": [
+                        {
+                            "filters": [
+                                {
+                                    "name": "envoy.filters.network.http_connection_manager",
+                                    "typed_config": hcm,
+                                }
+                            ]
+                        }
+                    ],
+                }
+            ],
             "clusters": list(clusters),
         },
     }
@@ -89,18 +112,28 @@ class MeshWorld:
         self.tmp = tmp
         self.mesh_path = mesh_path
         self.loop = LoopThread()
-        self.cp = ControlPlane(mesh_path, status_port=status_port, poll_interval=3600,
-                               debounce=0.01, on_event=lambda line: None, ca_dir=tmp / "ca")
+        self.cp = ControlPlane(
+            mesh_path,
+            status_port=status_port,
+            poll_interval=3600,
+            debounce=0.01,
+            on_event=lambda line: None,
+            ca_dir=tmp / "ca",
+        )
         self.envoys: dict[str, EnvoyProcess] = {}
 
     def start(self) -> None:
         self.loop.run(self.cp.start())
         assert self.cp.mesh is not None
         for proxy in self.cp.mesh.proxies():
-            config = bootstrap(node_id=proxy.node_id, node_cluster=proxy.node_cluster,
-                               xds_host="127.0.0.1", xds_port=self.cp.mesh.xds.port,
-                               admin_port=proxy.admin_port,
-                               credentials_dir=self.cp.enrol(proxy.node_id)[1].directory)
+            config = bootstrap(
+                node_id=proxy.node_id,
+                node_cluster=proxy.node_cluster,
+                xds_host="127.0.0.1",
+                xds_port=self.cp.mesh.xds.port,
+                admin_port=proxy.admin_port,
+                credentials_dir=self.cp.enrol(proxy.node_id)[1].directory,
+            )
             self.envoys[proxy.node_id] = EnvoyProcess(
                 config, admin_port=proxy.admin_port, name=proxy.node_id, log_dir=self.tmp
             ).start()

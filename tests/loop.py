@@ -32,8 +32,12 @@ class ServiceThread(LoopThread):
     loop thread, so sync tests can drive Envoy against it; ``stop`` ends it (default: the
     server with no grace)."""
 
-    def __init__(self, start: Callable[[], Awaitable[tuple[Any, int]]], *,
-                 stop: Callable[[Any], Awaitable[Any]] | None = None) -> None:
+    def __init__(
+        self,
+        start: Callable[[], Awaitable[tuple[Any, int]]],
+        *,
+        stop: Callable[[Any], Awaitable[Any]] | None = None,
+    ) -> None:
         super().__init__()
         self._start, self._stop = start, stop
         self.server: Any = None
@@ -58,6 +62,7 @@ class ServiceThread(LoopThread):
 
             async def run() -> Any:
                 return fn()
+
             what = run()
         return self.run(what, timeout)
 

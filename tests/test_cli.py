@@ -20,8 +20,13 @@ QUICKSTART = ROOT / "examples" / "quickstart" / "mesh.yaml"
 
 
 def legation(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "legation.cli", *args], capture_output=True,
-                          text=True, timeout=timeout, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "legation.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
 
 
 def test_check_accepts_the_quickstart() -> None:
@@ -39,8 +44,15 @@ def test_check_names_file_and_field_of_every_bad_fixture() -> None:
 
 
 def test_bootstrap_takes_identity_from_the_mesh(tmp_path: Path) -> None:
-    done = legation("bootstrap", "--node", "gateway-ingress", "--mesh", str(QUICKSTART),
-                    "--ca-dir", str(tmp_path / "ca"))
+    done = legation(
+        "bootstrap",
+        "--node",
+        "gateway-ingress",
+        "--mesh",
+        str(QUICKSTART),
+        "--ca-dir",
+        str(tmp_path / "ca"),
+    )
     assert done.returncode == 0, done.stderr
     doc = yaml.safe_load(done.stdout)
     assert doc["node"] == {"id": "gateway-ingress", "cluster": "ingress"}
@@ -56,8 +68,15 @@ def test_bootstrap_writes_the_nodes_credential_and_points_the_xds_cluster_at_it(
     import stat
 
     creds = tmp_path / "creds"
-    args = ("bootstrap", "--node", "edge-1", "--ca-dir", str(tmp_path / "ca"),
-            "--credentials-dir", str(creds))
+    args = (
+        "bootstrap",
+        "--node",
+        "edge-1",
+        "--ca-dir",
+        str(tmp_path / "ca"),
+        "--credentials-dir",
+        str(creds),
+    )
     done = legation(*args)
     assert done.returncode == 0, done.stderr
     assert "PRIVATE" not in done.stdout + done.stderr
@@ -67,8 +86,10 @@ def test_bootstrap_writes_the_nodes_credential_and_points_the_xds_cluster_at_it(
     tls = yaml.safe_load(done.stdout)["static_resources"]["clusters"][0]["transport_socket"]
     context = tls["typed_config"]["common_tls_context"]
     sds = context["tls_certificate_sds_secret_configs"][0]["sds_config"]["path_config_source"]
-    assert sds == {"path": str(creds / "xds-client.yaml"),
-                   "watched_directory": {"path": str(creds)}}
+    assert sds == {
+        "path": str(creds / "xds-client.yaml"),
+        "watched_directory": {"path": str(creds)},
+    }
     assert context["validation_context"]["trusted_ca"] == {"filename": str(creds / "ca.crt")}
     # run again: the current credential is kept; --rotate replaces (and revokes) it
     before = (creds / "xds-client.yaml").read_bytes()
@@ -79,21 +100,43 @@ def test_bootstrap_writes_the_nodes_credential_and_points_the_xds_cluster_at_it(
     assert (creds / "xds-client.yaml").read_bytes() != before
     # with the example's placeholder directory, the output is envoy/bootstrap.yaml
     example = yaml.safe_load((ROOT / "envoy" / "bootstrap.yaml").read_text())
-    ours = yaml.safe_load(legation("bootstrap", "--node", "example-proxy", "--cluster", "example",
-                                   "--admin-port", "9901", "--ca-dir", str(tmp_path / "ca"),
-                                   "--credentials-dir", str(creds)).stdout)
-    assert yaml.safe_dump(ours).replace(str(creds), "/etc/legation/xds/example-proxy") \
-        == yaml.safe_dump(example)
+    ours = yaml.safe_load(
+        legation(
+            "bootstrap",
+            "--node",
+            "example-proxy",
+            "--cluster",
+            "example",
+            "--admin-port",
+            "9901",
+            "--ca-dir",
+            str(tmp_path / "ca"),
+            "--credentials-dir",
+            str(creds),
+        ).stdout
+    )
+    assert yaml.safe_dump(ours).replace(
+        str(creds), "/etc/legation/xds/example-proxy"
+    ) == yaml.safe_dump(example)
 
 
 def test_bootstrap_delta_and_unknown_node(tmp_path: Path) -> None:
-    done = legation("bootstrap", "--node", "edge-1", "--xds", "10.0.0.5:18000", "--delta",
-                    "--ca-dir", str(tmp_path / "ca"))
+    done = legation(
+        "bootstrap",
+        "--node",
+        "edge-1",
+        "--xds",
+        "10.0.0.5:18000",
+        "--delta",
+        "--ca-dir",
+        str(tmp_path / "ca"),
+    )
     doc = yaml.safe_load(done.stdout)
     assert doc["dynamic_resources"]["ads_config"]["api_type"] == "DELTA_GRPC"
     assert doc["static_resources"]["clusters"][0]["type"] == "STATIC"
-    missing = legation("bootstrap", "--node", "nope", "--mesh", str(QUICKSTART),
-                       "--ca-dir", str(tmp_path / "ca"))
+    missing = legation(
+        "bootstrap", "--node", "nope", "--mesh", str(QUICKSTART), "--ca-dir", str(tmp_path / "ca")
+    )
     assert missing.returncode == 2
     assert "no proxy with node id 'nope'" in missing.stderr
 
@@ -113,9 +156,23 @@ def test_serve_ratelimit_with_two_workers_answers(tmp_path: Path) -> None:
     )
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "legation.cli", "serve", "ratelimit", "--config", str(config),
-         "--listen", f"127.0.0.1:{port}", "--workers", "2"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+        [
+            sys.executable,
+            "-m",
+            "legation.cli",
+            "serve",
+            "ratelimit",
+            "--config",
+            str(config),
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--workers",
+            "2",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=ROOT,
     )
     try:
         assert proc.stdout is not None
@@ -129,8 +186,11 @@ def test_serve_ratelimit_with_two_workers_answers(tmp_path: Path) -> None:
         assert len({line.split("pid ")[1].split(")")[0] for line in started}) == 2
         request = rls_pb2.RateLimitRequest(
             domain="cli",
-            descriptors=[common_rl.RateLimitDescriptor(
-                entries=[common_rl.RateLimitDescriptor.Entry(key="user", value="ann")])],
+            descriptors=[
+                common_rl.RateLimitDescriptor(
+                    entries=[common_rl.RateLimitDescriptor.Entry(key="user", value="ann")]
+                )
+            ],
         )
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = rls_pb2_grpc.RateLimitServiceStub(channel)
@@ -146,8 +206,9 @@ def test_serve_ratelimit_with_two_workers_answers(tmp_path: Path) -> None:
 def test_check_reads_the_request_path_services_files(tmp_path: Path) -> None:
     mesh = tmp_path / "mesh.yaml"
     mesh.write_text(QUICKSTART.read_text())
-    (tmp_path / "authz.yaml").write_text("checks: {rego: {type: rego, options: {policy_dir: x}}}\n"
-                                         "defualt_checks: [rego]\n")
+    (tmp_path / "authz.yaml").write_text(
+        "checks: {rego: {type: rego, options: {policy_dir: x}}}\ndefualt_checks: [rego]\n"
+    )
     (tmp_path / "ratelimit.yaml").write_text((QUICKSTART.parent / "ratelimit.yaml").read_text())
     done = legation("check", str(mesh))
     assert done.returncode == 1

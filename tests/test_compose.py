@@ -26,8 +26,9 @@ def test_generated_files_are_up_to_date() -> None:
 def test_compose_file_passes_docker_compose_schema_check() -> None:
     binary = shutil.which("docker-compose")
     assert binary, "docker-compose (Debian package) is needed; `make test` installs it"
-    done = subprocess.run([binary, "-f", str(COMPOSE), "config", "-q"], capture_output=True,
-                          text=True, timeout=60)
+    done = subprocess.run(
+        [binary, "-f", str(COMPOSE), "config", "-q"], capture_output=True, text=True, timeout=60
+    )
     assert done.returncode == 0, done.stderr
     services = yaml.safe_load(COMPOSE.read_text())["services"]
     assert {"control-plane", "redis", "opa", "gateway-ingress"} <= set(services)
@@ -58,10 +59,15 @@ def test_request_path_services_accept_only_mesh_proxies(tmp_path: Path) -> None:
     assert mesh.mtls.mode == "strict"
     planned = plan(mesh, mesh_path=path)
     assert {kind: spec.tls for kind, spec in planned.embedded.items()} == {
-        "extauthz": True, "extproc": True, "ratelimit": True}
+        "extauthz": True,
+        "extproc": True,
+        "ratelimit": True,
+    }
     issuer = MeshIssuer(mesh_dir=tmp_path, default_ca_dir=tmp_path / "ca")
-    issuer.update(mesh.model_copy(update={"mtls": mesh.mtls.model_copy(update={"ca_dir": None})}),
-                  services={k: s.host for k, s in planned.embedded.items()})
+    issuer.update(
+        mesh.model_copy(update={"mtls": mesh.mtls.model_copy(update={"ca_dir": None})}),
+        services={k: s.host for k, s in planned.embedded.items()},
+    )
     assert set(issuer.service_certs) == {"extauthz", "extproc", "ratelimit"}
     snapshots = translate(mesh, version="compose", secrets=issuer.secrets())
     assert set(snapshots) == {p.node_id for p in mesh.proxies()}
@@ -73,7 +79,8 @@ def test_request_path_services_accept_only_mesh_proxies(tmp_path: Path) -> None:
             combined = context.common_tls_context.combined_validation_context
             sans = combined.default_validation_context.match_typed_subject_alt_names
             assert [m.matcher.exact for m in sans] == [
-                f"spiffe://cluster.local/ns/default/sa/legation-{kind}"]
+                f"spiffe://cluster.local/ns/default/sa/legation-{kind}"
+            ]
 
 
 def test_same_topology_as_the_quickstart() -> None:
@@ -88,8 +95,9 @@ def test_same_topology_as_the_quickstart() -> None:
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("bootstrap", sorted((generate.OUT / "envoy").glob("*.yaml")),
-                         ids=lambda p: p.stem)
+@pytest.mark.parametrize(
+    "bootstrap", sorted((generate.OUT / "envoy").glob("*.yaml")), ids=lambda p: p.stem
+)
 def test_envoy_accepts_each_bootstrap(bootstrap: Path, tmp_path: Path) -> None:
     """Validated with a real credential where the container mounts the proxy's volume (Envoy
     checks that the watched SDS file exists)."""
@@ -102,8 +110,12 @@ def test_envoy_accepts_each_bootstrap(bootstrap: Path, tmp_path: Path) -> None:
     assert generate.CREDENTIALS_DIR in text
     local = tmp_path / "envoy.yaml"
     local.write_text(text.replace(generate.CREDENTIALS_DIR, str(tmp_path / "xds")))
-    done = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(local)],
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [envoy_binary(), "--mode", "validate", "-c", str(local)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "configuration" in done.stdout and "OK" in done.stdout
 
@@ -125,8 +137,11 @@ def test_xds_is_mtls_with_one_credential_volume_per_proxy() -> None:
     assert all(f"xds-{n}:/nodes/{n}" in enrol["volumes"] for n in nodes)
     assert "legation bootstrap" in enrol["command"][-1]
     # nobody but the control plane and the one-shot enrolment sees the CA
-    holders = {name for name, svc in services.items()
-               if any("legation-ca" in m for m in svc.get("volumes", []))}
+    holders = {
+        name
+        for name, svc in services.items()
+        if any("legation-ca" in m for m in svc.get("volumes", []))
+    }
     assert holders == {"enrol", "control-plane"}
 
 
@@ -162,8 +177,11 @@ def test_each_request_path_service_is_a_container_following_its_own_plan() -> No
         assert container["restart"] == "unless-stopped"
         block = getattr(mesh, kind)
         assert container["networks"]["legation"]["ipv4_address"] == block.host
-        holders = {name for name, svc in services.items()
-                   if any(m.startswith(f"svc-{kind}:") for m in svc.get("volumes", []))}
+        holders = {
+            name
+            for name, svc in services.items()
+            if any(m.startswith(f"svc-{kind}:") for m in svc.get("volumes", []))
+        }
         assert holders == {"enrol", "control-plane", f"legation-{kind}"}
     assert f"--services-dir {generate.SERVICES_DIR}" in services["control-plane"]["command"][-1]
     assert services["control-plane"]["restart"] == "unless-stopped"

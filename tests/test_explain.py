@@ -26,8 +26,15 @@ from tests.translate.test_services import (
     routes_of,
 )
 
-FILTER = [{"name": "header_route", "options": {"header": "x-cohort", "rules": [
-    {"header": "x-user", "one_of": ["alice"], "value": "beta"}]}}]
+FILTER = [
+    {
+        "name": "header_route",
+        "options": {
+            "header": "x-cohort",
+            "rules": [{"header": "x-user", "one_of": ["alice"], "value": "beta"}],
+        },
+    }
+]
 KINDS = [
     {"name": "fast", "to": {"service": "ratings"}, "authz": "a.b"},
     {"name": "pinned", "to": {"service": "ratings"}, "authz": "a.b", "authz_protocol": "grpc"},
@@ -55,17 +62,27 @@ def test_a_route_of_each_kind() -> None:
     }
     authz = {name: e["services"][0] for name, e in by_route.items()}
     assert authz["fast"] == {
-        "service": "extauthz", "calls": True, "protocol": "http", "filter": HTTP_AUTHZ,
+        "service": "extauthz",
+        "calls": True,
+        "protocol": "http",
+        "filter": HTTP_AUTHZ,
         "cluster": "legation|extauthz-http",
         "reason": "policy a.b; extauthz.protocol is http and the route needs nothing HTTP mode "
-                  "lacks"}
+        "lacks",
+    }
     assert authz["pinned"]["reason"] == "policy a.b; the route sets authz_protocol: grpc"
     assert authz["claims"]["reason"] == (
         "policy a.b; rate_limits read jwt_claim sub from ext_authz's structured dynamic "
-        "metadata, which HTTP mode does not carry")
-    assert authz["plain"] == {"service": "extauthz", "calls": False, "protocol": None,
-                              "filter": None, "cluster": None,
-                              "reason": "the route has no authz"}
+        "metadata, which HTTP mode does not carry"
+    )
+    assert authz["plain"] == {
+        "service": "extauthz",
+        "calls": False,
+        "protocol": None,
+        "filter": None,
+        "cluster": None,
+        "reason": "the route has no authz",
+    }
     assert by_route["plain"]["applies_on"] == ["sidecars calling ratings"]
     assert by_route["guarded"]["applies_on"] == ["gateway", "sidecars calling reviews"]
 
@@ -84,7 +101,8 @@ def test_explain_is_what_the_proxies_got() -> None:
         proc = per_route(route, PROC, ext_proc_pb2.ExtProcPerRoute)
         assert proc.disabled == (PROC not in on), entry["route"]
         assert bool(route.route.rate_limits) == any(
-            s["calls"] for s in entry["services"] if s["service"] == "ratelimit")
+            s["calls"] for s in entry["services"] if s["service"] == "ratelimit"
+        )
 
 
 def test_cli_text_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -104,4 +122,5 @@ def test_cli_text_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert [r["route"] for r in out["routes"]] == ["guarded", "open", *(k["name"] for k in KINDS)]
     assert main(["explain", "nope", "--mesh", str(path)]) == 2
     assert capsys.readouterr().err == (
-        f"{path}: no route 'nope' (routes: guarded, open, fast, pinned, claims, chain, plain)\n")
+        f"{path}: no route 'nope' (routes: guarded, open, fast, pinned, claims, chain, plain)\n"
+    )

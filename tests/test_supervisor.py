@@ -11,10 +11,13 @@ from legation.supervisor import BACKOFF_FIRST, BACKOFF_MAX, Supervised
 
 async def test_a_dead_child_is_restarted_with_backoff(tmp_path: Path) -> None:
     lines: list[tuple[str, str]] = []
-    child = Supervised(role="demo", log_path=tmp_path / "demo.log",
-                       command=[sys.executable, "-c", "print('serving on 1', flush=True)"],
-                       on_line=lambda role, line: lines.append((role, line)),
-                       ready_line="serving on")
+    child = Supervised(
+        role="demo",
+        log_path=tmp_path / "demo.log",
+        command=[sys.executable, "-c", "print('serving on 1', flush=True)"],
+        on_line=lambda role, line: lines.append((role, line)),
+        ready_line="serving on",
+    )
     assert child.due() is None  # never started: nothing to restart
     await child.start()
     assert child.proc is not None
@@ -22,8 +25,7 @@ async def test_a_dead_child_is_restarted_with_backoff(tmp_path: Path) -> None:
     await child.output_done()
     assert lines == [("demo", "serving on 1")] and child.ready
     assert (tmp_path / "demo.log").read_text() == "serving on 1\n"
-    assert child.describe() == {"role": "demo", "pid": child.pid, "restarts": 0,
-                                "alive": False}
+    assert child.describe() == {"role": "demo", "pid": child.pid, "restarts": 0, "alive": False}
 
     now = child.started_at + 1.0  # it died quickly
     assert child.due(now) == BACKOFF_FIRST
@@ -42,8 +44,12 @@ async def test_a_dead_child_is_restarted_with_backoff(tmp_path: Path) -> None:
 
 
 async def test_stop_terminates_a_running_child(tmp_path: Path) -> None:
-    child = Supervised(role="sleeper", log_path=tmp_path / "s.log", on_line=lambda *_: None,
-                       command=[sys.executable, "-c", "import time; time.sleep(30)"])
+    child = Supervised(
+        role="sleeper",
+        log_path=tmp_path / "s.log",
+        on_line=lambda *_: None,
+        command=[sys.executable, "-c", "import time; time.sleep(30)"],
+    )
     await child.start()
     assert child.alive()
     await child.stop(timeout=5)

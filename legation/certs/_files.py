@@ -32,8 +32,9 @@ def check_private_dir(path: Path) -> None:
     try:
         st = os.stat(path)
     except OSError as err:
-        raise CertError(f"{path}: cannot read: {err.strerror or err}",
-                        code="ca_unreadable") from None
+        raise CertError(
+            f"{path}: cannot read: {err.strerror or err}", code="ca_unreadable"
+        ) from None
     if st.st_uid != os.geteuid():
         raise CertError(
             f"{path}: owned by uid {st.st_uid}, not by this process (uid {os.geteuid()}); "
@@ -90,8 +91,7 @@ def write_new_private(path: Path, data: bytes, mode: int = 0o600) -> None:
 def exclusive_lock(path: Path) -> Iterator[None]:
     """Hold an exclusive ``flock`` on ``path`` (created 0600, never through a symlink) for the
     duration; other processes (and other open descriptions in this one) wait for it."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0),
-                 0o600)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -106,8 +106,9 @@ def check_private_key_file(path: Path) -> None:
     try:
         st = os.stat(path)
     except OSError as err:
-        raise CertError(f"{path}: cannot read: {err.strerror or err}",
-                        code="ca_unreadable") from None
+        raise CertError(
+            f"{path}: cannot read: {err.strerror or err}", code="ca_unreadable"
+        ) from None
     if st.st_mode & 0o077:
         raise CertError(
             f"{path}: the CA key is accessible to group or others (mode "

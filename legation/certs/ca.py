@@ -67,18 +67,22 @@ class CertificateAuthority:
     # -- making and finding one --------------------------------------------------------------
 
     @classmethod
-    def generate(cls, *, trust_domain: str, now: datetime | None = None, label: str = ""
-                 ) -> CertificateAuthority:
+    def generate(
+        cls, *, trust_domain: str, now: datetime | None = None, label: str = ""
+    ) -> CertificateAuthority:
         """A new root; ``label`` (a rotated root's) ends its common name, so that two roots of
         one mesh never share a subject."""
         now = now or datetime.now(UTC)
-        common = f"Legation root CA {trust_domain}"[:63 - len(label)] + (f" {label}" if label
-                                                                           else "")
+        common = f"Legation root CA {trust_domain}"[: 63 - len(label)] + (
+            f" {label}" if label else ""
+        )
         key = ec.generate_private_key(ec.SECP256R1())
-        name = x509.Name([
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Legation"),
-            x509.NameAttribute(NameOID.COMMON_NAME, common[:64]),
-        ])
+        name = x509.Name(
+            [
+                x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Legation"),
+                x509.NameAttribute(NameOID.COMMON_NAME, common[:64]),
+            ]
+        )
         ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
         cert = (
             x509.CertificateBuilder()
@@ -139,8 +143,9 @@ class CertificateAuthority:
         ca.source = str(directory)
         return ca
 
-    def _store(self, directory: Path, *, cert_name: str = CERT_FILE, key_name: str = KEY_FILE
-               ) -> None:
+    def _store(
+        self, directory: Path, *, cert_name: str = CERT_FILE, key_name: str = KEY_FILE
+    ) -> None:
         """Write the key, then the certificate; neither replaces an existing file."""
         key_pem = self._key.private_bytes(
             serialization.Encoding.PEM,
@@ -159,8 +164,7 @@ class CertificateAuthority:
         if not is_ca:
             raise CertError(f"{cert_path}: not a CA certificate", code="ca_invalid")
         if self.not_after <= datetime.now(UTC):
-            raise CertError(f"{cert_path}: expired on {self.not_after:%Y-%m-%d}",
-                            code="ca_invalid")
+            raise CertError(f"{cert_path}: expired on {self.not_after:%Y-%m-%d}", code="ca_invalid")
         public = serialization.PublicFormat.SubjectPublicKeyInfo
         mine = self._key.public_key().public_bytes(serialization.Encoding.DER, public)
         theirs = self.cert.public_key().public_bytes(serialization.Encoding.DER, public)
@@ -169,12 +173,13 @@ class CertificateAuthority:
 
     # -- issuing -----------------------------------------------------------------------------
 
-    def issue(self, spiffe_id: str, *, ttl: timedelta, now: datetime | None = None
-              ) -> WorkloadCert:
+    def issue(self, spiffe_id: str, *, ttl: timedelta, now: datetime | None = None) -> WorkloadCert:
         """A fresh key and certificate for ``spiffe_id``, valid ``ttl`` from ``now`` (never past
         the root's own expiry); server and client auth (mesh mTLS goes both ways)."""
         return self.issue_leaf(
-            spiffe_id, ttl=ttl, now=now,
+            spiffe_id,
+            ttl=ttl,
+            now=now,
             usages=(ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH),
         )
 
@@ -205,10 +210,14 @@ class CertificateAuthority:
                 sans.append(x509.DNSName(host))
         cert = (
             x509.CertificateBuilder()
-            .subject_name(x509.Name([
-                x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Legation"),
-                x509.NameAttribute(NameOID.COMMON_NAME, name[:64]),
-            ]))
+            .subject_name(
+                x509.Name(
+                    [
+                        x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Legation"),
+                        x509.NameAttribute(NameOID.COMMON_NAME, name[:64]),
+                    ]
+                )
+            )
             .issuer_name(self.cert.subject)
             .public_key(key.public_key())
             .serial_number(serial)
@@ -218,8 +227,9 @@ class CertificateAuthority:
             .add_extension(_usage(cert_sign=False), critical=True)
             .add_extension(x509.ExtendedKeyUsage(list(usages)), critical=False)
             .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
-                           critical=False)
+            .add_extension(
+                x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
+            )
             .add_extension(
                 x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(issuer_ski.value),
                 critical=False,
@@ -256,9 +266,15 @@ def describe_root(cert_path: Path) -> dict[str, str]:
 
 def _usage(*, cert_sign: bool) -> x509.KeyUsage:
     return x509.KeyUsage(
-        digital_signature=True, content_commitment=False, key_encipherment=False,
-        data_encipherment=False, key_agreement=False, key_cert_sign=cert_sign,
-        crl_sign=cert_sign, encipher_only=False, decipher_only=False,
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=cert_sign,
+        crl_sign=cert_sign,
+        encipher_only=False,
+        decipher_only=False,
     )
 
 
@@ -266,8 +282,9 @@ def _read(path: Path) -> bytes:
     try:
         return path.read_bytes()
     except OSError as err:
-        raise CertError(f"{path}: cannot read: {err.strerror or err}",
-                        code="ca_unreadable") from None
+        raise CertError(
+            f"{path}: cannot read: {err.strerror or err}", code="ca_unreadable"
+        ) from None
 
 
 def _read_cert(path: Path) -> x509.Certificate:
@@ -282,11 +299,14 @@ def _read_key(path: Path) -> SigningKey:
         key = serialization.load_pem_private_key(_read(path), password=None)
     except (ValueError, TypeError):
         # the parser's message is not repeated: it could quote the file
-        raise CertError(f"{path}: not an unencrypted PEM private key",
-                        code="ca_unreadable") from None
+        raise CertError(
+            f"{path}: not an unencrypted PEM private key", code="ca_unreadable"
+        ) from None
     if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
         raise CertError(f"{path}: the CA key must be EC or RSA", code="ca_invalid")
     if isinstance(key, rsa.RSAPrivateKey) and key.key_size < MIN_RSA_BITS:
-        raise CertError(f"{path}: the RSA CA key has {key.key_size} bits; at least "
-                        f"{MIN_RSA_BITS} are needed", code="ca_invalid")
+        raise CertError(
+            f"{path}: the RSA CA key has {key.key_size} bits; at least {MIN_RSA_BITS} are needed",
+            code="ca_invalid",
+        )
     return key

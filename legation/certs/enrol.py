@@ -69,8 +69,9 @@ def node_uri(node_id: str) -> str:
     """The URI SAN naming ``node_id``; raises ``bad_identity`` for an empty or huge id."""
     raw = node_id.encode("utf-8", "surrogatepass")
     if not node_id or len(raw) > MAX_NODE_ID_BYTES:
-        raise CertError(f"node id {node_id[:80]!r}: must be 1 to {MAX_NODE_ID_BYTES} bytes",
-                        code="bad_identity")
+        raise CertError(
+            f"node id {node_id[:80]!r}: must be 1 to {MAX_NODE_ID_BYTES} bytes", code="bad_identity"
+        )
     return XDS_NODE_PREFIX + urllib.parse.quote_from_bytes(raw, safe=_SAFE)
 
 
@@ -78,7 +79,7 @@ def node_of_uri(uri: str) -> str | None:
     """The node id a URI SAN names, or None if it names none (or is not canonically encoded)."""
     if not uri.startswith(XDS_NODE_PREFIX):
         return None
-    encoded = uri[len(XDS_NODE_PREFIX):]
+    encoded = uri[len(XDS_NODE_PREFIX) :]
     try:
         node = urllib.parse.unquote_to_bytes(encoded).decode("utf-8")
     except UnicodeDecodeError:
@@ -103,25 +104,36 @@ def xds_root(ca_home: Path) -> CertificateAuthority:
     try:
         private_dir(ca_home)  # 0700 even when the xDS root is made before the mesh CA
     except OSError as err:
-        raise CertError(f"{ca_home}: cannot create: {err.strerror or err}",
-                        code="ca_write_failed") from None
-    return CertificateAuthority.in_directory(ca_home / XDS_ROOT_DIR,
-                                             trust_domain=XDS_TRUST_DOMAIN)
+        raise CertError(
+            f"{ca_home}: cannot create: {err.strerror or err}", code="ca_write_failed"
+        ) from None
+    return CertificateAuthority.in_directory(ca_home / XDS_ROOT_DIR, trust_domain=XDS_TRUST_DOMAIN)
 
 
-def issue_node_credential(ca: CertificateAuthority, node_id: str, *, ttl: timedelta,
-                          now: datetime | None = None) -> WorkloadCert:
-    return ca.issue_leaf(node_uri(node_id), ttl=ttl, now=now,
-                         usages=(ExtendedKeyUsageOID.CLIENT_AUTH,),
-                         common_name=f"xds node {node_id}"[:64])
+def issue_node_credential(
+    ca: CertificateAuthority, node_id: str, *, ttl: timedelta, now: datetime | None = None
+) -> WorkloadCert:
+    return ca.issue_leaf(
+        node_uri(node_id),
+        ttl=ttl,
+        now=now,
+        usages=(ExtendedKeyUsageOID.CLIENT_AUTH,),
+        common_name=f"xds node {node_id}"[:64],
+    )
 
 
-def issue_server_credential(ca: CertificateAuthority, hosts: list[str], *, ttl: timedelta,
-                            now: datetime | None = None) -> WorkloadCert:
+def issue_server_credential(
+    ca: CertificateAuthority, hosts: list[str], *, ttl: timedelta, now: datetime | None = None
+) -> WorkloadCert:
     """The xDS server's certificate: :data:`XDS_SERVER_ID` and a SAN per host it is reached at."""
-    return ca.issue_leaf(XDS_SERVER_ID, ttl=ttl, now=now, hosts=hosts,
-                         usages=(ExtendedKeyUsageOID.SERVER_AUTH,),
-                         common_name="legation xds")
+    return ca.issue_leaf(
+        XDS_SERVER_ID,
+        ttl=ttl,
+        now=now,
+        hosts=hosts,
+        usages=(ExtendedKeyUsageOID.SERVER_AUTH,),
+        common_name="legation xds",
+    )
 
 
 class Enrolments:
@@ -146,8 +158,9 @@ class Enrolments:
         self._refresh()
         return self._serials.get(node_id)
 
-    def record(self, node_id: str, cert: WorkloadCert,
-               *, write_files: Callable[[], object] | None = None) -> None:
+    def record(
+        self, node_id: str, cert: WorkloadCert, *, write_files: Callable[[], object] | None = None
+    ) -> None:
         """Make ``cert`` the node's only accepted credential. ``write_files`` (the node's
         credential files) runs first under the same lock, so two enrolments of one node at once
         leave its files and the registry naming the same credential."""
@@ -157,16 +170,20 @@ class Enrolments:
                 if write_files is not None:
                     write_files()
                 nodes = self._read()
-                nodes[node_id] = {"serial": cert.serial_hex,
-                                  "not_after": cert.not_after.isoformat()}
+                nodes[node_id] = {
+                    "serial": cert.serial_hex,
+                    "not_after": cert.not_after.isoformat(),
+                }
                 now = datetime.now(UTC).isoformat()
                 nodes = {n: e for n, e in nodes.items() if e.get("not_after", "") > now}
                 body = json.dumps({"nodes": nodes}, indent=1, sort_keys=True).encode()
                 write_private(self.path, body + b"\n", 0o600)
         except OSError as err:
-            raise CertError(f"{self.path}: cannot record the credential of node "
-                            f"{node_id[:80]!r}: {err.strerror or err}",
-                            code="enrolment_failed") from None
+            raise CertError(
+                f"{self.path}: cannot record the credential of node "
+                f"{node_id[:80]!r}: {err.strerror or err}",
+                code="enrolment_failed",
+            ) from None
         self._seen = None
 
     def _read(self) -> dict[str, dict[str, Any]]:
@@ -175,8 +192,10 @@ class Enrolments:
         except FileNotFoundError:
             return {}
         except (OSError, ValueError):
-            raise CertError(f"{self.path}: unreadable; remove it and enrol the proxies again",
-                            code="enrolment_failed") from None
+            raise CertError(
+                f"{self.path}: unreadable; remove it and enrol the proxies again",
+                code="enrolment_failed",
+            ) from None
         nodes = doc.get("nodes") if isinstance(doc, dict) else None
         if not isinstance(nodes, dict):
             raise CertError(f"{self.path}: nodes: expected a mapping", code="enrolment_failed")
@@ -222,8 +241,11 @@ class NodeFiles:
         """(certificate PEM, key PEM, root PEM): what a non-Envoy client presents."""
         doc = yaml.safe_load(self.sds.read_text())
         tls = doc["resources"][0]["tls_certificate"]
-        return (tls["certificate_chain"]["inline_string"].encode(),
-                tls["private_key"]["inline_string"].encode(), self.root.read_bytes())
+        return (
+            tls["certificate_chain"]["inline_string"].encode(),
+            tls["private_key"]["inline_string"].encode(),
+            self.root.read_bytes(),
+        )
 
 
 def write_node_files(directory: Path, cert: WorkloadCert, root_pem: bytes) -> NodeFiles:
@@ -242,8 +264,10 @@ def write_node_files(directory: Path, cert: WorkloadCert, root_pem: bytes) -> No
         write_private(files.root, root_pem, 0o644)
         write_private(files.sds, yaml.safe_dump({"resources": [secret]}).encode(), 0o600)
     except OSError as err:
-        raise CertError(f"{directory}: cannot write the xDS credential: {err.strerror or err}",
-                        code="enrolment_failed") from None
+        raise CertError(
+            f"{directory}: cannot write the xDS credential: {err.strerror or err}",
+            code="enrolment_failed",
+        ) from None
     return files
 
 
@@ -260,6 +284,7 @@ def enrol(
     files into ``directory``, then make it the node's only accepted one (the previous credential
     is revoked once the new files exist; both under the registry's lock)."""
     cert = issue_node_credential(ca, node_id, ttl=ttl, now=clock())
-    enrolments.record(node_id, cert,
-                      write_files=lambda: write_node_files(directory, cert, ca.root_pem))
+    enrolments.record(
+        node_id, cert, write_files=lambda: write_node_files(directory, cert, ca.root_pem)
+    )
     return cert, NodeFiles(directory)

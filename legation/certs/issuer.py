@@ -41,8 +41,15 @@ from legation.certs.workload import WorkloadCert
 from legation.config.model import Mesh
 from legation.grpc_server import ServerTls
 
-__all__ = ["DEFAULT_CA_DIR", "CaLocation", "MeshIssuer", "locate_ca", "proxy_identities",
-           "service_identity"]
+__all__ = [
+    "DEFAULT_CA_DIR",
+    "CaLocation",
+    "MeshIssuer",
+    "locate_ca",
+    "proxy_identities",
+    "service_identity",
+]
+
 
 class MeshIssuer:
     def __init__(
@@ -93,20 +100,25 @@ class MeshIssuer:
             if not fresh and self._store is not None:
                 held = self._store.load(f"proxy-{node}", ca=ca, spiffe_id=sid, now=now)
                 fresh = held is not None
-            certs[node] = held if fresh and held else ca.issue(sid, ttl=mesh.mtls.cert_ttl,
-                                                                 now=now)
+            certs[node] = held if fresh and held else ca.issue(sid, ttl=mesh.mtls.cert_ttl, now=now)
         service_certs, hosts = {}, {}
         for kind, host in (services or {}).items():
             sid, hosts[kind] = service_identity(mesh, kind), _service_hosts(kind, host)
             held = self.service_certs.get(kind)
-            fresh = (held is not None and held.spiffe_id == sid and ca is self.ca
-                     and self._service_hosts.get(kind) == hosts[kind])
+            fresh = (
+                held is not None
+                and held.spiffe_id == sid
+                and ca is self.ca
+                and self._service_hosts.get(kind) == hosts[kind]
+            )
             if not fresh and self._store is not None:
-                held = self._store.load(f"service-{kind}", ca=ca, spiffe_id=sid, now=now,
-                                        hosts=hosts[kind])
+                held = self._store.load(
+                    f"service-{kind}", ca=ca, spiffe_id=sid, now=now, hosts=hosts[kind]
+                )
                 fresh = held is not None
-            service_certs[kind] = held if fresh and held else self._issue_service(
-                ca, sid, hosts[kind], mesh, now)
+            service_certs[kind] = (
+                held if fresh and held else self._issue_service(ca, sid, hosts[kind], mesh, now)
+            )
         tls = {kind: self._tls_for(kind, c, roots) for kind, c in service_certs.items()}
         self.ca, self.roots, self.certs, self._mesh = ca, roots, certs, mesh
         self.service_certs, self._service_hosts, self._service_tls = service_certs, hosts, tls
@@ -134,8 +146,13 @@ class MeshIssuer:
         now = self.clock()
         due = sorted(k for k, c in self.service_certs.items() if force or c.due(now))
         for kind in due:
-            cert = self._issue_service(self.ca, self.service_certs[kind].spiffe_id,
-                                       self._service_hosts[kind], self._mesh, now)
+            cert = self._issue_service(
+                self.ca,
+                self.service_certs[kind].spiffe_id,
+                self._service_hosts[kind],
+                self._mesh,
+                now,
+            )
             self.service_certs[kind] = cert
             self._service_tls[kind] = self._tls_for(kind, cert, self.roots)
         if due:
@@ -181,8 +198,11 @@ class MeshIssuer:
         where, mesh = self._ca_key, self._mesh
         if not self.enabled or where is None or mesh is None or not where.generate:
             return False
-        if self.roots is not None and self.roots.state is None and not rotation_requested(
-                where.home):
+        if (
+            self.roots is not None
+            and self.roots.state is None
+            and not rotation_requested(where.home)
+        ):
             return False  # the usual case, every second: two stats, no key read
         roots = where.open_roots(mesh.mtls.trust_domain)
         if roots.same_as(self.roots):
@@ -194,8 +214,9 @@ class MeshIssuer:
             self.rotate(force=True)
             self.rotate_services(force=True)
         else:
-            self._service_tls = {k: self._tls_for(k, c, roots)
-                                 for k, c in self.service_certs.items()}
+            self._service_tls = {
+                k: self._tls_for(k, c, roots) for k, c in self.service_certs.items()
+            }
         return True
 
     def advance_root(self, phase: Phase) -> None:
@@ -211,30 +232,41 @@ class MeshIssuer:
         if not self.enabled or self.ca is None:
             return None
         return {
-            "ca": {"fingerprint_sha256": self.ca.fingerprint,
-                   "not_after": self.ca.not_after.isoformat(), "source": self.ca.source,
-                   "trusted": [c.fingerprint for c in self.roots.trusted] if self.roots
-                   else [self.ca.fingerprint],
-                   "rotation": self.roots.state.to_json() if self.roots and self.roots.state
-                   else None},
+            "ca": {
+                "fingerprint_sha256": self.ca.fingerprint,
+                "not_after": self.ca.not_after.isoformat(),
+                "source": self.ca.source,
+                "trusted": [c.fingerprint for c in self.roots.trusted]
+                if self.roots
+                else [self.ca.fingerprint],
+                "rotation": self.roots.state.to_json() if self.roots and self.roots.state else None,
+            },
             "proxies": {node: c.summary() for node, c in sorted(self.certs.items())},
             "services": {kind: c.summary() for kind, c in sorted(self.service_certs.items())},
         }
 
     @staticmethod
-    def _issue_service(ca: CertificateAuthority, sid: str, hosts: tuple[str, ...], mesh: Mesh,
-                       now: datetime) -> WorkloadCert:
-        return ca.issue_leaf(sid, ttl=mesh.mtls.cert_ttl, now=now, hosts=hosts,
-                             usages=(ExtendedKeyUsageOID.SERVER_AUTH,))
+    def _issue_service(
+        ca: CertificateAuthority, sid: str, hosts: tuple[str, ...], mesh: Mesh, now: datetime
+    ) -> WorkloadCert:
+        return ca.issue_leaf(
+            sid,
+            ttl=mesh.mtls.cert_ttl,
+            now=now,
+            hosts=hosts,
+            usages=(ExtendedKeyUsageOID.SERVER_AUTH,),
+        )
 
     def _tls_for(self, kind: str, cert: WorkloadCert, roots: Roots | None) -> ServerTls:
         bundle = roots.bundle_pem if roots is not None else b""
         held = self._service_tls.get(kind)
-        if held is not None and held.cert_chain_pem == cert.cert_pem \
-                and held.client_ca_pem == bundle:
+        if (
+            held is not None
+            and held.cert_chain_pem == cert.cert_pem
+            and held.client_ca_pem == bundle
+        ):
             return held  # unchanged: the same object, so the running server keeps it
-        return ServerTls(cert_chain_pem=cert.cert_pem, key_pem=cert.key_pem,
-                         client_ca_pem=bundle)
+        return ServerTls(cert_chain_pem=cert.cert_pem, key_pem=cert.key_pem, client_ca_pem=bundle)
 
     def _open_ca(self, mesh: Mesh) -> Roots:
         where = locate_ca(mesh, mesh_dir=self.mesh_dir, default_ca_dir=self.default_ca_dir)
@@ -242,12 +274,15 @@ class MeshIssuer:
             return self.roots
         roots = where.open_roots(mesh.mtls.trust_domain)
         self._ca_key = where
-        self._store = CertStore(where.home / "issued") if self.persist and where.generate \
-            else None
+        self._store = CertStore(where.home / "issued") if self.persist and where.generate else None
         return roots
 
     def _keep(self) -> None:
         """Persist the current certificates (with ``persist``)."""
         if self._store is not None:
-            self._store.save({**{f"proxy-{n}": c for n, c in self.certs.items()},
-                              **{f"service-{k}": c for k, c in self.service_certs.items()}})
+            self._store.save(
+                {
+                    **{f"proxy-{n}": c for n, c in self.certs.items()},
+                    **{f"service-{k}": c for k, c in self.service_certs.items()},
+                }
+            )

@@ -46,8 +46,7 @@ class CaLocation:
         return Roots(ca, (ca,), None)
 
 
-def locate_ca(mesh: Mesh, *, mesh_dir: Path, default_ca_dir: Path = DEFAULT_CA_DIR
-              ) -> CaLocation:
+def locate_ca(mesh: Mesh, *, mesh_dir: Path, default_ca_dir: Path = DEFAULT_CA_DIR) -> CaLocation:
     """The CA ``mesh`` configures (``mtls.ca_cert``/``ca_key``, or ``mtls.ca_dir``, relative to
     ``mesh_dir``), else ``default_ca_dir``; whether or not the mesh turns mTLS on (the xDS
     channel always needs one)."""

@@ -44,8 +44,18 @@ STATE_FILE = "rotation.json"
 RETIRED_DIR = "retired"
 DEFAULT_OVERLAP = timedelta(seconds=60)
 
-__all__ = ["DEFAULT_OVERLAP", "Phase", "Roots", "RotationState", "advance", "open_roots",
-           "read_state", "request_rotation", "retire", "rotation_requested"]
+__all__ = [
+    "DEFAULT_OVERLAP",
+    "Phase",
+    "Roots",
+    "RotationState",
+    "advance",
+    "open_roots",
+    "read_state",
+    "request_rotation",
+    "retire",
+    "rotation_requested",
+]
 
 
 class Phase(StrEnum):
@@ -66,22 +76,30 @@ class RotationState:
     phase_since: datetime
 
     def to_json(self) -> dict[str, Any]:
-        return {"phase": str(self.phase), "old_fingerprint": self.old,
-                "new_fingerprint": self.new, "overlap_s": self.overlap.total_seconds(),
-                "requested_at": self.requested_at.isoformat(),
-                "phase_since": self.phase_since.isoformat()}
+        return {
+            "phase": str(self.phase),
+            "old_fingerprint": self.old,
+            "new_fingerprint": self.new,
+            "overlap_s": self.overlap.total_seconds(),
+            "requested_at": self.requested_at.isoformat(),
+            "phase_since": self.phase_since.isoformat(),
+        }
 
     @classmethod
     def from_json(cls, raw: Any, path: Path) -> RotationState:
         try:
-            return cls(phase=Phase(raw["phase"]), old=str(raw["old_fingerprint"]),
-                       new=str(raw["new_fingerprint"]),
-                       overlap=timedelta(seconds=float(raw["overlap_s"])),
-                       requested_at=datetime.fromisoformat(raw["requested_at"]),
-                       phase_since=datetime.fromisoformat(raw["phase_since"]))
+            return cls(
+                phase=Phase(raw["phase"]),
+                old=str(raw["old_fingerprint"]),
+                new=str(raw["new_fingerprint"]),
+                overlap=timedelta(seconds=float(raw["overlap_s"])),
+                requested_at=datetime.fromisoformat(raw["requested_at"]),
+                phase_since=datetime.fromisoformat(raw["phase_since"]),
+            )
         except (KeyError, TypeError, ValueError):
-            raise CertError(f"{path}: not a root rotation record (fix or remove it)",
-                            code="rotation_invalid") from None
+            raise CertError(
+                f"{path}: not a root rotation record (fix or remove it)", code="rotation_invalid"
+            ) from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,8 +115,11 @@ class Roots:
         return b"".join(ca.root_pem for ca in self.trusted)
 
     def same_as(self, other: Roots | None) -> bool:
-        return other is not None and self.signer.fingerprint == other.signer.fingerprint \
+        return (
+            other is not None
+            and self.signer.fingerprint == other.signer.fingerprint
             and [c.fingerprint for c in self.trusted] == [c.fingerprint for c in other.trusted]
+        )
 
 
 def read_state(directory: Path) -> RotationState | None:
@@ -108,8 +129,9 @@ def read_state(directory: Path) -> RotationState | None:
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as err:
-        raise CertError(f"{path}: cannot read the root rotation record: {err}",
-                        code="rotation_invalid") from None
+        raise CertError(
+            f"{path}: cannot read the root rotation record: {err}", code="rotation_invalid"
+        ) from None
     return RotationState.from_json(raw, path)
 
 
@@ -117,8 +139,9 @@ def _write_state(directory: Path, state: RotationState) -> None:
     write_private(directory / STATE_FILE, json.dumps(state.to_json(), indent=1).encode())
 
 
-def request_rotation(directory: Path, *, overlap: timedelta = DEFAULT_OVERLAP,
-                     now: datetime | None = None) -> RotationState:
+def request_rotation(
+    directory: Path, *, overlap: timedelta = DEFAULT_OVERLAP, now: datetime | None = None
+) -> RotationState:
     """Generate the next root beside the current one (for the same trust domain) and record
     phase ``trust``; ``overlap``: how long both roots stay trusted once every certificate comes
     from the new one. Refused (``rotation_in_progress``) while a rotation is under way; the
@@ -128,33 +151,49 @@ def request_rotation(directory: Path, *, overlap: timedelta = DEFAULT_OVERLAP,
         private_dir(directory)
         with exclusive_lock(directory / LOCK_FILE):
             held = read_state(directory)
-            if held is not None or (directory / NEXT_CERT).exists() \
-                    or (directory / NEXT_KEY).exists():
+            if (
+                held is not None
+                or (directory / NEXT_CERT).exists()
+                or (directory / NEXT_KEY).exists()
+            ):
                 if held is None:
                     raise CertError(
                         f"{directory}: {NEXT_CERT} or {NEXT_KEY} is there without "
                         f"{STATE_FILE}: a rotation request that did not finish; remove them to "
-                        f"request again", code="rotation_in_progress")
+                        f"request again",
+                        code="rotation_in_progress",
+                    )
                 raise CertError(
                     f"{directory}: a root rotation is already in progress (phase {held.phase}, "
                     f"new root {held.new}); wait for it to finish (`legation status` shows the "
-                    f"phase) before requesting another", code="rotation_in_progress")
+                    f"phase) before requesting another",
+                    code="rotation_in_progress",
+                )
             if not (directory / CERT_FILE).exists():
-                raise CertError(f"{directory}: no mesh root to rotate ({CERT_FILE} is missing)",
-                                code="ca_unreadable")
+                raise CertError(
+                    f"{directory}: no mesh root to rotate ({CERT_FILE} is missing)",
+                    code="ca_unreadable",
+                )
             current = CertificateAuthority.load(directory / CERT_FILE, directory / KEY_FILE)
             label = f"{now:%Y%m%d%H%M%S}-{secrets.token_hex(2)}"
-            nxt = CertificateAuthority.generate(trust_domain=_trust_domain(current), now=now,
-                                                label=label)
+            nxt = CertificateAuthority.generate(
+                trust_domain=_trust_domain(current), now=now, label=label
+            )
             nxt._store(directory, cert_name=NEXT_CERT, key_name=NEXT_KEY)
-            state = RotationState(phase=Phase.TRUST, old=current.fingerprint,
-                                  new=nxt.fingerprint, overlap=overlap, requested_at=now,
-                                  phase_since=now)
+            state = RotationState(
+                phase=Phase.TRUST,
+                old=current.fingerprint,
+                new=nxt.fingerprint,
+                overlap=overlap,
+                requested_at=now,
+                phase_since=now,
+            )
             _write_state(directory, state)
             return state
     except OSError as err:
-        raise CertError(f"{directory}: cannot store the new root: {err.strerror or err}",
-                        code="ca_write_failed") from None
+        raise CertError(
+            f"{directory}: cannot store the new root: {err.strerror or err}", code="ca_write_failed"
+        ) from None
 
 
 def _trust_domain(ca: CertificateAuthority) -> str:
@@ -186,14 +225,16 @@ def open_roots(directory: Path, *, trust_domain: str) -> Roots:
         return Roots(current, (current,), None)
     nxt = CertificateAuthority.load(directory / NEXT_CERT, directory / NEXT_KEY)
     if (current.fingerprint, nxt.fingerprint) != (state.old, state.new):
-        raise CertError(f"{directory / STATE_FILE}: records roots {state.old} -> {state.new}, "
-                        f"but {CERT_FILE} is {current.fingerprint} and {NEXT_CERT} is "
-                        f"{nxt.fingerprint}", code="rotation_invalid")
+        raise CertError(
+            f"{directory / STATE_FILE}: records roots {state.old} -> {state.new}, "
+            f"but {CERT_FILE} is {current.fingerprint} and {NEXT_CERT} is "
+            f"{nxt.fingerprint}",
+            code="rotation_invalid",
+        )
     return Roots(current if state.phase is Phase.TRUST else nxt, (current, nxt), state)
 
 
-def advance(directory: Path, state: RotationState, phase: Phase, *, now: datetime
-            ) -> RotationState:
+def advance(directory: Path, state: RotationState, phase: Phase, *, now: datetime) -> RotationState:
     """Record ``phase`` (under the CA lock); with :attr:`Phase.RETIRE`, also carry it out."""
     moved = replace(state, phase=phase, phase_since=now)
     with exclusive_lock(directory / LOCK_FILE):
@@ -210,8 +251,11 @@ def retire(directory: Path, state: RotationState) -> None:
     stem = "ca-" + state.old.replace(":", "")[:16].lower()
     with exclusive_lock(directory / LOCK_FILE):
         private_dir(archive)
-        current = CertificateAuthority.load(directory / CERT_FILE, directory / KEY_FILE) \
-            if (directory / NEXT_KEY).exists() else None
+        current = (
+            CertificateAuthority.load(directory / CERT_FILE, directory / KEY_FILE)
+            if (directory / NEXT_KEY).exists()
+            else None
+        )
         if current is not None and current.fingerprint == state.old:
             for name, suffix in ((KEY_FILE, ".key"), (CERT_FILE, ".crt")):
                 target = archive / (stem + suffix)

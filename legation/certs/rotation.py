@@ -34,11 +34,19 @@ __all__ = ["Rotation"]
 
 
 class Rotation:
-    def __init__(self, issuer: MeshIssuer, *, republish: Callable[[list[str]], None],
-                 registry: CollectorRegistry, on_event: Callable[[str], None],
-                 on_error: Callable[[str], None], check_every: float = 60.0,
-                 in_sync: Callable[[], bool] = lambda: True, root_check: float = 1.0,
-                 settle: float = 5.0) -> None:
+    def __init__(
+        self,
+        issuer: MeshIssuer,
+        *,
+        republish: Callable[[list[str]], None],
+        registry: CollectorRegistry,
+        on_event: Callable[[str], None],
+        on_error: Callable[[str], None],
+        check_every: float = 60.0,
+        in_sync: Callable[[], bool] = lambda: True,
+        root_check: float = 1.0,
+        settle: float = 5.0,
+    ) -> None:
         """``in_sync``: every proxy ACKed the snapshot last published to it (the gate between
         root rotation phases)."""
         self.issuer = issuer
@@ -53,11 +61,14 @@ class Rotation:
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.count = Counter(
-            "legation_certificate_rotations", "Workload certificates re-issued before expiry",
+            "legation_certificate_rotations",
+            "Workload certificates re-issued before expiry",
             registry=registry,
         )
         self.root_phases = Counter(
-            "legation_root_rotation_phases", "Root rotation phases entered", ["phase"],
+            "legation_root_rotation_phases",
+            "Root rotation phases entered",
+            ["phase"],
             registry=registry,
         )
 
@@ -90,8 +101,7 @@ class Rotation:
         if issuer.reload_roots():
             self._roots_published(before)
         state = issuer.roots.state if issuer.roots else None
-        if state is None or not self.in_sync() \
-                or issuer.clock() < state.phase_since + self.settle:
+        if state is None or not self.in_sync() or issuer.clock() < state.phase_since + self.settle:
             return issuer.root_phase
         if state.phase is Phase.TRUST:
             issuer.advance_root(Phase.ISSUE)
@@ -112,11 +122,15 @@ class Rotation:
         self.root_phases.labels(str(phase or "done")).inc()
         trusted = ", ".join(c.fingerprint[:23] for c in roots.trusted) if roots else ""
         signer = issuer.ca.fingerprint[:23] if issuer.ca else ""
-        what = {Phase.TRUST: "both roots trusted, certificates still from the old one",
-                Phase.ISSUE: "certificates re-issued from the new root, both still trusted",
-                None: "old root retired, only the new one trusted"}.get(phase, str(phase))
-        self.on_event(f"root rotation: {what} (signing {signer}..., trusted {trusted}...; "
-                      f"{len(nodes)} proxies republished; was {before or 'no rotation'})")
+        what = {
+            Phase.TRUST: "both roots trusted, certificates still from the old one",
+            Phase.ISSUE: "certificates re-issued from the new root, both still trusted",
+            None: "old root retired, only the new one trusted",
+        }.get(phase, str(phase))
+        self.on_event(
+            f"root rotation: {what} (signing {signer}..., trusted {trusted}...; "
+            f"{len(nodes)} proxies republished; was {before or 'no rotation'})"
+        )
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())

@@ -37,8 +37,10 @@ def spiffe_id(trust_domain: str, namespace: str, name: str) -> str:
     if not _TRUST_DOMAIN.match(trust_domain):
         raise CertError(f"invalid SPIFFE trust domain {trust_domain!r}", code="bad_identity")
     if trust_domain == XDS_TRUST_DOMAIN:
-        raise CertError(f"SPIFFE trust domain {trust_domain!r} is reserved for xDS enrolment",
-                        code="bad_identity")
+        raise CertError(
+            f"SPIFFE trust domain {trust_domain!r} is reserved for xDS enrolment",
+            code="bad_identity",
+        )
     for part in (namespace, name):
         if not _SEGMENT.match(part) or part in (".", ".."):
             raise CertError(f"invalid SPIFFE path segment {part!r}", code="bad_identity")

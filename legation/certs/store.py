@@ -40,8 +40,15 @@ class CertStore:
     def _path(self, name: str) -> Path:
         return self.directory / (urllib.parse.quote(name, safe="-_~") + SUFFIX)
 
-    def load(self, name: str, *, ca: CertificateAuthority, spiffe_id: str, now: datetime,
-             hosts: tuple[str, ...] | None = None) -> WorkloadCert | None:
+    def load(
+        self,
+        name: str,
+        *,
+        ca: CertificateAuthority,
+        spiffe_id: str,
+        now: datetime,
+        hosts: tuple[str, ...] | None = None,
+    ) -> WorkloadCert | None:
         """The stored certificate ``name`` if it is still good (see the module docstring)."""
         try:
             raw = json.loads(self._path(name).read_text())
@@ -51,11 +58,13 @@ class CertStore:
             cert.verify_directly_issued_by(ca.cert)
             sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
             uris = sans.get_values_for_type(x509.UniformResourceIdentifier)
-            held_hosts = tuple(str(n.value) for n in sans
-                               if isinstance(n, x509.DNSName | x509.IPAddress))
+            held_hosts = tuple(
+                str(n.value) for n in sans if isinstance(n, x509.DNSName | x509.IPAddress)
+            )
             spki = serialization.PublicFormat.SubjectPublicKeyInfo
-            same_key = key.public_key().public_bytes(serialization.Encoding.DER, spki) == \
-                cert.public_key().public_bytes(serialization.Encoding.DER, spki)
+            same_key = key.public_key().public_bytes(
+                serialization.Encoding.DER, spki
+            ) == cert.public_key().public_bytes(serialization.Encoding.DER, spki)
             issued_at = datetime.fromisoformat(raw["issued_at"])
         except FileNotFoundError:
             return None
@@ -65,14 +74,23 @@ class CertStore:
         except Exception as err:  # a signature from another CA: cryptography's InvalidSignature
             log.info("stored certificate %s not re-used: %s", name, type(err).__name__)
             return None
-        if uris != [spiffe_id] or not same_key or now >= cert.not_valid_after_utc or (
-                hosts is not None and held_hosts != hosts):
+        if (
+            uris != [spiffe_id]
+            or not same_key
+            or now >= cert.not_valid_after_utc
+            or (hosts is not None and held_hosts != hosts)
+        ):
             return None
         self._saved[name] = cert.serial_number
-        return WorkloadCert(spiffe_id=spiffe_id, cert_pem=cert_pem, key_pem=key_pem,
-                            serial=cert.serial_number, issued_at=issued_at,
-                            not_before=cert.not_valid_before_utc,
-                            not_after=cert.not_valid_after_utc)
+        return WorkloadCert(
+            spiffe_id=spiffe_id,
+            cert_pem=cert_pem,
+            key_pem=key_pem,
+            serial=cert.serial_number,
+            issued_at=issued_at,
+            not_before=cert.not_valid_before_utc,
+            not_after=cert.not_valid_after_utc,
+        )
 
     def save(self, certs: dict[str, WorkloadCert]) -> None:
         """Keep exactly ``certs`` (name -> certificate): write the new ones, remove the files of
@@ -81,10 +99,17 @@ class CertStore:
             private_dir(self.directory)
             for name, cert in certs.items():
                 if self._saved.get(name) != cert.serial:
-                    write_private(self._path(name), json.dumps({
-                        "spiffe_id": cert.spiffe_id, "cert_pem": cert.cert_pem.decode(),
-                        "key_pem": cert.key_pem.decode(),
-                        "issued_at": cert.issued_at.isoformat()}).encode())
+                    write_private(
+                        self._path(name),
+                        json.dumps(
+                            {
+                                "spiffe_id": cert.spiffe_id,
+                                "cert_pem": cert.cert_pem.decode(),
+                                "key_pem": cert.key_pem.decode(),
+                                "issued_at": cert.issued_at.isoformat(),
+                            }
+                        ).encode(),
+                    )
                     self._saved[name] = cert.serial
             self._prune(set(certs))
         except (OSError, CertError) as err:

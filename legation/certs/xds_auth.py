@@ -48,8 +48,14 @@ class XdsAuth:
     _serving: WorkloadCert | None = field(default=None, init=False, repr=False)
 
     @classmethod
-    def for_ca(cls, ca: CertificateAuthority, ca_home: Any, *, hosts: list[str],
-               clock: Callable[[], datetime] | None = None) -> XdsAuth:
+    def for_ca(
+        cls,
+        ca: CertificateAuthority,
+        ca_home: Any,
+        *,
+        hosts: list[str],
+        clock: Callable[[], datetime] | None = None,
+    ) -> XdsAuth:
         """Checks against ``ca`` (the xDS root) and the enrolments recorded in ``ca_home``
         (a Path: the mesh CA's directory)."""
         extra = {"clock": clock} if clock is not None else {}
@@ -65,8 +71,9 @@ class XdsAuth:
         )
 
     def _certificate_configuration(self) -> Any:
-        self._serving = issue_server_credential(self.ca, self.hosts, ttl=SERVER_TTL,
-                                                now=self.clock())
+        self._serving = issue_server_credential(
+            self.ca, self.hosts, ttl=SERVER_TTL, now=self.clock()
+        )
         return grpc.ssl_server_certificate_configuration(
             [(self._serving.key_pem, self._serving.cert_pem)], root_certificates=self.ca.root_pem
         )
@@ -83,32 +90,49 @@ class XdsAuth:
         """The node id the peer's credential names; raises :class:`Refused`."""
         pems = context.auth_context().get("x509_pem_cert") or []
         if not pems:
-            raise Refused("no_credential", grpc.StatusCode.UNAUTHENTICATED,
-                          "xDS needs a client certificate (see `legation bootstrap`)")
+            raise Refused(
+                "no_credential",
+                grpc.StatusCode.UNAUTHENTICATED,
+                "xDS needs a client certificate (see `legation bootstrap`)",
+            )
         try:
             cert = x509.load_pem_x509_certificate(pems[0])
             cert.verify_directly_issued_by(self.ca.cert)
             sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
             uris = sans.get_values_for_type(x509.UniformResourceIdentifier)
         except (ValueError, TypeError, InvalidSignature, x509.ExtensionNotFound):
-            raise Refused("bad_credential", grpc.StatusCode.UNAUTHENTICATED,
-                          "the client certificate is not a credential of this mesh") from None
+            raise Refused(
+                "bad_credential",
+                grpc.StatusCode.UNAUTHENTICATED,
+                "the client certificate is not a credential of this mesh",
+            ) from None
         if not _client_leaf(cert):
-            raise Refused("bad_credential", grpc.StatusCode.UNAUTHENTICATED,
-                          "the client certificate is not an end-entity certificate for "
-                          "client authentication")
+            raise Refused(
+                "bad_credential",
+                grpc.StatusCode.UNAUTHENTICATED,
+                "the client certificate is not an end-entity certificate for client authentication",
+            )
         nodes = [n for n in map(node_of_uri, uris) if n is not None]
         if len(nodes) != 1 or len(uris) != 1:
-            raise Refused("not_a_node", grpc.StatusCode.UNAUTHENTICATED,
-                          "the client certificate is not an xDS node credential")
+            raise Refused(
+                "not_a_node",
+                grpc.StatusCode.UNAUTHENTICATED,
+                "the client certificate is not an xDS node credential",
+            )
         node = nodes[0]
         now = self.clock()
         if not cert.not_valid_before_utc <= now < cert.not_valid_after_utc:
-            raise Refused("expired", grpc.StatusCode.UNAUTHENTICATED,
-                          "the xDS credential has expired (or is not valid yet)")
+            raise Refused(
+                "expired",
+                grpc.StatusCode.UNAUTHENTICATED,
+                "the xDS credential has expired (or is not valid yet)",
+            )
         if self.enrolments.current(node) != cert.serial_number:
-            raise Refused("superseded", grpc.StatusCode.UNAUTHENTICATED,
-                          "the xDS credential was revoked or superseded; enrol again")
+            raise Refused(
+                "superseded",
+                grpc.StatusCode.UNAUTHENTICATED,
+                "the xDS credential was revoked or superseded; enrol again",
+            )
         return node
 
 

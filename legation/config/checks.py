@@ -122,24 +122,36 @@ def _service_tls(mesh: Mesh) -> Iterator[Problem]:
     request-path services' SPIFFE names (``legation-<kind>``) belong to them alone."""
     for kind, block in service_blocks(mesh):
         if block.tls == "mesh" and not mesh.mtls.enabled:
-            yield Problem(f"{kind}.tls", "'mesh' needs mtls.mode permissive or strict (the "
-                          "certificates come from the mesh CA); or set tls: none")
+            yield Problem(
+                f"{kind}.tls",
+                "'mesh' needs mtls.mode permissive or strict (the "
+                "certificates come from the mesh CA); or set tls: none",
+            )
     authz = mesh.extauthz
     if authz is not None and authz.http and authz.mesh_tls(mtls_enabled=mesh.mtls.enabled):
         # the HTTP call-out server has no TLS yet: refused rather than served in plaintext
-        yield Problem("extauthz.protocol", "http is served without TLS, so it cannot be called "
-                      "over mesh mTLS: set extauthz.tls: none (keep it on loopback) or "
-                      "protocol: grpc")
+        yield Problem(
+            "extauthz.protocol",
+            "http is served without TLS, so it cannot be called "
+            "over mesh mTLS: set extauthz.tls: none (keep it on loopback) or "
+            "protocol: grpc",
+        )
     if not mesh.mtls.enabled:
         return
     reserved = {service_name(kind) for kind in kinds.names()}
     for i, s in enumerate(mesh.services):
         if s.name in reserved:
-            yield Problem(f"services[{i}].name", f"{s.name!r} is reserved for Legation's "
-                          "request-path service of that name (its SPIFFE identity with mTLS)")
+            yield Problem(
+                f"services[{i}].name",
+                f"{s.name!r} is reserved for Legation's "
+                "request-path service of that name (its SPIFFE identity with mTLS)",
+            )
     if mesh.gateway is not None and mesh.gateway.name in reserved:
-        yield Problem("gateway.name", f"{mesh.gateway.name!r} is reserved for Legation's "
-                      "request-path service of that name (its SPIFFE identity with mTLS)")
+        yield Problem(
+            "gateway.name",
+            f"{mesh.gateway.name!r} is reserved for Legation's "
+            "request-path service of that name (its SPIFFE identity with mTLS)",
+        )
 
 
 def _service(mesh: Mesh, i: int, s: Service) -> Iterator[Problem]:

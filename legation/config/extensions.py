@@ -77,6 +77,7 @@ if TYPE_CHECKING:
 FailureMode = Literal["closed", "open"]
 FILTER_KIND = "extproc.filter"
 
+
 def service_blocks(mesh: Mesh) -> list[tuple[str, GrpcService]]:
     """The request-path services ``mesh`` declares, as (kind name, block), in the order of
     :data:`legation.services.kinds.KINDS` (the one list of kinds)."""
@@ -165,7 +166,8 @@ class HttpCalloutHeaders(BaseModel):
             if not stem or not re.fullmatch(_HEADER_NAME, stem) or "*" in stem:
                 raise ValueError(f"{name!r} is not a header name or a 'prefix*'")
             if stem.lower().startswith("x-legation-") or (
-                    name.endswith("*") and "x-legation-".startswith(stem.lower())):
+                name.endswith("*") and "x-legation-".startswith(stem.lower())
+            ):
                 raise ValueError(f"{name!r} would pass Legation's own x-legation-* headers")
         return names
 
@@ -185,12 +187,14 @@ class ExtAuthzService(_ConfiguredService):
     @model_validator(mode="after")
     def _http(self) -> ExtAuthzService:
         if self.protocol == "http" and self.http_port is None:
-            raise _field_error("ExtAuthzService", ("http_port",), "needed with protocol: http",
-                               None)
+            raise _field_error(
+                "ExtAuthzService", ("http_port",), "needed with protocol: http", None
+            )
         for name in ("http_port", "http_headers"):
             if self.protocol != "http" and getattr(self, name) is not None:
-                raise _field_error("ExtAuthzService", (name,), "only used with protocol: http",
-                                   None)
+                raise _field_error(
+                    "ExtAuthzService", (name,), "only used with protocol: http", None
+                )
         return self
 
     @property
@@ -222,8 +226,9 @@ class RateLimitHeaderNames(BaseModel):
     @classmethod
     def _token(cls, name: str) -> str:
         if not re.fullmatch(_HEADER_NAME, name):
-            raise ValueError(f"{name!r} is not an HTTP header name (letters, digits and "
-                             "!#$%&'*+.^_`|~- only)")
+            raise ValueError(
+                f"{name!r} is not an HTTP header name (letters, digits and !#$%&'*+.^_`|~- only)"
+            )
         return name
 
 
@@ -250,24 +255,42 @@ class RateLimitService(_ConfiguredService):
     @model_validator(mode="after")
     def _redis_url(self) -> RateLimitService:
         if self.backend == "redis" and self.redis_url is None:
-            raise _field_error("RateLimitService", ("redis_url",), "needed with backend: redis",
-                               None)
+            raise _field_error(
+                "RateLimitService", ("redis_url",), "needed with backend: redis", None
+            )
         if self.backend != "redis" and self.redis_url is not None:
-            raise _field_error("RateLimitService", ("redis_url",), "only used with backend: redis",
-                               "<redacted>")
+            raise _field_error(
+                "RateLimitService", ("redis_url",), "only used with backend: redis", "<redacted>"
+            )
         if self.failure_mode == "local" and self.backend != "redis":
-            raise _field_error("RateLimitService", ("failure_mode",),
-                               "local is only used with backend: redis", "local")
+            raise _field_error(
+                "RateLimitService",
+                ("failure_mode",),
+                "local is only used with backend: redis",
+                "local",
+            )
         if "local_instances" in self.model_fields_set and self.failure_mode != "local":
-            raise _field_error("RateLimitService", ("local_instances",),
-                               "only used with failure_mode: local", self.local_instances)
+            raise _field_error(
+                "RateLimitService",
+                ("local_instances",),
+                "only used with failure_mode: local",
+                self.local_instances,
+            )
         for name in ("max_keys", "max_bytes"):
             if self.backend != "memory" and getattr(self, name) is not None:
-                raise _field_error("RateLimitService", (name,), "only used with backend: memory",
-                                   getattr(self, name))
+                raise _field_error(
+                    "RateLimitService",
+                    (name,),
+                    "only used with backend: memory",
+                    getattr(self, name),
+                )
         if "response_header_names" in self.model_fields_set and not self.response_headers:
-            raise _field_error("RateLimitService", ("response_header_names",),
-                               "only used with response_headers: true", None)
+            raise _field_error(
+                "RateLimitService",
+                ("response_header_names",),
+                "only used with response_headers: true",
+                None,
+            )
         return self
 
     @property
@@ -305,8 +328,7 @@ class FilterSpec(BaseModel):
 
     @model_validator(mode="after")
     def _valid(self) -> FilterSpec:
-        self._config = validate_filter(self.name, self.options, title="FilterSpec",
-                                       at=("options",))
+        self._config = validate_filter(self.name, self.options, title="FilterSpec", at=("options",))
         return self
 
     @property
@@ -315,8 +337,9 @@ class FilterSpec(BaseModel):
         return self._config
 
 
-def validate_filter(name: str, options: Mapping[str, Any], *, title: str = "filter",
-                    at: tuple[str, ...] = ()) -> Any:
+def validate_filter(
+    name: str, options: Mapping[str, Any], *, title: str = "filter", at: tuple[str, ...] = ()
+) -> Any:
     """The plugin's typed config for ``options``; a ValidationError located within the options
     (below ``at``)."""
     factory = plugins.get(FILTER_KIND, name)

@@ -25,8 +25,9 @@ def load_mesh(path: str | os.PathLike[str]) -> Mesh:
     try:
         text = _yaml.read_text(path)
     except _yaml.YamlError as exc:
-        raise MeshConfigError(source, [Problem(TOP, exc.reason)], code="unreadable_config"
-                              ) from None
+        raise MeshConfigError(
+            source, [Problem(TOP, exc.reason)], code="unreadable_config"
+        ) from None
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise MeshConfigError(
@@ -58,5 +59,6 @@ def _parse_yaml(text: str, source: str) -> Any:
     try:
         return _yaml.load(text, source=source, unique_keys=True)
     except _yaml.YamlError as exc:
-        raise MeshConfigError(source, [Problem(TOP, exc.reason)], code="unreadable_config"
-                              ) from None
+        raise MeshConfigError(
+            source, [Problem(TOP, exc.reason)], code="unreadable_config"
+        ) from None

@@ -132,7 +132,8 @@ class Mesh(BaseModel):
     # decode_and_merge_slashes (also %2F/%5C decoded, then forwarded decoded). The default keeps
     # `//admin` from reaching a policy that matches `/admin`.
     path_normalization: Literal["none", "base", "merge_slashes", "decode_and_merge_slashes"] = (
-        "merge_slashes")
+        "merge_slashes"
+    )
 
     # built once per loaded mesh by legation.services.chains.route_chains (plugin instances)
     _route_chains: Any = PrivateAttr(default=None)

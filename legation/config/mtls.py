@@ -58,8 +58,7 @@ class Mtls(BaseModel):
             return "off"
         if value is True:
             raise ValueError(
-                "expected 'off', 'permissive' or 'strict', got on/true (YAML reads it as a "
-                "boolean)"
+                "expected 'off', 'permissive' or 'strict', got on/true (YAML reads it as a boolean)"
             )
         return value
 

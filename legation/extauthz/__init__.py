@@ -10,6 +10,21 @@
   :mod:`.observe` holds metrics and the decision log; :mod:`.envoy_filter` the Envoy side.
 """
 
-__all__ = ["checks", "config", "envoy_filter", "errors", "evaluator", "jwks", "jwt", "observe",
-           "opa", "policies", "policy_test", "rego", "request", "response", "service",
-           "servicer"]
+__all__ = [
+    "checks",
+    "config",
+    "envoy_filter",
+    "errors",
+    "evaluator",
+    "jwks",
+    "jwt",
+    "observe",
+    "opa",
+    "policies",
+    "policy_test",
+    "rego",
+    "request",
+    "response",
+    "service",
+    "servicer",
+]

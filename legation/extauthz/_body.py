@@ -155,7 +155,7 @@ def _grpc(raw: bytes, parsed_path: list[str], proto_set: ProtoSet | None) -> tup
     if cls is None:
         return None, False
     try:
-        message = cls.FromString(raw[5:5 + size])
+        message = cls.FromString(raw[5 : 5 + size])
         return json_format.MessageToDict(message), False
     except Exception:  # DecodeError, or a message protojson cannot render
         raise _error("the gRPC message does not decode as its method's input") from None

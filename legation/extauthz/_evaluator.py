@@ -164,8 +164,9 @@ def main() -> int:
             if engine is None:
                 answer: dict[str, Any] = {"error": "no policies loaded"}
             else:
-                answer = _tests.run(engine, json.loads(rest), OpaError, OpaUndefinedError,
-                                    _describe)
+                answer = _tests.run(
+                    engine, json.loads(rest), OpaError, OpaUndefinedError, _describe
+                )
             out.write(f"{ident} t {_dumps(answer)}\n")
         else:
             out.write(f"? e {_dumps('unknown operation')}\n")

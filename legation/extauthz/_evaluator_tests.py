@@ -35,20 +35,28 @@ def _test_rule(head: dict[str, Any]) -> dict[str, Any] | None:
             break  # the ground prefix ends here
         name = str(term["value"])
         if name.startswith((TEST_PREFIX, SKIP_PREFIX)):
-            return {"ref": _render(ref[:i + 1]), "name": name,
-                    "skip": name.startswith(SKIP_PREFIX), "key": ref[i + 1:]}
+            return {
+                "ref": _render(ref[: i + 1]),
+                "name": name,
+                "skip": name.startswith(SKIP_PREFIX),
+                "key": ref[i + 1 :],
+            }
     return None
 
 
 def parse(engine: Any, modules: list[list[str]]) -> list[list[Any]]:
     found: list[list[Any]] = []
     for path, text in modules:
-        rows = engine.eval_query("m := rego.parse_module(input.path, input.text)",
-                                 {"path": path, "text": text})
+        rows = engine.eval_query(
+            "m := rego.parse_module(input.path, input.text)", {"path": path, "text": text}
+        )
         module = rows[0]["m"] if rows else {}
         package = ".".join(str(t["value"]) for t in module.get("package", {}).get("path", [])[1:])
-        rules = [r for r in (_test_rule(rule.get("head", {})) for rule in module.get("rules", []))
-                 if r is not None]
+        rules = [
+            r
+            for r in (_test_rule(rule.get("head", {})) for rule in module.get("rules", []))
+            if r is not None
+        ]
         found.append([path, package, rules])
     return found
 
@@ -79,8 +87,9 @@ def _term_value(term: dict[str, Any], scope: dict[str, Any]) -> tuple[bool, Any]
 
 def _cases(trace: list[dict[str, Any]], at: str, key: list[dict[str, Any]]) -> list[list[Any]]:
     """Every key tuple the test rule's body (the queries entered at ``at``) bound, in order."""
-    queries = {e.get("query_id") for e in trace
-               if e.get("op") == "Enter" and e.get("location") == at}
+    queries = {
+        e.get("query_id") for e in trace if e.get("op") == "Enter" and e.get("location") == at
+    }
     seen: list[list[Any]] = []
     for event in trace:
         scope = event.get("locals")
@@ -107,14 +116,16 @@ def _rows(coverage: dict[str, Any] | None) -> dict[str, list[list[int]]]:
     return out
 
 
-def run(engine: Any, spec: dict[str, Any], error_cls: Any, undefined_cls: Any,
-        describe: Any) -> dict[str, Any]:
+def run(
+    engine: Any, spec: dict[str, Any], error_cls: Any, undefined_cls: Any, describe: Any
+) -> dict[str, Any]:
     cases = spec.get("cases")
     answer: dict[str, Any] = {}
     started = time.perf_counter_ns()
     try:
-        value = engine.eval_document(spec["path"], None, coverage=bool(spec.get("coverage")),
-                                     trace=cases is not None)
+        value = engine.eval_document(
+            spec["path"], None, coverage=bool(spec.get("coverage")), trace=cases is not None
+        )
         answer["value"] = value
     except undefined_cls:
         answer["undefined"] = True

@@ -25,7 +25,8 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
-_TOKEN = re.compile(r"""
+_TOKEN = re.compile(
+    r"""
     (?P<comment>\#[^\n]*)
   | (?P<template>\$(?:"(?:[^"\\\n]|\\.)*"|`[^`]*`))
   | (?P<string>"(?:[^"\\\n]|\\.)*")
@@ -33,7 +34,9 @@ _TOKEN = re.compile(r"""
   | (?P<word>[A-Za-z_][A-Za-z0-9_]*)
   | (?P<space>\s+)
   | (?P<other>.)
-""", re.VERBOSE | re.DOTALL)
+""",
+    re.VERBOSE | re.DOTALL,
+)
 
 
 def _tokens(source: str) -> list[tuple[str, str]]:
@@ -81,8 +84,12 @@ def _ref_path(tokens: list[tuple[str, str]], i: int) -> list[str]:
         if tokens[j] == ("other", ".") and j + 1 < len(tokens) and tokens[j + 1][0] == "word":
             path.append(tokens[j + 1][1])
             j += 2
-        elif (tokens[j] == ("other", "[") and j + 2 < len(tokens)
-              and tokens[j + 1][0] == "string" and tokens[j + 2] == ("other", "]")):
+        elif (
+            tokens[j] == ("other", "[")
+            and j + 2 < len(tokens)
+            and tokens[j + 1][0] == "string"
+            and tokens[j + 2] == ("other", "]")
+        ):
             path.append(json.loads(tokens[j + 1][1]))
             j += 3
         else:
@@ -155,11 +162,21 @@ def input_paths_by_package(
 # Builtins whose result is not a function of their arguments (OPA marks them nondeterministic:
 # the clock, randomness, the network, the runtime) or that act on the outside (print, trace).
 # A package that can reach one of them must be evaluated on every request.
-NONDETERMINISTIC = frozenset({
-    "time.now_ns", "rand.intn", "uuid.rfc4122", "http.send", "net.lookup_ip_addr",
-    "opa.runtime", "io.jwt.decode_verify", "crypto.x509.parse_and_verify_certificates",
-    "crypto.x509.parse_and_verify_certificates_with_options", "print", "trace",
-})
+NONDETERMINISTIC = frozenset(
+    {
+        "time.now_ns",
+        "rand.intn",
+        "uuid.rfc4122",
+        "http.send",
+        "net.lookup_ip_addr",
+        "opa.runtime",
+        "io.jwt.decode_verify",
+        "crypto.x509.parse_and_verify_certificates",
+        "crypto.x509.parse_and_verify_certificates_with_options",
+        "print",
+        "trace",
+    }
+)
 
 
 TEMPLATE = "$template"  # what nondeterministic_calls reports for a template string
@@ -179,8 +196,7 @@ def nondeterministic_calls(source: str) -> set[str]:
             continue
         name = [tokens[i][1]]
         i += 1
-        while (i + 1 < len(tokens) and tokens[i] == ("other", ".")
-               and tokens[i + 1][0] == "word"):
+        while i + 1 < len(tokens) and tokens[i] == ("other", ".") and tokens[i + 1][0] == "word":
             name.append(tokens[i + 1][1])
             i += 2
         for n in range(1, len(name) + 1):  # a prefix: `io.jwt.decode_verify(...)` and its ref
@@ -195,8 +211,15 @@ def analyse_packages(
     """For each package (``a/b``): (the projection its rules can read, whether its result is
     a function of the input and data alone), over its own modules and those of every package
     they reach through ``data.`` refs, transitively."""
-    mods = [(tuple(pkg.split("/")), _refs(src, "input"), _refs(src, "data"),
-             not nondeterministic_calls(src)) for pkg, src in modules]
+    mods = [
+        (
+            tuple(pkg.split("/")),
+            _refs(src, "input"),
+            _refs(src, "data"),
+            not nondeterministic_calls(src),
+        )
+        for pkg, src in modules
+    ]
     out: dict[str, tuple[dict[str, Any] | None, bool]] = {}
     for package in dict.fromkeys(m[0] for m in mods):
         # what data.<package>.<rule> can be made of: its own modules, and those of packages
@@ -220,8 +243,7 @@ def analyse_packages(
                 whole = True
                 break
             paths |= refs
-        out["/".join(package)] = (None if whole else _tree(paths),
-                                  all(mods[i][3] for i in reached))
+        out["/".join(package)] = (None if whole else _tree(paths), all(mods[i][3] for i in reached))
     return out
 
 

@@ -30,8 +30,9 @@ from google.protobuf.json_format import MessageToDict
 _STRUCT = "google.protobuf.Struct"
 
 # Field kinds, decided once per field descriptor.
-(_SCALAR, _BYTES, _MESSAGE, _LIST, _LIST_BYTES, _LIST_MESSAGE, _MAP, _MAP_BYTES,
- _MAP_MESSAGE) = range(9)
+(_SCALAR, _BYTES, _MESSAGE, _LIST, _LIST_BYTES, _LIST_MESSAGE, _MAP, _MAP_BYTES, _MAP_MESSAGE) = (
+    range(9)
+)
 _kinds: dict[Any, tuple[str, int]] = {}
 
 
@@ -43,11 +44,21 @@ def _kind(fd: Any) -> tuple[str, int]:
     is_map = message is not None and message.GetOptions().map_entry
     if is_map:
         value_fd = message.fields_by_name["value"]
-        kind = (_MAP_MESSAGE if value_fd.message_type is not None
-                else _MAP_BYTES if value_fd.type == fd.TYPE_BYTES else _MAP)
+        kind = (
+            _MAP_MESSAGE
+            if value_fd.message_type is not None
+            else _MAP_BYTES
+            if value_fd.type == fd.TYPE_BYTES
+            else _MAP
+        )
     elif fd.is_repeated:
-        kind = (_LIST_MESSAGE if message is not None
-                else _LIST_BYTES if fd.type == fd.TYPE_BYTES else _LIST)
+        kind = (
+            _LIST_MESSAGE
+            if message is not None
+            else _LIST_BYTES
+            if fd.type == fd.TYPE_BYTES
+            else _LIST
+        )
     else:
         kind = _MESSAGE if message is not None else _BYTES if fd.type == fd.TYPE_BYTES else _SCALAR
     found = (fd.json_name, kind)
@@ -91,7 +102,7 @@ def protomap(message: Any, only: Mapping[str, Any] | None = None) -> dict[str, A
     if message.DESCRIPTOR.full_name == _STRUCT:
         return MessageToDict(message)  # type: ignore[no-any-return]
     out: dict[str, Any] = {}
-    for fd, value in (_populated(message, only) if only else message.ListFields()):
+    for fd, value in _populated(message, only) if only else message.ListFields():
         name, kind = _kind(fd)
         sub = (only[name] or None) if only else None
         if kind == _SCALAR:

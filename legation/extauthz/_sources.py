@@ -20,8 +20,9 @@ from legation.extauthz._inputrefs import analyse_packages, nondeterministic_call
 _IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
 # the whole declaration line: `package a.b`, `package a["b"].c`, then only a comment
 _PACKAGE_LINE = re.compile(
-    rf'package\s+(?P<ref>{_IDENT}(?:\s*\.\s*{_IDENT}|\s*\[\s*"{_IDENT}"\s*\])*)\s*(?:#.*)?')
-_PART = re.compile(rf'{_IDENT}')
+    rf'package\s+(?P<ref>{_IDENT}(?:\s*\.\s*{_IDENT}|\s*\[\s*"{_IDENT}"\s*\])*)\s*(?:#.*)?'
+)
+_PART = re.compile(rf"{_IDENT}")
 
 
 def package_of(path: str, text: str) -> str:
@@ -34,11 +35,15 @@ def package_of(path: str, text: str) -> str:
             continue
         m = _PACKAGE_LINE.fullmatch(stripped)
         if m is None:
-            raise ConfigError(f"{path}: the first statement must be a package declaration of "
-                              'plain names (package a.b or a["b"])',
-                              code="policy_compile_failed")
+            raise ConfigError(
+                f"{path}: the first statement must be a package declaration of "
+                'plain names (package a.b or a["b"])',
+                code="policy_compile_failed",
+            )
         return ".".join(_PART.findall(m.group("ref")))
     raise ConfigError(f"{path}: no package declaration", code="policy_compile_failed")
+
+
 _TEST_RULE = re.compile(r"^\s*(test_\w+)\b", re.MULTILINE)
 
 
@@ -56,9 +61,11 @@ class Sources:
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> Sources:
-        return cls(directory=raw["directory"],
-                   modules=tuple((p, t) for p, t in raw["modules"]),
-                   data=tuple((p, t, tuple(at)) for p, t, at in raw["data"]))
+        return cls(
+            directory=raw["directory"],
+            modules=tuple((p, t) for p, t in raw["modules"]),
+            data=tuple((p, t, tuple(at)) for p, t, at in raw["data"]),
+        )
 
 
 @dataclass(frozen=True)
@@ -141,11 +148,14 @@ def refuse_network(src: Sources) -> None:
         if not found:
             continue
         name = sorted(found)[0]
-        line = next((n for n, ln in enumerate(text.splitlines(), 1)
-                     if name in ln.split("#", 1)[0]), 1)
-        raise ConfigError(f"{path}:{line}: {name} reaches the network and is disabled for this "
-                          "check (set its option allow_network: true to allow it)",
-                          code="policy_compile_failed")
+        line = next(
+            (n for n, ln in enumerate(text.splitlines(), 1) if name in ln.split("#", 1)[0]), 1
+        )
+        raise ConfigError(
+            f"{path}:{line}: {name} reaches the network and is disabled for this "
+            "check (set its option allow_network: true to allow it)",
+            code="policy_compile_failed",
+        )
 
 
 def analyse(src: Sources, *, rules: Iterable[str], tests: bool = False) -> CompiledPolicies:
@@ -181,7 +191,11 @@ def analyse(src: Sources, *, rules: Iterable[str], tests: bool = False) -> Compi
 
 
 def load(
-    directory: Path, *, rules: Iterable[str], probe_timeout_s: float, tests: bool = False,
+    directory: Path,
+    *,
+    rules: Iterable[str],
+    probe_timeout_s: float,
+    tests: bool = False,
     allow_network: bool = False,
 ) -> CompiledPolicies:
     """Read and validate in an evaluator process (blocking). Raises ConfigError naming the file.

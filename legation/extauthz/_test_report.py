@@ -174,8 +174,11 @@ def _error_json(text: str) -> dict[str, Any]:
         if re.fullmatch(r"[a-z_]+", code) and msg:
             return {"code": code, "message": msg}
         return {"message": text}
-    return {"code": m["code"], "message": m["msg"],
-            "location": {"file": m["file"], "row": int(m["row"])}}
+    return {
+        "code": m["code"],
+        "message": m["msg"],
+        "location": {"file": m["file"], "row": int(m["row"])},
+    }
 
 
 def _sub_json(subs: dict[str, SubResult]) -> dict[str, Any]:
@@ -250,9 +253,12 @@ class Coverage:
             files[path] = entry
             total_covered += len(covered)
             total_not += len(not_covered)
-        return {"files": files, "covered_lines": total_covered,
-                "not_covered_lines": total_not,
-                "coverage": _percent(total_covered, total_not)}
+        return {
+            "files": files,
+            "covered_lines": total_covered,
+            "not_covered_lines": total_not,
+            "coverage": _percent(total_covered, total_not),
+        }
 
 
 def _ranges(rows: list[int]) -> list[dict[str, dict[str, int]]]:
@@ -273,8 +279,9 @@ def _percent(covered: int, not_covered: int) -> float | int:
 
 
 def threshold_message(report: dict[str, Any], threshold: float, *, verbose: bool) -> str:
-    text = (f"Code coverage threshold not met: got {report['coverage']:.2f} "
-            f"instead of {threshold:.2f}")
+    text = (
+        f"Code coverage threshold not met: got {report['coverage']:.2f} instead of {threshold:.2f}"
+    )
     if verbose and report["files"]:
         text += "\nLines not covered:"
         for path in sorted(report["files"]):

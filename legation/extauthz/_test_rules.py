@@ -30,13 +30,19 @@ class TestRule:
 def _head(text: str, ref: str, start: int) -> re.Match[str] | None:
     """The next line at or after ``start`` that declares rule ``ref`` (``test_x if``,
     ``default test_x :=``, ``test_x[note] if``, ``p.test_y contains``)."""
-    pattern = (r"^[ \t]*(?:default[ \t]+)?(" + re.escape(ref)
-               + r")(?![\w])(?=[ \t]*(?:\[|\(|:=|=|\{|if\b|contains\b|#|$))")
+    pattern = (
+        r"^[ \t]*(?:default[ \t]+)?("
+        + re.escape(ref)
+        + r")(?![\w])(?=[ \t]*(?:\[|\(|:=|=|\{|if\b|contains\b|#|$))"
+    )
     return re.compile(pattern, re.MULTILINE).search(text, start)
 
 
-def discover(modules: tuple[tuple[str, str], ...], *, timeout_s: float = 30.0,
-             ) -> tuple[list[TestRule], tuple[tuple[str, str], ...]]:
+def discover(
+    modules: tuple[tuple[str, str], ...],
+    *,
+    timeout_s: float = 30.0,
+) -> tuple[list[TestRule], tuple[tuple[str, str], ...]]:
     """The test rules in file order, and the modules to load: the same text, except that the
     second and later bodies of one test name are renamed (same line, so locations and coverage
     rows stay), so that each runs on its own as in `opa test`."""
@@ -55,21 +61,30 @@ def discover(modules: tuple[tuple[str, str], ...], *, timeout_s: float = 30.0,
                 cursor = m.end()
                 line_start = text.rfind("\n", 0, m.start(1)) + 1
                 row = text.count("\n", 0, m.start(1)) + 1
-                line = text[line_start:m.end(1)]
+                line = text[line_start : m.end(1)]
                 col = len(line) - len(line.lstrip(" \t")) + 1
             name, query = rule["ref"], f"{package}.{rule['ref']}"
             if not rule["skip"]:
                 k = seen.get(query, 0)
                 seen[query] = k + 1
                 if k and m is not None:
-                    stem = rule["ref"][:len(rule["ref"]) - len(rule["name"])]
+                    stem = rule["ref"][: len(rule["ref"]) - len(rule["name"])]
                     name = f"{stem}{rule['name']}#{k:02d}"
                     renamed = rule["name"] + _DUPLICATE.format(k)
                     query = f"{package}.{stem}{renamed}"
                     edits.append((m.end(1) - len(rule["name"]), m.end(1), renamed))
-            rules.append(TestRule(file=path, row=row, col=col, package=f"data.{package}",
-                                  name=name, query=query, skip=bool(rule["skip"]),
-                                  key=tuple(rule["key"])))
+            rules.append(
+                TestRule(
+                    file=path,
+                    row=row,
+                    col=col,
+                    package=f"data.{package}",
+                    name=name,
+                    query=query,
+                    skip=bool(rule["skip"]),
+                    key=tuple(rule["key"]),
+                )
+            )
         for start, end, new in reversed(edits):
             text = text[:start] + new + text[end:]
         texts[path] = text
@@ -111,9 +126,15 @@ def _add_case(subs: dict[str, report.SubResult], path: list[str]) -> bool:
 
 
 def judge(rule: TestRule, answer: dict[str, Any]) -> report.Result:
-    result = report.Result(file=rule.file, row=rule.row, col=rule.col, package=rule.package,
-                           name=rule.name, ns=int(answer.get("ns", 0)),
-                           output="".join(f"{p}\n" for p in answer.get("prints", [])))
+    result = report.Result(
+        file=rule.file,
+        row=rule.row,
+        col=rule.col,
+        package=rule.package,
+        name=rule.name,
+        ns=int(answer.get("ns", 0)),
+        output="".join(f"{p}\n" for p in answer.get("prints", [])),
+    )
     if "error" in answer:
         result.error = str(answer["error"])
     elif answer.get("undefined"):

@@ -29,8 +29,10 @@ class EvaluationError(Exception):
 
 
 def load_line(modules: Modules, data: Data) -> bytes:
-    spec = {"modules": [list(m) for m in modules],
-            "data": [[path, text, list(at)] for path, text, at in data]}
+    spec = {
+        "modules": [list(m) for m in modules],
+        "data": [[path, text, list(at)] for path, text, at in data],
+    }
     return b"L " + json.dumps(spec, ensure_ascii=False).encode("utf-8", "surrogatepass") + b"\n"
 
 
@@ -38,39 +40,56 @@ def validate(modules: Modules, data: Data, *, timeout_s: float) -> None:
     """Load the policies in a fresh evaluator process; raises ConfigError naming the file and
     line when they do not compile (unknown functions included) or the process dies or hangs."""
     try:
-        proc = subprocess.run(_CMD, input=load_line(modules, data), capture_output=True,
-                              timeout=timeout_s, env=_ENV, check=False)
+        proc = subprocess.run(
+            _CMD,
+            input=load_line(modules, data),
+            capture_output=True,
+            timeout=timeout_s,
+            env=_ENV,
+            check=False,
+        )
     except subprocess.TimeoutExpired:
-        raise ConfigError(f"compiling the policies took longer than {timeout_s:g} s",
-                          code="policy_compile_failed") from None
+        raise ConfigError(
+            f"compiling the policies took longer than {timeout_s:g} s", code="policy_compile_failed"
+        ) from None
     answer = proc.stdout.decode("utf-8", "replace").splitlines()
     if answer and answer[0] == "L ok":
         return
     if answer and answer[0].startswith("L err "):
         raise ConfigError(str(json.loads(answer[0][6:])), code="policy_compile_failed")
-    raise ConfigError(f"the policy engine exited while compiling ({_exit(proc.returncode)})",
-                      code="policy_crashed")
+    raise ConfigError(
+        f"the policy engine exited while compiling ({_exit(proc.returncode)})",
+        code="policy_crashed",
+    )
 
 
 def parse_tests(modules: Modules, *, timeout_s: float) -> list[list[Any]]:
     """The test rules of each module, found by OPA's parser in a fresh evaluator process
     (the ``P`` operation): ``[[path, package, [rule...]]...]``; raises ConfigError when a
     module does not parse."""
-    line = b"P " + json.dumps({"modules": [list(m) for m in modules]},
-                              ensure_ascii=False).encode("utf-8", "surrogatepass") + b"\n"
+    line = (
+        b"P "
+        + json.dumps({"modules": [list(m) for m in modules]}, ensure_ascii=False).encode(
+            "utf-8", "surrogatepass"
+        )
+        + b"\n"
+    )
     try:
-        proc = subprocess.run(_CMD, input=line, capture_output=True, timeout=timeout_s,
-                              env=_ENV, check=False)
+        proc = subprocess.run(
+            _CMD, input=line, capture_output=True, timeout=timeout_s, env=_ENV, check=False
+        )
     except subprocess.TimeoutExpired:
-        raise ConfigError(f"parsing the policies took longer than {timeout_s:g} s",
-                          code="policy_compile_failed") from None
+        raise ConfigError(
+            f"parsing the policies took longer than {timeout_s:g} s", code="policy_compile_failed"
+        ) from None
     answer = proc.stdout.decode("utf-8", "replace").splitlines()
     if answer and answer[0].startswith("P ok "):
         return list(json.loads(answer[0][5:]))
     if answer and answer[0].startswith("P err "):
         raise ConfigError(str(json.loads(answer[0][6:])), code="policy_compile_failed")
-    raise ConfigError(f"the policy engine exited while parsing ({_exit(proc.returncode)})",
-                      code="policy_crashed")
+    raise ConfigError(
+        f"the policy engine exited while parsing ({_exit(proc.returncode)})", code="policy_crashed"
+    )
 
 
 def _exit(returncode: int | None) -> str:
@@ -107,8 +126,12 @@ class _Worker:
         from_child, child_out = os.pipe()
         try:
             proc = await asyncio.create_subprocess_exec(
-                *_CMD, stdin=child_in, stdout=child_out, stderr=asyncio.subprocess.DEVNULL,
-                env={**_ENV, _MEMORY_ENV: str(memory_mb)})
+                *_CMD,
+                stdin=child_in,
+                stdout=child_out,
+                stderr=asyncio.subprocess.DEVNULL,
+                env={**_ENV, _MEMORY_ENV: str(memory_mb)},
+            )
         except BaseException:
             for fd in (child_in, to_child, from_child, child_out):
                 os.close(fd)
@@ -124,8 +147,7 @@ class _Worker:
             if answer.startswith(b"L err "):
                 raise ConfigError(str(json.loads(answer[6:])), code="policy_compile_failed")
             if answer != b"L ok\n":
-                raise ConfigError("the policy engine exited while compiling",
-                                  code="policy_crashed")
+                raise ConfigError("the policy engine exited while compiling", code="policy_crashed")
         except BaseException:
             worker.kill()
             await asyncio.shield(worker.wait())
@@ -153,8 +175,8 @@ class _Worker:
             return
         end = self._buffer.find(b"\n")
         if end >= 0:
-            line = bytes(self._buffer[:end + 1])
-            del self._buffer[:end + 1]
+            line = bytes(self._buffer[: end + 1])
+            del self._buffer[: end + 1]
             self._answer(line)
 
     def _answer(self, line: bytes) -> None:
@@ -192,8 +214,9 @@ class _Worker:
         self.calls += 1
         raw = await self._roundtrip(b"E %d %s %s\n" % (self.calls, path.encode(), document))
         if not raw.endswith(b"\n"):
-            raise EvaluationError("the policy engine exited while evaluating "
-                                  f"({_exit(self.proc.returncode)})")
+            raise EvaluationError(
+                f"the policy engine exited while evaluating ({_exit(self.proc.returncode)})"
+            )
         ident, _, rest = raw[:-1].decode("utf-8", "replace").partition(" ")
         kind, _, payload = rest.partition(" ")
         if ident != str(self.calls) or kind not in ("v", "u", "e"):
@@ -205,16 +228,20 @@ class _Worker:
     async def test(self, spec: dict[str, Any]) -> dict[str, Any]:
         """Run one test rule (the ``T`` operation); raises EvaluationError if the process dies."""
         self.calls += 1
-        line = (b"T %d " % self.calls
-                + json.dumps(spec, ensure_ascii=False).encode("utf-8", "surrogatepass") + b"\n")
+        line = (
+            b"T %d " % self.calls
+            + json.dumps(spec, ensure_ascii=False).encode("utf-8", "surrogatepass")
+            + b"\n"
+        )
         raw = await self._roundtrip(line)
         prefix = b"%d t " % self.calls
         if not raw.endswith(b"\n"):
-            raise EvaluationError("the policy engine exited while evaluating "
-                                  f"({_exit(self.proc.returncode)})")
+            raise EvaluationError(
+                f"the policy engine exited while evaluating ({_exit(self.proc.returncode)})"
+            )
         if not raw.startswith(prefix):
             raise EvaluationError("the policy engine answered out of turn")
-        answer: dict[str, Any] = json.loads(raw[len(prefix):])
+        answer: dict[str, Any] = json.loads(raw[len(prefix) :])
         return answer
 
     # -- lifecycle ---------------------------------------------------------------------------

@@ -143,10 +143,10 @@ def load_mapping(raw: Any, *, source: str = "<inline>") -> LoadedConfig:
                 proto_set = ProtoSet.load(service.proto_descriptor)
             except ConfigError as e:
                 raise ConfigError(f"{source}: proto_descriptor: {e}", code=e.code) from None
-        options = InputOptions(skip_body_parse=service.skip_request_body_parse,
-                               proto_set=proto_set)
-    return LoadedConfig(service=service, check_configs=configs, source=source,
-                        input_options=options)
+        options = InputOptions(skip_body_parse=service.skip_request_body_parse, proto_set=proto_set)
+    return LoadedConfig(
+        service=service, check_configs=configs, source=source, input_options=options
+    )
 
 
 def pydantic_error(e: ValidationError) -> str:

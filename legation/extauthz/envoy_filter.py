@@ -82,9 +82,16 @@ def per_route_any(**kwargs: object) -> any_pb2.Any:
 
 
 def grpc_cluster(
-    name: str, endpoints: Sequence[tuple[str, int]], *, connect_timeout_ms: int = 1000,
+    name: str,
+    endpoints: Sequence[tuple[str, int]],
+    *,
+    connect_timeout_ms: int = 1000,
     max_concurrent_streams: int = 0,
 ) -> cluster_pb2.Cluster:
     """A STATIC HTTP/2 cluster for the service (see :mod:`legation.envoy_grpc`)."""
-    return envoy_grpc.grpc_cluster(name, endpoints, connect_timeout_ms=connect_timeout_ms,
-                                   max_concurrent_streams=max_concurrent_streams)
+    return envoy_grpc.grpc_cluster(
+        name,
+        endpoints,
+        connect_timeout_ms=connect_timeout_ms,
+        max_concurrent_streams=max_concurrent_streams,
+    )

@@ -34,8 +34,16 @@ from legation.extauthz._worker import (
     validate,
 )
 
-__all__ = ["Data", "EvaluationError", "EvaluatorPool", "Modules", "load_line", "parse_result",
-           "parse_tests", "validate"]
+__all__ = [
+    "Data",
+    "EvaluationError",
+    "EvaluatorPool",
+    "Modules",
+    "load_line",
+    "parse_result",
+    "parse_tests",
+    "validate",
+]
 
 log = logging.getLogger("legation.extauthz.evaluator")
 
@@ -61,8 +69,15 @@ def parse_result(text: str) -> Any:
 class EvaluatorPool:
     """``size`` evaluator processes loaded with the same modules and data."""
 
-    def __init__(self, modules: Modules, data: Data, *, size: int = 2,
-                 load_timeout_s: float = 10.0, memory_mb: int = 1024) -> None:
+    def __init__(
+        self,
+        modules: Modules,
+        data: Data,
+        *,
+        size: int = 2,
+        load_timeout_s: float = 10.0,
+        memory_mb: int = 1024,
+    ) -> None:
         self._load = load_line(modules, data)
         self.size = size
         self.load_timeout_s = load_timeout_s
@@ -82,8 +97,11 @@ class EvaluatorPool:
         started: list[_Worker] = []
         try:
             for _ in range(self.size):
-                started.append(await _Worker.spawn(self._load, timeout_s=self.load_timeout_s,
-                                                   memory_mb=self.memory_mb))
+                started.append(
+                    await _Worker.spawn(
+                        self._load, timeout_s=self.load_timeout_s, memory_mb=self.memory_mb
+                    )
+                )
         except BaseException:
             for w in started:
                 w.kill()
@@ -156,8 +174,9 @@ class EvaluatorPool:
         delay = 0.05
         while not self._closed:
             try:
-                worker = await _Worker.spawn(self._load, timeout_s=self.load_timeout_s,
-                                             memory_mb=self.memory_mb)
+                worker = await _Worker.spawn(
+                    self._load, timeout_s=self.load_timeout_s, memory_mb=self.memory_mb
+                )
             except (ConfigError, OSError, TimeoutError) as e:
                 log.error("cannot start a policy evaluator (retrying in %.1f s): %s", delay, e)
                 await asyncio.sleep(delay)
@@ -186,8 +205,9 @@ class EvaluatorPool:
             task.cancel()
         for worker in list(self._workers):
             worker.kill()
-        await asyncio.gather(*(w.wait() for w in (*self._workers, *self._dying)),
-                             return_exceptions=True)
+        await asyncio.gather(
+            *(w.wait() for w in (*self._workers, *self._dying)), return_exceptions=True
+        )
         await asyncio.gather(*self._spawning, return_exceptions=True)
         self._workers.clear()
         self._dying.clear()

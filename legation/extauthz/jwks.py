@@ -54,11 +54,13 @@ def check_jwks_url(url: str, *, allow_insecure_http: bool) -> None:
         return
     if parts.scheme == "http" and host:
         if not _is_loopback(host):
-            raise ValueError(f"jwks_url {url!r}: http is allowed only to a loopback host; "
-                             "use https")
+            raise ValueError(
+                f"jwks_url {url!r}: http is allowed only to a loopback host; use https"
+            )
         if not allow_insecure_http:
-            raise ValueError(f"jwks_url {url!r}: http needs allow_insecure_http: true "
-                             "(loopback only); use https")
+            raise ValueError(
+                f"jwks_url {url!r}: http needs allow_insecure_http: true (loopback only); use https"
+            )
         return
     raise ValueError(f"jwks_url {url!r}: only https URLs are allowed")
 
@@ -78,13 +80,15 @@ class _CheckedRedirects(urllib.request.HTTPRedirectHandler):
     def __init__(self, allow_insecure_http: bool) -> None:
         self.allow_insecure_http = allow_insecure_http
 
-    def redirect_request(self, req: Any, fp: IO[bytes], code: int, msg: str, headers: Any,
-                         newurl: str) -> Any:
+    def redirect_request(
+        self, req: Any, fp: IO[bytes], code: int, msg: str, headers: Any, newurl: str
+    ) -> Any:
         try:
             check_jwks_url(newurl, allow_insecure_http=self.allow_insecure_http)
         except ValueError as e:
-            raise urllib.error.HTTPError(newurl, code, f"redirect refused: {e}", headers,
-                                         fp) from None
+            raise urllib.error.HTTPError(
+                newurl, code, f"redirect refused: {e}", headers, fp
+            ) from None
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
@@ -155,16 +159,18 @@ class KeySet:
                 document = await asyncio.to_thread(self._fetch)
                 self._keys = parse_jwks(document, where=f"jwks_url {self.url}")
             except (OSError, ValueError, RecursionError, ConfigError) as e:
-                log.warning("JWKS fetch from %s failed (keeping %d keys): %s", self.url,
-                            len(self._keys), e)
+                log.warning(
+                    "JWKS fetch from %s failed (keeping %d keys): %s", self.url, len(self._keys), e
+                )
 
     def _fetch(self) -> Any:
         assert self.url is not None
         with self._opener.open(self.url, timeout=self.timeout_s) as resp:
             length = resp.headers.get("content-length")
             if length is not None and length.isdigit() and int(length) > self.max_bytes:
-                raise ValueError(f"the JWKS is {length} bytes, more than jwks_max_bytes "
-                                 f"({self.max_bytes})")
+                raise ValueError(
+                    f"the JWKS is {length} bytes, more than jwks_max_bytes ({self.max_bytes})"
+                )
             data = resp.read(self.max_bytes + 1)
             if len(data) > self.max_bytes:
                 raise ValueError(f"the JWKS is more than jwks_max_bytes ({self.max_bytes})")

@@ -44,9 +44,13 @@ class PolicyLabels:
     ``known`` are fixed names; each of ``catalogs`` returns the names a check knows right now
     (it may change on a policy reload), and is asked only for names not seen before."""
 
-    def __init__(self, known: Iterable[str] = (),
-                 catalogs: Iterable[Callable[[], Collection[str]]] = (), *,
-                 spare: int = 32) -> None:
+    def __init__(
+        self,
+        known: Iterable[str] = (),
+        catalogs: Iterable[Callable[[], Collection[str]]] = (),
+        *,
+        spare: int = 32,
+    ) -> None:
         self._known = frozenset(known) | {OTHER_POLICY}
         self._catalogs = tuple(catalogs)
         self._spare = spare
@@ -104,24 +108,36 @@ def _store_packages(store: Any) -> Callable[[], Collection[str]]:
     def packages() -> Collection[str]:
         found = getattr(store.current, "packages", ())
         return found if isinstance(found, Collection) else ()
+
     return packages
 
 
 class Metrics:
-    def __init__(self, registry: CollectorRegistry | None = None, *,
-                 policy_labels: PolicyLabels | None = None) -> None:
+    def __init__(
+        self,
+        registry: CollectorRegistry | None = None,
+        *,
+        policy_labels: PolicyLabels | None = None,
+    ) -> None:
         registry = registry if registry is not None else REGISTRY
         self.decisions = Counter(
-            "legation_extauthz_decisions", "ext_authz decisions by policy and result",
-            ["policy", "result"], registry=registry,
+            "legation_extauthz_decisions",
+            "ext_authz decisions by policy and result",
+            ["policy", "result"],
+            registry=registry,
         )
         self.errors = Counter(
-            "legation_extauthz_check_errors", "checks that errored or timed out, by code",
-            ["policy", "code"], registry=registry,
+            "legation_extauthz_check_errors",
+            "checks that errored or timed out, by code",
+            ["policy", "code"],
+            registry=registry,
         )
         self.latency = Histogram(
-            "legation_extauthz_handler_seconds", "time spent in the Check handler",
-            ["policy"], buckets=_BUCKETS, registry=registry,
+            "legation_extauthz_handler_seconds",
+            "time spent in the Check handler",
+            ["policy"],
+            buckets=_BUCKETS,
+            registry=registry,
         )
 
         self._children: dict[tuple[str, str, str], tuple[Any, Any, Any]] = {}
@@ -141,8 +157,7 @@ class Metrics:
             error = None
             if code and result in ("error", "would_deny") and code not in ("denied",):
                 error = self.errors.labels(policy, code)
-            children = (self.decisions.labels(policy, result), error,
-                        self.latency.labels(policy))
+            children = (self.decisions.labels(policy, result), error, self.latency.labels(policy))
             if len(self._children) < 4096:  # policies bounded by PolicyLabels, codes fixed
                 self._children[key] = children
         children[0].inc()
@@ -179,7 +194,9 @@ class _ReloadFailures:
         family = CounterMetricFamily(
             "legation_extauthz_policy_reload_failures",
             "policy versions that did not replace the running one (compile error, engine "
-            "crash or timeout in the probe), by check", labels=["check"])
+            "crash or timeout in the probe), by check",
+            labels=["check"],
+        )
         for name, count in self._stores:
             family.add_metric([name], count())
         yield family

@@ -59,8 +59,9 @@ class OpaCheck:
     async def check(self, ctx: RequestContext) -> Decision:
         policy = ctx.extensions.get("policy") or self.config.default_policy
         if not policy:
-            raise AuthzError("opa: the route names no policy and no default_policy is set",
-                             code="no_policy")
+            raise AuthzError(
+                "opa: the route names no policy and no default_policy is set", code="no_policy"
+            )
         document = ctx.input()
         if not self._started:
             await self.start()
@@ -68,8 +69,7 @@ class OpaCheck:
         try:
             reply = await self.client.query_rule(document, path)
         except (TimeoutError, aiohttp.ClientError, ValueError) as e:
-            raise AuthzError(f"opa: {policy}: {type(e).__name__}",
-                             code="opa_unavailable") from None
+            raise AuthzError(f"opa: {policy}: {type(e).__name__}", code="opa_unavailable") from None
         if not isinstance(reply, dict):
             raise AuthzError(f"opa: {policy}: the reply is not an object", code="opa_unavailable")
         return decision_from_result(reply.get("result"), where=f"opa policy {policy}")

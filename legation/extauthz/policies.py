@@ -37,9 +37,21 @@ from legation.extauthz._sources import (
 )
 from legation.extauthz.evaluator import EvaluatorPool
 
-__all__ = ["NETWORK_BUILTINS", "CompiledPolicies", "PolicyStore", "Sources", "analyse",
-           "data_files", "fingerprint", "is_test_file", "load", "package_of", "read_sources",
-           "refuse_network", "sources"]
+__all__ = [
+    "NETWORK_BUILTINS",
+    "CompiledPolicies",
+    "PolicyStore",
+    "Sources",
+    "analyse",
+    "data_files",
+    "fingerprint",
+    "is_test_file",
+    "load",
+    "package_of",
+    "read_sources",
+    "refuse_network",
+    "sources",
+]
 
 log = logging.getLogger("legation.extauthz.policies")
 
@@ -49,10 +61,18 @@ class PolicyStore:
     directory changes. The first version is validated at construction (bad policies fail at
     start); its pool starts with :meth:`start` (or the first :meth:`pool` call)."""
 
-    def __init__(self, directory: Path, *, rules: Iterable[str], interval_s: float,
-                 probe_timeout_s: float = 10.0, tests: bool = False,
-                 evaluators: int = 2, allow_network: bool = False,
-                 evaluator_memory_mb: int = 1024) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        rules: Iterable[str],
+        interval_s: float,
+        probe_timeout_s: float = 10.0,
+        tests: bool = False,
+        evaluators: int = 2,
+        allow_network: bool = False,
+        evaluator_memory_mb: int = 1024,
+    ) -> None:
         self.directory = directory
         self.tests = tests
         self.rules = tuple(rules)
@@ -65,8 +85,13 @@ class PolicyStore:
         self._settling: str | None = None  # a new fingerprint seen once, loaded when it holds
         self.last_error: str | None = None
         self._fingerprint = fingerprint(directory)
-        self.current = load(directory, rules=self.rules, probe_timeout_s=probe_timeout_s,
-                            tests=tests, allow_network=allow_network)
+        self.current = load(
+            directory,
+            rules=self.rules,
+            probe_timeout_s=probe_timeout_s,
+            tests=tests,
+            allow_network=allow_network,
+        )
         self._pool: EvaluatorPool | None = None
         self._pool_for: CompiledPolicies | None = None
         self._starting: asyncio.Task[EvaluatorPool] | None = None
@@ -74,9 +99,13 @@ class PolicyStore:
         self._task: asyncio.Task[None] | None = None
 
     def _new_pool(self, compiled: CompiledPolicies) -> EvaluatorPool:
-        return EvaluatorPool(compiled.sources.modules, compiled.sources.data,
-                             size=self.evaluators, load_timeout_s=self.probe_timeout_s,
-                             memory_mb=self.evaluator_memory_mb)
+        return EvaluatorPool(
+            compiled.sources.modules,
+            compiled.sources.data,
+            size=self.evaluators,
+            load_timeout_s=self.probe_timeout_s,
+            memory_mb=self.evaluator_memory_mb,
+        )
 
     async def pool(self) -> EvaluatorPool:
         """The running version's pool, started on first use."""
@@ -85,7 +114,8 @@ class PolicyStore:
         if self._starting is None:
             compiled = self.current
             self._starting = asyncio.get_running_loop().create_task(
-                self._new_pool(compiled).start())
+                self._new_pool(compiled).start()
+            )
             self._pool_for = compiled
         try:
             pool = await asyncio.shield(self._starting)
@@ -114,10 +144,14 @@ class PolicyStore:
             return False
         self._settling = None
         try:
-            compiled = await asyncio.to_thread(load, self.directory, rules=self.rules,
-                                               probe_timeout_s=self.probe_timeout_s,
-                                               tests=self.tests,
-                                               allow_network=self.allow_network)
+            compiled = await asyncio.to_thread(
+                load,
+                self.directory,
+                rules=self.rules,
+                probe_timeout_s=self.probe_timeout_s,
+                tests=self.tests,
+                allow_network=self.allow_network,
+            )
         except ConfigError as e:
             self._fingerprint = fp  # the same files would fail the same way
             return self._failed(str(e))

@@ -38,15 +38,30 @@ from legation.extauthz.policies import Sources, read_sources
 
 __all__ = ["Options", "TestRule", "discover", "judge", "main", "run", "run_paths"]
 
-async def _run(modules: tuple[tuple[str, str], ...], data: Any, rules: list[TestRule], *,
-               timeout_s: float, coverage: report.Coverage | None) -> list[report.Result]:
+
+async def _run(
+    modules: tuple[tuple[str, str], ...],
+    data: Any,
+    rules: list[TestRule],
+    *,
+    timeout_s: float,
+    coverage: report.Coverage | None,
+) -> list[report.Result]:
     pool = await EvaluatorPool(modules, data, size=1).start()
     results: list[report.Result] = []
     try:
         for rule in rules:
             if rule.skip:
-                results.append(report.Result(file=rule.file, row=rule.row, col=rule.col,
-                                             package=rule.package, name=rule.name, skip=True))
+                results.append(
+                    report.Result(
+                        file=rule.file,
+                        row=rule.row,
+                        col=rule.col,
+                        package=rule.package,
+                        name=rule.name,
+                        skip=True,
+                    )
+                )
                 continue
             spec: dict[str, Any] = {"path": rule.query, "coverage": coverage is not None}
             if rule.key:
@@ -54,8 +69,10 @@ async def _run(modules: tuple[tuple[str, str], ...], data: Any, rules: list[Test
             try:
                 answer = await pool.run_test(spec, timeout_s=timeout_s)
             except TimeoutError:
-                answer = {"error": f"eval_cancel_error: timed out after {timeout_s:g} s",
-                          "ns": int(timeout_s * 1e9)}
+                answer = {
+                    "error": f"eval_cancel_error: timed out after {timeout_s:g} s",
+                    "ns": int(timeout_s * 1e9),
+                }
             except EvaluationError as e:
                 answer = {"error": str(e)}
             if coverage is not None and "coverage" in answer:
@@ -94,8 +111,9 @@ class Options:
     timeout_s: float = 5.0
 
 
-def run_paths(paths: list[Path], options: Options, *, out: TextIO | None = None,
-              err: TextIO | None = None) -> int:
+def run_paths(
+    paths: list[Path], options: Options, *, out: TextIO | None = None, err: TextIO | None = None
+) -> int:
     out = out if out is not None else sys.stdout
     err = err if err is not None else sys.stderr
     if not 0 <= options.threshold <= 100:
@@ -112,8 +130,9 @@ def run_paths(paths: list[Path], options: Options, *, out: TextIO | None = None,
         rules, modules = discover(src.modules)
         if pattern is not None:
             rules = [r for r in rules if pattern.search(f"{r.package}.{r.name}")]
-        results = asyncio.run(_run(modules, src.data, rules, timeout_s=options.timeout_s,
-                                   coverage=coverage))
+        results = asyncio.run(
+            _run(modules, src.data, rules, timeout_s=options.timeout_s, coverage=coverage)
+        )
     except (ConfigError, OSError, TimeoutError) as e:
         err.write(f"{e}\n")
         return 1
@@ -133,8 +152,15 @@ def run_paths(paths: list[Path], options: Options, *, out: TextIO | None = None,
     return status
 
 
-def _report_coverage(results: list[report.Result], coverage: report.Coverage, options: Options,
-                     status: int, *, out: TextIO, err: TextIO) -> int:
+def _report_coverage(
+    results: list[report.Result],
+    coverage: report.Coverage,
+    options: Options,
+    status: int,
+    *,
+    out: TextIO,
+    err: TextIO,
+) -> int:
     """`opa test --coverage`: an error or a failure ends the run (exit 1) without a report; a
     report under ``--threshold`` is exit 2; otherwise the report as JSON."""
     for r in results:
@@ -145,25 +171,42 @@ def _report_coverage(results: list[report.Result], coverage: report.Coverage, op
     if failures:
         report.pretty(failures, out, verbose=options.verbose)
         first = failures[0]
-        err.write(first.line() + "\n" + "".join(
-            f"{'  ' * (d + 1)}{sr.name}: {'FAIL' if sr.fail else 'PASS'}\n"
-            for d, sr in report.walk(first.sub)) + "\n")
+        err.write(
+            first.line()
+            + "\n"
+            + "".join(
+                f"{'  ' * (d + 1)}{sr.name}: {'FAIL' if sr.fail else 'PASS'}\n"
+                for d, sr in report.walk(first.sub)
+            )
+            + "\n"
+        )
         return 1
     document = coverage.report()
     if document["coverage"] < options.threshold:
-        err.write(report.threshold_message(document, options.threshold,
-                                           verbose=options.verbose) + "\n")
+        err.write(
+            report.threshold_message(document, options.threshold, verbose=options.verbose) + "\n"
+        )
         return 2
     out.write(json.dumps(document, indent=2, ensure_ascii=False) + "\n")
     return status
 
 
-def run(directory: Path, *, verbose: bool, out: TextIO | None = None,
-        timeout_s: float = 5.0, err: TextIO | None = None) -> int:
+def run(
+    directory: Path,
+    *,
+    verbose: bool,
+    out: TextIO | None = None,
+    timeout_s: float = 5.0,
+    err: TextIO | None = None,
+) -> int:
     """One directory, pretty output (what ``legation policy test DIR [-v]`` does); errors
     go to ``err``, by default to ``out`` too."""
-    return run_paths([directory], Options(verbose=verbose, timeout_s=timeout_s), out=out,
-                     err=err if err is not None else out)
+    return run_paths(
+        [directory],
+        Options(verbose=verbose, timeout_s=timeout_s),
+        out=out,
+        err=err if err is not None else out,
+    )
 
 
 def _duration(text: str) -> float:
@@ -182,27 +225,54 @@ def _duration(text: str) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="legation policy test",
-        description="Run the Rego unit tests (test_ rules) like `opa test`.")
-    parser.add_argument("paths", nargs="*", default=["policies"], type=Path,
-                        help="directories (their .rego and data.json/data.yaml) or .rego files")
+        description="Run the Rego unit tests (test_ rules) like `opa test`.",
+    )
+    parser.add_argument(
+        "paths",
+        nargs="*",
+        default=["policies"],
+        type=Path,
+        help="directories (their .rego and data.json/data.yaml) or .rego files",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="list every test")
     parser.add_argument("-f", "--format", choices=("pretty", "json"), default="pretty")
-    parser.add_argument("-c", "--coverage", action="store_true",
-                        help="report coverage as JSON instead of the test results")
-    parser.add_argument("--threshold", type=float, default=0.0,
-                        help="exit 2 if coverage (percent) is under this; implies --coverage")
+    parser.add_argument(
+        "-c",
+        "--coverage",
+        action="store_true",
+        help="report coverage as JSON instead of the test results",
+    )
+    parser.add_argument(
+        "--threshold",
+        type=float,
+        default=0.0,
+        help="exit 2 if coverage (percent) is under this; implies --coverage",
+    )
     parser.add_argument("-r", "--run", help="run only tests whose name matches this regex")
-    parser.add_argument("-z", "--exit-zero-on-skipped", action="store_true",
-                        help="skipped (todo_) tests do not make the exit status 2")
-    parser.add_argument("--fail-on-empty", action="store_true",
-                        help="exit 1 when no test was run")
-    parser.add_argument("--timeout", type=_duration, default=5.0,
-                        help="each test's deadline (5s, 500ms, or seconds; default 5s)")
+    parser.add_argument(
+        "-z",
+        "--exit-zero-on-skipped",
+        action="store_true",
+        help="skipped (todo_) tests do not make the exit status 2",
+    )
+    parser.add_argument("--fail-on-empty", action="store_true", help="exit 1 when no test was run")
+    parser.add_argument(
+        "--timeout",
+        type=_duration,
+        default=5.0,
+        help="each test's deadline (5s, 500ms, or seconds; default 5s)",
+    )
     args = parser.parse_args(argv)
-    options = Options(verbose=args.verbose, format=args.format, coverage=args.coverage,
-                      threshold=args.threshold, run=args.run,
-                      exit_zero_on_skipped=args.exit_zero_on_skipped,
-                      fail_on_empty=args.fail_on_empty, timeout_s=args.timeout)
+    options = Options(
+        verbose=args.verbose,
+        format=args.format,
+        coverage=args.coverage,
+        threshold=args.threshold,
+        run=args.run,
+        exit_zero_on_skipped=args.exit_zero_on_skipped,
+        fail_on_empty=args.fail_on_empty,
+        timeout_s=args.timeout,
+    )
     return run_paths(list(args.paths), options)
 
 

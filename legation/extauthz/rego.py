@@ -94,13 +94,16 @@ class RegoCheck:
 
     def __init__(self, config: RegoConfig) -> None:
         self.config = config
-        self.store = PolicyStore(config.policy_dir, rules=(config.decision,),
-                                 interval_s=config.reload_interval_s,
-                                 probe_timeout_s=config.probe_timeout_s,
-                                 tests=config.include_tests,
-                                 evaluators=config.evaluators,
-                                 evaluator_memory_mb=config.evaluator_memory_mb,
-                                 allow_network=config.allow_network)
+        self.store = PolicyStore(
+            config.policy_dir,
+            rules=(config.decision,),
+            interval_s=config.reload_interval_s,
+            probe_timeout_s=config.probe_timeout_s,
+            tests=config.include_tests,
+            evaluators=config.evaluators,
+            evaluator_memory_mb=config.evaluator_memory_mb,
+            allow_network=config.allow_network,
+        )
         self._compiled: CompiledPolicies | None = None
         # policy -> (data path, input parts it reads, cacheable), or None when not compiled
         self._entrypoints: dict[str, tuple[str, Any, bool] | None] = {}
@@ -137,8 +140,11 @@ class RegoCheck:
             if name in compiled.entrypoints:
                 package = name.rsplit("/", 1)[0]
                 only = compiled.input_paths.get(package) if self.config.project_input else None
-                cacheable = (self.config.decision_cache_size > 0 and only is not None
-                             and compiled.deterministic.get(package, False))
+                cacheable = (
+                    self.config.decision_cache_size > 0
+                    and only is not None
+                    and compiled.deterministic.get(package, False)
+                )
                 found = (name.replace("/", "."), only, cacheable)
             if len(self._entrypoints) < _RESULT_CACHE:
                 self._entrypoints[policy] = found
@@ -149,8 +155,9 @@ class RegoCheck:
     async def check(self, ctx: RequestContext) -> Decision:
         policy = ctx.extensions.get("policy") or self.config.default_policy
         if not policy:
-            raise AuthzError("rego: the route names no policy and no default_policy is set",
-                             code="no_policy")
+            raise AuthzError(
+                "rego: the route names no policy and no default_policy is set", code="no_policy"
+            )
         compiled = self._current()
         ep, only, cacheable = self._entrypoint(compiled, policy)
         document = ctx.input(only)
@@ -182,23 +189,29 @@ class RegoCheck:
         ep = self._entrypoint(compiled, policy)[0]
         return await self._evaluate(compiled, policy, ep, document)
 
-    async def _evaluate(self, compiled: CompiledPolicies, policy: str, ep: str,
-                        document: dict[str, Any]) -> Decision:
+    async def _evaluate(
+        self, compiled: CompiledPolicies, policy: str, ep: str, document: dict[str, Any]
+    ) -> Decision:
         try:
-            data = json.dumps(document, ensure_ascii=False, separators=(",", ":"),
-                              allow_nan=False).encode()
+            data = json.dumps(
+                document, ensure_ascii=False, separators=(",", ":"), allow_nan=False
+            ).encode()
         except (TypeError, ValueError) as e:  # lone surrogates, NaN, a non-JSON value
-            raise AuthzError(f"rego: {policy}: the input cannot be encoded as JSON: {e}",
-                             code="policy_input_error") from None
+            raise AuthzError(
+                f"rego: {policy}: the input cannot be encoded as JSON: {e}",
+                code="policy_input_error",
+            ) from None
         try:
             pool = await self.store.pool()
             kind, text = await pool.evaluate(ep, data)
         except EvaluationError as e:
-            raise AuthzError(f"rego: {policy}: evaluation failed: {e}",
-                             code="policy_error") from None
+            raise AuthzError(
+                f"rego: {policy}: evaluation failed: {e}", code="policy_error"
+            ) from None
         except ConfigError as e:  # the pool could not load this version
-            raise AuthzError(f"rego: {policy}: policy engine unavailable: {e}",
-                             code="policy_error") from None
+            raise AuthzError(
+                f"rego: {policy}: policy engine unavailable: {e}", code="policy_error"
+            ) from None
         key = (policy, text if kind == "v" else "")
         decision = self._decisions.get(key)
         if decision is None:

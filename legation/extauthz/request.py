@@ -52,8 +52,16 @@ def new_decision_id() -> str:
 class RequestContext:
     """One Check call: the raw request, what earlier checks learned, and the lazy input."""
 
-    __slots__ = ("_input", "claims", "decision_id", "extensions", "headers", "jwt_provider",
-                 "options", "request")
+    __slots__ = (
+        "_input",
+        "claims",
+        "decision_id",
+        "extensions",
+        "headers",
+        "jwt_provider",
+        "options",
+        "request",
+    )
 
     def __init__(self, request: Any, options: InputOptions | None = None) -> None:
         self.request = request
@@ -111,8 +119,9 @@ class InputOptions:
 DEFAULT_OPTIONS = InputOptions()
 
 
-def build_input(request: Any, only: InputPaths | None = None,
-                options: InputOptions = DEFAULT_OPTIONS) -> dict[str, Any]:
+def build_input(
+    request: Any, only: InputPaths | None = None, options: InputOptions = DEFAULT_OPTIONS
+) -> dict[str, Any]:
     """The document for ``request``; with ``only``, just those parts (see :func:`project`).
     With ``only``, the parts it leaves out are not built at all.
 
@@ -126,12 +135,14 @@ def build_input(request: Any, only: InputPaths | None = None,
     if (only is None or "attributes" in only) and request.HasField("attributes"):
         doc["attributes"] = protomap(request.attributes, _sub(only, "attributes"))
     want_body = not options.skip_body_parse and (
-        only is None or "truncated_body" in only or "parsed_body" in only)
+        only is None or "truncated_body" in only or "parsed_body" in only
+    )
     parsed_path, doc["parsed_query"] = parse_path(http.path)  # cheap; refuses a bad path
     doc["parsed_path"] = parsed_path
     if want_body:
         doc["parsed_body"], doc["truncated_body"] = parse_body_of(
-            http, parsed_path, options.proto_set)
+            http, parsed_path, options.proto_set
+        )
     if only is None or "version" in only:
         doc["version"] = dict(_VERSION)
     principal = request.attributes.source.principal
@@ -179,8 +190,9 @@ def parse_path(path: str) -> tuple[list[str], dict[str, list[str]]]:
         decoded = unescape(raw_path, plus=False)
         query = parse_query(raw_query)
     except ValueError as e:
-        raise AuthzError(f"the request path cannot be parsed: {e}", code="malformed_path",
-                         status=400) from None
+        raise AuthzError(
+            f"the request path cannot be parsed: {e}", code="malformed_path", status=400
+        ) from None
     return decoded.lstrip("/").split("/"), query
 
 

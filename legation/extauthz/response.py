@@ -51,8 +51,7 @@ def decision_from_result(result: Any, *, where: str) -> Decision:
     if isinstance(result, bool):
         return Decision(allowed=result, reason="" if result else f"{where}: denied")
     if not isinstance(result, Mapping):
-        raise _invalid(f"{where}: result must be a boolean or an object, got "
-                       f"{_type(result)}")
+        raise _invalid(f"{where}: result must be a boolean or an object, got {_type(result)}")
     if "allowed" not in result:
         raise _invalid(f"{where}: result object has no 'allowed' key")
     allowed = result["allowed"]
@@ -66,8 +65,9 @@ def decision_from_result(result: Any, *, where: str) -> Decision:
     if not isinstance(body, str):
         raise _invalid(f"{where}: 'body' must be a string, got {_type(body)}")
     status = _status(result, where)
-    response_headers = _headers(result.get("response_headers_to_add", {}),
-                                f"{where}: 'response_headers_to_add'")
+    response_headers = _headers(
+        result.get("response_headers_to_add", {}), f"{where}: 'response_headers_to_add'"
+    )
     remove = _strings(result, "request_headers_to_remove", where)
     for name in remove:
         if problem := bad_header_name(name):
@@ -78,11 +78,23 @@ def decision_from_result(result: Any, *, where: str) -> Decision:
             raise _invalid(f"{where}: 'query_parameters_to_remove': {_show(key)} {problem}")
     query_set = _query_set(result.get("query_parameters_to_set", {}), where)
     if not allowed:
-        return Decision(allowed=False, http_status=status, body=body, headers=headers,
-                        dynamic_metadata=dict(metadata), reason=f"{where}: denied")
-    return Decision(allowed=True, headers=headers, response_headers_to_add=response_headers,
-                    request_headers_to_remove=remove, query_parameters_to_set=query_set,
-                    query_parameters_to_remove=query_remove, dynamic_metadata=dict(metadata))
+        return Decision(
+            allowed=False,
+            http_status=status,
+            body=body,
+            headers=headers,
+            dynamic_metadata=dict(metadata),
+            reason=f"{where}: denied",
+        )
+    return Decision(
+        allowed=True,
+        headers=headers,
+        response_headers_to_add=response_headers,
+        request_headers_to_remove=remove,
+        query_parameters_to_set=query_set,
+        query_parameters_to_remove=query_remove,
+        dynamic_metadata=dict(metadata),
+    )
 
 
 def _type(value: Any) -> str:
@@ -144,8 +156,7 @@ def _headers(raw: Any, where: str) -> Headers:
 
 def _query_set(raw: Any, where: str) -> tuple[tuple[str, str], ...]:
     if not isinstance(raw, Mapping):
-        raise _invalid(f"{where}: 'query_parameters_to_set' must be an object, got "
-                       f"{_type(raw)}")
+        raise _invalid(f"{where}: 'query_parameters_to_set' must be an object, got {_type(raw)}")
     out: list[tuple[str, str]] = []
     for key, value in raw.items():
         for v in _values(value, f"{where}: 'query_parameters_to_set' {_show(key)}"):
@@ -158,21 +169,29 @@ def _query_set(raw: Any, where: str) -> tuple[tuple[str, str], ...]:
 def check_decision(decision: Decision) -> None:
     """Raise ``invalid_result`` when a decision carries a header or query parameter Envoy must
     not get."""
-    for field, headers in (("headers", decision.headers),
-                           ("response_headers_to_add", decision.response_headers_to_add)):
+    for field, headers in (
+        ("headers", decision.headers),
+        ("response_headers_to_add", decision.response_headers_to_add),
+    ):
         for name, value in header_items(headers):
             if problem := bad_header_name(name) or bad_header_value(value):
-                raise AuthzError(f"decision {field}: header {_show(name)}: {problem}",
-                                 code="invalid_result")
+                raise AuthzError(
+                    f"decision {field}: header {_show(name)}: {problem}", code="invalid_result"
+                )
     for name in decision.request_headers_to_remove:
         if problem := bad_header_name(name):
-            raise AuthzError(f"decision request_headers_to_remove: {_show(name)} is {problem}",
-                             code="invalid_result")
-    for key, value in (*decision.query_parameters_to_set,
-                       *((k, "") for k in decision.query_parameters_to_remove)):
+            raise AuthzError(
+                f"decision request_headers_to_remove: {_show(name)} is {problem}",
+                code="invalid_result",
+            )
+    for key, value in (
+        *decision.query_parameters_to_set,
+        *((k, "") for k in decision.query_parameters_to_remove),
+    ):
         if problem := bad_header_value(key) or bad_header_value(value):
-            raise AuthzError(f"decision query parameter {_show(key)}: {problem}",
-                             code="invalid_result")
+            raise AuthzError(
+                f"decision query parameter {_show(key)}: {problem}", code="invalid_result"
+            )
     if not isinstance(decision.body, str):
         raise AuthzError("decision body: not a string", code="invalid_result")
 
@@ -182,8 +201,12 @@ def _show(name: object) -> str:
     return repr(name[:64]) if isinstance(name, str) else type(name).__name__
 
 
-def _header_options(headers: Headers, *, append: bool = False, legacy: bool = False,
-                    ) -> list[base_pb2.HeaderValueOption]:
+def _header_options(
+    headers: Headers,
+    *,
+    append: bool = False,
+    legacy: bool = False,
+) -> list[base_pb2.HeaderValueOption]:
     """One option per value. Without ``append``, a name's first value replaces what the message
     already has under that name (a client-sent ``x-user`` never survives next to the policy's)
     and its further values are appended to it; with ``append``, every value is appended.
@@ -196,8 +219,9 @@ def _header_options(headers: Headers, *, append: bool = False, legacy: bool = Fa
         key = name.lower()
         action = _APPEND if append or key in seen else _OVERWRITE
         seen.add(key)
-        option = base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=name, value=value),
-                                            append_action=action)
+        option = base_pb2.HeaderValueOption(
+            header=base_pb2.HeaderValue(key=name, value=value), append_action=action
+        )
         if action == _APPEND and legacy:
             option.append.value = True  # Envoy's ext_authz reads only this for request headers
         out.append(option)
@@ -209,7 +233,11 @@ def _query_parameters(pairs: Iterable[tuple[str, str]]) -> list[base_pb2.QueryPa
 
 
 def to_check_response(
-    decision: Decision, *, decision_id: str, deny_status: int, policy: str | None = None,
+    decision: Decision,
+    *,
+    decision_id: str,
+    deny_status: int,
+    policy: str | None = None,
     metadata: Mapping[str, Any] | None = None,
 ) -> external_auth_pb2.CheckResponse:
     """The CheckResponse Envoy applies; the decision id always travels in dynamic metadata
@@ -232,7 +260,8 @@ def to_check_response(
             ok.headers_to_remove.extend(decision.request_headers_to_remove)
         if decision.response_headers_to_add:
             ok.response_headers_to_add.extend(
-                _header_options(decision.response_headers_to_add, append=True))
+                _header_options(decision.response_headers_to_add, append=True)
+            )
         if decision.query_parameters_to_set:
             ok.query_parameters_to_set.extend(_query_parameters(decision.query_parameters_to_set))
         if decision.query_parameters_to_remove:

@@ -91,8 +91,11 @@ async def start_server(settings: Settings) -> tuple[grpc.aio.Server, int]:
         server, port = await start_grpc_server(
             "extauthz",
             lambda s: external_auth_pb2_grpc.add_AuthorizationServicer_to_server(servicer, s),
-            host=settings.host, port=settings.port, reuse_port=settings.reuse_port,
-            options=options, tls=settings.tls,
+            host=settings.host,
+            port=settings.port,
+            reuse_port=settings.reuse_port,
+            options=options,
+            tls=settings.tls,
         )
     except BaseException:
         await close_checks(servicer)
@@ -106,8 +109,13 @@ def servicer_of(server: grpc.aio.Server) -> AuthorizationServicer:
     return _running[server]
 
 
-async def reconfigure(server: grpc.aio.Server, loaded: LoadedConfig, *,
-                      decision_log: str | None = None, grace: float = 5.0) -> None:
+async def reconfigure(
+    server: grpc.aio.Server,
+    loaded: LoadedConfig,
+    *,
+    decision_log: str | None = None,
+    grace: float = 5.0,
+) -> None:
     """Swap a running server's config and checks in place (no restart, no dropped call): the
     new checks start first (a failure raises and keeps the running ones); the old ones are
     closed ``grace`` seconds later, when the calls they were serving are done."""
@@ -116,9 +124,12 @@ async def reconfigure(server: grpc.aio.Server, loaded: LoadedConfig, *,
     target = decision_log or loaded.service.decision_log
     old_checks, old_log = servicer.checks, servicer.decision_log
     keep_log = target == servicer.config.decision_log and decision_log is None
-    servicer.swap(config=loaded.service, checks=checks,
-                  decision_log=old_log if keep_log else DecisionLog(target),
-                  input_options=loaded.input_options)
+    servicer.swap(
+        config=loaded.service,
+        checks=checks,
+        decision_log=old_log if keep_log else DecisionLog(target),
+        input_options=loaded.input_options,
+    )
     servicer.metrics.watch_reloads(checks)
 
     async def retire() -> None:

@@ -42,11 +42,18 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
         input_options: InputOptions | None = None,
     ) -> None:
         self.metrics = metrics
-        self.swap(config=config, checks=checks, decision_log=decision_log,
-                  input_options=input_options)
+        self.swap(
+            config=config, checks=checks, decision_log=decision_log, input_options=input_options
+        )
 
-    def swap(self, *, config: ServiceConfig, checks: Mapping[str, CheckPlugin],
-             decision_log: DecisionLog, input_options: InputOptions | None = None) -> None:
+    def swap(
+        self,
+        *,
+        config: ServiceConfig,
+        checks: Mapping[str, CheckPlugin],
+        decision_log: DecisionLog,
+        input_options: InputOptions | None = None,
+    ) -> None:
         """Serve with a new config and checks from the next call on (a config file reload). A
         call in flight finishes with the checks it started with; closing the old checks is the
         caller's business (after a grace period)."""
@@ -66,11 +73,16 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
     ) -> external_auth_pb2.CheckResponse:
         ctx = RequestContext(request, self.input_options)
         decision, policy = await self.decide(ctx)
-        return to_check_response(decision, decision_id=ctx.decision_id,
-                                 deny_status=self.config.deny_status, policy=policy)
+        return to_check_response(
+            decision,
+            decision_id=ctx.decision_id,
+            deny_status=self.config.deny_status,
+            policy=policy,
+        )
 
-    async def decide(self, ctx: RequestContext, *,
-                     validate: Callable[[Decision], None] | None = None) -> tuple[Decision, str]:
+    async def decide(
+        self, ctx: RequestContext, *, validate: Callable[[Decision], None] | None = None
+    ) -> tuple[Decision, str]:
         """Run the route's checks on ``ctx`` and return the decision to answer with and the
         policy label. Never raises: an error or a timeout is a denial with ``error_status``
         (fail closed), a client error one with ``deny_status``; dry-run, the metric and the
@@ -91,48 +103,73 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
                 code = "denied"
         except AuthzError as e:
             code = e.code
-            status = e.status or (self.config.deny_status if e.is_client_error
-                                  else self.config.error_status)
-            decision = Decision(allowed=False, http_status=status, reason=str(e),
-                                body=f'{{"error":"{e.code}"}}', headers=_JSON)
+            status = e.status or (
+                self.config.deny_status if e.is_client_error else self.config.error_status
+            )
+            decision = Decision(
+                allowed=False,
+                http_status=status,
+                reason=str(e),
+                body=f'{{"error":"{e.code}"}}',
+                headers=_JSON,
+            )
         except TimeoutError:
             code = "timeout"
-            decision = Decision(allowed=False, http_status=self.config.error_status,
-                                reason="a check timed out", body='{"error":"timeout"}',
-                                headers=_JSON)
+            decision = Decision(
+                allowed=False,
+                http_status=self.config.error_status,
+                reason="a check timed out",
+                body='{"error":"timeout"}',
+                headers=_JSON,
+            )
         except Exception:
             log.exception("check chain failed (decision %s)", ctx.decision_id)
             code = "internal"
-            decision = Decision(allowed=False, http_status=self.config.error_status,
-                                reason="internal error", body='{"error":"internal"}',
-                                headers=_JSON)
-        result = "allow" if decision.allowed else ("deny" if code == "denied" or
-                                                   code in CLIENT_CODES else "error")
+            decision = Decision(
+                allowed=False,
+                http_status=self.config.error_status,
+                reason="internal error",
+                body='{"error":"internal"}',
+                headers=_JSON,
+            )
+        result = (
+            "allow"
+            if decision.allowed
+            else ("deny" if code == "denied" or code in CLIENT_CODES else "error")
+        )
         dry_run = policy in self._dry_run
         if not decision.allowed and dry_run:
             result = "would_deny"  # the decision log and the metric make it visible
-            log.debug("dry-run policy %s would deny (decision %s): %s", policy,
-                      ctx.decision_id, decision.reason)
+            log.debug(
+                "dry-run policy %s would deny (decision %s): %s",
+                policy,
+                ctx.decision_id,
+                decision.reason,
+            )
             # as opa-envoy-plugin: allowed, no mutation, the policy's metadata kept
-            decision = Decision(allowed=True,
-                                dynamic_metadata={**decision.dynamic_metadata, "dry_run": True})
+            decision = Decision(
+                allowed=True, dynamic_metadata={**decision.dynamic_metadata, "dry_run": True}
+            )
         elapsed = time.perf_counter() - started
         self.metrics.observe(policy=policy, result=result, code=code, seconds=elapsed)
         if self.decision_log.enabled:
-            self.decision_log.write({
-                "decision_id": ctx.decision_id,
-                "policy": policy,
-                "checks": list(names),
-                "result": result,
-                "code": code or None,
-                "http_status": None if decision.allowed else
-                (decision.http_status or self.config.deny_status),
-                "reason": decision.reason or None,
-                "dry_run": dry_run,
-                "method": ctx.method,
-                "path": ctx.path.split("?", 1)[0],
-                "latency_ms": round(elapsed * 1000, 3),
-            })
+            self.decision_log.write(
+                {
+                    "decision_id": ctx.decision_id,
+                    "policy": policy,
+                    "checks": list(names),
+                    "result": result,
+                    "code": code or None,
+                    "http_status": None
+                    if decision.allowed
+                    else (decision.http_status or self.config.deny_status),
+                    "reason": decision.reason or None,
+                    "dry_run": dry_run,
+                    "method": ctx.method,
+                    "path": ctx.path.split("?", 1)[0],
+                    "latency_ms": round(elapsed * 1000, 3),
+                }
+            )
         return decision, policy
 
     def _names(self, raw: str | None) -> tuple[str, ...]:
@@ -147,8 +184,9 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
 
     async def _run(self, ctx: RequestContext, names: tuple[str, ...]) -> Decision:
         if not names:
-            raise AuthzError("the route names no checks and there are no default_checks",
-                             code="no_checks")
+            raise AuthzError(
+                "the route names no checks and there are no default_checks", code="no_checks"
+            )
         if len(names) == 1:
             return await _bounded(self._check(names[0]).check(ctx), self._timeout)
         headers: list[tuple[str, str]] = []
@@ -167,11 +205,15 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
             query_set.extend(decision.query_parameters_to_set)
             query_remove.extend(decision.query_parameters_to_remove)
             metadata.update(decision.dynamic_metadata)
-        return Decision(allowed=True, headers=tuple(headers),
-                        response_headers_to_add=tuple(response_headers),
-                        request_headers_to_remove=tuple(remove),
-                        query_parameters_to_set=tuple(query_set),
-                        query_parameters_to_remove=tuple(query_remove), dynamic_metadata=metadata)
+        return Decision(
+            allowed=True,
+            headers=tuple(headers),
+            response_headers_to_add=tuple(response_headers),
+            request_headers_to_remove=tuple(remove),
+            query_parameters_to_set=tuple(query_set),
+            query_parameters_to_remove=tuple(query_remove),
+            dynamic_metadata=metadata,
+        )
 
     def _check(self, name: str) -> CheckPlugin:
         check = self.checks.get(name)

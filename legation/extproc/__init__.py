@@ -9,5 +9,16 @@
   chains, :mod:`.envoy_filter` builds the Envoy side, :mod:`.metrics` the Prometheus side.
 """
 
-__all__ = ["chain", "config", "envoy_filter", "errors", "exchange", "filters", "guard", "metrics",
-           "sdk", "service", "servicer"]
+__all__ = [
+    "chain",
+    "config",
+    "envoy_filter",
+    "errors",
+    "exchange",
+    "filters",
+    "guard",
+    "metrics",
+    "sdk",
+    "service",
+    "servicer",
+]

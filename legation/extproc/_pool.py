@@ -22,7 +22,8 @@ WORKERS = 16
 class DaemonPool:
     def __init__(self, workers: int = WORKERS, name: str = "extproc-filter") -> None:
         self._jobs: queue.SimpleQueue[tuple[Future[Any], Callable[..., Any], tuple[Any, ...]]] = (
-            queue.SimpleQueue())
+            queue.SimpleQueue()
+        )
         self._workers = workers
         self._name = name
         self._threads: list[threading.Thread] = []
@@ -38,8 +39,9 @@ class DaemonPool:
     def _start_all(self) -> None:
         with self._lock:
             while len(self._threads) < self._workers:
-                t = threading.Thread(target=self._work, daemon=True,
-                                     name=f"{self._name}-{len(self._threads)}")
+                t = threading.Thread(
+                    target=self._work, daemon=True, name=f"{self._name}-{len(self._threads)}"
+                )
                 t.start()
                 self._threads.append(t)
 

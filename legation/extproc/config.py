@@ -82,8 +82,7 @@ def field_path(loc: tuple[int | str, ...]) -> str:
 def pydantic_problems(err: ValidationError) -> list[tuple[str, str]]:
     """``(field path, problem)`` for every error; the path is empty for the object itself."""
     return [
-        (field_path(tuple(e["loc"])), e["msg"].removeprefix("Value error, "))
-        for e in err.errors()
+        (field_path(tuple(e["loc"])), e["msg"].removeprefix("Value error, ")) for e in err.errors()
     ]
 
 

@@ -96,5 +96,6 @@ def grpc_cluster(
     name: str, host: str, port: int, *, connect_timeout: float = 1.0
 ) -> cluster_pb2.Cluster:
     """A static HTTP/2 cluster for the service (see :mod:`legation.envoy_grpc`)."""
-    return envoy_grpc.grpc_cluster(name, [(host, port)],
-                                   connect_timeout_ms=round(connect_timeout * 1000))
+    return envoy_grpc.grpc_cluster(
+        name, [(host, port)], connect_timeout_ms=round(connect_timeout * 1000)
+    )

@@ -94,7 +94,10 @@ class ErrorGuard:
         self._metrics.error(filter_name, code)
         action = "passing through (fail-open)" if self.chain.fail_open else "answering 500"
         log.error(
-            "chain %r: %s; %s", self.chain.name, message, action,
+            "chain %r: %s; %s",
+            self.chain.name,
+            message,
+            action,
             exc_info=(type(cause), cause, cause.__traceback__) if cause is not None else None,
         )
         if self.chain.fail_open:

@@ -17,25 +17,35 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         reg = registry if registry is not None else REGISTRY
         self.streams = Counter(
-            "legation_extproc_streams", "ext_proc streams (one per HTTP request)", ["chain"],
+            "legation_extproc_streams",
+            "ext_proc streams (one per HTTP request)",
+            ["chain"],
             registry=reg,
         )
         self.phases = Counter(
-            "legation_extproc_phases", "Messages processed, by phase", ["chain", "phase"],
+            "legation_extproc_phases",
+            "Messages processed, by phase",
+            ["chain", "phase"],
             registry=reg,
         )
         self.filter_seconds = Histogram(
-            "legation_extproc_filter_seconds", "Time spent in a filter hook", ["filter", "phase"],
-            buckets=_LATENCY_BUCKETS, registry=reg,
+            "legation_extproc_filter_seconds",
+            "Time spent in a filter hook",
+            ["filter", "phase"],
+            buckets=_LATENCY_BUCKETS,
+            registry=reg,
         )
         self.errors = Counter(
             "legation_extproc_errors",
             "Errors by filter and code (filter is '-' for stream-level errors)",
-            ["filter", "code"], registry=reg,
+            ["filter", "code"],
+            registry=reg,
         )
         self.immediate = Counter(
-            "legation_extproc_immediate_responses", "Answers sent without reaching the upstream",
-            ["chain", "status"], registry=reg,
+            "legation_extproc_immediate_responses",
+            "Answers sent without reaching the upstream",
+            ["chain", "status"],
+            registry=reg,
         )
         self._cache: dict[tuple[str, ...], Any] = {}
 

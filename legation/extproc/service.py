@@ -67,7 +67,11 @@ async def start_server(settings: Settings) -> tuple[grpc.aio.Server, int]:
     if settings.max_concurrent_streams:
         options.append(("grpc.max_concurrent_streams", settings.max_concurrent_streams))
     return await start_grpc_server(
-        "extproc", lambda s: pb_grpc.add_ExternalProcessorServicer_to_server(servicer, s),
-        host=settings.host, port=settings.port, reuse_port=settings.reuse_port, options=options,
+        "extproc",
+        lambda s: pb_grpc.add_ExternalProcessorServicer_to_server(servicer, s),
+        host=settings.host,
+        port=settings.port,
+        reuse_port=settings.reuse_port,
+        options=options,
         tls=settings.tls,
     )

@@ -47,11 +47,15 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
         stream_idle_timeout: float = DEFAULT_STREAM_IDLE_TIMEOUT,
     ) -> None:
         self._metrics = metrics
-        self.swap(chains, message_timeout=message_timeout,
-                  stream_idle_timeout=stream_idle_timeout)
+        self.swap(chains, message_timeout=message_timeout, stream_idle_timeout=stream_idle_timeout)
 
-    def swap(self, chains: Chains, *, message_timeout: float,
-             stream_idle_timeout: float = DEFAULT_STREAM_IDLE_TIMEOUT) -> None:
+    def swap(
+        self,
+        chains: Chains,
+        *,
+        message_timeout: float,
+        stream_idle_timeout: float = DEFAULT_STREAM_IDLE_TIMEOUT,
+    ) -> None:
         """Serve ``chains`` from the next stream on. A stream already open keeps the chain (and
         the timeouts) it started with, so a reload never changes a request half-way."""
         if message_timeout <= 0 or stream_idle_timeout <= 0:
@@ -73,9 +77,7 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
             name = self._default
         return name, self._guards.get(name) if name else None
 
-    async def Process(
-        self, request_iterator: Any, context: grpc.aio.ServicerContext
-    ) -> None:
+    async def Process(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
         name, guard = self._guard_for(context)
         idle = self._idle  # this stream's, whatever a swap does meanwhile
         metrics = self._metrics
@@ -140,5 +142,3 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
             return
         self._metrics.answered(name or "-", 500)
         await context.write(_wire.error_response(500, "legation_unknown_chain"))
-
-

@@ -56,8 +56,18 @@ class Limits:
 
 
 class CalloutProtocol(asyncio.Protocol):
-    __slots__ = ("_body", "_busy", "_head", "_headers", "_queue", "_target", "handler",
-                 "limits", "parser", "transport")
+    __slots__ = (
+        "_body",
+        "_busy",
+        "_head",
+        "_headers",
+        "_queue",
+        "_target",
+        "handler",
+        "limits",
+        "parser",
+        "transport",
+    )
 
     def __init__(self, handler: Handler, limits: Limits) -> None:
         self.handler = handler
@@ -125,8 +135,13 @@ class CalloutProtocol(asyncio.Protocol):
     def on_message_complete(self) -> None:
         if self.transport is None:  # closed by an earlier answer in the same read
             return
-        call = Call(self.parser.get_method(), self._target, self._headers,
-                    b"".join(self._body), self.parser.should_keep_alive())
+        call = Call(
+            self.parser.get_method(),
+            self._target,
+            self._headers,
+            b"".join(self._body),
+            self.parser.should_keep_alive(),
+        )
         self._reset()
         if self._busy or self._queue:
             self._queue.append(call)

@@ -27,18 +27,30 @@ from legation.extauthz.errors import AuthzError
 from legation.fastpath.contract import REMOVE_HEADER, Forwarded
 
 # Names a decision must not set over HTTP: they frame the answer or steer Envoy.
-_RESERVED = frozenset({
-    "content-length", "transfer-encoding", "connection", "keep-alive", "te", "trailer",
-    "upgrade", "proxy-connection", "host", REMOVE_HEADER, "x-envoy-auth-partial-body",
-})
+_RESERVED = frozenset(
+    {
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "keep-alive",
+        "te",
+        "trailer",
+        "upgrade",
+        "proxy-connection",
+        "host",
+        REMOVE_HEADER,
+        "x-envoy-auth-partial-body",
+    }
+)
 
 
 def _unsupported(message: str) -> AuthzError:
     return AuthzError(message, code="not_in_http_mode")
 
 
-def validator(forwarded: Forwarded, client_headers: Iterable[str] = ()
-              ) -> Callable[[Decision], None]:
+def validator(
+    forwarded: Forwarded, client_headers: Iterable[str] = ()
+) -> Callable[[Decision], None]:
     """The check the servicer runs on each decision for the HTTP call-out (see module doc)."""
     client = frozenset(n.lower() for n in client_headers)
 
@@ -48,13 +60,17 @@ def validator(forwarded: Forwarded, client_headers: Iterable[str] = ()
             if key in _RESERVED or key.startswith(":"):
                 raise _unsupported(f"decision header {name[:64]!r} is reserved over HTTP")
             if decision.allowed and key not in forwarded:
-                raise _unsupported(f"upstream header {name[:64]!r} is not one the filter "
-                                   f"forwards (x-legation-* or upstream_headers)")
+                raise _unsupported(
+                    f"upstream header {name[:64]!r} is not one the filter "
+                    f"forwards (x-legation-* or upstream_headers)"
+                )
         for name, _ in header_items(decision.response_headers_to_add):
             key = name.lower()
             if key in _RESERVED or key not in client or key in forwarded:
-                raise _unsupported(f"response header {name[:64]!r} is not one the filter "
-                                   f"passes to the client (client_headers)")
+                raise _unsupported(
+                    f"response header {name[:64]!r} is not one the filter "
+                    f"passes to the client (client_headers)"
+                )
         if decision.query_parameters_to_set or decision.query_parameters_to_remove:
             raise _unsupported("query parameter mutations need the gRPC call-out")
         if not decision.allowed and decision.http_status == 200:
@@ -86,8 +102,9 @@ def encode(decision: Decision, *, deny_status: int, keep_alive: bool = True) -> 
         lines.extend(f"{name}: {','.join(values)}\r\n" for name, values in joined.items())
         if decision.request_headers_to_remove:
             lines.append(f"{REMOVE_HEADER}: {','.join(decision.request_headers_to_remove)}\r\n")
-        lines.extend(f"{name}: {value}\r\n"
-                     for name, value in header_items(decision.response_headers_to_add))
+        lines.extend(
+            f"{name}: {value}\r\n" for name, value in header_items(decision.response_headers_to_add)
+        )
         body = b""
     else:
         status = decision.http_status or deny_status
@@ -96,13 +113,21 @@ def encode(decision: Decision, *, deny_status: int, keep_alive: bool = True) -> 
         body = decision.body.encode()
         head = _status_line(status) + f"content-length: {len(body)}\r\n".encode()
         lines.extend(f"{name}: {value}\r\n" for name, value in header_items(decision.headers))
-    return b"".join((head, *(line.encode() for line in lines), b"" if keep_alive else _CLOSE,
-                     b"\r\n", body))
+    return b"".join(
+        (head, *(line.encode() for line in lines), b"" if keep_alive else _CLOSE, b"\r\n", body)
+    )
 
 
 def error(status: int, code: str, *, keep_alive: bool = False) -> bytes:
     """A denial the server makes itself (a malformed call), never an allow."""
     body = f'{{"error":"{code}"}}'.encode()
-    return b"".join((_status_line(status), b"content-type: application/json\r\n",
-                     f"content-length: {len(body)}\r\n".encode(),
-                     b"" if keep_alive else _CLOSE, b"\r\n", body))
+    return b"".join(
+        (
+            _status_line(status),
+            b"content-type: application/json\r\n",
+            f"content-length: {len(body)}\r\n".encode(),
+            b"" if keep_alive else _CLOSE,
+            b"\r\n",
+            body,
+        )
+    )

@@ -76,8 +76,11 @@ def _matchers(names: Sequence[str], *, what: str) -> list[string_pb2.StringMatch
         stem = name.rstrip("*")
         if not stem or any(c in stem for c in " \t\r\n:*"):
             raise ValueError(f"{what}: {raw!r} is not a header name or a 'prefix*'")
-        out.append(string_pb2.StringMatcher(prefix=stem) if prefix
-                   else string_pb2.StringMatcher(exact=stem))
+        out.append(
+            string_pb2.StringMatcher(prefix=stem)
+            if prefix
+            else string_pb2.StringMatcher(exact=stem)
+        )
     return out
 
 
@@ -85,19 +88,24 @@ def _request_matchers(names: Sequence[str]) -> list[string_pb2.StringMatcher]:
     """``allowed_headers``, refusing any that could pass a client's own ``x-legation-*``."""
     for raw in names:
         stem = raw.lower().rstrip("*")
-        if stem.startswith(HEADER_PREFIX) or (raw.endswith("*") and
-                                              HEADER_PREFIX.startswith(stem)):
-            raise ValueError(f"allowed_headers: {raw!r} would let a client send Legation's own "
-                             f"{HEADER_PREFIX}* headers")
+        if stem.startswith(HEADER_PREFIX) or (raw.endswith("*") and HEADER_PREFIX.startswith(stem)):
+            raise ValueError(
+                f"allowed_headers: {raw!r} would let a client send Legation's own "
+                f"{HEADER_PREFIX}* headers"
+            )
     return _matchers(names, what="allowed_headers")
 
 
-def http_service(callout: Callout, *, policy: str | None = None,
-                 checks: Sequence[str] = ()) -> ext_authz_pb2.HttpService:
+def http_service(
+    callout: Callout, *, policy: str | None = None, checks: Sequence[str] = ()
+) -> ext_authz_pb2.HttpService:
     """The ``http_service`` calling the server, with the route's policy and checks if any."""
     service = ext_authz_pb2.HttpService(
-        server_uri=http_uri_pb2.HttpUri(uri=f"http://{callout.cluster}", cluster=callout.cluster,
-                                        timeout=milliseconds(callout.timeout_ms)),
+        server_uri=http_uri_pb2.HttpUri(
+            uri=f"http://{callout.cluster}",
+            cluster=callout.cluster,
+            timeout=milliseconds(callout.timeout_ms),
+        ),
         path_prefix=PATH_PREFIX,
     )
     add = service.authorization_request.headers_to_add
@@ -106,13 +114,16 @@ def http_service(callout: Callout, *, policy: str | None = None,
     if checks:
         add.append(base_pb2.HeaderValue(key=CHECKS_HEADER, value=",".join(checks)))
     response = service.authorization_response
-    response.allowed_upstream_headers.patterns.append(string_pb2.StringMatcher(
-        prefix=HEADER_PREFIX))
+    response.allowed_upstream_headers.patterns.append(
+        string_pb2.StringMatcher(prefix=HEADER_PREFIX)
+    )
     response.allowed_upstream_headers.patterns.extend(
-        _matchers(callout.upstream_headers, what="upstream_headers"))
+        _matchers(callout.upstream_headers, what="upstream_headers")
+    )
     if callout.client_headers:
         response.allowed_client_headers_on_success.patterns.extend(
-            _matchers(callout.client_headers, what="client_headers"))
+            _matchers(callout.client_headers, what="client_headers")
+        )
     return service
 
 
@@ -136,9 +147,13 @@ def http_filter(callout: Callout) -> hcm_pb2.HttpFilter:
     return _http_filter(FILTER_NAME, config)
 
 
-def per_route(callout: Callout | None = None, *, policy: str | None = None,
-              checks: Sequence[str] = (), disabled: bool = False
-              ) -> ext_authz_pb2.ExtAuthzPerRoute:
+def per_route(
+    callout: Callout | None = None,
+    *,
+    policy: str | None = None,
+    checks: Sequence[str] = (),
+    disabled: bool = False,
+) -> ext_authz_pb2.ExtAuthzPerRoute:
     """The route's settings: ``disabled``, or the call-out with its policy and checks."""
     if disabled:
         if policy or checks:
@@ -156,15 +171,22 @@ def per_route_any(callout: Callout | None = None, **kwargs: object) -> any_pb2.A
     return pack(per_route(callout, **kwargs))  # type: ignore[arg-type]
 
 
-def http_cluster(name: str, endpoints: Sequence[tuple[str, int]], *,
-                 connect_timeout_ms: int = 1000) -> cluster_pb2.Cluster:
+def http_cluster(
+    name: str, endpoints: Sequence[tuple[str, int]], *, connect_timeout_ms: int = 1000
+) -> cluster_pb2.Cluster:
     """A STATIC HTTP/1.1 cluster (Envoy's default protocol) for the server's endpoints."""
-    lb = [endpoint_components_pb2.LbEndpoint(endpoint=endpoint_components_pb2.Endpoint(
-        address=address(host, port))) for host, port in endpoints]
+    lb = [
+        endpoint_components_pb2.LbEndpoint(
+            endpoint=endpoint_components_pb2.Endpoint(address=address(host, port))
+        )
+        for host, port in endpoints
+    ]
     return cluster_pb2.Cluster(
-        name=name, type=cluster_pb2.Cluster.STATIC,
+        name=name,
+        type=cluster_pb2.Cluster.STATIC,
         connect_timeout=milliseconds(connect_timeout_ms),
         load_assignment=endpoint_pb2.ClusterLoadAssignment(
-            cluster_name=name, endpoints=[endpoint_components_pb2.LocalityLbEndpoints(
-                lb_endpoints=lb)]),
+            cluster_name=name,
+            endpoints=[endpoint_components_pb2.LocalityLbEndpoints(lb_endpoints=lb)],
+        ),
     )

@@ -30,11 +30,22 @@ from envoy.service.auth.v3 import external_auth_pb2
 from legation.fastpath.contract import CHECKS_HEADER, PATH_PREFIX, POLICY_HEADER
 
 # Headers of the call itself, not of the client's request.
-_CALL_HEADERS = frozenset({
-    "host", "content-length", "x-envoy-internal", "x-envoy-expected-rq-timeout-ms",
-    "transfer-encoding", "connection", "keep-alive", "te", "trailer", "upgrade",
-    POLICY_HEADER, CHECKS_HEADER,
-})
+_CALL_HEADERS = frozenset(
+    {
+        "host",
+        "content-length",
+        "x-envoy-internal",
+        "x-envoy-expected-rq-timeout-ms",
+        "transfer-encoding",
+        "connection",
+        "keep-alive",
+        "te",
+        "trailer",
+        "upgrade",
+        POLICY_HEADER,
+        CHECKS_HEADER,
+    }
+)
 _PREFIX = PATH_PREFIX.encode()
 
 
@@ -42,14 +53,18 @@ class NotACheck(ValueError):
     """The request is not one Envoy's ext_authz filter would send (no path prefix, no Host)."""
 
 
-def check_request(method: bytes, target: bytes, headers: Sequence[tuple[bytes, bytes]],
-                  body: bytes) -> external_auth_pb2.CheckRequest:
+def check_request(
+    method: bytes, target: bytes, headers: Sequence[tuple[bytes, bytes]], body: bytes
+) -> external_auth_pb2.CheckRequest:
     """The CheckRequest for one call. Header names arrive as sent; they are lower-cased here
     (Envoy sends them lower-case). A name sent twice is joined with ``,`` as Envoy joins
     repeated headers in a CheckRequest."""
-    if not target.startswith(_PREFIX) or target[len(_PREFIX):len(_PREFIX) + 1] not in (b"/", b"*"):
+    if not target.startswith(_PREFIX) or target[len(_PREFIX) : len(_PREFIX) + 1] not in (
+        b"/",
+        b"*",
+    ):
         raise NotACheck(f"the request target does not start with {PATH_PREFIX}/")
-    path = target[len(_PREFIX):].decode("utf-8", "replace")
+    path = target[len(_PREFIX) :].decode("utf-8", "replace")
     m = method.decode("latin-1")
     request = external_auth_pb2.CheckRequest()
     attrs = request.attributes

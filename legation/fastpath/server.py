@@ -51,8 +51,13 @@ class Settings:
 class CalloutApp:
     """Call -> answer bytes, around one servicer (swapped configs apply from the next call)."""
 
-    def __init__(self, servicer: AuthorizationServicer, *, upstream_headers: Sequence[str] = (),
-                 client_headers: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        servicer: AuthorizationServicer,
+        *,
+        upstream_headers: Sequence[str] = (),
+        client_headers: Sequence[str] = (),
+    ) -> None:
         self.servicer = servicer
         self.validate = answer.validator(Forwarded(upstream_headers), client_headers)
 
@@ -65,16 +70,23 @@ class CalloutApp:
 
     async def _answer(self, ctx: RequestContext, keep_alive: bool) -> bytes:
         decision, _ = await self.servicer.decide(ctx, validate=self.validate)
-        return answer.encode(decision, deny_status=self.servicer.config.deny_status,
-                             keep_alive=keep_alive)
+        return answer.encode(
+            decision, deny_status=self.servicer.config.deny_status, keep_alive=keep_alive
+        )
 
 
 class CalloutServer:
     """A running server: ``port``, ``servicer`` (for reloads), ``close()``. ``owns_checks``:
     ``close()`` also closes the servicer's checks (False when it shares a gRPC server's)."""
 
-    def __init__(self, server: asyncio.Server, servicer: AuthorizationServicer, port: int, *,
-                 owns_checks: bool = True) -> None:
+    def __init__(
+        self,
+        server: asyncio.Server,
+        servicer: AuthorizationServicer,
+        port: int,
+        *,
+        owns_checks: bool = True,
+    ) -> None:
         self.server = server
         self.servicer = servicer
         self.port = port
@@ -92,9 +104,14 @@ class CalloutServer:
 
 async def start_server(settings: Settings) -> CalloutServer:
     """A server with its own servicer, built from ``settings``' config."""
-    servicer = await authz.build_servicer(authz.Settings(
-        config_file=settings.config_file, config=settings.config,
-        decision_log=settings.decision_log, registry=settings.registry))
+    servicer = await authz.build_servicer(
+        authz.Settings(
+            config_file=settings.config_file,
+            config=settings.config,
+            decision_log=settings.decision_log,
+            registry=settings.registry,
+        )
+    )
     try:
         return await serve(servicer, settings, owns_checks=True)
     except BaseException:
@@ -102,8 +119,9 @@ async def start_server(settings: Settings) -> CalloutServer:
         raise
 
 
-async def serve(servicer: AuthorizationServicer, settings: Settings, *,
-                owns_checks: bool = False) -> CalloutServer:
+async def serve(
+    servicer: AuthorizationServicer, settings: Settings, *, owns_checks: bool = False
+) -> CalloutServer:
     """Serve ``servicer`` (e.g. the gRPC server's: same checks, and a config swapped into it
     applies here from the next call) on ``settings``' address; ``settings``' config fields are
     not read. Raises ConfigError for a config whose statuses would allow over HTTP, OSError when
@@ -111,13 +129,17 @@ async def serve(servicer: AuthorizationServicer, settings: Settings, *,
     for name in ("deny_status", "error_status"):
         if getattr(servicer.config, name) == 200:
             where = settings.config_file or "<settings.config>"
-            raise ConfigError(f"{where}: {name}: 200 would allow the request in Envoy's "
-                              "HTTP mode")
-    app = CalloutApp(servicer, upstream_headers=settings.upstream_headers,
-                     client_headers=settings.client_headers)
+            raise ConfigError(f"{where}: {name}: 200 would allow the request in Envoy's HTTP mode")
+    app = CalloutApp(
+        servicer, upstream_headers=settings.upstream_headers, client_headers=settings.client_headers
+    )
     limits = settings.limits
     server = await asyncio.get_running_loop().create_server(
-        lambda: CalloutProtocol(app, limits), settings.host, settings.port,
-        reuse_port=settings.reuse_port or None, backlog=1024)
+        lambda: CalloutProtocol(app, limits),
+        settings.host,
+        settings.port,
+        reuse_port=settings.reuse_port or None,
+        backlog=1024,
+    )
     sock: socket.socket = server.sockets[0]
     return CalloutServer(server, servicer, int(sock.getsockname()[1]), owns_checks=owns_checks)

@@ -97,14 +97,29 @@ class Snapshot:
         return {
             "windows": list(self.windows),
             "overflowed": dict(self.overflowed),
-            "scopes": {scope: [{
-                "labels": dict(zip(SCOPES[scope], row.labels, strict=True)),
-                "total": row.total, "failures": row.total_failures,
-                "windows": {str(w): {
-                    "requests": s.requests, "failures": s.failures, "rps": s.rps,
-                    "success": s.success, "p50_ms": s.p50_ms, "p90_ms": s.p90_ms,
-                    "p99_ms": s.p99_ms} for w, s in row.windows.items()},
-            } for row in rows] for scope, rows in self.rows.items()},
+            "scopes": {
+                scope: [
+                    {
+                        "labels": dict(zip(SCOPES[scope], row.labels, strict=True)),
+                        "total": row.total,
+                        "failures": row.total_failures,
+                        "windows": {
+                            str(w): {
+                                "requests": s.requests,
+                                "failures": s.failures,
+                                "rps": s.rps,
+                                "success": s.success,
+                                "p50_ms": s.p50_ms,
+                                "p90_ms": s.p90_ms,
+                                "p99_ms": s.p99_ms,
+                            }
+                            for w, s in row.windows.items()
+                        },
+                    }
+                    for row in rows
+                ]
+                for scope, rows in self.rows.items()
+            },
         }
 
 
@@ -119,8 +134,11 @@ class _Scope:
         if found is not None:
             return found
         if len(self.keys) >= self.limit:
-            idle = [k for k, w in self.keys.items()
-                    if w.last_second <= second - HORIZON_S and OTHER not in k]
+            idle = [
+                k
+                for k, w in self.keys.items()
+                if w.last_second <= second - HORIZON_S and OTHER not in k
+            ]
             for k in idle:
                 del self.keys[k]
             if len(self.keys) >= self.limit:
@@ -134,8 +152,13 @@ class Aggregator:
     """Thread-safe: entries arrive on the access-log server's loop, snapshots are taken by the
     status endpoint or a Prometheus scrape on other threads."""
 
-    def __init__(self, *, windows: tuple[int, ...] = (10, 60), limits: Limits | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        *,
+        windows: tuple[int, ...] = (10, 60),
+        limits: Limits | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         for w in windows:
             if not 0 < w <= HORIZON_S:
                 raise ValueError(f"a window is 1..{HORIZON_S} s, not {w}")
@@ -148,16 +171,14 @@ class Aggregator:
     def record(self, entry: Entry) -> None:
         second = int(self._clock())
         failed = entry.code >= 500 or entry.code == 0
-        keys: list[tuple[str, tuple[str, ...]]] = [
-            ("proxy", (label_value(entry.node_id),))]
+        keys: list[tuple[str, tuple[str, ...]]] = [("proxy", (label_value(entry.node_id),))]
         dest = destination(entry.upstream_cluster)
         if entry.log_name != INBOUND_LOG and dest is not None:
             keys.append(("route", (label_value(entry.route) if entry.route else NO_ROUTE,)))
             keys.append(("pair", (source(entry.node_cluster, entry.node_id), dest)))
         with self._lock:
             for scope, key in keys:
-                self._scopes[scope].window(key, second).record(
-                    second, entry.duration_ms, failed)
+                self._scopes[scope].window(key, second).record(second, entry.duration_ms, failed)
 
     def snapshot(self) -> Snapshot:
         """Every key's windows now. The lock is taken per key, so a snapshot of thousands of
@@ -171,8 +192,14 @@ class Aggregator:
             out = []
             for key, win in items:
                 with self._lock:
-                    out.append(Row(scope=scope, labels=key,
-                                   windows=win.stats_for(now, self.windows),
-                                   total=win.total, total_failures=win.total_failures))
+                    out.append(
+                        Row(
+                            scope=scope,
+                            labels=key,
+                            windows=win.stats_for(now, self.windows),
+                            total=win.total,
+                            total_failures=win.total_failures,
+                        )
+                    )
             rows[scope] = sorted(out, key=lambda r: r.labels)
         return Snapshot(windows=self.windows, rows=rows, overflowed=overflowed)

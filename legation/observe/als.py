@@ -30,8 +30,9 @@ log = logging.getLogger("legation.observe.als")
 SERVICE = "accesslog"
 
 
-def entry_of(node_id: str, node_cluster: str, log_name: str,
-             http: accesslog_pb2.HTTPAccessLogEntry) -> Entry:
+def entry_of(
+    node_id: str, node_cluster: str, log_name: str, http: accesslog_pb2.HTTPAccessLogEntry
+) -> Entry:
     """The aggregator's view of one HTTP entry. The duration is Envoy's ``duration`` (first
     downstream byte received to last byte sent), falling back to the time to the last
     downstream byte sent."""
@@ -40,9 +41,15 @@ def entry_of(node_id: str, node_cluster: str, log_name: str,
         ms = common.duration.ToNanoseconds() / 1e6
     else:
         ms = common.time_to_last_downstream_tx_byte.ToNanoseconds() / 1e6
-    return Entry(node_id=node_id, node_cluster=node_cluster, log_name=log_name,
-                 route=common.route_name, upstream_cluster=common.upstream_cluster,
-                 code=http.response.response_code.value, duration_ms=ms)
+    return Entry(
+        node_id=node_id,
+        node_cluster=node_cluster,
+        log_name=log_name,
+        route=common.route_name,
+        upstream_cluster=common.upstream_cluster,
+        code=http.response.response_code.value,
+        duration_ms=ms,
+    )
 
 
 class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc]
@@ -76,7 +83,10 @@ class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[
 
 
 async def start_als_server(
-    servicer: AccessLogServicer, *, host: str = "127.0.0.1", port: int = 0,
+    servicer: AccessLogServicer,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
     tls: ServerTls | TlsSource | None = None,
 ) -> tuple[grpc.aio.Server, int]:
     """Serve ``servicer`` on ``host:port`` (0: ephemeral); returns the server and its port.

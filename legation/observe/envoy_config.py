@@ -37,10 +37,18 @@ ACCESS_LOGGER = "envoy.access_loggers.http_grpc"
 ALS_CLUSTER = "legation_accesslog"
 """The cluster name the control plane gives the access-log service."""
 
-SENSITIVE_HEADERS = frozenset({
-    "authorization", "proxy-authorization", "cookie", "set-cookie", "x-api-key",
-    "x-auth-token", "x-csrf-token", "x-xsrf-token",
-})
+SENSITIVE_HEADERS = frozenset(
+    {
+        "authorization",
+        "proxy-authorization",
+        "cookie",
+        "set-cookie",
+        "x-api-key",
+        "x-auth-token",
+        "x-csrf-token",
+        "x-xsrf-token",
+    }
+)
 """Headers that carry credentials: never configured into an access-log entry."""
 
 
@@ -91,6 +99,7 @@ def _checked(headers: Iterable[str], field: str) -> list[str]:
         if name in SENSITIVE_HEADERS:
             raise ObserveError(
                 f"access log {field}: {h!r} carries credentials and is never logged",
-                code="sensitive_header")
+                code="sensitive_header",
+            )
         out.append(name)
     return out

@@ -38,7 +38,7 @@ def destination(upstream_cluster: str) -> str | None:
     if not upstream_cluster:
         return LOCAL
     if upstream_cluster.startswith(_OUTBOUND):
-        return label_value(upstream_cluster[len(_OUTBOUND):].split("|", 1)[0])
+        return label_value(upstream_cluster[len(_OUTBOUND) :].split("|", 1)[0])
     if upstream_cluster.startswith(_INBOUND):
         return None
     return label_value(upstream_cluster)

@@ -47,8 +47,16 @@ def metric_names() -> list[str]:
     """Every family name the collector exposes (counters without their ``_total``)."""
     names = [f"{PREFIX}_label_overflow"]
     for scope in SCOPES:
-        names += [f"{PREFIX}_{scope}_{n}" for n in (
-            "requests", "failures", "requests_per_second", "success_ratio", "latency_seconds")]
+        names += [
+            f"{PREFIX}_{scope}_{n}"
+            for n in (
+                "requests",
+                "failures",
+                "requests_per_second",
+                "success_ratio",
+                "latency_seconds",
+            )
+        ]
     return names
 
 
@@ -62,26 +70,37 @@ class GoldenCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         snap = self.aggregator.snapshot()
         overflow = CounterMetricFamily(
-            f"{PREFIX}_label_overflow", "Entries counted under 'other' (a scope was full)",
-            labels=["scope"])
+            f"{PREFIX}_label_overflow",
+            "Entries counted under 'other' (a scope was full)",
+            labels=["scope"],
+        )
         for scope in SCOPES:
             overflow.add_metric([scope], snap.overflowed.get(scope, 0))
         yield overflow
         for scope, labels in SCOPES.items():
             name = f"{PREFIX}_{scope}"
             wl = [*labels, "window"]
-            total = CounterMetricFamily(f"{name}_requests", f"Requests per {scope}",
-                                        labels=list(labels))
-            failures = CounterMetricFamily(f"{name}_failures",
-                                           f"Requests per {scope} answered 5xx or not at all",
-                                           labels=list(labels))
-            rps = GaugeMetricFamily(f"{name}_requests_per_second",
-                                    f"Request rate per {scope} over the window", labels=wl)
-            success = GaugeMetricFamily(f"{name}_success_ratio",
-                                        f"Non-5xx share per {scope} over the window", labels=wl)
-            latency = GaugeMetricFamily(f"{name}_latency_seconds",
-                                        f"Latency quantiles per {scope} over the window",
-                                        labels=[*wl, "quantile"])
+            total = CounterMetricFamily(
+                f"{name}_requests", f"Requests per {scope}", labels=list(labels)
+            )
+            failures = CounterMetricFamily(
+                f"{name}_failures",
+                f"Requests per {scope} answered 5xx or not at all",
+                labels=list(labels),
+            )
+            rps = GaugeMetricFamily(
+                f"{name}_requests_per_second",
+                f"Request rate per {scope} over the window",
+                labels=wl,
+            )
+            success = GaugeMetricFamily(
+                f"{name}_success_ratio", f"Non-5xx share per {scope} over the window", labels=wl
+            )
+            latency = GaugeMetricFamily(
+                f"{name}_latency_seconds",
+                f"Latency quantiles per {scope} over the window",
+                labels=[*wl, "quantile"],
+            )
             for row in snap.rows.get(scope, []):
                 total.add_metric(list(row.labels), row.total)
                 failures.add_metric(list(row.labels), row.total_failures)
@@ -112,13 +131,19 @@ def snapshot_from_text(text: str) -> dict[str, Any]:
             if sample.name == f"{PREFIX}_label_overflow_total":
                 overflowed[sample.labels["scope"]] = int(sample.value)
                 continue
-            scope, _, metric = sample.name[len(PREFIX) + 1:].partition("_")
+            scope, _, metric = sample.name[len(PREFIX) + 1 :].partition("_")
             if scope not in SCOPES or any(k not in sample.labels for k in SCOPES[scope]):
                 continue
             key = tuple(sample.labels[k] for k in SCOPES[scope])
-            row = rows[scope].setdefault(key, {
-                "labels": dict(zip(SCOPES[scope], key, strict=True)), "total": 0,
-                "failures": 0, "windows": {}})
+            row = rows[scope].setdefault(
+                key,
+                {
+                    "labels": dict(zip(SCOPES[scope], key, strict=True)),
+                    "total": 0,
+                    "failures": 0,
+                    "windows": {},
+                },
+            )
             if metric == "requests_total":
                 row["total"] = int(sample.value)
             elif metric == "failures_total":
@@ -135,9 +160,14 @@ def snapshot_from_text(text: str) -> dict[str, Any]:
                     attr = dict(QUANTILES).get(sample.labels.get("quantile", ""))
                     if attr:
                         stats[attr] = sample.value * 1000
-    return {"windows": sorted(windows), "overflowed": overflowed, "scopes": {
-        scope: [_complete(row, sorted(windows)) for _, row in sorted(keyed.items())]
-        for scope, keyed in rows.items()}}
+    return {
+        "windows": sorted(windows),
+        "overflowed": overflowed,
+        "scopes": {
+            scope: [_complete(row, sorted(windows)) for _, row in sorted(keyed.items())]
+            for scope, keyed in rows.items()
+        },
+    }
 
 
 def _complete(row: dict[str, Any], windows: list[int]) -> dict[str, Any]:
@@ -145,8 +175,12 @@ def _complete(row: dict[str, Any], windows: list[int]) -> dict[str, Any]:
         stats = row["windows"].setdefault(str(w), {})
         requests = round(stats.get("rps", 0.0) * w)
         success = stats.get("success") if requests else None
-        stats.update(requests=requests, rps=stats.get("rps", 0.0), success=success,
-                     failures=round(requests * (1 - success)) if success is not None else 0)
+        stats.update(
+            requests=requests,
+            rps=stats.get("rps", 0.0),
+            success=success,
+            failures=round(requests * (1 - success)) if success is not None else 0,
+        )
         for _, attr in QUANTILES:
             stats.setdefault(attr, None)
     return row

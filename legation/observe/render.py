@@ -24,8 +24,13 @@ __all__ = ["render", "render_scope"]
 _HEAD = {"route": ("ROUTE",), "pair": ("SOURCE", "DESTINATION"), "proxy": ("PROXY",)}
 
 
-def render(snapshot: Snapshot | Mapping[str, Any], *, window: int | None = None,
-           scopes: Sequence[str] = ("route", "pair", "proxy"), limit: int = 50) -> str:
+def render(
+    snapshot: Snapshot | Mapping[str, Any],
+    *,
+    window: int | None = None,
+    scopes: Sequence[str] = ("route", "pair", "proxy"),
+    limit: int = 50,
+) -> str:
     """Every scope's table for ``window`` (default: the snapshot's shortest), blank-line apart."""
     data = snapshot.to_dict() if isinstance(snapshot, Snapshot) else snapshot
     windows = [int(w) for w in data["windows"]]
@@ -46,8 +51,16 @@ def render_scope(data: Mapping[str, Any], scope: str, window: int, *, limit: int
     rows.sort(key=lambda r: (-r[1]["requests"], r[0]))
     lines: list[list[str]] = [[*_HEAD[scope], "RPS", "SUCCESS", "P50", "P90", "P99"]]
     for labels, s in rows[:limit]:
-        lines.append([*labels, _rps(s["rps"]), _pct(s["success"]),
-                      _ms(s["p50_ms"]), _ms(s["p90_ms"]), _ms(s["p99_ms"])])
+        lines.append(
+            [
+                *labels,
+                _rps(s["rps"]),
+                _pct(s["success"]),
+                _ms(s["p50_ms"]),
+                _ms(s["p90_ms"]),
+                _ms(s["p99_ms"]),
+            ]
+        )
     text = _columns(lines, numeric_from=len(_HEAD[scope]))
     if not rows:
         text += "\n(no requests)"
@@ -60,8 +73,10 @@ def _columns(lines: list[list[str]], *, numeric_from: int) -> str:
     widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
     out = []
     for line in lines:
-        cells = [c.ljust(widths[i]) if i < numeric_from else c.rjust(widths[i])
-                 for i, c in enumerate(line)]
+        cells = [
+            c.ljust(widths[i]) if i < numeric_from else c.rjust(widths[i])
+            for i, c in enumerate(line)
+        ]
         out.append("  ".join(cells).rstrip())
     return "\n".join(out)
 

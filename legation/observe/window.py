@@ -21,8 +21,31 @@ HORIZON_S = 60
 """The longest window (seconds) any key can answer for."""
 
 BOUNDS_MS: tuple[float, ...] = (
-    1, 2, 3, 5, 7.5, 10, 15, 20, 30, 50, 75, 100, 150, 200, 300, 500, 750,
-    1_000, 1_500, 2_000, 3_000, 5_000, 10_000, 30_000, 60_000,
+    1,
+    2,
+    3,
+    5,
+    7.5,
+    10,
+    15,
+    20,
+    30,
+    50,
+    75,
+    100,
+    150,
+    200,
+    300,
+    500,
+    750,
+    1_000,
+    1_500,
+    2_000,
+    3_000,
+    5_000,
+    10_000,
+    30_000,
+    60_000,
 )
 """Upper bounds (inclusive, milliseconds) of the latency buckets; one more bucket holds the rest."""
 
@@ -105,18 +128,23 @@ class SlidingWindow:
             age = now_second - self._sec[i]
             if not 0 <= age < HORIZON_S or not self._counts[i]:
                 continue
-            slot = self._hist[i * _NB:(i + 1) * _NB]
+            slot = self._hist[i * _NB : (i + 1) * _NB]
             for w in windows:
                 if age < w:
                     counts[w] += self._counts[i]
                     fails[w] += self._fails[i]
                     hists[w] = [a + b for a, b in zip(hists[w], slot, strict=True)]
-        return {w: WindowStats(
-            requests=counts[w], failures=fails[w], seconds=w,
-            p50_ms=_quantile(hists[w], counts[w], 0.50),
-            p90_ms=_quantile(hists[w], counts[w], 0.90),
-            p99_ms=_quantile(hists[w], counts[w], 0.99),
-        ) for w in windows}
+        return {
+            w: WindowStats(
+                requests=counts[w],
+                failures=fails[w],
+                seconds=w,
+                p50_ms=_quantile(hists[w], counts[w], 0.50),
+                p90_ms=_quantile(hists[w], counts[w], 0.90),
+                p99_ms=_quantile(hists[w], counts[w], 0.99),
+            )
+            for w in windows
+        }
 
 
 def _quantile(hist: list[int], count: int, q: float) -> float | None:

@@ -9,5 +9,15 @@
 * :mod:`.envoy_filter` builds the Envoy HTTP filter, route actions and the gRPC cluster for it.
 """
 
-__all__ = ["algorithms", "backends", "config", "envoy_filter", "errors", "fallback", "limiter",
-           "metrics", "service", "watch"]
+__all__ = [
+    "algorithms",
+    "backends",
+    "config",
+    "envoy_filter",
+    "errors",
+    "fallback",
+    "limiter",
+    "metrics",
+    "service",
+    "watch",
+]

@@ -58,8 +58,7 @@ def _shape(request: rls_pb2.RateLimitRequest) -> _Shape:
     if not domain:
         raise RateLimitError("rate limit domain must not be empty", code="invalid_request")
     if not request.descriptors:
-        raise RateLimitError("rate limit descriptor list must not be empty",
-                             code="invalid_request")
+        raise RateLimitError("rate limit descriptor list must not be empty", code="invalid_request")
     default_cost = request.hits_addend or 1
     shape = []
     for d in request.descriptors:

@@ -23,8 +23,16 @@ import yaml
 from legation import _yaml
 
 TEXT_FIELDS = frozenset({"domain", "key", "value", "name", "unit"})
-BOOL_FIELDS = frozenset({"shadow_mode", "quota_mode", "detailed_metric", "value_to_metric",
-                         "share_threshold", "unlimited"})
+BOOL_FIELDS = frozenset(
+    {
+        "shadow_mode",
+        "quota_mode",
+        "detailed_metric",
+        "value_to_metric",
+        "share_threshold",
+        "unlimited",
+    }
+)
 _TAGS_AS_TEXT = frozenset({"tag:yaml.org,2002:bool", "tag:yaml.org,2002:int"})
 _YAML11_BOOLS = {"y": True, "Y": True, "n": False, "N": False}
 
@@ -36,13 +44,17 @@ class _AsWritten(_yaml.SafeLoader):
         mapping: dict[Any, Any] = super().construct_mapping(node, deep=deep)
         for key_node, value_node in node.value:
             if not isinstance(key_node, yaml.ScalarNode) or not isinstance(
-                    value_node, yaml.ScalarNode):
+                value_node, yaml.ScalarNode
+            ):
                 continue
             field = key_node.value
             if field in TEXT_FIELDS and value_node.tag in _TAGS_AS_TEXT:
                 mapping[field] = value_node.value
-            elif (field in BOOL_FIELDS and value_node.style is None
-                  and value_node.value in _YAML11_BOOLS):
+            elif (
+                field in BOOL_FIELDS
+                and value_node.style is None
+                and value_node.value in _YAML11_BOOLS
+            ):
                 mapping[field] = _YAML11_BOOLS[value_node.value]
         return mapping
 

@@ -195,15 +195,28 @@ class RateLimitConfig:
             return None
         sharing = any(shared)
         if node.detailed_metric:
-            shown = [f"{k}_{shared[i]}" if shared[i] else (f"{k}_{v}" if v or not sharing else k)
-                     for i, (k, v) in enumerate(entries)]
+            shown = [
+                f"{k}_{shared[i]}" if shared[i] else (f"{k}_{v}" if v or not sharing else k)
+                for i, (k, v) in enumerate(entries)
+            ]
         return Match(node, ".".join([domain, *shown]), tuple(shared) if sharing else ())
 
 
-_DESCRIPTOR_KEYS = frozenset({
-    "key", "value", "rate_limit", "rate_limits", "descriptors", "shadow_mode", "quota_mode",
-    "detailed_metric", "value_to_metric", "share_threshold", "metadata",
-})
+_DESCRIPTOR_KEYS = frozenset(
+    {
+        "key",
+        "value",
+        "rate_limit",
+        "rate_limits",
+        "descriptors",
+        "shadow_mode",
+        "quota_mode",
+        "detailed_metric",
+        "value_to_metric",
+        "share_threshold",
+        "metadata",
+    }
+)
 _LIMIT_KEYS = frozenset({"unit", "requests_per_unit", "unlimited", "name", "replaces", "algorithm"})
 
 
@@ -213,8 +226,7 @@ def load_files(paths: Iterable[str | Path], *, merge_domains: bool = False) -> R
     return _combine((load_file(path) for path in paths), merge_domains)
 
 
-def load_texts(texts: Iterable[tuple[str, str]], *, merge_domains: bool = False
-               ) -> RateLimitConfig:
+def load_texts(texts: Iterable[tuple[str, str]], *, merge_domains: bool = False) -> RateLimitConfig:
     """Like :func:`load_files` from ``(source, text)`` pairs already read (the watcher's case)."""
     return _combine((parse(text, source=source) for source, text in texts), merge_domains)
 
@@ -231,7 +243,8 @@ def _combine(loaded_domains: Iterable[DomainConfig], merge: bool) -> RateLimitCo
             raise ConfigError(
                 f"{loaded.source}: domain: duplicate domain {loaded.domain!r} "
                 f"(already loaded from {other.source}; set merge_domains to merge them)",
-                code="duplicate_domain")
+                code="duplicate_domain",
+            )
     return RateLimitConfig(domains)
 
 
@@ -243,7 +256,9 @@ def merge_domains(first: DomainConfig, second: DomainConfig) -> DomainConfig:
         if node.composite in seen:
             raise ConfigError(
                 f"{second.source}: descriptors[{i}]: duplicate descriptor composite key "
-                f"'{first.domain}.{node.composite}'", code="duplicate_descriptor")
+                f"'{first.domain}.{node.composite}'",
+                code="duplicate_descriptor",
+            )
         seen.add(node.composite)
     table = DescriptorTable.of((*first.descriptors.items, *second.descriptors.items))
     return DomainConfig(first.domain, first.source, table)
@@ -254,8 +269,9 @@ def load_file(path: str | Path) -> DomainConfig:
     try:
         text = _yaml.read_text(path)
     except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}",
-                          code="unreadable") from None
+        raise ConfigError(
+            f"{path}: cannot read: {exc.strerror or exc}", code="unreadable"
+        ) from None
     return parse(text, source=str(path))
 
 
@@ -276,8 +292,10 @@ class _Parser:
         self.source = source
 
     def fail(self, where: str, message: str, code: str = "invalid_config") -> ConfigError:
-        return ConfigError(f"{self.source}: {where}: {message}" if where else
-                           f"{self.source}: {message}", code=code)
+        return ConfigError(
+            f"{self.source}: {where}: {message}" if where else f"{self.source}: {message}",
+            code=code,
+        )
 
     def mapping(self, raw: Any, where: str, allowed: frozenset[str]) -> Mapping[str, Any]:
         if not isinstance(raw, Mapping):
@@ -295,8 +313,11 @@ class _Parser:
             return default
         ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
         if not ok:
-            raise self.fail(f"{where}.{name}" if where else name,
-                            f"expected {kind.__name__}, got {value!r}", "invalid_type")
+            raise self.fail(
+                f"{where}.{name}" if where else name,
+                f"expected {kind.__name__}, got {value!r}",
+                "invalid_type",
+            )
         return value
 
     def text(self, raw: Mapping[str, Any], name: str, where: str) -> str:
@@ -305,14 +326,19 @@ class _Parser:
         if value is None:
             return ""
         if isinstance(value, float):
-            raise self.fail(f"{where}.{name}" if where else name,
-                            f"expected a string, got the number {value!r} (quote it)",
-                            "invalid_type")
+            raise self.fail(
+                f"{where}.{name}" if where else name,
+                f"expected a string, got the number {value!r} (quote it)",
+                "invalid_type",
+            )
         if isinstance(value, bool | int):  # only when _scalars could not keep the text
             return str(value).lower() if isinstance(value, bool) else str(value)
         if not isinstance(value, str):
-            raise self.fail(f"{where}.{name}" if where else name,
-                            f"expected a string, got {_shown(value)}", "invalid_type")
+            raise self.fail(
+                f"{where}.{name}" if where else name,
+                f"expected a string, got {_shown(value)}",
+                "invalid_type",
+            )
         return value
 
     def domain(self, raw: Any) -> DomainConfig:
@@ -321,11 +347,13 @@ class _Parser:
         raw = self.mapping(raw, "", frozenset({"domain", "descriptors"}))
         domain = self.text(raw, "domain", "")
         if not domain:
-            raise self.fail("domain", "the domain is required and must not be empty",
-                            "missing_domain")
+            raise self.fail(
+                "domain", "the domain is required and must not be empty", "missing_domain"
+            )
         descriptors = self.typed(raw, "descriptors", "", list, [])
-        return DomainConfig(domain, self.source,
-                            self.table(descriptors or [], "descriptors", domain + "."))
+        return DomainConfig(
+            domain, self.source, self.table(descriptors or [], "descriptors", domain + ".")
+        )
 
     def table(self, items: list[Any], where: str, parent: str) -> DescriptorTable:
         nodes: list[Descriptor] = []
@@ -334,8 +362,11 @@ class _Parser:
             here = f"{where}[{i}]"
             node = self.descriptor(item, here, parent)
             if node.composite in seen:
-                raise self.fail(here, f"duplicate descriptor composite key "
-                                f"'{parent}{node.composite}'", "duplicate_descriptor")
+                raise self.fail(
+                    here,
+                    f"duplicate descriptor composite key '{parent}{node.composite}'",
+                    "duplicate_descriptor",
+                )
             seen.add(node.composite)
             nodes.append(node)
         return DescriptorTable.of(nodes)
@@ -346,15 +377,29 @@ class _Parser:
         if not key:
             raise self.fail(f"{where}.key", "descriptor has no key", "missing_key")
         if "*" in key:
-            raise self.fail(f"{where}.key", f"a key cannot hold a wildcard ({key!r}); only "
-                            "values can", "wildcard_key")
+            raise self.fail(
+                f"{where}.key",
+                f"a key cannot hold a wildcard ({key!r}); only values can",
+                "wildcard_key",
+            )
         value = self.text(raw, "value", where)
-        flags = {name: self.typed(raw, name, where, bool, False) for name in (
-            "shadow_mode", "quota_mode", "detailed_metric", "value_to_metric", "share_threshold")}
+        flags = {
+            name: self.typed(raw, name, where, bool, False)
+            for name in (
+                "shadow_mode",
+                "quota_mode",
+                "detailed_metric",
+                "value_to_metric",
+                "share_threshold",
+            )
+        }
         if flags["share_threshold"] and "*" not in value:
             shown = f"{key}_{value}" if value else key
-            raise self.fail(f"{where}.share_threshold", "share_threshold needs a wildcard value "
-                            f"(containing '*'), got key '{shown}'", "share_without_wildcard")
+            raise self.fail(
+                f"{where}.share_threshold",
+                f"share_threshold needs a wildcard value (containing '*'), got key '{shown}'",
+                "share_without_wildcard",
+            )
         limits: list[Limit] = []
         if raw.get("rate_limit") is not None:
             limits.append(self.limit(raw["rate_limit"], f"{where}.rate_limit"))
@@ -362,12 +407,18 @@ class _Parser:
         for i, item in enumerate(extra or []):
             limits.append(self.limit(item, f"{where}.rate_limits[{i}]"))
         if any(lim.unlimited for lim in limits) and len(limits) > 1:
-            raise self.fail(where, "an unlimited rate limit cannot be combined with other limits",
-                            "unlimited_with_limits")
+            raise self.fail(
+                where,
+                "an unlimited rate limit cannot be combined with other limits",
+                "unlimited_with_limits",
+            )
         windows = [(lim.unit, lim.algorithm) for lim in limits]
         if len(set(windows)) != len(windows):
-            raise self.fail(where, "two limits with the same unit and algorithm (they would share "
-                            "one counter)", "duplicate_limit")
+            raise self.fail(
+                where,
+                "two limits with the same unit and algorithm (they would share one counter)",
+                "duplicate_limit",
+            )
         children = self.typed(raw, "descriptors", where, list, [])
         composite = f"{key}_{value}" if value else key
         return Descriptor(
@@ -375,8 +426,7 @@ class _Parser:
             value=value,
             limits=tuple(limits),
             metadata=self.metadata(raw.get("metadata"), f"{where}.metadata"),
-            children=self.table(children or [], f"{where}.descriptors",
-                                f"{parent}{composite}."),
+            children=self.table(children or [], f"{where}.descriptors", f"{parent}{composite}."),
             **flags,
         )
 
@@ -410,24 +460,37 @@ class _Parser:
         replaces = self.replaces(raw.get("replaces"), f"{where}.replaces", name)
         if unlimited:
             if unit:
-                raise self.fail(f"{where}.unit", "an unlimited rate limit must not set a unit",
-                                "unlimited_with_unit")
+                raise self.fail(
+                    f"{where}.unit",
+                    "an unlimited rate limit must not set a unit",
+                    "unlimited_with_unit",
+                )
             return Limit(unlimited=True, name=name, replaces=replaces)
         unit = unit.lower()
         if unit not in UNIT_SECONDS:
-            raise self.fail(f"{where}.unit", f"invalid rate limit unit {unit!r} "
-                            f"(one of {', '.join(UNIT_SECONDS)})", "invalid_unit")
+            raise self.fail(
+                f"{where}.unit",
+                f"invalid rate limit unit {unit!r} (one of {', '.join(UNIT_SECONDS)})",
+                "invalid_unit",
+            )
         if rpu < 0 or rpu > 0xFFFFFFFF:
-            raise self.fail(f"{where}.requests_per_unit", f"must be 0..4294967295, got {rpu}",
-                            "invalid_requests_per_unit")
+            raise self.fail(
+                f"{where}.requests_per_unit",
+                f"must be 0..4294967295, got {rpu}",
+                "invalid_requests_per_unit",
+            )
         try:
             algorithm = Algorithm(algorithm_raw)
         except ValueError:
-            raise self.fail(f"{where}.algorithm", f"unknown algorithm {algorithm_raw!r} "
-                            f"(one of {', '.join(a.value for a in Algorithm)})",
-                            "invalid_algorithm") from None
-        return Limit(unit=unit, requests_per_unit=rpu, algorithm=algorithm, name=name,
-                     replaces=replaces)
+            raise self.fail(
+                f"{where}.algorithm",
+                f"unknown algorithm {algorithm_raw!r} "
+                f"(one of {', '.join(a.value for a in Algorithm)})",
+                "invalid_algorithm",
+            ) from None
+        return Limit(
+            unit=unit, requests_per_unit=rpu, algorithm=algorithm, name=name, replaces=replaces
+        )
 
     def replaces(self, raw: Any, where: str, own_name: str) -> frozenset[str]:
         if raw is None:
@@ -441,7 +504,10 @@ class _Parser:
             if not name:
                 raise self.fail(f"{where}[{i}].name", "replaces needs a name", "missing_name")
             if name == own_name:
-                raise self.fail(f"{where}[{i}].name", f"a rate limit cannot replace itself "
-                                f"({name!r})", "replaces_self")
+                raise self.fail(
+                    f"{where}[{i}].name",
+                    f"a rate limit cannot replace itself ({name!r})",
+                    "replaces_self",
+                )
             names.add(name)
         return frozenset(names)

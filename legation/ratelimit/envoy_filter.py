@@ -87,11 +87,17 @@ class Metadata:
 DescriptorSpec = RequestHeader | RemoteAddress | GenericKey | Metadata
 
 
-def jwt_claim(claim: str, key: str = "", *, payload_in_metadata: str = "jwt_payload",
-              default: str = "") -> Metadata:
+def jwt_claim(
+    claim: str, key: str = "", *, payload_in_metadata: str = "jwt_payload", default: str = ""
+) -> Metadata:
     """The JWT claim ``claim`` that jwt_authn stored under ``payload_in_metadata``."""
-    return Metadata(key or claim, JWT_AUTHN_FILTER, (payload_in_metadata, claim), default,
-                    skip_if_absent=not default)
+    return Metadata(
+        key or claim,
+        JWT_AUTHN_FILTER,
+        (payload_in_metadata, claim),
+        default,
+        skip_if_absent=not default,
+    )
 
 
 def rate_limit_filter(
@@ -124,8 +130,9 @@ def rate_limit_filter(
     return http_filter(RATE_LIMIT_FILTER, config)
 
 
-def route_rate_limits(*descriptors: Sequence[DescriptorSpec], stage: int = 0
-                      ) -> list[route_pb2.RateLimit]:
+def route_rate_limits(
+    *descriptors: Sequence[DescriptorSpec], stage: int = 0
+) -> list[route_pb2.RateLimit]:
     """One ``RateLimit`` per descriptor; each descriptor is a sequence of entry specs."""
     out = []
     for spec in descriptors:
@@ -139,17 +146,29 @@ def route_rate_limits(*descriptors: Sequence[DescriptorSpec], stage: int = 0
 
 
 def rate_limit_cluster(
-    name: str, host: str, port: int, *, connect_timeout_ms: int = 1000,
+    name: str,
+    host: str,
+    port: int,
+    *,
+    connect_timeout_ms: int = 1000,
     max_concurrent_streams: int | None = None,
 ) -> cluster_pb2.Cluster:
     """A static HTTP/2 cluster for the gRPC service (see :mod:`legation.envoy_grpc`)."""
-    return envoy_grpc.grpc_cluster(name, [(host, port)], connect_timeout_ms=connect_timeout_ms,
-                                   max_concurrent_streams=max_concurrent_streams)
+    return envoy_grpc.grpc_cluster(
+        name,
+        [(host, port)],
+        connect_timeout_ms=connect_timeout_ms,
+        max_concurrent_streams=max_concurrent_streams,
+    )
 
 
 def local_rate_limit_filter(
-    *, stat_prefix: str, max_tokens: int, tokens_per_fill: int | None = None,
-    fill_interval_ms: int = 1000, rate_limit_headers: bool = True,
+    *,
+    stat_prefix: str,
+    max_tokens: int,
+    tokens_per_fill: int | None = None,
+    fill_interval_ms: int = 1000,
+    rate_limit_headers: bool = True,
 ) -> hcm_pb2.HttpFilter:
     """Envoy's native per-proxy token bucket (enabled and enforced for every request)."""
     every = every_request()
@@ -158,7 +177,8 @@ def local_rate_limit_filter(
         token_bucket=token_bucket_pb2.TokenBucket(
             max_tokens=max_tokens,
             tokens_per_fill=wrappers_pb2.UInt32Value(value=tokens_per_fill or max_tokens),
-            fill_interval=milliseconds(fill_interval_ms)),
+            fill_interval=milliseconds(fill_interval_ms),
+        ),
         filter_enabled=every,
         filter_enforced=every,
     )
@@ -183,13 +203,10 @@ def _action(spec: DescriptorSpec) -> route_pb2.RateLimit.Action:
         md = action.metadata
         md.descriptor_key = spec.key
         md.metadata_key.key = spec.filter
-        md.metadata_key.path.extend(
-            metadata_pb2.MetadataKey.PathSegment(key=p) for p in spec.path)
+        md.metadata_key.path.extend(metadata_pb2.MetadataKey.PathSegment(key=p) for p in spec.path)
         md.default_value = spec.default
         md.source = route_pb2.RateLimit.Action.MetaData.DYNAMIC
         md.skip_if_absent = spec.skip_if_absent
     else:
         raise TypeError(f"not a rate-limit descriptor spec: {spec!r}")
     return action
-
-

@@ -52,12 +52,20 @@ LOCAL_MEMORY = MemoryConfig(max_keys=100_000, max_bytes=32 * 1024 * 1024)
 class LocalFallback:
     """See the module docstring. ``store`` is the backend wrapped (its ``close`` is ours)."""
 
-    def __init__(self, store: Backend, *, metrics: RateLimitMetrics, instances: int = 1,
-                 probe_interval: float = 0.25, max_probe_interval: float = 1.0,
-                 monotonic: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        store: Backend,
+        *,
+        metrics: RateLimitMetrics,
+        instances: int = 1,
+        probe_interval: float = 0.25,
+        max_probe_interval: float = 1.0,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.store = store
         self._refusal: Callable[[str, int], Decision | None] | None = getattr(
-            store, "cached_refusal", None)
+            store, "cached_refusal", None
+        )
         self.local = MemoryBackend(LOCAL_MEMORY)
         self.metrics = metrics
         self.instances = 1
@@ -100,8 +108,12 @@ class LocalFallback:
                 raise
             self.metrics.backend_errors.labels(exc.code).inc()
             if not self._down:  # one line per outage, not per request
-                log.warning("rate-limit store failed, deciding in memory until it answers "
-                            "(limits / %d): %s", self.instances, exc)
+                log.warning(
+                    "rate-limit store failed, deciding in memory until it answers "
+                    "(limits / %d): %s",
+                    self.instances,
+                    exc,
+                )
             self._failed(probe)
             return self._decide_locally(hits, now_ms)
         finally:
@@ -132,8 +144,11 @@ class LocalFallback:
         out = []
         for h in hits:
             refused = refusal(h.key, now_ms) if refusal is not None else None
-            out.append(refused if refused is not None
-                       else local.hit_one(Hit(h.key, self._share(h.limit), h.cost), now_ms))
+            out.append(
+                refused
+                if refused is not None
+                else local.hit_one(Hit(h.key, self._share(h.limit), h.cost), now_ms)
+            )
         return out
 
     def _share(self, limit: Limit) -> Limit:

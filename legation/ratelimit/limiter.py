@@ -112,7 +112,7 @@ class RateLimiter:
         for c in checked:
             status = statuses.add(code=OK)  # filled in place: append() would copy it
             n = len(c.limits)
-            self._status(request.domain, c, decisions[at:at + n], status)
+            self._status(request.domain, c, decisions[at : at + n], status)
             at += n
             if c.unlimited:
                 continue
@@ -138,14 +138,21 @@ class RateLimiter:
             response.dynamic_metadata.update(_metadata(request, passed))
         return response
 
-    def _headers(self, response: rls_pb2.RateLimitResponse,
-                 status: rls_pb2.RateLimitResponse.DescriptorStatus, now: float) -> None:
+    def _headers(
+        self,
+        response: rls_pb2.RateLimitResponse,
+        status: rls_pb2.RateLimitResponse.DescriptorStatus,
+        now: float,
+    ) -> None:
         names = self.response_headers
         assert names is not None
         unit = _UNIT_SECONDS.get(status.current_limit.unit, 1)
         reset = unit - int(now) % unit
-        for key, value in ((names.limit, status.current_limit.requests_per_unit),
-                           (names.remaining, status.limit_remaining), (names.reset, reset)):
+        for key, value in (
+            (names.limit, status.current_limit.requests_per_unit),
+            (names.remaining, status.limit_remaining),
+            (names.reset, reset),
+        ):
             response.response_headers_to_add.add(key=key, value=str(value))
 
     def _plan(self, config: RateLimitConfig, request: rls_pb2.RateLimitRequest) -> _Plan:
@@ -166,8 +173,11 @@ class RateLimiter:
         plan = self._plans.get(key)
         if plan is None:
             checked = self._match(config, request.domain, _shape(request))
-            hits = tuple(Hit(k, limit, c.cost) for c in checked
-                         for k, limit in zip(c.keys, c.limits, strict=True))
+            hits = tuple(
+                Hit(k, limit, c.cost)
+                for c in checked
+                for k, limit in zip(c.keys, c.limits, strict=True)
+            )
             plan = (checked, hits)
             if len(key) <= _MAX_PLANNED_REQUEST:
                 if len(self._plans) >= _MAX_PLANS:
@@ -175,9 +185,7 @@ class RateLimiter:
                 self._plans[key] = plan
         return plan
 
-    def _match(
-        self, config: RateLimitConfig, domain: str, shape: _Shape
-    ) -> tuple[_Checked, ...]:
+    def _match(self, config: RateLimitConfig, domain: str, shape: _Shape) -> tuple[_Checked, ...]:
         known = domain in config.domains  # overrides apply in configured domains only
         found: list[tuple[tuple[tuple[str, str], ...], Match | None, int, Limit | None]] = []
         replaced: set[str] = set()
@@ -187,8 +195,10 @@ class RateLimiter:
                 if known:
                     unit = _OVERRIDE_UNIT.get(raw_override[0], "unknown")
                     if unit == "unknown":
-                        raise RateLimitError(f"domain {domain!r}: descriptor limit override "
-                                             "has no unit", code="invalid_request")
+                        raise RateLimitError(
+                            f"domain {domain!r}: descriptor limit override has no unit",
+                            code="invalid_request",
+                        )
                     override = Limit(unit=unit, requests_per_unit=raw_override[1])
             else:
                 match = config.match(domain, entries)
@@ -199,43 +209,58 @@ class RateLimiter:
         out = []
         for entries, match, cost, override in found:
             shared = match.shared if match is not None else ()
-            values = [shared[i] or v for i, (_, v) in enumerate(entries)] if shared else [
-                v for _, v in entries]
-            base = domain + "|" + "|".join(
-                f"{k.translate(_ESCAPE)}={v.translate(_ESCAPE)}"
-                for (k, _), v in zip(entries, values, strict=True))
+            values = (
+                [shared[i] or v for i, (_, v) in enumerate(entries)]
+                if shared
+                else [v for _, v in entries]
+            )
+            base = (
+                domain
+                + "|"
+                + "|".join(
+                    f"{k.translate(_ESCAPE)}={v.translate(_ESCAPE)}"
+                    for (k, _), v in zip(entries, values, strict=True)
+                )
+            )
             node = match.descriptor if match is not None else None
             limits: tuple[Limit, ...] = ()
             if override is not None:
                 limits = (override,)
                 metric_key = ".".join([domain, *(f"{k}_{v}" if v else k for k, v in entries)])
             elif match is not None:
-                limits = tuple(lim for lim in match.limits
-                               if not (lim.name and lim.name in replaced) and not lim.unlimited)
+                limits = tuple(
+                    lim
+                    for lim in match.limits
+                    if not (lim.name and lim.name in replaced) and not lim.unlimited
+                )
                 metric_key = match.metric_key
             else:
                 metric_key = ".".join([domain, *(k for k, _ in entries)])
-            out.append(_Checked(
-                match=match,
-                metric_key=metric_key,
-                limits=limits,
-                keys=tuple(f"{base}|{lim.algorithm.value}:{lim.unit}" for lim in limits),
-                near=tuple(self._near_threshold(lim.requests_per_unit) for lim in limits),
-                cost=cost,
-                shadow=node is not None and node.shadow_mode,
-                quota=self.quota_mode or (node is not None and node.quota_mode),
-                unlimited=node is not None and any(lim.unlimited for lim in node.limits),
-                metadata=node.metadata if node is not None else None,
-            ))
+            out.append(
+                _Checked(
+                    match=match,
+                    metric_key=metric_key,
+                    limits=limits,
+                    keys=tuple(f"{base}|{lim.algorithm.value}:{lim.unit}" for lim in limits),
+                    near=tuple(self._near_threshold(lim.requests_per_unit) for lim in limits),
+                    cost=cost,
+                    shadow=node is not None and node.shadow_mode,
+                    quota=self.quota_mode or (node is not None and node.quota_mode),
+                    unlimited=node is not None and any(lim.unlimited for lim in node.limits),
+                    metadata=node.metadata if node is not None else None,
+                )
+            )
         return tuple(out)
 
     def _near_threshold(self, requests_per_unit: int) -> int:
         """floor(limit x ratio) in float32, as upstream computes it (so 0.8 of 10 is 8)."""
-        return min(requests_per_unit,
-                   math.floor(_f32(_f32(requests_per_unit) * self._ratio32)))
+        return min(requests_per_unit, math.floor(_f32(_f32(requests_per_unit) * self._ratio32)))
 
     def _status(
-        self, domain: str, c: _Checked, decisions: Sequence[Decision],
+        self,
+        domain: str,
+        c: _Checked,
+        decisions: Sequence[Decision],
         status: rls_pb2.RateLimitResponse.DescriptorStatus,
     ) -> None:
         """Fill ``status`` (code OK) for one descriptor and count its hits."""
@@ -294,8 +319,16 @@ class RateLimiter:
         found = self._counters.get((domain, metric_key))
         if found is None:
             m = self.metrics
-            found = tuple(counter.labels(domain, metric_key) for counter in (
-                m.total_hits, m.within_limit, m.over_limit, m.near_limit, m.shadow_mode))
+            found = tuple(
+                counter.labels(domain, metric_key)
+                for counter in (
+                    m.total_hits,
+                    m.within_limit,
+                    m.over_limit,
+                    m.near_limit,
+                    m.shadow_mode,
+                )
+            )
             if len(self._counters) < 100_000:  # bounded, whatever detailed_metric lets in
                 self._counters[(domain, metric_key)] = found
         return found

@@ -47,15 +47,19 @@ class RateLimitMetrics:
         self.within_limit = counter("within_limit", "Hits within the limit", labels)
         self.over_limit = counter("over_limit", "Hits over the limit (and refused)", labels)
         self.near_limit = counter("near_limit", "Allowed hits past the near-limit ratio", labels)
-        self.shadow_mode = counter("shadow_mode", "Hits over the limit let through by shadow mode",
-                                   labels)
+        self.shadow_mode = counter(
+            "shadow_mode", "Hits over the limit let through by shadow mode", labels
+        )
         self.global_shadow_mode = counter(
-            "global_shadow_mode", "Requests over the limit answered OK by the global shadow mode",
-            [])
+            "global_shadow_mode",
+            "Requests over the limit answered OK by the global shadow mode",
+            [],
+        )
         self.config_reloads = counter("config_reloads", "Config loads by result", ["result"])
         self.backend_errors = counter("backend_errors", "Counter store failures", ["code"])
-        self.failure_mode = counter("failure_mode", "Requests decided by the failure mode",
-                                    ["action"])
+        self.failure_mode = counter(
+            "failure_mode", "Requests decided by the failure mode", ["action"]
+        )
         self._backends = _BackendCollector()
         registry.register(self._backends)
 
@@ -92,7 +96,9 @@ class _BackendCollector(Collector):
             yield family
         states = [bool(b.available) for b in live if hasattr(b, "available")]
         if states:
-            gauge = GaugeMetricFamily("legation_ratelimit_backend_available",
-                                      "1 when the counter store answered its last call, else 0")
+            gauge = GaugeMetricFamily(
+                "legation_ratelimit_backend_available",
+                "1 when the counter store answered its last call, else 0",
+            )
             gauge.add_metric([], float(all(states)))
             yield gauge

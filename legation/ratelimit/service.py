@@ -69,19 +69,30 @@ class Settings:
 
     def __post_init__(self) -> None:
         if self.failure_mode not in FAILURE_MODES:
-            raise ConfigError(f"ratelimit settings: failure_mode: expected one of "
-                              f"{', '.join(FAILURE_MODES)}, got {self.failure_mode!r}",
-                              code="invalid_failure_mode")
-        if isinstance(self.local_instances, bool) or not isinstance(self.local_instances, int) \
-                or self.local_instances < 1:
-            raise ConfigError("ratelimit settings: local_instances: expected an integer >= 1, "
-                              f"got {self.local_instances!r}", code="invalid_type")
+            raise ConfigError(
+                f"ratelimit settings: failure_mode: expected one of "
+                f"{', '.join(FAILURE_MODES)}, got {self.failure_mode!r}",
+                code="invalid_failure_mode",
+            )
+        if (
+            isinstance(self.local_instances, bool)
+            or not isinstance(self.local_instances, int)
+            or self.local_instances < 1
+        ):
+            raise ConfigError(
+                "ratelimit settings: local_instances: expected an integer >= 1, "
+                f"got {self.local_instances!r}",
+                code="invalid_type",
+            )
         if not 0 < self.near_limit_ratio <= 1:
-            raise ConfigError("ratelimit settings: near_limit_ratio: expected 0 < ratio <= 1",
-                              code="invalid_near_limit_ratio")
+            raise ConfigError(
+                "ratelimit settings: near_limit_ratio: expected 0 < ratio <= 1",
+                code="invalid_near_limit_ratio",
+            )
         if isinstance(self.config_files, str):
-            raise ConfigError("ratelimit settings: config_files: expected a tuple of paths",
-                              code="invalid_type")
+            raise ConfigError(
+                "ratelimit settings: config_files: expected a tuple of paths", code="invalid_type"
+            )
 
 
 class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):
@@ -90,8 +101,9 @@ class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):
     Setting :attr:`failure_mode` (also live, on a reload) to or from ``local`` wraps the limiter's
     backend in a :class:`LocalFallback` or takes it out again."""
 
-    def __init__(self, limiter: RateLimiter, *, failure_mode: str = "allow",
-                 local_instances: int = 1) -> None:
+    def __init__(
+        self, limiter: RateLimiter, *, failure_mode: str = "allow", local_instances: int = 1
+    ) -> None:
         self.limiter = limiter
         self.local_instances = local_instances
         self._failure_mode = "allow"
@@ -108,8 +120,9 @@ class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):
         if mode == "local" and isinstance(limiter.backend, LocalFallback):
             limiter.backend.share_among(self.local_instances)
         elif mode == "local":
-            limiter.backend = LocalFallback(limiter.backend, metrics=limiter.metrics,
-                                            instances=self.local_instances)
+            limiter.backend = LocalFallback(
+                limiter.backend, metrics=limiter.metrics, instances=self.local_instances
+            )
         elif mode != "local" and isinstance(limiter.backend, LocalFallback):
             limiter.backend = limiter.backend.store  # its in-memory counters are dropped
         self._failure_mode = mode
@@ -139,8 +152,9 @@ class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):
 
 def build_limiter(settings: Settings, config: RateLimitConfig) -> RateLimiter:
     """The limiter with its backend plugin (validated, then created) and metrics."""
-    factory = plugins.get("ratelimit.backend", settings.backend,
-                          where="ratelimit settings: backend")
+    factory = plugins.get(
+        "ratelimit.backend", settings.backend, where="ratelimit settings: backend"
+    )
     backend = factory.create(factory.validate(dict(settings.backend_options)))
     metrics = RateLimitMetrics.for_registry(settings.registry)
     metrics.track_backend(backend)
@@ -152,32 +166,45 @@ def build_limiter(settings: Settings, config: RateLimitConfig) -> RateLimiter:
         quota_mode=settings.quota_mode,
         near_limit_ratio=settings.near_limit_ratio,
         response_headers=ResponseHeaders(
-            limit=settings.header_limit, remaining=settings.header_remaining,
-            reset=settings.header_reset) if settings.response_headers else None,
+            limit=settings.header_limit,
+            remaining=settings.header_remaining,
+            reset=settings.header_reset,
+        )
+        if settings.response_headers
+        else None,
         dynamic_metadata=settings.response_dynamic_metadata,
         clock=settings.clock,
     )
 
 
-async def start_server(settings: Settings, *, config: RateLimitConfig | None = None
-                       ) -> tuple[grpc.aio.Server, int]:
+async def start_server(
+    settings: Settings, *, config: RateLimitConfig | None = None
+) -> tuple[grpc.aio.Server, int]:
     """``config``: the limits, already loaded from ``config_files`` (the embedded service's
     plan loaded them to validate the mesh); None: load them here."""
     metrics = RateLimitMetrics.for_registry(settings.registry)
     limiter: RateLimiter | None = None
-    watcher = ConfigWatcher(settings.config_files, lambda c: limiter.swap(c),  # type: ignore[union-attr]
-                            metrics=metrics, interval=settings.reload_interval,
-                            merge_domains=settings.merge_domains)
+    watcher = ConfigWatcher(
+        settings.config_files,
+        lambda c: limiter.swap(c),  # type: ignore[union-attr]
+        metrics=metrics,
+        interval=settings.reload_interval,
+        merge_domains=settings.merge_domains,
+    )
     if config is None:
         config = watcher.load() if settings.config_files else RateLimitConfig()
     limiter = build_limiter(settings, config)
-    servicer = RateLimitServicer(limiter, failure_mode=settings.failure_mode,
-                                 local_instances=settings.local_instances)
+    servicer = RateLimitServicer(
+        limiter, failure_mode=settings.failure_mode, local_instances=settings.local_instances
+    )
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     try:
         server, port = await start_grpc_server(
-            "ratelimit", lambda s: rls_pb2_grpc.add_RateLimitServiceServicer_to_server(servicer, s),
-            host=settings.host, port=settings.port, reuse_port=settings.reuse_port,
+            "ratelimit",
+            lambda s: rls_pb2_grpc.add_RateLimitServiceServicer_to_server(servicer, s),
+            host=settings.host,
+            port=settings.port,
+            reuse_port=settings.reuse_port,
             tls=settings.tls,
         )
     except BaseException:

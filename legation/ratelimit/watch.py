@@ -109,8 +109,9 @@ class ConfigWatcher:
             try:
                 data = _yaml.read_bytes(path)  # a file over the size bound is refused unread
             except OSError as exc:
-                raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}",
-                                  code="unreadable") from None
+                raise ConfigError(
+                    f"{path}: cannot read: {exc.strerror or exc}", code="unreadable"
+                ) from None
             h.update(path.encode() + b"\0" + data + b"\0")
             texts.append((path, data.decode("utf-8", "replace")))
         return texts, h.digest()

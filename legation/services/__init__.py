@@ -28,8 +28,16 @@ if TYPE_CHECKING:
     from legation.services.planning import Plan, plan
 
 __all__ = [
-    "KINDS", "EmbeddedServices", "Invalid", "Plan", "Service", "ServiceKind", "ServiceSpec",
-    "ServiceStartError", "plan", "route_chains",
+    "KINDS",
+    "EmbeddedServices",
+    "Invalid",
+    "Plan",
+    "Service",
+    "ServiceKind",
+    "ServiceSpec",
+    "ServiceStartError",
+    "plan",
+    "route_chains",
 ]
 
 _LAZY = {

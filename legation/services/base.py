@@ -131,8 +131,9 @@ class Service(Protocol):
         ...
 
     @classmethod
-    async def serve_cli(cls, args: argparse.Namespace, *, host: str, port: int,
-                        reuse_port: bool) -> tuple[grpc.aio.Server, int, Any]:
+    async def serve_cli(
+        cls, args: argparse.Namespace, *, host: str, port: int, reuse_port: bool
+    ) -> tuple[grpc.aio.Server, int, Any]:
         """``legation serve <kind>``: start from the command line's options (``--config`` is
         the service's own file); return the server, its port and an ``async stop(grace)``."""
         ...

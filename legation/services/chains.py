@@ -26,8 +26,9 @@ def route_chains(mesh: Mesh) -> Chains:
     for route in mesh.routes:
         if not route.filters:
             continue
-        filters = [plugins.get(FILTER_KIND, spec.name).create(spec.config)
-                   for spec in route.filters]
+        filters = [
+            plugins.get(FILTER_KIND, spec.name).create(spec.config) for spec in route.filters
+        ]
         chains[route.name] = Chain(name=route.name, filters=filters, fail_open=fail_open)
     built = Chains(chains=chains)
     mesh._route_chains = built

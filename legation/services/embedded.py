@@ -67,8 +67,12 @@ class EmbeddedServices:
                 try:
                     await have.apply(want)
                 except (OSError, RuntimeError, LegationError) as err:
-                    failures.append(self._failed(f"cannot apply the new {kind.name} settings "
-                                                 f"(the running ones stay): {err}"))
+                    failures.append(
+                        self._failed(
+                            f"cannot apply the new {kind.name} settings "
+                            f"(the running ones stay): {err}"
+                        )
+                    )
                 continue
             if have is not None:
                 await self._stop(kind.name)
@@ -78,12 +82,18 @@ class EmbeddedServices:
                 service = kind.service_class()(want, tls=self._tls(want))
                 port = await service.start()
             except (OSError, RuntimeError, LegationError) as err:
-                failures.append(self._failed(f"cannot start the embedded {kind.name} service on "
-                                             f"{want.host}:{want.port}: {err}"))
+                failures.append(
+                    self._failed(
+                        f"cannot start the embedded {kind.name} service on "
+                        f"{want.host}:{want.port}: {err}"
+                    )
+                )
                 continue
             self.running[kind.name] = service
-            self.on_event(f"{kind.name} service on {want.host}:{port}"
-                          + (" (restarted)" if have is not None else ""))
+            self.on_event(
+                f"{kind.name} service on {want.host}:{port}"
+                + (" (restarted)" if have is not None else "")
+            )
         return failures
 
     async def stop(self) -> None:
@@ -98,8 +108,12 @@ class EmbeddedServices:
         out: dict[str, dict[str, Any]] = {}
         for name, service in self.running.items():
             spec = service.spec
-            out[name] = {"embedded": True, "address": f"{spec.host}:{service.port}",
-                         "tls": "mesh" if spec.tls else "none", **service.status()}
+            out[name] = {
+                "embedded": True,
+                "address": f"{spec.host}:{service.port}",
+                "tls": "mesh" if spec.tls else "none",
+                **service.status(),
+            }
         for name, address in self.remote.items():
             out[name] = {"embedded": False, "address": address}
         return out
@@ -113,8 +127,9 @@ class EmbeddedServices:
             return None
         source = self.tls_source
         if source is None or source(spec.kind) is None:
-            raise ServiceStartError(f"{spec.kind}: no mesh certificate to serve mTLS with",
-                                    code="service_start_failed")
+            raise ServiceStartError(
+                f"{spec.kind}: no mesh certificate to serve mTLS with", code="service_start_failed"
+            )
         kind = spec.kind
         return lambda: source(kind)
 

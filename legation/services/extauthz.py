@@ -63,13 +63,18 @@ class AuthzService:
             from legation.translate._services import authz_callout
 
             callout = authz_callout(block)
-            live["http"] = {"port": block.http_port,
-                            "upstream_headers": list(callout.upstream_headers),
-                            "client_headers": list(callout.client_headers)}
+            live["http"] = {
+                "port": block.http_port,
+                "upstream_headers": list(callout.upstream_headers),
+                "client_headers": list(callout.client_headers),
+            }
             restart_key = spec_key(block.host, block.port, live["http"])
         return ServiceSpec(
-            kind=cls.kind, host=block.host, port=block.port,
-            restart_key=restart_key, live=live,
+            kind=cls.kind,
+            host=block.host,
+            port=block.port,
+            restart_key=restart_key,
+            live=live,
             watched=(path, *(Path(rego.policy_dir) for rego in _regos(loaded))),
         )
 
@@ -78,8 +83,11 @@ class AuthzService:
         from legation.extauthz.rego import entrypoint
 
         regos = _regos(spec.live["loaded"])
-        asked = [(i, r.authz) for i, r in enumerate(mesh.routes)
-                 if r.authz is not None and r.authz != "disabled"]
+        asked = [
+            (i, r.authz)
+            for i, r in enumerate(mesh.routes)
+            if r.authz is not None and r.authz != "disabled"
+        ]
         if not regos or not asked:
             return []  # no rego check: a route's policy name reaches no engine
         known: list[tuple[Any, frozenset[str]]] = []
@@ -91,14 +99,20 @@ class AuthzService:
             known.append((rego, packages))
         problems = []
         for i, policy in asked:
-            if any(entrypoint(policy, rego.decision).rsplit("/", 1)[0].replace("/", ".")
-                   in packages for rego, packages in known):
+            if any(
+                entrypoint(policy, rego.decision).rsplit("/", 1)[0].replace("/", ".") in packages
+                for rego, packages in known
+            ):
                 continue
             declared = sorted({p for _, packages in known for p in packages})
             dirs = ", ".join(str(rego.policy_dir) for rego, _ in known)
-            problems.append((f"routes[{i}].authz",
-                             f"no policy package {policy!r} in {dirs} (it declares: "
-                             f"{', '.join(declared) or 'none'})"))
+            problems.append(
+                (
+                    f"routes[{i}].authz",
+                    f"no policy package {policy!r} in {dirs} (it declares: "
+                    f"{', '.join(declared) or 'none'})",
+                )
+            )
         return problems
 
     def __init__(self, spec: ServiceSpec, *, tls: TlsSource | None) -> None:
@@ -112,15 +126,20 @@ class AuthzService:
     async def start(self) -> int:
         from legation.extauthz import service
 
-        settings = service.Settings(host=self.spec.host, port=self.spec.port,
-                                    config=dict(self.spec.live["config"]),
-                                    registry=self._registry, tls=self._tls)
+        settings = service.Settings(
+            host=self.spec.host,
+            port=self.spec.port,
+            config=dict(self.spec.live["config"]),
+            registry=self._registry,
+            tls=self._tls,
+        )
         self.server, self.port = await service.start_server(settings)
         http = self.spec.live.get("http")
         if http is not None:
             try:
-                self.http = await _start_http(service.servicer_of(self.server), self.spec.host,
-                                              http)
+                self.http = await _start_http(
+                    service.servicer_of(self.server), self.spec.host, http
+                )
             except BaseException:
                 await service.stop_server(self.server, 0)
                 self.server = None
@@ -155,13 +174,18 @@ class AuthzService:
         parser.add_argument("--decision-log", help="overrides the config's decision_log")
 
     @classmethod
-    async def serve_cli(cls, args: argparse.Namespace, *, host: str, port: int,
-                        reuse_port: bool) -> tuple[grpc.aio.Server, int, Any]:
+    async def serve_cli(
+        cls, args: argparse.Namespace, *, host: str, port: int, reuse_port: bool
+    ) -> tuple[grpc.aio.Server, int, Any]:
         from legation.extauthz import service
 
-        settings = service.Settings(host=host, port=port, reuse_port=reuse_port,
-                                    config_file=Path(args.config) if args.config else None,
-                                    decision_log=args.decision_log)
+        settings = service.Settings(
+            host=host,
+            port=port,
+            reuse_port=reuse_port,
+            config_file=Path(args.config) if args.config else None,
+            decision_log=args.decision_log,
+        )
         server, bound = await service.start_server(settings)
 
         async def stop(grace: float) -> None:
@@ -174,14 +198,18 @@ async def _start_http(servicer: Any, host: str, http: Mapping[str, Any]) -> Call
     """The HTTP call-out around ``servicer``; BindError when its port cannot be bound."""
     from legation.fastpath import server as fastpath
 
-    settings = fastpath.Settings(host=host, port=http["port"],
-                                 upstream_headers=tuple(http["upstream_headers"]),
-                                 client_headers=tuple(http["client_headers"]))
+    settings = fastpath.Settings(
+        host=host,
+        port=http["port"],
+        upstream_headers=tuple(http["upstream_headers"]),
+        client_headers=tuple(http["client_headers"]),
+    )
     try:
         return await fastpath.serve(servicer, settings)
     except OSError as err:
-        raise BindError(f"extauthz: cannot listen on {host}:{http['port']} (http_port): "
-                        f"{err.strerror or err}") from None
+        raise BindError(
+            f"extauthz: cannot listen on {host}:{http['port']} (http_port): {err.strerror or err}"
+        ) from None
 
 
 _COMPILED: dict[tuple[Any, ...], frozenset[str] | ConfigError] = {}
@@ -202,10 +230,13 @@ def _compiled_packages(rego: Any) -> frozenset[str]:
     found = _COMPILED.get(key)
     if found is None:
         try:
-            found = policies.load(Path(rego.policy_dir), rules=(rego.decision,),
-                                  probe_timeout_s=rego.probe_timeout_s,
-                                  tests=rego.include_tests,
-                                  allow_network=rego.allow_network).packages
+            found = policies.load(
+                Path(rego.policy_dir),
+                rules=(rego.decision,),
+                probe_timeout_s=rego.probe_timeout_s,
+                tests=rego.include_tests,
+                allow_network=rego.allow_network,
+            ).packages
         except ConfigError as err:
             found = err
         while len(_COMPILED) >= _COMPILED_KEEP:

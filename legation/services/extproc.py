@@ -38,11 +38,15 @@ class ExtProcService:
         block = mesh.extproc
         assert block is not None
         return ServiceSpec(
-            kind=cls.kind, host=block.host, port=block.port,
+            kind=cls.kind,
+            host=block.host,
+            port=block.port,
             restart_key=spec_key(block.host, block.port),
-            live={"chains": route_chains(mesh),
-                  "message_timeout": block.timeout.total_seconds(),
-                  "stream_idle_timeout": block.stream_idle_timeout.total_seconds()},
+            live={
+                "chains": route_chains(mesh),
+                "message_timeout": block.timeout.total_seconds(),
+                "stream_idle_timeout": block.stream_idle_timeout.total_seconds(),
+            },
         )
 
     @classmethod
@@ -56,24 +60,33 @@ class ExtProcService:
         self._metrics = Metrics(self._registry)
         self._chains: Chains = spec.live["chains"]
         self.servicer = ExtProcServicer(
-            self._chains, metrics=self._metrics,
+            self._chains,
+            metrics=self._metrics,
             message_timeout=float(spec.live["message_timeout"]),
-            stream_idle_timeout=float(spec.live["stream_idle_timeout"]))
+            stream_idle_timeout=float(spec.live["stream_idle_timeout"]),
+        )
         self.server: grpc.aio.Server | None = None
         self.port = spec.port
 
     async def start(self) -> int:
         servicer = self.servicer
         self.server, self.port = await start_grpc_server(
-            "extproc", lambda s: pb_grpc.add_ExternalProcessorServicer_to_server(servicer, s),
-            host=self.spec.host, port=self.spec.port, tls=self._tls)
+            "extproc",
+            lambda s: pb_grpc.add_ExternalProcessorServicer_to_server(servicer, s),
+            host=self.spec.host,
+            port=self.spec.port,
+            tls=self._tls,
+        )
         return self.port
 
     async def apply(self, spec: ServiceSpec) -> None:
         chains: Chains = spec.live["chains"]
         served = Chains(chains={**self._chains.chains, **chains.chains}, default=chains.default)
-        self.servicer.swap(served, message_timeout=float(spec.live["message_timeout"]),
-                           stream_idle_timeout=float(spec.live["stream_idle_timeout"]))
+        self.servicer.swap(
+            served,
+            message_timeout=float(spec.live["message_timeout"]),
+            stream_idle_timeout=float(spec.live["stream_idle_timeout"]),
+        )
         self._chains, self.spec = chains, spec
 
     async def stop(self, grace: float) -> None:
@@ -89,20 +102,32 @@ class ExtProcService:
 
     @classmethod
     def add_cli_options(cls, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--message-timeout", type=float, default=0.2,
-                            help="seconds a phase may take (Envoy's message_timeout)")
-        parser.add_argument("--stream-idle-timeout", type=float, default=300.0,
-                            help="seconds a stream may stay silent before it is ended")
+        parser.add_argument(
+            "--message-timeout",
+            type=float,
+            default=0.2,
+            help="seconds a phase may take (Envoy's message_timeout)",
+        )
+        parser.add_argument(
+            "--stream-idle-timeout",
+            type=float,
+            default=300.0,
+            help="seconds a stream may stay silent before it is ended",
+        )
 
     @classmethod
-    async def serve_cli(cls, args: argparse.Namespace, *, host: str, port: int,
-                        reuse_port: bool) -> tuple[grpc.aio.Server, int, Any]:
+    async def serve_cli(
+        cls, args: argparse.Namespace, *, host: str, port: int, reuse_port: bool
+    ) -> tuple[grpc.aio.Server, int, Any]:
         from legation.extproc import service
 
         settings = service.Settings(
-            host=host, port=port, reuse_port=reuse_port,
+            host=host,
+            port=port,
+            reuse_port=reuse_port,
             config_file=Path(args.config) if args.config else None,
             message_timeout=args.message_timeout,
-            stream_idle_timeout=args.stream_idle_timeout)
+            stream_idle_timeout=args.stream_idle_timeout,
+        )
         server, bound = await service.start_server(settings)
         return server, bound, server.stop

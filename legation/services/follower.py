@@ -42,8 +42,9 @@ class Follower:
         self.kind = kind
         self.poll = poll
         self.tls = FileTls(plan_file.parent)
-        self.services = EmbeddedServices(on_event=lambda line: log.info("%s", line),
-                                         tls_source=lambda _kind: self.tls())
+        self.services = EmbeddedServices(
+            on_event=lambda line: log.info("%s", line), tls_source=lambda _kind: self.tls()
+        )
         self.current: ServicePlan | None = None
         self._raw = b""
         self._metrics: Any = None
@@ -55,8 +56,9 @@ class Follower:
             self._raw = self.plan_file.read_bytes()
             plan = read_plan(self.plan_file)
         except (OSError, ValueError, TypeError, KeyError) as err:
-            raise LegationError(f"{self.plan_file}: no readable plan: {err}",
-                                code="plan_unreadable") from None
+            raise LegationError(
+                f"{self.plan_file}: no readable plan: {err}", code="plan_unreadable"
+            ) from None
         failures = await self.services.apply(self._target(plan))
         if failures:
             await self.services.stop()
@@ -72,8 +74,7 @@ class Follower:
             await asyncio.sleep(self.poll)
             await self.check()
             if self.kind not in self.services.running:
-                log.error("%s: the %s service is not running any more", self.plan_file,
-                          self.kind)
+                log.error("%s: the %s service is not running any more", self.plan_file, self.kind)
                 return
 
     async def check(self) -> bool:
@@ -89,8 +90,9 @@ class Follower:
             plan = read_plan(self.plan_file)
             target = self._target(plan)
         except (OSError, ValueError, TypeError, KeyError, LegationError) as err:
-            log.error("%s: cannot apply the new plan, the running config stays: %s",
-                      self.plan_file, err)
+            log.error(
+                "%s: cannot apply the new plan, the running config stays: %s", self.plan_file, err
+            )
             return False
         failures = await self.services.apply(target)
         if failures:
@@ -122,15 +124,17 @@ class Follower:
 
     def _target(self, plan: ServicePlan) -> Plan:
         if plan.kind != self.kind:
-            raise LegationError(f"{self.plan_file}: a plan for {plan.kind}, not {self.kind}",
-                                code="plan_mismatch")
+            raise LegationError(
+                f"{self.plan_file}: a plan for {plan.kind}, not {self.kind}", code="plan_mismatch"
+            )
         mesh = parse_mesh(plan.mesh_text, source=plan.mesh_path)
         cls = get(self.kind).service_class()
         try:
             spec = cls.settings(mesh, Path(plan.mesh_path).resolve().parent)
         except Invalid as err:
-            raise LegationError(f"{plan.mesh_path}: {self.kind}.{err.field}: {err}",
-                                code="invalid_plan") from None
+            raise LegationError(
+                f"{plan.mesh_path}: {self.kind}.{err.field}: {err}", code="invalid_plan"
+            ) from None
         return Plan(embedded={self.kind: replace(spec, tls=plan.tls)}, remote={})
 
 

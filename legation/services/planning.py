@@ -37,7 +37,10 @@ class Plan:
 
 
 def plan(
-    mesh: Mesh, *, mesh_path: str | Path, reserved: Mapping[int, str] | None = None,
+    mesh: Mesh,
+    *,
+    mesh_path: str | Path,
+    reserved: Mapping[int, str] | None = None,
     embedded: bool = True,
 ) -> Plan:
     """Validate what the mesh's services need; raise MeshConfigError naming file and field.
@@ -60,8 +63,9 @@ def plan(
             remote[kind.name] = f"{block.host}:{block.port}"
             continue
         if block.port in reserved:
-            problems.append(Problem(f"{kind.block}.port",
-                                    f"port {block.port} is {reserved[block.port]}"))
+            problems.append(
+                Problem(f"{kind.block}.port", f"port {block.port} is {reserved[block.port]}")
+            )
             continue
         cls = kind.service_class()
         try:

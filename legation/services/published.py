@@ -120,9 +120,14 @@ class PublishedServices:
                 if folder.exists():
                     shutil.rmtree(folder, ignore_errors=True)
                 continue
-            plan = ServicePlan(kind=kind.name, mesh_path=mesh_path,
-                               mesh_text=text if kind.name == "ratelimit" else _redacted(text),
-                               inputs=inputs, address=f"{spec.host}:{spec.port}", tls=spec.tls)
+            plan = ServicePlan(
+                kind=kind.name,
+                mesh_path=mesh_path,
+                mesh_text=text if kind.name == "ratelimit" else _redacted(text),
+                inputs=inputs,
+                address=f"{spec.host}:{spec.port}",
+                tls=spec.tls,
+            )
             try:
                 private_dir(folder)
                 if spec.tls:
@@ -130,8 +135,7 @@ class PublishedServices:
                 if self.published.get(kind.name) != plan:
                     write_private(folder / PLAN_FILE, plan.to_json())
             except (OSError, ValueError, LegationError) as err:
-                failures.append(f"cannot publish the {kind.name} service's plan in {folder}: "
-                                f"{err}")
+                failures.append(f"cannot publish the {kind.name} service's plan in {folder}: {err}")
                 self.on_event(failures[-1])
                 continue
             self.published[kind.name] = plan
@@ -158,8 +162,7 @@ class PublishedServices:
         for kind in list(self.published):
             try:
                 port = int((self.directory / kind / METRICS_PORT_FILE).read_text())
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics",
-                                            timeout=1) as resp:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=1) as resp:
                     out.append(resp.read())
             except (OSError, ValueError):
                 continue
@@ -168,9 +171,13 @@ class PublishedServices:
     def status(self) -> dict[str, dict[str, Any]]:
         out: dict[str, dict[str, Any]] = {}
         for name, plan in self.published.items():
-            out[name] = {"embedded": True, "address": plan.address,
-                         "tls": "mesh" if plan.tls else "none", "process": "own",
-                         "plan": str(plan_path(self.directory, name))}
+            out[name] = {
+                "embedded": True,
+                "address": plan.address,
+                "tls": "mesh" if plan.tls else "none",
+                "process": "own",
+                "plan": str(plan_path(self.directory, name)),
+            }
         for name, address in self.remote.items():
             out[name] = {"embedded": False, "address": address}
         return out
@@ -222,14 +229,18 @@ class FileTls:
             leaf = x509.load_pem_x509_certificate(cert)
             private = serialization.load_pem_private_key(key, password=None)
             if private.public_key().public_bytes(
-                    serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+                serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
             ) != leaf.public_key().public_bytes(
-                    serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo):
+                serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+            ):
                 return self._current  # mid-renewal: try again at the next handshake
             tls = ServerTls(cert_chain_pem=cert, key_pem=key, client_ca_pem=ca)
         except (OSError, ValueError) as err:
-            log.warning("cannot read the certificate in %s (%s); keeping the current one",
-                        self.directory, err)
+            log.warning(
+                "cannot read the certificate in %s (%s); keeping the current one",
+                self.directory,
+                err,
+            )
             return self._current
         self._stamp, self._current = stamp, tls
         return tls

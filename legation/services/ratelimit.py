@@ -52,16 +52,18 @@ class RateLimitService:
             )
         names = block.response_header_names
         return ServiceSpec(
-            kind=cls.kind, host=block.host, port=block.port,
-            restart_key=spec_key(block.host, block.port, block.backend,
-                                 block.backend_options()),
+            kind=cls.kind,
+            host=block.host,
+            port=block.port,
+            restart_key=spec_key(block.host, block.port, block.backend, block.backend_options()),
             live={
                 "config_file": str(path),
                 "config": loaded,
                 "backend": block.backend,
                 "backend_options": block.backend_options(),
                 "failure_mode": {"open": "allow", "closed": "deny"}.get(
-                    block.failure_mode, block.failure_mode),
+                    block.failure_mode, block.failure_mode
+                ),
                 "local_instances": block.local_instances,
                 "shadow_mode": block.shadow_mode,
                 "quota_mode": block.quota_mode,
@@ -92,8 +94,14 @@ class RateLimitService:
         live = dict(self.spec.live)
         config = live.pop("config")
         settings = service.Settings(
-            host=self.spec.host, port=self.spec.port, registry=self._registry, tls=self._tls,
-            config_files=(live.pop("config_file"),), reload_interval=0, **live)
+            host=self.spec.host,
+            port=self.spec.port,
+            registry=self._registry,
+            tls=self._tls,
+            config_files=(live.pop("config_file"),),
+            reload_interval=0,
+            **live,
+        )
         self.server, self.port = await service.start_server(settings, config=config)
         return self.port
 
@@ -105,9 +113,15 @@ class RateLimitService:
         limiter.shadow_mode = live["shadow_mode"]
         limiter.quota_mode = live["quota_mode"]
         limiter.dynamic_metadata = live["response_dynamic_metadata"]
-        limiter.response_headers = ResponseHeaders(
-            limit=live["header_limit"], remaining=live["header_remaining"],
-            reset=live["header_reset"]) if live["response_headers"] else None
+        limiter.response_headers = (
+            ResponseHeaders(
+                limit=live["header_limit"],
+                remaining=live["header_remaining"],
+                reset=live["header_reset"],
+            )
+            if live["response_headers"]
+            else None
+        )
         self.server.legation_servicer.local_instances = live["local_instances"]  # type: ignore
         self.server.legation_servicer.failure_mode = live["failure_mode"]  # type: ignore
         self.spec = spec
@@ -125,32 +139,51 @@ class RateLimitService:
 
     @classmethod
     def add_cli_options(cls, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--backend", default="memory", choices=["memory", "redis"],
-                            help="counter store")
-        parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0",
-                            help="Redis URL (a password in it is never logged)")
+        parser.add_argument(
+            "--backend", default="memory", choices=["memory", "redis"], help="counter store"
+        )
+        parser.add_argument(
+            "--redis-url",
+            default="redis://127.0.0.1:6379/0",
+            help="Redis URL (a password in it is never logged)",
+        )
         parser.add_argument("--redis-cluster", action="store_true", help="Redis Cluster")
-        parser.add_argument("--failure-mode", choices=["allow", "deny", "local"],
-                            default="allow", help="answer while the store is unreachable "
-                            "(default allow, as Envoy; local: in-memory limits)")
-        parser.add_argument("--local-instances", type=int, default=1,
-                            help="with --failure-mode local: instances sharing the limits")
-        parser.add_argument("--shadow-mode", action="store_true",
-                            help="count and report, never limit")
+        parser.add_argument(
+            "--failure-mode",
+            choices=["allow", "deny", "local"],
+            default="allow",
+            help="answer while the store is unreachable "
+            "(default allow, as Envoy; local: in-memory limits)",
+        )
+        parser.add_argument(
+            "--local-instances",
+            type=int,
+            default=1,
+            help="with --failure-mode local: instances sharing the limits",
+        )
+        parser.add_argument(
+            "--shadow-mode", action="store_true", help="count and report, never limit"
+        )
 
     @classmethod
-    async def serve_cli(cls, args: argparse.Namespace, *, host: str, port: int,
-                        reuse_port: bool) -> tuple[grpc.aio.Server, int, Any]:
+    async def serve_cli(
+        cls, args: argparse.Namespace, *, host: str, port: int, reuse_port: bool
+    ) -> tuple[grpc.aio.Server, int, Any]:
         from legation.ratelimit import service
 
         options: dict[str, Any] = {}
         if args.backend == "redis":
             options = {"url": args.redis_url, "cluster": args.redis_cluster}
         settings = service.Settings(
-            host=host, port=port, reuse_port=reuse_port,
-            config_files=(args.config,) if args.config else (), backend=args.backend,
-            backend_options=options, failure_mode=args.failure_mode,
+            host=host,
+            port=port,
+            reuse_port=reuse_port,
+            config_files=(args.config,) if args.config else (),
+            backend=args.backend,
+            backend_options=options,
+            failure_mode=args.failure_mode,
             local_instances=args.local_instances,
-            shadow_mode=args.shadow_mode)
+            shadow_mode=args.shadow_mode,
+        )
         server, bound = await service.start_server(settings)
         return server, bound, server.stop

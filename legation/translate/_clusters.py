@@ -38,9 +38,7 @@ def outbound_clusters(
     for subset in [None, *(s.name for s in service.subsets)]:
         name = outbound_cluster(service.name, subset)
         members = service.members(subset)
-        addresses = [
-            (e.host, e.sidecar.inbound_port if e.sidecar else e.port) for e in members
-        ]
+        addresses = [(e.host, e.sidecar.inbound_port if e.sidecar else e.port) for e in members]
         cluster, endpoints = _cluster(name, service), load_assignment(name, addresses)
         if server_id is not None:
             sidecars = [e.sidecar is not None for e in members]
@@ -94,7 +92,9 @@ def _cluster(name: str, service: Service) -> cluster_pb2.Cluster:
     _set_protocol(cluster, service)
     thresholds = _thresholds(service)
     if thresholds is not None:
-        cluster.circuit_breakers.CopyFrom(circuit_breaker_pb2.CircuitBreakers(thresholds=[thresholds]))
+        cluster.circuit_breakers.CopyFrom(
+            circuit_breaker_pb2.CircuitBreakers(thresholds=[thresholds])
+        )
     od = service.outlier_detection
     if od is not None:
         cluster.outlier_detection.CopyFrom(

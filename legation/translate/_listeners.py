@@ -81,8 +81,7 @@ def normalize_paths(hcm: hcm_pb2.HttpConnectionManager, mode: str) -> None:
     if mode in ("merge_slashes", "decode_and_merge_slashes"):
         hcm.merge_slashes = True
     if mode == "decode_and_merge_slashes":
-        hcm.path_with_escaped_slashes_action = (
-            hcm_pb2.HttpConnectionManager.UNESCAPE_AND_FORWARD)
+        hcm.path_with_escaped_slashes_action = hcm_pb2.HttpConnectionManager.UNESCAPE_AND_FORWARD
 
 
 def tcp_listener(

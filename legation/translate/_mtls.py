@@ -93,8 +93,7 @@ def upstream_tls(server_id: str, *, alpn: Sequence[str] = ()) -> base_pb2.Transp
     return base_pb2.TransportSocket(name=TLS_SOCKET, typed_config=pack(context))
 
 
-def secure_inbound(listener: listener_pb2.Listener, *, permissive: bool, trust_domain: str
-                   ) -> None:
+def secure_inbound(listener: listener_pb2.Listener, *, permissive: bool, trust_domain: str) -> None:
     """Make a sidecar's inbound listener (one filter chain) terminate mTLS, in place, for
     peers of ``trust_domain``."""
     chain = listener.filter_chains[0]
@@ -185,6 +184,7 @@ def check_sds(snapshot: Snapshot) -> None:
     if missing:
         label = f"snapshot {snapshot.label!r}: " if snapshot.label else "snapshot: "
         raise InconsistentSnapshot(
-            label + "listeners and clusters reference missing secrets (SDS): "
+            label
+            + "listeners and clusters reference missing secrets (SDS): "
             + ", ".join(sorted(missing))
         )

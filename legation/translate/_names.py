@@ -28,4 +28,3 @@ def outbound_cluster(service: str, subset: str | None = None) -> str:
 
 def inbound_cluster(service: str) -> str:
     return f"{INBOUND}|{service}"
-

@@ -120,9 +120,13 @@ def authz_callout(block: ExtAuthzService) -> fast_filter.Callout:
     server's forwarded headers in :mod:`legation.services.extauthz`."""
     headers = block.http_headers or HttpCalloutHeaders()
     return fast_filter.Callout(
-        cluster=EXTAUTHZ_HTTP_CLUSTER, timeout_ms=_ms(block.timeout.total_seconds()),
-        failure_mode_allow=block.fail_open, allowed_headers=tuple(headers.request),
-        upstream_headers=tuple(headers.upstream), client_headers=tuple(headers.client))
+        cluster=EXTAUTHZ_HTTP_CLUSTER,
+        timeout_ms=_ms(block.timeout.total_seconds()),
+        failure_mode_allow=block.fail_open,
+        allowed_headers=tuple(headers.request),
+        upstream_headers=tuple(headers.upstream),
+        client_headers=tuple(headers.client),
+    )
 
 
 def authz_call(mesh: Mesh, spec: Route | None) -> Hop:
@@ -137,23 +141,38 @@ def authz_call(mesh: Mesh, spec: Route | None) -> Hop:
         return _no_call(kind, "the route has no authz")
     if spec.authz == "disabled":
         return _no_call(kind, "authz: disabled")
+
     def grpc(why: str) -> Hop:
-        return Hop(kind=kind, calls=True, protocol="grpc", filter=EXTAUTHZ_FILTER,
-                   cluster=cluster_name(kinds.get(kind)), reason=f"policy {spec.authz}; {why}")
+        return Hop(
+            kind=kind,
+            calls=True,
+            protocol="grpc",
+            filter=EXTAUTHZ_FILTER,
+            cluster=cluster_name(kinds.get(kind)),
+            reason=f"policy {spec.authz}; {why}",
+        )
 
     if not block.http:
         return grpc("extauthz.protocol is grpc")
     if spec.authz_protocol == "grpc":
         return grpc("the route sets authz_protocol: grpc")
-    claims = sorted({a.jwt_claim.claim for d in spec.rate_limits for a in d.actions
-                     if a.jwt_claim is not None})
+    claims = sorted(
+        {a.jwt_claim.claim for d in spec.rate_limits for a in d.actions if a.jwt_claim is not None}
+    )
     if claims:
-        return grpc(f"rate_limits read jwt_claim {', '.join(claims)} from ext_authz's "
-                    "structured dynamic metadata, which HTTP mode does not carry")
-    return Hop(kind=kind, calls=True, protocol="http", filter=EXTAUTHZ_HTTP_FILTER,
-               cluster=EXTAUTHZ_HTTP_CLUSTER,
-               reason=f"policy {spec.authz}; extauthz.protocol is http and the route needs "
-               "nothing HTTP mode lacks")
+        return grpc(
+            f"rate_limits read jwt_claim {', '.join(claims)} from ext_authz's "
+            "structured dynamic metadata, which HTTP mode does not carry"
+        )
+    return Hop(
+        kind=kind,
+        calls=True,
+        protocol="http",
+        filter=EXTAUTHZ_HTTP_FILTER,
+        cluster=EXTAUTHZ_HTTP_CLUSTER,
+        reason=f"policy {spec.authz}; extauthz.protocol is http and the route needs "
+        "nothing HTTP mode lacks",
+    )
 
 
 class AuthzSide:
@@ -165,8 +184,13 @@ class AuthzSide:
 
     @staticmethod
     def http_filters(block: Any, cluster: str) -> list[hcm_pb2.HttpFilter]:
-        out = [authz_filter.http_filter(cluster, timeout_ms=_ms(block.timeout.total_seconds()),
-                                        failure_mode_allow=block.fail_open)]
+        out = [
+            authz_filter.http_filter(
+                cluster,
+                timeout_ms=_ms(block.timeout.total_seconds()),
+                failure_mode_allow=block.fail_open,
+            )
+        ]
         if block.http:
             http = fast_filter.http_filter(authz_callout(block))
             http.name = EXTAUTHZ_HTTP_FILTER
@@ -177,23 +201,28 @@ class AuthzSide:
     def clusters(block: Any, cluster: str) -> list[cluster_pb2.Cluster]:
         out = [authz_filter.grpc_cluster(cluster, [(block.host, block.port)])]
         if block.http:
-            out.append(fast_filter.http_cluster(EXTAUTHZ_HTTP_CLUSTER,
-                                                [(block.host, block.http_port)]))
+            out.append(
+                fast_filter.http_cluster(EXTAUTHZ_HTTP_CLUSTER, [(block.host, block.http_port)])
+            )
         return out
 
     @staticmethod
-    def per_route(out: rc.Route, hop: Hop, block: Any, spec: Route | None, chains: Chains,
-                  index: int) -> None:
+    def per_route(
+        out: rc.Route, hop: Hop, block: Any, spec: Route | None, chains: Chains, index: int
+    ) -> None:
         assert spec is not None or not hop.calls
         grpc = hop.calls and hop.protocol == "grpc"
         out.typed_per_filter_config[EXTAUTHZ_FILTER].Pack(
-            authz_filter.per_route(policy=spec.authz) if grpc and spec is not None
-            else authz_filter.per_route(disabled=True))
+            authz_filter.per_route(policy=spec.authz)
+            if grpc and spec is not None
+            else authz_filter.per_route(disabled=True)
+        )
         if block.http:
             out.typed_per_filter_config[EXTAUTHZ_HTTP_FILTER].Pack(
                 fast_filter.per_route(authz_callout(block), policy=spec.authz)
                 if hop.calls and not grpc and spec is not None
-                else fast_filter.per_route(disabled=True))
+                else fast_filter.per_route(disabled=True)
+            )
 
 
 class ExtProcSide:
@@ -207,22 +236,33 @@ class ExtProcSide:
         if spec is None or not spec.filters:
             return _no_call(kind, "the route has no filters")
         names = ", ".join(f.name for f in spec.filters)
-        return Hop(kind=kind, calls=True, protocol="grpc", filter=EXTPROC_FILTER,
-                   cluster=cluster_name(kinds.get(kind)),
-                   reason=f"filters {names} (ext_proc is a gRPC stream)")
+        return Hop(
+            kind=kind,
+            calls=True,
+            protocol="grpc",
+            filter=EXTPROC_FILTER,
+            cluster=cluster_name(kinds.get(kind)),
+            reason=f"filters {names} (ext_proc is a gRPC stream)",
+        )
 
     @staticmethod
     def http_filters(block: Any, cluster: str) -> list[hcm_pb2.HttpFilter]:
-        return [proc_filter.http_filter(cluster, message_timeout=block.timeout.total_seconds(),
-                                        failure_mode_allow=block.fail_open)]
+        return [
+            proc_filter.http_filter(
+                cluster,
+                message_timeout=block.timeout.total_seconds(),
+                failure_mode_allow=block.fail_open,
+            )
+        ]
 
     @staticmethod
     def clusters(block: Any, cluster: str) -> list[cluster_pb2.Cluster]:
         return [proc_filter.grpc_cluster(cluster, block.host, block.port)]
 
     @staticmethod
-    def per_route(out: rc.Route, hop: Hop, block: Any, spec: Route | None, chains: Chains,
-                  index: int) -> None:
+    def per_route(
+        out: rc.Route, hop: Hop, block: Any, spec: Route | None, chains: Chains, index: int
+    ) -> None:
         chain = chains.get(spec.name) if spec is not None and hop.calls else None
         out.typed_per_filter_config[EXTPROC_FILTER].Pack(proc_filter.per_route(chain))
 
@@ -238,25 +278,35 @@ class RateLimitSide:
             return _no_call(kind, "the mesh declares no ratelimit")
         if spec is None or not spec.rate_limits:
             return _no_call(kind, "the route has no rate_limits")
-        return Hop(kind=kind, calls=True, protocol="grpc", filter=RATELIMIT_FILTER,
-                   cluster=cluster_name(kinds.get(kind)),
-                   reason=f"{len(spec.rate_limits)} rate_limits descriptor(s) (the "
-                   "RateLimitService is gRPC)")
+        return Hop(
+            kind=kind,
+            calls=True,
+            protocol="grpc",
+            filter=RATELIMIT_FILTER,
+            cluster=cluster_name(kinds.get(kind)),
+            reason=f"{len(spec.rate_limits)} rate_limits descriptor(s) (the "
+            "RateLimitService is gRPC)",
+        )
 
     @staticmethod
     def http_filters(block: Any, cluster: str) -> list[hcm_pb2.HttpFilter]:
-        return [rl_filter.rate_limit_filter(
-            domain=block.domain, cluster=cluster,
-            failure_mode="allow" if block.fail_open else "deny",
-            timeout_ms=_ms(block.timeout.total_seconds()))]
+        return [
+            rl_filter.rate_limit_filter(
+                domain=block.domain,
+                cluster=cluster,
+                failure_mode="allow" if block.fail_open else "deny",
+                timeout_ms=_ms(block.timeout.total_seconds()),
+            )
+        ]
 
     @staticmethod
     def clusters(block: Any, cluster: str) -> list[cluster_pb2.Cluster]:
         return [rl_filter.rate_limit_cluster(cluster, block.host, block.port)]
 
     @staticmethod
-    def per_route(out: rc.Route, hop: Hop, block: Any, spec: Route | None, chains: Chains,
-                  index: int) -> None:
+    def per_route(
+        out: rc.Route, hop: Hop, block: Any, spec: Route | None, chains: Chains, index: int
+    ) -> None:
         if spec is None or not hop.calls:
             return
         if not out.HasField("route"):
@@ -271,8 +321,11 @@ class RateLimitSide:
 
 def service_filters(mesh: Mesh) -> list[hcm_pb2.HttpFilter]:
     """The declared services' HTTP filters, in chain order (before the router)."""
-    return [f for kind, block in kinds.blocks(mesh)
-            for f in kind.envoy_side().http_filters(block, cluster_name(kind))]
+    return [
+        f
+        for kind, block in kinds.blocks(mesh)
+        for f in kind.envoy_side().http_filters(block, cluster_name(kind))
+    ]
 
 
 def service_clusters(mesh: Mesh) -> list[cluster_pb2.Cluster]:
@@ -284,8 +337,11 @@ def service_clusters(mesh: Mesh) -> list[cluster_pb2.Cluster]:
         tls = block.mesh_tls(mtls_enabled=mesh.mtls.enabled)
         for cluster in kind.envoy_side().clusters(block, cluster_name(kind)):
             if tls and cluster.name == EXTAUTHZ_HTTP_CLUSTER:
-                raise ConfigError("extauthz.protocol: http is served without TLS, so it cannot "
-                                  "be called over mesh mTLS", code="invalid_config")
+                raise ConfigError(
+                    "extauthz.protocol: http is served without TLS, so it cannot "
+                    "be called over mesh mTLS",
+                    code="invalid_config",
+                )
             if tls:
                 cluster.transport_socket.CopyFrom(
                     upstream_tls(service_identity(mesh, kind.name), alpn=("h2",))
@@ -318,6 +374,10 @@ def _spec(action: RateLimitAction) -> rl_filter.DescriptorSpec:
     if action.jwt_claim is not None:
         # the ext_authz jwt check puts claims_to_metadata in the filter's dynamic metadata
         c = action.jwt_claim
-        return rl_filter.Metadata(c.key or c.claim, EXT_AUTHZ_FILTER_NAME,
-                                  (JWT_METADATA_KEY, c.claim), skip_if_absent=True)
+        return rl_filter.Metadata(
+            c.key or c.claim,
+            EXT_AUTHZ_FILTER_NAME,
+            (JWT_METADATA_KEY, c.claim),
+            skip_if_absent=True,
+        )
     return rl_filter.RemoteAddress()

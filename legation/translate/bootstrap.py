@@ -82,9 +82,7 @@ def bootstrap(
         cluster["transport_socket"] = xds_transport_socket(PurePath(credentials_dir), xds_host)
     return {
         "node": {"id": node_id, "cluster": node_cluster or node_id},
-        "admin": {
-            "address": {"socket_address": {"address": admin_host, "port_value": admin_port}}
-        },
+        "admin": {"address": {"socket_address": {"address": admin_host, "port_value": admin_port}}},
         "dynamic_resources": {
             "ads_config": {
                 "api_type": "DELTA_GRPC" if delta else "GRPC",
@@ -103,8 +101,7 @@ def xds_transport_socket(credentials_dir: PurePath, xds_host: str) -> dict[str, 
     """TLS to the xDS server: the node's credential through watched file-based SDS, the server
     verified against the mesh CA and matched on the control plane's URI SAN."""
     context: dict[str, Any] = {
-        "@type": "type.googleapis.com/"
-        "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+        "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
         "common_tls_context": {
             "alpn_protocols": ["h2"],
             "tls_certificate_sds_secret_configs": [

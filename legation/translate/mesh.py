@@ -69,9 +69,7 @@ _Clusters = list[tuple[cluster_pb2.Cluster, endpoint_pb2.ClusterLoadAssignment]]
 Secrets = Mapping[str, Sequence[secret_pb2.Secret]]
 
 
-def translate(
-    mesh: Mesh, *, version: str, secrets: Secrets | None = None
-) -> dict[str, Snapshot]:
+def translate(mesh: Mesh, *, version: str, secrets: Secrets | None = None) -> dict[str, Snapshot]:
     """A consistent snapshot per proxy node id, labelled ``version``.
 
     ``secrets``: node id -> its SDS secrets (:meth:`legation.certs.MeshIssuer.secrets`), put in
@@ -89,8 +87,9 @@ def translate(
         for i, endpoint in enumerate(service.endpoints):
             if endpoint.sidecar is not None:
                 node = sidecar_node_id(service.instance_name(i))
-                out[node] = _sidecar(routed, service, endpoint, shared, version,
-                                     _secrets_of(secrets, node))
+                out[node] = _sidecar(
+                    routed, service, endpoint, shared, version, _secrets_of(secrets, node)
+                )
     if mesh.gateway is not None:
         node = gateway_node_id(mesh.gateway.name)
         out[node] = _gateway(routed, shared, version, _secrets_of(secrets, node))
@@ -215,8 +214,11 @@ def _sidecar(
         )
         routes.append(_inbound_routes(service))
     if routed.mesh.mtls.enabled:
-        secure_inbound(listeners[0], permissive=routed.mesh.mtls.mode == "permissive",
-                       trust_domain=routed.mesh.mtls.trust_domain)
+        secure_inbound(
+            listeners[0],
+            permissive=routed.mesh.mtls.mode == "permissive",
+            trust_domain=routed.mesh.mtls.trust_domain,
+        )
     listeners.append(
         http_listener(
             OUTBOUND,

@@ -64,8 +64,10 @@ def static_bootstrap(
                     f.typed_config.CopyFrom(pack(hcm))
         listeners.append(_as_dict(listener))
     secrets = [_as_dict(res.message) for res in snapshot.resources(ResourceType.SECRET).values()]
-    static: dict[str, Any] = {"clusters": _static_sds(clusters),
-                              "listeners": _static_sds(listeners)}
+    static: dict[str, Any] = {
+        "clusters": _static_sds(clusters),
+        "listeners": _static_sds(listeners),
+    }
     if secrets:
         static["secrets"] = secrets
     return {

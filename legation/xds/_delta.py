@@ -95,7 +95,8 @@ class DeltaStream(StreamBase):
             candidates = frozenset(st.known)
         updates = [available[n] for n in sorted(wanted) if st.known.get(n) != available[n].version]
         removed = sorted(
-            n for n in candidates
+            n
+            for n in candidates
             if n in st.known and n not in available and (st.wildcard or n in st.names)
         )
         if removed and rtype is ResourceType.CLUSTER and self.only is None:

@@ -38,6 +38,7 @@ class _Subscription(Protocol):
     names: set[str]
     nacked: bool
 
+
 _PREREQUISITES = (ResourceType.CLUSTER, ResourceType.ENDPOINT)
 
 
@@ -111,8 +112,9 @@ class StreamBase:
             return
         self.node_id = node.id
         self.node_cluster = node.cluster
-        self._watch = self.cache.watch(self.node_id, self.node_cluster, self.wake.set,
-                                       fleet=self.fleet)
+        self._watch = self.cache.watch(
+            self.node_id, self.node_cluster, self.wake.set, fleet=self.fleet
+        )
         log.info("%s connected (cluster %s)", escaped(self.node_id), escaped(self.node_cluster))
 
     async def run(self, requests: Any) -> Any:
@@ -124,11 +126,7 @@ class StreamBase:
                 self.wake.clear()
                 if self.closed:
                     return
-                snap = (
-                    self.cache.snapshot_for(self.node_id, self.fleet)
-                    if self.node_id
-                    else None
-                )
+                snap = self.cache.snapshot_for(self.node_id, self.fleet) if self.node_id else None
                 if snap is None:
                     continue
                 for response in self.pending_responses(snap):
@@ -159,12 +157,19 @@ class StreamBase:
                 try:
                     rtype = ResourceType.from_url(request.type_url)
                 except ValueError:
-                    log.warning("%s asked for unsupported type %s", escaped(self.node_id),
-                                escaped(request.type_url))
+                    log.warning(
+                        "%s asked for unsupported type %s",
+                        escaped(self.node_id),
+                        escaped(request.type_url),
+                    )
                     continue
                 if self.only is not None and rtype is not self.only:
-                    log.warning("%s asked for %s on the %s service", escaped(self.node_id),
-                                rtype.short, self.only.short)
+                    log.warning(
+                        "%s asked for %s on the %s service",
+                        escaped(self.node_id),
+                        rtype.short,
+                        self.only.short,
+                    )
                     continue
                 self.handle(request)
                 self.wake.set()
@@ -178,9 +183,7 @@ class StreamBase:
         """Whether responses of ``rtype`` may go out now (make-before-break)."""
         if self.only is not None or rtype not in _GATED:
             return True
-        ready = all(
-            self.settled(t, snap) for t in _PREREQUISITES if self.has_subscription(t)
-        )
+        ready = all(self.settled(t, snap) for t in _PREREQUISITES if self.has_subscription(t))
         if (
             ready
             and self.has_subscription(ResourceType.CLUSTER)
@@ -196,8 +199,11 @@ class StreamBase:
             self._blocked_since = now
             asyncio.get_running_loop().call_later(self.gate_timeout, self.wake.set)
         elif now - self._blocked_since >= self.gate_timeout:
-            log.warning("%s: sending %s without waiting for clusters/endpoints to settle",
-                        escaped(self.node_id), rtype.short)
+            log.warning(
+                "%s: sending %s without waiting for clusters/endpoints to settle",
+                escaped(self.node_id),
+                rtype.short,
+            )
             return True
         return False
 

@@ -24,14 +24,28 @@ import grpc
 from legation.xds._escape import escaped
 from legation.xds.metrics import XdsMetrics
 
-__all__ = ["LOG_PER_SECOND", "REASONS", "Authenticator", "RefusalLog", "Refused",
-           "channel_credentials", "check_node", "record"]
+__all__ = [
+    "LOG_PER_SECOND",
+    "REASONS",
+    "Authenticator",
+    "RefusalLog",
+    "Refused",
+    "channel_credentials",
+    "check_node",
+    "record",
+]
 
 log = logging.getLogger("legation.xds.auth")
 
 #: The bounded set of refusal reasons (metric label values).
-REASONS = ("no_credential", "bad_credential", "not_a_node", "expired", "superseded",
-           "node_mismatch")
+REASONS = (
+    "no_credential",
+    "bad_credential",
+    "not_a_node",
+    "expired",
+    "superseded",
+    "node_mismatch",
+)
 
 #: Refusal lines logged per reason per second at most (the metric counts every refusal).
 LOG_PER_SECOND = 10
@@ -71,16 +85,20 @@ class Authenticator(Protocol):
 def check_node(credential: str, claimed: str) -> None:
     """A request's node id must be the credential's."""
     if claimed != credential:
-        raise Refused("node_mismatch", grpc.StatusCode.PERMISSION_DENIED,
-                      "node.id does not match the client certificate")
+        raise Refused(
+            "node_mismatch",
+            grpc.StatusCode.PERMISSION_DENIED,
+            "node.id does not match the client certificate",
+        )
 
 
 class RefusalLog:
     """Which refusals to log: at most ``per_second`` per reason in each one-second window; the
     number left out is reported with the next line logged for that reason."""
 
-    def __init__(self, *, per_second: int = LOG_PER_SECOND,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, *, per_second: int = LOG_PER_SECOND, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.per_second = per_second
         self.clock = clock
         self._windows: dict[str, tuple[float, int, int]] = {}  # reason -> start, logged, left out
@@ -101,24 +119,41 @@ class RefusalLog:
 _refusal_log = RefusalLog()
 
 
-def record(metrics: XdsMetrics, refused: Refused, *, claimed: str, peer: str,
-           limiter: RefusalLog | None = None) -> None:
+def record(
+    metrics: XdsMetrics,
+    refused: Refused,
+    *,
+    claimed: str,
+    peer: str,
+    limiter: RefusalLog | None = None,
+) -> None:
     """Count a refusal by reason and log it (rate-limited per reason), the claimed node id
     escaped."""
     metrics.auth_refused.labels(refused.reason).inc()
     limiter = limiter or _refusal_log
     logged, left_out = limiter.admit(refused.reason)
     if left_out:
-        log.warning("xDS refused %d more calls for %s (not logged one by one: at most %d lines "
-                    "per reason per second; the metric counts all)", left_out, refused.reason,
-                    limiter.per_second)
+        log.warning(
+            "xDS refused %d more calls for %s (not logged one by one: at most %d lines "
+            "per reason per second; the metric counts all)",
+            left_out,
+            refused.reason,
+            limiter.per_second,
+        )
     if logged:
-        log.warning("xDS refused %s from %s claiming node %s: %s", refused.reason,
-                    escaped(peer, 80), escaped(claimed), refused.message)
+        log.warning(
+            "xDS refused %s from %s claiming node %s: %s",
+            refused.reason,
+            escaped(peer, 80),
+            escaped(claimed),
+            refused.message,
+        )
 
 
-def channel_credentials(cert_pem: bytes, key_pem: bytes, root_pem: bytes
-                        ) -> grpc.ChannelCredentials:
+def channel_credentials(
+    cert_pem: bytes, key_pem: bytes, root_pem: bytes
+) -> grpc.ChannelCredentials:
     """What a (non-Envoy) client presents: its client certificate, trusting only ``root_pem``."""
-    return grpc.ssl_channel_credentials(root_certificates=root_pem, private_key=key_pem,
-                                        certificate_chain=cert_pem)
+    return grpc.ssl_channel_credentials(
+        root_certificates=root_pem, private_key=key_pem, certificate_chain=cert_pem
+    )

@@ -184,8 +184,7 @@ class SnapshotCache:
         """Node ``key``'s published snapshot."""
         return self._published.get(key)
 
-    def watch(self, node_id: str, cluster: str, wake: Wakeup, *, fleet: str | None = None
-              ) -> int:
+    def watch(self, node_id: str, cluster: str, wake: Wakeup, *, fleet: str | None = None) -> int:
         """Call ``wake`` when node ``node_id``'s snapshot, or fleet ``fleet``'s (default
         ``cluster``; ``""``: none), is published. ``cluster`` is what status reports."""
         self._next_watch += 1
@@ -241,10 +240,17 @@ class SnapshotCache:
         st = self.status.get(node_id)
         if st is not None:
             st.nacks += 1
-            st.last_nack = Nack(type=rtype.short, version=version,
-                                message=message[:NACK_MESSAGE_LIMIT], at=time.time())
+            st.last_nack = Nack(
+                type=rtype.short,
+                version=version,
+                message=message[:NACK_MESSAGE_LIMIT],
+                at=time.time(),
+            )
         self.metrics.nacks.labels(rtype.short).inc()
         log.warning(
             "%s rejected %s version %s: %s (not resent until the config changes)",
-            escaped(node_id), rtype.short, version, escaped(message, NACK_MESSAGE_LIMIT),
+            escaped(node_id),
+            rtype.short,
+            version,
+            escaped(message, NACK_MESSAGE_LIMIT),
         )

@@ -167,8 +167,7 @@ class AdsClient:
             self.bytes_received += size
             if self.delta:
                 decoded = {
-                    r.name: rtype.message_class.FromString(r.resource.value)
-                    for r in resp.resources
+                    r.name: rtype.message_class.FromString(r.resource.value) for r in resp.resources
                 }
                 names, removed = list(decoded), list(resp.removed_resources)
                 version = resp.system_version_info
@@ -241,7 +240,11 @@ class AdsClient:
         """Every type this client subscribes to was accepted at ``snap``'s version."""
         return all(
             self.acked.get(t) == snap.version(t)
-            for t in (ResourceType.CLUSTER, ResourceType.ENDPOINT, ResourceType.LISTENER,
-                      ResourceType.ROUTE)
+            for t in (
+                ResourceType.CLUSTER,
+                ResourceType.ENDPOINT,
+                ResourceType.LISTENER,
+                ResourceType.ROUTE,
+            )
             if snap.resources(t)
         )

@@ -18,7 +18,8 @@ class XdsMetrics:
         self.auth_refused = Counter(
             "legation_xds_auth_refused",
             "xDS calls refused: no or bad credential, or a node id other than the credential's",
-            ["reason"], registry=r,
+            ["reason"],
+            registry=r,
         )
         self.connected = Gauge(
             "legation_xds_connected_proxies", "Proxies with an open xDS stream", registry=r

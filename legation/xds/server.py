@@ -71,14 +71,19 @@ class XdsServer:
         """``auth``: the TLS material and identity checks; required unless
         ``insecure_unauthenticated_loopback_only`` (then ``host`` must be a loopback address)."""
         if auth is None and not insecure_unauthenticated_loopback_only:
-            raise ValueError("XdsServer needs auth=<an Authenticator>: xDS hands out private keys, "
-                             "it never serves unauthenticated clients by default")
+            raise ValueError(
+                "XdsServer needs auth=<an Authenticator>: xDS hands out private keys, "
+                "it never serves unauthenticated clients by default"
+            )
         if auth is not None and insecure_unauthenticated_loopback_only:
-            raise ValueError("XdsServer: auth and insecure_unauthenticated_loopback_only "
-                             "exclude each other")
+            raise ValueError(
+                "XdsServer: auth and insecure_unauthenticated_loopback_only exclude each other"
+            )
         if auth is None and not _is_loopback(host):
-            raise ValueError(f"XdsServer: refusing to serve unauthenticated xDS on {host!r}; "
-                             "insecure_unauthenticated_loopback_only needs a loopback host")
+            raise ValueError(
+                f"XdsServer: refusing to serve unauthenticated xDS on {host!r}; "
+                "insecure_unauthenticated_loopback_only needs a loopback host"
+            )
         self.auth = auth
         self.cache = cache
         self.host = host
@@ -147,8 +152,9 @@ class XdsServer:
             )
         return out
 
-    def _stream(self, cls: type, requests: Any, context: Any, only: ResourceType | None,
-                node: str | None) -> Any:
+    def _stream(
+        self, cls: type, requests: Any, context: Any, only: ResourceType | None, node: str | None
+    ) -> Any:
         stream = cls(self.cache, context, only)
         stream.gate_timeout = self.gate_timeout
         stream.credential = node
@@ -208,8 +214,12 @@ class XdsServer:
         self.port = bound
         await server.start()
         self._server = server
-        log.info("xDS server listening on %s:%d (%s)", self.host, self.port,
-                 "TLS, client certificates required" if self.auth else "plaintext, no auth")
+        log.info(
+            "xDS server listening on %s:%d (%s)",
+            self.host,
+            self.port,
+            "TLS, client certificates required" if self.auth else "plaintext, no auth",
+        )
         return self
 
     async def stop(self, grace: float | None = 1.0) -> None:

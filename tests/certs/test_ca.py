@@ -144,8 +144,10 @@ def test_bad_ca_files_have_stable_codes(tmp_path: Path) -> None:
     (tmp_path / "leaf.key").chmod(0o600)
     with pytest.raises(CertError) as info:
         CertificateAuthority.load(tmp_path / "leaf.crt", tmp_path / "leaf.key")
-    assert (info.value.code, str(info.value)) == ("ca_invalid",
-                                                  f"{tmp_path / 'leaf.crt'}: not a CA certificate")
+    assert (info.value.code, str(info.value)) == (
+        "ca_invalid",
+        f"{tmp_path / 'leaf.crt'}: not a CA certificate",
+    )
     # half a directory is an error, not a silent new CA
     (tmp_path / "a" / "ca.key").unlink()
     with pytest.raises(CertError) as info:
@@ -153,8 +155,9 @@ def test_bad_ca_files_have_stable_codes(tmp_path: Path) -> None:
     assert info.value.code == "ca_unreadable"
 
 
-def test_cli_ca_show_prints_fingerprint_and_expiry(tmp_path: Path,
-                                                   capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_ca_show_prints_fingerprint_and_expiry(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from legation.cli import main
 
     ca = CertificateAuthority.in_directory(tmp_path, trust_domain="cluster.local")
@@ -190,19 +193,29 @@ def test_a_small_rsa_ca_key_is_refused(tmp_path: Path) -> None:
         key = rsa.generate_private_key(public_exponent=65537, key_size=bits)
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
         now = datetime.now(UTC)
-        cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
-                .public_key(key.public_key()).serial_number(1)
-                .not_valid_before(now - timedelta(minutes=1))
-                .not_valid_after(now + timedelta(days=1))
-                .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-                .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
-                               critical=False)
-                .sign(key, hashes.SHA256()))
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(subject)
+            .public_key(key.public_key())
+            .serial_number(1)
+            .not_valid_before(now - timedelta(minutes=1))
+            .not_valid_after(now + timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(
+                x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
+            )
+            .sign(key, hashes.SHA256())
+        )
         cert_path, key_path = tmp_path / f"{name}.crt", tmp_path / f"{name}.key"
         cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                               serialization.PrivateFormat.PKCS8,
-                                               serialization.NoEncryption()))
+        key_path.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
         key_path.chmod(0o600)
         return cert_path, key_path
 
@@ -210,7 +223,9 @@ def test_a_small_rsa_ca_key_is_refused(tmp_path: Path) -> None:
     with pytest.raises(CertError) as info:
         CertificateAuthority.load(*small)
     assert (info.value.code, str(info.value)) == (
-        "ca_invalid", f"{small[1]}: the RSA CA key has 1024 bits; at least 2048 are needed")
+        "ca_invalid",
+        f"{small[1]}: the RSA CA key has 1024 bits; at least 2048 are needed",
+    )
     CertificateAuthority.load(*rsa_ca(2048, "big"))
 
 
@@ -231,8 +246,7 @@ def test_key_files_are_written_exclusively_never_through_a_planted_link(
 
     monkeypatch.setattr(_files.os, "open", spy)
     CertificateAuthority.in_directory(tmp_path / "ca", trust_domain="x")
-    assert opened and all(f & os.O_EXCL and f & os.O_NOFOLLOW and f & os.O_CREAT
-                          for f in opened)
+    assert opened and all(f & os.O_EXCL and f & os.O_NOFOLLOW and f & os.O_CREAT for f in opened)
     assert locks and all(f & os.O_NOFOLLOW for f in locks)  # the lock file holds no secret
     # a symlink planted where the temporary file would go is not followed
     target = tmp_path / "victim"

@@ -32,8 +32,11 @@ def write(path: Path, **mtls: object) -> None:
     data = base()
     data["xds"] = {"port": free_port()}
     for i, ep in enumerate(data["services"][0]["endpoints"]):
-        ep["sidecar"] = {"inbound_port": free_port(), "outbound_port": free_port(),
-                         "admin_port": free_port()}
+        ep["sidecar"] = {
+            "inbound_port": free_port(),
+            "outbound_port": free_port(),
+            "admin_port": free_port(),
+        }
         ep["port"] = 9111 + i
     data["gateway"] = {"port": free_port(), "admin_port": free_port()}
     if mtls:
@@ -50,8 +53,14 @@ def clock() -> Clock:
 async def cp(tmp_path: Path, clock: Clock) -> AsyncIterator[ControlPlane]:
     mesh = tmp_path / "mesh.yaml"
     write(mesh, mode="strict", cert_ttl="1h", ca_dir="ca")
-    plane = ControlPlane(mesh, status_port=0, poll_interval=3600, on_event=lambda line: None,
-                         clock=clock, rotation_check=0.02)
+    plane = ControlPlane(
+        mesh,
+        status_port=0,
+        poll_interval=3600,
+        on_event=lambda line: None,
+        clock=clock,
+        rotation_check=0.02,
+    )
     await plane.start()
     yield plane
     await plane.stop()
@@ -68,8 +77,9 @@ async def test_issued_on_start_and_shown_in_status(cp: ControlPlane, tmp_path: P
     assert all(WORKLOAD_CERT in s.resources(ResourceType.SECRET) for s in cp.snapshots.values())
 
 
-async def test_timer_rotates_due_certificates_and_republishes(cp: ControlPlane,
-                                                              clock: Clock) -> None:
+async def test_timer_rotates_due_certificates_and_republishes(
+    cp: ControlPlane, clock: Clock
+) -> None:
     before = {n: c.serial for n, c in cp.issuer.certs.items()}
     snaps = dict(cp.snapshots)
     generation = cp.generation
@@ -89,8 +99,9 @@ async def test_timer_rotates_due_certificates_and_republishes(cp: ControlPlane,
     assert cp.issuer.next_renewal() == clock.now.replace(microsecond=0) + timedelta(minutes=40)
 
 
-async def test_reload_keeps_certificates_and_a_bad_ca_is_rejected(cp: ControlPlane,
-                                                                  tmp_path: Path) -> None:
+async def test_reload_keeps_certificates_and_a_bad_ca_is_rejected(
+    cp: ControlPlane, tmp_path: Path
+) -> None:
     before = {n: c.serial for n, c in cp.issuer.certs.items()}
     text = cp.mesh_path.read_text().replace("9111", "9113")  # an endpoint moves
     cp.mesh_path.write_text(text)
@@ -127,8 +138,9 @@ async def test_xds_is_tls_with_enrolled_proxies_even_with_mtls_off(tmp_path: Pat
 
     mesh = tmp_path / "mesh.yaml"
     write(mesh)  # no mtls block: mode off
-    plane = ControlPlane(mesh, status_port=0, poll_interval=3600, on_event=lambda line: None,
-                         ca_dir=tmp_path / "ca")
+    plane = ControlPlane(
+        mesh, status_port=0, poll_interval=3600, on_event=lambda line: None, ca_dir=tmp_path / "ca"
+    )
     await plane.start()
     try:
         assert plane.server is not None and plane.issuer.certs == {}
@@ -141,8 +153,9 @@ async def test_xds_is_tls_with_enrolled_proxies_even_with_mtls_off(tmp_path: Pat
         async with grpc.aio.insecure_channel(plane.server.address) as channel:
             with pytest.raises(grpc.aio.AioRpcError):
                 await channel.unary_unary(method)(ask.SerializeToString(), timeout=5)
-        async with grpc.aio.secure_channel(plane.server.address,
-                                           files_credentials(files)) as channel:
+        async with grpc.aio.secure_channel(
+            plane.server.address, files_credentials(files)
+        ) as channel:
             got = await channel.unary_unary(method)(ask.SerializeToString(), timeout=5)
             assert discovery_pb2.DiscoveryResponse.FromString(got).resources
     finally:
@@ -157,8 +170,10 @@ async def test_status_endpoint_answers_400_to_a_non_utf8_request_line(cp: Contro
         answer = await asyncio.wait_for(reader.read(), 5)
         writer.close()
         # the endpoint's HTTP library answers a request it cannot parse in HTTP/1.0
-        assert answer.split(b"\r\n", 1)[0] in (b"HTTP/1.1 400 Bad Request",
-                                                b"HTTP/1.0 400 Bad Request"), (line, answer)
+        assert answer.split(b"\r\n", 1)[0] in (
+            b"HTTP/1.1 400 Bad Request",
+            b"HTTP/1.0 400 Bad Request",
+        ), (line, answer)
     reader, writer = await asyncio.open_connection("127.0.0.1", cp.status_port)
     writer.write(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")  # HTTP/1.1 needs a Host
     assert (await asyncio.wait_for(reader.read(), 5)).startswith(b"HTTP/1.1 200 OK")

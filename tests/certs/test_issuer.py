@@ -50,8 +50,9 @@ def test_generates_the_default_ca_once(issuer: MeshIssuer, tmp_path: Path) -> No
     assert again.ca is not None and again.ca.fingerprint == issuer.ca.fingerprint
 
 
-def test_ca_dir_is_relative_to_the_mesh_and_ca_files_load(issuer: MeshIssuer,
-                                                          tmp_path: Path) -> None:
+def test_ca_dir_is_relative_to_the_mesh_and_ca_files_load(
+    issuer: MeshIssuer, tmp_path: Path
+) -> None:
     issuer.update(mesh(ca_dir="state/ca"))
     assert (tmp_path / "state" / "ca" / "ca.crt").is_file()
     own = CertificateAuthority.in_directory(tmp_path / "own", trust_domain="cluster.local")
@@ -69,7 +70,8 @@ def test_reload_keeps_certificates_unless_the_identity_changes(issuer: MeshIssue
     assert serials(issuer) == first
     issuer.update(mesh(namespace="shop"))
     assert issuer.certs["sidecar-reviews-0"].spiffe_id == (
-        "spiffe://cluster.local/ns/shop/sa/reviews")
+        "spiffe://cluster.local/ns/shop/sa/reviews"
+    )
     assert all(serials(issuer)[n] != s for n, s in first.items())
 
 
@@ -104,7 +106,8 @@ def test_status_shows_identities_never_keys(issuer: MeshIssuer) -> None:
     assert status is not None and issuer.ca is not None
     assert status["ca"]["fingerprint_sha256"] == issuer.ca.fingerprint
     assert status["proxies"]["gateway-ingress"]["spiffe_id"] == (
-        "spiffe://cluster.local/ns/default/sa/ingress")
+        "spiffe://cluster.local/ns/default/sa/ingress"
+    )
     assert "PRIVATE" not in repr(status) and "PRIVATE" not in repr(issuer.certs)
 
 

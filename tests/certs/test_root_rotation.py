@@ -89,9 +89,9 @@ def test_request_writes_the_next_root_beside_the_ca_privately(tmp_path: Path) ->
     assert "PRIVATE" not in record and state.new in record  # fingerprints, never keys
 
 
-def test_a_second_request_while_one_is_in_progress_is_refused(tmp_path: Path,
-                                                              capsys: pytest.CaptureFixture[str]
-                                                              ) -> None:
+def test_a_second_request_while_one_is_in_progress_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     ca_dir, _ = new_ca(tmp_path)
     state = request_rotation(ca_dir)
     before = {p.name: p.read_bytes() for p in ca_dir.iterdir() if p.is_file()}
@@ -101,15 +101,16 @@ def test_a_second_request_while_one_is_in_progress_is_refused(tmp_path: Path,
     assert str(err.value) == (
         f"{ca_dir}: a root rotation is already in progress (phase trust, new root "
         f"{state.new}); wait for it to finish (`legation status` shows the phase) before "
-        f"requesting another")
+        f"requesting another"
+    )
     assert cli(["ca", "rotate-root", "--ca-dir", str(ca_dir)]) == 1
     assert "already in progress" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in ca_dir.iterdir() if p.is_file()} == before
 
 
-def test_the_cli_refuses_a_ca_directory_others_can_write(tmp_path: Path,
-                                                        capsys: pytest.CaptureFixture[str]
-                                                        ) -> None:
+def test_the_cli_refuses_a_ca_directory_others_can_write(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     ca_dir, _ = new_ca(tmp_path)
     ca_dir.chmod(0o777)
     assert cli(["ca", "rotate-root", "--ca-dir", str(ca_dir)]) == 1
@@ -164,8 +165,14 @@ def mesh(tmp_path: Path) -> Path:
 
 
 async def started(mesh: Path, clock: Clock, gate: Gate) -> ControlPlane:
-    cp = ControlPlane(mesh, status_port=0, poll_interval=3600, on_event=lambda line: None,
-                      clock=clock, rotation_check=3600)
+    cp = ControlPlane(
+        mesh,
+        status_port=0,
+        poll_interval=3600,
+        on_event=lambda line: None,
+        clock=clock,
+        rotation_check=3600,
+    )
     await cp.start()
     cp.rotation.stop()  # the test steps the rotation itself
     cp.rotation.in_sync = gate
@@ -180,8 +187,9 @@ async def planes() -> AsyncIterator[list[ControlPlane]]:
         await cp.stop()
 
 
-async def test_the_phases_each_published_and_gated(mesh: Path, clock: Clock,
-                                                   planes: list[ControlPlane]) -> None:
+async def test_the_phases_each_published_and_gated(
+    mesh: Path, clock: Clock, planes: list[ControlPlane]
+) -> None:
     gate = Gate()
     cp = await started(mesh, clock, gate)
     planes.append(cp)
@@ -231,8 +239,10 @@ async def test_the_phases_each_published_and_gated(mesh: Path, clock: Clock,
     for node in nodes:
         assert fingerprints(bundle_roots(cp, node)) == [new.fingerprint]
         assert signed_by(workload(cp, node), new)
-    assert CertificateAuthority.load(ca_dir / "ca.crt", ca_dir / "ca.key").fingerprint == \
-        new.fingerprint
+    assert (
+        CertificateAuthority.load(ca_dir / "ca.crt", ca_dir / "ca.key").fingerprint
+        == new.fingerprint
+    )
     assert not (ca_dir / NEXT_KEY).exists() and not (ca_dir / STATE_FILE).exists()
     archived = sorted((ca_dir / "retired").iterdir())
     assert [mode(p) for p in archived] == [0o600, 0o600] and mode(ca_dir / "retired") == 0o700
@@ -245,8 +255,9 @@ async def test_the_phases_each_published_and_gated(mesh: Path, clock: Clock,
 
 
 @pytest.mark.parametrize("phase", [Phase.TRUST, Phase.ISSUE])
-async def test_a_restart_mid_phase_resumes_it(mesh: Path, clock: Clock, phase: Phase,
-                                              planes: list[ControlPlane]) -> None:
+async def test_a_restart_mid_phase_resumes_it(
+    mesh: Path, clock: Clock, phase: Phase, planes: list[ControlPlane]
+) -> None:
     gate = Gate()
     cp = await started(mesh, clock, gate)
     ca_dir = mesh.parent / "ca"
@@ -282,7 +293,8 @@ async def test_a_restart_mid_phase_resumes_it(mesh: Path, clock: Clock, phase: P
 
 
 async def test_a_bad_record_keeps_the_roots_served_and_says_why(
-        mesh: Path, clock: Clock, planes: list[ControlPlane]) -> None:
+    mesh: Path, clock: Clock, planes: list[ControlPlane]
+) -> None:
     cp = await started(mesh, clock, Gate())
     planes.append(cp)
     ca_dir = mesh.parent / "ca"
@@ -304,5 +316,6 @@ def test_a_request_that_did_not_finish_is_named(tmp_path: Path) -> None:
         request_rotation(ca_dir)
     assert str(err.value) == (
         f"{ca_dir}: ca.next.crt or ca.next.key is there without rotation.json: a rotation "
-        f"request that did not finish; remove them to request again")
+        f"request that did not finish; remove them to request again"
+    )
     assert open_roots(ca_dir, trust_domain=TD).state is None  # the current root still served

@@ -32,8 +32,10 @@ def answer(port: int, client: WorkloadCert, server_roots: bytes, folder: Path) -
     context.check_hostname = False  # the sidecar presents a SPIFFE id, no host name
     context.load_cert_chain(folder / "cert.pem", folder / "key.pem")
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, \
-                context.wrap_socket(raw) as tls:
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+            context.wrap_socket(raw) as tls,
+        ):
             tls.sendall(b"GET / HTTP/1.1\r\nhost: web\r\nconnection: close\r\n\r\n")
             return tls.recv(64).split(b"\r\n", 1)[0].decode() or "closed"
     except (ssl.SSLError, OSError) as err:
@@ -49,14 +51,20 @@ def test_a_client_of_the_retired_root_is_refused_by_a_sidecar(tmp_path: Path) ->
         assert answer(port, old_client, old.root_pem, tmp_path / "a") == "HTTP/1.1 200 OK"
 
         state = request_rotation(ca_dir, overlap=timedelta(0))
-        wait_for(lambda: stack.status()["mtls"]["ca"]["trusted"] == [state.new], 30,
-                 "the rotation through to the old root's retirement")
+        wait_for(
+            lambda: stack.status()["mtls"]["ca"]["trusted"] == [state.new],
+            30,
+            "the rotation through to the old root's retirement",
+        )
         new = CertificateAuthority.load(ca_dir / "ca.crt", ca_dir / "ca.key")
         assert new.fingerprint == state.new
         sidecar = next(n for n in stack.envoys if n.startswith("sidecar-"))
         root_serial = format(new.cert.serial_number, "x")
-        wait_for(lambda: _served_roots(stack, sidecar)[1] == {root_serial}, 10,
-                 "the sidecar's Envoy trusting the new root only")
+        wait_for(
+            lambda: _served_roots(stack, sidecar)[1] == {root_serial},
+            10,
+            "the sidecar's Envoy trusting the new root only",
+        )
 
         refused = answer(port, old_client, new.root_pem, tmp_path / "b")
         assert not refused.startswith("HTTP/"), refused

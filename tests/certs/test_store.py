@@ -16,13 +16,14 @@ from tests.certs.test_issuer import Clock, mesh
 
 
 def issuer(tmp_path: Path, clock: Clock, ca: str = "ca") -> MeshIssuer:
-    return MeshIssuer(mesh_dir=tmp_path, default_ca_dir=tmp_path / ca, clock=clock,
-                      persist=True)
+    return MeshIssuer(mesh_dir=tmp_path, default_ca_dir=tmp_path / ca, clock=clock, persist=True)
 
 
 def held(i: MeshIssuer) -> dict[str, int]:
-    return {**{n: c.serial for n, c in i.certs.items()},
-            **{k: c.serial for k, c in i.service_certs.items()}}
+    return {
+        **{n: c.serial for n, c in i.certs.items()},
+        **{k: c.serial for k, c in i.service_certs.items()},
+    }
 
 
 SERVICES = {"extauthz": "127.0.0.1", "ratelimit": "localhost"}

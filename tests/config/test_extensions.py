@@ -23,12 +23,19 @@ def problems(data: dict[str, Any]) -> list[str]:
 
 
 def test_embedded_defaults_and_fields() -> None:
-    mesh = parse(mesh_with(
-        extauthz={"port": 18010, "config": "authz.yaml"},
-        extproc={"port": 18011},
-        ratelimit={"port": 18012, "config": "rl.yaml", "backend": "redis",
-                   "redis_url": "redis://:secret@127.0.0.1:6379/0", "shadow_mode": True},
-    ))
+    mesh = parse(
+        mesh_with(
+            extauthz={"port": 18010, "config": "authz.yaml"},
+            extproc={"port": 18011},
+            ratelimit={
+                "port": 18012,
+                "config": "rl.yaml",
+                "backend": "redis",
+                "redis_url": "redis://:secret@127.0.0.1:6379/0",
+                "shadow_mode": True,
+            },
+        )
+    )
     assert mesh.extauthz is not None and mesh.extauthz.embedded
     assert mesh.extauthz.failure_mode == "closed" and not mesh.extauthz.fail_open
     assert mesh.extproc is not None and mesh.extproc.failure_mode == "closed"
@@ -40,21 +47,33 @@ def test_embedded_defaults_and_fields() -> None:
 @pytest.mark.parametrize(
     ("blocks", "expected"),
     [
-        ({"extauthz": {"port": 18010}},
-         "mesh.yaml: extauthz.config: an embedded service needs its config file "
-         "(or set embedded: false)"),
-        ({"ratelimit": {"port": 18012}},
-         "mesh.yaml: ratelimit.config: an embedded service needs its config file "
-         "(or set embedded: false)"),
-        ({"ratelimit": {"port": 18012, "config": "rl.yaml", "backend": "redis"}},
-         "mesh.yaml: ratelimit.redis_url: needed with backend: redis"),
-        ({"ratelimit": {"port": 18012, "config": "rl.yaml", "redis_url": "redis://x"}},
-         "mesh.yaml: ratelimit.redis_url: only used with backend: redis"),
-        ({"ratelimit": {"port": 18012, "config": "rl.yaml", "backend": "memcached"}},
-         "mesh.yaml: ratelimit.backend: expected 'memory' or 'redis', got 'memcached'"),
-        ({"extproc": {"port": 18011, "embeded": True}},
-         "mesh.yaml: extproc.embeded: unknown key (allowed: embedded, failure_mode, host, port, "
-         "stream_idle_timeout, timeout, tls)"),
+        (
+            {"extauthz": {"port": 18010}},
+            "mesh.yaml: extauthz.config: an embedded service needs its config file "
+            "(or set embedded: false)",
+        ),
+        (
+            {"ratelimit": {"port": 18012}},
+            "mesh.yaml: ratelimit.config: an embedded service needs its config file "
+            "(or set embedded: false)",
+        ),
+        (
+            {"ratelimit": {"port": 18012, "config": "rl.yaml", "backend": "redis"}},
+            "mesh.yaml: ratelimit.redis_url: needed with backend: redis",
+        ),
+        (
+            {"ratelimit": {"port": 18012, "config": "rl.yaml", "redis_url": "redis://x"}},
+            "mesh.yaml: ratelimit.redis_url: only used with backend: redis",
+        ),
+        (
+            {"ratelimit": {"port": 18012, "config": "rl.yaml", "backend": "memcached"}},
+            "mesh.yaml: ratelimit.backend: expected 'memory' or 'redis', got 'memcached'",
+        ),
+        (
+            {"extproc": {"port": 18011, "embeded": True}},
+            "mesh.yaml: extproc.embeded: unknown key (allowed: embedded, failure_mode, host, port, "
+            "stream_idle_timeout, timeout, tls)",
+        ),
     ],
 )
 def test_block_errors_name_the_field(blocks: dict[str, Any], expected: str) -> None:

@@ -38,31 +38,50 @@ def test_unquoted_yaml_off_means_off() -> None:
 
 
 def test_a_full_block() -> None:
-    mesh = parse(with_mtls(mode="strict", trust_domain="example.org", namespace="shop",
-                           cert_ttl="90m", ca_dir="state/ca"))
+    mesh = parse(
+        with_mtls(
+            mode="strict",
+            trust_domain="example.org",
+            namespace="shop",
+            cert_ttl="90m",
+            ca_dir="state/ca",
+        )
+    )
     m = mesh.mtls
     assert (m.enabled, m.trust_domain, m.namespace, m.cert_ttl, m.ca_dir) == (
-        True, "example.org", "shop", timedelta(minutes=90), "state/ca")
+        True,
+        "example.org",
+        "shop",
+        timedelta(minutes=90),
+        "state/ca",
+    )
 
 
 @pytest.mark.parametrize(
     ("mtls", "message"),
     [
-        ({"mode": "strict", "mtls_mode": "x"},
-         "mtls.mtls_mode: unknown key (allowed: ca_cert, ca_dir, ca_key, cert_ttl, mode, "
-         "namespace, trust_domain)"),
-        ({"trust_domain": "Cluster.Local"},
-         "mtls.trust_domain: expected a trust domain (lower-case letters, digits, '.', '-', "
-         "'_'), got 'Cluster.Local'"),
-        ({"namespace": "My_NS"},
-         "mtls.namespace: expected a lower-case name (letters, digits and '-', not at either "
-         "end), got 'My_NS'"),
+        (
+            {"mode": "strict", "mtls_mode": "x"},
+            "mtls.mtls_mode: unknown key (allowed: ca_cert, ca_dir, ca_key, cert_ttl, mode, "
+            "namespace, trust_domain)",
+        ),
+        (
+            {"trust_domain": "Cluster.Local"},
+            "mtls.trust_domain: expected a trust domain (lower-case letters, digits, '.', '-', "
+            "'_'), got 'Cluster.Local'",
+        ),
+        (
+            {"namespace": "My_NS"},
+            "mtls.namespace: expected a lower-case name (letters, digits and '-', not at either "
+            "end), got 'My_NS'",
+        ),
         ({"cert_ttl": "5s"}, "mtls.cert_ttl: must be between 10s and 365 days"),
-        ({"cert_ttl": "soon"},
-         "mtls.cert_ttl: invalid duration 'soon': use e.g. 250ms, 2s or 1m"),
+        ({"cert_ttl": "soon"}, "mtls.cert_ttl: invalid duration 'soon': use e.g. 250ms, 2s or 1m"),
         ({"ca_cert": "ca.crt"}, "mtls.ca_cert: needs mtls.ca_key too"),
-        ({"ca_dir": "ca", "ca_cert": "ca.crt", "ca_key": "ca.key"},
-         "mtls.ca_dir: give either ca_dir or ca_cert and ca_key, not both"),
+        (
+            {"ca_dir": "ca", "ca_cert": "ca.crt", "ca_key": "ca.key"},
+            "mtls.ca_dir: give either ca_dir or ca_cert and ca_key, not both",
+        ),
     ],
 )
 def test_bad_blocks_name_the_field(mtls: dict[str, Any], message: str) -> None:

@@ -53,23 +53,35 @@ class Route:
 
 
 def bootstrap(
-    *, listen_port: int, admin_port: int, authz_port: int, upstream_port: int,
-    routes: Sequence[Route], max_request_bytes: int = 1024, status_on_error: int = 403,
+    *,
+    listen_port: int,
+    admin_port: int,
+    authz_port: int,
+    upstream_port: int,
+    routes: Sequence[Route],
+    max_request_bytes: int = 1024,
+    status_on_error: int = 403,
 ) -> dict[str, Any]:
     """A static Envoy bootstrap: one listener, ext_authz then router, per-route authz config."""
     vroutes = []
     for r in routes:
-        per_route = envoy_filter.per_route_any(policy=r.policy, checks=tuple(r.checks),
-                                               disabled=r.disabled)
-        vroutes.append({
-            "match": {"prefix": r.prefix},
-            "route": {"cluster": "upstream"},
-            "typed_per_filter_config": {envoy_filter.FILTER_NAME: to_plain(per_route)},
-        })
-    authz = envoy_filter.http_filter("extauthz", max_request_bytes=max_request_bytes,
-                                     status_on_error=status_on_error)
+        per_route = envoy_filter.per_route_any(
+            policy=r.policy, checks=tuple(r.checks), disabled=r.disabled
+        )
+        vroutes.append(
+            {
+                "match": {"prefix": r.prefix},
+                "route": {"cluster": "upstream"},
+                "typed_per_filter_config": {envoy_filter.FILTER_NAME: to_plain(per_route)},
+            }
+        )
+    authz = envoy_filter.http_filter(
+        "extauthz", max_request_bytes=max_request_bytes, status_on_error=status_on_error
+    )
     return static_bootstrap(
-        listen_port=listen_port, admin_port=admin_port, routes=vroutes,
+        listen_port=listen_port,
+        admin_port=admin_port,
+        routes=vroutes,
         http_filters=[to_plain(authz)],
         clusters=[
             static_cluster("upstream", upstream_port),
@@ -92,8 +104,14 @@ class Client:
     def __init__(self, port: int) -> None:
         self.port = port
 
-    def request(self, method: str, path: str, *, headers: Mapping[str, str] | None = None,
-                body: bytes | None = None) -> Reply:
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        body: bytes | None = None,
+    ) -> Reply:
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
         try:
             conn.request(method, path, body=body, headers=dict(headers or {}))
@@ -127,8 +145,14 @@ class StackPool:
         self.envoys: list[EnvoyProcess] = []
         self.upstreams: list[DemoApp] = []
 
-    def make(self, *, config: dict[str, Any] | None, routes: Sequence[Route],
-             authz_port: int | None = None, **bootstrap_kw: Any) -> Stack:
+    def make(
+        self,
+        *,
+        config: dict[str, Any] | None,
+        routes: Sequence[Route],
+        authz_port: int | None = None,
+        **bootstrap_kw: Any,
+    ) -> Stack:
         upstream = DemoApp(name="upstream").start_in_thread()
         self.upstreams.append(upstream)
         registry = CollectorRegistry()
@@ -139,10 +163,20 @@ class StackPool:
             authz_port = service.port
         assert authz_port is not None
         listen, admin = free_port(), free_port()
-        cfg = bootstrap(listen_port=listen, admin_port=admin, authz_port=authz_port,
-                        upstream_port=upstream.port, routes=routes, **bootstrap_kw)
-        envoy = EnvoyProcess(cfg, admin_port=admin, name="envoy-extauthz",
-                             log_dir=self.tmp / f"envoy{len(self.envoys)}")
+        cfg = bootstrap(
+            listen_port=listen,
+            admin_port=admin,
+            authz_port=authz_port,
+            upstream_port=upstream.port,
+            routes=routes,
+            **bootstrap_kw,
+        )
+        envoy = EnvoyProcess(
+            cfg,
+            admin_port=admin,
+            name="envoy-extauthz",
+            log_dir=self.tmp / f"envoy{len(self.envoys)}",
+        )
         self.envoys.append(envoy)
         envoy.start()
         envoy.wait_live()
@@ -215,15 +249,17 @@ class Signer:
 
     def public_pem(self) -> bytes:
         return self.private.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
 
     def token(self, claims: dict[str, Any], *, kid: str | None = None, **kw: Any) -> str:
         headers = {"kid": kid if kid is not None else self.kid}
         return pyjwt.encode(claims, self.private, algorithm="RS256", headers=headers, **kw)
 
 
-def read_log(path: Path, until: Callable[[list[dict[str, Any]]], bool],
-             timeout: float = 5.0) -> list[dict[str, Any]]:
+def read_log(
+    path: Path, until: Callable[[list[dict[str, Any]]], bool], timeout: float = 5.0
+) -> list[dict[str, Any]]:
     """The decision log's entries once ``until`` holds for them: the service flushes the log in
     the background (~0.2 s behind), so tests wait for the entries they need, bounded in time."""
     deadline = time.monotonic() + timeout

@@ -27,14 +27,16 @@ def test_the_quickstart_config_loads_from_any_working_directory(
     (tmp_path / "conf").mkdir()
     (tmp_path / "conf" / "authz.yaml").write_text(
         "checks: {rego: {type: rego, options: {policy_dir: ../pol}}}\n"
-        "decision_log: logs/decisions.jsonl\n")
+        "decision_log: logs/decisions.jsonl\n"
+    )
     (tmp_path / "pol").mkdir()
     (tmp_path / "pol" / "p.rego").write_text("package p\nimport rego.v1\nallow := true\n")
     monkeypatch.chdir(REPO)
     loaded = load_file(tmp_path / "conf" / "authz.yaml")
     assert loaded.check_configs["rego"][1].policy_dir == (tmp_path / "pol").resolve()
-    assert loaded.service.decision_log == str((tmp_path / "conf" / "logs" /
-                                               "decisions.jsonl").resolve())
+    assert loaded.service.decision_log == str(
+        (tmp_path / "conf" / "logs" / "decisions.jsonl").resolve()
+    )
 
 
 def test_a_proto_descriptor_that_cannot_be_used_names_the_file_and_field(tmp_path: Path) -> None:
@@ -42,8 +44,10 @@ def test_a_proto_descriptor_that_cannot_be_used_names_the_file_and_field(tmp_pat
     config.write_text("proto_descriptor: missing.pb\n")
     with pytest.raises(ConfigError) as err:
         load_file(config)
-    assert str(err.value) == (f"{config}: proto_descriptor: {tmp_path / 'missing.pb'}: "
-                              "cannot read: No such file or directory")
+    assert str(err.value) == (
+        f"{config}: proto_descriptor: {tmp_path / 'missing.pb'}: "
+        "cannot read: No such file or directory"
+    )
     (tmp_path / "bad.pb").write_bytes(b"\x0a\x03not a descriptor set")
     config.write_text("proto_descriptor: bad.pb\n")
     with pytest.raises(ConfigError, match=r"proto_descriptor: .*bad\.pb: not a usable"):
@@ -59,8 +63,9 @@ async def test_skip_request_body_parse_leaves_the_body_unparsed() -> None:
         return r
 
     parsed = await build_servicer(Settings(config={}, registry=CollectorRegistry()))
-    skipped = await build_servicer(Settings(config={"skip_request_body_parse": True},
-                                            registry=CollectorRegistry()))
+    skipped = await build_servicer(
+        Settings(config={"skip_request_body_parse": True}, registry=CollectorRegistry())
+    )
     try:
         assert RequestContext(request(), parsed.input_options).input()["parsed_body"] == {"a": 1}
         doc = RequestContext(request(), skipped.input_options).input()

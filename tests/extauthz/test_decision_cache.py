@@ -18,8 +18,9 @@ from tests.extauthz.conftest import REPO
 from tests.extauthz.test_opa_envoy_compat import TUTORIAL_STYLE
 
 
-def full_request(method: str = "POST", path: str = "/people/x?a=1&a=2&b") -> (
-        external_auth_pb2.CheckRequest):
+def full_request(
+    method: str = "POST", path: str = "/people/x?a=1&a=2&b"
+) -> external_auth_pb2.CheckRequest:
     r = external_auth_pb2.CheckRequest()
     a = r.attributes
     h = a.request.http
@@ -41,12 +42,32 @@ def test_a_projected_build_equals_projecting_the_whole_document() -> None:
     for only in [
         {"attributes": {}},
         {"attributes": {"request": {"http": {"method": {}}}}},
-        {"attributes": {"request": {"http": {"headers": {"x-role": {}}, "size": {}, "query": {},
-                                             "fragment": {}, "body": {}, "rawBody": {},
-                                             "nope": {}}, "time": {}}}},
-        {"attributes": {"request": {}, "source": {"principal": {}}, "destination": {},
-                        "contextExtensions": {}, "metadataContext": {},
-                        "routeMetadataContext": {}}},
+        {
+            "attributes": {
+                "request": {
+                    "http": {
+                        "headers": {"x-role": {}},
+                        "size": {},
+                        "query": {},
+                        "fragment": {},
+                        "body": {},
+                        "rawBody": {},
+                        "nope": {},
+                    },
+                    "time": {},
+                }
+            }
+        },
+        {
+            "attributes": {
+                "request": {},
+                "source": {"principal": {}},
+                "destination": {},
+                "contextExtensions": {},
+                "metadataContext": {},
+                "routeMetadataContext": {},
+            }
+        },
         {"attributes": {"request": {"http": {}}}, "parsed_path": {}, "parsed_body": {}},
         {"parsed_query": {}, "truncated_body": {}, "version": {}},
     ]:
@@ -56,15 +77,18 @@ def test_a_projected_build_equals_projecting_the_whole_document() -> None:
 def test_nondeterministic_builtins_are_found_where_they_are_used() -> None:
     assert nondeterministic_calls("x := time.now_ns()") == {"time.now_ns"}
     assert nondeterministic_calls("[v, _, p] := io.jwt.decode_verify(t, c)") == {
-        "io.jwt.decode_verify"}
+        "io.jwt.decode_verify"
+    }
     assert nondeterministic_calls("allow if { print(1) }") == {"print"}
     assert nondeterministic_calls('# time.now_ns()\nx := "http.send"\ny := time.add_date') == set()
     assert nondeterministic_calls("x := data.time.now_ns") == set()  # a rule, not the builtin
-    by_pkg = analyse_packages([
-        ("a", "package a\nallow if data.lib.fresh"),
-        ("lib", "package lib\nfresh if time.now_ns() > 0"),
-        ("b", "package b\nallow if input.x == 1"),
-    ])
+    by_pkg = analyse_packages(
+        [
+            ("a", "package a\nallow if data.lib.fresh"),
+            ("lib", "package lib\nfresh if time.now_ns() > 0"),
+            ("b", "package b\nallow if input.x == 1"),
+        ]
+    )
     assert {p: det for p, (_, det) in by_pkg.items()} == {"a": False, "lib": False, "b": True}
 
 
@@ -105,8 +129,7 @@ async def ask(check: RegoCheck, method: str, role: str | None, policy: str = "p"
 async def test_the_cache_serves_only_the_same_input(tmp_path: Path, make_check: Any) -> None:
     (tmp_path / "p.rego").write_text(POLICY % "guest")
     cached = make_check(policy_dir=tmp_path, reload_interval_s=0)
-    fresh = make_check(policy_dir=tmp_path, reload_interval_s=0,
-                                 decision_cache_size=0)
+    fresh = make_check(policy_dir=tmp_path, reload_interval_s=0, decision_cache_size=0)
     assert cached.cacheable("p") and not fresh.cacheable("p")
     grid = [(m, r) for m in ("GET", "POST", "get") for r in ("guest", "admin", "", None)]
     for _ in range(2):
@@ -122,8 +145,7 @@ async def test_the_cache_is_bounded_and_drops_the_least_recent(
     tmp_path: Path, make_check: Any
 ) -> None:
     (tmp_path / "p.rego").write_text(POLICY % "guest")
-    check = make_check(policy_dir=tmp_path, reload_interval_s=0,
-                                 decision_cache_size=2)
+    check = make_check(policy_dir=tmp_path, reload_interval_s=0, decision_cache_size=2)
     for role in ("a", "b", "a", "c", "a"):
         await ask(check, "GET", role)
     assert len(check._cache) == 2 and check.cache_hits == 2  # "b" went, "a" stayed
@@ -149,9 +171,11 @@ async def test_policies_that_read_the_clock_or_the_whole_input_are_not_cached(
     tmp_path: Path, make_check: Any
 ) -> None:
     (tmp_path / "tutorial.rego").write_text(TUTORIAL_STYLE)
-    (tmp_path / "whole.rego").write_text("package whole\nimport rego.v1\n"
-                                         "allow if input.attributes.request.http.method == 'GET'"
-                                         .replace("'", '"') + "\nx := input\n")
+    (tmp_path / "whole.rego").write_text(
+        "package whole\nimport rego.v1\n"
+        "allow if input.attributes.request.http.method == 'GET'".replace("'", '"')
+        + "\nx := input\n"
+    )
     check = make_check(policy_dir=tmp_path, reload_interval_s=0)
     assert not check.cacheable("envoy.authz") and not check.cacheable("whole")
     for policy in ("envoy.authz", "whole", "envoy.authz", "whole"):
@@ -160,10 +184,12 @@ async def test_policies_that_read_the_clock_or_the_whole_input_are_not_cached(
 
 
 async def test_the_shipped_policies_decide_the_same_with_and_without_the_cache(
-    make_check: Any
+    make_check: Any,
 ) -> None:
-    checks = [make_check(policy_dir=REPO / "policies", reload_interval_s=0,
-                                   decision_cache_size=n) for n in (0, 4096)]
+    checks = [
+        make_check(policy_dir=REPO / "policies", reload_interval_s=0, decision_cache_size=n)
+        for n in (0, 4096)
+    ]
     for _ in range(2):
         for method in ("GET", "POST", "DELETE"):
             for role in ("guest", "admin", None):

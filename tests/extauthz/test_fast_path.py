@@ -66,25 +66,31 @@ allow if ok with input as {"raw": `input`}
 """
     assert input_paths([src]) == {
         "attributes": {"source": {}, "request": {"http": {"method": {}, "headers": {}}}},
-        "parsed_path": {}}
+        "parsed_path": {},
+    }
     assert input_paths(["package p\nallow := decision(input)"]) is None
     assert input_paths(["package p\nallow if input.a.b\nallow if input.a"]) == {"a": {}}
-    by_pkg = input_paths_by_package([
-        ("a", "package a\nallow if data.b.x\nallow if input.q"),
-        ("b", "package b\nx if input.z"),
-        ("c", "package c\nallow := input"),
-    ])
+    by_pkg = input_paths_by_package(
+        [
+            ("a", "package a\nallow if data.b.x\nallow if input.q"),
+            ("b", "package b\nx if input.z"),
+            ("c", "package c\nallow := input"),
+        ]
+    )
     assert by_pkg == {"a": {"q": {}, "z": {}}, "b": {"z": {}}, "c": None}
 
 
 def test_project_keeps_whole_subtrees_and_skips_missing() -> None:
     doc = {"a": {"b": 1, "c": [1, 2]}, "d": {"e": {"f": 2}}, "g": 3}
     assert project(doc, {"a": {}, "d": {"e": {"x": {}}}, "nope": {}}) == {
-        "a": {"b": 1, "c": [1, 2]}, "d": {"e": {}}}
+        "a": {"b": 1, "c": [1, 2]},
+        "d": {"e": {}},
+    }
 
 
-def request(path: str, method: str = "GET", policy: str = "envoy.authz",
-            **headers: str) -> external_auth_pb2.CheckRequest:
+def request(
+    path: str, method: str = "GET", policy: str = "envoy.authz", **headers: str
+) -> external_auth_pb2.CheckRequest:
     r = external_auth_pb2.CheckRequest()
     h = r.attributes.request.http
     h.method, h.path, h.host = method, path, "svc"
@@ -96,12 +102,21 @@ def request(path: str, method: str = "GET", policy: str = "envoy.authz",
 
 
 @pytest.mark.parametrize("role", ["guest", "admin", None])
-@pytest.mark.parametrize(("method", "path"), [("GET", "/people"), ("GET", "/people/bob"),
-                                              ("POST", "/people"), ("DELETE", "/people")])
-async def test_projected_input_decides_as_the_whole_document(role: str | None, method: str,
-                                                             path: str) -> None:
-    checks = [RegoCheck(RegoConfig(policy_dir=REPO / "policies", reload_interval_s=0,
-                                   project_input=p, evaluators=1)) for p in (True, False)]
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("GET", "/people"), ("GET", "/people/bob"), ("POST", "/people"), ("DELETE", "/people")],
+)
+async def test_projected_input_decides_as_the_whole_document(
+    role: str | None, method: str, path: str
+) -> None:
+    checks = [
+        RegoCheck(
+            RegoConfig(
+                policy_dir=REPO / "policies", reload_interval_s=0, project_input=p, evaluators=1
+            )
+        )
+        for p in (True, False)
+    ]
     decisions = []
     for check in checks:
         ctx = RequestContext(request(path, method))
@@ -110,8 +125,10 @@ async def test_projected_input_decides_as_the_whole_document(role: str | None, m
         decisions.append(await check.check(ctx))
         await check.close()
     assert decisions[0] == decisions[1]
-    assert decisions[0].allowed == ((role == "guest" and path == "/people" and method == "GET")
-                                    or (role == "admin" and method == "GET"))
+    assert decisions[0].allowed == (
+        (role == "guest" and path == "/people" and method == "GET")
+        or (role == "admin" and method == "GET")
+    )
 
 
 def test_decision_ids_are_unique_32_hex() -> None:
@@ -153,9 +170,17 @@ async def test_timeout_applies_only_to_checks_that_wait() -> None:
     plugins.register("extauthz.check", SlowFactory())
     try:
         registry = CollectorRegistry()
-        servicer = await build_servicer(Settings(
-            config={"checks": {"slow": {"type": "slow"}}, "default_checks": ["slow"],
-                    "check_timeout_ms": 200, "error_status": 504}, registry=registry))
+        servicer = await build_servicer(
+            Settings(
+                config={
+                    "checks": {"slow": {"type": "slow"}},
+                    "default_checks": ["slow"],
+                    "check_timeout_ms": 200,
+                    "error_status": 504,
+                },
+                registry=registry,
+            )
+        )
         fast = await servicer.Check(request("/a"), None)
         assert fast.status.code == 0 and len(fast.dynamic_metadata["decision_id"]) == 32
         waits = await servicer.Check(request("/a", **{"x-delay": "0.01"}), None)
@@ -163,13 +188,22 @@ async def test_timeout_applies_only_to_checks_that_wait() -> None:
         slow = await servicer.Check(request("/a", **{"x-delay": "5"}), None)
         assert slow.denied_response.status.code == 504
         assert json.loads(slow.denied_response.body) == {"error": "timeout"}
-        boom = await servicer.Check(request("/a", **{"x-delay": "0.01",
-                                                     "x-fail-after-wait": "1"}), None)
+        boom = await servicer.Check(
+            request("/a", **{"x-delay": "0.01", "x-fail-after-wait": "1"}), None
+        )
         assert json.loads(boom.denied_response.body) == {"error": "internal"}
-        assert registry.get_sample_value("legation_extauthz_decisions_total",
-                                         {"policy": "envoy.authz", "result": "allow"}) == 2
-        assert registry.get_sample_value("legation_extauthz_check_errors_total",
-                                         {"policy": "envoy.authz", "code": "timeout"}) == 1
+        assert (
+            registry.get_sample_value(
+                "legation_extauthz_decisions_total", {"policy": "envoy.authz", "result": "allow"}
+            )
+            == 2
+        )
+        assert (
+            registry.get_sample_value(
+                "legation_extauthz_check_errors_total", {"policy": "envoy.authz", "code": "timeout"}
+            )
+            == 1
+        )
         await close_checks(servicer)
     finally:
         plugins.unregister("extauthz.check", "slow")
@@ -177,7 +211,8 @@ async def test_timeout_applies_only_to_checks_that_wait() -> None:
 
 def test_policy_test_runs_with_tests_and_stops_a_runaway_one(tmp_path: Path) -> None:
     (tmp_path / "ok.rego").write_text(
-        "package ok\nimport rego.v1\nx := 1\ntest_one if x == 1\ntest_two if x == 2\n")
+        "package ok\nimport rego.v1\nx := 1\ntest_one if x == 1\ntest_two if x == 2\n"
+    )
     (tmp_path / "crash.rego").write_text(WITH_TEST)
     (tmp_path / "slow.rego").write_text(RUNAWAY_TEST)
     out = io.StringIO()
@@ -197,19 +232,32 @@ def test_a_policy_calling_an_unknown_function_is_refused_at_load(tmp_path: Path)
     with pytest.raises(ConfigError) as err:
         load(tmp_path, rules=("allow",), probe_timeout_s=30)
     assert err.value.code == "policy_compile_failed"
-    assert str(err.value) == (f"{tmp_path / 'broken.rego'}:4: rego_type_error: "
-                              "undefined function net.cidr_contain")
+    assert str(err.value) == (
+        f"{tmp_path / 'broken.rego'}:4: rego_type_error: undefined function net.cidr_contain"
+    )
 
 
 async def test_hot_reload_refuses_a_policy_that_does_not_load(tmp_path: Path) -> None:
     (tmp_path / "p.rego").write_text(
         "package p\nimport rego.v1\ndefault allow := false\n"
-        "allow if input.attributes.request.http.method == \"GET\"\n")
+        'allow if input.attributes.request.http.method == "GET"\n'
+    )
     registry = CollectorRegistry()
-    servicer = await build_servicer(Settings(config={
-        "checks": {"authz": {"type": "rego", "options": {"policy_dir": str(tmp_path),
-                                                         "reload_interval_s": 0}}},
-        "default_checks": ["authz"], "default_policy": "p"}, registry=registry))
+    servicer = await build_servicer(
+        Settings(
+            config={
+                "checks": {
+                    "authz": {
+                        "type": "rego",
+                        "options": {"policy_dir": str(tmp_path), "reload_interval_s": 0},
+                    }
+                },
+                "default_checks": ["authz"],
+                "default_policy": "p",
+            },
+            registry=registry,
+        )
+    )
     store: PolicyStore = servicer.checks["authz"].store  # type: ignore[attr-defined]
     running = store.current
     (tmp_path / "broken.rego").write_text(UNKNOWN_FUNCTION)
@@ -217,8 +265,12 @@ async def test_hot_reload_refuses_a_policy_that_does_not_load(tmp_path: Path) ->
     assert store.current is running
     assert store.last_error is not None and "broken.rego:4" in store.last_error
     assert "undefined function net.cidr_contain" in store.last_error
-    assert registry.get_sample_value("legation_extauthz_policy_reload_failures_total",
-                                     {"check": "authz"}) == 1
+    assert (
+        registry.get_sample_value(
+            "legation_extauthz_policy_reload_failures_total", {"check": "authz"}
+        )
+        == 1
+    )
     # the running policy keeps deciding
     assert (await servicer.Check(request("/a", policy="p"), None)).status.code == 0
     denied = await servicer.Check(request("/a", "POST", policy="p"), None)

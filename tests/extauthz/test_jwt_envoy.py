@@ -47,25 +47,36 @@ def jwks(keys: dict[str, Signer]) -> Iterator[JwksServer]:
 def stack(tmp_path_factory: Any, jwks: JwksServer) -> Iterator[Stack]:
     tmp = tmp_path_factory.mktemp("jwt")
     provider = {
-        "name": "test", "issuer": ISSUER, "audiences": ["legation"], "jwks_url": jwks.url,
+        "name": "test",
+        "issuer": ISSUER,
+        "audiences": ["legation"],
+        "jwks_url": jwks.url,
         "allow_insecure_http": True,  # the JWKS server is on loopback
-        "jwks_min_refetch_s": MIN_REFETCH_S, "leeway_s": 5, "required_claims": ["sub"],
+        "jwks_min_refetch_s": MIN_REFETCH_S,
+        "leeway_s": 5,
+        "required_claims": ["sub"],
         "claims_to_headers": {"sub": "x-jwt-sub"},
-        "from_cookie": "session", "from_query": "access_token",
+        "from_cookie": "session",
+        "from_query": "access_token",
     }
     config = {
         "checks": {
             "jwt": {"type": "jwt", "options": {"providers": [provider]}},
-            "authz": {"type": "rego", "options": {"policy_dir": str(REPO / "policies"),
-                                                  "reload_interval_s": 0}},
+            "authz": {
+                "type": "rego",
+                "options": {"policy_dir": str(REPO / "policies"), "reload_interval_s": 0},
+            },
         },
         "decision_log": str(tmp / "decisions.jsonl"),
     }
     pool = StackPool(tmp)
-    s = pool.make(config=config, routes=[
-        Route("/people", policy="envoy.authz", checks=["jwt", "authz"]),
-        Route("/jwt", policy="jwt-only", checks=["jwt"]),
-    ])
+    s = pool.make(
+        config=config,
+        routes=[
+            Route("/people", policy="envoy.authz", checks=["jwt", "authz"]),
+            Route("/jwt", policy="jwt-only", checks=["jwt"]),
+        ],
+    )
     s.log = tmp / "decisions.jsonl"  # type: ignore[attr-defined]
     yield s
     pool.close()
@@ -73,8 +84,15 @@ def stack(tmp_path_factory: Any, jwks: JwksServer) -> Iterator[Stack]:
 
 def claims(**over: Any) -> dict[str, Any]:
     now = int(time.time())
-    return {"iss": ISSUER, "aud": "legation", "sub": "alice", "role": "guest",
-            "iat": now, "exp": now + 300, **over}
+    return {
+        "iss": ISSUER,
+        "aud": "legation",
+        "sub": "alice",
+        "role": "guest",
+        "iat": now,
+        "exp": now + 300,
+        **over,
+    }
 
 
 def bearer(token: str) -> dict[str, str]:
@@ -105,33 +123,55 @@ def test_valid_token_and_example_policy(stack: Stack, keys: dict[str, Signer]) -
     assert denied.status == 403
     assert denied.json() == {"error": "forbidden", "policy": "envoy.authz"}
     admin = keys["a"].token(claims(role="admin"))
-    post = stack.client.request("POST", "/people", headers={
-        **bearer(admin), "content-type": "application/json"}, body=b'{"firstname": "Alice"}')
+    post = stack.client.request(
+        "POST",
+        "/people",
+        headers={**bearer(admin), "content-type": "application/json"},
+        body=b'{"firstname": "Alice"}',
+    )
     assert post.status == 200, post.body
-    other = stack.client.request("POST", "/people", headers={
-        **bearer(admin), "content-type": "application/json"}, body=b'{"firstname": "Bob"}')
+    other = stack.client.request(
+        "POST",
+        "/people",
+        headers={**bearer(admin), "content-type": "application/json"},
+        body=b'{"firstname": "Bob"}',
+    )
     assert other.status == 403
 
 
 BAD = {
-    "expired": (lambda k: bearer(k["a"].token(claims(exp=int(time.time()) - 100))),
-                "token_expired"),
-    "not_yet_valid": (lambda k: bearer(k["a"].token(claims(nbf=int(time.time()) + 100))),
-                      "token_not_yet_valid"),
-    "wrong_audience": (lambda k: bearer(k["a"].token(claims(aud="someone-else"))),
-                       "wrong_audience"),
-    "wrong_issuer": (lambda k: bearer(k["a"].token(claims(iss="https://evil.test"))),
-                     "wrong_issuer"),
+    "expired": (
+        lambda k: bearer(k["a"].token(claims(exp=int(time.time()) - 100))),
+        "token_expired",
+    ),
+    "not_yet_valid": (
+        lambda k: bearer(k["a"].token(claims(nbf=int(time.time()) + 100))),
+        "token_not_yet_valid",
+    ),
+    "wrong_audience": (
+        lambda k: bearer(k["a"].token(claims(aud="someone-else"))),
+        "wrong_audience",
+    ),
+    "wrong_issuer": (
+        lambda k: bearer(k["a"].token(claims(iss="https://evil.test"))),
+        "wrong_issuer",
+    ),
     "bad_signature": (lambda k: bearer(k["b"].token(claims(), kid="a")), "bad_signature"),
     "unknown_kid": (lambda k: bearer(k["a"].token(claims(), kid="nope")), "unknown_kid"),
-    "alg_none": (lambda k: bearer(pyjwt.encode(claims(), None, algorithm="none",
-                                               headers={"kid": "a"})), "disallowed_algorithm"),
-    "hs256_with_rsa_public_key": (lambda k: bearer(hs256_with_public_key(k["a"], claims())),
-                                  "disallowed_algorithm"),
+    "alg_none": (
+        lambda k: bearer(pyjwt.encode(claims(), None, algorithm="none", headers={"kid": "a"})),
+        "disallowed_algorithm",
+    ),
+    "hs256_with_rsa_public_key": (
+        lambda k: bearer(hs256_with_public_key(k["a"], claims())),
+        "disallowed_algorithm",
+    ),
     "missing_token": (lambda k: {}, "missing_token"),
     "malformed_token": (lambda k: bearer("not.a-jwt"), "malformed_token"),
-    "missing_required_claim": (lambda k: bearer(k["a"].token(
-        {key: v for key, v in claims().items() if key != "sub"})), "missing_claim"),
+    "missing_required_claim": (
+        lambda k: bearer(k["a"].token({key: v for key, v in claims().items() if key != "sub"})),
+        "missing_claim",
+    ),
 }
 
 
@@ -160,24 +200,28 @@ def test_decision_log_never_contains_tokens(stack: Stack, keys: dict[str, Signer
     stack.client.get("/people", headers=bearer(token))
     bad = keys["a"].token(claims(exp=int(time.time()) - 100))
     stack.client.get("/jwt/x", headers=bearer(bad))
-    entries = read_log(stack.log,  # type: ignore[attr-defined]
-                       lambda e: [x["path"] for x in e[-3:]] == ["/jwt/q", "/people", "/jwt/x"])
+    entries = read_log(
+        stack.log,  # type: ignore[attr-defined]
+        lambda e: [x["path"] for x in e[-3:]] == ["/jwt/q", "/people", "/jwt/x"],
+    )
     assert [e["path"] for e in entries[-3:]] == ["/jwt/q", "/people", "/jwt/x"]
     text = stack.log.read_text()  # type: ignore[attr-defined]
     for secret in (token, bad, token.split(".")[2]):
         assert secret not in text
 
 
-def test_jwks_rotation_picks_up_new_kid(stack: Stack, keys: dict[str, Signer],
-                                       jwks: JwksServer) -> None:
+def test_jwks_rotation_picks_up_new_kid(
+    stack: Stack, keys: dict[str, Signer], jwks: JwksServer
+) -> None:
     token = keys["c"].token(claims())
     time.sleep(MIN_REFETCH_S + 0.1)  # past the refetch floor: the unknown kid refetches
     fetches = jwks.fetches
     assert stack.client.get("/jwt/r", headers=bearer(token)).json() == {"error": "unknown_kid"}
     assert jwks.fetches == fetches + 1
     # within the floor, more unknown kids do not reach the issuer
-    assert stack.client.get("/jwt/r", headers=bearer(keys["b"].token(
-        claims(), kid="other"))).json() == {"error": "unknown_kid"}
+    assert stack.client.get(
+        "/jwt/r", headers=bearer(keys["b"].token(claims(), kid="other"))
+    ).json() == {"error": "unknown_kid"}
     assert jwks.fetches == fetches + 1
     jwks.document = {"keys": [keys["a"].jwk, keys["c"].jwk]}
     time.sleep(MIN_REFETCH_S + 0.1)

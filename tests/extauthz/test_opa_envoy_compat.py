@@ -72,8 +72,9 @@ def hs256(claims: dict[str, object], secret: bytes = b"secret") -> str:
     return f"{head}.{body}.{_b64(sig)}"
 
 
-def check_request(method: str, path: str, token: str | None, body: str = "") -> (
-        external_auth_pb2.CheckRequest):
+def check_request(
+    method: str, path: str, token: str | None, body: str = ""
+) -> external_auth_pb2.CheckRequest:
     r = external_auth_pb2.CheckRequest()
     h = r.attributes.request.http
     h.method, h.path, h.host = method, path, "svc"
@@ -110,18 +111,34 @@ CASES = [
 
 @pytest.mark.parametrize(("method", "path", "role", "sub", "body", "secret", "expected"), CASES)
 async def test_tutorial_style_policy_decides_unchanged(
-    policy_dir: Path, method: str, path: str, role: str, sub: str, body: str, secret: bytes,
+    policy_dir: Path,
+    method: str,
+    path: str,
+    role: str,
+    sub: str,
+    body: str,
+    secret: bytes,
     expected: bool,
 ) -> None:
-    servicer = await build_servicer(Settings(config={
-        "checks": {"rego": {"type": "rego", "options": {"policy_dir": str(policy_dir),
-                                                        "reload_interval_s": 0}}},
-        "default_checks": ["rego"]}, registry=CollectorRegistry()))
+    servicer = await build_servicer(
+        Settings(
+            config={
+                "checks": {
+                    "rego": {
+                        "type": "rego",
+                        "options": {"policy_dir": str(policy_dir), "reload_interval_s": 0},
+                    }
+                },
+                "default_checks": ["rego"],
+            },
+            registry=CollectorRegistry(),
+        )
+    )
     try:
-        claims = {"role": role, "sub": _b64(sub.encode()), "nbf": now() - 60,
-                  "exp": now() + 600}
-        response = await servicer.Check(check_request(method, path, hs256(claims, secret), body),
-                                        None)
+        claims = {"role": role, "sub": _b64(sub.encode()), "nbf": now() - 60, "exp": now() + 600}
+        response = await servicer.Check(
+            check_request(method, path, hs256(claims, secret), body), None
+        )
         assert (response.status.code == 0) is expected
         if not expected:
             assert response.denied_response.status.code == 403
@@ -130,10 +147,20 @@ async def test_tutorial_style_policy_decides_unchanged(
 
 
 async def test_expired_and_missing_tokens_are_denied(policy_dir: Path) -> None:
-    servicer = await build_servicer(Settings(config={
-        "checks": {"rego": {"type": "rego", "options": {"policy_dir": str(policy_dir),
-                                                        "reload_interval_s": 0}}},
-        "default_checks": ["rego"]}, registry=CollectorRegistry()))
+    servicer = await build_servicer(
+        Settings(
+            config={
+                "checks": {
+                    "rego": {
+                        "type": "rego",
+                        "options": {"policy_dir": str(policy_dir), "reload_interval_s": 0},
+                    }
+                },
+                "default_checks": ["rego"],
+            },
+            registry=CollectorRegistry(),
+        )
+    )
     try:
         expired = hs256({"role": "guest", "sub": "x", "nbf": now() - 600, "exp": now() - 60})
         for token in (expired, None):

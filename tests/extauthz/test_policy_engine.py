@@ -49,7 +49,8 @@ def test_bad_data_documents_are_refused_naming_the_file(tmp_path: Path) -> None:
     (tmp_path / "data.json").unlink()
     bomb = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
         f"{c}: &{c} [{', '.join(['*' + p] * 10)}]\n"
-        for p, c in zip("abcdefgh", "bcdefghi", strict=True))
+        for p, c in zip("abcdefgh", "bcdefghi", strict=True)
+    )
     (tmp_path / "data.yaml").write_text(bomb)
     with pytest.raises(ConfigError, match=r"data\.yaml"):
         load(tmp_path, rules=("allow",), probe_timeout_s=30)
@@ -79,8 +80,13 @@ def test_policy_test_supports_with_on_input_data_rules_and_builtins(tmp_path: Pa
     out = io.StringIO()
     assert policy_test.run(tmp_path, verbose=True, out=out) == 2
     text = out.getvalue()
-    for name in ("test_admin", "test_data_replaced", "test_rule_replaced",
-                 "test_builtin_replaced", "test_function_mocked"):
+    for name in (
+        "test_admin",
+        "test_data_replaced",
+        "test_rule_replaced",
+        "test_builtin_replaced",
+        "test_function_mocked",
+    ):
         assert f"data.team.authz_test.{name}: PASS" in text, name
     assert "data.team.authz_test.test_fails: FAIL" in text
     assert "PASS: 5/6" in text and "FAIL: 1/6" in text

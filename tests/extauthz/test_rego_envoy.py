@@ -68,8 +68,12 @@ def write_policies(directory: Path) -> Path:
 
 def config(policy_dir: Path, log: Path, **extra: Any) -> dict[str, Any]:
     return {
-        "checks": {"authz": {"type": "rego", "options": {"policy_dir": str(policy_dir),
-                                                         "reload_interval_s": 0.05}}},
+        "checks": {
+            "authz": {
+                "type": "rego",
+                "options": {"policy_dir": str(policy_dir), "reload_interval_s": 0.05},
+            }
+        },
         "dry_run": ["demo.beta"],
         "decision_log": str(log),
         **extra,
@@ -126,23 +130,31 @@ def test_disabled_route_needs_no_check(stack: Any) -> None:
 
 
 def test_json_and_oversized_and_malformed_bodies(stack: Any) -> None:
-    ok = stack.client.request("POST", "/body/pay", body=b'{"amount": 5}',
-                              headers={"content-type": "application/json"})
+    ok = stack.client.request(
+        "POST", "/body/pay", body=b'{"amount": 5}', headers={"content-type": "application/json"}
+    )
     assert ok.status == 200
-    too_much = stack.client.request("POST", "/body/pay", body=b'{"amount": 500}',
-                                    headers={"content-type": "application/json"})
+    too_much = stack.client.request(
+        "POST", "/body/pay", body=b'{"amount": 500}', headers={"content-type": "application/json"}
+    )
     assert too_much.status == 403
     # larger than max_request_bytes: Envoy sends a partial body, the policy sees truncated_body
     big = json.dumps({"amount": 1, "pad": "x" * 4000}).encode()
-    r = stack.client.request("POST", "/body/pay", body=big,
-                             headers={"content-type": "application/json"})
+    r = stack.client.request(
+        "POST", "/body/pay", body=big, headers={"content-type": "application/json"}
+    )
     assert r.status == 403
-    bad = stack.client.request("POST", "/body/pay", body=b'{"amount": ',
-                               headers={"content-type": "application/json"})
+    bad = stack.client.request(
+        "POST", "/body/pay", body=b'{"amount": ', headers={"content-type": "application/json"}
+    )
     assert bad.status == 400
     assert json.loads(bad.body) == {"error": "malformed_body"}
-    form = stack.client.request("POST", "/body/pay", body=b"amount=5",
-                                headers={"content-type": "application/x-www-form-urlencoded"})
+    form = stack.client.request(
+        "POST",
+        "/body/pay",
+        body=b"amount=5",
+        headers={"content-type": "application/x-www-form-urlencoded"},
+    )
     assert form.status == 403  # form values are lists of strings: the rule does not match
 
 
@@ -156,7 +168,8 @@ def test_dry_run_passes_and_logs_would_deny(stack: Any) -> None:
     assert len(entry["decision_id"]) == 32
     assert entry["latency_ms"] >= 0
     metric = stack.registry.get_sample_value(
-        "legation_extauthz_decisions_total", {"policy": "demo.beta", "result": "would_deny"})
+        "legation_extauthz_decisions_total", {"policy": "demo.beta", "result": "would_deny"}
+    )
     assert metric == 1.0
 
 
@@ -193,8 +206,9 @@ def test_service_down_denies_everything(stack_factory: StackFactory) -> None:
     from tests.conftest import free_port
 
     s = stack_factory(config=None, authz_port=free_port(), routes=ROUTES)
-    statuses = [s.client.request(m, f"/other/{i}").status
-                for i in range(20) for m in ("GET", "POST")]
+    statuses = [
+        s.client.request(m, f"/other/{i}").status for i in range(20) for m in ("GET", "POST")
+    ]
     assert statuses == [403] * 40
     assert s.upstream.requests == 0
     assert s.client.get("/public/ok").status == 200  # routes without a check still work

@@ -30,28 +30,47 @@ from tests.extauthz.conftest import REPO
 BAD = Path(__file__).parent / "bad_configs"
 
 
-@pytest.mark.parametrize(("name", "message"), [
-    ("missing_policy_dir.yaml",
-     "checks.authz.options: policy_dir: /nonexistent is not a directory"),
-    ("alg_none.yaml", "checks.jwt.options: providers.0: Value error, algorithm 'none' is not"),
-    ("alg_mix.yaml", "cannot mix HMAC (HS*) with public-key algorithms"),
-    ("unknown_key.yaml", "default_check: Extra inputs are not permitted"),
-    ("unknown_plugin.yaml", "checks.x.type: unknown extauthz.check plugin 'nosuch'"),
-    ("unknown_default.yaml", "default_checks.0: no check named 'ghost'"),
-    ("no_audiences.yaml", "providers.0: Value error, audiences is required: the 'aud' values "
-     "this provider accepts, or 'any' to accept tokens for any audience"),
-    ("empty_audiences.yaml", "providers.0: Value error, audiences is required"),
-    ("jwks_http_remote.yaml", "jwks_url 'http://issuer.test/jwks.json': http is allowed only "
-     "to a loopback host; use https"),
-    ("jwks_http_loopback.yaml", "jwks_url 'http://127.0.0.1:9/jwks.json': http needs "
-     "allow_insecure_http: true (loopback only); use https"),
-    ("jwks_file_url.yaml", "jwks_url 'file:///etc/passwd': only https URLs are allowed"),
-    ("refetch_zero.yaml", "providers.0.jwks_min_refetch_s: Input should be greater than or "
-     "equal to 1"),
-    ("claim_header_crlf.yaml", "providers.0.claims_to_headers: Value error, claim 'sub': "
-     "'x-sub\\r\\nx-admin: 1' cannot be a request header name (not an RFC 9110 token)"),
-    ("claim_header_host.yaml", "claim 'sub': 'host' cannot be a request header name"),
-])
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        (
+            "missing_policy_dir.yaml",
+            "checks.authz.options: policy_dir: /nonexistent is not a directory",
+        ),
+        ("alg_none.yaml", "checks.jwt.options: providers.0: Value error, algorithm 'none' is not"),
+        ("alg_mix.yaml", "cannot mix HMAC (HS*) with public-key algorithms"),
+        ("unknown_key.yaml", "default_check: Extra inputs are not permitted"),
+        ("unknown_plugin.yaml", "checks.x.type: unknown extauthz.check plugin 'nosuch'"),
+        ("unknown_default.yaml", "default_checks.0: no check named 'ghost'"),
+        (
+            "no_audiences.yaml",
+            "providers.0: Value error, audiences is required: the 'aud' values "
+            "this provider accepts, or 'any' to accept tokens for any audience",
+        ),
+        ("empty_audiences.yaml", "providers.0: Value error, audiences is required"),
+        (
+            "jwks_http_remote.yaml",
+            "jwks_url 'http://issuer.test/jwks.json': http is allowed only "
+            "to a loopback host; use https",
+        ),
+        (
+            "jwks_http_loopback.yaml",
+            "jwks_url 'http://127.0.0.1:9/jwks.json': http needs "
+            "allow_insecure_http: true (loopback only); use https",
+        ),
+        ("jwks_file_url.yaml", "jwks_url 'file:///etc/passwd': only https URLs are allowed"),
+        (
+            "refetch_zero.yaml",
+            "providers.0.jwks_min_refetch_s: Input should be greater than or equal to 1",
+        ),
+        (
+            "claim_header_crlf.yaml",
+            "providers.0.claims_to_headers: Value error, claim 'sub': "
+            "'x-sub\\r\\nx-admin: 1' cannot be a request header name (not an RFC 9110 token)",
+        ),
+        ("claim_header_host.yaml", "claim 'sub': 'host' cannot be a request header name"),
+    ],
+)
 def test_bad_configs_name_file_and_field(name: str, message: str) -> None:
     with pytest.raises(ConfigError) as err:
         load_file(BAD / name)
@@ -59,8 +78,14 @@ def test_bad_configs_name_file_and_field(name: str, message: str) -> None:
     assert message in str(err.value)
 
 
-def request(path: str = "/a/b?x=1&x=2&y=", *, body: str = "", ctype: str = "",
-            length: int | None = None, principal: str = "") -> external_auth_pb2.CheckRequest:
+def request(
+    path: str = "/a/b?x=1&x=2&y=",
+    *,
+    body: str = "",
+    ctype: str = "",
+    length: int | None = None,
+    principal: str = "",
+) -> external_auth_pb2.CheckRequest:
     r = external_auth_pb2.CheckRequest()
     h = r.attributes.request.http
     h.method, h.path, h.host, h.body = "POST", path, "svc", body
@@ -110,16 +135,22 @@ def test_spiffe_id_and_claims_in_input() -> None:
 def test_result_mapping() -> None:
     assert decision_from_result(True, where="p").allowed
     assert not decision_from_result(None, where="p").allowed  # undefined denies
-    d = decision_from_result({"allowed": False, "http_status": 401, "body": "no",
-                              "headers": {"a": ["1", "2"]}}, where="p")
+    d = decision_from_result(
+        {"allowed": False, "http_status": 401, "body": "no", "headers": {"a": ["1", "2"]}},
+        where="p",
+    )
     resp = to_check_response(d, decision_id="id1", deny_status=403)
     assert resp.denied_response.status.code == 401
     assert resp.denied_response.body == "no"
     # one header entry per value, as opa-envoy-plugin (never joined: Set-Cookie)
     assert [h.header.value for h in resp.denied_response.headers] == ["1", "2"]
     assert resp.dynamic_metadata["decision_id"] == "id1"
-    for bad in ({"allowed": "yes"}, {"allowed": True, "http_status": 999}, [1],
-                {"allowed": True, "headers": {"a": 1}}):
+    for bad in (
+        {"allowed": "yes"},
+        {"allowed": True, "http_status": 999},
+        [1],
+        {"allowed": True, "headers": {"a": 1}},
+    ):
         with pytest.raises(AuthzError) as err:
             decision_from_result(bad, where="p")
         assert err.value.code == "invalid_policy_result"
@@ -149,10 +180,16 @@ class TeapotFactory:
 async def test_python_check_chain_and_fail_closed() -> None:
     plugins.register("extauthz.check", TeapotFactory())
     try:
-        servicer = await build_servicer(Settings(
-            config={"checks": {"tea": {"type": "teapot"}}, "default_checks": ["tea"],
-                    "error_status": 503},
-            registry=CollectorRegistry()))
+        servicer = await build_servicer(
+            Settings(
+                config={
+                    "checks": {"tea": {"type": "teapot"}},
+                    "default_checks": ["tea"],
+                    "error_status": 503,
+                },
+                registry=CollectorRegistry(),
+            )
+        )
         r = request()
         r.attributes.request.http.headers["x-tea"] = "yes"
         ok = await servicer.Check(r, None)
@@ -252,7 +289,8 @@ def test_policy_test_cli_on_shipped_policies() -> None:
 
 def test_policy_test_cli_reports_failures_and_compile_errors(tmp_path: Path) -> None:
     (tmp_path / "t.rego").write_text(
-        "package t\nimport rego.v1\nx := 1\ntest_ok if x == 1\ntest_bad if x == 2\n")
+        "package t\nimport rego.v1\nx := 1\ntest_ok if x == 1\ntest_bad if x == 2\n"
+    )
     out = io.StringIO()
     assert policy_test.run(tmp_path, verbose=False, out=out) == 2
     assert "data.t.test_bad: FAIL" in out.getvalue() and "test_ok" not in out.getvalue()

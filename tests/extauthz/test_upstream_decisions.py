@@ -25,25 +25,52 @@ from legation.extauthz.request import InputOptions
 from legation.extauthz.service import Settings, build_servicer, close_checks
 from legation.extauthz.servicer import AuthorizationServicer
 
-HEADERS = {":authority": "192.168.99.100:31380", ":method": "GET", ":path": "/api/v1/products",
-           "accept": "*/*", "content-length": "0", "user-agent": "curl/7.54.0",
-           "x-forwarded-proto": "http", "x-request-id": "92a6c0f7-0250-944b-9cfc-ae10cbcedd8e"}
+HEADERS = {
+    ":authority": "192.168.99.100:31380",
+    ":method": "GET",
+    ":path": "/api/v1/products",
+    "accept": "*/*",
+    "content-length": "0",
+    "user-agent": "curl/7.54.0",
+    "x-forwarded-proto": "http",
+    "x-request-id": "92a6c0f7-0250-944b-9cfc-ae10cbcedd8e",
+}
 
 
 def req(http: dict[str, Any], **attributes: Any) -> dict[str, Any]:
-    return {"attributes": {"request": {"http": {"id": "13359530607844510314", "method": "GET",
-                                                **http}}, **attributes}}
+    return {
+        "attributes": {
+            "request": {"http": {"id": "13359530607844510314", "method": "GET", **http}},
+            **attributes,
+        }
+    }
 
 
-ALLOWED = req({"headers": {**HEADERS, "authorization": "Basic Ym9iOnBhc3N3b3Jk"},
-               "path": "/api/v1/products", "host": "192.168.99.100:31380",
-               "protocol": "HTTP/1.1", "body": '{"firstname": "foo", "lastname": "bar"}'})
-DENIED = req({"headers": {**HEADERS, "authorization": "Basic YWxpY2U6cGFzc3dvcmQ="},
-              "path": "/api/v1/products", "host": "192.168.99.100:31380",
-              "protocol": "HTTP/1.1", "body": "foo"})
+ALLOWED = req(
+    {
+        "headers": {**HEADERS, "authorization": "Basic Ym9iOnBhc3N3b3Jk"},
+        "path": "/api/v1/products",
+        "host": "192.168.99.100:31380",
+        "protocol": "HTTP/1.1",
+        "body": '{"firstname": "foo", "lastname": "bar"}',
+    }
+)
+DENIED = req(
+    {
+        "headers": {**HEADERS, "authorization": "Basic YWxpY2U6cGFzc3dvcmQ="},
+        "path": "/api/v1/products",
+        "host": "192.168.99.100:31380",
+        "protocol": "HTTP/1.1",
+        "body": "foo",
+    }
+)
 PARSED_PATH = req({"path": "/my/test/path?a=1&a=2&x=y"})
-PARSED_BODY = req({"headers": {"content-type": "application/json"},
-                   "body": '{"firstname": "foo", "lastname": "bar", "dept": {"it": "eng"}}'})
+PARSED_BODY = req(
+    {
+        "headers": {"content-type": "application/json"},
+        "body": '{"firstname": "foo", "lastname": "bar", "dept": {"it": "eng"}}',
+    }
+)
 DENIED_PARSED_BODY = req({"body": "foo"})
 INVALID = req({"headers": {"content-type": "application/json"}, "body": '["foo" : 42}'})
 BODY_62 = '{"firstname": "foo", "lastname": "bar", "dept": {"it": "eng"}}'
@@ -168,17 +195,35 @@ Servicer = Callable[..., Awaitable[AuthorizationServicer]]
 async def servicer(tmp_path: Path) -> AsyncIterator[Servicer]:
     made: list[AuthorizationServicer] = []
 
-    async def make(module: str, *, rule: str = "allow", dry_run: list[str] | None = None,
-                   options: InputOptions | None = None) -> AuthorizationServicer:
+    async def make(
+        module: str,
+        *,
+        rule: str = "allow",
+        dry_run: list[str] | None = None,
+        options: InputOptions | None = None,
+    ) -> AuthorizationServicer:
         policy_dir = tmp_path / f"p{len(made)}"
         policy_dir.mkdir()
         (policy_dir / "policy.rego").write_text(module)
-        s = await build_servicer(Settings(config={
-            "checks": {"rego": {"type": "rego", "options": {"policy_dir": str(policy_dir),
-                                                            "reload_interval_s": 0,
-                                                            "decision": rule}}},
-            "default_checks": ["rego"], "dry_run": dry_run or []},
-            registry=CollectorRegistry()))
+        s = await build_servicer(
+            Settings(
+                config={
+                    "checks": {
+                        "rego": {
+                            "type": "rego",
+                            "options": {
+                                "policy_dir": str(policy_dir),
+                                "reload_interval_s": 0,
+                                "decision": rule,
+                            },
+                        }
+                    },
+                    "default_checks": ["rego"],
+                    "dry_run": dry_run or [],
+                },
+                registry=CollectorRegistry(),
+            )
+        )
         s.input_options = options
         made.append(s)
         return s
@@ -227,7 +272,10 @@ async def test_rbac_policy_of_test_authz_server(servicer: Servicer) -> None:
             assert list(ok.headers_to_remove) == ["foo", "bar", "baz", "qux"], name
             assert list(ok.query_parameters_to_remove) == ["foo", "bar", "baz", "qux"], name
             assert sorted((q.key, q.value) for q in ok.query_parameters_to_set) == [
-                ("baz", "quux"), ("baz", "qux"), ("foo", "bar")], name
+                ("baz", "quux"),
+                ("baz", "qux"),
+                ("foo", "bar"),
+            ], name
             assert pairs(ok.response_headers_to_add) == [("baz", "qux"), ("foo", "bar")], name
         else:
             assert r.denied_response.status.code == 403, name
@@ -268,18 +316,28 @@ async def test_dry_run(servicer: Servicer) -> None:
 
 async def test_spiffe_decision(servicer: Servicer) -> None:
     s = await servicer(SPIFFE, rule="result")
-    with_id = {**PARSED_BODY, "attributes": {**PARSED_BODY["attributes"],
-                                             "source": {"principal": "spiffe://test-domain/test"}}}
+    with_id = {
+        **PARSED_BODY,
+        "attributes": {
+            **PARSED_BODY["attributes"],
+            "source": {"principal": "spiffe://test-domain/test"},
+        },
+    }
     assert (await check(s, with_id, "envoy/authz/result")).status.code == 0  # ...AllowWithSpiffe
     assert (await check(s, PARSED_BODY, "envoy/authz/result")).status.code == 7  # ...Deny...
 
 
 async def test_truncated_body_decisions(servicer: Servicer) -> None:
     s = await servicer(TRUNCATED)
-    cut = req({"headers": {"content-type": "application/json", "content-length": "100000"},
-               "body": BODY_62})
-    whole = req({"headers": {"content-type": "application/json", "content-length": "62"},
-                 "body": BODY_62})
+    cut = req(
+        {
+            "headers": {"content-type": "application/json", "content-length": "100000"},
+            "body": BODY_62,
+        }
+    )
+    whole = req(
+        {"headers": {"content-type": "application/json", "content-length": "62"}, "body": BODY_62}
+    )
     assert (await check(s, cut, "envoy/authz/allow")).status.code == 7  # ...TruncatedBody...
     assert (await check(s, whole, "envoy/authz/allow")).status.code == 0
     # TestCheckAllowDecisionWithSkipRequestBodyParse: no truncated_body, an invalid body is fine
@@ -289,65 +347,110 @@ async def test_truncated_body_decisions(servicer: Servicer) -> None:
 
 # (upstream test, module, entry point, result field checks)
 MODULE_CASES: list[tuple[str, str, str, Callable[[Any], None]]] = [
-    ("TestCheckAllowObjectDecisionDynamicMetadata", ON_PATH + """
+    (
+        "TestCheckAllowObjectDecisionDynamicMetadata",
+        ON_PATH
+        + """
 dynamic_metadata["foo"] = "bar"
 dynamic_metadata["bar"] = "baz"
 result["allowed"] = allow
 result["dynamic_metadata"] = dynamic_metadata
-""", "envoy/authz/result",
-     lambda r: meta(r) == {"foo": "bar", "bar": "baz", "decision_id": meta(r)["decision_id"]}),
-    ("TestCheckAllowBooleanDecisionDynamicMetadata", ON_PATH, "envoy/authz/allow",
-     lambda r: set(meta(r)) == {"decision_id"}),
-    ("TestCheckAllowObjectDecisionReqHeadersToRemove", ON_PATH + """
+""",
+        "envoy/authz/result",
+        lambda r: meta(r) == {"foo": "bar", "bar": "baz", "decision_id": meta(r)["decision_id"]},
+    ),
+    (
+        "TestCheckAllowBooleanDecisionDynamicMetadata",
+        ON_PATH,
+        "envoy/authz/allow",
+        lambda r: set(meta(r)) == {"decision_id"},
+    ),
+    (
+        "TestCheckAllowObjectDecisionReqHeadersToRemove",
+        ON_PATH
+        + """
 headers["x"] = "hello"
 headers["y"] = "world"
 request_headers_to_remove := ["foo", "bar"]
 result["allowed"] = allow
 result["headers"] = headers
 result["request_headers_to_remove"] = request_headers_to_remove
-""", "envoy/authz/result", lambda r: list(r.ok_response.headers_to_remove) == ["foo", "bar"]),
-    ("TestCheckAllowObjectDecisionResponseHeadersToAdd", ON_PATH + """
+""",
+        "envoy/authz/result",
+        lambda r: list(r.ok_response.headers_to_remove) == ["foo", "bar"],
+    ),
+    (
+        "TestCheckAllowObjectDecisionResponseHeadersToAdd",
+        ON_PATH
+        + """
 response_headers_to_add["x"] = "hello"
 response_headers_to_add["y"] = "world"
 result["allowed"] = allow
 result["response_headers_to_add"] = response_headers_to_add
-""", "envoy/authz/result",
-     lambda r: pairs(r.ok_response.response_headers_to_add) == [("x", "hello"), ("y", "world")]),
-    ("TestCheckAllowObjectDecisionMultiValuedHeaders", ON_PATH + """
+""",
+        "envoy/authz/result",
+        lambda r: pairs(r.ok_response.response_headers_to_add) == [("x", "hello"), ("y", "world")],
+    ),
+    (
+        "TestCheckAllowObjectDecisionMultiValuedHeaders",
+        ON_PATH
+        + """
 response_headers_to_add["x"] = ["hello", "world"]
 result["allowed"] = allow
 result["response_headers_to_add"] = response_headers_to_add
-""", "envoy/authz/result",
-     lambda r: [(h.header.key, h.header.value) for h in r.ok_response.response_headers_to_add]
-     == [("x", "hello"), ("x", "world")] and not r.ok_response.headers),
-    ("TestCheckAllowObjectDecisionReqQueryParamsToRemove", """package envoy.authz
+""",
+        "envoy/authz/result",
+        lambda r: (
+            [(h.header.key, h.header.value) for h in r.ok_response.response_headers_to_add]
+            == [("x", "hello"), ("x", "world")]
+            and not r.ok_response.headers
+        ),
+    ),
+    (
+        "TestCheckAllowObjectDecisionReqQueryParamsToRemove",
+        """package envoy.authz
 default allow = true
 query_parameters_to_remove := ["foo", "bar"]
 result["allowed"] = allow
 result["query_parameters_to_remove"] = query_parameters_to_remove
-""", "envoy/authz/result",
-     lambda r: list(r.ok_response.query_parameters_to_remove) == ["foo", "bar"]),
-    ("TestCheckAllowObjectDecisionReqQueryParamsToSet", """package envoy.authz
+""",
+        "envoy/authz/result",
+        lambda r: list(r.ok_response.query_parameters_to_remove) == ["foo", "bar"],
+    ),
+    (
+        "TestCheckAllowObjectDecisionReqQueryParamsToSet",
+        """package envoy.authz
 default allow = true
 query_parameters_to_set := {"foo": "value1", "bar": ["value2", "value3"]}
 result["allowed"] = allow
 result["query_parameters_to_set"] = query_parameters_to_set
-""", "envoy/authz/result",
-     lambda r: sorted((q.key, q.value) for q in r.ok_response.query_parameters_to_set)
-     == [("bar", "value2"), ("bar", "value3"), ("foo", "value1")]),
-    ("TestVersionInfoInputV3", """package envoy.authz
+""",
+        "envoy/authz/result",
+        lambda r: (
+            sorted((q.key, q.value) for q in r.ok_response.query_parameters_to_set)
+            == [("bar", "value2"), ("bar", "value3"), ("foo", "value1")]
+        ),
+    ),
+    (
+        "TestVersionInfoInputV3",
+        """package envoy.authz
 allow if {
 	input.version.ext_authz == "v3"
 	input.version.encoding == "protojson"
 }
-""", "envoy/authz/allow", lambda r: r.status.code == 0),
+""",
+        "envoy/authz/allow",
+        lambda r: r.status.code == 0,
+    ),
 ]
 
 
-@pytest.mark.parametrize(("module", "entry", "expect"), [c[1:] for c in MODULE_CASES],
-                         ids=[c[0] for c in MODULE_CASES])
-async def test_module_cases(servicer: Servicer, module: str, entry: str,
-                            expect: Callable[[Any], bool]) -> None:
+@pytest.mark.parametrize(
+    ("module", "entry", "expect"), [c[1:] for c in MODULE_CASES], ids=[c[0] for c in MODULE_CASES]
+)
+async def test_module_cases(
+    servicer: Servicer, module: str, entry: str, expect: Callable[[Any], bool]
+) -> None:
     s = await servicer(module, rule=entry.rsplit("/", 1)[1])
     request = ALLOWED if "Query" in module or "version" in module else PARSED_PATH
     r = await check(s, request, entry)
@@ -358,27 +461,44 @@ async def test_module_cases(servicer: Servicer, module: str, entry: str,
 # (upstream test, module, entry point): upstream answers a gRPC error; Legation a denial with
 # its error_status (403 by default, as Envoy's status_on_error) and a named error
 ERROR_CASES = [
-    ("TestCheckIllegalDecisionWithLogger", "package envoy.authz\n\ndefault allow = 1\n",
-     "envoy/authz/allow", "invalid_policy_result"),
-    ("TestCheckAllowObjectDecisionWithBadReqHeadersToRemoveWithLogger", ON_PATH + """
+    (
+        "TestCheckIllegalDecisionWithLogger",
+        "package envoy.authz\n\ndefault allow = 1\n",
+        "envoy/authz/allow",
+        "invalid_policy_result",
+    ),
+    (
+        "TestCheckAllowObjectDecisionWithBadReqHeadersToRemoveWithLogger",
+        ON_PATH
+        + """
 headers["x"] = "hello"
 request_headers_to_remove := "foo"
 result["allowed"] = allow
 result["headers"] = headers
 result["request_headers_to_remove"] = request_headers_to_remove
-""", "envoy/authz/result", "invalid_policy_result"),
-    ("TestCheckEvalErrorWithLogger: a conflict", """package envoy.authz
+""",
+        "envoy/authz/result",
+        "invalid_policy_result",
+    ),
+    (
+        "TestCheckEvalErrorWithLogger: a conflict",
+        """package envoy.authz
 default allow := false
 allow := input.parsed_path[0] if input.parsed_path[0]
 allow := "other" if input.parsed_path[0]
-""", "envoy/authz/allow", "policy_error"),
+""",
+        "envoy/authz/allow",
+        "policy_error",
+    ),
 ]
 
 
-@pytest.mark.parametrize(("module", "entry", "code"), [c[1:] for c in ERROR_CASES],
-                         ids=[c[0] for c in ERROR_CASES])
-async def test_policy_errors_fail_closed(servicer: Servicer, module: str, entry: str,
-                                         code: str) -> None:
+@pytest.mark.parametrize(
+    ("module", "entry", "code"), [c[1:] for c in ERROR_CASES], ids=[c[0] for c in ERROR_CASES]
+)
+async def test_policy_errors_fail_closed(
+    servicer: Servicer, module: str, entry: str, code: str
+) -> None:
     s = await servicer(module, rule=entry.rsplit("/", 1)[1])
     r = await check(s, PARSED_PATH, entry)
     assert r.status.code == 7 and r.denied_response.status.code == 403

@@ -42,8 +42,9 @@ allow := {
 
 class Echo(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
-        data = json.dumps({"target": self.path,
-                           "x-user": self.headers.get_all("x-user") or []}).encode()
+        data = json.dumps(
+            {"target": self.path, "x-user": self.headers.get_all("x-user") or []}
+        ).encode()
         self.send_response(200)
         self.send_header("content-type", "application/json")
         self.send_header("content-length", str(len(data)))
@@ -62,15 +63,37 @@ def envoy_port(tmp_path: Path) -> Iterator[int]:
     upstream = ThreadingHTTPServer(("127.0.0.1", 0), Echo)
     thread = threading.Thread(target=upstream.serve_forever, daemon=True)
     thread.start()
-    service = ServiceThread(Settings(port=0, config={
-        "checks": {"authz": {"type": "rego", "options": {
-            "policy_dir": str(tmp_path / "policies"), "reload_interval_s": 0}}},
-        "default_checks": ["authz"]}, registry=CollectorRegistry())).start()
+    service = ServiceThread(
+        Settings(
+            port=0,
+            config={
+                "checks": {
+                    "authz": {
+                        "type": "rego",
+                        "options": {
+                            "policy_dir": str(tmp_path / "policies"),
+                            "reload_interval_s": 0,
+                        },
+                    }
+                },
+                "default_checks": ["authz"],
+            },
+            registry=CollectorRegistry(),
+        )
+    ).start()
     listen, admin = free_port(), free_port()
-    envoy = EnvoyProcess(bootstrap(listen_port=listen, admin_port=admin, authz_port=service.port,
-                                   upstream_port=upstream.server_address[1],
-                                   routes=[Route("/", policy="demo.mutate")]),
-                         admin_port=admin, name="envoy-upstream-compat", log_dir=tmp_path / "e")
+    envoy = EnvoyProcess(
+        bootstrap(
+            listen_port=listen,
+            admin_port=admin,
+            authz_port=service.port,
+            upstream_port=upstream.server_address[1],
+            routes=[Route("/", policy="demo.mutate")],
+        ),
+        admin_port=admin,
+        name="envoy-upstream-compat",
+        log_dir=tmp_path / "e",
+    )
     try:
         envoy.start()
         envoy.wait_live()
@@ -93,8 +116,9 @@ def get(port: int, target: str, **headers: str) -> tuple[int, list[tuple[str, st
 
 
 def test_query_and_header_mutations_reach_upstream_and_client(envoy_port: int) -> None:
-    status, headers, body = get(envoy_port, "/ok?secret=s3&keep=old&other=z", **{
-        "x-user": "mallory"})
+    status, headers, body = get(
+        envoy_port, "/ok?secret=s3&keep=old&other=z", **{"x-user": "mallory"}
+    )
     assert status == 200
     seen = json.loads(body)
     path, _, query = seen["target"].partition("?")

@@ -98,8 +98,10 @@ chains:
 
 def jwt(claims: dict[str, object]) -> str:
     """An unsigned-looking JWT (header_route reads claims, it does not verify)."""
+
     def enc(d: dict[str, object]) -> str:
         return base64.urlsafe_b64encode(json.dumps(d).encode()).rstrip(b"=").decode()
+
     return f"{enc({'alg': 'none'})}.{enc(claims)}.sig"
 
 
@@ -149,13 +151,16 @@ def stack(tmp_path_factory: pytest.TempPathFactory, test_filters: None) -> Itera
     routes = [
         R("/route/", "canary", c["route"], headers={"x-legation-cohort": "canary"}),
         R("/route/", "stable", c["route"]),
-        R("/route-noclear/", "canary", c["route_noclear"],
-          headers={"x-legation-cohort": "canary"}),
+        R("/route-noclear/", "canary", c["route_noclear"], headers={"x-legation-cohort": "canary"}),
         R("/route-noclear/", "stable", c["route_noclear"]),
         R("/headers/", "stable", c["headers"]),
         R("/headers-echo/", "echo", c["headers"]),
-        R("/reqid/", "stable", c["reqid"],
-          add_request_headers={"x-meta-rid": "%DYNAMIC_METADATA(legation.extproc:request_id)%"}),
+        R(
+            "/reqid/",
+            "stable",
+            c["reqid"],
+            add_request_headers={"x-meta-rid": "%DYNAMIC_METADATA(legation.extproc:request_id)%"},
+        ),
         R("/redact/", "stable", c["redact"]),
         R("/redact-echo/", "echo", c["redact"]),
         R("/streamed/", "echo", c["streamed"]),
@@ -170,8 +175,12 @@ def stack(tmp_path_factory: pytest.TempPathFactory, test_filters: None) -> Itera
         R("/slow-envoy-open/", "stable", c["slow_envoy_open"]),
         R("/down/", "stable", c["route"], service_cluster="extproc_down"),
         R("/down-open/", "stable", c["route"], service_cluster="extproc_down", fail_open=True),
-        R("/answer/", "stable", c["answer"],
-          add_request_headers={"x-meta-flag": "%DYNAMIC_METADATA(legation.extproc:flag)%"}),
+        R(
+            "/answer/",
+            "stable",
+            c["answer"],
+            add_request_headers={"x-meta-flag": "%DYNAMIC_METADATA(legation.extproc:flag)%"},
+        ),
         R("/native/", "stable", None),
         R("/unknown/", "stable", unknown),
     ]
@@ -194,8 +203,12 @@ def stack(tmp_path_factory: pytest.TempPathFactory, test_filters: None) -> Itera
         clusters=clusters,
         message_timeout=ENVOY_MESSAGE_TIMEOUT,
     )
-    envoy = EnvoyProcess(json.dumps(boot), admin_port=boot["admin"]["address"]["socket_address"][
-        "port_value"], name="extproc-envoy", log_dir=tmp)
+    envoy = EnvoyProcess(
+        json.dumps(boot),
+        admin_port=boot["admin"]["address"]["socket_address"]["port_value"],
+        name="extproc-envoy",
+        log_dir=tmp,
+    )
     envoy.start()
     try:
         envoy.wait_live()

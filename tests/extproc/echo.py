@@ -28,12 +28,16 @@ class _Echo(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         body = self._body()
-        out = json.dumps({
-            "service": "echo",
-            "body": body.decode("utf-8", "replace"),
-            "chunked": "chunked" in self.headers.get("transfer-encoding", ""),
-            "headers": {k.lower(): ",".join(self.headers.get_all(k) or ()) for k in self.headers},
-        }).encode()
+        out = json.dumps(
+            {
+                "service": "echo",
+                "body": body.decode("utf-8", "replace"),
+                "chunked": "chunked" in self.headers.get("transfer-encoding", ""),
+                "headers": {
+                    k.lower(): ",".join(self.headers.get_all(k) or ()) for k in self.headers
+                },
+            }
+        ).encode()
         ctype = self.headers.get("x-echo-content-type", "application/json")
         if "/text" in self.path:
             out = b"plain text with authorization: keep-me"

@@ -94,6 +94,5 @@ class Answers(Filter):
 
 
 FACTORIES = [
-    _Factory(cls.name, cls)
-    for cls in (Raises, Slow, Blocks, UpperStreamed, WrapBuffered, Answers)
+    _Factory(cls.name, cls) for cls in (Raises, Slow, Blocks, UpperStreamed, WrapBuffered, Answers)
 ]

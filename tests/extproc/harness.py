@@ -41,9 +41,7 @@ def route(
 ) -> dict[str, Any]:
     match: dict[str, Any] = {"prefix": prefix}
     if headers:
-        match["headers"] = [
-            {"name": k, "string_match": {"exact": v}} for k, v in headers.items()
-        ]
+        match["headers"] = [{"name": k, "string_match": {"exact": v}} for k, v in headers.items()]
     out: dict[str, Any] = {
         "match": match,
         "route": {"cluster": cluster, "timeout": "10s"},
@@ -69,7 +67,9 @@ def bootstrap(
     message_timeout: float,
 ) -> dict[str, Any]:
     return static_bootstrap(
-        listen_port=listener_port, admin_port=admin_port, routes=routes,
+        listen_port=listener_port,
+        admin_port=admin_port,
+        routes=routes,
         http_filters=[
             to_dict(envoy_filter.http_filter("extproc", message_timeout=message_timeout)),
         ],

@@ -51,6 +51,7 @@ def test_route_without_chain_never_calls_the_service(stack):
 
 def test_headers_only_route_is_one_message(stack):
     """header_route declares request headers only: one round trip per request."""
+
     def count(phase: str) -> float:
         return stack.metric("legation_extproc_phases_total", chain="route", phase=phase)
 
@@ -59,7 +60,10 @@ def test_headers_only_route_is_one_message(stack):
     assert count("request_headers") == before["request_headers"] + 1
     assert count("response_headers") == before["response_headers"]
     assert count("request_body") == before["request_body"]
-    assert stack.registry.get_sample_value(
-        "legation_extproc_filter_seconds_count",
-        {"filter": "header_route", "phase": "request_headers"},
-    ) >= 1
+    assert (
+        stack.registry.get_sample_value(
+            "legation_extproc_filter_seconds_count",
+            {"filter": "header_route", "phase": "request_headers"},
+        )
+        >= 1
+    )

@@ -27,8 +27,7 @@ def test_streamed_body_is_mutated_chunk_by_chunk(stack):
             yield chunk
 
     before = stack.metric("legation_extproc_phases_total", chain="streamed", phase="request_body")
-    r = stack.get(
-        "/streamed/x", method="POST", body=paced())
+    r = stack.get("/streamed/x", method="POST", body=paced())
     assert r.status == 200
     echoed = r.json()
     assert echoed["body"] == b"".join(chunks).upper().decode()

@@ -19,8 +19,14 @@ def _make(factory, options=None):
 
 
 def test_header_route_alone_is_request_headers_only():
-    chain = Chain(name="c", filters=[_make(HeaderRouteFactory(), {
-        "rules": [{"header": "x-a", "present": True, "value": "b"}]})])
+    chain = Chain(
+        name="c",
+        filters=[
+            _make(
+                HeaderRouteFactory(), {"rules": [{"header": "x-a", "present": True, "value": "b"}]}
+            )
+        ],
+    )
     mode = chain.processing_mode()
     assert mode.request_header_mode == PM.SEND
     assert mode.response_header_mode == PM.SKIP
@@ -30,10 +36,15 @@ def test_header_route_alone_is_request_headers_only():
 
 
 def test_phases_are_the_union_and_streaming_wins():
-    chain = Chain(name="c", filters=[
-        _make(RequestIdFactory()), WrapBuffered(), UpperStreamed(),
-        _make(BodyRedactFactory(), {"fields": ["a"]}),
-    ])
+    chain = Chain(
+        name="c",
+        filters=[
+            _make(RequestIdFactory()),
+            WrapBuffered(),
+            UpperStreamed(),
+            _make(BodyRedactFactory(), {"fields": ["a"]}),
+        ],
+    )
     mode = chain.processing_mode()
     assert mode.response_header_mode == PM.SEND
     assert mode.request_body_mode == PM.STREAMED

@@ -41,28 +41,41 @@ def test_the_deadline_is_a_share_of_envoys_timeout() -> None:
 
 
 @pytest.fixture(scope="module")
-def equal_timeouts(tmp_path_factory: pytest.TempPathFactory, test_filters: None
-                   ) -> Iterator[tuple[int, EnvoyProcess, CollectorRegistry]]:
+def equal_timeouts(
+    tmp_path_factory: pytest.TempPathFactory, test_filters: None
+) -> Iterator[tuple[int, EnvoyProcess, CollectorRegistry]]:
     tmp: Path = tmp_path_factory.mktemp("extproc-deadline")
     headers = HeadersFactory()
     chains = {
-        "warm": Chain(name="warm", filters=[headers.create(headers.validate(
-            {"request": {"set": {"x-warm": "1"}}}))]),
+        "warm": Chain(
+            name="warm",
+            filters=[headers.create(headers.validate({"request": {"set": {"x-warm": "1"}}}))],
+        ),
         "hang": Chain(name="hang", filters=[Slow()]),
         "hang_open": Chain(name="hang_open", filters=[Slow()], fail_open=True),
         "block": Chain(name="block", filters=[Blocks()]),
     }
     app = DemoApp(name="app").start_in_thread()
     registry = CollectorRegistry()
-    service = harness.ServiceThread(Settings(
-        chains=Chains(chains=chains), registry=registry, message_timeout=MESSAGE_TIMEOUT)).start()
+    service = harness.ServiceThread(
+        Settings(chains=Chains(chains=chains), registry=registry, message_timeout=MESSAGE_TIMEOUT)
+    ).start()
     routes = [harness.route(f"/{name}/", "app", chain) for name, chain in chains.items()]
     port = free_port()
-    boot = harness.bootstrap(listener_port=port, admin_port=free_port(), service_port=service.port,
-                             routes=routes, clusters=[harness.static_cluster("app", app.port)],
-                             message_timeout=MESSAGE_TIMEOUT)
-    envoy = EnvoyProcess(json.dumps(boot), name="extproc-deadline-envoy", log_dir=tmp,
-                         admin_port=boot["admin"]["address"]["socket_address"]["port_value"])
+    boot = harness.bootstrap(
+        listener_port=port,
+        admin_port=free_port(),
+        service_port=service.port,
+        routes=routes,
+        clusters=[harness.static_cluster("app", app.port)],
+        message_timeout=MESSAGE_TIMEOUT,
+    )
+    envoy = EnvoyProcess(
+        json.dumps(boot),
+        name="extproc-deadline-envoy",
+        log_dir=tmp,
+        admin_port=boot["admin"]["address"]["socket_address"]["port_value"],
+    )
     envoy.start()
     try:
         envoy.wait_live()
@@ -89,26 +102,38 @@ def _statuses(port: int, path: str) -> list[int]:
     return out
 
 
-@pytest.mark.parametrize(("path", "expected", "code"), [
-    ("/hang/", 500, "message_timeout"),        # a coroutine hook, cancelled at the deadline
-    ("/block/", 500, "message_timeout"),       # a blocking plain hook, left on its thread
-    ("/hang_open/", 200, "message_timeout"),   # fail-open chain: passed through, not 504
-])
-def test_a_hanging_filter_gets_the_chains_answer_every_time(equal_timeouts, path, expected,
-                                                           code) -> None:
+@pytest.mark.parametrize(
+    ("path", "expected", "code"),
+    [
+        ("/hang/", 500, "message_timeout"),  # a coroutine hook, cancelled at the deadline
+        ("/block/", 500, "message_timeout"),  # a blocking plain hook, left on its thread
+        ("/hang_open/", 200, "message_timeout"),  # fail-open chain: passed through, not 504
+    ],
+)
+def test_a_hanging_filter_gets_the_chains_answer_every_time(
+    equal_timeouts, path, expected, code
+) -> None:
     port, envoy, registry = equal_timeouts
     Blocks.release.clear()
     filter_name = "t_block" if path == "/block/" else "t_slow"
     envoy_timeouts = envoy.stats("ext_proc").get("http.ingress.ext_proc.message_timeouts", 0)
-    errors = registry.get_sample_value("legation_extproc_errors_total",
-                                       {"filter": filter_name, "code": code}) or 0.0
+    errors = (
+        registry.get_sample_value(
+            "legation_extproc_errors_total", {"filter": filter_name, "code": code}
+        )
+        or 0.0
+    )
     try:
         statuses = _statuses(port, path)
     finally:
         Blocks.release.set()  # the blocked hooks return (their late edits are never sent)
     assert statuses == [expected] * (TRIES * ROUNDS)
-    assert envoy.stats("ext_proc").get("http.ingress.ext_proc.message_timeouts", 0) \
-        == envoy_timeouts
-    assert registry.get_sample_value("legation_extproc_errors_total",
-                                     {"filter": filter_name, "code": code}) \
+    assert (
+        envoy.stats("ext_proc").get("http.ingress.ext_proc.message_timeouts", 0) == envoy_timeouts
+    )
+    assert (
+        registry.get_sample_value(
+            "legation_extproc_errors_total", {"filter": filter_name, "code": code}
+        )
         == errors + TRIES * ROUNDS
+    )

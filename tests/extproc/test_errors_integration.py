@@ -24,11 +24,13 @@ def test_raising_filter_gives_a_clean_500_and_a_log_line(stack, caplog):
     assert r.status == 500
     assert b"boom" not in r.body and b"Traceback" not in r.body
     assert path not in stack.stable.paths
-    assert stack.metric(
-        "legation_extproc_errors_total", filter="t_raise", code="filter_raised"
-    ) == before + 1
-    assert any("t_raise" in rec.getMessage() and "500" in rec.getMessage()
-               for rec in caplog.records)
+    assert (
+        stack.metric("legation_extproc_errors_total", filter="t_raise", code="filter_raised")
+        == before + 1
+    )
+    assert any(
+        "t_raise" in rec.getMessage() and "500" in rec.getMessage() for rec in caplog.records
+    )
 
 
 def test_raising_filter_on_fail_open_route_passes_through(stack):
@@ -44,9 +46,10 @@ def test_filter_slower_than_the_service_timeout_is_cancelled(stack):
     r = stack.get(_unique("/slow/"))
     assert r.status == 500
     assert Slow.cancelled == before + 1
-    assert stack.metric(
-        "legation_extproc_errors_total", filter="t_slow", code="message_timeout"
-    ) == errors + 1
+    assert (
+        stack.metric("legation_extproc_errors_total", filter="t_slow", code="message_timeout")
+        == errors + 1
+    )
     path = _unique("/slow-open/")
     r = stack.get(path)
     assert r.status == 200 and r.json()["path"] == path
@@ -93,6 +96,7 @@ def test_unknown_chain_is_refused_cleanly(stack):
     before = stack.metric("legation_extproc_errors_total", filter="-", code="unknown_chain")
     r = stack.get(_unique("/unknown/"))
     assert r.status == 500
-    assert stack.metric(
-        "legation_extproc_errors_total", filter="-", code="unknown_chain"
-    ) == before + 1
+    assert (
+        stack.metric("legation_extproc_errors_total", filter="-", code="unknown_chain")
+        == before + 1
+    )

@@ -36,8 +36,10 @@ def installed_example(tmp_path: Path) -> Iterator[None]:
         "Metadata-Version: 2.1\nName: legation-maintenance\nVersion: 0.1.0\n"
     )
     project = tomllib.loads((EXAMPLE / "pyproject.toml").read_text())["project"]
-    lines = [f"[{group}]\n" + "".join(f"{k} = {v}\n" for k, v in eps.items())
-             for group, eps in project["entry-points"].items()]
+    lines = [
+        f"[{group}]\n" + "".join(f"{k} = {v}\n" for k, v in eps.items())
+        for group, eps in project["entry-points"].items()
+    ]
     (dist / "entry_points.txt").write_text("\n".join(lines))
     added = [str(EXAMPLE / "src"), str(tmp_path)]
     sys.path[:0] = added
@@ -58,9 +60,15 @@ def test_discovered_through_the_entry_point(installed_example):
 def test_options_are_validated_by_the_plugin(installed_example):
     with pytest.raises(ConfigError) as info:
         build_chains(
-            {"chains": {"web": {"filters": [
-                {"name": "maintenance", "options": {"paths": ["/a"], "retry_after": 0}}
-            ]}}},
+            {
+                "chains": {
+                    "web": {
+                        "filters": [
+                            {"name": "maintenance", "options": {"paths": ["/a"], "retry_after": 0}}
+                        ]
+                    }
+                }
+            },
             source="mesh.yaml",
         )
     assert str(info.value) == (
@@ -70,21 +78,39 @@ def test_options_are_validated_by_the_plugin(installed_example):
 
 @pytest.mark.integration
 def test_example_filter_through_envoy(installed_example, demo_factory, tmp_path):
-    chains = build_chains({"chains": {"maint": {"filters": [{
-        "name": "maintenance",
-        "options": {"paths": ["/admin"], "retry_after": 120, "bypass_header": "x-operator"},
-    }]}}})
+    chains = build_chains(
+        {
+            "chains": {
+                "maint": {
+                    "filters": [
+                        {
+                            "name": "maintenance",
+                            "options": {
+                                "paths": ["/admin"],
+                                "retry_after": 120,
+                                "bypass_header": "x-operator",
+                            },
+                        }
+                    ]
+                }
+            }
+        }
+    )
     app = demo_factory("app")
     service = harness.ServiceThread(Settings(chains=chains, registry=CollectorRegistry()))
     service.start()
     port, admin = free_port(), free_port()
     boot = harness.bootstrap(
-        listener_port=port, admin_port=admin, service_port=service.port,
+        listener_port=port,
+        admin_port=admin,
+        service_port=service.port,
         routes=[harness.route("/", "app", chains.chains["maint"])],
-        clusters=[harness.static_cluster("app", app.port)], message_timeout=1.0,
+        clusters=[harness.static_cluster("app", app.port)],
+        message_timeout=1.0,
     )
-    envoy = EnvoyProcess(json.dumps(boot), admin_port=admin, name="extproc-example",
-                         log_dir=tmp_path)
+    envoy = EnvoyProcess(
+        json.dumps(boot), admin_port=admin, name="extproc-example", log_dir=tmp_path
+    )
     try:
         envoy.start()
         envoy.wait_live()

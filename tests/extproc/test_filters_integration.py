@@ -14,6 +14,7 @@ pytestmark = pytest.mark.integration
 
 # -- header_route -------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize(
     ("headers", "expected"),
     [
@@ -62,6 +63,7 @@ def test_clearing_the_route_cache_is_what_changes_the_upstream(stack):
 
 # -- headers ------------------------------------------------------------------------------------
 
+
 def test_headers_filter_mutates_request_and_response(stack):
     r = stack.get(
         "/headers-echo/x",
@@ -83,6 +85,7 @@ def test_headers_filter_mutates_request_and_response(stack):
 
 # -- request_id ---------------------------------------------------------------------------------
 
+
 def test_request_id_generated_echoed_and_in_metadata(stack):
     r = stack.get("/reqid/x")
     rid = r.headers["x-correlation-id"]
@@ -103,6 +106,7 @@ def test_request_id_keeps_a_well_formed_one_and_replaces_junk(stack):
 
 
 # -- body_redact and mode override ------------------------------------------------------------
+
 
 def test_body_redact_masks_json_fields_and_fixes_length(stack):
     before = stack.metric("legation_extproc_phases_total", chain="redact", phase="response_body")
@@ -129,14 +133,17 @@ def test_mode_override_only_fetches_json_bodies(stack):
     r = stack.get("/redact-echo/text")
     assert r.status == 200
     assert r.body == b"plain text with authorization: keep-me"
-    assert stack.metric(
-        "legation_extproc_phases_total", chain="redact", phase="response_body"
-    ) == before
-    assert stack.metric(
-        "legation_extproc_phases_total", chain="redact", phase="response_headers"
-    ) == heads + 1
+    assert (
+        stack.metric("legation_extproc_phases_total", chain="redact", phase="response_body")
+        == before
+    )
+    assert (
+        stack.metric("legation_extproc_phases_total", chain="redact", phase="response_headers")
+        == heads + 1
+    )
     r = stack.get("/redact-echo/json", headers={"authorization": "Bearer t"})
     assert r.json()["headers"]["authorization"] == "***"
-    assert stack.metric(
-        "legation_extproc_phases_total", chain="redact", phase="response_body"
-    ) == before + 1
+    assert (
+        stack.metric("legation_extproc_phases_total", chain="redact", phase="response_body")
+        == before + 1
+    )

@@ -39,10 +39,12 @@ def test_bucket_is_stable_and_in_range():
 
 
 def test_first_matching_rule_wins_and_clears_the_route_cache():
-    f = _route([
-        {"header": "x-a", "equals": "1", "value": "first"},
-        {"header": "x-a", "present": True, "value": "second"},
-    ])
+    f = _route(
+        [
+            {"header": "x-a", "equals": "1", "value": "first"},
+            {"header": "x-a", "present": True, "value": "second"},
+        ]
+    )
     ex = _ex(x_a="1")
     f.on_request_headers(ex)
     assert ex.request_headers["x-cohort"] == "first"
@@ -76,10 +78,18 @@ def test_non_string_claim_is_compared_as_json():
 
 def test_headers_rename_then_remove_then_set_then_add():
     f = HeadersFactory()
-    flt = f.create(f.validate({"request": {
-        "rename": {"X-Old": "x-new"}, "remove": ["x-gone"],
-        "set": {"x-s": "1"}, "add": {"x-a": "2"},
-    }}))
+    flt = f.create(
+        f.validate(
+            {
+                "request": {
+                    "rename": {"X-Old": "x-new"},
+                    "remove": ["x-gone"],
+                    "set": {"x-s": "1"},
+                    "add": {"x-a": "2"},
+                }
+            }
+        )
+    )
     ex = _ex(x_old="v", x_gone="g", x_a="1")
     flt.on_request_headers(ex)
     assert ex.request_headers == {"x-new": "v", "x-s": "1", "x-a": "1,2"}
@@ -93,11 +103,17 @@ def _redact(**options):
 
 def test_redact_fields_at_any_depth_and_paths():
     flt = _redact(fields=["Password"], paths=["user.ssn"], mask="#")
-    doc = {"password": "p", "user": {"ssn": "1", "name": "n"},
-           "list": [{"PASSWORD": "q"}, {"ok": 1}]}
+    doc = {
+        "password": "p",
+        "user": {"ssn": "1", "name": "n"},
+        "list": [{"PASSWORD": "q"}, {"ok": 1}],
+    }
     assert flt.redact(doc)
-    assert doc == {"password": "#", "user": {"ssn": "#", "name": "n"},
-                   "list": [{"PASSWORD": "#"}, {"ok": 1}]}
+    assert doc == {
+        "password": "#",
+        "user": {"ssn": "#", "name": "n"},
+        "list": [{"PASSWORD": "#"}, {"ok": 1}],
+    }
     assert not flt.redact({"other": 1})
 
 

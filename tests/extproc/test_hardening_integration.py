@@ -29,12 +29,15 @@ pytestmark = pytest.mark.integration
 
 # -- stream idle timeout --------------------------------------------------------------------------
 
+
 @pytest.fixture
 def idle_service(stack) -> Iterator[tuple[harness.ServiceThread, CollectorRegistry]]:
     registry = CollectorRegistry()
-    service = harness.ServiceThread(Settings(
-        chains=stack.chains, registry=registry, message_timeout=0.3,
-        stream_idle_timeout=0.5)).start()
+    service = harness.ServiceThread(
+        Settings(
+            chains=stack.chains, registry=registry, message_timeout=0.3, stream_idle_timeout=0.5
+        )
+    ).start()
     yield service, registry
     service.stop()
 
@@ -58,7 +61,8 @@ def test_a_stream_held_open_is_ended_after_the_idle_timeout(idle_service, first_
     channel = grpc.insecure_channel(f"127.0.0.1:{service.port}")
     try:
         call = pb_grpc.ExternalProcessorStub(channel).Process(
-            requests(), metadata=((CHAIN_METADATA_KEY, "headers"),), timeout=20)
+            requests(), metadata=((CHAIN_METADATA_KEY, "headers"),), timeout=20
+        )
         answers = 0
         with pytest.raises(grpc.RpcError) as info:
             for _ in call:
@@ -69,8 +73,12 @@ def test_a_stream_held_open_is_ended_after_the_idle_timeout(idle_service, first_
     finally:
         hold.set()
         channel.close()
-    assert registry.get_sample_value(
-        "legation_extproc_errors_total", {"filter": "-", "code": "stream_idle_timeout"}) == 1
+    assert (
+        registry.get_sample_value(
+            "legation_extproc_errors_total", {"filter": "-", "code": "stream_idle_timeout"}
+        )
+        == 1
+    )
 
 
 def test_idle_timeout_must_be_positive(stack):
@@ -79,6 +87,7 @@ def test_idle_timeout_must_be_positive(stack):
 
 
 # -- synchronous filters under the deadline -------------------------------------------------------
+
 
 def _blocked_request(stack, path: str, out: list[harness.Response]) -> threading.Thread:
     Blocks.entered.clear()
@@ -104,8 +113,10 @@ def test_a_blocking_sync_filter_fails_closed_at_the_deadline_and_stalls_nobody(s
     finally:
         Blocks.release.set()
         t.join(10)
-    assert stack.metric(
-        "legation_extproc_errors_total", filter="t_block", code="message_timeout") == errors + 1
+    assert (
+        stack.metric("legation_extproc_errors_total", filter="t_block", code="message_timeout")
+        == errors + 1
+    )
 
 
 def test_a_blocking_sync_filter_on_a_fail_open_chain_passes_without_its_late_mutation(stack):
@@ -125,8 +136,10 @@ def test_a_blocking_sync_filter_on_a_fail_open_chain_passes_without_its_late_mut
 SECRET = {"authorization": "Bearer secret-token", "x-secret": "hunter2"}
 
 
-@pytest.mark.parametrize("ctype", ["application/problem+json", "application/vnd.api+json",
-                                   "application/json; charset=utf-8"])
+@pytest.mark.parametrize(
+    "ctype",
+    ["application/problem+json", "application/vnd.api+json", "application/json; charset=utf-8"],
+)
 def test_body_redact_masks_json_suffix_types(stack, ctype):
     r = stack.get("/redact-echo/x", headers={**SECRET, "x-echo-content-type": ctype})
     assert r.status == 200
@@ -135,11 +148,14 @@ def test_body_redact_masks_json_suffix_types(stack, ctype):
     assert r.json()["headers"]["authorization"] == "***"
 
 
-@pytest.mark.parametrize(("encoding", "decode"), [
-    ("gzip", gzip.decompress), ("deflate", zlib.decompress)])
+@pytest.mark.parametrize(
+    ("encoding", "decode"), [("gzip", gzip.decompress), ("deflate", zlib.decompress)]
+)
 def test_body_redact_masks_compressed_json(stack, encoding, decode):
-    r = stack.get("/redact-echo/x", headers={
-        **SECRET, "x-echo-encoding": encoding, "accept-encoding": encoding})
+    r = stack.get(
+        "/redact-echo/x",
+        headers={**SECRET, "x-echo-encoding": encoding, "accept-encoding": encoding},
+    )
     assert r.status == 200
     assert r.headers["content-encoding"] == encoding
     body = decode(r.body)

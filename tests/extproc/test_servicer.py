@@ -16,10 +16,12 @@ from legation.extproc.service import Settings, start_server
 CHAINS = {
     "default_chain": "web",
     "chains": {
-        "web": {"filters": [
-            {"name": "request_id", "options": {"header": "x-cid"}},
-            {"name": "headers", "options": {"response": {"set": {"x-r": "1"}}}},
-        ]},
+        "web": {
+            "filters": [
+                {"name": "request_id", "options": {"header": "x-cid"}},
+                {"name": "headers", "options": {"response": {"set": {"x-r": "1"}}}},
+            ]
+        },
         "deny": {"filters": [{"name": "t_answer"}]},
     },
 }
@@ -54,12 +56,18 @@ async def test_a_request_through_two_phases(client):
     await call.write(pb.ProcessingRequest(request_headers=headers))
     first = await call.read()
     assert first.WhichOneof("response") == "request_headers"
-    assert first.dynamic_metadata.fields["legation.extproc"].struct_value.fields[
-        "request_id"].string_value == "k1"
+    assert (
+        first.dynamic_metadata.fields["legation.extproc"]
+        .struct_value.fields["request_id"]
+        .string_value
+        == "k1"
+    )
     await call.write(pb.ProcessingRequest(response_headers=_headers(**{":status": "200"})))
     second = await call.read()
-    sets = {h.header.key: h.header.raw_value for h in
-            second.response_headers.response.header_mutation.set_headers}
+    sets = {
+        h.header.key: h.header.raw_value
+        for h in second.response_headers.response.header_mutation.set_headers
+    }
     assert sets == {"x-cid": b"k1", "x-r": b"1"}
     await call.done_writing()
     assert await call.code() == grpc.StatusCode.OK
@@ -75,8 +83,12 @@ async def test_a_message_with_no_phase_gets_a_500_answer_and_the_stream_goes_on(
     await call.write(pb.ProcessingRequest(request_headers=_headers(**{":path": "/"})))
     assert (await call.read()).WhichOneof("response") == "request_headers"
     await call.done_writing()
-    assert registry.get_sample_value(
-        "legation_extproc_errors_total", {"filter": "-", "code": "malformed_request"}) == 1
+    assert (
+        registry.get_sample_value(
+            "legation_extproc_errors_total", {"filter": "-", "code": "malformed_request"}
+        )
+        == 1
+    )
 
 
 async def test_unknown_chain_gets_a_500_answer(client):
@@ -95,8 +107,12 @@ async def test_immediate_answer_ends_the_stream(client):
     answer = await call.read()
     assert answer.immediate_response.status.code == 403
     assert await call.code() == grpc.StatusCode.OK
-    assert registry.get_sample_value(
-        "legation_extproc_immediate_responses_total", {"chain": "deny", "status": "403"}) == 1
+    assert (
+        registry.get_sample_value(
+            "legation_extproc_immediate_responses_total", {"chain": "deny", "status": "403"}
+        )
+        == 1
+    )
 
 
 async def test_settings_need_chains():

@@ -89,11 +89,19 @@ class TableFactory:
 
 def service_config(policy_dir: str) -> dict[str, Any]:
     return {
-        "checks": {"rego": {"type": "rego", "options": {
-            "policy_dir": policy_dir, "reload_interval_s": 0, "decision": "result"}},
-                   "table": {"type": "table"}},
-        "default_checks": ["rego"], "default_policy": "fast.test", "dry_run": ["fast.dry"],
-        "deny_status": 403, "error_status": 503, "check_timeout_ms": 200,
+        "checks": {
+            "rego": {
+                "type": "rego",
+                "options": {"policy_dir": policy_dir, "reload_interval_s": 0, "decision": "result"},
+            },
+            "table": {"type": "table"},
+        },
+        "default_checks": ["rego"],
+        "default_policy": "fast.test",
+        "dry_run": ["fast.dry"],
+        "deny_status": 403,
+        "error_status": 503,
+        "check_timeout_ms": 200,
     }
 
 
@@ -117,37 +125,61 @@ CASES = [
     Case("several values of one upstream header", "/multi"),
     Case("response header for the client", "/cache"),
     Case("authorization header read", "/auth", headers={"authorization": "Bearer ok"}),
-    Case("authorization wrong", "/auth", headers={"authorization": "Bearer no"},
-         allowed=False, status=403),
+    Case(
+        "authorization wrong",
+        "/auth",
+        headers={"authorization": "Bearer no"},
+        allowed=False,
+        status=403,
+    ),
     Case("query read", "/query?x=1&y=2"),
     Case("query wrong", "/query?x=2", allowed=False, status=403),
-    Case("JSON body read", "/body", method="POST", body='{"a": 1}',
-         headers={"content-type": "application/json"}),
-    Case("malformed JSON body: client error", "/body", method="POST", body='{"a": ',
-         headers={"content-type": "application/json"}, allowed=False, status=400),
+    Case(
+        "JSON body read",
+        "/body",
+        method="POST",
+        body='{"a": 1}',
+        headers={"content-type": "application/json"},
+    ),
+    Case(
+        "malformed JSON body: client error",
+        "/body",
+        method="POST",
+        body='{"a": ',
+        headers={"content-type": "application/json"},
+        allowed=False,
+        status=400,
+    ),
     Case("malformed path: client error", "/a%zz", allowed=False, status=400),
     Case("policy header with CR/LF: error status", "/inject", allowed=False, status=503),
     Case("denial with its own status", "/limited", allowed=False, status=429),
     Case("method read", "/method", method="DELETE", allowed=False, status=403),
     Case("policy name in context extensions", "/extensions"),
     Case("undefined path: deny", "/nothing", allowed=False, status=403),
-    Case("dry-run policy lets a denial pass, unchanged", "/teapot", policy="fast.dry",
-         checks=("table", "rego")),
-    Case("route names an unknown check: error", "/allow", checks=("ghost",), allowed=False,
-         status=503),
-    Case("default checks when the route names none", "/allow", checks=(),
-         headers={"x-tenant": "t2"}),
-    Case("python check raises: fail closed", "/boom", checks=("table",), allowed=False,
-         status=503),
-    Case("python client error with status", "/token", checks=("table",), allowed=False,
-         status=401),
-    Case("python check times out: fail closed", "/slow", checks=("table",), allowed=False,
-         status=503),
+    Case(
+        "dry-run policy lets a denial pass, unchanged",
+        "/teapot",
+        policy="fast.dry",
+        checks=("table", "rego"),
+    ),
+    Case(
+        "route names an unknown check: error",
+        "/allow",
+        checks=("ghost",),
+        allowed=False,
+        status=503,
+    ),
+    Case(
+        "default checks when the route names none", "/allow", checks=(), headers={"x-tenant": "t2"}
+    ),
+    Case("python check raises: fail closed", "/boom", checks=("table",), allowed=False, status=503),
+    Case("python client error with status", "/token", checks=("table",), allowed=False, status=401),
+    Case(
+        "python check times out: fail closed", "/slow", checks=("table",), allowed=False, status=503
+    ),
     Case("python check that waits", "/wait", checks=("table",)),
-    Case("python check builds CR/LF: error", "/crlf", checks=("table",), allowed=False,
-         status=503),
-    Case("chain: table then rego", "/allow", checks=("table", "rego"),
-         headers={"x-tenant": "t3"}),
+    Case("python check builds CR/LF: error", "/crlf", checks=("table",), allowed=False, status=503),
+    Case("chain: table then rego", "/allow", checks=("table", "rego"), headers={"x-tenant": "t3"}),
 ]
 
 # Decisions HTTP mode cannot carry: gRPC applies them, the fast path fails closed (503).
@@ -172,8 +204,12 @@ def grpc_request(case: Case, host: str = "svc.local") -> external_auth_pb2.Check
     r = external_auth_pb2.CheckRequest()
     http = r.attributes.request.http
     http.method, http.path, http.host = case.method, case.path, host
-    for k, v in {":authority": host, ":method": case.method, ":path": case.path,
-                 **case.headers}.items():
+    for k, v in {
+        ":authority": host,
+        ":method": case.method,
+        ":path": case.path,
+        **case.headers,
+    }.items():
         http.headers[k] = v
     if case.body:
         http.body = case.body
@@ -186,8 +222,11 @@ def grpc_request(case: Case, host: str = "svc.local") -> external_auth_pb2.Check
 
 def http_call(case: Case, host: str = "svc.local") -> bytes:
     """The HTTP request Envoy sends for ``case`` in HTTP mode."""
-    lines = [f"{case.method} {PATH_PREFIX}{case.path} HTTP/1.1", f"host: {host}",
-             f"content-length: {len(case.body.encode())}"]
+    lines = [
+        f"{case.method} {PATH_PREFIX}{case.path} HTTP/1.1",
+        f"host: {host}",
+        f"content-length: {len(case.body.encode())}",
+    ]
     lines += [f"{k}: {v}" for k, v in case.headers.items()]
     if case.policy:
         lines.append(f"{POLICY_HEADER}: {case.policy}")
@@ -204,13 +243,22 @@ def from_grpc(response: external_auth_pb2.CheckResponse) -> Outcome:
         for option in ok.headers:  # first value overwrites, further ones append with ","
             key, value = option.header.key.lower(), option.header.value
             upstream[key] = f"{upstream[key]},{value}" if key in upstream else value
-        return Outcome(True, 200, upstream=tuple(sorted(upstream.items())),
-                       removed=tuple(ok.headers_to_remove),
-                       to_client=tuple(sorted((o.header.key.lower(), o.header.value)
-                                              for o in ok.response_headers_to_add)))
+        return Outcome(
+            True,
+            200,
+            upstream=tuple(sorted(upstream.items())),
+            removed=tuple(ok.headers_to_remove),
+            to_client=tuple(
+                sorted((o.header.key.lower(), o.header.value) for o in ok.response_headers_to_add)
+            ),
+        )
     denied = response.denied_response
-    return Outcome(False, denied.status.code, denied.body, to_client=tuple(sorted(
-        (o.header.key.lower(), o.header.value) for o in denied.headers)))
+    return Outcome(
+        False,
+        denied.status.code,
+        denied.body,
+        to_client=tuple(sorted((o.header.key.lower(), o.header.value) for o in denied.headers)),
+    )
 
 
 class _Response:
@@ -242,11 +290,17 @@ def from_http(raw: bytes) -> Outcome:
     status, headers, body = parse_answer(raw)
     headers = [(k, v) for k, v in headers if k not in ("content-length", "connection")]
     if status == 200:
-        upstream = tuple(sorted((k, v) for k, v in headers
-                                if k.startswith("x-legation-") or k in UPSTREAM_HEADERS))
+        upstream = tuple(
+            sorted(
+                (k, v) for k, v in headers if k.startswith("x-legation-") or k in UPSTREAM_HEADERS
+            )
+        )
         removed = tuple(v for k, v in headers if k == REMOVE_HEADER)
-        return Outcome(True, 200, upstream=upstream,
-                       removed=tuple(removed[0].split(",")) if removed else (),
-                       to_client=tuple(sorted((k, v) for k, v in headers
-                                              if k in CLIENT_HEADERS)))
+        return Outcome(
+            True,
+            200,
+            upstream=upstream,
+            removed=tuple(removed[0].split(",")) if removed else (),
+            to_client=tuple(sorted((k, v) for k, v in headers if k in CLIENT_HEADERS)),
+        )
     return Outcome(False, status, body.decode(), to_client=tuple(sorted(headers)))

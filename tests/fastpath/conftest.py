@@ -36,9 +36,14 @@ def policy_dir(tmp: Path) -> str:
 
 @pytest.fixture
 async def server(tmp_path: Path, table_plugin: object) -> AsyncIterator[CalloutServer]:
-    running = await start_server(Settings(
-        config=service_config(policy_dir(tmp_path)), registry=CollectorRegistry(),
-        upstream_headers=UPSTREAM_HEADERS, client_headers=CLIENT_HEADERS))
+    running = await start_server(
+        Settings(
+            config=service_config(policy_dir(tmp_path)),
+            registry=CollectorRegistry(),
+            upstream_headers=UPSTREAM_HEADERS,
+            client_headers=CLIENT_HEADERS,
+        )
+    )
     yield running
     await running.close()
 

@@ -18,25 +18,32 @@ def answers(raw: bytes) -> list[int]:
     out = []
     while raw:
         head, _, rest = raw.partition(b"\r\n\r\n")
-        length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                       if line.lower().startswith(b"content-length:")), 0)
+        length = next(
+            (
+                int(line.split(b":")[1])
+                for line in head.split(b"\r\n")
+                if line.lower().startswith(b"content-length:")
+            ),
+            0,
+        )
         out.append(parse_answer(head + b"\r\n\r\n" + rest[:length])[0])
         raw = rest[length:]
     return out
 
 
 async def still_serves(server: CalloutServer) -> None:
-    raw = await exchange(server.port, http_call(Case("ok", "/allow",
-                                                     headers={"x-tenant": "t"})), wait=0.5)
+    raw = await exchange(
+        server.port, http_call(Case("ok", "/allow", headers={"x-tenant": "t"})), wait=0.5
+    )
     assert answers(raw) == [200]
 
 
 BAD = {
     "two different Content-Length": GET + b"content-length: 1\r\ncontent-length: 2\r\n\r\nab",
     "Content-Length and Transfer-Encoding": GET + b"content-length: 3\r\n"
-                                            b"transfer-encoding: chunked\r\n\r\n0\r\n\r\n",
+    b"transfer-encoding: chunked\r\n\r\n0\r\n\r\n",
     "bad chunk size": GET.replace(b"GET", b"POST") + b"transfer-encoding: chunked\r\n\r\n"
-                      b"zz\r\nabc\r\n0\r\n\r\n",
+    b"zz\r\nabc\r\n0\r\n\r\n",
     "CR in a header value": GET + b"x-tenant: a\rb\r\n\r\n",
     "LF alone ending a header": GET + b"x-tenant: a\nx-user: b\r\n\r\n",
     "space before the colon": GET + b"x-tenant : a\r\n\r\n",
@@ -71,10 +78,13 @@ async def test_oversized_body_413(server: CalloutServer) -> None:
 
 async def test_pipelined_requests_answered_in_order(server: CalloutServer) -> None:
     # a check that waits first, then quick ones: the answers keep the requests' order
-    calls = [Case("w", "/wait", checks=("table",)), Case("d", "/teapot"),
-             Case("a", "/allow", headers={"x-tenant": "t"}), Case("w2", "/wait",
-                                                                  checks=("table",)),
-             Case("d2", "/limited")]
+    calls = [
+        Case("w", "/wait", checks=("table",)),
+        Case("d", "/teapot"),
+        Case("a", "/allow", headers={"x-tenant": "t"}),
+        Case("w2", "/wait", checks=("table",)),
+        Case("d2", "/limited"),
+    ]
     raw = await exchange(server.port, b"".join(http_call(c) for c in calls), wait=1.0)
     assert answers(raw) == [200, 409, 200, 200, 429]
 

@@ -27,11 +27,17 @@ from tests.fastpath.conftest import policy_dir
 
 pytestmark = [pytest.mark.integration]
 
-ROUTES = [Route("/boom", checks=("table",)), Route("/slow", checks=("table",)),
-          Route("/", policy="fast.test", checks=("rego",))]
-CALLOUT = dict(allowed_headers=ALLOWED_HEADERS, upstream_headers=UPSTREAM_HEADERS,
-               client_headers=CLIENT_HEADERS,
-               status_on_error=503)  # = the service's error_status (see below)
+ROUTES = [
+    Route("/boom", checks=("table",)),
+    Route("/slow", checks=("table",)),
+    Route("/", policy="fast.test", checks=("rego",)),
+]
+CALLOUT = dict(
+    allowed_headers=ALLOWED_HEADERS,
+    upstream_headers=UPSTREAM_HEADERS,
+    client_headers=CLIENT_HEADERS,
+    status_on_error=503,
+)  # = the service's error_status (see below)
 
 
 class FastPathThread:
@@ -53,17 +59,26 @@ class FastPathThread:
 
 def http_bootstrap(listen: int, admin: int, authz: int, upstream: int) -> dict[str, Any]:
     callout = ef.Callout(cluster="fastpath", **CALLOUT)  # type: ignore[arg-type]
-    base = bootstrap(listen_port=listen, admin_port=admin, authz_port=authz,
-                     upstream_port=upstream, routes=[])
-    hcm = base["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0][
-        "typed_config"]
+    base = bootstrap(
+        listen_port=listen, admin_port=admin, authz_port=authz, upstream_port=upstream, routes=[]
+    )
+    hcm = base["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
     hcm["http_filters"][0] = to_plain(ef.http_filter(callout))
-    hcm["route_config"]["virtual_hosts"][0]["routes"] = [{
-        "match": {"prefix": r.prefix}, "route": {"cluster": "upstream"},
-        "typed_per_filter_config": {ef.FILTER_NAME: to_plain(ef.per_route_any(
-            callout, policy=r.policy, checks=tuple(r.checks)))}} for r in ROUTES]
-    base["static_resources"]["clusters"][1] = to_plain(ef.http_cluster(
-        "fastpath", [("127.0.0.1", authz)]))
+    hcm["route_config"]["virtual_hosts"][0]["routes"] = [
+        {
+            "match": {"prefix": r.prefix},
+            "route": {"cluster": "upstream"},
+            "typed_per_filter_config": {
+                ef.FILTER_NAME: to_plain(
+                    ef.per_route_any(callout, policy=r.policy, checks=tuple(r.checks))
+                )
+            },
+        }
+        for r in ROUTES
+    ]
+    base["static_resources"]["clusters"][1] = to_plain(
+        ef.http_cluster("fastpath", [("127.0.0.1", authz)])
+    )
     return base
 
 
@@ -78,27 +93,48 @@ def stacks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Clien
     config = service_config(policy_dir(tmp))
     upstream = DemoApp(name="upstream").start_in_thread()
     grpc = ServiceThread(GrpcSettings(config=config, registry=CollectorRegistry())).start()
-    fast = FastPathThread(Settings(config=config, registry=CollectorRegistry(),
-                                   upstream_headers=UPSTREAM_HEADERS,
-                                   client_headers=CLIENT_HEADERS))
+    fast = FastPathThread(
+        Settings(
+            config=config,
+            registry=CollectorRegistry(),
+            upstream_headers=UPSTREAM_HEADERS,
+            client_headers=CLIENT_HEADERS,
+        )
+    )
     ports = distinct_ports("g", "ga", "h", "ha", "d", "da", "dead")
     envoys = [
-        EnvoyProcess(bootstrap(listen_port=ports["g"], admin_port=ports["ga"],
-                               authz_port=grpc.port, upstream_port=upstream.port,
-                               routes=ROUTES, status_on_error=503),
-                     admin_port=ports["ga"], name="grpc", log_dir=tmp / "grpc"),
-        EnvoyProcess(http_bootstrap(ports["h"], ports["ha"], fast.server.port, upstream.port),
-                     admin_port=ports["ha"], name="http", log_dir=tmp / "http"),
-        EnvoyProcess(http_bootstrap(ports["d"], ports["da"], ports["dead"], upstream.port),
-                     admin_port=ports["da"], name="dead", log_dir=tmp / "dead"),
+        EnvoyProcess(
+            bootstrap(
+                listen_port=ports["g"],
+                admin_port=ports["ga"],
+                authz_port=grpc.port,
+                upstream_port=upstream.port,
+                routes=ROUTES,
+                status_on_error=503,
+            ),
+            admin_port=ports["ga"],
+            name="grpc",
+            log_dir=tmp / "grpc",
+        ),
+        EnvoyProcess(
+            http_bootstrap(ports["h"], ports["ha"], fast.server.port, upstream.port),
+            admin_port=ports["ha"],
+            name="http",
+            log_dir=tmp / "http",
+        ),
+        EnvoyProcess(
+            http_bootstrap(ports["d"], ports["da"], ports["dead"], upstream.port),
+            admin_port=ports["da"],
+            name="dead",
+            log_dir=tmp / "dead",
+        ),
     ]
     try:
         for e in envoys:
             e.start()
         for e in envoys:
             e.wait_live()
-        yield {"grpc": Client(ports["g"]), "http": Client(ports["h"]),
-               "dead": Client(ports["d"])}
+        yield {"grpc": Client(ports["g"]), "http": Client(ports["h"]), "dead": Client(ports["d"])}
     finally:
         for e in envoys:
             e.stop()
@@ -112,8 +148,11 @@ def seen(reply: Reply) -> dict[str, Any]:
     out: dict[str, Any] = {"status": reply.status}
     if reply.status == 200 and reply.headers.get("x-demo-service") == "upstream":
         headers = reply.json()["headers"]
-        out["upstream"] = {k: v for k, v in headers.items()
-                           if k in ("x-user", "x-legation-user", "x-drop", "x-tenant")}
+        out["upstream"] = {
+            k: v
+            for k, v in headers.items()
+            if k in ("x-user", "x-legation-user", "x-drop", "x-tenant")
+        }
         out["x-cache"] = reply.headers.get("x-cache")
     else:
         out["body"] = reply.body
@@ -150,8 +189,9 @@ CASES = [
 
 
 @pytest.mark.parametrize(("path", "headers"), CASES, ids=[f"{p} {h}" for p, h in CASES])
-def test_envoy_applies_both_alike(stacks: dict[str, Client], path: str,
-                                  headers: dict[str, str]) -> None:
+def test_envoy_applies_both_alike(
+    stacks: dict[str, Client], path: str, headers: dict[str, str]
+) -> None:
     grpc = seen(stacks["grpc"].get(path, headers=headers))
     http = seen(stacks["http"].get(path, headers=headers))
     if grpc["status"] >= 500:
@@ -171,8 +211,7 @@ def test_the_envoy_cases_say_what_they_should(stacks: dict[str, Client]) -> None
     assert seen(http.get("/cache"))["x-cache"] == "hit"
     teapot = seen(http.get("/teapot"))
     assert (teapot["status"], teapot["body"]) == (409, b"no tea")
-    assert set_cookies(http, "/teapot") == set_cookies(stacks["grpc"], "/teapot") == [
-        "a=1", "b=2"]
+    assert set_cookies(http, "/teapot") == set_cookies(stacks["grpc"], "/teapot") == ["a=1", "b=2"]
     assert seen(http.get("/boom"))["status"] == 503  # error_status: fail closed
     assert seen(http.get("/slow"))["status"] == 503  # check timeout: fail closed
 
@@ -183,6 +222,7 @@ def test_server_down_envoy_denies(stacks: dict[str, Client]) -> None:
 
 def test_a_client_cannot_pick_its_policy_or_checks(stacks: dict[str, Client]) -> None:
     # the table check would allow /teapot; the route's override sets the headers itself
-    reply = stacks["http"].get("/teapot", headers={"x-legation-checks": "table",
-                                                   "x-legation-policy": "fast.dry"})
+    reply = stacks["http"].get(
+        "/teapot", headers={"x-legation-checks": "table", "x-legation-policy": "fast.dry"}
+    )
     assert reply.status == 409

@@ -46,9 +46,15 @@ def write_mesh(folder: Path, upstream: int, *, protocol: str | None) -> Path:
     ports = distinct_ports("xds", "gw", "admin", "authz", "http")
     authz: dict[str, Any] = {"port": ports["authz"], "config": "authz.yaml"}
     if protocol is not None:
-        authz.update(protocol=protocol, http_port=ports["http"], http_headers={
-            "request": list(ALLOWED_HEADERS), "upstream": list(UPSTREAM_HEADERS),
-            "client": list(CLIENT_HEADERS)})
+        authz.update(
+            protocol=protocol,
+            http_port=ports["http"],
+            http_headers={
+                "request": list(ALLOWED_HEADERS),
+                "upstream": list(UPSTREAM_HEADERS),
+                "client": list(CLIENT_HEADERS),
+            },
+        )
     mesh = {
         "xds": {"port": ports["xds"]},
         "gateway": {"name": "gw", "port": ports["gw"], "admin_port": ports["admin"]},
@@ -69,8 +75,7 @@ def worlds(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, MeshW
     started: dict[str, MeshWorld] = {}
     try:
         for name, protocol in (("grpc", None), ("http", "http")):
-            world = MeshWorld(tmp / name, write_mesh(tmp / name, upstream.port,
-                                                     protocol=protocol))
+            world = MeshWorld(tmp / name, write_mesh(tmp / name, upstream.port, protocol=protocol))
             started[name] = world
             world.start()
         yield started
@@ -90,15 +95,14 @@ def test_each_mesh_uses_the_protocol_explain_names(worlds: dict[str, MeshWorld])
     for name, world in worlds.items():
         assert world.cp.mesh is not None
         (entry,) = explain(world.cp.mesh, "checked")
-        assert [(s["service"], s["protocol"]) for s in entry["services"]] == [
-            ("extauthz", name)]
+        assert [(s["service"], s["protocol"]) for s in entry["services"]] == [("extauthz", name)]
     assert "http_port" in worlds["http"].cp.services.running["extauthz"].status()
 
 
-@pytest.mark.parametrize(("path", "headers"), MESH_CASES,
-                         ids=[f"{p} {h}" for p, h in MESH_CASES])
-def test_same_answers_over_http_and_grpc(worlds: dict[str, MeshWorld], path: str,
-                                         headers: dict[str, str]) -> None:
+@pytest.mark.parametrize(("path", "headers"), MESH_CASES, ids=[f"{p} {h}" for p, h in MESH_CASES])
+def test_same_answers_over_http_and_grpc(
+    worlds: dict[str, MeshWorld], path: str, headers: dict[str, str]
+) -> None:
     grpc = seen(client(worlds["grpc"]).get(path, headers=headers))
     http = seen(client(worlds["http"]).get(path, headers=headers))
     if grpc["status"] >= 500:  # a failed check: both deny (see the module docstring)
@@ -113,12 +117,16 @@ def test_the_cases_are_not_vacuous(worlds: dict[str, MeshWorld]) -> None:
     allow = seen(http.get("/allow", headers={"x-tenant": "t1", "x-user": "forged"}))
     assert allow["upstream"] == {"x-user": "t1", "x-tenant": "t1"}
     assert seen(http.get("/remove", headers={"x-drop": "1"}))["upstream"] == {
-        "x-legation-user": "bob"}
+        "x-legation-user": "bob"
+    }
     assert seen(http.get("/cache"))["x-cache"] == "hit"
     teapot = seen(http.get("/teapot"))
     assert (teapot["status"], teapot["body"]) == (409, b"no tea")
-    assert set_cookies(http, "/teapot") == set_cookies(client(worlds["grpc"]), "/teapot") == [
-        "a=1", "b=2"]
+    assert (
+        set_cookies(http, "/teapot")
+        == set_cookies(client(worlds["grpc"]), "/teapot")
+        == ["a=1", "b=2"]
+    )
     assert seen(http.get("/limited"))["status"] == 429
     # a client's own x-legation-policy does not reach the call-out
     assert http.get("/teapot", headers={"x-legation-policy": "fast.dry"}).status == 409

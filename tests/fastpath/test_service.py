@@ -21,7 +21,8 @@ from tests.services import test_live_swap as live
 MESH = live.MESH.replace(
     "extauthz: {{port: {authz}, config: authz.yaml}}",
     "extauthz: {{port: {authz}, config: authz.yaml, protocol: http, http_port: {http},"
-    " http_headers: {{request: [x-role]}}}}")
+    " http_headers: {{request: [x-role]}}}}",
+)
 
 
 class _Via:
@@ -35,8 +36,10 @@ async def http_status(port: int, role: str, *, policy: str = "demo.authz") -> in
     """The status of one call as Envoy's ext_authz (HTTP mode) makes it."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
-        writer.write(f"GET /legation/check/ HTTP/1.1\r\nhost: web\r\nx-role: {role}\r\n"
-                     f"x-legation-policy: {policy}\r\ncontent-length: 0\r\n\r\n".encode())
+        writer.write(
+            f"GET /legation/check/ HTTP/1.1\r\nhost: web\r\nx-role: {role}\r\n"
+            f"x-legation-policy: {policy}\r\ncontent-length: 0\r\n\r\n".encode()
+        )
         head = await reader.readuntil(b"\r\n\r\n")
         return int(head.split(b" ", 2)[1])
     finally:
@@ -48,12 +51,22 @@ async def _setup(tmp_path: Path, **cp_options: object) -> ControlPlane:
     (tmp_path / "policies" / "authz.rego").write_text(live.POLICY)
     (tmp_path / "authz.yaml").write_text(live.AUTHZ.format(deny=403))
     (tmp_path / "limits.yaml").write_text(
-        live.LIMITS.format(limit="rate_limit: {unit: minute, requests_per_unit: 1}"))
+        live.LIMITS.format(limit="rate_limit: {unit: minute, requests_per_unit: 1}")
+    )
     mesh = tmp_path / "mesh.yaml"
-    mesh.write_text(MESH.format(xds=free_port(), app=free_port(), authz=free_port(),
-                                http=free_port(), rl=free_port()))
-    cp = ControlPlane(mesh, status_port=0, ca_dir=tmp_path / "ca", on_event=lambda _: None,
-                      poll_interval=3600, **cp_options)  # type: ignore[arg-type]
+    mesh.write_text(
+        MESH.format(
+            xds=free_port(), app=free_port(), authz=free_port(), http=free_port(), rl=free_port()
+        )
+    )
+    cp = ControlPlane(
+        mesh,
+        status_port=0,
+        ca_dir=tmp_path / "ca",
+        on_event=lambda _: None,
+        poll_interval=3600,
+        **cp_options,
+    )  # type: ignore[arg-type]
     await cp.start()
     return cp
 
@@ -67,8 +80,9 @@ async def plane(tmp_path: Path) -> AsyncIterator[ControlPlane]:
         await cp.stop()
 
 
-async def _same_answers_and_swap(cp: ControlPlane, services: EmbeddedServices,
-                                 follow: object = None) -> None:
+async def _same_answers_and_swap(
+    cp: ControlPlane, services: EmbeddedServices, follow: object = None
+) -> None:
     service = services.running["extauthz"]
     port = service.status()["http_port"]  # type: ignore[attr-defined]
     via = _Via(services)

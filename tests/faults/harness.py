@@ -80,11 +80,19 @@ class Child:
 
     def start(self, timeout: float = 20) -> Child:
         with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(self.command, stdout=out, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, cwd=self.cwd,
-                                         env={**os.environ, "GRPC_VERBOSITY": "ERROR"})
-        wait_for(lambda: listening(self.port) or self.proc.poll() is not None,  # type: ignore[union-attr]
-                 timeout, f"{self.command[:4]} listening on {self.port}")
+            self.proc = subprocess.Popen(
+                self.command,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=self.cwd,
+                env={**os.environ, "GRPC_VERBOSITY": "ERROR"},
+            )
+        wait_for(
+            lambda: listening(self.port) or self.proc.poll() is not None,  # type: ignore[union-attr]
+            timeout,
+            f"{self.command[:4]} listening on {self.port}",
+        )
         if self.proc.poll() is not None:
             raise RuntimeError(f"{self.command} exited:\n{self.log.read_text()[-3000:]}")
         return self
@@ -130,8 +138,9 @@ class DelayProxy:
         for task in list(self._tasks):
             task.cancel()
 
-    async def _pipe(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter,
-                    delayed: bool) -> None:
+    async def _pipe(
+        self, src: asyncio.StreamReader, dst: asyncio.StreamWriter, delayed: bool
+    ) -> None:
         try:
             while data := await src.read(65536):
                 if delayed and self.delay:
@@ -149,8 +158,10 @@ class DelayProxy:
         except OSError:
             writer.close()
             return
-        for task in (asyncio.ensure_future(self._pipe(reader, up_writer, True)),
-                     asyncio.ensure_future(self._pipe(up_reader, writer, False))):
+        for task in (
+            asyncio.ensure_future(self._pipe(reader, up_writer, True)),
+            asyncio.ensure_future(self._pipe(up_reader, writer, False)),
+        ):
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
@@ -192,8 +203,13 @@ class Stack:
 
     def control_plane(self, mesh: Path, **kwargs: Any) -> ControlPlane:
         """A ControlPlane (with its embedded services) on the loop thread, started."""
-        options: dict[str, Any] = {"status_port": 0, "poll_interval": 3600, "debounce": 0.05,
-                                   "on_event": lambda line: None, "ca_dir": self.tmp / "ca"}
+        options: dict[str, Any] = {
+            "status_port": 0,
+            "poll_interval": 3600,
+            "debounce": 0.05,
+            "on_event": lambda line: None,
+            "ca_dir": self.tmp / "ca",
+        }
         cp = ControlPlane(mesh, **{**options, **kwargs})
         self.loop.run(cp.start())
         self._closers.append(lambda: self.loop.run(cp.stop()))
@@ -205,25 +221,36 @@ class Stack:
         cp = self.cp
         assert cp is not None and cp.mesh is not None
         for proxy in cp.mesh.proxies():
-            config = bootstrap(node_id=proxy.node_id, node_cluster=proxy.node_cluster,
-                               xds_port=xds_port, admin_port=proxy.admin_port,
-                               credentials_dir=cp.enrol(proxy.node_id)[1].directory)
+            config = bootstrap(
+                node_id=proxy.node_id,
+                node_cluster=proxy.node_cluster,
+                xds_port=xds_port,
+                admin_port=proxy.admin_port,
+                credentials_dir=cp.enrol(proxy.node_id)[1].directory,
+            )
             self._envoy(proxy.node_id, config, proxy.admin_port)
-        wait_for(lambda: all(p["in_sync"] for p in self.run(cp.status)["proxies"]), 20,
-                 "every proxy in sync")
+        wait_for(
+            lambda: all(p["in_sync"] for p in self.run(cp.status)["proxies"]),
+            20,
+            "every proxy in sync",
+        )
 
     def proxies_by_cli(self, mesh: Path) -> None:
         """A real Envoy per proxy of ``mesh``, bootstrapped and enrolled by ``legation
         bootstrap`` (for a control plane that runs as a child process)."""
         for proxy in load_mesh(mesh).proxies():
-            out = subprocess.run([*LEGATION, "bootstrap", "--node", proxy.node_id, "--mesh",
-                                  str(mesh), "--json"], check=True, capture_output=True,
-                                 cwd=self.tmp)
+            out = subprocess.run(
+                [*LEGATION, "bootstrap", "--node", proxy.node_id, "--mesh", str(mesh), "--json"],
+                check=True,
+                capture_output=True,
+                cwd=self.tmp,
+            )
             self._envoy(proxy.node_id, json.loads(out.stdout), proxy.admin_port)
 
     def _envoy(self, name: str, config: dict[str, Any], admin_port: int) -> EnvoyProcess:
-        envoy = EnvoyProcess(config, admin_port=admin_port, name=name,
-                             log_dir=self.tmp / "logs").start()
+        envoy = EnvoyProcess(
+            config, admin_port=admin_port, name=name, log_dir=self.tmp / "logs"
+        ).start()
         self._closers.append(envoy.stop)
         self.envoys[name] = envoy
         envoy.wait_live()
@@ -236,12 +263,24 @@ class Stack:
 
     def serve(self, service: str, *, port: int, args: list[str]) -> Child:
         """``legation serve <service>`` as a child process (killable on its own)."""
-        return self.child([*LEGATION, "serve", service, *args], port=port,
-                          name=f"serve-{service}")
+        return self.child([*LEGATION, "serve", service, *args], port=port, name=f"serve-{service}")
 
     def redis(self, port: int) -> Child:
-        return self.child(["redis-server", "--port", str(port), "--bind", "127.0.0.1",
-                           "--save", "", "--appendonly", "no"], port=port, name="redis")
+        return self.child(
+            [
+                "redis-server",
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ],
+            port=port,
+            name="redis",
+        )
 
     def delay_proxy(self, target: int) -> DelayProxy:
         proxy = self.loop.run(DelayProxy(target).start())

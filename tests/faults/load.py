@@ -61,8 +61,10 @@ class Report:
     def line(self) -> str:
         recovery = "-" if self.recovery_s is None else f"{self.recovery_s:.2f}s"
         extra = " ".join(f"{k}={v}" for k, v in self.extra.items())
-        return (f"FAULTS {self.scenario}: sent={self.sent} failed={self.failed} "
-                f"leaked={self.leaked} hung={self.hung} recovery={recovery} {extra}").rstrip()
+        return (
+            f"FAULTS {self.scenario}: sent={self.sent} failed={self.failed} "
+            f"leaked={self.leaked} hung={self.hung} recovery={recovery} {extra}"
+        ).rstrip()
 
 
 def classify(probe: Probe, status: int) -> str:
@@ -72,10 +74,16 @@ def classify(probe: Probe, status: int) -> str:
     return "ok" if status in probe.ok else "failed"
 
 
-def report(scenario: str, probes: list[Probe], samples: list[Sample], *,
-           restored_at: float | None = None, hang_bound: float = 2.0,
-           ignore: tuple[float, float] | None = None, extra: dict[str, Any] | None = None
-           ) -> Report:
+def report(
+    scenario: str,
+    probes: list[Probe],
+    samples: list[Sample],
+    *,
+    restored_at: float | None = None,
+    hang_bound: float = 2.0,
+    ignore: tuple[float, float] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Report:
     """Figures for ``samples``. ``restored_at``: when the fault was removed (recovery is measured
     from it). ``ignore``: a window (start, end) in which failures are what the failure mode
     promises (e.g. fail closed while a service is away); they are counted in ``extra`` as
@@ -105,8 +113,16 @@ def report(scenario: str, probes: list[Probe], samples: list[Sample], *,
     more = dict(extra or {})
     if ignore is not None:
         more = {"failed_by_design": by_design, **more}
-    return Report(scenario, len(samples), failed, leaked, hung, recovery,
-                  {k: dict(v) for k, v in statuses.items()}, more)
+    return Report(
+        scenario,
+        len(samples),
+        failed,
+        leaked,
+        hung,
+        recovery,
+        {k: dict(v) for k, v in statuses.items()},
+        more,
+    )
 
 
 def recovered(probes: list[Probe], samples: list[Sample], since: float, *, tail: int = 20) -> bool:
@@ -119,8 +135,7 @@ def recovered(probes: list[Probe], samples: list[Sample], since: float, *, tail:
     if not by_probe:
         return False
     return all(
-        len(got) >= min(tail, 3)
-        and all(classify(probes[i], s.status) == "ok" for s in got[-tail:])
+        len(got) >= min(tail, 3) and all(classify(probes[i], s.status) == "ok" for s in got[-tail:])
         for i, got in by_probe.items()
     )
 
@@ -128,20 +143,36 @@ def recovered(probes: list[Probe], samples: list[Sample], since: float, *, tail:
 class Load:
     """The load loop as a child process; ``start()``, do the fault, ``finish()`` the samples."""
 
-    def __init__(self, port: int, probes: list[Probe], *, workers: int = 8, rate: float = 400,
-                 duration: float = 6.0, max_requests: int = 50_000, timeout: float = 5.0
-                 ) -> None:
+    def __init__(
+        self,
+        port: int,
+        probes: list[Probe],
+        *,
+        workers: int = 8,
+        rate: float = 400,
+        duration: float = 6.0,
+        max_requests: int = 50_000,
+        timeout: float = 5.0,
+    ) -> None:
         self.probes = probes
-        self.spec = {"port": port, "probes": [asdict(p) for p in probes], "workers": workers,
-                     "rate": rate, "duration": duration, "max_requests": max_requests,
-                     "timeout": timeout}
+        self.spec = {
+            "port": port,
+            "probes": [asdict(p) for p in probes],
+            "workers": workers,
+            "rate": rate,
+            "duration": duration,
+            "max_requests": max_requests,
+            "timeout": timeout,
+        }
         self.proc: subprocess.Popen[bytes] | None = None
         self.started_at = 0.0
 
     def start(self) -> Load:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tests.faults.load", json.dumps(self.spec)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
         assert self.proc.stdout is not None
         ready = self.proc.stdout.readline()  # the child says when its connections are open
         if not ready.startswith(b"ready"):
@@ -188,8 +219,11 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bool]:
 async def _run(spec: dict[str, Any]) -> list[tuple[float, float, int, int]]:
     probes = [Probe(**{**p, "ok": tuple(p["ok"])}) for p in spec["probes"]]
     requests = [
-        (f"GET {p.path} HTTP/1.1\r\nhost: faults\r\n"
-         + "".join(f"{k}: {v}\r\n" for k, v in p.headers.items()) + "\r\n").encode()
+        (
+            f"GET {p.path} HTTP/1.1\r\nhost: faults\r\n"
+            + "".join(f"{k}: {v}\r\n" for k, v in p.headers.items())
+            + "\r\n"
+        ).encode()
         for p in probes
     ]
     samples: list[tuple[float, float, int, int]] = []
@@ -204,12 +238,12 @@ async def _run(spec: dict[str, Any]) -> list[tuple[float, float, int, int]]:
         except (OSError, TimeoutError):
             return None
 
-    async def worker(i: int, conn: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None
-                     ) -> None:
+    async def worker(
+        i: int, conn: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None
+    ) -> None:
         n = i
         next_at = time.time() + interval * i / spec["workers"]
-        while not stop.is_set() and time.time() < deadline and len(samples) < spec[
-                "max_requests"]:
+        while not stop.is_set() and time.time() < deadline and len(samples) < spec["max_requests"]:
             await asyncio.sleep(max(0.0, next_at - time.time()))
             next_at = max(next_at + interval, time.time() - interval)
             which = n % len(probes)

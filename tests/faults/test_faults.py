@@ -55,9 +55,11 @@ def test_valid_reloads_are_coalesced(tmp_path):
     assert r.extra["last_served"]
     assert r.extra["rss_growth_kb"] < 64 * 1024
     if r.failed:  # seen in about 1 run of 5: shown as XFAIL with its figures, not hidden
-        pytest.xfail(f"{r.failed} call-outs failed during back-to-back reloads ({r.statuses}): "
-                     "reloads run on the event loop the embedded services share; needs the "
-                     "services in their own processes")
+        pytest.xfail(
+            f"{r.failed} call-outs failed during back-to-back reloads ({r.statuses}): "
+            "reloads run on the event loop the embedded services share; needs the "
+            "services in their own processes"
+        )
 
 
 def test_extproc_filter_raising_or_hanging(tmp_path):

@@ -63,9 +63,22 @@ def gateway(tmp_path_factory: pytest.TempPathFactory, signer: Signer) -> Iterato
     app = DemoApp(name="web").start_in_thread()
     ports = {n: free_port() for n in ("xds", "gw", "gw_admin", "authz", "rl")}
     authz = {
-        "checks": {"jwt": {"type": "jwt", "options": {"providers": [{
-            "name": "test", "issuer": ISSUER, "audiences": ["api"],
-            "jwks": {"keys": [signer.jwk]}, "claims_to_metadata": ["sub"]}]}}},
+        "checks": {
+            "jwt": {
+                "type": "jwt",
+                "options": {
+                    "providers": [
+                        {
+                            "name": "test",
+                            "issuer": ISSUER,
+                            "audiences": ["api"],
+                            "jwks": {"keys": [signer.jwk]},
+                            "claims_to_metadata": ["sub"],
+                        }
+                    ]
+                },
+            }
+        },
         "default_checks": ["jwt"],
     }
     (tmp / "authz.yaml").write_text(json.dumps(authz))
@@ -83,8 +96,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory, signer: Signer) -> Iterato
 
 def bearer(signer: Signer, sub: str) -> dict[str, str]:
     now = int(time.time())
-    token = signer.token({"iss": ISSUER, "aud": "api", "sub": sub, "iat": now,
-                          "exp": now + 300})
+    token = signer.token({"iss": ISSUER, "aud": "api", "sub": sub, "iat": now, "exp": now + 300})
     return {"authorization": f"Bearer {token}"}
 
 

@@ -27,8 +27,15 @@ def test_every_quickstart_proxy_config_validates_in_envoy(tmp_path: Path) -> Non
     secrets = None
     if mesh.mtls.enabled:  # certificates from a throw-away CA, inlined as static secrets
         issuer = MeshIssuer(mesh_dir=tmp_path, default_ca_dir=tmp_path / "ca")
-        issuer.update(mesh.model_copy(update={"mtls": mesh.mtls.model_copy(
-            update={"ca_dir": None, "ca_cert": None, "ca_key": None})}))
+        issuer.update(
+            mesh.model_copy(
+                update={
+                    "mtls": mesh.mtls.model_copy(
+                        update={"ca_dir": None, "ca_cert": None, "ca_key": None}
+                    )
+                }
+            )
+        )
         secrets = issuer.secrets()
     snapshots = translate(mesh, version="quickstart", secrets=secrets)
     assert sorted(snapshots) == sorted(p.node_id for p in mesh.proxies())
@@ -39,9 +46,20 @@ def test_every_quickstart_proxy_config_validates_in_envoy(tmp_path: Path) -> Non
         path = tmp_path / f"{proxy.node_id}.yaml"
         path.write_text(yaml.safe_dump(config))
         result = subprocess.run(
-            [envoy_binary(), "--mode", "validate", "-c", str(path), "--use-dynamic-base-id",
-             "--log-level", "error"],
-            capture_output=True, text=True, timeout=60, check=False,
+            [
+                envoy_binary(),
+                "--mode",
+                "validate",
+                "-c",
+                str(path),
+                "--use-dynamic-base-id",
+                "--log-level",
+                "error",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
         )
         assert result.returncode == 0, f"{proxy.node_id}: {result.stdout}{result.stderr}"
         listeners = snapshots[proxy.node_id].resources(ResourceType.LISTENER)
@@ -57,7 +75,8 @@ def test_quickstart_gateway_routes_show_the_features() -> None:
     assert header.route.cluster == "outbound|reviews|v2"
     canary = routes["reviews-canary"].route.weighted_clusters.clusters
     assert {(c.name, c.weight.value) for c in canary} == {
-        ("outbound|reviews|v1", 90), ("outbound|reviews|v2", 10)
+        ("outbound|reviews|v1", 90),
+        ("outbound|reviews|v2", 10),
     }
     assert routes["reviews-flaky-retried"].route.retry_policy.retry_on == "5xx"
     assert "envoy.filters.http.fault" in routes["ratings-fault"].typed_per_filter_config

@@ -96,8 +96,9 @@ routes:
 """
 
 
-def http(port: int, path: str, headers: dict[str, str] | None = None
-         ) -> tuple[int, dict[str, str], str]:
+def http(
+    port: int, path: str, headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, str], str]:
     req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", headers=headers or {})
     try:
         with urllib.request.urlopen(req, timeout=5) as resp:
@@ -111,8 +112,9 @@ class World(MeshWorld):
     def __init__(self, tmp: Path, mtls: str = "off") -> None:
         self.mtls = mtls
         self.apps = {v: DemoApp(name="web", version=v).start_in_thread() for v in ("v1", "v2")}
-        self.ports = distinct_ports("xds", "gw", "gw_admin", "authz", "proc", "rl", "in1", "out1",
-                                    "admin1", "status")
+        self.ports = distinct_ports(
+            "xds", "gw", "gw_admin", "authz", "proc", "rl", "in1", "out1", "admin1", "status"
+        )
         (tmp / "authz.yaml").write_text(AUTHZ_YAML)
         (tmp / "limits.yaml").write_text(RATELIMIT_YAML)
         self.mesh_path = tmp / "mesh.yaml"
@@ -120,12 +122,19 @@ class World(MeshWorld):
         super().__init__(tmp, self.mesh_path, status_port=self.ports["status"])
 
     def write_mesh(self, *, tag: str) -> None:
-        self.mesh_path.write_text(MESH.format(
-            **self.ports, app1=self.apps["v1"].port, app2=self.apps["v2"].port, tag=tag,
-            mtls=self.mtls))
+        self.mesh_path.write_text(
+            MESH.format(
+                **self.ports,
+                app1=self.apps["v1"].port,
+                app2=self.apps["v2"].port,
+                tag=tag,
+                mtls=self.mtls,
+            )
+        )
 
-    def gateway(self, path: str, headers: dict[str, str] | None = None
-                ) -> tuple[int, dict[str, str], str]:
+    def gateway(
+        self, path: str, headers: dict[str, str] | None = None
+    ) -> tuple[int, dict[str, str], str]:
         return http(self.ports["gw"], path, headers)
 
     def metric(self, name: str, **labels: str) -> float:
@@ -146,8 +155,9 @@ class World(MeshWorld):
 
 
 @pytest.fixture(scope="module", params=["off", "strict"], ids=["plaintext", "mtls-strict"])
-def world(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-          ) -> Iterator[World]:
+def world(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[World]:
     """The whole module runs twice: without mTLS (the services speak plaintext gRPC) and with
     strict mTLS (every proxy calls the services over mTLS with its workload certificate, and the
     services accept nothing else)."""
@@ -172,8 +182,7 @@ def test_policy_allows_and_denies_with_a_body(world: World) -> None:
 
 
 @pytest.mark.parametrize("path", ["//admin", "///admin/x", "/x/../admin", "/./admin"])
-def test_other_spellings_of_a_protected_path_meet_the_same_policy(world: World, path: str
-                                                                  ) -> None:
+def test_other_spellings_of_a_protected_path_meet_the_same_policy(world: World, path: str) -> None:
     """Envoy normalises the path (the mesh default, merge_slashes) before it routes, so another
     spelling of /admin cannot fall through to the catch-all route that has no policy."""
     status, _, body = world.gateway(path)

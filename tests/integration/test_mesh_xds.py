@@ -132,9 +132,7 @@ def test_gateway_to_sidecar_to_app_and_mesh_traffic(running: Running) -> None:
     assert inbound["http.inbound_reviews.downstream_rq_total"] >= 1
     # an app asks its own sidecar's outbound listener for the reviews service, by Host
     outbound_port = running.data["services"][0]["endpoints"][0]["sidecar"]["outbound_port"]
-    status, body = fetch(
-        outbound_port, "/reviews", {"host": "reviews", "x-version": "v2"}
-    )
+    status, body = fetch(outbound_port, "/reviews", {"host": "reviews", "x-version": "v2"})
     assert (status, body["version"]) == (200, "v2")
     status, _ = fetch(outbound_port, "/reviews", {"host": "unknown"})
     assert status == 404

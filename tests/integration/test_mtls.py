@@ -58,8 +58,7 @@ routes:
 """
 
 
-def http(port: int, path: str, headers: dict[str, str] | None = None
-         ) -> tuple[int, dict[str, Any]]:
+def http(port: int, path: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
     req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", headers=headers or {})
     try:
         with urllib.request.urlopen(req, timeout=5) as resp:
@@ -74,8 +73,11 @@ class World(MeshWorld):
         names = ("xds", "gw", "gw_admin", "in1", "out1", "admin1", "in2", "out2", "admin2")
         self.ports = distinct_ports(*names)
         mesh_path = tmp / "mesh.yaml"
-        mesh_path.write_text(MESH.format(**self.ports, mode=mode, app1=self.apps["v1"].port,
-                                         app2=self.apps["v2"].port))
+        mesh_path.write_text(
+            MESH.format(
+                **self.ports, mode=mode, app1=self.apps["v1"].port, app2=self.apps["v2"].port
+            )
+        )
         super().__init__(tmp, mesh_path)
 
     def rotate(self) -> list[str]:
@@ -178,7 +180,8 @@ def test_strict_sidecar_refuses_plaintext_and_strangers(world: World, tmp_path: 
     assert answer.startswith(b"HTTP/1.1 200")
     # the same client with a certificate from another CA, or none, is refused
     stranger = CertificateAuthority.generate(trust_domain="cluster.local").issue(
-        REVIEWS_ID, ttl=timedelta(minutes=5))
+        REVIEWS_ID, ttl=timedelta(minutes=5)
+    )
     for cert in (stranger, None):
         try:
             refused = tls_request(inbound, ca.root_pem, cert, tmp_path)
@@ -216,8 +219,9 @@ def test_rotation_reaches_envoy_over_sds_without_restart(world: World) -> None:
     assert "BEGIN EC PRIVATE" not in json.dumps(dump) and "BEGIN PRIVATE" not in json.dumps(dump)
 
 
-def test_permissive_sidecar_takes_plaintext_and_mtls(tmp_path_factory: pytest.TempPathFactory
-                                                     ) -> None:
+def test_permissive_sidecar_takes_plaintext_and_mtls(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
     w = World(tmp_path_factory.mktemp("mtls-permissive"), mode="permissive")
     try:
         w.start()

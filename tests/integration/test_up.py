@@ -48,18 +48,29 @@ routes:
 class Up:
     """A `legation up` subprocess whose output is collected line by line."""
 
-    def __init__(self, mesh: Path, tmp: Path, status_port: int, *, terminal: bool = False
-                 ) -> None:
+    def __init__(self, mesh: Path, tmp: Path, status_port: int, *, terminal: bool = False) -> None:
         self.log_dir = tmp / "logs"
         self.status_url = f"http://127.0.0.1:{status_port}"
-        command = [sys.executable, "-m", "legation.cli", "up", str(mesh),
-                   "--status-port", str(status_port), "--log-dir", str(self.log_dir)]
+        command = [
+            sys.executable,
+            "-m",
+            "legation.cli",
+            "up",
+            str(mesh),
+            "--status-port",
+            str(status_port),
+            "--log-dir",
+            str(self.log_dir),
+        ]
         if terminal:  # util-linux `script` gives the command a pseudo-terminal
             command = ["script", "-qfec", " ".join(command), "/dev/null"]
         else:
             command.append("--plain")
         self.proc = subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
         self.lines: list[str] = []
@@ -90,8 +101,9 @@ class Up:
 
     def envoy_pids(self) -> list[int]:
         """Envoy processes whose config lives in this run's log dir."""
-        out = subprocess.run(["pgrep", "-f", f"envoy.*{self.log_dir}"], capture_output=True,
-                             text=True).stdout
+        out = subprocess.run(
+            ["pgrep", "-f", f"envoy.*{self.log_dir}"], capture_output=True, text=True
+        ).stdout
         return [int(pid) for pid in out.split()]
 
     def stop(self) -> None:
@@ -132,8 +144,12 @@ def eventually(check: Any, timeout: float = 15.0) -> None:
 def gone(pids: list[int], timeout: float = 10.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        alive = [p for p in pids if Path(f"/proc/{p}").exists()
-                 and "zombie" not in Path(f"/proc/{p}/status").read_text().lower()]
+        alive = [
+            p
+            for p in pids
+            if Path(f"/proc/{p}").exists()
+            and "zombie" not in Path(f"/proc/{p}/status").read_text().lower()
+        ]
         if not alive:
             return True
         time.sleep(0.1)
@@ -182,8 +198,9 @@ def test_up_serves_reloads_reports_and_stops_cleanly(
     assert "gateway-gw  (gateway, in sync)" in human.stdout
     assert "sidecar-web-v1  (sidecar, in sync)" in human.stdout
     assert f"admin      127.0.0.1:{ports['admin1']}" in human.stdout
-    doc = json.loads(subprocess.run([*cli, "--json"], capture_output=True, text=True,
-                                    timeout=30).stdout)
+    doc = json.loads(
+        subprocess.run([*cli, "--json"], capture_output=True, text=True, timeout=30).stdout
+    )
     gateway = next(p for p in doc["proxies"] if p["node_id"] == "gateway-gw")
     assert gateway["listeners"] == {"gateway": f"127.0.0.1:{ports['gw']}"}
     assert set(gateway["acked"]) >= {"CDS", "EDS", "LDS", "RDS"}
@@ -191,8 +208,9 @@ def test_up_serves_reloads_reports_and_stops_cleanly(
 
     # a valid change reaches the running Envoys, without restarting them
     pids = up.envoy_pids()
-    mesh_file.write_text(mesh_file.read_text().replace("hello v1", "hello v2")
-                         .replace("subset: v1}", "subset: v2}"))
+    mesh_file.write_text(
+        mesh_file.read_text().replace("hello v1", "hello v2").replace("subset: v1}", "subset: v2}")
+    )
     eventually(lambda: http(gw + "/hello") == (200, "hello v2"))
     eventually(lambda: json.loads(http(gw + "/x")[1] or "{}").get("version") == "v2")
     assert sorted(up.envoy_pids()) == sorted(pids)
@@ -205,8 +223,9 @@ def test_up_serves_reloads_reports_and_stops_cleanly(
     assert f"{mesh_file}: routez: " in up.output  # the error names the file and the field
     for _ in range(10):
         assert http(gw + "/hello") == (200, "hello v2")
-    doc = json.loads(subprocess.run([*cli, "--json"], capture_output=True, text=True,
-                                    timeout=30).stdout)
+    doc = json.loads(
+        subprocess.run([*cli, "--json"], capture_output=True, text=True, timeout=30).stdout
+    )
     assert doc["generation"] == 2 and "routez" in doc["last_error"]
     metrics = http(up.status_url + "/metrics")[1]
     assert 'legation_config_reloads_total{result="rejected"} 1.0' in metrics
@@ -259,19 +278,25 @@ def test_up_runs_the_mesh_services_and_stops_them(tmp_path: Path, ports: dict[st
     repo = Path(__file__).resolve().parents[2]
     (tmp_path / "authz.yaml").write_text(
         f"checks: {{rego: {{type: rego, options: {{policy_dir: {repo / 'policies/quickstart'}}}}}}}"
-        "\ndefault_checks: [rego]\n")
+        "\ndefault_checks: [rego]\n"
+    )
     (tmp_path / "limits.yaml").write_text("domain: mesh\ndescriptors: []\n")
     service_ports = {"authz": free_port(), "rl": free_port()}
     mesh = tmp_path / "mesh.yaml"
-    mesh.write_text(SERVICES.format(**service_ports)
-                    + MESH.format(**ports, greeting="hi", subset="v1")
-                    .replace("    to: {service: web, subset: v1}",
-                             "    to: {service: web, subset: v1}\n    authz: quickstart.authz"))
+    mesh.write_text(
+        SERVICES.format(**service_ports)
+        + MESH.format(**ports, greeting="hi", subset="v1").replace(
+            "    to: {service: web, subset: v1}",
+            "    to: {service: web, subset: v1}\n    authz: quickstart.authz",
+        )
+    )
     run = Up(mesh, tmp_path, ports["status"])
     try:
         run.wait_for("Legation is up")
-        assert f"extauthz service at 127.0.0.1:{service_ports['authz']}, in its own process" \
+        assert (
+            f"extauthz service at 127.0.0.1:{service_ports['authz']}, in its own process"
             in run.output
+        )
         gw = f"http://127.0.0.1:{ports['gw']}"
         status, body = http(gw + "/page")
         assert status == 403 and json.loads(body)["policy"] == "quickstart.authz"
@@ -279,11 +304,18 @@ def test_up_runs_the_mesh_services_and_stops_them(tmp_path: Path, ports: dict[st
         assert http(gw + "/hello") == (200, "hi")  # no authz on that route
         doc = json.loads(http(run.status_url + "/status")[1])
         assert doc["services"]["ratelimit"] == {
-            "embedded": True, "address": f"127.0.0.1:{service_ports['rl']}", "tls": "none",
-            "process": "own", "plan": str(Path(".legation/services/ratelimit/plan.json")
-                                          .resolve())}
-        eventually(lambda: {p["role"] for p in processes(run.status_url)} >= {
-            "up", "xds", "extauthz", "ratelimit", "envoy"})
+            "embedded": True,
+            "address": f"127.0.0.1:{service_ports['rl']}",
+            "tls": "none",
+            "process": "own",
+            "plan": str(Path(".legation/services/ratelimit/plan.json").resolve()),
+        }
+        eventually(
+            lambda: (
+                {p["role"] for p in processes(run.status_url)}
+                >= {"up", "xds", "extauthz", "ratelimit", "envoy"}
+            )
+        )
         roles = {p["role"]: p for p in processes(run.status_url)}
 
         # the control plane killed: the services (their own processes) keep deciding, and it is
@@ -293,8 +325,11 @@ def test_up_runs_the_mesh_services_and_stops_them(tmp_path: Path, ports: dict[st
             assert http(gw + "/page")[0] == 403
             assert http(gw + "/page", {"x-role": "admin"})[0] == 200
         run.wait_for("xds restarted")
-        eventually(lambda: any(p["role"] == "xds" and p["restarts"] == 1
-                               for p in processes(run.status_url)))
+        eventually(
+            lambda: any(
+                p["role"] == "xds" and p["restarts"] == 1 for p in processes(run.status_url)
+            )
+        )
         # a service process killed is started again with its last good config
         os.kill(roles["extauthz"]["pid"], signal.SIGKILL)
         run.wait_for("extauthz restarted")
@@ -302,8 +337,9 @@ def test_up_runs_the_mesh_services_and_stops_them(tmp_path: Path, ports: dict[st
         assert http(gw + "/page")[0] == 403
 
         # a reload that drops a service stops its process
-        mesh.write_text(mesh.read_text().replace(
-            SERVICES.format(**service_ports).splitlines()[1] + "\n", ""))
+        mesh.write_text(
+            mesh.read_text().replace(SERVICES.format(**service_ports).splitlines()[1] + "\n", "")
+        )
         run.wait_for("ratelimit service gone from the mesh, its process stopped")
         eventually(lambda: "ratelimit" not in {p["role"] for p in processes(run.status_url)})
         run.proc.send_signal(signal.SIGINT)
@@ -324,15 +360,16 @@ def test_up_refuses_to_start_when_a_service_port_is_taken(
         taken.listen()
         port = taken.getsockname()[1]
         mesh = tmp_path / "mesh.yaml"
-        mesh.write_text(f"ratelimit: {{port: {port}, config: limits.yaml}}\n"
-                        + MESH.format(**ports, greeting="hi", subset="v1"))
+        mesh.write_text(
+            f"ratelimit: {{port: {port}, config: limits.yaml}}\n"
+            + MESH.format(**ports, greeting="hi", subset="v1")
+        )
         run = Up(mesh, tmp_path, ports["status"])
         try:
             assert run.proc.wait(30) == 1
             run._reader.join(5)
             assert "cannot start the mesh's request-path services, nothing started" in run.output
-            assert f"cannot start the embedded ratelimit service on 127.0.0.1:{port}" \
-                in run.output
+            assert f"cannot start the embedded ratelimit service on 127.0.0.1:{port}" in run.output
             assert run.envoy_pids() == []
         finally:
             run.stop()
@@ -347,8 +384,12 @@ def test_up_on_a_terminal_shows_a_live_table(
         gw = f"http://127.0.0.1:{ports['gw']}"
         for _ in range(5):
             assert http(gw + "/hello") == (200, "hello v1")
-        eventually(lambda: "gateway-gw" in (screen := run.output.rsplit("\x1b[H\x1b[J", 1)[-1])
-                   and " 5 " in screen.split("gateway-gw", 1)[1].splitlines()[0])
+        eventually(
+            lambda: (
+                "gateway-gw" in (screen := run.output.rsplit("\x1b[H\x1b[J", 1)[-1])
+                and " 5 " in screen.split("gateway-gw", 1)[1].splitlines()[0]
+            )
+        )
         screen = run.output.rsplit("\x1b[H\x1b[J", 1)[-1]
         assert f"curl -s {gw}/hello" in screen  # the banner stays on screen
         assert "sidecar-web-v1" in screen and "yes" in screen

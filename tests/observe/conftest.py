@@ -50,10 +50,15 @@ class RecordingServicer(AccessLogServicer):
 class AlsWorld:
     """The access-log service, and an Envoy whose one listener logs every request to it."""
 
-    def __init__(self, tmp: Path, *, routes: Sequence[dict[str, Any]],
-                 http_filters: Sequence[dict[str, Any]],
-                 clusters: Sequence[dict[str, Any]], request_headers: Sequence[str] = ()
-                 ) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        *,
+        routes: Sequence[dict[str, Any]],
+        http_filters: Sequence[dict[str, Any]],
+        clusters: Sequence[dict[str, Any]],
+        request_headers: Sequence[str] = (),
+    ) -> None:
         self.aggregator = Aggregator()
         self.servicer = RecordingServicer(self.aggregator)
         self.loop = LoopThread()
@@ -62,15 +67,20 @@ class AlsWorld:
         ports = distinct_ports("listen", "admin")
         self.port = ports["listen"]
         config = static_bootstrap(
-            listen_port=ports["listen"], admin_port=ports["admin"], routes=list(routes),
+            listen_port=ports["listen"],
+            admin_port=ports["admin"],
+            routes=list(routes),
             http_filters=list(http_filters),
-            clusters=[*clusters, plain(als_cluster("127.0.0.1", als_port))])
+            clusters=[*clusters, plain(als_cluster("127.0.0.1", als_port))],
+        )
         config["node"] = {"id": NODE_ID, "cluster": NODE_CLUSTER}
         hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
-        hcm["typed_config"]["access_log"] = [plain(access_log(
-            "outbound", flush_interval_ms=100, request_headers=request_headers))]
-        self.envoy = EnvoyProcess(config, admin_port=ports["admin"], name="observe",
-                                  log_dir=tmp).start()
+        hcm["typed_config"]["access_log"] = [
+            plain(access_log("outbound", flush_interval_ms=100, request_headers=request_headers))
+        ]
+        self.envoy = EnvoyProcess(
+            config, admin_port=ports["admin"], name="observe", log_dir=tmp
+        ).start()
         self.envoy.wait_live()
 
     def get(self, path: str, headers: Mapping[str, str] | None = None) -> int:

@@ -33,14 +33,26 @@ pytestmark = pytest.mark.integration
 def _routes() -> list[dict[str, Any]]:
     return [
         {"name": "ok", "match": {"prefix": "/ok"}, "route": {"cluster": "outbound|reviews"}},
-        {"name": "slow", "match": {"prefix": "/slow"},
-         "route": {"cluster": "outbound|ratings|v2"},
-         "typed_per_filter_config": {FAULT: {"@type": FAULT_TYPE, "delay": {
-             "fixed_delay": f"{DELAY_MS / 1000}s",
-             "percentage": {"numerator": 100, "denominator": "HUNDRED"}}}}},
+        {
+            "name": "slow",
+            "match": {"prefix": "/slow"},
+            "route": {"cluster": "outbound|ratings|v2"},
+            "typed_per_filter_config": {
+                FAULT: {
+                    "@type": FAULT_TYPE,
+                    "delay": {
+                        "fixed_delay": f"{DELAY_MS / 1000}s",
+                        "percentage": {"numerator": 100, "denominator": "HUNDRED"},
+                    },
+                }
+            },
+        },
         {"name": "boom", "match": {"prefix": "/boom"}, "direct_response": {"status": 503}},
-        {"name": "rest", "match": {"prefix": "/"}, "direct_response": {
-            "status": 200, "body": {"inline_string": "rest"}}},
+        {
+            "name": "rest",
+            "match": {"prefix": "/"},
+            "direct_response": {"status": 200, "body": {"inline_string": "rest"}},
+        },
     ]
 
 
@@ -52,8 +64,10 @@ def world(als_world: Callable[..., AlsWorld]) -> Iterator[AlsWorld]:
         yield als_world(
             routes=_routes(),
             http_filters=[{"name": FAULT, "typed_config": {"@type": FAULT_TYPE}}],
-            clusters=[static_cluster("outbound|reviews", reviews.port),
-                      static_cluster("outbound|ratings|v2", ratings.port)],
+            clusters=[
+                static_cluster("outbound|reviews", reviews.port),
+                static_cluster("outbound|ratings|v2", ratings.port),
+            ],
             request_headers=["x-visible-marker"],
         )
     finally:
@@ -77,7 +91,10 @@ def test_known_mix_counts_success_and_latency_bucket(world: AlsWorld) -> None:
     _send_mix(world)
     routes = _rows(world, "route")
     assert {k: (r.total, r.total_failures) for k, r in routes.items()} == {
-        ("ok",): (N_OK, 0), ("boom",): (M_5XX, M_5XX), ("slow",): (K_SLOW, 0)}
+        ("ok",): (N_OK, 0),
+        ("boom",): (M_5XX, M_5XX),
+        ("slow",): (K_SLOW, 0),
+    }
     for key, success in ((("ok",), 1.0), (("boom",), 0.0), (("slow",), 1.0)):
         stats = routes[key].windows[60]
         assert stats.success == success
@@ -89,12 +106,15 @@ def test_known_mix_counts_success_and_latency_bucket(world: AlsWorld) -> None:
 
     pairs = _rows(world, "pair")
     assert {k: (r.total, r.total_failures) for k, r in pairs.items()} == {
-        (NODE_CLUSTER, "reviews"): (N_OK, 0), (NODE_CLUSTER, "ratings"): (K_SLOW, 0),
-        (NODE_CLUSTER, LOCAL): (M_5XX, M_5XX)}
+        (NODE_CLUSTER, "reviews"): (N_OK, 0),
+        (NODE_CLUSTER, "ratings"): (K_SLOW, 0),
+        (NODE_CLUSTER, LOCAL): (M_5XX, M_5XX),
+    }
     proxies = _rows(world, "proxy")
     total = N_OK + M_5XX + K_SLOW
     assert {k: (r.total, r.total_failures) for k, r in proxies.items()} == {
-        (NODE_ID,): (total, M_5XX)}
+        (NODE_ID,): (total, M_5XX)
+    }
     assert proxies[(NODE_ID,)].windows[60].success == (total - M_5XX) / total
 
     table = render(world.aggregator.snapshot(), window=60)
@@ -105,19 +125,36 @@ def test_prometheus_output_parses_with_the_documented_names(world: AlsWorld) -> 
     _send_mix(world)
     registry = CollectorRegistry()
     registry.register(GoldenCollector(world.aggregator))
-    families = {f.name: f for f in text_string_to_metric_families(
-        generate_latest(registry).decode())}
+    families = {
+        f.name: f for f in text_string_to_metric_families(generate_latest(registry).decode())
+    }
     assert set(families) == set(metric_names())
-    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
-               for f in families.values() for s in f.samples}
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for f in families.values()
+        for s in f.samples
+    }
     assert samples[("legation_golden_route_requests_total", (("route", "ok"),))] == N_OK
     assert samples[("legation_golden_route_failures_total", (("route", "boom"),))] == M_5XX
-    assert samples[("legation_golden_pair_requests_total", (
-        ("destination", "ratings"), ("source", NODE_CLUSTER)))] == K_SLOW
-    assert samples[("legation_golden_route_success_ratio", (
-        ("route", "boom"), ("window", "60")))] == 0.0
-    p50 = samples[("legation_golden_route_latency_seconds", (
-        ("quantile", "0.5"), ("route", "slow"), ("window", "60")))]
+    assert (
+        samples[
+            (
+                "legation_golden_pair_requests_total",
+                (("destination", "ratings"), ("source", NODE_CLUSTER)),
+            )
+        ]
+        == K_SLOW
+    )
+    assert (
+        samples[("legation_golden_route_success_ratio", (("route", "boom"), ("window", "60")))]
+        == 0.0
+    )
+    p50 = samples[
+        (
+            "legation_golden_route_latency_seconds",
+            (("quantile", "0.5"), ("route", "slow"), ("window", "60")),
+        )
+    ]
     assert bucket_of(p50 * 1000) == bucket_of(DELAY_MS)
     assert samples[("legation_golden_label_overflow_total", (("scope", "route"),))] == 0
 
@@ -128,8 +165,11 @@ def test_credentials_never_reach_the_access_log_service(world: AlsWorld) -> None
     assert b"marker-42" in raw  # a configured header does arrive: the check below can fail
     for secret in (TOKEN, "sekrit-token-4711", COOKIE, "cookie-value-0815"):
         assert secret.encode() not in raw
-    entries = [e for r in world.servicer.raw
-               for e in als_pb2.StreamAccessLogsMessage.FromString(r).http_logs.log_entry]
+    entries = [
+        e
+        for r in world.servicer.raw
+        for e in als_pb2.StreamAccessLogsMessage.FromString(r).http_logs.log_entry
+    ]
     assert len(entries) == N_OK + M_5XX + K_SLOW
     for entry in entries:
         assert dict(entry.request.request_headers) == {"x-visible-marker": "marker-42"}

@@ -22,10 +22,23 @@ class Clock:
         return self.now
 
 
-def entry(route: str = "r", cluster: str = "outbound|reviews", code: int = 200,
-          ms: float = 4.0, node: str = "sidecar~a-1", log_name: str = "outbound") -> Entry:
-    return Entry(node_id=node, node_cluster="a", log_name=log_name, route=route,
-                 upstream_cluster=cluster, code=code, duration_ms=ms)
+def entry(
+    route: str = "r",
+    cluster: str = "outbound|reviews",
+    code: int = 200,
+    ms: float = 4.0,
+    node: str = "sidecar~a-1",
+    log_name: str = "outbound",
+) -> Entry:
+    return Entry(
+        node_id=node,
+        node_cluster="a",
+        log_name=log_name,
+        route=route,
+        upstream_cluster=cluster,
+        code=code,
+        duration_ms=ms,
+    )
 
 
 def test_windows_slide_and_totals_stay() -> None:
@@ -66,9 +79,16 @@ def test_percentiles_fall_in_the_bucket_of_the_samples() -> None:
     assert w.stats(1, 10).p50_ms is not None
 
 
-@pytest.mark.parametrize(("cluster", "dest"), [
-    ("outbound|reviews", "reviews"), ("outbound|reviews|v2", "reviews"),
-    ("inbound|reviews", None), ("", LOCAL), ("upstream", "upstream")])
+@pytest.mark.parametrize(
+    ("cluster", "dest"),
+    [
+        ("outbound|reviews", "reviews"),
+        ("outbound|reviews|v2", "reviews"),
+        ("inbound|reviews", None),
+        ("", LOCAL),
+        ("upstream", "upstream"),
+    ],
+)
 def test_destination_of_legation_cluster_names(cluster: str, dest: str | None) -> None:
     assert destination(cluster) == dest
 
@@ -125,7 +145,8 @@ def test_render_is_a_stat_table() -> None:
     assert text == (
         "window 10s\n\n"
         "ROUTE            RPS  SUCCESS    P50    P90    P99\n"
-        "reviews-default  0.5  100.00%  4.0ms  4.8ms  5.0ms\n")
+        "reviews-default  0.5  100.00%  4.0ms  4.8ms  5.0ms\n"
+    )
     assert render(json.loads(json.dumps(agg.snapshot().to_dict())), scopes=("route",)) == text
 
 
@@ -139,14 +160,16 @@ def test_render_without_requests_and_past_the_limit() -> None:
         render(agg.snapshot(), window=60)
 
 
-@pytest.mark.parametrize("header", ["Authorization", "cookie", " Proxy-Authorization ",
-                                    "set-cookie", "x-api-key"])
+@pytest.mark.parametrize(
+    "header", ["Authorization", "cookie", " Proxy-Authorization ", "set-cookie", "x-api-key"]
+)
 def test_credential_headers_are_never_configured(header: str) -> None:
     with pytest.raises(ObserveError) as err:
         access_log("outbound", request_headers=["x-request-id", header])
     assert err.value.code == "sensitive_header"
     assert str(err.value) == (
-        f"access log request_headers: {header!r} carries credentials and is never logged")
+        f"access log request_headers: {header!r} carries credentials and is never logged"
+    )
     with pytest.raises(ObserveError):
         access_log("outbound", response_headers=[header])
 
@@ -154,8 +177,13 @@ def test_credential_headers_are_never_configured(header: str) -> None:
 def test_access_log_config_carries_the_log_name_and_batching() -> None:
     from envoy.extensions.access_loggers.grpc.v3 import als_pb2
 
-    log = access_log("gateway", cluster="als", flush_interval_ms=250, buffer_size_bytes=4096,
-                     request_headers=["X-Request-Id"])
+    log = access_log(
+        "gateway",
+        cluster="als",
+        flush_interval_ms=250,
+        buffer_size_bytes=4096,
+        request_headers=["X-Request-Id"],
+    )
     config = als_pb2.HttpGrpcAccessLogConfig()
     assert log.typed_config.Unpack(config)
     common = config.common_config
@@ -173,8 +201,14 @@ def test_the_table_renders_the_same_from_metrics_text() -> None:
     clock = Clock()
     agg = Aggregator(windows=(10, 60), clock=clock)
     for i in range(40):
-        agg.record(entry(route=f"r{i % 3}", code=503 if i % 7 == 0 else 200, ms=i * 3.0,
-                         cluster=f"outbound|s{i % 2}"))
+        agg.record(
+            entry(
+                route=f"r{i % 3}",
+                code=503 if i % 7 == 0 else 200,
+                ms=i * 3.0,
+                cluster=f"outbound|s{i % 2}",
+            )
+        )
     clock.now += 20
     agg.record(entry(route="late"))
     registry = CollectorRegistry()

@@ -38,29 +38,40 @@ class FakeClock:
         self.now += seconds
 
 
-def descriptor(*entries: tuple[str, str], hits_addend: int | None = None
-               ) -> ratelimit_pb2.RateLimitDescriptor:
+def descriptor(
+    *entries: tuple[str, str], hits_addend: int | None = None
+) -> ratelimit_pb2.RateLimitDescriptor:
     d = ratelimit_pb2.RateLimitDescriptor(
-        entries=[ratelimit_pb2.RateLimitDescriptor.Entry(key=k, value=v) for k, v in entries])
+        entries=[ratelimit_pb2.RateLimitDescriptor.Entry(key=k, value=v) for k, v in entries]
+    )
     if hits_addend is not None:
         d.hits_addend.value = hits_addend
     return d
 
 
-def request(domain: str, *descriptors: ratelimit_pb2.RateLimitDescriptor,
-            hits_addend: int = 0) -> rls_pb2.RateLimitRequest:
-    return rls_pb2.RateLimitRequest(domain=domain, descriptors=descriptors,
-                                    hits_addend=hits_addend)
+def request(
+    domain: str, *descriptors: ratelimit_pb2.RateLimitDescriptor, hits_addend: int = 0
+) -> rls_pb2.RateLimitRequest:
+    return rls_pb2.RateLimitRequest(domain=domain, descriptors=descriptors, hits_addend=hits_addend)
 
 
-def make_limiter(config: RateLimitConfig | str, *, clock: FakeClock | None = None,
-                 backend: object | None = None, **kwargs: object) -> RateLimiter:
+def make_limiter(
+    config: RateLimitConfig | str,
+    *,
+    clock: FakeClock | None = None,
+    backend: object | None = None,
+    **kwargs: object,
+) -> RateLimiter:
     if isinstance(config, str):
         parsed = parse(config, source="test.yaml")
         config = RateLimitConfig({parsed.domain: parsed})
-    return RateLimiter(config=config, backend=backend or MemoryBackend(),  # type: ignore[arg-type]
-                       metrics=RateLimitMetrics(CollectorRegistry()), clock=clock or FakeClock(),
-                       **kwargs)  # type: ignore[arg-type]
+    return RateLimiter(
+        config=config,
+        backend=backend or MemoryBackend(),  # type: ignore[arg-type]
+        metrics=RateLimitMetrics(CollectorRegistry()),
+        clock=clock or FakeClock(),
+        **kwargs,
+    )  # type: ignore[arg-type]
 
 
 def sample(limiter: RateLimiter, name: str, **labels: str) -> float:
@@ -75,9 +86,23 @@ class RedisServer:
         self.port = free_port()
         self.dir = tmp
         self.proc = subprocess.Popen(
-            [REDIS_SERVER or "redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
-             "--save", "", "--appendonly", "no", "--dir", str(tmp), *extra],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [
+                REDIS_SERVER or "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(tmp),
+                *extra,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.monotonic() + 10
         while True:
             try:

@@ -44,8 +44,11 @@ def bootstrap(
     descriptor; ``rls_port`` adds the ratelimit filter, ``local_limit`` Envoy's local one."""
     filters = []
     if rls_port is not None:
-        filters.append(ef.rate_limit_filter(domain=domain, cluster=RLS_CLUSTER,
-                                            failure_mode=failure_mode, timeout_ms=1000))
+        filters.append(
+            ef.rate_limit_filter(
+                domain=domain, cluster=RLS_CLUSTER, failure_mode=failure_mode, timeout_ms=1000
+            )
+        )
     if local_limit is not None:
         filters.append(ef.local_rate_limit_filter(stat_prefix="local", max_tokens=local_limit))
     vhost = route_pb2.VirtualHost(name="all", domains=["*"])
@@ -58,13 +61,16 @@ def bootstrap(
     clusters = [static_cluster("upstream", upstream_port)]  # the demo upstream speaks HTTP/1.1
     if rls_port is not None:
         clusters.append(_dict(ef.rate_limit_cluster(RLS_CLUSTER, "127.0.0.1", rls_port)))
-    return static_bootstrap(listen_port=listen_port, admin_port=admin_port,
-                            routes=_dict(vhost)["routes"],
-                            http_filters=[_dict(f) for f in filters], clusters=clusters)
+    return static_bootstrap(
+        listen_port=listen_port,
+        admin_port=admin_port,
+        routes=_dict(vhost)["routes"],
+        http_filters=[_dict(f) for f in filters],
+        clusters=clusters,
+    )
 
 
-def get(port: int, path: str, headers: dict[str, str] | None = None
-        ) -> tuple[int, dict[str, str]]:
+def get(port: int, path: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str]]:
     """GET through Envoy: (status, lower-cased response headers); 4xx/5xx are answers too."""
     req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", headers=headers or {})
     try:

@@ -24,8 +24,14 @@ async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
         b: Backend = MemoryBackend()
     else:
         server: RedisServer = request.getfixturevalue("shared_redis")
-        b = RedisBackend(RedisConfig(url=server.url, key_prefix=f"t{uuid.uuid4().hex}:",
-                                     timeout_ms=2000, local_cache_size=0))
+        b = RedisBackend(
+            RedisConfig(
+                url=server.url,
+                key_prefix=f"t{uuid.uuid4().hex}:",
+                timeout_ms=2000,
+                local_cache_size=0,
+            )
+        )
     yield b
     await b.close()
 
@@ -34,8 +40,9 @@ def lim(rpu: int, algorithm: Algorithm, unit: str = "second") -> Limit:
     return Limit(unit=unit, requests_per_unit=rpu, algorithm=algorithm)
 
 
-async def run(backend: Backend, limit: Limit, at_ms: int, n: int = 1, cost: int = 1
-              ) -> list[tuple[bool, int, int]]:
+async def run(
+    backend: Backend, limit: Limit, at_ms: int, n: int = 1, cost: int = 1
+) -> list[tuple[bool, int, int]]:
     out = []
     for _ in range(n):
         (d,) = await backend.hit([Hit("k", limit, cost)], at_ms)
@@ -113,17 +120,28 @@ async def test_zero_limit_refuses_everything(backend: Backend) -> None:
 async def test_redis_and_memory_agree_on_a_random_schedule(shared_redis: RedisServer) -> None:
     rng = random.Random(6)
     memory = MemoryBackend()
-    redis_backend = RedisBackend(RedisConfig(url=shared_redis.url, timeout_ms=2000,
-                                             key_prefix=f"agree{uuid.uuid4().hex}:",
-                                             local_cache_size=0))
-    limits = [lim(rng.randint(1, 8), a, rng.choice(["second", "minute"])) for a in Algorithm
-              for _ in range(2)]
+    redis_backend = RedisBackend(
+        RedisConfig(
+            url=shared_redis.url,
+            timeout_ms=2000,
+            key_prefix=f"agree{uuid.uuid4().hex}:",
+            local_cache_size=0,
+        )
+    )
+    limits = [
+        lim(rng.randint(1, 8), a, rng.choice(["second", "minute"]))
+        for a in Algorithm
+        for _ in range(2)
+    ]
     now = T0
     try:
         for _ in range(300):
             now += rng.choice([0, 1, 7, 50, 333, 999, 1000, 4000])
-            hits = [Hit(f"k{i}", limit, rng.randint(1, 3)) for i, limit in enumerate(limits)
-                    if rng.random() < 0.6]
+            hits = [
+                Hit(f"k{i}", limit, rng.randint(1, 3))
+                for i, limit in enumerate(limits)
+                if rng.random() < 0.6
+            ]
             assert await memory.hit(hits, now) == await redis_backend.hit(hits, now)
     finally:
         await redis_backend.close()

@@ -13,27 +13,45 @@ from tests.ratelimit.conftest import FIXTURES
 BAD = FIXTURES / "bad"
 
 CASES = {
-    "unknown_limit_key": ("descriptors[0].rate_limit: unknown key 'requests_per_second'",
-                          "unknown_key"),
+    "unknown_limit_key": (
+        "descriptors[0].rate_limit: unknown key 'requests_per_second'",
+        "unknown_key",
+    ),
     "unknown_descriptor_key": ("descriptors[0]: unknown key 'ratelimit'", "unknown_key"),
     "unknown_top_key": ("unknown key 'version'", "unknown_key"),
     "missing_domain": ("domain: the domain is required and must not be empty", "missing_domain"),
     "missing_key": ("descriptors[0].key: descriptor has no key", "missing_key"),
-    "invalid_unit": ("descriptors[0].rate_limit.unit: invalid rate limit unit 'sec' (one of "
-                     "second, minute, hour, day, week, month, year)", "invalid_unit"),
-    "rpu_not_int": ("descriptors[0].rate_limit.requests_per_unit: expected int, got 'many'",
-                    "invalid_type"),
-    "unlimited_with_unit": ("descriptors[0].rate_limit.unit: an unlimited rate limit must not "
-                            "set a unit", "unlimited_with_unit"),
-    "duplicate_descriptor": ("descriptors[2]: duplicate descriptor composite key 'd.a_b'",
-                             "duplicate_descriptor"),
-    "invalid_algorithm": ("descriptors[0].descriptors[0].rate_limit.algorithm: unknown algorithm "
-                          "'leaky_bucket' (one of fixed_window, sliding_window, token_bucket)",
-                          "invalid_algorithm"),
-    "duplicate_limit": ("descriptors[0]: two limits with the same unit and algorithm (they would "
-                        "share one counter)", "duplicate_limit"),
-    "replaces_unknown_key": ("descriptors[0].rate_limit.replaces[0]: unknown key 'nme'",
-                             "unknown_key"),
+    "invalid_unit": (
+        "descriptors[0].rate_limit.unit: invalid rate limit unit 'sec' (one of "
+        "second, minute, hour, day, week, month, year)",
+        "invalid_unit",
+    ),
+    "rpu_not_int": (
+        "descriptors[0].rate_limit.requests_per_unit: expected int, got 'many'",
+        "invalid_type",
+    ),
+    "unlimited_with_unit": (
+        "descriptors[0].rate_limit.unit: an unlimited rate limit must not set a unit",
+        "unlimited_with_unit",
+    ),
+    "duplicate_descriptor": (
+        "descriptors[2]: duplicate descriptor composite key 'd.a_b'",
+        "duplicate_descriptor",
+    ),
+    "invalid_algorithm": (
+        "descriptors[0].descriptors[0].rate_limit.algorithm: unknown algorithm "
+        "'leaky_bucket' (one of fixed_window, sliding_window, token_bucket)",
+        "invalid_algorithm",
+    ),
+    "duplicate_limit": (
+        "descriptors[0]: two limits with the same unit and algorithm (they would "
+        "share one counter)",
+        "duplicate_limit",
+    ),
+    "replaces_unknown_key": (
+        "descriptors[0].rate_limit.replaces[0]: unknown key 'nme'",
+        "unknown_key",
+    ),
     "shadow_not_bool": ("descriptors[0].shadow_mode: expected bool, got 'yes'", "invalid_type"),
     "empty": ("empty file", "missing_domain"),
 }
@@ -72,8 +90,10 @@ def test_duplicate_domain_across_files_names_both(tmp_path: Path) -> None:
     b.write_text("domain: same\n")
     with pytest.raises(ConfigError) as info:
         load_files([a, b])
-    assert str(info.value) == (f"{b}: domain: duplicate domain 'same' (already loaded from {a}; "
-                               "set merge_domains to merge them)")
+    assert str(info.value) == (
+        f"{b}: domain: duplicate domain 'same' (already loaded from {a}; "
+        "set merge_domains to merge them)"
+    )
 
 
 def test_every_readme_example_loads() -> None:
@@ -101,7 +121,9 @@ descriptors:
 
 
 def test_units_are_case_insensitive_and_numeric_values_are_strings() -> None:
-    config = parse("domain: d\ndescriptors:\n  - key: port\n    value: 8080\n"
-                   "    rate_limit: {unit: SECOND, requests_per_unit: 1}\n")
+    config = parse(
+        "domain: d\ndescriptors:\n  - key: port\n    value: 8080\n"
+        "    rate_limit: {unit: SECOND, requests_per_unit: 1}\n"
+    )
     node = config.descriptors.exact[("port", "8080")]
     assert node.limits[0].unit == "second"

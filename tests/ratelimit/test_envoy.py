@@ -44,13 +44,22 @@ _users = itertools.count()
 def stack(tmp_path_factory: pytest.TempPathFactory, demo_factory_module) -> Iterator[tuple]:  # type: ignore[no-untyped-def]
     config = tmp_path_factory.mktemp("rl") / "limits.yaml"
     config.write_text(LIMITS)
-    service = ServiceThread(Settings(config_files=(str(config),), reload_interval=0,
-                                     registry=CollectorRegistry())).start()
+    service = ServiceThread(
+        Settings(config_files=(str(config),), reload_interval=0, registry=CollectorRegistry())
+    ).start()
     upstream = demo_factory_module("upstream")
     listen, admin = free_port(), free_port()
-    envoy = EnvoyProcess(bootstrap(listen_port=listen, admin_port=admin,
-                                   upstream_port=upstream.port, routes=ROUTES,
-                                   rls_port=service.port), admin_port=admin, name="rl-envoy")
+    envoy = EnvoyProcess(
+        bootstrap(
+            listen_port=listen,
+            admin_port=admin,
+            upstream_port=upstream.port,
+            routes=ROUTES,
+            rls_port=service.port,
+        ),
+        admin_port=admin,
+        name="rl-envoy",
+    )
     envoy.start()
     try:
         envoy.wait_live()
@@ -83,7 +92,8 @@ def test_shadow_mode_lets_through_and_counts(stack) -> None:  # type: ignore[no-
     metrics = service.call(lambda: service.server.legation_limiter.metrics)
     shadowed = metrics.registry.get_sample_value(
         "legation_ratelimit_shadow_mode_total",
-        {"domain": "edge", "descriptor": "edge.generic_key_shadowed.user"})
+        {"domain": "edge", "descriptor": "edge.generic_key_shadowed.user"},
+    )
     assert shadowed is not None and shadowed >= 3
 
 
@@ -94,15 +104,27 @@ def test_unmatched_route_is_not_limited(stack) -> None:  # type: ignore[no-untyp
 
 @pytest.mark.parametrize("failure_mode, expected", [("allow", 200), ("deny", 500)])
 def test_envoy_failure_mode_matches_the_service(
-    demo_factory, failure_mode: str, expected: int, tmp_path: Path  # type: ignore[no-untyped-def]
+    demo_factory,
+    failure_mode: str,
+    expected: int,
+    tmp_path: Path,  # type: ignore[no-untyped-def]
 ) -> None:
     upstream = demo_factory("upstream")
     listen, admin = free_port(), free_port()
     dead = free_port()  # nothing listens: the service is unreachable
-    envoy = EnvoyProcess(bootstrap(listen_port=listen, admin_port=admin,
-                                   upstream_port=upstream.port, routes=ROUTES[:1],
-                                   rls_port=dead, failure_mode=failure_mode),
-                         admin_port=admin, name=f"rl-{failure_mode}", log_dir=tmp_path)
+    envoy = EnvoyProcess(
+        bootstrap(
+            listen_port=listen,
+            admin_port=admin,
+            upstream_port=upstream.port,
+            routes=ROUTES[:1],
+            rls_port=dead,
+            failure_mode=failure_mode,
+        ),
+        admin_port=admin,
+        name=f"rl-{failure_mode}",
+        log_dir=tmp_path,
+    )
     with envoy:
         envoy.wait_live()
         assert get(listen, "/limited", {"x-user": "a"})[0] == expected

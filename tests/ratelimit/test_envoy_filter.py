@@ -26,8 +26,14 @@ def test_filter_rejects_unknown_failure_mode() -> None:
 
 
 def test_route_actions_from_specs() -> None:
-    (limit,) = ef.route_rate_limits([ef.RequestHeader("x-user", "user"), ef.RemoteAddress(),
-                                     ef.GenericKey("api", "route"), ef.jwt_claim("sub")])
+    (limit,) = ef.route_rate_limits(
+        [
+            ef.RequestHeader("x-user", "user"),
+            ef.RemoteAddress(),
+            ef.GenericKey("api", "route"),
+            ef.jwt_claim("sub"),
+        ]
+    )
     kinds = [a.WhichOneof("action_specifier") for a in limit.actions]
     assert kinds == ["request_headers", "remote_address", "generic_key", "metadata"]
     assert limit.actions[0].request_headers.descriptor_key == "user"
@@ -46,6 +52,7 @@ def test_empty_descriptor_is_an_error() -> None:
 def test_cluster_is_http2() -> None:
     cluster = ef.rate_limit_cluster("rls", "127.0.0.1", 9000, max_concurrent_streams=8)
     options = cluster.typed_extension_protocol_options[
-        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+    ]
     assert options.type_url.endswith("HttpProtocolOptions")
     assert b"\x08" in options.value  # max_concurrent_streams made it in

@@ -66,12 +66,17 @@ def fallback(store: Store, **kwargs: object) -> tuple[LocalFallback, Clock, Rate
 
 
 def local_count(metrics: RateLimitMetrics) -> float:
-    return metrics.registry.get_sample_value("legation_ratelimit_failure_mode_total",
-                                             {"action": "local"}) or 0.0
+    return (
+        metrics.registry.get_sample_value(
+            "legation_ratelimit_failure_mode_total", {"action": "local"}
+        )
+        or 0.0
+    )
 
 
-async def allowed(backend: LocalFallback, key: str, limit: Limit, n: int, now_ms: int = T0
-                  ) -> list[bool]:
+async def allowed(
+    backend: LocalFallback, key: str, limit: Limit, n: int, now_ms: int = T0
+) -> list[bool]:
     return [(await backend.hit([Hit(key, limit, 1)], now_ms))[0].allowed for _ in range(n)]
 
 
@@ -91,13 +96,16 @@ async def test_outage_decides_locally_with_the_same_limit_and_leaves_the_store_a
     assert store.calls == 1  # the failing call; the rest waited for the backoff, in memory
     assert not backend.available
     assert local_count(metrics) == 8
-    assert metrics.registry.get_sample_value("legation_ratelimit_backend_errors_total",
-                                             {"code": "backend_unavailable"}) == 1
+    assert (
+        metrics.registry.get_sample_value(
+            "legation_ratelimit_backend_errors_total", {"code": "backend_unavailable"}
+        )
+        == 1
+    )
 
 
 @pytest.mark.parametrize(("instances", "per_instance"), [(1, 10), (3, 4), (10, 1), (25, 1)])
-async def test_local_limits_are_divided_among_instances(instances: int, per_instance: int
-                                                        ) -> None:
+async def test_local_limits_are_divided_among_instances(instances: int, per_instance: int) -> None:
     store = Store()
     store.up = False
     backend, _, _ = fallback(store, instances=instances)
@@ -214,12 +222,19 @@ def test_servicer_wraps_and_unwraps_the_backend_with_the_mode() -> None:
     assert limiter.backend is store
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [
-    ({"failure_mode": "local-ish"},
-     "ratelimit settings: failure_mode: expected one of allow, deny, local, got 'local-ish'"),
-    ({"failure_mode": "local", "local_instances": 0},
-     "ratelimit settings: local_instances: expected an integer >= 1, got 0"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (
+            {"failure_mode": "local-ish"},
+            "ratelimit settings: failure_mode: expected one of allow, deny, local, got 'local-ish'",
+        ),
+        (
+            {"failure_mode": "local", "local_instances": 0},
+            "ratelimit settings: local_instances: expected an integer >= 1, got 0",
+        ),
+    ],
+)
 def test_bad_settings(kwargs: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigError) as info:
         Settings(**kwargs)  # type: ignore[arg-type]
@@ -228,8 +243,7 @@ def test_bad_settings(kwargs: dict[str, object], message: str) -> None:
 
 # -- against a real redis-server ------------------------------------------------------------
 
-LIMITS = ("domain: d\ndescriptors:\n  - key: k\n"
-          "    rate_limit: {unit: hour, requests_per_unit: 4}\n")
+LIMITS = "domain: d\ndescriptors:\n  - key: k\n    rate_limit: {unit: hour, requests_per_unit: 4}\n"
 
 
 def _metric(registry: CollectorRegistry, name: str, **labels: str) -> float:
@@ -257,10 +271,14 @@ async def test_redis_killed_and_restarted_local_limits_then_counting_resumes(
     path.write_text(LIMITS)
     registry = CollectorRegistry()
     prefix = f"t{uuid.uuid4().hex}:"
-    settings = Settings(config_files=(str(path),), reload_interval=0, backend="redis",
-                        backend_options={"url": redis_server.url, "timeout_ms": 100,
-                                         "key_prefix": prefix},
-                        failure_mode="local", registry=registry)
+    settings = Settings(
+        config_files=(str(path),),
+        reload_interval=0,
+        backend="redis",
+        backend_options={"url": redis_server.url, "timeout_ms": 100, "key_prefix": prefix},
+        failure_mode="local",
+        registry=registry,
+    )
     grpc_server, port = await start_server(settings)
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     stub = rls_pb2_grpc.RateLimitServiceStub(channel)
@@ -300,6 +318,7 @@ async def test_redis_killed_and_restarted_local_limits_then_counting_resumes(
 
 # -- from the mesh: ratelimit.failure_mode: local ----------------------------------------------
 
+
 async def test_mesh_local_mode_reaches_the_service_and_envoy_allows(tmp_path: Path) -> None:
     from envoy.extensions.filters.http.ratelimit.v3 import rate_limit_pb2
 
@@ -314,7 +333,8 @@ async def test_mesh_local_mode_reaches_the_service_and_envoy_allows(tmp_path: Pa
         "services: [{name: web, port: 9080, endpoints: [{port: 9101}]}]\n"
         f"ratelimit: {{port: {free_port()}, config: limits.yaml, backend: redis,\n"
         f"            redis_url: 'redis://127.0.0.1:{free_port()}/0', failure_mode: local,\n"
-        "            local_instances: 2}\n")
+        "            local_instances: 2}\n"
+    )
     cp = ControlPlane(path, status_port=0, ca_dir=tmp_path / "ca", on_event=lambda _: None)
     await cp.start()
     try:
@@ -326,8 +346,11 @@ async def test_mesh_local_mode_reaches_the_service_and_envoy_allows(tmp_path: Pa
         limiter = server.legation_limiter
         assert isinstance(limiter.backend, LocalFallback) and limiter.backend.instances == 2
         store = limiter.backend.store
-        path.write_text(path.read_text().replace(
-            "failure_mode: local,\n            local_instances: 2", "failure_mode: closed"))
+        path.write_text(
+            path.read_text().replace(
+                "failure_mode: local,\n            local_instances: 2", "failure_mode: closed"
+            )
+        )
         assert await cp.reload() is True
         assert cp.services.running["ratelimit"].server is server  # type: ignore[attr-defined]
         assert limiter.backend is store and server.legation_servicer.failure_mode == "deny"

@@ -38,12 +38,14 @@ async def test_several_limits_all_must_pass() -> None:
 
 
 async def test_hits_addend_request_and_descriptor() -> None:
-    lim = make_limiter("domain: d\ndescriptors:\n  - key: k\n"
-                       "    rate_limit: {unit: hour, requests_per_unit: 10}\n")
+    lim = make_limiter(
+        "domain: d\ndescriptors:\n  - key: k\n    rate_limit: {unit: hour, requests_per_unit: 10}\n"
+    )
     resp = await lim.should_rate_limit(request("d", descriptor(("k", "a")), hits_addend=4))
     assert resp.statuses[0].limit_remaining == 6
-    resp = await lim.should_rate_limit(request("d", descriptor(("k", "a"), hits_addend=5),
-                                               hits_addend=4))
+    resp = await lim.should_rate_limit(
+        request("d", descriptor(("k", "a"), hits_addend=5), hits_addend=4)
+    )
     assert resp.statuses[0].limit_remaining == 1
     resp = await lim.should_rate_limit(request("d", descriptor(("k", "a"), hits_addend=2)))
     assert resp.overall_code == OVER_LIMIT
@@ -55,8 +57,10 @@ async def test_hits_addend_request_and_descriptor() -> None:
 
 
 async def test_global_shadow_mode_answers_ok_and_counts() -> None:
-    lim = make_limiter("domain: d\ndescriptors:\n  - key: k\n"
-                       "    rate_limit: {unit: hour, requests_per_unit: 1}\n", shadow_mode=True)
+    lim = make_limiter(
+        "domain: d\ndescriptors:\n  - key: k\n    rate_limit: {unit: hour, requests_per_unit: 1}\n",
+        shadow_mode=True,
+    )
     req = request("d", descriptor(("k", "a")))
     responses = [await lim.should_rate_limit(req) for _ in range(3)]
     assert [r.overall_code for r in responses] == [OK] * 3
@@ -67,8 +71,10 @@ async def test_global_shadow_mode_answers_ok_and_counts() -> None:
 
 
 async def test_descriptor_limit_override_is_counted_on_its_own() -> None:
-    lim = make_limiter("domain: d\ndescriptors:\n  - key: k\n"
-                       "    rate_limit: {unit: hour, requests_per_unit: 100}\n")
+    lim = make_limiter(
+        "domain: d\ndescriptors:\n  - key: k\n"
+        "    rate_limit: {unit: hour, requests_per_unit: 100}\n"
+    )
     d = descriptor(("k", "a"))
     d.limit.requests_per_unit = 1
     d.limit.unit = ratelimit_unit_pb2.SECOND
@@ -84,10 +90,13 @@ async def test_unknown_domain_is_ok_without_limit() -> None:
     assert resp.overall_code == OK and not resp.statuses[0].HasField("current_limit")
 
 
-@pytest.mark.parametrize("req, message", [
-    (request("", descriptor(("k", "a"))), "domain must not be empty"),
-    (request("d"), "descriptor list must not be empty"),
-])
+@pytest.mark.parametrize(
+    "req, message",
+    [
+        (request("", descriptor(("k", "a"))), "domain must not be empty"),
+        (request("d"), "descriptor list must not be empty"),
+    ],
+)
 async def test_malformed_requests_raise_invalid_request(req, message) -> None:  # type: ignore[no-untyped-def]
     lim = make_limiter("domain: d\n")
     with pytest.raises(RateLimitError, match=message) as info:
@@ -96,10 +105,12 @@ async def test_malformed_requests_raise_invalid_request(req, message) -> None:  
 
 
 async def test_swap_applies_to_the_next_request() -> None:
-    lim = make_limiter("domain: d\ndescriptors:\n  - key: k\n"
-                       "    rate_limit: {unit: hour, requests_per_unit: 1}\n")
-    other = make_limiter("domain: d\ndescriptors:\n  - key: k\n"
-                         "    rate_limit: {unit: hour, requests_per_unit: 50}\n")
+    lim = make_limiter(
+        "domain: d\ndescriptors:\n  - key: k\n    rate_limit: {unit: hour, requests_per_unit: 1}\n"
+    )
+    other = make_limiter(
+        "domain: d\ndescriptors:\n  - key: k\n    rate_limit: {unit: hour, requests_per_unit: 50}\n"
+    )
     req = request("d", descriptor(("k", "a")))
     await lim.should_rate_limit(req)
     lim.swap(other.config)

@@ -46,13 +46,16 @@ async def test_example2_nested_and_per_number_limits() -> None:
 async def test_example3_most_specific_match_wins() -> None:
     lim = limiter_for("example3")
     banned = await lim.should_rate_limit(
-        request("edge_proxy_per_ip", descriptor(("remote_address", "50.0.0.5"))))
+        request("edge_proxy_per_ip", descriptor(("remote_address", "50.0.0.5")))
+    )
     assert banned.overall_code == OVER_LIMIT
-    codes = await hammer(lim, request("edge_proxy_per_ip",
-                                      descriptor(("remote_address", "50.0.0.1"))), 11)
+    codes = await hammer(
+        lim, request("edge_proxy_per_ip", descriptor(("remote_address", "50.0.0.1"))), 11
+    )
     assert codes == [OK] * 10 + [OVER_LIMIT]
     fresh = await lim.should_rate_limit(
-        request("edge_proxy_per_ip", descriptor(("remote_address", "50.0.0.2"))))
+        request("edge_proxy_per_ip", descriptor(("remote_address", "50.0.0.2")))
+    )
     assert fresh.overall_code == OK and fresh.statuses[0].limit_remaining == 9
 
 
@@ -108,8 +111,7 @@ async def test_example8_detailed_metric_keeps_the_value() -> None:
     for value in ("unspecified_value", "unspecified_value2", "value1"):
         await lim.should_rate_limit(request("example8", descriptor(("key1", value))))
     for key in ("key1_unspecified_value", "key1_unspecified_value2", "key1_value1"):
-        assert sample(lim, "total_hits_total", domain="example8",
-                      descriptor=f"example8.{key}") == 1
+        assert sample(lim, "total_hits_total", domain="example8", descriptor=f"example8.{key}") == 1
     assert sample(lim, "total_hits_total", domain="example8", descriptor="example8.key1") == 0
     resp = await lim.should_rate_limit(request("example8", descriptor(("key1", "value1"))))
     assert resp.statuses[0].current_limit.requests_per_unit == 20

@@ -28,8 +28,9 @@ from tests.ratelimit.conftest import REDIS_SERVER, RedisServer, descriptor, requ
 pytestmark = pytest.mark.redis
 T0 = 1_699_999_200_000
 FIXED = Limit(unit="minute", requests_per_unit=2)
-LIMITS = ("domain: d\ndescriptors:\n  - key: k\n"
-          "    rate_limit: {unit: hour, requests_per_unit: 100}\n")
+LIMITS = (
+    "domain: d\ndescriptors:\n  - key: k\n    rate_limit: {unit: hour, requests_per_unit: 100}\n"
+)
 
 
 def backend_for(server: RedisServer, **kwargs: object) -> RedisBackend:
@@ -40,10 +41,11 @@ def backend_for(server: RedisServer, **kwargs: object) -> RedisBackend:
 
 async def test_one_round_trip_per_request_and_keys_expire(redis_server: RedisServer) -> None:
     backend = backend_for(redis_server, timeout_ms=2000)
-    hits = [Hit("a", FIXED, 1), Hit("b", Limit(unit="hour", requests_per_unit=5,
-            algorithm=Algorithm.SLIDING_WINDOW), 1),
-            Hit("c", Limit(unit="second", requests_per_unit=5,
-                           algorithm=Algorithm.TOKEN_BUCKET), 1)]
+    hits = [
+        Hit("a", FIXED, 1),
+        Hit("b", Limit(unit="hour", requests_per_unit=5, algorithm=Algorithm.SLIDING_WINDOW), 1),
+        Hit("c", Limit(unit="second", requests_per_unit=5, algorithm=Algorithm.TOKEN_BUCKET), 1),
+    ]
     await backend.hit(hits, T0)  # the first call also loads the script
     before = backend.round_trips
     decisions = await backend.hit(hits, T0 + 1)
@@ -76,12 +78,15 @@ def test_password_never_shown() -> None:
     assert "s3cret" not in repr(RedisBackend(config))
 
 
-@pytest.mark.parametrize("raw, message", [
-    ({}, "url: expected redis://"),
-    ({"url": "http://x"}, "url: expected redis://"),
-    ({"url": "redis://x", "timeout_ms": 0}, "timeout_ms: expected an integer >= 1"),
-    ({"url": "redis://x", "timout_ms": 5}, "unknown option 'timout_ms'"),
-])
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        ({}, "url: expected redis://"),
+        ({"url": "http://x"}, "url: expected redis://"),
+        ({"url": "redis://x", "timeout_ms": 0}, "timeout_ms: expected an integer >= 1"),
+        ({"url": "redis://x", "timout_ms": 5}, "unknown option 'timout_ms'"),
+    ],
+)
 def test_bad_options(raw: dict[str, object], message: str) -> None:
     with pytest.raises(Exception, match=message):
         RedisBackendFactory().validate(raw)
@@ -100,9 +105,14 @@ async def test_unreachable_store_raises_within_timeout(tmp_path: Path) -> None:
 async def serve(server: RedisServer, tmp_path: Path, failure_mode: str):  # type: ignore[no-untyped-def]
     path = tmp_path / "limits.yaml"
     path.write_text(LIMITS)
-    settings = Settings(config_files=(str(path),), reload_interval=0, backend="redis",
-                        backend_options={"url": server.url, "timeout_ms": 100},
-                        failure_mode=failure_mode, registry=CollectorRegistry())
+    settings = Settings(
+        config_files=(str(path),),
+        reload_interval=0,
+        backend="redis",
+        backend_options={"url": server.url, "timeout_ms": 100},
+        failure_mode=failure_mode,
+        registry=CollectorRegistry(),
+    )
     grpc_server, port = await start_server(settings)
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     return grpc_server, channel, rls_pb2_grpc.RateLimitServiceStub(channel)
@@ -155,17 +165,46 @@ def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[int
         for _ in range(3):
             port, bus = free_port(), free_port()
             workdir = tmp_path_factory.mktemp(f"cluster{port}")
-            procs.append(subprocess.Popen(
-                [REDIS_SERVER, "--port", str(port), "--cluster-port", str(bus), "--bind",
-                 "127.0.0.1", "--cluster-enabled", "yes", "--cluster-config-file",
-                 str(workdir / "nodes.conf"), "--save", "", "--appendonly", "no",
-                 "--dir", str(workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            procs.append(
+                subprocess.Popen(
+                    [
+                        REDIS_SERVER,
+                        "--port",
+                        str(port),
+                        "--cluster-port",
+                        str(bus),
+                        "--bind",
+                        "127.0.0.1",
+                        "--cluster-enabled",
+                        "yes",
+                        "--cluster-config-file",
+                        str(workdir / "nodes.conf"),
+                        "--save",
+                        "",
+                        "--appendonly",
+                        "no",
+                        "--dir",
+                        str(workdir),
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
             ports.append(port)
         for port in ports:
             _wait_ping(port)
-        subprocess.run(["redis-cli", "--cluster", "create",
-                        *(f"127.0.0.1:{p}" for p in ports), "--cluster-yes"],
-                       check=True, capture_output=True, timeout=30)
+        subprocess.run(
+            [
+                "redis-cli",
+                "--cluster",
+                "create",
+                *(f"127.0.0.1:{p}" for p in ports),
+                "--cluster-yes",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=30,
+        )
         deadline = time.monotonic() + 20
         while not _cluster_ok(ports[0]):
             if time.monotonic() > deadline:
@@ -198,9 +237,14 @@ def _wait_ping(port: int) -> None:
 
 @pytest.mark.slow
 async def test_cluster_counts_across_slots(redis_cluster: list[int]) -> None:
-    backend = RedisBackend(RedisConfig(url=f"redis://127.0.0.1:{redis_cluster[0]}/0",
-                                       cluster=True, timeout_ms=2000,
-                                       key_prefix=f"c{uuid.uuid4().hex}:"))
+    backend = RedisBackend(
+        RedisConfig(
+            url=f"redis://127.0.0.1:{redis_cluster[0]}/0",
+            cluster=True,
+            timeout_ms=2000,
+            key_prefix=f"c{uuid.uuid4().hex}:",
+        )
+    )
     limits = [Limit(unit="minute", requests_per_unit=3, algorithm=a) for a in Algorithm]
     hits = [Hit(f"user{i}", limit, 1) for i in range(12) for limit in limits]
     try:

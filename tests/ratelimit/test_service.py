@@ -16,8 +16,9 @@ from legation.errors import ConfigError
 from legation.ratelimit.service import Settings, start_server
 from tests.ratelimit.conftest import descriptor, request
 
-LIMITS = ("domain: d\ndescriptors:\n  - key: k\n"
-          "    rate_limit: {unit: hour, requests_per_unit: %d}\n")
+LIMITS = (
+    "domain: d\ndescriptors:\n  - key: k\n    rate_limit: {unit: hour, requests_per_unit: %d}\n"
+)
 
 
 @pytest.fixture
@@ -29,8 +30,9 @@ def config_file(tmp_path: Path) -> Path:
 
 @pytest.fixture
 async def service(config_file: Path) -> AsyncIterator[tuple[grpc.aio.Server, object]]:
-    settings = Settings(port=0, config_files=(str(config_file),), reload_interval=0.05,
-                        registry=CollectorRegistry())
+    settings = Settings(
+        port=0, config_files=(str(config_file),), reload_interval=0.05, registry=CollectorRegistry()
+    )
     server, port = await start_server(settings)
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     yield server, rls_pb2_grpc.RateLimitServiceStub(channel)
@@ -56,7 +58,9 @@ async def test_malformed_request_gets_invalid_argument(service) -> None:  # type
 
 
 async def test_hot_reload_applies_good_and_keeps_last_good(
-    service, config_file: Path, caplog: pytest.LogCaptureFixture  # type: ignore[no-untyped-def]
+    service,
+    config_file: Path,
+    caplog: pytest.LogCaptureFixture,  # type: ignore[no-untyped-def]
 ) -> None:
     server, stub = service
     limiter, watcher = server.legation_limiter, server.legation_watcher

@@ -104,36 +104,141 @@ def overall(resp: Any) -> str:
 #  global_shadow_mode counter)
 SERVICE_CASES = [
     ("TestService/no-limit", {}, {}, ["hello"], "OK", [("OK", None, 0)], 0),
-    ("TestService/over+none", {}, {"foo": 10}, ["foo", "hello"], "OVER",
-     [("OVER", 10, 0), ("OK", None, 0)], 0),
-    ("TestService/order", {}, {"foo": 10}, ["hello", "foo"], "OVER",
-     [("OK", None, 0), ("OVER", 10, 0)], 0),
-    ("TestServiceGlobalShadowMode", {"shadow_mode": True}, {"foo": 10}, ["foo", "hello"], "OK",
-     [("OVER", 10, 0), ("OK", None, 0)], 1),
-    ("TestRuleShadowMode", {}, {"shadow1": 10, "shadow2": 10}, ["shadow1", "shadow2"], "OK",
-     [("OK", 10, 0), ("OK", 10, 0)], 0),
-    ("TestMixedRuleShadowMode", {}, {"shadow1": 10, "foo": 10}, ["shadow1", "foo"], "OVER",
-     [("OK", 10, 0), ("OVER", 10, 0)], 0),
-    ("TestUnlimited", {}, {}, ["foo", "hello", "baz"], "OK",
-     [("OK", 10, 9), ("OK", None, 0), ("OK", None, MAX_UINT32)], 0),
-    ("TestServiceGlobalQuotaMode", {"quota_mode": True}, {"foo": 10, "regular": 5},
-     ["foo", "regular"], "OVER", [("OVER", 10, 0), ("OVER", 5, 0)], 0),
-    ("TestServiceGlobalQuotaMode/one-over", {"quota_mode": True}, {"foo": 10},
-     ["foo", "regular"], "OK", [("OVER", 10, 0), ("OK", 5, 4)], 0),
-    ("TestServicePerDescriptorQuotaMode", {}, {"regular": 5, "quota": 1}, ["regular", "quota"],
-     "OVER", [("OVER", 5, 0), ("OK", 3, 1)], 0),
-    ("TestServiceMixedPerDescriptorModes", {}, {"regular": 3, "quota": 3}, ["regular", "quota"],
-     "OVER", [("OK", 5, 1), ("OVER", 3, 0)], 0),
-    ("TestServiceMixedPerDescriptorModesUnderLimit", {}, {"regular": 3, "quota": 1},
-     ["regular", "quota"], "OK", [("OK", 5, 1), ("OK", 3, 1)], 0),
-    ("TestServiceQuotaModeOnlyAllOverTheLimit", {}, {"quota1": 5, "quota2": 3},
-     ["quota1", "quota2"], "OVER", [("OVER", 5, 0), ("OVER", 3, 0)], 0),
-    ("TestServiceQuotaModeOnlySomeOverTheLimit", {}, {"quota1": 5, "quota2": 1},
-     ["quota1", "quota2"], "OK", [("OVER", 5, 0), ("OK", 3, 1)], 0),
-    ("TestServiceQuotaModeWithShadowMode", {"shadow_mode": True}, {"quota1": 5, "quota2": 3},
-     ["quota1", "quota2"], "OK", [("OVER", 5, 0), ("OVER", 3, 0)], 1),
-    ("TestServiceMixedModeWithShadowMode", {"shadow_mode": True}, {"regular": 5, "quota": 3},
-     ["regular", "quota"], "OK", [("OVER", 5, 0), ("OVER", 3, 0)], 1),
+    (
+        "TestService/over+none",
+        {},
+        {"foo": 10},
+        ["foo", "hello"],
+        "OVER",
+        [("OVER", 10, 0), ("OK", None, 0)],
+        0,
+    ),
+    (
+        "TestService/order",
+        {},
+        {"foo": 10},
+        ["hello", "foo"],
+        "OVER",
+        [("OK", None, 0), ("OVER", 10, 0)],
+        0,
+    ),
+    (
+        "TestServiceGlobalShadowMode",
+        {"shadow_mode": True},
+        {"foo": 10},
+        ["foo", "hello"],
+        "OK",
+        [("OVER", 10, 0), ("OK", None, 0)],
+        1,
+    ),
+    (
+        "TestRuleShadowMode",
+        {},
+        {"shadow1": 10, "shadow2": 10},
+        ["shadow1", "shadow2"],
+        "OK",
+        [("OK", 10, 0), ("OK", 10, 0)],
+        0,
+    ),
+    (
+        "TestMixedRuleShadowMode",
+        {},
+        {"shadow1": 10, "foo": 10},
+        ["shadow1", "foo"],
+        "OVER",
+        [("OK", 10, 0), ("OVER", 10, 0)],
+        0,
+    ),
+    (
+        "TestUnlimited",
+        {},
+        {},
+        ["foo", "hello", "baz"],
+        "OK",
+        [("OK", 10, 9), ("OK", None, 0), ("OK", None, MAX_UINT32)],
+        0,
+    ),
+    (
+        "TestServiceGlobalQuotaMode",
+        {"quota_mode": True},
+        {"foo": 10, "regular": 5},
+        ["foo", "regular"],
+        "OVER",
+        [("OVER", 10, 0), ("OVER", 5, 0)],
+        0,
+    ),
+    (
+        "TestServiceGlobalQuotaMode/one-over",
+        {"quota_mode": True},
+        {"foo": 10},
+        ["foo", "regular"],
+        "OK",
+        [("OVER", 10, 0), ("OK", 5, 4)],
+        0,
+    ),
+    (
+        "TestServicePerDescriptorQuotaMode",
+        {},
+        {"regular": 5, "quota": 1},
+        ["regular", "quota"],
+        "OVER",
+        [("OVER", 5, 0), ("OK", 3, 1)],
+        0,
+    ),
+    (
+        "TestServiceMixedPerDescriptorModes",
+        {},
+        {"regular": 3, "quota": 3},
+        ["regular", "quota"],
+        "OVER",
+        [("OK", 5, 1), ("OVER", 3, 0)],
+        0,
+    ),
+    (
+        "TestServiceMixedPerDescriptorModesUnderLimit",
+        {},
+        {"regular": 3, "quota": 1},
+        ["regular", "quota"],
+        "OK",
+        [("OK", 5, 1), ("OK", 3, 1)],
+        0,
+    ),
+    (
+        "TestServiceQuotaModeOnlyAllOverTheLimit",
+        {},
+        {"quota1": 5, "quota2": 3},
+        ["quota1", "quota2"],
+        "OVER",
+        [("OVER", 5, 0), ("OVER", 3, 0)],
+        0,
+    ),
+    (
+        "TestServiceQuotaModeOnlySomeOverTheLimit",
+        {},
+        {"quota1": 5, "quota2": 1},
+        ["quota1", "quota2"],
+        "OK",
+        [("OVER", 5, 0), ("OK", 3, 1)],
+        0,
+    ),
+    (
+        "TestServiceQuotaModeWithShadowMode",
+        {"shadow_mode": True},
+        {"quota1": 5, "quota2": 3},
+        ["quota1", "quota2"],
+        "OK",
+        [("OVER", 5, 0), ("OVER", 3, 0)],
+        1,
+    ),
+    (
+        "TestServiceMixedModeWithShadowMode",
+        {"shadow_mode": True},
+        {"regular": 5, "quota": 3},
+        ["regular", "quota"],
+        "OK",
+        [("OVER", 5, 0), ("OVER", 3, 0)],
+        1,
+    ),
 ]
 
 
@@ -148,32 +253,47 @@ async def test_service_case(case: Any) -> None:
     assert sample(lim, "global_shadow_mode_total") == global_shadow
 
 
-@pytest.mark.parametrize(("names", "expected"), [
-    (None, ["RateLimit-Limit", "RateLimit-Remaining", "RateLimit-Reset"]),
-    (ResponseHeaders(limit="A-Ratelimit-Limit", remaining="A-Ratelimit-Remaining",
-                     reset="A-Ratelimit-Reset"),
-     ["A-Ratelimit-Limit", "A-Ratelimit-Remaining", "A-Ratelimit-Reset"]),
-])
+@pytest.mark.parametrize(
+    ("names", "expected"),
+    [
+        (None, ["RateLimit-Limit", "RateLimit-Remaining", "RateLimit-Reset"]),
+        (
+            ResponseHeaders(
+                limit="A-Ratelimit-Limit",
+                remaining="A-Ratelimit-Remaining",
+                reset="A-Ratelimit-Reset",
+            ),
+            ["A-Ratelimit-Limit", "A-Ratelimit-Remaining", "A-Ratelimit-Reset"],
+        ),
+    ],
+)
 async def test_response_headers(names: ResponseHeaders | None, expected: list[str]) -> None:
     """TestServiceWithDefaultRatelimitHeaders / TestServiceWithCustomRatelimitHeaders."""
     lim = limiter(response_headers=names or ResponseHeaders())
     await fill(lim, "foo", 10)
-    resp = await lim.should_rate_limit(request("d", descriptor(("foo", "x")),
-                                               descriptor(("hello", "x"))))
+    resp = await lim.should_rate_limit(
+        request("d", descriptor(("foo", "x")), descriptor(("hello", "x")))
+    )
     assert overall(resp) == "OVER"
     assert [(h.key, h.value) for h in resp.response_headers_to_add] == list(
-        zip(expected, ["10", "0", "58"], strict=True))
+        zip(expected, ["10", "0", "58"], strict=True)
+    )
 
 
 async def test_response_headers_pick_least_remaining() -> None:
     """ratelimit.go: the descriptor closest to its limit (with a current limit) is reported."""
     lim = limiter(response_headers=ResponseHeaders())
     await fill(lim, "regular", 2)
-    resp = await lim.should_rate_limit(request("d", descriptor(("foo", "x")),
-                                               descriptor(("regular", "x")),
-                                               descriptor(("baz", "x"))))
+    resp = await lim.should_rate_limit(
+        request(
+            "d", descriptor(("foo", "x")), descriptor(("regular", "x")), descriptor(("baz", "x"))
+        )
+    )
     assert [(h.key, h.value) for h in resp.response_headers_to_add] == [
-        ("RateLimit-Limit", "5"), ("RateLimit-Remaining", "2"), ("RateLimit-Reset", "58")]
+        ("RateLimit-Limit", "5"),
+        ("RateLimit-Remaining", "2"),
+        ("RateLimit-Reset", "58"),
+    ]
 
 
 async def test_no_response_headers_by_default() -> None:
@@ -182,10 +302,14 @@ async def test_no_response_headers_by_default() -> None:
     assert list(resp.response_headers_to_add) == []
 
 
-@pytest.mark.parametrize(("domain", "descriptors", "message"), [
-    ("", [descriptor(("hello", "world"))], "rate limit domain must not be empty"),
-    ("d", [], "rate limit descriptor list must not be empty"),
-], ids=["TestEmptyDomain", "TestEmptyDescriptors"])
+@pytest.mark.parametrize(
+    ("domain", "descriptors", "message"),
+    [
+        ("", [descriptor(("hello", "world"))], "rate limit domain must not be empty"),
+        ("d", [], "rate limit descriptor list must not be empty"),
+    ],
+    ids=["TestEmptyDomain", "TestEmptyDescriptors"],
+)
 async def test_invalid_requests(domain: str, descriptors: list[Any], message: str) -> None:
     with pytest.raises(RateLimitError) as info:
         await limiter().should_rate_limit(request(domain, *descriptors))
@@ -195,12 +319,24 @@ async def test_invalid_requests(domain: str, descriptors: list[Any], message: st
 
 # (upstream test, counters to fill, request keys, the "metadata" field expected or None)
 METADATA_CASES = [
-    ("TestMetadataReturnedForPassedDescriptors", {"quota": 3}, ["regular", "quota"],
-     {"name": "service_1"}),
-    ("TestMetadataReturnedForAllPassedDescriptors", {}, ["quota1", "quota2"],
-     {"name": "service_1", "some_other_name": "service_2", "nested": {"a": 1.0}}),
-    ("TestOverlappingMetadataReturnsTheFirstValue", {}, ["quota1", "quota3", "quota2"],
-     {"name": "service_1", "nested": {"a": 2.0, "b": 3.0}, "some_other_name": "service_2"}),
+    (
+        "TestMetadataReturnedForPassedDescriptors",
+        {"quota": 3},
+        ["regular", "quota"],
+        {"name": "service_1"},
+    ),
+    (
+        "TestMetadataReturnedForAllPassedDescriptors",
+        {},
+        ["quota1", "quota2"],
+        {"name": "service_1", "some_other_name": "service_2", "nested": {"a": 1.0}},
+    ),
+    (
+        "TestOverlappingMetadataReturnsTheFirstValue",
+        {},
+        ["quota1", "quota3", "quota2"],
+        {"name": "service_1", "nested": {"a": 2.0, "b": 3.0}, "some_other_name": "service_2"},
+    ),
     ("no passed descriptor has metadata", {}, ["foo", "hello"], None),
 ]
 
@@ -297,13 +433,21 @@ async def test_per_descriptor_hits_addend_zero_checks_only() -> None:
     """TestRedis: hits_addend 0 on one descriptor checks without counting; a sibling with no
     limit answers OK with no current limit."""
     lim = limiter()
-    await lim.should_rate_limit(request("d", descriptor(("key3", "value3"), hits_addend=11),
-                                        descriptor(("key3", "value3"), ("subkey3", "subvalue3"),
-                                                   hits_addend=12)))
-    resp = await lim.should_rate_limit(request(
-        "d", descriptor(("key3", "value3"), hits_addend=0),
-        descriptor(("key3", "value3"), ("subkey3", "subvalue3"), hits_addend=1),
-        descriptor(("key2", "value2"), hits_addend=0)))
+    await lim.should_rate_limit(
+        request(
+            "d",
+            descriptor(("key3", "value3"), hits_addend=11),
+            descriptor(("key3", "value3"), ("subkey3", "subvalue3"), hits_addend=12),
+        )
+    )
+    resp = await lim.should_rate_limit(
+        request(
+            "d",
+            descriptor(("key3", "value3"), hits_addend=0),
+            descriptor(("key3", "value3"), ("subkey3", "subvalue3"), hits_addend=1),
+            descriptor(("key2", "value2"), hits_addend=0),
+        )
+    )
     assert statuses(resp) == [("OVER", 10, 0), ("OVER", 10, 0), ("OK", None, 0)]
     assert sample(lim, "total_hits_total", domain="d", descriptor="d.key3_value3") == 11
 
@@ -325,14 +469,17 @@ async def test_requests_per_unit_zero_refuses() -> None:
 # -- test/limiter/base_limiter_test.go: which values share a counter ----------------------------
 
 
-@pytest.mark.parametrize(("key", "values", "codes"), [
-    ("files", ["files/a.pdf", "files/b.csv", "files/c.txt"], ["OK", "OK", "OVER"]),
-    ("pics", ["pics/a", "pics/b", "pics/c"], ["OK", "OK", "OK"]),
-], ids=["TestGenerateCacheKeysWithShareThreshold", "wildcard-without-share_threshold"])
+@pytest.mark.parametrize(
+    ("key", "values", "codes"),
+    [
+        ("files", ["files/a.pdf", "files/b.csv", "files/c.txt"], ["OK", "OK", "OVER"]),
+        ("pics", ["pics/a", "pics/b", "pics/c"], ["OK", "OK", "OK"]),
+    ],
+    ids=["TestGenerateCacheKeysWithShareThreshold", "wildcard-without-share_threshold"],
+)
 async def test_wildcard_counters(key: str, values: list[str], codes: list[str]) -> None:
     lim = limiter()
-    got = [overall(await lim.should_rate_limit(request("d", descriptor((key, v)))))
-           for v in values]
+    got = [overall(await lim.should_rate_limit(request("d", descriptor((key, v))))) for v in values]
     assert got == codes
 
 
@@ -357,8 +504,9 @@ async def test_replaced_limit_is_neither_checked_nor_counted() -> None:
     """ratelimit.go constructLimitsToCheck: a limit named in a matched `replaces` is dropped."""
     lim = limiter()
     for _ in range(3):
-        resp = await lim.should_rate_limit(request("d", descriptor(("named", "x")),
-                                                   descriptor(("replacer", "x"))))
+        resp = await lim.should_rate_limit(
+            request("d", descriptor(("named", "x")), descriptor(("replacer", "x")))
+        )
     assert statuses(resp) == [("OK", None, 0), ("OK", 100, 97)]
 
 
@@ -366,8 +514,9 @@ async def test_replaced_limit_is_neither_checked_nor_counted() -> None:
 async def test_descriptor_matching_nothing_is_ok(entries: tuple[tuple[str, str], ...]) -> None:
     """config_impl.go GetLimit: a descriptor that matches nothing (even an empty one) has no
     limit; the request is answered, not refused."""
-    resp = await limiter().should_rate_limit(request("d", descriptor(*entries),
-                                                     descriptor(("foo", "x"))))
+    resp = await limiter().should_rate_limit(
+        request("d", descriptor(*entries), descriptor(("foo", "x")))
+    )
     assert statuses(resp) == [("OK", None, 0), ("OK", 10, 9)]
 
 
@@ -405,23 +554,32 @@ async def test_override_ignores_shadow_mode() -> None:
     lim = limiter()
     minute = ratelimit_unit_pb2.RateLimitUnit.MINUTE
     for _ in range(2):
-        resp = await lim.should_rate_limit(request("d", override(descriptor(("sh", "x")), 1,
-                                                                 minute)))
+        resp = await lim.should_rate_limit(
+            request("d", override(descriptor(("sh", "x")), 1, minute))
+        )
     assert statuses(resp) == [("OVER", 1, 0)]
 
 
 async def test_merged_domains_answer() -> None:
     """TestDomainMerge through the limiter: both files' descriptors limit."""
-    config = load_texts([
-        ("a.yaml", "domain: d\ndescriptors: [{key: a, rate_limit: {unit: minute, "
-                   "requests_per_unit: 1}}]\n"),
-        ("b.yaml", "domain: d\ndescriptors: [{key: b, rate_limit: {unit: minute, "
-                   "requests_per_unit: 2}}]\n"),
-    ], merge_domains=True)
+    config = load_texts(
+        [
+            (
+                "a.yaml",
+                "domain: d\ndescriptors: [{key: a, rate_limit: {unit: minute, "
+                "requests_per_unit: 1}}]\n",
+            ),
+            (
+                "b.yaml",
+                "domain: d\ndescriptors: [{key: b, rate_limit: {unit: minute, "
+                "requests_per_unit: 2}}]\n",
+            ),
+        ],
+        merge_domains=True,
+    )
     lim = limiter()
     lim.swap(config)
-    resp = await lim.should_rate_limit(request("d", descriptor(("a", "x")),
-                                               descriptor(("b", "y"))))
+    resp = await lim.should_rate_limit(request("d", descriptor(("a", "x")), descriptor(("b", "y"))))
     assert statuses(resp) == [("OK", 1, 0), ("OK", 2, 1)]
 
 
@@ -436,17 +594,29 @@ def test_settings_carry_upstream_switches(tmp_path: Any) -> None:
     from legation.ratelimit.watch import ConfigWatcher
 
     a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
-    a.write_text("domain: d\ndescriptors: [{key: a, rate_limit: {unit: minute, "
-                 "requests_per_unit: 1}}]\n")
-    b.write_text("domain: d\ndescriptors: [{key: b, rate_limit: {unit: minute, "
-                 "requests_per_unit: 1}}]\n")
+    a.write_text(
+        "domain: d\ndescriptors: [{key: a, rate_limit: {unit: minute, requests_per_unit: 1}}]\n"
+    )
+    b.write_text(
+        "domain: d\ndescriptors: [{key: b, rate_limit: {unit: minute, requests_per_unit: 1}}]\n"
+    )
     registry = CollectorRegistry()
-    settings = Settings(config_files=(str(a), str(b)), merge_domains=True, shadow_mode=True,
-                        quota_mode=True, response_headers=True, header_limit="X-Limit",
-                        response_dynamic_metadata=True, registry=registry)
-    watcher = ConfigWatcher(settings.config_files, lambda c: None,
-                            metrics=RateLimitMetrics.for_registry(registry),
-                            merge_domains=settings.merge_domains)
+    settings = Settings(
+        config_files=(str(a), str(b)),
+        merge_domains=True,
+        shadow_mode=True,
+        quota_mode=True,
+        response_headers=True,
+        header_limit="X-Limit",
+        response_dynamic_metadata=True,
+        registry=registry,
+    )
+    watcher = ConfigWatcher(
+        settings.config_files,
+        lambda c: None,
+        metrics=RateLimitMetrics.for_registry(registry),
+        merge_domains=settings.merge_domains,
+    )
     lim = build_limiter(settings, watcher.load())
     assert lim.config.match("d", [("b", "x")]) is not None
     assert (lim.shadow_mode, lim.quota_mode, lim.dynamic_metadata) == (True, True, True)

@@ -26,8 +26,13 @@ from legation.ratelimit.config import load_file as load_ratelimit
 from legation.services import plan
 
 QUICKSTART = Path(__file__).parents[2] / "examples" / "quickstart"
-FUZZ = settings(max_examples=60, deadline=None, derandomize=True, database=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+FUZZ = settings(
+    max_examples=60,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
 
 def _mesh_and_plan(path: Path) -> Any:
@@ -51,13 +56,24 @@ AUTHZ = _authz()
 
 CHAINS = {
     "default_chain": "web",
-    "chains": {"web": {"fail_open": False, "message_timeout": 0.5, "filters": [
-        {"name": "request_id"},
-        {"name": "headers", "options": {"request": {"set": {"x-a": "b"}}}},
-        {"name": "body_redact", "options": {"fields": ["password"], "paths": ["a.b"]}},
-        {"name": "header_route", "options": {"header": "x-cohort", "rules": [
-            {"header": "x-beta", "present": True, "value": "canary"}]}},
-    ]}},
+    "chains": {
+        "web": {
+            "fail_open": False,
+            "message_timeout": 0.5,
+            "filters": [
+                {"name": "request_id"},
+                {"name": "headers", "options": {"request": {"set": {"x-a": "b"}}}},
+                {"name": "body_redact", "options": {"fields": ["password"], "paths": ["a.b"]}},
+                {
+                    "name": "header_route",
+                    "options": {
+                        "header": "x-cohort",
+                        "rules": [{"header": "x-beta", "present": True, "value": "canary"}],
+                    },
+                },
+            ],
+        }
+    },
 }
 
 # loader, the valid document it is fuzzed around, the file name
@@ -69,18 +85,52 @@ LOADERS: dict[str, tuple[Callable[[Path], Any], Any, str]] = {
 }
 
 scalars = st.one_of(
-    st.none(), st.booleans(), st.integers(min_value=-(2**70), max_value=2**70),
-    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=30),
-    st.sampled_from(["", "*", "..", "/", "0", "-1", "1e400", "second", "minute", "rego", "jwt",
-                     "headers", "body_redact", "ratings", "reviews", "127.0.0.1", "::1", "none",
-                     "fixed_window", "token_bucket", "closed", "open", "strict", "~", "null"]),
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=30),
+    st.sampled_from(
+        [
+            "",
+            "*",
+            "..",
+            "/",
+            "0",
+            "-1",
+            "1e400",
+            "second",
+            "minute",
+            "rego",
+            "jwt",
+            "headers",
+            "body_redact",
+            "ratings",
+            "reviews",
+            "127.0.0.1",
+            "::1",
+            "none",
+            "fixed_window",
+            "token_bucket",
+            "closed",
+            "open",
+            "strict",
+            "~",
+            "null",
+        ]
+    ),
 )
 values = st.recursive(
     scalars,
-    lambda inner: st.one_of(st.lists(inner, max_size=4),
-                            st.dictionaries(st.text(max_size=12) | scalars.filter(
-                                lambda v: isinstance(v, str | int | bool) or v is None),
-                                inner, max_size=4)),
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4),
+        st.dictionaries(
+            st.text(max_size=12)
+            | scalars.filter(lambda v: isinstance(v, str | int | bool) or v is None),
+            inner,
+            max_size=4,
+        ),
+    ),
     max_leaves=12,
 )
 
@@ -143,8 +193,9 @@ def test_arbitrary_bytes(folder: Path, loader: str, data: bytes) -> None:
     check(loader, folder, data)
 
 
-YAMLISH = st.text(alphabet=st.sampled_from(list("ab:-[]{}&*!|>'\"#%@`,? \n\t0123456789.~<=")),
-                  max_size=120)
+YAMLISH = st.text(
+    alphabet=st.sampled_from(list("ab:-[]{}&*!|>'\"#%@`,? \n\t0123456789.~<=")), max_size=120
+)
 
 
 @pytest.mark.parametrize("loader", LOADERS)
@@ -171,8 +222,9 @@ def test_arbitrary_documents(folder: Path, loader: str, doc: Any) -> None:
 @pytest.mark.parametrize("loader", LOADERS)
 @settings(FUZZ, max_examples=120)
 @given(data=st.data())
-def test_valid_config_with_one_part_replaced(folder: Path, loader: str, data: st.DataObject
-                                             ) -> None:
+def test_valid_config_with_one_part_replaced(
+    folder: Path, loader: str, data: st.DataObject
+) -> None:
     base = LOADERS[loader][1]
     path = data.draw(st.sampled_from(paths_of(base)))
     delete = bool(path) and data.draw(st.booleans())

@@ -29,20 +29,36 @@ from legation.extauthz.service import Settings, build_servicer, close_checks
 from legation.extauthz.servicer import AuthorizationServicer
 from tests.extauthz.conftest import Signer
 
-FUZZ = settings(max_examples=300, deadline=None, database=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+FUZZ = settings(
+    max_examples=300,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
 # what a protobuf string field holds: any Unicode scalar value (no lone surrogates)
 text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=40)
 url_chars = st.text(st.sampled_from(list("abc/?&=%+;#.~ 2fFzZ0é\r\n\x00")), max_size=40)
 paths = st.one_of(text, url_chars, st.builds(lambda s: "/" + s, url_chars))
-content_types = st.one_of(st.sampled_from([
-    "", "application/json", "application/json; charset=utf-8", "application/problem+json",
-    "application/x-www-form-urlencoded", "text/plain", "multipart/form-data; boundary=x"]), text)
+content_types = st.one_of(
+    st.sampled_from(
+        [
+            "",
+            "application/json",
+            "application/json; charset=utf-8",
+            "application/problem+json",
+            "application/x-www-form-urlencoded",
+            "text/plain",
+            "multipart/form-data; boundary=x",
+        ]
+    ),
+    text,
+)
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | text,
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(text, inner, max_size=4),
-    max_leaves=12)
+    max_leaves=12,
+)
 bodies = st.one_of(text, url_chars, json_values.map(json.dumps))
 
 SIGNER = Signer("fuzz")
@@ -53,8 +69,12 @@ def claims_strategy() -> st.SearchStrategy[dict[str, Any]]:
     now = int(time.time())
     return st.fixed_dictionaries(
         {"iss": st.just(ISSUER), "aud": st.just("api"), "exp": st.just(now + 300)},
-        optional={"sub": st.one_of(text, json_values), "role": st.one_of(text, json_values),
-                  "nbf": st.integers(now - 100, now + 100)})
+        optional={
+            "sub": st.one_of(text, json_values),
+            "role": st.one_of(text, json_values),
+            "nbf": st.integers(now - 100, now + 100),
+        },
+    )
 
 
 def _b64(value: Any) -> str:
@@ -62,16 +82,17 @@ def _b64(value: Any) -> str:
 
 
 # tokens whose header is any JSON: a kid that is a number, an object, a list; an odd alg, crit
-raw_headers = st.dictionaries(st.sampled_from(["alg", "kid", "typ", "crit", "jku"]),
-                              json_values, max_size=4)
+raw_headers = st.dictionaries(
+    st.sampled_from(["alg", "kid", "typ", "crit", "jku"]), json_values, max_size=4
+)
 tokens = st.one_of(
     st.tuples(raw_headers, claims_strategy()).map(
-        lambda hc: f"Bearer {_b64(hc[0])}.{_b64(hc[1])}.c2ln"),
+        lambda hc: f"Bearer {_b64(hc[0])}.{_b64(hc[1])}.c2ln"
+    ),
     st.none(),
     text.map(lambda t: f"Bearer {t}"),
     claims_strategy().map(lambda c: f"Bearer {SIGNER.token(c)}"),
-    st.tuples(claims_strategy(), text).map(
-        lambda ct: f"Bearer {SIGNER.token(ct[0], kid=ct[1])}"),
+    st.tuples(claims_strategy(), text).map(lambda ct: f"Bearer {SIGNER.token(ct[0], kid=ct[1])}"),
 )
 
 
@@ -111,7 +132,8 @@ def check_requests(draw: st.DrawFn) -> external_auth_pb2.CheckRequest:
 @FUZZ
 @given(check_requests())
 def test_any_check_request_builds_an_input_or_a_named_client_error(
-        request: external_auth_pb2.CheckRequest) -> None:
+    request: external_auth_pb2.CheckRequest,
+) -> None:
     try:
         doc = build_input(request)
     except AuthzError as e:
@@ -128,10 +150,13 @@ def test_any_check_request_builds_an_input_or_a_named_client_error(
 
 
 @FUZZ
-@given(st.lists(text.filter(lambda s: "/" not in s), min_size=1, max_size=5),
-       st.lists(st.tuples(text, text), max_size=5))
+@given(
+    st.lists(text.filter(lambda s: "/" not in s), min_size=1, max_size=5),
+    st.lists(st.tuples(text, text), max_size=5),
+)
 def test_the_policy_sees_exactly_the_segments_and_parameters_sent(
-        segments: list[str], params: list[tuple[str, str]]) -> None:
+    segments: list[str], params: list[tuple[str, str]]
+) -> None:
     if segments[0] == "":
         segments[0] = "x"  # leading slashes are trimmed, as opa-envoy-plugin does
     path = "/" + "/".join(quote(s, safe="") for s in segments)
@@ -170,16 +195,30 @@ class AllowFactory:
 def servicer() -> Iterator[tuple[asyncio.AbstractEventLoop, AuthorizationServicer]]:
     plugins.register("extauthz.check", AllowFactory())
     loop = asyncio.new_event_loop()
-    provider = {"name": "idp", "issuer": ISSUER, "audiences": ["api"],
-                "jwks": {"keys": [SIGNER.jwk]},
-                "claims_to_headers": {"sub": "x-jwt-sub", "role": "x-jwt-role"},
-                "claims_to_metadata": ["sub"]}
+    provider = {
+        "name": "idp",
+        "issuer": ISSUER,
+        "audiences": ["api"],
+        "jwks": {"keys": [SIGNER.jwk]},
+        "claims_to_headers": {"sub": "x-jwt-sub", "role": "x-jwt-role"},
+        "claims_to_metadata": ["sub"],
+    }
     try:
-        s = loop.run_until_complete(build_servicer(Settings(
-            config={"checks": {"jwt": {"type": "jwt", "options": {"providers": [provider]}},
-                               "allow": {"type": "allow"}},
-                    "default_checks": ["jwt", "allow"], "error_status": 503},
-            registry=CollectorRegistry())))
+        s = loop.run_until_complete(
+            build_servicer(
+                Settings(
+                    config={
+                        "checks": {
+                            "jwt": {"type": "jwt", "options": {"providers": [provider]}},
+                            "allow": {"type": "allow"},
+                        },
+                        "default_checks": ["jwt", "allow"],
+                        "error_status": 503,
+                    },
+                    registry=CollectorRegistry(),
+                )
+            )
+        )
         yield loop, s
         loop.run_until_complete(close_checks(s))
     finally:
@@ -190,15 +229,18 @@ def servicer() -> Iterator[tuple[asyncio.AbstractEventLoop, AuthorizationService
 @FUZZ
 @given(check_requests())
 def test_the_servicer_answers_every_request_with_a_well_formed_response(
-        servicer: tuple[asyncio.AbstractEventLoop, AuthorizationServicer],
-        request: external_auth_pb2.CheckRequest) -> None:
+    servicer: tuple[asyncio.AbstractEventLoop, AuthorizationServicer],
+    request: external_auth_pb2.CheckRequest,
+) -> None:
     loop, s = servicer
     response = loop.run_until_complete(s.Check(request, None))
     again = external_auth_pb2.CheckResponse.FromString(response.SerializeToString())
     assert again == response
     assert len(response.dynamic_metadata["decision_id"]) == 32
-    event(f"status {response.status.code} "
-          f"{json.loads(response.denied_response.body or '{}').get('error', '')}")
+    event(
+        f"status {response.status.code} "
+        f"{json.loads(response.denied_response.body or '{}').get('error', '')}"
+    )
     if response.status.code == 0:
         ok = response.ok_response
         options = list(ok.headers) + list(ok.response_headers_to_add)

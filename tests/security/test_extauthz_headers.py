@@ -33,9 +33,11 @@ BAD_NAMES = ["x-user\r\nx-admin", "x user", "x-user:", "", "x\x00", "é", "x(y)"
 @pytest.mark.parametrize("field", ["headers", "response_headers_to_add"])
 @pytest.mark.parametrize("value", BAD_VALUES)
 def test_bad_header_value_in_a_result_is_a_policy_error(field: str, value: str) -> None:
-    for result in ({"allowed": True, field: {"x-user": value}},
-                   {"allowed": True, field: {"x-user": ["ok", value]}},
-                   {"allowed": False, field: {"x-user": value}}):
+    for result in (
+        {"allowed": True, field: {"x-user": value}},
+        {"allowed": True, field: {"x-user": ["ok", value]}},
+        {"allowed": False, field: {"x-user": value}},
+    ):
         with pytest.raises(AuthzError) as err:
             decision_from_result(result, where="policy p")
         assert err.value.code == "invalid_policy_result"
@@ -54,16 +56,23 @@ def test_bad_header_name_in_a_result_is_a_policy_error(field: str, name: str) ->
 @pytest.mark.parametrize("name", BAD_NAMES)
 def test_bad_header_to_remove_is_a_policy_error(name: str) -> None:
     with pytest.raises(AuthzError) as err:
-        decision_from_result({"allowed": True, "request_headers_to_remove": ["ok", name]},
-                             where="policy p")
+        decision_from_result(
+            {"allowed": True, "request_headers_to_remove": ["ok", name]}, where="policy p"
+        )
     assert err.value.code == "invalid_policy_result"
 
 
 def test_valid_headers_still_pass() -> None:
-    d = decision_from_result({"allowed": True, "headers": {"X-User": "Zoë\tand \"q\" ~!"},
-                              "response_headers_to_add": {":status-like": "v"},
-                              "request_headers_to_remove": ["x-drop"]}, where="p")
-    assert d.headers == {"X-User": "Zoë\tand \"q\" ~!"}
+    d = decision_from_result(
+        {
+            "allowed": True,
+            "headers": {"X-User": 'Zoë\tand "q" ~!'},
+            "response_headers_to_add": {":status-like": "v"},
+            "request_headers_to_remove": ["x-drop"],
+        },
+        where="p",
+    )
+    assert d.headers == {"X-User": 'Zoë\tand "q" ~!'}
     assert d.request_headers_to_remove == ("x-drop",)
 
 
@@ -81,8 +90,7 @@ class EchoPolicy(PythonCheck):
         where = ctx.input()["parsed_query"].get("where", ["headers"])[0]
         if self.raw:
             return Decision(allowed=True, headers={"x-user": user})
-        return decision_from_result({"allowed": True, where: {"x-user": user}},
-                                    where="policy echo")
+        return decision_from_result({"allowed": True, where: {"x-user": user}}, where="policy echo")
 
 
 class EchoFactory:
@@ -100,10 +108,16 @@ def stack(tmp_path_factory: Any) -> Iterator[Stack]:
     plugins.register("extauthz.check", EchoFactory())
     pool = StackPool(tmp_path_factory.mktemp("headers"))
     try:
-        yield pool.make(config={"checks": {"echo": {"type": "echo"},
-                                           "raw": {"type": "echo", "options": {"raw": True}}},
-                                "error_status": 503},
-                        routes=[Route("/raw", checks=["raw"]), Route("/", checks=["echo"])])
+        yield pool.make(
+            config={
+                "checks": {
+                    "echo": {"type": "echo"},
+                    "raw": {"type": "echo", "options": {"raw": True}},
+                },
+                "error_status": 503,
+            },
+            routes=[Route("/raw", checks=["raw"]), Route("/", checks=["echo"])],
+        )
     finally:
         pool.close()
         plugins.unregister("extauthz.check", "echo")
@@ -120,7 +134,8 @@ def test_generated_filter_validates_mutations_and_envoy_accepts_it(stack: Stack)
 @pytest.mark.parametrize("where", ["headers", "response_headers_to_add"])
 @pytest.mark.parametrize("user", ["a%0d%0ax-admin:%201", "a%0ab", "a%00b", "a%0db"])
 def test_injected_header_from_a_policy_denies_with_the_error_status(
-        stack: Stack, where: str, user: str) -> None:
+    stack: Stack, where: str, user: str
+) -> None:
     before = stack.upstream.requests
     r = stack.client.get(f"/echo?user={user}&where={where}")
     assert r.status == 503, r.body
@@ -142,7 +157,8 @@ def test_python_check_decision_with_an_injected_header_denies(stack: Stack) -> N
 
 @pytest.mark.integration
 def test_envoy_refuses_invalid_mutations_even_if_the_service_let_one_through(
-        stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The second line: with the service's check switched off, ``validate_mutations`` makes
     Envoy refuse the response itself (500, measured with Envoy 1.40); without it, Envoy took the
     header into the request and only the upstream codec refused it (503 "invalid header value")."""
@@ -156,10 +172,16 @@ def test_envoy_refuses_invalid_mutations_even_if_the_service_let_one_through(
 async def test_servicer_answers_a_well_formed_denial_for_a_bad_decision() -> None:
     plugins.register("extauthz.check", EchoFactory())
     try:
-        servicer = await build_servicer(Settings(
-            config={"checks": {"raw": {"type": "echo", "options": {"raw": True}}},
-                    "default_checks": ["raw"], "error_status": 500},
-            registry=CollectorRegistry()))
+        servicer = await build_servicer(
+            Settings(
+                config={
+                    "checks": {"raw": {"type": "echo", "options": {"raw": True}}},
+                    "default_checks": ["raw"],
+                    "error_status": 500,
+                },
+                registry=CollectorRegistry(),
+            )
+        )
         response = await servicer.Check(request("/a?user=x%0D%0Ay"), None)
         assert response.status.code == 7  # PERMISSION_DENIED
         assert response.denied_response.status.code == 500

@@ -28,8 +28,7 @@ from tests.extauthz.conftest import JwksServer, Route, Signer, Stack, StackPool
 from tests.extauthz.test_units import request
 
 ISSUER = "https://issuer.test"
-OWNED = {"sub": "x-jwt-sub", "role": "x-jwt-role", "groups": "x-jwt-groups",
-         "note": "x-jwt-note"}
+OWNED = {"sub": "x-jwt-sub", "role": "x-jwt-role", "groups": "x-jwt-groups", "note": "x-jwt-note"}
 
 
 @pytest.fixture(scope="module")
@@ -39,14 +38,22 @@ def signer() -> Signer:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: Any, signer: Signer) -> Iterator[Stack]:
-    provider = {"name": "idp", "issuer": ISSUER, "audiences": ["api"],
-                "jwks": {"keys": [signer.jwk]}, "claims_to_headers": OWNED}
+    provider = {
+        "name": "idp",
+        "issuer": ISSUER,
+        "audiences": ["api"],
+        "jwks": {"keys": [signer.jwk]},
+        "claims_to_headers": OWNED,
+    }
     pool = StackPool(tmp_path_factory.mktemp("jwtsec"))
     try:
-        yield pool.make(config={"checks": {"jwt": {"type": "jwt",
-                                                    "options": {"providers": [provider]}}},
-                                "default_checks": ["jwt"]},
-                        routes=[Route("/", checks=["jwt"])])
+        yield pool.make(
+            config={
+                "checks": {"jwt": {"type": "jwt", "options": {"providers": [provider]}}},
+                "default_checks": ["jwt"],
+            },
+            routes=[Route("/", checks=["jwt"])],
+        )
     finally:
         pool.close()
 
@@ -73,13 +80,20 @@ def send(port: int, path: str, headers: list[tuple[str, str]]) -> tuple[int, dic
 
 @pytest.mark.integration
 def test_absent_claim_header_sent_by_the_client_never_reaches_upstream(
-        stack: Stack, signer: Signer) -> None:
+    stack: Stack, signer: Signer
+) -> None:
     token = signer.token(claims())  # no role, no groups, no note
-    status, body = send(stack.client.port, "/spoof", [
-        ("authorization", f"Bearer {token}"),
-        ("x-jwt-role", "admin"), ("X-JWT-Role", "root"), ("x-jwt-groups", "wheel"),
-        ("x-jwt-note", "trusted"),
-    ])
+    status, body = send(
+        stack.client.port,
+        "/spoof",
+        [
+            ("authorization", f"Bearer {token}"),
+            ("x-jwt-role", "admin"),
+            ("X-JWT-Role", "root"),
+            ("x-jwt-groups", "wheel"),
+            ("x-jwt-note", "trusted"),
+        ],
+    )
     assert status == 200, body
     seen = body["headers"]
     assert seen["x-jwt-sub"] == "alice"
@@ -90,10 +104,16 @@ def test_absent_claim_header_sent_by_the_client_never_reaches_upstream(
 @pytest.mark.integration
 def test_present_claim_overwrites_every_client_copy(stack: Stack, signer: Signer) -> None:
     token = signer.token(claims(role="viewer", groups=["a", "b"]))
-    status, body = send(stack.client.port, "/overwrite", [
-        ("authorization", f"Bearer {token}"),
-        ("x-jwt-sub", "mallory"), ("x-jwt-sub", "root"), ("x-jwt-role", "admin"),
-    ])
+    status, body = send(
+        stack.client.port,
+        "/overwrite",
+        [
+            ("authorization", f"Bearer {token}"),
+            ("x-jwt-sub", "mallory"),
+            ("x-jwt-sub", "root"),
+            ("x-jwt-role", "admin"),
+        ],
+    )
     assert status == 200, body
     seen = body["headers"]
     assert seen["x-jwt-sub"] == "alice"
@@ -102,10 +122,8 @@ def test_present_claim_overwrites_every_client_copy(stack: Stack, signer: Signer
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("value", ["a\r\nx-admin: 1", "a\nx-admin: 1", "a\rb", "a\x00b",
-                                   "a\x7fb"])
-def test_claim_with_control_characters_is_denied(stack: Stack, signer: Signer,
-                                                  value: str) -> None:
+@pytest.mark.parametrize("value", ["a\r\nx-admin: 1", "a\nx-admin: 1", "a\rb", "a\x00b", "a\x7fb"])
+def test_claim_with_control_characters_is_denied(stack: Stack, signer: Signer, value: str) -> None:
     before = stack.upstream.requests
     token = signer.token(claims(note=value))
     status, body = send(stack.client.port, "/inject", [("authorization", f"Bearer {token}")])
@@ -131,51 +149,83 @@ MALFORMED_HEADERS = {
 
 @pytest.mark.integration
 @pytest.mark.parametrize("case", sorted(MALFORMED_HEADERS))
-def test_malformed_token_header_is_a_clean_denial(stack: Stack, case: str,
-                                                  caplog: pytest.LogCaptureFixture) -> None:
+def test_malformed_token_header_is_a_clean_denial(
+    stack: Stack, case: str, caplog: pytest.LogCaptureFixture
+) -> None:
     header, code = MALFORMED_HEADERS[case]
     token = f"{_b64(header)}.{_b64(claims())}.c2lnbmF0dXJl"
     with caplog.at_level(logging.INFO):
         status, body = send(stack.client.port, "/kid", [("authorization", f"Bearer {token}")])
     assert (status, body) == (401, {"error": code})
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
-    assert all(token not in r.getMessage() and token.split(".")[0] not in r.getMessage()
-               for r in caplog.records)
+    assert all(
+        token not in r.getMessage() and token.split(".")[0] not in r.getMessage()
+        for r in caplog.records
+    )
 
 
 def validate(**provider: Any) -> Any:
-    return JwtCheckFactory().validate({"providers": [{"name": "p", "issuer": ISSUER,
-                                                      **provider}]})
+    return JwtCheckFactory().validate({"providers": [{"name": "p", "issuer": ISSUER, **provider}]})
 
 
-@pytest.mark.parametrize(("provider", "message"), [
-    ({"audiences": ["a"], "jwks_url": "file:///etc/passwd"}, "only https URLs are allowed"),
-    ({"audiences": ["a"], "jwks_url": "ftp://issuer.test/jwks"}, "only https URLs are allowed"),
-    ({"audiences": ["a"], "jwks_url": "data:application/json,{}"},
-     "only https URLs are allowed"),
-    ({"audiences": ["a"], "jwks_url": "https:///jwks"}, "only https URLs are allowed"),
-    ({"audiences": ["a"], "jwks_url": "http://issuer.test/jwks"},
-     "http is allowed only to a loopback host"),
-    ({"audiences": ["a"], "jwks_url": "http://issuer.test/jwks", "allow_insecure_http": True},
-     "http is allowed only to a loopback host"),
-    ({"audiences": ["a"], "jwks_url": "http://127.0.0.1:9/jwks"},
-     "http needs allow_insecure_http: true"),
-    ({"audiences": ["a"], "jwks_url": "https://issuer.test/jwks", "jwks_min_refetch_s": 0},
-     "jwks_min_refetch_s: Input should be greater than or equal to 1"),
-    ({"audiences": ["a"], "jwks_url": "https://issuer.test/jwks", "jwks_min_refetch_s": 0.01},
-     "jwks_min_refetch_s: Input should be greater than or equal to 1"),
-    ({"jwks": {"keys": []}}, "audiences is required"),
-    ({"audiences": [], "jwks": {"keys": []}}, "audiences is required"),
-    ({"audiences": "all", "jwks": {"keys": []}}, "audiences"),
-])
+@pytest.mark.parametrize(
+    ("provider", "message"),
+    [
+        ({"audiences": ["a"], "jwks_url": "file:///etc/passwd"}, "only https URLs are allowed"),
+        ({"audiences": ["a"], "jwks_url": "ftp://issuer.test/jwks"}, "only https URLs are allowed"),
+        (
+            {"audiences": ["a"], "jwks_url": "data:application/json,{}"},
+            "only https URLs are allowed",
+        ),
+        ({"audiences": ["a"], "jwks_url": "https:///jwks"}, "only https URLs are allowed"),
+        (
+            {"audiences": ["a"], "jwks_url": "http://issuer.test/jwks"},
+            "http is allowed only to a loopback host",
+        ),
+        (
+            {
+                "audiences": ["a"],
+                "jwks_url": "http://issuer.test/jwks",
+                "allow_insecure_http": True,
+            },
+            "http is allowed only to a loopback host",
+        ),
+        (
+            {"audiences": ["a"], "jwks_url": "http://127.0.0.1:9/jwks"},
+            "http needs allow_insecure_http: true",
+        ),
+        (
+            {"audiences": ["a"], "jwks_url": "https://issuer.test/jwks", "jwks_min_refetch_s": 0},
+            "jwks_min_refetch_s: Input should be greater than or equal to 1",
+        ),
+        (
+            {
+                "audiences": ["a"],
+                "jwks_url": "https://issuer.test/jwks",
+                "jwks_min_refetch_s": 0.01,
+            },
+            "jwks_min_refetch_s: Input should be greater than or equal to 1",
+        ),
+        ({"jwks": {"keys": []}}, "audiences is required"),
+        ({"audiences": [], "jwks": {"keys": []}}, "audiences is required"),
+        ({"audiences": "all", "jwks": {"keys": []}}, "audiences"),
+    ],
+)
 def test_unsafe_provider_configs_are_refused(provider: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError) as err:
         validate(**provider)
     assert message in str(err.value)
 
 
-@pytest.mark.parametrize("url", ["https://issuer.test/jwks", "http://127.0.0.1:9/jwks",
-                                 "http://[::1]:9/jwks", "http://localhost:9/jwks"])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://issuer.test/jwks",
+        "http://127.0.0.1:9/jwks",
+        "http://[::1]:9/jwks",
+        "http://localhost:9/jwks",
+    ],
+)
 def test_safe_jwks_urls_are_accepted(url: str) -> None:
     config = validate(audiences=["a"], jwks_url=url, allow_insecure_http=url.startswith("http:"))
     assert config.providers[0].jwks_url == url
@@ -232,10 +282,12 @@ class Redirector:
         self.httpd.server_close()
 
 
-@pytest.mark.parametrize("target", ["http://192.0.2.1/jwks.json", "file:///etc/passwd",
-                                    "ftp://192.0.2.1/jwks.json"])
+@pytest.mark.parametrize(
+    "target", ["http://192.0.2.1/jwks.json", "file:///etc/passwd", "ftp://192.0.2.1/jwks.json"]
+)
 async def test_jwks_redirect_to_an_unsafe_url_is_not_followed(
-        target: str, caplog: pytest.LogCaptureFixture) -> None:
+    target: str, caplog: pytest.LogCaptureFixture
+) -> None:
     server = Redirector(target)  # 192.0.2.1 is TEST-NET-1: refused before any connection
     try:
         keys = KeySet(url=server.url, allow_insecure_http=True, timeout_s=1)
@@ -250,7 +302,8 @@ async def test_jwks_redirect_to_an_unsafe_url_is_not_followed(
 
 
 async def test_oversized_jwks_is_refused_and_known_keys_stay(
-        signer: Signer, caplog: pytest.LogCaptureFixture) -> None:
+    signer: Signer, caplog: pytest.LogCaptureFixture
+) -> None:
     jwks = JwksServer()
     try:
         jwks.document = {"keys": [signer.jwk]}

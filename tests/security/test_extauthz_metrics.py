@@ -34,18 +34,30 @@ class AllowFactory:
 
 
 def policy_labels(registry: CollectorRegistry, metric: str) -> set[str]:
-    return {s.labels["policy"] for family in registry.collect() if family.name == metric
-            for s in family.samples if "policy" in s.labels}
+    return {
+        s.labels["policy"]
+        for family in registry.collect()
+        if family.name == metric
+        for s in family.samples
+        if "policy" in s.labels
+    }
 
 
 async def test_caller_chosen_policy_names_do_not_grow_the_series() -> None:
     plugins.register("extauthz.check", AllowFactory())
     try:
         registry = CollectorRegistry()
-        servicer = await build_servicer(Settings(
-            config={"checks": {"allow": {"type": "allow"}}, "default_checks": ["allow"],
-                    "default_policy": "main.authz", "dry_run": ["beta.authz"]},
-            registry=registry))
+        servicer = await build_servicer(
+            Settings(
+                config={
+                    "checks": {"allow": {"type": "allow"}},
+                    "default_checks": ["allow"],
+                    "default_policy": "main.authz",
+                    "dry_run": ["beta.authz"],
+                },
+                registry=registry,
+            )
+        )
         for i in range(500):
             r = request("/")
             r.attributes.context_extensions["policy"] = f"attacker-{i}"
@@ -58,8 +70,13 @@ async def test_caller_chosen_policy_names_do_not_grow_the_series() -> None:
         assert {"main.authz", "beta.authz", OTHER_POLICY} <= labels
         assert len(labels) <= 2 + 32 + 1
         assert len(policy_labels(registry, "legation_extauthz_handler_seconds")) <= 35
-        total = sum(s.value for f in registry.collect() if f.name == "legation_extauthz_decisions"
-                    for s in f.samples if s.name.endswith("_total"))
+        total = sum(
+            s.value
+            for f in registry.collect()
+            if f.name == "legation_extauthz_decisions"
+            for s in f.samples
+            if s.name.endswith("_total")
+        )
         assert total == 502  # every decision still counted
         await close_checks(servicer)
     finally:
@@ -70,7 +87,12 @@ def test_catalog_names_keep_their_own_label_after_the_spares_are_used() -> None:
     loaded = {"pkg.a"}
     labels = PolicyLabels({"known"}, [lambda: loaded], spare=2)
     assert [labels(n) for n in ("x", "y", "z", "known", "pkg.a")] == [
-        "x", "y", OTHER_POLICY, "known", "pkg.a"]
+        "x",
+        "y",
+        OTHER_POLICY,
+        "known",
+        "pkg.a",
+    ]
     loaded.add("pkg.b")  # a policy reload adds a package
     assert labels("pkg.b") == "pkg.b"
     assert labels("x") == "x" and labels("w") == OTHER_POLICY

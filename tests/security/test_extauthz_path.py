@@ -75,10 +75,10 @@ MALFORMED = [
 ]
 
 
-@pytest.mark.parametrize(("path", "segments", "query"),
-                         OPA_ENVOY_PLUGIN_CASES + GO_SEMANTICS_CASES)
-def test_parsed_path_and_query_as_opa_envoy_plugin(path: str, segments: list[str],
-                                                   query: dict[str, list[str]]) -> None:
+@pytest.mark.parametrize(("path", "segments", "query"), OPA_ENVOY_PLUGIN_CASES + GO_SEMANTICS_CASES)
+def test_parsed_path_and_query_as_opa_envoy_plugin(
+    path: str, segments: list[str], query: dict[str, list[str]]
+) -> None:
     assert parse_path(path) == (segments, query)
 
 
@@ -122,17 +122,26 @@ def stack(tmp_path_factory: Any) -> Iterator[Stack]:
     plugins.register("extauthz.check", AdminDenyFactory())
     pool = StackPool(tmp_path_factory.mktemp("path"))
     try:
-        yield pool.make(config={"checks": {"deny": {"type": "admin_deny"}},
-                                "default_checks": ["deny"]},
-                        routes=[Route("/", checks=["deny"])])
+        yield pool.make(
+            config={"checks": {"deny": {"type": "admin_deny"}}, "default_checks": ["deny"]},
+            routes=[Route("/", checks=["deny"])],
+        )
     finally:
         pool.close()
         plugins.unregister("extauthz.check", "admin_deny")
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("path", ["/admin/dashboard", "//admin/dashboard", "///admin",
-                                  "/%2Fadmin/dashboard", "/admin%2Fdashboard"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/admin/dashboard",
+        "//admin/dashboard",
+        "///admin",
+        "/%2Fadmin/dashboard",
+        "/admin%2Fdashboard",
+    ],
+)
 def test_deny_on_first_segment_holds_through_envoy(stack: Stack, path: str) -> None:
     before = stack.upstream.requests
     r = stack.client.get(path)

@@ -124,12 +124,23 @@ def test_a_flood_of_new_keys_evicts_itself_not_the_counters_in_use() -> None:
     assert allowed == [True] * 5 + [False]  # the busy counter survived the flood
 
 
-@pytest.mark.parametrize(("raw", "message"), [
-    ({"max_bytes": 0}, "ratelimit backend memory: max_bytes: expected a positive integer, got 0"),
-    ({"max_bytes": 1024}, "ratelimit backend memory: max_bytes: expected at least 65536, got 1024"),
-    ({"max_bytes": "1G"}, "ratelimit backend memory: max_bytes: expected a positive integer, "
-                          "got '1G'"),
-])
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (
+            {"max_bytes": 0},
+            "ratelimit backend memory: max_bytes: expected a positive integer, got 0",
+        ),
+        (
+            {"max_bytes": 1024},
+            "ratelimit backend memory: max_bytes: expected at least 65536, got 1024",
+        ),
+        (
+            {"max_bytes": "1G"},
+            "ratelimit backend memory: max_bytes: expected a positive integer, got '1G'",
+        ),
+    ],
+)
 def test_max_bytes_option_is_validated(raw: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigError) as err:
         MemoryBackendFactory().validate(raw)

@@ -95,8 +95,15 @@ default allow := false
 allow if input.attributes.request.http.method == "GET"
 """
 
-POLICIES = {"echo": ECHO, "quotes": QUOTES, "mirror": MIRROR, "cidr": CIDR, "divide": DIVIDE,
-            "slow": SLOW, "fast": FAST}
+POLICIES = {
+    "echo": ECHO,
+    "quotes": QUOTES,
+    "mirror": MIRROR,
+    "cidr": CIDR,
+    "divide": DIVIDE,
+    "slow": SLOW,
+    "fast": FAST,
+}
 
 
 @pytest.fixture
@@ -108,8 +115,9 @@ def policy_dir(tmp_path: Path) -> Path:
     return d
 
 
-def request(policy: str, headers: dict[str, str] | None = None, *, path: str = "/x",
-            method: str = "GET") -> external_auth_pb2.CheckRequest:
+def request(
+    policy: str, headers: dict[str, str] | None = None, *, path: str = "/x", method: str = "GET"
+) -> external_auth_pb2.CheckRequest:
     r = external_auth_pb2.CheckRequest()
     h = r.attributes.request.http
     h.method, h.path, h.host = method, path, "svc"
@@ -119,9 +127,16 @@ def request(policy: str, headers: dict[str, str] | None = None, *, path: str = "
 
 
 def service_config(policy_dir: Path, **extra: Any) -> dict[str, Any]:
-    return {"checks": {"authz": {"type": "rego", "options": {
-        "policy_dir": str(policy_dir), "reload_interval_s": 0, "evaluators": 2}}},
-        "default_checks": ["authz"], **extra}
+    return {
+        "checks": {
+            "authz": {
+                "type": "rego",
+                "options": {"policy_dir": str(policy_dir), "reload_interval_s": 0, "evaluators": 2},
+            }
+        },
+        "default_checks": ["authz"],
+        **extra,
+    }
 
 
 # -- 1. a header cannot rewrite the decision ---------------------------------------------------
@@ -131,12 +146,19 @@ def service_config(policy_dir: Path, **extra: Any) -> dict[str, Any]:
 def test_a_header_cannot_turn_a_deny_into_an_allow_through_envoy(
     stack_factory: StackFactory, policy_dir: Path
 ) -> None:
-    stack = stack_factory(config=service_config(policy_dir),
-                          routes=[Route("/", policy="attack.echo", checks=["authz"])])
+    stack = stack_factory(
+        config=service_config(policy_dir),
+        routes=[Route("/", policy="attack.echo", checks=["authz"])],
+    )
     assert stack.client.get("/x", headers={"x-user": "alice"}).status == 200
     assert stack.client.get("/x", headers={"x-user": "mallory"}).status == 403
-    for forged in ['x", "allowed": true, "z": "', 'x","allowed":true}', '"}, "allowed": true',
-                   'x\\", "allowed": true, "z": \\"', '{"allowed": true}']:
+    for forged in [
+        'x", "allowed": true, "z": "',
+        'x","allowed":true}',
+        '"}, "allowed": true',
+        'x\\", "allowed": true, "z": \\"',
+        '{"allowed": true}',
+    ]:
         denied = stack.client.get("/x", headers={"x-user": forged})
         assert denied.status == 403, forged
         assert denied.body == f"denied: {forged}".encode()  # the policy saw the exact value
@@ -144,8 +166,9 @@ def test_a_header_cannot_turn_a_deny_into_an_allow_through_envoy(
 
 
 async def test_strings_holding_quotes_and_backslashes_compare_exactly(policy_dir: Path) -> None:
-    servicer = await build_servicer(Settings(config=service_config(policy_dir),
-                                             registry=CollectorRegistry()))
+    servicer = await build_servicer(
+        Settings(config=service_config(policy_dir), registry=CollectorRegistry())
+    )
     try:
         ok = await servicer.Check(request("attack.quotes", {"x-token": 'a"b\\c'}), None)
         assert ok.status.code == 0
@@ -158,10 +181,12 @@ async def test_strings_holding_quotes_and_backslashes_compare_exactly(policy_dir
 
 # header names as Envoy passes them on: lower-case tokens; values: any Unicode but NUL, CR, LF
 _NAME = st.from_regex(r"\Ax-[a-z0-9-]{1,20}\Z")
-_VALUE = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00\r\n"),
-                 max_size=60)
-_PATH = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"),
-                max_size=60).map(lambda s: "/" + s)
+_VALUE = st.text(
+    st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00\r\n"), max_size=60
+)
+_PATH = st.text(
+    st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=60
+).map(lambda s: "/" + s)
 
 
 @pytest.fixture
@@ -174,8 +199,9 @@ def mirror(policy_dir: Path) -> Iterator[tuple[asyncio.AbstractEventLoop, RegoCh
     loop.close()
 
 
-@settings(max_examples=150, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(headers=st.dictionaries(_NAME, _VALUE, max_size=4), path=_PATH)
 def test_the_policy_sees_exactly_the_strings_sent(
     mirror: tuple[asyncio.AbstractEventLoop, RegoCheck], headers: dict[str, str], path: str
@@ -196,8 +222,10 @@ async def test_a_result_document_with_duplicate_keys_is_an_error() -> None:
     from legation.extauthz.evaluator import EvaluationError, parse_result
 
     assert parse_result('{"allowed": false, "body": "x"}') == {"allowed": False, "body": "x"}
-    for text in ('{"allowed": false, "allowed": true}',
-                 '{"allowed": false, "headers": {"a": "1", "a": "2"}}'):
+    for text in (
+        '{"allowed": false, "allowed": true}',
+        '{"allowed": false, "headers": {"a": "1", "a": "2"}}',
+    ):
         with pytest.raises(EvaluationError, match="duplicate key"):
             parse_result(text)
 
@@ -207,17 +235,20 @@ async def test_a_result_document_with_duplicate_keys_is_an_error() -> None:
 
 def test_a_policy_calling_a_function_the_engine_lacks_is_refused_at_load(tmp_path: Path) -> None:
     (tmp_path / "typo.rego").write_text(
-        "package typo\nimport rego.v1\n\ndeny if net.cidr_contain(\"10.0.0.0/8\", input.ip)\n")
+        'package typo\nimport rego.v1\n\ndeny if net.cidr_contain("10.0.0.0/8", input.ip)\n'
+    )
     with pytest.raises(ConfigError) as err:
         load(tmp_path, rules=("allow",), probe_timeout_s=30)
-    assert str(err.value) == (f"{tmp_path / 'typo.rego'}:4: rego_type_error: "
-                              "undefined function net.cidr_contain")
+    assert str(err.value) == (
+        f"{tmp_path / 'typo.rego'}:4: rego_type_error: undefined function net.cidr_contain"
+    )
 
 
 async def test_builtins_regopy_lacked_decide_and_their_errors_deny(policy_dir: Path) -> None:
     registry = CollectorRegistry()
-    servicer = await build_servicer(Settings(config=service_config(policy_dir, error_status=503),
-                                             registry=registry))
+    servicer = await build_servicer(
+        Settings(config=service_config(policy_dir, error_status=503), registry=registry)
+    )
     try:
         inside = await servicer.Check(request("attack.cidr", {"x-ip": "10.1.2.3"}), None)
         outside = await servicer.Check(request("attack.cidr", {"x-ip": "192.168.0.1"}), None)
@@ -230,8 +261,13 @@ async def test_builtins_regopy_lacked_decide_and_their_errors_deny(policy_dir: P
         zero = await servicer.Check(request("attack.divide", {"x-n": "0"}), None)
         assert zero.denied_response.status.code == 503
         assert (await servicer.Check(request("attack.divide", {"x-n": "2"}), None)).status.code == 0
-        assert registry.get_sample_value("legation_extauthz_check_errors_total",
-                                         {"policy": "attack.cidr", "code": "policy_error"}) == 1
+        assert (
+            registry.get_sample_value(
+                "legation_extauthz_check_errors_total",
+                {"policy": "attack.cidr", "code": "policy_error"},
+            )
+            == 1
+        )
     finally:
         await close_checks(servicer)
 
@@ -252,9 +288,12 @@ async def test_the_deadline_holds_and_other_requests_are_answered_meanwhile(
     policy_dir: Path,
 ) -> None:
     registry = CollectorRegistry()
-    servicer = await build_servicer(Settings(
-        config=service_config(policy_dir, check_timeout_ms=1500, error_status=504),
-        registry=registry))
+    servicer = await build_servicer(
+        Settings(
+            config=service_config(policy_dir, check_timeout_ms=1500, error_status=504),
+            registry=registry,
+        )
+    )
     check: RegoCheck = servicer.checks["authz"]  # type: ignore[assignment]
     pool = await check.store.pool()
     try:
@@ -262,12 +301,12 @@ async def test_the_deadline_holds_and_other_requests_are_answered_meanwhile(
         small = await servicer.Check(request("attack.slow", {"x-n": "1000"}), None)
         assert small.status.code == 0  # the policy itself is fine on small input
         slow = asyncio.ensure_future(
-            servicer.Check(request("attack.slow", {"x-n": "4000000000"}), None))
+            servicer.Check(request("attack.slow", {"x-n": "4000000000"}), None)
+        )
         await asyncio.sleep(0.05)  # the slow evaluation has been handed to an evaluator
         answered = []
         for i in range(30):  # meanwhile: answered by the other evaluator, in order
-            r = await servicer.Check(request("attack.fast", method="GET" if i % 2 else "PUT"),
-                                     None)
+            r = await servicer.Check(request("attack.fast", method="GET" if i % 2 else "PUT"), None)
             answered.append(r.status.code == 0)
             assert not slow.done(), "the fast requests waited for the slow one"
         assert answered == [i % 2 == 1 for i in range(30)]
@@ -297,14 +336,18 @@ async def test_the_deadline_holds_and_other_requests_are_answered_meanwhile(
 async def test_an_evaluator_that_dies_mid_request_denies_and_is_replaced(
     policy_dir: Path,
 ) -> None:
-    servicer = await build_servicer(Settings(
-        config=service_config(policy_dir, check_timeout_ms=5000, error_status=503),
-        registry=CollectorRegistry()))
+    servicer = await build_servicer(
+        Settings(
+            config=service_config(policy_dir, check_timeout_ms=5000, error_status=503),
+            registry=CollectorRegistry(),
+        )
+    )
     check: RegoCheck = servicer.checks["authz"]  # type: ignore[assignment]
     pool = await check.store.pool()
     try:
         slow = asyncio.ensure_future(
-            servicer.Check(request("attack.slow", {"x-n": "4000000000"}), None))
+            servicer.Check(request("attack.slow", {"x-n": "4000000000"}), None)
+        )
         await asyncio.sleep(0.1)
         busy = [w for w in pool._workers if w.calls]
         assert len(busy) == 1
@@ -325,31 +368,49 @@ async def test_an_evaluator_that_dies_mid_request_denies_and_is_replaced(
 def _deny_admin_checks(tmp_path: Path, files: dict[str, str]) -> list[RegoCheck]:
     for name, text in files.items():
         (tmp_path / name).write_text(text)
-    return [RegoCheck(RegoConfig(policy_dir=tmp_path, reload_interval_s=0, evaluators=1,
-                                 project_input=p)) for p in (True, False)]
+    return [
+        RegoCheck(
+            RegoConfig(policy_dir=tmp_path, reload_interval_s=0, evaluators=1, project_input=p)
+        )
+        for p in (True, False)
+    ]
 
 
 _READS_ROLE = 'input.attributes.request.http.headers["x-role"]'
 
 HIDDEN_READS = {
-    "template string": {"p.rego": (
-        'package envoy.authz\nimport rego.v1\ndefault allow := false\nallow if not deny\n'
-        f'deny if $"{{{_READS_ROLE}}}" == "admin"\n')},
-    "raw template string": {"p.rego": (
-        'package envoy.authz\nimport rego.v1\ndefault allow := false\nallow if not deny\n'
-        f'deny if $`{{{_READS_ROLE}}}` == "admin"\n')},
+    "template string": {
+        "p.rego": (
+            "package envoy.authz\nimport rego.v1\ndefault allow := false\nallow if not deny\n"
+            f'deny if $"{{{_READS_ROLE}}}" == "admin"\n'
+        )
+    },
+    "raw template string": {
+        "p.rego": (
+            "package envoy.authz\nimport rego.v1\ndefault allow := false\nallow if not deny\n"
+            f'deny if $`{{{_READS_ROLE}}}` == "admin"\n'
+        )
+    },
     "rule from a sub-package": {
         "a.rego": "package envoy.authz\nimport rego.v1\nx := 1\n",
-        "b.rego": ("package envoy.authz.allow\nimport rego.v1\ndefault allowed := false\n"
-                   f'allowed if not deny\ndeny if {_READS_ROLE} == "admin"\n')},
+        "b.rego": (
+            "package envoy.authz.allow\nimport rego.v1\ndefault allowed := false\n"
+            f'allowed if not deny\ndeny if {_READS_ROLE} == "admin"\n'
+        ),
+    },
     "rule from a parent package": {
         "a.rego": "package envoy.authz\nimport rego.v1\nx := 1\n",
-        "b.rego": ("package envoy\nimport rego.v1\ndefault authz.allow := false\n"
-                   f'authz.allow if not admin\nadmin if {_READS_ROLE} == "admin"\n')},
+        "b.rego": (
+            "package envoy\nimport rego.v1\ndefault authz.allow := false\n"
+            f'authz.allow if not admin\nadmin if {_READS_ROLE} == "admin"\n'
+        ),
+    },
     "package written with brackets": {
-        "a.rego": ("package envoy.authz\nimport rego.v1\ndefault allow := false\n"
-                   "allow if not deny\n"),
-        "b.rego": f'package envoy["authz"]\nimport rego.v1\ndeny if {_READS_ROLE} == "admin"\n'},
+        "a.rego": (
+            "package envoy.authz\nimport rego.v1\ndefault allow := false\nallow if not deny\n"
+        ),
+        "b.rego": f'package envoy["authz"]\nimport rego.v1\ndeny if {_READS_ROLE} == "admin"\n',
+    },
 }
 
 
@@ -371,7 +432,8 @@ async def test_a_deny_rule_sees_what_it_reads_however_the_policy_is_written(
 
 async def test_a_template_string_reading_the_clock_is_never_cached(tmp_path: Path) -> None:
     (tmp_path / "p.rego").write_text(
-        'package clock\nimport rego.v1\nallow if $"{time.now_ns()}" != ""\n')
+        'package clock\nimport rego.v1\nallow if $"{time.now_ns()}" != ""\n'
+    )
     check = RegoCheck(RegoConfig(policy_dir=tmp_path, reload_interval_s=0, evaluators=1))
     try:
         assert not check.cacheable("clock")
@@ -383,8 +445,9 @@ def test_a_package_declaration_that_cannot_be_read_whole_is_refused(tmp_path: Pa
     (tmp_path / "p.rego").write_text('package envoy["au.thz"]\nimport rego.v1\nallow := true\n')
     with pytest.raises(ConfigError) as err:
         load(tmp_path, rules=("allow",), probe_timeout_s=30)
-    assert str(err.value).startswith(f"{tmp_path / 'p.rego'}: the first statement must be a "
-                                     "package declaration")
+    assert str(err.value).startswith(
+        f"{tmp_path / 'p.rego'}: the first statement must be a package declaration"
+    )
 
 
 async def test_results_that_echo_large_input_are_not_kept(policy_dir: Path) -> None:
@@ -404,12 +467,27 @@ async def test_results_that_echo_large_input_are_not_kept(policy_dir: Path) -> N
 async def test_an_evaluation_past_its_memory_cap_denies_and_its_process_is_replaced(
     policy_dir: Path,
 ) -> None:
-    servicer = await build_servicer(Settings(config={
-        "checks": {"authz": {"type": "rego", "options": {
-            "policy_dir": str(policy_dir), "reload_interval_s": 0, "evaluators": 1,
-            "evaluator_memory_mb": 256}}},
-        "default_checks": ["authz"], "check_timeout_ms": 60_000, "error_status": 503},
-        registry=CollectorRegistry()))
+    servicer = await build_servicer(
+        Settings(
+            config={
+                "checks": {
+                    "authz": {
+                        "type": "rego",
+                        "options": {
+                            "policy_dir": str(policy_dir),
+                            "reload_interval_s": 0,
+                            "evaluators": 1,
+                            "evaluator_memory_mb": 256,
+                        },
+                    }
+                },
+                "default_checks": ["authz"],
+                "check_timeout_ms": 60_000,
+                "error_status": 503,
+            },
+            registry=CollectorRegistry(),
+        )
+    )
     check: RegoCheck = servicer.checks["authz"]  # type: ignore[assignment]
     try:
         huge = await servicer.Check(request("attack.slow", {"x-n": "4000000000"}), None)
@@ -458,12 +536,18 @@ async def test_a_reload_whose_evaluators_did_not_start_is_retried(
         assert await check.store.reload() is False
         assert check.store.failed_reloads == 1
         assert "did not start" in (check.store.last_error or "")
-        assert (await check.evaluate("attack.fast", {"attributes": {"request": {"http": {
-            "method": "GET"}}}})).allowed  # the running version still decides
+        assert (
+            await check.evaluate(
+                "attack.fast", {"attributes": {"request": {"http": {"method": "GET"}}}}
+            )
+        ).allowed  # the running version still decides
         monkeypatch.setattr(evaluator._Worker, "spawn", real)
         assert await check.store.reload() is True  # same files, tried again
-        assert (await check.evaluate("attack.fast", {"attributes": {"request": {"http": {
-            "method": "PUT"}}}})).allowed
+        assert (
+            await check.evaluate(
+                "attack.fast", {"attributes": {"request": {"http": {"method": "PUT"}}}}
+            )
+        ).allowed
     finally:
         await check.close()
 

@@ -88,8 +88,13 @@ def write_mesh(tmp: Path, *, mode: str, tls: str | None = None) -> Path:
 
 
 async def start_plane(mesh: Path) -> ControlPlane:
-    plane = ControlPlane(mesh, status_port=0, poll_interval=3600, on_event=lambda line: None,
-                         ca_dir=mesh.parent / "ca")
+    plane = ControlPlane(
+        mesh,
+        status_port=0,
+        poll_interval=3600,
+        on_event=lambda line: None,
+        ca_dir=mesh.parent / "ca",
+    )
     return await plane.start()
 
 
@@ -177,8 +182,7 @@ async def test_plaintext_client_is_refused(plane: ControlPlane, kind: str) -> No
 
 
 @pytest.mark.parametrize("kind", KINDS)
-async def test_tls_client_without_a_certificate_is_refused(plane: ControlPlane, kind: str
-                                                           ) -> None:
+async def test_tls_client_without_a_certificate_is_refused(plane: ControlPlane, kind: str) -> None:
     async with tls_channel(address(plane, kind), mesh_root(plane)) as channel:
         assert_refused(kind, await call(kind, channel))
 
@@ -193,15 +197,15 @@ async def test_certificate_from_a_foreign_ca_is_refused(plane: ControlPlane, kin
 
 
 @pytest.mark.parametrize("kind", KINDS)
-async def test_a_proxy_with_its_mesh_certificate_is_served(plane: ControlPlane, kind: str
-                                                           ) -> None:
+async def test_a_proxy_with_its_mesh_certificate_is_served(plane: ControlPlane, kind: str) -> None:
     async with tls_channel(address(plane, kind), mesh_root(plane), proxy_cert(plane)) as channel:
         assert_served(kind, await call(kind, channel))
     assert plane.services.status()[kind]["tls"] == "mesh"
 
 
-def server_certificate(target: str, root: bytes, client: WorkloadCert, tmp: Path
-                       ) -> x509.Certificate:
+def server_certificate(
+    target: str, root: bytes, client: WorkloadCert, tmp: Path
+) -> x509.Certificate:
     """The certificate the server presents on a fresh connection (handshake with ALPN h2)."""
     (tmp / "client.crt").write_bytes(client.cert_pem)
     (tmp / "client.key").write_bytes(client.key_pem)
@@ -209,8 +213,10 @@ def server_certificate(target: str, root: bytes, client: WorkloadCert, tmp: Path
     context.load_cert_chain(tmp / "client.crt", tmp / "client.key")
     context.set_alpn_protocols(["h2"])
     host, _, port = target.rpartition(":")
-    with socket.create_connection((host, int(port)), timeout=5) as raw, \
-            context.wrap_socket(raw, server_hostname=host) as tls:
+    with (
+        socket.create_connection((host, int(port)), timeout=5) as raw,
+        context.wrap_socket(raw, server_hostname=host) as tls,
+    ):
         assert tls.selected_alpn_protocol() == "h2"
         der = tls.getpeercert(binary_form=True)
     assert der is not None
@@ -240,7 +246,8 @@ async def test_renewal_serves_the_new_certificate_without_dropping_open_streams(
     before = server_certificate(target, mesh_root(plane), proxy_cert(plane), tmp_path)
     async with tls_channel(target, mesh_root(plane), proxy_cert(plane)) as channel:
         stream = proc_grpc.ExternalProcessorStub(channel).Process(
-            metadata=((CHAIN_METADATA_KEY, "tagged"),), timeout=10)
+            metadata=((CHAIN_METADATA_KEY, "tagged"),), timeout=10
+        )
         await stream.write(proc_pb2.ProcessingRequest(request_headers=_headers()))
         assert (await stream.read()).WhichOneof("response") == "request_headers"
         rotated = plane.rotate(force=True)  # proxies and services alike
@@ -278,8 +285,11 @@ def test_tls_mesh_without_mtls_is_a_mesh_error_naming_the_field(tmp_path: Path) 
     with pytest.raises(MeshConfigError) as info:
         parse_mesh(text, source="mesh.yaml")
     assert [(p.path, p.message) for p in info.value.problems] == [
-        (f"{kind}.tls", "'mesh' needs mtls.mode permissive or strict (the certificates come "
-         "from the mesh CA); or set tls: none")
+        (
+            f"{kind}.tls",
+            "'mesh' needs mtls.mode permissive or strict (the certificates come "
+            "from the mesh CA); or set tls: none",
+        )
         for kind in KINDS
     ]
 
@@ -289,8 +299,11 @@ def test_a_service_cannot_take_a_request_path_services_identity(tmp_path: Path) 
     with pytest.raises(MeshConfigError) as info:
         parse_mesh(text, source="mesh.yaml")
     assert [(p.path, p.message) for p in info.value.problems] == [
-        ("services[0].name", "'legation-extauthz' is reserved for Legation's request-path "
-         "service of that name (its SPIFFE identity with mTLS)")
+        (
+            "services[0].name",
+            "'legation-extauthz' is reserved for Legation's request-path "
+            "service of that name (its SPIFFE identity with mTLS)",
+        )
     ]
 
 
@@ -306,13 +319,14 @@ async def test_bind_failure_is_one_error_naming_service_and_address() -> None:
 
 
 def test_server_tls_keeps_the_key_out_of_repr() -> None:
-    tls = ServerTls(cert_chain_pem=b"CERT", key_pem=b"-----BEGIN PRIVATE KEY-----",
-                    client_ca_pem=b"CA")
+    tls = ServerTls(
+        cert_chain_pem=b"CERT", key_pem=b"-----BEGIN PRIVATE KEY-----", client_ca_pem=b"CA"
+    )
     assert "PRIVATE" not in repr(tls)
 
 
 async def test_a_reload_that_turns_mtls_off_restarts_the_services_in_plaintext(
-    plane: ControlPlane
+    plane: ControlPlane,
 ) -> None:
     text = plane.mesh_path.read_text()
     plane.mesh_path.write_text(text.replace("mode: strict", "mode: off"))
@@ -326,6 +340,7 @@ async def test_a_reload_that_turns_mtls_off_restarts_the_services_in_plaintext(
     for kind in KINDS:
         async with grpc.aio.insecure_channel(address(plane, kind)) as channel:
             assert_refused(kind, await call(kind, channel))
-        async with tls_channel(address(plane, kind), mesh_root(plane),
-                               proxy_cert(plane)) as channel:
+        async with tls_channel(
+            address(plane, kind), mesh_root(plane), proxy_cert(plane)
+        ) as channel:
             assert_served(kind, await call(kind, channel))

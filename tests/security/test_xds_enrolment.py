@@ -37,8 +37,9 @@ SDS = "/envoy.service.secret.v3.SecretDiscoveryService/"
 
 def secret_snapshot(pki: TestPki, label: str) -> Snapshot:
     """A proxy's snapshot as the control plane publishes it with mTLS on: its key inside."""
-    workload = pki.mesh_ca.issue(f"spiffe://test.local/ns/default/sa/{label}",
-                            ttl=timedelta(hours=1))
+    workload = pki.mesh_ca.issue(
+        f"spiffe://test.local/ns/default/sa/{label}", ttl=timedelta(hours=1)
+    )
     base = services_snapshot(label, 10000, {"a": 1})
     return Snapshot(
         label,
@@ -72,24 +73,32 @@ async def plane(tmp_path: Path) -> AsyncIterator[Plane]:
     await server.stop(0)
 
 
-def request(node: str, rtype: T = T.SECRET, *, cluster: str = "",
-            names: tuple[str, ...] = ()) -> discovery_pb2.DiscoveryRequest:
-    return discovery_pb2.DiscoveryRequest(node=base_pb2.Node(id=node, cluster=cluster),
-                                          type_url=rtype.type_url, resource_names=list(names))
+def request(
+    node: str, rtype: T = T.SECRET, *, cluster: str = "", names: tuple[str, ...] = ()
+) -> discovery_pb2.DiscoveryRequest:
+    return discovery_pb2.DiscoveryRequest(
+        node=base_pb2.Node(id=node, cluster=cluster),
+        type_url=rtype.type_url,
+        resource_names=list(names),
+    )
 
 
 async def fetch_secrets(channel: grpc.aio.Channel, node: str, **kw: Any) -> Any:
-    call = channel.unary_unary(SDS + "FetchSecrets",
-                               request_serializer=discovery_pb2.DiscoveryRequest.SerializeToString,
-                               response_deserializer=None)
+    call = channel.unary_unary(
+        SDS + "FetchSecrets",
+        request_serializer=discovery_pb2.DiscoveryRequest.SerializeToString,
+        response_deserializer=None,
+    )
     return await call(request(node, **kw), timeout=5)
 
 
-async def first_responses(channel: grpc.aio.Channel, method: str, first: Any,
-                          deserialize: Any, *, wait: float = 1.0) -> list[Any]:
+async def first_responses(
+    channel: grpc.aio.Channel, method: str, first: Any, deserialize: Any, *, wait: float = 1.0
+) -> list[Any]:
     """Everything a stream answers to ``first`` within ``wait`` s; the RPC error if it fails."""
-    call = channel.stream_stream(method, request_serializer=type(first).SerializeToString,
-                                 response_deserializer=deserialize)
+    call = channel.stream_stream(
+        method, request_serializer=type(first).SerializeToString, response_deserializer=deserialize
+    )
 
     async def gen() -> AsyncIterator[Any]:
         yield first
@@ -109,8 +118,9 @@ async def first_responses(channel: grpc.aio.Channel, method: str, first: Any,
 
 
 def no_key(payloads: list[Any]) -> bool:
-    return all(KEY_MARK not in (p if isinstance(p, bytes) else p.SerializeToString())
-               for p in payloads)
+    return all(
+        KEY_MARK not in (p if isinstance(p, bytes) else p.SerializeToString()) for p in payloads
+    )
 
 
 # -- no credential ---------------------------------------------------------------------------
@@ -137,8 +147,9 @@ async def test_workload_certificate_is_not_an_xds_credential(plane: Plane) -> No
     workload certificate, from the mesh root, does not even get through the handshake: see
     test_xds_review)."""
     workload = plane.pki.ca.issue("spiffe://test.local/ns/default/sa/a", ttl=timedelta(hours=1))
-    async with grpc.aio.secure_channel(plane.server.address,
-                                       plane.pki.channel_credentials(workload)) as channel:
+    async with grpc.aio.secure_channel(
+        plane.server.address, plane.pki.channel_credentials(workload)
+    ) as channel:
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await fetch_secrets(channel, "proxy-a")
     assert err.value.code() is grpc.StatusCode.UNAUTHENTICATED
@@ -154,17 +165,22 @@ async def test_proxy_a_claiming_b_is_denied_on_every_path(
     creds = plane.pki.credentials("proxy-a")
     sotw = request("proxy-b", names=("legation-workload-cert",))
     delta = discovery_pb2.DeltaDiscoveryRequest(
-        node=base_pb2.Node(id="proxy-b"), type_url=T.SECRET.type_url,
-        resource_names_subscribe=["legation-workload-cert"])
+        node=base_pb2.Node(id="proxy-b"),
+        type_url=T.SECRET.type_url,
+        resource_names_subscribe=["legation-workload-cert"],
+    )
     async with grpc.aio.secure_channel(plane.server.address, creds) as channel:
-        for method, first in ((ADS + "StreamAggregatedResources", sotw),
-                              (ADS + "DeltaAggregatedResources", delta),
-                              (SDS + "StreamSecrets", sotw),
-                              (SDS + "DeltaSecrets", delta)):
+        for method, first in (
+            (ADS + "StreamAggregatedResources", sotw),
+            (ADS + "DeltaAggregatedResources", delta),
+            (SDS + "StreamSecrets", sotw),
+            (SDS + "DeltaSecrets", delta),
+        ):
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 got = await first_responses(channel, method, first, None)
-                raise AssertionError(f"{method}: answered {len(got)} responses, no_key="
-                                     f"{no_key(got)}")
+                raise AssertionError(
+                    f"{method}: answered {len(got)} responses, no_key={no_key(got)}"
+                )
             assert err.value.code() is grpc.StatusCode.PERMISSION_DENIED, method
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await fetch_secrets(channel, "proxy-b", names=("legation-workload-cert",))
@@ -182,7 +198,8 @@ async def test_a_later_request_naming_another_node_ends_the_stream(plane: Plane)
         call = channel.stream_stream(
             ADS + "StreamAggregatedResources",
             request_serializer=discovery_pb2.DiscoveryRequest.SerializeToString,
-            response_deserializer=discovery_pb2.DiscoveryResponse.FromString)
+            response_deserializer=discovery_pb2.DiscoveryResponse.FromString,
+        )
         queue: asyncio.Queue[Any] = asyncio.Queue()
 
         async def gen() -> AsyncIterator[Any]:
@@ -203,8 +220,9 @@ async def test_a_later_request_naming_another_node_ends_the_stream(plane: Plane)
         assert err.value.code() is grpc.StatusCode.PERMISSION_DENIED
 
 
-async def test_claimed_node_id_is_logged_escaped(plane: Plane,
-                                                 caplog: pytest.LogCaptureFixture) -> None:
+async def test_claimed_node_id_is_logged_escaped(
+    plane: Plane, caplog: pytest.LogCaptureFixture
+) -> None:
     evil = "proxy-b\n2026-01-01 INFO forged line\x1b[31m\u202e"
     creds = plane.pki.credentials("proxy-a")
     caplog.set_level(logging.WARNING, "legation.xds")
@@ -225,25 +243,39 @@ async def test_node_without_a_snapshot_gets_nothing_through_its_cluster(plane: P
     node's id) finds no snapshot, secret or not."""
     creds = plane.pki.credentials("stranger")  # a real credential, but no snapshot of its own
     async with grpc.aio.secure_channel(plane.server.address, creds) as channel:
-        got = await fetch_secrets(channel, "stranger", cluster="fleet",
-                                  names=("legation-workload-cert", "legation-trust-bundle"))
+        got = await fetch_secrets(
+            channel,
+            "stranger",
+            cluster="fleet",
+            names=("legation-workload-cert", "legation-trust-bundle"),
+        )
         assert KEY_MARK not in got
         assert not discovery_pb2.DiscoveryResponse.FromString(got).resources
         for method, first in (
-            (ADS + "StreamAggregatedResources",
-             request("stranger", cluster="fleet", names=("legation-workload-cert",))),
-            (ADS + "DeltaAggregatedResources", discovery_pb2.DeltaDiscoveryRequest(
-                node=base_pb2.Node(id="stranger", cluster="fleet"), type_url=T.SECRET.type_url,
-                resource_names_subscribe=["legation-workload-cert"])),
+            (
+                ADS + "StreamAggregatedResources",
+                request("stranger", cluster="fleet", names=("legation-workload-cert",)),
+            ),
+            (
+                ADS + "DeltaAggregatedResources",
+                discovery_pb2.DeltaDiscoveryRequest(
+                    node=base_pb2.Node(id="stranger", cluster="fleet"),
+                    type_url=T.SECRET.type_url,
+                    resource_names_subscribe=["legation-workload-cert"],
+                ),
+            ),
         ):
             got_stream = await first_responses(channel, method, first, None, wait=0.5)
             assert no_key(got_stream), method
         # nor the other node's listeners and clusters
         for rtype in (T.CLUSTER, T.LISTENER):
             got_config = await first_responses(
-                channel, ADS + "StreamAggregatedResources",
+                channel,
+                ADS + "StreamAggregatedResources",
                 request("stranger", rtype, cluster="fleet"),
-                discovery_pb2.DiscoveryResponse.FromString, wait=0.5)
+                discovery_pb2.DiscoveryResponse.FromString,
+                wait=0.5,
+            )
             assert not any(r.resources for r in got_config), rtype
     # disconnected, it leaves no status behind
     await asyncio.sleep(0.1)
@@ -257,8 +289,9 @@ async def test_expired_credential_is_refused(plane: Plane) -> None:
     # the CA is a minute old: a 10 s credential issued 50 s ago is over
     past = datetime.now(UTC) - timedelta(seconds=50)
     old = plane.pki.issue("proxy-a", ttl=timedelta(seconds=10), now=past)
-    async with grpc.aio.secure_channel(plane.server.address,
-                                       plane.pki.channel_credentials(old)) as channel:
+    async with grpc.aio.secure_channel(
+        plane.server.address, plane.pki.channel_credentials(old)
+    ) as channel:
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await fetch_secrets(channel, "proxy-a")
     assert err.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAUTHENTICATED)
@@ -288,22 +321,26 @@ async def test_credential_expired_by_the_servers_clock_is_refused(tmp_path: Path
 async def test_superseded_credential_is_refused(plane: Plane) -> None:
     first = plane.pki.issue("proxy-a")
     second = plane.pki.issue("proxy-a")  # re-enrolment revokes the first
-    async with grpc.aio.secure_channel(plane.server.address,
-                                       plane.pki.channel_credentials(first)) as channel:
+    async with grpc.aio.secure_channel(
+        plane.server.address, plane.pki.channel_credentials(first)
+    ) as channel:
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await fetch_secrets(channel, "proxy-a")
     assert err.value.code() is grpc.StatusCode.UNAUTHENTICATED
     assert plane.refused("superseded") == 1
-    async with grpc.aio.secure_channel(plane.server.address,
-                                       plane.pki.channel_credentials(second)) as channel:
-        assert KEY_MARK in await fetch_secrets(channel, "proxy-a",
-                                               names=("legation-workload-cert",))
+    async with grpc.aio.secure_channel(
+        plane.server.address, plane.pki.channel_credentials(second)
+    ) as channel:
+        assert KEY_MARK in await fetch_secrets(
+            channel, "proxy-a", names=("legation-workload-cert",)
+        )
 
 
 async def test_credential_never_recorded_is_refused(plane: Plane) -> None:
     unrecorded = plane.pki.issue("proxy-a", record=False)
-    async with grpc.aio.secure_channel(plane.server.address,
-                                       plane.pki.channel_credentials(unrecorded)) as channel:
+    async with grpc.aio.secure_channel(
+        plane.server.address, plane.pki.channel_credentials(unrecorded)
+    ) as channel:
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await fetch_secrets(channel, "proxy-a")
     assert err.value.code() is grpc.StatusCode.UNAUTHENTICATED
@@ -312,22 +349,27 @@ async def test_credential_never_recorded_is_refused(plane: Plane) -> None:
 async def test_credential_from_a_foreign_ca_is_refused(plane: Plane, tmp_path: Path) -> None:
     foreign = TestPki(tmp_path / "foreign")
     cert = foreign.issue("proxy-a")
-    creds = grpc.ssl_channel_credentials(root_certificates=plane.pki.ca.root_pem,
-                                         private_key=cert.key_pem, certificate_chain=cert.cert_pem)
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=plane.pki.ca.root_pem,
+        private_key=cert.key_pem,
+        certificate_chain=cert.cert_pem,
+    )
     async with grpc.aio.secure_channel(plane.server.address, creds) as channel:
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await fetch_secrets(channel, "proxy-a")
     assert err.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAUTHENTICATED)
 
 
-async def test_client_refuses_a_server_not_signed_by_the_mesh_ca(plane: Plane,
-                                                                 tmp_path: Path) -> None:
+async def test_client_refuses_a_server_not_signed_by_the_mesh_ca(
+    plane: Plane, tmp_path: Path
+) -> None:
     """A proxy only talks to the real control plane: an impostor's certificate fails."""
     impostor_pki = TestPki(tmp_path / "impostor")
     impostor = await impostor_pki.server(SnapshotCache(debounce=0), port=0).start()
     try:
-        async with grpc.aio.secure_channel(impostor.address,
-                                           plane.pki.credentials("proxy-a")) as channel:
+        async with grpc.aio.secure_channel(
+            impostor.address, plane.pki.credentials("proxy-a")
+        ) as channel:
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await fetch_secrets(channel, "proxy-a")
         assert err.value.code() is grpc.StatusCode.UNAVAILABLE
@@ -357,7 +399,7 @@ def test_node_ids_round_trip_through_the_uri_san_and_nothing_else_does(node: str
     uri = node_uri(node)
     assert uri.isascii() and uri.startswith(XDS_NODE_PREFIX)
     assert node_of_uri(uri) == node
-    assert "/" not in uri[len(XDS_NODE_PREFIX):]
+    assert "/" not in uri[len(XDS_NODE_PREFIX) :]
     name = node_dir_name(node)
     assert "/" not in name and name not in (".", "..", "")
 
@@ -365,7 +407,7 @@ def test_node_ids_round_trip_through_the_uri_san_and_nothing_else_does(node: str
 @given(st.text(max_size=80))
 def test_foreign_or_non_canonical_uris_name_no_node(tail: str) -> None:
     assert node_of_uri("spiffe://test.local/ns/default/sa/" + tail) is None
-    encoded = node_uri("A" + tail)[len(XDS_NODE_PREFIX):]
+    encoded = node_uri("A" + tail)[len(XDS_NODE_PREFIX) :]
     assert node_of_uri(XDS_NODE_PREFIX + "%41" + encoded[1:]) is None  # "A" spelt %41
 
 
@@ -403,10 +445,26 @@ def test_envoy_with_legation_bootstrap_output_connects_acks_serves_and_survives_
 
     def legation_bootstrap(*extra: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "legation.cli", "bootstrap", "--node", node,
-             "--xds", f"127.0.0.1:{cp.port}", "--admin-port", str(admin),
-             "--ca-dir", str(tmp_path / "ca"), *extra],
-            capture_output=True, text=True, timeout=60, cwd=tmp_path)
+            [
+                sys.executable,
+                "-m",
+                "legation.cli",
+                "bootstrap",
+                "--node",
+                node,
+                "--xds",
+                f"127.0.0.1:{cp.port}",
+                "--admin-port",
+                str(admin),
+                "--ca-dir",
+                str(tmp_path / "ca"),
+                *extra,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=tmp_path,
+        )
 
     try:
         cp.set_snapshot(node, mesh("v1", listen, 1, {"app": app.port}))
@@ -416,8 +474,9 @@ def test_envoy_with_legation_bootstrap_output_connects_acks_serves_and_survives_
         creds = tmp_path / "nodes" / node_dir_name(node)  # next to the CA
         assert (creds / "xds-client.yaml").stat().st_mode & 0o777 == 0o600
         assert creds.stat().st_mode & 0o777 == 0o700
-        envoy = EnvoyProcess(done.stdout, admin_port=admin, name="enrolled",
-                             log_dir=tmp_path / "logs").start()
+        envoy = EnvoyProcess(
+            done.stdout, admin_port=admin, name="enrolled", log_dir=tmp_path / "logs"
+        ).start()
         envoy.wait_live()
         converge(lambda: get(listen, "/app")[0] == 200)
         st = cp.status(node)

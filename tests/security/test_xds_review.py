@@ -69,20 +69,25 @@ SDS = "/envoy.service.secret.v3.SecretDiscoveryService/"
 
 
 async def fetch(channel: grpc.aio.Channel, rtype: T, node: str, **kw: Any) -> bytes:
-    method = {T.SECRET: SDS + "FetchSecrets",
-              T.LISTENER: "/envoy.service.listener.v3.ListenerDiscoveryService/FetchListeners",
-              T.CLUSTER: "/envoy.service.cluster.v3.ClusterDiscoveryService/FetchClusters"}[rtype]
-    call_ = channel.unary_unary(method, request_serializer=discovery_pb2.DiscoveryRequest
-                                .SerializeToString)
+    method = {
+        T.SECRET: SDS + "FetchSecrets",
+        T.LISTENER: "/envoy.service.listener.v3.ListenerDiscoveryService/FetchListeners",
+        T.CLUSTER: "/envoy.service.cluster.v3.ClusterDiscoveryService/FetchClusters",
+    }[rtype]
+    call_ = channel.unary_unary(
+        method, request_serializer=discovery_pb2.DiscoveryRequest.SerializeToString
+    )
     return await call_(request(node, rtype, **kw), timeout=5)  # type: ignore[no-any-return]
 
 
 def xds_channel(cp: ControlPlane, cert: WorkloadCert, root: bytes) -> grpc.aio.Channel:
     assert cp.server is not None
-    creds = grpc.ssl_channel_credentials(root_certificates=root, private_key=cert.key_pem,
-                                         certificate_chain=cert.cert_pem)
-    return grpc.aio.secure_channel(cp.server.address, creds,
-                                   options=[("grpc.use_local_subchannel_pool", 1)])
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=root, private_key=cert.key_pem, certificate_chain=cert.cert_pem
+    )
+    return grpc.aio.secure_channel(
+        cp.server.address, creds, options=[("grpc.use_local_subchannel_pool", 1)]
+    )
 
 
 # -- 1. an xDS credential is no mesh identity, a workload certificate no xDS credential ----------
@@ -120,15 +125,15 @@ async def test_services_refuse_an_xds_credential(tmp_path: Path, kind: str) -> N
         server_cert = cp.server.auth._serving  # type: ignore[attr-defined]
         async with tls_channel(address(cp, kind), mesh_root(cp), server_cert) as channel:
             assert_refused(kind, await call(kind, channel))
-        async with tls_channel(address(cp, kind), mesh_root(cp),
-                               cp.issuer.certs[GATEWAY_NODE]) as channel:
+        async with tls_channel(
+            address(cp, kind), mesh_root(cp), cp.issuer.certs[GATEWAY_NODE]
+        ) as channel:
             assert_served(kind, await call(kind, channel))
     finally:
         await cp.stop()
 
 
-async def test_xds_server_refuses_a_workload_certificate_at_the_handshake(tmp_path: Path
-                                                                           ) -> None:
+async def test_xds_server_refuses_a_workload_certificate_at_the_handshake(tmp_path: Path) -> None:
     cp = await start_plane(write_mesh(tmp_path, mode="strict"))
     try:
         assert cp.xds_ca is not None
@@ -150,8 +155,10 @@ def _https_get(port: int, cert: WorkloadCert | None, ca: Path, tmp: Path) -> str
         (tmp / "k.pem").write_bytes(cert.key_pem)
         ctx.load_cert_chain(tmp / "c.pem", tmp / "k.pem")
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, \
-                ctx.wrap_socket(raw) as tls:
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+            ctx.wrap_socket(raw) as tls,
+        ):
             tls.sendall(b"GET /tagged HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n")
             data = b""
             while chunk := tls.recv(65536):
@@ -175,8 +182,9 @@ def test_strict_sidecar_inbound_refuses_an_xds_credential_through_envoy(tmp_path
         port = world.ports["in1"]
         stranger, _ = world.cp.enrol("stranger", tmp_path / "nodes" / "stranger")
         assert world.cp.issuer.ca is not None
-        foreign = world.cp.issuer.ca.issue("spiffe://elsewhere.test/ns/default/sa/gw",
-                                           ttl=timedelta(hours=1))
+        foreign = world.cp.issuer.ca.issue(
+            "spiffe://elsewhere.test/ns/default/sa/gw", ttl=timedelta(hours=1)
+        )
         gateway = world.cp.issuer.certs["gateway-gw"]
         assert _https_get(port, gateway, ca, tmp_path).startswith("HTTP/1.1 200")
         assert _https_get(port, stranger, ca, tmp_path).startswith("refused")
@@ -189,8 +197,9 @@ def test_strict_sidecar_inbound_refuses_an_xds_credential_through_envoy(tmp_path
 # -- 2. a failed registry read, idle connections ------------------------------------------------
 
 
-def test_a_failed_registry_read_keeps_the_last_good_view(tmp_path: Path,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failed_registry_read_keeps_the_last_good_view(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """p4: EMFILE while the registry changed was cached as 'nobody is enrolled'."""
     ca = xds_root(tmp_path / "ca")
     pki_dir = tmp_path / "ca"
@@ -214,8 +223,9 @@ def test_a_failed_registry_read_keeps_the_last_good_view(tmp_path: Path,
     assert server_view.current("b") == cert_b.serial
 
 
-def test_the_first_read_failing_refuses_everyone(tmp_path: Path,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_first_read_failing_refuses_everyone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     ca = xds_root(tmp_path / "ca")
     enrol(ca, Enrolments.beside(tmp_path / "ca"), "a", tmp_path / "nodes" / "a")
     view = Enrolments.beside(tmp_path / "ca")
@@ -255,9 +265,12 @@ async def test_a_node_naming_another_node_as_its_cluster_gets_nothing(tmp_path: 
         async with xds_channel(cp, cert, cp.xds_ca.root_pem) as channel:
             for rtype in (T.LISTENER, T.CLUSTER, T.SECRET):
                 got = await first_responses(
-                    channel, ADS + "StreamAggregatedResources",
+                    channel,
+                    ADS + "StreamAggregatedResources",
                     request("stranger", rtype, cluster=GATEWAY_NODE),
-                    discovery_pb2.DiscoveryResponse.FromString, wait=0.5)
+                    discovery_pb2.DiscoveryResponse.FromString,
+                    wait=0.5,
+                )
                 assert not any(r.resources for r in got), rtype
                 fetched = await fetch(channel, rtype, "stranger", cluster=GATEWAY_NODE)
                 assert not discovery_pb2.DiscoveryResponse.FromString(fetched).resources
@@ -281,8 +294,9 @@ def test_a_ca_stored_by_someone_else_meanwhile_is_the_one_used(
         other._store(directory)  # a writer that got there first
         return real_generate(cls, **kw)  # type: ignore[no-any-return]
 
-    monkeypatch.setattr(CertificateAuthority, "generate",
-                        classmethod(generate_while_someone_stores))
+    monkeypatch.setattr(
+        CertificateAuthority, "generate", classmethod(generate_while_someone_stores)
+    )
     ca = CertificateAuthority.in_directory(directory, trust_domain="x")
     assert ca.fingerprint == other.fingerprint
     on_disk = CertificateAuthority.load(directory / "ca.crt", directory / "ca.key")
@@ -303,8 +317,9 @@ def test_two_processes_creating_the_ca_at_once_share_one(tmp_path: Path) -> None
     for trial in range(8):
         directory = tmp_path / f"t{trial}" / "ca"
         barrier, out = ctx.Barrier(2), ctx.Queue()
-        procs = [ctx.Process(target=_open_ca, args=(str(directory), barrier, out))
-                 for _ in range(2)]
+        procs = [
+            ctx.Process(target=_open_ca, args=(str(directory), barrier, out)) for _ in range(2)
+        ]
         for p in procs:
             p.start()
         for p in procs:
@@ -314,8 +329,9 @@ def test_two_processes_creating_the_ca_at_once_share_one(tmp_path: Path) -> None
         assert got == {on_disk.fingerprint}, got
 
 
-def test_node_files_are_written_under_the_registry_lock(tmp_path: Path,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_node_files_are_written_under_the_registry_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """p5: two enrolments of one node at once could leave the files holding the credential
     the registry had just revoked; the files and the serial are now written under one lock."""
     import legation.certs.enrol as enrol_module
@@ -347,8 +363,12 @@ def test_node_files_are_written_under_the_registry_lock(tmp_path: Path,
 def _enrol_one(directory: str, barrier: Any, out: Any) -> None:
     ca = xds_root(Path(directory) / "ca")
     barrier.wait()
-    cert, _ = enrol(ca, Enrolments.beside(Path(directory) / "ca"), "node-x",
-                    Path(directory) / "nodes" / "node-x")
+    cert, _ = enrol(
+        ca,
+        Enrolments.beside(Path(directory) / "ca"),
+        "node-x",
+        Path(directory) / "nodes" / "node-x",
+    )
     out.put(cert.serial)
 
 
@@ -358,8 +378,9 @@ def test_two_enrolments_of_one_node_at_once_agree_with_the_registry(tmp_path: Pa
         directory = tmp_path / f"t{trial}"
         xds_root(directory / "ca")
         barrier, out = ctx.Barrier(2), ctx.Queue()
-        procs = [ctx.Process(target=_enrol_one, args=(str(directory), barrier, out))
-                 for _ in range(2)]
+        procs = [
+            ctx.Process(target=_enrol_one, args=(str(directory), barrier, out)) for _ in range(2)
+        ]
         for p in procs:
             p.start()
         for p in procs:
@@ -381,7 +402,8 @@ def test_a_ca_directory_writable_by_others_is_refused(tmp_path: Path) -> None:
     assert err.value.code == "ca_insecure"
     assert str(err.value) == (
         f"{directory}: the directory is writable by group or others (mode 0777), who could "
-        f"replace the keys in it; run: chmod 700 {directory}")
+        f"replace the keys in it; run: chmod 700 {directory}"
+    )
     assert not (directory / "ca.key").exists()
 
 
@@ -406,7 +428,8 @@ def test_a_ca_key_or_directory_owned_by_another_user_is_refused(tmp_path: Path) 
         CertificateAuthority.load(directory / "ca.crt", directory / "ca.key")
     assert str(err.value) == (
         f"{directory / 'ca.key'}: the CA key is owned by uid 4242, not by this process (uid 0); "
-        f"run: chown 0 {directory / 'ca.key'}")
+        f"run: chown 0 {directory / 'ca.key'}"
+    )
     os.chown(directory / "ca.key", 0, 0)
     os.chown(directory, 4242, 4242)
     with pytest.raises(CertError) as err:
@@ -439,8 +462,9 @@ def test_refusal_logs_are_limited_per_reason_and_summed_up() -> None:
     assert limiter.admit("not_a_node") == (True, 0)
 
 
-async def test_one_client_cannot_flood_the_log(tmp_path: Path,
-                                               caplog: pytest.LogCaptureFixture) -> None:
+async def test_one_client_cannot_flood_the_log(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """p8: 2,000 calls with a non-node certificate made 2,000 warnings; all are still counted."""
     pki = TestPki(tmp_path)
     cache = SnapshotCache(debounce=0)
@@ -449,8 +473,8 @@ async def test_one_client_cannot_flood_the_log(tmp_path: Path,
     calls = 400
     try:
         caplog.set_level(logging.WARNING, logger="legation.xds.auth")
-        async with grpc.aio.secure_channel(server.address,
-                                           pki.channel_credentials(odd)) as channel:
+        async with grpc.aio.secure_channel(server.address, pki.channel_credentials(odd)) as channel:
+
             async def one() -> None:
                 with pytest.raises(grpc.aio.AioRpcError):
                     await fetch(channel, T.SECRET, "x")
@@ -467,8 +491,9 @@ async def test_one_client_cannot_flood_the_log(tmp_path: Path,
 # -- 7. what a node credential must be ----------------------------------------------------------
 
 
-def _odd_credential(ca: CertificateAuthority, node: str, *, is_ca: bool,
-                    usages: list[x509.ObjectIdentifier] | None) -> WorkloadCert:
+def _odd_credential(
+    ca: CertificateAuthority, node: str, *, is_ca: bool, usages: list[x509.ObjectIdentifier] | None
+) -> WorkloadCert:
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.now(UTC)
     builder = (
@@ -480,25 +505,36 @@ def _odd_credential(ca: CertificateAuthority, node: str, *, is_ca: bool,
         .not_valid_before(now - timedelta(minutes=1))
         .not_valid_after(now + timedelta(hours=1))
         .add_extension(x509.BasicConstraints(ca=is_ca, path_length=None), critical=True)
-        .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(
-            node_uri(node))]), critical=False)
+        .add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(node_uri(node))]),
+            critical=False,
+        )
     )
     if usages is not None:
         builder = builder.add_extension(x509.ExtendedKeyUsage(usages), critical=False)
     cert = builder.sign(ca._key, hashes.SHA256())
     return WorkloadCert(
-        spiffe_id=node_uri(node), cert_pem=cert.public_bytes(serialization.Encoding.PEM),
-        key_pem=key.private_bytes(serialization.Encoding.PEM,
-                                  serialization.PrivateFormat.PKCS8,
-                                  serialization.NoEncryption()),
-        serial=cert.serial_number, issued_at=now, not_before=now,
-        not_after=now + timedelta(hours=1))
+        spiffe_id=node_uri(node),
+        cert_pem=cert.public_bytes(serialization.Encoding.PEM),
+        key_pem=key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ),
+        serial=cert.serial_number,
+        issued_at=now,
+        not_before=now,
+        not_after=now + timedelta(hours=1),
+    )
 
 
-@pytest.mark.parametrize(("is_ca", "usages"), [
-    pytest.param(True, [ExtendedKeyUsageOID.CLIENT_AUTH], id="ca-true"),
-    pytest.param(False, None, id="no-eku"),
-], )
+@pytest.mark.parametrize(
+    ("is_ca", "usages"),
+    [
+        pytest.param(True, [ExtendedKeyUsageOID.CLIENT_AUTH], id="ca-true"),
+        pytest.param(False, None, id="no-eku"),
+    ],
+)
 async def test_a_node_credential_must_be_a_client_auth_leaf(
     tmp_path: Path, is_ca: bool, usages: list[x509.ObjectIdentifier] | None
 ) -> None:
@@ -511,11 +547,9 @@ async def test_a_node_credential_must_be_a_client_auth_leaf(
     odd = _odd_credential(pki.ca, "proxy-a", is_ca=is_ca, usages=usages)
     pki.enrolments.record("proxy-a", odd)
     try:
-        async with grpc.aio.secure_channel(server.address,
-                                           pki.channel_credentials(odd)) as channel:
+        async with grpc.aio.secure_channel(server.address, pki.channel_credentials(odd)) as channel:
             with pytest.raises(grpc.aio.AioRpcError) as err:
-                got = await fetch(channel, T.SECRET, "proxy-a",
-                                  names=("legation-workload-cert",))
+                got = await fetch(channel, T.SECRET, "proxy-a", names=("legation-workload-cert",))
                 assert KEY_MARK not in got
         assert err.value.code() is grpc.StatusCode.UNAUTHENTICATED
         assert cache.metrics.auth_refused.labels("bad_credential")._value.get() == 1

@@ -34,9 +34,9 @@ def billion_laughs(indent: str) -> str:
 BOMBS = {
     "mesh": "services:\n" + billion_laughs("  "),
     "extauthz": "checks:\n  a:\n    type: rego\n    options:\n      x:\n"
-                + billion_laughs("        "),
+    + billion_laughs("        "),
     "extproc": "chains:\n  c:\n    filters:\n      - name: headers\n        options:\n"
-               "          x:\n" + billion_laughs("            "),
+    "          x:\n" + billion_laughs("            "),
     "ratelimit": "domain: d\ndescriptors:\n" + billion_laughs("  "),
 }
 BOMBS["ratelimit_files"] = BOMBS["ratelimit"]
@@ -48,7 +48,8 @@ def _mesh_with_authz(tmp: Path) -> Path:
     path.write_text(
         f"services: [{{name: web, port: 9080, endpoints: [{{port: {free_port()}}}]}}]\n"
         "extauthz: {port: 18010, config: authz.yaml}\n"
-        "routes: [{name: web, mesh_hosts: [web], to: {service: web}}]\n")
+        "routes: [{name: web, mesh_hosts: [web], to: {service: web}}]\n"
+    )
     return path
 
 
@@ -110,7 +111,8 @@ def test_the_mesh_error_names_file_field_and_line(tmp_path: Path) -> None:
         load_mesh(path)
     assert str(info.value) == (  # &l6 (line 7) is the first anchor over the bound: 10^6 strings
         f"{path}: (top level): the document expands to more than {_yaml.MAX_NODES} nodes "
-        "(YAML aliases repeating large anchors?) (at line 7, column 5)")
+        "(YAML aliases repeating large anchors?) (at line 7, column 5)"
+    )
 
 
 def test_aliases_within_the_bound_still_work(tmp_path: Path) -> None:
@@ -119,7 +121,8 @@ def test_aliases_within_the_bound_still_work(tmp_path: Path) -> None:
         "domain: d\n"
         "descriptors:\n"
         "  - {key: a, rate_limit: &r {unit: second, requests_per_unit: 5}}\n"
-        "  - {key: b, rate_limit: *r}\n")
+        "  - {key: b, rate_limit: *r}\n"
+    )
     config = load_ratelimit(path)
     table = config.descriptors.any_value
-    assert [table[k].limits[0].requests_per_unit for k in 'ab'] == [5, 5]
+    assert [table[k].limits[0].requests_per_unit for k in "ab"] == [5, 5]

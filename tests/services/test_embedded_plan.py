@@ -49,14 +49,18 @@ def test_the_quickstart_plans_all_three() -> None:
     p = plan(load_mesh(QUICKSTART), mesh_path=QUICKSTART)
     assert sorted(p.embedded) == ["extauthz", "extproc", "ratelimit"]
     assert [p.embedded[k].port for k in ("extauthz", "extproc", "ratelimit")] == [
-        18010, 18011, 18012]
+        18010,
+        18011,
+        18012,
+    ]
     chains = p.embedded["extproc"].live["chains"]
-    assert chains is not None and sorted(chains.chains) == ["reviews-beta-cohort",
-                                                            "reviews-canary"]
+    assert chains is not None and sorted(chains.chains) == ["reviews-beta-cohort", "reviews-canary"]
     # the policy dir in authz.yaml is resolved against authz.yaml's folder, not the cwd
     checks = p.embedded["extauthz"].live["config"]["checks"]
-    assert Path(checks["rego"]["options"]["policy_dir"]).resolve() == (
-        QUICKSTART.parents[2] / "policies" / "quickstart").resolve()
+    assert (
+        Path(checks["rego"]["options"]["policy_dir"]).resolve()
+        == (QUICKSTART.parents[2] / "policies" / "quickstart").resolve()
+    )
 
 
 def test_missing_authz_file_names_mesh_file_and_field(tmp_path: Path) -> None:
@@ -67,16 +71,22 @@ def test_missing_authz_file_names_mesh_file_and_field(tmp_path: Path) -> None:
 
 
 def test_bad_authz_file_names_both_files(tmp_path: Path) -> None:
-    path = write(tmp_path, "extauthz: {port: 18010, config: authz.yaml}",
-                 **{"authz.yaml": "checks: {a: {type: rego}}\ndefault_checks: [b]\n"})
+    path = write(
+        tmp_path,
+        "extauthz: {port: 18010, config: authz.yaml}",
+        **{"authz.yaml": "checks: {a: {type: rego}}\ndefault_checks: [b]\n"},
+    )
     message = plan_error(path)
     assert message.startswith(f"{path}: extauthz.config: {tmp_path / 'authz.yaml'}: ")
     assert "default_checks" in message
 
 
 def test_ratelimit_domain_must_be_in_its_file(tmp_path: Path) -> None:
-    path = write(tmp_path, "ratelimit: {port: 18012, config: rl.yaml, domain: mesh}",
-                 **{"rl.yaml": "domain: other\ndescriptors: []\n"})
+    path = write(
+        tmp_path,
+        "ratelimit: {port: 18012, config: rl.yaml, domain: mesh}",
+        **{"rl.yaml": "domain: other\ndescriptors: []\n"},
+    )
     assert plan_error(path) == (
         f"{path}: ratelimit.domain: 'mesh' is not the domain of {tmp_path / 'rl.yaml'} "
         "(it declares: other)"
@@ -84,8 +94,11 @@ def test_ratelimit_domain_must_be_in_its_file(tmp_path: Path) -> None:
 
 
 def test_bad_ratelimit_file_is_a_mesh_error(tmp_path: Path) -> None:
-    path = write(tmp_path, "ratelimit: {port: 18012, config: rl.yaml}",
-                 **{"rl.yaml": "domain: mesh\ndescriptors: [{key: a, rate_limit: {unit: sec}}]\n"})
+    path = write(
+        tmp_path,
+        "ratelimit: {port: 18012, config: rl.yaml}",
+        **{"rl.yaml": "domain: mesh\ndescriptors: [{key: a, rate_limit: {unit: sec}}]\n"},
+    )
     message = plan_error(path)
     assert message.startswith(f"{path}: ratelimit.config: {tmp_path / 'rl.yaml'}: descriptors[0]")
 
@@ -171,14 +184,19 @@ def test_relative_paths_in_authz_yaml_follow_the_file(tmp_path: Path) -> None:
     (tmp_path / "conf").mkdir()
     (tmp_path / "policies").mkdir()
     (tmp_path / "conf" / "jwks.json").write_text('{"keys": []}')
-    path = write(tmp_path, "extauthz: {port: 18010, config: conf/authz.yaml}", **{
-        "conf/authz.yaml": (
-            "checks:\n"
-            "  rego: {type: rego, options: {policy_dir: ../policies}}\n"
-            "  jwt: {type: jwt, options: {providers: [{name: p, issuer: i,"
-            " jwks_file: jwks.json, audiences: any}]}}\n"
-            "default_checks: [jwt, rego]\ndecision_log: decisions.jsonl\n"),
-    })
+    path = write(
+        tmp_path,
+        "extauthz: {port: 18010, config: conf/authz.yaml}",
+        **{
+            "conf/authz.yaml": (
+                "checks:\n"
+                "  rego: {type: rego, options: {policy_dir: ../policies}}\n"
+                "  jwt: {type: jwt, options: {providers: [{name: p, issuer: i,"
+                " jwks_file: jwks.json, audiences: any}]}}\n"
+                "default_checks: [jwt, rego]\ndecision_log: decisions.jsonl\n"
+            ),
+        },
+    )
     config = plan(load_mesh(path), mesh_path=path).embedded["extauthz"].live["config"]
     policy_dir = config["checks"]["rego"]["options"]["policy_dir"]
     assert policy_dir == str((tmp_path / "policies").resolve())

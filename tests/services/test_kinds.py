@@ -26,8 +26,16 @@ def test_every_kind_implements_the_service_protocol() -> None:
     for kind in KINDS:
         cls = kind.service_class()
         assert cls.kind == kind.name
-        for method in ("settings", "references", "start", "apply", "stop", "status",
-                       "add_cli_options", "serve_cli"):
+        for method in (
+            "settings",
+            "references",
+            "start",
+            "apply",
+            "stop",
+            "status",
+            "add_cli_options",
+            "serve_cli",
+        ):
             assert callable(getattr(cls, method)), (kind.name, method)
         assert "registry" in dir(cls)
     assert Service.__doc__
@@ -36,8 +44,11 @@ def test_every_kind_implements_the_service_protocol() -> None:
 def test_the_list_of_kinds_is_written_once() -> None:
     """No module but the table spells out the kinds as a list."""
     pattern = re.compile(r"""["']extauthz["'],\s*["']extproc["'],\s*["']ratelimit["']""")
-    found = [p.relative_to(ROOT) for p in (ROOT / "legation").rglob("*.py")
-             if pattern.search(p.read_text())]
+    found = [
+        p.relative_to(ROOT)
+        for p in (ROOT / "legation").rglob("*.py")
+        if pattern.search(p.read_text())
+    ]
     assert found == [], found
     table = (ROOT / "legation" / "services" / "kinds.py").read_text()
     assert table.count('ServiceKind(name="') == 3
@@ -67,14 +78,17 @@ def test_blocks_and_port_checks_follow_the_table(tmp_path: Path) -> None:
     path.write_text(
         "services: [{name: web, port: 9080, endpoints: [{port: 9101}]}]\n"
         "extproc: {port: 9101, embedded: false}\n"
-        "ratelimit: {port: 18012, embedded: false}\n")
+        "ratelimit: {port: 18012, embedded: false}\n"
+    )
     with pytest.raises(Exception) as info:
         load_mesh(path)
     assert "extproc.port: port 9101 is already used by services[0].endpoints[0].port" in str(
-        info.value)
+        info.value
+    )
     path.write_text(
         "services: [{name: web, port: 9080, endpoints: [{port: 9101}]}]\n"
-        "ratelimit: {port: 18012, embedded: false}\nextproc: {port: 18011, embedded: false}\n")
+        "ratelimit: {port: 18012, embedded: false}\nextproc: {port: 18011, embedded: false}\n"
+    )
     mesh = load_mesh(path)
     assert [k for k, _ in service_blocks(mesh)] == ["extproc", "ratelimit"]  # table order
     assert semantic_problems(mesh) == []

@@ -62,12 +62,15 @@ async def plane(tmp_path: Path) -> AsyncIterator[ControlPlane]:
     (tmp_path / "policies" / "authz.rego").write_text(POLICY)
     (tmp_path / "authz.yaml").write_text(AUTHZ.format(deny=403))
     (tmp_path / "limits.yaml").write_text(
-        LIMITS.format(limit="rate_limit: {unit: minute, requests_per_unit: 1}"))
+        LIMITS.format(limit="rate_limit: {unit: minute, requests_per_unit: 1}")
+    )
     mesh = tmp_path / "mesh.yaml"
-    mesh.write_text(MESH.format(xds=free_port(), app=free_port(), authz=free_port(),
-                                rl=free_port()))
-    cp = ControlPlane(mesh, status_port=0, ca_dir=tmp_path / "ca", on_event=lambda _: None,
-                      poll_interval=3600)
+    mesh.write_text(
+        MESH.format(xds=free_port(), app=free_port(), authz=free_port(), rl=free_port())
+    )
+    cp = ControlPlane(
+        mesh, status_port=0, ca_dir=tmp_path / "ca", on_event=lambda _: None, poll_interval=3600
+    )
     await cp.start()
     try:
         yield cp
@@ -91,8 +94,14 @@ async def _check(cp: ControlPlane, role: str) -> external_auth_pb2.CheckResponse
 
 
 async def _limit(cp: ControlPlane) -> int:
-    request = rls_pb2.RateLimitRequest(domain="test", descriptors=[common_rl.RateLimitDescriptor(
-        entries=[common_rl.RateLimitDescriptor.Entry(key="generic_key", value="web")])])
+    request = rls_pb2.RateLimitRequest(
+        domain="test",
+        descriptors=[
+            common_rl.RateLimitDescriptor(
+                entries=[common_rl.RateLimitDescriptor.Entry(key="generic_key", value="web")]
+            )
+        ],
+    )
     async with grpc.aio.insecure_channel(_address(cp, "ratelimit")) as channel:
         stub = rls_pb2_grpc.RateLimitServiceStub(channel)
         answer = await stub.ShouldRateLimit(request, timeout=10)
@@ -126,7 +135,8 @@ async def test_invalid_authz_yaml_edit_keeps_the_running_config(plane: ControlPl
     assert await plane.reload() is False
     assert plane.last_error is not None
     assert plane.last_error.startswith(
-        f"{plane.mesh_path}: extauthz.config: {folder / 'authz.yaml'}: deny_status: ")
+        f"{plane.mesh_path}: extauthz.config: {folder / 'authz.yaml'}: deny_status: "
+    )
     assert _rejected(plane) == 1
     assert await plane.reload() is False  # reported once
     assert _rejected(plane) == 1
@@ -148,22 +158,25 @@ async def test_ratelimit_yaml_edit_is_swapped_live(plane: ControlPlane) -> None:
     assert plane.services.running["ratelimit"].server is server
 
     (folder / "limits.yaml").write_text(
-        LIMITS.format(limit="rate_limit: {unit: fortnight, requests_per_unit: 1}"))
+        LIMITS.format(limit="rate_limit: {unit: fortnight, requests_per_unit: 1}")
+    )
     assert await plane.reload() is False
     assert plane.last_error is not None
     assert plane.last_error.startswith(
-        f"{plane.mesh_path}: ratelimit.config: {folder / 'limits.yaml'}: descriptors[0]")
+        f"{plane.mesh_path}: ratelimit.config: {folder / 'limits.yaml'}: descriptors[0]"
+    )
     assert _rejected(plane) == 1
     assert [await _limit(plane), await _limit(plane)] == [ok, ok]  # the last good config
 
 
-async def test_a_policy_package_removed_from_the_directory_is_reported(
-        plane: ControlPlane) -> None:
+async def test_a_policy_package_removed_from_the_directory_is_reported(plane: ControlPlane) -> None:
     folder = plane.mesh_path.parent
     (folder / "policies" / "authz.rego").write_text(POLICY.replace("demo.authz", "demo.other"))
     assert await plane.reload() is False
-    assert plane.last_error is not None and "routes[0].authz: no policy package 'demo.authz'" \
-        in plane.last_error
+    assert (
+        plane.last_error is not None
+        and "routes[0].authz: no policy package 'demo.authz'" in plane.last_error
+    )
     assert "it declares: demo.other" in plane.last_error
 
 

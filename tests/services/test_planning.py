@@ -31,27 +31,29 @@ def write(tmp: Path, policy: str) -> Path:
     (tmp / "policies").mkdir(exist_ok=True)
     (tmp / "policies" / "authz.rego").write_text(POLICY)
     (tmp / "authz.yaml").write_text(
-        "checks: {rego: {type: rego, options: {policy_dir: policies}}}\n"
-        "default_checks: [rego]\n")
+        "checks: {rego: {type: rego, options: {policy_dir: policies}}}\ndefault_checks: [rego]\n"
+    )
     path = tmp / "mesh.yaml"
-    path.write_text(MESH.format(xds=free_port(), app=free_port(), authz=free_port(),
-                                policy=policy))
+    path.write_text(MESH.format(xds=free_port(), app=free_port(), authz=free_port(), policy=policy))
     return path
 
 
 def test_a_misspelt_policy_package_fails_legation_check(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     path = write(tmp_path, "demo.authzz")
     assert cli.main(["check", str(path)]) == 1
     err = capsys.readouterr().err
     assert err.strip() == (
         f"{path}: routes[0].authz: no policy package 'demo.authzz' in "
-        f"{(tmp_path / 'policies').resolve()} (it declares: demo.authz)")
+        f"{(tmp_path / 'policies').resolve()} (it declares: demo.authz)"
+    )
     assert not (tmp_path / "meshca").exists()
 
 
 def test_an_existing_package_or_rule_path_passes(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     for policy in ("demo.authz", "demo/authz/allow", "disabled"):
         path = write(tmp_path, policy)
         assert cli.main(["check", str(path)]) == 0, capsys.readouterr().err
@@ -67,7 +69,8 @@ async def test_a_rejected_mesh_creates_no_ca(tmp_path: Path) -> None:
 
 
 async def test_a_mesh_rejected_by_translation_creates_no_ca(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Certificates are issued once a mesh is accepted, not while it is being translated."""
     import legation.controlplane as controlplane
 
@@ -117,7 +120,8 @@ def test_filter_plugins_are_validated_and_built_once_per_load(tmp_path: Path) ->
             "services: [{name: web, port: 9080, endpoints: [{port: 9101}]}]\n"
             "extproc: {port: 18011}\n"
             "routes:\n  - name: web\n    mesh_hosts: [web]\n    to: {service: web}\n"
-            "    filters: [{name: counted_headers, options: {request: {set: {x-a: b}}}}]\n")
+            "    filters: [{name: counted_headers, options: {request: {set: {x-a: b}}}}]\n"
+        )
         mesh = load_mesh(path)
         specs = plan(mesh, mesh_path=path)
         translate(mesh, version="v1")
@@ -136,7 +140,8 @@ async def test_mesh_level_settings_reach_the_services(tmp_path: Path) -> None:
         f"extproc: {{port: {free_port()}, stream_idle_timeout: 42s, timeout: 300ms}}\n"
         f"ratelimit: {{port: {free_port()}, config: limits.yaml, quota_mode: true,\n"
         "            response_headers: true, response_header_names: {limit: X-Limit},\n"
-        "            response_dynamic_metadata: true, max_keys: 1000, max_bytes: 131072}\n")
+        "            response_dynamic_metadata: true, max_keys: 1000, max_bytes: 131072}\n"
+    )
     cp = ControlPlane(path, status_port=0, ca_dir=tmp_path / "ca", on_event=lambda _: None)
     await cp.start()
     try:
@@ -148,7 +153,9 @@ async def test_mesh_level_settings_reach_the_services(tmp_path: Path) -> None:
         assert limiter.response_headers.limit == "X-Limit"
         assert limiter.response_headers.remaining == "RateLimit-Remaining"
         assert (limiter.backend._config.max_keys, limiter.backend._config.max_bytes) == (
-            1000, 131072)
+            1000,
+            131072,
+        )
         # a mode changed in the mesh is swapped into the running limiter, no restart
         path.write_text(path.read_text().replace("quota_mode: true", "quota_mode: false"))
         assert await cp.reload() is True

@@ -31,12 +31,20 @@ async def published(tmp_path: Path) -> AsyncIterator[tuple[ControlPlane, Followe
     (tmp_path / "policies" / "authz.rego").write_text(live.POLICY)
     (tmp_path / "authz.yaml").write_text(live.AUTHZ.format(deny=403))
     (tmp_path / "limits.yaml").write_text(
-        live.LIMITS.format(limit="rate_limit: {unit: minute, requests_per_unit: 1}"))
+        live.LIMITS.format(limit="rate_limit: {unit: minute, requests_per_unit: 1}")
+    )
     mesh = tmp_path / "mesh.yaml"
-    mesh.write_text(live.MESH.format(xds=free_port(), app=free_port(), authz=free_port(),
-                                     rl=free_port()))
-    cp = ControlPlane(mesh, status_port=0, ca_dir=tmp_path / "ca", on_event=lambda _: None,
-                      poll_interval=3600, services_dir=tmp_path / "services")
+    mesh.write_text(
+        live.MESH.format(xds=free_port(), app=free_port(), authz=free_port(), rl=free_port())
+    )
+    cp = ControlPlane(
+        mesh,
+        status_port=0,
+        ca_dir=tmp_path / "ca",
+        on_event=lambda _: None,
+        poll_interval=3600,
+        services_dir=tmp_path / "services",
+    )
     await cp.start()
     follower = Follower(plan_path(tmp_path / "services", "extauthz"), kind="extauthz")
     await follower.start()
@@ -60,7 +68,8 @@ class _Via:
 
 
 async def test_the_published_plan_is_served_and_followed_live(
-        published: tuple[ControlPlane, Follower]) -> None:
+    published: tuple[ControlPlane, Follower],
+) -> None:
     cp, follower = published
     via = _Via(follower)
     assert cp.services.status()["extauthz"]["process"] == "own"
@@ -78,7 +87,7 @@ async def test_the_published_plan_is_served_and_followed_live(
     follower.serve_metrics()
     text = await asyncio.to_thread(_get, f"http://127.0.0.1:{cp.status_port}/metrics")
     assert "legation_config_reloads_total" in text  # the control plane's own
-    assert 'legation_extauthz_decisions_total{' in text  # the extauthz process's
+    assert "legation_extauthz_decisions_total{" in text  # the extauthz process's
     assert await follower.check() is False  # nothing new
 
     (cp.mesh_path.parent / "authz.yaml").write_text(live.AUTHZ.format(deny=99))
@@ -88,7 +97,8 @@ async def test_the_published_plan_is_served_and_followed_live(
 
 
 async def test_a_rego_syntax_error_is_a_rejected_change(
-        published: tuple[ControlPlane, Follower]) -> None:
+    published: tuple[ControlPlane, Follower],
+) -> None:
     cp, _ = published
     plan = plan_path(cp.mesh_path.parent / "services", "extauthz").read_bytes()
     (cp.mesh_path.parent / "policies" / "authz.rego").write_text(BAD_REGO)
@@ -101,7 +111,8 @@ async def test_a_rego_syntax_error_is_a_rejected_change(
 
 
 async def test_a_plan_for_a_gone_service_is_removed(
-        published: tuple[ControlPlane, Follower]) -> None:
+    published: tuple[ControlPlane, Follower],
+) -> None:
     cp, _ = published
     doc = yaml.safe_load(cp.mesh_path.read_text())
     del doc["ratelimit"]
@@ -117,11 +128,19 @@ async def test_a_plan_for_a_gone_service_is_removed(
 async def test_mtls_certificates_are_private_files_that_follow_renewals(tmp_path: Path) -> None:
     (tmp_path / "limits.yaml").write_text("domain: test\ndescriptors: []\n")
     mesh = tmp_path / "mesh.yaml"
-    mesh.write_text(f"xds: {{port: {free_port()}}}\nmtls: {{mode: strict}}\n"
-                    f"services: [{{name: web, port: 9080, endpoints: [{{port: {free_port()}}}]}}]"
-                    f"\nratelimit: {{port: {free_port()}, config: limits.yaml, domain: test}}\n")
-    cp = ControlPlane(mesh, status_port=0, ca_dir=tmp_path / "ca", on_event=lambda _: None,
-                      poll_interval=3600, services_dir=tmp_path / "services")
+    mesh.write_text(
+        f"xds: {{port: {free_port()}}}\nmtls: {{mode: strict}}\n"
+        f"services: [{{name: web, port: 9080, endpoints: [{{port: {free_port()}}}]}}]"
+        f"\nratelimit: {{port: {free_port()}, config: limits.yaml, domain: test}}\n"
+    )
+    cp = ControlPlane(
+        mesh,
+        status_port=0,
+        ca_dir=tmp_path / "ca",
+        on_event=lambda _: None,
+        poll_interval=3600,
+        services_dir=tmp_path / "services",
+    )
     await cp.start()
     try:
         folder = tmp_path / "services" / "ratelimit"
@@ -153,9 +172,16 @@ async def test_only_the_rate_limiter_is_handed_the_redis_password(tmp_path: Path
         f"services: [{{name: web, port: 9080, endpoints: [{{port: {free_port()}}}]}}]\n"
         f"extproc: {{port: {free_port()}}}\n"
         f"ratelimit: {{port: {free_port()}, config: limits.yaml, domain: test, backend: redis,"
-        f" redis_url: 'redis://:s3cret-pw@127.0.0.1:6390/0'}}\n")
-    cp = ControlPlane(mesh, status_port=0, ca_dir=tmp_path / "ca", on_event=lambda _: None,
-                      poll_interval=3600, services_dir=tmp_path / "services")
+        f" redis_url: 'redis://:s3cret-pw@127.0.0.1:6390/0'}}\n"
+    )
+    cp = ControlPlane(
+        mesh,
+        status_port=0,
+        ca_dir=tmp_path / "ca",
+        on_event=lambda _: None,
+        poll_interval=3600,
+        services_dir=tmp_path / "services",
+    )
     await cp.start()
     try:
         services = tmp_path / "services"

@@ -308,12 +308,20 @@ def test_fault_and_local_rate_limit_are_per_route_filter_configs() -> None:
 def test_redirect_direct_response_and_header_changes() -> None:
     data = base()
     data["routes"] = [
-        {"name": "old", "match": {"path": {"prefix": "/old"}},
-         "redirect": {"prefix": "/new", "status": 307, "host": "example.test"}},
-        {"name": "health", "match": {"path": {"exact": "/healthz"}},
-         "direct_response": {"status": 200, "body": "ok"},
-         "headers": {"request": {"add": {"x-a": "1"}, "remove": ["x-b"]},
-                     "response": {"set": {"x-c": "2"}, "remove": ["server"]}}},
+        {
+            "name": "old",
+            "match": {"path": {"prefix": "/old"}},
+            "redirect": {"prefix": "/new", "status": 307, "host": "example.test"},
+        },
+        {
+            "name": "health",
+            "match": {"path": {"exact": "/healthz"}},
+            "direct_response": {"status": 200, "body": "ok"},
+            "headers": {
+                "request": {"add": {"x-a": "1"}, "remove": ["x-b"]},
+                "response": {"set": {"x-c": "2"}, "remove": ["server"]},
+            },
+        },
     ]
     old, health = gateway_routes(snapshots(data)["gateway-ingress"])
     assert old.redirect == rc.RedirectAction(

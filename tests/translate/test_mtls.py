@@ -45,42 +45,50 @@ def sds(name: str) -> secret_pb2.SdsSecretConfig:
 
 EXPECTED_DOWNSTREAM = base_pb2.TransportSocket(
     name="envoy.transport_sockets.tls",
-    typed_config=packed(tls_pb2.DownstreamTlsContext(
-        common_tls_context=tls_pb2.CommonTlsContext(
-            tls_certificate_sds_secret_configs=[sds(WORKLOAD_CERT)],
-            combined_validation_context=tls_pb2.CommonTlsContext.CombinedCertificateValidationContext(
-                default_validation_context=common_pb2.CertificateValidationContext(
-                    match_typed_subject_alt_names=[common_pb2.SubjectAltNameMatcher(
-                        san_type=common_pb2.SubjectAltNameMatcher.URI,
-                        matcher=string_pb2.StringMatcher(prefix="spiffe://cluster.local/"),
-                    )]
+    typed_config=packed(
+        tls_pb2.DownstreamTlsContext(
+            common_tls_context=tls_pb2.CommonTlsContext(
+                tls_certificate_sds_secret_configs=[sds(WORKLOAD_CERT)],
+                combined_validation_context=tls_pb2.CommonTlsContext.CombinedCertificateValidationContext(
+                    default_validation_context=common_pb2.CertificateValidationContext(
+                        match_typed_subject_alt_names=[
+                            common_pb2.SubjectAltNameMatcher(
+                                san_type=common_pb2.SubjectAltNameMatcher.URI,
+                                matcher=string_pb2.StringMatcher(prefix="spiffe://cluster.local/"),
+                            )
+                        ]
+                    ),
+                    validation_context_sds_secret_config=sds(TRUST_BUNDLE),
                 ),
-                validation_context_sds_secret_config=sds(TRUST_BUNDLE),
             ),
-        ),
-        require_client_certificate=wrappers_pb2.BoolValue(value=True),
-    )),
+            require_client_certificate=wrappers_pb2.BoolValue(value=True),
+        )
+    ),
 )
 
 
 def expected_upstream(server_id: str) -> base_pb2.TransportSocket:
     combined = tls_pb2.CommonTlsContext.CombinedCertificateValidationContext(
         default_validation_context=common_pb2.CertificateValidationContext(
-            match_typed_subject_alt_names=[common_pb2.SubjectAltNameMatcher(
-                san_type=common_pb2.SubjectAltNameMatcher.URI,
-                matcher=string_pb2.StringMatcher(exact=server_id),
-            )]
+            match_typed_subject_alt_names=[
+                common_pb2.SubjectAltNameMatcher(
+                    san_type=common_pb2.SubjectAltNameMatcher.URI,
+                    matcher=string_pb2.StringMatcher(exact=server_id),
+                )
+            ]
         ),
         validation_context_sds_secret_config=sds(TRUST_BUNDLE),
     )
     return base_pb2.TransportSocket(
         name="envoy.transport_sockets.tls",
-        typed_config=packed(tls_pb2.UpstreamTlsContext(
-            common_tls_context=tls_pb2.CommonTlsContext(
-                tls_certificate_sds_secret_configs=[sds(WORKLOAD_CERT)],
-                combined_validation_context=combined,
+        typed_config=packed(
+            tls_pb2.UpstreamTlsContext(
+                common_tls_context=tls_pb2.CommonTlsContext(
+                    tls_certificate_sds_secret_configs=[sds(WORKLOAD_CERT)],
+                    combined_validation_context=combined,
+                )
             )
-        )),
+        ),
     )
 
 
@@ -128,10 +136,12 @@ def test_strict_inbound_terminates_mtls(issuer: MeshIssuer) -> None:
 
 def test_permissive_inbound_accepts_tls_and_plaintext(issuer: MeshIssuer) -> None:
     inbound = listener(served(issuer, mtls_mesh("permissive"))["sidecar-reviews-0"], "inbound")
-    assert list(inbound.listener_filters) == [lc.ListenerFilter(
-        name="envoy.filters.listener.tls_inspector",
-        typed_config=packed(tls_inspector_pb2.TlsInspector()),
-    )]
+    assert list(inbound.listener_filters) == [
+        lc.ListenerFilter(
+            name="envoy.filters.listener.tls_inspector",
+            typed_config=packed(tls_inspector_pb2.TlsInspector()),
+        )
+    ]
     tls_chain, plain_chain = inbound.filter_chains
     assert tls_chain.filter_chain_match == lc.FilterChainMatch(transport_protocol="tls")
     assert tls_chain.transport_socket == EXPECTED_DOWNSTREAM
@@ -163,11 +173,13 @@ def test_a_service_mixing_sidecars_and_bare_apps_picks_tls_per_endpoint(
     snap = served(issuer, parse(data))["gateway-ingress"]
     cluster = snap.resources(ResourceType.CLUSTER)["outbound|reviews|v1"].message
     assert not cluster.HasField("transport_socket")
-    assert list(cluster.transport_socket_matches) == [cluster_pb2.Cluster.TransportSocketMatch(
-        name="mtls",
-        match=struct_pb2.Struct(fields={"legation.mtls": struct_pb2.Value(bool_value=True)}),
-        transport_socket=expected_upstream(REVIEWS_ID),
-    )]
+    assert list(cluster.transport_socket_matches) == [
+        cluster_pb2.Cluster.TransportSocketMatch(
+            name="mtls",
+            match=struct_pb2.Struct(fields={"legation.mtls": struct_pb2.Value(bool_value=True)}),
+            transport_socket=expected_upstream(REVIEWS_ID),
+        )
+    ]
     cla = snap.resources(ResourceType.ENDPOINT)["outbound|reviews|v1"].message
     marks = [
         dict(e.metadata.filter_metadata["envoy.transport_socket_match"])

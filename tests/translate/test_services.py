@@ -103,8 +103,11 @@ def test_filters_before_the_router_in_order_on_gateway_and_outbound_not_inbound(
     assert [f.name for f in outbound.http_filters] == expected
     inbound = hcm_of(message(sidecar, ResourceType.LISTENER, "inbound"))
     assert AUTHZ not in [f.name for f in inbound.http_filters]
-    assert not any(r.typed_per_filter_config for r in routes_of(sidecar, "inbound").values()
-                   if AUTHZ in r.typed_per_filter_config)
+    assert not any(
+        r.typed_per_filter_config
+        for r in routes_of(sidecar, "inbound").values()
+        if AUTHZ in r.typed_per_filter_config
+    )
 
 
 def test_no_service_block_no_filter_and_no_cluster() -> None:
@@ -116,14 +119,17 @@ def test_no_service_block_no_filter_and_no_cluster() -> None:
 
 
 def test_fail_closed_defaults_follow_each_block() -> None:
-    gw = hcm_of(message(snaps(with_services())["gateway-ingress"], ResourceType.LISTENER,
-                        "gateway"))
+    gw = hcm_of(
+        message(snaps(with_services())["gateway-ingress"], ResourceType.LISTENER, "gateway")
+    )
     filters = {f.name: f for f in gw.http_filters}
     authz = ext_authz_pb2.ExtAuthz()
     filters[AUTHZ].typed_config.Unpack(authz)
-    expected = ext_authz_pb2.ExtAuthz(transport_api_version=config_source_pb2.V3,
-                                      failure_mode_allow=False,
-                                      validate_mutations=True)  # header CR/LF/NUL refused
+    expected = ext_authz_pb2.ExtAuthz(
+        transport_api_version=config_source_pb2.V3,
+        failure_mode_allow=False,
+        validate_mutations=True,
+    )  # header CR/LF/NUL refused
     expected.grpc_service.envoy_grpc.cluster_name = "legation|extauthz"
     expected.grpc_service.timeout.FromMilliseconds(250)
     expected.status_on_error.code = 403
@@ -159,10 +165,14 @@ def test_failure_modes_flip_with_the_blocks() -> None:
         ratelimit={"failure_mode": "closed", "domain": "edge"},
     )
     out = snaps(data)["gateway-ingress"]
-    filters = {f.name: f for f in hcm_of(message(out, ResourceType.LISTENER, "gateway"))
-               .http_filters}
-    authz, proc, limit = (ext_authz_pb2.ExtAuthz(), ext_proc_pb2.ExternalProcessor(),
-                          rate_limit_pb2.RateLimit())
+    filters = {
+        f.name: f for f in hcm_of(message(out, ResourceType.LISTENER, "gateway")).http_filters
+    }
+    authz, proc, limit = (
+        ext_authz_pb2.ExtAuthz(),
+        ext_proc_pb2.ExternalProcessor(),
+        rate_limit_pb2.RateLimit(),
+    )
     filters[AUTHZ].typed_config.Unpack(authz)
     filters[PROC].typed_config.Unpack(proc)
     filters[RL].typed_config.Unpack(limit)
@@ -179,14 +189,18 @@ def test_static_http2_clusters_at_the_declared_addresses() -> None:
     out = snaps(data)
     for node, snap in out.items():
         clusters = snap.resources(ResourceType.CLUSTER)
-        for name, port in (("legation|extauthz", 18010), ("legation|extproc", 18011),
-                           ("legation|ratelimit", 18012)):
+        for name, port in (
+            ("legation|extauthz", 18010),
+            ("legation|extproc", 18011),
+            ("legation|ratelimit", 18012),
+        ):
             cluster = clusters[name].message
             address = cluster.load_assignment.endpoints[0].lb_endpoints[0].endpoint.address
             assert address.socket_address.port_value == port, node
             options = http_protocol_options_pb2.HttpProtocolOptions()
             cluster.typed_extension_protocol_options[
-                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"].Unpack(options)
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+            ].Unpack(options)
             assert options.explicit_http_config.HasField("http2_protocol_options")
         authz = clusters["legation|extauthz"].message
         host = authz.load_assignment.endpoints[0].lb_endpoints[0].endpoint.address
@@ -196,8 +210,10 @@ def test_static_http2_clusters_at_the_declared_addresses() -> None:
 
 def test_route_with_policy_filters_and_limits() -> None:
     out = snaps(with_services())
-    for snap, config in ((out["gateway-ingress"], "gateway"),
-                         (out["sidecar-reviews-0"], "outbound")):
+    for snap, config in (
+        (out["gateway-ingress"], "gateway"),
+        (out["sidecar-reviews-0"], "outbound"),
+    ):
         guarded = routes_of(snap, config)["guarded"]
         expected_authz = ext_authz_pb2.ExtAuthzPerRoute()
         expected_authz.check_settings.context_extensions["policy"] = "quickstart.authz"
@@ -205,24 +221,37 @@ def test_route_with_policy_filters_and_limits() -> None:
 
         expected_proc = ext_proc_pb2.ExtProcPerRoute(
             overrides=ext_proc_pb2.ExtProcOverrides(
-                processing_mode=_PM(request_header_mode=_PM.SEND, response_header_mode=_PM.SKIP,
-                                    request_trailer_mode=_PM.SKIP,
-                                    response_trailer_mode=_PM.SKIP),
-                grpc_initial_metadata=[base_pb2.HeaderValue(key="x-legation-chain",
-                                                            value="guarded")],
+                processing_mode=_PM(
+                    request_header_mode=_PM.SEND,
+                    response_header_mode=_PM.SKIP,
+                    request_trailer_mode=_PM.SKIP,
+                    response_trailer_mode=_PM.SKIP,
+                ),
+                grpc_initial_metadata=[
+                    base_pb2.HeaderValue(key="x-legation-chain", value="guarded")
+                ],
                 failure_mode_allow=wrappers_pb2.BoolValue(value=False),
             )
         )
         assert per_route(guarded, PROC, ext_proc_pb2.ExtProcPerRoute) == expected_proc
 
-        first = rc.RateLimit(actions=[
-            rc.RateLimit.Action(generic_key=rc.RateLimit.Action.GenericKey(
-                descriptor_value="admin", descriptor_key="generic_key")),
-            rc.RateLimit.Action(request_headers=rc.RateLimit.Action.RequestHeaders(
-                header_name="x-user", descriptor_key="user")),
-        ])
-        second = rc.RateLimit(actions=[
-            rc.RateLimit.Action(remote_address=rc.RateLimit.Action.RemoteAddress())])
+        first = rc.RateLimit(
+            actions=[
+                rc.RateLimit.Action(
+                    generic_key=rc.RateLimit.Action.GenericKey(
+                        descriptor_value="admin", descriptor_key="generic_key"
+                    )
+                ),
+                rc.RateLimit.Action(
+                    request_headers=rc.RateLimit.Action.RequestHeaders(
+                        header_name="x-user", descriptor_key="user"
+                    )
+                ),
+            ]
+        )
+        second = rc.RateLimit(
+            actions=[rc.RateLimit.Action(remote_address=rc.RateLimit.Action.RemoteAddress())]
+        )
         assert list(guarded.route.rate_limits) == [first, second]
 
 
@@ -230,12 +259,17 @@ def test_routes_that_ask_for_nothing_make_no_call_out() -> None:
     out = snaps(with_services())
     gw_routes = routes_of(out["gateway-ingress"], "gateway")
     sidecar_routes = routes_of(out["sidecar-reviews-1"], "outbound")
-    for route in (gw_routes["open"], sidecar_routes["reviews-default"],
-                  sidecar_routes["ratings-default"]):
-        assert per_route(route, AUTHZ, ext_authz_pb2.ExtAuthzPerRoute) == \
-            ext_authz_pb2.ExtAuthzPerRoute(disabled=True)
-        assert per_route(route, PROC, ext_proc_pb2.ExtProcPerRoute) == \
-            ext_proc_pb2.ExtProcPerRoute(disabled=True)
+    for route in (
+        gw_routes["open"],
+        sidecar_routes["reviews-default"],
+        sidecar_routes["ratings-default"],
+    ):
+        assert per_route(
+            route, AUTHZ, ext_authz_pb2.ExtAuthzPerRoute
+        ) == ext_authz_pb2.ExtAuthzPerRoute(disabled=True)
+        assert per_route(route, PROC, ext_proc_pb2.ExtProcPerRoute) == ext_proc_pb2.ExtProcPerRoute(
+            disabled=True
+        )
         assert not route.route.rate_limits
 
 
@@ -263,8 +297,11 @@ def test_rate_limits_on_a_direct_response_are_refused() -> None:
         "direct_response": {"status": 200},
         "rate_limits": [{"actions": [{"remote_address": {}}]}],
     }
-    with pytest.raises(ConfigError, match=r"routes\[1\]\.rate_limits: only applies to routes "
-                                          r"with 'to' or 'split'"):
+    with pytest.raises(
+        ConfigError,
+        match=r"routes\[1\]\.rate_limits: only applies to routes "
+        r"with 'to' or 'split'",
+    ):
         snaps(data)
 
 
@@ -278,8 +315,11 @@ def test_deterministic_with_services() -> None:
 
 # -- mesh mTLS to the services ---------------------------------------------------------------
 
-SERVICE_CLUSTERS = {"extauthz": "legation|extauthz", "extproc": "legation|extproc",
-                    "ratelimit": "legation|ratelimit"}
+SERVICE_CLUSTERS = {
+    "extauthz": "legation|extauthz",
+    "extproc": "legation|extproc",
+    "ratelimit": "legation|ratelimit",
+}
 
 
 def expected_service_tls(server_id: str) -> base_pb2.TransportSocket:
@@ -297,13 +337,16 @@ def expected_service_tls(server_id: str) -> base_pb2.TransportSocket:
             ],
             combined_validation_context=tls_pb2.CommonTlsContext.CombinedCertificateValidationContext(
                 default_validation_context=common_pb2.CertificateValidationContext(
-                    match_typed_subject_alt_names=[common_pb2.SubjectAltNameMatcher(
-                        san_type=common_pb2.SubjectAltNameMatcher.URI,
-                        matcher=string_pb2.StringMatcher(exact=server_id),
-                    )]
+                    match_typed_subject_alt_names=[
+                        common_pb2.SubjectAltNameMatcher(
+                            san_type=common_pb2.SubjectAltNameMatcher.URI,
+                            matcher=string_pb2.StringMatcher(exact=server_id),
+                        )
+                    ]
                 ),
                 validation_context_sds_secret_config=secret_pb2.SdsSecretConfig(
-                    name="legation-trust-bundle", sds_config=ads),
+                    name="legation-trust-bundle", sds_config=ads
+                ),
             ),
         ),
     )
@@ -314,7 +357,8 @@ def expected_service_tls(server_id: str) -> base_pb2.TransportSocket:
 
 def service_cluster(snap: Snapshot, kind: str) -> cluster_pb2.Cluster:
     cluster: cluster_pb2.Cluster = snap.resources(ResourceType.CLUSTER)[
-        SERVICE_CLUSTERS[kind]].message
+        SERVICE_CLUSTERS[kind]
+    ].message
     return cluster
 
 
@@ -326,14 +370,15 @@ def with_mtls(mode: str, **blocks: Any) -> dict[str, Any]:
 
 @pytest.mark.parametrize("mode", ["strict", "permissive"])
 def test_with_mtls_every_proxy_calls_the_services_over_mtls_pinning_their_identity(
-    mode: str
+    mode: str,
 ) -> None:
     out = snaps(with_mtls(mode))
     for node in ("gateway-ingress", "sidecar-reviews-0"):
         for kind in SERVICE_CLUSTERS:
             cluster = service_cluster(out[node], kind)
             assert cluster.transport_socket == expected_service_tls(
-                f"spiffe://example.org/ns/shop/sa/legation-{kind}"), (node, kind)
+                f"spiffe://example.org/ns/shop/sa/legation-{kind}"
+            ), (node, kind)
             assert not cluster.transport_socket_matches
 
 
@@ -364,14 +409,20 @@ def test_service_tls_names_only_secrets_every_proxy_is_sent(tmp_path: Path) -> N
 # -- ext_authz over HTTP (extauthz.protocol: http) ---------------------------------------------
 
 HTTP_AUTHZ = "legation.ext_authz.http"
-HTTP_BLOCK = {"protocol": "http", "http_port": 18020,
-              "http_headers": {"request": ["x-tenant"], "upstream": ["x-user"],
-                               "client": ["x-cache"]}}
+HTTP_BLOCK = {
+    "protocol": "http",
+    "http_port": 18020,
+    "http_headers": {"request": ["x-tenant"], "upstream": ["x-user"], "client": ["x-cache"]},
+}
 
 
 def all_resources(out: dict[str, Snapshot]) -> dict[tuple[str, str, str], bytes]:
-    return {(node, rtype.short, name): res.data for node, snap in out.items()
-            for rtype in ResourceType for name, res in snap.resources(rtype).items()}
+    return {
+        (node, rtype.short, name): res.data
+        for node, snap in out.items()
+        for rtype in ResourceType
+        for name, res in snap.resources(rtype).items()
+    }
 
 
 @pytest.mark.parametrize("mtls", ["off", "strict"])
@@ -381,8 +432,15 @@ def test_protocol_grpc_or_absent_is_todays_config_byte_for_byte(mtls: str) -> No
     jwt = {"actions": [{"jwt_claim": {"claim": "sub"}}]}
     for data in (absent, explicit):
         data["mtls"] = {"mode": mtls, "ca_dir": "ca"}
-        data["routes"].append({"name": "pinned", "to": {"service": "ratings"},
-                               "authz": "a.b", "authz_protocol": "grpc", "rate_limits": [jwt]})
+        data["routes"].append(
+            {
+                "name": "pinned",
+                "to": {"service": "ratings"},
+                "authz": "a.b",
+                "authz_protocol": "grpc",
+                "rate_limits": [jwt],
+            }
+        )
     assert "protocol" not in absent["extauthz"]
     assert all_resources(snaps(absent)) == all_resources(snaps(explicit))
     names = {name for (_, _, name) in all_resources(snaps(absent))}
@@ -399,7 +457,7 @@ def test_http_protocol_adds_the_http_filter_after_the_grpc_one_and_its_cluster()
     out = snaps(http_mesh())["gateway-ingress"]
     gw = hcm_of(message(out, ResourceType.LISTENER, "gateway"))
     names = [f.name for f in gw.http_filters]
-    assert names[names.index(AUTHZ):names.index(PROC)] == [AUTHZ, HTTP_AUTHZ]
+    assert names[names.index(AUTHZ) : names.index(PROC)] == [AUTHZ, HTTP_AUTHZ]
     http = ext_authz_pb2.ExtAuthz()
     next(f for f in gw.http_filters if f.name == HTTP_AUTHZ).typed_config.Unpack(http)
     assert http.http_service.server_uri.cluster == "legation|extauthz-http"
@@ -441,21 +499,24 @@ def test_which_routes_use_the_http_callout(extra: dict[str, Any], expected: str 
     if expected == "http":
         service = http.check_settings.http_service
         assert [(h.key, h.value) for h in service.authorization_request.headers_to_add] == [
-            ("x-legation-policy", "a.b")]
+            ("x-legation-policy", "a.b")
+        ]
         assert service.server_uri.cluster == "legation|extauthz-http"
     # with protocol grpc the same route is gRPC or no call, and has no HTTP override
     data = http_mesh({"name": "r", "to": {"service": "ratings"}, **extra})
     data["extauthz"] = {"port": 18010, "embedded": False}
     plain = routes_of(snaps(data)["gateway-ingress"], "gateway")["r"]
     assert HTTP_AUTHZ not in plain.typed_per_filter_config
-    assert per_route(plain, AUTHZ, ext_authz_pb2.ExtAuthzPerRoute).disabled == (
-        expected is None)
+    assert per_route(plain, AUTHZ, ext_authz_pb2.ExtAuthzPerRoute).disabled == (expected is None)
 
 
 def test_default_routes_disable_both_filters() -> None:
     sidecar = snaps(http_mesh())["sidecar-reviews-0"]
-    defaults = [r for r in routes_of(sidecar, "outbound").values()
-                if HTTP_AUTHZ in r.typed_per_filter_config and r.name != "guarded"]
+    defaults = [
+        r
+        for r in routes_of(sidecar, "outbound").values()
+        if HTTP_AUTHZ in r.typed_per_filter_config and r.name != "guarded"
+    ]
     assert defaults
     for route in defaults:
         assert per_route(route, AUTHZ, ext_authz_pb2.ExtAuthzPerRoute).disabled

@@ -108,9 +108,7 @@ def _pack(msg: object) -> any_pb2.Any:
     return a
 
 
-def services_snapshot(
-    version: str, listen_port: int, upstream_ports: dict[str, int]
-) -> Snapshot:
+def services_snapshot(version: str, listen_port: int, upstream_ports: dict[str, int]) -> Snapshot:
     """One listener whose routes send ``/<svc>`` to cluster ``<svc>`` at its upstream port."""
     return Snapshot(
         version,

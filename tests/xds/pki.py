@@ -34,8 +34,14 @@ class TestPki:
     def server(self, cache: SnapshotCache, **kwargs: object) -> XdsServer:
         return XdsServer(cache, auth=self.auth(), **kwargs)  # type: ignore[arg-type]
 
-    def issue(self, node: str, *, ttl: timedelta = timedelta(hours=1), record: bool = True,
-              **kwargs: object) -> WorkloadCert:
+    def issue(
+        self,
+        node: str,
+        *,
+        ttl: timedelta = timedelta(hours=1),
+        record: bool = True,
+        **kwargs: object,
+    ) -> WorkloadCert:
         """A credential for ``node``; ``record=False`` leaves it unknown to the server."""
         cert = issue_node_credential(self.ca, node, ttl=ttl, **kwargs)  # type: ignore[arg-type]
         if record:

@@ -57,8 +57,9 @@ async def test_initial_config_arrives_in_send_order(xds: XdsUnderTest, delta: bo
         status = xds.cache.status["n1"]
         assert status.streams == 1
         await until(lambda: len(status.acked) == 4)
-        assert status.acked == {t.short: snap.version(t) for t in (T.CLUSTER, T.ENDPOINT,
-                                                                     T.LISTENER, T.ROUTE)}
+        assert status.acked == {
+            t.short: snap.version(t) for t in (T.CLUSTER, T.ENDPOINT, T.LISTENER, T.ROUTE)
+        }
     finally:
         await client.stop()
 
@@ -347,17 +348,26 @@ async def test_stale_nonce_is_ignored_and_resubscribe_resends(xds: XdsUnderTest)
         r1 = await s.recv()
         assert [a.type_url for a in r1.resources] == [url]
         # ACK, then a request with a nonce the server never sent: ignored (no response).
-        s.send(type_url=url, resource_names=["a"], version_info=r1.version_info,
-               response_nonce=r1.nonce)
+        s.send(
+            type_url=url,
+            resource_names=["a"],
+            version_info=r1.version_info,
+            response_nonce=r1.nonce,
+        )
         s.send(type_url=url, resource_names=["a", "b"], response_nonce="bogus")
         assert await s.nothing()
         # unsubscribe from a: an empty response; resubscribe: a comes back
-        s.send(type_url=url, resource_names=[], version_info=r1.version_info,
-               response_nonce=r1.nonce)
+        s.send(
+            type_url=url, resource_names=[], version_info=r1.version_info, response_nonce=r1.nonce
+        )
         r2 = await s.recv()
         assert len(r2.resources) == 0
-        s.send(type_url=url, resource_names=["a"], version_info=r2.version_info,
-               response_nonce=r2.nonce)
+        s.send(
+            type_url=url,
+            resource_names=["a"],
+            version_info=r2.version_info,
+            response_nonce=r2.nonce,
+        )
         r3 = await s.recv()
         assert len(r3.resources) == 1
     finally:
@@ -395,8 +405,9 @@ async def test_per_type_services_stream_and_fetch(xds: XdsUnderTest, rtype: T) -
             request_serializer=discovery_pb2.DiscoveryRequest.SerializeToString,
             response_deserializer=discovery_pb2.DiscoveryResponse.FromString,
         )
-        got = await fetch(discovery_pb2.DiscoveryRequest(node=base_pb2.Node(id="n1"),
-                                                         resource_names=names))
+        got = await fetch(
+            discovery_pb2.DiscoveryRequest(node=base_pb2.Node(id="n1"), resource_names=names)
+        )
         assert got.version_info == snap.version(rtype)
         assert len(got.resources) == len(snap.resources(rtype))
 
@@ -405,8 +416,15 @@ async def test_per_type_services_stream_and_fetch(xds: XdsUnderTest, rtype: T) -
             request_serializer=discovery_pb2.DiscoveryRequest.SerializeToString,
             response_deserializer=discovery_pb2.DiscoveryResponse.FromString,
         )
-        call = stream(iter([discovery_pb2.DiscoveryRequest(
-            node=base_pb2.Node(id="n1"), type_url=rtype.type_url, resource_names=names)]))
+        call = stream(
+            iter(
+                [
+                    discovery_pb2.DiscoveryRequest(
+                        node=base_pb2.Node(id="n1"), type_url=rtype.type_url, resource_names=names
+                    )
+                ]
+            )
+        )
         first = await asyncio.wait_for(call.read(), 3)
         assert first.type_url == rtype.type_url
         assert first.version_info == snap.version(rtype)
@@ -414,8 +432,13 @@ async def test_per_type_services_stream_and_fetch(xds: XdsUnderTest, rtype: T) -
 
 
 async def test_resources_are_sent_as_encoded_once(xds: XdsUnderTest) -> None:
-    snap = Snapshot("v1", clusters=[cluster("a")], endpoints=[endpoints("a", 7)],
-                    listeners=[listener("l", 10000, "r")], routes=[routes("r", {"/": "a"})])
+    snap = Snapshot(
+        "v1",
+        clusters=[cluster("a")],
+        endpoints=[endpoints("a", 7)],
+        listeners=[listener("l", 10000, "r")],
+        routes=[routes("r", {"/": "a"})],
+    )
     xds.cache.set_snapshot("n1", snap)
     clients = [await xds.client("n1").start() for _ in range(3)]
     try:
@@ -436,7 +459,8 @@ async def test_delta_named_secrets_unsubscribe_and_resubscribe(xds: XdsUnderTest
         return secret_pb2.Secret(
             name=name,
             tls_certificate=common_pb2.TlsCertificate(
-                private_key=base_pb2.DataSource(inline_bytes=key)),
+                private_key=base_pb2.DataSource(inline_bytes=key)
+            ),
         )
 
     snap = Snapshot("v1", secrets=[secret("a", b"k1"), secret("b", b"k2")])

@@ -58,5 +58,7 @@ def test_xds_imports_nothing_of_the_domain() -> None:
 
 def test_the_check_sees_a_domain_import() -> None:
     tree = ast.parse("def f():\n    from legation import certs\n    import legation.config.model\n")
-    assert [m for m in _imported(tree) if _is_domain(m)] == ["legation.certs",
-                                                             "legation.config.model"]
+    assert [m for m in _imported(tree) if _is_domain(m)] == [
+        "legation.certs",
+        "legation.config.model",
+    ]

@@ -144,7 +144,7 @@ def _coding(headers: Mapping[str, str]) -> str:
 def _inflate(data: bytes, coding: str, limit: int) -> tuple[bytes | None, int]:
     """The inflated body (None when it does not inflate cleanly within ``limit`` bytes) and the
     zlib ``wbits`` that read it."""
-    for wbits in ((31,) if coding == "gzip" else (15, -15)):  # deflate: zlib, or raw in the wild
+    for wbits in (31,) if coding == "gzip" else (15, -15):  # deflate: zlib, or raw in the wild
         inflater = zlib.decompressobj(wbits)
         try:
             out = inflater.decompress(data, limit + 1)
@@ -166,8 +166,12 @@ def _deflate(data: bytes, wbits: int) -> bytes:
 
 
 def _refuse(ex: Exchange) -> None:
-    ex.respond(502, "bad gateway\n", headers={"content-type": "text/plain"},
-               details="legation_redact_refused")
+    ex.respond(
+        502,
+        "bad gateway\n",
+        headers={"content-type": "text/plain"},
+        details="legation_redact_refused",
+    )
 
 
 class BodyRedactFactory:

@@ -130,8 +130,9 @@ class MemoryBackend:
                 self._put(base, state, now_ms + 2 * w - (now_ms - start) + 1000, start, cur, prev)
             return alg.sliding_window(limit, now_ms, cost, prev, cur, allowed)
         state = self._get(base, now_ms)  # token bucket: [.., .., units, ts, 0]
-        units, ts = alg.token_refill(limit, now_ms, state[2] if state else None,
-                                     state[3] if state else now_ms)
+        units, ts = alg.token_refill(
+            limit, now_ms, state[2] if state else None, state[3] if state else now_ms
+        )
         need = cost * w
         allowed = units >= need
         if allowed:
@@ -159,8 +160,7 @@ class MemoryBackend:
         self._state.move_to_end(key)
         return state
 
-    def _put(self, key: str, state: list[int] | None, expires: int, a: int, b: int, c: int
-             ) -> None:
+    def _put(self, key: str, state: list[int] | None, expires: int, a: int, b: int, c: int) -> None:
         """Update ``state`` (the live counter ``_get`` returned) in place, or insert a new one."""
         if state is None:
             self._insert(key, expires, a, b, c)
@@ -170,8 +170,9 @@ class MemoryBackend:
     def _insert(self, key: str, expires: int, a: int, b: int, c: int) -> None:
         size = _entry_bytes(key)
         config = self._config
-        while self._state and (len(self._state) >= config.max_keys
-                               or self.bytes + size > config.max_bytes):
+        while self._state and (
+            len(self._state) >= config.max_keys or self.bytes + size > config.max_bytes
+        ):
             old_key, old = self._state.popitem(last=False)  # least recently used
             self._unindex(old_key, old)
             self.bytes -= _entry_bytes(old_key)
@@ -236,8 +237,10 @@ class MemoryBackend:
 def _positive_int(raw: Mapping[str, Any], name: str, default: int) -> int:
     value = raw.get(name, default)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"ratelimit backend memory: {name}: expected a positive integer, "
-                          f"got {value!r}", code="invalid_type")
+        raise ConfigError(
+            f"ratelimit backend memory: {name}: expected a positive integer, got {value!r}",
+            code="invalid_type",
+        )
     return value
 
 
@@ -247,15 +250,20 @@ class MemoryBackendFactory:
     def validate(self, raw: Mapping[str, Any]) -> MemoryConfig:
         unknown = set(raw) - {"max_keys", "max_bytes"}
         if unknown:
-            raise ConfigError(f"ratelimit backend memory: unknown option {sorted(unknown)[0]!r}",
-                              code="unknown_key")
+            raise ConfigError(
+                f"ratelimit backend memory: unknown option {sorted(unknown)[0]!r}",
+                code="unknown_key",
+            )
         defaults = MemoryConfig()
         max_bytes = _positive_int(raw, "max_bytes", defaults.max_bytes)
         if max_bytes < 64 * 1024:
-            raise ConfigError("ratelimit backend memory: max_bytes: expected at least 65536, "
-                              f"got {max_bytes!r}", code="invalid_value")
-        return MemoryConfig(max_keys=_positive_int(raw, "max_keys", defaults.max_keys),
-                            max_bytes=max_bytes)
+            raise ConfigError(
+                f"ratelimit backend memory: max_bytes: expected at least 65536, got {max_bytes!r}",
+                code="invalid_value",
+            )
+        return MemoryConfig(
+            max_keys=_positive_int(raw, "max_keys", defaults.max_keys), max_bytes=max_bytes
+        )
 
     def create(self, config: MemoryConfig) -> MemoryBackend:
         return MemoryBackend(config)

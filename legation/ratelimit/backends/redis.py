@@ -108,7 +108,9 @@ class RedisBackend:
                 self.available = False
                 raise RateLimitError(
                     f"redis {self.config.redacted_url}: {type(exc).__name__}: "
-                    f"{_safe(exc, self.config.url)}", code="backend_unavailable") from None
+                    f"{_safe(exc, self.config.url)}",
+                    code="backend_unavailable",
+                ) from None
             for (i, h, _, _), reply in zip(pending, replies, strict=True):
                 decision = self._decide(h, now_ms, reply)
                 decisions[i] = decision
@@ -153,8 +155,11 @@ class RedisBackend:
             return await self._pipeline(pending)
 
     async def _pipeline(self, pending: list[tuple[int, Hit, str, list[Any]]]) -> list[Any]:
-        pipe = self._client.pipeline(transaction=False) if not self.config.cluster \
+        pipe = (
+            self._client.pipeline(transaction=False)
+            if not self.config.cluster
             else self._client.pipeline()
+        )
         for _, _, key, args in pending:
             pipe.execute_command("EVALSHA", _SHA, 1, key, *args)
         return await pipe.execute()  # type: ignore[no-any-return]
@@ -195,18 +200,19 @@ class RedisBackendFactory:
             if key not in allowed:
                 raise ConfigError(f"{where}: unknown option {key!r}", code="unknown_key")
         url = raw.get("url")
-        if not isinstance(url, str) or urllib.parse.urlsplit(url).scheme not in (
-            "redis", "rediss"
-        ):
-            raise ConfigError(f"{where}: url: expected redis://host:port[/db] or rediss://...",
-                              code="invalid_url")
+        if not isinstance(url, str) or urllib.parse.urlsplit(url).scheme not in ("redis", "rediss"):
+            raise ConfigError(
+                f"{where}: url: expected redis://host:port[/db] or rediss://...", code="invalid_url"
+            )
         values: dict[str, Any] = {"url": url}
         for name, minimum in self._INTS.items():
             if name in raw:
                 v = raw[name]
                 if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-                    raise ConfigError(f"{where}: {name}: expected an integer >= {minimum}, "
-                                      f"got {v!r}", code="invalid_type")
+                    raise ConfigError(
+                        f"{where}: {name}: expected an integer >= {minimum}, got {v!r}",
+                        code="invalid_type",
+                    )
                 values[name] = v
         if "cluster" in raw:
             if not isinstance(raw["cluster"], bool):
