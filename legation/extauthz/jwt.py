@@ -24,92 +24,34 @@ import hashlib
 import json
 import time
 from collections import OrderedDict
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import jwt as pyjwt
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import ValidationError
 
 from legation.errors import ConfigError
-from legation.extauthz._headers import bad_header_name, bad_header_value
+from legation.extauthz._headers import bad_header_value
+from legation.extauthz._jwt_config import (
+    _FAMILY,
+    METADATA_KEY,
+    SUPPORTED,
+    JwtConfig,
+    ProviderConfig,
+)
 from legation.extauthz.checks import ALLOW, Decision
 from legation.extauthz.config import pydantic_error
 from legation.extauthz.errors import AuthzError
-from legation.extauthz.jwks import KeySet, check_jwks_url
+from legation.extauthz.jwks import KeySet
 from legation.extauthz.request import RequestContext, parse_query
 
-_FAMILY = {"RS": "RSA", "PS": "RSA", "ES": "EC", "Ed": "OKP", "HS": "oct"}
-SUPPORTED = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384",
-                       "ES512", "EdDSA", "HS256", "HS384", "HS512"})
-
-
-# where claims_to_metadata puts the claims in the CheckResponse dynamic metadata
-METADATA_KEY = "jwt_claims"
-
-class ProviderConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    name: str
-    issuer: str
-    # required: the accepted ``aud`` values, or "any" (no audience check, explicitly)
-    audiences: list[str] | Literal["any"] | None = None
-    jwks_url: str | None = None
-    # jwks_url may be http:// only for a loopback host, and only with this set (tests, local IdPs)
-    allow_insecure_http: bool = False
-    jwks_file: Path | None = None
-    jwks: dict[str, Any] | None = None
-    algorithms: list[str] = Field(default_factory=lambda: ["RS256"], min_length=1)
-    leeway_s: float = Field(default=30, ge=0, le=600)
-    required_claims: list[str] = Field(default_factory=list)
-    claims_to_headers: dict[str, str] = Field(default_factory=dict)
-    # claims Envoy gets as dynamic metadata (namespace envoy.filters.http.ext_authz, under
-    # "jwt_claims"), e.g. for rate-limit descriptors keyed by user
-    claims_to_metadata: list[str] = Field(default_factory=list)
-    from_header: str | None = "authorization"
-    header_prefix: str = "Bearer "
-    from_cookie: str | None = None
-    from_query: str | None = None
-    jwks_cache_s: float = Field(default=300, gt=0)
-    # an unknown kid refetches the JWKS at most this often: anyone can send unknown kids
-    jwks_min_refetch_s: float = Field(default=5, ge=1)
-    jwks_max_bytes: int = Field(default=1 << 20, ge=1024, le=16 << 20)
-    jwks_timeout_s: float = Field(default=2, gt=0, le=30)
-
-    @field_validator("claims_to_headers")
-    @classmethod
-    def _header_names(cls, value: dict[str, str]) -> dict[str, str]:
-        for claim, header in value.items():
-            problem = bad_header_name(header)
-            if problem or header.startswith(":") or header.lower() == "host":
-                raise ValueError(f"claim {claim!r}: {header!r} cannot be a request header name"
-                                 f" ({problem or 'a pseudo-header or host'})")
-        return {claim: header.lower() for claim, header in value.items()}
-
-    @model_validator(mode="after")
-    def _semantics(self) -> ProviderConfig:
-        if not self.audiences:
-            raise ValueError("audiences is required: the 'aud' values this provider accepts, "
-                             "or 'any' to accept tokens for any audience")
-        if self.jwks_url is not None:
-            check_jwks_url(self.jwks_url, allow_insecure_http=self.allow_insecure_http)
-        sources = [s for s in (self.jwks_url, self.jwks_file, self.jwks) if s is not None]
-        if len(sources) != 1:
-            raise ValueError("exactly one of jwks_url, jwks_file, jwks is required")
-        for alg in self.algorithms:
-            if alg not in SUPPORTED:
-                raise ValueError(f"algorithm {alg!r} is not allowed (one of {sorted(SUPPORTED)})")
-        if len({_FAMILY[a[:2]] == "oct" for a in self.algorithms}) > 1:
-            raise ValueError("algorithms cannot mix HMAC (HS*) with public-key algorithms")
-        if not (self.from_header or self.from_cookie or self.from_query):
-            raise ValueError("a provider needs from_header, from_cookie or from_query")
-        return self
-
-
-class JwtConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    providers: list[ProviderConfig] = Field(min_length=1)
-    cache_size: int = Field(default=10_000, ge=0)
+__all__ = [
+    "METADATA_KEY",
+    "SUPPORTED",
+    "JwtCheck",
+    "JwtCheckFactory",
+    "JwtConfig",
+    "ProviderConfig",
+]
 
 
 class _Provider:
@@ -118,17 +60,23 @@ class _Provider:
         self._header = config.from_header.lower() if config.from_header else None
         self._prefix = config.header_prefix.lower()
         self._prefix_len = len(config.header_prefix)
-        self.keys = KeySet(url=config.jwks_url, path=config.jwks_file, inline=config.jwks,
-                           cache_s=config.jwks_cache_s, min_refetch_s=config.jwks_min_refetch_s,
-                           timeout_s=config.jwks_timeout_s, max_bytes=config.jwks_max_bytes,
-                           allow_insecure_http=config.allow_insecure_http)
+        self.keys = KeySet(
+            url=config.jwks_url,
+            path=config.jwks_file,
+            inline=config.jwks,
+            cache_s=config.jwks_cache_s,
+            min_refetch_s=config.jwks_min_refetch_s,
+            timeout_s=config.jwks_timeout_s,
+            max_bytes=config.jwks_max_bytes,
+            allow_insecure_http=config.allow_insecure_http,
+        )
         self.audiences = None if config.audiences == "any" else config.audiences
 
     def token(self, ctx: RequestContext) -> str | None:
         c = self.config
         if self._header and (value := ctx.headers.get(self._header)):
             if value[: self._prefix_len].lower() == self._prefix:
-                return str(value[self._prefix_len:].strip())
+                return str(value[self._prefix_len :].strip())
         if c.from_cookie and (cookies := ctx.headers.get("cookie")):
             for part in cookies.split(";"):
                 name, _, value = part.strip().partition("=")
@@ -138,8 +86,9 @@ class _Provider:
             try:
                 values = parse_query(ctx.path.partition("?")[2], strict=False).get(c.from_query)
             except ValueError:  # too many parameters
-                raise AuthzError("the query string cannot be parsed",
-                                 code="malformed_token") from None
+                raise AuthzError(
+                    "the query string cannot be parsed", code="malformed_token"
+                ) from None
             if values:
                 return values[0]
         return None
@@ -161,22 +110,30 @@ class _Provider:
             raise AuthzError("the token header's kid is not a string", code="invalid_token")
         key = await self.keys.get(kid)
         if key.key_type != _FAMILY[str(alg)[:2]]:
-            raise AuthzError(f"algorithm {alg} does not fit a {key.key_type} key",
-                             code="disallowed_algorithm")
+            raise AuthzError(
+                f"algorithm {alg} does not fit a {key.key_type} key", code="disallowed_algorithm"
+            )
         try:
             return pyjwt.decode(
-                token, key.key, algorithms=[alg], issuer=c.issuer,
-                audience=self.audiences, leeway=c.leeway_s,
-                options={"require": ["exp", *c.required_claims],
-                         "verify_aud": self.audiences is not None},
+                token,
+                key.key,
+                algorithms=[alg],
+                issuer=c.issuer,
+                audience=self.audiences,
+                leeway=c.leeway_s,
+                options={
+                    "require": ["exp", *c.required_claims],
+                    "verify_aud": self.audiences is not None,
+                },
             )
         except pyjwt.ExpiredSignatureError:
             raise AuthzError("the token has expired", code="token_expired") from None
         except pyjwt.ImmatureSignatureError:
             raise AuthzError("the token is not valid yet", code="token_not_yet_valid") from None
         except (pyjwt.InvalidAudienceError, pyjwt.MissingRequiredClaimError) as e:
-            code = "wrong_audience" if isinstance(e, pyjwt.InvalidAudienceError) else \
-                "missing_claim"
+            code = (
+                "wrong_audience" if isinstance(e, pyjwt.InvalidAudienceError) else "missing_claim"
+            )
             if isinstance(e, pyjwt.MissingRequiredClaimError) and e.claim == "aud":
                 code = "wrong_audience"
             raise AuthzError(f"the token was refused: {e}", code=code) from None
@@ -187,8 +144,9 @@ class _Provider:
         except pyjwt.DecodeError:
             raise AuthzError("the token cannot be decoded", code="malformed_token") from None
         except pyjwt.InvalidTokenError as e:
-            raise AuthzError(f"the token is invalid: {type(e).__name__}",
-                             code="invalid_token") from None
+            raise AuthzError(
+                f"the token is invalid: {type(e).__name__}", code="invalid_token"
+            ) from None
 
 
 class JwtCheck:
@@ -231,13 +189,22 @@ class JwtCheck:
                 continue
             value = _header_value(claims[claim])
             if bad_header_value(value):
-                raise AuthzError(f"claim {claim!r} cannot be a header value (control "
-                                 "characters)", code="invalid_claim")
+                raise AuthzError(
+                    f"claim {claim!r} cannot be a header value (control characters)",
+                    code="invalid_claim",
+                )
             headers[header] = value
-        metadata = {METADATA_KEY: {c: _header_value(claims[c])
-                                   for c in config.claims_to_metadata if c in claims}}
-        return Decision(allowed=True, headers=headers, request_headers_to_remove=tuple(remove),
-                        dynamic_metadata=metadata if config.claims_to_metadata else {})
+        metadata = {
+            METADATA_KEY: {
+                c: _header_value(claims[c]) for c in config.claims_to_metadata if c in claims
+            }
+        }
+        return Decision(
+            allowed=True,
+            headers=headers,
+            request_headers_to_remove=tuple(remove),
+            dynamic_metadata=metadata if config.claims_to_metadata else {},
+        )
 
     def _find(self, ctx: RequestContext) -> tuple[_Provider, str]:
         token = None

@@ -83,9 +83,11 @@ def extauthz_killed(tmp: Path, scale: float = 1.0) -> Report:
         _policies(stack)
         authz = stack.write("authz.yaml", AUTHZ_YAML)
         mesh = stack.write("mesh.yaml", EXTAUTHZ_MESH.format(**ports, app=app.port))
-        service = stack.serve("extauthz", port=ports["authz"],
-                              args=["--config", str(authz), "--listen",
-                                    f"127.0.0.1:{ports['authz']}"])
+        service = stack.serve(
+            "extauthz",
+            port=ports["authz"],
+            args=["--config", str(authz), "--listen", f"127.0.0.1:{ports['authz']}"],
+        )
         stack.control_plane(mesh)
         stack.proxies(xds_port=ports["xds"])
         envoy_pid = stack.envoys["gateway-gw"].proc.pid  # type: ignore[union-attr]
@@ -99,11 +101,17 @@ def extauthz_killed(tmp: Path, scale: float = 1.0) -> Report:
         restarted_at = time.time()
         samples = load.finish()
         envoy_same = stack.envoys["gateway-gw"].proc.pid == envoy_pid  # type: ignore[union-attr]
-        result = report("extauthz killed", probes, samples, restored_at=restarted_at,
-                        ignore=(killed_at, restarted_at),
-                        extra={"resumed": recovered(probes, samples, restarted_at),
-                               "envoy_restarted": not envoy_same})
-
+        result = report(
+            "extauthz killed",
+            probes,
+            samples,
+            restored_at=restarted_at,
+            ignore=(killed_at, restarted_at),
+            extra={
+                "resumed": recovered(probes, samples, restarted_at),
+                "envoy_restarted": not envoy_same,
+            },
+        )
 
         return result
 
@@ -171,8 +179,16 @@ class ServicesMesh:
     """A gateway, one app, and the three request-path services embedded in an in-process
     control plane; ``write(tag=...)`` saves the mesh (a valid change per new tag)."""
 
-    def __init__(self, stack: Stack, *, rl_mode: str = "open", rl_store: str = "",
-                 limit: int = 1_000_000, unit: str = "minute", debounce: float = 0.05) -> None:
+    def __init__(
+        self,
+        stack: Stack,
+        *,
+        rl_mode: str = "open",
+        rl_store: str = "",
+        limit: int = 1_000_000,
+        unit: str = "minute",
+        debounce: float = 0.05,
+    ) -> None:
         plugins.register("extproc.filter", _FaultFilterFactory())
         self.stack = stack
         self.ports = stack.ports("xds", "gw", "gw_admin", "authz", "proc", "rl")
@@ -186,8 +202,9 @@ class ServicesMesh:
         stack.proxies(xds_port=self.ports["xds"])
 
     def text(self, *, tag: str) -> str:
-        return SERVICES_MESH.format(**self.ports, app=self.app.port, tag=tag,
-                                    rl_mode=self.rl_mode, rl_store=self.rl_store)
+        return SERVICES_MESH.format(
+            **self.ports, app=self.app.port, tag=tag, rl_mode=self.rl_mode, rl_store=self.rl_store
+        )
 
     def write(self, *, tag: str) -> Path:
         return self.stack.write("mesh.yaml", self.text(tag=tag))
@@ -205,40 +222,47 @@ TAGGED = Probe("open+extproc", "/open")
 
 # -- invalid mesh / policy / rate-limit config, 20 saves in a row ------------------------------
 
+
 def _bad_mesh(good: str) -> list[str]:
     """Ten invalid meshes, each wrong in its own way."""
     return [
-        good + "colour: blue\n",                                          # unknown key
+        good + "colour: blue\n",  # unknown key
         good.replace("to: {service: web}", "to: {service: nosuch}", 1),  # unknown service
-        good.replace("admin_port:", "admin_port: 70000, x:", 1),          # port out of range
-        good.replace("timeout: 200ms", "timeout: soon"),                  # bad duration
-        good + "routes: [\n",                                             # YAML syntax
-        good.replace("{name: fault_t}", "{name: no_such_filter}"),        # unknown plugin
-        good.replace("quickstart.authz", "nosuch.authz"),                 # unknown policy
-        good.replace("name: limited", "name: admin"),                     # duplicate route
-        good.replace("domain: faults", "domain: elsewhere"),              # domain not in file
-        good.replace("name: open\n", "name: open\n    colour: red\n"),     # unknown route key
+        good.replace("admin_port:", "admin_port: 70000, x:", 1),  # port out of range
+        good.replace("timeout: 200ms", "timeout: soon"),  # bad duration
+        good + "routes: [\n",  # YAML syntax
+        good.replace("{name: fault_t}", "{name: no_such_filter}"),  # unknown plugin
+        good.replace("quickstart.authz", "nosuch.authz"),  # unknown policy
+        good.replace("name: limited", "name: admin"),  # duplicate route
+        good.replace("domain: faults", "domain: elsewhere"),  # domain not in file
+        good.replace("name: open\n", "name: open\n    colour: red\n"),  # unknown route key
     ]
 
 
-BAD_REGO = ["package quickstart.authz\n\nallow := {{{{ {n}\n",
-            "package quickstart.authz\n\nallow if input.x == \n# {n}\n",
-            "package quickstart.authz\nimport rego.v1\nallow := true if {{ ) }} # {n}\n",
-            "packge quickstart.authz # {n}\n",
-            "package quickstart.authz\nimport rego.v1\nallow := decision( # {n}\n"]
+BAD_REGO = [
+    "package quickstart.authz\n\nallow := {{{{ {n}\n",
+    "package quickstart.authz\n\nallow if input.x == \n# {n}\n",
+    "package quickstart.authz\nimport rego.v1\nallow := true if {{ ) }} # {n}\n",
+    "packge quickstart.authz # {n}\n",
+    "package quickstart.authz\nimport rego.v1\nallow := decision( # {n}\n",
+]
 _ONE_LIMIT = "domain: faults\ndescriptors:\n  - key: k\n    rate_limit: {{unit: {unit}, "
-BAD_LIMITS = [_ONE_LIMIT.replace("{unit}", "fortnight") + "requests_per_unit: 1}} # {n}\n",
-              "domain: faults\ncolour: blue # {n}\n",
-              _ONE_LIMIT.replace("{unit}", "second") + "requests_per_unit: -1}} # {n}\n",
-              "domain: faults\ndescriptors: [ # {n}\n",
-              "descriptors: [] # {n}\n"]
+BAD_LIMITS = [
+    _ONE_LIMIT.replace("{unit}", "fortnight") + "requests_per_unit: 1}} # {n}\n",
+    "domain: faults\ncolour: blue # {n}\n",
+    _ONE_LIMIT.replace("{unit}", "second") + "requests_per_unit: -1}} # {n}\n",
+    "domain: faults\ndescriptors: [ # {n}\n",
+    "descriptors: [] # {n}\n",
+]
 
 
 def _rejections(stack: Stack) -> tuple[float, float]:
     """(mesh changes rejected, policy reloads the ext_authz service refused)."""
     text = stack.metrics()
-    return (metric(text, "legation_config_reloads_total", result="rejected"),
-            metric(text, "legation_extauthz_policy_reload_failures_total"))
+    return (
+        metric(text, "legation_config_reloads_total", result="rejected"),
+        metric(text, "legation_extauthz_policy_reload_failures_total"),
+    )
 
 
 def _changed(stack: Stack, before: tuple[float, float]) -> bool:
@@ -259,8 +283,11 @@ def invalid_configs(tmp: Path, scale: float = 1.0) -> Report:
         load = stack.load(mesh.ports["gw"], probes, duration=3.5 * scale)
         reported = in_status = applied = 0
         for path, text in saves:
-            for other, good in ((mesh.mesh, good_mesh), (rego, good_rego),
-                                (mesh.limits, good_limits)):
+            for other, good in (
+                (mesh.mesh, good_mesh),
+                (rego, good_rego),
+                (mesh.limits, good_limits),
+            ):
                 if other != path:
                     other.write_text(good)
             before = _rejections(stack)
@@ -275,20 +302,32 @@ def invalid_configs(tmp: Path, scale: float = 1.0) -> Report:
             time.sleep(max(0.0, 2.5 * scale / len(saves) - 0.1))
         samples = load.finish()
         unchanged = stack.status()["generation"] == generation and mesh.acked() == acked
-        return report("invalid config x20", probes, samples, extra={
-            "saves": len(saves), "rejections_reported": reported,
-            "named_in_status": in_status, "counted_applied": applied,
-            "running_config_unchanged": unchanged})
+        return report(
+            "invalid config x20",
+            probes,
+            samples,
+            extra={
+                "saves": len(saves),
+                "rejections_reported": reported,
+                "named_in_status": in_status,
+                "counted_applied": applied,
+                "running_config_unchanged": unchanged,
+            },
+        )
 
 
 def _callout_errors(stack: Stack) -> dict[str, int]:
     """The gateway's ext_authz / ext_proc call-outs that did not end in an answer."""
     stats = stack.envoys["gateway-gw"].stats(r"^http\..*\.(ext_authz|ext_proc)\.")
-    return {name.split(".", 2)[2]: value for name, value in stats.items()
-            if value and any(w in name for w in ("error", "timeout", "failure", "reset"))}
+    return {
+        name.split(".", 2)[2]: value
+        for name, value in stats.items()
+        if value and any(w in name for w in ("error", "timeout", "failure", "reset"))
+    }
 
 
 # -- 100 valid reloads, as fast as they are taken -------------------------------------------
+
 
 def valid_reloads(tmp: Path, scale: float = 1.0) -> Report:
     with Stack(tmp) as stack:
@@ -310,15 +349,23 @@ def valid_reloads(tmp: Path, scale: float = 1.0) -> Report:
         wait_for(lambda: all(p["in_sync"] for p in stack.status()["proxies"]), 20, "in sync")
         samples = load.finish(early=True)
         with urllib.request.urlopen(f"http://127.0.0.1:{mesh.ports['gw']}/open") as resp:
-            served = (json.loads(resp.read())["headers"].get("x-tag"),
-                      resp.headers.get("x-generation"))
-        return report("100 valid reloads", [ADMIN, DENIED, LIMITED, TAGGED], samples, extra={
-            "reloads": stack.status()["generation"] - generation,
-            "reload_s": round(took, 2),
-            "pushes": int(pushes() - pushed_before),
-            "last_served": served == (str(reloads - 1),) * 2,
-            **_callout_errors(stack),
-            "rss_growth_kb": rss_kb(os.getpid()) - rss_before})
+            served = (
+                json.loads(resp.read())["headers"].get("x-tag"),
+                resp.headers.get("x-generation"),
+            )
+        return report(
+            "100 valid reloads",
+            [ADMIN, DENIED, LIMITED, TAGGED],
+            samples,
+            extra={
+                "reloads": stack.status()["generation"] - generation,
+                "reload_s": round(took, 2),
+                "pushes": int(pushes() - pushed_before),
+                "last_served": served == (str(reloads - 1),) * 2,
+                **_callout_errors(stack),
+                "rss_growth_kb": rss_kb(os.getpid()) - rss_before,
+            },
+        )
 
 
 # -- an ext_proc filter raising / hanging on some requests ----------------------------------
@@ -340,9 +387,16 @@ def extproc_faults(tmp: Path, scale: float = 1.0) -> Report:
         slowest = {p.name: 0.0 for p in probes}
         for s in samples:
             slowest[probes[s.probe].name] = max(slowest[probes[s.probe].name], s.end - s.start)
-        return report("ext_proc raising/hanging", probes, samples, hang_bound=1.0, extra={
-            "slowest_hang_ms": round(1000 * slowest[HANGS.name]),
-            "slowest_other_ms": round(1000 * max(slowest[p.name] for p in probes[2:]))})
+        return report(
+            "ext_proc raising/hanging",
+            probes,
+            samples,
+            hang_bound=1.0,
+            extra={
+                "slowest_hang_ms": round(1000 * slowest[HANGS.name]),
+                "slowest_other_ms": round(1000 * max(slowest[p.name] for p in probes[2:])),
+            },
+        )
 
 
 # -- Redis stopped, slowed, restarted under the rate limiter's failure mode -----------------
@@ -351,8 +405,7 @@ REDIS_LIMIT = 20  # per second, for the user "flood"
 FLOOD = Probe("limited:flood", "/limited", {"x-user": "flood"}, ok=(200, 429))
 
 
-def _admitted_per_second(samples: list[Sample], probe: int, start: float, end: float
-                         ) -> list[int]:
+def _admitted_per_second(samples: list[Sample], probe: int, start: float, end: float) -> list[int]:
     """200s of ``probe`` per whole wall-clock second (the fixed window) within [start, end)."""
     counts: dict[int, int] = {}
     for s in samples:
@@ -368,9 +421,13 @@ def redis_outage(tmp: Path, scale: float = 1.0, *, mode: str = "open") -> Report
         redis_port = stack.ports("redis")["redis"]
         redis = stack.redis(redis_port)
         proxy = stack.delay_proxy(redis_port)
-        mesh = ServicesMesh(stack, rl_mode=mode, unit="second", limit=REDIS_LIMIT,
-                            rl_store=f", backend: redis, redis_url: 'redis://127.0.0.1:"
-                                     f"{proxy.port}/0'")
+        mesh = ServicesMesh(
+            stack,
+            rl_mode=mode,
+            unit="second",
+            limit=REDIS_LIMIT,
+            rl_store=f", backend: redis, redis_url: 'redis://127.0.0.1:{proxy.port}/0'",
+        )
         probes = [FLOOD, OPEN, ADMIN]
         load = stack.load(mesh.ports["gw"], probes, rate=300, duration=5 * scale)
         time.sleep(1.0 * scale)
@@ -383,21 +440,34 @@ def redis_outage(tmp: Path, scale: float = 1.0, *, mode: str = "open") -> Report
         redis.start()
         restarted_at = time.time()
         samples = load.finish()
-        refused_after = sorted(s.end for s in samples
-                               if s.probe == 0 and s.status == 429 and s.start >= restarted_at)
-        outage = sum(1 for s in samples
-                     if s.probe == 0 and s.status == 200 and slowed_at <= s.end < restarted_at)
-        result = report(f"redis slowed/killed ({mode})", probes, samples,
-                        ignore=(slowed_at, restarted_at) if mode == "closed" else None,
-                        restored_at=restarted_at, extra={
-                            "limit_per_s": REDIS_LIMIT,
-                            "outage_admitted_per_s": round(outage / (restarted_at - slowed_at)),
-                            "store_failures": int(metric(
-                                stack.metrics(), "legation_ratelimit_failure_mode_total")),
-                            "counting_resumed": bool(refused_after)})
+        refused_after = sorted(
+            s.end for s in samples if s.probe == 0 and s.status == 429 and s.start >= restarted_at
+        )
+        outage = sum(
+            1
+            for s in samples
+            if s.probe == 0 and s.status == 200 and slowed_at <= s.end < restarted_at
+        )
+        result = report(
+            f"redis slowed/killed ({mode})",
+            probes,
+            samples,
+            ignore=(slowed_at, restarted_at) if mode == "closed" else None,
+            restored_at=restarted_at,
+            extra={
+                "limit_per_s": REDIS_LIMIT,
+                "outage_admitted_per_s": round(outage / (restarted_at - slowed_at)),
+                "store_failures": int(
+                    metric(stack.metrics(), "legation_ratelimit_failure_mode_total")
+                ),
+                "counting_resumed": bool(refused_after),
+            },
+        )
         # leaked: admitted over the limit in a whole second (the fixed window), the whole run
-        result.leaked = sum(max(0, n - REDIS_LIMIT) for n in _admitted_per_second(
-            samples, 0, load.started_at, time.time()))
+        result.leaked = sum(
+            max(0, n - REDIS_LIMIT)
+            for n in _admitted_per_second(samples, 0, load.started_at, time.time())
+        )
         # recovery: from the restart to the first request refused by a counter again
         result.recovery_s = refused_after[0] - restarted_at if refused_after else None
         return result
@@ -437,8 +507,11 @@ class MtlsMesh:
     def served_serial(self, node: str) -> set[str]:
         """Serials of the certificates the proxy's Envoy holds now (admin /certs)."""
         certs = json.loads(self.stack.envoys[node].admin_get("/certs"))["certificates"]
-        return {c["serial_number"].lower().lstrip("0") for cert in certs
-                for c in cert.get("cert_chain", [])}
+        return {
+            c["serial_number"].lower().lstrip("0")
+            for cert in certs
+            for c in cert.get("cert_chain", [])
+        }
 
 
 def cert_rotation(tmp: Path, scale: float = 1.0) -> Report:
@@ -456,14 +529,24 @@ def cert_rotation(tmp: Path, scale: float = 1.0) -> Report:
             seen.append(mesh.serials())
         samples = load.finish()
         node = next(n for n in seen[-1] if n != "gateway-gw")
-        wait_for(lambda: seen[-1][node].lower().lstrip("0") in mesh.served_serial(node), 10,
-                 "the sidecar serving its last certificate")
-        return report("workload cert rotation", probes, samples, extra={
-            "rotations": len(seen) - 1,
-            "distinct_serials": len({s for snap in seen for s in snap.values()})})
+        wait_for(
+            lambda: seen[-1][node].lower().lstrip("0") in mesh.served_serial(node),
+            10,
+            "the sidecar serving its last certificate",
+        )
+        return report(
+            "workload cert rotation",
+            probes,
+            samples,
+            extra={
+                "rotations": len(seen) - 1,
+                "distinct_serials": len({s for snap in seen for s in snap.values()}),
+            },
+        )
 
 
 # -- scenarios that need the service-model change (xfail in the tests) ----------------------
+
 
 def _status(port: int) -> dict[str, Any] | None:
     try:
@@ -501,8 +584,11 @@ def _kill(pid: int | None) -> bool:
 
 def _certificates(doc: dict[str, Any]) -> dict[str, str]:
     """Serial of every proxy's and service's certificate in a status document."""
-    out = {p["node_id"]: p["certificate"]["serial"] for p in doc.get("proxies", [])
-           if "certificate" in p}
+    out = {
+        p["node_id"]: p["certificate"]["serial"]
+        for p in doc.get("proxies", [])
+        if "certificate" in p
+    }
     services = (doc.get("mtls") or {}).get("services", {})
     return {**out, **{k: v["serial"] for k, v in services.items()}}
 
@@ -519,13 +605,31 @@ def control_plane_killed(tmp: Path, scale: float = 1.0, *, mtls: str = "off") ->
         _policies(stack)
         stack.write("authz.yaml", AUTHZ_YAML)
         stack.write("limits.yaml", LIMITS_YAML.format(unit="minute", limit=1_000_000))
-        mesh = stack.write("mesh.yaml", SERVICES_MESH.replace(
-            "  - {{name: fragile, match: {{path: {{prefix: /fragile}}}}, to: {{service: web}},\n"
-            "     filters: [{{name: fault_t}}]}}\n", "").replace(
-                "mtls: {{mode: off}}", f"mtls: {{{{mode: {mtls}}}}}").format(
-                **ports, app=app.port, tag="0", rl_mode="open", rl_store=""))
-        stack.child([*LEGATION, "up", str(mesh), "--plain", "--status-port", str(ports["status"]),
-                     "--log-dir", str(stack.tmp / "up-logs")], port=ports["status"], name="up")
+        mesh = stack.write(
+            "mesh.yaml",
+            SERVICES_MESH.replace(
+                "  - {{name: fragile, match: {{path: {{prefix: /fragile}}}}, "
+                "to: {{service: web}},\n"
+                "     filters: [{{name: fault_t}}]}}\n",
+                "",
+            )
+            .replace("mtls: {{mode: off}}", f"mtls: {{{{mode: {mtls}}}}}")
+            .format(**ports, app=app.port, tag="0", rl_mode="open", rl_store=""),
+        )
+        stack.child(
+            [
+                *LEGATION,
+                "up",
+                str(mesh),
+                "--plain",
+                "--status-port",
+                str(ports["status"]),
+                "--log-dir",
+                str(stack.tmp / "up-logs"),
+            ],
+            port=ports["status"],
+            name="up",
+        )
         wait_for(lambda: _in_sync(ports["status"]), 60, "every Envoy in sync")
         before = _status(ports["status"])
         assert before is not None
@@ -543,21 +647,29 @@ def control_plane_killed(tmp: Path, scale: float = 1.0, *, mtls: str = "off") ->
         samples = load.finish()
         after = _status(ports["status"]) or {}
         roles = _processes(stack)
-        return report(f"control plane killed (mtls {mtls})", probes, samples,
-                      restored_at=released_at,
-                      extra={"away_s": round(back_at - killed_at, 1), "kills": kills,
-                             "xds_restarts": roles.get("xds", {}).get("restarts"),
-                             "services_restarted": sum(
-                                 p["restarts"] for r, p in roles.items() if r not in
-                                 ("xds", "up")),
-                             "versions_kept": {p["node_id"]: p["acked"] for p in
-                                               after.get("proxies", [])} == acked,
-                             "certificates_kept": _certificates(after) == _certificates(before),
-                             "certificates": len(_certificates(before))})
+        return report(
+            f"control plane killed (mtls {mtls})",
+            probes,
+            samples,
+            restored_at=released_at,
+            extra={
+                "away_s": round(back_at - killed_at, 1),
+                "kills": kills,
+                "xds_restarts": roles.get("xds", {}).get("restarts"),
+                "services_restarted": sum(
+                    p["restarts"] for r, p in roles.items() if r not in ("xds", "up")
+                ),
+                "versions_kept": {p["node_id"]: p["acked"] for p in after.get("proxies", [])}
+                == acked,
+                "certificates_kept": _certificates(after) == _certificates(before),
+                "certificates": len(_certificates(before)),
+            },
+        )
 
 
-def _fresh_handshakes(stack: Stack, mesh: MtlsMesh, stop: threading.Event,
-                      counts: dict[str, int]) -> None:
+def _fresh_handshakes(
+    stack: Stack, mesh: MtlsMesh, stop: threading.Event, counts: dict[str, int]
+) -> None:
     """A peer proxy that shakes hands anew for every request (Envoy keeps its pooled upstream
     connections across SDS updates, so the load above rarely handshakes): the gateway's current
     certificate, trusting the current bundle, straight into the sidecar's inbound listener."""
@@ -572,8 +684,10 @@ def _fresh_handshakes(stack: Stack, mesh: MtlsMesh, stop: threading.Event,
         (folder / "key.pem").write_bytes(cert.key_pem)
         context.load_cert_chain(folder / "cert.pem", folder / "key.pem")
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, \
-                    context.wrap_socket(raw) as tls:
+            with (
+                socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+                context.wrap_socket(raw) as tls,
+            ):
                 tls.sendall(b"GET / HTTP/1.1\r\nhost: web\r\nconnection: close\r\n\r\n")
                 ok = tls.recv(64).startswith(b"HTTP/1.1 200")
         except OSError:
@@ -586,14 +700,21 @@ def _fresh_handshakes(stack: Stack, mesh: MtlsMesh, stop: threading.Event,
 def _served_roots(stack: Stack, node: str) -> tuple[set[str], set[str]]:
     """What a proxy's Envoy holds now for the mesh (admin /certs, the xDS channel's own context
     left out): the serials of its certificate chain and of the roots it trusts."""
-    certs = [c for c in json.loads(stack.envoys[node].admin_get("/certs"))["certificates"]
-             if not any(san.get("uri", "").startswith("spiffe://xds.legation.internal")
-                        for leaf in c.get("cert_chain", [])
-                        for san in leaf.get("subject_alt_names", []))]
-    chain = {c["serial_number"].lower().lstrip("0") for cert in certs
-             for c in cert.get("cert_chain", [])}
-    trusted = {c["serial_number"].lower().lstrip("0") for cert in certs
-               for c in cert.get("ca_cert", [])}
+    certs = [
+        c
+        for c in json.loads(stack.envoys[node].admin_get("/certs"))["certificates"]
+        if not any(
+            san.get("uri", "").startswith("spiffe://xds.legation.internal")
+            for leaf in c.get("cert_chain", [])
+            for san in leaf.get("subject_alt_names", [])
+        )
+    ]
+    chain = {
+        c["serial_number"].lower().lstrip("0") for cert in certs for c in cert.get("cert_chain", [])
+    }
+    trusted = {
+        c["serial_number"].lower().lstrip("0") for cert in certs for c in cert.get("ca_cert", [])
+    }
     return chain, trusted
 
 
@@ -614,9 +735,12 @@ def root_rotation(tmp: Path, scale: float = 1.0) -> Report:
         peer.start()
         try:
             time.sleep(1.0 * scale)
-            rotate = subprocess.run([*LEGATION, "ca", "rotate-root", "--mesh", str(mesh.mesh),
-                                     "--overlap", "1s"], capture_output=True, text=True,
-                                    cwd=stack.tmp)
+            rotate = subprocess.run(
+                [*LEGATION, "ca", "rotate-root", "--mesh", str(mesh.mesh), "--overlap", "1s"],
+                capture_output=True,
+                text=True,
+                cwd=stack.tmp,
+            )
             phases: list[str] = []
 
             def done() -> bool:
@@ -629,22 +753,34 @@ def root_rotation(tmp: Path, scale: float = 1.0) -> Report:
             wait_for(done, 30, "the root rotation through all its phases")
             new = stack.run(lambda: cp.issuer.ca.cert.serial_number)  # type: ignore[union-attr]
             issued = {n: c.serial_hex for n, c in stack.run(lambda: dict(cp.issuer.certs)).items()}
-            wait_for(lambda: all(_served_roots(stack, n) == ({issued[n]}, {format(new, "x")})
-                                 for n in stack.envoys), 10,
-                     "every Envoy holding its new-root certificate and trusting the new root only")
+            wait_for(
+                lambda: all(
+                    _served_roots(stack, n) == ({issued[n]}, {format(new, "x")})
+                    for n in stack.envoys
+                ),
+                10,
+                "every Envoy holding its new-root certificate and trusting the new root only",
+            )
             time.sleep(1.0 * scale)  # load on the new root alone
         finally:
             stop.set()
             peer.join(10)
         samples = load.finish(early=True)
         trusted = {n: _served_roots(stack, n)[1] for n in stack.envoys}
-        return report("root CA rotation", probes, samples, extra={
-            "rotate_root_rc": rotate.returncode,
-            **({"rotate_root_err": rotate.stderr[-300:]} if rotate.returncode else {}),
-            "phases": phases, "fresh_handshakes": fresh["sent"],
-            "fresh_handshakes_failed": fresh["failed"],
-            "old_root_trusted_at_end": any(format(old, "x") in t for t in trusted.values()),
-            "new_root_only": all(t == {format(new, "x")} for t in trusted.values())})
+        return report(
+            "root CA rotation",
+            probes,
+            samples,
+            extra={
+                "rotate_root_rc": rotate.returncode,
+                **({"rotate_root_err": rotate.stderr[-300:]} if rotate.returncode else {}),
+                "phases": phases,
+                "fresh_handshakes": fresh["sent"],
+                "fresh_handshakes_failed": fresh["failed"],
+                "old_root_trusted_at_end": any(format(old, "x") in t for t in trusted.values()),
+                "new_root_only": all(t == {format(new, "x")} for t in trusted.values()),
+            },
+        )
 
 
 UP_MESH = """\
@@ -669,40 +805,66 @@ def proxies_reloaded(tmp: Path, scale: float = 1.0) -> Report:
     proxy's Envoy must start, the removed one's stop, traffic to the rest unaffected."""
     with Stack(tmp) as stack:
         kinds = ("app", "inb", "out", "admin")
-        p = stack.ports("xds", "gw", "gw_admin", "status",
-                        *(f"{k}{n}" for n in (1, 2, 3) for k in kinds))
+        p = stack.ports(
+            "xds", "gw", "gw_admin", "status", *(f"{k}{n}" for n in (1, 2, 3) for k in kinds)
+        )
 
         def endpoints(*ns: int) -> str:
-            return "".join(UP_ENDPOINT.format(n=n, app=p[f"app{n}"], inb=p[f"inb{n}"],
-                                              out=p[f"out{n}"], admin=p[f"admin{n}"])
-                           for n in ns)
+            return "".join(
+                UP_ENDPOINT.format(
+                    n=n, app=p[f"app{n}"], inb=p[f"inb{n}"], out=p[f"out{n}"], admin=p[f"admin{n}"]
+                )
+                for n in ns
+            )
 
         mesh = stack.write("mesh.yaml", UP_MESH.format(**p, endpoints=endpoints(1, 2)))
-        stack.child([*LEGATION, "up", str(mesh), "--plain", "--status-port", str(p["status"]),
-                     "--log-dir", str(stack.tmp / "up-logs")], port=p["status"], name="up")
-        wait_for(lambda: all(listening(p[k]) for k in ("gw", "admin1", "admin2")), 30,
-                 "the first Envoys")
+        stack.child(
+            [
+                *LEGATION,
+                "up",
+                str(mesh),
+                "--plain",
+                "--status-port",
+                str(p["status"]),
+                "--log-dir",
+                str(stack.tmp / "up-logs"),
+            ],
+            port=p["status"],
+            name="up",
+        )
+        wait_for(
+            lambda: all(listening(p[k]) for k in ("gw", "admin1", "admin2")), 30, "the first Envoys"
+        )
         probes = [OPEN]
         load = stack.load(p["gw"], probes, duration=5 * scale)
         time.sleep(0.5 * scale)
         stack.write("mesh.yaml", UP_MESH.format(**p, endpoints=endpoints(1, 3)))
         changed_at = time.time()
         try:
-            wait_for(lambda: listening(p["admin3"]) and not listening(p["admin2"]), 4 * scale,
-                     "web-3's Envoy started and web-2's stopped")
+            wait_for(
+                lambda: listening(p["admin3"]) and not listening(p["admin2"]),
+                4 * scale,
+                "web-3's Envoy started and web-2's stopped",
+            )
             followed = True
         except TimeoutError:
             followed = False
         samples = load.finish()
-        return report("proxies added/removed", probes, samples, restored_at=changed_at,
-                      extra={"envoys_followed": followed,
-                             "served_by_new": _inbound_requests(p["admin3"])})
+        return report(
+            "proxies added/removed",
+            probes,
+            samples,
+            restored_at=changed_at,
+            extra={"envoys_followed": followed, "served_by_new": _inbound_requests(p["admin3"])},
+        )
 
 
 def _inbound_requests(admin_port: int) -> int:
     """Requests a sidecar's inbound listener answered (its admin stats)."""
-    url = (f"http://127.0.0.1:{admin_port}/stats?format=json&filter="
-           r"^http\.inbound.*downstream_rq_completed$")
+    url = (
+        f"http://127.0.0.1:{admin_port}/stats?format=json&filter="
+        r"^http\.inbound.*downstream_rq_completed$"
+    )
     try:
         with urllib.request.urlopen(url, timeout=5) as resp:
             stats = json.loads(resp.read()).get("stats", [])
@@ -712,6 +874,7 @@ def _inbound_requests(admin_port: int) -> int:
 
 
 # -- soak (bench/faults.py --soak only, never in CI) ----------------------------------------
+
 
 def soak(tmp: Path, minutes: float = 30.0) -> Report:
     """Steady load for ``minutes`` through a ``legation serve xds`` child (control plane and
@@ -723,25 +886,44 @@ def soak(tmp: Path, minutes: float = 30.0) -> Report:
         _policies(stack)
         stack.write("authz.yaml", AUTHZ_YAML)
         stack.write("limits.yaml", LIMITS_YAML.format(unit="minute", limit=1_000_000))
-        mesh = stack.write("mesh.yaml", SERVICES_MESH.replace(
-            "  - {{name: fragile, match: {{path: {{prefix: /fragile}}}}, to: {{service: web}},\n"
-            "     filters: [{{name: fault_t}}]}}\n", "").format(
-                **ports, app=app.port, tag="0", rl_mode="open", rl_store=""))
-        xds = stack.serve("xds", port=ports["status"], args=[
-            "--config", str(mesh), "--status-port", str(ports["status"])])
+        mesh = stack.write(
+            "mesh.yaml",
+            SERVICES_MESH.replace(
+                "  - {{name: fragile, match: {{path: {{prefix: /fragile}}}}, "
+                "to: {{service: web}},\n"
+                "     filters: [{{name: fault_t}}]}}\n",
+                "",
+            ).format(**ports, app=app.port, tag="0", rl_mode="open", rl_store=""),
+        )
+        xds = stack.serve(
+            "xds",
+            port=ports["status"],
+            args=["--config", str(mesh), "--status-port", str(ports["status"])],
+        )
         stack.proxies_by_cli(mesh)
         probes = [ADMIN, DENIED, LIMITED, TAGGED]
         seconds = minutes * 60
-        load = stack.load(ports["gw"], probes, rate=200, duration=seconds,
-                          max_requests=int(seconds * 250))
+        load = stack.load(
+            ports["gw"], probes, rate=200, duration=seconds, max_requests=int(seconds * 250)
+        )
         rss: list[tuple[float, int]] = []
         while time.time() < load.started_at + seconds:
             rss.append((time.time() - load.started_at, rss_kb(xds.pid)))
             time.sleep(min(10.0, max(0.0, load.started_at + seconds - time.time())))
         samples = load.finish()
-        warm = next(kb for t, kb in rss if t >= seconds / 10) if rss[-1][0] >= seconds / 10 \
+        warm = (
+            next(kb for t, kb in rss if t >= seconds / 10)
+            if rss[-1][0] >= seconds / 10
             else rss[0][1]
+        )
         end = rss[-1][1]
-        return report(f"soak {minutes:g} min", probes, samples, extra={
-            "rss_warm_kb": warm, "rss_end_kb": end,
-            "rss_growth_pct": round(100 * (end - warm) / warm, 1)})
+        return report(
+            f"soak {minutes:g} min",
+            probes,
+            samples,
+            extra={
+                "rss_warm_kb": warm,
+                "rss_end_kb": end,
+                "rss_growth_pct": round(100 * (end - warm) / warm, 1),
+            },
+        )
