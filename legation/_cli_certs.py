@@ -172,7 +172,8 @@ def cmd_rotate_root(args: argparse.Namespace) -> int:
 
 
 def cmd_ca(args: argparse.Namespace) -> int:
-    from legation.certs.ca import CERT_FILE, describe_root
+    from legation.certs.ca import CERT_FILE
+    from legation.certs.pem import describe_root
 
     try:
         info = describe_root(Path(args.dir) / CERT_FILE)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from legation.certs._files import (
@@ -29,6 +29,7 @@ from legation.certs._files import (
     write_new_private,
 )
 from legation.certs.errors import CertError
+from legation.certs.pem import SigningKey, _read_cert, _read_key
 from legation.certs.workload import WorkloadCert
 
 CERT_FILE = "ca.crt"
@@ -36,9 +37,6 @@ KEY_FILE = "ca.key"
 LOCK_FILE = ".ca.lock"
 ROOT_VALIDITY = timedelta(days=3650)
 CLOCK_SKEW = timedelta(minutes=1)  # workload certs start this much in the past
-MIN_RSA_BITS = 2048
-
-SigningKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 
 
 class CertificateAuthority:
@@ -251,19 +249,6 @@ class CertificateAuthority:
         )
 
 
-def describe_root(cert_path: Path) -> dict[str, str]:
-    """A root certificate's subject, SHA-256 fingerprint and validity (``legation ca show``);
-    reads only the certificate, never the key."""
-    cert = _read_cert(cert_path)
-    return {
-        "certificate": str(cert_path),
-        "subject": cert.subject.rfc4514_string(),
-        "fingerprint_sha256": cert.fingerprint(hashes.SHA256()).hex(":").upper(),
-        "not_before": cert.not_valid_before_utc.isoformat(),
-        "not_after": cert.not_valid_after_utc.isoformat(),
-    }
-
-
 def _usage(*, cert_sign: bool) -> x509.KeyUsage:
     return x509.KeyUsage(
         digital_signature=True,
@@ -276,37 +261,3 @@ def _usage(*, cert_sign: bool) -> x509.KeyUsage:
         encipher_only=False,
         decipher_only=False,
     )
-
-
-def _read(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as err:
-        raise CertError(
-            f"{path}: cannot read: {err.strerror or err}", code="ca_unreadable"
-        ) from None
-
-
-def _read_cert(path: Path) -> x509.Certificate:
-    try:
-        return x509.load_pem_x509_certificate(_read(path))
-    except ValueError:
-        raise CertError(f"{path}: not a PEM certificate", code="ca_unreadable") from None
-
-
-def _read_key(path: Path) -> SigningKey:
-    try:
-        key = serialization.load_pem_private_key(_read(path), password=None)
-    except (ValueError, TypeError):
-        # the parser's message is not repeated: it could quote the file
-        raise CertError(
-            f"{path}: not an unencrypted PEM private key", code="ca_unreadable"
-        ) from None
-    if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
-        raise CertError(f"{path}: the CA key must be EC or RSA", code="ca_invalid")
-    if isinstance(key, rsa.RSAPrivateKey) and key.key_size < MIN_RSA_BITS:
-        raise CertError(
-            f"{path}: the RSA CA key has {key.key_size} bits; at least {MIN_RSA_BITS} are needed",
-            code="ca_invalid",
-        )
-    return key
