@@ -54,6 +54,8 @@ class ServiceKind:
         return block  # type: ignore[no-any-return]
 
 
+# one entry per kind, laid out as a table
+# fmt: off
 KINDS: tuple[ServiceKind, ...] = (
     ServiceKind(name="extauthz", block="extauthz",
                 service="legation.services.extauthz:AuthzService",
@@ -68,6 +70,7 @@ KINDS: tuple[ServiceKind, ...] = (
                 envoy="legation.translate._services:RateLimitSide",
                 help="rate limiting, envoyproxy/ratelimit compatible (RateLimitService)"),
 )
+# fmt: on
 
 
 def _load(target: str) -> Any:

@@ -69,41 +69,93 @@ def test_same_port_on_different_hosts_is_fine_but_not_on_wildcard() -> None:
 @pytest.mark.parametrize(
     ("route", "expected"),
     [
-        ({"to": {"service": "reviews", "subset": "v3"}},
-         ["routes[0].to.subset: service 'reviews' has no subset 'v3'"]),
-        ({"split": [{"service": "reviews", "subset": "v1", "weight": 50},
-                    {"service": "reviews", "subset": "v1", "weight": 50}]},
-         ["routes[0].split[1]: duplicate split destination name 'reviews/v1' "
-          "(first at routes[0].split[0])"]),
-        ({"split": [{"service": "nope", "weight": 100}]},
-         ["routes[0].split[0].service: unknown service 'nope'"]),
-        ({"to": {"service": "reviews"}, "mirror": {"service": "shadow"}},
-         ["routes[0].mirror.service: unknown service 'shadow'"]),
-        ({"to": {"service": "reviews"}, "mesh_hosts": ["reviewz"], "gateway": True},
-         ["routes[0].mesh_hosts[0]: unknown service 'reviewz'"]),
-        ({"to": {"service": "reviews"}, "gateway": False},
-         ["routes[0]: applies nowhere: set gateway: true or list mesh_hosts"]),
-        ({"direct_response": {"status": 204}, "timeout": "1s", "retries": {"attempts": 2}},
-         ["routes[0].timeout: only applies to routes with 'to' or 'split'",
-          "routes[0].retries: only applies to routes with 'to' or 'split'"]),
-        ({"to": {"service": "reviews"}, "retries": {"attempts": 2, "budget": {"percent": 20}}},
-         ["routes[0].retries.budget: a retry budget is a cluster setting: set it on the service"]),
-        ({"to": {"service": "reviews"},
-          "retries": {"attempts": 2, "retriable_status_codes": [409]}},
-         ["routes[0].retries.retriable_status_codes: needs 'retriable-status-codes' in retry_on"]),
-        ({"to": {"service": "reviews"}, "match": {"path": {"regex": "/(a"}}},
-         ["routes[0].match.path.regex: invalid regular expression '/(a': "
-          "missing ), unterminated subpattern at position 1"]),
-        ({"to": {"service": "reviews"}, "match": {"query": [{"name": "q", "present": False}]}},
-         ["routes[0].match.query[0]: query parameters support neither invert nor present: false"]),
-        ({"to": {"service": "reviews"}, "headers": {"request": {"set": {"Host": "x"}}}},
-         ["routes[0].headers.request: header 'Host' cannot be modified"]),
-        ({"to": {"service": "reviews"}, "authz": "policy",
-          "filters": [{"name": "headers", "options": {"request": {"set": {"x-a": "1"}}}}],
-          "rate_limits": [{"actions": [{"remote_address": {}}]}]},
-         ["routes[0].authz: needs an extauthz service (mesh-level 'extauthz')",
-          "routes[0].filters: needs an extproc service (mesh-level 'extproc')",
-          "routes[0].rate_limits: needs a rate-limit service (mesh-level 'ratelimit')"]),
+        (
+            {"to": {"service": "reviews", "subset": "v3"}},
+            ["routes[0].to.subset: service 'reviews' has no subset 'v3'"],
+        ),
+        (
+            {
+                "split": [
+                    {"service": "reviews", "subset": "v1", "weight": 50},
+                    {"service": "reviews", "subset": "v1", "weight": 50},
+                ]
+            },
+            [
+                "routes[0].split[1]: duplicate split destination name 'reviews/v1' "
+                "(first at routes[0].split[0])"
+            ],
+        ),
+        (
+            {"split": [{"service": "nope", "weight": 100}]},
+            ["routes[0].split[0].service: unknown service 'nope'"],
+        ),
+        (
+            {"to": {"service": "reviews"}, "mirror": {"service": "shadow"}},
+            ["routes[0].mirror.service: unknown service 'shadow'"],
+        ),
+        (
+            {"to": {"service": "reviews"}, "mesh_hosts": ["reviewz"], "gateway": True},
+            ["routes[0].mesh_hosts[0]: unknown service 'reviewz'"],
+        ),
+        (
+            {"to": {"service": "reviews"}, "gateway": False},
+            ["routes[0]: applies nowhere: set gateway: true or list mesh_hosts"],
+        ),
+        (
+            {"direct_response": {"status": 204}, "timeout": "1s", "retries": {"attempts": 2}},
+            [
+                "routes[0].timeout: only applies to routes with 'to' or 'split'",
+                "routes[0].retries: only applies to routes with 'to' or 'split'",
+            ],
+        ),
+        (
+            {"to": {"service": "reviews"}, "retries": {"attempts": 2, "budget": {"percent": 20}}},
+            [
+                "routes[0].retries.budget: a retry budget is a cluster setting: "
+                "set it on the service"
+            ],
+        ),
+        (
+            {
+                "to": {"service": "reviews"},
+                "retries": {"attempts": 2, "retriable_status_codes": [409]},
+            },
+            [
+                "routes[0].retries.retriable_status_codes: "
+                "needs 'retriable-status-codes' in retry_on"
+            ],
+        ),
+        (
+            {"to": {"service": "reviews"}, "match": {"path": {"regex": "/(a"}}},
+            [
+                "routes[0].match.path.regex: invalid regular expression '/(a': "
+                "missing ), unterminated subpattern at position 1"
+            ],
+        ),
+        (
+            {"to": {"service": "reviews"}, "match": {"query": [{"name": "q", "present": False}]}},
+            [
+                "routes[0].match.query[0]: "
+                "query parameters support neither invert nor present: false"
+            ],
+        ),
+        (
+            {"to": {"service": "reviews"}, "headers": {"request": {"set": {"Host": "x"}}}},
+            ["routes[0].headers.request: header 'Host' cannot be modified"],
+        ),
+        (
+            {
+                "to": {"service": "reviews"},
+                "authz": "policy",
+                "filters": [{"name": "headers", "options": {"request": {"set": {"x-a": "1"}}}}],
+                "rate_limits": [{"actions": [{"remote_address": {}}]}],
+            },
+            [
+                "routes[0].authz: needs an extauthz service (mesh-level 'extauthz')",
+                "routes[0].filters: needs an extproc service (mesh-level 'extproc')",
+                "routes[0].rate_limits: needs a rate-limit service (mesh-level 'ratelimit')",
+            ],
+        ),
     ],
 )
 def test_route_semantics(route: dict[str, Any], expected: list[str]) -> None:

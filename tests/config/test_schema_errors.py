@@ -58,28 +58,53 @@ def test_bad_name_pattern() -> None:
 @pytest.mark.parametrize(
     ("route", "message"),
     [
-        ({"to": {"service": "reviews"}, "redirect": {"path": "/x"}},
-         "routes[0]: give exactly one of to, split, redirect, direct_response (got to, redirect)"),
-        ({"direct_response": {"status": 200}, "match": {"path": {}}},
-         "routes[0].match.path: give exactly one of prefix, exact, regex"),
-        ({"direct_response": {"status": 200}, "match": {"path": {"prefix": "api"}}},
-         "routes[0].match.path.prefix: must start with '/', got 'api'"),
-        ({"direct_response": {"status": 200},
-          "match": {"headers": [{"name": "x", "exact": "a", "present": True}]}},
-         "routes[0].match.headers[0]: give exactly one of exact, prefix, regex, present "
-         "(got exact, present)"),
-        ({"direct_response": {"status": 200}, "match": {"methods": ["FETCH"]}},
-         "routes[0].match.methods[0]: expected 'GET', 'HEAD', 'POST', 'PUT', 'DELETE', 'PATCH', "
-         "'OPTIONS', 'CONNECT' or 'TRACE', got 'FETCH'"),
-        ({"to": {"service": "reviews"}, "fault": {}},
-         "routes[0].fault: give a delay, an abort or both"),
-        ({"to": {"service": "reviews"}, "fault": {"abort": {"percent": 150, "status": 503}}},
-         "routes[0].fault.abort.percent: must be <= 100, got 150"),
-        ({"to": {"service": "reviews"}, "retries": {"attempts": 0}},
-         "routes[0].retries.attempts: must be >= 1, got 0"),
-        ({"to": {"service": "reviews"}, "split": None, "rate_limits": [{"actions": [{}]}]},
-         "routes[0].rate_limits[0].actions[0]: give exactly one of generic_key, request_headers, "
-         "remote_address, jwt_claim"),
+        (
+            {"to": {"service": "reviews"}, "redirect": {"path": "/x"}},
+            (
+                "routes[0]: give exactly one of to, split, redirect, direct_response "
+                "(got to, redirect)"
+            ),
+        ),
+        (
+            {"direct_response": {"status": 200}, "match": {"path": {}}},
+            "routes[0].match.path: give exactly one of prefix, exact, regex",
+        ),
+        (
+            {"direct_response": {"status": 200}, "match": {"path": {"prefix": "api"}}},
+            "routes[0].match.path.prefix: must start with '/', got 'api'",
+        ),
+        (
+            {
+                "direct_response": {"status": 200},
+                "match": {"headers": [{"name": "x", "exact": "a", "present": True}]},
+            },
+            "routes[0].match.headers[0]: give exactly one of exact, prefix, regex, present "
+            "(got exact, present)",
+        ),
+        (
+            {"direct_response": {"status": 200}, "match": {"methods": ["FETCH"]}},
+            "routes[0].match.methods[0]: expected 'GET', 'HEAD', 'POST', 'PUT', 'DELETE', 'PATCH', "
+            "'OPTIONS', 'CONNECT' or 'TRACE', got 'FETCH'",
+        ),
+        (
+            {"to": {"service": "reviews"}, "fault": {}},
+            "routes[0].fault: give a delay, an abort or both",
+        ),
+        (
+            {"to": {"service": "reviews"}, "fault": {"abort": {"percent": 150, "status": 503}}},
+            "routes[0].fault.abort.percent: must be <= 100, got 150",
+        ),
+        (
+            {"to": {"service": "reviews"}, "retries": {"attempts": 0}},
+            "routes[0].retries.attempts: must be >= 1, got 0",
+        ),
+        (
+            {"to": {"service": "reviews"}, "split": None, "rate_limits": [{"actions": [{}]}]},
+            (
+                "routes[0].rate_limits[0].actions[0]: give exactly one of generic_key, "
+                "request_headers, remote_address, jwt_claim"
+            ),
+        ),
     ],
 )
 def test_route_shape_errors(route: dict[str, Any], message: str) -> None:
@@ -102,8 +127,10 @@ def test_ring_hash_needs_a_header() -> None:
     [
         ("", "(top level): the file is empty; expected a mapping"),
         ("- a\n- b\n", "(top level): expected a mapping, got a list"),
-        ("services: []\nservices: []\n", "(top level): invalid YAML at line 2, column 1: "
-         "duplicate key 'services'"),
+        (
+            "services: []\nservices: []\n",
+            "(top level): invalid YAML at line 2, column 1: duplicate key 'services'",
+        ),
     ],
 )
 def test_document_level_errors(text: str, message: str) -> None:
