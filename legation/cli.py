@@ -16,17 +16,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import os
 import sys
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
 from legation._cli_certs import DEFAULT_XDS, cmd_bootstrap, cmd_ca, cmd_rotate_root
 from legation._cli_serve import _wait_for_signal, cmd_serve
+from legation._cli_status import cmd_status
 from legation.errors import LegationError
 
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
@@ -80,49 +78,6 @@ def cmd_check(args: argparse.Namespace) -> int:
             f"{len(snapshots)} proxies, {sum(len(s) for s in snapshots.values())} resources)"
         )
     return 1 if failed else 0
-
-
-def cmd_status(args: argparse.Namespace) -> int:
-    try:
-        with urllib.request.urlopen(args.url.rstrip("/") + "/status", timeout=5) as resp:
-            status = json.loads(resp.read())
-    except (urllib.error.URLError, OSError) as err:
-        print(
-            f"no Legation control plane at {args.url} ({err}); is `legation up` running?",
-            file=sys.stderr,
-        )
-        return 1
-    if args.json:
-        print(json.dumps(status, indent=2))
-        return 0
-    print(f"mesh {status['mesh']}  generation {status['generation']}  xDS {status['xds']}")
-    if status.get("last_error"):
-        print("last rejected change:\n  " + status["last_error"].replace("\n", "\n  "))
-    processes = [
-        f"{p.get('name') or p['role']} {p['pid']}"
-        + (f" ({p['restarts']} restarts)" if p.get("restarts") else "")
-        for p in status.get("processes", [])
-    ]
-    if processes:
-        print("processes  " + ", ".join(processes))
-    rotation = ((status.get("mtls") or {}).get("ca") or {}).get("rotation")
-    if rotation:
-        print(
-            f"root rotation  phase {rotation['phase']} since {rotation['phase_since']}: "
-            f"{rotation['old_fingerprint']} -> {rotation['new_fingerprint']}"
-        )
-    for p in status["proxies"]:
-        state = "in sync" if p["in_sync"] else ("connected" if p["connected"] else "DISCONNECTED")
-        listeners = ", ".join(f"{k} {v}" for k, v in p["listeners"].items())
-        print(f"\n{p['node_id']}  ({p['kind']}, {state})")
-        print(f"  admin      {p['admin']}")
-        print(f"  listeners  {listeners}")
-        acked = "  ".join(f"{t} {v}" for t, v in sorted(p["acked"].items()))
-        print(f"  acked      {acked or '-'}")
-        nack = p.get("last_nack")
-        last = f"{nack['type']} {nack['version']}: {nack['message']}" if nack else "-"
-        print(f"  last NACK  {last}")
-    return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
