@@ -8,7 +8,7 @@ import asyncio
 import hashlib
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from legation.certs.enrol import UP_TTL, Enrolments, enrol, node_dir_name, xds_root
 from legation.certs.issuer import CaLocation
@@ -34,8 +34,9 @@ class StackProxies:
     _retiring: list[EnvoyProcess | DemoApp]
     _followed: str
 
-    def say(self, line: str) -> None:
-        raise NotImplementedError
+    if TYPE_CHECKING:  # implemented by Stack
+
+        def say(self, line: str) -> None: ...
 
     async def _follow_apps(self, mesh: Mesh) -> None:
         """Start the demo apps ``mesh`` adds; those it removes stop once the Envoys no longer

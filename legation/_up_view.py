@@ -8,7 +8,7 @@ import logging
 import time
 from collections import deque
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from legation.config import Mesh, Route
 from legation.envoy_process import EnvoyProcess
@@ -28,8 +28,9 @@ class StackView:
     _last: dict[str, Any]
     _recent: _Recent | None
 
-    def say(self, line: str) -> None:
-        raise NotImplementedError
+    if TYPE_CHECKING:  # implemented by Stack
+
+        def say(self, line: str) -> None: ...
 
     def banner(self, mesh: Mesh) -> None:
         lines = ["", "Legation is up. Try:"]

@@ -27,7 +27,6 @@ The xDS channel (its own root, TLS, enrolment) is :mod:`legation._xds_channel`.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import time
 from collections.abc import Callable
@@ -38,6 +37,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from legation._publishing import Publishing
+from legation._reloading import Reloading
 from legation._xds_channel import enrol_node, xds_channel
 from legation.certs import CertificateAuthority, MeshIssuer
 from legation.certs.enrol import (
@@ -47,13 +47,10 @@ from legation.certs.enrol import (
 from legation.certs.issuer import DEFAULT_CA_DIR, CaLocation
 from legation.certs.rotation import Rotation
 from legation.certs.workload import WorkloadCert
-from legation.config import Mesh, load_mesh
-from legation.errors import LegationError
-from legation.services import EmbeddedServices, Plan, ServiceStartError
-from legation.services.planning import config_files, plan, watched_digest
+from legation.config import Mesh
+from legation.services import EmbeddedServices, ServiceStartError
 from legation.services.published import PublishedServices
 from legation.status_http import StatusEndpoint, status_document
-from legation.translate import translate
 from legation.xds.cache import SnapshotCache
 from legation.xds.metrics import XdsMetrics
 from legation.xds.server import XdsServer
@@ -64,7 +61,7 @@ log = logging.getLogger("legation.controlplane")
 DEFAULT_STATUS_PORT = 18001
 
 
-class ControlPlane(Publishing):
+class ControlPlane(Reloading, Publishing):
     def __init__(
         self,
         mesh_path: str | Path,
@@ -204,103 +201,6 @@ class ControlPlane(Publishing):
         if self.server is not None:
             await self.server.stop(0.5)
         await self.services.stop()
-
-    # -- reloads ---------------------------------------------------------------------------
-
-    def _validate(self, text: bytes) -> tuple[Mesh, Plan]:
-        """The one validation phase: the mesh, its services' files and references, and the
-        translation (without certificates). Raises LegationError; creates nothing."""
-        mesh = load_mesh(self.mesh_path)
-        self._watched = config_files(mesh, self.mesh_path.parent) + self._watched
-        reserved = {self.status_port: "the control plane's status endpoint (--status-port)"}
-        services = plan(
-            mesh,
-            mesh_path=self.mesh_path,
-            embedded=self.embedded_services,
-            reserved=reserved if self.status_port else {},
-        )
-        self._watched = tuple(
-            dict.fromkeys(config_files(mesh, self.mesh_path.parent) + services.watched)
-        )
-        translate(mesh, version="check")
-        self._inputs = self._digest_of(text)
-        self._text = text.decode("utf-8", "replace")
-        return mesh, services
-
-    def _digest_of(self, text: bytes) -> str:
-        return hashlib.sha256(text).hexdigest()[:8] + "-" + watched_digest(self._watched)
-
-    def _issue(self, mesh: Mesh, services: Plan) -> None:
-        """Certificates for the accepted mesh's proxies and mTLS services (a CA that cannot be
-        opened raises a LegationError and leaves them as they were)."""
-        self.issuer.update(
-            mesh, services={k: s.host for k, s in services.embedded.items() if s.tls}
-        )
-        self.rotation.changed()
-
-    async def reload(self) -> bool:
-        """Read the mesh and its services' files again; True if they changed and were applied.
-        The embedded services follow first (new chains are served before routes name them),
-        then the snapshots (only when the mesh file itself changed)."""
-        try:
-            text = self.mesh_path.read_bytes()
-        except OSError as err:
-            return self._reject(f"{self.mesh_path}: cannot read: {err.strerror or err}")
-        inputs = self._digest_of(text)
-        if inputs in (self._inputs, self._rejected):
-            return False
-        served, served_text = self._inputs, self._text
-        try:  # off the loop: compiling policies may take a while, the loop serves meanwhile
-            mesh, services = await asyncio.to_thread(self._validate, text)
-            mesh_changed = hashlib.sha256(text).hexdigest()[:8] != self._digest
-            if mesh_changed:
-                self._issue(mesh, services)
-        except LegationError as err:
-            self._rejected, self._inputs = self._digest_of(text), served
-            self._text = served_text
-            return self._reject(str(err))
-        before = {p.node_id for p in self.mesh.proxies()} if self.mesh else set()
-        failures = await self.services.apply(services)
-        self.last_error = "\n".join(failures) or None
-        self._rejected = ""
-        self._reloads.labels("applied").inc()
-        if not mesh_changed:
-            self.on_event(f"service config reloaded, still generation {self.generation}")
-            return True
-        self._publish(mesh, text, hold_new=True)
-        self.on_event(f"mesh reloaded: generation {self.generation} ({self._digest})")
-        added = {p.node_id for p in mesh.proxies()} - before
-        if added:
-            self.on_event(
-                "new proxies in the mesh (`legation up` starts an Envoy for each): "
-                + ", ".join(sorted(added))
-            )
-        return True
-
-    def _reject(self, message: str) -> bool:
-        self.last_error = message
-        self._reloads.labels("rejected").inc()
-        self.on_event(
-            f"mesh change rejected, still serving generation {self.generation}:\n{message}"
-        )
-        return False
-
-    def _set_error(self, message: str) -> None:
-        self.last_error = message
-
-    async def _watch(self) -> None:
-        last = ""
-        while True:
-            await asyncio.sleep(self.poll_interval)
-            try:
-                text = self.mesh_path.read_bytes()
-            except OSError:
-                text = b""
-            now = self._digest_of(text)
-            if now != last:  # still being written: wait for it to hold still for one poll
-                last = now
-                continue
-            await self.reload()
 
     # -- enrolment ---------------------------------------------------------------------------
 

@@ -72,12 +72,12 @@ async def test_a_mesh_rejected_by_translation_creates_no_ca(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Certificates are issued once a mesh is accepted, not while it is being translated."""
-    import legation.controlplane as controlplane
+    import legation._reloading as reloading
 
     def refuse(*args: object, **kwargs: object) -> None:
         raise ConfigError("translation refused")
 
-    monkeypatch.setattr(controlplane, "translate", refuse)
+    monkeypatch.setattr(reloading, "translate", refuse)  # the validation phase's translation
     path = write(tmp_path, "demo.authz")
     cp = ControlPlane(path, status_port=0, ca_dir=tmp_path / "xdsca", on_event=lambda _: None)
     with pytest.raises(ConfigError, match="translation refused"):
