@@ -5,15 +5,16 @@ matching, the optional response headers' names, and upstream's response dynamic 
 from __future__ import annotations
 
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from envoy.service.ratelimit.v3 import rls_pb2
+from envoy.type.v3 import ratelimit_unit_pb2
 from google.protobuf import text_format
 
 from legation.ratelimit.algorithms import Hit
-from legation.ratelimit.config import Limit, Match
+from legation.ratelimit.config import Limit, Match, RateLimitConfig
 from legation.ratelimit.errors import RateLimitError
 
 
@@ -107,3 +108,85 @@ def _copy(value: Any) -> Any:
     if isinstance(value, list):
         return [_copy(v) for v in value]
     return value
+
+
+_OVERRIDE_UNIT = {v: name.lower() for name, v in ratelimit_unit_pb2.RateLimitUnit.items()}
+_ESCAPE = str.maketrans({"%": "%25", "|": "%7C", "=": "%3D"})
+
+
+def match_descriptors(
+    config: RateLimitConfig,
+    domain: str,
+    shape: _Shape,
+    *,
+    near: Callable[[int], int],
+    quota_mode: bool,
+) -> tuple[_Checked, ...]:
+    """Each request descriptor matched against ``config`` (or its own limit override, in a
+    configured domain), with the limits ``replaces`` leaves in force, their counter keys and
+    near-limit thresholds (``near``), as envoyproxy/ratelimit matches them."""
+    known = domain in config.domains  # overrides apply in configured domains only
+    found: list[tuple[tuple[tuple[str, str], ...], Match | None, int, Limit | None]] = []
+    replaced: set[str] = set()
+    for entries, cost, raw_override in shape:
+        override = match = None
+        if raw_override is not None:
+            if known:
+                unit = _OVERRIDE_UNIT.get(raw_override[0], "unknown")
+                if unit == "unknown":
+                    raise RateLimitError(
+                        f"domain {domain!r}: descriptor limit override has no unit",
+                        code="invalid_request",
+                    )
+                override = Limit(unit=unit, requests_per_unit=raw_override[1])
+        else:
+            match = config.match(domain, entries)
+            if match is not None:
+                for limit in match.limits:
+                    replaced |= limit.replaces
+        found.append((entries, match, cost, override))
+    out = []
+    for entries, match, cost, override in found:
+        shared = match.shared if match is not None else ()
+        values = (
+            [shared[i] or v for i, (_, v) in enumerate(entries)]
+            if shared
+            else [v for _, v in entries]
+        )
+        base = (
+            domain
+            + "|"
+            + "|".join(
+                f"{k.translate(_ESCAPE)}={v.translate(_ESCAPE)}"
+                for (k, _), v in zip(entries, values, strict=True)
+            )
+        )
+        node = match.descriptor if match is not None else None
+        limits: tuple[Limit, ...] = ()
+        if override is not None:
+            limits = (override,)
+            metric_key = ".".join([domain, *(f"{k}_{v}" if v else k for k, v in entries)])
+        elif match is not None:
+            limits = tuple(
+                lim
+                for lim in match.limits
+                if not (lim.name and lim.name in replaced) and not lim.unlimited
+            )
+            metric_key = match.metric_key
+        else:
+            metric_key = ".".join([domain, *(k for k, _ in entries)])
+        out.append(
+            _Checked(
+                match=match,
+                metric_key=metric_key,
+                limits=limits,
+                keys=tuple(f"{base}|{lim.algorithm.value}:{lim.unit}" for lim in limits),
+                near=tuple(near(lim.requests_per_unit) for lim in limits),
+                cost=cost,
+                shadow=node is not None and node.shadow_mode,
+                quota=quota_mode or (node is not None and node.quota_mode),
+                unlimited=node is not None and any(lim.unlimited for lim in node.limits),
+                metadata=node.metadata if node is not None else None,
+            )
+        )
+    return tuple(out)

@@ -33,7 +33,6 @@ import time
 from collections.abc import Callable, Sequence
 
 from envoy.service.ratelimit.v3 import rls_pb2
-from envoy.type.v3 import ratelimit_unit_pb2
 
 from legation.ratelimit._request import (
     ResponseHeaders,
@@ -43,11 +42,11 @@ from legation.ratelimit._request import (
     _Plan,
     _Shape,
     _shape,
+    match_descriptors,
 )
 from legation.ratelimit.algorithms import Decision, Hit
 from legation.ratelimit.backends import Backend
-from legation.ratelimit.config import UNIT_SECONDS, Algorithm, Limit, Match, RateLimitConfig
-from legation.ratelimit.errors import RateLimitError
+from legation.ratelimit.config import UNIT_SECONDS, Algorithm, RateLimitConfig
 from legation.ratelimit.metrics import RateLimitMetrics
 
 __all__ = ["MAX_UINT32", "OK", "OVER_LIMIT", "RateLimiter", "ResponseHeaders"]
@@ -56,8 +55,6 @@ OK = rls_pb2.RateLimitResponse.OK
 OVER_LIMIT = rls_pb2.RateLimitResponse.OVER_LIMIT
 _UNIT = {name.lower(): v for name, v in rls_pb2.RateLimitResponse.RateLimit.Unit.items()}
 _UNIT_SECONDS = {v: UNIT_SECONDS[name] for name, v in _UNIT.items() if name in UNIT_SECONDS}
-_OVERRIDE_UNIT = {v: name.lower() for name, v in ratelimit_unit_pb2.RateLimitUnit.items()}
-_ESCAPE = str.maketrans({"%": "%25", "|": "%7C", "=": "%3D"})
 MAX_UINT32 = 0xFFFFFFFF
 _MAX_PLANS = 4096
 _MAX_PLANNED_REQUEST = 2048  # bytes: larger requests are planned each time, never kept
@@ -186,71 +183,9 @@ class RateLimiter:
         return plan
 
     def _match(self, config: RateLimitConfig, domain: str, shape: _Shape) -> tuple[_Checked, ...]:
-        known = domain in config.domains  # overrides apply in configured domains only
-        found: list[tuple[tuple[tuple[str, str], ...], Match | None, int, Limit | None]] = []
-        replaced: set[str] = set()
-        for entries, cost, raw_override in shape:
-            override = match = None
-            if raw_override is not None:
-                if known:
-                    unit = _OVERRIDE_UNIT.get(raw_override[0], "unknown")
-                    if unit == "unknown":
-                        raise RateLimitError(
-                            f"domain {domain!r}: descriptor limit override has no unit",
-                            code="invalid_request",
-                        )
-                    override = Limit(unit=unit, requests_per_unit=raw_override[1])
-            else:
-                match = config.match(domain, entries)
-                if match is not None:
-                    for limit in match.limits:
-                        replaced |= limit.replaces
-            found.append((entries, match, cost, override))
-        out = []
-        for entries, match, cost, override in found:
-            shared = match.shared if match is not None else ()
-            values = (
-                [shared[i] or v for i, (_, v) in enumerate(entries)]
-                if shared
-                else [v for _, v in entries]
-            )
-            base = (
-                domain
-                + "|"
-                + "|".join(
-                    f"{k.translate(_ESCAPE)}={v.translate(_ESCAPE)}"
-                    for (k, _), v in zip(entries, values, strict=True)
-                )
-            )
-            node = match.descriptor if match is not None else None
-            limits: tuple[Limit, ...] = ()
-            if override is not None:
-                limits = (override,)
-                metric_key = ".".join([domain, *(f"{k}_{v}" if v else k for k, v in entries)])
-            elif match is not None:
-                limits = tuple(
-                    lim
-                    for lim in match.limits
-                    if not (lim.name and lim.name in replaced) and not lim.unlimited
-                )
-                metric_key = match.metric_key
-            else:
-                metric_key = ".".join([domain, *(k for k, _ in entries)])
-            out.append(
-                _Checked(
-                    match=match,
-                    metric_key=metric_key,
-                    limits=limits,
-                    keys=tuple(f"{base}|{lim.algorithm.value}:{lim.unit}" for lim in limits),
-                    near=tuple(self._near_threshold(lim.requests_per_unit) for lim in limits),
-                    cost=cost,
-                    shadow=node is not None and node.shadow_mode,
-                    quota=self.quota_mode or (node is not None and node.quota_mode),
-                    unlimited=node is not None and any(lim.unlimited for lim in node.limits),
-                    metadata=node.metadata if node is not None else None,
-                )
-            )
-        return tuple(out)
+        return match_descriptors(
+            config, domain, shape, near=self._near_threshold, quota_mode=self.quota_mode
+        )
 
     def _near_threshold(self, requests_per_unit: int) -> int:
         """floor(limit x ratio) in float32, as upstream computes it (so 0.8 of 10 is 8)."""
