@@ -36,27 +36,48 @@ class Publishing:
     _generation: Gauge
 
     def _publish(self, mesh: Mesh, text: bytes, *, hold_new: bool = False) -> None:
-        """Translate ``mesh`` and publish it. ``hold_new`` (a reload): the endpoints of sidecars
-        new in this generation reach the other proxies only once their own Envoy is in sync (or
-        after :data:`HOLD_NEW_MAX` seconds), so no one is routed to an instance whose sidecar
-        is not listening yet; the new sidecars get their own config at once."""
-        digest = hashlib.sha256(text).hexdigest()[:8]
-        version = f"g{self.generation + 1}-{digest}"
+        """Translate ``mesh`` and publish it (see :meth:`_publish_translated`)."""
+        self._publish_translated(mesh, text, self._translations(mesh, text, hold_new=hold_new))
+
+    async def _publish_off_loop(self, mesh: Mesh, text: bytes, *, hold_new: bool = False) -> None:
+        """:meth:`_publish` with the translation in a thread, so that the services that share
+        this event loop keep answering while a large mesh is translated."""
+        translated = await asyncio.to_thread(self._translations, mesh, text, hold_new=hold_new)
+        self._publish_translated(mesh, text, translated)
+
+    def _translations(
+        self, mesh: Mesh, text: bytes, *, hold_new: bool
+    ) -> tuple[dict[str, Snapshot], dict[str, Snapshot], frozenset[str]]:
+        """(every proxy's snapshot, what is served now, the new sidecars held back)."""
+        version = f"g{self.generation + 1}-{hashlib.sha256(text).hexdigest()[:8]}"
         secrets = self.issuer.secrets()
         snapshots = translate(mesh, version=version, secrets=secrets)
-        new = (
+        new = frozenset(
             {p.node_id for p in mesh.proxies() if p.kind == "sidecar"} - set(self.snapshots)
             if hold_new and self.snapshots
             else set()
         )
-        served = snapshots
+        if not new:
+            return snapshots, snapshots, new
+        gated = translate(_without_sidecars(mesh, new), version=version, secrets=secrets)
+        served = {n: s if n in new else gated.get(n, s) for n, s in snapshots.items()}
+        return snapshots, served, new
+
+    def _publish_translated(
+        self,
+        mesh: Mesh,
+        text: bytes,
+        translated: tuple[dict[str, Snapshot], dict[str, Snapshot], frozenset[str]],
+    ) -> None:
+        """Publish: ``hold_new`` (a reload): the endpoints of sidecars new in this generation
+        reach the other proxies only once their own Envoy is in sync (or after
+        :data:`HOLD_NEW_MAX` seconds), so no one is routed to an instance whose sidecar is not
+        listening yet; the new sidecars get their own config at once."""
+        digest = hashlib.sha256(text).hexdigest()[:8]
+        snapshots, served, new = translated
         self._cancel_hold()
         if new:
-            gated = translate(_without_sidecars(mesh, new), version=version, secrets=secrets)
-            served = {n: s if n in new else gated.get(n, s) for n, s in snapshots.items()}
-            self._hold = asyncio.get_running_loop().create_task(
-                self._release(snapshots, frozenset(new))
-            )
+            self._hold = asyncio.get_running_loop().create_task(self._release(snapshots, new))
         for node, snap in served.items():
             self.cache.set_snapshot(node, snap)
         for gone in set(self.snapshots) - set(served):

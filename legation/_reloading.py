@@ -46,7 +46,9 @@ class Reloading:
 
     if TYPE_CHECKING:  # implemented by Publishing, the next base of ControlPlane
 
-        def _publish(self, mesh: Mesh, text: bytes, *, hold_new: bool = False) -> None: ...
+        async def _publish_off_loop(
+            self, mesh: Mesh, text: bytes, *, hold_new: bool = False
+        ) -> None: ...
 
     def _validate(self, text: bytes) -> tuple[Mesh, Plan]:
         """The one validation phase: the mesh, its services' files and references, and the
@@ -108,7 +110,7 @@ class Reloading:
         if not mesh_changed:
             self.on_event(f"service config reloaded, still generation {self.generation}")
             return True
-        self._publish(mesh, text, hold_new=True)
+        await self._publish_off_loop(mesh, text, hold_new=True)
         self.on_event(f"mesh reloaded: generation {self.generation} ({self._digest})")
         added = {p.node_id for p in mesh.proxies()} - before
         if added:
