@@ -545,7 +545,7 @@ def cert_rotation(tmp: Path, scale: float = 1.0) -> Report:
         )
 
 
-# -- scenarios that need the service-model change (xfail in the tests) ----------------------
+# -- scenarios that needed the service-model change (the services in processes of their own) --
 
 
 def _status(port: int) -> dict[str, Any] | None:

@@ -2,9 +2,8 @@
 loopback and prints its figures in one line (``FAULTS ...``; run with ``-s`` to see them).
 
 Asserted are counts (failed, leaked, hung, rejections), never timings; recovery is printed and
-only asserted to have happened within the run. The scenarios that need the request-path services
-to outlive the control plane, or features not built yet, are strict xfails naming what is
-missing. ``bench/faults.py`` runs the same scenarios and prints them as one table.
+only asserted to have happened within the run. Every scenario holds today (none is an xfail);
+``bench/faults.py`` runs the same scenarios and prints them as one table.
 """
 
 from __future__ import annotations
