@@ -127,15 +127,6 @@ def _service_tls(mesh: Mesh) -> Iterator[Problem]:
                 "'mesh' needs mtls.mode permissive or strict (the "
                 "certificates come from the mesh CA); or set tls: none",
             )
-    authz = mesh.extauthz
-    if authz is not None and authz.http and authz.mesh_tls(mtls_enabled=mesh.mtls.enabled):
-        # the HTTP call-out server has no TLS yet: refused rather than served in plaintext
-        yield Problem(
-            "extauthz.protocol",
-            "http is served without TLS, so it cannot be called "
-            "over mesh mTLS: set extauthz.tls: none (keep it on loopback) or "
-            "protocol: grpc",
-        )
     if not mesh.mtls.enabled:
         return
     reserved = {service_name(kind) for kind in kinds.names()}

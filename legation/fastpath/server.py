@@ -6,7 +6,8 @@ and serves it over HTTP/1.1 with :mod:`legation.fastpath._http` (httptools; uvlo
 caller runs on it). Per call: the HTTP request becomes the ``CheckRequest`` gRPC would carry
 (:mod:`legation.fastpath.request`), the servicer decides (:meth:`AuthorizationServicer.decide`,
 so dry-run, fail-closed errors and timeouts are the gRPC path's), and the decision becomes the
-HTTP answer Envoy applies (:mod:`legation.fastpath.answer`).
+HTTP answer Envoy applies (:mod:`legation.fastpath.answer`). With ``tls`` it serves mutual TLS
+(:mod:`legation.fastpath._tls`), following a certificate source as the gRPC services do.
 
 ``upstream_headers`` and ``client_headers`` must be the ones the filter was built with
 (:class:`legation.fastpath.envoy_filter.Callout`): a decision that names another header is
@@ -30,8 +31,10 @@ from legation.extauthz.request import RequestContext
 from legation.extauthz.servicer import AuthorizationServicer
 from legation.fastpath import answer
 from legation.fastpath._http import Call, CalloutProtocol, Limits
+from legation.fastpath._tls import server_context
 from legation.fastpath.contract import Forwarded
 from legation.fastpath.request import NotACheck, check_request
+from legation.grpc_server import ServerTls, TlsSource
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -46,6 +49,7 @@ class Settings:
     upstream_headers: Sequence[str] = ()  # as the filter's Callout.upstream_headers
     client_headers: Sequence[str] = ()  # as the filter's Callout.client_headers
     limits: Limits = field(default_factory=Limits)
+    tls: ServerTls | TlsSource | None = None  # None: plaintext; mutual TLS as the gRPC services
 
 
 class CalloutApp:
@@ -140,6 +144,7 @@ async def serve(
         settings.port,
         reuse_port=settings.reuse_port or None,
         backlog=1024,
+        ssl=server_context(settings.tls) if settings.tls is not None else None,
     )
     sock: socket.socket = server.sockets[0]
     return CalloutServer(server, servicer, int(sock.getsockname()[1]), owns_checks=owns_checks)

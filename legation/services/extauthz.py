@@ -9,9 +9,11 @@ config is swapped into the running servicer (new checks started first, old ones 
 grace period), no restart. The rego check also reloads its policy directory by itself.
 
 With ``protocol: http`` the service also serves Envoy's ext_authz HTTP mode on ``http_port``
-(:mod:`legation.fastpath`), around the gRPC server's own servicer: the same checks, and a
-swapped config applies to both from the next call. Its forwarded headers come from the same
-:func:`~legation.translate._services.authz_callout` the proxies' filter is built from.
+(:mod:`legation.fastpath`), around the gRPC server's own servicer: the same checks, and a swapped
+config applies to both from the next call; with mesh TLS it serves the same certificate
+(renewals followed per handshake) and accepts only the mesh's proxies, as the gRPC server does.
+Its forwarded headers come from the same :func:`~legation.translate._services.authz_callout`
+the proxies' filter is built from.
 """
 
 from __future__ import annotations
@@ -138,7 +140,7 @@ class AuthzService:
         if http is not None:
             try:
                 self.http = await _start_http(
-                    service.servicer_of(self.server), self.spec.host, http
+                    service.servicer_of(self.server), self.spec.host, http, self._tls
                 )
             except BaseException:
                 await service.stop_server(self.server, 0)
@@ -194,8 +196,11 @@ class AuthzService:
         return server, bound, stop
 
 
-async def _start_http(servicer: Any, host: str, http: Mapping[str, Any]) -> CalloutServer:
-    """The HTTP call-out around ``servicer``; BindError when its port cannot be bound."""
+async def _start_http(
+    servicer: Any, host: str, http: Mapping[str, Any], tls: TlsSource | None
+) -> CalloutServer:
+    """The HTTP call-out around ``servicer``, with the gRPC server's mTLS when it has it;
+    BindError when its port cannot be bound."""
     from legation.fastpath import server as fastpath
 
     settings = fastpath.Settings(
@@ -203,6 +208,7 @@ async def _start_http(servicer: Any, host: str, http: Mapping[str, Any]) -> Call
         port=http["port"],
         upstream_headers=tuple(http["upstream_headers"]),
         client_headers=tuple(http["client_headers"]),
+        tls=tls,
     )
     try:
         return await fastpath.serve(servicer, settings)

@@ -24,7 +24,8 @@ A service whose block uses mesh TLS (``tls: mesh``, the default when the mesh's 
 called over mutual TLS: its cluster presents the proxy's workload certificate (SDS
 ``legation-workload-cert``), verifies the server against the trust bundle (SDS
 ``legation-trust-bundle``) and accepts only the URI SAN
-``spiffe://<trust_domain>/ns/<namespace>/sa/legation-<kind>``, offering ALPN ``h2`` (gRPC).
+``spiffe://<trust_domain>/ns/<namespace>/sa/legation-<kind>``, offering ALPN ``h2`` (gRPC;
+``http/1.1`` to the ext_authz HTTP call-out, which serves the same certificate).
 
 The kinds and their order come from :data:`legation.services.kinds.KINDS`; each kind's Envoy side
 is a class here (``AuthzSide``, ``ExtProcSide``, ``RateLimitSide``) that its table entry names.
@@ -330,21 +331,17 @@ def service_filters(mesh: Mesh) -> list[hcm_pb2.HttpFilter]:
 
 def service_clusters(mesh: Mesh) -> list[cluster_pb2.Cluster]:
     """A static cluster per declared service (its address needs no EDS; HTTP/2 for gRPC,
-    HTTP/1.1 for the ext_authz HTTP call-out); mTLS when the service uses mesh TLS (refused at
-    validation for the HTTP call-out, which has no TLS yet)."""
+    HTTP/1.1 for the ext_authz HTTP call-out); mTLS when the service uses mesh TLS (the HTTP
+    call-out too: same certificate, same SPIFFE id checked, ALPN http/1.1)."""
     out = []
     for kind, block in kinds.blocks(mesh):
         tls = block.mesh_tls(mtls_enabled=mesh.mtls.enabled)
         for cluster in kind.envoy_side().clusters(block, cluster_name(kind)):
-            if tls and cluster.name == EXTAUTHZ_HTTP_CLUSTER:
-                raise ConfigError(
-                    "extauthz.protocol: http is served without TLS, so it cannot "
-                    "be called over mesh mTLS",
-                    code="invalid_config",
-                )
             if tls:
+                # the HTTP call-out speaks HTTP/1.1; the gRPC services want h2
+                alpn = ("http/1.1",) if cluster.name == EXTAUTHZ_HTTP_CLUSTER else ("h2",)
                 cluster.transport_socket.CopyFrom(
-                    upstream_tls(service_identity(mesh, kind.name), alpn=("h2",))
+                    upstream_tls(service_identity(mesh, kind.name), alpn=alpn)
                 )
             out.append(cluster)
     return out

@@ -55,10 +55,6 @@ EXPECTED = {
     "extauthz_protocol": "extauthz.protocol: expected 'grpc' or 'http', got 'rest'",
     "extauthz_http_without_port": "extauthz.http_port: needed with protocol: http",
     "extauthz_http_port_alone": "extauthz.http_port: only used with protocol: http",
-    "extauthz_http_with_mtls": (
-        "extauthz.protocol: http is served without TLS, so it cannot be called over mesh "
-        "mTLS: set extauthz.tls: none (keep it on loopback) or protocol: grpc"
-    ),
     "unreadable": (
         "(top level): invalid YAML at line 4, column 4: "
         "expected <block end>, but found '<block mapping start>'"

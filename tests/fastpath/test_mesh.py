@@ -1,7 +1,8 @@
 """The decision table through real Envoys configured by the control plane: one mesh with
 ``extauthz.protocol: http`` (the gateway's route calls the HTTP call-out), the same mesh with the
 default gRPC call-out; the client and the upstream see the same answers. ``legation explain``
-names the protocol each one uses.
+names the protocol each one uses. The HTTP mesh also runs with strict mTLS: the gateway calls
+the HTTP call-out over mutual TLS, as it calls gRPC services.
 
 One difference is by design and asserted: a check that fails (raises, times out, builds a bad
 header) is the service's ``error_status`` (503 here) on gRPC; in HTTP mode Envoy reads any 5xx
@@ -35,10 +36,13 @@ from tests.fastpath.test_envoy import CASES, seen, set_cookies
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
+# (name, extauthz.protocol, mtls.mode): with strict mTLS the gateway calls both call-outs over
+# mutual TLS (its workload certificate; the service's SPIFFE id checked)
+WORLDS = [("grpc", None, "off"), ("http", "http", "off"), ("http-mtls", "http", "strict")]
 MESH_CASES = [*CASES, ("/inject", {}), ("/method", {})]
 
 
-def write_mesh(folder: Path, upstream: int, *, protocol: str | None) -> Path:
+def write_mesh(folder: Path, upstream: int, *, protocol: str | None, mtls: str = "off") -> Path:
     folder.mkdir()
     config = service_config(policy_dir(folder))
     config["default_checks"] = ["table", "rego"]  # table: /boom raises, /slow times out
@@ -57,6 +61,7 @@ def write_mesh(folder: Path, upstream: int, *, protocol: str | None) -> Path:
         )
     mesh = {
         "xds": {"port": ports["xds"]},
+        "mtls": {"mode": mtls, "ca_dir": "ca"},
         "gateway": {"name": "gw", "port": ports["gw"], "admin_port": ports["admin"]},
         "extauthz": authz,
         "services": [{"name": "upstream", "port": 9080, "endpoints": [{"port": upstream}]}],
@@ -74,8 +79,9 @@ def worlds(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, MeshW
     upstream = DemoApp(name="upstream").start_in_thread()
     started: dict[str, MeshWorld] = {}
     try:
-        for name, protocol in (("grpc", None), ("http", "http")):
-            world = MeshWorld(tmp / name, write_mesh(tmp / name, upstream.port, protocol=protocol))
+        for name, protocol, mtls in WORLDS:
+            mesh = write_mesh(tmp / name, upstream.port, protocol=protocol, mtls=mtls)
+            world = MeshWorld(tmp / name, mesh)
             started[name] = world
             world.start()
         yield started
@@ -95,8 +101,11 @@ def test_each_mesh_uses_the_protocol_explain_names(worlds: dict[str, MeshWorld])
     for name, world in worlds.items():
         assert world.cp.mesh is not None
         (entry,) = explain(world.cp.mesh, "checked")
-        assert [(s["service"], s["protocol"]) for s in entry["services"]] == [("extauthz", name)]
-    assert "http_port" in worlds["http"].cp.services.running["extauthz"].status()
+        assert [(s["service"], s["protocol"]) for s in entry["services"]] == [
+            ("extauthz", name.split("-")[0])
+        ]
+    for name in ("http", "http-mtls"):
+        assert "http_port" in worlds[name].cp.services.running["extauthz"].status()
 
 
 @pytest.mark.parametrize(("path", "headers"), MESH_CASES, ids=[f"{p} {h}" for p, h in MESH_CASES])
@@ -104,12 +113,13 @@ def test_same_answers_over_http_and_grpc(
     worlds: dict[str, MeshWorld], path: str, headers: dict[str, str]
 ) -> None:
     grpc = seen(client(worlds["grpc"]).get(path, headers=headers))
-    http = seen(client(worlds["http"]).get(path, headers=headers))
-    if grpc["status"] >= 500:  # a failed check: both deny (see the module docstring)
-        assert grpc["status"] == 503
-        assert http == {"status": 403, "body": b"", "content-type": None}
-    else:
-        assert http == grpc
+    for name in ("http", "http-mtls"):
+        http = seen(client(worlds[name]).get(path, headers=headers))
+        if grpc["status"] >= 500:  # a failed check: both deny (see the module docstring)
+            assert grpc["status"] == 503
+            assert http == {"status": 403, "body": b"", "content-type": None}, name
+        else:
+            assert http == grpc, name
 
 
 def test_the_cases_are_not_vacuous(worlds: dict[str, MeshWorld]) -> None:
@@ -130,3 +140,23 @@ def test_the_cases_are_not_vacuous(worlds: dict[str, MeshWorld]) -> None:
     assert seen(http.get("/limited"))["status"] == 429
     # a client's own x-legation-policy does not reach the call-out
     assert http.get("/teapot", headers={"x-legation-policy": "fast.dry"}).status == 409
+
+
+def test_the_http_callout_requires_the_mesh_client_certificate(
+    worlds: dict[str, MeshWorld],
+) -> None:
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    service = worlds["http-mtls"].cp.services.running["extauthz"]
+    port = service.status()["http_port"]
+    with pytest.raises((urllib.error.URLError, ConnectionError)):  # plaintext: refused
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/legation/check/allow", timeout=5)
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    with pytest.raises((ssl.SSLError, urllib.error.URLError, ConnectionError)):
+        # TLS without a client certificate: the handshake (or the first read) fails
+        urllib.request.urlopen(
+            f"https://127.0.0.1:{port}/legation/check/allow", timeout=5, context=context
+        )

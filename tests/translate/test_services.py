@@ -322,16 +322,16 @@ SERVICE_CLUSTERS = {
 }
 
 
-def expected_service_tls(server_id: str) -> base_pb2.TransportSocket:
+def expected_service_tls(server_id: str, alpn: str = "h2") -> base_pb2.TransportSocket:
     """Written out field by field: the proxy's certificate and the trust bundle over ADS (SDS),
-    the server's URI SAN pinned, ALPN h2."""
+    the server's URI SAN pinned, ALPN h2 (http/1.1 to the HTTP call-out)."""
     ads = config_source_pb2.ConfigSource(
         ads=config_source_pb2.AggregatedConfigSource(),
         resource_api_version=config_source_pb2.V3,
     )
     context = tls_pb2.UpstreamTlsContext(
         common_tls_context=tls_pb2.CommonTlsContext(
-            alpn_protocols=["h2"],
+            alpn_protocols=[alpn],
             tls_certificate_sds_secret_configs=[
                 secret_pb2.SdsSecretConfig(name="legation-workload-cert", sds_config=ads)
             ],
@@ -521,3 +521,19 @@ def test_default_routes_disable_both_filters() -> None:
     for route in defaults:
         assert per_route(route, AUTHZ, ext_authz_pb2.ExtAuthzPerRoute).disabled
         assert per_route(route, HTTP_AUTHZ, ext_authz_pb2.ExtAuthzPerRoute).disabled
+
+
+@pytest.mark.parametrize("mode", ["strict", "permissive"])
+def test_with_mtls_the_http_callout_is_called_over_mtls_with_the_same_identity(mode: str) -> None:
+    out = snaps(with_mtls(mode, extauthz=HTTP_BLOCK))
+    for node in ("gateway-ingress", "sidecar-reviews-0"):
+        cluster = message(out[node], ResourceType.CLUSTER, "legation|extauthz-http")
+        assert cluster.transport_socket == expected_service_tls(
+            "spiffe://example.org/ns/shop/sa/legation-extauthz", alpn="http/1.1"
+        ), node
+        assert service_cluster(out[node], "extauthz").transport_socket == (
+            expected_service_tls("spiffe://example.org/ns/shop/sa/legation-extauthz")
+        )
+    plain = snaps(with_mtls("strict", extauthz={**HTTP_BLOCK, "tls": "none"}))
+    cluster = message(plain["gateway-ingress"], ResourceType.CLUSTER, "legation|extauthz-http")
+    assert not cluster.HasField("transport_socket")
