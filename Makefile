@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: up test install system-deps bench
+.PHONY: up test lint install system-deps bench
 
 $(BIN)/legation: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -29,7 +29,13 @@ system-deps:
 up: install
 	$(BIN)/legation up
 
-test: install system-deps
+# style and types first (fast), then the whole suite
+lint: install
+	$(BIN)/ruff check legation tests bench examples compose
+	$(BIN)/ruff format --check legation tests bench examples compose
+	$(BIN)/mypy legation
+
+test: install system-deps lint
 	$(BIN)/pytest -q
 
 bench: install system-deps
