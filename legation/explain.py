@@ -1,7 +1,7 @@
 """``legation explain [ROUTE] [--json] [--mesh MESH]``: per route, which request-path services a
 request on it calls, over HTTP or gRPC, in how many hops, and why.
 
-Nothing is decided here: each answer is the :class:`~legation.translate._services.Hop` the
+Nothing is decided here: each answer is the :class:`~legation.translate._hops.Hop` the
 translation itself writes into the route (:func:`legation.translate._services.route_hops`, the
 decisions :func:`~legation.translate._services.apply_services` applies), so what this prints is
 what the proxies are configured to do. A hop is one call-out Envoy makes per request.

@@ -177,7 +177,7 @@ class ExtAuthzService(_ConfiguredService):
 
     ``protocol: http`` (default ``grpc``) also serves the checks over Envoy's ext_authz HTTP mode
     on ``http_port``, and routes whose needs fit HTTP mode call it instead of the gRPC service
-    (the rule: :func:`legation.translate._services.authz_call`); ``http_headers`` lists what
+    (the rule: :func:`legation.translate._authz.authz_call`); ``http_headers`` lists what
     Envoy passes (see :class:`HttpCalloutHeaders`)."""
 
     protocol: Literal["grpc", "http"] = "grpc"

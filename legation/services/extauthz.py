@@ -12,7 +12,7 @@ With ``protocol: http`` the service also serves Envoy's ext_authz HTTP mode on `
 (:mod:`legation.fastpath`), around the gRPC server's own servicer: the same checks, and a swapped
 config applies to both from the next call; with mesh TLS it serves the same certificate
 (renewals followed per handshake) and accepts only the mesh's proxies, as the gRPC server does.
-Its forwarded headers come from the same :func:`~legation.translate._services.authz_callout`
+Its forwarded headers come from the same :func:`~legation.translate._authz.authz_callout`
 the proxies' filter is built from.
 """
 
@@ -62,7 +62,7 @@ class AuthzService:
         live: dict[str, Any] = {"config": raw, "source": str(path), "loaded": loaded}
         restart_key = spec_key(block.host, block.port)
         if block.http:
-            from legation.translate._services import authz_callout
+            from legation.translate._authz import authz_callout
 
             callout = authz_callout(block)
             live["http"] = {

@@ -59,7 +59,7 @@ class ServiceKind:
 KINDS: tuple[ServiceKind, ...] = (
     ServiceKind(name="extauthz", block="extauthz",
                 service="legation.services.extauthz:AuthzService",
-                envoy="legation.translate._services:AuthzSide",
+                envoy="legation.translate._authz:AuthzSide",
                 help="ext_authz: JWT and Rego checks (Authorization/Check)"),
     ServiceKind(name="extproc", block="extproc",
                 service="legation.services.extproc:ExtProcService",

@@ -340,7 +340,7 @@ async def test_mesh_local_mode_reaches_the_service_and_envoy_allows(tmp_path: Pa
     try:
         assert cp.mesh is not None and cp.mesh.ratelimit is not None
         envoy_side = rate_limit_pb2.RateLimit()
-        RateLimitSide.http_filter(cp.mesh.ratelimit, "c").typed_config.Unpack(envoy_side)
+        RateLimitSide.http_filters(cp.mesh.ratelimit, "c")[0].typed_config.Unpack(envoy_side)
         assert envoy_side.failure_mode_deny is False  # the service answers; Envoy allows
         server = cp.services.running["ratelimit"].server  # type: ignore[attr-defined]
         limiter = server.legation_limiter

@@ -1,0 +1,155 @@
+"""ext_authz's Envoy side: the gRPC filter and, with ``extauthz.protocol: http``, the HTTP-mode
+filter and the call-out cluster, and per route which of the two is called, and why.
+
+ext_authz over HTTP (``extauthz.protocol: http``): the connection managers get a second ext_authz
+filter, :data:`EXTAUTHZ_HTTP_FILTER`, in Envoy's HTTP mode after the gRPC one, calling the
+call-out server (:mod:`legation.fastpath`) on cluster ``legation|extauthz-http`` (HTTP/1.1,
+``host:http_port``); every route disables one of the two. The rule, here and only here
+(:func:`authz_call`), for a route with an ``authz`` policy:
+
+1. ``extauthz.protocol`` is ``grpc`` (the default): gRPC, and the config is today's, unchanged;
+2. the route sets ``authz_protocol: grpc``: gRPC (the way to keep a route whose policy mutates
+   query parameters, reads peer/TLS attributes or headers outside ``http_headers.request``,
+   none of which the translation can see);
+3. a ``rate_limits`` descriptor reads a ``jwt_claim``: gRPC (the claim travels in ext_authz's
+   structured dynamic metadata, which HTTP mode does not carry);
+4. otherwise HTTP: one HTTP/1.1 call instead of a gRPC one.
+
+A decision the HTTP call-out cannot carry (e.g. a query-parameter mutation) is denied with the
+service's ``error_status`` (fail closed), never half-applied.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.route.v3 import route_components_pb2 as rc
+from envoy.extensions.filters.network.http_connection_manager.v3 import (
+    http_connection_manager_pb2 as hcm_pb2,
+)
+
+from legation.config.extensions import ExtAuthzService, HttpCalloutHeaders
+from legation.config.model import Mesh
+from legation.config.routes import Route
+from legation.extauthz import envoy_filter as authz_filter
+from legation.extproc.config import Chains
+from legation.fastpath import envoy_filter as fast_filter
+from legation.services import kinds
+from legation.translate._hops import Hop, _ms, _no_call, cluster_name
+
+EXTAUTHZ_FILTER = authz_filter.FILTER_NAME
+EXTAUTHZ_HTTP_FILTER = "legation.ext_authz.http"
+"""The ext_authz filter in HTTP mode: its own name, so routes can disable one or the other (the
+gRPC one keeps Envoy's name, the namespace of its dynamic metadata)."""
+EXTAUTHZ_HTTP_CLUSTER = "legation|extauthz-http"
+
+
+def authz_callout(block: ExtAuthzService) -> fast_filter.Callout:
+    """The HTTP call-out both sides are built from: the filter and per-route overrides here, the
+    server's forwarded headers in :mod:`legation.services.extauthz`."""
+    headers = block.http_headers or HttpCalloutHeaders()
+    return fast_filter.Callout(
+        cluster=EXTAUTHZ_HTTP_CLUSTER,
+        timeout_ms=_ms(block.timeout.total_seconds()),
+        failure_mode_allow=block.fail_open,
+        allowed_headers=tuple(headers.request),
+        upstream_headers=tuple(headers.upstream),
+        client_headers=tuple(headers.client),
+    )
+
+
+def authz_call(mesh: Mesh, spec: Route | None) -> Hop:
+    """ext_authz for one route: no call, gRPC or HTTP (the rule in the module docstring)."""
+    kind = "extauthz"
+    block = mesh.extauthz
+    if block is None:
+        return _no_call(kind, "the mesh declares no extauthz")
+    if spec is None:
+        return _no_call(kind, "a service's default route asks for nothing")
+    if spec.authz is None:
+        return _no_call(kind, "the route has no authz")
+    if spec.authz == "disabled":
+        return _no_call(kind, "authz: disabled")
+
+    def grpc(why: str) -> Hop:
+        return Hop(
+            kind=kind,
+            calls=True,
+            protocol="grpc",
+            filter=EXTAUTHZ_FILTER,
+            cluster=cluster_name(kinds.get(kind)),
+            reason=f"policy {spec.authz}; {why}",
+        )
+
+    if not block.http:
+        return grpc("extauthz.protocol is grpc")
+    if spec.authz_protocol == "grpc":
+        return grpc("the route sets authz_protocol: grpc")
+    claims = sorted(
+        {a.jwt_claim.claim for d in spec.rate_limits for a in d.actions if a.jwt_claim is not None}
+    )
+    if claims:
+        return grpc(
+            f"rate_limits read jwt_claim {', '.join(claims)} from ext_authz's "
+            "structured dynamic metadata, which HTTP mode does not carry"
+        )
+    return Hop(
+        kind=kind,
+        calls=True,
+        protocol="http",
+        filter=EXTAUTHZ_HTTP_FILTER,
+        cluster=EXTAUTHZ_HTTP_CLUSTER,
+        reason=f"policy {spec.authz}; extauthz.protocol is http and the route needs "
+        "nothing HTTP mode lacks",
+    )
+
+
+class AuthzSide:
+    """ext_authz in Envoy: the filter(s), cluster(s), each route's policy or ``disabled``."""
+
+    @staticmethod
+    def decide(mesh: Mesh, spec: Route | None) -> Hop:
+        return authz_call(mesh, spec)
+
+    @staticmethod
+    def http_filters(block: Any, cluster: str) -> list[hcm_pb2.HttpFilter]:
+        out = [
+            authz_filter.http_filter(
+                cluster,
+                timeout_ms=_ms(block.timeout.total_seconds()),
+                failure_mode_allow=block.fail_open,
+            )
+        ]
+        if block.http:
+            http = fast_filter.http_filter(authz_callout(block))
+            http.name = EXTAUTHZ_HTTP_FILTER
+            out.append(http)
+        return out
+
+    @staticmethod
+    def clusters(block: Any, cluster: str) -> list[cluster_pb2.Cluster]:
+        out = [authz_filter.grpc_cluster(cluster, [(block.host, block.port)])]
+        if block.http:
+            out.append(
+                fast_filter.http_cluster(EXTAUTHZ_HTTP_CLUSTER, [(block.host, block.http_port)])
+            )
+        return out
+
+    @staticmethod
+    def per_route(
+        out: rc.Route, hop: Hop, block: Any, spec: Route | None, chains: Chains, index: int
+    ) -> None:
+        assert spec is not None or not hop.calls
+        grpc = hop.calls and hop.protocol == "grpc"
+        out.typed_per_filter_config[EXTAUTHZ_FILTER].Pack(
+            authz_filter.per_route(policy=spec.authz)
+            if grpc and spec is not None
+            else authz_filter.per_route(disabled=True)
+        )
+        if block.http:
+            out.typed_per_filter_config[EXTAUTHZ_HTTP_FILTER].Pack(
+                fast_filter.per_route(authz_callout(block), policy=spec.authz)
+                if hop.calls and not grpc and spec is not None
+                else fast_filter.per_route(disabled=True)
+            )
