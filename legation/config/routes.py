@@ -14,7 +14,7 @@ from typing import Literal
 from pydantic import BaseModel, Field, model_validator
 
 from legation.config._types import STRICT, HttpStatus, Name
-from legation.config.extensions import FilterSpec, RateLimitSpec
+from legation.config.attachments import FilterSpec, RateLimitSpec
 from legation.config.policy import RoutePolicy
 
 HttpMethod = Literal["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE"]

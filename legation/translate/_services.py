@@ -49,7 +49,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 )
 
 from legation.certs.issuer import service_identity
-from legation.config.extensions import RateLimitAction
+from legation.config.attachments import RateLimitAction
 from legation.config.model import Mesh
 from legation.config.routes import Route
 from legation.errors import ConfigError
