@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from legation.config import Mesh
     from legation.grpc_server import TlsSource
 
-__all__ = ["Invalid", "Service", "ServiceSpec", "ServiceStartError", "spec_key"]
+__all__ = ["GrpcServiceParts", "Invalid", "Service", "ServiceSpec", "ServiceStartError", "spec_key"]
 
 
 class ServiceStartError(LegationError):
@@ -137,3 +137,23 @@ class Service(Protocol):
         """``legation serve <kind>``: start from the command line's options (``--config`` is
         the service's own file); return the server, its port and an ``async stop(grace)``."""
         ...
+
+
+class GrpcServiceParts:
+    """What a :class:`Service` whose instance is one grpc.aio server shares with the others: its
+    ``stop``, its metrics ``registry`` and an empty ``status`` (the runner reports the address
+    and TLS). Set ``server`` and ``_registry`` in ``__init__``."""
+
+    server: grpc.aio.Server | None
+    _registry: CollectorRegistry
+
+    async def stop(self, grace: float) -> None:
+        if self.server is not None:
+            await self.server.stop(grace)
+
+    @property
+    def registry(self) -> CollectorRegistry:
+        return self._registry
+
+    def status(self) -> dict[str, Any]:
+        return {}  # address and TLS are reported by the runner

@@ -20,7 +20,7 @@ from legation.extproc.config import Chains
 from legation.extproc.metrics import Metrics
 from legation.extproc.servicer import ExtProcServicer
 from legation.grpc_server import start_grpc_server
-from legation.services.base import ServiceSpec, spec_key
+from legation.services.base import GrpcServiceParts, ServiceSpec, spec_key
 from legation.services.chains import route_chains
 
 if TYPE_CHECKING:
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from legation.grpc_server import TlsSource
 
 
-class ExtProcService:
+class ExtProcService(GrpcServiceParts):
     kind: ClassVar[str] = "extproc"
 
     @classmethod
@@ -88,17 +88,6 @@ class ExtProcService:
             stream_idle_timeout=float(spec.live["stream_idle_timeout"]),
         )
         self._chains, self.spec = chains, spec
-
-    async def stop(self, grace: float) -> None:
-        if self.server is not None:
-            await self.server.stop(grace)
-
-    @property
-    def registry(self) -> CollectorRegistry:
-        return self._registry
-
-    def status(self) -> dict[str, Any]:
-        return {}  # address and TLS are reported by the runner
 
     @classmethod
     def add_cli_options(cls, parser: argparse.ArgumentParser) -> None:

@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry
 
 from legation.errors import ConfigError
 from legation.ratelimit.limiter import ResponseHeaders
-from legation.services.base import Invalid, ServiceSpec, spec_key
+from legation.services.base import GrpcServiceParts, Invalid, ServiceSpec, spec_key
 
 if TYPE_CHECKING:
     import grpc
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from legation.ratelimit.limiter import RateLimiter
 
 
-class RateLimitService:
+class RateLimitService(GrpcServiceParts):
     kind: ClassVar[str] = "ratelimit"
 
     @classmethod
@@ -125,17 +125,6 @@ class RateLimitService:
         self.server.legation_servicer.local_instances = live["local_instances"]  # type: ignore
         self.server.legation_servicer.failure_mode = live["failure_mode"]  # type: ignore
         self.spec = spec
-
-    async def stop(self, grace: float) -> None:
-        if self.server is not None:
-            await self.server.stop(grace)
-
-    @property
-    def registry(self) -> CollectorRegistry:
-        return self._registry
-
-    def status(self) -> dict[str, Any]:
-        return {}  # address and TLS are reported by the runner
 
     @classmethod
     def add_cli_options(cls, parser: argparse.ArgumentParser) -> None:
