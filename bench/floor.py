@@ -36,9 +36,11 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
+
+from legation.envoy_process import EnvoyProcess
 
 REPO = Path(__file__).resolve().parents[1]
 SCENARIOS = ("plain", "authz-min", "authz-leg", "rl-min", "rl-leg", "proc-min", "proc-leg")
@@ -351,6 +353,45 @@ def wait_ok(port: int, deadline: float) -> None:
         time.sleep(0.1)
 
 
+def start_envoys(
+    front_config: dict[str, Any],
+    *,
+    up_port: int,
+    up_admin: int,
+    admin: int,
+    workdir: Path,
+    prefix: str,
+    envoys: list[EnvoyProcess],
+    listeners: Iterable[int],
+) -> tuple[EnvoyProcess, EnvoyProcess]:
+    """The upstream Envoy (``direct_response`` on ``up_port``) and the front Envoy from
+    ``front_config``, started side by side, both live and every front listener answering. Both
+    are appended to ``envoys`` (the caller stops them). Returns (upstream, front)."""
+    upstream = EnvoyProcess(
+        upstream_bootstrap(up_port, up_admin),
+        admin_port=up_admin,
+        name=f"{prefix}-upstream",
+        log_dir=workdir,
+    ).start()
+    envoys.append(upstream)
+    front = EnvoyProcess(
+        front_config, admin_port=admin, name=f"{prefix}-front", log_dir=workdir
+    ).start()
+    envoys.append(front)
+    upstream.wait_live()
+    front.wait_live()
+    deadline = time.monotonic() + 20
+    for port in listeners:
+        wait_ok(port, deadline)
+    return upstream, front
+
+
+def median(rows: Mapping[str, list[dict[str, float]]], name: str, key: str) -> float:
+    """The median of ``key`` over the rounds of row ``name`` (NaN when no round has it)."""
+    vals = [r[key] for r in rows[name] if key in r]
+    return statistics.median(vals) if vals else float("nan")
+
+
 def start_service(kind: str, workdir: Path) -> subprocess.Popen[str]:
     workdir.mkdir()
     env = dict(os.environ)
@@ -389,7 +430,6 @@ def main() -> None:
         else tuple(s for s in SCENARIOS if s == "plain" or s in args.only.split(","))
     )
 
-    from legation.envoy_process import EnvoyProcess
     from tests.conftest import free_port
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-floor-"))
@@ -406,25 +446,16 @@ def main() -> None:
             services[kind] = int(line.split()[1])
         up_port, up_admin, admin = free_port(), free_port(), free_port()
         ports = {name: free_port() for name in SCENARIOS}
-        upstream = EnvoyProcess(
-            upstream_bootstrap(up_port, up_admin),
-            admin_port=up_admin,
-            name="floor-upstream",
-            log_dir=workdir,
-        ).start()
-        envoys.append(upstream)
-        front = EnvoyProcess(
+        upstream, front = start_envoys(
             front_bootstrap(ports, services, up_port, admin),
-            admin_port=admin,
-            name="floor-front",
-            log_dir=workdir,
-        ).start()
-        envoys.append(front)
-        upstream.wait_live()
-        front.wait_live()
-        deadline = time.monotonic() + 20
-        for name in scenarios:
-            wait_ok(ports[name], deadline)
+            up_port=up_port,
+            up_admin=up_admin,
+            admin=admin,
+            workdir=workdir,
+            prefix="floor",
+            envoys=envoys,
+            listeners=[ports[name] for name in scenarios],
+        )
         ports["direct"] = up_port  # calibration: the upstream Envoy alone, no proxying
         assert front.proc is not None and upstream.proc is not None
         print(
@@ -502,8 +533,7 @@ def main() -> None:
 
 def print_table(rows: Mapping[str, list[dict[str, float]]], rounds: int) -> None:
     def med(name: str, key: str) -> float:
-        vals = [r[key] for r in rows[name] if key in r]
-        return statistics.median(vals) if vals else float("nan")
+        return median(rows, name, key)
 
     base = med("plain", "rps")
     print(

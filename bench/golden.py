@@ -49,7 +49,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -58,7 +57,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from bench.floor import _listener, _plain, cpu_seconds, upstream_bootstrap, wait_ok, wrk
+from bench.floor import _listener, _plain, cpu_seconds, median, start_envoys, wrk
 
 REPO = Path(__file__).resolve().parents[1]
 ROWS = ("plain", "als-min", "als-leg", "file", "scrape")
@@ -196,25 +195,16 @@ def main() -> None:
         up_port, up_admin, admin = free_port(), free_port(), free_port()
         ports = {name: free_port() for name in LISTENERS}
         ports["scrape"] = ports["plain"]
-        upstream = EnvoyProcess(
-            upstream_bootstrap(up_port, up_admin),
-            admin_port=up_admin,
-            name="golden-upstream",
-            log_dir=workdir,
-        ).start()
-        envoys.append(upstream)
-        front = EnvoyProcess(
+        _, front = start_envoys(
             front_bootstrap(ports, als, up_port, admin, workdir / "access.log", args.clusters),
-            admin_port=admin,
-            name="golden-front",
-            log_dir=workdir,
-        ).start()
-        envoys.append(front)
-        upstream.wait_live()
-        front.wait_live()
-        deadline = time.monotonic() + 20
-        for name in LISTENERS:
-            wait_ok(ports[name], deadline)
+            up_port=up_port,
+            up_admin=up_admin,
+            admin=admin,
+            workdir=workdir,
+            prefix="golden",
+            envoys=envoys,
+            listeners=[ports[name] for name in LISTENERS],
+        )
         assert front.proc is not None
         stats_bytes = len(front.admin_get("/stats/prometheus"))
         print(
@@ -259,8 +249,7 @@ def main() -> None:
 
 def print_table(rows: Mapping[str, list[dict[str, float]]]) -> None:
     def med(name: str, key: str) -> float:
-        vals = [r[key] for r in rows[name] if key in r]
-        return statistics.median(vals) if vals else float("nan")
+        return median(rows, name, key)
 
     base = med("plain", "rps")
     print(

@@ -28,11 +28,9 @@ import json
 import os
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -296,25 +294,16 @@ def main() -> None:
         ports = {name: _free_port() for name in ROWS}
         services = {**dict.fromkeys(ROWS[1:], 1), **services}  # rows not run: never called
         up_port, up_admin, admin = _free_port(), _free_port(), _free_port()
-        upstream = EnvoyProcess(
-            floor.upstream_bootstrap(up_port, up_admin),
-            admin_port=up_admin,
-            name="callout-upstream",
-            log_dir=workdir,
-        ).start()
-        envoys.append(upstream)
-        front = EnvoyProcess(
+        _, front = floor.start_envoys(
             front_bootstrap(ports, services, up_port, admin),
-            admin_port=admin,
-            name="callout-front",
-            log_dir=workdir,
-        ).start()
-        envoys.append(front)
-        upstream.wait_live()
-        front.wait_live()
-        deadline = time.monotonic() + 20
-        for name in rows_run:
-            floor.wait_ok(ports[name], deadline)
+            up_port=up_port,
+            up_admin=up_admin,
+            admin=admin,
+            workdir=workdir,
+            prefix="callout",
+            envoys=envoys,
+            listeners=[ports[name] for name in rows_run],
+        )
         assert front.proc is not None
         print(
             f"wrk -t1 -c{args.connections} -d{args.seconds}s, front Envoy --concurrency 1, "
@@ -359,8 +348,7 @@ def main() -> None:
 
 def print_table(rows: Mapping[str, list[dict[str, float]]]) -> None:
     def med(name: str, key: str) -> float:
-        vals = [r[key] for r in rows[name] if key in r]
-        return statistics.median(vals) if vals else float("nan")
+        return floor.median(rows, name, key)
 
     base = med("plain", "rps")
     print(
