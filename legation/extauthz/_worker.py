@@ -246,10 +246,6 @@ class _Worker:
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    @property
-    def alive(self) -> bool:
-        return self.proc.returncode is None
-
     def kill(self) -> None:
         if self.proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):

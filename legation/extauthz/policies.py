@@ -93,7 +93,6 @@ class PolicyStore:
             allow_network=allow_network,
         )
         self._pool: EvaluatorPool | None = None
-        self._pool_for: CompiledPolicies | None = None
         self._starting: asyncio.Task[EvaluatorPool] | None = None
         self._retired: dict[EvaluatorPool, asyncio.Task[None]] = {}
         self._task: asyncio.Task[None] | None = None
@@ -112,11 +111,9 @@ class PolicyStore:
         if self._pool is not None:
             return self._pool
         if self._starting is None:
-            compiled = self.current
             self._starting = asyncio.get_running_loop().create_task(
-                self._new_pool(compiled).start()
+                self._new_pool(self.current).start()
             )
-            self._pool_for = compiled
         try:
             pool = await asyncio.shield(self._starting)
         except BaseException:
@@ -165,7 +162,7 @@ class PolicyStore:
         old = self._pool
         if old is None and self._starting is not None:  # a pool for the old version, starting
             self._starting.cancel()
-        self.current, self._pool, self._pool_for = compiled, pool, compiled if pool else None
+        self.current, self._pool = compiled, pool
         self._starting = None
         if old is not None:  # in-flight evaluations may finish on the old version
             task = asyncio.get_running_loop().create_task(old.close(grace_s=5.0))
