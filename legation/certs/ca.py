@@ -125,7 +125,9 @@ class CertificateAuthority:
         cert_path, key_path = directory / CERT_FILE, directory / KEY_FILE
         try:
             private_dir(directory)
-            if not (cert_path.exists() or key_path.exists()):
+            # anything short of both files: wait on the lock, so a CA another process is
+            # still writing (key stored, certificate not yet) is read only once it is whole
+            if not (cert_path.exists() and key_path.exists()):
                 with exclusive_lock(directory / LOCK_FILE):
                     if not (cert_path.exists() or key_path.exists()):
                         try:
