@@ -17,7 +17,7 @@ from legation.certs import WORKLOAD_CERT
 from legation.controlplane import ControlPlane
 from legation.xds.types import ResourceType
 from tests.config.meshdata import base
-from tests.conftest import free_port
+from tests.conftest import distinct_ports
 
 
 class Clock:
@@ -30,15 +30,18 @@ class Clock:
 
 def write(path: Path, **mtls: object) -> None:
     data = base()
-    data["xds"] = {"port": free_port()}
-    for i, ep in enumerate(data["services"][0]["endpoints"]):
+    endpoints = data["services"][0]["endpoints"]
+    # no two alike: a port drawn twice makes the mesh invalid (free_port alone may repeat one)
+    ports = iter(distinct_ports(*(str(i) for i in range(3 + 3 * len(endpoints)))).values())
+    data["xds"] = {"port": next(ports)}
+    for i, ep in enumerate(endpoints):
         ep["sidecar"] = {
-            "inbound_port": free_port(),
-            "outbound_port": free_port(),
-            "admin_port": free_port(),
+            "inbound_port": next(ports),
+            "outbound_port": next(ports),
+            "admin_port": next(ports),
         }
         ep["port"] = 9111 + i
-    data["gateway"] = {"port": free_port(), "admin_port": free_port()}
+    data["gateway"] = {"port": next(ports), "admin_port": next(ports)}
     if mtls:
         data["mtls"] = mtls
     path.write_text(yaml.safe_dump(data))
