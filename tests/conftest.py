@@ -14,14 +14,30 @@ from legation.demo import DemoApp
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A free loopback port never handed out before in this test process.
+
+    The kernel may give the same ephemeral port to two ``bind(0)`` calls in a row once the
+    first socket is closed, so a mesh whose ports were drawn one by one could name one port
+    twice (a CI run failed on ``gateway.admin_port`` equal to a service port). Remembering
+    what was handed out makes every call in the session distinct.
+    """
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _HANDED_OUT:
+            if len(_HANDED_OUT) > 20_000:
+                _HANDED_OUT.clear()
+            _HANDED_OUT.add(port)
+            return port
 
 
 def distinct_ports(*names: str) -> dict[str, int]:
-    """A free loopback port per name, no two alike (``free_port`` alone may repeat one)."""
+    """A free loopback port per name, no two alike."""
     chosen: set[int] = set()
     while len(chosen) < len(names):
         chosen.add(free_port())
