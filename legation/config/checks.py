@@ -4,8 +4,9 @@ Checks: unique names (services, instances, subsets, routes), references (routes,
 ``mesh_hosts`` name defined services and subsets; subsets select at least one endpoint), split
 weights summing to 100, one owner per listening port, settings that only make sense in one place
 (retry budgets on services; timeouts, retries, mirrors and rewrites on forwarding routes), and the
-request-path placeholders referring to services the mesh declares, and the ``mtls`` block's
-(:func:`legation.config.mtls.mtls_problems`).
+request-path placeholders referring to services the mesh declares, the ``mtls`` block's
+(:func:`legation.config.mtls.mtls_problems`) and the ``capture`` block's
+(:func:`legation.config.capture.capture_problems`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import re
 from collections.abc import Iterator
 
 from legation.certs.spiffe import service_name
+from legation.config.capture import capture_problems
 from legation.config.errors import Problem
 from legation.config.extensions import service_blocks
 from legation.config.model import Mesh, Service
@@ -34,6 +36,7 @@ def semantic_problems(mesh: Mesh) -> list[Problem]:
         *(p for i, s in enumerate(mesh.services) for p in _service(mesh, i, s)),
         *(p for i, r in enumerate(mesh.routes) for p in _route(mesh, i, r)),
         *mtls_problems(mesh),
+        *capture_problems(mesh),
         *_service_tls(mesh),
     ]
 

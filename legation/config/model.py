@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, Field, PrivateAttr
 
 from legation.config._types import STRICT, Name, Port
+from legation.config.capture import Capture
 from legation.config.extensions import ExtAuthzService, ExtProcService, RateLimitService
 from legation.config.mtls import Mtls
 from legation.config.policy import ServicePolicy
@@ -127,6 +128,8 @@ class Mesh(BaseModel):
     extproc: ExtProcService | None = None
     ratelimit: RateLimitService | None = None
     mtls: Mtls = Field(default_factory=Mtls)
+    # transparent capture (see legation.config.capture); None: apps call their sidecar explicitly
+    capture: Capture | None = None
     # what Envoy does to a request path before routing and before any call-out sees it (Istio's
     # names): none; base (RFC 3986: dot segments resolved); merge_slashes (base, and `//` -> `/`);
     # decode_and_merge_slashes (also %2F/%5C decoded, then forwarded decoded). The default keeps

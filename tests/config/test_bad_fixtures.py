@@ -55,6 +55,27 @@ EXPECTED = {
     "extauthz_protocol": "extauthz.protocol: expected 'grpc' or 'http', got 'rest'",
     "extauthz_http_without_port": "extauthz.http_port: needed with protocol: http",
     "extauthz_http_port_alone": "extauthz.http_port: only used with protocol: http",
+    "capture_unknown_key": (
+        "capture.outbound.exclude_port: unknown key "
+        "(allowed: exclude_cidrs, exclude_ports, include_cidrs, include_ports, policy)"
+    ),
+    "capture_bad_cidr": (
+        "capture.cidr: expected an IPv4 CIDR such as 10.0.0.0/8, got '10.213.0.1/16': "
+        "10.213.0.1/16 has host bits set"
+    ),
+    "capture_small_cidr": "capture.cidr: needs a prefix between /8 and /24, got /28",
+    "capture_loopback_cidr": "capture.cidr: 127.1.0.0/16 is not a usable private range",
+    "capture_port_both": (
+        "capture.outbound.exclude_ports: port 443 is also in capture.outbound.include_ports"
+    ),
+    "capture_root_gid": "capture.proxy_gid: must be >= 1, got 0",
+    "capture_policy": (
+        "capture.outbound.policy: expected 'allow_any' or 'registry_only', got 'deny'"
+    ),
+    "capture_collision": (
+        "capture.cidr: service 'svc10' and service 'svc3' both hash to 10.9.0.63: "
+        "rename one or widen the range"
+    ),
     "unreadable": (
         "(top level): invalid YAML at line 4, column 4: "
         "expected <block end>, but found '<block mapping start>'"
