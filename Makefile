@@ -13,13 +13,17 @@ $(BIN)/legation: pyproject.toml
 
 install: $(BIN)/legation
 
-# redis-server for the Redis backend tests, wrk/h2load for bench/, docker-compose to validate compose/.
+# redis-server for the Redis backend tests, wrk/h2load for bench/, docker-compose to validate compose/,
+# clang + libbpf-dev + bpftool to build and load the --ebpf programs (legation/capture/ebpf/).
 system-deps:
 	@missing=""; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	command -v wrk >/dev/null || missing="$$missing wrk"; \
 	command -v h2load >/dev/null || missing="$$missing nghttp2-client"; \
 	command -v docker-compose >/dev/null || missing="$$missing docker-compose"; \
+	command -v clang >/dev/null || missing="$$missing clang"; \
+	[ -f /usr/include/bpf/bpf_helpers.h ] || missing="$$missing libbpf-dev"; \
+	command -v bpftool >/dev/null || [ -x /usr/sbin/bpftool ] || missing="$$missing bpftool"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \

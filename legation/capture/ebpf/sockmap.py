@@ -1,0 +1,156 @@
+"""``--ebpf``: splice same-host socket pairs of the mesh's processes (merbridge's idea).
+
+:class:`Sockmap` builds ``sockmap.bpf.c`` with clang (cached), loads it with bpftool, pins the
+programs and maps under ``/sys/fs/bpf/legation-<name>/``, creates the cgroup v2
+``legation-<name>`` and attaches the sockops program to that cgroup only (never the root cgroup)
+and the sk_msg program to the sockhash. Processes joined to the cgroup (:meth:`Sockmap.join`, or
+:meth:`Sockmap.preexec` for a child before it execs) have their established IPv4 TCP sockets
+recorded; when both ends of a connection are recorded in the same network namespace, bytes one end
+sends go straight to the other's receive queue. :meth:`Sockmap.stop` detaches, moves processes
+out, removes the cgroup and unpins; :meth:`Sockmap.start` first removes what a crashed run with the
+same name left.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+
+from legation.capture.ebpf import _owned
+from legation.capture.ebpf._build import build_object
+from legation.capture.ebpf._kernel import (
+    BPFFS,
+    bpftool,
+    cgroup2_root,
+    ensure_bpffs,
+    missing_features,
+)
+from legation.capture.errors import CaptureError
+
+log = logging.getLogger("legation.capture.ebpf")
+STATS = ("recorded", "spliced", "passed")  # the order of legation_stats in sockmap.bpf.c
+
+
+class Sockmap:
+    """The sockops + sk_msg splice for one mesh, attached to that mesh's own cgroup."""
+
+    def __init__(self, *, name: str, bpffs: Path = BPFFS) -> None:
+        self.name = name
+        self.bpffs = bpffs
+        root = cgroup2_root()
+        self.cgroup_root = root if root is not None else Path("/sys/fs/cgroup")
+        self.cgroup = _owned.owned_dir(self.cgroup_root, name)
+        self.pins = _owned.owned_dir(bpffs, name)
+        self.started = False
+
+    def start(self) -> Sockmap:
+        """Probe, remove leftovers, build, load, pin, create the cgroup, attach. On any failure what
+        was made is removed again and :class:`CaptureError` says what failed."""
+        missing = missing_features()
+        if missing:
+            raise CaptureError(
+                "--ebpf needs what this machine lacks: " + "; ".join(missing),
+                code="capture_unavailable",
+            )
+        for line in self.remove_leftovers():
+            log.warning("--ebpf: removed a leftover of an earlier run: %s", line)
+        obj = build_object()
+        if ensure_bpffs(self.bpffs):
+            log.info("--ebpf: mounted the bpf filesystem at %s", self.bpffs)
+        try:
+            self.pins.mkdir()
+            bpftool(
+                "prog",
+                "loadall",
+                str(obj),
+                str(self.pins / "progs"),
+                "pinmaps",
+                str(self.pins / "maps"),
+            )
+            self.cgroup.mkdir()
+            self._check_cgroup()
+            bpftool(
+                "cgroup",
+                "attach",
+                str(self.cgroup),
+                "sock_ops",
+                "pinned",
+                str(self.pins / _owned.SOCKOPS_PROG),
+            )
+            bpftool(
+                "prog", "attach", "pinned", str(self.pins / _owned.MSG_PROG),
+                "msg_verdict", "pinned", str(self.pins / _owned.PAIRS_MAP),
+            )  # fmt: skip
+        except BaseException:
+            self.remove_leftovers()
+            raise
+        self.started = True
+        log.info("--ebpf: sockops on %s, sk_msg on %s", self.cgroup, self.pins / _owned.PAIRS_MAP)
+        return self
+
+    def _check_cgroup(self) -> None:
+        """Refuse anything but a direct child of the cgroup v2 root named legation-*."""
+        cgroup = self.cgroup.resolve()
+        if cgroup.parent != self.cgroup_root.resolve() or not cgroup.name.startswith("legation-"):
+            raise CaptureError(
+                f"--ebpf: refusing to attach to {cgroup}: not a cgroup Legation created"
+            )
+
+    def join(self, pid: int) -> None:
+        """Move process ``pid`` into the mesh's cgroup. Only sockets it creates afterwards are
+        recorded, so children should join before they open any (see :meth:`preexec`)."""
+        (self.cgroup / "cgroup.procs").write_text(str(pid))
+
+    def preexec(self) -> Callable[[], None]:
+        """A ``preexec_fn`` that moves the child into the cgroup between fork and exec."""
+        procs = os.fsencode(self.cgroup / "cgroup.procs")
+
+        def enter() -> None:  # runs in the child: a plain open/write/close
+            fd = os.open(procs, os.O_WRONLY)
+            try:
+                os.write(fd, b"0")
+            finally:
+                os.close(fd)
+
+        return enter
+
+    def stats(self) -> dict[str, int]:
+        """Sockets recorded, messages spliced to the peer, messages sent the normal way."""
+        rows = bpftool("map", "dump", "pinned", str(self.pins / _owned.STATS_MAP), parse=True) or []
+        values = {_number(row["key"]): _number(row["value"]) for row in rows}
+        return {label: values.get(index, 0) for index, label in enumerate(STATS)}
+
+    def program_ids(self) -> dict[str, int]:
+        """Kernel ids of the loaded programs, by name (to find them in ``bpftool cgroup tree``)."""
+        ids = {}
+        for prog in ("legation_sockops", "legation_msg"):
+            shown = bpftool("prog", "show", "pinned", str(self.pins / "progs" / prog), parse=True)
+            ids[prog] = int(shown["id"])
+        return ids
+
+    def remove_leftovers(self) -> list[str]:
+        """Remove this name's cgroup and pins, whoever made them (an earlier, crashed run)."""
+        return _owned.remove_owned(self.cgroup, self.pins, self.cgroup_root)
+
+    def stop(self) -> None:
+        """Detach, move processes out, remove the cgroup, unpin. Idempotent."""
+        self.started = False
+        for line in self.remove_leftovers():
+            log.info("--ebpf: removed %s", line)
+
+    def __enter__(self) -> Sockmap:
+        return self.start()
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+def _number(raw: list[str]) -> int:
+    """A map key or value as bpftool -j prints it (hex bytes, host order) as an integer."""
+    return int.from_bytes(bytes(int(byte, 16) for byte in raw), sys.byteorder)

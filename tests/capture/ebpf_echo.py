@@ -1,0 +1,60 @@
+"""Two ends of a TCP conversation, run as separate processes by test_ebpf.py and bench/ebpf.py.
+
+``serve``: listen on 127.0.0.1 (port 0), print the port, accept one connection, send a greeting of
+GREETING bytes, then echo everything back until the peer closes. ``talk PORT COUNT``: connect, read
+the greeting, send COUNT messages of varying size (1 B to 64 KiB) and check each echo byte for
+byte; print the bytes echoed. Bounded: a 20 s socket timeout everywhere.
+"""
+
+from __future__ import annotations
+
+import socket
+import sys
+
+GREETING = 256 * 1024
+TIMEOUT = 20.0
+
+
+def _read_exactly(conn: socket.socket, size: int) -> bytes:
+    chunks, got = [], 0
+    while got < size:
+        chunk = conn.recv(min(size - got, 1 << 20))
+        if not chunk:
+            raise SystemExit(f"peer closed after {got} of {size} bytes")
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
+
+
+def serve() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.settimeout(TIMEOUT)
+        print(listener.getsockname()[1], flush=True)
+        conn, _ = listener.accept()
+    with conn:
+        conn.settimeout(TIMEOUT)
+        conn.sendall(bytes(range(256)) * (GREETING // 256))
+        while data := conn.recv(1 << 20):
+            conn.sendall(data)
+
+
+def talk(port: int, count: int) -> None:
+    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as conn:
+        if _read_exactly(conn, GREETING) != bytes(range(256)) * (GREETING // 256):
+            raise SystemExit("greeting corrupted")
+        echoed = 0
+        for index in range(count):
+            size = 1 + (index * 7919) % (64 * 1024)
+            message = bytes([index % 251]) * size
+            conn.sendall(message)
+            if _read_exactly(conn, size) != message:
+                raise SystemExit(f"message {index} corrupted")
+            echoed += size
+    print(echoed, flush=True)
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "serve":
+        serve()
+    else:
+        talk(int(sys.argv[2]), int(sys.argv[3]))

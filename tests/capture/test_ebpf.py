@@ -1,0 +1,216 @@
+"""``--ebpf`` on the real kernel: the sockops + sk_msg splice attached to Legation's own cgroup v2.
+
+Skipped (with the missing things named) only where root or a kernel feature is missing. Every test
+removes what it made in a ``finally`` (and an atexit hook catches an interrupted run).
+"""
+
+from __future__ import annotations
+
+import atexit
+import itertools
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import legation
+from legation.capture.ebpf import Sockmap, build_object, missing_features
+from legation.capture.ebpf._build import SOURCE
+from legation.capture.ebpf._kernel import bpftool
+from legation.capture.errors import CaptureError
+
+ECHO = Path(__file__).with_name("ebpf_echo.py")
+MISSING = missing_features()
+needs_ebpf = pytest.mark.skipif(bool(MISSING), reason=f"--ebpf needs: {'; '.join(MISSING)}")
+_names = itertools.count()
+
+
+def _name() -> str:
+    return f"t{os.getpid()}-{next(_names)}"
+
+
+@pytest.fixture
+def sockmap() -> Iterator[Sockmap]:
+    splice = Sockmap(name=_name())
+    atexit.register(splice.stop)
+    try:
+        yield splice.start()
+    finally:
+        splice.stop()
+        atexit.unregister(splice.stop)
+
+
+def _echo(count: int, preexec: object = None) -> int:
+    """A server process and a client process talking ``count`` round trips; the bytes echoed."""
+    kwargs = {"preexec_fn": preexec} if preexec else {}
+    with subprocess.Popen(
+        [sys.executable, str(ECHO), "serve"], stdout=subprocess.PIPE, text=True, **kwargs
+    ) as server:
+        try:
+            assert server.stdout is not None
+            port = server.stdout.readline().strip()
+            client = subprocess.run(
+                [sys.executable, str(ECHO), "talk", port, str(count)],
+                capture_output=True, text=True, timeout=60, check=True, **kwargs,
+            )  # fmt: skip
+            assert server.wait(timeout=20) == 0
+            return int(client.stdout)
+        finally:
+            server.kill()
+
+
+def _expected(count: int) -> int:
+    return sum(1 + (index * 7919) % (64 * 1024) for index in range(count))
+
+
+def _attached_ids(tree: list[dict[str, object]]) -> dict[str, set[int]]:
+    return {
+        str(entry["cgroup"]): {int(p["id"]) for p in entry["programs"]}  # type: ignore[attr-defined]
+        for entry in tree
+    }
+
+
+@needs_ebpf
+def test_sockops_is_attached_to_legations_cgroup_and_nowhere_else(sockmap: Sockmap) -> None:
+    ids = sockmap.program_ids()
+    shown = bpftool("cgroup", "show", str(sockmap.cgroup), parse=True)
+    assert [(p["id"], p["attach_type"]) for p in shown] == [
+        (ids["legation_sockops"], "cgroup_sock_ops")
+    ]
+    root = bpftool("cgroup", "show", str(sockmap.cgroup_root), parse=True) or []
+    assert ids["legation_sockops"] not in {p["id"] for p in root}
+    holders = {
+        cgroup
+        for cgroup, attached in _attached_ids(bpftool("cgroup", "tree", parse=True) or []).items()
+        if set(ids.values()) & attached
+    }
+    assert holders == {str(sockmap.cgroup)}
+    assert sockmap.cgroup.parent == sockmap.cgroup_root
+
+
+@needs_ebpf
+def test_traffic_between_two_processes_in_the_cgroup_is_spliced_and_intact(
+    sockmap: Sockmap,
+) -> None:
+    before = sockmap.stats()
+    assert _echo(200, sockmap.preexec()) == _expected(200)
+    after = sockmap.stats()
+    assert after["recorded"] - before["recorded"] >= 2  # both ends of the connection
+    # the greeting, 200 messages one way and 200 echoes the other, all through the sk_msg program
+    assert after["spliced"] - before["spliced"] >= 401
+
+
+@needs_ebpf
+def test_processes_outside_the_cgroup_are_unaffected(sockmap: Sockmap) -> None:
+    before = sockmap.stats()
+    assert _echo(100) == _expected(100)
+    assert sockmap.stats() == before
+
+
+@needs_ebpf
+def test_stop_leaves_nothing_and_moves_processes_out() -> None:
+    splice = Sockmap(name=_name())
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        splice.start()
+        ids = set(splice.program_ids().values())
+        splice.join(sleeper.pid)
+        assert str(sleeper.pid) in (splice.cgroup / "cgroup.procs").read_text().split()
+        splice.stop()
+        assert not splice.cgroup.exists() and not splice.pins.exists()
+        assert sleeper.poll() is None  # moved out, not killed
+        assert f"legation-{splice.name}" not in Path(f"/proc/{sleeper.pid}/cgroup").read_text()
+        loaded = {p["id"] for p in bpftool("prog", "show", parse=True) or []}
+        assert not ids & loaded
+        assert all(
+            "legation-t" not in c
+            for c in _attached_ids(bpftool("cgroup", "tree", parse=True) or [])
+        )
+    finally:
+        splice.stop()
+        sleeper.kill()
+        sleeper.wait()
+
+
+@needs_ebpf
+def test_a_start_removes_what_a_crashed_run_left(caplog: pytest.LogCaptureFixture) -> None:
+    name = _name()
+    crash = (
+        "import os, sys; from legation.capture.ebpf import Sockmap\n"
+        "Sockmap(name=sys.argv[1]).start(); os._exit(9)"
+    )
+    assert (
+        subprocess.run([sys.executable, "-c", crash, name], timeout=60, check=False).returncode == 9
+    )
+    splice = Sockmap(name=name)
+    assert splice.cgroup.exists() and splice.pins.exists()  # the crash left them
+    try:
+        with caplog.at_level("WARNING", logger="legation.capture.ebpf"):
+            splice.start()
+        assert "removed a leftover of an earlier run: sock_ops program" in caplog.text
+        assert _echo(20, splice.preexec()) == _expected(20)
+        assert splice.stats()["spliced"] >= 21
+    finally:
+        splice.stop()
+    assert not splice.cgroup.exists() and not splice.pins.exists()
+
+
+SYSTEM_PYTHON = Path("/usr/bin/python3")  # readable by nobody, unlike a venv under /root
+
+
+@pytest.mark.skipif(not SYSTEM_PYTHON.exists(), reason="no /usr/bin/python3 to run as nobody")
+def test_refuses_without_root_and_names_what_is_missing() -> None:
+    code = (
+        "from legation.capture.ebpf import Sockmap\n"
+        "try:\n    Sockmap(name='nonroot').start()\n"
+        "except Exception as exc:\n    print(type(exc).__name__, exc.code, exc)\n"
+    )
+
+    def nobody() -> None:
+        os.setgroups([])
+        os.setgid(65534)
+        os.setuid(65534)
+
+    run = subprocess.run(
+        [str(SYSTEM_PYTHON), "-c", code],
+        env={"PYTHONPATH": str(Path(legation.__file__).parent.parent)},
+        cwd="/",
+        preexec_fn=nobody if os.geteuid() == 0 else None,
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    refusal = "CaptureError capture_unavailable --ebpf needs what this machine lacks: root ("
+    assert run.stdout.startswith(refusal), run.stderr
+    assert not Sockmap(name="nonroot").cgroup.exists()
+
+
+def test_a_name_that_could_leave_its_directory_is_refused() -> None:
+    for bad in ("../x", "a/b", "", "UPPER", "x" * 49):
+        with pytest.raises(CaptureError, match="must match"):
+            Sockmap(name=bad)
+
+
+def test_attaching_to_anything_but_its_own_cgroup_is_refused() -> None:
+    splice = Sockmap(name=_name())
+    splice.cgroup = splice.cgroup_root  # the root cgroup: never
+    with pytest.raises(CaptureError, match="refusing to attach"):
+        splice._check_cgroup()
+
+
+@pytest.mark.skipif(shutil.which("clang") is None, reason="clang missing (Debian package clang)")
+def test_the_object_is_built_once_per_source_and_rebuilt_when_it_changes(tmp_path: Path) -> None:
+    first = build_object(cache=tmp_path)
+    stamp = first.stat().st_mtime_ns
+    assert build_object(cache=tmp_path) == first and first.stat().st_mtime_ns == stamp
+    assert first.read_bytes()[:4] == b"\x7fELF"
+    edited = tmp_path / "sockmap.bpf.c"
+    edited.write_text(SOURCE.read_text() + "\n// edited\n")
+    assert build_object(edited, cache=tmp_path).parent != first.parent
+    broken = tmp_path / "broken.bpf.c"
+    broken.write_text("int oops(void) { return undefined_name; }\n")
+    with pytest.raises(CaptureError, match=r"clang .* failed: .*undefined_name"):
+        build_object(broken, cache=tmp_path)
+    assert not list(tmp_path.rglob("*.partial"))
