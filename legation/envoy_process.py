@@ -17,6 +17,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -63,13 +64,17 @@ class EnvoyProcess:
         log_dir: Path | None = None,
         log_level: str = "warning",
         concurrency: int = 1,
+        join: Callable[[], None] | None = None,
     ) -> None:
+        """``join`` runs in the child before exec (after the parent-death signal is set), e.g.
+        :meth:`legation.capture.ebpf.Sockmap.preexec` to start Envoy inside the mesh's cgroup."""
         self.name = name
         self.admin_port = admin_port
         self._config = config if isinstance(config, str) else yaml.safe_dump(config)
         self._log_dir = log_dir or Path(tempfile.mkdtemp(prefix=f"legation-{name}-"))
         self._log_level = log_level
         self._concurrency = concurrency
+        self._join = join
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -100,10 +105,15 @@ class EnvoyProcess:
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            preexec_fn=_die_with_parent,
+            preexec_fn=_die_with_parent if self._join is None else self._preexec,
         )
         log.close()
         return self
+
+    def _preexec(self) -> None:  # runs in the child between fork and exec
+        _die_with_parent()
+        if self._join is not None:
+            self._join()
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
