@@ -1,0 +1,137 @@
+"""Pods on the real kernel: the capture rules redirect what they should and nothing else."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from legation.capture import netns
+from legation.capture.errors import CaptureError
+from legation.capture.rules import hosts_file, pod_rules
+from legation.config.capture import Capture
+
+# Inside a pod: a listener on the outbound port reporting the original destination of what it
+# accepts; then a connection to argv[1]:argv[2] (as group argv[3] when given).
+_PROBE = r"""
+import os, socket, struct, sys, threading
+srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("127.0.0.1", 15001)); srv.listen()
+srv.settimeout(1.5)
+seen = []
+def accept():
+    try:
+        c, _ = srv.accept()
+    except OSError:
+        return
+    raw = c.getsockopt(socket.SOL_IP, 80, 16)  # SO_ORIGINAL_DST
+    port, ip = struct.unpack("!2xH4s8x", raw)
+    seen.append(f"{socket.inet_ntoa(ip)}:{port}")
+t = threading.Thread(target=accept); t.start()
+if len(sys.argv) > 3:
+    os.setgroups([]); os.setgid(int(sys.argv[3]))
+s = socket.socket(); s.settimeout(1)
+try:
+    s.connect((socket.gethostbyname(sys.argv[1]), int(sys.argv[2])))
+except OSError:
+    pass  # not captured: nothing answers there
+t.join(); s.close(); srv.close()
+print(seen[0] if seen else "not captured")
+"""
+
+
+def _pod(network: netns.Network, name: str, capture: Capture) -> netns.Pod:
+    pod = network.pod(name)
+    rules = pod_rules(
+        capture,
+        pod_ip=pod.ip,
+        app_port=9080,
+        inbound_port=15006,
+        outbound_port=15001,
+        admin_port=15000,
+    )
+    network.add_pod(pod, hosts=hosts_file(capture, ["reviews"]), rules=rules)
+    return pod
+
+
+def _probe(pod: netns.Pod, *args: str) -> str:
+    done = subprocess.run(
+        pod.exec_argv([sys.executable, "-c", _PROBE, *args]),
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=True,
+    )
+    return done.stdout.strip()
+
+
+@pytest.mark.integration
+def test_app_traffic_is_captured_and_the_sidecars_is_not(network: netns.Network) -> None:
+    capture = network.capture
+    network.create_bridge()
+    pod = _pod(network, "app-0", capture)
+    vip = capture.service_ip("reviews")
+    # the app resolves the service name through the pod's hosts file, and is captured
+    assert _probe(pod, "reviews", "9080") == f"{vip}:9080"
+    # the sidecar's group is not (no loop); 127.0.0.1 is not
+    assert _probe(pod, "reviews", "9080", str(capture.proxy_gid)) == "not captured"
+    assert _probe(pod, "127.0.0.1", "9") == "not captured"
+    listed = netns.run(pod.exec_argv(["iptables", "-t", "nat", "-S"]))
+    assert "-A LEGATION_REDIRECT -p tcp -j REDIRECT --to-ports 15001" in listed
+    # the host's own nat table never gets a Legation chain
+    assert "LEGATION" not in netns.run(["iptables", "-t", "nat", "-S"])
+
+
+@pytest.mark.integration
+def test_excluded_ports_and_cidrs_bypass(need_capture: None) -> None:
+    from tests.capture.conftest import capture_range
+
+    capture = Capture.model_validate(
+        {
+            "cidr": str(capture_range()),
+            "outbound": {"exclude_ports": [5432], "exclude_cidrs": ["192.0.2.0/24"]},
+        }
+    )
+    network = netns.Network(capture)
+    network.clean()
+    try:
+        network.create_bridge()
+        pod = _pod(network, "app-0", capture)
+        assert _probe(pod, "reviews", "5432") == "not captured"
+        assert _probe(pod, "192.0.2.77", "80") == "not captured"
+        assert _probe(pod, "192.0.3.77", "80") == "192.0.3.77:80"
+    finally:
+        network.clean()
+
+
+@pytest.mark.integration
+def test_clean_removes_everything_a_crashed_run_left(network: netns.Network) -> None:
+    network.create_bridge()
+    pod = _pod(network, "app-0", network.capture)
+    assert pod.netns in netns.run(["ip", "netns", "list"])
+    removed = network.clean()
+    assert pod.netns in removed and network.bridge in removed
+    assert pod.netns not in netns.run(["ip", "netns", "list"])
+    links = netns.run(["ip", "-o", "link", "show"])
+    assert network.bridge not in links and pod.veth not in links
+    assert not (netns.ETC_NETNS / pod.netns).exists()
+
+
+@pytest.mark.integration
+def test_a_range_the_host_routes_is_refused(network: netns.Network) -> None:
+    network.create_bridge()  # its own route is fine
+    network.check_range()
+    other = netns.Network(Capture(cidr=network.capture.cidr.supernet(new_prefix=20)))
+    with pytest.raises(CaptureError) as info:
+        other.check_range()
+    assert info.value.code == "capture_unavailable"
+    assert f"overlaps the host's route '{network.capture.cidr} dev {network.bridge}" in str(
+        info.value
+    )
+
+
+def test_a_failing_command_names_itself() -> None:
+    with pytest.raises(CaptureError) as info:
+        netns.run(["ip", "link", "show", "lg-no-such-link"])
+    assert str(info.value).startswith("ip link show lg-no-such-link: ")
