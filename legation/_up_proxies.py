@@ -53,6 +53,7 @@ class StackProxies:
                     port=spec.port,
                     fail_every=spec.fail_every,
                     delay_ms=spec.delay_ms,
+                    outbound=(spec.host, spec.outbound_port) if spec.outbound_port else None,
                 )
                 await app.start()
                 self.apps[key] = app

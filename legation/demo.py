@@ -4,15 +4,27 @@ Each app answers with JSON naming itself (service and version), echoes the reque
 and can misbehave on purpose: ``fail_every=N`` answers 503 to every Nth request (a flaky service a
 retry can hide), ``?delay_ms=`` or ``delay_ms`` makes it slow, ``/status/NNN`` answers NNN.
 ``GET /__demo/stats`` returns how many requests it has served (mirroring tests read it).
+
+An app behind a sidecar knows its sidecar's outbound port (``outbound``) and can call other
+services through it: ``?call=reviews`` (or ``?call=reviews,ratings``, at most
+:data:`MAX_CALLS`) sends ``GET /`` with ``Host: reviews`` to the outbound listener, passing on the
+trace context headers (:data:`PROPAGATED`) as an instrumented app does, so the calls join the
+request's trace. Only names of the DNS-label kind are called, and only through the sidecar.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import re
 import threading
 import urllib.parse
 from dataclasses import dataclass, field
+
+MAX_CALLS = 4
+#: the headers an app passes on so its outgoing calls join the incoming request's trace
+PROPAGATED = ("traceparent", "tracestate", "x-request-id")
+_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 
 
 @dataclass
@@ -23,6 +35,7 @@ class DemoApp:
     port: int = 0
     fail_every: int = 0
     delay_ms: int = 0
+    outbound: tuple[str, int] | None = None  # its sidecar's outbound listener (host, port)
     requests: int = 0
     paths: list[str] = field(default_factory=list)
     _server: asyncio.base_events.Server | None = None
@@ -121,6 +134,7 @@ class DemoApp:
         delay = int(query.get("delay_ms", [self.delay_ms])[0])
         if delay:
             await asyncio.sleep(delay / 1000)
+        calls = await self._calls(query.get("call", []), headers)
         status = 200
         if url.path.startswith("/status/"):
             status = int(url.path.rsplit("/", 1)[1])
@@ -133,4 +147,32 @@ class DemoApp:
             "path": url.path,
             "headers": headers,
             "body": body.decode("utf-8", "replace"),
+            **({"calls": calls} if calls else {}),
         }
+
+    async def _calls(self, wanted: list[str], headers: dict[str, str]) -> list[dict[str, object]]:
+        names = [n for v in wanted for n in v.split(",") if _NAME.match(n)][:MAX_CALLS]
+        if not names or self.outbound is None:
+            return []
+        passed = "".join(f"{h}: {headers[h]}\r\n" for h in PROPAGATED if h in headers)
+        return [{"service": n, "status": await self._call(n, passed)} for n in names]
+
+    async def _call(self, service: str, passed: str) -> int:
+        """``GET /`` to ``service`` through the sidecar; its status (0: no answer)."""
+        assert self.outbound is not None
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(*self.outbound), 5)
+        except (OSError, TimeoutError):
+            return 0
+        try:
+            writer.write(
+                f"GET / HTTP/1.1\r\nhost: {service}\r\n{passed}connection: close\r\n\r\n".encode()
+            )
+            await writer.drain()
+            line = await asyncio.wait_for(reader.readline(), 10)
+            parts = line.split(b" ", 2)
+            return int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
+        except (OSError, TimeoutError):
+            return 0
+        finally:
+            writer.close()

@@ -22,6 +22,7 @@ from legation.config.model import Mesh, Service
 from legation.config.mtls import mtls_problems
 from legation.config.policy import RoutePolicy
 from legation.config.routes import Destination, Route
+from legation.config.tracing import tracing_problems
 from legation.services import kinds
 
 _WILDCARD_HOSTS = {"0.0.0.0", "::", "[::]"}
@@ -37,6 +38,7 @@ def semantic_problems(mesh: Mesh) -> list[Problem]:
         *(p for i, r in enumerate(mesh.routes) for p in _route(mesh, i, r)),
         *mtls_problems(mesh),
         *capture_problems(mesh),
+        *tracing_problems(mesh),
         *_service_tls(mesh),
     ]
 
@@ -103,6 +105,8 @@ def _ports(mesh: Mesh) -> Iterator[Problem]:
         wanted.append((block.host, block.port, f"{kind.block}.port"))
     if mesh.extauthz is not None and mesh.extauthz.http_port is not None:
         wanted.append((mesh.extauthz.host, mesh.extauthz.http_port, "extauthz.http_port"))
+    if mesh.tracing is not None and mesh.tracing.embedded:
+        wanted.append((*mesh.tracing.address(), "tracing.port"))
     seen: list[tuple[str, int, str]] = []
     for host, port, path in wanted:
         host = "127.0.0.1" if host == "localhost" else host

@@ -22,6 +22,7 @@ from legation.config.extensions import ExtAuthzService, ExtProcService, RateLimi
 from legation.config.mtls import Mtls
 from legation.config.policy import ServicePolicy
 from legation.config.routes import Route
+from legation.config.tracing import Tracing
 
 if TYPE_CHECKING:
     from legation.config.proxies import DemoSpec, ProxySpec
@@ -130,6 +131,7 @@ class Mesh(BaseModel):
     mtls: Mtls = Field(default_factory=Mtls)
     # transparent capture (see legation.config.capture); None: apps call their sidecar explicitly
     capture: Capture | None = None
+    tracing: Tracing | None = None  # spans to an OTLP collector (legation.config.tracing)
     # what Envoy does to a request path before routing and before any call-out sees it (Istio's
     # names): none; base (RFC 3986: dot segments resolved); merge_slashes (base, and `//` -> `/`);
     # decode_and_merge_slashes (also %2F/%5C decoded, then forwarded decoded). The default keeps

@@ -46,6 +46,7 @@ class DemoSpec:
     port: int
     fail_every: int = 0
     delay_ms: int = 0
+    outbound_port: int | None = None  # its sidecar's outbound listener, for ``?call=``
 
 
 def sidecar_node_id(instance: str) -> str:
@@ -100,6 +101,7 @@ def demo_apps_of(mesh: Mesh) -> list[DemoSpec]:
             port=ep.port,
             fail_every=ep.demo.fail_every,
             delay_ms=ep.demo.delay_ms,
+            outbound_port=ep.sidecar.outbound_port if ep.sidecar else None,
         )
         for service in mesh.services
         for ep in service.endpoints

@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field, model_validator
 from legation.config._types import STRICT, HttpStatus, Name
 from legation.config.attachments import FilterSpec, RateLimitSpec
 from legation.config.policy import RoutePolicy
+from legation.config.tracing import RouteTracing
 
 HttpMethod = Literal["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE"]
 
@@ -143,6 +144,7 @@ class Route(RoutePolicy):
     authz_protocol: Literal["grpc"] | None = None  # keep this route's ext_authz call on gRPC
     filters: list[FilterSpec] = Field(default_factory=list)
     rate_limits: list[RateLimitSpec] = Field(default_factory=list)
+    tracing: RouteTracing | None = None  # this route's sampling rate
 
     @model_validator(mode="after")
     def _one_action(self) -> Route:

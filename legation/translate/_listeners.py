@@ -47,10 +47,12 @@ def http_listener(
     edge: bool = False,
     service_filters: Sequence[hcm_pb2.HttpFilter] = (),
     path_normalization: str = "merge_slashes",
+    tracing: hcm_pb2.HttpConnectionManager.Tracing | None = None,
 ) -> listener_pb2.Listener:
     """``edge``: the gateway trusts no client's X-Forwarded-For and uses the peer's address.
     ``service_filters`` go after fault and local_ratelimit, before the router.
-    ``path_normalization``: see :attr:`legation.config.model.Mesh.path_normalization`."""
+    ``path_normalization``: see :attr:`legation.config.model.Mesh.path_normalization`.
+    ``tracing``: the tracer and sampling rate (:mod:`legation.translate._tracing`)."""
     hcm = hcm_pb2.HttpConnectionManager(
         stat_prefix=stat_prefix,
         codec_type=hcm_pb2.HttpConnectionManager.AUTO,
@@ -67,6 +69,8 @@ def http_listener(
     )
     if edge:
         hcm.use_remote_address.value = True
+    if tracing is not None:
+        hcm.tracing.CopyFrom(tracing)
     normalize_paths(hcm, path_normalization)
     return _listener(name, host, port, stat_prefix, HCM_FILTER, pack(hcm))
 

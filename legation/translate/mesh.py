@@ -59,6 +59,7 @@ from legation.translate._names import (
 )
 from legation.translate._routes import default_route, local_rate_limit, route
 from legation.translate._services import apply_services, service_clusters, service_filters
+from legation.translate._tracing import hcm_tracing, route_tracing, tracing_clusters
 from legation.xds.snapshot import Snapshot
 
 __all__ = ["translate"]
@@ -117,12 +118,13 @@ class _Routed:
         self.mesh = mesh
         self.chains = chains
         self.filters = service_filters(mesh)
-        self.clusters = service_clusters(mesh)
+        self.clusters = [*service_clusters(mesh), *tracing_clusters(mesh)]
         self._index = {r.name: i for i, r in enumerate(mesh.routes)}
 
     def route(self, spec: Route) -> rc.Route:
         out = route(self.mesh, spec)
         apply_services(self.mesh, out, spec, self.chains, index=self._index[spec.name])
+        route_tracing(out, spec)
         return out
 
     def default_route(self, service: Service) -> rc.Route:
@@ -174,6 +176,7 @@ def _gateway(
         edge=True,
         service_filters=routed.filters,
         path_normalization=routed.mesh.path_normalization,
+        tracing=hcm_tracing(mesh, service_name=gw.name),
     )
     return _snapshot(routed, version, shared, [listener], [routes], secrets)
 
@@ -210,6 +213,7 @@ def _sidecar(
                 route_config=INBOUND,
                 stat_prefix=f"inbound_{service.name}",
                 path_normalization=routed.mesh.path_normalization,
+                tracing=hcm_tracing(routed.mesh, service_name=service.name),
             )
         )
         routes.append(_inbound_routes(service))
@@ -228,6 +232,7 @@ def _sidecar(
             stat_prefix=f"outbound_{service.name}",
             service_filters=routed.filters,
             path_normalization=routed.mesh.path_normalization,
+            tracing=hcm_tracing(routed.mesh, service_name=service.name),
         )
     )
     routes.append(_outbound_routes(routed))

@@ -76,6 +76,13 @@ EXPECTED = {
         "capture.cidr: service 'svc10' and service 'svc3' both hash to 10.9.0.63: "
         "rename one or widen the range"
     ),
+    "tracing_collector": ("tracing.collector: expected 'embedded' or host:port, got 'jaeger'"),
+    "tracing_port_with_external": "tracing.port: only used with collector: embedded",
+    "tracing_sampling": "tracing.sampling: must be <= 100, got 150",
+    "route_tracing_without_block": "routes[0].tracing: needs a tracing block in the mesh",
+    "tracing_port_clash": (
+        "tracing.port: port 9111 is already used by services[0].endpoints[0].port"
+    ),
     "unreadable": (
         "(top level): invalid YAML at line 4, column 4: "
         "expected <block end>, but found '<block mapping start>'"

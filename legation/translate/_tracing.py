@@ -1,0 +1,91 @@
+"""Tracing in a proxy's config: Envoy's OpenTelemetry tracer on every connection manager, the
+collector's cluster, and each route's own sampling rate.
+
+When the mesh has a ``tracing`` block (:mod:`legation.config.tracing`), every HTTP connection
+manager (gateway, sidecar inbound and outbound) gets ``envoy.tracers.opentelemetry`` exporting
+OTLP/gRPC through cluster ``legation|tracing`` to the collector, with the mesh's sampling rate as
+``random_sampling``; a route with ``tracing.sampling`` overrides it on that route. The tracer's
+``service_name`` is the proxy's service (or the gateway's name), so a trace reads as
+``ingress -> frontend -> reviews``, and each span is tagged with its route (:data:`ROUTE_TAG`).
+
+The collector cluster is plaintext HTTP/2 even in an mTLS mesh: the embedded receiver listens on
+loopback only (the mesh checks refuse nothing else for it: its address is always 127.0.0.1), and
+an external collector (Jaeger, the OTel Collector) is not a mesh workload with a SPIFFE identity.
+Spans carry no credentials (Envoy records no request headers but ``x-request-id``; Legation's
+spans only decisions), so what crosses that hop is timing and route names.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.route.v3 import route_components_pb2 as rc
+from envoy.config.trace.v3 import http_tracer_pb2, opentelemetry_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import (
+    http_connection_manager_pb2 as hcm_pb2,
+)
+from envoy.type.tracing.v3 import custom_tag_pb2
+from envoy.type.v3 import percent_pb2
+
+from legation._proto import envoy_grpc, pack, seconds
+from legation.config.model import Mesh
+from legation.config.routes import Route
+from legation.envoy_grpc import grpc_cluster
+
+__all__ = ["OTEL_TRACER", "TRACING_CLUSTER", "hcm_tracing", "route_tracing", "tracing_clusters"]
+
+OTEL_TRACER = "envoy.tracers.opentelemetry"
+TRACING_CLUSTER = "legation|tracing"
+ROUTE_TAG = "route"
+"""The span tag naming the mesh route that matched (what ``legation traces --route`` filters on)."""
+_EXPORT_TIMEOUT_S = 2.0
+
+
+def hcm_tracing(mesh: Mesh, *, service_name: str) -> hcm_pb2.HttpConnectionManager.Tracing | None:
+    """The ``tracing`` of a connection manager of a proxy of ``service_name`` (None: no tracing
+    block in the mesh)."""
+    t = mesh.tracing
+    if t is None:
+        return None
+    config = opentelemetry_pb2.OpenTelemetryConfig(
+        grpc_service=envoy_grpc(TRACING_CLUSTER, timeout=seconds(_EXPORT_TIMEOUT_S)),
+        service_name=service_name,
+    )
+    return hcm_pb2.HttpConnectionManager.Tracing(
+        random_sampling=percent_pb2.Percent(value=t.sampling),
+        provider=http_tracer_pb2.Tracing.Http(name=OTEL_TRACER, typed_config=pack(config)),
+        custom_tags=[custom_tag_pb2.CustomTag(tag=ROUTE_TAG, value="%ROUTE_NAME%")],
+    )
+
+
+def tracing_clusters(mesh: Mesh) -> list[cluster_pb2.Cluster]:
+    """The collector's cluster (none without a tracing block). A host name is resolved by DNS
+    (the compose stack's ``jaeger``), an address used as it is."""
+    if mesh.tracing is None:
+        return []
+    host, port = mesh.tracing.address()
+    cluster = grpc_cluster(TRACING_CLUSTER, [(host, port)])
+    if not _is_ip(host):
+        cluster.type = cluster_pb2.Cluster.STRICT_DNS
+    return [cluster]
+
+
+def route_tracing(out: rc.Route, spec: Route | None) -> None:
+    """A route's own sampling rate, when it has one (as parts per million, so 0.01 % holds)."""
+    if spec is None or spec.tracing is None:
+        return
+    out.tracing.random_sampling.CopyFrom(
+        percent_pb2.FractionalPercent(
+            numerator=round(spec.tracing.sampling * 10_000),
+            denominator=percent_pb2.FractionalPercent.MILLION,
+        )
+    )
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True

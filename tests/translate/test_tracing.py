@@ -1,0 +1,95 @@
+"""translate() with a tracing block: the OpenTelemetry tracer on every connection manager, the
+collector's cluster, each route's own sampling rate."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.trace.v3 import opentelemetry_pb2
+from envoy.type.v3 import percent_pb2
+
+from legation.translate import translate
+from legation.translate._tracing import OTEL_TRACER, ROUTE_TAG, TRACING_CLUSTER
+from legation.xds.types import ResourceType
+from tests.config.meshdata import base, parse
+from tests.translate.test_mesh import gateway_routes, hcm_of, message
+
+
+def traced(**block: Any) -> dict[str, Any]:
+    data = base()
+    data["tracing"] = block
+    return data
+
+
+def test_no_tracing_block_no_tracer_and_no_cluster() -> None:
+    for snap in translate(parse(base()), version="1").values():
+        assert TRACING_CLUSTER not in snap.resources(ResourceType.CLUSTER)
+        for res in snap.resources(ResourceType.LISTENER).values():
+            assert not hcm_of(res.message).HasField("tracing")
+
+
+def test_every_connection_manager_gets_the_tracer_with_the_mesh_rate() -> None:
+    snaps = translate(parse(traced(sampling=12.5)), version="1")
+    seen = []
+    for node, snap in snaps.items():
+        for name, res in snap.resources(ResourceType.LISTENER).items():
+            tracing = hcm_of(res.message).tracing
+            assert tracing.random_sampling.value == 12.5
+            assert tracing.provider.name == OTEL_TRACER
+            config = opentelemetry_pb2.OpenTelemetryConfig()
+            assert tracing.provider.typed_config.Unpack(config)
+            assert config.grpc_service.envoy_grpc.cluster_name == TRACING_CLUSTER
+            assert [(t.tag, t.value) for t in tracing.custom_tags] == [(ROUTE_TAG, "%ROUTE_NAME%")]
+            seen.append((node, name, config.service_name))
+    assert sorted(seen) == [
+        ("gateway-ingress", "gateway", "ingress"),
+        ("sidecar-reviews-0", "inbound", "reviews"),
+        ("sidecar-reviews-0", "outbound", "reviews"),
+        ("sidecar-reviews-1", "inbound", "reviews"),
+        ("sidecar-reviews-1", "outbound", "reviews"),
+    ]
+
+
+def test_embedded_collector_is_loopback_plaintext_h2() -> None:
+    snap = translate(parse(traced(port=4999)), version="1")["gateway-ingress"]
+    cluster: cluster_pb2.Cluster = message(snap, ResourceType.CLUSTER, TRACING_CLUSTER)
+    assert cluster.type == cluster_pb2.Cluster.STATIC
+    addr = cluster.load_assignment.endpoints[0].lb_endpoints[0].endpoint.address.socket_address
+    assert (addr.address, addr.port_value) == ("127.0.0.1", 4999)
+    assert not cluster.HasField("transport_socket")
+
+
+def test_mtls_mesh_keeps_the_collector_cluster_plaintext() -> None:
+    data = traced()
+    data["mtls"] = {"mode": "strict"}
+    snap = translate(parse(data), version="1")["gateway-ingress"]
+    cluster: cluster_pb2.Cluster = message(snap, ResourceType.CLUSTER, TRACING_CLUSTER)
+    assert not cluster.HasField("transport_socket")
+
+
+def test_a_collector_by_name_is_resolved_by_dns() -> None:
+    snap = translate(parse(traced(collector="jaeger:4317")), version="1")["gateway-ingress"]
+    cluster: cluster_pb2.Cluster = message(snap, ResourceType.CLUSTER, TRACING_CLUSTER)
+    assert cluster.type == cluster_pb2.Cluster.STRICT_DNS
+    addr = cluster.load_assignment.endpoints[0].lb_endpoints[0].endpoint.address.socket_address
+    assert (addr.address, addr.port_value) == ("jaeger", 4317)
+
+
+def test_a_route_with_its_own_rate_overrides_the_mesh_rate() -> None:
+    data = traced(sampling=1)
+    data["routes"].insert(
+        0,
+        {
+            "name": "sampled",
+            "match": {"path": {"prefix": "/s"}},
+            "to": {"service": "reviews"},
+            "tracing": {"sampling": 0.01},
+        },
+    )
+    snap = translate(parse(data), version="1")["gateway-ingress"]
+    first, second = gateway_routes(snap)
+    assert first.tracing.random_sampling == percent_pb2.FractionalPercent(
+        numerator=100, denominator=percent_pb2.FractionalPercent.MILLION
+    )
+    assert not second.HasField("tracing")  # the connection manager's rate applies
