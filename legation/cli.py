@@ -51,6 +51,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         status_port=args.status_port,
         log_dir=Path(args.log_dir) if args.log_dir else None,
         live=False if args.plain else None,
+        ebpf=args.ebpf,
     )
     return asyncio.run(stack.run())
 
@@ -121,6 +122,12 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("--status-port", type=int, default=18001)
     up.add_argument("--log-dir", help="where Envoy logs go (default .legation/logs)")
     up.add_argument("--plain", action="store_true", help="log lines instead of a live table")
+    up.add_argument(
+        "--ebpf",
+        action="store_true",
+        help="splice same-host sockets of the mesh's processes with sockops + sk_msg (root, clang, "
+        "bpftool; attached only to a cgroup this run creates)",
+    )
     up.set_defaults(fn=cmd_up)
 
     check = sub.add_parser("check", help="validate mesh files")

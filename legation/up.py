@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from legation._up_children import StackChildren
+from legation._up_ebpf import StackSplice
 from legation._up_proxies import StackProxies, _digest
 from legation._up_view import StackView, _Recent
 from legation.certs.issuer import DEFAULT_CA_DIR, CaLocation, locate_ca
@@ -59,7 +60,7 @@ STATE_DIR = DEFAULT_CA_DIR.parent  # .legation
 log = logging.getLogger("legation.up")
 
 
-class Stack(StackChildren, StackProxies, StackView):
+class Stack(StackChildren, StackProxies, StackView, StackSplice):
     def __init__(
         self,
         mesh_path: Path,
@@ -71,8 +72,11 @@ class Stack(StackChildren, StackProxies, StackView):
         ready_timeout: float = 60.0,
         live: bool | None = None,
         state_dir: Path = STATE_DIR,
+        ebpf: bool = False,
     ) -> None:
         self.mesh_path = mesh_path
+        self.ebpf = ebpf
+        self.splice = None
         self.delta = delta
         self.out = out
         self.log_dir = log_dir or state_dir / "logs"
@@ -135,7 +139,10 @@ class Stack(StackChildren, StackProxies, StackView):
         try:
             return await self._run()
         finally:
-            await self.shutdown()
+            try:
+                await self.shutdown()
+            finally:
+                await self._stop_splice()  # --ebpf: after every child has stopped
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
 
@@ -154,6 +161,8 @@ class Stack(StackChildren, StackProxies, StackView):
         self.mesh = mesh
         self.ca_where = locate_ca(mesh, mesh_dir=self.mesh_path.parent)
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        if self.ebpf and not await self._start_splice():
+            return 2
         code = await self._start_control_plane()
         if code:
             return code

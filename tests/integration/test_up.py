@@ -12,7 +12,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +48,15 @@ routes:
 class Up:
     """A `legation up` subprocess whose output is collected line by line."""
 
-    def __init__(self, mesh: Path, tmp: Path, status_port: int, *, terminal: bool = False) -> None:
+    def __init__(
+        self,
+        mesh: Path,
+        tmp: Path,
+        status_port: int,
+        *,
+        terminal: bool = False,
+        flags: Sequence[str] = (),
+    ) -> None:
         self.log_dir = tmp / "logs"
         self.status_url = f"http://127.0.0.1:{status_port}"
         command = [
@@ -61,6 +69,7 @@ class Up:
             str(status_port),
             "--log-dir",
             str(self.log_dir),
+            *flags,
         ]
         if terminal:  # util-linux `script` gives the command a pseudo-terminal
             command = ["script", "-qfec", " ".join(command), "/dev/null"]

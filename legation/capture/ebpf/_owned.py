@@ -41,9 +41,10 @@ def own_cgroup(cgroup_root: Path) -> Path:
     return cgroup_root
 
 
-def remove_owned(cgroup: Path, pins: Path, cgroup_root: Path) -> list[str]:
-    """Detach, move processes out, remove the cgroup, unpin; return what was removed (for the log).
-    A step that finds nothing to do is skipped, so this is safe to call on a clean host."""
+def remove_owned(cgroup: Path, pins: Path, home: Path) -> list[str]:
+    """Detach, move processes out (to ``home``, or the parent when ``home`` is the cgroup itself),
+    remove the cgroup, unpin; return what was removed (for the log). A step that finds nothing to
+    do is skipped, so this is safe to call on a clean host."""
     removed: list[str] = []
     if cgroup.is_dir():
         for prog in bpftool("cgroup", "show", str(cgroup), parse=True) or []:
@@ -62,7 +63,6 @@ def remove_owned(cgroup: Path, pins: Path, cgroup_root: Path) -> list[str]:
             )
             removed.append(f"msg_verdict program on {pins / PAIRS_MAP}")
     if cgroup.is_dir():
-        home = own_cgroup(cgroup_root)
         if home == cgroup or cgroup in home.parents:
             home = cgroup.parent
         moved = _empty_cgroup(cgroup, home)

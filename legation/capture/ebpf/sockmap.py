@@ -13,6 +13,7 @@ same name left.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import sys
@@ -45,7 +46,15 @@ class Sockmap:
         self.cgroup_root = root if root is not None else Path("/sys/fs/cgroup")
         self.cgroup = _owned.owned_dir(self.cgroup_root, name)
         self.pins = _owned.owned_dir(bpffs, name)
+        self.home = _owned.own_cgroup(self.cgroup_root)  # where joined processes go back to
         self.started = False
+
+    @classmethod
+    def for_stack(cls, state_dir: Path, status_port: int) -> Sockmap:
+        """The splice of one ``legation up`` (its state directory and status port name it, so a
+        restart after a crash finds and removes what the crashed run left)."""
+        key = f"{state_dir.resolve()}:{status_port}".encode()
+        return cls(name=f"up-{hashlib.sha256(key).hexdigest()[:12]}")
 
     def start(self) -> Sockmap:
         """Probe, remove leftovers, build, load, pin, create the cgroup, attach. On any failure what
@@ -134,7 +143,7 @@ class Sockmap:
 
     def remove_leftovers(self) -> list[str]:
         """Remove this name's cgroup and pins, whoever made them (an earlier, crashed run)."""
-        return _owned.remove_owned(self.cgroup, self.pins, self.cgroup_root)
+        return _owned.remove_owned(self.cgroup, self.pins, self.home)
 
     def stop(self) -> None:
         """Detach, move processes out, remove the cgroup, unpin. Idempotent."""

@@ -1,0 +1,52 @@
+"""``legation up --ebpf``: the sockmap splice (:mod:`legation.capture.ebpf`) for one run.
+
+The splice's cgroup is this run's own (named from its state directory and status port, so a
+restart after a crash removes what the crashed run left). ``legation up`` joins it before it starts
+any child: every child inherits it, and the sockets of the in-process demo apps are in it too. On
+shutdown, after every child has stopped, the programs are detached, this process moves back to its
+cgroup, and the cgroup and the pins are removed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from legation.capture.ebpf import Sockmap
+from legation.errors import LegationError
+
+
+class StackSplice:
+    if TYPE_CHECKING:
+        ebpf: bool
+        splice: Sockmap | None
+        state_dir: Path
+        status_port: int
+
+        def say(self, line: str) -> None: ...
+
+    async def _start_splice(self) -> bool:
+        """Start the splice and join its cgroup; False (the reason said) when it cannot start."""
+        splice = Sockmap.for_stack(self.state_dir, self.status_port)
+        try:
+            await asyncio.to_thread(splice.start)
+        except LegationError as err:
+            self.say(f"{err}\nnothing started (without --ebpf, legation up runs as usual)")
+            return False
+        self.splice = splice
+        splice.join(os.getpid())
+        self.say(f"--ebpf: sockops on cgroup {splice.cgroup}, sk_msg on {splice.pins}/maps")
+        return True
+
+    async def _stop_splice(self) -> None:
+        splice, self.splice = self.splice, None
+        if splice is None:
+            return
+        counters = await asyncio.to_thread(splice.stats)
+        await asyncio.to_thread(splice.stop)
+        self.say(
+            f"--ebpf: {counters['spliced']} messages spliced, {counters['passed']} sent the normal "
+            f"way; programs detached, cgroup {splice.cgroup} and pins removed"
+        )
