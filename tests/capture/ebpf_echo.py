@@ -3,13 +3,18 @@
 ``serve``: listen on 127.0.0.1 (port 0), print the port, accept one connection, send a greeting of
 GREETING bytes, then echo everything back until the peer closes. ``talk PORT COUNT``: connect, read
 the greeting, send COUNT messages of varying size (1 B to 64 KiB) and check each echo byte for
-byte; print the bytes echoed. Bounded: a 20 s socket timeout everywhere.
+byte; print the bytes echoed. ``sink CONNECTIONS`` / ``burst PORT CONNECTIONS COUNT``: per
+connection, the client sends COUNT numbered messages the moment it is connected and closes; the
+server waits a little before reading, then checks every byte arrived in order; it prints the
+connections checked.
+Bounded: a 20 s socket timeout everywhere.
 """
 
 from __future__ import annotations
 
 import socket
 import sys
+import time
 
 GREETING = 256 * 1024
 TIMEOUT = 20.0
@@ -38,6 +43,33 @@ def serve() -> None:
             conn.sendall(data)
 
 
+def _numbered(index: int) -> bytes:
+    return f"{index:08d}".encode() * 16
+
+
+def sink(connections: int) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.settimeout(TIMEOUT)
+        print(listener.getsockname()[1], flush=True)
+        for _ in range(connections):
+            conn, _ = listener.accept()
+            with conn:
+                conn.settimeout(TIMEOUT)
+                time.sleep(0.02)  # let the sender run ahead: early and late bytes both queued
+                data = b"".join(iter(lambda c=conn: c.recv(1 << 20), b""))  # type: ignore[misc]
+            size = len(_numbered(0))
+            if data != b"".join(_numbered(i) for i in range(len(data) // size)) or len(data) % size:
+                raise SystemExit("bytes out of order or torn")
+    print(connections, flush=True)
+
+
+def burst(port: int, connections: int, count: int) -> None:
+    for _ in range(connections):
+        with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as conn:
+            for index in range(count):
+                conn.sendall(_numbered(index))
+
+
 def talk(port: int, count: int) -> None:
     with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as conn:
         if _read_exactly(conn, GREETING) != bytes(range(256)) * (GREETING // 256):
@@ -56,5 +88,9 @@ def talk(port: int, count: int) -> None:
 if __name__ == "__main__":
     if sys.argv[1] == "serve":
         serve()
+    elif sys.argv[1] == "sink":
+        sink(int(sys.argv[2]))
+    elif sys.argv[1] == "burst":
+        burst(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))
     else:
         talk(int(sys.argv[2]), int(sys.argv[3]))

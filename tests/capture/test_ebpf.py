@@ -14,6 +14,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -44,23 +45,33 @@ def sockmap() -> Iterator[Sockmap]:
         atexit.unregister(splice.stop)
 
 
-def _echo(count: int, preexec: object = None) -> int:
-    """A server process and a client process talking ``count`` round trips; the bytes echoed."""
-    kwargs = {"preexec_fn": preexec} if preexec else {}
+def _pair(
+    serve: list[str], talk: list[str], preexec: Any = None, client_preexec: Any = "same"
+) -> tuple[str, str]:
+    """A server process (``ebpf_echo.py SERVE...``, which prints its port first) and a client
+    process (``ebpf_echo.py TALK...``, ``PORT`` replaced), each started with its preexec_fn (the
+    client's is the server's unless given); what each printed after that."""
+    client_preexec = preexec if client_preexec == "same" else client_preexec
     with subprocess.Popen(
-        [sys.executable, str(ECHO), "serve"], stdout=subprocess.PIPE, text=True, **kwargs
+        [sys.executable, str(ECHO), *serve], stdout=subprocess.PIPE, text=True, preexec_fn=preexec
     ) as server:
         try:
             assert server.stdout is not None
             port = server.stdout.readline().strip()
             client = subprocess.run(
-                [sys.executable, str(ECHO), "talk", port, str(count)],
-                capture_output=True, text=True, timeout=60, check=True, **kwargs,
+                [sys.executable, str(ECHO), *(port if a == "PORT" else a for a in talk)],
+                capture_output=True, text=True, timeout=60, check=True, preexec_fn=client_preexec,
             )  # fmt: skip
+            said = server.stdout.read()
             assert server.wait(timeout=20) == 0
-            return int(client.stdout)
+            return said, client.stdout
         finally:
             server.kill()
+
+
+def _echo(count: int, preexec: Any = None, client_preexec: Any = "same") -> int:
+    """``count`` round trips of 1 B to 64 KiB, both ways; the bytes echoed."""
+    return int(_pair(["serve"], ["talk", "PORT", str(count)], preexec, client_preexec)[1])
 
 
 def _expected(count: int) -> int:
@@ -105,10 +116,30 @@ def test_traffic_between_two_processes_in_the_cgroup_is_spliced_and_intact(
 
 
 @needs_ebpf
+def test_bytes_sent_the_moment_a_connection_opens_stay_in_order(sockmap: Sockmap) -> None:
+    before = sockmap.stats()
+    assert _pair(["sink", "20"], ["burst", "PORT", "20", "300"], sockmap.preexec())[0] == "20\n"
+    after = sockmap.stats()
+    assert after["spliced"] + after["passed"] - before["spliced"] - before["passed"] >= 20 * 300
+
+
+@needs_ebpf
 def test_processes_outside_the_cgroup_are_unaffected(sockmap: Sockmap) -> None:
     before = sockmap.stats()
     assert _echo(100) == _expected(100)
     assert sockmap.stats() == before
+
+
+@needs_ebpf
+def test_a_process_in_the_cgroup_talking_to_one_outside_goes_the_normal_way(
+    sockmap: Sockmap,
+) -> None:
+    before = sockmap.stats()
+    assert _echo(50, None, sockmap.preexec()) == _expected(50)  # only the client is inside
+    after = sockmap.stats()
+    assert after["recorded"] - before["recorded"] == 1
+    assert after["spliced"] == before["spliced"]
+    assert after["passed"] - before["passed"] >= 50
 
 
 @needs_ebpf

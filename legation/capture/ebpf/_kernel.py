@@ -22,10 +22,10 @@ _OCTAL = re.compile(r"\\([0-7]{3})")  # mountinfo writes a space in a path as \0
 _SBIN = ("/usr/sbin", "/sbin")  # bpftool lives here; a non-root PATH may not list them
 # what the programs need: program types, map types, and helpers per program type (bpftool's names)
 _PROG_TYPES = ("sock_ops", "sk_msg")
-_MAP_TYPES = ("sockhash",)
+_MAP_TYPES = ("sockhash", "sk_storage")
 _HELPERS = {
     "sock_ops": ("bpf_sock_hash_update", "bpf_get_netns_cookie"),
-    "sk_msg": ("bpf_msg_redirect_hash", "bpf_get_netns_cookie"),
+    "sk_msg": ("bpf_msg_redirect_hash", "bpf_get_netns_cookie", "bpf_sk_storage_get"),
 }
 
 

@@ -11,6 +11,11 @@
 // the TCP/IP stack. Otherwise the message goes the normal way. The verdict is always SK_PASS: a
 // missing peer never drops data.
 //
+// Byte order within a connection: a socket that has sent anything the normal way (its peer was not
+// recorded yet, e.g. sent in the instant between the two ends reaching ESTABLISHED) is marked in
+// legation_unspliced and never spliced afterwards, so spliced bytes can never overtake bytes still
+// in the peer's TCP receive queue. The mark is socket-local storage: it goes with the socket.
+//
 // No loops; every map is bounded; the netns cookie in the key keeps two namespaces that use the
 // same addresses (127.0.0.1 in each) from ever being spliced to each other.
 #include <linux/bpf.h>
@@ -33,6 +38,13 @@ struct {
 	__type(key, struct pair_key);
 	__type(value, __u64);
 } legation_pairs SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, __u8);
+} legation_unspliced SEC(".maps");
 
 // Counters the tests and `legation status` read: 0 sockets recorded, 1 messages spliced to the
 // peer, 2 messages sent the normal way (no recorded peer).
@@ -77,18 +89,26 @@ SEC("sk_msg")
 int legation_msg(struct sk_msg_md *msg)
 {
 	struct pair_key peer = {};
+	struct bpf_sock *sk = msg->sk;
 
-	if (msg->family != AF_INET)
+	if (msg->family != AF_INET || !sk)
 		return SK_PASS;
+	if (bpf_sk_storage_get(&legation_unspliced, sk, 0, 0)) {
+		count(STAT_PASSED);
+		return SK_PASS;
+	}
 	peer.netns = bpf_get_netns_cookie(msg);
 	peer.local_ip4 = msg->remote_ip4;
 	peer.remote_ip4 = msg->local_ip4;
 	peer.local_port = bpf_ntohl(msg->remote_port);
 	peer.remote_port = msg->local_port;
-	if (bpf_msg_redirect_hash(msg, &legation_pairs, &peer, BPF_F_INGRESS) == SK_PASS)
+	if (bpf_msg_redirect_hash(msg, &legation_pairs, &peer, BPF_F_INGRESS) == SK_PASS) {
 		count(STAT_SPLICED);
-	else
-		count(STAT_PASSED);
+		return SK_PASS;
+	}
+	// sent the normal way: from now on this socket always is (see the top of this file)
+	bpf_sk_storage_get(&legation_unspliced, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	count(STAT_PASSED);
 	return SK_PASS;
 }
 
