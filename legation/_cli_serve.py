@@ -18,6 +18,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.plan:
         return asyncio.run(_serve_plan(args))
     workers = max(1, args.workers)
+    from legation.services import kinds
+
+    if workers > 1 and getattr(kinds.get(args.service).service_class(), "one_process", False):
+        print(
+            f"legation serve {args.service}: one process only (it aggregates in memory); "
+            "drop --workers",
+            file=sys.stderr,
+        )
+        return 2
     if workers == 1:
         return asyncio.run(_serve_one(args, reuse_port=False, index=0))
     from legation.services.workers import run_workers

@@ -1,5 +1,5 @@
-"""``legation status``: the running stack's proxies, processes and rotation, from the control
-plane's ``/status`` (``--json`` prints it as is)."""
+"""``legation status``: the running stack's proxies, processes, rotation and golden metrics,
+from the control plane's ``/status`` (``--json`` prints it as is)."""
 
 from __future__ import annotations
 
@@ -50,4 +50,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         nack = p.get("last_nack")
         last = f"{nack['type']} {nack['version']}: {nack['message']}" if nack else "-"
         print(f"  last NACK  {last}")
+    if status.get("golden"):
+        from legation._cli_top import golden_text
+
+        print("\ngolden metrics (`legation top` for a live view)")
+        longest = max(status["golden"]["windows"])  # a status is a summary: the longest window
+        print(golden_text(status["golden"], window=longest, limit=10), end="")
     return 0

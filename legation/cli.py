@@ -4,7 +4,9 @@ legation up [MESH]                  the quickstart (or MESH): control plane, Env
 legation check MESH...              validate mesh files without running anything
 legation bootstrap --node NAME      print an Envoy bootstrap pointing at the xDS server
 legation status [--json]            proxies of a running stack, ACKed versions, NACKs
-legation serve SERVICE              one service alone: xds, extauthz, extproc, ratelimit
+legation top [--once]               golden metrics live: per route, service pair, proxy
+legation serve SERVICE              one service alone: xds, extauthz, extproc, ratelimit,
+                                    accesslog
 legation policy test DIR            run Rego unit tests, reported like `opa test`
 legation demo --name N --port P     one demo app (the compose stack runs them this way)
 legation ca show [DIR]              the mesh CA's root: fingerprint and expiry
@@ -165,6 +167,9 @@ def parser() -> argparse.ArgumentParser:
     status.add_argument("--url", default=DEFAULT_STATUS)
     status.add_argument("--json", action="store_true")
     status.set_defaults(fn=cmd_status)
+    from legation._cli_top import add_parser as add_top
+
+    add_top(sub, default_url=DEFAULT_STATUS)
 
     serve = sub.add_parser("serve", help="run one service")
     ssub = serve.add_subparsers(dest="service", required=True, metavar="SERVICE")

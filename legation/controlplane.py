@@ -155,6 +155,7 @@ class ControlPlane(Reloading, Publishing):
             status=self.status,
             registries=lambda: (self.registry, *self.services.registries()),
             more_metrics=getattr(self.services, "metrics_text", None),
+            golden=self.services.golden,
         )
         self._watcher: asyncio.Task[None] | None = None
         self._hold: asyncio.Task[None] | None = None

@@ -1,5 +1,6 @@
 """The control plane's small HTTP endpoint, on aiohttp: ``/status`` (JSON, what ``legation
-status`` prints), ``/metrics`` (Prometheus text of the given registries) and ``/healthz``.
+status`` and ``legation top`` print; ``golden`` holds the golden metrics, None without an
+access-log service), ``/metrics`` (Prometheus text of the given registries) and ``/healthz``.
 
 It only reads: the status document (:func:`status_document`, built from the control plane) and
 the registries come from callables, so it holds no state of its own. Paths match by prefix
@@ -33,12 +34,15 @@ class StatusEndpoint:
         status: Callable[[], dict[str, Any]],
         registries: Callable[[], Iterable[CollectorRegistry]],
         more_metrics: Callable[[], bytes] | None = None,
+        golden: Callable[[], dict[str, Any] | None] | None = None,
     ) -> None:
         """``more_metrics``: Prometheus text gathered elsewhere (the service processes'),
-        appended to ``/metrics``; called on a thread, it may block briefly."""
+        appended to ``/metrics``; ``golden``: the golden metrics (the access-log service's
+        snapshot), ``/status``'s ``golden``. Both are called on a thread and may block briefly."""
         self._status = status
         self._registries = registries
         self._more_metrics = more_metrics
+        self._golden = golden
         self._runner: web.AppRunner | None = None
         self.port = 0
 
@@ -65,6 +69,12 @@ class StatusEndpoint:
             self._runner = None
 
     async def _handle(self, request: web.Request) -> web.Response:
+        if request.path.startswith("/status"):
+            doc = self._status()
+            doc["golden"] = await asyncio.to_thread(self._golden) if self._golden else None
+            response = web.Response(body=json.dumps(doc).encode(), content_type="application/json")
+            response.force_close()
+            return response
         response = self._answer(request.path)
         if request.path.startswith("/metrics") and self._more_metrics is not None:
             more = await asyncio.to_thread(self._more_metrics)
@@ -76,10 +86,6 @@ class StatusEndpoint:
         return response
 
     def _answer(self, path: str) -> web.Response:
-        if path.startswith("/status"):
-            return web.Response(
-                body=json.dumps(self._status()).encode(), content_type="application/json"
-            )
         if path.startswith("/metrics"):
             body = b"".join(generate_latest(r) for r in self._registries())
             return web.Response(

@@ -40,6 +40,7 @@ def semantic_problems(mesh: Mesh) -> list[Problem]:
         *capture_problems(mesh),
         *tracing_problems(mesh),
         *_service_tls(mesh),
+        *_accesslog(mesh),
     ]
 
 
@@ -256,3 +257,14 @@ def _extensions(mesh: Mesh, at: str, r: Route) -> Iterator[Problem]:
         yield Problem(f"{at}.filters", "needs an extproc service (mesh-level 'extproc')")
     if r.rate_limits and mesh.ratelimit is None:
         yield Problem(f"{at}.rate_limits", "needs a rate-limit service (mesh-level 'ratelimit')")
+
+
+def _accesslog(mesh: Mesh) -> Iterator[Problem]:
+    """``accesslog.proxies`` names proxies of this mesh (node ids, as ``legation status``)."""
+    if mesh.accesslog is None:
+        return
+    nodes = {p.node_id for p in mesh.proxies()}
+    for node in mesh.accesslog.proxies:
+        if node not in nodes:
+            known = ", ".join(sorted(nodes)) or "none"
+            yield Problem(f"accesslog.proxies.{node}", f"no proxy {node!r} (proxies: {known})")

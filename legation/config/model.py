@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, Field, PrivateAttr
 
 from legation.config._types import STRICT, Name, Port
+from legation.config.accesslog import AccessLogService
 from legation.config.capture import Capture
 from legation.config.extensions import ExtAuthzService, ExtProcService, RateLimitService
 from legation.config.mtls import Mtls
@@ -128,6 +129,7 @@ class Mesh(BaseModel):
     extauthz: ExtAuthzService | None = None
     extproc: ExtProcService | None = None
     ratelimit: RateLimitService | None = None
+    accesslog: AccessLogService | None = None
     mtls: Mtls = Field(default_factory=Mtls)
     # transparent capture (see legation.config.capture); None: apps call their sidecar explicitly
     capture: Capture | None = None

@@ -59,6 +59,7 @@ class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[
     def __init__(self, aggregator: Aggregator) -> None:
         self.aggregator = aggregator
         self.streams = 0
+        self.open_streams = 0
         self.entries = 0
         self.tcp_entries = 0
 
@@ -66,19 +67,23 @@ class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[
         self, request_iterator: AsyncIterator[als_pb2.StreamAccessLogsMessage], context: Any
     ) -> als_pb2.StreamAccessLogsResponse:
         self.streams += 1
+        self.open_streams += 1
         node_id = node_cluster = log_name = ""
-        async for message in request_iterator:
-            if message.HasField("identifier"):
-                node = message.identifier.node
-                node_id, node_cluster = node.id, node.cluster
-                log_name = message.identifier.log_name
-            if message.HasField("http_logs"):
-                record = self.aggregator.record
-                for http in message.http_logs.log_entry:
-                    record(entry_of(node_id, node_cluster, log_name, http))
-                self.entries += len(message.http_logs.log_entry)
-            elif message.HasField("tcp_logs"):
-                self.tcp_entries += len(message.tcp_logs.log_entry)
+        try:
+            async for message in request_iterator:
+                if message.HasField("identifier"):
+                    node = message.identifier.node
+                    node_id, node_cluster = node.id, node.cluster
+                    log_name = message.identifier.log_name
+                if message.HasField("http_logs"):
+                    record = self.aggregator.record
+                    for http in message.http_logs.log_entry:
+                        record(entry_of(node_id, node_cluster, log_name, http))
+                    self.entries += len(message.http_logs.log_entry)
+                elif message.HasField("tcp_logs"):
+                    self.tcp_entries += len(message.tcp_logs.log_entry)
+        finally:
+            self.open_streams -= 1
         return als_pb2.StreamAccessLogsResponse()
 
 

@@ -9,6 +9,11 @@ listener its own (``inbound`` / ``outbound`` / ``gateway``, the listener names o
 The entry Envoy sends carries the request's path, authority, user agent and addresses, and
 request or response headers only when listed here. Credentials never are: a header in
 :data:`SENSITIVE_HEADERS` is refused with :class:`ObserveError` (code ``sensitive_header``).
+
+:func:`json_log` is the JSON-lines access log (to a file or Envoy's stdout) with
+:data:`JSON_FIELDS`: ids to join a line to its trace and its authorization decision, where the
+request went and how it ended. The path is logged without its query string (a token may travel
+there), and no header that can carry a credential is ever a field.
 """
 
 from __future__ import annotations
@@ -18,7 +23,11 @@ from collections.abc import Iterable
 from envoy.config.accesslog.v3 import accesslog_pb2
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import config_source_pb2
+from envoy.config.core.v3 import substitution_format_string_pb2 as fmt_pb2
+from envoy.extensions.access_loggers.file.v3 import file_pb2
 from envoy.extensions.access_loggers.grpc.v3 import als_pb2
+from envoy.extensions.access_loggers.stream.v3 import stream_pb2
+from google.protobuf import struct_pb2
 
 from legation._proto import envoy_grpc, milliseconds, pack
 from legation.envoy_grpc import grpc_cluster
@@ -27,10 +36,12 @@ from legation.errors import LegationError
 __all__ = [
     "ACCESS_LOGGER",
     "ALS_CLUSTER",
+    "JSON_FIELDS",
     "SENSITIVE_HEADERS",
     "ObserveError",
     "access_log",
     "als_cluster",
+    "json_log",
 ]
 
 ACCESS_LOGGER = "envoy.access_loggers.http_grpc"
@@ -50,6 +61,34 @@ SENSITIVE_HEADERS = frozenset(
     }
 )
 """Headers that carry credentials: never configured into an access-log entry."""
+
+
+JSON_FIELDS: dict[str, str] = {
+    "start_time": "%START_TIME%",
+    "request_id": "%REQ(X-REQUEST-ID)%",
+    "trace_id": "%TRACE_ID%",
+    "traceparent": "%REQ(TRACEPARENT)%",
+    "method": "%REQ(:METHOD)%",
+    "authority": "%REQ(:AUTHORITY)%",
+    "path": "%PATH(NQ:ORIG_OR_PATH)%",
+    "protocol": "%PROTOCOL%",
+    "route": "%ROUTE_NAME%",
+    "upstream_cluster": "%UPSTREAM_CLUSTER%",
+    "upstream_host": "%UPSTREAM_HOST%",
+    "response_code": "%RESPONSE_CODE%",
+    "response_flags": "%RESPONSE_FLAGS%",
+    "response_code_details": "%RESPONSE_CODE_DETAILS%",
+    "duration_ms": "%DURATION%",
+    "upstream_service_time_ms": "%RESP(X-ENVOY-UPSTREAM-SERVICE-TIME)%",
+    "bytes_received": "%BYTES_RECEIVED%",
+    "bytes_sent": "%BYTES_SENT%",
+    "downstream_peer": "%DOWNSTREAM_REMOTE_ADDRESS%",
+    "decision_id": "%DYNAMIC_METADATA(envoy.filters.http.ext_authz:decision_id)%",
+}
+"""The JSON access log's fields: Envoy command operators. ``trace_id`` is the active span's
+(set when the proxy traces), ``traceparent`` the W3C header as it arrived; ``decision_id`` is the
+id Legation's ext_authz service gave the request's decision (in the filter's dynamic metadata).
+Each line also carries ``node`` and ``listener`` (see :func:`json_log`)."""
 
 
 class ObserveError(LegationError):
@@ -85,6 +124,29 @@ def access_log(
     )
     config.common_config.buffer_size_bytes.value = buffer_size_bytes
     return accesslog_pb2.AccessLog(name=ACCESS_LOGGER, typed_config=pack(config))
+
+
+def json_log(node_id: str, listener: str, *, to: str, path: str = "") -> accesslog_pb2.AccessLog:
+    """A JSON-lines access log of :data:`JSON_FIELDS` plus the proxy's ``node`` and
+    ``listener``, written to ``path`` (``to="file"``) or Envoy's stdout (``to="stdout"``)."""
+    fields = struct_pb2.Struct()
+    # literal values: a '%' would start a command operator
+    fields.update({"node": node_id.replace("%", "%%"), "listener": listener.replace("%", "%%")})
+    fields.update(JSON_FIELDS)
+    log_format = fmt_pb2.SubstitutionFormatString(json_format=fields)
+    if to == "file":
+        if not path:
+            raise ObserveError("a file access log needs a path", code="invalid_config")
+        return accesslog_pb2.AccessLog(
+            name="envoy.access_loggers.file",
+            typed_config=pack(file_pb2.FileAccessLog(path=path, log_format=log_format)),
+        )
+    if to == "stdout":
+        return accesslog_pb2.AccessLog(
+            name="envoy.access_loggers.stdout",
+            typed_config=pack(stream_pb2.StdoutAccessLog(log_format=log_format)),
+        )
+    raise ObserveError(f"no access log destination {to!r}", code="invalid_config")
 
 
 def als_cluster(host: str, port: int, *, name: str = ALS_CLUSTER) -> cluster_pb2.Cluster:

@@ -28,7 +28,7 @@ control plane can show golden metrics of a service process it only reaches throu
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -116,13 +116,13 @@ class GoldenCollector(Collector):
             yield from (total, failures, rps, success, latency)
 
 
-def snapshot_from_text(text: str) -> dict[str, Any]:
+def snapshot_from_text(text: str, *, windows: Sequence[int] = (10, 60)) -> dict[str, Any]:
     """The ``Snapshot.to_dict()`` form rebuilt from this collector's exposition text (other
     families are ignored), so a process that only serves ``/metrics`` can be rendered by
     :func:`legation.observe.render.render`. Per-window request and failure counts are derived
     from the rate and the success ratio (rounded)."""
     rows: dict[str, dict[tuple[str, ...], dict[str, Any]]] = {s: {} for s in SCOPES}
-    windows: set[int] = set()
+    seen: set[int] = set(windows)  # a window without requests has no gauge
     overflowed: dict[str, int] = {}
     for family in text_string_to_metric_families(text):
         if not family.name.startswith(PREFIX + "_"):
@@ -150,7 +150,7 @@ def snapshot_from_text(text: str) -> dict[str, Any]:
                 row["failures"] = int(sample.value)
             elif "window" in sample.labels:
                 w = sample.labels["window"]
-                windows.add(int(w))
+                seen.add(int(w))
                 stats = row["windows"].setdefault(w, {})
                 if metric == "requests_per_second":
                     stats["rps"] = sample.value
@@ -161,10 +161,10 @@ def snapshot_from_text(text: str) -> dict[str, Any]:
                     if attr:
                         stats[attr] = sample.value * 1000
     return {
-        "windows": sorted(windows),
+        "windows": sorted(seen),
         "overflowed": overflowed,
         "scopes": {
-            scope: [_complete(row, sorted(windows)) for _, row in sorted(keyed.items())]
+            scope: [_complete(row, sorted(seen)) for _, row in sorted(keyed.items())]
             for scope, keyed in rows.items()
         },
     }

@@ -104,6 +104,12 @@ class EmbeddedServices:
     def registries(self) -> list[CollectorRegistry]:
         return [s.registry for s in self.running.values()]
 
+    def golden(self) -> dict[str, Any] | None:
+        """The access-log service's golden metrics (``Snapshot.to_dict()``), None without one.
+        Safe from any thread (the aggregator locks)."""
+        golden = getattr(self.running.get("accesslog"), "golden", None)
+        return golden() if golden is not None else None
+
     def status(self) -> dict[str, dict[str, Any]]:
         out: dict[str, dict[str, Any]] = {}
         for name, service in self.running.items():

@@ -1,4 +1,5 @@
-"""The one table of request-path service kinds: ext_authz, ext_proc, rate limiting.
+"""The one table of request-path service kinds: ext_authz, ext_proc, rate limiting, and the
+access-log service every proxy streams finished requests to (golden metrics).
 
 Everything that needs "which services exist" reads :data:`KINDS`: the embedded runner
 (:mod:`legation.services.embedded`), ``legation serve`` (its choices and each kind's options),
@@ -7,7 +8,8 @@ kind is one entry here, its mesh block in :class:`legation.config.Mesh`, and a c
 implements :class:`~legation.services.base.Service`.
 
 The order is Envoy's filter order: ext_authz denies first, ext_proc may set headers that the
-rate-limit descriptors read, and rate limiting counts only requests about to be forwarded.
+rate-limit descriptors read, and rate limiting counts only requests about to be forwarded. The
+access-log service is no filter: it comes last.
 
 This module imports nothing of the services themselves (the config package reads it while it
 is being imported): a kind's class is imported on first use.
@@ -69,6 +71,10 @@ KINDS: tuple[ServiceKind, ...] = (
                 service="legation.services.ratelimit:RateLimitService",
                 envoy="legation.translate._services:RateLimitSide",
                 help="rate limiting, envoyproxy/ratelimit compatible (RateLimitService)"),
+    ServiceKind(name="accesslog", block="accesslog",
+                service="legation.services.accesslog:AccessLogService",
+                envoy="legation.translate._accesslog:AccessLogSide",
+                help="access-log service: golden metrics from every proxy (AccessLogService)"),
 )
 # fmt: on
 

@@ -161,12 +161,30 @@ class PublishedServices:
         out = []
         for kind in list(self.published):
             try:
-                port = int((self.directory / kind / METRICS_PORT_FILE).read_text())
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=1) as resp:
-                    out.append(resp.read())
+                out.append(self._metrics_of(kind))
             except (OSError, ValueError):
                 continue
         return b"".join(out)
+
+    def golden(self) -> dict[str, Any] | None:
+        """The access-log service process's golden metrics, read back from its ``/metrics``
+        (:func:`legation.observe.prometheus.snapshot_from_text`); None without that service or
+        when it does not answer within a second. Blocking: call it on a thread."""
+        if "accesslog" not in self.published:
+            return None
+        from legation.observe.prometheus import snapshot_from_text
+
+        try:
+            text = self._metrics_of("accesslog")
+        except (OSError, ValueError):
+            return None
+        return snapshot_from_text(text.decode())
+
+    def _metrics_of(self, kind: str) -> bytes:
+        port = int((self.directory / kind / METRICS_PORT_FILE).read_text())
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=1) as resp:
+            body: bytes = resp.read()
+        return body
 
     def status(self) -> dict[str, dict[str, Any]]:
         out: dict[str, dict[str, Any]] = {}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from envoy.config.accesslog.v3 import accesslog_pb2
 from envoy.config.core.v3 import base_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.extensions.filters.http.fault.v3 import fault_pb2
@@ -48,8 +49,10 @@ def http_listener(
     service_filters: Sequence[hcm_pb2.HttpFilter] = (),
     path_normalization: str = "merge_slashes",
     tracing: hcm_pb2.HttpConnectionManager.Tracing | None = None,
+    access_logs: Sequence[accesslog_pb2.AccessLog] = (),
 ) -> listener_pb2.Listener:
-    """``edge``: the gateway trusts no client's X-Forwarded-For and uses the peer's address.
+    """``access_logs``: the connection manager's (see :mod:`legation.translate._accesslog`).
+    ``edge``: the gateway trusts no client's X-Forwarded-For and uses the peer's address.
     ``service_filters`` go after fault and local_ratelimit, before the router.
     ``path_normalization``: see :attr:`legation.config.model.Mesh.path_normalization`.
     ``tracing``: the tracer and sampling rate (:mod:`legation.translate._tracing`)."""
@@ -67,6 +70,7 @@ def http_listener(
             hcm_pb2.HttpFilter(name=ROUTER_FILTER, typed_config=pack(router_pb2.Router())),
         ],
     )
+    hcm.access_log.extend(access_logs)
     if edge:
         hcm.use_remote_address.value = True
     if tracing is not None:

@@ -22,7 +22,8 @@ gateway and the sidecars' outbound listeners get their filters, every proxy gets
 (``legation|extauthz``, ``legation|extproc``, ``legation|ratelimit``), and every route in the
 ``gateway`` and ``outbound`` route configurations says what each does there (routes' ``authz``,
 ``filters``, ``rate_limits``); see :mod:`legation.translate._services`. The ``inbound``
-listener carries none of them: the caller's side already applied the route.
+listener carries none of them: the caller's side already applied the route. With ``accesslog``,
+every connection manager (inbound too) gets access logs; see :mod:`legation.translate._accesslog`.
 
 When the mesh turns ``mtls`` on, sidecar inbound listeners terminate mTLS and the clusters to
 sidecars originate it, with the certificates of the ``secrets`` given (SDS over ADS); see
@@ -47,6 +48,7 @@ from legation.config.model import Endpoint, Mesh, Service
 from legation.config.proxies import gateway_node_id, sidecar_node_id
 from legation.config.routes import Route
 from legation.extproc.config import Chains
+from legation.translate._accesslog import access_logs
 from legation.translate._clusters import inbound_local_app, outbound_clusters
 from legation.translate._listeners import http_listener, tcp_listener
 from legation.translate._mtls import check_sds, secure_inbound
@@ -89,11 +91,11 @@ def translate(mesh: Mesh, *, version: str, secrets: Secrets | None = None) -> di
             if endpoint.sidecar is not None:
                 node = sidecar_node_id(service.instance_name(i))
                 out[node] = _sidecar(
-                    routed, service, endpoint, shared, version, _secrets_of(secrets, node)
+                    routed, node, service, endpoint, shared, version, _secrets_of(secrets, node)
                 )
     if mesh.gateway is not None:
         node = gateway_node_id(mesh.gateway.name)
-        out[node] = _gateway(routed, shared, version, _secrets_of(secrets, node))
+        out[node] = _gateway(routed, node, shared, version, _secrets_of(secrets, node))
     for snapshot in out.values():
         snapshot.check_consistent()
         if secrets is not None:
@@ -152,7 +154,11 @@ def _snapshot(
 
 
 def _gateway(
-    routed: _Routed, shared: _Clusters, version: str, secrets: Sequence[secret_pb2.Secret]
+    routed: _Routed,
+    node: str,
+    shared: _Clusters,
+    version: str,
+    secrets: Sequence[secret_pb2.Secret],
 ) -> Snapshot:
     mesh = routed.mesh
     gw = mesh.gateway
@@ -177,12 +183,14 @@ def _gateway(
         service_filters=routed.filters,
         path_normalization=routed.mesh.path_normalization,
         tracing=hcm_tracing(mesh, service_name=gw.name),
+        access_logs=access_logs(mesh, node, GATEWAY),
     )
     return _snapshot(routed, version, shared, [listener], [routes], secrets)
 
 
 def _sidecar(
     routed: _Routed,
+    node: str,
     service: Service,
     endpoint: Endpoint,
     shared: _Clusters,
@@ -214,6 +222,7 @@ def _sidecar(
                 stat_prefix=f"inbound_{service.name}",
                 path_normalization=routed.mesh.path_normalization,
                 tracing=hcm_tracing(routed.mesh, service_name=service.name),
+                access_logs=access_logs(routed.mesh, node, INBOUND),
             )
         )
         routes.append(_inbound_routes(service))
@@ -233,6 +242,7 @@ def _sidecar(
             service_filters=routed.filters,
             path_normalization=routed.mesh.path_normalization,
             tracing=hcm_tracing(routed.mesh, service_name=service.name),
+            access_logs=access_logs(routed.mesh, node, OUTBOUND),
         )
     )
     routes.append(_outbound_routes(routed))

@@ -83,6 +83,13 @@ EXPECTED = {
     "tracing_port_clash": (
         "tracing.port: port 9111 is already used by services[0].endpoints[0].port"
     ),
+    "accesslog_flush_interval": "accesslog.flush_interval: must be between 10ms and 60s",
+    "accesslog_log_to": ("accesslog.log.to: expected 'none', 'file' or 'stdout', got 'syslog'"),
+    "accesslog_path_placeholder": "accesslog.log.path: the only placeholder is {node}",
+    "accesslog_unknown_proxy": (
+        "accesslog.proxies.sidecar-reviws-0: no proxy 'sidecar-reviws-0' "
+        "(proxies: sidecar-reviews-0)"
+    ),
     "unreadable": (
         "(top level): invalid YAML at line 4, column 4: "
         "expected <block end>, but found '<block mapping start>'"

@@ -20,8 +20,8 @@ def test_unknown_top_level_key_lists_allowed_keys() -> None:
     data = base()
     data["servics"] = []
     assert error_of(data) == (
-        "mesh.yaml: servics: unknown key (allowed: capture, extauthz, extproc, gateway, mtls, "
-        "path_normalization, ratelimit, routes, services, tracing, xds)"
+        "mesh.yaml: servics: unknown key (allowed: accesslog, capture, extauthz, extproc, "
+        "gateway, mtls, path_normalization, ratelimit, routes, services, tracing, xds)"
     )
 
 

@@ -280,6 +280,7 @@ def test_up_refuses_an_invalid_mesh(tmp_path: Path, ports: dict[str, int]) -> No
 SERVICES = """\
 extauthz: {{port: {authz}, config: authz.yaml}}
 ratelimit: {{port: {rl}, config: limits.yaml}}
+accesslog: {{port: {als}, flush_interval: 100ms}}
 """
 
 
@@ -290,7 +291,7 @@ def test_up_runs_the_mesh_services_and_stops_them(tmp_path: Path, ports: dict[st
         "\ndefault_checks: [rego]\n"
     )
     (tmp_path / "limits.yaml").write_text("domain: mesh\ndescriptors: []\n")
-    service_ports = {"authz": free_port(), "rl": free_port()}
+    service_ports = {"authz": free_port(), "rl": free_port(), "als": free_port()}
     mesh = tmp_path / "mesh.yaml"
     mesh.write_text(
         SERVICES.format(**service_ports)
@@ -311,6 +312,13 @@ def test_up_runs_the_mesh_services_and_stops_them(tmp_path: Path, ports: dict[st
         assert status == 403 and json.loads(body)["policy"] == "quickstart.authz"
         assert http(gw + "/page", {"x-role": "admin"})[0] == 200
         assert http(gw + "/hello") == (200, "hi")  # no authz on that route
+
+        def routes() -> dict[str, int]:
+            golden = json.loads(http(run.status_url + "/status")[1])["golden"]
+            return {r["labels"]["route"]: r["total"] for r in golden["scopes"]["route"]}
+
+        # golden metrics from the access-log service's own process, through its /metrics
+        eventually(lambda: routes() == {"web": 2, "hello": 1})
         doc = json.loads(http(run.status_url + "/status")[1])
         assert doc["services"]["ratelimit"] == {
             "embedded": True,

@@ -218,3 +218,11 @@ def test_the_table_renders_the_same_from_metrics_text() -> None:
     for window in (10, 60):
         assert render(rebuilt, window=window) == render(agg.snapshot(), window=window)
     assert rebuilt["overflowed"] == {"route": 0, "pair": 0, "proxy": 0}
+
+
+def test_serve_accesslog_refuses_workers(capsys: pytest.CaptureFixture[str]) -> None:
+    """One process aggregates the whole mesh: forked workers would each see a part."""
+    from legation import cli
+
+    assert cli.main(["serve", "accesslog", "--workers", "2"]) == 2
+    assert "one process only" in capsys.readouterr().err

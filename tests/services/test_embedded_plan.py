@@ -45,13 +45,14 @@ def plan_error(path: Path, **kwargs: object) -> str:
     return str(info.value)
 
 
-def test_the_quickstart_plans_all_three() -> None:
+def test_the_quickstart_plans_all_four() -> None:
     p = plan(load_mesh(QUICKSTART), mesh_path=QUICKSTART)
-    assert sorted(p.embedded) == ["extauthz", "extproc", "ratelimit"]
-    assert [p.embedded[k].port for k in ("extauthz", "extproc", "ratelimit")] == [
+    assert sorted(p.embedded) == ["accesslog", "extauthz", "extproc", "ratelimit"]
+    assert [p.embedded[k].port for k in ("extauthz", "extproc", "ratelimit", "accesslog")] == [
         18010,
         18011,
         18012,
+        18013,
     ]
     chains = p.embedded["extproc"].live["chains"]
     assert chains is not None and sorted(chains.chains) == ["reviews-beta-cohort", "reviews-canary"]

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_the_kinds_in_filter_order() -> None:
-    assert names() == ("extauthz", "extproc", "ratelimit")
+    assert names() == ("extauthz", "extproc", "ratelimit", "accesslog")  # no filter: last
     assert [k.block for k in KINDS] == list(names())
 
 
@@ -51,7 +51,7 @@ def test_the_list_of_kinds_is_written_once() -> None:
     ]
     assert found == [], found
     table = (ROOT / "legation" / "services" / "kinds.py").read_text()
-    assert table.count('ServiceKind(name="') == 3
+    assert table.count('ServiceKind(name="') == 4
 
 
 def test_serve_offers_xds_and_each_kind() -> None:
