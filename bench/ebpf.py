@@ -10,6 +10,8 @@ in the cgroup of a :class:`legation.capture.ebpf.Sockmap`, so each of the three 
 spliced by the sk_msg program; the first is outside it (today's path). Per round and stack:
 ``wrk -t1 -cN`` (requests/s), then ``h2load --h1`` at a fixed rate (p50/p99 in ms), and CPU per
 request of the three Envoys and of the client (/proc and getrusage over the wrk window). The
+table shows medians over the rounds; the ratio is the median of the per-round ratios (the two
+stacks are measured back to back in each round, so a noisy neighbour hits both alike). The
 splice counters are printed so the eBPF rows are seen to have been spliced. Needs root, clang,
 libbpf-dev and bpftool (``make system-deps``); everything is removed at the end.
 """
@@ -190,10 +192,16 @@ def print_table(rows: dict[str, list[dict[str, float]]], counters: dict[str, int
         ("CPU per request, 3 Envoys (us)", "envoy_us", "{:.0f}"),
         ("CPU per request, client (us)", "client_us", "{:.0f}"),
     ]
+
+    def ratio(key: str) -> float:  # per round (both stacks measured back to back), then median
+        return statistics.median(
+            e[key] / x[key] for x, e in zip(rows["explicit"], rows["ebpf"], strict=True)
+        )
+
     print(f"\n{'':34}{'explicit':>12}{'eBPF':>12}{'eBPF/explicit':>15}")
     for label, key, fmt in lines:
         a, b = med("explicit", key), med("ebpf", key)
-        print(f"{label:34}{fmt.format(a):>12}{fmt.format(b):>12}{b / a:>15.2f}")
+        print(f"{label:34}{fmt.format(a):>12}{fmt.format(b):>12}{ratio(key):>15.2f}")
     print(
         f"\nsplice counters: {counters['recorded']} sockets recorded, {counters['spliced']:,} "
         f"messages spliced, {counters['passed']:,} sent the normal way"

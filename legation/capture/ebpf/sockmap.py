@@ -98,7 +98,7 @@ class Sockmap:
             self.remove_leftovers()
             raise
         self.started = True
-        log.info("--ebpf: sockops on %s, sk_msg on %s", self.cgroup, self.pins / _owned.PAIRS_MAP)
+        log.debug("--ebpf: sockops on %s, sk_msg on %s", self.cgroup, self.pins / _owned.PAIRS_MAP)
         return self
 
     def _check_cgroup(self) -> None:
@@ -149,7 +149,7 @@ class Sockmap:
         """Detach, move processes out, remove the cgroup, unpin. Idempotent."""
         self.started = False
         for line in self.remove_leftovers():
-            log.info("--ebpf: removed %s", line)
+            log.debug("--ebpf: removed %s", line)
 
     def __enter__(self) -> Sockmap:
         return self.start()
