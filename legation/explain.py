@@ -4,7 +4,9 @@ request on it calls, over HTTP or gRPC, in how many hops, and why.
 Nothing is decided here: each answer is the :class:`~legation.translate._hops.Hop` the
 translation itself writes into the route (:func:`legation.translate._services.route_hops`, the
 decisions :func:`~legation.translate._services.apply_services` applies), so what this prints is
-what the proxies are configured to do. A hop is one call-out Envoy makes per request.
+what the proxies are configured to do. A hop is one call-out Envoy makes per request: services
+fused into the one HTTP call (:mod:`legation.translate._fused`) share a hop, and a route that is
+not fused says why.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ def _where(route: Route) -> list[str]:
 def explain(mesh: Mesh, route: str | None = None) -> list[dict[str, Any]]:
     """One entry per route (or only ``route``): where it applies, its hops, every service's
     decision with its reason. Raises LookupError naming the routes when ``route`` is unknown."""
+    from legation.translate._authz import FUSED_FILTERS
     from legation.translate._services import route_hops
 
     routes = [r for r in mesh.routes if route is None or r.name == route]
@@ -46,7 +49,8 @@ def explain(mesh: Mesh, route: str | None = None) -> list[dict[str, Any]]:
     out = []
     for spec in routes:
         hops = route_hops(mesh, spec)
-        calls = [h for h in hops if h.calls]
+        # one call-out per filter: services fused into one HTTP call share theirs
+        calls = list({h.filter: h for h in hops if h.calls}.values())
         out.append(
             {
                 "route": spec.name,
@@ -54,6 +58,7 @@ def explain(mesh: Mesh, route: str | None = None) -> list[dict[str, Any]]:
                 "hops": len(calls),
                 "http": sum(h.protocol == "http" for h in calls),
                 "grpc": sum(h.protocol == "grpc" for h in calls),
+                "fused": [h.kind for h in hops if h.calls and h.filter in FUSED_FILTERS.values()],
                 "services": [
                     {
                         "service": h.kind,
@@ -78,6 +83,8 @@ def render(entries: list[dict[str, Any]]) -> str:
         count = f"{e['hops']} hop{'' if e['hops'] == 1 else 's'}"
         if e["hops"]:
             count += f" ({e['http']} HTTP, {e['grpc']} gRPC)"
+        if e["fused"]:
+            count += f", fused: {' + '.join(e['fused'])}"
         lines.append(f"route {e['route']}: {count}, on the {where}")
         for s in e["services"]:
             if s["calls"]:

@@ -144,6 +144,8 @@ class Mesh(BaseModel):
 
     # built once per loaded mesh by legation.services.chains.route_chains (plugin instances)
     _route_chains: Any = PrivateAttr(default=None)
+    # built once per loaded mesh by legation.translate._fused.fused_routes
+    _fused: Any = PrivateAttr(default=None)
 
     def service(self, name: str) -> Service | None:
         return next((s for s in self.services if s.name == name), None)

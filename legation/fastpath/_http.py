@@ -57,6 +57,7 @@ class Limits:
 
 class CalloutProtocol(asyncio.Protocol):
     __slots__ = (
+        "__weakref__",
         "_body",
         "_busy",
         "_head",
@@ -202,6 +203,10 @@ class CalloutProtocol(asyncio.Protocol):
         if self.transport is not None and not self.transport.is_closing():
             if not self._busy:  # with an answer pending, closing is the only clean reply
                 self.transport.write(answer.error(status, code))
+        self._close()
+
+    def close(self) -> None:
+        """Close the connection (the server is stopping): calls in flight are dropped."""
         self._close()
 
     def _close(self) -> None:

@@ -26,6 +26,13 @@ HEADER_PREFIX = "x-legation-"
 POLICY_HEADER = "x-legation-policy"
 CHECKS_HEADER = "x-legation-checks"
 REMOVE_HEADER = "x-envoy-auth-headers-to-remove"  # Envoy's own name
+ROUTE_HEADER = "x-legation-route"
+"""A fused route's name: set by the route's ``http_service`` override (fused decisions)."""
+REMOTE_ADDRESS_HEADER = "x-legation-remote-address"
+"""The client address Envoy trusts (``%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%``), for
+``remote_address`` descriptors; set by Envoy on fused calls, never taken from a client."""
+RATELIMIT_HEADERS = ("x-ratelimit-limit", "x-ratelimit-remaining", "x-ratelimit-reset")
+"""What Envoy's rate-limit filter adds (``DRAFT_VERSION_03``); a fused answer adds the same."""
 
 
 class Forwarded:

@@ -37,6 +37,8 @@ from legation.fastpath.contract import (
     HEADER_PREFIX,
     PATH_PREFIX,
     POLICY_HEADER,
+    REMOTE_ADDRESS_HEADER,
+    ROUTE_HEADER,
     Forwarded,
 )
 
@@ -62,6 +64,7 @@ class Callout:
     client_headers: Sequence[str] = ()
     max_request_bytes: int = 0
     allow_partial_message: bool = True
+    clear_route_cache: bool = False  # True: headers the answer sets make Envoy re-pick the route
 
     def forwarded(self) -> Forwarded:
         """The upstream header names the server may answer with (the server's side)."""
@@ -97,9 +100,15 @@ def _request_matchers(names: Sequence[str]) -> list[string_pb2.StringMatcher]:
 
 
 def http_service(
-    callout: Callout, *, policy: str | None = None, checks: Sequence[str] = ()
+    callout: Callout,
+    *,
+    policy: str | None = None,
+    checks: Sequence[str] = (),
+    route: str | None = None,
 ) -> ext_authz_pb2.HttpService:
-    """The ``http_service`` calling the server, with the route's policy and checks if any."""
+    """The ``http_service`` calling the server, with the route's policy and checks if any; for
+    a fused ``route``, its name and the client address Envoy trusts (Envoy sets both: a client's
+    own ``x-legation-*`` headers never reach the server)."""
     service = ext_authz_pb2.HttpService(
         server_uri=http_uri_pb2.HttpUri(
             uri=f"http://{callout.cluster}",
@@ -113,6 +122,13 @@ def http_service(
         add.append(base_pb2.HeaderValue(key=POLICY_HEADER, value=policy))
     if checks:
         add.append(base_pb2.HeaderValue(key=CHECKS_HEADER, value=",".join(checks)))
+    if route is not None:
+        add.append(base_pb2.HeaderValue(key=ROUTE_HEADER, value=route))
+        add.append(
+            base_pb2.HeaderValue(
+                key=REMOTE_ADDRESS_HEADER, value="%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%"
+            )
+        )
     response = service.authorization_response
     response.allowed_upstream_headers.patterns.append(
         string_pb2.StringMatcher(prefix=HEADER_PREFIX)
@@ -135,6 +151,7 @@ def http_filter(callout: Callout) -> hcm_pb2.HttpFilter:
         failure_mode_allow=callout.failure_mode_allow,
         validate_mutations=True,
         http_service=http_service(callout),
+        clear_route_cache=callout.clear_route_cache,
     )
     if callout.allowed_headers:
         config.allowed_headers.patterns.extend(_request_matchers(callout.allowed_headers))
@@ -152,17 +169,21 @@ def per_route(
     *,
     policy: str | None = None,
     checks: Sequence[str] = (),
+    route: str | None = None,
     disabled: bool = False,
 ) -> ext_authz_pb2.ExtAuthzPerRoute:
-    """The route's settings: ``disabled``, or the call-out with its policy and checks."""
+    """The route's settings: ``disabled``, or the call-out with its policy and checks (and, for a
+    fused route, its name)."""
     if disabled:
-        if policy or checks:
+        if policy or checks or route:
             raise ValueError("a route with ext_authz disabled cannot name a policy or checks")
         return ext_authz_pb2.ExtAuthzPerRoute(disabled=True)
     if callout is None:
         raise ValueError("a checked route needs the Callout its filter uses")
     out = ext_authz_pb2.ExtAuthzPerRoute()
-    out.check_settings.http_service.CopyFrom(http_service(callout, policy=policy, checks=checks))
+    out.check_settings.http_service.CopyFrom(
+        http_service(callout, policy=policy, checks=checks, route=route)
+    )
     return out
 
 

@@ -27,7 +27,13 @@ from collections.abc import Sequence
 
 from envoy.service.auth.v3 import external_auth_pb2
 
-from legation.fastpath.contract import CHECKS_HEADER, PATH_PREFIX, POLICY_HEADER
+from legation.fastpath.contract import (
+    CHECKS_HEADER,
+    PATH_PREFIX,
+    POLICY_HEADER,
+    REMOTE_ADDRESS_HEADER,
+    ROUTE_HEADER,
+)
 
 # Headers of the call itself, not of the client's request.
 _CALL_HEADERS = frozenset(
@@ -44,6 +50,8 @@ _CALL_HEADERS = frozenset(
         "upgrade",
         POLICY_HEADER,
         CHECKS_HEADER,
+        ROUTE_HEADER,
+        REMOTE_ADDRESS_HEADER,
     }
 )
 _PREFIX = PATH_PREFIX.encode()
@@ -54,11 +62,16 @@ class NotACheck(ValueError):
 
 
 def check_request(
-    method: bytes, target: bytes, headers: Sequence[tuple[bytes, bytes]], body: bytes
+    method: bytes,
+    target: bytes,
+    headers: Sequence[tuple[bytes, bytes]],
+    body: bytes,
+    call: dict[str, str] | None = None,
 ) -> external_auth_pb2.CheckRequest:
     """The CheckRequest for one call. Header names arrive as sent; they are lower-cased here
     (Envoy sends them lower-case). A name sent twice is joined with ``,`` as Envoy joins
-    repeated headers in a CheckRequest."""
+    repeated headers in a CheckRequest. ``call`` receives the fused-call headers
+    (:data:`ROUTE_HEADER`, :data:`REMOTE_ADDRESS_HEADER`), which are not the client's."""
     if not target.startswith(_PREFIX) or target[len(_PREFIX) : len(_PREFIX) + 1] not in (
         b"/",
         b"*",
@@ -84,6 +97,10 @@ def check_request(
             attrs.context_extensions["policy"] = value
         elif name == CHECKS_HEADER:
             attrs.context_extensions["checks"] = value
+        elif call is not None and name in (ROUTE_HEADER, REMOTE_ADDRESS_HEADER):
+            if name in call:
+                raise NotACheck(f"more than one {name} header")
+            call[name] = value
         if name in _CALL_HEADERS:
             continue
         out[name] = f"{out[name]},{value}" if name in out else value

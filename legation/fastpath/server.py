@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import weakref
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +33,8 @@ from legation.extauthz.servicer import AuthorizationServicer
 from legation.fastpath import answer
 from legation.fastpath._http import Call, CalloutProtocol, Limits
 from legation.fastpath._tls import server_context
-from legation.fastpath.contract import Forwarded
+from legation.fastpath.contract import REMOTE_ADDRESS_HEADER, ROUTE_HEADER, Forwarded
+from legation.fastpath.fused import FusedDecider
 from legation.fastpath.request import NotACheck, check_request
 from legation.grpc_server import ServerTls, TlsSource
 
@@ -50,6 +52,7 @@ class Settings:
     client_headers: Sequence[str] = ()  # as the filter's Callout.client_headers
     limits: Limits = field(default_factory=Limits)
     tls: ServerTls | TlsSource | None = None  # None: plaintext; mutual TLS as the gRPC services
+    fused: FusedDecider | None = None  # fused decisions (rate limits, routing) for named routes
 
 
 class CalloutApp:
@@ -61,16 +64,34 @@ class CalloutApp:
         *,
         upstream_headers: Sequence[str] = (),
         client_headers: Sequence[str] = (),
+        fused: FusedDecider | None = None,
     ) -> None:
         self.servicer = servicer
         self.validate = answer.validator(Forwarded(upstream_headers), client_headers)
+        self.fused = fused
 
     def __call__(self, call: Call) -> bytes | Coroutine[Any, Any, bytes]:
+        extra: dict[str, str] = {}
         try:
-            request = check_request(call.method, call.target, call.headers, call.body)
+            request = check_request(call.method, call.target, call.headers, call.body, extra)
         except NotACheck:
             return answer.error(400, "not_a_check", keep_alive=call.keep_alive)
-        return self._answer(RequestContext(request, self.servicer.input_options), call.keep_alive)
+        ctx = RequestContext(request, self.servicer.input_options)
+        name = extra.get(ROUTE_HEADER)
+        if name is None:
+            return self._answer(ctx, call.keep_alive)
+        route = self.fused.routes.get(name) if self.fused is not None else None
+        if route is None:  # never an allow without the route's decisions
+            return answer.error(403, "unknown_route", keep_alive=call.keep_alive)
+        assert self.fused is not None
+        return self.fused.decide(
+            self.servicer,
+            route,
+            ctx,
+            extra.get(REMOTE_ADDRESS_HEADER),
+            self.validate,
+            call.keep_alive,
+        )
 
     async def _answer(self, ctx: RequestContext, keep_alive: bool) -> bytes:
         decision, _ = await self.servicer.decide(ctx, validate=self.validate)
@@ -90,17 +111,23 @@ class CalloutServer:
         port: int,
         *,
         owns_checks: bool = True,
+        connections: weakref.WeakSet[CalloutProtocol] | None = None,
     ) -> None:
         self.server = server
         self.servicer = servicer
         self.port = port
         self.owns_checks = owns_checks
+        self.connections = connections if connections is not None else weakref.WeakSet()
 
     async def serve_forever(self) -> None:
         await self.server.serve_forever()
 
     async def close(self) -> None:
+        """Stop listening and close the open connections too (Envoy keeps them alive: a stopped
+        service must stop answering, so Envoy's failure mode applies)."""
         self.server.close()
+        for protocol in list(self.connections):
+            protocol.close()
         await self.server.wait_closed()
         if self.owns_checks:
             await authz.close_checks(self.servicer)
@@ -135,11 +162,21 @@ async def serve(
             where = settings.config_file or "<settings.config>"
             raise ConfigError(f"{where}: {name}: 200 would allow the request in Envoy's HTTP mode")
     app = CalloutApp(
-        servicer, upstream_headers=settings.upstream_headers, client_headers=settings.client_headers
+        servicer,
+        upstream_headers=settings.upstream_headers,
+        client_headers=settings.client_headers,
+        fused=settings.fused,
     )
     limits = settings.limits
+    connections: weakref.WeakSet[CalloutProtocol] = weakref.WeakSet()
+
+    def connection() -> CalloutProtocol:
+        protocol = CalloutProtocol(app, limits)
+        connections.add(protocol)
+        return protocol
+
     server = await asyncio.get_running_loop().create_server(
-        lambda: CalloutProtocol(app, limits),
+        connection,
         settings.host,
         settings.port,
         reuse_port=settings.reuse_port or None,
@@ -147,4 +184,10 @@ async def serve(
         ssl=server_context(settings.tls) if settings.tls is not None else None,
     )
     sock: socket.socket = server.sockets[0]
-    return CalloutServer(server, servicer, int(sock.getsockname()[1]), owns_checks=owns_checks)
+    return CalloutServer(
+        server,
+        servicer,
+        int(sock.getsockname()[1]),
+        owns_checks=owns_checks,
+        connections=connections,
+    )

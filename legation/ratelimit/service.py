@@ -127,21 +127,37 @@ class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):
             limiter.backend = limiter.backend.store  # its in-memory counters are dropped
         self._failure_mode = mode
 
-    async def ShouldRateLimit(
-        self, request: rls_pb2.RateLimitRequest, context: grpc.aio.ServicerContext
-    ) -> rls_pb2.RateLimitResponse:
+    async def decide(
+        self, request: rls_pb2.RateLimitRequest
+    ) -> rls_pb2.RateLimitResponse | RateLimitError:
+        """The answer to ``request``, or the store's error when the failure mode denies. Raises
+        :class:`RateLimitError` ``invalid_request`` for a malformed request. Shared by
+        ``ShouldRateLimit`` and the fused HTTP call-out (:mod:`legation.fastpath.fused`), so
+        both count and fail alike."""
         try:
             return await self.limiter.should_rate_limit(request)
         except RateLimitError as exc:
             if exc.code == "invalid_request":
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+                raise
             self.limiter.metrics.backend_errors.labels(exc.code).inc()
             self._log(exc)
             self.limiter.metrics.failure_mode.labels(self.failure_mode).inc()
             if self.failure_mode != "deny":  # local: only when the fallback itself failed
                 return rls_pb2.RateLimitResponse(overall_code=rls_pb2.RateLimitResponse.OK)
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"rate limit store: {exc.code}")
-        raise AssertionError("unreachable")  # context.abort raises
+            return exc
+
+    async def ShouldRateLimit(
+        self, request: rls_pb2.RateLimitRequest, context: grpc.aio.ServicerContext
+    ) -> rls_pb2.RateLimitResponse:
+        try:
+            answer = await self.decide(request)
+        except RateLimitError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            raise AssertionError("unreachable") from None  # context.abort raises
+        if isinstance(answer, RateLimitError):
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"rate limit store: {answer.code}")
+        assert isinstance(answer, rls_pb2.RateLimitResponse)
+        return answer
 
     def _log(self, exc: RateLimitError) -> None:
         now = time.monotonic()

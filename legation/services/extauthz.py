@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     import grpc
 
     from legation.config import Mesh
+    from legation.fastpath.fused import FusedDecider
     from legation.fastpath.server import CalloutServer
     from legation.grpc_server import TlsSource
 
@@ -62,15 +63,19 @@ class AuthzService:
         live: dict[str, Any] = {"config": raw, "source": str(path), "loaded": loaded}
         restart_key = spec_key(block.host, block.port)
         if block.http:
+            from legation.services._fused import fused_live, restart_parts
             from legation.translate._authz import authz_callout
 
-            callout = authz_callout(block)
+            callout = authz_callout(block, mesh)
             live["http"] = {
                 "port": block.http_port,
                 "upstream_headers": list(callout.upstream_headers),
                 "client_headers": list(callout.client_headers),
             }
-            restart_key = spec_key(block.host, block.port, live["http"])
+            live["fused"] = fused_live(mesh, mesh_dir)
+            restart_key = spec_key(
+                block.host, block.port, live["http"], restart_parts(live["fused"])
+            )
         return ServiceSpec(
             kind=cls.kind,
             host=block.host,
@@ -123,6 +128,7 @@ class AuthzService:
         self._registry = CollectorRegistry()
         self.server: grpc.aio.Server | None = None
         self.http: CalloutServer | None = None
+        self.fused: FusedDecider | None = None
         self.port = spec.port
 
     async def start(self) -> int:
@@ -138,11 +144,16 @@ class AuthzService:
         self.server, self.port = await service.start_server(settings)
         http = self.spec.live.get("http")
         if http is not None:
+            from legation.services._fused import close_fused, start_fused
+
             try:
+                self.fused = await start_fused(self.spec.live.get("fused"), self._registry)
                 self.http = await _start_http(
-                    service.servicer_of(self.server), self.spec.host, http, self._tls
+                    service.servicer_of(self.server), self.spec.host, http, self._tls, self.fused
                 )
             except BaseException:
+                await close_fused(self.fused)
+                self.fused = None
                 await service.stop_server(self.server, 0)
                 self.server = None
                 raise
@@ -153,6 +164,10 @@ class AuthzService:
 
         if spec.live["config"] != self.spec.live["config"] and self.server is not None:
             await service.reconfigure(self.server, spec.live["loaded"])
+        if self.fused is not None:
+            from legation.services._fused import apply_fused
+
+            apply_fused(self.fused, spec.live.get("fused"))
         self.spec = spec
 
     async def stop(self, grace: float) -> None:
@@ -161,6 +176,11 @@ class AuthzService:
         if self.http is not None:
             await self.http.close()  # the checks are the gRPC server's: closed with it
             self.http = None
+        if self.fused is not None:
+            from legation.services._fused import close_fused
+
+            await close_fused(self.fused)
+            self.fused = None
         if self.server is not None:
             await service.stop_server(self.server, grace)
 
@@ -197,7 +217,11 @@ class AuthzService:
 
 
 async def _start_http(
-    servicer: Any, host: str, http: Mapping[str, Any], tls: TlsSource | None
+    servicer: Any,
+    host: str,
+    http: Mapping[str, Any],
+    tls: TlsSource | None,
+    fused: FusedDecider | None = None,
 ) -> CalloutServer:
     """The HTTP call-out around ``servicer``, with the gRPC server's mTLS when it has it;
     BindError when its port cannot be bound."""
@@ -209,6 +233,7 @@ async def _start_http(
         upstream_headers=tuple(http["upstream_headers"]),
         client_headers=tuple(http["client_headers"]),
         tls=tls,
+        fused=fused,
     )
     try:
         return await fastpath.serve(servicer, settings)

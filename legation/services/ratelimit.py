@@ -14,6 +14,7 @@ address, TLS and the counter store (backend and its options) need a restart.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -108,22 +109,7 @@ class RateLimitService(GrpcServiceParts):
     async def apply(self, spec: ServiceSpec) -> None:
         assert self.server is not None
         live = spec.live
-        limiter: RateLimiter = self.server.legation_limiter  # type: ignore[attr-defined]
-        limiter.swap(live["config"])
-        limiter.shadow_mode = live["shadow_mode"]
-        limiter.quota_mode = live["quota_mode"]
-        limiter.dynamic_metadata = live["response_dynamic_metadata"]
-        limiter.response_headers = (
-            ResponseHeaders(
-                limit=live["header_limit"],
-                remaining=live["header_remaining"],
-                reset=live["header_reset"],
-            )
-            if live["response_headers"]
-            else None
-        )
-        self.server.legation_servicer.local_instances = live["local_instances"]  # type: ignore
-        self.server.legation_servicer.failure_mode = live["failure_mode"]  # type: ignore
+        swap_live(self.server.legation_limiter, self.server.legation_servicer, live)  # type: ignore[attr-defined]
         self.spec = spec
 
     @classmethod
@@ -176,3 +162,23 @@ class RateLimitService(GrpcServiceParts):
         )
         server, bound = await service.start_server(settings)
         return server, bound, server.stop
+
+
+def swap_live(limiter: RateLimiter, servicer: Any, live: Mapping[str, Any]) -> None:
+    """Swap a plan's limits and modes into a running limiter and its servicer (the rate-limit
+    service's, or the fused call-out's: :mod:`legation.services._fused`)."""
+    limiter.swap(live["config"])
+    limiter.shadow_mode = live["shadow_mode"]
+    limiter.quota_mode = live["quota_mode"]
+    limiter.dynamic_metadata = live["response_dynamic_metadata"]
+    limiter.response_headers = (
+        ResponseHeaders(
+            limit=live["header_limit"],
+            remaining=live["header_remaining"],
+            reset=live["header_reset"],
+        )
+        if live["response_headers"]
+        else None
+    )
+    servicer.local_instances = live["local_instances"]
+    servicer.failure_mode = live["failure_mode"]

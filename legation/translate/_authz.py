@@ -21,6 +21,7 @@ service's ``error_status`` (fail closed), never half-applied.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from envoy.config.cluster.v3 import cluster_pb2
@@ -36,6 +37,14 @@ from legation.extauthz import envoy_filter as authz_filter
 from legation.extproc.config import Chains
 from legation.fastpath import envoy_filter as fast_filter
 from legation.services import kinds
+from legation.translate._fused import (
+    FusedRoute,
+    client_headers,
+    fused,
+    fused_routes,
+    request_headers,
+    upstream_headers,
+)
 from legation.translate._hops import Hop, _ms, _no_call, cluster_name
 
 EXTAUTHZ_FILTER = authz_filter.FILTER_NAME
@@ -43,19 +52,80 @@ EXTAUTHZ_HTTP_FILTER = "legation.ext_authz.http"
 """The ext_authz filter in HTTP mode: its own name, so routes can disable one or the other (the
 gRPC one keeps Envoy's name, the namespace of its dynamic metadata)."""
 EXTAUTHZ_HTTP_CLUSTER = "legation|extauthz-http"
+FUSED_FILTERS = {False: "legation.fused", True: "legation.fused.open"}
+"""The fused filters (ext_authz in HTTP mode calling the same server, re-picking the route), by
+whether they fail open: one per failure mode the fused routes need (:mod:`._fused`)."""
 
 
-def authz_callout(block: ExtAuthzService) -> fast_filter.Callout:
+def authz_callout(block: ExtAuthzService, mesh: Mesh | None = None) -> fast_filter.Callout:
     """The HTTP call-out both sides are built from: the filter and per-route overrides here, the
-    server's forwarded headers in :mod:`legation.services.extauthz`."""
+    server's forwarded headers in :mod:`legation.services.extauthz`. With ``mesh``: the fused
+    filters' (the headers the fused routes read and answer with added; the server takes these)."""
     headers = block.http_headers or HttpCalloutHeaders()
+    request, upstream, client = list(headers.request), list(headers.upstream), list(headers.client)
+    if mesh is not None:
+        routes = fused(mesh)
+        request += [h for h in request_headers(routes) if h not in request]
+        upstream += [h for h in upstream_headers(routes) if h not in upstream]
+        client += [h for h in client_headers(mesh, routes) if h not in client]
     return fast_filter.Callout(
         cluster=EXTAUTHZ_HTTP_CLUSTER,
         timeout_ms=_ms(block.timeout.total_seconds()),
         failure_mode_allow=block.fail_open,
-        allowed_headers=tuple(headers.request),
-        upstream_headers=tuple(headers.upstream),
-        client_headers=tuple(headers.client),
+        allowed_headers=tuple(request),
+        upstream_headers=tuple(upstream),
+        client_headers=tuple(client),
+    )
+
+
+def fused_callout(mesh: Mesh, *, fail_open: bool) -> fast_filter.Callout:
+    """A fused filter's call-out: the server's headers, re-picking the route, failing as its
+    routes' services do (:attr:`FusedRoute.fail_open`)."""
+    assert mesh.extauthz is not None
+    base = authz_callout(mesh.extauthz, mesh)
+    return replace(base, failure_mode_allow=fail_open, clear_route_cache=True)
+
+
+def fused_filters(mesh: Mesh) -> list[hcm_pb2.HttpFilter]:
+    """The fused filters the mesh's fused routes use (closed, open), last before the router."""
+    out = []
+    for fail_open in sorted({r.fail_open for r in fused(mesh)}):
+        f = fast_filter.http_filter(fused_callout(mesh, fail_open=fail_open))
+        f.name = FUSED_FILTERS[fail_open]
+        out.append(f)
+    return out
+
+
+def fused_per_route(mesh: Mesh, out: rc.Route, spec: Route | None) -> None:
+    """Each fused filter's setting on ``out``: the route's fused call, or ``disabled``."""
+    present = {r.fail_open for r in fused(mesh)}
+    found = fused_routes(mesh).get(spec.name) if spec is not None else None
+    for fail_open in present:
+        name = FUSED_FILTERS[fail_open]
+        if isinstance(found, FusedRoute) and found.fail_open == fail_open:
+            setting = fast_filter.per_route(
+                fused_callout(mesh, fail_open=fail_open), policy=found.authz, route=found.name
+            )
+        else:
+            setting = fast_filter.per_route(disabled=True)
+        out.typed_per_filter_config[name].Pack(setting)
+
+
+def fused_hop(mesh: Mesh, spec: Route | None, kind: str, what: str) -> Hop | str | None:
+    """``kind``'s hop on a fused route (``what`` says what is fused), or why the route is not
+    fused (None: the mesh has no HTTP call-out, nothing to say)."""
+    if spec is None or mesh.extauthz is None or not mesh.extauthz.http:
+        return None
+    found = fused_routes(mesh).get(spec.name)
+    if not isinstance(found, FusedRoute):
+        return found
+    return Hop(
+        kind=kind,
+        calls=True,
+        protocol="http",
+        filter=FUSED_FILTERS[found.fail_open],
+        cluster=EXTAUTHZ_HTTP_CLUSTER,
+        reason=f"{what}, fused into the one HTTP call-out",
     )
 
 
@@ -84,6 +154,9 @@ def authz_call(mesh: Mesh, spec: Route | None) -> Hop:
 
     if not block.http:
         return grpc("extauthz.protocol is grpc")
+    hop = fused_hop(mesh, spec, kind, f"policy {spec.authz}")
+    if isinstance(hop, Hop):
+        return hop
     if spec.authz_protocol == "grpc":
         return grpc("the route sets authz_protocol: grpc")
     claims = sorted(
@@ -101,7 +174,8 @@ def authz_call(mesh: Mesh, spec: Route | None) -> Hop:
         filter=EXTAUTHZ_HTTP_FILTER,
         cluster=EXTAUTHZ_HTTP_CLUSTER,
         reason=f"policy {spec.authz}; extauthz.protocol is http and the route needs "
-        "nothing HTTP mode lacks",
+        "nothing HTTP mode lacks"
+        + (f"; not fused: {hop}" if hop and (spec.rate_limits or spec.filters) else ""),
     )
 
 
@@ -150,6 +224,6 @@ class AuthzSide:
         if block.http:
             out.typed_per_filter_config[EXTAUTHZ_HTTP_FILTER].Pack(
                 fast_filter.per_route(authz_callout(block), policy=spec.authz)
-                if hop.calls and not grpc and spec is not None
+                if hop.filter == EXTAUTHZ_HTTP_FILTER and spec is not None
                 else fast_filter.per_route(disabled=True)
             )

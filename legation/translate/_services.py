@@ -61,6 +61,9 @@ from legation.ratelimit import envoy_filter as rl_filter
 from legation.services import kinds
 from legation.translate._authz import (
     EXTAUTHZ_HTTP_CLUSTER,
+    fused_filters,
+    fused_hop,
+    fused_per_route,
 )
 from legation.translate._hops import Hop, _ms, _no_call, cluster_name
 from legation.translate._mtls import upstream_tls
@@ -80,13 +83,17 @@ class ExtProcSide:
         if spec is None or not spec.filters:
             return _no_call(kind, "the route has no filters")
         names = ", ".join(f.name for f in spec.filters)
+        fused = fused_hop(mesh, spec, kind, f"filters {names}")
+        if isinstance(fused, Hop):
+            return fused
         return Hop(
             kind=kind,
             calls=True,
             protocol="grpc",
             filter=EXTPROC_FILTER,
             cluster=cluster_name(kinds.get(kind)),
-            reason=f"filters {names} (ext_proc is a gRPC stream)",
+            reason=f"filters {names} (ext_proc is a gRPC stream)"
+            + (f"; not fused: {fused}" if fused else ""),
         )
 
     @staticmethod
@@ -107,7 +114,8 @@ class ExtProcSide:
     def per_route(
         out: rc.Route, hop: Hop, block: Any, spec: Route | None, chains: Chains, index: int
     ) -> None:
-        chain = chains.get(spec.name) if spec is not None and hop.calls else None
+        grpc = hop.calls and hop.protocol == "grpc"
+        chain = chains.get(spec.name) if spec is not None and grpc else None
         out.typed_per_filter_config[EXTPROC_FILTER].Pack(proc_filter.per_route(chain))
 
 
@@ -122,14 +130,18 @@ class RateLimitSide:
             return _no_call(kind, "the mesh declares no ratelimit")
         if spec is None or not spec.rate_limits:
             return _no_call(kind, "the route has no rate_limits")
+        what = f"{len(spec.rate_limits)} rate_limits descriptor(s)"
+        fused = fused_hop(mesh, spec, kind, what)
+        if isinstance(fused, Hop):
+            return fused
         return Hop(
             kind=kind,
             calls=True,
             protocol="grpc",
             filter=RATELIMIT_FILTER,
             cluster=cluster_name(kinds.get(kind)),
-            reason=f"{len(spec.rate_limits)} rate_limits descriptor(s) (the "
-            "RateLimitService is gRPC)",
+            reason=f"{what} (the RateLimitService is gRPC)"
+            + (f"; not fused: {fused}" if fused else ""),
         )
 
     @staticmethod
@@ -151,8 +163,8 @@ class RateLimitSide:
     def per_route(
         out: rc.Route, hop: Hop, block: Any, spec: Route | None, chains: Chains, index: int
     ) -> None:
-        if spec is None or not hop.calls:
-            return
+        if spec is None or not hop.calls or hop.protocol != "grpc":
+            return  # no call, or decided in the fused call-out
         if not out.HasField("route"):
             raise ConfigError(
                 f"routes[{index}].rate_limits: only applies to routes with 'to' or 'split'",
@@ -164,12 +176,13 @@ class RateLimitSide:
 
 
 def service_filters(mesh: Mesh) -> list[hcm_pb2.HttpFilter]:
-    """The declared services' HTTP filters, in chain order (before the router)."""
+    """The declared services' HTTP filters, in chain order, then the fused filters (the other
+    call-outs are off on a fused route), before the router."""
     return [
         f
         for kind, block in kinds.blocks(mesh)
         for f in kind.envoy_side().http_filters(block, cluster_name(kind))
-    ]
+    ] + fused_filters(mesh)
 
 
 def service_clusters(mesh: Mesh) -> list[cluster_pb2.Cluster]:
@@ -203,6 +216,7 @@ def apply_services(
     route, which asks for nothing). ``index`` is the route's position, for error messages."""
     for (kind, block), hop in zip(kinds.blocks(mesh), route_hops(mesh, spec), strict=True):
         kind.envoy_side().per_route(out, hop, block, spec, chains, index)
+    fused_per_route(mesh, out, spec)
 
 
 def _spec(action: RateLimitAction) -> rl_filter.DescriptorSpec:
