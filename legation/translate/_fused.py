@@ -153,9 +153,9 @@ def _overlap(a: Route, b: Route) -> bool:
 
 def _groups(routes: list[Route]) -> list[set[int]]:
     """Routes header routing can move a request between (see the module doc, rule 4): from a
-    route with routing filters setting H, to every route whose match reads H and, when the route
-    itself reads H, to every later route its path overlaps (the header removed or changed, it
-    may match no more)."""
+    route with routing filters setting H, to every route whose path overlaps its own and whose
+    match reads H and, when the route itself reads H, to every later one (the header removed or
+    changed, it may match no more)."""
     parent = list(range(len(routes)))
 
     def find(i: int) -> int:
@@ -170,8 +170,8 @@ def _groups(routes: list[Route]) -> list[set[int]]:
         if not sets:
             continue
         for j, s in enumerate(routes):
-            later = j > i and reads[i] & sets and _overlap(r, s)
-            if j != i and (reads[j] & sets or later):
+            later = j > i and reads[i] & sets
+            if j != i and (reads[j] & sets or later) and _overlap(r, s):
                 parent[find(j)] = find(i)
     out: dict[int, set[int]] = {}
     for i in range(len(routes)):
