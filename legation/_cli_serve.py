@@ -58,6 +58,7 @@ async def _serve_xds(args: argparse.Namespace) -> int:
         status_port=args.status_port,
         services_dir=Path(args.services_dir) if args.services_dir else None,
         processes_file=Path(args.processes_file) if args.processes_file else None,
+        capture=args.capture,
     )
     try:
         await cp.start()

@@ -15,6 +15,7 @@ from prometheus_client import Counter
 from legation.certs import MeshIssuer
 from legation.certs.rotation import Rotation
 from legation.config import Mesh, load_mesh
+from legation.config.capture import with_capture
 from legation.errors import LegationError
 from legation.services import EmbeddedServices, Plan
 from legation.services.planning import config_files, plan, watched_digest
@@ -31,6 +32,7 @@ class Reloading:
     status_port: int
     poll_interval: float
     embedded_services: bool
+    capture: bool
     generation: int
     last_error: str | None
     on_event: Callable[[str], None]
@@ -54,6 +56,8 @@ class Reloading:
         """The one validation phase: the mesh, its services' files and references, and the
         translation (without certificates). Raises LegationError; creates nothing."""
         mesh = load_mesh(self.mesh_path)
+        if self.capture:
+            mesh = with_capture(mesh, source=str(self.mesh_path))
         self._watched = config_files(mesh, self.mesh_path.parent) + self._watched
         reserved = {self.status_port: "the control plane's status endpoint (--status-port)"}
         services = plan(

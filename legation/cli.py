@@ -54,6 +54,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         log_dir=Path(args.log_dir) if args.log_dir else None,
         live=False if args.plain else None,
         ebpf=args.ebpf,
+        capture=args.capture,
     )
     return asyncio.run(stack.run())
 
@@ -130,6 +131,11 @@ def parser() -> argparse.ArgumentParser:
         help="splice same-host sockets of the mesh's processes with sockops + sk_msg (root, clang, "
         "bpftool; attached only to a cgroup this run creates)",
     )
+    up.add_argument(
+        "--capture",
+        action="store_true",
+        help="each app and its sidecar in a network namespace, traffic captured (needs root)",
+    )
     up.set_defaults(fn=cmd_up)
 
     check = sub.add_parser("check", help="validate mesh files")
@@ -184,6 +190,9 @@ def parser() -> argparse.ArgumentParser:
         "running them in this one",
     )
     xds.add_argument("--processes-file", help=argparse.SUPPRESS)  # written by `legation up`
+    xds.add_argument(
+        "--capture", action="store_true", help="translate for transparent capture (as `up`)"
+    )
     xds.set_defaults(fn=cmd_serve)
     from legation.services import KINDS
 

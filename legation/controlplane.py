@@ -80,6 +80,7 @@ class ControlPlane(Reloading, Publishing):
         ca_dir: Path | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         rotation_check: float = 60.0,
+        capture: bool = False,
     ) -> None:
         """``embedded_services=False`` leaves the mesh's request-path services to others even
         when their blocks say ``embedded: true`` (only the Envoy side is configured).
@@ -90,8 +91,10 @@ class ControlPlane(Reloading, Publishing):
         in ``/status`` as ``processes``.
         ``ca_dir``: where the generated CA lives when the mesh names none (default
         ``.legation/ca``). ``clock`` dates certificates; the rotation timer looks at it at least
-        every ``rotation_check`` seconds (so a suspended machine catches up)."""
+        every ``rotation_check`` seconds (so a suspended machine catches up).
+        ``capture``: translate as if the mesh had a ``capture`` block (`legation up --capture`)."""
         self.mesh_path = Path(mesh_path)
+        self.capture = capture
         self.registry = CollectorRegistry()
         self.cache = SnapshotCache(
             debounce=debounce, max_delay=max_delay, metrics=XdsMetrics(self.registry)

@@ -53,7 +53,7 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
 
 
 class EnvoyProcess:
-    """One Envoy process with its admin interface on ``127.0.0.1:admin_port``."""
+    """One Envoy process with its admin interface on ``admin_host:admin_port``."""
 
     def __init__(
         self,
@@ -65,11 +65,19 @@ class EnvoyProcess:
         log_level: str = "warning",
         concurrency: int = 1,
         join: Callable[[], None] | None = None,
+        admin_host: str = "127.0.0.1",
+        netns: str | None = None,
+        gid: int | None = None,
     ) -> None:
         """``join`` runs in the child before exec (after the parent-death signal is set), e.g.
-        :meth:`legation.capture.ebpf.Sockmap.preexec` to start Envoy inside the mesh's cgroup."""
+        :meth:`legation.capture.ebpf.Sockmap.preexec` to start Envoy inside the mesh's cgroup.
+        ``netns``: run inside that network namespace (``ip netns exec``); ``gid``: with that
+        group id and no supplementary groups (transparent capture leaves its traffic alone)."""
         self.name = name
         self.admin_port = admin_port
+        self.admin_host = admin_host
+        self._netns = netns
+        self._gid = gid
         self._config = config if isinstance(config, str) else yaml.safe_dump(config)
         self._log_dir = log_dir or Path(tempfile.mkdtemp(prefix=f"legation-{name}-"))
         self._log_level = log_level
@@ -83,15 +91,17 @@ class EnvoyProcess:
 
     @property
     def admin_url(self) -> str:
-        return f"http://127.0.0.1:{self.admin_port}"
+        return f"http://{self.admin_host}:{self.admin_port}"
 
     def start(self) -> EnvoyProcess:
         self._log_dir.mkdir(parents=True, exist_ok=True)
         config_path = self._log_dir / f"{self.name}.yaml"
         config_path.write_text(self._config)
         log = open(self.log_path, "ab")
+        wrap = ["ip", "netns", "exec", self._netns] if self._netns else []
         self.proc = subprocess.Popen(
             [
+                *wrap,
                 envoy_binary(),
                 "-c",
                 str(config_path),
@@ -106,6 +116,8 @@ class EnvoyProcess:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             preexec_fn=_die_with_parent if self._join is None else self._preexec,
+            group=self._gid,
+            extra_groups=[] if self._gid is not None else None,
         )
         log.close()
         return self

@@ -8,7 +8,9 @@ imports this one.
 * :mod:`~legation.translate.mesh`: :func:`translate`, mesh -> one consistent snapshot per proxy;
   its parts are ``_clusters`` (clusters and EDS), ``_listeners``, ``_routes``, ``_mtls`` (TLS
   contexts over SDS, the SDS check), ``_services`` (the request-path services' filters, clusters
-  and per-route settings) and ``_names`` (resource and filter names);
+  and per-route settings), ``_capture`` (what transparent capture changes; its
+  :func:`relay_targets` are what ``legation up`` relays into the pods) and ``_names`` (resource
+  and filter names);
 * :mod:`~legation.translate.static`: :func:`static_bootstrap`, a snapshot inlined into a static
   Envoy bootstrap (no control plane needed);
 * :mod:`~legation.translate.bootstrap`: ``bootstrap()``, the bootstrap that points a proxy at the
@@ -17,7 +19,8 @@ imports this one.
 Protobuf builders shared with the services' Envoy wiring are in :mod:`legation._proto`.
 """
 
+from legation.translate._capture import relay_targets
 from legation.translate.mesh import Secrets, translate
 from legation.translate.static import static_bootstrap
 
-__all__ = ["Secrets", "static_bootstrap", "translate"]
+__all__ = ["Secrets", "relay_targets", "static_bootstrap", "translate"]

@@ -16,7 +16,9 @@ from envoy.type.v3 import percent_pb2
 from google.protobuf import wrappers_pb2
 
 from legation._proto import address, ads_source, duration, pack
+from legation.config.capture import Capture
 from legation.config.model import Endpoint, Service
+from legation.translate._capture import endpoint_socket
 from legation.translate._mtls import secure_cluster
 from legation.translate._names import inbound_cluster, outbound_cluster
 
@@ -30,15 +32,16 @@ _HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 
 
 def outbound_clusters(
-    service: Service, *, server_id: str | None = None
+    service: Service, *, server_id: str | None = None, capture: Capture | None = None
 ) -> list[tuple[cluster_pb2.Cluster, endpoint_pb2.ClusterLoadAssignment]]:
     """The service's cluster and one per subset, each with its endpoints. With ``server_id``
-    (the service's SPIFFE id; the mesh uses mTLS) they speak mTLS to the sidecars among them."""
+    (the service's SPIFFE id; the mesh uses mTLS) they speak mTLS to the sidecars among them.
+    With ``capture`` the sidecars' endpoints are their pods' (:func:`endpoint_socket`)."""
     out = []
     for subset in [None, *(s.name for s in service.subsets)]:
         name = outbound_cluster(service.name, subset)
         members = service.members(subset)
-        addresses = [(e.host, e.sidecar.inbound_port if e.sidecar else e.port) for e in members]
+        addresses = [endpoint_socket(capture, service, e) for e in members]
         cluster, endpoints = _cluster(name, service), load_assignment(name, addresses)
         if server_id is not None:
             sidecars = [e.sidecar is not None for e in members]

@@ -10,18 +10,25 @@ from __future__ import annotations
 
 from envoy.config.core.v3 import base_pb2
 from envoy.config.route.v3 import route_components_pb2 as rc
+from envoy.config.route.v3 import route_pb2
 from envoy.extensions.filters.common.fault.v3 import fault_pb2 as common_fault_pb2
 from envoy.extensions.filters.http.fault.v3 import fault_pb2
 from envoy.extensions.filters.http.local_ratelimit.v3 import local_rate_limit_pb2 as lrl_pb2
 from envoy.type.matcher.v3 import regex_pb2, string_pb2
 from envoy.type.v3 import http_status_pb2, percent_pb2, token_bucket_pb2
-from google.protobuf import wrappers_pb2
+from google.protobuf import duration_pb2, wrappers_pb2
 
 from legation._proto import duration, every_request, pack
 from legation.config.model import Mesh, Service
 from legation.config.policy import Fault, LocalRateLimit, Mirror, Retries
 from legation.config.routes import HeaderChanges, Match, Route, ValueMatch
-from legation.translate._names import FAULT_FILTER, LOCAL_RATELIMIT_FILTER, outbound_cluster
+from legation.translate._names import (
+    FAULT_FILTER,
+    INBOUND,
+    LOCAL_RATELIMIT_FILTER,
+    inbound_cluster,
+    outbound_cluster,
+)
 
 _REDIRECT_CODES = {
     301: rc.RedirectAction.MOVED_PERMANENTLY,
@@ -240,3 +247,21 @@ def _header_options(changes: HeaderChanges) -> list[base_pb2.HeaderValueOption]:
         for items, a in ((changes.add, append), (changes.set, overwrite))
         for k, v in items.items()
     ]
+
+
+def inbound_routes(service: Service) -> route_pb2.RouteConfiguration:
+    """Everything to the local app. No timeout here (the caller's side owns it)."""
+    to_app = rc.Route(
+        name=f"inbound-{service.name}",
+        match=rc.RouteMatch(prefix="/"),
+        route=rc.RouteAction(
+            cluster=inbound_cluster(service.name), timeout=duration_pb2.Duration(seconds=0)
+        ),
+    )
+    if service.local_rate_limit is not None:
+        limit = local_rate_limit(service.local_rate_limit, stat_prefix=f"inbound_{service.name}")
+        to_app.typed_per_filter_config[LOCAL_RATELIMIT_FILTER].CopyFrom(pack(limit))
+    return route_pb2.RouteConfiguration(
+        name=INBOUND,
+        virtual_hosts=[rc.VirtualHost(name=INBOUND, domains=["*"], routes=[to_app])],
+    )

@@ -28,6 +28,9 @@ every connection manager (inbound too) gets access logs; see :mod:`legation.tran
 When the mesh turns ``mtls`` on, sidecar inbound listeners terminate mTLS and the clusters to
 sidecars originate it, with the certificates of the ``secrets`` given (SDS over ADS); see
 :mod:`legation.translate._mtls`.
+
+When the mesh has a ``capture`` block, sidecars live in their pods and their listeners, endpoints
+and service clusters change accordingly; see :mod:`legation.translate._capture`.
 """
 
 from __future__ import annotations
@@ -40,26 +43,31 @@ from envoy.config.listener.v3 import listener_pb2
 from envoy.config.route.v3 import route_components_pb2 as rc
 from envoy.config.route.v3 import route_pb2
 from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
-from google.protobuf import duration_pb2
 
-from legation._proto import pack
 from legation.certs.spiffe import spiffe_id
 from legation.config.model import Endpoint, Mesh, Service
 from legation.config.proxies import gateway_node_id, sidecar_node_id
 from legation.config.routes import Route
 from legation.extproc.config import Chains
 from legation.translate._accesslog import access_logs
+from legation.translate._capture import (
+    ANY_HOST,
+    LOOPBACK,
+    capture_outbound,
+    passthrough_cluster,
+    service_domains,
+    to_bridge,
+)
 from legation.translate._clusters import inbound_local_app, outbound_clusters
 from legation.translate._listeners import http_listener, tcp_listener
 from legation.translate._mtls import check_sds, secure_inbound
 from legation.translate._names import (
     GATEWAY,
     INBOUND,
-    LOCAL_RATELIMIT_FILTER,
     OUTBOUND,
     inbound_cluster,
 )
-from legation.translate._routes import default_route, local_rate_limit, route
+from legation.translate._routes import default_route, inbound_routes, route
 from legation.translate._services import apply_services, service_clusters, service_filters
 from legation.translate._tracing import hcm_tracing, route_tracing, tracing_clusters
 from legation.xds.snapshot import Snapshot
@@ -82,7 +90,9 @@ def translate(mesh: Mesh, *, version: str, secrets: Secrets | None = None) -> di
     from legation.services import route_chains  # plugin instances: only their phases are read
 
     shared: _Clusters = [
-        pair for s in mesh.services for pair in outbound_clusters(s, server_id=_identity(mesh, s))
+        pair
+        for s in mesh.services
+        for pair in outbound_clusters(s, server_id=_identity(mesh, s), capture=mesh.capture)
     ]
     routed = _Routed(mesh, route_chains(mesh))
     out: dict[str, Snapshot] = {}
@@ -121,6 +131,13 @@ class _Routed:
         self.chains = chains
         self.filters = service_filters(mesh)
         self.clusters = [*service_clusters(mesh), *tracing_clusters(mesh)]
+        # a captured sidecar reaches the services through the bridge, and may pass through
+        cap = mesh.capture
+        self.sidecar_clusters = (
+            self.clusters
+            if cap is None
+            else [*to_bridge(self.clusters, cap), passthrough_cluster()]
+        )
         self._index = {r.name: i for i, r in enumerate(mesh.routes)}
 
     def route(self, spec: Route) -> rc.Route:
@@ -142,10 +159,13 @@ def _snapshot(
     listeners: list[listener_pb2.Listener],
     routes: list[route_pb2.RouteConfiguration],
     secrets: Sequence[secret_pb2.Secret],
+    *,
+    sidecar: bool = False,
 ) -> Snapshot:
+    services = routed.sidecar_clusters if sidecar else routed.clusters
     return Snapshot(
         version,
-        clusters=[*(c for c, _ in clusters), *routed.clusters],
+        clusters=[*(c for c, _ in clusters), *services],
         endpoints=[e for _, e in clusters],
         listeners=listeners,
         routes=routes,
@@ -199,14 +219,19 @@ def _sidecar(
 ) -> Snapshot:
     sidecar = endpoint.sidecar
     assert sidecar is not None
-    local = inbound_local_app(service, endpoint)
+    cap = routed.mesh.capture
+    # captured: redirected connections arrive at the pod's address; the app is on its loopback
+    host = endpoint.host if cap is None else ANY_HOST
+    local = inbound_local_app(
+        service, endpoint if cap is None else endpoint.model_copy(update={"host": LOOPBACK})
+    )
     listeners: list[listener_pb2.Listener] = []
     routes: list[route_pb2.RouteConfiguration] = []
     if service.protocol == "tcp":
         listeners.append(
             tcp_listener(
                 INBOUND,
-                endpoint.host,
+                host,
                 sidecar.inbound_port,
                 cluster=inbound_cluster(service.name),
                 stat_prefix=f"inbound_{service.name}",
@@ -216,7 +241,7 @@ def _sidecar(
         listeners.append(
             http_listener(
                 INBOUND,
-                endpoint.host,
+                host,
                 sidecar.inbound_port,
                 route_config=INBOUND,
                 stat_prefix=f"inbound_{service.name}",
@@ -225,46 +250,29 @@ def _sidecar(
                 access_logs=access_logs(routed.mesh, node, INBOUND),
             )
         )
-        routes.append(_inbound_routes(service))
+        routes.append(inbound_routes(service))
     if routed.mesh.mtls.enabled:
         secure_inbound(
             listeners[0],
             permissive=routed.mesh.mtls.mode == "permissive",
             trust_domain=routed.mesh.mtls.trust_domain,
         )
-    listeners.append(
-        http_listener(
-            OUTBOUND,
-            endpoint.host,
-            sidecar.outbound_port,
-            route_config=OUTBOUND,
-            stat_prefix=f"outbound_{service.name}",
-            service_filters=routed.filters,
-            path_normalization=routed.mesh.path_normalization,
-            tracing=hcm_tracing(routed.mesh, service_name=service.name),
-            access_logs=access_logs(routed.mesh, node, OUTBOUND),
-        )
+    outbound = http_listener(
+        OUTBOUND,
+        endpoint.host,
+        sidecar.outbound_port,
+        route_config=OUTBOUND,
+        stat_prefix=f"outbound_{service.name}",
+        service_filters=routed.filters,
+        path_normalization=routed.mesh.path_normalization,
+        tracing=hcm_tracing(routed.mesh, service_name=service.name),
+        access_logs=access_logs(routed.mesh, node, OUTBOUND),
     )
+    if cap is not None:
+        outbound = capture_outbound(outbound, routed.mesh, cap, sidecar.outbound_port)
+    listeners.append(outbound)
     routes.append(_outbound_routes(routed))
-    return _snapshot(routed, version, [*shared, local], listeners, routes, secrets)
-
-
-def _inbound_routes(service: Service) -> route_pb2.RouteConfiguration:
-    """Everything to the local app. No timeout here (the caller's side owns it)."""
-    to_app = rc.Route(
-        name=f"inbound-{service.name}",
-        match=rc.RouteMatch(prefix="/"),
-        route=rc.RouteAction(
-            cluster=inbound_cluster(service.name), timeout=duration_pb2.Duration(seconds=0)
-        ),
-    )
-    if service.local_rate_limit is not None:
-        limit = local_rate_limit(service.local_rate_limit, stat_prefix=f"inbound_{service.name}")
-        to_app.typed_per_filter_config[LOCAL_RATELIMIT_FILTER].CopyFrom(pack(limit))
-    return route_pb2.RouteConfiguration(
-        name=INBOUND,
-        virtual_hosts=[rc.VirtualHost(name=INBOUND, domains=["*"], routes=[to_app])],
-    )
+    return _snapshot(routed, version, [*shared, local], listeners, routes, secrets, sidecar=True)
 
 
 def _outbound_routes(routed: _Routed) -> route_pb2.RouteConfiguration:
@@ -276,7 +284,7 @@ def _outbound_routes(routed: _Routed) -> route_pb2.RouteConfiguration:
         hosts.append(
             rc.VirtualHost(
                 name=service.name,
-                domains=[service.name, f"{service.name}:{service.port}"],
+                domains=service_domains(routed.mesh.capture, service),
                 routes=[*own, routed.default_route(service)],
             )
         )

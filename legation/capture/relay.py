@@ -1,0 +1,76 @@
+"""A TCP relay from the bridge address to the host's loopback.
+
+The control plane and the request-path services listen on the host's loopback, which the pods do
+not share. Rather than open them to every interface, ``legation up`` listens on the bridge address
+(reachable only from the host and Legation's pods) at the same ports and copies bytes both ways.
+What crosses it is what would have crossed loopback: mTLS to the xDS server and, with ``tls:
+mesh``, to the services; the relay sees only ciphertext then.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Coroutine
+from typing import Any
+
+log = logging.getLogger("legation.capture.relay")
+_CHUNK = 64 * 1024
+
+
+class Relay:
+    """Listens on ``bind``:port for each (host, port) target, forwarding to it."""
+
+    def __init__(self, bind: str, targets: list[tuple[str, int]]) -> None:
+        self.bind = bind
+        self.targets = targets
+        self._servers: list[asyncio.Server] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> Relay:
+        for host, port in self.targets:
+            server = await asyncio.start_server(
+                lambda r, w, h=host, p=port: self._track(self._pipe(r, w, h, p)), self.bind, port
+            )
+            self._servers.append(server)
+        return self
+
+    async def stop(self) -> None:
+        for server in self._servers:
+            server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for server in self._servers:
+            await server.wait_closed()
+        self._servers = []
+
+    def _track(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _pipe(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: str, port: int
+    ) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection(host, port)
+        except OSError as err:
+            log.warning("relay to %s:%d: %s", host, port, err)
+            writer.close()
+            return
+        try:
+            await asyncio.gather(_copy(reader, up_writer), _copy(up_reader, writer))
+        finally:
+            for w in (writer, up_writer):
+                w.close()
+
+
+async def _copy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    with contextlib.suppress(ConnectionError, OSError):
+        while data := await reader.read(_CHUNK):
+            writer.write(data)
+            await writer.drain()
+        if writer.can_write_eof():
+            writer.write_eof()
