@@ -31,6 +31,7 @@ class StackChildren:
     state_dir: Path
     services_dir: Path
     processes_file: Path
+    capture: bool
     status_port: int
     ready_timeout: float
     cp: Supervised | None
@@ -75,6 +76,7 @@ class StackChildren:
                 str(self.services_dir.resolve()),
                 "--processes-file",
                 str(self.processes_file.resolve()),
+                *(["--capture"] if self.capture else []),
             ],
         )
         await self.cp.start()

@@ -10,13 +10,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from legation.capture.pods import Pods
 from legation.certs.enrol import UP_TTL, Enrolments, enrol, node_dir_name, xds_root
 from legation.certs.issuer import CaLocation
 from legation.certs.workload import WorkloadCert
-from legation.config import Mesh, load_mesh
+from legation.config import DemoSpec, Mesh, load_mesh
+from legation.config.capture import with_capture
 from legation.demo import DemoApp
 from legation.envoy_process import EnvoyProcess
 from legation.errors import LegationError
+from legation.supervisor import Supervised
 from legation.translate.bootstrap import bootstrap
 
 
@@ -28,15 +31,21 @@ class StackProxies:
     log_dir: Path
     delta: bool
     ca_where: CaLocation | None
-    apps: dict[tuple[str, int], DemoApp]
+    apps: dict[tuple[str, int], DemoApp | Supervised]
     envoys: list[EnvoyProcess]
     credentials: dict[str, WorkloadCert]
-    _retiring: list[EnvoyProcess | DemoApp]
+    _retiring: list[EnvoyProcess | DemoApp | Supervised]
+    capture: bool
+    pods: Pods | None
     _followed: str
 
     if TYPE_CHECKING:  # implemented by Stack
 
         def say(self, line: str) -> None: ...
+
+        def _pod_envoy(self, node: str) -> dict[str, Any]: ...
+
+        async def _pod_app(self, spec: DemoSpec, mesh: Mesh) -> Supervised | None: ...
 
     async def _follow_apps(self, mesh: Mesh) -> None:
         """Start the demo apps ``mesh`` adds; those it removes stop once the Envoys no longer
@@ -45,7 +54,12 @@ class StackProxies:
         for key in [k for k in self.apps if k not in wanted]:
             self._retiring.append(self.apps.pop(key))
         for key, spec in wanted.items():
-            if key not in self.apps:
+            if key in self.apps:
+                continue
+            in_pod = await self._pod_app(spec, mesh)
+            if in_pod is not None:
+                self.apps[key] = in_pod
+            else:
                 app = DemoApp(
                     name=spec.service,
                     version=spec.version,
@@ -77,18 +91,21 @@ class StackProxies:
             cert, directory = self._enrol(node)
             self.credentials[node] = cert
             admin_port = int(proxy["admin"].rpartition(":")[2])
+            pod = self._pod_envoy(node)  # with capture: in its pod, xDS over the bridge
             config = bootstrap(
                 node_id=node,
                 node_cluster=proxy.get("cluster", ""),
-                xds_host=host,
+                xds_host=pod.pop("xds_host", host),
                 xds_port=int(port),
+                admin_host=pod.get("admin_host", "127.0.0.1"),
                 admin_port=admin_port,
                 delta=self.delta,
                 credentials_dir=directory.resolve(),
             )
-            self.envoys.append(
-                EnvoyProcess(config, admin_port=admin_port, name=node, log_dir=self.log_dir).start()
+            envoy = EnvoyProcess(
+                config, admin_port=admin_port, name=node, log_dir=self.log_dir, **pod
             )
+            self.envoys.append(envoy.start())
             started.append(node)
         return started, stopped
 
@@ -109,6 +126,10 @@ class StackProxies:
             return  # nothing new, or the file on disk is not the mesh being served
         try:
             mesh = load_mesh(self.mesh_path)
+            if self.capture:
+                mesh = with_capture(mesh, source=str(self.mesh_path))
+            if self.pods is not None:
+                await asyncio.to_thread(self.pods.follow, mesh)
             await self._follow_apps(mesh)
             started, stopped = self._follow_proxies(status)
         except (LegationError, OSError) as err:

@@ -95,6 +95,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             port=args.port,
             fail_every=args.fail_every,
             delay_ms=args.delay_ms,
+            plain=dict(_name_port(v) for v in args.call_plain) or None,
         ).start()
         print(f"demo app {args.name} {args.version} on {args.host}:{app.port}", flush=True)
         try:
@@ -104,6 +105,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     asyncio.run(run())
     return 0
+
+
+def _name_port(value: str) -> tuple[str, int]:
+    name, _, port = value.partition("=")
+    if not name or not port.isdigit():
+        raise SystemExit(f"--call-plain expects NAME=PORT, got {value!r}")
+    return name, int(port)
 
 
 def cmd_policy(args: argparse.Namespace) -> int:
@@ -222,6 +230,13 @@ def parser() -> argparse.ArgumentParser:
     demo.add_argument("--port", type=int, required=True)
     demo.add_argument("--fail-every", type=int, default=0, help="answer 503 to every Nth request")
     demo.add_argument("--delay-ms", type=int, default=0)
+    demo.add_argument(
+        "--call-plain",
+        action="append",
+        default=[],
+        metavar="NAME=PORT",
+        help="?call=NAME goes to http://NAME:PORT/ (a captured pod) instead of a sidecar port",
+    )
     demo.set_defaults(fn=cmd_demo)
 
     ca = sub.add_parser("ca", help="the mesh certificate authority (mtls)")

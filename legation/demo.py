@@ -10,6 +10,8 @@ services through it: ``?call=reviews`` (or ``?call=reviews,ratings``, at most
 :data:`MAX_CALLS`) sends ``GET /`` with ``Host: reviews`` to the outbound listener, passing on the
 trace context headers (:data:`PROPAGATED`) as an instrumented app does, so the calls join the
 request's trace. Only names of the DNS-label kind are called, and only through the sidecar.
+In a captured pod (``plain``: service name -> port) it calls ``http://<service>:<port>/`` instead,
+as an app that does not know its sidecar; the pod's rules take the call to the sidecar.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ class DemoApp:
     fail_every: int = 0
     delay_ms: int = 0
     outbound: tuple[str, int] | None = None  # its sidecar's outbound listener (host, port)
+    plain: dict[str, int] | None = None  # captured: service name -> port, called by name
     requests: int = 0
     paths: list[str] = field(default_factory=list)
     _server: asyncio.base_events.Server | None = None
@@ -152,21 +155,28 @@ class DemoApp:
 
     async def _calls(self, wanted: list[str], headers: dict[str, str]) -> list[dict[str, object]]:
         names = [n for v in wanted for n in v.split(",") if _NAME.match(n)][:MAX_CALLS]
-        if not names or self.outbound is None:
+        if not names or (self.outbound is None and self.plain is None):
             return []
         passed = "".join(f"{h}: {headers[h]}\r\n" for h in PROPAGATED if h in headers)
         return [{"service": n, "status": await self._call(n, passed)} for n in names]
 
     async def _call(self, service: str, passed: str) -> int:
-        """``GET /`` to ``service`` through the sidecar; its status (0: no answer)."""
-        assert self.outbound is not None
+        """``GET /`` to ``service`` through the sidecar, or (captured) to
+        ``http://<service>:<port>/``; its status (0: no answer)."""
+        if self.plain is not None:
+            if service not in self.plain:
+                return 0
+            where, host = (service, self.plain[service]), f"{service}:{self.plain[service]}"
+        else:
+            assert self.outbound is not None
+            where, host = self.outbound, service
         try:
-            reader, writer = await asyncio.wait_for(asyncio.open_connection(*self.outbound), 5)
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(*where), 5)
         except (OSError, TimeoutError):
             return 0
         try:
             writer.write(
-                f"GET / HTTP/1.1\r\nhost: {service}\r\n{passed}connection: close\r\n\r\n".encode()
+                f"GET / HTTP/1.1\r\nhost: {host}\r\n{passed}connection: close\r\n\r\n".encode()
             )
             await writer.drain()
             line = await asyncio.wait_for(reader.readline(), 10)

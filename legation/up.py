@@ -40,13 +40,16 @@ import urllib.request
 from pathlib import Path
 from typing import Any, TextIO
 
+from legation._up_capture import StackCapture
 from legation._up_children import StackChildren
 from legation._up_ebpf import StackSplice
 from legation._up_proxies import StackProxies, _digest
 from legation._up_view import StackView, _Recent
+from legation.capture.pods import Pods
 from legation.certs.issuer import DEFAULT_CA_DIR, CaLocation, locate_ca
 from legation.certs.workload import WorkloadCert
 from legation.config import Mesh, load_mesh
+from legation.config.capture import with_capture
 from legation.controlplane import DEFAULT_STATUS_PORT
 from legation.demo import DemoApp
 from legation.envoy_process import EnvoyProcess
@@ -60,7 +63,7 @@ STATE_DIR = DEFAULT_CA_DIR.parent  # .legation
 log = logging.getLogger("legation.up")
 
 
-class Stack(StackChildren, StackProxies, StackView, StackSplice):
+class Stack(StackChildren, StackProxies, StackView, StackSplice, StackCapture):
     def __init__(
         self,
         mesh_path: Path,
@@ -73,10 +76,13 @@ class Stack(StackChildren, StackProxies, StackView, StackSplice):
         live: bool | None = None,
         state_dir: Path = STATE_DIR,
         ebpf: bool = False,
+        capture: bool = False,
     ) -> None:
         self.mesh_path = mesh_path
         self.ebpf = ebpf
         self.splice = None
+        self.capture = capture  # --capture (a mesh with a capture: block captures without it)
+        self.pods: Pods | None = None
         self.delta = delta
         self.out = out
         self.log_dir = log_dir or state_dir / "logs"
@@ -92,14 +98,16 @@ class Stack(StackChildren, StackProxies, StackView, StackSplice):
         self.ca_where: CaLocation | None = None
         self.cp: Supervised | None = None
         self.services: dict[str, Supervised] = {}
-        self.apps: dict[tuple[str, int], DemoApp] = {}
+        self.apps: dict[tuple[str, int], DemoApp | Supervised] = {}
         self.envoys: list[EnvoyProcess] = []
         self._stopping = asyncio.Event()
         self._last: dict[str, Any] = {}
         self._status: dict[str, Any] = {}
         self._followed = ""  # digest of the mesh whose proxies and demo apps are running
         self._processes = ""
-        self._retiring: list[EnvoyProcess | DemoApp] = []  # removed, stopped once unrouted
+        self._retiring: list[
+            EnvoyProcess | DemoApp | Supervised
+        ] = []  # removed, stopped once unrouted
         self.credentials: dict[str, WorkloadCert] = {}  # node id -> its current xDS credential
 
     def say(self, line: str) -> None:
@@ -143,12 +151,15 @@ class Stack(StackChildren, StackProxies, StackView, StackSplice):
                 await self.shutdown()
             finally:
                 await self._stop_splice()  # --ebpf: after every child has stopped
+                await self._stop_capture()  # --capture: likewise
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
 
     async def _run(self) -> int:
         try:
             mesh = load_mesh(self.mesh_path)
+            if self.capture:
+                mesh = with_capture(mesh, source=str(self.mesh_path))
             plan(
                 mesh,
                 mesh_path=self.mesh_path,
@@ -162,6 +173,8 @@ class Stack(StackChildren, StackProxies, StackView, StackSplice):
         self.ca_where = locate_ca(mesh, mesh_dir=self.mesh_path.parent)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         if self.ebpf and not await self._start_splice():
+            return 2
+        if mesh.capture is not None and not await self._start_capture(mesh):
             return 2
         code = await self._start_control_plane()
         if code:
@@ -255,7 +268,8 @@ class Stack(StackChildren, StackProxies, StackView, StackSplice):
     async def shutdown(self) -> None:
         for envoy in [*self.envoys, *(e for e in self._retiring if isinstance(e, EnvoyProcess))]:
             await asyncio.to_thread(envoy.stop)
-        for app in [*self.apps.values(), *(a for a in self._retiring if isinstance(a, DemoApp))]:
+        retired = [a for a in self._retiring if not isinstance(a, EnvoyProcess)]
+        for app in [*self.apps.values(), *retired]:
             await app.stop()
         await asyncio.gather(*(c.stop() for c in self.services.values()))
         if self.cp is not None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 log = logging.getLogger("legation.capture.relay")
@@ -30,9 +30,7 @@ class Relay:
 
     async def start(self) -> Relay:
         for host, port in self.targets:
-            server = await asyncio.start_server(
-                lambda r, w, h=host, p=port: self._track(self._pipe(r, w, h, p)), self.bind, port
-            )
+            server = await asyncio.start_server(self._handler(host, port), self.bind, port)
             self._servers.append(server)
         return self
 
@@ -45,6 +43,14 @@ class Relay:
         for server in self._servers:
             await server.wait_closed()
         self._servers = []
+
+    def _handler(
+        self, host: str, port: int
+    ) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], None]:
+        def accepted(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            self._track(self._pipe(reader, writer, host, port))
+
+        return accepted
 
     def _track(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(coro)

@@ -47,6 +47,7 @@ class DemoSpec:
     fail_every: int = 0
     delay_ms: int = 0
     outbound_port: int | None = None  # its sidecar's outbound listener, for ``?call=``
+    instance: str = ""  # the endpoint's instance name (its pod's, with capture)
 
 
 def sidecar_node_id(instance: str) -> str:
@@ -102,8 +103,9 @@ def demo_apps_of(mesh: Mesh) -> list[DemoSpec]:
             fail_every=ep.demo.fail_every,
             delay_ms=ep.demo.delay_ms,
             outbound_port=ep.sidecar.outbound_port if ep.sidecar else None,
+            instance=service.instance_name(i),
         )
         for service in mesh.services
-        for ep in service.endpoints
+        for i, ep in enumerate(service.endpoints)
         if ep.demo is not None
     ]

@@ -101,8 +101,8 @@ def test_demo_apps_take_version_from_labels_unless_given() -> None:
     eps[0]["demo"] = {}
     eps[1]["demo"] = {"version": "canary", "fail_every": 3, "delay_ms": 20}
     assert parse(data).demo_apps() == [
-        DemoSpec("reviews", "v1", "127.0.0.1", 9111, 0, 0, 15211),
-        DemoSpec("reviews", "canary", "127.0.0.1", 9112, 3, 20, 15212),
+        DemoSpec("reviews", "v1", "127.0.0.1", 9111, 0, 0, 15211, "reviews-0"),
+        DemoSpec("reviews", "canary", "127.0.0.1", 9112, 3, 20, 15212, "reviews-1"),
     ]
 
 

@@ -1,0 +1,104 @@
+"""``legation up --capture``'s network: the bridge, a pod per sidecar instance, the relay.
+
+:class:`Pods` follows the mesh: a reload that adds a sidecar instance gets its pod, one that
+removes an instance loses it, every pod's hosts file names every service, and a pod whose rules
+would change (ports, include/exclude lists) gets them replaced whole (``iptables-restore``
+flushes the tables it is given). The capture range and the proxy group are read at start; a
+reload that changes them needs a restart, as the sidecars' group does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from dataclasses import dataclass
+
+from legation.capture import netns
+from legation.capture.relay import Relay
+from legation.capture.rules import hosts_file, pod_rules
+from legation.config.capture import Capture
+from legation.config.model import Endpoint, Mesh
+
+
+@dataclass(frozen=True, slots=True)
+class _Wanted:
+    service: str
+    endpoint: Endpoint
+
+
+class Pods:
+    def __init__(self, capture: Capture) -> None:
+        self.capture = capture
+        self.network = netns.Network(capture)
+        self.pods: dict[str, netns.Pod] = {}  # instance -> its pod
+        self._rules: dict[str, str] = {}
+        self.relay: Relay | None = None
+
+    def start(self, mesh: Mesh) -> list[str]:
+        """Check what capture needs, remove a crashed run's leftovers, make the bridge and the
+        pods; what was left over (the names removed). Blocking: run it off the event loop."""
+        netns.require()
+        removed = self.network.clean()
+        self.network.check_range()
+        self.network.create_bridge()
+        self.follow(mesh)
+        return removed
+
+    async def start_relay(self, targets: list[tuple[str, int]]) -> None:
+        self.relay = await Relay(self.capture.bridge_ip, targets).start()
+
+    def follow(self, mesh: Mesh) -> tuple[list[str], list[str]]:
+        """Pods for the sidecar instances of ``mesh``, none for others; (added, removed)."""
+        wanted = {
+            s.instance_name(i): _Wanted(s.name, e)
+            for s in mesh.services
+            for i, e in enumerate(s.endpoints)
+            if e.sidecar is not None
+        }
+        hosts = hosts_file(self.capture, [s.name for s in mesh.services])
+        removed = sorted(set(self.pods) - set(wanted))
+        for instance in removed:
+            self.network.remove_pod(self.pods.pop(instance))
+            self._rules.pop(instance, None)
+        added = []
+        for instance, want in wanted.items():
+            pod = self.pods.get(instance) or self.network.pod(instance)
+            rules = self._rules_of(pod, want.endpoint)
+            if instance not in self.pods:
+                self.network.add_pod(pod, hosts=hosts, rules=rules)
+                self.pods[instance] = pod
+                added.append(instance)
+            else:
+                self.network.write_hosts(pod, hosts)
+                if rules != self._rules[instance]:
+                    netns.run(pod.exec_argv(["iptables-restore"]), stdin=rules)
+            self._rules[instance] = rules
+        return added, removed
+
+    def _rules_of(self, pod: netns.Pod, endpoint: Endpoint) -> str:
+        sidecar = endpoint.sidecar
+        assert sidecar is not None
+        return pod_rules(
+            self.capture,
+            pod_ip=pod.ip,
+            app_port=endpoint.port,
+            inbound_port=sidecar.inbound_port,
+            outbound_port=sidecar.outbound_port,
+            admin_port=sidecar.admin_port,
+        )
+
+    def app_command(self, instance: str, argv: list[str], *, services: dict[str, int]) -> list[str]:
+        """A demo app's command line run in ``instance``'s pod, listening on every address of
+        the pod and calling ``services`` (name -> port) by plain URL."""
+        calls = [a for name, port in services.items() for a in ("--call-plain", f"{name}={port}")]
+        return self.pods[instance].exec_argv(
+            [sys.executable, "-m", "legation.cli", "demo", *argv, "--host", "0.0.0.0", *calls]
+        )
+
+    async def stop(self) -> list[str]:
+        """Stop the relay and remove every pod, link and hosts file; what was removed."""
+        if self.relay is not None:
+            await self.relay.stop()
+            self.relay = None
+        self.pods.clear()
+        return await asyncio.to_thread(self.network.clean)
