@@ -13,6 +13,7 @@ import pytest
 
 from legation.capture.ebpf import Sockmap, missing_features
 from legation.capture.ebpf._kernel import bpftool
+from tests.capture.test_ebpf import programs_gone
 from tests.integration.test_up import MESH, Up, gone, http, ports  # noqa: F401 (a fixture)
 
 MISSING = missing_features()
@@ -72,4 +73,4 @@ def test_up_ebpf_splices_the_mesh_and_leaves_nothing(tmp_path: Path, ports: dict
     assert "programs detached" in up.output
     assert not splice.cgroup.exists() and not splice.pins.exists()
     assert not _holders(ids)
-    assert not ids & {p["id"] for p in bpftool("prog", "show", parse=True) or []}
+    assert programs_gone(ids)
