@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
-import os
 import shutil
 import subprocess
 from collections.abc import Sequence
@@ -26,6 +25,17 @@ from legation.config.capture import Capture
 ETC_NETNS = Path("/etc/netns")
 NETNS_PREFIX = "legation-"
 _TOOLS = ("ip", "iptables-restore")
+_CAPS = {"CAP_NET_ADMIN": 12, "CAP_SYS_ADMIN": 21}
+
+
+def _effective() -> int:
+    """This process's effective capabilities (a bit set), 0 if unknown."""
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return 0
+    line = next((x for x in status.splitlines() if x.startswith("CapEff:")), "CapEff: 0")
+    return int(line.split()[1], 16)
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,8 +74,9 @@ def run(argv: Sequence[str], *, stdin: str | None = None) -> str:
 def missing() -> list[str]:
     """What capture needs and this machine lacks (empty: all there)."""
     out = []
-    if os.geteuid() != 0:
-        out.append("root (CAP_NET_ADMIN and CAP_SYS_ADMIN, for network namespaces and iptables)")
+    lacking = [name for name, bit in _CAPS.items() if not _effective() >> bit & 1]
+    if lacking:
+        out.append(f"root ({' and '.join(lacking)}, for network namespaces and iptables)")
     out += [f"the {tool!r} command" for tool in _TOOLS if shutil.which(tool) is None]
     if not Path("/proc/self/ns/net").exists():
         out.append("network namespaces in the kernel (/proc/self/ns/net)")

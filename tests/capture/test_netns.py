@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -135,3 +137,26 @@ def test_a_failing_command_names_itself() -> None:
     with pytest.raises(CaptureError) as info:
         netns.run(["ip", "link", "show", "lg-no-such-link"])
     assert str(info.value).startswith("ip link show lg-no-such-link: ")
+
+
+def test_without_the_capabilities_capture_refuses_and_names_them(tmp_path: Path) -> None:
+    """A real process without CAP_NET_ADMIN and CAP_SYS_ADMIN (dropped by setpriv): `legation up
+    --capture` starts nothing and says what is missing."""
+    if shutil.which("setpriv") is None or netns.missing():
+        pytest.skip("needs setpriv and the capabilities to drop")
+    mesh = tmp_path / "mesh.yaml"
+    mesh.write_text("services: [{name: web, port: 9080, endpoints: [{port: 9111}]}]\n")
+    drop = ["setpriv", "--inh-caps=-net_admin,-sys_admin", "--bounding-set=-net_admin,-sys_admin"]
+    done = subprocess.run(
+        [*drop, sys.executable, "-m", "legation.cli", "up", "--capture", "--plain", str(mesh)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 2
+    assert (
+        "--capture needs root (CAP_NET_ADMIN and CAP_SYS_ADMIN, for network namespaces and "
+        "iptables) (run without --capture otherwise)"
+    ) in done.stdout
+    assert "control plane:" not in done.stdout

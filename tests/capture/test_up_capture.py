@@ -1,0 +1,245 @@
+"""``legation up --capture`` as a user runs it: real Envoys and demo apps in network namespaces.
+
+One run is killed (a crash: its namespaces stay) and the next removes what it left; that run
+serves the tests below in file order, and the last one stops it and finds nothing left. The apps
+know nothing of their sidecars: the frontend app calls ``http://reviews:9080/``.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from legation.capture import netns
+from legation.config.capture import Capture
+from tests.capture.conftest import capture_range
+from tests.conftest import distinct_ports
+from tests.integration.test_up import Up, gone, http
+
+LACKING = netns.missing()
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.slow,
+    pytest.mark.skipif(bool(LACKING), reason=f"--capture needs: {'; '.join(LACKING)}"),
+]
+
+MESH = """\
+xds: {{host: 127.0.0.1, port: {xds}}}
+mtls: {{mode: strict}}
+capture: {{cidr: {cidr}, outbound: {{exclude_ports: [{excluded}]}}}}
+gateway: {{name: gw, host: 127.0.0.1, port: {gw}, admin_port: {gw_admin}}}
+services:
+  - name: frontend
+    port: 9080
+    endpoints:
+      - {{name: frontend-0, port: {app1}, demo: {{}},
+         sidecar: {{inbound_port: {in1}, outbound_port: {out1}, admin_port: {admin1}}}}}
+  - name: reviews
+    port: 9080
+    endpoints:
+      - {{name: reviews-0, port: {app2}, demo: {{}},
+         sidecar: {{inbound_port: {in2}, outbound_port: {out2}, admin_port: {admin2}}}}}
+routes:
+  - name: reviews
+    match: {{path: {{prefix: /}}}}
+    to: {{service: reviews}}
+"""
+_NAMES = "xds gw gw_admin app1 in1 out1 admin1 app2 in2 out2 admin2 status excluded".split()
+
+# Run in a pod as its app: GET argv[1], print the status and the body.
+_GET = """
+import sys, urllib.request, urllib.error
+try:
+    with urllib.request.urlopen(sys.argv[1], timeout=5) as r:
+        print(r.status); print(r.read().decode())
+except urllib.error.HTTPError as e:
+    print(e.code); print(e.read().decode())
+except OSError as e:
+    print(0); print(e)
+"""
+
+
+@dataclass
+class Captured:
+    up: Up
+    ports: dict[str, int]
+    network: netns.Network
+
+    def pod(self, instance: str) -> netns.Pod:
+        return self.network.pod(instance)
+
+    def app_get(self, instance: str, url: str) -> tuple[int, str]:
+        """What the app in ``instance``'s pod gets for ``url``."""
+        out = subprocess.run(
+            self.pod(instance).exec_argv([sys.executable, "-c", _GET, url]),
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=True,
+        ).stdout
+        status, _, body = out.partition("\n")
+        return int(status), body
+
+    def stats(self, instance: str, admin: str) -> dict[str, int]:
+        url = f"http://{self.pod(instance).ip}:{self.ports[admin]}/stats?format=json"
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            doc = json.loads(resp.read())
+        return {s["name"]: s["value"] for s in doc["stats"] if isinstance(s.get("value"), int)}
+
+
+@pytest.fixture(scope="module")
+def captured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Captured]:
+    tmp = tmp_path_factory.mktemp("capture")
+    ports = distinct_ports(*_NAMES)
+    cidr = capture_range()
+    mesh = tmp / "mesh.yaml"
+    mesh.write_text(MESH.format(**ports, cidr=cidr))
+    network = netns.Network(Capture(cidr=cidr))
+    crashed = Up(mesh, tmp, ports["status"], flags=["--capture"])
+    try:
+        crashed.wait_for("Legation is up")
+        crashed.proc.kill()  # no clean-up: the namespaces, links and hosts files stay
+        crashed.proc.wait(10)
+        assert network.prefix + "reviews-0" in netns.run(["ip", "netns", "list"])
+    finally:
+        crashed.stop()
+    up = Up(mesh, tmp, ports["status"], flags=["--capture"])
+    try:
+        up.wait_for("Legation is up")
+        assert f"--capture: removed what an earlier run left: {network.prefix}" in up.output
+        yield Captured(up, ports, network)
+    finally:
+        up.stop()
+        network.clean()
+
+
+def test_an_app_calls_a_service_by_name_through_both_sidecars(captured: Captured) -> None:
+    before = captured.stats("frontend-0", "admin1")
+    status, body = captured.app_get("frontend-0", "http://reviews:9080/hello")
+    assert status == 200
+    answer = json.loads(body)
+    assert answer["service"] == "reviews" and answer["path"] == "/hello"
+    # the reviews sidecar terminated mTLS from the frontend sidecar, whose SPIFFE id it forwards
+    xfcc = answer["headers"]["x-forwarded-client-cert"]
+    assert "URI=spiffe://cluster.local/ns/default/sa/frontend" in xfcc
+    after = captured.stats("frontend-0", "admin1")
+    out = "listener.outbound_frontend.downstream_cx_total"
+    assert after[out] - before.get(out, 0) == 1  # one connection from the app, none looped back
+    assert after["http.outbound_frontend.downstream_rq_2xx"] >= 1
+    inbound = captured.stats("reviews-0", "admin2")
+    assert inbound["http.inbound_reviews.downstream_rq_2xx"] >= 1
+    assert inbound["listener.inbound_reviews.ssl.handshake"] >= 1
+
+
+def test_the_app_calling_itself_through_its_service_goes_through_its_sidecar(
+    captured: Captured,
+) -> None:
+    status, body = captured.app_get("reviews-0", "http://reviews:9080/self")
+    assert status == 200 and json.loads(body)["path"] == "/self"
+
+
+def test_demo_apps_call_services_by_plain_url(captured: Captured) -> None:
+    app = captured.ports["app1"]
+    status, body = captured.app_get("frontend-0", f"http://127.0.0.1:{app}/?call=reviews")
+    assert status == 200
+    assert json.loads(body)["calls"] == [{"service": "reviews", "status": 200}]
+
+
+def test_inbound_is_captured_and_strict_mtls_refuses_plaintext(captured: Captured) -> None:
+    reviews = captured.pod("reviews-0")
+    app_stats = f"http://127.0.0.1:{captured.ports['app2']}/__demo/stats"
+    served = json.loads(captured.app_get("reviews-0", app_stats)[1])["requests"]
+    cx = "listener.inbound_reviews.downstream_cx_total"
+    before = captured.stats("reviews-0", "admin2")[cx]
+    # a client outside the mesh, straight at the app's port: the sidecar gets it, and refuses
+    assert http(f"http://{reviews.ip}:{captured.ports['app2']}/")[0] == 0
+    assert captured.stats("reviews-0", "admin2")[cx] == before + 1
+    assert json.loads(captured.app_get("reviews-0", app_stats)[1])["requests"] == served
+    # through the gateway (mTLS to the pod's app port, redirected to the sidecar) it works
+    status, body = http(f"http://127.0.0.1:{captured.ports['gw']}/via-gateway")
+    assert status == 200 and json.loads(body)["service"] == "reviews"
+
+
+class _Hello(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        body = b"outside"
+        self.send_response(200)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def outside(captured: Captured) -> Iterator[tuple[str, int, int]]:
+    """Servers on the host's bridge address (outside the mesh): (address, a port, the excluded
+    port)."""
+    bridge = captured.network.capture.bridge_ip
+    servers = [
+        ThreadingHTTPServer((bridge, port), _Hello) for port in (0, captured.ports["excluded"])
+    ]
+    for s in servers:
+        threading.Thread(target=s.serve_forever, daemon=True).start()
+    yield bridge, servers[0].server_address[1], captured.ports["excluded"]
+    for s in servers:
+        s.shutdown()
+        s.server_close()
+
+
+def test_other_destinations_pass_through_and_the_sidecar_is_not_looped(
+    captured: Captured, outside: tuple[str, int, int]
+) -> None:
+    bridge, port, _ = outside
+    before = captured.stats("frontend-0", "admin1")
+    assert captured.app_get("frontend-0", f"http://{bridge}:{port}/") == (200, "outside\n")
+    after = captured.stats("frontend-0", "admin1")
+    out = "listener.outbound_frontend.downstream_cx_total"
+    assert after[out] - before[out] == 1
+    passed = "cluster.passthrough.upstream_cx_total"
+    assert after[passed] - before.get(passed, 0) == 1
+    # Envoy runs under the proxy group, which the rules leave alone
+    pids = subprocess.run(
+        ["pgrep", "-f", f"envoy.*{captured.up.log_dir}/sidecar-frontend-0"],
+        capture_output=True,
+        text=True,
+    ).stdout.split()
+    assert pids
+    status = Path(f"/proc/{pids[0]}/status").read_text()
+    gid = next(line for line in status.splitlines() if line.startswith("Gid:"))
+    assert gid.split()[1:] == ["1337"] * 4
+
+
+def test_an_excluded_port_bypasses_the_sidecar(
+    captured: Captured, outside: tuple[str, int, int]
+) -> None:
+    bridge, _, excluded = outside
+    out = "listener.outbound_frontend.downstream_cx_total"
+    before = captured.stats("frontend-0", "admin1")[out]
+    assert captured.app_get("frontend-0", f"http://{bridge}:{excluded}/") == (200, "outside\n")
+    assert captured.stats("frontend-0", "admin1")[out] == before
+
+
+def test_a_stop_leaves_nothing(captured: Captured) -> None:
+    """Last in the file: it stops the run the others used."""
+    envoys = captured.up.envoy_pids()
+    captured.up.proc.send_signal(signal.SIGINT)
+    assert captured.up.proc.wait(30) == 0
+    assert gone(envoys)
+    net = captured.network
+    assert net.prefix not in netns.run(["ip", "netns", "list"])
+    links = netns.run(["ip", "-o", "link", "show"])
+    assert net.bridge not in links and f"lg{net.tag}" not in links
+    assert not list(netns.ETC_NETNS.glob(net.prefix + "*"))
+    assert "--capture: removed" in captured.up.output
