@@ -41,6 +41,7 @@ from typing import Any
 import yaml
 
 from legation.config import parse_mesh
+from legation.services import kinds
 from legation.translate.bootstrap import bootstrap
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -57,6 +58,7 @@ IPS = {
     "extauthz": "172.30.0.6",
     "extproc": "172.30.0.7",
     "ratelimit": "172.30.0.8",
+    "accesslog": "172.30.0.9",
 }
 CA_DIR = "/var/lib/legation/ca"
 SERVICES_DIR = "/var/lib/legation/services"  # one volume per service below it
@@ -85,13 +87,15 @@ def compose_mesh(raw: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
             address = f"172.30.0.{APP_BASE + len(apps)}"
             apps[name] = address
             endpoint["host"] = address
-    for block in ("extauthz", "extproc", "ratelimit"):
+    for block in kinds.names():
         if block in mesh:
             mesh[block]["host"] = IPS[block]  # a container of its own
             mesh[block]["tls"] = "mesh"  # reachable by every container: proxies only (mTLS)
     # strict mTLS, whatever the quickstart says; the CA (for xDS and mTLS) lives on a volume
     # the control plane can write
     mesh.setdefault("mtls", {}).update(mode="strict", ca_dir=CA_DIR)
+    if "accesslog" in mesh:  # JSON access-log lines to the Envoy containers' logs
+        mesh["accesslog"]["log"] = {"to": "stdout"}
     if "ratelimit" in mesh:
         mesh["ratelimit"]["backend"] = "redis"
         mesh["ratelimit"]["redis_url"] = (
@@ -127,7 +131,7 @@ def stack(mesh_doc: dict[str, Any], apps: dict[str, str]) -> dict[str, Any]:
         }
 
     nodes = [p.node_id for p in mesh.proxies()]
-    kinds = [k for k in ("extauthz", "extproc", "ratelimit") if k in mesh_doc]
+    declared = [k for k in kinds.names() if k in mesh_doc]
     secret_dir = REDIS_SECRET.rsplit("/", 1)[0]
     enrol = (
         "set -e; umask 077; "
@@ -136,7 +140,7 @@ def stack(mesh_doc: dict[str, Any], apps: dict[str, str]) -> dict[str, Any]:
         f"--xds {IPS['control-plane']}:{mesh.xds.port} > /dev/null; done; "
         f"[ -s {REDIS_SECRET} ] || python -c 'import secrets; print(secrets.token_hex(24))' "
         f"> {REDIS_SECRET}; chown -R legation /var/lib/legation {secret_dir}; "
-        f"chmod 700 {' '.join(f'{SERVICES_DIR}/{k}' for k in kinds)}"
+        f"chmod 700 {' '.join(f'{SERVICES_DIR}/{k}' for k in declared)}"
     )
     serve = (
         "set -e; umask 077; mkdir -p /tmp/mesh; cp /mesh/*.yaml /tmp/mesh/; "
@@ -164,7 +168,7 @@ def stack(mesh_doc: dict[str, Any], apps: dict[str, str]) -> dict[str, Any]:
                 "legation-ca:/var/lib/legation",
                 f"redis-secret:{secret_dir}",
                 *(f"xds-{n}:/nodes/{n}" for n in nodes),
-                *(f"svc-{k}:{SERVICES_DIR}/{k}" for k in kinds),
+                *(f"svc-{k}:{SERVICES_DIR}/{k}" for k in declared),
             ],
             "network_mode": "none",
         },
@@ -175,7 +179,7 @@ def stack(mesh_doc: dict[str, Any], apps: dict[str, str]) -> dict[str, Any]:
                 *mesh_files,
                 "legation-ca:/var/lib/legation",
                 f"redis-secret:{secret_dir}:ro",
-                *(f"svc-{k}:{SERVICES_DIR}/{k}" for k in kinds),
+                *(f"svc-{k}:{SERVICES_DIR}/{k}" for k in declared),
             ],
             "restart": "unless-stopped",
             "networks": {"legation": {"ipv4_address": IPS["control-plane"]}},
@@ -199,7 +203,7 @@ def stack(mesh_doc: dict[str, Any], apps: dict[str, str]) -> dict[str, Any]:
             "networks": {"legation": {"ipv4_address": IPS["opa"]}},
         },
     }
-    for kind in kinds:  # the mesh (relative paths) where the plan says it is: /tmp/mesh
+    for kind in declared:  # the mesh (relative paths) where the plan says it is: /tmp/mesh
         follow = (
             "set -e; mkdir -p /tmp/mesh; cp /mesh/*.yaml /tmp/mesh/; "
             f"exec legation serve {kind} --plan {SERVICES_DIR}/{kind}/plan.json"
@@ -267,7 +271,7 @@ def stack(mesh_doc: dict[str, Any], apps: dict[str, str]) -> dict[str, Any]:
             "legation-ca": {},
             "redis-secret": {},
             **{f"xds-{n}": {} for n in nodes},
-            **{f"svc-{k}": {} for k in kinds},
+            **{f"svc-{k}": {} for k in declared},
         },
     }
 

@@ -29,11 +29,41 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     if workers == 1:
         return asyncio.run(_serve_one(args, reuse_port=False, index=0))
+    return _serve_workers(args, workers)
+
+
+def _serve_workers(args: argparse.Namespace, workers: int) -> int:
+    """``--workers N``: N forked workers on one port; with ``--metrics-port``, this parent
+    serves their metrics merged (:mod:`legation._worker_metrics`) once all are forked."""
+    import tempfile
+
+    from legation._worker_metrics import serve_merged
     from legation.services.workers import run_workers
 
-    return run_workers(
-        workers, lambda index: asyncio.run(_serve_one(args, reuse_port=True, index=index))
-    )
+    host = (args.listen or "127.0.0.1:0").rpartition(":")[0] or "127.0.0.1"
+    with tempfile.TemporaryDirectory(prefix="legation-workers-") as tmp:
+        directory = Path(tmp)
+        servers = []
+
+        def forked() -> None:
+            if not args.metrics_port:
+                return
+            try:
+                servers.append(serve_merged(args.metrics_port, host, directory, workers))
+            except OSError as err:  # the workers serve on; only the merged metrics are missing
+                print(f"cannot serve metrics on {host}:{args.metrics_port}: {err}", file=sys.stderr)
+
+        try:
+            return run_workers(
+                workers,
+                lambda index: asyncio.run(
+                    _serve_one(args, reuse_port=True, index=index, metrics_dir=directory)
+                ),
+                after_fork=forked,
+            )
+        finally:
+            for server in servers:
+                server.shutdown()
 
 
 async def _wait_for_signal() -> None:
@@ -105,7 +135,9 @@ async def _serve_plan(args: argparse.Namespace) -> int:
     return 0 if signalled.done() and not signalled.cancelled() else 1
 
 
-async def _serve_one(args: argparse.Namespace, *, reuse_port: bool, index: int) -> int:
+async def _serve_one(
+    args: argparse.Namespace, *, reuse_port: bool, index: int, metrics_dir: Path | None = None
+) -> int:
     from legation.services import kinds
 
     host, _, port = (args.listen or "127.0.0.1:0").rpartition(":")
@@ -121,8 +153,13 @@ async def _serve_one(args: argparse.Namespace, *, reuse_port: bool, index: int) 
     if args.metrics_port:
         from prometheus_client import start_http_server
 
-        # each worker of --workers N serves its own metrics, on consecutive ports
-        start_http_server(args.metrics_port + index, addr=host)
+        if metrics_dir is None:
+            start_http_server(args.metrics_port, addr=host)
+        else:  # a worker: on loopback for the parent, which serves --metrics-port merged
+            from legation._worker_metrics import port_file
+
+            server, _ = start_http_server(0, addr="127.0.0.1")
+            port_file(metrics_dir, index).write_text(str(server.server_port))
     print(f"{args.service} (pid {os.getpid()}) on {host}:{bound}", flush=True)
     try:
         await _wait_for_signal()

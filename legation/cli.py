@@ -218,7 +218,7 @@ def parser() -> argparse.ArgumentParser:
             "--metrics-port",
             type=int,
             default=0,
-            help="serve Prometheus metrics here (worker i on port + i)",
+            help="serve Prometheus metrics here (with --workers: the workers' merged)",
         )
         kind.service_class().add_cli_options(one)
         one.set_defaults(fn=cmd_serve)

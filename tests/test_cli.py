@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -12,6 +13,7 @@ import pytest
 import yaml
 from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2 as common_rl
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import free_port
 
@@ -149,12 +151,13 @@ def test_status_without_a_running_stack_says_so() -> None:
 
 @pytest.mark.integration
 def test_serve_ratelimit_with_two_workers_answers(tmp_path: Path) -> None:
+    """Two forked workers on one port; their metrics merged on the parent's one endpoint."""
     config = tmp_path / "limits.yaml"
     config.write_text(
         "domain: cli\ndescriptors:\n  - key: user\n    rate_limit: {unit: minute, "
         "requests_per_unit: 1}\n"
     )
-    port = free_port()
+    port, metrics = free_port(), free_port()
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -168,6 +171,8 @@ def test_serve_ratelimit_with_two_workers_answers(tmp_path: Path) -> None:
             f"127.0.0.1:{port}",
             "--workers",
             "2",
+            "--metrics-port",
+            str(metrics),
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -196,6 +201,24 @@ def test_serve_ratelimit_with_two_workers_answers(tmp_path: Path) -> None:
             stub = rls_pb2_grpc.RateLimitServiceStub(channel)
             first = stub.ShouldRateLimit(request, timeout=5)
             assert first.overall_code == rls_pb2.RateLimitResponse.OK
+        for _ in range(5):  # a connection each: SO_REUSEPORT spreads them over the workers
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = rls_pb2_grpc.RateLimitServiceStub(channel)
+                stub.ShouldRateLimit(request, timeout=5)
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+        samples = [s for f in text_string_to_metric_families(text) for s in f.samples]
+
+        def values(name: str) -> list[tuple[dict[str, str], float]]:
+            return [(s.labels, s.value) for s in samples if s.name == name]
+
+        assert values("legation_workers_scraped") == [({}, 2.0)]
+        # a counter is summed over the workers: every request once
+        assert sum(v for _, v in values("legation_ratelimit_total_hits_total")) == 6
+        assert len(values("legation_ratelimit_total_hits_total")) == 1
+        # a gauge stays per worker
+        memory = values("process_resident_memory_bytes")
+        assert sorted(labels["worker"] for labels, _ in memory) == ["0", "1"]
     finally:
         proc.terminate()
         assert proc.wait(15) == 0

@@ -40,7 +40,7 @@ def test_service_files_validate() -> None:
 
     path = generate.OUT / "mesh.yaml"
     planned = plan(load_mesh(path), mesh_path=path)
-    assert set(planned.embedded) == {"extauthz", "extproc", "ratelimit"}
+    assert set(planned.embedded) == {"extauthz", "extproc", "ratelimit", "accesslog"}
 
 
 def test_request_path_services_accept_only_mesh_proxies(tmp_path: Path) -> None:
@@ -62,17 +62,18 @@ def test_request_path_services_accept_only_mesh_proxies(tmp_path: Path) -> None:
         "extauthz": True,
         "extproc": True,
         "ratelimit": True,
+        "accesslog": True,
     }
     issuer = MeshIssuer(mesh_dir=tmp_path, default_ca_dir=tmp_path / "ca")
     issuer.update(
         mesh.model_copy(update={"mtls": mesh.mtls.model_copy(update={"ca_dir": None})}),
         services={k: s.host for k, s in planned.embedded.items()},
     )
-    assert set(issuer.service_certs) == {"extauthz", "extproc", "ratelimit"}
+    assert set(issuer.service_certs) == {"extauthz", "extproc", "ratelimit", "accesslog"}
     snapshots = translate(mesh, version="compose", secrets=issuer.secrets())
     assert set(snapshots) == {p.node_id for p in mesh.proxies()}
     for node, snap in snapshots.items():
-        for kind in ("extauthz", "extproc", "ratelimit"):
+        for kind in ("extauthz", "extproc", "ratelimit", "accesslog"):
             cluster = snap.resources(ResourceType.CLUSTER)[f"legation|{kind}"].message
             context = tls_pb2.UpstreamTlsContext()
             assert cluster.transport_socket.typed_config.Unpack(context), (node, kind)

@@ -16,8 +16,12 @@ from typing import Any
 __all__ = ["run_workers"]
 
 
-def run_workers(count: int, serve: Callable[[int], int]) -> int:
-    """Fork ``count`` workers running ``serve(index)``; wait for all; their combined status."""
+def run_workers(
+    count: int, serve: Callable[[int], int], *, after_fork: Callable[[], Any] | None = None
+) -> int:
+    """Fork ``count`` workers running ``serve(index)``; wait for all; their combined status.
+    ``after_fork`` runs in the parent once every worker is forked (threads it starts are never
+    inherited by a worker)."""
     children = []
     for index in range(count):
         pid = os.fork()
@@ -41,6 +45,8 @@ def run_workers(count: int, serve: Callable[[int], int]) -> int:
 
     signal.signal(signal.SIGINT, forward)
     signal.signal(signal.SIGTERM, forward)
+    if after_fork is not None:
+        after_fork()
     status = 0
     for child in children:
         _, code = os.waitpid(child, 0)

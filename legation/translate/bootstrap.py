@@ -9,7 +9,7 @@ The ADS channel is TLS both ways (see :mod:`legation.certs.enrol`): the proxy pr
 enrolment credential, read through file-based SDS from its credentials directory (watched, so a
 re-issued credential is picked up without a restart), and accepts only a server whose
 certificate, signed by the mesh CA (``ca.crt`` in the same directory), carries the control plane's
-identity.
+identity. ``stats_config`` tags every stat with the node (:mod:`legation.translate._stats`).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from pathlib import PurePath
 from typing import Any
 
 from legation.certs.enrol import CLIENT_SDS_FILE, CLIENT_SECRET, ROOT_FILE, XDS_SERVER_ID
+from legation.translate._stats import stats_config
 
 XDS_CLUSTER = "legation_xds"
 
@@ -94,6 +95,7 @@ def bootstrap(
             "lds_config": ads_source,
         },
         "static_resources": {"clusters": [cluster]},
+        "stats_config": stats_config(node_id, node_cluster or node_id),
     }
 
 

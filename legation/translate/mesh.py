@@ -69,6 +69,7 @@ from legation.translate._names import (
 )
 from legation.translate._routes import default_route, inbound_routes, route
 from legation.translate._services import apply_services, service_clusters, service_filters
+from legation.translate._stats import route_stat_prefix
 from legation.translate._tracing import hcm_tracing, route_tracing, tracing_clusters
 from legation.xds.snapshot import Snapshot
 
@@ -142,7 +143,9 @@ class _Routed:
 
     def route(self, spec: Route) -> rc.Route:
         out = route(self.mesh, spec)
-        apply_services(self.mesh, out, spec, self.chains, index=self._index[spec.name])
+        index = self._index[spec.name]
+        out.stat_prefix = route_stat_prefix(index, spec.name)
+        apply_services(self.mesh, out, spec, self.chains, index=index)
         route_tracing(out, spec)
         return out
 

@@ -190,6 +190,26 @@ def test_metrics_endpoint_parses_and_holds_the_documented_names(world: World) ->
         assert name.startswith("legation_"), name  # one naming scheme
 
 
+def test_envoy_stats_carry_the_control_planes_tags(world: World) -> None:
+    _, body = get(world.ports["gw_admin"], "/stats/prometheus")
+    samples = [
+        s
+        for f in text_string_to_metric_families(body.decode())
+        for s in f.samples
+        if not s.name.startswith("envoy_filesystem_")  # made before the stats config is read
+    ]
+    assert len(samples) > 100
+    assert all(s.labels.get("legation_node") == "gateway-gw" for s in samples)
+    assert {s.labels.get("legation_service") for s in samples} == {"gw"}
+    slow = [
+        s.value
+        for s in samples
+        if s.name == "envoy_vhost_route_upstream_rq_completed_total"
+        and s.labels.get("envoy_route") == "slow"
+    ]
+    assert slow == [K_SLOW]  # route-level stats, named after the mesh route
+
+
 def _lines(world: World) -> list[dict[str, Any]]:
     deadline = time.monotonic() + 10
     while True:
@@ -230,6 +250,7 @@ def test_credentials_appear_in_no_log_and_no_metric(world: World) -> None:
     _lines(world)
     outputs = [p.read_bytes() for p in world.tmp.rglob("*") if p.is_file() and p.suffix != ".yaml"]
     outputs += [get(world.ports["status"], p)[1] for p in ("/metrics", "/status")]
+    outputs += [get(world.ports[p], "/stats/prometheus")[1] for p in ("gw_admin", "web_admin")]
     assert any(TRACEPARENT.encode() in o for o in outputs)  # the search finds what is there
     for secret in (TOKEN, COOKIE, QUERY):
         assert not [o[:80] for o in outputs if secret.encode() in o], secret

@@ -203,6 +203,7 @@ def test_header_match_to_subset() -> None:
     m.string_match.safe_regex.regex = "^(GET|HEAD)$"
     expected.route.cluster = "outbound|reviews|v2"
     expected.route.timeout.seconds = 3
+    expected.stat_prefix = "v2-by-header"  # route-level stats, named after the route
     assert route == expected
 
 
