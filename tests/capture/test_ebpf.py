@@ -200,6 +200,21 @@ def test_a_start_removes_what_a_crashed_run_left(caplog: pytest.LogCaptureFixtur
     assert not splice.cgroup.exists() and not splice.pins.exists()
 
 
+@needs_ebpf
+def test_a_start_never_takes_a_live_runs_cgroup_for_a_leftover(sockmap: Sockmap) -> None:
+    ids = sockmap.program_ids()
+    rival = Sockmap(name=sockmap.name)
+    with pytest.raises(CaptureError, match="belongs to a running process") as refused:
+        rival.start()
+    assert refused.value.code == "capture_in_use"
+    with pytest.raises(CaptureError, match="belongs to a running process"):
+        rival.stop()
+    shown = bpftool("cgroup", "show", str(sockmap.cgroup), parse=True)
+    assert [p["id"] for p in shown] == [ids["legation_sockops"]]  # still attached
+    assert _echo(10, sockmap.preexec()) == _expected(10)
+    assert sockmap.stats()["spliced"] >= 11
+
+
 SYSTEM_PYTHON = Path("/usr/bin/python3")  # readable by nobody, unlike a venv under /root
 
 

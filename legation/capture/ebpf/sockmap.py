@@ -13,6 +13,7 @@ same name left.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import os
@@ -48,6 +49,7 @@ class Sockmap:
         self.pins = _owned.owned_dir(bpffs, name)
         self.home = _owned.own_cgroup(self.cgroup_root)  # where joined processes go back to
         self.started = False
+        self._lock: int | None = None  # an flock on the cgroup directory while this owns it
 
     @classmethod
     def for_stack(cls, state_dir: Path, status_port: int) -> Sockmap:
@@ -65,41 +67,60 @@ class Sockmap:
                 "--ebpf needs what this machine lacks: " + "; ".join(missing),
                 code="capture_unavailable",
             )
+        self._claim()
         for line in self.remove_leftovers():
             log.warning("--ebpf: removed a leftover of an earlier run: %s", line)
+        self._release()
         obj = build_object()
         if ensure_bpffs(self.bpffs):
             log.info("--ebpf: mounted the bpf filesystem at %s", self.bpffs)
         try:
-            self.pins.mkdir()
-            bpftool(
-                "prog",
-                "loadall",
-                str(obj),
-                str(self.pins / "progs"),
-                "pinmaps",
-                str(self.pins / "maps"),
-            )
             self.cgroup.mkdir()
             self._check_cgroup()
+            self._claim()
+            self.pins.mkdir()
             bpftool(
-                "cgroup",
-                "attach",
-                str(self.cgroup),
-                "sock_ops",
-                "pinned",
-                str(self.pins / _owned.SOCKOPS_PROG),
-            )
+                "prog", "loadall", str(obj), str(self.pins / "progs"),
+                "pinmaps", str(self.pins / "maps"),
+            )  # fmt: skip
+            bpftool(
+                "cgroup", "attach", str(self.cgroup),
+                "sock_ops", "pinned", str(self.pins / _owned.SOCKOPS_PROG),
+            )  # fmt: skip
             bpftool(
                 "prog", "attach", "pinned", str(self.pins / _owned.MSG_PROG),
                 "msg_verdict", "pinned", str(self.pins / _owned.PAIRS_MAP),
             )  # fmt: skip
         except BaseException:
             self.remove_leftovers()
+            self._release()
             raise
         self.started = True
         log.debug("--ebpf: sockops on %s, sk_msg on %s", self.cgroup, self.pins / _owned.PAIRS_MAP)
         return self
+
+    def _claim(self) -> None:
+        """Hold an flock on the cgroup directory (if it exists) for as long as this object owns
+        it. The kernel drops the lock when the holder dies, however it dies: a cgroup that cannot
+        be locked belongs to a live run, and is refused rather than taken as a leftover."""
+        if self._lock is not None or not self.cgroup.is_dir():
+            return
+        fd = os.open(self.cgroup, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise CaptureError(
+                f"--ebpf: {self.cgroup} belongs to a running process (another legation up with "
+                "the same state directory and status port?); nothing started, nothing removed",
+                code="capture_in_use",
+            ) from None
+        self._lock = fd
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
 
     def _check_cgroup(self) -> None:
         """Refuse anything but a direct child of the cgroup v2 root named legation-*."""
@@ -148,8 +169,13 @@ class Sockmap:
     def stop(self) -> None:
         """Detach, move processes out, remove the cgroup, unpin. Idempotent."""
         self.started = False
-        for line in self.remove_leftovers():
-            log.debug("--ebpf: removed %s", line)
+        if self._lock is None and self.cgroup.is_dir():
+            self._claim()  # never tear down what another live run owns
+        try:
+            for line in self.remove_leftovers():
+                log.debug("--ebpf: removed %s", line)
+        finally:
+            self._release()
 
     def __enter__(self) -> Sockmap:
         return self.start()
