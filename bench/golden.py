@@ -11,6 +11,9 @@ interleaved:
              batches) -> a minimal grpc.aio AccessLogService that only drains the stream
   als-leg    the same -> Legation's AccessLogServicer feeding its Aggregator (the real thing)
   file       a file access log (Envoy's default text format) to a file in the temp directory
+  legation   what the control plane configures with ``accesslog: {log: {to: file}}``: the gRPC
+             log to Legation's servicer (the als-leg process) and the JSON-lines file log
+             (``legation.observe.envoy_config.json_log``); the row to compare with plain
   scrape     the plain listener, while a Legation process fetches ``/stats/prometheus`` from
              the front Envoy's admin every second and parses it (prometheus_client's parser)
 
@@ -57,11 +60,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from bench._als_flood import print_flood
 from bench.floor import _listener, _plain, cpu_seconds, median, start_envoys, wrk
 
 REPO = Path(__file__).resolve().parents[1]
-ROWS = ("plain", "als-min", "als-leg", "file", "scrape")
-LISTENERS = ("plain", "als-min", "als-leg", "file")
+ROWS = ("plain", "als-min", "als-leg", "file", "legation", "scrape")
+LISTENERS = ("plain", "als-min", "als-leg", "file", "legation")
 SERVERS = ("als-min", "als-leg")
 
 
@@ -139,7 +143,7 @@ def front_bootstrap(
     log_file: Path,
     idle_clusters: int,
 ) -> dict[str, Any]:
-    from legation.observe.envoy_config import access_log, als_cluster
+    from legation.observe.envoy_config import access_log, als_cluster, json_log
     from tests.envoy_stack import static_cluster
 
     clusters = [static_cluster("upstream", upstream)]
@@ -152,6 +156,11 @@ def front_bootstrap(
         if name in SERVERS:
             hcm["access_log"] = [_plain(access_log("outbound", cluster=name))]
             clusters.append(_plain(als_cluster("127.0.0.1", als[name], name=name)))
+        elif name == "legation":
+            hcm["access_log"] = [
+                _plain(access_log("outbound", cluster="als-leg")),
+                _plain(json_log("front", "outbound", to="file", path=str(log_file) + ".jsonl")),
+            ]
         elif name == "file":
             hcm["access_log"] = [
                 {
@@ -219,8 +228,9 @@ def main() -> None:
                 if name == "scrape":
                     procs["scrape"], _ = start("scrape", str(admin))
                 pids = {"front": front.proc.pid}
-                if name in procs:
-                    pids["legation"] = procs[name].pid
+                server = "als-leg" if name == "legation" else name
+                if server in procs:
+                    pids["legation"] = procs[server].pid
                 before = {k: cpu_seconds(p) for k, p in pids.items()}
                 t0 = time.monotonic()
                 rps, _ = wrk(ports[name], args.seconds, args.connections, 1)
@@ -239,6 +249,7 @@ def main() -> None:
         print_table(rows)
         dropped = front.stats(r"access_logs\.grpc_access_log\.logs_(dropped|written)")
         print(f"Envoy's gRPC access log counters: {dropped}")
+        print_flood(procs["als-leg"].pid, als["als-leg"], args.seconds)
     finally:
         for e in envoys:
             e.stop()
