@@ -20,7 +20,6 @@ from legation.config import DemoSpec, Mesh
 from legation.config.proxies import SIDECAR_PREFIX
 from legation.errors import LegationError
 from legation.supervisor import Supervised
-from legation.translate import relay_targets
 
 _APP_READY = 10.0  # seconds a pod's demo app has to bind its port
 
@@ -43,7 +42,7 @@ class StackCapture:
         pods = Pods(mesh.capture)
         try:
             removed = await asyncio.to_thread(pods.start, mesh)
-            await pods.start_relay(relay_targets(mesh))
+            await pods.start_relay()
         except (LegationError, OSError) as err:
             self.say(f"{err}\nnothing started (without --capture, legation up runs as usual)")
             if not isinstance(err, LegationError) or err.code != "capture_unavailable":

@@ -22,6 +22,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from legation.xds.types import ResourceType
 
 if TYPE_CHECKING:
+    from legation.config.proxies import ProxySpec
     from legation.controlplane import ControlPlane
 
 __all__ = ["StatusEndpoint", "status_document"]
@@ -96,6 +97,14 @@ class StatusEndpoint:
         return web.Response(status=404, text="not found\n")
 
 
+def _admin_host(cp: ControlPlane, spec: ProxySpec) -> str:
+    """Where a proxy's admin listens: a captured sidecar's on its pod's address."""
+    capture = cp.mesh.capture if cp.mesh else None
+    if capture is None or spec.kind != "sidecar" or spec.instance is None:
+        return "127.0.0.1"
+    return capture.instance_ip(spec.instance)
+
+
 def status_document(cp: ControlPlane) -> dict[str, Any]:
     """The control plane's state as ``/status`` serves it: the mesh and generation, the last
     rejected change, the services, mTLS, and per proxy its expected and ACKed versions."""
@@ -108,7 +117,7 @@ def status_document(cp: ControlPlane) -> dict[str, Any]:
             "kind": spec.kind,
             "cluster": spec.node_cluster,
             "service": spec.service,
-            "admin": f"127.0.0.1:{spec.admin_port}",
+            "admin": f"{_admin_host(cp, spec)}:{spec.admin_port}",
             "listeners": {ls.name: f"{ls.host}:{ls.port}" for ls in spec.listeners},
             "expected": {
                 t.short: snap.version(t) for t in ResourceType if snap and snap.resources(t)

@@ -18,6 +18,7 @@ from legation.capture.relay import Relay
 from legation.capture.rules import hosts_file, pod_rules
 from legation.config.capture import Capture
 from legation.config.model import Endpoint, Mesh
+from legation.translate import relay_targets
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,19 +34,22 @@ class Pods:
         self.pods: dict[str, netns.Pod] = {}  # instance -> its pod
         self._rules: dict[str, str] = {}
         self.relay: Relay | None = None
+        self.relayed: list[tuple[str, int]] = []  # host loopback (host, port) the pods reach
 
     def start(self, mesh: Mesh) -> list[str]:
         """Check what capture needs, remove a crashed run's leftovers, make the bridge and the
         pods; what was left over (the names removed). Blocking: run it off the event loop."""
         netns.require()
+        self.relayed = relay_targets(mesh)
         removed = self.network.clean()
         self.network.check_range()
         self.network.create_bridge()
         self.follow(mesh)
         return removed
 
-    async def start_relay(self, targets: list[tuple[str, int]]) -> None:
-        self.relay = await Relay(self.capture.bridge_ip, targets).start()
+    async def start_relay(self) -> None:
+        """Relay the bridge address to the host ports :meth:`start` found."""
+        self.relay = await Relay(self.capture.bridge_ip, self.relayed).start()
 
     def follow(self, mesh: Mesh) -> tuple[list[str], list[str]]:
         """Pods for the sidecar instances of ``mesh``, none for others; (added, removed)."""
@@ -85,6 +89,7 @@ class Pods:
             inbound_port=sidecar.inbound_port,
             outbound_port=sidecar.outbound_port,
             admin_port=sidecar.admin_port,
+            host_ports=[port for _, port in self.relayed],
         )
 
     def app_command(self, instance: str, argv: list[str], *, services: dict[str, int]) -> list[str]:

@@ -12,12 +12,14 @@ In the spirit of Istio's init container (``istio-iptables``), in the pod's own n
   127.0.0.1) on a captured port is inbound traffic (redirected to the inbound listener); the app
   talking to itself over loopback is left alone.
 
-The filter table lets only the host (the bridge address) reach the sidecar's admin port.
+The filter table lets only the host (the bridge address) reach the sidecar's admin port, and only
+the sidecar reach the host ports relayed into the pods (``host_ports``: the xDS server and the
+request-path services): the app's connections there are neither captured nor let through.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from legation.config.capture import Capture
 
@@ -30,6 +32,7 @@ def pod_rules(
     inbound_port: int,
     outbound_port: int,
     admin_port: int,
+    host_ports: Sequence[int] = (),
 ) -> str:
     gid = str(capture.proxy_gid)
     out = capture.outbound
@@ -56,6 +59,8 @@ def pod_rules(
         f"-A LEGATION_OUTPUT -m owner --gid-owner {gid} -j RETURN",
         "-A LEGATION_OUTPUT -d 127.0.0.1/32 -j RETURN",
     ]
+    bridge = f"-d {capture.bridge_ip}/32 -p tcp --dport"
+    nat += [f"-A LEGATION_OUTPUT {bridge} {p} -j RETURN" for p in host_ports]
     nat += [f"-A LEGATION_OUTPUT -p tcp --dport {p} -j RETURN" for p in out.exclude_ports]
     nat += [f"-A LEGATION_OUTPUT -d {c} -j RETURN" for c in out.exclude_cidrs]
     nat += [f"-A LEGATION_OUTPUT {match}-j LEGATION_REDIRECT" for match in _includes(capture)]
@@ -63,6 +68,10 @@ def pod_rules(
     admin = [
         "*filter",
         f"-A INPUT -p tcp -d {pod_ip}/32 --dport {admin_port} ! -s {capture.bridge_ip}/32 -j DROP",
+        *(
+            f"-A OUTPUT {bridge} {p} -m owner ! --gid-owner {gid} -j REJECT --reject-with tcp-reset"
+            for p in host_ports
+        ),
         "COMMIT",
     ]
     return "\n".join([*nat, *admin]) + "\n"

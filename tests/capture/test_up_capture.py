@@ -170,6 +170,21 @@ def test_inbound_is_captured_and_strict_mtls_refuses_plaintext(captured: Capture
     assert status == 200 and json.loads(body)["service"] == "reviews"
 
 
+def test_only_the_sidecar_reaches_the_relayed_host_ports(captured: Captured) -> None:
+    """The pods reach the control plane and the services through a relay on the bridge address;
+    the app may not (its connection is reset), its sidecar does (it is in sync)."""
+    bridge = captured.network.capture.bridge_ip
+    passed = "cluster.passthrough.upstream_cx_total"
+    before = captured.stats("frontend-0", "admin1").get(passed, 0)
+    status, error = captured.app_get("frontend-0", f"http://{bridge}:{captured.ports['xds']}/")
+    assert status == 0 and "connection refused" in error.lower()  # the pod's REJECT, tcp-reset
+    assert captured.stats("frontend-0", "admin1").get(passed, 0) == before  # not via the sidecar
+    doc = json.loads(http(f"http://127.0.0.1:{captured.ports['status']}/status")[1])
+    frontend = next(p for p in doc["proxies"] if p["node_id"] == "sidecar-frontend-0")
+    assert frontend["in_sync"]
+    assert frontend["admin"] == f"{captured.pod('frontend-0').ip}:{captured.ports['admin1']}"
+
+
 class _Hello(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         body = b"outside"
