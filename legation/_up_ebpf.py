@@ -4,7 +4,9 @@ The splice's cgroup is this run's own (named from its state directory and status
 restart after a crash removes what the crashed run left). ``legation up`` joins it before it starts
 any child: every child inherits it, and the sockets of the in-process demo apps are in it too. On
 shutdown, after every child has stopped, the programs are detached, this process moves back to its
-cgroup, and the cgroup and the pins are removed.
+cgroup, and the cgroup and the pins are removed. With ``--capture`` too, the pods' apps' connections
+to services are redirected at connect time (:mod:`legation.capture.ebpf.redirect`), followed on
+reload.
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from legation.capture.ebpf import Sockmap
+from legation.capture.ebpf.redirect import for_mesh
+from legation.capture.pods import Pods
+from legation.config import Mesh
 from legation.errors import LegationError
 
 
@@ -24,6 +29,7 @@ class StackSplice:
         splice: Sockmap | None
         state_dir: Path
         status_port: int
+        pods: Pods | None
 
         def say(self, line: str) -> None: ...
 
@@ -39,6 +45,23 @@ class StackSplice:
         splice.join(os.getpid())
         self.say(f"--ebpf: sockops on cgroup {splice.cgroup}, sk_msg on {splice.pins}/maps")
         return True
+
+    async def _redirect_pods(self, mesh: Mesh) -> None:
+        """``--capture --ebpf``: connect-time redirection for the pods' apps (so their hop to the
+        sidecar is spliced too; :mod:`legation.capture.ebpf.redirect`). If it cannot be set up,
+        the pods' iptables rules capture as they do without ``--ebpf``."""
+        if self.splice is None or self.pods is None or mesh.capture is None:
+            return
+        netns_of = {instance: pod.netns for instance, pod in self.pods.pods.items()}
+        pods, services = for_mesh(mesh, netns_of)
+        try:
+            await asyncio.to_thread(self.splice.redirect, pods, mesh.capture.proxy_gid, services)
+        except LegationError as err:
+            self.say(f"--ebpf: no connect-time redirection ({err}); iptables captures as usual")
+            return
+        self.say(
+            f"--ebpf: connect-time redirection in {len(pods)} pods to {len(services)} services"
+        )
 
     async def _stop_splice(self) -> None:
         splice, self.splice = self.splice, None

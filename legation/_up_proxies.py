@@ -47,6 +47,8 @@ class StackProxies:
 
         async def _pod_app(self, spec: DemoSpec, mesh: Mesh) -> Supervised | None: ...
 
+        async def _redirect_pods(self, mesh: Mesh) -> None: ...
+
     async def _follow_apps(self, mesh: Mesh) -> None:
         """Start the demo apps ``mesh`` adds; those it removes stop once the Envoys no longer
         route to them (:meth:`_retire`)."""
@@ -130,6 +132,7 @@ class StackProxies:
                 mesh = with_capture(mesh, source=str(self.mesh_path))
             if self.pods is not None:
                 await asyncio.to_thread(self.pods.follow, mesh)
+                await self._redirect_pods(mesh)
             await self._follow_apps(mesh)
             started, stopped = self._follow_proxies(status)
         except (LegationError, OSError) as err:

@@ -176,6 +176,7 @@ class Stack(StackChildren, StackProxies, StackView, StackSplice, StackCapture):
             return 2
         if mesh.capture is not None and not await self._start_capture(mesh):
             return 2
+        await self._redirect_pods(mesh)
         code = await self._start_control_plane()
         if code:
             return code

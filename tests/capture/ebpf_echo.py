@@ -6,7 +6,9 @@ the greeting, send COUNT messages of varying size (1 B to 64 KiB) and check each
 byte; print the bytes echoed. ``sink CONNECTIONS`` / ``burst PORT CONNECTIONS COUNT``: per
 connection, the client sends COUNT numbered messages the moment it is connected and closes; the
 server waits a little before reading, then checks every byte arrived in order; it prints the
-connections checked.
+connections checked. ``sidecar PORT CONNECTIONS``: on 127.0.0.1:PORT, per connection, answer
+the original destination (``SO_ORIGINAL_DST``, or ``none``) as a line, then echo. ``dial IP PORT``:
+connect, print that line, check 20 echoes; print ``unreachable`` if the connect fails.
 Bounded: a 20 s socket timeout everywhere.
 """
 
@@ -70,6 +72,42 @@ def burst(port: int, connections: int, count: int) -> None:
                 conn.sendall(_numbered(index))
 
 
+def sidecar(port: int, connections: int) -> None:
+    with socket.create_server(("127.0.0.1", port)) as listener:
+        listener.settimeout(TIMEOUT)
+        print(port, flush=True)
+        for _ in range(connections):
+            conn, _ = listener.accept()
+            with conn:
+                conn.settimeout(TIMEOUT)
+                try:
+                    raw = conn.getsockopt(socket.SOL_IP, 80, 16)  # SO_ORIGINAL_DST
+                    origin = f"{socket.inet_ntoa(raw[4:8])}:{int.from_bytes(raw[2:4], 'big')}"
+                except OSError:
+                    origin = "none"
+                conn.sendall(origin.encode() + b"\n")
+                while data := conn.recv(1 << 20):
+                    conn.sendall(data)
+
+
+def dial(ip: str, port: int) -> None:
+    try:
+        conn = socket.create_connection((ip, port), timeout=5)
+    except OSError:
+        print("unreachable", flush=True)
+        return
+    with conn:
+        line = b""
+        while not line.endswith(b"\n"):
+            line += conn.recv(1)
+        for index in range(20):
+            message = bytes([index]) * (1024 * (1 + index % 4))
+            conn.sendall(message)
+            if _read_exactly(conn, len(message)) != message:
+                raise SystemExit(f"echo {index} corrupted")
+    print(line.decode().strip(), flush=True)
+
+
 def talk(port: int, count: int) -> None:
     with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as conn:
         if _read_exactly(conn, GREETING) != bytes(range(256)) * (GREETING // 256):
@@ -90,6 +128,10 @@ if __name__ == "__main__":
         serve()
     elif sys.argv[1] == "sink":
         sink(int(sys.argv[2]))
+    elif sys.argv[1] == "sidecar":
+        sidecar(int(sys.argv[2]), int(sys.argv[3]))
+    elif sys.argv[1] == "dial":
+        dial(sys.argv[2], int(sys.argv[3]))
     elif sys.argv[1] == "burst":
         burst(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))
     else:

@@ -1,8 +1,9 @@
 """``legation up --ebpf`` as a user runs it: real Envoys and demo apps in the run's own cgroup,
 traffic through the gateway and a sidecar spliced and intact, nothing left after a stop, and a
-crashed run's leftovers removed by the next start; with ``--capture`` too, the pod's sidecar in the
-cgroup and traffic through it intact. Skipped (the missing things named) only where root or a
-kernel feature is missing."""
+crashed run's leftovers removed by the next start; with ``--capture`` too, the pods' sidecars in
+the cgroup, an app's call by plain URL redirected at connect time (the sidecar reads its original
+destination from the getsockopt program) and traffic through the pods intact. Skipped (the missing
+things named) only where root or a kernel feature is missing."""
 
 from __future__ import annotations
 
@@ -15,7 +16,12 @@ import pytest
 from legation.capture import netns
 from legation.capture.ebpf import Sockmap, missing_features
 from legation.capture.ebpf._kernel import bpftool
+from legation.config.capture import Capture
+from tests.capture.conftest import capture_range
 from tests.capture.test_ebpf import programs_gone
+from tests.capture.test_up_capture import _NAMES, Captured
+from tests.capture.test_up_capture import MESH as CAPTURE_MESH
+from tests.conftest import distinct_ports
 from tests.integration.test_up import MESH, Up, gone, http, ports  # noqa: F401 (a fixture)
 
 MISSING = missing_features()
@@ -78,31 +84,47 @@ def test_up_ebpf_splices_the_mesh_and_leaves_nothing(tmp_path: Path, ports: dict
     assert programs_gone(ids)
 
 
-def test_up_capture_ebpf_traffic_through_a_pod_sidecar_still_flows(
+def test_up_capture_ebpf_redirects_at_connect_and_traffic_through_the_pods_flows(
     tmp_path: Path,
-    ports: dict[str, int],  # noqa: F811
 ) -> None:
     lacking = netns.missing()
     if lacking:
         pytest.skip("capture needs " + "; ".join(lacking))
+    chosen, cidr = distinct_ports(*_NAMES), capture_range()
     mesh = tmp_path / "mesh.yaml"
-    mesh.write_text(MESH.format(**ports, greeting="hello v1", subset="v1"))
-    splice = Sockmap.for_stack(Path(".legation"), ports["status"])
-    up = Up(mesh, tmp_path, ports["status"], flags=["--capture", "--ebpf"])
+    mesh.write_text(CAPTURE_MESH.format(**chosen, cidr=cidr))
+    splice = Sockmap.for_stack(Path(".legation"), chosen["status"])
+    up = Up(mesh, tmp_path, chosen["status"], flags=["--capture", "--ebpf"])
     try:
         up.wait_for("Legation is up")
-        assert "--capture: 1 pods on bridge" in up.output
+        assert "--ebpf: connect-time redirection in 2 pods to 2 services" in up.output
         ids = set(splice.program_ids().values())
         assert _holders(ids) == {str(splice.cgroup)}
-        # the sidecar's Envoy runs in its pod (ip netns exec) and still in the run's cgroup
+        kinds = {
+            p["attach_type"] for p in bpftool("cgroup", "show", str(splice.cgroup), parse=True)
+        }
+        assert kinds == {"cgroup_sock_ops", "cgroup_inet4_connect", "cgroup_getsockopt"}
+        # the sidecars' Envoys run in their pods (ip netns exec) and still in the run's cgroup
         in_cgroup = set((splice.cgroup / "cgroup.procs").read_text().split())
         assert set(map(str, up.envoy_pids())) <= in_cgroup
-        before = splice.stats()
-        for _ in range(30):
-            status, body = http(f"http://127.0.0.1:{ports['gw']}/anything")
-            assert status == 200 and json.loads(body)["version"] == "v1"
-        # gateway -> pod crosses namespaces (not spliced); in the pod, sidecar <-> app is
-        assert splice.stats()["spliced"] - before["spliced"] >= 30
+        captured = Captured(up, chosen, netns.Network(Capture(cidr=cidr)))
+        before, cx = splice.stats(), "listener.outbound_frontend.downstream_cx_total"
+        sidecar_before = captured.stats("frontend-0", "admin1").get(cx, 0)
+        # the frontend app (in its pod, in the cgroup) calls http://reviews:9080/ by plain URL
+        status, body = captured.app_get(
+            "frontend-0", f"http://127.0.0.1:{chosen['app1']}/?call=reviews"
+        )
+        assert status == 200 and json.loads(body)["calls"] == [
+            {"service": "reviews", "status": 200}
+        ]
+        after = splice.stats()
+        assert after["redirected"] - before["redirected"] == 1  # connect4 took it to the sidecar
+        assert after["original"] - before["original"] == 1  # which read where it was going
+        assert captured.stats("frontend-0", "admin1")[cx] == sidecar_before + 1
+        for _ in range(10):  # from outside through the gateway, as without --ebpf
+            status, body = http(f"http://127.0.0.1:{chosen['gw']}/")
+            assert status == 200 and json.loads(body)["service"] == "reviews"
+        assert splice.stats()["spliced"] - before["spliced"] >= 20  # in-pod hops
         up.proc.send_signal(signal.SIGINT)
         assert up.proc.wait(30) == 0
     finally:

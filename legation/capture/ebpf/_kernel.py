@@ -21,11 +21,13 @@ LIBBPF_HEADER = Path("/usr/include/bpf/bpf_helpers.h")
 _OCTAL = re.compile(r"\\([0-7]{3})")  # mountinfo writes a space in a path as \040
 _SBIN = ("/usr/sbin", "/sbin")  # bpftool lives here; a non-root PATH may not list them
 # what the programs need: program types, map types, and helpers per program type (bpftool's names)
-_PROG_TYPES = ("sock_ops", "sk_msg")
-_MAP_TYPES = ("sockhash", "sk_storage")
+_PROG_TYPES = ("sock_ops", "sk_msg", "cgroup_sock_addr", "cgroup_sockopt")
+_MAP_TYPES = ("sockhash", "sk_storage", "lru_hash")
 _HELPERS = {
     "sock_ops": ("bpf_sock_hash_update", "bpf_get_netns_cookie"),
     "sk_msg": ("bpf_msg_redirect_hash", "bpf_get_netns_cookie", "bpf_sk_storage_get"),
+    "cgroup_sock_addr": ("bpf_get_socket_cookie", "bpf_get_netns_cookie"),
+    "cgroup_sockopt": ("bpf_get_netns_cookie",),
 }
 
 

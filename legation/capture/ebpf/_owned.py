@@ -22,6 +22,16 @@ SOCKOPS_PROG = "progs/legation_sockops"
 MSG_PROG = "progs/legation_msg"
 PAIRS_MAP = "maps/legation_pairs"
 STATS_MAP = "maps/legation_stats"
+CONNECT_PROG = "progs/legation_connect4"
+GETSOCKOPT_PROG = "progs/legation_getsockopt"
+PODS_MAP = "maps/legation_pods"
+SERVICES_MAP = "maps/legation_services"
+# bpftool cgroup show's attach_type -> the name bpftool cgroup detach takes
+ATTACH_TYPES = {
+    "cgroup_sock_ops": "sock_ops",
+    "cgroup_inet4_connect": "connect4",
+    "cgroup_getsockopt": "getsockopt",
+}
 
 
 def owned_dir(parent: Path, name: str) -> Path:
@@ -48,8 +58,9 @@ def remove_owned(cgroup: Path, pins: Path, home: Path) -> list[str]:
     removed: list[str] = []
     if cgroup.is_dir():
         for prog in bpftool("cgroup", "show", str(cgroup), parse=True) or []:
-            bpftool("cgroup", "detach", str(cgroup), "sock_ops", "id", str(prog["id"]))
-            removed.append(f"sock_ops program {prog['id']} on {cgroup}")
+            kind = ATTACH_TYPES.get(prog["attach_type"], prog["attach_type"])
+            bpftool("cgroup", "detach", str(cgroup), kind, "id", str(prog["id"]))
+            removed.append(f"{kind} program {prog['id']} on {cgroup}")
     if (pins / MSG_PROG).exists() and (pins / PAIRS_MAP).exists():
         with contextlib.suppress(CaptureError):  # not attached any more: nothing to detach
             bpftool(

@@ -18,7 +18,7 @@ import hashlib
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
 
@@ -31,10 +31,12 @@ from legation.capture.ebpf._kernel import (
     ensure_bpffs,
     missing_features,
 )
+from legation.capture.ebpf.redirect import Redirection
 from legation.capture.errors import CaptureError
 
 log = logging.getLogger("legation.capture.ebpf")
-STATS = ("recorded", "spliced", "passed")  # the order of legation_stats in sockmap.bpf.c
+# the order of legation_stats in sockmap.bpf.c
+STATS = ("recorded", "spliced", "passed", "redirected", "original")
 
 
 class Sockmap:
@@ -50,6 +52,7 @@ class Sockmap:
         self.home = _owned.own_cgroup(self.cgroup_root)  # where joined processes go back to
         self.started = False
         self._lock: int | None = None  # an flock on the cgroup directory while this owns it
+        self._redirection: Redirection | None = None
 
     @classmethod
     def for_stack(cls, state_dir: Path, status_port: int) -> Sockmap:
@@ -148,8 +151,19 @@ class Sockmap:
 
         return enter
 
+    def redirect(
+        self, pods: Mapping[str, int], proxy_gid: int, services: Iterable[tuple[str, int]]
+    ) -> None:
+        """Connect-time redirection in ``pods`` (network namespace -> sidecar outbound port) to
+        ``services`` ((virtual IP, port)); see :mod:`legation.capture.ebpf.redirect`. Called
+        again with the current pods and services after a reload."""
+        if self._redirection is None:
+            self._redirection = Redirection(cgroup=self.cgroup, pins=self.pins)
+        self._redirection.follow(pods, proxy_gid, services)
+
     def stats(self) -> dict[str, int]:
-        """Sockets recorded, messages spliced to the peer, messages sent the normal way."""
+        """Sockets recorded, messages spliced to the peer, messages sent the normal way, connects
+        redirected to a sidecar, original destinations answered (the last two: :mod:`redirect`)."""
         rows = bpftool("map", "dump", "pinned", str(self.pins / _owned.STATS_MAP), parse=True) or []
         values = {_number(row["key"]): _number(row["value"]) for row in rows}
         return {label: values.get(index, 0) for index, label in enumerate(STATS)}
@@ -176,6 +190,7 @@ class Sockmap:
                 log.debug("--ebpf: removed %s", line)
         finally:
             self._release()
+            self._redirection = None
 
     def __enter__(self) -> Sockmap:
         return self.start()
