@@ -18,8 +18,11 @@ request never waits for the service: Envoy drops entries it cannot send. ``failu
 
 ``log`` (default for every proxy) and ``proxies`` (by node id) choose where the JSON access-log
 lines go: ``none`` (the default), ``file`` (``path``, ``{node}`` replaced by the proxy's node
-id; relative to the Envoys' working directory, where ``legation up`` runs) or ``stdout``
-(Envoy's own output, which ``legation up`` writes to the proxy's log file). The fields are
+id; relative to the Envoys' working directory, where ``legation up`` runs), ``stdout``
+(Envoy's own output, which ``legation up`` writes to the proxy's log file) or ``service`` (the
+access-log service writes them to ``path``, relative to its own working directory, from the
+entries it receives anyway: one place collects the lines of proxies on other machines; see
+:mod:`legation.observe.jsonlines`). The fields are
 :data:`legation.observe.envoy_config.JSON_FIELDS`; credentials never are.
 """
 
@@ -38,7 +41,7 @@ class JsonLog(BaseModel):
     """Where one proxy's JSON access-log lines go."""
 
     model_config = STRICT
-    to: Literal["none", "file", "stdout"] = "none"
+    to: Literal["none", "file", "stdout", "service"] = "none"
     path: str = Field(default=".legation/logs/access-{node}.jsonl", min_length=1)
 
     @field_validator("path")

@@ -7,7 +7,9 @@ when ``buffer_size_bytes`` fill up, see :func:`legation.observe.envoy_config.acc
 stream never gets an answer; it ends when Envoy closes it.
 
 Only the fields golden metrics need are read (route name, upstream cluster, response code,
-duration). The request's path, headers and addresses that an entry also carries are never kept.
+duration). The request's path, headers and addresses that an entry also carries are never kept,
+except as the JSON access-log lines of proxies configured ``to: service``
+(:mod:`legation.observe.jsonlines`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
 from legation.grpc_server import ServerTls, TlsSource, start_grpc_server
 from legation.observe.aggregator import Aggregator, Entry
+from legation.observe.jsonlines import JsonSink
 
 __all__ = ["AccessLogServicer", "entry_of", "start_als_server"]
 
@@ -56,8 +59,10 @@ class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[
     """``StreamAccessLogs``: every HTTP entry of every stream into ``aggregator``. TCP entries
     are counted in ``tcp_entries`` and otherwise ignored."""
 
-    def __init__(self, aggregator: Aggregator) -> None:
+    def __init__(self, aggregator: Aggregator, *, sink: JsonSink | None = None) -> None:
+        """``sink``: writes the JSON access-log lines of the proxies it names."""
         self.aggregator = aggregator
+        self.sink = sink
         self.streams = 0
         self.open_streams = 0
         self.entries = 0
@@ -80,6 +85,9 @@ class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[
                     for http in message.http_logs.log_entry:
                         record(entry_of(node_id, node_cluster, log_name, http))
                     self.entries += len(message.http_logs.log_entry)
+                    sink = self.sink
+                    if sink is not None and sink.wants(node_id):
+                        sink.write(node_id, log_name, message.http_logs.log_entry)
                 elif message.HasField("tcp_logs"):
                     self.tcp_entries += len(message.tcp_logs.log_entry)
         finally:

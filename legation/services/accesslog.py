@@ -1,9 +1,10 @@
 """The access-log service as a :class:`~legation.services.base.Service`: Envoy's gRPC access-log
 protocol (:mod:`legation.observe.als`) feeding golden metrics (:mod:`legation.observe`).
 
-Its block (``accesslog``, :mod:`legation.config.accesslog`) gives only the address and TLS; the
-JSON access logs it also declares are the proxies' own (the translation), so nothing is swapped
-live and a reload never restarts it unless the address or TLS changed. Its registry carries the
+Its block (``accesslog``, :mod:`legation.config.accesslog`) gives the address and TLS, and which
+proxies' JSON access-log lines the service writes itself (``to: service``, swapped live); the
+other JSON logs are the proxies' own (the translation). A reload restarts it only when the address
+or TLS changed. Its registry carries the
 golden metrics (``legation_golden_*``, :mod:`legation.observe.prometheus`) and the service's own
 counters (``legation_accesslog_*``); :meth:`AccessLogService.golden` is the snapshot
 ``/status`` shows.
@@ -26,6 +27,7 @@ from prometheus_client.registry import Collector
 
 from legation.observe.aggregator import Aggregator
 from legation.observe.als import AccessLogServicer, start_als_server
+from legation.observe.jsonlines import JsonSink
 from legation.observe.prometheus import GoldenCollector
 from legation.services.base import GrpcServiceParts, ServiceSpec, spec_key
 
@@ -69,11 +71,17 @@ class AccessLogService(GrpcServiceParts):
     def settings(cls, mesh: Mesh, mesh_dir: Path) -> ServiceSpec:
         block = mesh.accesslog
         assert block is not None
+        json = {
+            p.node_id: block.log_of(p.node_id).path_for(p.node_id)
+            for p in mesh.proxies()
+            if block.log_of(p.node_id).to == "service"
+        }
         return ServiceSpec(
             kind=cls.kind,
             host=block.host,
             port=block.port,
             restart_key=spec_key(block.host, block.port),
+            live={"json": json},
         )
 
     @classmethod
@@ -84,7 +92,8 @@ class AccessLogService(GrpcServiceParts):
         self.spec = spec
         self._tls = tls
         self.aggregator = Aggregator()
-        self.servicer = AccessLogServicer(self.aggregator)
+        self.sink = JsonSink(spec.live.get("json", {}))
+        self.servicer = AccessLogServicer(self.aggregator, sink=self.sink)
         self._registry = registry_of(self.servicer)
         self.server: grpc.aio.Server | None = None
         self.port = spec.port
@@ -96,7 +105,12 @@ class AccessLogService(GrpcServiceParts):
         return self.port
 
     async def apply(self, spec: ServiceSpec) -> None:
-        self.spec = spec  # nothing live: the JSON logs are the proxies' own config
+        self.sink.swap(spec.live.get("json", {}))  # the proxies whose lines it writes
+        self.spec = spec
+
+    async def stop(self, grace: float) -> None:
+        await super().stop(grace)
+        self.sink.close()
 
     def golden(self) -> dict[str, Any]:
         """The golden metrics now (``Snapshot.to_dict()``), as ``/status`` carries them."""

@@ -6,8 +6,10 @@ When the mesh declares ``accesslog``, every HTTP connection manager (the gateway
 whose log name is the listener's name, so the aggregator knows which side of a proxy logged a
 request (a sidecar's ``inbound`` entries count for the proxy only, see
 :mod:`legation.observe.aggregator`), and the JSON access log the block gives that proxy (file or
-stdout, see :mod:`legation.config.accesslog`). The service is no HTTP filter and makes no call
-per request: Envoy batches entries per worker and flushes them every ``flush_interval``.
+stdout, see :mod:`legation.config.accesslog`; with ``service`` the access-log service writes the
+lines, and the gRPC entries carry the ``traceparent`` header for them). The service is no HTTP
+filter and makes no call per request: Envoy batches entries per worker and flushes them every
+``flush_interval``.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from legation.config.model import Mesh
 from legation.config.routes import Route
 from legation.extproc.config import Chains
 from legation.observe.envoy_config import access_log, als_cluster, json_log
+from legation.observe.jsonlines import UPSTREAM_TIME
 from legation.services import kinds
 from legation.translate._hops import Hop, _no_call, cluster_name
 
@@ -62,8 +65,18 @@ def access_logs(mesh: Mesh, node_id: str, listener: str) -> list[accesslog_pb2.A
     if block is None:
         return []
     flush_ms = max(1, round(block.flush_interval.total_seconds() * 1000))
-    out = [access_log(listener, cluster=cluster_name(kinds.get(KIND)), flush_interval_ms=flush_ms)]
     json = block.log_of(node_id)
-    if json.to != "none":
+    # the service writes this proxy's lines: it needs the traceparent the request left with
+    service = json.to == "service"
+    out = [
+        access_log(
+            listener,
+            cluster=cluster_name(kinds.get(KIND)),
+            flush_interval_ms=flush_ms,
+            request_headers=["traceparent"] if service else [],
+            response_headers=[UPSTREAM_TIME] if service else [],
+        )
+    ]
+    if json.to in ("file", "stdout"):
         out.append(json_log(node_id, listener, to=json.to, path=json.path_for(node_id)))
     return out

@@ -84,7 +84,9 @@ EXPECTED = {
         "tracing.port: port 9111 is already used by services[0].endpoints[0].port"
     ),
     "accesslog_flush_interval": "accesslog.flush_interval: must be between 10ms and 60s",
-    "accesslog_log_to": ("accesslog.log.to: expected 'none', 'file' or 'stdout', got 'syslog'"),
+    "accesslog_log_to": (
+        "accesslog.log.to: expected 'none', 'file', 'stdout' or 'service', got 'syslog'"
+    ),
     "accesslog_path_placeholder": "accesslog.log.path: the only placeholder is {node}",
     "accesslog_unknown_proxy": (
         "accesslog.proxies.sidecar-reviws-0: no proxy 'sidecar-reviws-0' "

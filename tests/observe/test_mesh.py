@@ -38,10 +38,12 @@ MESH = """\
 xds: {{port: {xds}}}
 gateway: {{name: gw, port: {gw}, admin_port: {gw_admin}}}
 extauthz: {{port: {authz}, config: authz.yaml}}
+tracing: {{collector: "127.0.0.1:{otlp}", sampling: 100}}  # nothing listens: spans are dropped
 accesslog:
   port: {als}
   flush_interval: 100ms
   log: {{to: file, path: "{logs}/access-{{node}}.jsonl"}}
+  proxies: {{sidecar-api-0: {{to: service, path: "{logs}/service-{{node}}.jsonl"}}}}
 services:
   - name: web
     port: 9080
@@ -83,7 +85,7 @@ class World(MeshWorld):
     def __init__(self, tmp: Path) -> None:
         self.apps = {n: DemoApp(name=n).start_in_thread() for n in ("web", "api")}
         self.ports = distinct_ports(
-            "xds", "gw", "gw_admin", "authz", "als", "status",
+            "xds", "gw", "gw_admin", "authz", "als", "status", "otlp",
             "web_in", "web_out", "web_admin", "api_in", "api_out", "api_admin",
         )  # fmt: skip
         self.logs = tmp / "logs"
@@ -218,7 +220,8 @@ def _lines(world: World) -> list[dict[str, Any]]:
             for f in sorted(world.logs.glob("access-*.jsonl"))
             for line in f.read_text().splitlines()
         ]
-        if len(lines) >= N_OK + M_5XX + K_SLOW + A_ADMIN + N_OK + K_SLOW + 2 * P_PAIR:
+        # the gateway's, web's inbound and outbound; api's are the service's (below)
+        if len(lines) >= N_OK + M_5XX + K_SLOW + A_ADMIN + N_OK + K_SLOW + P_PAIR:
             return lines
         assert time.monotonic() < deadline, len(lines)
         time.sleep(0.1)
@@ -232,6 +235,7 @@ def test_an_access_log_line_carries_request_trace_and_decision_ids(world: World)
         assert e["request_id"] != "req-denied-1"  # the gateway is the edge: its own ids
         assert len(e["request_id"]) == 36
         assert e["traceparent"] == TRACEPARENT
+        assert e["trace_id"] == TRACEPARENT.split("-")[1]  # the gateway continued that trace
         assert len(e["decision_id"]) == 32
         assert (e["node"], e["listener"], e["response_code"]) == ("gateway-gw", "gateway", 403)
         assert e["response_flags"] == "UAEX" and e["path"] == "/admin"
@@ -244,6 +248,27 @@ def test_an_access_log_line_carries_request_trace_and_decision_ids(world: World)
         e["request_id"] for e in lines if (e["node"], e["listener"]) == ("sidecar-web-0", "inbound")
     }
     assert len(at_gw) == N_OK + K_SLOW and at_gw <= at_web
+
+
+def test_the_access_log_service_writes_the_lines_of_a_proxy_configured_so(world: World) -> None:
+    proxies = _lines(world)
+    path = world.logs / "service-sidecar-api-0.jsonl"
+    deadline = time.monotonic() + 10
+    while not path.exists() or len(path.read_text().splitlines()) < P_PAIR:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert not (world.logs / "access-sidecar-api-0.jsonl").exists()  # not the proxy's own
+    assert set(lines[0]) == set(proxies[0])  # the same fields as a proxy's own lines
+    assert {(e["node"], e["listener"], e["route"], e["response_code"]) for e in lines} == {
+        ("sidecar-api-0", "inbound", "inbound-api", 200)
+    }
+    assert {e["upstream_host"] for e in lines} == {f"127.0.0.1:{world.apps['api'].port}"}
+    assert {(e["method"], e["path"], e["protocol"]) for e in lines} == {("GET", "/x", "HTTP/1.1")}
+    assert all(e["upstream_service_time_ms"] is not None for e in lines)
+    # the request id joins them to the lines web's sidecar wrote for the same requests
+    sent = {e["request_id"] for e in proxies if e["route"] == "api-default"}
+    assert {e["request_id"] for e in lines} == sent and len(sent) == P_PAIR
 
 
 def test_credentials_appear_in_no_log_and_no_metric(world: World) -> None:

@@ -4,8 +4,11 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from legation.observe.aggregator import Aggregator, Entry, Limits
 from legation.observe.envoy_config import ObserveError, access_log
@@ -226,3 +229,48 @@ def test_serve_accesslog_refuses_workers(capsys: pytest.CaptureFixture[str]) -> 
 
     assert cli.main(["serve", "accesslog", "--workers", "2"]) == 2
     assert "one process only" in capsys.readouterr().err
+
+
+def test_service_lines_name_flags_as_envoy_and_write_only_mesh_nodes(tmp_path: Path) -> None:
+    from envoy.data.accesslog.v3 import accesslog_pb2
+
+    from legation.observe.jsonlines import JsonSink, line_of, response_flags
+
+    flags = accesslog_pb2.ResponseFlags(fault_injected=True, upstream_request_timeout=True)
+    assert response_flags(flags) == "UT,FI"
+    assert response_flags(accesslog_pb2.ResponseFlags()) == "-"
+    entry = accesslog_pb2.HTTPAccessLogEntry()
+    entry.request.path = "/p?access_token=secret-in-query"
+    entry.request.request_headers["traceparent"] = "00-" + "ab" * 16 + "-" + "cd" * 8 + "-01"
+    line = line_of("sidecar-a", "inbound", entry)
+    assert line["path"] == "/p" and line["trace_id"] == "ab" * 16
+    sink = JsonSink({"sidecar-a": str(tmp_path / "a.jsonl")})
+    sink.write("sidecar-a", "inbound", [entry])
+    sink.write("../../etc/evil", "inbound", [entry])  # a node id the mesh does not name
+    sink.close()
+    assert [p.name for p in tmp_path.iterdir()] == ["a.jsonl"]
+    assert "secret-in-query" not in (tmp_path / "a.jsonl").read_text()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=300), st.text(max_size=300), st.text(max_size=300))
+def test_any_names_an_entry_claims_stay_printable_bounded_labels(
+    route: str, cluster: str, node: str
+) -> None:
+    """A client of the access-log service chooses every name in an entry: whatever they are,
+    labels stay printable and short, and the exposition parses back."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from legation.observe.prometheus import GoldenCollector
+
+    agg = Aggregator(clock=lambda: 1000.0)
+    agg.record(Entry(node, node, "outbound", route, cluster, 200, 1.0))
+    registry = CollectorRegistry()
+    registry.register(GoldenCollector(agg))
+    text = generate_latest(registry).decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            for value in sample.labels.values():
+                assert len(value) <= 96 and all(" " < c < "\x7f" for c in value), value
+    render(agg.snapshot())

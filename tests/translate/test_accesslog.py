@@ -80,3 +80,14 @@ def test_explain_says_the_service_makes_no_call_per_request() -> None:
     data["accesslog"] = {"port": 18013, "embedded": False}
     hops = route_hops(parse(data), None)
     assert [(h.kind, h.calls) for h in hops] == [("accesslog", False)]
+
+
+def test_lines_written_by_the_service_ask_envoy_for_the_traceparent() -> None:
+    data = base()
+    data["accesslog"] = {"port": 18013, "embedded": False, "log": {"to": "service"}}
+    for entries in _logs(data).values():
+        assert [e.name for e in entries] == [ALS]  # no logger of the proxy's own
+        config = als_pb2.HttpGrpcAccessLogConfig()
+        entries[0].typed_config.Unpack(config)
+        assert list(config.additional_request_headers_to_log) == ["traceparent"]
+        assert list(config.additional_response_headers_to_log) == ["x-envoy-upstream-service-time"]
