@@ -49,12 +49,31 @@ services:
     endpoints:
       - {{name: reviews-0, port: {app2}, demo: {{}},
          sidecar: {{inbound_port: {in2}, outbound_port: {out2}, admin_port: {admin2}}}}}
+extauthz: {{port: {authz}, config: authz.yaml}}
+ratelimit: {{port: {rl}, config: limits.yaml, domain: mesh, backend: memory}}
 routes:
+  - name: admin
+    mesh_hosts: [reviews]
+    match: {{path: {{prefix: /admin}}}}
+    to: {{service: reviews}}
+    authz: quickstart.authz
+  - name: limited
+    mesh_hosts: [reviews]
+    match: {{path: {{prefix: /limited}}}}
+    to: {{service: reviews}}
+    rate_limits:
+      - actions: [{{generic_key: {{value: limited}}}}]
   - name: reviews
     match: {{path: {{prefix: /}}}}
     to: {{service: reviews}}
 """
-_NAMES = "xds gw gw_admin app1 in1 out1 admin1 app2 in2 out2 admin2 status excluded".split()
+LIMITS = """\
+domain: mesh
+descriptors:
+  - {key: generic_key, value: limited, rate_limit: {unit: minute, requests_per_unit: 2}}
+"""
+_NAMES = "xds gw gw_admin app1 in1 out1 admin1 app2 in2 out2 admin2 status excluded authz rl"
+_NAMES = _NAMES.split()
 
 # Run in a pod as its app: GET argv[1], print the status and the body.
 _GET = """
@@ -102,6 +121,12 @@ def captured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Captured]:
     tmp = tmp_path_factory.mktemp("capture")
     ports = distinct_ports(*_NAMES)
     cidr = capture_range()
+    policies = Path(__file__).resolve().parents[2] / "policies" / "quickstart"
+    (tmp / "authz.yaml").write_text(
+        f"checks: {{rego: {{type: rego, options: {{policy_dir: {policies}}}}}}}\n"
+        "default_checks: [rego]\n"
+    )
+    (tmp / "limits.yaml").write_text(LIMITS)
     mesh = tmp / "mesh.yaml"
     mesh.write_text(MESH.format(**ports, cidr=cidr))
     network = netns.Network(Capture(cidr=cidr))
@@ -139,6 +164,15 @@ def test_an_app_calls_a_service_by_name_through_both_sidecars(captured: Captured
     inbound = captured.stats("reviews-0", "admin2")
     assert inbound["http.inbound_reviews.downstream_rq_2xx"] >= 1
     assert inbound["listener.inbound_reviews.ssl.handshake"] >= 1
+
+
+def test_authz_and_rate_limits_apply_to_captured_traffic(captured: Captured) -> None:
+    """The frontend sidecar calls ext_authz and the rate-limit service (through the relay) for
+    the app's plain-URL calls, as it would for explicit ones."""
+    status, body = captured.app_get("frontend-0", "http://reviews:9080/admin")
+    assert status == 403 and json.loads(body)["policy"] == "quickstart.authz"
+    statuses = [captured.app_get("frontend-0", "http://reviews:9080/limited")[0] for _ in range(3)]
+    assert statuses == [200, 200, 429]
 
 
 def test_the_app_calling_itself_through_its_service_goes_through_its_sidecar(

@@ -12,6 +12,7 @@ import yaml
 
 from legation.certs import MeshIssuer
 from legation.config import load_mesh
+from legation.config.capture import with_capture
 from legation.envoy_process import envoy_binary
 from legation.translate import translate
 from legation.translate.static import static_bootstrap
@@ -22,8 +23,11 @@ pytestmark = pytest.mark.integration
 QUICKSTART = Path(__file__).parents[2] / "examples" / "quickstart" / "mesh.yaml"
 
 
-def test_every_quickstart_proxy_config_validates_in_envoy(tmp_path: Path) -> None:
+@pytest.mark.parametrize("capture", [False, True], ids=["explicit", "capture"])
+def test_every_quickstart_proxy_config_validates_in_envoy(tmp_path: Path, capture: bool) -> None:
     mesh = load_mesh(QUICKSTART)
+    if capture:  # `legation up --capture`: pods, original-destination listeners, the relay
+        mesh = with_capture(mesh, source=str(QUICKSTART))
     secrets = None
     if mesh.mtls.enabled:  # certificates from a throw-away CA, inlined as static secrets
         issuer = MeshIssuer(mesh_dir=tmp_path, default_ca_dir=tmp_path / "ca")
