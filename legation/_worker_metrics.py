@@ -13,6 +13,9 @@ The parent serves ``--metrics-port``; each scrape fetches every worker's text an
   say when a sum is missing a worker (a worker that does not answer within a second is left out,
   so its counters drop out of the sum: Prometheus's ``rate()`` treats that as a reset).
 
+Cost: a scrape of two rate-limit workers took 7-11 ms against 2.9 ms for one process's own
+(fetched in turn, parsed, merged; measured at load average 10), paid per scrape, not per request.
+
 Why not prometheus_client's multiprocess mode: it only covers metrics whose values it can keep in
 its shared files, so custom collectors (the rate limiter's counters, the golden metrics) would
 vanish, and it needs its directory set before any metric exists.

@@ -16,7 +16,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
 
@@ -52,6 +52,7 @@ gateway: {{name: gw, port: {gw}, admin_port: {gw_admin}}}
 extauthz: {{port: {authz}, config: authz.yaml}}
 extproc: {{port: {proc}}}
 ratelimit: {{port: {rl}, config: limits.yaml, domain: test, failure_mode: closed}}
+accesslog: {{port: {als}, flush_interval: 100ms}}
 services:
   - name: web
     port: 9080
@@ -113,7 +114,7 @@ class World(MeshWorld):
         self.mtls = mtls
         self.apps = {v: DemoApp(name="web", version=v).start_in_thread() for v in ("v1", "v2")}
         self.ports = distinct_ports(
-            "xds", "gw", "gw_admin", "authz", "proc", "rl", "in1", "out1", "admin1", "status"
+            "xds", "gw", "gw_admin", "authz", "proc", "rl", "als", "in1", "out1", "admin1", "status"
         )
         (tmp / "authz.yaml").write_text(AUTHZ_YAML)
         (tmp / "limits.yaml").write_text(RATELIMIT_YAML)
@@ -147,6 +148,10 @@ class World(MeshWorld):
             if m and all(f'{k}="{v}"' in (m.group(1) or "") for k, v in labels.items()):
                 total += float(m.group(2))
         return total
+
+    def golden_proxies(self) -> list[dict[str, Any]]:
+        golden = self.cp.services.golden()
+        return golden["scopes"]["proxy"] if golden else []
 
     def close(self) -> None:
         super().close()
@@ -269,7 +274,11 @@ def test_proxies_reach_the_services_over_mtls_when_the_mesh_is_strict(world: Wor
     assert json.loads(world.gateway("/tagged")[2])["headers"]["x-tag"]
     gateway = world.envoys["gateway-gw"]
     strict = world.mtls == "strict"
-    for kind in ("extauthz", "extproc", "ratelimit"):
+    deadline = time.monotonic() + 10  # the access-log service: entries arrive, golden metrics
+    while not any(r["labels"]["proxy"] == "gateway-gw" for r in world.golden_proxies()):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    for kind in ("extauthz", "extproc", "ratelimit", "accesslog"):
         assert world.cp.services.status()[kind]["tls"] == ("mesh" if strict else "none")
         prefix = f"cluster.legation|{kind}."
         stats = gateway.stats(rf"^{re.escape(prefix)}(ssl\.handshake|upstream_cx_total)$")
