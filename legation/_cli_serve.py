@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from legation.errors import LegationError
+from legation.services.kinds import WORKER_PORT_STEP
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -29,11 +30,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     if workers == 1:
         return asyncio.run(_serve_one(args, reuse_port=False, index=0))
+    if args.service == "ratelimit" and args.backend == "memory":
+        print(
+            "legation serve ratelimit --workers: the memory backend counts in one process "
+            "(each worker would count alone); use --backend redis",
+            file=sys.stderr,
+        )
+        return 2
     return _serve_workers(args, workers)
 
 
 def _serve_workers(args: argparse.Namespace, workers: int) -> int:
-    """``--workers N``: N forked workers on one port; with ``--metrics-port``, this parent
+    """``--workers N``: N forked workers (worker i on port + 100 i; all on one port with
+    ``--reuse-port``); with ``--metrics-port``, this parent
     serves their metrics merged (:mod:`legation._worker_metrics`) once all are forked."""
     import tempfile
 
@@ -57,7 +66,7 @@ def _serve_workers(args: argparse.Namespace, workers: int) -> int:
             return run_workers(
                 workers,
                 lambda index: asyncio.run(
-                    _serve_one(args, reuse_port=True, index=index, metrics_dir=directory)
+                    _serve_one(args, reuse_port=args.reuse_port, index=index, metrics_dir=directory)
                 ),
                 after_fork=forked,
             )
@@ -112,7 +121,7 @@ async def _serve_plan(args: argparse.Namespace) -> int:
     following the file (:mod:`legation.services.follower`)."""
     from legation.services.follower import Follower
 
-    follower = Follower(Path(args.plan), kind=args.service)
+    follower = Follower(Path(args.plan), kind=args.service, worker=args.worker)
     try:
         bound = await follower.start()
     except LegationError as err:
@@ -120,7 +129,8 @@ async def _serve_plan(args: argparse.Namespace) -> int:
         return 2
     metrics = follower.serve_metrics(args.metrics_port)
     print(
-        f"{args.service} (pid {os.getpid()}) on port {bound}, metrics on 127.0.0.1:{metrics}, "
+        f"{args.service} worker {args.worker} (pid {os.getpid()}) on port {bound}, metrics on "
+        f"127.0.0.1:{metrics}, "
         f"following {args.plan}",
         flush=True,
     )
@@ -143,10 +153,11 @@ async def _serve_one(
     host, _, port = (args.listen or "127.0.0.1:0").rpartition(":")
     host = host or "127.0.0.1"
     service = kinds.get(args.service).service_class()
+    base = int(port)
+    if base and index and not reuse_port:  # worker i on port + 100 i, as the mesh's workers
+        base += WORKER_PORT_STEP * index
     try:
-        _, bound, stop = await service.serve_cli(
-            args, host=host, port=int(port), reuse_port=reuse_port
-        )
+        _, bound, stop = await service.serve_cli(args, host=host, port=base, reuse_port=reuse_port)
     except LegationError as err:
         print(err, file=sys.stderr)
         return 2

@@ -18,7 +18,7 @@ from legation.config import Mesh, load_mesh
 from legation.config.capture import with_capture
 from legation.errors import LegationError
 from legation.services import EmbeddedServices, Plan
-from legation.services.planning import config_files, plan, watched_digest
+from legation.services.planning import config_files, one_worker, plan, watched_digest
 from legation.services.published import PublishedServices
 from legation.translate import translate
 
@@ -58,6 +58,8 @@ class Reloading:
         mesh = load_mesh(self.mesh_path)
         if self.capture:
             mesh = with_capture(mesh, source=str(self.mesh_path))
+        if isinstance(self.services, EmbeddedServices):
+            mesh = one_worker(mesh)  # in this process: one server each, one endpoint each
         self._watched = config_files(mesh, self.mesh_path.parent) + self._watched
         reserved = {self.status_port: "the control plane's status endpoint (--status-port)"}
         services = plan(

@@ -46,13 +46,30 @@ class StackChildren:
 
         async def _fetch_status(self) -> dict[str, Any] | None: ...
 
-    def _child(self, role: str, command: list[str], ready_line: str | None = None) -> Supervised:
+    def _child(
+        self,
+        role: str,
+        command: list[str],
+        ready_line: str | None = None,
+        worker: int | None = None,
+    ) -> Supervised:
+        name = role if worker is None else f"{role}-{worker}"
         return Supervised(
             role=role,
             command=command,
-            log_path=self.log_dir / f"{role}.log",
+            log_path=self.log_dir / f"{name}.log",
             on_line=self._child_line,
             ready_line=ready_line,
+            worker=worker,
+        )
+
+    def _worker(self, kind: str, plan: str, worker: int) -> Supervised:
+        """Worker ``worker`` of service ``kind``: ``legation serve KIND --plan P --worker I``."""
+        return self._child(
+            kind,
+            [*LEGATION, "serve", kind, "--plan", plan, "--worker", str(worker)],
+            ready_line=f"following {plan}",
+            worker=worker,
         )
 
     def _child_line(self, role: str, line: str) -> None:
@@ -108,17 +125,14 @@ class StackChildren:
             if "plan" not in info:
                 self.say(f"{kind} service at {info['address']}, not started here (embedded: false)")
                 continue
-            child = self._child(
-                kind,
-                [*LEGATION, "serve", kind, "--plan", info["plan"]],
-                ready_line=f"following {info['plan']}",
-            )
-            self.services[kind] = await child.start()
+            for worker in range(info.get("workers", 1)):
+                child = self._worker(kind, info["plan"], worker)
+                self.services[f"{kind}/{worker}"] = await child.start()
         deadline = time.monotonic() + self.ready_timeout
-        waiting = {k: declared[k]["address"] for k in self.services}
+        waiting = {k: declared[k.split("/")[0]] for k in self.services}
         while waiting and time.monotonic() < deadline and not self._stopping.is_set():
-            for kind, address in list(waiting.items()):
-                child = self.services[kind]
+            for key, info in list(waiting.items()):
+                child = self.services[key]
                 if not child.alive():
                     await child.output_done()
                     self.say(
@@ -127,8 +141,15 @@ class StackChildren:
                     )
                     return 1
                 if child.ready:
-                    self.say(f"{kind} service at {address}, in its own process (pid {child.pid})")
-                    del waiting[kind]
+                    del waiting[key]
+                    if child.worker == info.get("workers", 1) - 1:
+                        pids = ", ".join(
+                            str(c.pid) for c in self.services.values() if c.role == child.role
+                        )
+                        self.say(
+                            f"{child.role} service at {info['address']}, in its own process"
+                            f"es (pids {pids})"
+                        )
             await asyncio.sleep(0.05)
         if waiting:
             self.say(f"request-path services not listening in time: {', '.join(waiting)}")
@@ -138,18 +159,19 @@ class StackChildren:
     async def _follow_services(self, declared: dict[str, Any]) -> None:
         """After a reload: a process for a service the mesh added, none for one it removed (a
         service whose address changed restarts its server inside its own process)."""
-        for kind in [k for k in self.services if "plan" not in declared.get(k, {})]:
-            await self.services.pop(kind).stop()
-            self.say(f"{kind} service gone from the mesh, its process stopped")
+        for key, child in list(self.services.items()):
+            info = declared.get(child.role, {})
+            if "plan" not in info or (child.worker or 0) >= info.get("workers", 1):
+                await self.services.pop(key).stop()
+                self.say(f"{child.name} gone from the mesh, its process stopped")
         for kind, info in declared.items():
-            if "plan" in info and kind not in self.services:
-                child = self._child(
-                    kind,
-                    [*LEGATION, "serve", kind, "--plan", info["plan"]],
-                    ready_line=f"following {info['plan']}",
-                )
-                self.services[kind] = await child.start()
-                self.say(f"{kind} service added to the mesh, its process started (pid {child.pid})")
+            for worker in range(info.get("workers", 1) if "plan" in info else 0):
+                if f"{kind}/{worker}" not in self.services:
+                    child = await self._worker(kind, info["plan"], worker).start()
+                    self.services[f"{kind}/{worker}"] = child
+                    self.say(
+                        f"{child.name} added to the mesh, its process started (pid {child.pid})"
+                    )
 
     async def _restart_dead(self) -> None:
         for child in [c for c in (self.cp, *self.services.values()) if c is not None]:
@@ -159,14 +181,14 @@ class StackChildren:
             if child.restart_at is not None and not child.announced:
                 child.announced = True
                 self.say(
-                    f"{child.role} (pid {child.pid}) exited with code {child.returncode}; "
+                    f"{child.name} (pid {child.pid}) exited with code {child.returncode}; "
                     f"restarting it in {wait:.1f}s (restart #{child.restarts + 1}); "
                     f"the Envoys keep running"
                 )
             if wait == 0:
                 child.announced = False
                 await child.start()
-                self.say(f"{child.role} restarted (pid {child.pid})")
+                self.say(f"{child.name} restarted (pid {child.pid})")
                 self._write_processes()
 
     def _write_processes(self) -> None:

@@ -213,7 +213,18 @@ def parser() -> argparse.ArgumentParser:
             "(`serve xds --services-dir`) instead of --config",
         )
         one.add_argument("--listen", help="host:port (default 127.0.0.1, an ephemeral port)")
-        one.add_argument("--workers", type=int, default=1, help="processes sharing the port")
+        one.add_argument(
+            "--workers",
+            type=int,
+            default=1,
+            help="processes: worker i on port + 100 i (list each in Envoy's cluster)",
+        )
+        one.add_argument(
+            "--reuse-port",
+            action="store_true",
+            help="the workers share one port (SO_REUSEPORT; Envoy may use only one of them)",
+        )
+        one.add_argument("--worker", type=int, default=0, help="with --plan: which worker")
         one.add_argument(
             "--metrics-port",
             type=int,

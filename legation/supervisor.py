@@ -38,10 +38,13 @@ class Supervised:
         on_line: Callable[[str, str], None],
         env: dict[str, str] | None = None,
         ready_line: str | None = None,
+        worker: int | None = None,
     ) -> None:
         """``role``: what it is (``xds``, ``extauthz``...); ``on_line(role, line)`` gets each
-        line it prints; ``ready_line``: the text of the line that says it serves (``ready``)."""
+        line it prints; ``ready_line``: the text of the line that says it serves (``ready``);
+        ``worker``: which worker of its service it is (None: the role has one process)."""
         self.role = role
+        self.worker = worker
         self.command = list(command)
         self.log_path = log_path
         self.on_line = on_line
@@ -56,6 +59,11 @@ class Supervised:
         self.ready_line = ready_line
         self.ready = False
         self.announced = False  # its death has been reported (by the caller)
+
+    @property
+    def name(self) -> str:
+        """``role``, or ``role/worker`` for one worker of a service."""
+        return self.role if self.worker is None else f"{self.role}/{self.worker}"
 
     @property
     def pid(self) -> int | None:
@@ -132,9 +140,12 @@ class Supervised:
 
     def describe(self) -> dict[str, Any]:
         """What ``/status`` lists under ``processes``."""
-        return {
+        described = {
             "role": self.role,
             "pid": self.pid,
             "restarts": self.restarts,
             "alive": self.alive(),
         }
+        if self.worker is not None:
+            described |= {"name": self.name, "worker": self.worker}
+        return described

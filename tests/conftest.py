@@ -36,6 +36,27 @@ def free_port() -> int:
             return port
 
 
+def worker_base_port(workers: int) -> int:
+    """A free port whose worker ports (``port + 100 i``, i < ``workers``) are free too and
+    handed out to nobody else in this test process."""
+    while True:
+        port = free_port()
+        others = [port + 100 * i for i in range(1, workers)]
+        if any(p > 65535 or p in _HANDED_OUT or not _bindable(p) for p in others):
+            continue
+        _HANDED_OUT.update(others)
+        return port
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def distinct_ports(*names: str) -> dict[str, int]:
     """A free loopback port per name, no two alike."""
     chosen: set[int] = set()

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
-import time
+import threading
 import urllib.request
 from pathlib import Path
 
@@ -15,7 +17,8 @@ from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2 as common_rl
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import free_port
+from tests.conftest import free_port, worker_base_port
+from tests.ratelimit.conftest import RedisServer, needs_redis
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICKSTART = ROOT / "examples" / "quickstart" / "mesh.yaml"
@@ -149,45 +152,49 @@ def test_status_without_a_running_stack_says_so() -> None:
     assert "is `legation up` running?" in done.stderr
 
 
+def test_serve_ratelimit_in_memory_refuses_several_workers() -> None:
+    done = legation("serve", "ratelimit", "--workers", "2")
+    assert done.returncode == 2
+    assert "the memory backend counts in one process" in done.stderr
+
+
+@needs_redis
 @pytest.mark.integration
-def test_serve_ratelimit_with_two_workers_answers(tmp_path: Path) -> None:
-    """Two forked workers on one port; their metrics merged on the parent's one endpoint."""
+def test_serve_with_two_workers_on_port_and_port_plus_100(tmp_path: Path) -> None:
+    """Two forked workers, worker i on port + 100 i; their metrics merged on the parent's one
+    endpoint (the rate limiter on Redis: shared counters, so several workers may count)."""
     config = tmp_path / "limits.yaml"
     config.write_text(
         "domain: cli\ndescriptors:\n  - key: user\n    rate_limit: {unit: minute, "
         "requests_per_unit: 1}\n"
     )
-    port, metrics = free_port(), free_port()
+    redis = RedisServer(tmp_path)
+    port, metrics = worker_base_port(2), free_port()
+    command = [sys.executable, "-m", "legation.cli", "serve", "ratelimit", "--workers", "2"]
+    command += ["--config", str(config), "--listen", f"127.0.0.1:{port}"]
+    command += ["--backend", "redis", "--redis-url", redis.url, "--metrics-port", str(metrics)]
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "legation.cli",
-            "serve",
-            "ratelimit",
-            "--config",
-            str(config),
-            "--listen",
-            f"127.0.0.1:{port}",
-            "--workers",
-            "2",
-            "--metrics-port",
-            str(metrics),
-        ],
+        command,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
         cwd=ROOT,
+        start_new_session=True,  # its workers in its group: killed with it if the read hangs
     )
     try:
         assert proc.stdout is not None
         started: list[str] = []
-        deadline = time.monotonic() + 30
-        while len(started) < 2 and time.monotonic() < deadline:
-            line = proc.stdout.readline()
+        guard = threading.Timer(30, lambda: os.killpg(proc.pid, signal.SIGKILL))
+        guard.start()
+        for line in proc.stdout:
             if line.startswith("ratelimit (pid "):
-                started.append(line)
-        assert len(started) == 2 and all(f":{port}" in line for line in started), started
+                started.append(line.strip())
+            if len(started) == 2:
+                break
+        guard.cancel()
+        assert sorted(line.rsplit(":", 1)[1] for line in started) == sorted(
+            [str(port), str(port + 100)]
+        ), started
         assert len({line.split("pid ")[1].split(")")[0] for line in started}) == 2
         request = rls_pb2.RateLimitRequest(
             domain="cli",
@@ -197,14 +204,12 @@ def test_serve_ratelimit_with_two_workers_answers(tmp_path: Path) -> None:
                 )
             ],
         )
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            stub = rls_pb2_grpc.RateLimitServiceStub(channel)
-            first = stub.ShouldRateLimit(request, timeout=5)
-            assert first.overall_code == rls_pb2.RateLimitResponse.OK
-        for _ in range(5):  # a connection each: SO_REUSEPORT spreads them over the workers
-            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        codes = []
+        for each in (port, port + 100) * 3:
+            with grpc.insecure_channel(f"127.0.0.1:{each}") as channel:
                 stub = rls_pb2_grpc.RateLimitServiceStub(channel)
-                stub.ShouldRateLimit(request, timeout=5)
+                codes.append(stub.ShouldRateLimit(request, timeout=5).overall_code)
+        assert codes.count(rls_pb2.RateLimitResponse.OK) == 1  # one a minute, across workers
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=5) as resp:
             text = resp.read().decode()
         samples = [s for f in text_string_to_metric_families(text) for s in f.samples]
@@ -224,6 +229,7 @@ def test_serve_ratelimit_with_two_workers_answers(tmp_path: Path) -> None:
         assert proc.wait(15) == 0
         if proc.stdout is not None:
             proc.stdout.close()
+        redis.stop()
 
 
 def test_check_reads_the_request_path_services_files(tmp_path: Path) -> None:

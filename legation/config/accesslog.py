@@ -72,6 +72,17 @@ class AccessLogService(GrpcService):
             raise ValueError("must be between 10ms and 60s")
         return value
 
+    @field_validator("workers")
+    @classmethod
+    def _one_worker(cls, value: int | None) -> int | None:
+        if value is not None and value > 1:
+            raise ValueError("the access-log service keeps the golden metrics in one process: 1")
+        return value
+
+    def worker_count(self) -> int:
+        """One process: it aggregates the golden metrics and writes the access-log files."""
+        return 1
+
     def log_of(self, node_id: str) -> JsonLog:
         """The JSON log of proxy ``node_id``: its own entry, else ``log``."""
         return self.proxies.get(node_id, self.log)

@@ -103,13 +103,18 @@ def _ports(mesh: Mesh) -> Iterator[Problem]:
                     ("127.0.0.1", e.sidecar.admin_port, f"{at}.sidecar.admin_port"),
                 ]
     for kind, block in kinds.blocks(mesh):
-        wanted.append((block.host, block.port, f"{kind.block}.port"))
-    if mesh.extauthz is not None and mesh.extauthz.http_port is not None:
-        wanted.append((mesh.extauthz.host, mesh.extauthz.http_port, "extauthz.http_port"))
+        wanted += _worker_ports(block.host, block.worker_ports(block.port), kind.block, "port")
+    authz = mesh.extauthz
+    if authz is not None and authz.http_port is not None:
+        http_ports = authz.worker_ports(authz.http_port)
+        wanted += _worker_ports(authz.host, http_ports, "extauthz", "http_port")
     if mesh.tracing is not None and mesh.tracing.embedded:
         wanted.append((*mesh.tracing.address(), "tracing.port"))
     seen: list[tuple[str, int, str]] = []
     for host, port, path in wanted:
+        if port > 65535:
+            yield Problem(path, f"worker ports reach {port}, above 65535 (worker i: port + 100 i)")
+            continue
         host = "127.0.0.1" if host == "localhost" else host
         clash = next(
             (
@@ -123,6 +128,13 @@ def _ports(mesh: Mesh) -> Iterator[Problem]:
             yield Problem(path, f"port {port} is already used by {clash}")
         else:
             seen.append((host, port, path))
+
+
+def _worker_ports(
+    host: str, ports: list[int], block: str, field: str
+) -> list[tuple[str, int, str]]:
+    """The first worker's port is ``block.field``; the others' are named ``block.workers``."""
+    return [(host, port, f"{block}.{'workers' if i else field}") for i, port in enumerate(ports)]
 
 
 def _service_tls(mesh: Mesh) -> Iterator[Problem]:

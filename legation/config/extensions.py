@@ -23,7 +23,9 @@ Each block takes ``host`` (the bind address when embedded, where Envoy calls eit
 passes; ext_authz and ext_proc default to closed, rate limiting to open), ``timeout`` (Envoy's
 gRPC timeout; ext_proc's per-message timeout), ``embedded`` (default true: ``legation up`` and
 ``legation serve xds`` run the service in their own process; false: it runs elsewhere, at
-``host:port``) and ``tls``:
+``host:port``), ``workers`` (processes serving it: worker i on ``port + 100 * i``, one endpoint
+each in Envoy's cluster, so adjacent service ports stay valid; default: the core count, at most 8,
+when embedded, else 1; the rate limiter with ``backend: memory`` runs one) and ``tls``:
 
 * ``mesh`` (the default when ``mtls.mode`` is permissive or strict; an error when mTLS is off):
   proxies call the service over mutual TLS with their workload certificate (SDS), and accept only
@@ -41,6 +43,7 @@ What a route asks of them (``authz``, ``filters``, ``rate_limits``) is
 
 from __future__ import annotations
 
+import os
 import re
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -104,10 +107,21 @@ class GrpcService(BaseModel):
     timeout: Duration = Field(default="250ms", validate_default=True)
     embedded: bool = True
     tls: Literal["mesh", "none"] | None = None  # None: mesh when the mesh's mTLS is on
+    workers: int | None = Field(default=None, ge=1, le=64)
 
     @property
     def fail_open(self) -> bool:
         return self.failure_mode == "open"
+
+    def worker_count(self) -> int:
+        """``workers``, else the core count (at most 8) when embedded, 1 when elsewhere."""
+        if self.workers is not None:
+            return self.workers
+        return min(8, max(1, len(os.sched_getaffinity(0)))) if self.embedded else 1
+
+    def worker_ports(self, base: int) -> list[int]:
+        """The ports of its workers for a service port ``base``: worker i on ``base + 100 i``."""
+        return [base + kinds.WORKER_PORT_STEP * i for i in range(self.worker_count())]
 
     def mesh_tls(self, *, mtls_enabled: bool) -> bool:
         """Whether proxies call this service over mesh mTLS (see ``tls`` above)."""
@@ -239,44 +253,30 @@ class RateLimitService(_ConfiguredService):
 
     @model_validator(mode="after")
     def _redis_url(self) -> RateLimitService:
-        if self.backend == "redis" and self.redis_url is None:
-            raise _field_error(
-                "RateLimitService", ("redis_url",), "needed with backend: redis", None
-            )
-        if self.backend != "redis" and self.redis_url is not None:
-            raise _field_error(
-                "RateLimitService", ("redis_url",), "only used with backend: redis", "<redacted>"
-            )
-        if self.failure_mode == "local" and self.backend != "redis":
-            raise _field_error(
-                "RateLimitService",
-                ("failure_mode",),
-                "local is only used with backend: redis",
-                "local",
-            )
+        redis, problems = self.backend == "redis", []
+        if redis and self.redis_url is None:
+            problems.append(("redis_url", "needed with backend: redis"))
+        if not redis and self.redis_url is not None:
+            problems.append(("redis_url", "only used with backend: redis"))
+        if self.backend == "memory" and (self.workers or 1) > 1:
+            message = "the memory backend counts in one process: more than 1 needs backend: redis"
+            problems.append(("workers", message))
+        if self.failure_mode == "local" and not redis:
+            problems.append(("failure_mode", "local is only used with backend: redis"))
         if "local_instances" in self.model_fields_set and self.failure_mode != "local":
-            raise _field_error(
-                "RateLimitService",
-                ("local_instances",),
-                "only used with failure_mode: local",
-                self.local_instances,
-            )
+            problems.append(("local_instances", "only used with failure_mode: local"))
         for name in ("max_keys", "max_bytes"):
-            if self.backend != "memory" and getattr(self, name) is not None:
-                raise _field_error(
-                    "RateLimitService",
-                    (name,),
-                    "only used with backend: memory",
-                    getattr(self, name),
-                )
+            if redis and getattr(self, name) is not None:
+                problems.append((name, "only used with backend: memory"))
         if "response_header_names" in self.model_fields_set and not self.response_headers:
-            raise _field_error(
-                "RateLimitService",
-                ("response_header_names",),
-                "only used with response_headers: true",
-                None,
-            )
+            problems.append(("response_header_names", "only used with response_headers: true"))
+        if problems:  # the input is not echoed: redis_url may hold a password
+            raise _field_errors("RateLimitService", [((f,), m) for f, m in problems], None)
         return self
+
+    def worker_count(self) -> int:
+        """The memory backend's counters live in one process: one worker."""
+        return 1 if self.backend == "memory" else super().worker_count()
 
     @property
     def fail_open(self) -> bool:

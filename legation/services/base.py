@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from legation.errors import LegationError
+from legation.services.kinds import WORKER_PORT_STEP
 
 if TYPE_CHECKING:
     import grpc
@@ -63,6 +64,14 @@ class ServiceSpec:
     """Files and folders whose edits re-run the validation (config files, a policy dir)."""
     tls: bool = False
     """Serve mesh mTLS (the certificate comes from the control plane's tls source)."""
+    workers: int = 1
+    """Processes serving it, worker i on ``port + 100 i`` (the block's ``worker_ports``)."""
+    worker: int = 0
+    """Which of them this one is: it binds ``bind_port(port)``."""
+
+    def bind_port(self, base: int) -> int:
+        """This worker's port for the service port ``base`` (0, ephemeral, stays 0)."""
+        return base + WORKER_PORT_STEP * self.worker if base else 0
 
 
 class Service(Protocol):

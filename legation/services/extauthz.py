@@ -136,7 +136,7 @@ class AuthzService:
 
         settings = service.Settings(
             host=self.spec.host,
-            port=self.spec.port,
+            port=self.spec.bind_port(self.spec.port),
             config=dict(self.spec.live["config"]),
             registry=self._registry,
             tls=self._tls,
@@ -148,6 +148,7 @@ class AuthzService:
 
             try:
                 self.fused = await start_fused(self.spec.live.get("fused"), self._registry)
+                http = {**http, "port": self.spec.bind_port(http["port"])}
                 self.http = await _start_http(
                     service.servicer_of(self.server), self.spec.host, http, self._tls, self.fused
                 )

@@ -74,7 +74,7 @@ class ExtProcService(GrpcServiceParts):
             "extproc",
             lambda s: pb_grpc.add_ExternalProcessorServicer_to_server(servicer, s),
             host=self.spec.host,
-            port=self.spec.port,
+            port=self.spec.bind_port(self.spec.port),
             tls=self._tls,
         )
         return self.port

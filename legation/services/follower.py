@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
+
+from prometheus_client import Metric
 
 from legation.certs._files import write_private
 from legation.config import parse_mesh
@@ -27,7 +29,7 @@ from legation.services.base import Invalid
 from legation.services.embedded import EmbeddedServices
 from legation.services.kinds import get
 from legation.services.planning import Plan
-from legation.services.published import METRICS_PORT_FILE, FileTls, ServicePlan, read_plan
+from legation.services.published import FileTls, ServicePlan, metrics_port_file, read_plan
 
 log = logging.getLogger("legation.services.follower")
 
@@ -37,9 +39,12 @@ __all__ = ["Follower"]
 class Follower:
     """The service of one plan file, kept matching it."""
 
-    def __init__(self, plan_file: Path, *, kind: str, poll: float = 0.25) -> None:
+    def __init__(self, plan_file: Path, *, kind: str, worker: int = 0, poll: float = 0.25) -> None:
+        """``worker``: which of the service's workers this process is (it binds that worker's
+        port, ``port + 100 * worker``)."""
         self.plan_file = plan_file
         self.kind = kind
+        self.worker = worker
         self.poll = poll
         self.tls = FileTls(plan_file.parent)
         self.services = EmbeddedServices(
@@ -113,13 +118,16 @@ class Follower:
         from prometheus_client import CollectorRegistry, start_http_server
 
         registry = CollectorRegistry()
-        registry.register(_Current(self))  # type: ignore[arg-type]
+        registry.register(
+            WorkerLabelled(lambda: self.services.running.get(self.kind), self.worker)  # type: ignore[arg-type]
+        )
         self._metrics, _ = start_http_server(port, addr="127.0.0.1", registry=registry)
         bound = int(self._metrics.server_port)
+        where = self.plan_file.parent / metrics_port_file(self.worker)
         try:
-            write_private(self.plan_file.parent / METRICS_PORT_FILE, str(bound).encode())
+            write_private(where, str(bound).encode())
         except OSError as err:
-            log.warning("cannot write %s: %s", self.plan_file.parent / METRICS_PORT_FILE, err)
+            log.warning("cannot write %s: %s", where, err)
         return bound
 
     def _target(self, plan: ServicePlan) -> Plan:
@@ -128,23 +136,41 @@ class Follower:
                 f"{self.plan_file}: a plan for {plan.kind}, not {self.kind}", code="plan_mismatch"
             )
         mesh = parse_mesh(plan.mesh_text, source=plan.mesh_path)
-        cls = get(self.kind).service_class()
+        kind = get(self.kind)
+        cls = kind.service_class()
         try:
             spec = cls.settings(mesh, Path(plan.mesh_path).resolve().parent)
+            block = kind.block_of(mesh)
+            spec = replace(spec, workers=block.worker_count() if block else 1)
         except Invalid as err:
             raise LegationError(
                 f"{plan.mesh_path}: {self.kind}.{err.field}: {err}", code="invalid_plan"
             ) from None
-        return Plan(embedded={self.kind: replace(spec, tls=plan.tls)}, remote={})
+        if self.worker >= spec.workers:
+            raise LegationError(
+                f"{self.plan_file}: worker {self.worker} of a service with {spec.workers}",
+                code="plan_mismatch",
+            )
+        return Plan(
+            embedded={self.kind: replace(spec, tls=plan.tls, worker=self.worker)}, remote={}
+        )
 
 
-class _Current:
-    """A collector for whatever service the follower runs now (a restart replaces it)."""
+class WorkerLabelled:
+    """A collector for whatever service ``current()`` returns now (a restart replaces it; None:
+    nothing), every sample labelled ``worker``."""
 
-    def __init__(self, follower: Follower) -> None:
-        self.follower = follower
+    def __init__(self, current: Callable[[], Any], worker: int) -> None:
+        self.current = current
+        self.worker = str(worker)
 
-    def collect(self) -> Iterator[Any]:
-        service = self.follower.services.running.get(self.follower.kind)
-        if service is not None:
-            yield from service.registry.collect()
+    def collect(self) -> Iterator[Metric]:
+        service = self.current()
+        if service is None:
+            return
+        for family in service.registry.collect():
+            labelled = Metric(family.name, family.documentation, family.type, family.unit)
+            labelled.samples = [
+                s._replace(labels={**s.labels, "worker": self.worker}) for s in family.samples
+            ]
+            yield labelled

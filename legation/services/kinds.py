@@ -26,7 +26,10 @@ if TYPE_CHECKING:
     from legation.config.extensions import GrpcService
     from legation.services.base import Service
 
-__all__ = ["KINDS", "ServiceKind", "blocks", "get", "names"]
+__all__ = ["KINDS", "WORKER_PORT_STEP", "ServiceKind", "blocks", "get", "names"]
+
+WORKER_PORT_STEP = 100
+"""Worker i of a service listens on ``port + 100 * i`` (adjacent service ports stay valid)."""
 
 
 @dataclass(frozen=True, kw_only=True)

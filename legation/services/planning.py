@@ -20,7 +20,7 @@ from legation.config import Mesh, MeshConfigError, Problem
 from legation.services.base import Invalid, ServiceSpec
 from legation.services.kinds import KINDS, blocks
 
-__all__ = ["Plan", "config_files", "plan", "watched_digest"]
+__all__ = ["Plan", "config_files", "one_worker", "plan", "watched_digest"]
 
 
 @dataclass(frozen=True)
@@ -74,10 +74,18 @@ def plan(
             problems.append(Problem(f"{kind.block}.{err.field}", str(err)))
             continue
         problems += [Problem(path, message) for path, message in cls.references(mesh, spec)]
-        specs[kind.name] = replace(spec, tls=block.mesh_tls(mtls_enabled=mesh.mtls.enabled))
+        tls = block.mesh_tls(mtls_enabled=mesh.mtls.enabled)
+        specs[kind.name] = replace(spec, tls=tls, workers=block.worker_count())
     if problems:
         raise MeshConfigError(source, problems)
     return Plan(embedded=specs, remote=remote)
+
+
+def one_worker(mesh: Mesh) -> Mesh:
+    """``mesh`` with every service block at ``workers: 1``: what a control plane that runs the
+    services in its own process (one server each) plans and translates (one endpoint each)."""
+    update = {kind.block: block.model_copy(update={"workers": 1}) for kind, block in blocks(mesh)}
+    return mesh.model_copy(update=update) if update else mesh
 
 
 def watched_digest(paths: tuple[Path, ...]) -> str:

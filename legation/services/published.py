@@ -23,7 +23,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import shutil
 import urllib.parse
 import urllib.request
@@ -32,22 +31,31 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-
 from legation.certs._files import private_dir, write_private
 from legation.errors import LegationError
 from legation.grpc_server import ServerTls
+from legation.services._file_tls import CA_FILE, CERT_FILE, KEY_FILE, FileTls
 from legation.services.kinds import KINDS
 from legation.services.planning import Plan
 
 log = logging.getLogger("legation.services.published")
 
-__all__ = ["FileTls", "PublishedServices", "ServicePlan", "plan_path", "read_plan"]
+__all__ = [
+    "FileTls",
+    "PublishedServices",
+    "ServicePlan",
+    "metrics_port_file",
+    "plan_path",
+    "read_plan",
+]
 
 PLAN_FILE = "plan.json"
-METRICS_PORT_FILE = "metrics.port"  # written by the service process: where its /metrics is
-CERT_FILE, KEY_FILE, CA_FILE = "cert.pem", "key.pem", "ca.pem"
+METRICS_PORT_FILE = "metrics-{worker}.port"  # written by each worker: where its /metrics is
+
+
+def metrics_port_file(worker: int) -> str:
+    """The file (beside the plan) where ``worker`` writes the port of its ``/metrics``."""
+    return METRICS_PORT_FILE.format(worker=worker)
 
 
 def plan_path(directory: Path, kind: str) -> Path:
@@ -100,6 +108,7 @@ class PublishedServices:
         self.on_event = on_event or (lambda line: log.info("%s", line))
         self.tls_check = tls_check
         self.published: dict[str, ServicePlan] = {}
+        self.workers: dict[str, int] = {}
         self.remote: dict[str, str] = {}
         self._tls_written: dict[str, ServerTls] = {}
         self._task: asyncio.Task[None] | None = None
@@ -139,6 +148,7 @@ class PublishedServices:
                 self.on_event(failures[-1])
                 continue
             self.published[kind.name] = plan
+            self.workers[kind.name] = spec.workers
         if self._task is None and any(p.tls for p in self.published.values()):
             self._task = asyncio.get_running_loop().create_task(self._follow_tls())
         return failures
@@ -155,16 +165,24 @@ class PublishedServices:
         return []  # each process serves its own metrics: see metrics_text
 
     def metrics_text(self) -> bytes:
-        """The service processes' Prometheus text (each serves it on the loopback port it wrote
-        beside its plan), for the control plane's ``/metrics``; a process that does not answer
-        within a second is left out. Blocking: call it on a thread."""
-        out = []
+        """The service processes' Prometheus text (each worker serves it, its samples labelled
+        ``worker``, on the loopback port it wrote beside its plan), merged for the control
+        plane's ``/metrics`` (:func:`legation._worker_metrics.merge`); a worker that does not
+        answer within a second is left out. Blocking: call it on a thread."""
+        from prometheus_client import CollectorRegistry, generate_latest
+
+        from legation._worker_metrics import merge
+
+        texts = []
         for kind in list(self.published):
-            try:
-                out.append(self._metrics_of(kind))
-            except (OSError, ValueError):
-                continue
-        return b"".join(out)
+            for worker in range(self.workers.get(kind, 1)):
+                try:
+                    texts.append((worker, self._metrics_of(kind, worker).decode()))
+                except (OSError, ValueError):
+                    continue
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(_Families(merge(texts)))  # type: ignore[arg-type]
+        return bytes(generate_latest(registry))
 
     def golden(self) -> dict[str, Any] | None:
         """The access-log service process's golden metrics, read back from its ``/metrics``
@@ -180,8 +198,8 @@ class PublishedServices:
             return None
         return snapshot_from_text(text.decode())
 
-    def _metrics_of(self, kind: str) -> bytes:
-        port = int((self.directory / kind / METRICS_PORT_FILE).read_text())
+    def _metrics_of(self, kind: str, worker: int = 0) -> bytes:
+        port = int((self.directory / kind / metrics_port_file(worker)).read_text())
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=1) as resp:
             body: bytes = resp.read()
         return body
@@ -194,6 +212,7 @@ class PublishedServices:
                 "address": plan.address,
                 "tls": "mesh" if plan.tls else "none",
                 "process": "own",
+                "workers": self.workers.get(name, 1),
                 "plan": str(plan_path(self.directory, name)),
             }
         for name, address in self.remote.items():
@@ -223,45 +242,12 @@ class PublishedServices:
                         self.on_event(f"cannot write the {kind} service's certificate: {err}")
 
 
-class FileTls:
-    """The service process's side: a :data:`~legation.grpc_server.TlsSource` reading the
-    certificate files of ``directory`` (only when they changed; the same object otherwise). A
-    certificate that does not match its key (caught between two renames) is not served: the
-    current one stays until the next handshake finds the pair whole."""
+class _Families:
+    def __init__(self, families: list[Any]) -> None:
+        self.families = families
 
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self._stamp: tuple[tuple[int, int, int], ...] = ()
-        self._current: ServerTls | None = None
-
-    def __call__(self) -> ServerTls | None:
-        paths = [self.directory / name for name in (CERT_FILE, KEY_FILE, CA_FILE)]
-        try:
-            stamp = tuple((s.st_ino, s.st_mtime_ns, s.st_size) for s in map(os.stat, paths))
-        except OSError:
-            return self._current
-        if stamp == self._stamp:
-            return self._current
-        try:
-            cert, key, ca = (p.read_bytes() for p in paths)
-            leaf = x509.load_pem_x509_certificate(cert)
-            private = serialization.load_pem_private_key(key, password=None)
-            if private.public_key().public_bytes(
-                serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-            ) != leaf.public_key().public_bytes(
-                serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-            ):
-                return self._current  # mid-renewal: try again at the next handshake
-            tls = ServerTls(cert_chain_pem=cert, key_pem=key, client_ca_pem=ca)
-        except (OSError, ValueError) as err:
-            log.warning(
-                "cannot read the certificate in %s (%s); keeping the current one",
-                self.directory,
-                err,
-            )
-            return self._current
-        self._stamp, self._current = stamp, tls
-        return tls
+    def collect(self) -> Any:
+        return iter(self.families)
 
 
 def _redacted(text: str) -> str:

@@ -94,9 +94,11 @@ class RateLimitService(GrpcServiceParts):
 
         live = dict(self.spec.live)
         config = live.pop("config")
+        # failure_mode local: each worker counts its share of every limit while Redis is away
+        live["local_instances"] *= self.spec.workers
         settings = service.Settings(
             host=self.spec.host,
-            port=self.spec.port,
+            port=self.spec.bind_port(self.spec.port),
             registry=self._registry,
             tls=self._tls,
             config_files=(live.pop("config_file"),),
@@ -109,6 +111,8 @@ class RateLimitService(GrpcServiceParts):
     async def apply(self, spec: ServiceSpec) -> None:
         assert self.server is not None
         live = spec.live
+        # failure_mode local: each worker counts its share of every limit while Redis is away
+        live = {**live, "local_instances": live["local_instances"] * spec.workers}
         swap_live(self.server.legation_limiter, self.server.legation_servicer, live)  # type: ignore[attr-defined]
         self.spec = spec
 

@@ -1,4 +1,5 @@
-"""``legation serve <kind> --workers N``: N forked processes serving one port (SO_REUSEPORT).
+"""``legation serve <kind> --workers N``: N forked processes (worker i on port + 100 i, or all
+on one port with ``--reuse-port``).
 
 The parent forks the workers, forwards SIGINT/SIGTERM to them and waits for all; its exit status
 is the first non-zero one of theirs (a worker stopped by the signal the parent forwarded counts

@@ -45,7 +45,7 @@ from legation.translate._fused import (
     request_headers,
     upstream_headers,
 )
-from legation.translate._hops import Hop, _ms, _no_call, cluster_name
+from legation.translate._hops import Hop, _ms, _no_call, cluster_name, worker_endpoints
 
 EXTAUTHZ_FILTER = authz_filter.FILTER_NAME
 EXTAUTHZ_HTTP_FILTER = "legation.ext_authz.http"
@@ -203,10 +203,12 @@ class AuthzSide:
 
     @staticmethod
     def clusters(block: Any, cluster: str) -> list[cluster_pb2.Cluster]:
-        out = [authz_filter.grpc_cluster(cluster, [(block.host, block.port)])]
+        out = [authz_filter.grpc_cluster(cluster, worker_endpoints(block, block.port))]
         if block.http:
             out.append(
-                fast_filter.http_cluster(EXTAUTHZ_HTTP_CLUSTER, [(block.host, block.http_port)])
+                fast_filter.http_cluster(
+                    EXTAUTHZ_HTTP_CLUSTER, worker_endpoints(block, block.http_port)
+                )
             )
         return out
 

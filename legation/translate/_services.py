@@ -48,6 +48,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
 
+from legation import envoy_grpc
 from legation.certs.issuer import service_identity
 from legation.config.attachments import RateLimitAction
 from legation.config.model import Mesh
@@ -65,7 +66,7 @@ from legation.translate._authz import (
     fused_hop,
     fused_per_route,
 )
-from legation.translate._hops import Hop, _ms, _no_call, cluster_name
+from legation.translate._hops import Hop, _ms, _no_call, cluster_name, worker_endpoints
 from legation.translate._mtls import upstream_tls
 
 EXTPROC_FILTER = proc_filter.FILTER_NAME
@@ -108,7 +109,7 @@ class ExtProcSide:
 
     @staticmethod
     def clusters(block: Any, cluster: str) -> list[cluster_pb2.Cluster]:
-        return [proc_filter.grpc_cluster(cluster, block.host, block.port)]
+        return [envoy_grpc.grpc_cluster(cluster, worker_endpoints(block, block.port))]
 
     @staticmethod
     def per_route(
@@ -157,7 +158,7 @@ class RateLimitSide:
 
     @staticmethod
     def clusters(block: Any, cluster: str) -> list[cluster_pb2.Cluster]:
-        return [rl_filter.rate_limit_cluster(cluster, block.host, block.port)]
+        return [envoy_grpc.grpc_cluster(cluster, worker_endpoints(block, block.port))]
 
     @staticmethod
     def per_route(

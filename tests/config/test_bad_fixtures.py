@@ -49,6 +49,15 @@ EXPECTED = {
         "(letters, digits and !#$%&'*+.^_`|~- only)"
     ),
     "ratelimit_quota_mode": "ratelimit.quota_mode: expected true or false, got 'maybe'",
+    "ratelimit_memory_workers": (
+        "ratelimit.workers: the memory backend counts in one process: more than 1 needs "
+        "backend: redis"
+    ),
+    "worker_ports_clash": "extproc.port: port 18210 is already used by extauthz.workers",
+    "workers_zero": "extproc.workers: must be >= 1, got 0",
+    "worker_ports_above_65535": (
+        "extproc.workers: worker ports reach 65600, above 65535 (worker i: port + 100 i)"
+    ),
     "extproc_stream_idle_timeout": (
         "extproc.stream_idle_timeout: invalid duration 'forever': use e.g. 250ms, 2s or 1m"
     ),

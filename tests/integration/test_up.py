@@ -325,8 +325,11 @@ def test_up_runs_the_mesh_services_and_stops_them(tmp_path: Path, ports: dict[st
             "address": f"127.0.0.1:{service_ports['rl']}",
             "tls": "none",
             "process": "own",
+            "workers": 1,  # the memory backend counts in one process
             "plan": str(Path(".legation/services/ratelimit/plan.json").resolve()),
         }
+        cores = min(8, len(os.sched_getaffinity(0)))
+        assert doc["services"]["extauthz"]["workers"] == cores
         eventually(
             lambda: (
                 {p["role"] for p in processes(run.status_url)}
@@ -349,7 +352,7 @@ def test_up_runs_the_mesh_services_and_stops_them(tmp_path: Path, ports: dict[st
         )
         # a service process killed is started again with its last good config
         os.kill(roles["extauthz"]["pid"], signal.SIGKILL)
-        run.wait_for("extauthz restarted")
+        run.wait_for(f"extauthz/{roles['extauthz']['worker']} restarted")
         eventually(lambda: http(gw + "/page", {"x-role": "admin"})[0] == 200)
         assert http(gw + "/page")[0] == 403
 
@@ -357,7 +360,7 @@ def test_up_runs_the_mesh_services_and_stops_them(tmp_path: Path, ports: dict[st
         mesh.write_text(
             mesh.read_text().replace(SERVICES.format(**service_ports).splitlines()[1] + "\n", "")
         )
-        run.wait_for("ratelimit service gone from the mesh, its process stopped")
+        run.wait_for("ratelimit/0 gone from the mesh, its process stopped")
         eventually(lambda: "ratelimit" not in {p["role"] for p in processes(run.status_url)})
         run.proc.send_signal(signal.SIGINT)
         assert run.proc.wait(20) == 0
