@@ -171,7 +171,9 @@ async def _serve_one(
 
             server, _ = start_http_server(0, addr="127.0.0.1")
             port_file(metrics_dir, index).write_text(str(server.server_port))
-    print(f"{args.service} (pid {os.getpid()}) on {host}:{bound}", flush=True)
+    # one write per line: the workers share stdout, and print's two writes may interleave
+    sys.stdout.write(f"{args.service} (pid {os.getpid()}) on {host}:{bound}\n")
+    sys.stdout.flush()
     try:
         await _wait_for_signal()
     finally:
