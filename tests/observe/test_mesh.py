@@ -218,7 +218,8 @@ def _lines(world: World) -> list[dict[str, Any]]:
         lines = [
             json.loads(line)
             for f in sorted(world.logs.glob("access-*.jsonl"))
-            for line in f.read_text().splitlines()
+            # whole lines only: Envoy may be writing the next one while we read
+            for line in f.read_text().rpartition("\n")[0].splitlines()
         ]
         # the gateway's, web's inbound and outbound; api's are the service's (below)
         if len(lines) >= N_OK + M_5XX + K_SLOW + A_ADMIN + N_OK + K_SLOW + P_PAIR:
