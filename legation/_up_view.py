@@ -60,6 +60,11 @@ class StackView:
         lines += [
             "",
             "  legation status            # proxies, ACKed versions, NACKs",
+            *(
+                ["  legation top               # requests/s, success, p50/p90/p99 live"]
+                if mesh.accesslog is not None
+                else []
+            ),
             f"  edit {self.mesh_path} and save: the change is validated and pushed live",
             "  Ctrl-C stops everything",
             "",
