@@ -49,7 +49,8 @@ class Pods:
 
     async def start_relay(self) -> None:
         """Relay the bridge address to the host ports :meth:`start` found."""
-        self.relay = await Relay(self.capture.bridge_ip, self.relayed).start()
+        relay = Relay(self.capture.bridge_ip, self.relayed, device=self.network.bridge)
+        self.relay = await relay.start()
 
     def follow(self, mesh: Mesh) -> tuple[list[str], list[str]]:
         """Pods for the sidecar instances of ``mesh``, none for others; (added, removed)."""

@@ -2,7 +2,10 @@
 
 The control plane and the request-path services listen on the host's loopback, which the pods do
 not share. Rather than open them to every interface, ``legation up`` listens on the bridge address
-(reachable only from the host and Legation's pods) at the same ports and copies bytes both ways.
+at the same ports and copies bytes both ways. Its sockets are bound to the bridge device
+(``SO_BINDTODEVICE``), so connections arriving over the host's other networks are refused: they
+could otherwise route to the bridge address (the host does not forward for them, but the address
+is its own). The host's own processes can connect, as they can to the loopback behind.
 What crosses it is what would have crossed loopback: mTLS to the xDS server and, with ``tls:
 mesh``, to the services; the relay sees only ciphertext then.
 """
@@ -12,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -20,17 +24,31 @@ _CHUNK = 64 * 1024
 
 
 class Relay:
-    """Listens on ``bind``:port for each (host, port) target, forwarding to it."""
+    """Listens on ``bind``:port for each (host, port) target, forwarding to it; with ``device``,
+    only for connections arriving over that network device."""
 
-    def __init__(self, bind: str, targets: list[tuple[str, int]]) -> None:
+    def __init__(self, bind: str, targets: list[tuple[str, int]], *, device: str = "") -> None:
         self.bind = bind
         self.targets = targets
+        self.device = device
         self._servers: list[asyncio.Server] = []
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> Relay:
         for host, port in self.targets:
-            server = await asyncio.start_server(self._handler(host, port), self.bind, port)
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if self.device:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, self.device.encode())
+                sock.bind((self.bind, port))
+                sock.listen(128)
+                sock.setblocking(False)
+                server = await asyncio.start_server(self._handler(host, port), sock=sock)
+            except OSError:
+                sock.close()
+                await self.stop()
+                raise
             self._servers.append(server)
         return self
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import itertools
 import os
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -24,6 +25,34 @@ def capture_range() -> ipaddress.IPv4Network:
     """A /24 no other test process of this run uses (10.200-249.x.0/24)."""
     n = (os.getpid() * 16 + next(_counter)) % (50 * 256)
     return ipaddress.IPv4Network(f"10.{200 + n // 256}.{n % 256}.0/24")
+
+
+STALE_AFTER = 600.0  # seconds: a test's pods older than this, with no process, are leftovers
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _sweep_stale_test_pods() -> None:
+    """Remove what a killed test process left in the test ranges (10.200-249.x.0/24): pods
+    with no process in them, made more than STALE_AFTER ago. A running test's pods are younger
+    or busy, and nothing outside the test ranges is looked at."""
+    if netns.missing():
+        return
+    tags = {
+        netns.Network(Capture(cidr=ipaddress.IPv4Network(f"10.{a}.{b}.0/24"))).tag: (a, b)
+        for a in range(200, 250)
+        for b in range(256)
+    }
+    stale: set[tuple[int, int]] = set()
+    for name in netns.run(["ip", "netns", "list"]).split():
+        tag = name.removeprefix(netns.NETNS_PREFIX).split("-", 1)[0]
+        if not name.startswith(netns.NETNS_PREFIX) or tag not in tags:
+            continue
+        etc = netns.ETC_NETNS / name
+        age = time.time() - etc.stat().st_mtime if etc.exists() else STALE_AFTER + 1
+        if age > STALE_AFTER and not netns.run(["ip", "netns", "pids", name]).split():
+            stale.add(tags[tag])
+    for a, b in stale:
+        netns.Network(Capture(cidr=ipaddress.IPv4Network(f"10.{a}.{b}.0/24"))).clean()
 
 
 @pytest.fixture

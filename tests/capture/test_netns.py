@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import subprocess
 import sys
@@ -11,8 +12,10 @@ import pytest
 
 from legation.capture import netns
 from legation.capture.errors import CaptureError
+from legation.capture.relay import Relay
 from legation.capture.rules import hosts_file, pod_rules
 from legation.config.capture import Capture
+from tests.conftest import free_port
 
 # Inside a pod: a listener on the outbound port reporting the original destination of what it
 # accepts; then a connection to argv[1]:argv[2] (as group argv[3] when given).
@@ -160,3 +163,53 @@ def test_without_the_capabilities_capture_refuses_and_names_them(tmp_path: Path)
         "iptables) (run without --capture otherwise)"
     ) in done.stdout
     assert "control plane:" not in done.stdout
+
+
+_CONNECT = """
+import socket, sys
+try:
+    socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=3).close()
+    print("accepted")
+except OSError as e:
+    print(type(e).__name__)
+"""
+
+
+@pytest.mark.integration
+def test_the_relay_answers_the_pods_and_refuses_other_networks(network: netns.Network) -> None:
+    """A pod on the bridge reaches the relay; a namespace routed to the bridge address over
+    another link (a network the host is on) is refused: the relay is bound to the bridge."""
+    network.create_bridge()
+    pod = network.pod("app-0")
+    network.add_pod(pod, hosts="", rules="*nat\nCOMMIT\n")
+    # an outsider: its own link to the host (not the bridge), a route to the bridge address
+    outsider = network.prefix + "outsider"
+    link = f"lg{network.tag}outsid"
+    _, second, third, _ = network.capture.bridge_ip.split(".")  # a /31 of 10.199/16 of its own
+    near = f"10.199.{third}.{2 * (int(second) - 200)}"
+    far = f"10.199.{third}.{2 * (int(second) - 200) + 1}"
+    netns.run(["ip", "netns", "add", outsider])
+    netns.run(
+        ["ip", "link", "add", link, "type", "veth", "peer", "name", "eth0", "netns", outsider]
+    )
+    netns.run(["ip", "addr", "add", f"{near}/31", "dev", link])
+    netns.run(["ip", "link", "set", link, "up"])
+    for args in (["addr", "add", f"{far}/31", "dev", "eth0"], ["link", "set", "eth0", "up"]):
+        netns.run(["ip", "-n", outsider, *args])
+    netns.run(["ip", "-n", outsider, "route", "add", network.capture.bridge_ip, "via", near])
+
+    async def probe() -> tuple[str, str]:
+        target = ("127.0.0.1", 9)  # nothing needs to answer behind the relay for this test
+        relay = Relay(network.capture.bridge_ip, [target], device=network.bridge)
+        relay.targets = [(target[0], free_port())]
+        await relay.start()
+        port = relay.targets[0][1]
+        try:
+            argv = [sys.executable, "-c", _CONNECT, network.capture.bridge_ip, str(port)]
+            inside = await asyncio.to_thread(netns.run, pod.exec_argv(argv))
+            outside = await asyncio.to_thread(netns.run, ["ip", "netns", "exec", outsider, *argv])
+        finally:
+            await relay.stop()
+        return inside.strip(), outside.strip()
+
+    assert asyncio.run(probe()) == ("accepted", "ConnectionRefusedError")

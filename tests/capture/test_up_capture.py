@@ -49,8 +49,9 @@ services:
     endpoints:
       - {{name: reviews-0, port: {app2}, demo: {{}},
          sidecar: {{inbound_port: {in2}, outbound_port: {out2}, admin_port: {admin2}}}}}
-extauthz: {{port: {authz}, config: authz.yaml}}
-ratelimit: {{port: {rl}, config: limits.yaml, domain: mesh, backend: memory}}
+extauthz: {{port: {authz}, config: authz.yaml, timeout: 5s}}
+ratelimit: {{port: {rl}, config: limits.yaml, domain: mesh, backend: memory, timeout: 5s,
+            failure_mode: closed}}
 routes:
   - name: admin
     mesh_hosts: [reviews]
