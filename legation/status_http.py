@@ -1,6 +1,7 @@
 """The control plane's small HTTP endpoint, on aiohttp: ``/status`` (JSON, what ``legation
 status`` and ``legation top`` print; ``golden`` holds the golden metrics, None without an
-access-log service), ``/metrics`` (Prometheus text of the given registries) and ``/healthz``.
+access-log service or with ``?golden=0``), ``/metrics`` (Prometheus text of the given
+registries) and ``/healthz``.
 
 It only reads: the status document (:func:`status_document`, built from the control plane) and
 the registries come from callables, so it holds no state of its own. Paths match by prefix
@@ -72,7 +73,8 @@ class StatusEndpoint:
     async def _handle(self, request: web.Request) -> web.Response:
         if request.path.startswith("/status"):
             doc = self._status()
-            doc["golden"] = await asyncio.to_thread(self._golden) if self._golden else None
+            golden = self._golden if request.query.get("golden") != "0" else None
+            doc["golden"] = await asyncio.to_thread(golden) if golden is not None else None
             response = web.Response(body=json.dumps(doc).encode(), content_type="application/json")
             response.force_close()
             return response

@@ -278,6 +278,8 @@ class Stack(StackChildren, StackProxies, StackView, StackSplice, StackCapture):
 
 
 def _get_json(port: int) -> dict[str, Any]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=2) as resp:
+    # twice a second: without the golden metrics (the access-log service's /metrics, parsed)
+    url = f"http://127.0.0.1:{port}/status?golden=0"
+    with urllib.request.urlopen(url, timeout=2) as resp:
         doc: dict[str, Any] = json.loads(resp.read())
     return doc

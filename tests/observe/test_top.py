@@ -64,3 +64,19 @@ def test_top_redraws_on_a_terminal_until_interrupted(status_url: str) -> None:
     boom = next(line for line in frame.splitlines() if line.startswith("boom "))
     assert boom.split()[2] == "3.33%"  # 1 of 30 answered below 500
     assert code in (0, 130)  # Ctrl-C while sleeping, or while fetching
+
+
+def test_status_carries_golden_unless_asked_not_to(status_url: str) -> None:
+    import json
+    import urllib.request
+
+    def golden(query: str) -> object:
+        with urllib.request.urlopen(status_url + "/status" + query, timeout=5) as resp:
+            return json.loads(resp.read())["golden"]
+
+    full = golden("")
+    assert isinstance(full, dict) and {r["labels"]["route"] for r in full["scopes"]["route"]} == {
+        "slow",
+        "boom",
+    }
+    assert golden("?golden=0") is None  # what `legation up` polls twice a second
