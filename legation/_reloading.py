@@ -20,6 +20,7 @@ from legation.errors import LegationError
 from legation.services import EmbeddedServices, Plan
 from legation.services.planning import config_files, one_worker, plan, watched_digest
 from legation.services.published import PublishedServices
+from legation.tracing.receiver import EmbeddedCollector
 from legation.translate import translate
 
 
@@ -39,6 +40,7 @@ class Reloading:
     issuer: MeshIssuer
     rotation: Rotation
     services: EmbeddedServices | PublishedServices
+    collector: EmbeddedCollector
     _reloads: Counter
     _watched: tuple[Path, ...]
     _inputs: str
@@ -110,6 +112,10 @@ class Reloading:
             return self._reject(str(err))
         before = {p.node_id for p in self.mesh.proxies()} if self.mesh else set()
         failures = await self.services.apply(services)
+        try:
+            await self.collector.follow(mesh.tracing)
+        except LegationError as err:
+            failures.append(f"tracing: {err} (the running receiver stays)")
         self.last_error = "\n".join(failures) or None
         self._rejected = ""
         self._reloads.labels("applied").inc()

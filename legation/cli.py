@@ -5,6 +5,7 @@ legation check MESH...              validate mesh files without running anything
 legation bootstrap --node NAME      print an Envoy bootstrap pointing at the xDS server
 legation status [--json]            proxies of a running stack, ACKed versions, NACKs
 legation top [--once]               golden metrics live: per route, service pair, proxy
+legation traces [--route R] [--id ID]  recent traces (embedded receiver) as waterfalls
 legation serve SERVICE              one service alone: xds, extauthz, extproc, ratelimit,
                                     accesslog
 legation policy test DIR            run Rego unit tests, reported like `opa test`
@@ -27,6 +28,7 @@ from pathlib import Path
 from legation._cli_certs import DEFAULT_XDS, cmd_bootstrap, cmd_ca, cmd_rotate_root
 from legation._cli_serve import _wait_for_signal, cmd_serve
 from legation._cli_status import cmd_status
+from legation._cli_traces import add_parser as add_traces
 from legation.errors import LegationError
 
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
@@ -184,6 +186,7 @@ def parser() -> argparse.ArgumentParser:
     from legation._cli_top import add_parser as add_top
 
     add_top(sub, default_url=DEFAULT_STATUS)
+    add_traces(sub, DEFAULT_STATUS)
 
     serve = sub.add_parser("serve", help="run one service")
     ssub = serve.add_subparsers(dest="service", required=True, metavar="SERVICE")

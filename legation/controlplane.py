@@ -51,6 +51,8 @@ from legation.config import Mesh
 from legation.services import EmbeddedServices, ServiceStartError
 from legation.services.published import PublishedServices
 from legation.status_http import StatusEndpoint, status_document
+from legation.tracing.query import traces_document
+from legation.tracing.receiver import EmbeddedCollector
 from legation.xds.cache import SnapshotCache
 from legation.xds.metrics import XdsMetrics
 from legation.xds.server import XdsServer
@@ -154,11 +156,13 @@ class ControlPlane(Reloading, Publishing):
             "legation_config_generation", "Mesh generation being served", registry=self.registry
         )
         self.server: XdsServer | None = None
+        self.collector = EmbeddedCollector()  # tracing: {collector: embedded}
         self._status = StatusEndpoint(
             status=self.status,
             registries=lambda: (self.registry, *self.services.registries()),
             more_metrics=getattr(self.services, "metrics_text", None),
             golden=self.services.golden,
+            traces=lambda query: traces_document(self.collector.store, query),
         )
         self._watcher: asyncio.Task[None] | None = None
         self._hold: asyncio.Task[None] | None = None
@@ -177,6 +181,7 @@ class ControlPlane(Reloading, Publishing):
             await self.services.stop()
             raise ServiceStartError("\n".join(failures), code="service_start_failed")
         try:
+            await self.collector.follow(mesh.tracing)
             self._publish(mesh, text)
             self.server, self.xds_ca, self.xds_ca_location = await xds_channel(
                 mesh,
@@ -205,6 +210,7 @@ class ControlPlane(Reloading, Publishing):
         if self.server is not None:
             await self.server.stop(0.5)
         await self.services.stop()
+        await self.collector.stop()
 
     # -- enrolment ---------------------------------------------------------------------------
 

@@ -1,7 +1,8 @@
 """The control plane's small HTTP endpoint, on aiohttp: ``/status`` (JSON, what ``legation
 status`` and ``legation top`` print; ``golden`` holds the golden metrics, None without an
 access-log service or with ``?golden=0``), ``/metrics`` (Prometheus text of the given
-registries) and ``/healthz``.
+registries), ``/traces`` (the embedded trace receiver's traces, what ``legation traces``
+prints) and ``/healthz``.
 
 It only reads: the status document (:func:`status_document`, built from the control plane) and
 the registries come from callables, so it holds no state of its own. Paths match by prefix
@@ -14,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -37,10 +38,14 @@ class StatusEndpoint:
         registries: Callable[[], Iterable[CollectorRegistry]],
         more_metrics: Callable[[], bytes] | None = None,
         golden: Callable[[], dict[str, Any] | None] | None = None,
+        traces: Callable[[Mapping[str, str]], tuple[int, dict[str, Any]]] | None = None,
     ) -> None:
         """``more_metrics``: Prometheus text gathered elsewhere (the service processes'),
         appended to ``/metrics``; ``golden``: the golden metrics (the access-log service's
-        snapshot), ``/status``'s ``golden``. Both are called on a thread and may block briefly."""
+        snapshot), ``/status``'s ``golden``. Both are called on a thread and may block briefly.
+        ``traces``: the query string's parameters -> (HTTP status, JSON document) for
+        ``/traces``."""
+        self._traces = traces
         self._status = status
         self._registries = registries
         self._more_metrics = more_metrics
@@ -78,7 +83,13 @@ class StatusEndpoint:
             response = web.Response(body=json.dumps(doc).encode(), content_type="application/json")
             response.force_close()
             return response
-        response = self._answer(request.path)
+        if request.path.startswith("/traces") and self._traces is not None:
+            code, document = self._traces(request.query)
+            response = web.Response(
+                status=code, body=json.dumps(document).encode(), content_type="application/json"
+            )
+        else:
+            response = self._answer(request.path)
         if request.path.startswith("/metrics") and self._more_metrics is not None:
             more = await asyncio.to_thread(self._more_metrics)
             response = web.Response(
@@ -144,7 +155,22 @@ def status_document(cp: ControlPlane) -> dict[str, Any]:
         "services": cp.services.status(),
         "processes": _processes(cp),
         "mtls": _mtls_status(cp),
+        "tracing": _tracing_status(cp),
         "proxies": proxies,
+    }
+
+
+def _tracing_status(cp: ControlPlane) -> dict[str, Any] | None:
+    t = cp.mesh.tracing if cp.mesh else None
+    if t is None:
+        return None
+    store = cp.collector.store
+    host, port = t.address()
+    return {
+        "collector": t.collector,
+        "address": f"{host}:{port}",
+        "sampling": t.sampling,
+        "store": store.stats() if store is not None else None,
     }
 
 

@@ -30,6 +30,8 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.metrics_core import Metric
 
+from legation.tracing.spans import CallTracer, SpanContext
+
 decision_logger = logging.getLogger("legation.extauthz.decisions")
 
 _BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
@@ -260,3 +262,36 @@ class DecisionLog:
             if self._file is not None:
                 self._file.close()
                 self._file = None
+
+
+TRACER = CallTracer("extauthz")
+"""The service's spans: one per check, under the Envoy span that called (see
+:mod:`legation.tracing.spans`)."""
+
+
+def trace_decision(
+    parent: SpanContext,
+    seconds: float,
+    result: str,
+    policy: str,
+    checks: Iterable[str],
+    code: str,
+    transport: str,
+) -> None:
+    """Record the span of one decision that took ``seconds`` and ended now. Names only: the
+    policy and checks of the route, the result and its code; nothing from the request."""
+    end = time.time_ns()
+    TRACER.record(
+        "legation.extauthz check",
+        parent,
+        start_ns=end - int(seconds * 1e9),
+        end_ns=end,
+        attributes={
+            "legation.decision": result,
+            "legation.policy": policy,
+            "legation.checks": ",".join(checks),
+            "legation.code": code or None,
+            "legation.transport": transport,
+        },
+        error=result == "error",
+    )

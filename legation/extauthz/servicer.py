@@ -24,9 +24,16 @@ from legation.extauthz.checks import Check as CheckPlugin
 from legation.extauthz.checks import Decision, Headers, header_items
 from legation.extauthz.config import ServiceConfig
 from legation.extauthz.errors import CLIENT_CODES, AuthzError
-from legation.extauthz.observe import DecisionLog, Metrics, service_policy_labels
+from legation.extauthz.observe import (
+    TRACER,
+    DecisionLog,
+    Metrics,
+    service_policy_labels,
+    trace_decision,
+)
 from legation.extauthz.request import InputOptions, RequestContext
 from legation.extauthz.response import check_decision, to_check_response
+from legation.tracing.spans import SpanContext
 
 log = logging.getLogger("legation.extauthz")
 
@@ -72,7 +79,8 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
         self, request: external_auth_pb2.CheckRequest, context: Any
     ) -> external_auth_pb2.CheckResponse:
         ctx = RequestContext(request, self.input_options)
-        decision, policy = await self.decide(ctx)
+        parent = TRACER.parent_in(context.invocation_metadata()) if TRACER.on else None
+        decision, policy = await self.decide(ctx, parent=parent)
         return to_check_response(
             decision,
             decision_id=ctx.decision_id,
@@ -81,13 +89,19 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
         )
 
     async def decide(
-        self, ctx: RequestContext, *, validate: Callable[[Decision], None] | None = None
+        self,
+        ctx: RequestContext,
+        *,
+        validate: Callable[[Decision], None] | None = None,
+        parent: SpanContext | None = None,
+        transport: str = "grpc",
     ) -> tuple[Decision, str]:
         """Run the route's checks on ``ctx`` and return the decision to answer with and the
         policy label. Never raises: an error or a timeout is a denial with ``error_status``
         (fail closed), a client error one with ``deny_status``; dry-run, the metric and the
         decision log are applied here. ``validate`` (the HTTP call-out's) may raise
-        :class:`AuthzError` to refuse a decision its transport cannot carry. Shared by the gRPC
+        :class:`AuthzError` to refuse a decision its transport cannot carry. With ``parent``
+        (the calling Envoy span, sampled) a span records the decision. Shared by the gRPC
         ``Check`` and :mod:`legation.fastpath`, so both decide alike."""
         started = time.perf_counter()
         extensions = ctx.extensions
@@ -152,6 +166,8 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
             )
         elapsed = time.perf_counter() - started
         self.metrics.observe(policy=policy, result=result, code=code, seconds=elapsed)
+        if parent is not None:
+            trace_decision(parent, elapsed, result, policy, names, code, transport)
         if self.decision_log.enabled:
             self.decision_log.write(
                 {

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 
 import grpc
@@ -29,8 +30,10 @@ from legation.extproc.exchange import Exchange
 from legation.extproc.guard import ErrorGuard
 from legation.extproc.metrics import Metrics
 from legation.extproc.sdk import Phase
+from legation.tracing.spans import CallTracer, SpanContext
 
 log = logging.getLogger("legation.extproc")
+TRACER = CallTracer("extproc")  # one span per stream, under the Envoy span that opened it
 
 DEFAULT_STREAM_IDLE_TIMEOUT = 300.0
 _HEADERS = {Phase.REQUEST_HEADERS, Phase.RESPONSE_HEADERS}
@@ -91,16 +94,22 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
         ex = Exchange(chain)
         ex.buffered.update(guard.buffered)
         loop = asyncio.get_running_loop()
+        parent = TRACER.parent_in(context.invocation_metadata()) if TRACER.on else None
+        start, messages = time.time_ns() if parent is not None else 0, 0
         try:
             async with asyncio.timeout(None) as deadline:
                 while True:
                     deadline.reschedule(loop.time() + idle)
                     if not await self._one(context, guard, ex, chain):
                         return
+                    messages += 1
         except TimeoutError:
             metrics.error("-", "stream_idle_timeout")
             log.warning("chain %r: ext_proc stream idle for %gs; ending it", chain, idle)
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "stream idle timeout")
+        finally:
+            if parent is not None:
+                _trace_stream(parent, start, guard, ex, messages)
 
     async def _one(
         self, context: grpc.aio.ServicerContext, guard: ErrorGuard, ex: Exchange, chain: str
@@ -142,3 +151,24 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
             return
         self._metrics.answered(name or "-", 500)
         await context.write(_wire.error_response(500, "legation_unknown_chain"))
+
+
+def _trace_stream(
+    parent: SpanContext, start: int, guard: ErrorGuard, ex: Exchange, messages: int
+) -> None:
+    """The stream's span: its chain, the chain's filters, how many messages it answered and,
+    when a filter answered the request itself, that status."""
+    immediate = ex.immediate
+    TRACER.record(
+        "legation.extproc stream",
+        parent,
+        start_ns=start,
+        end_ns=time.time_ns(),
+        attributes={
+            "legation.chain": guard.chain.name,
+            "legation.filters": ",".join(f.name for f in guard.chain.filters),
+            "legation.messages": messages,
+            "legation.decision": f"immediate {immediate.status}" if immediate else "continue",
+        },
+        error=immediate is not None and immediate.status >= 500,
+    )

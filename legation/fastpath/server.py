@@ -28,6 +28,7 @@ from prometheus_client import CollectorRegistry
 
 from legation.errors import ConfigError
 from legation.extauthz import service as authz
+from legation.extauthz.observe import TRACER
 from legation.extauthz.request import RequestContext
 from legation.extauthz.servicer import AuthorizationServicer
 from legation.fastpath import answer
@@ -79,7 +80,8 @@ class CalloutApp:
         ctx = RequestContext(request, self.servicer.input_options)
         name = extra.get(ROUTE_HEADER)
         if name is None:
-            return self._answer(ctx, call.keep_alive)
+            parent = _parent(call.headers) if TRACER.on else None
+            return self._answer(ctx, call.keep_alive, parent)
         route = self.fused.routes.get(name) if self.fused is not None else None
         if route is None:  # never an allow without the route's decisions
             return answer.error(403, "unknown_route", keep_alive=call.keep_alive)
@@ -93,8 +95,10 @@ class CalloutApp:
             call.keep_alive,
         )
 
-    async def _answer(self, ctx: RequestContext, keep_alive: bool) -> bytes:
-        decision, _ = await self.servicer.decide(ctx, validate=self.validate)
+    async def _answer(self, ctx: RequestContext, keep_alive: bool, parent: Any) -> bytes:
+        decision, _ = await self.servicer.decide(
+            ctx, validate=self.validate, parent=parent, transport="http"
+        )
         return answer.encode(
             decision, deny_status=self.servicer.config.deny_status, keep_alive=keep_alive
         )
@@ -191,3 +195,12 @@ async def serve(
         owns_checks=owns_checks,
         connections=connections,
     )
+
+
+def _parent(headers: Sequence[tuple[bytes, bytes]]) -> Any:
+    """The sampled Envoy span in the call's ``traceparent`` header (Envoy's tracer adds it to
+    the call it makes), or None."""
+    for name, value in headers:
+        if len(name) == 11 and name.lower() == b"traceparent":
+            return TRACER.parent(value.decode("latin-1"))
+    return None

@@ -38,6 +38,7 @@ from legation.ratelimit.fallback import LocalFallback
 from legation.ratelimit.limiter import RateLimiter, ResponseHeaders
 from legation.ratelimit.metrics import RateLimitMetrics
 from legation.ratelimit.watch import ConfigWatcher
+from legation.tracing.spans import CallTracer, SpanContext
 
 log = logging.getLogger(__name__)
 FAILURE_MODES = ("allow", "deny", "local")
@@ -149,6 +150,19 @@ class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):
     async def ShouldRateLimit(
         self, request: rls_pb2.RateLimitRequest, context: grpc.aio.ServicerContext
     ) -> rls_pb2.RateLimitResponse:
+        parent = TRACER.parent_in(context.invocation_metadata()) if TRACER.on else None
+        if parent is None:
+            return await self._answer(request, context)
+        start, response = time.time_ns(), None
+        try:
+            response = await self._answer(request, context)
+            return response
+        finally:
+            _trace_decision(parent, start, request, response)
+
+    async def _answer(
+        self, request: rls_pb2.RateLimitRequest, context: grpc.aio.ServicerContext
+    ) -> rls_pb2.RateLimitResponse:
         try:
             answer = await self.decide(request)
         except RateLimitError as exc:
@@ -164,6 +178,41 @@ class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):
         if now - self._last_log >= 5.0:  # a down store must not flood the log
             self._last_log = now
             log.warning("rate-limit store failed (failure mode %s): %s", self.failure_mode, exc)
+
+
+TRACER = CallTracer("ratelimit")  # one span per decision, under the Envoy span that asked
+_UNITS = {v: k.lower() for k, v in rls_pb2.RateLimitResponse.RateLimit.Unit.items()}
+
+
+def _trace_decision(
+    parent: SpanContext,
+    start: int,
+    request: rls_pb2.RateLimitRequest,
+    response: rls_pb2.RateLimitResponse | None,
+) -> None:
+    """The decision's span: the domain, the descriptors' keys (never their values: a
+    descriptor may carry any header's), the answer and the limit that decided it."""
+    decision, limit = "ERROR", None
+    if response is not None:
+        decision = rls_pb2.RateLimitResponse.Code.Name(response.overall_code)
+        for status in response.statuses:
+            if status.HasField("current_limit") and (limit is None or status.code == 2):
+                lim = status.current_limit
+                limit = f"{lim.requests_per_unit}/{_UNITS.get(lim.unit, '?')}"
+    keys = ";".join(",".join(e.key for e in d.entries) for d in request.descriptors)
+    TRACER.record(
+        "legation.ratelimit decision",
+        parent,
+        start_ns=start,
+        end_ns=time.time_ns(),
+        attributes={
+            "legation.domain": request.domain,
+            "legation.descriptors": keys,
+            "legation.decision": decision,
+            "legation.limit": limit,
+        },
+        error=response is None,
+    )
 
 
 def build_limiter(settings: Settings, config: RateLimitConfig) -> RateLimiter:

@@ -18,6 +18,8 @@ through the handshake. The certificate comes from ``tls_source`` (the control pl
 :meth:`~legation.certs.MeshIssuer.service_tls`), asked before every handshake, so renewals need
 no restart; turning TLS on or off restarts the service. Each started service has its own
 Prometheus registry (:meth:`EmbeddedServices.registries`), served on the control plane's /metrics.
+The services' spans go to the mesh's ``tracing`` collector
+(:func:`legation.tracing.spans.configure`).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from legation.grpc_server import ServerTls, TlsSource
 from legation.services.base import Service, ServiceSpec, ServiceStartError
 from legation.services.kinds import KINDS
 from legation.services.planning import Plan
+from legation.tracing import spans
 
 log = logging.getLogger("legation.services")
 
@@ -61,6 +64,7 @@ class EmbeddedServices:
         that failed to start is left stopped."""
         failures = []
         self.remote = dict(target.remote)
+        spans.configure(target.tracing)
         for kind in KINDS:
             want, have = target.embedded.get(kind.name), self.running.get(kind.name)
             if have is not None and want is not None and _same_server(have.spec, want):

@@ -152,7 +152,9 @@ class Follower:
                 code="plan_mismatch",
             )
         return Plan(
-            embedded={self.kind: replace(spec, tls=plan.tls, worker=self.worker)}, remote={}
+            embedded={self.kind: replace(spec, tls=plan.tls, worker=self.worker)},
+            remote={},
+            tracing=mesh.tracing,
         )
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from legation.config import Mesh, MeshConfigError, Problem
+from legation.config.tracing import Tracing
 from legation.services.base import Invalid, ServiceSpec
 from legation.services.kinds import KINDS, blocks
 
@@ -30,6 +31,8 @@ class Plan:
 
     embedded: Mapping[str, ServiceSpec]
     remote: Mapping[str, str]
+    tracing: Tracing | None = None
+    """Where the services' spans go (the mesh's ``tracing`` block; None: no spans)."""
 
     @property
     def watched(self) -> tuple[Path, ...]:
@@ -78,7 +81,7 @@ def plan(
         specs[kind.name] = replace(spec, tls=tls, workers=block.worker_count())
     if problems:
         raise MeshConfigError(source, problems)
-    return Plan(embedded=specs, remote=remote)
+    return Plan(embedded=specs, remote=remote, tracing=mesh.tracing)
 
 
 def one_worker(mesh: Mesh) -> Mesh:

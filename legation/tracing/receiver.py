@@ -10,7 +10,7 @@ requests up to :data:`MAX_MESSAGE` bytes; one that does not parse is answered
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -20,7 +20,10 @@ from legation.grpc_server import start_grpc_server
 from legation.tracing.otlp import SERVICE, from_request
 from legation.tracing.store import TraceStore
 
-__all__ = ["MAX_MESSAGE", "TraceReceiver"]
+if TYPE_CHECKING:
+    from legation.config.tracing import Tracing
+
+__all__ = ["MAX_MESSAGE", "EmbeddedCollector", "TraceReceiver"]
 
 MAX_MESSAGE = 4 * 1024 * 1024
 
@@ -68,3 +71,41 @@ class TraceReceiver:
             )
         self.store.add(list(from_request(request)))
         return trace_service_pb2.ExportTraceServiceResponse()
+
+
+class EmbeddedCollector:
+    """The receiver a mesh asks for (``tracing: {collector: embedded}``), following reloads:
+    started when the block appears, moved when its port changes (the traces kept), its caps
+    applied (the next span evicts down to them), stopped when the block goes or names another
+    collector."""
+
+    def __init__(self) -> None:
+        self.receiver: TraceReceiver | None = None
+
+    @property
+    def store(self) -> TraceStore | None:
+        return self.receiver.store if self.receiver is not None else None
+
+    async def follow(self, tracing: Tracing | None) -> None:
+        """Match ``tracing``; raises ``BindError`` (the old receiver kept) when its port
+        cannot be bound."""
+        if tracing is None or not tracing.embedded:
+            await self.stop()
+            return
+        host, port = tracing.address()
+        running = self.receiver
+        if running is not None and running.port == port:
+            running.store.max_traces, running.store.max_spans = tracing.trace_cap, tracing.span_cap
+            return
+        store = running.store if running is not None else None
+        if store is None:
+            store = TraceStore(max_traces=tracing.trace_cap, max_spans=tracing.span_cap)
+        store.max_traces, store.max_spans = tracing.trace_cap, tracing.span_cap
+        self.receiver = await TraceReceiver(store, host=host, port=port).start()
+        if running is not None:
+            await running.stop()
+
+    async def stop(self) -> None:
+        if self.receiver is not None:
+            await self.receiver.stop()
+            self.receiver = None

@@ -72,13 +72,16 @@ def tracing_clusters(mesh: Mesh) -> list[cluster_pb2.Cluster]:
 
 
 def route_tracing(out: rc.Route, spec: Route | None) -> None:
-    """A route's own sampling rate, when it has one (as parts per million, so 0.01 % holds)."""
+    """A route's own sampling rate, when it has one, in parts per ten thousand: Envoy draws the
+    sample as the request id modulo 10,000 and compares it with the numerator, so a finer
+    denominator would sample every request (measured: a MILLION-based 30 % traced 100 of 100).
+    """
     if spec is None or spec.tracing is None:
         return
     out.tracing.random_sampling.CopyFrom(
         percent_pb2.FractionalPercent(
-            numerator=round(spec.tracing.sampling * 10_000),
-            denominator=percent_pb2.FractionalPercent.MILLION,
+            numerator=round(spec.tracing.sampling * 100),
+            denominator=percent_pb2.FractionalPercent.TEN_THOUSAND,
         )
     )
 

@@ -90,6 +90,6 @@ def test_a_route_with_its_own_rate_overrides_the_mesh_rate() -> None:
     snap = translate(parse(data), version="1")["gateway-ingress"]
     first, second = gateway_routes(snap)
     assert first.tracing.random_sampling == percent_pb2.FractionalPercent(
-        numerator=100, denominator=percent_pb2.FractionalPercent.MILLION
+        numerator=1, denominator=percent_pb2.FractionalPercent.TEN_THOUSAND
     )
     assert not second.HasField("tracing")  # the connection manager's rate applies
