@@ -256,7 +256,9 @@ def test_route_sampling_holds_within_a_binomial_bound_and_traces_are_whole(world
     assert 65 <= len(sampled) <= 135, len(sampled)
     for t in sampled:  # whole or absent: the sidecars followed the gateway's decision
         services = {s["service"] for s in t["spans"]}
-        assert {"ingress", "frontend", "reviews"} <= services, t
+        assert {"ingress", "frontend", "reviews"} <= services, [
+            (s["service"], s["name"], s["parent_id"]) for s in t["spans"]
+        ]
     assert world.traces("route=never&limit=100")["traces"] == []
 
 
