@@ -82,18 +82,22 @@ class _Export:
     def __init__(self) -> None:
         self.address: tuple[str, int] | None = None
         self._providers: dict[str, TracerProvider] = {}
+        self._tracers: dict[str, trace.Tracer] = {}
         self._lock = threading.Lock()
 
     def set(self, address: tuple[str, int] | None) -> None:
         with self._lock:
             if address == self.address:
                 return
-            old, self._providers = self._providers, {}
+            old, self._providers, self._tracers = self._providers, {}, {}
             self.address = address
         for provider in old.values():  # flushes what is queued to the old collector
             threading.Thread(target=provider.shutdown, daemon=True).start()
 
     def tracer(self, service: str) -> trace.Tracer | None:
+        tracer = self._tracers.get(service)
+        if tracer is not None:
+            return tracer
         with self._lock:
             if self.address is None:
                 return None
@@ -106,7 +110,8 @@ class _Export:
                     BatchSpanProcessor(exporter, schedule_delay_millis=_SCHEDULE_DELAY_MS)
                 )
                 self._providers[service] = provider
-            return provider.get_tracer("legation")
+            tracer = self._tracers[service] = provider.get_tracer("legation")
+            return tracer
 
 
 _EXPORT = _Export()

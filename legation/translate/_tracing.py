@@ -33,7 +33,14 @@ from legation.config.model import Mesh
 from legation.config.routes import Route
 from legation.envoy_grpc import grpc_cluster
 
-__all__ = ["OTEL_TRACER", "TRACING_CLUSTER", "hcm_tracing", "route_tracing", "tracing_clusters"]
+__all__ = [
+    "OTEL_TRACER",
+    "TRACING_CLUSTER",
+    "hcm_tracing",
+    "otel_tracing",
+    "route_tracing",
+    "tracing_clusters",
+]
 
 OTEL_TRACER = "envoy.tracers.opentelemetry"
 TRACING_CLUSTER = "legation|tracing"
@@ -46,14 +53,19 @@ def hcm_tracing(mesh: Mesh, *, service_name: str) -> hcm_pb2.HttpConnectionManag
     """The ``tracing`` of a connection manager of a proxy of ``service_name`` (None: no tracing
     block in the mesh)."""
     t = mesh.tracing
-    if t is None:
-        return None
+    return None if t is None else otel_tracing(t.sampling, service_name=service_name)
+
+
+def otel_tracing(
+    sampling: float, *, service_name: str, cluster: str = TRACING_CLUSTER
+) -> hcm_pb2.HttpConnectionManager.Tracing:
+    """Envoy's OpenTelemetry tracer exporting through ``cluster``, sampling ``sampling`` %."""
     config = opentelemetry_pb2.OpenTelemetryConfig(
-        grpc_service=envoy_grpc(TRACING_CLUSTER, timeout=seconds(_EXPORT_TIMEOUT_S)),
+        grpc_service=envoy_grpc(cluster, timeout=seconds(_EXPORT_TIMEOUT_S)),
         service_name=service_name,
     )
     return hcm_pb2.HttpConnectionManager.Tracing(
-        random_sampling=percent_pb2.Percent(value=t.sampling),
+        random_sampling=percent_pb2.Percent(value=sampling),
         provider=http_tracer_pb2.Tracing.Http(name=OTEL_TRACER, typed_config=pack(config)),
         custom_tags=[custom_tag_pb2.CustomTag(tag=ROUTE_TAG, value="%ROUTE_NAME%")],
     )
