@@ -29,6 +29,12 @@ accept only clients with a workload certificate from it, i.e. the proxies. Redis
 password and is capped by ``maxmemory`` (counters have TTLs, so ``volatile-ttl`` evicts the ones
 closest to expiry). The mesh names the Redis URL with the
 placeholder ``__REDIS_PASSWORD__``, filled in inside the control-plane container.
+
+Observability: the quickstart's ``tracing`` block (the embedded receiver under ``legation up``)
+becomes ``collector: <jaeger>:4317``: every Envoy and Legation service exports OTLP/gRPC to a
+Jaeger container (UI on localhost:16686). A Prometheus container (localhost:9090) scrapes the
+control plane's ``/metrics`` (its status endpoint listens on the compose network here) and every
+Envoy's ``/stats/prometheus`` (their admin listens on the container's address).
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from typing import Any
 
 import yaml
 
+from compose._observers import observers, prometheus_config
 from legation.config import parse_mesh
 from legation.services import kinds
 from legation.translate.bootstrap import bootstrap
@@ -59,7 +66,10 @@ IPS = {
     "extproc": "172.30.0.7",
     "ratelimit": "172.30.0.8",
     "accesslog": "172.30.0.9",
+    "jaeger": "172.30.0.40",
+    "prometheus": "172.30.0.41",
 }
+STATUS_PORT = 18001
 CA_DIR = "/var/lib/legation/ca"
 SERVICES_DIR = "/var/lib/legation/services"  # one volume per service below it
 CREDENTIALS_DIR = "/etc/legation/xds"  # a proxy's own volume, inside its Envoy container
@@ -96,6 +106,11 @@ def compose_mesh(raw: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
     mesh.setdefault("mtls", {}).update(mode="strict", ca_dir=CA_DIR)
     if "accesslog" in mesh:  # JSON access-log lines to the Envoy containers' logs
         mesh["accesslog"]["log"] = {"to": "stdout"}
+    if "tracing" in mesh:  # spans to the Jaeger container (OTLP/gRPC), not the embedded receiver
+        mesh["tracing"] = {
+            "collector": f"{IPS['jaeger']}:4317",
+            "sampling": mesh["tracing"].get("sampling", 100.0),
+        }
     if "ratelimit" in mesh:
         mesh["ratelimit"]["backend"] = "redis"
         mesh["ratelimit"]["redis_url"] = (
@@ -146,7 +161,8 @@ def stack(mesh_doc: dict[str, Any], apps: dict[str, str]) -> dict[str, Any]:
         "set -e; umask 077; mkdir -p /tmp/mesh; cp /mesh/*.yaml /tmp/mesh/; "
         f'sed -i "s/{REDIS_PASSWORD_PLACEHOLDER}/$$(cat {REDIS_SECRET})/" /tmp/mesh/mesh.yaml; '
         "exec legation serve xds --config /tmp/mesh/mesh.yaml "
-        f"--listen 0.0.0.0:{mesh.xds.port} --services-dir {SERVICES_DIR}"
+        f"--listen 0.0.0.0:{mesh.xds.port} --services-dir {SERVICES_DIR} "
+        f"--status-host 0.0.0.0 --status-port {STATUS_PORT}"
     )
     mesh_files = [
         "./mesh.yaml:/mesh/mesh.yaml:ro",
@@ -203,6 +219,8 @@ def stack(mesh_doc: dict[str, Any], apps: dict[str, str]) -> dict[str, Any]:
             "networks": {"legation": {"ipv4_address": IPS["opa"]}},
         },
     }
+    if mesh.tracing is not None:
+        services.update(observers(IPS))
     for kind in declared:  # the mesh (relative paths) where the plan says it is: /tmp/mesh
         follow = (
             "set -e; mkdir -p /tmp/mesh; cp /mesh/*.yaml /tmp/mesh/; "
@@ -236,6 +254,8 @@ def stack(mesh_doc: dict[str, Any], apps: dict[str, str]) -> dict[str, Any]:
             command += ["--fail-every", str(spec.fail_every)]
         if spec.delay_ms:
             command += ["--delay-ms", str(spec.delay_ms)]
+        if spec.outbound_port:  # ?call=NAME through its sidecar (the demo of a trace)
+            command += ["--outbound", f"{spec.host}:{spec.outbound_port}"]
         services[name] = {
             **legation_image(),
             "command": command,
@@ -299,6 +319,8 @@ def render() -> dict[Path, str]:
         limits = (QUICKSTART / raw["ratelimit"]["config"]).read_text()
         files[OUT / "ratelimit.yaml"] = HEADER + limits
     mesh = parse_mesh(yaml.safe_dump(mesh_doc), source="compose/mesh.yaml")
+    if mesh.tracing is not None:
+        files[OUT / "prometheus.yml"] = _dump(prometheus_config(mesh, IPS, STATUS_PORT))
     for proxy in mesh.proxies():
         doc = bootstrap(
             node_id=proxy.node_id,

@@ -94,6 +94,7 @@ async def _serve_xds(args: argparse.Namespace) -> int:
         args.config,
         xds_host=host or None,
         xds_port=int(port) if port else None,
+        status_host=args.status_host,
         status_port=args.status_port,
         services_dir=Path(args.services_dir) if args.services_dir else None,
         processes_file=Path(args.processes_file) if args.processes_file else None,
@@ -106,7 +107,7 @@ async def _serve_xds(args: argparse.Namespace) -> int:
         return 2
     print(
         f"xDS on {cp.server.address if cp.server else '?'}; status on "
-        f"http://127.0.0.1:{cp.status_port}/status",
+        f"http://{args.status_host}:{cp.status_port}/status",
         flush=True,
     )
     try:

@@ -26,7 +26,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from legation._cli_certs import DEFAULT_XDS, cmd_bootstrap, cmd_ca, cmd_rotate_root
-from legation._cli_serve import _wait_for_signal, cmd_serve
+from legation._cli_demo import add_parser as add_demo
+from legation._cli_serve import cmd_serve
 from legation._cli_status import cmd_status
 from legation._cli_traces import add_parser as add_traces
 from legation.errors import LegationError
@@ -84,36 +85,6 @@ def cmd_check(args: argparse.Namespace) -> int:
             f"{len(snapshots)} proxies, {sum(len(s) for s in snapshots.values())} resources)"
         )
     return 1 if failed else 0
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    from legation.demo import DemoApp
-
-    async def run() -> None:
-        app = await DemoApp(
-            name=args.name,
-            version=args.version,
-            host=args.host,
-            port=args.port,
-            fail_every=args.fail_every,
-            delay_ms=args.delay_ms,
-            plain=dict(_name_port(v) for v in args.call_plain) or None,
-        ).start()
-        print(f"demo app {args.name} {args.version} on {args.host}:{app.port}", flush=True)
-        try:
-            await _wait_for_signal()
-        finally:
-            await app.stop()
-
-    asyncio.run(run())
-    return 0
-
-
-def _name_port(value: str) -> tuple[str, int]:
-    name, _, port = value.partition("=")
-    if not name or not port.isdigit():
-        raise SystemExit(f"--call-plain expects NAME=PORT, got {value!r}")
-    return name, int(port)
 
 
 def cmd_policy(args: argparse.Namespace) -> int:
@@ -195,6 +166,9 @@ def parser() -> argparse.ArgumentParser:
     xds.add_argument("--listen", help="host:port (default: from the mesh)")
     xds.add_argument("--status-port", type=int, default=18001, help="status endpoint")
     xds.add_argument(
+        "--status-host", default="127.0.0.1", help="status endpoint's address (compose: 0.0.0.0)"
+    )
+    xds.add_argument(
         "--services-dir",
         help="publish the request-path services' plans here for their own "
         "processes (`legation serve KIND --plan DIR/KIND/plan.json`) instead of "
@@ -237,21 +211,7 @@ def parser() -> argparse.ArgumentParser:
         kind.service_class().add_cli_options(one)
         one.set_defaults(fn=cmd_serve)
 
-    demo = sub.add_parser("demo", help="run one demo app (what `up` starts for the quickstart)")
-    demo.add_argument("--name", required=True)
-    demo.add_argument("--version", default="v1")
-    demo.add_argument("--host", default="127.0.0.1")
-    demo.add_argument("--port", type=int, required=True)
-    demo.add_argument("--fail-every", type=int, default=0, help="answer 503 to every Nth request")
-    demo.add_argument("--delay-ms", type=int, default=0)
-    demo.add_argument(
-        "--call-plain",
-        action="append",
-        default=[],
-        metavar="NAME=PORT",
-        help="?call=NAME goes to http://NAME:PORT/ (a captured pod) instead of a sidecar port",
-    )
-    demo.set_defaults(fn=cmd_demo)
+    add_demo(sub)
 
     ca = sub.add_parser("ca", help="the mesh certificate authority (mtls)")
     csub = ca.add_subparsers(dest="ca_command", required=True)

@@ -3,6 +3,7 @@ validated by the real Envoy. No Docker engine runs here, so the stack itself is 
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -26,12 +27,21 @@ def test_generated_files_are_up_to_date() -> None:
 def test_compose_file_passes_docker_compose_schema_check() -> None:
     binary = shutil.which("docker-compose")
     assert binary, "docker-compose (Debian package) is needed; `make test` installs it"
+    # docker-compose is Python too: a PYTHONPATH holding this repository (whose `compose`
+    # package shadows docker-compose's own) would break it
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     done = subprocess.run(
-        [binary, "-f", str(COMPOSE), "config", "-q"], capture_output=True, text=True, timeout=60
+        [binary, "-f", str(COMPOSE), "config", "-q"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
     )
     assert done.returncode == 0, done.stderr
     services = yaml.safe_load(COMPOSE.read_text())["services"]
-    assert {"control-plane", "redis", "opa", "gateway-ingress"} <= set(services)
+    assert {"control-plane", "redis", "opa", "gateway-ingress", "jaeger", "prometheus"} <= set(
+        services
+    )
 
 
 def test_service_files_validate() -> None:
@@ -186,3 +196,27 @@ def test_each_request_path_service_is_a_container_following_its_own_plan() -> No
         assert holders == {"enrol", "control-plane", f"legation-{kind}"}
     assert f"--services-dir {generate.SERVICES_DIR}" in services["control-plane"]["command"][-1]
     assert services["control-plane"]["restart"] == "unless-stopped"
+
+
+def test_spans_go_to_jaeger_and_prometheus_scrapes_every_proxy() -> None:
+    """The quickstart's embedded trace receiver becomes the Jaeger container; Prometheus scrapes
+    the control plane (its status endpoint on the compose network) and every Envoy's admin."""
+    mesh = load_mesh(generate.OUT / "mesh.yaml")
+    assert mesh.tracing is not None and not mesh.tracing.embedded
+    assert mesh.tracing.address() == (generate.IPS["jaeger"], 4317)
+    services = yaml.safe_load(COMPOSE.read_text())["services"]
+    assert services["jaeger"]["environment"] == {"COLLECTOR_OTLP_ENABLED": "true"}
+    assert services["jaeger"]["networks"]["legation"]["ipv4_address"] == generate.IPS["jaeger"]
+    assert "--status-host 0.0.0.0" in services["control-plane"]["command"][-1]
+    scrape = yaml.safe_load((generate.OUT / "prometheus.yml").read_text())["scrape_configs"]
+    jobs = {job["job_name"]: job["static_configs"][0]["targets"] for job in scrape}
+    assert jobs["legation"] == [f"{generate.IPS['control-plane']}:{generate.STATUS_PORT}"]
+    assert len(jobs["envoy"]) == len(mesh.proxies())
+    assert (
+        f"{generate.IPS['gateway']}:{mesh.gateway.admin_port if mesh.gateway else 0}"
+        in (jobs["envoy"])
+    )
+    # each demo app calls through its own sidecar's outbound listener (?call=)
+    frontend = services["frontend-0"]["command"]
+    outbound = frontend[frontend.index("--outbound") + 1]
+    assert outbound == f"{services['frontend-0']['networks']['legation']['ipv4_address']}:15201"

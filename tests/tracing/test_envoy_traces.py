@@ -232,6 +232,7 @@ def test_a_denial_is_in_the_check_span(world: World) -> None:
     req = urllib.request.Request(f"http://127.0.0.1:{world.p['gw']}/grpc-admin")
     with pytest.raises(urllib.error.HTTPError) as info:
         urllib.request.urlopen(req, timeout=10)
+    info.value.close()  # its socket, else closed by the garbage collector with a warning
     assert info.value.code == 403
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
