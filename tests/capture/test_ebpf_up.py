@@ -19,8 +19,7 @@ from legation.capture.ebpf._kernel import bpftool
 from legation.config.capture import Capture
 from tests.capture.conftest import capture_range
 from tests.capture.test_ebpf import programs_gone
-from tests.capture.test_up_capture import _NAMES, Captured
-from tests.capture.test_up_capture import MESH as CAPTURE_MESH
+from tests.capture.test_up_capture import Captured
 from tests.conftest import distinct_ports
 from tests.integration.test_up import MESH, Up, gone, http, ports  # noqa: F401 (a fixture)
 
@@ -30,6 +29,31 @@ pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(bool(MISSING), reason=f"--ebpf needs: {'; '.join(MISSING)}"),
 ]
+
+
+# two services, each an app in its pod with a sidecar; the frontend app calls reviews by plain URL
+CAPTURE_MESH = """\
+xds: {{host: 127.0.0.1, port: {xds}}}
+mtls: {{mode: strict}}
+capture: {{cidr: {cidr}}}
+gateway: {{name: gw, host: 127.0.0.1, port: {gw}, admin_port: {gw_admin}}}
+services:
+  - name: frontend
+    port: 9080
+    endpoints:
+      - {{name: frontend-0, port: {app1}, demo: {{}},
+         sidecar: {{inbound_port: {in1}, outbound_port: {out1}, admin_port: {admin1}}}}}
+  - name: reviews
+    port: 9080
+    endpoints:
+      - {{name: reviews-0, port: {app2}, demo: {{}},
+         sidecar: {{inbound_port: {in2}, outbound_port: {out2}, admin_port: {admin2}}}}}
+routes:
+  - name: reviews
+    match: {{path: {{prefix: /}}}}
+    to: {{service: reviews}}
+"""
+_NAMES = "xds gw gw_admin app1 in1 out1 admin1 app2 in2 out2 admin2 status".split()
 
 
 def _holders(prog_ids: set[int]) -> set[str]:
