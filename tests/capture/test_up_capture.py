@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -74,7 +75,12 @@ descriptors:
   - {key: generic_key, value: limited, rate_limit: {unit: minute, requests_per_unit: 2}}
 """
 _NAMES = "xds gw gw_admin app1 in1 out1 admin1 app2 in2 out2 admin2 status excluded authz rl"
-_NAMES = _NAMES.split()
+_NAMES = [*_NAMES.split(), "app3", "in3", "out3", "admin3"]
+# a reload adds this instance of reviews (in the file, commented out until then)
+ADDED = """\
+      - {{name: reviews-1, port: {app3}, labels: {{version: v2}}, demo: {{}},
+         sidecar: {{inbound_port: {in3}, outbound_port: {out3}, admin_port: {admin3}}}}}
+"""
 
 # Run in a pod as its app: GET argv[1], print the status and the body.
 _GET = """
@@ -94,6 +100,7 @@ class Captured:
     up: Up
     ports: dict[str, int]
     network: netns.Network
+    mesh: Path
 
     def pod(self, instance: str) -> netns.Pod:
         return self.network.pod(instance)
@@ -143,7 +150,7 @@ def captured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Captured]:
     try:
         up.wait_for("Legation is up")
         assert f"--capture: removed what an earlier run left: {network.prefix}" in up.output
-        yield Captured(up, ports, network)
+        yield Captured(up, ports, network, mesh)
     finally:
         up.stop()
         network.clean()
@@ -279,6 +286,22 @@ def test_an_excluded_port_bypasses_the_sidecar(
     before = captured.stats("frontend-0", "admin1")[out]
     assert captured.app_get("frontend-0", f"http://{bridge}:{excluded}/") == (200, "outside\n")
     assert captured.stats("frontend-0", "admin1")[out] == before
+
+
+def test_a_reload_adds_a_pod_whose_instance_takes_traffic(captured: Captured) -> None:
+    text = captured.mesh.read_text()
+    anchor = f"         sidecar: {{inbound_port: {captured.ports['in2']}"
+    line_end = text.index("\n", text.index(anchor)) + 1
+    captured.mesh.write_text(text[:line_end] + ADDED.format(**captured.ports) + text[line_end:])
+    captured.up.wait_for("their Envoys started: sidecar-reviews-1")
+    assert captured.pod("reviews-1").netns in netns.run(["ip", "netns", "list"])
+    versions: set[str] = set()
+    deadline = time.monotonic() + 30
+    while versions != {"v1", "v2"} and time.monotonic() < deadline:
+        status, body = captured.app_get("frontend-0", "http://reviews:9080/")
+        if status == 200:
+            versions.add(json.loads(body)["version"])
+    assert versions == {"v1", "v2"}
 
 
 def test_a_stop_leaves_nothing(captured: Captured) -> None:
