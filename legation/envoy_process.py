@@ -111,6 +111,9 @@ class EnvoyProcess:
                 "--log-level",
                 self._log_level,
                 "--disable-hot-restart",
+                # access-log files (JSON lines) written within a second, not Envoy's default 10 s
+                "--file-flush-interval-msec",
+                "1000",
             ],
             stdout=log,
             stderr=subprocess.STDOUT,

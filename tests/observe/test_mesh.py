@@ -6,8 +6,6 @@ credentials the requests carried come out of none of them."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -18,6 +16,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from legation import cli
 from legation.demo import DemoApp
 from legation.observe.prometheus import metric_names
 from legation.observe.window import bucket_of
@@ -282,25 +281,14 @@ def test_credentials_appear_in_no_log_and_no_metric(world: World) -> None:
         assert not [o[:80] for o in outputs if secret.encode() in o], secret
 
 
-def test_top_once_prints_the_tables(world: World) -> None:
+def test_top_once_prints_the_tables(world: World, capsys: pytest.CaptureFixture[str]) -> None:
     url = f"http://127.0.0.1:{world.ports['status']}"
-    out = subprocess.run(
-        [sys.executable, "-m", "legation.cli", "top", "--once", "--url", url, "--window", "60"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
-    ).stdout
-    lines = out.splitlines()
+    assert cli.main(["top", "--once", "--url", url, "--window", "60"]) == 0
+    lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "window 60s"
     boom = next(line for line in lines if line.startswith("boom "))
     assert boom.split()[2] == "0.00%"
     assert any(line.split()[:2] == ["web", "api"] for line in lines)
-    status = subprocess.run(
-        [sys.executable, "-m", "legation.cli", "status", "--url", url],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
-    ).stdout
+    assert cli.main(["status", "--url", url]) == 0
+    status = capsys.readouterr().out
     assert "golden metrics" in status and "slow" in status
