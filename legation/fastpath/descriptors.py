@@ -12,11 +12,13 @@ One difference HTTP mode imposes: a header a client sends twice reaches the call
 Headers (Envoy's ``XRateLimitHeaderUtils``, ``DRAFT_VERSION_03``): among the statuses with a
 current limit, the one with the fewest remaining gives ``x-ratelimit-limit`` (its limit, then
 ``, <limit>;w=<window seconds>[;name="..."]`` for every status), ``x-ratelimit-remaining`` and
-``x-ratelimit-reset`` (whole seconds).
+``x-ratelimit-reset`` (whole seconds). A limit name that is not printable ASCII without ``"`` or
+``\\`` is left out rather than written into a header.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -52,6 +54,7 @@ class RemoteEntry:
 
 
 Entry = GenericEntry | HeaderEntry | RemoteEntry
+_NAME = re.compile(r"[\x20\x21\x23-\x5b\x5d-\x7e]{1,256}")  # printable, no quote or backslash
 
 _WINDOW = {
     rls_pb2.RateLimitResponse.RateLimit.SECOND: 1,
@@ -107,8 +110,9 @@ def x_ratelimit_headers(response: rls_pb2.RateLimitResponse) -> list[tuple[str, 
         window = _WINDOW.get(status.current_limit.unit)
         if window:
             part = f", {status.current_limit.requests_per_unit};w={window}"
-            if status.current_limit.name:
-                part += f';name="{status.current_limit.name}"'
+            name = status.current_limit.name
+            if name and _NAME.fullmatch(name):  # a limit's name from the config: quoted safely
+                part += f';name="{name}"'
             policy.append(part)
     if closest is None:
         return []

@@ -34,9 +34,7 @@ from typing import TYPE_CHECKING, Any
 from envoy.service.ratelimit.v3 import rls_pb2
 
 from legation.extauthz.checks import ALLOW, Decision, header_items
-from legation.extauthz.errors import AuthzError
 from legation.extauthz.request import RequestContext
-from legation.extauthz.response import check_decision
 from legation.extproc.exchange import Exchange
 from legation.fastpath import answer
 from legation.fastpath.descriptors import Entry, rate_limit_request, x_ratelimit_headers
@@ -71,7 +69,7 @@ class FusedRoute:
         changed: dict[str, str | None] = {}
         for f in self.routing:
             value = f.choose(ex)
-            name = f._header
+            name = f.options.header.lower()
             if value is None:
                 headers.pop(name, None)
             else:
@@ -164,10 +162,8 @@ class FusedDecider:
 
 
 def _encode(decision: Decision, deny_status: int, keep_alive: bool) -> bytes:
-    """Encode a decision this module built: a routing value or a limit name from config that
-    is no header value is refused (error, fail closed), never written."""
-    try:
-        check_decision(decision)
-    except AuthzError:
-        return answer.error(503, "invalid_result", keep_alive=keep_alive)
+    """Encode a decision this module built: the authz part was checked by the servicer, the
+    routing values when the mesh was planned (:mod:`legation.translate._fused` refuses a value
+    with a control character), limit names by :func:`x_ratelimit_headers`, the rest are
+    numbers: nothing here can hold CR/LF."""
     return answer.encode(decision, deny_status=deny_status, keep_alive=keep_alive)

@@ -16,7 +16,8 @@ gives the first reason it does not):
    header, unless the route's own routing sets it) or ``remote_address`` (Envoy passes the
    address it trusts in :data:`~legation.fastpath.contract.REMOTE_ADDRESS_HEADER`); a
    ``jwt_claim`` needs ext_authz's structured metadata (gRPC only). Rate limits need an
-   embedded ``ratelimit`` block (its limits file) and a route action (``to``/``split``);
+   embedded ``ratelimit`` block (its limits file) without ``response_dynamic_metadata`` and a
+   route action (``to``/``split``);
 4. Envoy evaluates ``rate_limits`` on the route a request *ends* on, after header routing
    re-picked it, while the fused call counts the first route's: so every route header routing can
    move a request between (a *routing group*) must carry the same ``rate_limits``, and the group
@@ -38,6 +39,7 @@ from legation.config.attachments import RateLimitAction
 from legation.config.extensions import GrpcService
 from legation.config.model import Mesh
 from legation.config.routes import Route
+from legation.extauthz._headers import bad_header_value
 from legation.fastpath.contract import HEADER_PREFIX, RATELIMIT_HEADERS
 from legation.fastpath.descriptors import Entry, GenericEntry, HeaderEntry, RemoteEntry
 
@@ -99,6 +101,9 @@ def _misfit(mesh: Mesh, spec: Route) -> str | None:
             return f"filter {f.name} needs ext_proc's stream (only header_route is fused)"
         if not f.config.clear_route_cache:
             return "header_route sets clear_route_cache: false (the call-out always re-picks)"
+        values = [r.value for r in f.config.rules] + [f.config.default or ""]
+        if any(bad_header_value(v) for v in values):
+            return "a header_route value holds a control character (never sent as a header)"
         for rule in f.config.rules:
             read = rule.header or (rule.jwt_header if rule.jwt_claim else None)
             if read and read.lower().startswith(HEADER_PREFIX):
@@ -109,6 +114,8 @@ def _misfit(mesh: Mesh, spec: Route) -> str | None:
         return None
     if mesh.ratelimit is None or not mesh.ratelimit.embedded:
         return "ratelimit is not embedded (the call-out has no limits file to count with)"
+    if mesh.ratelimit.response_dynamic_metadata:
+        return "ratelimit.response_dynamic_metadata is structured metadata (gRPC only)"
     if spec.to is None and spec.split is None:
         return "rate_limits need a route with 'to' or 'split'"
     for d in spec.rate_limits:
