@@ -21,7 +21,9 @@ gives the first reason it does not):
 4. Envoy evaluates ``rate_limits`` on the route a request *ends* on, after header routing
    re-picked it, while the fused call counts the first route's: so every route header routing can
    move a request between (a *routing group*) must carry the same ``rate_limits``, and the group
-   is fused or not as a whole;
+   is fused or not as a whole. The group must share one ``authz`` too: Envoy never runs the
+   authz of a route it re-picked (the chain has the same gap, through ext_proc's
+   ``clear_route_cache``; a fused route never has it);
 5. with the ``memory`` backend the counters live in one process: rate limits are fused only if
    every rate-limited route is, so the gRPC rate-limit service and the call-out never count the
    same domain side by side (with ``redis`` both share the store and any mix is consistent).
@@ -198,11 +200,17 @@ def _plan(mesh: Mesh) -> dict[str, FusedRoute | str]:
     why: dict[int, str] = {}
     for group in _groups(routes):
         limits = {repr([d.model_dump() for d in routes[i].rate_limits]) for i in group}
+        policies = {routes[i].authz for i in group}
         misfits = {i: _misfit(mesh, routes[i]) for i in group}
         first_misfit = next(((i, m) for i, m in sorted(misfits.items()) if m), None)
         for i in group:
             if misfits[i]:
                 why[i] = misfits[i]  # type: ignore[assignment]
+            elif len(policies) > 1:
+                why[i] = (
+                    "header routing can move requests between this route and others with "
+                    "another authz, which Envoy would not run after re-picking the route"
+                )
             elif len(limits) > 1:
                 why[i] = (
                     "header routing can move requests between this route and others with "

@@ -131,3 +131,26 @@ def test_a_routing_group_is_fused_whole_or_not_at_all(tmp_path: Path) -> None:
         )
     )
     assert isinstance(differ["api"], str) and "other rate_limits" in differ["api"]
+
+
+def test_routing_never_moves_a_fused_request_to_a_route_with_another_policy(
+    tmp_path: Path,
+) -> None:
+    """Envoy does not run the authz of a route it re-picked: a routing group whose routes ask
+    for different policies is not fused (a request could reach the stricter route unchecked)."""
+    beta = {
+        "match": {
+            "path": {"prefix": "/api"},
+            "headers": [{"name": "x-legation-cohort", "exact": "beta"}],
+        }
+    }
+    found = fused_routes(
+        mesh(
+            tmp_path,
+            [
+                {**route("beta", "/api", authz="strict.policy", filters=COHORT), **beta},
+                route("api", "/api", filters=COHORT),
+            ],
+        )
+    )
+    assert isinstance(found["api"], str) and "another authz" in found["api"]

@@ -1,0 +1,395 @@
+"""Fused decisions vs the three-call chain, through the real `legation up` stack, one run.
+
+    .venv/bin/python -m bench.fused [--seconds 4] [--rounds 2] [--connections 16] [--rate 1000]
+
+Two `legation up` stacks side by side (each a gateway Envoy, ``--concurrency 1``, the control
+plane and one process per request-path service), routing to one upstream Envoy answering
+``direct_response``. The same mesh, once with ``extauthz.protocol: grpc`` (the chain) and once
+with ``protocol: http`` (the fast path, fused where a route fits), rows measured one after the
+other with ``wrk``, rounds interleaved:
+
+  plain        a route that asks for nothing (proxying only: the limit)
+  authz-grpc   JWT (RS256) + Rego (decision cache) over the gRPC ext_authz call-out
+  authz-http   the same checks over the HTTP call-out
+  chain        authz + header_route (ext_proc) + rate limit: three gRPC call-outs in a row
+  fused        the same route, one HTTP call (``legation explain`` says: 1 hop, fused)
+
+Per row: saturation rps (``wrk -c16``) and its ratio to plain, p50/p99 latency at a fixed rate
+(``wrk`` paced by a Lua ``delay()``: each connection waits connections/rate between requests;
+not corrected for coordinated omission, so it reads low when the stack falls behind), and CPU
+per request of each process (user + system from /proc, whole process tree for Legation's).
+Rate limits are counted (memory backend) but set high enough never to refuse. Every answer
+must be 2xx.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jwt as pyjwt
+import yaml
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from bench import floor
+from bench.http_callout import tree_cpu
+
+ROWS = {  # row -> (stack, path)
+    "plain": ("fused", "/plain"),
+    "authz-grpc": ("chain", "/authz"),
+    "authz-http": ("fused", "/authz"),
+    "chain": ("chain", "/three"),
+    "fused": ("fused", "/three"),
+}
+POLICY = """package bench.authz
+import rego.v1
+
+default allow := false
+allow if input.attributes.request.http.headers["x-role"] == "admin"
+"""
+COHORT = [
+    {
+        "name": "header_route",
+        "options": {
+            "header": "x-legation-cohort",
+            "rules": [{"header": "x-user", "one_of": ["alice"], "value": "beta"}],
+        },
+    }
+]
+
+
+_GIVEN: set[int] = set()
+
+
+def _free_port() -> int:
+    """A free port never handed out before in this run (two stacks ask for sixteen)."""
+    from bench.http_callout import _free_port as free
+
+    while (port := free()) in _GIVEN:
+        pass
+    _GIVEN.add(port)
+    return port
+
+
+def upstream_bootstrap(ports: tuple[int, int], admin: int) -> dict[str, Any]:
+    """bench.floor's direct_response upstream, on two ports (the mesh's v1 and v2 endpoints)."""
+    config = floor.upstream_bootstrap(ports[0], admin)
+    second = json.loads(json.dumps(config["static_resources"]["listeners"][0]))
+    second["name"] = "upstream-v2"
+    second["address"]["socket_address"]["port_value"] = ports[1]
+    config["static_resources"]["listeners"].append(second)
+    return config
+
+
+def write_stack(folder: Path, *, http: bool, upstream: tuple[int, int], jwk: dict[str, Any]) -> int:
+    """A mesh folder for one stack; returns its gateway port."""
+    (folder / "policies").mkdir(parents=True)
+    (folder / "policies" / "authz.rego").write_text(POLICY)
+    limit = {"unit": "second", "requests_per_unit": 1_000_000_000}
+    (folder / "ratelimit.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "domain": "mesh",
+                "descriptors": [
+                    {
+                        "key": "generic_key",
+                        "value": "bench",
+                        "descriptors": [{"key": "user", "rate_limit": limit}],
+                    }
+                ],
+            }
+        )
+    )
+    provider = {"name": "b", "issuer": "bench", "audiences": "any", "jwks": {"keys": [jwk]}}
+    (folder / "authz.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "checks": {
+                    "jwt": {"type": "jwt", "options": {"providers": [provider]}},
+                    "rego": {"type": "rego", "options": {"policy_dir": "policies"}},
+                },
+                "default_checks": ["jwt", "rego"],
+            }
+        )
+    )
+    p = {n: _free_port() for n in ("xds", "status", "gw", "admin", "authz", "http", "proc", "rl")}
+    # timeouts well above saturation's queueing, so rows measure throughput, not 403s
+    authz: dict[str, Any] = {"port": p["authz"], "config": "authz.yaml", "timeout": "5s"}
+    if http:
+        authz.update(protocol="http", http_port=p["http"], http_headers={"request": ["x-role"]})
+    limits = [
+        {
+            "actions": [
+                {"generic_key": {"value": "bench"}},
+                {"request_headers": {"header": "x-user", "key": "user"}},
+            ]
+        }
+    ]
+    checked = {"authz": "bench.authz", "filters": COHORT, "rate_limits": limits}
+    mesh = {
+        "xds": {"port": p["xds"]},
+        "mtls": {"mode": "off"},
+        "gateway": {"name": "gw", "port": p["gw"], "admin_port": p["admin"]},
+        "extauthz": authz,
+        "extproc": {"port": p["proc"], "timeout": "5s"},
+        "ratelimit": {
+            "port": p["rl"],
+            "config": "ratelimit.yaml",
+            "domain": "mesh",
+            "timeout": "5s",
+        },
+        "services": [
+            {
+                "name": "up",
+                "port": 80,
+                "subsets": [
+                    {"name": "v1", "labels": {"v": "1"}},
+                    {"name": "v2", "labels": {"v": "2"}},
+                ],
+                "endpoints": [
+                    {"port": upstream[0], "labels": {"v": "1"}},
+                    {"port": upstream[1], "labels": {"v": "2"}},
+                ],
+            }
+        ],
+        "routes": [
+            {"name": "plain", "match": {"path": {"prefix": "/plain"}}, "to": {"service": "up"}},
+            {
+                "name": "authz",
+                "match": {"path": {"prefix": "/authz"}},
+                "to": {"service": "up"},
+                "authz": "bench.authz",
+            },
+            {
+                "name": "three-beta",
+                "to": {"service": "up", "subset": "v2"},
+                "match": {
+                    "path": {"prefix": "/three"},
+                    "headers": [{"name": "x-legation-cohort", "exact": "beta"}],
+                },
+                **checked,
+            },
+            {
+                "name": "three",
+                "match": {"path": {"prefix": "/three"}},
+                "to": {"service": "up", "subset": "v1"},
+                **checked,
+            },
+        ],
+    }
+    (folder / "mesh.yaml").write_text(yaml.safe_dump(mesh))
+    (folder / "status.port").write_text(str(p["status"]))
+    return p["gw"]
+
+
+def start_stack(folder: Path) -> subprocess.Popen[bytes]:
+    port = (folder / "status.port").read_text()
+    log = (folder / "up.log").open("wb")
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "legation.cli",
+            "up",
+            "--plain",
+            "--status-port",
+            port,
+            "--log-dir",
+            str(folder / "logs"),
+            str(folder / "mesh.yaml"),
+        ],
+        cwd=folder,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def processes(folder: Path) -> dict[str, int]:
+    """role -> pid of the stack's gateway Envoy and request-path service processes."""
+    port = int((folder / "status.port").read_text())
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=5) as r:
+        status = json.load(r)
+    return {
+        p["role"]: p["pid"]
+        for p in status.get("processes", [])
+        if p["role"] in ("envoy", "extauthz", "extproc", "ratelimit")
+    }
+
+
+def wait_answers(port: int, path: str, headers: Mapping[str, str], deadline: float) -> None:
+    while True:
+        try:
+            req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", headers=dict(headers))
+            with urllib.request.urlopen(req, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{path} on :{port} never answered 200")
+        time.sleep(0.2)
+
+
+def wrk(
+    port: int,
+    path: str,
+    headers: Mapping[str, str],
+    *,
+    seconds: int,
+    connections: int,
+    script: Path | None = None,
+) -> tuple[float, int, dict[str, float]]:
+    """(rps, requests, latency percentiles in ms) of one wrk run; any non-2xx raises."""
+    cmd = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency"]
+    for k, v in headers.items():
+        cmd += ["-H", f"{k}: {v}"]
+    if script is not None:
+        cmd += ["-s", str(script)]
+    out = subprocess.run(
+        [*cmd, f"http://127.0.0.1:{port}{path}"],
+        capture_output=True,
+        text=True,
+        timeout=seconds + 30,
+    ).stdout
+    rate = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    total = re.search(r"(\d+) requests in", out)
+    if rate is None or total is None or "Non-2xx" in out:
+        raise RuntimeError(f"wrk {path}: no rate or non-2xx answers:\n{out}")
+    lat = {}
+    for pct in ("50", "99"):
+        m = re.search(rf"\s{pct}(?:\.000)?%\s+([\d.]+)(us|ms|s)", out)
+        if m:
+            lat[pct] = float(m.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[m.group(2)]
+    return float(rate.group(1)), int(total.group(1)), lat
+
+
+def measure(
+    name: str,
+    port: int,
+    path: str,
+    headers: Mapping[str, str],
+    pids: Mapping[str, int],
+    args: argparse.Namespace,
+    paced: Path,
+) -> dict[str, float]:
+    before = {role: tree_cpu(pid) for role, pid in pids.items()}
+    rps, total, _ = wrk(port, path, headers, seconds=args.seconds, connections=args.connections)
+    row: dict[str, float] = {"rps": rps}
+    for role, pid in pids.items():
+        used = tree_cpu(pid) - before[role]
+        if used > 0.001 * args.seconds:
+            row[f"cpu_{role}"] = used / total * 1e6  # us per request
+    _, _, lat = wrk(port, path, headers, seconds=args.seconds, connections=10, script=paced)
+    row.update({f"p{k}": v for k, v in lat.items()})
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--seconds", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--connections", type=int, default=16)
+    ap.add_argument("--rate", type=int, default=1000, help="requests/s for the latency runs")
+    args = ap.parse_args()
+
+    from legation.envoy_process import EnvoyProcess
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    jwk = {
+        **json.loads(pyjwt.algorithms.RSAAlgorithm.to_jwk(key.public_key())),
+        "kid": "k",
+        "alg": "RS256",
+        "use": "sig",
+    }
+    token = pyjwt.encode(
+        {"iss": "bench", "sub": "u", "exp": int(time.time()) + 86400},
+        key,
+        algorithm="RS256",
+        headers={"kid": "k"},
+    )
+    headers = {"authorization": f"Bearer {token}", "x-role": "admin", "x-user": "bob"}
+    workdir = Path(tempfile.mkdtemp(prefix="bench-fused-"))
+    paced = workdir / "paced.lua"
+    paced.write_text(f"function delay() return {10 * 1000 / args.rate:.3f} end\n")
+    up_ports, up_admin = (_free_port(), _free_port()), _free_port()
+    upstream = EnvoyProcess(
+        upstream_bootstrap(up_ports, up_admin),
+        admin_port=up_admin,
+        name="bench-upstream",
+        log_dir=workdir,
+    ).start()
+    stacks: dict[str, subprocess.Popen[bytes]] = {}
+    try:
+        upstream.wait_live()
+        gateways = {}
+        for name in ("chain", "fused"):
+            gateways[name] = write_stack(
+                workdir / name, http=name == "fused", upstream=up_ports, jwk=jwk
+            )
+            stacks[name] = start_stack(workdir / name)
+        deadline = time.monotonic() + 60
+        for stack, path in ROWS.values():
+            wait_answers(gateways[stack], path, headers, deadline)
+        pids = {name: processes(workdir / name) for name in stacks}
+        rows: dict[str, list[dict[str, float]]] = {r: [] for r in ROWS}
+        for _ in range(args.rounds):
+            for row, (stack, path) in ROWS.items():
+                rows[row].append(
+                    measure(row, gateways[stack], path, headers, pids[stack], args, paced)
+                )
+        print_table(rows, args)
+    finally:
+        for proc in stacks.values():
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGINT)
+        for proc in stacks.values():
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(5)
+        upstream.stop()
+
+
+def print_table(rows: Mapping[str, list[dict[str, float]]], args: argparse.Namespace) -> None:
+    med = floor.median
+    plain = med(rows, "plain", "rps")
+    chain = med(rows, "chain", "rps")
+    print(
+        f"\n{args.rounds} rounds x {args.seconds}s, wrk -c{args.connections}; latency at "
+        f"{args.rate} rps (10 paced connections); CPU in us per request"
+    )
+    print(f"{'row':<11} {'rps':>7} {'vs plain':>8} {'p50 ms':>7} {'p99 ms':>7}  CPU per request")
+    for name in rows:
+        rps = med(rows, name, "rps")
+        cpu = ", ".join(
+            f"{role} {value:.0f}"
+            for role in ("envoy", "extauthz", "extproc", "ratelimit")
+            if (value := med(rows, name, f"cpu_{role}")) >= 2  # idle processes: not listed
+        )
+        print(
+            f"{name:<11} {rps:>7.0f} {rps / plain:>8.2f} {med(rows, name, 'p50'):>7.2f} "
+            f"{med(rows, name, 'p99'):>7.2f}  {cpu}"
+        )
+    print(f"\nfused / chain: {med(rows, 'fused', 'rps') / chain:.2f}x (target >= 2)")
+    print(f"authz-http / plain: {med(rows, 'authz-http', 'rps') / plain:.2f} (target >= 0.5)")
+    print(
+        f"fused p99 / plain p99 at {args.rate} rps: "
+        f"{med(rows, 'fused', 'p99') / med(rows, 'plain', 'p99'):.2f} (target <= 2)"
+    )
+
+
+if __name__ == "__main__":
+    main()
