@@ -125,7 +125,14 @@ def write_stack(folder: Path, *, http: bool, upstream: tuple[int, int], jwk: dic
     )
     p = {n: _free_port() for n in ("xds", "status", "gw", "admin", "authz", "http", "proc", "rl")}
     # timeouts well above saturation's queueing, so rows measure throughput, not 403s
-    authz: dict[str, Any] = {"port": p["authz"], "config": "authz.yaml", "timeout": "5s"}
+    # one worker per service on both stacks (1 vs N workers is bench/floor.py's): the fused
+    # routes' memory counters need it, and the comparison stays process for process
+    authz: dict[str, Any] = {
+        "port": p["authz"],
+        "config": "authz.yaml",
+        "timeout": "5s",
+        "workers": 1,
+    }
     if http:
         authz.update(protocol="http", http_port=p["http"], http_headers={"request": ["x-role"]})
     limits = [
@@ -142,7 +149,7 @@ def write_stack(folder: Path, *, http: bool, upstream: tuple[int, int], jwk: dic
         "mtls": {"mode": "off"},
         "gateway": {"name": "gw", "port": p["gw"], "admin_port": p["admin"]},
         "extauthz": authz,
-        "extproc": {"port": p["proc"], "timeout": "5s"},
+        "extproc": {"port": p["proc"], "timeout": "5s", "workers": 1},
         "ratelimit": {
             "port": p["rl"],
             "config": "ratelimit.yaml",

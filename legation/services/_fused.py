@@ -7,10 +7,11 @@ plan (:meth:`legation.services.ratelimit.RateLimitService.settings`: same limits
 modes, backend and its options). An edit to the limits file or the routes is swapped in live, as
 the rate-limit service swaps it; a new backend restarts the server (it is in the restart key).
 
-The counters: with ``redis`` both this limiter and the rate-limit service count in the one store.
-With ``memory`` each process has its own counters, so the translation fuses rate limits only
-when every rate-limited route is fused (:mod:`legation.translate._fused`, rule 5): the gRPC
-service then counts nothing for the domain, and no key is counted in two places.
+The counters: with ``redis`` this limiter in every ext_authz worker and the rate-limit service
+count in the one store. With ``memory`` each process has its own counters, so the translation
+fuses rate limits only when every rate-limited route is fused and ext_authz runs one worker
+(:mod:`legation.translate._fused`, rule 5): the gRPC service then counts nothing for the domain,
+and no key is counted in two places.
 """
 
 from __future__ import annotations
@@ -45,6 +46,9 @@ def fused_live(mesh: Mesh, mesh_dir: Path) -> dict[str, Any] | None:
     if any(r.rate_limited for r in routes) and mesh.ratelimit is not None:
         spec = RateLimitService.settings(mesh, mesh_dir)
         limits = {**spec.live, "domain": mesh.ratelimit.domain}
+        if mesh.extauthz is not None:  # failure_mode local: each call-out worker its share
+            workers = mesh.extauthz.worker_count()
+            limits["local_instances"] = limits["local_instances"] * workers
     return {"routes": tuple(routes), "ratelimit": limits}
 
 

@@ -25,8 +25,9 @@ gives the first reason it does not):
    authz of a route it re-picked (the chain has the same gap, through ext_proc's
    ``clear_route_cache``; a fused route never has it);
 5. with the ``memory`` backend the counters live in one process: rate limits are fused only if
-   every rate-limited route is, so the gRPC rate-limit service and the call-out never count the
-   same domain side by side (with ``redis`` both share the store and any mix is consistent).
+   every rate-limited route is and the ext_authz service runs one worker, so neither the gRPC
+   rate-limit service and the call-out nor two call-out workers count the same domain side by
+   side (with ``redis`` all share the store and any mix is consistent).
 
 Routes that do not fit keep the call-outs they have without fusing (their authz may still be the
 HTTP call-out). ``legation explain`` prints these decisions.
@@ -223,11 +224,15 @@ def _plan(mesh: Mesh) -> dict[str, FusedRoute | str]:
                     f"which is not fused ({reason})"
                 )
     limited = [i for i, r in enumerate(routes) if r.rate_limits]
-    if (
-        mesh.ratelimit is not None
-        and mesh.ratelimit.backend == "memory"
-        and any(i in why for i in limited)
-    ):
+    memory = mesh.ratelimit is not None and mesh.ratelimit.backend == "memory"
+    if memory and block.worker_count() > 1:
+        for i in limited:
+            why.setdefault(
+                i,
+                f"backend memory and extauthz runs {block.worker_count()} workers: one "
+                "domain's counters must live in one process (workers: 1, or backend: redis)",
+            )
+    elif memory and any(i in why for i in limited):
         stays = routes[next(i for i in limited if i in why)].name
         for i in limited:
             why.setdefault(

@@ -101,7 +101,8 @@ def write_mesh(folder: Path, signer: Signer, upstreams: dict[str, int], *, http:
     }
     (folder / "authz.yaml").write_text(yaml.safe_dump(authz_config))
     ports = distinct_ports("xds", "gw", "admin", "authz", "http", "proc", "rl")
-    authz: dict[str, Any] = {"port": ports["authz"], "config": "authz.yaml"}
+    # one worker: the fused routes' memory counters live in it (several need backend: redis)
+    authz: dict[str, Any] = {"port": ports["authz"], "config": "authz.yaml", "workers": 1}
     if http:
         authz.update(protocol="http", http_port=ports["http"], http_headers={"request": ["x-role"]})
     checked = {"authz": "fused.test", "filters": COHORT, "rate_limits": API_LIMITS}

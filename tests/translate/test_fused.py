@@ -31,14 +31,22 @@ LIMITS = [
 ]
 
 
-def mesh(tmp: Path, routes: list[dict[str, Any]], *, backend: str = "memory") -> Any:
+def mesh(
+    tmp: Path, routes: list[dict[str, Any]], *, backend: str = "memory", workers: int = 1
+) -> Any:
     (tmp / "authz.yaml").write_text("checks: {}\n")
     (tmp / "rl.yaml").write_text("domain: mesh\ndescriptors: []\n")
     rl: dict[str, Any] = {"port": 18032, "config": "rl.yaml", "domain": "mesh", "backend": backend}
     if backend == "redis":
         rl["redis_url"] = "redis://127.0.0.1:6379/0"
     doc = {
-        "extauthz": {"port": 18030, "config": "authz.yaml", "protocol": "http", "http_port": 18033},
+        "extauthz": {
+            "port": 18030,
+            "config": "authz.yaml",
+            "protocol": "http",
+            "http_port": 18033,
+            "workers": workers,
+        },
         "extproc": {"port": 18031},
         "ratelimit": rl,
         "gateway": {"name": "gw", "port": 18034, "admin_port": 18035},
@@ -154,3 +162,13 @@ def test_routing_never_moves_a_fused_request_to_a_route_with_another_policy(
         )
     )
     assert isinstance(found["api"], str) and "another authz" in found["api"]
+
+
+def test_memory_counters_in_several_call_out_workers_are_never_fused(tmp_path: Path) -> None:
+    routes = [route("a", "/a", rate_limits=LIMITS)]
+    split = fused_routes(mesh(tmp_path, routes, workers=2))
+    assert isinstance(split["a"], str) and "2 workers" in split["a"]
+    (tmp_path / "r").mkdir()
+    assert isinstance(
+        fused_routes(mesh(tmp_path / "r", routes, backend="redis", workers=2))["a"], FusedRoute
+    )
