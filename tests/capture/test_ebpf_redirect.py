@@ -102,6 +102,17 @@ def test_outside_the_listed_namespaces_and_the_cgroup_nothing_is_redirected(
     assert sockmap.stats()["redirected"] == 0
 
 
+def test_a_pod_or_service_dropped_on_reload_is_no_longer_redirected(
+    sockmap: Sockmap, space: str
+) -> None:
+    join = sockmap.preexec()
+    for pods, services in (({space: OUTBOUND}, []), ({}, [(VIP, PORT)])):
+        sockmap.redirect({space: OUTBOUND}, GID, [(VIP, PORT)])
+        sockmap.redirect(pods, GID, services)  # the reloaded mesh: one of the two gone
+        assert _dial(space, PORT, join) == "unreachable"
+    assert sockmap.stats()["redirected"] == 0
+
+
 def test_the_services_redirected_are_those_the_pod_rules_capture() -> None:
     capture = Capture.model_validate(
         {"outbound": {"exclude_ports": [9090], "exclude_cidrs": ["10.213.9.0/24"]}}

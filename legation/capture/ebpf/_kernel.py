@@ -62,13 +62,18 @@ def bpftool(*args: str, parse: bool = False, timeout: float = 30.0) -> Any:
 
 def _mounts() -> list[tuple[str, str]]:
     """(mount point, filesystem type) of this mount namespace, from /proc/self/mountinfo."""
+    return parse_mountinfo(Path("/proc/self/mountinfo").read_text())
+
+
+def parse_mountinfo(text: str) -> list[tuple[str, str]]:
+    """(mount point, filesystem type) per line of mountinfo ``text``: the fifth field (octal
+    escapes decoded) and the first after the `` - `` separator; a line without both is skipped."""
     found = []
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        fields = line.split()
-        if " - " not in line or len(fields) < 5:
-            continue
-        fstype = line.split(" - ", 1)[1].split()[0]
-        found.append((_OCTAL.sub(lambda m: chr(int(m[1], 8)), fields[4]), fstype))
+    for line in text.splitlines():
+        head, sep, tail = line.partition(" - ")
+        fields, after = head.split(), tail.split()
+        if sep and len(fields) >= 5 and after:
+            found.append((_OCTAL.sub(lambda m: chr(int(m[1], 8)), fields[4]), after[0]))
     return found
 
 
