@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
+import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -19,7 +22,6 @@ from legation.capture.ebpf._kernel import bpftool
 from legation.config.capture import Capture
 from tests.capture.conftest import capture_range
 from tests.capture.test_ebpf import programs_gone
-from tests.capture.test_up_capture import Captured
 from tests.conftest import distinct_ports
 from tests.integration.test_up import MESH, Up, gone, http, ports  # noqa: F401 (a fixture)
 
@@ -54,6 +56,28 @@ routes:
     to: {{service: reviews}}
 """
 _NAMES = "xds gw gw_admin app1 in1 out1 admin1 app2 in2 out2 admin2 status".split()
+
+
+# run in a pod as its app: GET argv[1], print the status, then the body
+_GET = """
+import sys, urllib.request
+with urllib.request.urlopen(sys.argv[1], timeout=10) as r:
+    print(r.status); print(r.read().decode())
+"""
+
+
+def _app_get(pod: netns.Pod, url: str) -> tuple[int, str]:
+    argv = pod.exec_argv([sys.executable, "-c", _GET, url])
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=True).stdout
+    status, _, body = out.partition("\n")
+    return int(status), body
+
+
+def _stat(pod: netns.Pod, admin_port: int, name: str) -> int:
+    url = f"http://{pod.ip}:{admin_port}/stats?format=json&filter=^{name}$"
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        stats = json.loads(resp.read())["stats"]
+    return next((int(s["value"]) for s in stats if s.get("name") == name), 0)
 
 
 def _holders(prog_ids: set[int]) -> set[str]:
@@ -131,20 +155,18 @@ def test_up_capture_ebpf_redirects_at_connect_and_traffic_through_the_pods_flows
         # the sidecars' Envoys run in their pods (ip netns exec) and still in the run's cgroup
         in_cgroup = set((splice.cgroup / "cgroup.procs").read_text().split())
         assert set(map(str, up.envoy_pids())) <= in_cgroup
-        captured = Captured(up, chosen, netns.Network(Capture(cidr=cidr)))
+        frontend = netns.Network(Capture(cidr=cidr)).pod("frontend-0")
         before, cx = splice.stats(), "listener.outbound_frontend.downstream_cx_total"
-        sidecar_before = captured.stats("frontend-0", "admin1").get(cx, 0)
+        sidecar_before = _stat(frontend, chosen["admin1"], cx)
         # the frontend app (in its pod, in the cgroup) calls http://reviews:9080/ by plain URL
-        status, body = captured.app_get(
-            "frontend-0", f"http://127.0.0.1:{chosen['app1']}/?call=reviews"
-        )
+        status, body = _app_get(frontend, f"http://127.0.0.1:{chosen['app1']}/?call=reviews")
         assert status == 200 and json.loads(body)["calls"] == [
             {"service": "reviews", "status": 200}
         ]
         after = splice.stats()
         assert after["redirected"] - before["redirected"] == 1  # connect4 took it to the sidecar
         assert after["original"] - before["original"] == 1  # which read where it was going
-        assert captured.stats("frontend-0", "admin1")[cx] == sidecar_before + 1
+        assert _stat(frontend, chosen["admin1"], cx) == sidecar_before + 1
         for _ in range(10):  # from outside through the gateway, as without --ebpf
             status, body = http(f"http://127.0.0.1:{chosen['gw']}/")
             assert status == 200 and json.loads(body)["service"] == "reviews"
