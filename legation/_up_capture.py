@@ -45,8 +45,7 @@ class StackCapture:
             await pods.start_relay()
         except (LegationError, OSError) as err:
             self.say(f"{err}\nnothing started (without --capture, legation up runs as usual)")
-            if not isinstance(err, LegationError) or err.code != "capture_unavailable":
-                await pods.stop()
+            await pods.stop()  # removes what it made, if it took the range
             return False
         self.pods = pods
         if removed:

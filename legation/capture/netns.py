@@ -11,8 +11,10 @@ the host's network namespace: the capture rules live in the pods' own.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import ipaddress
+import os
 import shutil
 import subprocess
 from collections.abc import Sequence
@@ -23,6 +25,7 @@ from legation.capture.errors import CaptureError
 from legation.config.capture import Capture
 
 ETC_NETNS = Path("/etc/netns")
+LOCK_DIR = Path("/run/lock")
 NETNS_PREFIX = "legation-"
 _TOOLS = ("ip", "iptables-restore")
 _CAPS = {"CAP_NET_ADMIN": 12, "CAP_SYS_ADMIN": 21}
@@ -101,6 +104,24 @@ class Network:
         self.tag = _short(str(capture.cidr), 6)
         self.bridge = f"lgb{self.tag}"
         self.prefix = f"{NETNS_PREFIX}{self.tag}-"
+
+    def lock(self) -> int:
+        """Take this range for the calling process (an ``flock`` the kernel drops when the
+        process dies, so a crashed run's range is free again); the lock's descriptor. Raises
+        ``capture_in_use`` if a live run holds it: its pods are not leftovers."""
+        LOCK_DIR.mkdir(parents=True, exist_ok=True)
+        path = LOCK_DIR / f"legation-capture-{self.tag}.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise CaptureError(
+                f"capture.cidr {self.capture.cidr} is in use by a running legation up (its lock "
+                f"{path} is held); nothing started, nothing removed",
+                code="capture_in_use",
+            ) from None
+        return fd
 
     def pod(self, instance: str) -> Pod:
         return Pod(

@@ -10,6 +10,7 @@ reload that changes them needs a restart, as the sidecars' group does.
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 from dataclasses import dataclass
 
@@ -35,12 +36,14 @@ class Pods:
         self._rules: dict[str, str] = {}
         self.relay: Relay | None = None
         self.relayed: list[tuple[str, int]] = []  # host loopback (host, port) the pods reach
+        self._lock: int | None = None  # the range's lock while this run holds it
 
     def start(self, mesh: Mesh) -> list[str]:
         """Check what capture needs, remove a crashed run's leftovers, make the bridge and the
         pods; what was left over (the names removed). Blocking: run it off the event loop."""
         netns.require()
         self.relayed = relay_targets(mesh)
+        self._lock = self.network.lock()  # a live run's pods are never taken for leftovers
         removed = self.network.clean()
         self.network.check_range()
         self.network.create_bridge()
@@ -107,4 +110,10 @@ class Pods:
             await self.relay.stop()
             self.relay = None
         self.pods.clear()
-        return await asyncio.to_thread(self.network.clean)
+        if self._lock is None:
+            return []  # never started: nothing of this run's to remove
+        try:
+            return await asyncio.to_thread(self.network.clean)
+        finally:
+            os.close(self._lock)
+            self._lock = None

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from legation.capture import netns
+from legation.capture.errors import CaptureError
 from legation.capture.pods import Pods
 from legation.config import Mesh
 from legation.config.capture import Capture
@@ -74,3 +75,21 @@ def test_pods_follow_reloads_and_a_stop_removes_them(need_capture: None) -> None
     assert pods.network.bridge in removed
     assert pods.network.prefix not in netns.run(["ip", "netns", "list"])
     assert not list(netns.ETC_NETNS.glob(pods.network.prefix + "*"))
+
+
+@pytest.mark.integration
+def test_a_second_run_on_a_live_range_refuses_and_removes_nothing(need_capture: None) -> None:
+    mesh = _mesh(str(capture_range()), {"a": 9101})
+    assert mesh.capture is not None
+    live, second = Pods(mesh.capture), Pods(mesh.capture)
+    try:
+        live.start(mesh)
+        with pytest.raises(CaptureError) as info:
+            second.start(mesh)
+        assert info.value.code == "capture_in_use"
+        assert "is in use by a running legation up" in str(info.value)
+        assert asyncio.run(second.stop()) == []
+        assert live.pods["a-0"].netns in netns.run(["ip", "netns", "list"])
+    finally:
+        asyncio.run(live.stop())
+    assert live.network.prefix not in netns.run(["ip", "netns", "list"])
