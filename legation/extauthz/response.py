@@ -169,6 +169,16 @@ def _query_set(raw: Any, where: str) -> tuple[tuple[str, str], ...]:
 def check_decision(decision: Decision) -> None:
     """Raise ``invalid_result`` when a decision carries a header or query parameter Envoy must
     not get."""
+    if not (
+        decision.headers
+        or decision.response_headers_to_add
+        or decision.request_headers_to_remove
+        or decision.query_parameters_to_set
+        or decision.query_parameters_to_remove
+    ):  # the common plain allow or deny: nothing to walk (the hot path)
+        if not isinstance(decision.body, str):
+            raise AuthzError("decision body: not a string", code="invalid_result")
+        return
     for field, headers in (
         ("headers", decision.headers),
         ("response_headers_to_add", decision.response_headers_to_add),
