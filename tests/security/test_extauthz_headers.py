@@ -190,3 +190,18 @@ async def test_servicer_answers_a_well_formed_denial_for_a_bad_decision() -> Non
         await close_checks(servicer)
     finally:
         plugins.unregister("extauthz.check", "echo")
+
+
+@pytest.mark.parametrize(
+    "decision",
+    [
+        Decision(allowed=False, body=b"bytes"),  # type: ignore[arg-type]
+        Decision(allowed=True, headers={"x-ok": "1"}, body=None),  # type: ignore[arg-type]
+    ],
+)
+def test_a_body_that_is_not_text_is_refused_with_or_without_headers(decision: Decision) -> None:
+    from legation.extauthz.response import check_decision
+
+    with pytest.raises(AuthzError) as info:
+        check_decision(decision)
+    assert info.value.code == "invalid_result"
