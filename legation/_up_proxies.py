@@ -111,6 +111,22 @@ class StackProxies:
             started.append(node)
         return started, stopped
 
+    def _access_log_dirs(self, mesh: Mesh) -> None:
+        """The folders of the proxies' JSON access-log files, made before their Envoys start
+        (Envoy refuses a listener whose access-log file it cannot open)."""
+        block = mesh.accesslog
+        if block is None:
+            return
+        for proxy in mesh.proxies():
+            log = block.log_of(proxy.node_id)
+            if log.to != "file":
+                continue
+            folder = Path(log.path_for(proxy.node_id)).parent
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                self.say(f"cannot make {folder} for {proxy.node_id}'s access log: {err}")
+
     def _enrol(self, node: str) -> tuple[WorkloadCert, Path]:
         """A new xDS credential for ``node`` (its earlier one revoked), written to its files."""
         assert self.ca_where is not None
@@ -134,6 +150,7 @@ class StackProxies:
                 await asyncio.to_thread(self.pods.follow, mesh)
                 await self._redirect_pods(mesh)
             await self._follow_apps(mesh)
+            self._access_log_dirs(mesh)
             started, stopped = self._follow_proxies(status)
         except (LegationError, OSError) as err:
             self.say(f"cannot follow the reloaded mesh's proxies: {err}")

@@ -195,6 +195,7 @@ class Stack(StackChildren, StackProxies, StackView, StackSplice, StackCapture):
             self.say(f"cannot start a demo app: {err} (is another `legation up` running?)")
             return 1
         try:
+            self._access_log_dirs(mesh)
             self._follow_proxies(status)
         except LegationError as err:
             self.say(f"cannot enrol an Envoy: {err}")

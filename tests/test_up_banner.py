@@ -6,6 +6,8 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+import pytest
+
 from legation.config import load_mesh
 from legation.up import QUICKSTART, Stack
 
@@ -19,3 +21,15 @@ def test_banner_leaves_out_routes_a_client_cannot_pick(tmp_path: Path) -> None:
     assert "-H 'x-version: v2'" in text
     assert "reviews-beta-cohort" not in text  # x-legation-cohort: header_route computes it
     assert "# route reviews-canary (filters header_route)" in text
+    assert "legation top" in text  # the quickstart has an access-log service
+
+
+def test_up_makes_the_access_log_folders_before_the_envoys(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Envoy refuses a listener whose access-log file it cannot open: with `--log-dir`
+    elsewhere, `.legation/logs` (the quickstart's access-log folder) must still exist."""
+    monkeypatch.chdir(tmp_path)
+    stack = Stack(QUICKSTART, out=io.StringIO(), log_dir=tmp_path / "elsewhere", live=False)
+    stack._access_log_dirs(load_mesh(QUICKSTART))
+    assert (tmp_path / ".legation" / "logs").is_dir()

@@ -43,6 +43,7 @@ def test_every_quickstart_proxy_config_validates_in_envoy(tmp_path: Path, captur
         secrets = issuer.secrets()
     snapshots = translate(mesh, version="quickstart", secrets=secrets)
     assert sorted(snapshots) == sorted(p.node_id for p in mesh.proxies())
+    (tmp_path / ".legation" / "logs").mkdir(parents=True)  # the access logs' folder, as `up` makes
     for proxy in mesh.proxies():
         config = static_bootstrap(
             snapshots[proxy.node_id], node_id=proxy.node_id, admin_port=proxy.admin_port
@@ -64,6 +65,7 @@ def test_every_quickstart_proxy_config_validates_in_envoy(tmp_path: Path, captur
             text=True,
             timeout=60,
             check=False,
+            cwd=tmp_path,  # where `legation up` runs: relative access-log paths start here
         )
         assert result.returncode == 0, f"{proxy.node_id}: {result.stdout}{result.stderr}"
         listeners = snapshots[proxy.node_id].resources(ResourceType.LISTENER)
