@@ -18,7 +18,9 @@ request never waits for the service: Envoy drops entries it cannot send. ``failu
 
 ``log`` (default for every proxy) and ``proxies`` (by node id) choose where the JSON access-log
 lines go: ``none`` (the default), ``file`` (``path``, ``{node}`` replaced by the proxy's node
-id; relative to the Envoys' working directory, where ``legation up`` runs), ``stdout``
+id; relative to the Envoys' working directory, where ``legation up`` runs; its folder must exist
+there, which ``legation up`` sees to, else the proxy refuses the listener: a NACK in ``legation
+status``), ``stdout``
 (Envoy's own output, which ``legation up`` writes to the proxy's log file) or ``service`` (the
 access-log service writes them to ``path``, relative to its own working directory, from the
 entries it receives anyway: one place collects the lines of proxies on other machines; see
