@@ -1,4 +1,5 @@
-"""The request-path services (ext_authz, ext_proc, rate limiting) as one model.
+"""The request-path services (ext_authz, ext_proc, rate limiting, and the access-log service)
+as one model.
 
 * :mod:`~legation.services.kinds`: the one table of service kinds (:data:`KINDS`), read by the
   embedded runner, ``legation serve``, the mesh checks and the translation;
