@@ -7,6 +7,11 @@ sidecar's inbound listener, the app's outbound TCP to the sidecar's outbound (or
 destination) listener, Envoy's own traffic is excluded by its group id.
 
 * :mod:`~legation.capture.errors`: the package's one error type (:class:`CaptureError`);
+* :mod:`~legation.capture.netns`: the bridge and the pods (namespace, veth pair, address, hosts
+  file), named by a tag of the range; what capture needs; a crashed run's leftovers removed;
+* :mod:`~legation.capture.rules`: a pod's ``iptables-restore`` input and its hosts file;
+* :mod:`~legation.capture.pods`: ``legation up``'s pods following the mesh, and the relay
+  (:mod:`~legation.capture.relay`) that lets the sidecars reach the host's loopback services;
 * :mod:`~legation.capture.ebpf`: the eBPF acceleration (``--ebpf``), sockops + sk_msg.
 """
 
