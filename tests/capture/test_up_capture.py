@@ -82,11 +82,12 @@ ADDED = """\
          sidecar: {{inbound_port: {in3}, outbound_port: {out3}, admin_port: {admin3}}}}}
 """
 
-# Run in a pod as its app: GET argv[1], print the status and the body.
+# Run in a pod as its app: GET argv[1] (with Host argv[2] if given), print the status and body.
 _GET = """
 import sys, urllib.request, urllib.error
+req = urllib.request.Request(sys.argv[1], headers={"Host": sys.argv[2]} if sys.argv[2:] else {})
 try:
-    with urllib.request.urlopen(sys.argv[1], timeout=5) as r:
+    with urllib.request.urlopen(req, timeout=5) as r:
         print(r.status); print(r.read().decode())
 except urllib.error.HTTPError as e:
     print(e.code); print(e.read().decode())
@@ -105,10 +106,11 @@ class Captured:
     def pod(self, instance: str) -> netns.Pod:
         return self.network.pod(instance)
 
-    def app_get(self, instance: str, url: str) -> tuple[int, str]:
-        """What the app in ``instance``'s pod gets for ``url``."""
+    def app_get(self, instance: str, url: str, host: str = "") -> tuple[int, str]:
+        """What the app in ``instance``'s pod gets for ``url`` (with that Host header)."""
+        argv = [sys.executable, "-c", _GET, url, *([host] if host else [])]
         out = subprocess.run(
-            self.pod(instance).exec_argv([sys.executable, "-c", _GET, url]),
+            self.pod(instance).exec_argv(argv),
             capture_output=True,
             text=True,
             timeout=20,
@@ -181,6 +183,12 @@ def test_authz_and_rate_limits_apply_to_captured_traffic(captured: Captured) -> 
     assert status == 403 and json.loads(body)["policy"] == "quickstart.authz"
     statuses = [captured.app_get("frontend-0", "http://reviews:9080/limited")[0] for _ in range(3)]
     assert statuses == [200, 200, 429]
+
+
+def test_the_explicit_outbound_port_still_works_in_a_pod(captured: Captured) -> None:
+    out = captured.ports["out1"]
+    status, body = captured.app_get("frontend-0", f"http://127.0.0.1:{out}/explicit", "reviews")
+    assert status == 200 and json.loads(body)["path"] == "/explicit"
 
 
 def test_the_app_calling_itself_through_its_service_goes_through_its_sidecar(
