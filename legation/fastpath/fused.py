@@ -27,6 +27,7 @@ is refused with 403: never an allow without the route's decisions.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -38,6 +39,7 @@ from legation.extauthz.request import RequestContext
 from legation.extproc.exchange import Exchange
 from legation.fastpath import answer
 from legation.fastpath.descriptors import Entry, rate_limit_request, x_ratelimit_headers
+from legation.ratelimit.backends.memory import MemoryBackend
 from legation.ratelimit.errors import RateLimitError
 
 if TYPE_CHECKING:
@@ -134,6 +136,10 @@ class FusedDecider:
             if request is not None:
                 if self.limits is None:
                     return answer.error(503, "no_rate_limits", keep_alive=keep_alive)
+                if not isinstance(self.limits.limiter.backend, MemoryBackend):
+                    # a store over the network waits (and times out): from here on run in a
+                    # task (the HTTP connection steps this coroutine by hand until it yields)
+                    await asyncio.sleep(0)
                 try:
                     response = await self.limits.decide(request)
                 except RateLimitError:  # a request the limiter refuses: a failed call
