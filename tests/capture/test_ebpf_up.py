@@ -7,11 +7,13 @@ things named) only where root or a kernel feature is missing."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import subprocess
 import sys
 import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,7 @@ import pytest
 from legation.capture import netns
 from legation.capture.ebpf import Sockmap, missing_features
 from legation.capture.ebpf._kernel import bpftool
+from legation.capture.errors import CaptureError
 from legation.config.capture import Capture
 from tests.capture.conftest import capture_range
 from tests.capture.test_ebpf import programs_gone
@@ -80,6 +83,17 @@ def _stat(pod: netns.Pod, admin_port: int, name: str) -> int:
     return next((int(s["value"]) for s in stats if s.get("name") == name), 0)
 
 
+@pytest.fixture
+def afterwards() -> Iterator[list[Callable[[], object]]]:
+    """Clean-ups run after the test whatever happened: a failing test kills its `legation up`,
+    which then cannot remove its cgroup, pins or pods itself."""
+    steps: list[Callable[[], object]] = []
+    yield steps
+    for step in steps:
+        with contextlib.suppress(CaptureError):
+            step()
+
+
 def _holders(prog_ids: set[int]) -> set[str]:
     """The cgroups (anywhere in the hierarchy) that have one of ``prog_ids`` attached."""
     return {
@@ -89,10 +103,15 @@ def _holders(prog_ids: set[int]) -> set[str]:
     }
 
 
-def test_up_ebpf_splices_the_mesh_and_leaves_nothing(tmp_path: Path, ports: dict[str, int]) -> None:  # noqa: F811
+def test_up_ebpf_splices_the_mesh_and_leaves_nothing(
+    tmp_path: Path,
+    ports: dict[str, int],  # noqa: F811
+    afterwards: list[Callable[[], object]],
+) -> None:
     mesh = tmp_path / "mesh.yaml"
     mesh.write_text(MESH.format(**ports, greeting="hello v1", subset="v1"))
     splice = Sockmap.for_stack(Path(".legation"), ports["status"])  # the name legation up uses
+    afterwards.append(splice.stop)
     crashed = Up(mesh, tmp_path, ports["status"], flags=["--ebpf"])
     try:
         crashed.wait_for("Legation is up")
@@ -133,7 +152,7 @@ def test_up_ebpf_splices_the_mesh_and_leaves_nothing(tmp_path: Path, ports: dict
 
 
 def test_up_capture_ebpf_redirects_at_connect_and_traffic_through_the_pods_flows(
-    tmp_path: Path,
+    tmp_path: Path, afterwards: list[Callable[[], object]]
 ) -> None:
     lacking = netns.missing()
     if lacking:
@@ -142,6 +161,7 @@ def test_up_capture_ebpf_redirects_at_connect_and_traffic_through_the_pods_flows
     mesh = tmp_path / "mesh.yaml"
     mesh.write_text(CAPTURE_MESH.format(**chosen, cidr=cidr))
     splice = Sockmap.for_stack(Path(".legation"), chosen["status"])
+    afterwards += [splice.stop, netns.Network(Capture(cidr=cidr)).clean]
     up = Up(mesh, tmp_path, chosen["status"], flags=["--capture", "--ebpf"])
     try:
         up.wait_for("Legation is up")
