@@ -28,6 +28,7 @@ is refused with 403: never an allow without the route's decisions.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -41,6 +42,7 @@ from legation.fastpath import answer
 from legation.fastpath.descriptors import Entry, rate_limit_request, x_ratelimit_headers
 from legation.ratelimit.backends.memory import MemoryBackend
 from legation.ratelimit.errors import RateLimitError
+from legation.ratelimit.service import trace_decision
 
 if TYPE_CHECKING:
     from legation.extauthz.servicer import AuthorizationServicer
@@ -121,11 +123,16 @@ class FusedDecider:
         remote: str | None,
         validate: Any,
         keep_alive: bool,
+        parent: Any = None,
     ) -> bytes:
+        """``parent``: the calling Envoy span when sampled: the authz decision and the
+        rate-limit decision each record a span under it, as their gRPC services do."""
         deny_status = servicer.config.deny_status
         decision = ALLOW
         if route.authz is not None:
-            decision, _ = await servicer.decide(ctx, validate=validate)
+            decision, _ = await servicer.decide(
+                ctx, validate=validate, parent=parent, transport="http"
+            )
             if not decision.allowed:
                 return answer.encode(decision, deny_status=deny_status, keep_alive=keep_alive)
         headers = dict(ctx.request.attributes.request.http.headers)
@@ -140,10 +147,15 @@ class FusedDecider:
                     # a store over the network waits (and times out): from here on run in a
                     # task (the HTTP connection steps this coroutine by hand until it yields)
                     await asyncio.sleep(0)
+                start, response = time.time_ns(), None
                 try:
                     response = await self.limits.decide(request)
                 except RateLimitError:  # a request the limiter refuses: a failed call
                     return answer.error(503, "invalid_descriptor", keep_alive=keep_alive)
+                finally:
+                    if parent is not None:
+                        ok = isinstance(response, rls_pb2.RateLimitResponse)
+                        trace_decision(parent, start, request, response if ok else None)
                 if not isinstance(response, rls_pb2.RateLimitResponse):
                     return answer.error(503, "rate_limit_store", keep_alive=keep_alive)
                 limit_headers = x_ratelimit_headers(response)

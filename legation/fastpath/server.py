@@ -79,8 +79,8 @@ class CalloutApp:
             return answer.error(400, "not_a_check", keep_alive=call.keep_alive)
         ctx = RequestContext(request, self.servicer.input_options)
         name = extra.get(ROUTE_HEADER)
+        parent = _parent(call.headers) if TRACER.on else None
         if name is None:
-            parent = _parent(call.headers) if TRACER.on else None
             return self._answer(ctx, call.keep_alive, parent)
         route = self.fused.routes.get(name) if self.fused is not None else None
         if route is None:  # never an allow without the route's decisions
@@ -93,6 +93,7 @@ class CalloutApp:
             extra.get(REMOTE_ADDRESS_HEADER),
             self.validate,
             call.keep_alive,
+            parent,
         )
 
     async def _answer(self, ctx: RequestContext, keep_alive: bool, parent: Any) -> bytes:

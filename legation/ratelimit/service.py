@@ -158,7 +158,7 @@ class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):
             response = await self._answer(request, context)
             return response
         finally:
-            _trace_decision(parent, start, request, response)
+            trace_decision(parent, start, request, response)
 
     async def _answer(
         self, request: rls_pb2.RateLimitRequest, context: grpc.aio.ServicerContext
@@ -184,14 +184,15 @@ TRACER = CallTracer("ratelimit")  # one span per decision, under the Envoy span 
 _UNITS = {v: k.lower() for k, v in rls_pb2.RateLimitResponse.RateLimit.Unit.items()}
 
 
-def _trace_decision(
+def trace_decision(
     parent: SpanContext,
     start: int,
     request: rls_pb2.RateLimitRequest,
     response: rls_pb2.RateLimitResponse | None,
 ) -> None:
     """The decision's span: the domain, the descriptors' keys (never their values: a
-    descriptor may carry any header's), the answer and the limit that decided it."""
+    descriptor may carry any header's), the answer and the limit that decided it. Also used by
+    the fused HTTP call-out (:mod:`legation.fastpath.fused`)."""
     decision, limit = "ERROR", None
     if response is not None:
         decision = rls_pb2.RateLimitResponse.Code.Name(response.overall_code)

@@ -1,0 +1,77 @@
+"""The embedded receiver follows the mesh (started, moved, capped, stopped), and the services'
+plans carry the tracing block to every process that runs a service."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from legation.config.tracing import Tracing
+from legation.grpc_server import BindError
+from legation.services.embedded import EmbeddedServices
+from legation.services.planning import Plan, plan
+from legation.tracing import spans
+from legation.tracing.receiver import EmbeddedCollector
+from tests.config.meshdata import base, parse
+from tests.conftest import distinct_ports
+from tests.tracing.test_store import span
+
+
+def listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+async def test_follows_the_block_keeping_traces_across_a_port_move() -> None:
+    ports = distinct_ports("a", "b")
+    collector = EmbeddedCollector()
+    try:
+        await collector.follow(Tracing(port=ports["a"], max_traces=5))
+        assert listening(ports["a"]) and collector.store is not None
+        collector.store.add([span(1, 0)])
+        await collector.follow(Tracing(port=ports["a"], max_traces=7, max_spans=9))
+        assert (collector.store.max_traces, collector.store.max_spans) == (7, 9)
+        await collector.follow(Tracing(port=ports["b"]))
+        assert listening(ports["b"]) and not listening(ports["a"])
+        assert collector.store.trace(f"{1:032x}") is not None  # kept across the move
+        await collector.follow(Tracing(collector="127.0.0.1:9"))  # another collector
+        assert collector.store is None and not listening(ports["b"])
+    finally:
+        await collector.stop()
+
+
+async def test_a_taken_port_keeps_the_running_receiver() -> None:
+    ports = distinct_ports("a", "b")
+    collector = EmbeddedCollector()
+    blocker = socket.create_server(("127.0.0.1", ports["b"]))
+    try:
+        await collector.follow(Tracing(port=ports["a"]))
+        with pytest.raises(BindError, match=f"tracing: cannot listen on 127.0.0.1:{ports['b']}"):
+            await collector.follow(Tracing(port=ports["b"]))
+        assert collector.receiver is not None and collector.receiver.port == ports["a"]
+        assert listening(ports["a"])
+    finally:
+        blocker.close()
+        await collector.stop()
+
+
+def test_the_plan_carries_the_tracing_block() -> None:
+    data = base()
+    data["tracing"] = {"collector": "127.0.0.1:4999", "sampling": 5}
+    mesh = parse(data)
+    planned = plan(mesh, mesh_path="mesh.yaml")
+    assert planned.tracing == mesh.tracing
+    assert plan(parse(base()), mesh_path="mesh.yaml").tracing is None
+
+
+async def test_applying_a_plan_points_the_services_spans_at_its_collector() -> None:
+    services = EmbeddedServices(on_event=lambda line: None)
+    try:
+        await services.apply(Plan(embedded={}, remote={}, tracing=Tracing(collector="10.0.0.1:1")))
+        assert spans.CallTracer("x").on
+        await services.apply(Plan(embedded={}, remote={}))
+        assert not spans.CallTracer("x").on
+    finally:
+        spans.configure(None)
+        await services.stop()
