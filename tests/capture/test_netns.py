@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
 
 from legation.capture import netns
 from legation.capture.errors import CaptureError
@@ -213,3 +216,57 @@ def test_the_relay_answers_the_pods_and_refuses_other_networks(network: netns.Ne
         return inside.strip(), outside.strip()
 
     assert asyncio.run(probe()) == ("accepted", "ConnectionRefusedError")
+
+
+_PORTS = st.lists(st.integers(1, 65535), max_size=3, unique=True)
+_CIDRS = st.lists(
+    st.tuples(st.integers(0, 2**32 - 1), st.integers(0, 32)).map(
+        lambda t: str(ipaddress.IPv4Network((t[0], t[1]), strict=False))
+    ),
+    max_size=2,
+    unique=True,
+)
+
+
+@pytest.mark.integration
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    inbound=st.tuples(_PORTS, _PORTS),
+    outbound=st.tuples(_PORTS, _PORTS, _CIDRS, _CIDRS),
+    gid=st.integers(1, 65534),
+    relayed=_PORTS,
+)
+def test_any_valid_capture_block_gives_rules_iptables_accepts(
+    network: netns.Network,
+    inbound: tuple[list[int], list[int]],
+    outbound: tuple[list[int], list[int], list[str], list[str]],
+    gid: int,
+    relayed: list[int],
+) -> None:
+    """Whatever a capture block the checks accept says, its pod rules parse in iptables-restore
+    (checked with --test inside a namespace of this test's)."""
+    raw = {
+        "cidr": str(network.capture.cidr),
+        "proxy_gid": gid,
+        "inbound": {"include_ports": inbound[0], "exclude_ports": inbound[1]},
+        "outbound": dict(
+            zip(
+                ["include_ports", "exclude_ports", "include_cidrs", "exclude_cidrs"],
+                outbound,
+                strict=True,
+            )
+        ),
+    }
+    assume(not set(inbound[0]) & set(inbound[1]) and not set(outbound[0]) & set(outbound[1]))
+    assume(not set(outbound[2]) & set(outbound[3]))
+    capture = Capture.model_validate(raw)
+    pod = network.pod("fuzz")
+    if pod.netns not in netns.run(["ip", "netns", "list"]):
+        netns.run(["ip", "netns", "add", pod.netns])
+    rules = pod_rules(
+        capture, pod_ip=pod.ip, app_port=9080, inbound_port=15006, outbound_port=15001,
+        admin_port=15000, host_ports=relayed,
+    )  # fmt: skip
+    netns.run(pod.exec_argv(["iptables-restore", "--test"]), stdin=rules)

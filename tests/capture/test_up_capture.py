@@ -140,22 +140,24 @@ def captured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Captured]:
     mesh = tmp / "mesh.yaml"
     mesh.write_text(MESH.format(**ports, cidr=cidr))
     network = netns.Network(Capture(cidr=cidr))
-    crashed = Up(mesh, tmp, ports["status"], flags=["--capture"])
     try:
-        crashed.wait_for("Legation is up")
-        crashed.proc.kill()  # no clean-up: the namespaces, links and hosts files stay
-        crashed.proc.wait(10)
-        assert network.prefix + "reviews-0" in netns.run(["ip", "netns", "list"])
+        crashed = Up(mesh, tmp, ports["status"], flags=["--capture"])
+        try:
+            crashed.wait_for("Legation is up")
+            crashed.proc.kill()  # no clean-up: the namespaces, links and hosts files stay
+            crashed.proc.wait(10)
+            assert network.prefix + "reviews-0" in netns.run(["ip", "netns", "list"])
+        finally:
+            crashed.stop()
+        up = Up(mesh, tmp, ports["status"], flags=["--capture"])
+        try:
+            up.wait_for("Legation is up")
+            assert f"--capture: removed what an earlier run left: {network.prefix}" in up.output
+            yield Captured(up, ports, network, mesh)
+        finally:
+            up.stop()
     finally:
-        crashed.stop()
-    up = Up(mesh, tmp, ports["status"], flags=["--capture"])
-    try:
-        up.wait_for("Legation is up")
-        assert f"--capture: removed what an earlier run left: {network.prefix}" in up.output
-        yield Captured(up, ports, network, mesh)
-    finally:
-        up.stop()
-        network.clean()
+        network.clean()  # whatever happened: nothing of this test's is left behind
 
 
 def test_an_app_calls_a_service_by_name_through_both_sidecars(captured: Captured) -> None:
