@@ -96,6 +96,9 @@ EXPECTED = {
     "accesslog_log_to": (
         "accesslog.log.to: expected 'none', 'file', 'stdout' or 'service', got 'syslog'"
     ),
+    "accesslog_workers": (
+        "accesslog.workers: the access-log service keeps the golden metrics in one process: 1"
+    ),
     "accesslog_path_placeholder": "accesslog.log.path: the only placeholder is {node}",
     "accesslog_unknown_proxy": (
         "accesslog.proxies.sidecar-reviws-0: no proxy 'sidecar-reviws-0' "
