@@ -69,7 +69,12 @@ class StackSplice:
             return
         counters = await asyncio.to_thread(splice.stats)
         await asyncio.to_thread(splice.stop)
+        redirected = (
+            f", {counters['redirected']} connections redirected at connect"
+            if counters["redirected"]
+            else ""
+        )
         self.say(
             f"--ebpf: {counters['spliced']} messages spliced, {counters['passed']} sent the normal "
-            f"way; programs detached, cgroup {splice.cgroup} and pins removed"
+            f"way{redirected}; programs detached, cgroup {splice.cgroup} and pins removed"
         )

@@ -195,5 +195,6 @@ def test_up_capture_ebpf_redirects_at_connect_and_traffic_through_the_pods_flows
         assert up.proc.wait(30) == 0
     finally:
         up.stop()
+    assert "connections redirected at connect; programs detached" in up.output
     assert not splice.cgroup.exists() and not splice.pins.exists()
     assert programs_gone(ids)

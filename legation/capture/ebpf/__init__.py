@@ -4,6 +4,9 @@
   a sockhash) and the sk_msg program (sends a message straight to the recorded peer socket);
 * :mod:`~legation.capture.ebpf.sockmap`: :class:`Sockmap`, which builds, loads, attaches and removes
   them, only on a cgroup v2 Legation creates;
+* :mod:`~legation.capture.ebpf.redirect`: with ``--capture``, connect-time redirection
+  (cgroup/connect4 and cgroup/getsockopt programs in the same object) so an app's hop to its
+  sidecar has no NAT and is spliced too;
 * :func:`missing_features`: what this machine lacks for ``--ebpf`` (root, clang, libbpf-dev,
   bpftool, cgroup v2, kernel program/map types and helpers), so ``--ebpf`` refuses with a message
   naming it.

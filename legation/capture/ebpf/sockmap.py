@@ -8,7 +8,8 @@ and the sk_msg program to the sockhash. Processes joined to the cgroup (:meth:`S
 recorded; when both ends of a connection are recorded in the same network namespace, bytes one end
 sends go straight to the other's receive queue. :meth:`Sockmap.stop` detaches, moves processes
 out, removes the cgroup and unpins; :meth:`Sockmap.start` first removes what a crashed run with the
-same name left.
+same name left (and refuses a cgroup a live run holds). :meth:`Sockmap.redirect` adds the
+connect-time redirection of ``--capture --ebpf`` (:mod:`legation.capture.ebpf.redirect`).
 """
 
 from __future__ import annotations
