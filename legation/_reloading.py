@@ -15,7 +15,8 @@ from prometheus_client import Counter
 from legation.certs import MeshIssuer
 from legation.certs.rotation import Rotation
 from legation.config import Mesh, load_mesh
-from legation.config.capture import with_capture
+from legation.config.capture import capture_change_problems, with_capture
+from legation.config.errors import MeshConfigError
 from legation.errors import LegationError
 from legation.services import EmbeddedServices, Plan
 from legation.services.planning import config_files, one_worker, plan, watched_digest
@@ -60,6 +61,9 @@ class Reloading:
         mesh = load_mesh(self.mesh_path)
         if self.capture:
             mesh = with_capture(mesh, source=str(self.mesh_path))
+        changed = capture_change_problems(self.mesh, mesh) if self.mesh is not None else []
+        if changed:
+            raise MeshConfigError(str(self.mesh_path), changed)
         if isinstance(self.services, EmbeddedServices):
             mesh = one_worker(mesh)  # in this process: one server each, one endpoint each
         self._watched = config_files(mesh, self.mesh_path.parent) + self._watched

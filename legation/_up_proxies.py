@@ -148,6 +148,7 @@ class StackProxies:
                 mesh = with_capture(mesh, source=str(self.mesh_path))
             if self.pods is not None:
                 await asyncio.to_thread(self.pods.follow, mesh)
+                await self.pods.follow_relay()
                 await self._redirect_pods(mesh)
             await self._follow_apps(mesh)
             self._access_log_dirs(mesh)

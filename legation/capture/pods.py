@@ -3,8 +3,9 @@
 :class:`Pods` follows the mesh: a reload that adds a sidecar instance gets its pod, one that
 removes an instance loses it, every pod's hosts file names every service, and a pod whose rules
 would change (ports, include/exclude lists) gets them replaced whole (``iptables-restore``
-flushes the tables it is given). The capture range and the proxy group are read at start; a
-reload that changes them needs a restart, as the sidecars' group does.
+flushes the tables it is given), and the relay follows the services' ports. The capture range
+and the proxy group cannot change while running (the control plane rejects such a reload:
+:func:`legation.config.capture.capture_change_problems`).
 """
 
 from __future__ import annotations
@@ -55,8 +56,14 @@ class Pods:
         relay = Relay(self.capture.bridge_ip, self.relayed, device=self.network.bridge)
         self.relay = await relay.start()
 
+    async def follow_relay(self) -> None:
+        """Relay the host ports the last :meth:`follow` found (a reload may add a service)."""
+        if self.relay is not None:
+            await self.relay.follow(self.relayed)
+
     def follow(self, mesh: Mesh) -> tuple[list[str], list[str]]:
         """Pods for the sidecar instances of ``mesh``, none for others; (added, removed)."""
+        self.relayed = relay_targets(mesh)
         wanted = {
             s.instance_name(i): _Wanted(s.name, e)
             for s in mesh.services

@@ -31,36 +31,53 @@ class Relay:
         self.bind = bind
         self.targets = targets
         self.device = device
-        self._servers: list[asyncio.Server] = []
+        self._servers: dict[tuple[str, int], asyncio.Server] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> Relay:
-        for host, port in self.targets:
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                if self.device:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, self.device.encode())
-                sock.bind((self.bind, port))
-                sock.listen(128)
-                sock.setblocking(False)
-                server = await asyncio.start_server(self._handler(host, port), sock=sock)
-            except OSError:
-                sock.close()
-                await self.stop()
-                raise
-            self._servers.append(server)
+        try:
+            await self.follow(self.targets)
+        except OSError:
+            await self.stop()
+            raise
         return self
 
+    async def follow(self, targets: list[tuple[str, int]]) -> None:
+        """Listen for the ``targets`` given now (after a reload): new ones start, gone ones stop
+        accepting (their open connections run on)."""
+        for gone in [t for t in self._servers if t not in targets]:
+            server = self._servers.pop(gone)
+            server.close()
+            await server.wait_closed()
+        for host, port in targets:
+            if (host, port) not in self._servers:
+                self._servers[host, port] = await self._listen(host, port)
+        self.targets = list(targets)
+
+    async def _listen(self, host: str, port: int) -> asyncio.Server:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if self.device:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, self.device.encode())
+            sock.bind((self.bind, port))
+            sock.listen(128)
+            sock.setblocking(False)
+            return await asyncio.start_server(self._handler(host, port), sock=sock)
+        except OSError:
+            sock.close()
+            raise
+
     async def stop(self) -> None:
-        for server in self._servers:
+        servers = list(self._servers.values())
+        self._servers = {}
+        for server in servers:
             server.close()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        for server in self._servers:
+        for server in servers:
             await server.wait_closed()
-        self._servers = []
 
     def _handler(
         self, host: str, port: int

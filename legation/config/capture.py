@@ -116,6 +116,22 @@ def with_capture(mesh: Mesh, *, source: str) -> Mesh:
     return captured
 
 
+def capture_change_problems(before: Mesh, after: Mesh) -> list[Problem]:
+    """What a running mesh may not change about capture: the pods exist, with their addresses
+    and their sidecars' group (``legation up`` needs a restart for that)."""
+    was, now = before.capture, after.capture
+    if (was is None) != (now is None):
+        verb = "turned on" if was is None else "turned off"
+        return [Problem("capture", f"cannot be {verb} while running: restart legation up")]
+    if was is None or now is None:
+        return []
+    return [
+        Problem(f"capture.{field}", "cannot change while running: restart legation up")
+        for field in ("cidr", "proxy_gid")
+        if getattr(was, field) != getattr(now, field)
+    ]
+
+
 def capture_problems(mesh: Mesh) -> Iterator[Problem]:
     c = mesh.capture
     if c is None:

@@ -298,6 +298,21 @@ def test_an_excluded_port_bypasses_the_sidecar(
     assert captured.stats("frontend-0", "admin1")[out] == before
 
 
+def test_a_reload_may_not_move_the_range(captured: Captured) -> None:
+    text = captured.mesh.read_text()
+    cidr = str(captured.network.capture.cidr)
+    elsewhere = str(captured.network.capture.cidr.supernet(new_prefix=16))
+    captured.mesh.write_text(text.replace(f"cidr: {cidr}", f"cidr: {elsewhere}"))
+    try:
+        captured.up.wait_for(
+            f"{captured.mesh}: capture.cidr: cannot change while running: restart legation up"
+        )
+    finally:
+        captured.mesh.write_text(text)
+    status, _ = captured.app_get("frontend-0", "http://reviews:9080/")
+    assert status == 200  # still served by the generation the pods match
+
+
 def test_a_reload_adds_a_pod_whose_instance_takes_traffic(captured: Captured) -> None:
     text = captured.mesh.read_text()
     anchor = f"         sidecar: {{inbound_port: {captured.ports['in2']}"

@@ -86,3 +86,26 @@ def test_any_cidr_text_is_a_network_or_one_named_problem(text: str) -> None:
     else:
         assert mesh.capture is not None
         assert 8 <= mesh.capture.cidr.prefixlen <= 24
+
+
+def test_a_running_mesh_may_not_change_its_range_group_or_capture_itself() -> None:
+    from legation.config.capture import capture_change_problems
+
+    plain = parse(base())
+    data = base()
+    data["capture"] = {"cidr": "10.50.0.0/16"}
+    on = parse(data)
+    data["capture"] = {"cidr": "10.51.0.0/16", "proxy_gid": 2000}
+    moved = parse(data)
+    data["capture"] = {"cidr": "10.50.0.0/16", "outbound": {"exclude_ports": [22]}}
+    tuned = parse(data)
+    assert [(p.path, p.message) for p in capture_change_problems(plain, on)] == [
+        ("capture", "cannot be turned on while running: restart legation up")
+    ]
+    assert capture_change_problems(on, plain)[0].message.startswith("cannot be turned off")
+    assert [p.path for p in capture_change_problems(on, moved)] == [
+        "capture.cidr",
+        "capture.proxy_gid",
+    ]
+    assert capture_change_problems(on, tuned) == []  # rules follow a reload
+    assert capture_change_problems(plain, plain) == []
