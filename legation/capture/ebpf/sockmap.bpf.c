@@ -22,8 +22,9 @@
 // destination under the socket's cookie; legation_sockops moves it, once the connection is
 // established, under the app's own address and port; legation_getsockopt (cgroup/getsockopt)
 // answers the sidecar's SO_ORIGINAL_DST from there (once) when no NAT took place (conntrack has
-// no answer, or only the socket's own address). No NAT means the app's and the sidecar's 4-tuples mirror, so that hop is spliced too.
-// The sidecar's own connections (its group id) and anything not listed are left alone.
+// no answer, or only the socket's own address). No NAT means the app's and the sidecar's 4-tuples
+// mirror, so that hop is spliced too. The sidecar's own connections (its group id) and anything
+// not listed are left alone.
 //
 // No loops; every map is bounded; the netns cookie in the key keeps two namespaces that use the
 // same addresses (127.0.0.1 in each) from ever being spliced to each other.
