@@ -281,6 +281,7 @@ SERVICES = """\
 extauthz: {{port: {authz}, config: authz.yaml}}
 ratelimit: {{port: {rl}, config: limits.yaml}}
 accesslog: {{port: {als}, flush_interval: 100ms}}
+tracing: {{port: {traces}}}
 """
 
 
@@ -291,7 +292,12 @@ def test_up_runs_the_mesh_services_and_stops_them(tmp_path: Path, ports: dict[st
         "\ndefault_checks: [rego]\n"
     )
     (tmp_path / "limits.yaml").write_text("domain: mesh\ndescriptors: []\n")
-    service_ports = {"authz": free_port(), "rl": free_port(), "als": free_port()}
+    service_ports = {
+        "authz": free_port(),
+        "rl": free_port(),
+        "als": free_port(),
+        "traces": free_port(),
+    }
     mesh = tmp_path / "mesh.yaml"
     mesh.write_text(
         SERVICES.format(**service_ports)
@@ -319,6 +325,16 @@ def test_up_runs_the_mesh_services_and_stops_them(tmp_path: Path, ports: dict[st
 
         # golden metrics from the access-log service's own process, through its /metrics
         eventually(lambda: routes() == {"web": 2, "hello": 1})
+
+        # traces: the extauthz workers (their own processes, following their plan) record a span
+        # per check under the gateway's, into the control plane's embedded receiver
+        def checks() -> list[dict[str, Any]]:
+            doc = json.loads(http(run.status_url + "/traces?route=web")[1])
+            spans = [s for t in doc["traces"] for s in t["spans"]]
+            return [s for s in spans if s["service"] == "legation-extauthz"]
+
+        eventually(lambda: len(checks()) == 2, timeout=20)  # Envoy flushes every 5 s
+        assert sorted(s["attributes"]["legation.decision"] for s in checks()) == ["allow", "deny"]
         doc = json.loads(http(run.status_url + "/status")[1])
         assert doc["services"]["ratelimit"] == {
             "embedded": True,
