@@ -11,10 +11,13 @@ showing when it ran within the trace, its duration and what it did.
 
 The spans come as ``/traces`` serves them (:func:`legation.tracing.query.traces_document`).
 A span whose parent is not in the trace (not received yet, or evicted) is shown as a root.
+Whoever can reach the receiver names spans and attributes, so every text printed has its
+control characters (terminal escapes, newlines) replaced by ``?``.
 """
 
 from __future__ import annotations
 
+import unicodedata
 import urllib.parse
 from typing import Any
 
@@ -27,25 +30,33 @@ _SHOWN = ("legation.decision", "legation.policy", "legation.limit", "legation.ch
 def render(trace: dict[str, Any], *, width: int = BAR) -> str:
     spans: list[dict[str, Any]] = trace["spans"]
     if not spans:
-        return f"trace {trace['trace_id']}  (no spans)"
+        return f"trace {_safe(trace['trace_id'])}  (no spans)"
     start = min(s["start_ns"] for s in spans)
     end = max(s["end_ns"] for s in spans)
     total = max(end - start, 1)
     routes = sorted({str(s["attributes"]["route"]) for s in spans if "route" in s["attributes"]})
-    head = f"trace {trace['trace_id']}  {len(spans)} spans  {_ms(end - start)}"
+    head = f"trace {_safe(trace['trace_id'])}  {len(spans)} spans  {_ms(end - start)}"
     if routes:
-        head += "  route " + ", ".join(r for r in routes if not r.startswith("inbound-"))
+        head += "  route " + ", ".join(_safe(r) for r in routes if not r.startswith("inbound-"))
     lines = [head.rstrip(), "    offset  duration"]
     for depth, s in _ordered(spans):
         a = (s["start_ns"] - start) * width // total
         b = max(a + 1, -(-(s["end_ns"] - start) * width // total))
         bar = " " * a + "#" * (min(b, width) - a) + " " * (width - min(b, width))
-        label = f"{s['service']}: {s['name']}"
+        label = _safe(f"{s['service']}: {s['name']}")
         lines.append(
             f"{_ms(s['start_ns'] - start):>10}{_ms(s['end_ns'] - s['start_ns']):>10}  "
             f"|{bar}|  {'  ' * depth}{label}{_details(s)}"
         )
     return "\n".join(lines)
+
+
+def _safe(value: object) -> str:
+    """``value`` as text a terminal prints literally: control characters become ``?``."""
+    text = str(value)
+    if text.isprintable():
+        return text
+    return "".join(c if unicodedata.category(c)[0] != "C" else "?" for c in text)
 
 
 def _ordered(spans: list[dict[str, Any]]) -> list[tuple[int, dict[str, Any]]]:
@@ -85,7 +96,7 @@ def _details(s: dict[str, Any]) -> str:
     parts += [f"{k.removeprefix('legation.')}={a[k]}" for k in _SHOWN if k in a]
     if s.get("status") == "error":
         parts.append("ERROR")
-    return ("  " + " ".join(parts)) if parts else ""
+    return _safe("  " + " ".join(parts)) if parts else ""
 
 
 def _ms(ns: int) -> str:

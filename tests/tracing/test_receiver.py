@@ -6,10 +6,14 @@ from collections.abc import AsyncIterator
 
 import grpc
 import pytest
+from google.protobuf.message import DecodeError
+from hypothesis import given
+from hypothesis import strategies as st
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
+from opentelemetry.proto.common.v1 import common_pb2
 from opentelemetry.proto.trace.v1 import trace_pb2
 
-from legation.tracing.otlp import EXPORT_METHOD, to_request
+from legation.tracing.otlp import EXPORT_METHOD, from_request, to_request
 from legation.tracing.receiver import TraceReceiver
 from legation.tracing.store import MAX_ATTRIBUTES, MAX_VALUE, TraceStore
 from tests.tracing.test_store import span
@@ -88,3 +92,60 @@ def test_span_kinds_survive() -> None:
     assert request.resource_spans[0].instrumentation_library_spans[0].spans[0].kind == (
         trace_pb2.Span.SPAN_KIND_SERVER
     )
+
+
+_values = st.one_of(
+    st.text(max_size=300).map(lambda v: common_pb2.AnyValue(string_value=v)),
+    st.integers(min_value=-(2**63), max_value=2**63 - 1).map(
+        lambda v: common_pb2.AnyValue(int_value=v)
+    ),
+    st.booleans().map(lambda v: common_pb2.AnyValue(bool_value=v)),
+    st.floats(allow_nan=True).map(lambda v: common_pb2.AnyValue(double_value=v)),
+    st.binary(max_size=20).map(lambda v: common_pb2.AnyValue(bytes_value=v)),
+)
+
+
+@st.composite
+def requests(draw: st.DrawFn) -> Request:
+    request = Request()
+    for _ in range(draw(st.integers(0, 3))):
+        rs = request.resource_spans.add()
+        if draw(st.booleans()):
+            kv = rs.resource.attributes.add(key="service.name")
+            kv.value.CopyFrom(draw(_values))
+        scope = rs.instrumentation_library_spans.add()
+        for _ in range(draw(st.integers(0, 4))):
+            s = scope.spans.add(
+                trace_id=draw(st.binary(min_size=0, max_size=20)),
+                span_id=draw(st.binary(min_size=0, max_size=10)),
+                parent_span_id=draw(st.binary(max_size=10)),
+                name=draw(st.text(max_size=300)),
+                kind=draw(st.integers(0, 9)),
+                start_time_unix_nano=draw(st.integers(0, 2**64 - 1)),
+                end_time_unix_nano=draw(st.integers(0, 2**64 - 1)),
+            )
+            s.status.code = draw(st.integers(0, 5))
+            for key in draw(st.lists(st.text(max_size=200), max_size=40)):
+                s.attributes.add(key=key).value.CopyFrom(draw(_values))
+    return request
+
+
+@given(requests())
+def test_any_export_request_gives_bounded_well_formed_spans(request: Request) -> None:
+    for s in from_request(request):
+        assert len(s.trace_id) == 32 and len(s.span_id) == 16
+        assert s.parent_id == "" or len(s.parent_id) == 16
+        assert len(s.name) <= 128 and len(s.service) <= 128
+        assert len(s.attributes) <= MAX_ATTRIBUTES
+        assert all(len(k) <= 128 for k in s.attributes)
+        assert all(len(v) <= MAX_VALUE for v in s.attributes.values() if isinstance(v, str))
+        assert s.end_ns >= s.start_ns
+
+
+@given(st.binary(max_size=400))
+def test_any_bytes_parse_or_are_refused(raw: bytes) -> None:
+    try:
+        request = Request.FromString(raw)
+    except DecodeError:
+        return
+    list(from_request(request))  # never raises on what parsed

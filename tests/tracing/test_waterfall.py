@@ -83,3 +83,19 @@ def test_bad_queries_are_400(query: dict[str, str], message: str) -> None:
 
 def test_no_embedded_receiver_is_404() -> None:
     assert traces_document(None, {})[0] == 404
+
+
+def test_terminal_escapes_in_names_and_attributes_are_not_printed() -> None:
+    """Anyone who reaches the receiver names spans: no escape sequence reaches the terminal."""
+    t = "ef" * 16
+    evil = "\x1b]0;pwned\x07\x1b[2J\r\nfake line\u202e"
+    spans = [
+        {"trace_id": t, "span_id": "1", "parent_id": "", "name": evil, "service": evil,
+         "kind": "server", "start_ns": 0, "end_ns": 1, "status": "",
+         "attributes": {"route": evil, "legation.policy": evil, "http.method": evil,
+                        "http.url": f"http://h/{evil}", "http.status_code": evil}},
+    ]  # fmt: skip
+    out = render({"trace_id": t, "spans": spans})
+    assert out.isprintable() or all(c.isprintable() or c == "\n" for c in out)
+    assert "\x1b" not in out and "\r" not in out and "\u202e" not in out
+    assert len(out.splitlines()) == 3  # the header, the column names, the one span
