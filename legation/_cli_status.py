@@ -33,6 +33,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     ]
     if processes:
         print("processes  " + ", ".join(processes))
+    tracing = status.get("tracing")
+    if tracing:
+        store = tracing.get("store")
+        kept = f", {store['traces']} traces / {store['spans']} spans kept" if store else ""
+        print(
+            f"tracing  {tracing['collector']} at {tracing['address']}, "
+            f"sampling {tracing['sampling']:g} %{kept}"
+        )
     rotation = ((status.get("mtls") or {}).get("ca") or {}).get("rotation")
     if rotation:
         print(

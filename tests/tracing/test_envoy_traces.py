@@ -333,3 +333,12 @@ def test_legation_traces_prints_the_waterfall(world: World) -> None:
     )
     assert bad.returncode == 1
     assert "id: expected a trace id (32 hex digits)" in bad.stderr
+    status = subprocess.run(
+        [sys.executable, "-m", "legation.cli", "status", "--url", url],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=env,
+        check=True,
+    ).stdout
+    assert f"tracing  embedded at 127.0.0.1:{world.p['col']}, sampling 100 %, " in status
