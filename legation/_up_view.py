@@ -65,6 +65,11 @@ class StackView:
                 if mesh.accesslog is not None
                 else []
             ),
+            *(
+                ["  legation traces            # the latest requests' traces, as waterfalls"]
+                if mesh.tracing is not None and mesh.tracing.embedded
+                else []
+            ),
             f"  edit {self.mesh_path} and save: the change is validated and pushed live",
             "  Ctrl-C stops everything",
             "",

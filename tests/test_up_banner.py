@@ -22,6 +22,7 @@ def test_banner_leaves_out_routes_a_client_cannot_pick(tmp_path: Path) -> None:
     assert "reviews-beta-cohort" not in text  # x-legation-cohort: header_route computes it
     assert "# route reviews-canary (filters header_route)" in text
     assert "legation top" in text  # the quickstart has an access-log service
+    assert "legation traces" in text  # and the embedded trace receiver
 
 
 def test_up_makes_the_access_log_folders_before_the_envoys(
