@@ -390,7 +390,19 @@ def print_table(rows: Mapping[str, list[dict[str, float]]], args: argparse.Names
             f"{name:<11} {rps:>7.0f} {rps / plain:>8.2f} {med(rows, name, 'p50'):>7.2f} "
             f"{med(rows, name, 'p99'):>7.2f}  {cpu}"
         )
+
+    def cpu(row: str) -> float:
+        return sum(
+            v
+            for role in ("envoy", "extauthz", "extproc", "ratelimit")
+            if (v := med(rows, row, f"cpu_{role}")) == v  # NaN: not measured
+        )
+
     print(f"\nfused / chain: {med(rows, 'fused', 'rps') / chain:.2f}x (target >= 2)")
+    print(
+        f"CPU per request, all processes: chain {cpu('chain'):.0f} us, fused "
+        f"{cpu('fused'):.0f} us ({cpu('chain') / cpu('fused'):.1f}x less)"
+    )
     print(f"authz-http / plain: {med(rows, 'authz-http', 'rps') / plain:.2f} (target >= 0.5)")
     print(
         f"fused p99 / plain p99 at {args.rate} rps: "

@@ -105,10 +105,11 @@ def http_service(
     policy: str | None = None,
     checks: Sequence[str] = (),
     route: str | None = None,
+    remote_address: bool = False,
 ) -> ext_authz_pb2.HttpService:
     """The ``http_service`` calling the server, with the route's policy and checks if any; for
-    a fused ``route``, its name and the client address Envoy trusts (Envoy sets both: a client's
-    own ``x-legation-*`` headers never reach the server)."""
+    a fused ``route``, its name and, with ``remote_address``, the client address Envoy trusts
+    (Envoy sets both: a client's own ``x-legation-*`` headers never reach the server)."""
     service = ext_authz_pb2.HttpService(
         server_uri=http_uri_pb2.HttpUri(
             uri=f"http://{callout.cluster}",
@@ -124,6 +125,7 @@ def http_service(
         add.append(base_pb2.HeaderValue(key=CHECKS_HEADER, value=",".join(checks)))
     if route is not None:
         add.append(base_pb2.HeaderValue(key=ROUTE_HEADER, value=route))
+    if route is not None and remote_address:
         add.append(
             base_pb2.HeaderValue(
                 key=REMOTE_ADDRESS_HEADER, value="%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%"
@@ -170,6 +172,7 @@ def per_route(
     policy: str | None = None,
     checks: Sequence[str] = (),
     route: str | None = None,
+    remote_address: bool = False,
     disabled: bool = False,
 ) -> ext_authz_pb2.ExtAuthzPerRoute:
     """The route's settings: ``disabled``, or the call-out with its policy and checks (and, for a
@@ -182,7 +185,9 @@ def per_route(
         raise ValueError("a checked route needs the Callout its filter uses")
     out = ext_authz_pb2.ExtAuthzPerRoute()
     out.check_settings.http_service.CopyFrom(
-        http_service(callout, policy=policy, checks=checks, route=route)
+        http_service(
+            callout, policy=policy, checks=checks, route=route, remote_address=remote_address
+        )
     )
     return out
 

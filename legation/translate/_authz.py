@@ -104,7 +104,10 @@ def fused_per_route(mesh: Mesh, out: rc.Route, spec: Route | None) -> None:
         name = FUSED_FILTERS[fail_open]
         if isinstance(found, FusedRoute) and found.fail_open == fail_open:
             setting = fast_filter.per_route(
-                fused_callout(mesh, fail_open=fail_open), policy=found.authz, route=found.name
+                fused_callout(mesh, fail_open=fail_open),
+                policy=found.authz,
+                route=found.name,
+                remote_address=found.reads_remote_address,
             )
         else:
             setting = fast_filter.per_route(disabled=True)

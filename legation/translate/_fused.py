@@ -69,6 +69,11 @@ class FusedRoute:
     def rate_limited(self) -> bool:
         return bool(self.descriptors)
 
+    @property
+    def reads_remote_address(self) -> bool:
+        """Whether a descriptor needs the client address (Envoy then passes it)."""
+        return any(isinstance(e, RemoteEntry) for d in self.descriptors for e in d)
+
 
 def _entry(action: RateLimitAction) -> Entry | str:
     if action.generic_key is not None:
