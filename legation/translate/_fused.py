@@ -21,9 +21,9 @@ gives the first reason it does not):
 4. Envoy evaluates ``rate_limits`` on the route a request *ends* on, after header routing
    re-picked it, while the fused call counts the first route's: so every route header routing can
    move a request between (a *routing group*) must carry the same ``rate_limits``, and the group
-   is fused or not as a whole. The group must share one ``authz`` too: Envoy never runs the
-   authz of a route it re-picked (the chain has the same gap, through ext_proc's
-   ``clear_route_cache``; a fused route never has it);
+   is fused or not as a whole (:mod:`._routing_groups`). The group must share one ``authz``
+   too: Envoy never runs the authz of a route it re-picked (the chain has the same gap,
+   through ext_proc's ``clear_route_cache``; a fused route never has it);
 5. with the ``memory`` backend the counters live in one process: rate limits are fused only if
    every rate-limited route is and the ext_authz service runs one worker, so neither the gRPC
    rate-limit service and the call-out nor two call-out workers count the same domain side by
@@ -45,10 +45,9 @@ from legation.config.routes import Route
 from legation.extauthz._headers import bad_header_value
 from legation.fastpath.contract import HEADER_PREFIX, RATELIMIT_HEADERS
 from legation.fastpath.descriptors import Entry, GenericEntry, HeaderEntry, RemoteEntry
+from legation.translate._routing_groups import ROUTING_FILTER, routing_groups, routing_headers
 
 __all__ = ["FusedRoute", "client_headers", "fused_routes", "request_headers", "upstream_headers"]
-
-ROUTING_FILTER = "header_route"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -91,19 +90,11 @@ def _entry(action: RateLimitAction) -> Entry | str:
     )
 
 
-def _routing_headers(spec: Route) -> set[str]:
-    return {f.config.header.lower() for f in spec.filters if f.name == ROUTING_FILTER}
-
-
-def _read_headers(spec: Route) -> set[str]:
-    return {m.name.lower() for m in spec.match.headers}
-
-
 def _misfit(mesh: Mesh, spec: Route) -> str | None:
     """Why ``spec`` alone cannot be fused (None: it can)."""
     if spec.authz_protocol == "grpc":
         return "the route sets authz_protocol: grpc"
-    sets = _routing_headers(spec)
+    sets = routing_headers(spec)
     for f in spec.filters:
         if f.name != ROUTING_FILTER:
             return f"filter {f.name} needs ext_proc's stream (only header_route is fused)"
@@ -142,58 +133,6 @@ def _misfit(mesh: Mesh, spec: Route) -> str | None:
     return None
 
 
-def _overlap(a: Route, b: Route) -> bool:
-    """Whether one request could match both paths (conservative: True unless clearly not)."""
-
-    def stem(r: Route) -> tuple[str, bool] | None:
-        p = r.match.path
-        if p.prefix is not None:
-            return p.prefix, True
-        if p.exact is not None:
-            return p.exact, False
-        return None
-
-    sa, sb = stem(a), stem(b)
-    if sa is None or sb is None:
-        return True
-    (pa, a_pre), (pb, b_pre) = sa, sb
-    if a_pre and b_pre:
-        return pa.startswith(pb) or pb.startswith(pa)
-    if a_pre:
-        return pb.startswith(pa)
-    if b_pre:
-        return pa.startswith(pb)
-    return pa == pb
-
-
-def _groups(routes: list[Route]) -> list[set[int]]:
-    """Routes header routing can move a request between (see the module doc, rule 4): from a
-    route with routing filters setting H, to every route whose path overlaps its own and whose
-    match reads H and, when the route itself reads H, to every later one (the header removed or
-    changed, it may match no more)."""
-    parent = list(range(len(routes)))
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    reads = [_read_headers(r) for r in routes]
-    for i, r in enumerate(routes):
-        sets = _routing_headers(r)
-        if not sets:
-            continue
-        for j, s in enumerate(routes):
-            later = j > i and reads[i] & sets
-            if j != i and (reads[j] & sets or later) and _overlap(r, s):
-                parent[find(j)] = find(i)
-    out: dict[int, set[int]] = {}
-    for i in range(len(routes)):
-        out.setdefault(find(i), set()).add(i)
-    return list(out.values())
-
-
 def _plan(mesh: Mesh) -> dict[str, FusedRoute | str]:
     block = mesh.extauthz
     out: dict[str, FusedRoute | str] = {}
@@ -204,7 +143,7 @@ def _plan(mesh: Mesh) -> dict[str, FusedRoute | str]:
         return {r.name: why_not for r in mesh.routes}
     routes = mesh.routes
     why: dict[int, str] = {}
-    for group in _groups(routes):
+    for group in routing_groups(routes):
         limits = {repr([d.model_dump() for d in routes[i].rate_limits]) for i in group}
         policies = {routes[i].authz for i in group}
         misfits = {i: _misfit(mesh, routes[i]) for i in group}
