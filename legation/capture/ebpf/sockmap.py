@@ -78,10 +78,13 @@ class Sockmap:
         obj = build_object()
         if ensure_bpffs(self.bpffs):
             log.info("--ebpf: mounted the bpf filesystem at %s", self.bpffs)
+        self._check_cgroup()
         try:
-            self.cgroup.mkdir()
-            self._check_cgroup()
-            self._claim()
+            self.cgroup.mkdir()  # exists: another start made it since the leftovers went
+        except OSError as err:
+            raise CaptureError(f"--ebpf: cannot create cgroup {self.cgroup}: {err}") from None
+        self._claim()
+        try:
             self.pins.mkdir()
             bpftool(
                 "prog", "loadall", str(obj), str(self.pins / "progs"),
