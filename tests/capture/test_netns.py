@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import json
 import shutil
+import signal
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -18,7 +22,7 @@ from legation.capture.errors import CaptureError
 from legation.capture.relay import Relay
 from legation.capture.rules import hosts_file, pod_rules
 from legation.config.capture import Capture
-from tests.conftest import free_port
+from tests.conftest import distinct_ports, free_port
 
 # Inside a pod: a listener on the outbound port reporting the original destination of what it
 # accepts; then a connection to argv[1]:argv[2] (as group argv[3] when given).
@@ -166,6 +170,41 @@ def test_without_the_capabilities_capture_refuses_and_names_them(tmp_path: Path)
         "iptables) (run without --capture otherwise)"
     ) in done.stdout
     assert "control plane:" not in done.stdout
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_without_the_capabilities_the_rest_works(tmp_path: Path) -> None:
+    """The same process, without --capture: the mesh comes up and answers through its gateway."""
+    if shutil.which("setpriv") is None or netns.missing():
+        pytest.skip("needs setpriv and the capabilities to drop")
+    p = distinct_ports("xds", "gw", "gw_admin", "app", "status")
+    mesh = tmp_path / "mesh.yaml"
+    mesh.write_text(
+        f"xds: {{port: {p['xds']}}}\n"
+        f"gateway: {{port: {p['gw']}, admin_port: {p['gw_admin']}}}\n"
+        f"services: [{{name: web, port: 9080, endpoints: [{{port: {p['app']}, demo: {{}}}}]}}]\n"
+        "routes: [{name: web, match: {path: {prefix: /}}, to: {service: web}}]\n"
+    )
+    drop = ["setpriv", "--inh-caps=-net_admin,-sys_admin", "--bounding-set=-net_admin,-sys_admin"]
+    log = tmp_path / "up.log"
+    command = [sys.executable, "-m", "legation.cli", "up", "--plain", str(mesh)]
+    with open(log, "w") as out:
+        up = subprocess.Popen(
+            [*drop, *command, "--status-port", str(p["status"]), "--log-dir", str(tmp_path)],
+            stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while "Legation is up" not in log.read_text() and time.monotonic() < deadline:
+            assert up.poll() is None, log.read_text()
+            time.sleep(0.1)
+        assert "Legation is up" in log.read_text()
+        with urllib.request.urlopen(f"http://127.0.0.1:{p['gw']}/", timeout=5) as resp:
+            assert json.loads(resp.read())["service"] == "web"
+    finally:
+        up.send_signal(signal.SIGINT)
+        assert up.wait(30) == 0
 
 
 _CONNECT = """
