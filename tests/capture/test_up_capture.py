@@ -50,6 +50,12 @@ services:
     endpoints:
       - {{name: reviews-0, port: {app2}, demo: {{}},
          sidecar: {{inbound_port: {in2}, outbound_port: {out2}, admin_port: {admin2}}}}}
+  - name: stream
+    port: 9090
+    protocol: tcp
+    endpoints:
+      - {{name: stream-0, port: {app4}, demo: {{}},
+         sidecar: {{inbound_port: {in4}, outbound_port: {out4}, admin_port: {admin4}}}}}
 extauthz: {{port: {authz}, config: authz.yaml, timeout: 5s}}
 ratelimit: {{port: {rl}, config: limits.yaml, domain: mesh, backend: memory, timeout: 5s,
             failure_mode: closed}}
@@ -75,7 +81,7 @@ descriptors:
   - {key: generic_key, value: limited, rate_limit: {unit: minute, requests_per_unit: 2}}
 """
 _NAMES = "xds gw gw_admin app1 in1 out1 admin1 app2 in2 out2 admin2 status excluded authz rl"
-_NAMES = [*_NAMES.split(), "app3", "in3", "out3", "admin3"]
+_NAMES = [*_NAMES.split(), "app3", "in3", "out3", "admin3", "app4", "in4", "out4", "admin4"]
 # a reload adds this instance of reviews (in the file, commented out until then)
 ADDED = """\
       - {{name: reviews-1, port: {app3}, labels: {{version: v2}}, demo: {{}},
@@ -176,6 +182,16 @@ def test_an_app_calls_a_service_by_name_through_both_sidecars(captured: Captured
     inbound = captured.stats("reviews-0", "admin2")
     assert inbound["http.inbound_reviews.downstream_rq_2xx"] >= 1
     assert inbound["listener.inbound_reviews.ssl.handshake"] >= 1
+
+
+def test_a_tcp_service_is_captured_to_its_filter_chain_over_mtls(captured: Captured) -> None:
+    """protocol: tcp: the outbound chain on the service's address proxies bytes (HTTP here, the
+    demo app's) to the destination pod, whose sidecar terminates mTLS."""
+    status, body = captured.app_get("frontend-0", "http://stream:9090/bytes")
+    assert status == 200 and json.loads(body)["service"] == "stream"
+    assert "x-forwarded-client-cert" not in json.loads(body)["headers"]  # no HTTP on the way
+    assert captured.stats("frontend-0", "admin1")["tcp.outbound_stream.downstream_cx_total"] >= 1
+    assert captured.stats("stream-0", "admin4")["listener.inbound_stream.ssl.handshake"] >= 1
 
 
 def test_authz_and_rate_limits_apply_to_captured_traffic(captured: Captured) -> None:
