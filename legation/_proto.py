@@ -14,9 +14,6 @@ from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, grpc_
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
-from envoy.extensions.retry.host.previous_hosts.v3.previous_hosts_pb2 import (
-    PreviousHostsPredicate,
-)
 from envoy.type.v3 import percent_pb2
 from google.protobuf import any_pb2, duration_pb2
 from google.protobuf.message import Message
@@ -78,24 +75,12 @@ def address(host: str, port: int) -> address_pb2.Address:
 def envoy_grpc(
     cluster: str, *, timeout: duration_pb2.Duration | None = None
 ) -> grpc_service_pb2.GrpcService:
-    """A gRPC service reached through Envoy's own client, over ``cluster``. A call that cannot
-    reach the endpoint it picked or is cut before its answer (connection refused or reset, stream
-    refused: a worker process that died) is retried on another endpoint of the cluster, up to
-    twice. A call cut mid-way may have been counted by a rate limiter that died answering it:
-    counted again on the retry (a crash over-counts by its calls in flight, never under)."""
+    """A gRPC service reached through Envoy's own client, over ``cluster``."""
     service = grpc_service_pb2.GrpcService(
         envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(cluster_name=cluster)
     )
     if timeout is not None:
         service.timeout.CopyFrom(timeout)
-    retry = service.retry_policy
-    retry.retry_on = "connect-failure,refused-stream,reset"
-    retry.num_retries.value = 2
-    retry.retry_back_off.base_interval.FromMilliseconds(5)
-    retry.retry_back_off.max_interval.FromMilliseconds(25)
-    retry.host_selection_retry_max_attempts = 5
-    other = retry.retry_host_predicate.add(name="envoy.retry_host_predicates.previous_hosts")
-    other.typed_config.Pack(PreviousHostsPredicate())
     return service
 
 

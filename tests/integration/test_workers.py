@@ -1,8 +1,7 @@
 """`legation up` runs each request-path service in several worker processes, and the real Envoy
 spreads the calls over them (one endpoint per worker, worker i on ``port + 100 i``): every worker's
 own counter (``worker`` label on the control plane's /metrics) shows decisions. A worker killed is
-started again, its calls meanwhile retried on the others; while none answers, the route fails
-closed. Rate limits stay exact: the memory
+started again; while none answers, the route fails closed. Rate limits stay exact: the memory
 backend runs one worker, the Redis one shares its counters between workers."""
 
 from __future__ import annotations
@@ -95,12 +94,8 @@ def test_calls_spread_over_the_workers_and_a_dead_one_is_restarted(tmp_path: Pat
         counts = _decisions(run.status_url)
         assert set(counts) == {"0", "1"} and min(counts.values()) >= 10, counts
 
-        # worker 0 killed: a call Envoy sends its way cannot connect and is retried on worker 1,
-        # so every request is still decided by the policy; `legation up` starts worker 0 again
+        # worker 0 killed: started again by `legation up`; decisions come back from both
         os.kill(int(str(workers[0]["pid"])), signal.SIGKILL)
-        answers = [http(gw + "/admin", {"x-role": "admin"})[0] for _ in range(10)]
-        assert answers == [200] * 10, answers
-        assert http(gw + "/admin")[0] == 403
         run.wait_for("extauthz/0 restarted")
         eventually(lambda: _workers(run.status_url, "extauthz")[0]["restarts"] == 1)
         eventually(

@@ -132,22 +132,13 @@ def test_fail_closed_defaults_follow_each_block() -> None:
     )  # header CR/LF/NUL refused
     expected.grpc_service.envoy_grpc.cluster_name = "legation|extauthz"
     expected.grpc_service.timeout.FromMilliseconds(250)
-    expected.grpc_service.retry_policy.CopyFrom(authz.grpc_service.retry_policy)  # below
     expected.status_on_error.code = 403
     assert authz == expected
-    # a call that cannot reach a worker (down) goes to another one
-    retry = authz.grpc_service.retry_policy
-    assert retry.retry_on == "connect-failure,refused-stream,reset"
-    assert retry.num_retries.value == 2
-    assert [p.name for p in retry.retry_host_predicate] == [
-        "envoy.retry_host_predicates.previous_hosts"
-    ]
 
     proc = ext_proc_pb2.ExternalProcessor()
     filters[PROC].typed_config.Unpack(proc)
     assert proc.failure_mode_allow is False
     assert proc.grpc_service.envoy_grpc.cluster_name == "legation|extproc"
-    assert proc.grpc_service.retry_policy == retry
     assert proc.message_timeout == duration_pb2.Duration(nanos=200_000_000)
 
     limit = rate_limit_pb2.RateLimit()
@@ -159,10 +150,7 @@ def test_fail_closed_defaults_follow_each_block() -> None:
         enable_x_ratelimit_headers=rate_limit_pb2.RateLimit.DRAFT_VERSION_03,
         rate_limit_service=rls_pb2.RateLimitServiceConfig(
             grpc_service=grpc_service_pb2.GrpcService(
-                envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(
-                    cluster_name="legation|ratelimit"
-                ),
-                retry_policy=retry,
+                envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(cluster_name="legation|ratelimit")
             ),
             transport_api_version=config_source_pb2.V3,
         ),
