@@ -47,17 +47,22 @@ def plan(
     embedded: bool = True,
 ) -> Plan:
     """Validate what the mesh's services need; raise MeshConfigError naming file and field.
-    ``reserved`` ports (e.g. the status endpoint's) cannot be used by an embedded service.
+    ``reserved`` ports (e.g. the status endpoint's) cannot be used by an embedded service, nor
+    by the embedded trace receiver.
     ``embedded=False``: the services run elsewhere whatever their blocks say (only the Envoy
     side is configured): nothing to plan or read."""
     if not embedded:
-        return Plan(embedded={}, remote={})
+        return Plan(embedded={}, remote={}, tracing=mesh.tracing)
     source = str(mesh_path)
     mesh_dir = Path(mesh_path).resolve().parent
     reserved = reserved or {}
     problems: list[Problem] = []
     specs: dict[str, ServiceSpec] = {}
     remote: dict[str, str] = {}
+    if mesh.tracing is not None and mesh.tracing.embedded:  # the receiver: in the control plane
+        port = mesh.tracing.address()[1]
+        if port in reserved:
+            problems.append(Problem("tracing.port", f"port {port} is {reserved[port]}"))
     for kind in KINDS:
         block = kind.block_of(mesh)
         if block is None:

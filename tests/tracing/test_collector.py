@@ -7,6 +7,7 @@ import socket
 
 import pytest
 
+from legation.config import MeshConfigError
 from legation.config.tracing import Tracing
 from legation.grpc_server import BindError
 from legation.services.embedded import EmbeddedServices
@@ -75,3 +76,11 @@ async def test_applying_a_plan_points_the_services_spans_at_its_collector() -> N
     finally:
         spans.configure(None)
         await services.stop()
+
+
+def test_the_receiver_cannot_take_the_status_port() -> None:
+    data = base()
+    data["tracing"] = {"port": 18001}
+    with pytest.raises(MeshConfigError) as info:
+        plan(parse(data), mesh_path="mesh.yaml", reserved={18001: "the status endpoint's"})
+    assert str(info.value) == "mesh.yaml: tracing.port: port 18001 is the status endpoint's"
