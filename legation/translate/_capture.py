@@ -15,8 +15,9 @@ made by ``legation up``), so:
   (``127.0.0.1:<outbound_port>`` with a Host header still works), and for any other destination
   a pass-through to it (``policy: allow_any``) or nothing, the connection closed
   (``registry_only``);
-* the request-path services listen on the host's loopback, which a pod does not share: a pod's
-  sidecar reaches them at the bridge address, where ``legation up`` relays to them.
+* the request-path services (and instances without a sidecar, so without a pod) listen on the
+  host's loopback, which a pod does not share: a pod's sidecar reaches them at the bridge
+  address, where ``legation up`` relays to them.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from collections.abc import Sequence
 
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import address_pb2
+from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.config.listener.v3 import listener_components_pb2 as lc
 from envoy.config.listener.v3 import listener_pb2
 from envoy.extensions.filters.listener.original_dst.v3 import original_dst_pb2
@@ -88,7 +90,8 @@ def to_bridge(
 
 def relay_targets(mesh: Mesh) -> list[tuple[str, int]]:
     """The host-loopback (host, port) pairs a captured sidecar reaches through the bridge: the
-    xDS server and the request-path services' static clusters. ``legation up`` relays them."""
+    xDS server, the request-path services' and the trace collector's static clusters, and the
+    instances without a sidecar (no pod) on loopback. ``legation up`` relays them."""
     from legation.translate._services import service_clusters
     from legation.translate._tracing import tracing_clusters
 
@@ -99,7 +102,33 @@ def relay_targets(mesh: Mesh) -> list[tuple[str, int]]:
                 sock = lb.endpoint.address.socket_address
                 if sock.address in (LOOPBACK, "localhost"):
                     out.append((LOOPBACK, sock.port_value))
+    out += [
+        (LOOPBACK, e.port)
+        for s in mesh.services
+        for e in s.endpoints
+        if e.sidecar is None and e.host in (LOOPBACK, "localhost")
+    ]
     return sorted(set(out))
+
+
+def bridged(
+    clusters: Sequence[tuple[cluster_pb2.Cluster, endpoint_pb2.ClusterLoadAssignment]],
+    capture: Capture,
+) -> list[tuple[cluster_pb2.Cluster, endpoint_pb2.ClusterLoadAssignment]]:
+    """The services' clusters as a pod's sidecar sees them: endpoints on the host's loopback
+    (instances without a sidecar, hence without a pod) at the bridge address instead, where
+    ``legation up`` relays them (:func:`relay_targets`)."""
+    out = []
+    for cluster, cla in clusters:
+        copy = endpoint_pb2.ClusterLoadAssignment()
+        copy.CopyFrom(cla)
+        for group in copy.endpoints:
+            for lb in group.lb_endpoints:
+                sock = lb.endpoint.address.socket_address
+                if sock.address in (LOOPBACK, "localhost"):
+                    sock.address = capture.bridge_ip
+        out.append((cluster, copy))
+    return out
 
 
 def passthrough_cluster() -> cluster_pb2.Cluster:

@@ -53,6 +53,7 @@ from legation.translate._accesslog import access_logs
 from legation.translate._capture import (
     ANY_HOST,
     LOOPBACK,
+    bridged,
     capture_outbound,
     passthrough_cluster,
     service_domains,
@@ -96,13 +97,14 @@ def translate(mesh: Mesh, *, version: str, secrets: Secrets | None = None) -> di
         for pair in outbound_clusters(s, server_id=_identity(mesh, s), capture=mesh.capture)
     ]
     routed = _Routed(mesh, route_chains(mesh))
+    in_pods = shared if mesh.capture is None else bridged(shared, mesh.capture)
     out: dict[str, Snapshot] = {}
     for service in mesh.services:
         for i, endpoint in enumerate(service.endpoints):
             if endpoint.sidecar is not None:
                 node = sidecar_node_id(service.instance_name(i))
                 out[node] = _sidecar(
-                    routed, node, service, endpoint, shared, version, _secrets_of(secrets, node)
+                    routed, node, service, endpoint, in_pods, version, _secrets_of(secrets, node)
                 )
     if mesh.gateway is not None:
         node = gateway_node_id(mesh.gateway.name)

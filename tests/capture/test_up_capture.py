@@ -56,6 +56,9 @@ services:
     endpoints:
       - {{name: stream-0, port: {app4}, demo: {{}},
          sidecar: {{inbound_port: {in4}, outbound_port: {out4}, admin_port: {admin4}}}}}
+  - name: legacy
+    port: 9080
+    endpoints: [{{name: legacy-0, port: {app5}, demo: {{}}}}]
 extauthz: {{port: {authz}, config: authz.yaml, timeout: 5s}}
 ratelimit: {{port: {rl}, config: limits.yaml, domain: mesh, backend: memory, timeout: 5s,
             failure_mode: closed}}
@@ -81,7 +84,7 @@ descriptors:
   - {key: generic_key, value: limited, rate_limit: {unit: minute, requests_per_unit: 2}}
 """
 _NAMES = "xds gw gw_admin app1 in1 out1 admin1 app2 in2 out2 admin2 status excluded authz rl"
-_NAMES = [*_NAMES.split(), "app3", "in3", "out3", "admin3", "app4", "in4", "out4", "admin4"]
+_NAMES = [*_NAMES.split(), "app3", "in3", "out3", "admin3", "app4", "in4", "out4", "admin4", "app5"]
 # a reload adds this instance of reviews (in the file, commented out until then)
 ADDED = """\
       - {{name: reviews-1, port: {app3}, labels: {{version: v2}}, demo: {{}},
@@ -192,6 +195,14 @@ def test_a_tcp_service_is_captured_to_its_filter_chain_over_mtls(captured: Captu
     assert "x-forwarded-client-cert" not in json.loads(body)["headers"]  # no HTTP on the way
     assert captured.stats("frontend-0", "admin1")["tcp.outbound_stream.downstream_cx_total"] >= 1
     assert captured.stats("stream-0", "admin4")["listener.inbound_stream.ssl.handshake"] >= 1
+
+
+def test_an_instance_without_a_sidecar_stays_on_the_host_and_pods_reach_it(
+    captured: Captured,
+) -> None:
+    assert captured.network.prefix + "legacy-0" not in netns.run(["ip", "netns", "list"])
+    status, body = captured.app_get("frontend-0", "http://legacy:9080/old")
+    assert status == 200 and json.loads(body)["service"] == "legacy"
 
 
 def test_authz_and_rate_limits_apply_to_captured_traffic(captured: Captured) -> None:

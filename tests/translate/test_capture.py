@@ -112,10 +112,20 @@ def test_sidecars_reach_the_services_over_the_bridge_and_the_gateway_over_loopba
     assert "passthrough" not in snaps["gateway-ingress"].resources(ResourceType.CLUSTER)
 
 
-def test_relay_targets_are_the_xds_server_and_the_services() -> None:
+def test_relay_targets_are_the_xds_server_the_services_and_instances_without_pods() -> None:
     data = base()
     data["extauthz"] = {"port": 18010, "embedded": False}
-    assert relay_targets(parse(data)) == [("127.0.0.1", 18000), ("127.0.0.1", 18010)]
+    assert relay_targets(parse(data)) == [
+        ("127.0.0.1", 9121),  # ratings-0: no sidecar, so no pod: it stays on the host
+        ("127.0.0.1", 18000),
+        ("127.0.0.1", 18010),
+    ]
+
+
+def test_pods_reach_an_instance_without_a_pod_through_the_bridge() -> None:
+    snaps, cap = captured()
+    assert _endpoints(snaps["sidecar-reviews-0"], "outbound|ratings") == [(cap.bridge_ip, 9121)]
+    assert _endpoints(snaps["gateway-ingress"], "outbound|ratings") == [("127.0.0.1", 9121)]
 
 
 def test_without_capture_the_listeners_are_the_explicit_ones() -> None:
