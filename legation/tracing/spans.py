@@ -17,7 +17,10 @@ filter names, never a header value, a token, a cookie or a descriptor's value (a
 be built from any header, ``authorization`` too). A key outside the list is dropped.
 
 :func:`configure` follows the mesh's ``tracing`` block (called by whoever applies a mesh to the
-services: the embedded runner, or a service process following its plan).
+services: the embedded runner, or a service process following its plan). The SDK provider and
+its exporter thread are made on the first sampled span, so each worker process of a service
+(``--workers``, forked) has its own. The batch processor holds at most 2,048 spans: past that
+(a collector away, or more sampled spans than it exports) the SDK drops spans rather than grow.
 """
 
 from __future__ import annotations
