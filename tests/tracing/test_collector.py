@@ -4,11 +4,13 @@ plans carry the tracing block to every process that runs a service."""
 from __future__ import annotations
 
 import socket
+from pathlib import Path
 
 import pytest
 
 from legation.config import MeshConfigError
 from legation.config.tracing import Tracing
+from legation.controlplane import ControlPlane
 from legation.grpc_server import BindError
 from legation.services.embedded import EmbeddedServices
 from legation.services.planning import Plan, plan
@@ -84,3 +86,31 @@ def test_the_receiver_cannot_take_the_status_port() -> None:
     with pytest.raises(MeshConfigError) as info:
         plan(parse(data), mesh_path="mesh.yaml", reserved={18001: "the status endpoint's"})
     assert str(info.value) == "mesh.yaml: tracing.port: port 18001 is the status endpoint's"
+
+
+async def test_a_reload_starts_moves_and_stops_the_control_planes_receiver(
+    tmp_path: Path,
+) -> None:
+    ports = distinct_ports("xds", "a", "b")
+    path = tmp_path / "mesh.yaml"
+    body = (
+        f"xds: {{port: {ports['xds']}}}\n"
+        "services: [{name: web, port: 9080, endpoints: [{port: 9101}]}]\n"
+    )
+    path.write_text(body)
+    cp = ControlPlane(path, status_port=0, ca_dir=tmp_path / "ca", on_event=lambda _: None)
+    await cp.start()
+    try:
+        assert cp.collector.store is None and cp.status()["tracing"] is None
+        path.write_text(body + f"tracing: {{port: {ports['a']}}}\n")
+        assert await cp.reload() is True
+        assert listening(ports["a"])
+        assert cp.status()["tracing"]["address"] == f"127.0.0.1:{ports['a']}"
+        path.write_text(body + f"tracing: {{port: {ports['b']}, sampling: 5}}\n")
+        assert await cp.reload() is True
+        assert listening(ports["b"]) and not listening(ports["a"])
+        path.write_text(body)
+        assert await cp.reload() is True
+        assert not listening(ports["b"]) and cp.collector.store is None
+    finally:
+        await cp.stop()
