@@ -22,8 +22,9 @@ bridge between the pods where the explicit stack stays on loopback. With the eBP
   three loopback hops spliced;
 * ``ipt+ebpf``: ``iptables`` (two more pods) in the splice's cgroup with connect-time redirection,
   as ``legation up --capture --ebpf`` runs: the client's connect goes straight to sidecar A
-  (which reads the original destination from the getsockopt program), so that hop and sidecar B
-  -> app B are spliced; sidecar A -> pod B still crosses the bridge and pod B's REDIRECT.
+  (which reads the original destination from the getsockopt program), sidecar A's to pod B's
+  inbound port instead of through its REDIRECT; no NAT left, all three hops spliced (sidecar A
+  -> sidecar B across the two namespaces).
 
 Per round and stack: ``wrk -t1 -cN`` (requests/s), then ``h2load --h1`` at a fixed rate (p50/p99
 in ms), and CPU per request of the three Envoys and of the client. Medians over the rounds; each
@@ -133,7 +134,10 @@ def start_iptables(
         envoy.wait_live()
     url = f"http://{cap.service_ip('app')}:{SERVICE_PORT}/"
     if splice is not None:  # as legation up --capture --ebpf: pod A's connects to the service
-        splice.redirect({a.netns: p["a_out"]}, cap.proxy_gid, [(cap.service_ip("app"), 9080)])
+        splice.redirect(
+            {a.netns: p["a_out"], b.netns: p["b_out"]}, cap.proxy_gid,
+            [(cap.service_ip("app"), SERVICE_PORT)], [(b.ip, p["app"], p["b_in"])],
+        )  # fmt: skip
     _wait_ok(a.exec_argv([]), url)
     return a.exec_argv([]), url, mine, join
 

@@ -53,14 +53,16 @@ class StackSplice:
         if self.splice is None or self.pods is None or mesh.capture is None:
             return
         netns_of = {instance: pod.netns for instance, pod in self.pods.pods.items()}
-        pods, services = for_mesh(mesh, netns_of)
+        pods, services, inbound = for_mesh(mesh, netns_of)
+        gid = mesh.capture.proxy_gid
         try:
-            await asyncio.to_thread(self.splice.redirect, pods, mesh.capture.proxy_gid, services)
+            await asyncio.to_thread(self.splice.redirect, pods, gid, services, inbound)
         except LegationError as err:
             self.say(f"--ebpf: no connect-time redirection ({err}); iptables captures as usual")
             return
         self.say(
-            f"--ebpf: connect-time redirection in {len(pods)} pods to {len(services)} services"
+            f"--ebpf: connect-time redirection in {len(pods)} pods to {len(services)} services "
+            f"and {len(inbound)} inbound ports"
         )
 
     async def _stop_splice(self) -> None:

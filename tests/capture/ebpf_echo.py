@@ -6,7 +6,8 @@ the greeting, send COUNT messages of varying size (1 B to 64 KiB) and check each
 byte; print the bytes echoed. ``sink CONNECTIONS`` / ``burst PORT CONNECTIONS COUNT``: per
 connection, the client sends COUNT numbered messages the moment it is connected and closes; the
 server waits a little before reading, then checks every byte arrived in order; it prints the
-connections checked. ``sidecar PORT CONNECTIONS``: on 127.0.0.1:PORT, per connection, answer
+connections checked. ``sidecar PORT CONNECTIONS [HOST]``: on 127.0.0.1:PORT (or HOST:PORT), per
+connection, answer
 the original destination (``SO_ORIGINAL_DST``, or ``none``) as a line, then echo. ``dial IP PORT``:
 connect, print that line, check 20 echoes; print ``unreachable`` if the connect fails.
 Bounded: a 20 s socket timeout everywhere.
@@ -72,8 +73,8 @@ def burst(port: int, connections: int, count: int) -> None:
                 conn.sendall(_numbered(index))
 
 
-def sidecar(port: int, connections: int) -> None:
-    with socket.create_server(("127.0.0.1", port)) as listener:
+def sidecar(port: int, connections: int, host: str = "127.0.0.1") -> None:
+    with socket.create_server((host, port)) as listener:
         listener.settimeout(TIMEOUT)
         print(port, flush=True)
         for _ in range(connections):
@@ -129,7 +130,7 @@ if __name__ == "__main__":
     elif sys.argv[1] == "sink":
         sink(int(sys.argv[2]))
     elif sys.argv[1] == "sidecar":
-        sidecar(int(sys.argv[2]), int(sys.argv[3]))
+        sidecar(int(sys.argv[2]), int(sys.argv[3]), *sys.argv[4:5])
     elif sys.argv[1] == "dial":
         dial(sys.argv[2], int(sys.argv[3]))
     elif sys.argv[1] == "burst":

@@ -17,6 +17,7 @@ import pytest
 from legation.capture import netns
 from legation.capture.ebpf import Sockmap
 from legation.capture.ebpf.redirect import redirected
+from legation.capture.rules import pod_rules
 from legation.config.capture import Capture
 from tests.capture.test_ebpf import ECHO, MISSING, _name
 
@@ -51,6 +52,14 @@ def sockmap() -> Iterator[Sockmap]:
 
 def _in(space: str, *argv: str) -> list[str]:
     return ["ip", "netns", "exec", space, sys.executable, str(ECHO), *argv]
+
+
+def _dial_to(space: str, ip: str, port: int, preexec: Callable[[], None]) -> str:
+    done = subprocess.run(
+        _in(space, "dial", ip, str(port)),
+        capture_output=True, text=True, timeout=30, check=True, preexec_fn=preexec,
+    )  # fmt: skip
+    return done.stdout.strip()
 
 
 def _dial(space: str, port: int, preexec: Callable[[], None]) -> str:
@@ -111,6 +120,46 @@ def test_a_pod_or_service_dropped_on_reload_is_no_longer_redirected(
         sockmap.redirect(pods, GID, services)  # the reloaded mesh: one of the two gone
         assert _dial(space, PORT, join) == "unreachable"
     assert sockmap.stats()["redirected"] == 0
+
+
+def test_a_sidecars_connect_to_another_pods_app_port_goes_to_its_inbound_port_and_is_spliced(
+    sockmap: Sockmap, network: netns.Network
+) -> None:
+    cap = network.capture
+    network.create_bridge()
+    a, b = network.pod("ebpf-a"), network.pod("ebpf-b")
+    for pod, app in ((a, 9081), (b, PORT)):
+        rules = pod_rules(cap, pod_ip=pod.ip, app_port=app, inbound_port=15006,
+                          outbound_port=OUTBOUND, admin_port=15000)  # fmt: skip
+        network.add_pod(pod, hosts="127.0.0.1 localhost\n", rules=rules)
+    sockmap.redirect(
+        {a.netns: OUTBOUND, b.netns: OUTBOUND}, cap.proxy_gid, [], [(b.ip, PORT, 15006)]
+    )
+    join = sockmap.preexec()
+
+    def as_sidecar() -> None:
+        join()
+        os.setgid(cap.proxy_gid)
+
+    argv = ["ip", "netns", "exec", b.netns, sys.executable, str(ECHO), "sidecar", "15006", "1"]
+    with subprocess.Popen(
+        [*argv, "0.0.0.0"], stdout=subprocess.PIPE, text=True, preexec_fn=as_sidecar
+    ) as sidecar_b:
+        try:
+            assert sidecar_b.stdout is not None and sidecar_b.stdout.readline().strip() == "15006"
+            before = sockmap.stats()
+            # an app in pod A is not a sidecar: its rules send it to sidecar A (absent here)
+            assert _dial_to(a.netns, b.ip, PORT, join) == "unreachable"
+            assert sockmap.stats()["inbound"] == before["inbound"]
+            # sidecar A calls pod B's app port: it lands on B's inbound port with no REDIRECT
+            # (the kernel's original destination is the inbound port itself) and is spliced
+            assert _dial_to(a.netns, b.ip, PORT, as_sidecar) == f"{b.ip}:15006"
+            after = sockmap.stats()
+            assert after["inbound"] - before["inbound"] == 1
+            assert after["spliced"] - before["spliced"] >= 40  # across the two namespaces
+            assert sidecar_b.wait(timeout=20) == 0
+        finally:
+            sidecar_b.kill()
 
 
 def test_the_services_redirected_are_those_the_pod_rules_capture() -> None:

@@ -165,7 +165,10 @@ def test_up_capture_ebpf_redirects_at_connect_and_traffic_through_the_pods_flows
     up = Up(mesh, tmp_path, chosen["status"], flags=["--capture", "--ebpf"])
     try:
         up.wait_for("Legation is up")
-        assert "--ebpf: connect-time redirection in 2 pods to 2 services" in up.output
+        assert (
+            "--ebpf: connect-time redirection in 2 pods to 2 services and 2 inbound ports"
+            in up.output
+        )
         ids = set(splice.program_ids().values())
         assert _holders(ids) == {str(splice.cgroup)}
         kinds = {
@@ -187,10 +190,13 @@ def test_up_capture_ebpf_redirects_at_connect_and_traffic_through_the_pods_flows
         assert after["redirected"] - before["redirected"] == 1  # connect4 took it to the sidecar
         assert after["original"] - before["original"] == 1  # which read where it was going
         assert _stat(frontend, chosen["admin1"], cx) == sidecar_before + 1
+        assert after["inbound"] - before["inbound"] >= 1  # frontend's sidecar -> reviews pod
         for _ in range(10):  # from outside through the gateway, as without --ebpf
             status, body = http(f"http://127.0.0.1:{chosen['gw']}/")
             assert status == 200 and json.loads(body)["service"] == "reviews"
-        assert splice.stats()["spliced"] - before["spliced"] >= 20  # in-pod hops
+        # the gateway's connections to the reviews pod went to its inbound port too
+        assert splice.stats()["inbound"] > after["inbound"]
+        assert splice.stats()["spliced"] - before["spliced"] >= 20
         up.proc.send_signal(signal.SIGINT)
         assert up.proc.wait(30) == 0
     finally:

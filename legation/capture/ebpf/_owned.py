@@ -26,6 +26,7 @@ CONNECT_PROG = "progs/legation_connect4"
 GETSOCKOPT_PROG = "progs/legation_getsockopt"
 PODS_MAP = "maps/legation_pods"
 SERVICES_MAP = "maps/legation_services"
+INBOUND_MAP = "maps/legation_inbound"
 # bpftool cgroup show's attach_type -> the name bpftool cgroup detach takes
 ATTACH_TYPES = {
     "cgroup_sock_ops": "sock_ops",

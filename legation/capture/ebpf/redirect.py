@@ -14,6 +14,12 @@ Which connections: only those of a process in the run's cgroup, in a pod listed 
 the sidecar's group, to a (virtual IP, port) listed in ``legation_services``. The list is what the
 pods' rules would redirect (:func:`redirected`, the same include/exclude ports and CIDRs), so the
 two paths agree.
+
+Between pods: a sidecar's (or, outside the pods, the gateway's) connect to a pod's captured app
+port goes to that pod's inbound port instead (``legation_inbound``), which the pod's rules would
+have REDIRECTed it to: no NAT there either, so the two sidecars' sockets mirror and that hop is
+spliced too (pod addresses are unique, so those pairs are keyed without the namespace). Only the
+sidecars' group and processes outside the pods are sent there, never a pod's app.
 """
 
 from __future__ import annotations
@@ -65,20 +71,24 @@ def redirected(capture: Capture, vip: str, port: int) -> bool:
 
 def for_mesh(
     mesh: Mesh, netns_of: Mapping[str, str]
-) -> tuple[dict[str, int], list[tuple[str, int]]]:
+) -> tuple[dict[str, int], list[tuple[str, int]], list[tuple[str, int, int]]]:
     """What to redirect for ``mesh`` whose pods are ``netns_of`` (instance -> namespace): each
-    pod's namespace -> its sidecar's outbound port, and the services' (virtual IP, port) that the
-    pods' rules capture."""
+    pod's namespace -> its sidecar's outbound port; the services' (virtual IP, port) that the
+    pods' rules capture; and each pod's (address, app port) that its rules capture inbound, with
+    its sidecar's inbound port."""
     capture = mesh.capture
     assert capture is not None
-    pods = {
-        netns_of[service.instance_name(index)]: endpoint.sidecar.outbound_port
-        for service in mesh.services
-        for index, endpoint in enumerate(service.endpoints)
-        if endpoint.sidecar is not None and service.instance_name(index) in netns_of
-    }
+    pods, inbound = {}, []
+    for service in mesh.services:
+        for index, endpoint in enumerate(service.endpoints):
+            instance, sidecar = service.instance_name(index), endpoint.sidecar
+            if sidecar is None or instance not in netns_of:
+                continue
+            pods[netns_of[instance]] = sidecar.outbound_port
+            if endpoint.port in capture.inbound_ports(endpoint.port):
+                inbound.append((capture.instance_ip(instance), endpoint.port, sidecar.inbound_port))
     vips = [(capture.service_ip(service.name), service.port) for service in mesh.services]
-    return pods, [(vip, port) for vip, port in vips if redirected(capture, vip, port)]
+    return pods, [(vip, port) for vip, port in vips if redirected(capture, vip, port)], inbound
 
 
 def _hex(data: bytes) -> list[str]:
@@ -92,10 +102,15 @@ class Redirection:
         self.cgroup, self.pins = cgroup, pins
         self.pods: dict[int, bytes] = {}  # netns cookie -> its value in legation_pods
         self.services: set[tuple[str, int]] = set()
+        self.inbound: dict[tuple[str, int], int] = {}  # (pod address, app port) -> inbound port
         self.attached = False
 
     def follow(
-        self, pods: Mapping[str, int], proxy_gid: int, services: Iterable[tuple[str, int]]
+        self,
+        pods: Mapping[str, int],
+        proxy_gid: int,
+        services: Iterable[tuple[str, int]],
+        inbound: Iterable[tuple[str, int, int]] = (),
     ) -> None:
         """Redirect for ``pods`` (network namespace name -> sidecar outbound port) and
         ``services`` ((virtual IP, port)); entries no longer wanted are removed. Attaches the
@@ -113,7 +128,14 @@ class Redirection:
         for cookie, value in wanted_pods.items():
             if self.pods.get(cookie) != value:
                 self._map("update", _owned.PODS_MAP, struct.pack("=Q", cookie), value)
-        self.pods, self.services = wanted_pods, wanted
+        to_inbound = {(ip, port): target for ip, port, target in inbound}
+        for endpoint in set(self.inbound) - set(to_inbound):
+            self._map("delete", _owned.INBOUND_MAP, _service_key(*endpoint))
+        for endpoint, target in to_inbound.items():
+            if self.inbound.get(endpoint) != target:
+                key = _service_key(*endpoint)
+                self._map("update", _owned.INBOUND_MAP, key, struct.pack("=I", target))
+        self.pods, self.services, self.inbound = wanted_pods, wanted, to_inbound
         if not self.attached:
             for kind, prog in (
                 ("connect4", _owned.CONNECT_PROG),

@@ -24,10 +24,12 @@
 // answers the sidecar's SO_ORIGINAL_DST from there (once) when no NAT took place (conntrack has
 // no answer, or only the socket's own address). No NAT means the app's and the sidecar's 4-tuples
 // mirror, so that hop is spliced too. The sidecar's own connections (its group id) and anything
-// not listed are left alone.
+// not listed are left alone, except: a sidecar's (or the gateway's) connect to a pod's captured
+// app port goes to that pod's inbound port instead of through its REDIRECT (legation_inbound), so
+// sidecar -> sidecar across pods mirrors and is spliced as well.
 //
-// No loops; every map is bounded; the netns cookie in the key keeps two namespaces that use the
-// same addresses (127.0.0.1 in each) from ever being spliced to each other.
+// No loops; every map is bounded; the netns cookie in the key of a loopback pair keeps two
+// namespaces (127.0.0.1 in each) from ever being spliced to each other.
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
@@ -58,8 +60,12 @@ struct {
 
 // Counters the tests and `legation up` read: sockets recorded, messages spliced to the peer,
 // messages sent the normal way (no recorded peer), connects redirected to a sidecar, original
-// destinations answered. Order kept in STATS of sockmap.py.
-enum { STAT_RECORDED, STAT_SPLICED, STAT_PASSED, STAT_REDIRECTED, STAT_ORIGINAL, STAT_MAX };
+// destinations answered, connects sent straight to a pod's inbound port. Order kept in STATS of
+// sockmap.py.
+enum {
+	STAT_RECORDED, STAT_SPLICED, STAT_PASSED, STAT_REDIRECTED, STAT_ORIGINAL, STAT_INBOUND,
+	STAT_MAX
+};
 
 // connect-time redirection: per pod (network namespace cookie) its sidecar's outbound port and
 // group id; the (virtual IP, port) pairs to redirect; original destinations by socket cookie
@@ -87,6 +93,15 @@ struct {
 	__type(key, struct service_key);
 	__type(value, __u8);
 } legation_services SEC(".maps");
+
+// a pod's (address, app port) -> its sidecar's inbound port (host byte order), for the sidecars'
+// and the gateway's connects to a captured app port
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, struct service_key);
+	__type(value, __u32);
+} legation_inbound SEC(".maps");
 
 struct origin {
 	__u32 ip4;  // network byte order
@@ -129,6 +144,14 @@ static __always_inline void count(__u32 which)
 		__sync_fetch_and_add(value, 1);
 }
 
+// The namespace part of a pair key: the namespace cookie for loopback addresses (127.0.0.1 is in
+// every namespace), 0 for others (the pods' and the host's addresses are unique, so a pair may
+// span namespaces: a sidecar and the next pod's sidecar, the gateway and a pod).
+static __always_inline __u64 scope(void *ctx, __u32 local_ip4)
+{
+	return (bpf_ntohl(local_ip4) >> 24) == 127 ? bpf_get_netns_cookie(ctx) : 0;
+}
+
 // An established connecting socket: its original destination (if connect4 redirected it) moves
 // from its cookie to its own address, where the sidecar's getsockopt finds it; an entry an earlier
 // socket left at that address is dropped either way, so it is never answered for another.
@@ -156,9 +179,9 @@ int legation_sockops(struct bpf_sock_ops *skops)
 		return 1;
 	if (skops->family != AF_INET)
 		return 1;
-	key.netns = bpf_get_netns_cookie(skops);
 	if (skops->op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB)
-		keep_origin(skops, key.netns);
+		keep_origin(skops, bpf_get_netns_cookie(skops));
+	key.netns = scope(skops, skops->local_ip4);
 	key.local_ip4 = skops->local_ip4;
 	key.remote_ip4 = skops->remote_ip4;
 	key.local_port = skops->local_port;
@@ -180,7 +203,7 @@ int legation_msg(struct sk_msg_md *msg)
 		count(STAT_PASSED);
 		return SK_PASS;
 	}
-	peer.netns = bpf_get_netns_cookie(msg);
+	peer.netns = scope(msg, msg->local_ip4);
 	peer.local_ip4 = msg->remote_ip4;
 	peer.remote_ip4 = msg->local_ip4;
 	peer.local_port = bpf_ntohl(msg->remote_port);
@@ -201,17 +224,26 @@ int legation_connect4(struct bpf_sock_addr *ctx)
 	struct service_key service = {};
 	struct origin origin = {};
 	struct pod *pod;
+	__u32 *inbound;
 	__u64 netns, cookie;
+	int proxy;
 
 	if (ctx->type != 1 /* SOCK_STREAM */)
 		return 1;
 	netns = bpf_get_netns_cookie(ctx);
 	pod = bpf_map_lookup_elem(&legation_pods, &netns);
-	if (!pod || (bpf_get_current_uid_gid() >> 32) == pod->proxy_gid)
-		return 1;
+	proxy = !pod || (bpf_get_current_uid_gid() >> 32) == pod->proxy_gid;
 	service.ip4 = ctx->user_ip4;
 	service.port = bpf_ntohs(ctx->user_port);
-	if (!bpf_map_lookup_elem(&legation_services, &service))
+	// a sidecar (or the gateway, outside the pods) calling a pod's captured app port: straight to
+	// that pod's inbound port, so no REDIRECT there and the two sidecars' sockets mirror
+	inbound = bpf_map_lookup_elem(&legation_inbound, &service);
+	if (inbound && proxy) {
+		ctx->user_port = bpf_htons(*inbound);
+		count(STAT_INBOUND);
+		return 1;
+	}
+	if (proxy || !bpf_map_lookup_elem(&legation_services, &service))
 		return 1;
 	origin.ip4 = ctx->user_ip4;
 	origin.port = ctx->user_port;

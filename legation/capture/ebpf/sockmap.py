@@ -37,7 +37,7 @@ from legation.capture.errors import CaptureError
 
 log = logging.getLogger("legation.capture.ebpf")
 # the order of legation_stats in sockmap.bpf.c
-STATS = ("recorded", "spliced", "passed", "redirected", "original")
+STATS = ("recorded", "spliced", "passed", "redirected", "original", "inbound")
 
 
 class Sockmap:
@@ -156,18 +156,24 @@ class Sockmap:
         return enter
 
     def redirect(
-        self, pods: Mapping[str, int], proxy_gid: int, services: Iterable[tuple[str, int]]
+        self,
+        pods: Mapping[str, int],
+        proxy_gid: int,
+        services: Iterable[tuple[str, int]],
+        inbound: Iterable[tuple[str, int, int]] = (),
     ) -> None:
         """Connect-time redirection in ``pods`` (network namespace -> sidecar outbound port) to
-        ``services`` ((virtual IP, port)); see :mod:`legation.capture.ebpf.redirect`. Called
-        again with the current pods and services after a reload."""
+        ``services`` ((virtual IP, port)), and of sidecars' connects to ``inbound`` ((pod address,
+        app port, inbound port)); see :mod:`legation.capture.ebpf.redirect`. Called again with
+        the current ones after a reload."""
         if self._redirection is None:
             self._redirection = Redirection(cgroup=self.cgroup, pins=self.pins)
-        self._redirection.follow(pods, proxy_gid, services)
+        self._redirection.follow(pods, proxy_gid, services, inbound)
 
     def stats(self) -> dict[str, int]:
         """Sockets recorded, messages spliced to the peer, messages sent the normal way, connects
-        redirected to a sidecar, original destinations answered (the last two: :mod:`redirect`)."""
+        redirected to a sidecar, original destinations answered, connects sent to a pod's inbound
+        port (the last three: :mod:`legation.capture.ebpf.redirect`)."""
         rows = bpftool("map", "dump", "pinned", str(self.pins / _owned.STATS_MAP), parse=True) or []
         values = {_number(row["key"]): _number(row["value"]) for row in rows}
         return {label: values.get(index, 0) for index, label in enumerate(STATS)}
