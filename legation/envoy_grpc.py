@@ -1,8 +1,11 @@
 """The Envoy cluster every request-path service is called through: static, HTTP/2.
 
-Envoy opens one HTTP/2 connection per worker to a gRPC cluster, so several service processes
-sharing a port (``legation serve ... --workers N``, SO_REUSEPORT) only all get traffic when
-``max_concurrent_streams`` is capped: Envoy then opens more connections, which the kernel spreads.
+Envoy opens one HTTP/2 connection per worker thread to a gRPC cluster and multiplexes every call
+on it, so service processes sharing one port (SO_REUSEPORT) may get nothing: the kernel hands
+each connection to one process. A service's workers are therefore one endpoint each (worker i on
+``port + 100 i``, :func:`legation.translate._hops.worker_endpoints`); capping
+``max_concurrent_streams`` makes Envoy open more connections, which the kernel spreads only by
+chance (``bench/workers.py`` measures the three).
 """
 
 from __future__ import annotations
