@@ -37,7 +37,8 @@ pytestmark = [
 MESH = """\
 xds: {{host: 127.0.0.1, port: {xds}}}
 mtls: {{mode: strict}}
-capture: {{cidr: {cidr}, outbound: {{exclude_ports: [{excluded}]}}}}
+capture: {{cidr: {cidr}, outbound: {{exclude_ports: [{excluded}]}},
+          inbound: {{exclude_ports: [{app4}]}}}}
 gateway: {{name: gw, host: 127.0.0.1, port: {gw}, admin_port: {gw_admin}}}
 services:
   - name: frontend
@@ -203,6 +204,19 @@ def test_an_instance_without_a_sidecar_stays_on_the_host_and_pods_reach_it(
     assert captured.network.prefix + "legacy-0" not in netns.run(["ip", "netns", "list"])
     status, body = captured.app_get("frontend-0", "http://legacy:9080/old")
     assert status == 200 and json.loads(body)["service"] == "legacy"
+
+
+def test_an_app_port_excluded_from_inbound_capture_is_reached_directly(captured: Captured) -> None:
+    """stream-0's app port is excluded: a client outside reaches the app itself (plaintext, no
+    sidecar), while the mesh reaches it through its sidecar's inbound port (still mTLS)."""
+    stream = captured.pod("stream-0")
+    cx = "listener.inbound_stream.downstream_cx_total"
+    before = captured.stats("stream-0", "admin4")[cx]
+    status, body = http(f"http://{stream.ip}:{captured.ports['app4']}/direct")
+    assert status == 200 and json.loads(body)["path"] == "/direct"
+    assert captured.stats("stream-0", "admin4")[cx] == before
+    assert captured.app_get("frontend-0", "http://stream:9090/mesh")[0] == 200
+    assert captured.stats("stream-0", "admin4")[cx] == before + 1
 
 
 def test_authz_and_rate_limits_apply_to_captured_traffic(captured: Captured) -> None:
