@@ -5,6 +5,10 @@ gRPC stubs), so the method is called and served by its path with generic handler
 messages are an older OTLP whose ``instrumentation_library_spans`` (field 2) is today's
 ``scope_spans`` on the wire (same number, same layout), so what Envoy and current SDKs send
 parses; fields added since (``Span.flags``) are carried as unknown fields and ignored.
+
+What the embedded receiver keeps of a URL attribute (Envoy's ``http.url``) is its part before
+the query string: a token passed as a query parameter is never stored (an external collector
+gets what Envoy sends).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ _KINDS = {
 _KIND_CODES = {v: k for k, v in _KINDS.items()}
 _STATUS = {trace_pb2.Status.STATUS_CODE_OK: "ok", trace_pb2.Status.STATUS_CODE_ERROR: "error"}
 _STATUS_CODES = {v: k for k, v in _STATUS.items()}
+_URL_KEYS = frozenset({"http.url", "url.full"})
 
 
 def from_request(request: trace_service_pb2.ExportTraceServiceRequest) -> Iterator[Span]:
@@ -74,6 +79,8 @@ def _attributes(attrs: Iterable[common_pb2.KeyValue]) -> dict[str, Scalar]:
         value: Scalar
         if which == "string_value":
             value = clip(kv.value.string_value)
+            if kv.key in _URL_KEYS:  # Envoy tags the whole URL: a query may carry a token
+                value = value.split("?", 1)[0]
         elif which == "bool_value":
             value = kv.value.bool_value
         elif which == "int_value":

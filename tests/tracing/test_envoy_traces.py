@@ -31,7 +31,12 @@ from tests.envoy_stack import MeshWorld
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
-SECRETS = ("Bearer eyJhbGciOiJSUzI1NiJ9.SECRET-TOKEN", "SECRET-COOKIE", "SECRET-API-KEY")
+SECRETS = (
+    "Bearer eyJhbGciOiJSUzI1NiJ9.SECRET-TOKEN",
+    "SECRET-COOKIE",
+    "SECRET-API-KEY",
+    "SECRET-QUERY-TOKEN",
+)
 
 POLICY = """\
 package trace.authz
@@ -270,12 +275,14 @@ def test_no_token_cookie_or_authorization_value_in_any_span(world: World) -> Non
         "x-api-key": SECRETS[2],
         "x-role": "admin",
     }
-    ids = [trace_id_of(world.get(f"{p}?call=reviews", headers)) for p in ("/admin", "/grpc-admin")]
+    query = f"call=reviews&access_token={SECRETS[3]}"
+    ids = [trace_id_of(world.get(f"{p}?{query}", headers)) for p in ("/admin", "/grpc-admin")]
     for trace_id in ids:
         assert len(world.wait_trace(trace_id, spans=10)) >= 10
     everything = json.dumps(world.traces("limit=100"))
-    for secret in (*SECRETS, "eyJhbGciOiJSUzI1NiJ9", "session="):
+    for secret in (*SECRETS, "eyJhbGciOiJSUzI1NiJ9", "session=", "access_token"):
         assert secret not in everything
+    assert '"http.url": "http://127.0.0.1:' in everything  # kept, without its query
 
 
 def test_envoy_applied_the_tracer_and_the_route_rates(world: World) -> None:
