@@ -44,7 +44,8 @@ class StackCapture:
             removed = await asyncio.to_thread(pods.start, mesh)
             await pods.start_relay()
         except (LegationError, OSError) as err:
-            self.say(f"{err}\nnothing started (without --capture, legation up runs as usual)")
+            said = str(err)
+            self.say(said if "nothing started" in said else f"{said}\nnothing started")
             await pods.stop()  # removes what it made, if it took the range
             return False
         self.pods = pods
