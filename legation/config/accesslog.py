@@ -78,7 +78,9 @@ class AccessLogService(GrpcService):
     @classmethod
     def _one_worker(cls, value: int | None) -> int | None:
         if value is not None and value > 1:
-            raise ValueError("the access-log service keeps the golden metrics in one process: 1")
+            raise ValueError(
+                "must be 1: the access-log service keeps the golden metrics in one process"
+            )
         return value
 
     def worker_count(self) -> int:

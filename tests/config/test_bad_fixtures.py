@@ -97,7 +97,8 @@ EXPECTED = {
         "accesslog.log.to: expected 'none', 'file', 'stdout' or 'service', got 'syslog'"
     ),
     "accesslog_workers": (
-        "accesslog.workers: the access-log service keeps the golden metrics in one process: 1"
+        "accesslog.workers: must be 1: the access-log service keeps the golden metrics in one "
+        "process"
     ),
     "accesslog_path_placeholder": "accesslog.log.path: the only placeholder is {node}",
     "accesslog_unknown_proxy": (

@@ -193,3 +193,61 @@ async def test_only_the_rate_limiter_is_handed_the_redis_password(tmp_path: Path
         await follower.stop()
     finally:
         await cp.stop()
+
+
+async def test_every_worker_follows_the_plan(tmp_path: Path) -> None:
+    """Two workers of one service (worker i on port + 100 i) follow the same plan file: a live
+    change reaches both, and the control plane's /metrics shows each worker's own decisions."""
+    from legation.errors import LegationError
+    from tests.conftest import worker_base_port
+
+    (tmp_path / "policies").mkdir()
+    (tmp_path / "policies" / "authz.rego").write_text(live.POLICY)
+    (tmp_path / "authz.yaml").write_text(live.AUTHZ.format(deny=403))
+    (tmp_path / "limits.yaml").write_text(
+        live.LIMITS.format(limit="rate_limit: {unit: minute, requests_per_unit: 1}")
+    )
+    base = worker_base_port(2)
+    mesh = tmp_path / "mesh.yaml"
+    mesh.write_text(
+        live.MESH.format(xds=free_port(), app=free_port(), authz=base, rl=free_port()).replace(
+            "config: authz.yaml}", "config: authz.yaml, workers: 2}"
+        )
+    )
+    cp = ControlPlane(
+        mesh,
+        status_port=0,
+        ca_dir=tmp_path / "ca",
+        on_event=lambda _: None,
+        poll_interval=3600,
+        services_dir=tmp_path / "services",
+    )
+    await cp.start()
+    plan = plan_path(tmp_path / "services", "extauthz")
+    workers = [Follower(plan, kind="extauthz", worker=i) for i in range(2)]
+    try:
+        assert cp.services.status()["extauthz"]["workers"] == 2
+        assert [await w.start() for w in workers] == [base, base + 100]
+        with pytest.raises(LegationError, match="worker 2 of a service with 2"):
+            await Follower(plan, kind="extauthz", worker=2).start()
+        for w in workers:
+            w.serve_metrics()
+            assert (await live._check(_Via(w), "viewer")).denied_response.status.code == 403  # type: ignore
+
+        (tmp_path / "authz.yaml").write_text(live.AUTHZ.format(deny=418))
+        assert await cp.reload() is True
+        for w in workers:
+            assert await w.check() is True
+            assert (await live._check(_Via(w), "viewer")).denied_response.status.code == 418  # type: ignore
+
+        text = await asyncio.to_thread(_get, f"http://127.0.0.1:{cp.status_port}/metrics")
+        decided = [
+            line
+            for line in text.splitlines()
+            if line.startswith("legation_extauthz_decisions_total{") and 'result="deny"' in line
+        ]
+        assert {line.split('worker="')[1][0] for line in decided} == {"0", "1"}, decided
+    finally:
+        for w in workers:
+            await w.stop()
+        await cp.stop()
