@@ -8,11 +8,12 @@ OTLP/gRPC through cluster ``legation|tracing`` to the collector, with the mesh's
 ``service_name`` is the proxy's service (or the gateway's name), so a trace reads as
 ``ingress -> frontend -> reviews``, and each span is tagged with its route (:data:`ROUTE_TAG`).
 
-The collector cluster is plaintext HTTP/2 even in an mTLS mesh: the embedded receiver listens on
-loopback only (the mesh checks refuse nothing else for it: its address is always 127.0.0.1), and
-an external collector (Jaeger, the OTel Collector) is not a mesh workload with a SPIFFE identity.
-Spans carry no credentials (Envoy records no request headers but ``x-request-id``; Legation's
-spans only decisions), so what crosses that hop is timing and route names.
+The collector cluster is plaintext HTTP/2 even in an mTLS mesh: the embedded receiver is no mesh
+workload and listens on loopback only (always 127.0.0.1; captured pods reach it through the
+``--capture`` relay), and an external collector (Jaeger, the OTel Collector) has no SPIFFE
+identity either. What crosses that hop is timing, route and service names, Legation's decisions
+and Envoy's standard tags: no request header but ``x-request-id`` and the user agent, and the URL
+with its query string (the embedded receiver drops the query; see SECURITY.md).
 """
 
 from __future__ import annotations
