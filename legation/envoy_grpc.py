@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.cluster.v3 import cluster_pb2, outlier_detection_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 
@@ -49,4 +49,24 @@ def grpc_cluster(
     if max_concurrent_streams:
         h2.max_concurrent_streams.value = max_concurrent_streams
     cluster.typed_extension_protocol_options[_HTTP_PROTOCOL_OPTIONS].CopyFrom(pack(options))
+    if len(endpoints) > 1:
+        _eject_dead_workers(cluster.outlier_detection)
     return cluster
+
+
+def _eject_dead_workers(detection: outlier_detection_pb2.OutlierDetection) -> None:
+    """Several endpoints are one service's workers: one that refuses a connection (its process
+    died, its supervisor is restarting it) is taken out of the round robin at its first such
+    failure, for a second (longer if it fails again), so the calls go to the others meanwhile.
+    Only failures of Envoy's own connection count (``split_external_local_origin_errors``);
+    answers never eject a worker, and at most half of them are out at once."""
+    detection.split_external_local_origin_errors = True
+    detection.consecutive_local_origin_failure.value = 1
+    detection.enforcing_consecutive_local_origin_failure.value = 100
+    detection.enforcing_consecutive_5xx.value = 0
+    detection.enforcing_success_rate.value = 0
+    detection.enforcing_local_origin_success_rate.value = 0
+    detection.interval.FromMilliseconds(1000)
+    detection.base_ejection_time.FromMilliseconds(1000)
+    detection.max_ejection_time.FromMilliseconds(10000)
+    detection.max_ejection_percent.value = 50
