@@ -208,6 +208,25 @@ def test_static_http2_clusters_at_the_declared_addresses() -> None:
         snap.check_consistent()
 
 
+def test_one_endpoint_per_worker_and_dead_ones_ejected() -> None:
+    data = with_services(extauthz={"workers": 3}, extproc={"workers": 1})
+    clusters = snaps(data)["gateway-ingress"].resources(ResourceType.CLUSTER)
+
+    def ports(name: str) -> list[int]:
+        lb = clusters[name].message.load_assignment.endpoints[0].lb_endpoints
+        return [e.endpoint.address.socket_address.port_value for e in lb]
+
+    assert ports("legation|extauthz") == [18010, 18110, 18210]  # worker i on port + 100 i
+    assert ports("legation|extproc") == [18011]
+    assert ports("legation|ratelimit") == [18012]  # embedded: false runs elsewhere: 1
+    detection = clusters["legation|extauthz"].message.outlier_detection
+    assert detection.split_external_local_origin_errors
+    assert detection.consecutive_local_origin_failure.value == 1
+    assert detection.enforcing_consecutive_5xx.value == 0  # an answer never ejects a worker
+    assert detection.max_ejection_percent.value == 50
+    assert not clusters["legation|extproc"].message.HasField("outlier_detection")
+
+
 def test_route_with_policy_filters_and_limits() -> None:
     out = snaps(with_services())
     for snap, config in (
