@@ -96,7 +96,8 @@ def _hex(data: bytes) -> list[str]:
 
 
 class Redirection:
-    """The pods and services of one splice's connect4 program, kept in its pinned maps."""
+    """The pods, services and inbound ports of one splice's connect4 program, kept in its pinned
+    maps."""
 
     def __init__(self, *, cgroup: Path, pins: Path) -> None:
         self.cgroup, self.pins = cgroup, pins
@@ -112,9 +113,9 @@ class Redirection:
         services: Iterable[tuple[str, int]],
         inbound: Iterable[tuple[str, int, int]] = (),
     ) -> None:
-        """Redirect for ``pods`` (network namespace name -> sidecar outbound port) and
-        ``services`` ((virtual IP, port)); entries no longer wanted are removed. Attaches the
-        programs the first time."""
+        """Redirect for ``pods`` (network namespace name -> sidecar outbound port), ``services``
+        ((virtual IP, port)) and ``inbound`` ((pod address, app port, inbound port)); entries no
+        longer wanted are removed. Attaches the programs the first time."""
         wanted_pods = {
             netns_cookie(netns): struct.pack("=II", port, proxy_gid) for netns, port in pods.items()
         }
