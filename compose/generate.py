@@ -101,6 +101,7 @@ def compose_mesh(raw: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
         if block in mesh:
             mesh[block]["host"] = IPS[block]  # a container of its own
             mesh[block]["tls"] = "mesh"  # reachable by every container: proxies only (mTLS)
+            mesh[block]["workers"] = 1  # its container runs one `serve --plan` process
     # strict mTLS, whatever the quickstart says; the CA (for xDS and mTLS) lives on a volume
     # the control plane can write
     mesh.setdefault("mtls", {}).update(mode="strict", ca_dir=CA_DIR)
