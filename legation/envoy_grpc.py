@@ -50,11 +50,11 @@ def grpc_cluster(
         h2.max_concurrent_streams.value = max_concurrent_streams
     cluster.typed_extension_protocol_options[_HTTP_PROTOCOL_OPTIONS].CopyFrom(pack(options))
     if len(endpoints) > 1:
-        _eject_dead_workers(cluster.outlier_detection)
+        eject_dead_workers(cluster.outlier_detection)
     return cluster
 
 
-def _eject_dead_workers(detection: outlier_detection_pb2.OutlierDetection) -> None:
+def eject_dead_workers(detection: outlier_detection_pb2.OutlierDetection) -> None:
     """Several endpoints are one service's workers: one that refuses a connection (its process
     died, its supervisor is restarting it) is taken out of the round robin at its first such
     failure, for a second (longer if it fails again), so the calls go to the others meanwhile.

@@ -32,6 +32,7 @@ from google.protobuf import any_pb2
 
 from legation._proto import address, milliseconds, pack
 from legation._proto import http_filter as _http_filter
+from legation.envoy_grpc import eject_dead_workers
 from legation.fastpath.contract import (
     CHECKS_HEADER,
     HEADER_PREFIX,
@@ -200,14 +201,15 @@ def per_route_any(callout: Callout | None = None, **kwargs: object) -> any_pb2.A
 def http_cluster(
     name: str, endpoints: Sequence[tuple[str, int]], *, connect_timeout_ms: int = 1000
 ) -> cluster_pb2.Cluster:
-    """A STATIC HTTP/1.1 cluster (Envoy's default protocol) for the server's endpoints."""
+    """A STATIC HTTP/1.1 cluster (Envoy's default protocol) for the server's endpoints (a
+    service's workers: one that refuses connections is ejected, as on the gRPC clusters)."""
     lb = [
         endpoint_components_pb2.LbEndpoint(
             endpoint=endpoint_components_pb2.Endpoint(address=address(host, port))
         )
         for host, port in endpoints
     ]
-    return cluster_pb2.Cluster(
+    cluster = cluster_pb2.Cluster(
         name=name,
         type=cluster_pb2.Cluster.STATIC,
         connect_timeout=milliseconds(connect_timeout_ms),
@@ -216,3 +218,6 @@ def http_cluster(
             endpoints=[endpoint_components_pb2.LocalityLbEndpoints(lb_endpoints=lb)],
         ),
     )
+    if len(endpoints) > 1:
+        eject_dead_workers(cluster.outlier_detection)
+    return cluster

@@ -227,6 +227,17 @@ def test_one_endpoint_per_worker_and_dead_ones_ejected() -> None:
     assert not clusters["legation|extproc"].message.HasField("outlier_detection")
 
 
+def test_the_http_callout_has_one_endpoint_per_worker_too() -> None:
+    from legation.translate._authz import EXTAUTHZ_HTTP_CLUSTER
+
+    data = with_services(extauthz={"workers": 2, "protocol": "http", "http_port": 18020})
+    clusters = snaps(data)["gateway-ingress"].resources(ResourceType.CLUSTER)
+    http = clusters[EXTAUTHZ_HTTP_CLUSTER].message
+    lb = http.load_assignment.endpoints[0].lb_endpoints
+    assert [e.endpoint.address.socket_address.port_value for e in lb] == [18020, 18120]
+    assert http.outlier_detection.consecutive_local_origin_failure.value == 1
+
+
 def test_route_with_policy_filters_and_limits() -> None:
     out = snaps(with_services())
     for snap, config in (
