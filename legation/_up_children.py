@@ -1,6 +1,7 @@
-"""``legation up``'s own processes: the control plane and one process per request-path service,
-started, followed across reloads, restarted with backoff when they die, and listed for
-``legation status``."""
+"""``legation up``'s own processes: the control plane and each request-path service's workers
+(worker i of a service serves ``port + 100 i``), started, followed across reloads (a changed
+``workers`` starts or stops workers), restarted one by one with backoff when they die, and listed
+for ``legation status`` (role, ``name`` ``kind/i``, ``worker``)."""
 
 from __future__ import annotations
 

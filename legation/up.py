@@ -3,9 +3,9 @@ demo apps, in one command.
 
 ``legation up`` is a supervisor. The mesh is validated first (an invalid one starts nothing); then
 it starts, as child processes of its own, the control plane (``legation serve xds
---services-dir .legation/services``) and one process per request-path service the mesh embeds
-(``legation serve <kind> --plan .legation/services/<kind>/plan.json``: ext_authz, ext_proc, rate
-limiting), then the demo apps and the Envoys. It waits until every Envoy has ACKed its
+--services-dir .legation/services``) and the worker processes of each request-path service the
+mesh embeds (``legation serve <kind> --plan .legation/services/<kind>/plan.json --worker I``, the
+block's ``workers``: ext_authz, ext_proc, rate limiting), then the demo apps and the Envoys. It waits until every Envoy has ACKed its
 configuration, prints where to send requests, then shows a live status (a table on a terminal,
 log lines otherwise).
 
