@@ -5,9 +5,9 @@ demo apps, in one command.
 it starts, as child processes of its own, the control plane (``legation serve xds
 --services-dir .legation/services``) and the worker processes of each request-path service the
 mesh embeds (``legation serve <kind> --plan .legation/services/<kind>/plan.json --worker I``, the
-block's ``workers``: ext_authz, ext_proc, rate limiting), then the demo apps and the Envoys. It waits until every Envoy has ACKed its
-configuration, prints where to send requests, then shows a live status (a table on a terminal,
-log lines otherwise).
+block's ``workers``: ext_authz, ext_proc, rate limiting), then the demo apps and the Envoys. It
+waits until every Envoy has ACKed its configuration, prints where to send requests, then shows a
+live status (a table on a terminal, log lines otherwise).
 
 The data path does not depend on the control plane: the services follow the plan the control
 plane publishes (a live change is swapped in without a restart) and keep serving their last good
