@@ -17,20 +17,27 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 _HANDED_OUT: set[int] = set()
 
 
+def _near(port: int, taken: set[int]) -> bool:
+    """Whether ``port`` is one of ``taken`` or 100 i away from one (|i| <= 7)."""
+    return any(port + 100 * i in taken for i in range(-7, 8))
+
+
 def free_port() -> int:
     """A free loopback port never handed out before in this test process.
 
     The kernel may give the same ephemeral port to two ``bind(0)`` calls in a row once the
     first socket is closed, so a mesh whose ports were drawn one by one could name one port
     twice (a CI run failed on ``gateway.admin_port`` equal to a service port). Remembering
-    what was handed out makes every call in the session distinct.
+    what was handed out makes every call in the session distinct, and no two ports handed out
+    differ by a multiple of 100 up to 700 (a request-path service's worker i listens on its
+    port + 100 i, so a CI run once found ``ratelimit.port`` on ``extauthz``'s second worker).
     """
     while True:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             s.bind(("127.0.0.1", 0))
             port = int(s.getsockname()[1])
-        if port not in _HANDED_OUT:
-            if len(_HANDED_OUT) > 20_000:
+        if not _near(port, _HANDED_OUT):
+            if len(_HANDED_OUT) > 5_000:
                 _HANDED_OUT.clear()
             _HANDED_OUT.add(port)
             return port
@@ -42,7 +49,8 @@ def worker_base_port(workers: int) -> int:
     while True:
         port = free_port()
         others = [port + 100 * i for i in range(1, workers)]
-        if any(p > 65535 or p in _HANDED_OUT or not _bindable(p) for p in others):
+        rest = _HANDED_OUT - {port}
+        if any(p > 65535 or _near(p, rest) or not _bindable(p) for p in others):
             continue
         _HANDED_OUT.update(others)
         return port
