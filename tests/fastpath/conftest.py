@@ -48,15 +48,17 @@ async def server(tmp_path: Path, table_plugin: object) -> AsyncIterator[CalloutS
     await running.close()
 
 
-async def exchange(port: int, data: bytes, *, wait: float = 5.0) -> bytes:
-    """Send ``data`` on a new connection, half-close, read until the server closes or a pause."""
+async def exchange(port: int, data: bytes, *, wait: float = 5.0, first: float = 15.0) -> bytes:
+    """Send ``data`` on a new connection, read until the server closes or pauses ``wait``
+    seconds after it began to answer (the first bytes may take up to ``first`` seconds on a
+    loaded machine: a short ``wait`` must not turn a slow answer into no answer)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(data)
     await writer.drain()
     chunks = []
     try:
         while True:
-            chunk = await asyncio.wait_for(reader.read(65536), wait)
+            chunk = await asyncio.wait_for(reader.read(65536), wait if chunks else first)
             if not chunk:
                 break
             chunks.append(chunk)
