@@ -284,6 +284,9 @@ async def resume(coro: Coroutine[Any, Any, Any], waiting: Any) -> Any:
             else:
                 waiting._asyncio_future_blocking = False  # taken over, as Task.__step does
                 await waiting  # the future the check is blocked on
+        except GeneratorExit:  # this driver is being closed (its task destroyed): close coro too
+            coro.close()
+            raise
         except BaseException as e:  # cancelled (the timeout), or the future failed
             try:
                 waiting = coro.throw(e)

@@ -101,7 +101,7 @@ def service_config(policy_dir: str) -> dict[str, Any]:
         "dry_run": ["fast.dry"],
         "deny_status": 403,
         "error_status": 503,
-        "check_timeout_ms": 200,
+        "check_timeout_ms": 1500,  # generous: a loaded machine must not time out a Rego case
     }
 
 
