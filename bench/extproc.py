@@ -1,4 +1,4 @@
-"""ext_proc benchmark: header routing four ways, side by side, through the real Envoy.
+"""ext_proc benchmark: header routing five ways, side by side, through the real Envoy.
 
     .venv/bin/python -m bench.extproc [--seconds 5] [--rate 500]
 
@@ -6,11 +6,16 @@
 2. native     - the same routing done by Envoy's own route match on the header
 3. legation   - Legation ext_proc with ``header_route`` (clears the route cache)
 4. sdk        - the ``envoy-extproc-sdk`` package (PyPI 0.1.1) doing the same routing
+5. legation-http - the same ``header_route`` decision over Legation's fused HTTP call-out (ext_authz
+   in HTTP mode, the route named in the call, the answer sets the header and the filter's
+   ``clear_route_cache`` re-picks the route), as ``extauthz: {protocol: http}`` fuses such a
+   route. Not ext_proc: the same routing work over another protocol, no stream, no body phases.
 
 Half of the requests carry ``x-beta: 1`` and must reach the "canary" upstream; each setup is checked
 for that before it is measured. Upstreams are a second Envoy answering with direct_response, so the
-upstream is never the bottleneck. Each setup: saturation (wrk -c16) and latency percentiles at a
-fixed rate (an open-loop asyncio client, latency measured from the scheduled send time).
+upstream is never the bottleneck. Each setup: saturation (wrk -c16), the service process's CPU per
+request during it, and latency percentiles at a fixed rate (an open-loop asyncio client, latency
+measured from the scheduled send time).
 
 envoy-extproc-sdk is not a dependency of Legation, and its own dependencies would disturb the
 project's venv, so the bench installs it once into ``.legation/bench/extproc-sdk`` (``pip install
@@ -35,10 +40,12 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from bench.http_callout import tree_cpu
 from legation.envoy_process import EnvoyProcess
 from legation.extproc import envoy_filter
 from legation.extproc.chain import Chain
 from legation.extproc.config import build_chains
+from legation.fastpath import envoy_filter as fast_filter
 from tests.conftest import free_port
 from tests.extproc import harness
 
@@ -68,6 +75,21 @@ async def main():
     server, port = await start_server(settings)
     print("ready", flush=True)
     await server.wait_for_termination()
+asyncio.run(main())
+"""
+
+HTTP_SERVER = """
+import asyncio, sys
+from legation.extproc.config import build_chains
+from legation.fastpath.fused import FusedDecider, FusedRoute, FusedRoutes
+from legation.fastpath.server import Settings, start_server
+async def main():
+    chain = build_chains({chains}).chains["route"]
+    routes = FusedRoutes({"route": FusedRoute("route", None, tuple(chain.filters), ())})
+    settings = Settings(port=int(sys.argv[1]), config={"checks": {}}, fused=FusedDecider(routes))
+    server = await start_server(settings)
+    print("ready", flush=True)
+    await server.serve_forever()
 asyncio.run(main())
 """
 
@@ -156,6 +178,21 @@ def _direct(name: str, port: int) -> dict[str, Any]:
     }
 
 
+# the fused call-out as the translation builds it for a fused header_route: the header it reads
+# sent to the server, the route named in the call, the answer's header applied, route re-picked
+CALLOUT = fast_filter.Callout(
+    cluster="legation-http", allowed_headers=("x-beta",), clear_route_cache=True
+)
+
+
+def _fused_route(cluster: str, headers: dict[str, str] | None = None) -> dict[str, Any]:
+    r = harness.route("/", cluster, None, headers=headers)
+    r["typed_per_filter_config"] = {
+        fast_filter.FILTER_NAME: harness.to_dict(fast_filter.per_route_any(CALLOUT, route="route"))
+    }
+    return r
+
+
 def _listener(
     name: str,
     port: int,
@@ -170,7 +207,9 @@ def _listener(
             },
         }
     ]
-    if ext_cluster:
+    if ext_cluster == "legation-http":
+        filters.insert(0, harness.to_dict(fast_filter.http_filter(CALLOUT)))
+    elif ext_cluster:
         filters.insert(0, harness.to_dict(envoy_filter.http_filter(ext_cluster)))
     hcm = {
         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager"
@@ -366,10 +405,15 @@ def main() -> None:
         )
         legation_port = free_port()
         procs.append(_start(LEGATION_SERVER.replace("{chains}", repr(CHAINS)), legation_port, env))
+        http_port = free_port()
+        procs.append(_start(HTTP_SERVER.replace("{chains}", repr(CHAINS)), http_port, env))
+        services = {"legation": procs[0].pid, "legation-http": procs[1].pid}
         sdk_port = free_port()
         if sdk_env is not None:
             procs.append(_start(SDK_SERVER, sdk_port, sdk_env))
-        ports = {name: free_port() for name in ("plain", "native", "legation", "sdk")}
+            services["sdk"] = procs[-1].pid
+        names = ("plain", "native", "legation", "sdk", "legation-http")
+        ports = {name: free_port() for name in names}
         beta = {"x-legation-cohort": "canary"}
 
         def rt(
@@ -399,6 +443,14 @@ def main() -> None:
                 "legation",
             ),
         ]
+        listeners.append(
+            _listener(
+                "legation-http",
+                ports["legation-http"],
+                [_fused_route("canary", beta), _fused_route("stable")],
+                "legation-http",
+            )
+        )
         if sdk_env is not None:
             sdk_routes = [
                 rt("canary", beta, route_chain, True),
@@ -417,6 +469,9 @@ def main() -> None:
                         envoy_filter.grpc_cluster("legation", "127.0.0.1", legation_port)
                     ),
                     harness.to_dict(envoy_filter.grpc_cluster("sdk", "127.0.0.1", sdk_port)),
+                    harness.to_dict(
+                        fast_filter.http_cluster("legation-http", [("127.0.0.1", http_port)])
+                    ),
                 ],
             },
         }
@@ -426,29 +481,36 @@ def main() -> None:
         envoys.append(front)
         front.wait_live()
         envoys[0].wait_live()
-        rows: dict[str, tuple[float, list[float]]] = {}
+        rows: dict[str, tuple[float, list[float], float]] = {}
         for name, port in ports.items():
             if name == "sdk" and sdk_env is None:
                 print("sdk: skipped (envoy-extproc-sdk not importable; see module docstring)")
                 continue
             _check(port, routes=name != "plain")
+            pid = services.get(name)
+            before = tree_cpu(pid) if pid else 0.0
             rps = wrk(port, args.seconds, script)
+            cpu = (tree_cpu(pid) - before) / (rps * args.seconds) * 1e6 if pid and rps else 0.0
             lat = asyncio.run(fixed_rate(port, args.rate, args.seconds))
-            rows[name] = (rps, lat)
+            rows[name] = (rps, lat, cpu)
             print(f"{name:9s} measured", flush=True)
         base = rows["plain"][0] or 1.0
         print(
-            f"\n{'setup':10s} {'sat rps':>9s} {'ratio':>6s}   @{args.rate} rps: "
-            f"{'p50 ms':>7s} {'p90 ms':>7s} {'p99 ms':>7s} {'max ms':>7s}"
+            f"\n{'setup':13s} {'sat rps':>9s} {'ratio':>6s} {'svc us/req':>10s}   "
+            f"@{args.rate} rps: {'p50 ms':>7s} {'p90 ms':>7s} {'p99 ms':>7s} {'max ms':>7s}"
         )
-        for name, (rps, lat) in rows.items():
+        for name, (rps, lat, cpu) in rows.items():
+            svc = f"{cpu:10.0f}" if cpu else f"{'-':>10s}"
             print(
-                f"{name:10s} {rps:9.0f} {rps / base:6.2f}   {'':>{len(str(args.rate)) + 6}}"
+                f"{name:13s} {rps:9.0f} {rps / base:6.2f} {svc}   {'':>{len(str(args.rate)) + 6}}"
                 f"{_pct(lat, 50):7.2f} {_pct(lat, 90):7.2f} {_pct(lat, 99):7.2f} "
                 f"{max(lat) * 1000:7.2f}"
             )
-        if "legation" in rows and "sdk" in rows and rows["sdk"][0]:
-            print(f"\nlegation / sdk saturation: {rows['legation'][0] / rows['sdk'][0]:.2f}x")
+        print("(svc us/req: CPU of the service process per request during the saturation run)")
+        if "sdk" in rows and rows["sdk"][0]:
+            print()
+            for name in ("legation", "legation-http"):
+                print(f"{name} / sdk saturation: {rows[name][0] / rows['sdk'][0]:.2f}x")
         if "native" in rows:
             print(f"legation / native routing: {rows['legation'][0] / rows['native'][0]:.2f}")
     finally:
