@@ -135,7 +135,10 @@ class FusedDecider:
             )
             if not decision.allowed:
                 return answer.encode(decision, deny_status=deny_status, keep_alive=keep_alive)
-        headers = dict(ctx.request.attributes.request.http.headers)
+        # what the next filters see on the gRPC chain (ext_authz, then ext_proc, then the rate
+        # limit): the request as the authz decision left it, e.g. a JWT check's verified
+        # claims_to_headers, never the client's own value of such a header
+        headers = _after(decision, ctx.request.attributes.request.http.headers)
         to_set, to_remove = route.route(headers)
         limit_headers: list[tuple[str, str]] = []
         if route.descriptors:
@@ -177,6 +180,20 @@ class FusedDecider:
             ],
         )
         return _encode(fused, deny_status, keep_alive)
+
+
+def _after(decision: Decision, client: Mapping[str, str]) -> dict[str, str]:
+    """The request headers once an allowing ``decision`` is applied: its headers set (several
+    values of a name joined with a comma, as they reach the upstream), then its removals."""
+    headers = dict(client)
+    seen: set[str] = set()
+    for name, value in header_items(decision.headers):
+        key = name.lower()
+        headers[key] = f"{headers[key]},{value}" if key in seen else value
+        seen.add(key)
+    for name in decision.request_headers_to_remove:
+        headers.pop(name.lower(), None)
+    return headers
 
 
 def _encode(decision: Decision, deny_status: int, keep_alive: bool) -> bytes:

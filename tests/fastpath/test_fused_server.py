@@ -14,7 +14,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
+from legation import plugins
 from legation.extauthz import service as authz
+from legation.extauthz.checks import Decision, PythonCheck
+from legation.extauthz.request import RequestContext
 from legation.extproc.filters.header_route import HeaderRouteFactory
 from legation.fastpath._http import Call
 from legation.fastpath.descriptors import (
@@ -206,3 +209,66 @@ def test_any_descriptor_value_is_counted_on_its_own_and_never_echoed(value: str)
         await authz.close_checks(servicer)
 
     asyncio.run(run())
+
+
+class _Verified(PythonCheck):
+    """Sets ``x-user`` to the identity it verified (as a JWT check's ``claims_to_headers``
+    does), whatever the client sent; removes ``x-debug``."""
+
+    name = "verified"
+
+    async def check(self, ctx: RequestContext) -> Decision:
+        return Decision(
+            allowed=True, headers={"x-user": "alice"}, request_headers_to_remove=("x-debug",)
+        )
+
+
+class _VerifiedFactory:
+    name = "verified"
+
+    def validate(self, raw: Any) -> dict[str, Any]:
+        return dict(raw)
+
+    def create(self, config: Any) -> _Verified:
+        return _Verified()
+
+
+async def test_routing_and_limits_read_the_headers_authz_set_not_the_clients() -> None:
+    """On the gRPC chain ext_proc and the rate limit run after ext_authz and see what it set:
+    a client forging ``x-user`` must neither charge another user's counter (nor dodge its
+    own by rotating the value) nor buy itself the cohort of the user it names."""
+    plugins.register("extauthz.check", _VerifiedFactory())
+    servicer = await authz.build_servicer(
+        authz.Settings(
+            config={"checks": {"verified": {"type": "verified"}}, "default_checks": ["verified"]},
+            registry=CollectorRegistry(),
+        )
+    )
+    try:
+        limiter = rl.build_limiter(
+            rl.Settings(registry=CollectorRegistry()), load_texts([("limits.yaml", LIMITS)])
+        )
+        factory = HeaderRouteFactory()
+        cohort = factory.create(
+            factory.validate(
+                {
+                    "header": "x-legation-cohort",
+                    "rules": [{"header": "x-user", "one_of": ["mallory"], "value": "beta"}],
+                }
+            )
+        )
+        routes = {"api": FusedRoute("api", "p", (cohort,), API)}
+        decider = FusedDecider(
+            FusedRoutes(routes), limits=rl.RateLimitServicer(limiter), domain="mesh"
+        )
+        app = CalloutApp(servicer, upstream_headers=["x-user"], fused=decider)
+        statuses = []
+        for forged in ("mallory", "bob", "carol"):
+            status, headers = await call(app, [ROUTE, (b"x-user", forged.encode())])
+            statuses.append(status)
+            assert headers.get("x-legation-cohort") is None  # alice is not in the cohort
+            assert status == 429 or headers["x-user"] == "alice"  # the verified value goes up
+        assert statuses == [200, 200, 429]  # all three counted as alice (2 a minute)
+    finally:
+        await authz.close_checks(servicer)
+        plugins.unregister("extauthz.check", "verified")
