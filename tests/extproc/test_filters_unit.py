@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 
 import pytest
@@ -139,3 +140,17 @@ def test_redact_leaves_invalid_json_alone_and_only_asks_for_json():
 def test_want_body_rejects_a_header_phase():
     with pytest.raises(ValueError, match="not a body phase"):
         Exchange("c").want_body(Phase.RESPONSE_HEADERS)
+
+
+def test_jwt_claims_of_a_hostile_token_are_none_never_a_crash() -> None:
+    """A ~53 KB claims part nesting '[' 40,000 deep fits under Envoy's header limit; parsing it
+    raised RecursionError, which the fused call-out answered with a 5xx (on a fail-open route:
+    no rate limit counted). Deep nesting and oversized claims both read as no claims."""
+    deep = base64.urlsafe_b64encode(b"[" * 40_000).decode().rstrip("=")
+    assert jwt_claims(f"Bearer a.{deep}.c") == {}
+    nested = base64.urlsafe_b64encode(b'{"sub":' * 3_000 + b"1" + b"}" * 3_000).decode()
+    assert jwt_claims(f"Bearer a.{nested}.c") == {}
+    big = base64.urlsafe_b64encode(b'{"sub":"' + b"x" * 20_000 + b'"}').decode()
+    assert jwt_claims(f"Bearer a.{big}.c") == {}
+    ok = base64.urlsafe_b64encode(b'{"sub":"alice"}').decode().rstrip("=")
+    assert jwt_claims(f"Bearer a.{ok}.c") == {"sub": "alice"}

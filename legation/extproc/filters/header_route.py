@@ -87,6 +87,9 @@ class HeaderRouteOptions(Options):
         return self
 
 
+MAX_CLAIMS_B64 = 16 * 1024  # a longer (unverified) claims part is read as no claims
+
+
 def jwt_claims(authorization: str | None) -> Mapping[str, Any]:
     """The claims of a bearer JWT, unverified; empty when absent or malformed."""
     if not authorization:
@@ -96,9 +99,11 @@ def jwt_claims(authorization: str | None) -> Mapping[str, Any]:
     if len(parts) != 3:
         return {}
     payload = parts[1]
+    if len(payload) > MAX_CLAIMS_B64:
+        return {}
     try:
         claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-    except (ValueError, binascii.Error):
+    except (ValueError, binascii.Error, RecursionError):  # deep nesting: malformed, not a crash
         return {}
     return claims if isinstance(claims, dict) else {}
 
