@@ -143,7 +143,12 @@ def _plan(mesh: Mesh) -> dict[str, FusedRoute | str]:
         return {r.name: why_not for r in mesh.routes}
     routes = mesh.routes
     why: dict[int, str] = {}
+    # one fail mode per routing group: a request re-routed within a group must find its route
+    # on the same fused filter, or the next filter (the other fail mode's) would count it again
+    group_open: dict[int, bool] = {}
     for group in routing_groups(routes):
+        opened = all(_fail_open(mesh, routes[i]) for i in group)
+        group_open.update((i, opened) for i in group)
         limits = {repr([d.model_dump() for d in routes[i].rate_limits]) for i in group}
         policies = {routes[i].authz for i in group}
         misfits = {i: _misfit(mesh, routes[i]) for i in group}
@@ -198,7 +203,7 @@ def _plan(mesh: Mesh) -> dict[str, FusedRoute | str]:
                     for d in r.rate_limits
                 ),
                 routing=tuple(f.config for f in r.filters),
-                fail_open=_fail_open(mesh, r),
+                fail_open=group_open.get(i, _fail_open(mesh, r)),
             )
     return out
 

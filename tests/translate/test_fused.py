@@ -172,3 +172,16 @@ def test_memory_counters_in_several_call_out_workers_are_never_fused(tmp_path: P
     assert isinstance(
         fused_routes(mesh(tmp_path / "r", routes, backend="redis", workers=2))["a"], FusedRoute
     )
+
+
+def test_a_routing_group_shares_one_fail_mode(tmp_path: Path) -> None:
+    """A route with only rate limits fails open (ratelimit open) and one that also routes fails
+    closed (extproc closed); in one routing group both must be on the same fused filter, or a
+    request re-routed to the other route would be counted again by the other filter."""
+    beta = route("beta", "/api", rate_limits=LIMITS)
+    beta["match"]["headers"] = [{"name": "x-legation-cohort", "exact": "beta"}]
+    api = route("api", "/api", filters=COHORT, rate_limits=LIMITS)
+    found = fused_routes(mesh(tmp_path, [beta, api]))
+    fused = [found["beta"], found["api"]]
+    assert all(isinstance(f, FusedRoute) for f in fused), found
+    assert [f.fail_open for f in fused] == [False, False]  # type: ignore[union-attr]
