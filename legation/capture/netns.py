@@ -27,7 +27,8 @@ from legation.config.capture import Capture
 ETC_NETNS = Path("/etc/netns")
 LOCK_DIR = Path("/run/lock")
 NETNS_PREFIX = "legation-"
-_TOOLS = ("ip", "iptables-restore")
+_TOOLS = ("ip", "iptables-restore", "sysctl")
+_V6, _V6_DEVS = "net.ipv6.conf", ("all", "default")
 _CAPS = {"CAP_NET_ADMIN": 12, "CAP_SYS_ADMIN": 21}
 
 
@@ -183,6 +184,9 @@ class Network:
         prefix = self.capture.cidr.prefixlen
         ns = ["ip", "-n", pod.netns]
         run(["ip", "netns", "add", pod.netns])
+        # IPv4 only, like the capture rules: with IPv6 on, eth0's link-local address would let
+        # an app reach another pod's app (listening on ::) past both sidecars
+        run(pod.exec_argv(["sysctl", "-q", "-w", *(f"{_V6}.{d}.disable_ipv6=1" for d in _V6_DEVS)]))
         # the peer is born inside the namespace: the host may have an eth0 of its own
         run(
             [

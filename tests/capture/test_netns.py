@@ -93,6 +93,8 @@ def test_app_traffic_is_captured_and_the_sidecars_is_not(network: netns.Network)
     assert "-A LEGATION_REDIRECT -p tcp -j REDIRECT --to-ports 15001" in listed
     # the host's own nat table never gets a Legation chain
     assert "LEGATION" not in netns.run(["iptables", "-t", "nat", "-S"])
+    # no IPv6 in the pod (the rules are IPv4): no link-local address to reach others past them
+    assert netns.run(["ip", "-n", pod.netns, "-6", "addr", "show"]).strip() == ""
 
 
 @pytest.mark.integration
