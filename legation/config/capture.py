@@ -142,6 +142,15 @@ def capture_problems(mesh: Mesh) -> Iterator[Problem]:
     if c.cidr.overlaps(_LOOPBACK) or c.cidr.is_multicast or c.cidr.is_reserved:
         yield Problem("capture.cidr", f"{c.cidr} is not a usable private range")
         return
+    # the bridge's address puts a route to this range in the host's table: a public range or
+    # link-local (cloud metadata at 169.254.169.254) would send the host's own traffic to pods
+    if not c.cidr.is_private or c.cidr.is_link_local:
+        yield Problem(
+            "capture.cidr",
+            f"{c.cidr} is not a private range (such as 10/8, 172.16/12 or 192.168/16; "
+            "never public or link-local addresses)",
+        )
+        return
     for block in ("inbound", "outbound"):
         ports = getattr(c, block)
         both = sorted(set(ports.include_ports) & set(ports.exclude_ports))

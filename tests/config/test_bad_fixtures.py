@@ -74,6 +74,14 @@ EXPECTED = {
     ),
     "capture_small_cidr": "capture.cidr: needs a prefix between /8 and /24, got /28",
     "capture_loopback_cidr": "capture.cidr: 127.1.0.0/16 is not a usable private range",
+    "capture_public_cidr": (
+        "capture.cidr: 8.8.8.0/24 is not a private range (such as 10/8, 172.16/12 or "
+        "192.168/16; never public or link-local addresses)"
+    ),
+    "capture_link_local_cidr": (
+        "capture.cidr: 169.254.0.0/16 is not a private range (such as 10/8, 172.16/12 or "
+        "192.168/16; never public or link-local addresses)"
+    ),
     "capture_port_both": (
         "capture.outbound.exclude_ports: port 443 is also in capture.outbound.include_ports"
     ),
