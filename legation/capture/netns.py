@@ -16,6 +16,7 @@ import hashlib
 import ipaddress
 import os
 import shutil
+import stat
 import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from legation.capture.errors import CaptureError
 from legation.config.capture import Capture
 
 ETC_NETNS = Path("/etc/netns")
-LOCK_DIR = Path("/run/lock")
+LOCK_DIR = Path("/run/legation")  # root-owned 0700: not /run/lock, which anyone may write
 NETNS_PREFIX = "legation-"
 _TOOLS = ("ip", "iptables-restore", "sysctl")
 _V6, _V6_DEVS = "net.ipv6.conf", ("all", "default")
@@ -110,9 +111,21 @@ class Network:
         """Take this range for the calling process (an ``flock`` the kernel drops when the
         process dies, so a crashed run's range is free again); the lock's descriptor. Raises
         ``capture_in_use`` if a live run holds it: its pods are not leftovers."""
-        LOCK_DIR.mkdir(parents=True, exist_ok=True)
+        LOCK_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = os.lstat(LOCK_DIR)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
+            raise CaptureError(
+                f"{LOCK_DIR} must be a directory of this user's that no one else may write",
+                code="capture_unavailable",
+            )
         path = LOCK_DIR / f"legation-capture-{self.tag}.lock"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+        try:
+            fd = os.open(path, flags, 0o600)
+        except OSError as err:  # e.g. a symlink planted there: never followed
+            raise CaptureError(
+                f"cannot open the capture lock {path}: {err.strerror}", code="capture_unavailable"
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:

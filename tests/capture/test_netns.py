@@ -22,6 +22,7 @@ from legation.capture.errors import CaptureError
 from legation.capture.relay import Relay
 from legation.capture.rules import hosts_file, pod_rules
 from legation.config.capture import Capture
+from tests.capture.conftest import capture_range
 from tests.conftest import distinct_ports, free_port
 
 # Inside a pod: a listener on the outbound port reporting the original destination of what it
@@ -311,3 +312,26 @@ def test_any_valid_capture_block_gives_rules_iptables_accepts(
         admin_port=15000, host_ports=relayed,
     )  # fmt: skip
     netns.run(pod.exec_argv(["iptables-restore", "--test"]), stdin=rules)
+
+
+def test_the_range_lock_follows_no_symlink_and_lives_in_a_private_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """/run/lock is world-writable: a local user could plant a symlink at the lock's
+    predictable name and have root create (or hold) a file elsewhere. The lock lives in a
+    directory only its owner may write, and a symlink at its name is refused, not followed."""
+    network = netns.Network(Capture(cidr=capture_range()))
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o777)
+    monkeypatch.setattr(netns, "LOCK_DIR", shared)
+    with pytest.raises(CaptureError, match="no one else may write"):
+        network.lock()
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    monkeypatch.setattr(netns, "LOCK_DIR", private)
+    target = tmp_path / "victim"
+    (private / f"legation-capture-{network.tag}.lock").symlink_to(target)
+    with pytest.raises(CaptureError, match="cannot open the capture lock"):
+        network.lock()
+    assert not target.exists()
