@@ -84,17 +84,8 @@ class ExtProcSide:
         if spec is None or not spec.filters:
             return _no_call(kind, "the route has no filters")
         names = ", ".join(f.name for f in spec.filters)
-        fused = fused_hop(mesh, spec, kind, f"filters {names}")
-        if isinstance(fused, Hop):
-            return fused
-        return Hop(
-            kind=kind,
-            calls=True,
-            protocol="grpc",
-            filter=EXTPROC_FILTER,
-            cluster=cluster_name(kinds.get(kind)),
-            reason=f"filters {names} (ext_proc is a gRPC stream)"
-            + (f"; not fused: {fused}" if fused else ""),
+        return _fused_or_grpc(
+            mesh, spec, kind, f"filters {names}", EXTPROC_FILTER, "ext_proc is a gRPC stream"
         )
 
     @staticmethod
@@ -120,6 +111,24 @@ class ExtProcSide:
         out.typed_per_filter_config[EXTPROC_FILTER].Pack(proc_filter.per_route(chain))
 
 
+def _fused_or_grpc(
+    mesh: Mesh, spec: Route, kind: str, what: str, filter_name: str, why_grpc: str
+) -> Hop:
+    """``kind``'s hop for ``what`` on ``spec``: in the fused HTTP call-out when the route is
+    fused, else its own gRPC call (the reason says why it was not fused, if there is one)."""
+    fused = fused_hop(mesh, spec, kind, what)
+    if isinstance(fused, Hop):
+        return fused
+    return Hop(
+        kind=kind,
+        calls=True,
+        protocol="grpc",
+        filter=filter_name,
+        cluster=cluster_name(kinds.get(kind)),
+        reason=f"{what} ({why_grpc})" + (f"; not fused: {fused}" if fused else ""),
+    )
+
+
 class RateLimitSide:
     """Rate limiting in Envoy: the filter (the mesh's domain), its cluster, each route's
     descriptors on its route action."""
@@ -132,17 +141,8 @@ class RateLimitSide:
         if spec is None or not spec.rate_limits:
             return _no_call(kind, "the route has no rate_limits")
         what = f"{len(spec.rate_limits)} rate_limits descriptor(s)"
-        fused = fused_hop(mesh, spec, kind, what)
-        if isinstance(fused, Hop):
-            return fused
-        return Hop(
-            kind=kind,
-            calls=True,
-            protocol="grpc",
-            filter=RATELIMIT_FILTER,
-            cluster=cluster_name(kinds.get(kind)),
-            reason=f"{what} (the RateLimitService is gRPC)"
-            + (f"; not fused: {fused}" if fused else ""),
+        return _fused_or_grpc(
+            mesh, spec, kind, what, RATELIMIT_FILTER, "the RateLimitService is gRPC"
         )
 
     @staticmethod
