@@ -25,6 +25,21 @@ from tests.services import test_live_swap as live
 BAD_REGO = "package demo.authz\n\nallow := { 1\n"
 
 
+async def _started(mesh: Path, tmp_path: Path) -> ControlPlane:
+    """A started control plane on ``mesh`` publishing to ``tmp_path/services`` (its CA in
+    ``tmp_path/ca``), no status port, no polling: the tests reload it themselves."""
+    cp = ControlPlane(
+        mesh,
+        status_port=0,
+        ca_dir=tmp_path / "ca",
+        on_event=lambda _: None,
+        poll_interval=3600,
+        services_dir=tmp_path / "services",
+    )
+    await cp.start()
+    return cp
+
+
 @pytest.fixture
 async def published(tmp_path: Path) -> AsyncIterator[tuple[ControlPlane, Follower]]:
     (tmp_path / "policies").mkdir()
@@ -37,15 +52,7 @@ async def published(tmp_path: Path) -> AsyncIterator[tuple[ControlPlane, Followe
     mesh.write_text(
         live.MESH.format(xds=free_port(), app=free_port(), authz=free_port(), rl=free_port())
     )
-    cp = ControlPlane(
-        mesh,
-        status_port=0,
-        ca_dir=tmp_path / "ca",
-        on_event=lambda _: None,
-        poll_interval=3600,
-        services_dir=tmp_path / "services",
-    )
-    await cp.start()
+    cp = await _started(mesh, tmp_path)
     follower = Follower(plan_path(tmp_path / "services", "extauthz"), kind="extauthz")
     await follower.start()
     try:
@@ -133,15 +140,7 @@ async def test_mtls_certificates_are_private_files_that_follow_renewals(tmp_path
         f"services: [{{name: web, port: 9080, endpoints: [{{port: {free_port()}}}]}}]"
         f"\nratelimit: {{port: {free_port()}, config: limits.yaml, domain: test}}\n"
     )
-    cp = ControlPlane(
-        mesh,
-        status_port=0,
-        ca_dir=tmp_path / "ca",
-        on_event=lambda _: None,
-        poll_interval=3600,
-        services_dir=tmp_path / "services",
-    )
-    await cp.start()
+    cp = await _started(mesh, tmp_path)
     try:
         folder = tmp_path / "services" / "ratelimit"
         assert stat.S_IMODE(os.stat(folder).st_mode) == 0o700
@@ -174,15 +173,7 @@ async def test_only_the_rate_limiter_is_handed_the_redis_password(tmp_path: Path
         f"ratelimit: {{port: {free_port()}, config: limits.yaml, domain: test, backend: redis,"
         f" redis_url: 'redis://:s3cret-pw@127.0.0.1:6390/0'}}\n"
     )
-    cp = ControlPlane(
-        mesh,
-        status_port=0,
-        ca_dir=tmp_path / "ca",
-        on_event=lambda _: None,
-        poll_interval=3600,
-        services_dir=tmp_path / "services",
-    )
-    await cp.start()
+    cp = await _started(mesh, tmp_path)
     try:
         services = tmp_path / "services"
         assert "s3cret-pw" in read_plan(plan_path(services, "ratelimit")).mesh_text
@@ -214,15 +205,7 @@ async def test_every_worker_follows_the_plan(tmp_path: Path) -> None:
             "config: authz.yaml}", "config: authz.yaml, workers: 2}"
         )
     )
-    cp = ControlPlane(
-        mesh,
-        status_port=0,
-        ca_dir=tmp_path / "ca",
-        on_event=lambda _: None,
-        poll_interval=3600,
-        services_dir=tmp_path / "services",
-    )
-    await cp.start()
+    cp = await _started(mesh, tmp_path)
     plan = plan_path(tmp_path / "services", "extauthz")
     workers = [Follower(plan, kind="extauthz", worker=i) for i in range(2)]
     try:
