@@ -386,6 +386,21 @@ def start_envoys(
     return upstream, front
 
 
+def start_ready(module: str, *argv: str) -> tuple[subprocess.Popen[str], int]:
+    """``python -m module *argv`` from the repository, once it printed ``ready <port>``."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", module, *argv],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, GRPC_VERBOSITY="ERROR"),
+    )
+    line = proc.stdout.readline() if proc.stdout else ""
+    if not line.startswith("ready "):
+        raise RuntimeError(f"{module} {' '.join(argv)} did not start")
+    return proc, int(line.split()[1])
+
+
 def median(rows: Mapping[str, list[dict[str, float]]], name: str, key: str) -> float:
     """The median of ``key`` over the rounds of row ``name`` (NaN when no round has it)."""
     vals = [r[key] for r in rows[name] if key in r]

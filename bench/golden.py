@@ -61,9 +61,8 @@ from pathlib import Path
 from typing import Any
 
 from bench._als_flood import print_flood
-from bench.floor import _listener, _plain, cpu_seconds, median, start_envoys, wrk
+from bench.floor import _listener, _plain, cpu_seconds, median, start_envoys, start_ready, wrk
 
-REPO = Path(__file__).resolve().parents[1]
 ROWS = ("plain", "als-min", "als-leg", "file", "legation", "scrape")
 LISTENERS = ("plain", "als-min", "als-leg", "file", "legation")
 SERVERS = ("als-min", "als-leg")
@@ -118,18 +117,7 @@ async def _scrape(admin: int) -> None:
 
 
 def start(kind: str, arg: str) -> tuple[subprocess.Popen[str], int]:
-    env = dict(os.environ, GRPC_VERBOSITY="ERROR")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "bench.golden", "--serve", kind, arg],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
-    line = proc.stdout.readline() if proc.stdout else ""
-    if not line.startswith("ready "):
-        raise RuntimeError(f"{kind} did not start")
-    return proc, int(line.split()[1])
+    return start_ready("bench.golden", "--serve", kind, arg)
 
 
 # -- the front Envoy --------------------------------------------------------------------------

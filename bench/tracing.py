@@ -39,9 +39,17 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from bench.floor import _listener, _plain, _register_plugins, cpu_seconds, median, start_envoys, wrk
+from bench.floor import (
+    _listener,
+    _plain,
+    _register_plugins,
+    cpu_seconds,
+    median,
+    start_envoys,
+    start_ready,
+    wrk,
+)
 
-REPO = Path(__file__).resolve().parents[1]
 ROWS = ("plain", "traced-0", "traced-1", "traced-100", "authz", "authz-unsampled", "authz-traced")
 SAMPLING = {
     "traced-0": 0.0,
@@ -83,18 +91,7 @@ async def _serve(kind: str, arg: str) -> None:
 
 
 def start(kind: str, arg: str) -> tuple[subprocess.Popen[str], int]:
-    env = dict(os.environ, GRPC_VERBOSITY="ERROR")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "bench.tracing", "--serve", kind, arg],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
-    line = proc.stdout.readline() if proc.stdout else ""
-    if not line.startswith("ready "):
-        raise RuntimeError(f"{kind} did not start")
-    return proc, int(line.split()[1])
+    return start_ready("bench.tracing", "--serve", kind, arg)
 
 
 # -- the front Envoy --------------------------------------------------------------------------
