@@ -9,12 +9,16 @@ tests build their static bootstraps with them too, so what is generated here run
   otherwise the chain's ``processing_mode`` (only the phases its filters declare), its failure
   policy, and the chain name in the stream's gRPC initial metadata (``x-legation-chain``).
 * :func:`grpc_cluster` - a static HTTP/2 cluster pointing at the service.
+* :func:`http_transport_filter` / :func:`enabled_here` - one chain over Envoy's HTTP transport
+  (``http_service``, work-in-progress in Envoy): a filter of its own per chain, disabled unless
+  a route enables it, POSTing to the chain's path (:mod:`legation.extproc.http_server`).
 """
 
 from __future__ import annotations
 
 from envoy.config.cluster.v3 import cluster_pb2
-from envoy.config.core.v3 import base_pb2
+from envoy.config.core.v3 import base_pb2, http_service_pb2, http_uri_pb2
+from envoy.config.route.v3 import route_components_pb2 as rc
 from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2, processing_mode_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
@@ -28,6 +32,7 @@ from legation._proto import pack, seconds
 from legation.extproc.chain import Chain
 from legation.extproc.config import CHAIN_METADATA_KEY
 from legation.extproc.exchange import METADATA_NAMESPACE
+from legation.extproc.http_server import chain_path
 
 FILTER_NAME = "envoy.filters.http.ext_proc"
 _PM = processing_mode_pb2.ProcessingMode
@@ -99,3 +104,42 @@ def grpc_cluster(
     return envoy_grpc.grpc_cluster(
         name, [(host, port)], connect_timeout_ms=round(connect_timeout * 1000)
     )
+
+
+HTTP_HOST = "legation-extproc"
+"""The Host of the HTTP transport's calls (Envoy sends them to the filter's cluster)."""
+
+
+def http_transport_filter(
+    name: str, cluster: str, chain: Chain, *, message_timeout: float = 0.2
+) -> hcm_pb2.HttpFilter:
+    """An ext_proc filter serving ``chain`` over Envoy's HTTP transport: each message a POST of
+    its JSON to the chain's path on ``cluster``, the chain's phases and failure policy at the
+    filter level (Envoy's per-route overrides cannot change ``http_service``, so each chain
+    has its own filter). Disabled unless a route enables it (:func:`enabled_here`)."""
+    timeout = seconds(message_timeout)
+    config = ext_proc_pb2.ExternalProcessor(
+        http_service=ext_proc_pb2.ExtProcHttpService(
+            http_service=http_service_pb2.HttpService(
+                http_uri=http_uri_pb2.HttpUri(
+                    uri=f"http://{HTTP_HOST}{chain_path(chain.name)}",
+                    cluster=cluster,
+                    timeout=timeout,
+                )
+            )
+        ),
+        failure_mode_allow=chain.fail_open,
+        message_timeout=timeout,
+        processing_mode=chain.processing_mode(),
+    )
+    config.metadata_options.receiving_namespaces.untyped.append(METADATA_NAMESPACE)
+    out = _http_filter(name, config)
+    out.disabled = True
+    return out
+
+
+def enabled_here() -> any_pb2.Any:
+    """A route's ``typed_per_filter_config`` entry turning on a filter disabled by default
+    (Envoy refuses an empty one: it carries an ``ExtProcPerRoute`` that overrides nothing)."""
+    nothing = ext_proc_pb2.ExtProcPerRoute(overrides=ext_proc_pb2.ExtProcOverrides())
+    return pack(rc.FilterConfig(config=pack(nothing)))

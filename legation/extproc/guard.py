@@ -71,18 +71,18 @@ class ErrorGuard:
             else:  # inline hooks only: the deadline is checked after each
                 await chain.run(phase, ex, self._metrics, time.monotonic() + self._timeout)
         except FilterFailed as exc:
-            return self._failed(phase, ex, exc.filter_name, exc.code, str(exc), exc.__cause__)
+            return self.failed(phase, ex, exc.filter_name, exc.code, str(exc), exc.__cause__)
         except TimeoutError:
             message = (
                 f"filter {ex.current_filter!r} exceeded the phase deadline "
                 f"{self._timeout:g}s in {phase.value}"
             )
-            return self._failed(phase, ex, ex.current_filter, "message_timeout", message, None)
+            return self.failed(phase, ex, ex.current_filter, "message_timeout", message, None)
         if ex.immediate is not None:
             self._metrics.answered(chain.name, ex.immediate.status)
         return _wire.response(phase, ex, self._mode)
 
-    def _failed(
+    def failed(
         self,
         phase: Phase,
         ex: Exchange,
@@ -91,6 +91,9 @@ class ErrorGuard:
         message: str,
         cause: BaseException | None,
     ) -> pb.ProcessingResponse:
+        """The chain's failure answer for ``phase`` (a clean 500, or the message passed through
+        unchanged on a fail-open chain), logged and counted under ``filter_name`` and ``code``.
+        The HTTP transport answers with it too when a filter asks for what it cannot carry."""
         self._metrics.error(filter_name, code)
         action = "passing through (fail-open)" if self.chain.fail_open else "answering 500"
         log.error(

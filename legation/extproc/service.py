@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +43,15 @@ class Settings:
     """None: plaintext; else mTLS (see :mod:`legation.grpc_server`)."""
 
 
+_running: weakref.WeakKeyDictionary[grpc.aio.Server, ExtProcServicer] = weakref.WeakKeyDictionary()
+
+
+def servicer_of(server: grpc.aio.Server) -> ExtProcServicer:
+    """The servicer a running server answers with (the HTTP transport serves its processor:
+    :func:`legation.extproc.http_server.serve_http`)."""
+    return _running[server]
+
+
 def _chains(settings: Settings) -> Chains:
     if settings.chains is not None:
         return settings.chains
@@ -66,7 +76,7 @@ async def start_server(settings: Settings) -> tuple[grpc.aio.Server, int]:
     options: list[tuple[str, int]] = []
     if settings.max_concurrent_streams:
         options.append(("grpc.max_concurrent_streams", settings.max_concurrent_streams))
-    return await start_grpc_server(
+    server, port = await start_grpc_server(
         "extproc",
         lambda s: pb_grpc.add_ExternalProcessorServicer_to_server(servicer, s),
         host=settings.host,
@@ -75,3 +85,5 @@ async def start_server(settings: Settings) -> tuple[grpc.aio.Server, int]:
         options=options,
         tls=settings.tls,
     )
+    _running[server] = servicer
+    return server, port

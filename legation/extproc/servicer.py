@@ -1,7 +1,8 @@
 """``envoy.service.ext_proc.v3.ExternalProcessor/Process``: one bidirectional stream per request.
 
 The servicer is a thin facade: it finds the route's chain from the stream's initial metadata,
-creates the request's :class:`Exchange`, and for each message Envoy sends runs the chain's guard
+creates the request's :class:`Exchange`, and for each message Envoy sends runs the per-message
+core both transports share (:meth:`legation.extproc.processor.Processor.answer`: the chain's guard)
 and writes exactly one answer, in order. Malformed input (no phase set, an unknown chain) gets a
 well-formed answer, never a crash of the stream.
 
@@ -24,20 +25,17 @@ from typing import Any
 import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
-from legation.extproc import _wire
 from legation.extproc.config import CHAIN_METADATA_KEY, Chains
 from legation.extproc.exchange import Exchange
 from legation.extproc.guard import ErrorGuard
 from legation.extproc.metrics import Metrics
-from legation.extproc.sdk import Phase
+from legation.extproc.processor import Processor
 from legation.tracing.spans import CallTracer, SpanContext
 
 log = logging.getLogger("legation.extproc")
 TRACER = CallTracer("extproc")  # one span per stream, under the Envoy span that opened it
 
 DEFAULT_STREAM_IDLE_TIMEOUT = 300.0
-_HEADERS = {Phase.REQUEST_HEADERS, Phase.RESPONSE_HEADERS}
-_BODIES = {Phase.REQUEST_BODY, Phase.RESPONSE_BODY}
 
 
 class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
@@ -50,6 +48,8 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
         stream_idle_timeout: float = DEFAULT_STREAM_IDLE_TIMEOUT,
     ) -> None:
         self._metrics = metrics
+        self.processor = Processor(chains, metrics=metrics, message_timeout=message_timeout)
+        """The chains and the per-message core, shared with the HTTP transport."""
         self.swap(chains, message_timeout=message_timeout, stream_idle_timeout=stream_idle_timeout)
 
     def swap(
@@ -64,11 +64,7 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
         if message_timeout <= 0 or stream_idle_timeout <= 0:
             raise ValueError("ext_proc timeouts must be positive")
         self._idle = stream_idle_timeout
-        self._guards = {
-            name: ErrorGuard(chain, metrics=self._metrics, message_timeout=message_timeout)
-            for name, chain in chains.chains.items()
-        }
-        self._default = chains.default
+        self.processor.swap(chains, message_timeout=message_timeout)
 
     def _guard_for(self, context: grpc.aio.ServicerContext) -> tuple[str | None, ErrorGuard | None]:
         name = None
@@ -76,9 +72,7 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
             if key == CHAIN_METADATA_KEY:
                 name = value if isinstance(value, str) else value.decode()
                 break
-        if not name:
-            name = self._default
-        return name, self._guards.get(name) if name else None
+        return name, self.processor.guard(name)
 
     async def Process(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
         name, guard = self._guard_for(context)
@@ -119,29 +113,10 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
         self, context: grpc.aio.ServicerContext, guard: ErrorGuard, ex: Exchange, chain: str
     ) -> bool:
         """Read and answer one message; False when the stream is over."""
-        metrics = self._metrics
         req = await context.read()
         if req is grpc.aio.EOF:
             return False
-        which = req.WhichOneof("request")
-        phase = _wire.PHASES.get(which) if which else None
-        if phase is None:
-            metrics.error("-", "malformed_request")
-            await context.write(_wire.error_response(500, "legation_malformed_request"))
-            return True
-        metrics.phase(chain, which)  # type: ignore[arg-type]
-        ex.begin(phase)
-        msg = getattr(req, which)
-        if phase in _HEADERS:
-            _wire.read_headers(msg.headers, ex.headers)
-            ex.end_of_stream = msg.end_of_stream
-        elif phase in _BODIES:
-            ex.body = msg.body
-            ex.end_of_stream = msg.end_of_stream
-        else:
-            ex.trailers = {}
-            _wire.read_headers(msg.trailers, ex.trailers)
-        await context.write(await guard(phase, ex))
+        await context.write(await self.processor.answer(guard, ex, req))
         # a threaded hook still running past its deadline may yet touch ex: end the stream
         return ex.immediate is None and not ex.detached
 
@@ -153,8 +128,7 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "stream idle timeout")
         if req is grpc.aio.EOF:
             return
-        self._metrics.answered(name or "-", 500)
-        await context.write(_wire.error_response(500, "legation_unknown_chain"))
+        await context.write(self.processor.refuse_unknown())
 
 
 class _IdleWatch:

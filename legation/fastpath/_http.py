@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
+import weakref
 from collections import deque
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
@@ -24,6 +26,8 @@ import httptools
 
 from legation.extauthz.servicer import resume
 from legation.fastpath import answer
+from legation.fastpath._tls import server_context
+from legation.grpc_server import ServerTls, TlsSource
 
 log = logging.getLogger("legation.fastpath")
 
@@ -64,6 +68,7 @@ class CalloutProtocol(asyncio.Protocol):
         "_headers",
         "_queue",
         "_target",
+        "_task",
         "handler",
         "limits",
         "parser",
@@ -77,6 +82,7 @@ class CalloutProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self._queue: deque[Call] = deque()
         self._busy = False  # an answer is being computed by a task
+        self._task: asyncio.Task[bytes] | None = None
         self._reset()
 
     def _reset(self) -> None:
@@ -93,6 +99,9 @@ class CalloutProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
         self._queue.clear()
+        if self._task is not None and getattr(self.handler, "cancel_when_closed", False):
+            # the caller gave up (Envoy's timeout closes the connection): stop the work too
+            self._task.cancel()
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -175,11 +184,12 @@ class CalloutProtocol(asyncio.Protocol):
             self._fail(500, "internal")
             return
         self._busy = True
-        task = asyncio.get_running_loop().create_task(resume(out, waiting))
+        task = self._task = asyncio.get_running_loop().create_task(resume(out, waiting))
         task.add_done_callback(lambda t: self._finished(t, call.keep_alive))
 
     def _finished(self, task: asyncio.Task[bytes], keep_alive: bool) -> None:
         self._busy = False
+        self._task = None
         if task.cancelled() or task.exception() is not None:
             if not task.cancelled():
                 log.error("fast path: request handling failed", exc_info=task.exception())
@@ -214,3 +224,52 @@ class CalloutProtocol(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
             self.transport = None
+
+
+class Listening:
+    """A bound server of :class:`CalloutProtocol` connections: ``port``, ``close()``."""
+
+    def __init__(
+        self, server: asyncio.Server, connections: weakref.WeakSet[CalloutProtocol]
+    ) -> None:
+        self.server = server
+        self.connections = connections
+        sock: socket.socket = server.sockets[0]
+        self.port = int(sock.getsockname()[1])
+
+    async def close(self) -> None:
+        """Stop listening and close the open connections too (Envoy keeps them alive: a stopped
+        service must stop answering, so Envoy's failure mode applies)."""
+        self.server.close()
+        for protocol in list(self.connections):
+            protocol.close()
+        await self.server.wait_closed()
+
+
+async def listen(
+    handler: Handler,
+    *,
+    host: str,
+    port: int,
+    limits: Limits,
+    tls: ServerTls | TlsSource | None = None,
+    reuse_port: bool = False,
+) -> Listening:
+    """Serve ``handler`` over HTTP/1.1 on ``host:port`` (mutual TLS with ``tls``, see
+    :mod:`legation.fastpath._tls`). OSError when the address cannot be bound."""
+    connections: weakref.WeakSet[CalloutProtocol] = weakref.WeakSet()
+
+    def connection() -> CalloutProtocol:
+        protocol = CalloutProtocol(handler, limits)
+        connections.add(protocol)
+        return protocol
+
+    server = await asyncio.get_running_loop().create_server(
+        connection,
+        host,
+        port,
+        reuse_port=reuse_port or None,
+        backlog=1024,
+        ssl=server_context(tls) if tls is not None else None,
+    )
+    return Listening(server, connections)

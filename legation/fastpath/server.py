@@ -16,9 +16,6 @@ denied with ``error_status`` rather than passed on without it.
 
 from __future__ import annotations
 
-import asyncio
-import socket
-import weakref
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,8 +29,7 @@ from legation.extauthz.observe import TRACER
 from legation.extauthz.request import RequestContext
 from legation.extauthz.servicer import AuthorizationServicer
 from legation.fastpath import answer
-from legation.fastpath._http import Call, CalloutProtocol, Limits
-from legation.fastpath._tls import server_context
+from legation.fastpath._http import Call, Limits, Listening, listen
 from legation.fastpath.contract import REMOTE_ADDRESS_HEADER, ROUTE_HEADER, Forwarded
 from legation.fastpath.fused import FusedDecider
 from legation.fastpath.request import NotACheck, check_request
@@ -110,19 +106,13 @@ class CalloutServer:
     ``close()`` also closes the servicer's checks (False when it shares a gRPC server's)."""
 
     def __init__(
-        self,
-        server: asyncio.Server,
-        servicer: AuthorizationServicer,
-        port: int,
-        *,
-        owns_checks: bool = True,
-        connections: weakref.WeakSet[CalloutProtocol] | None = None,
+        self, listening: Listening, servicer: AuthorizationServicer, *, owns_checks: bool = True
     ) -> None:
-        self.server = server
+        self.listening = listening
+        self.server = listening.server
         self.servicer = servicer
-        self.port = port
+        self.port = listening.port
         self.owns_checks = owns_checks
-        self.connections = connections if connections is not None else weakref.WeakSet()
 
     async def serve_forever(self) -> None:
         await self.server.serve_forever()
@@ -130,10 +120,7 @@ class CalloutServer:
     async def close(self) -> None:
         """Stop listening and close the open connections too (Envoy keeps them alive: a stopped
         service must stop answering, so Envoy's failure mode applies)."""
-        self.server.close()
-        for protocol in list(self.connections):
-            protocol.close()
-        await self.server.wait_closed()
+        await self.listening.close()
         if self.owns_checks:
             await authz.close_checks(self.servicer)
 
@@ -172,30 +159,15 @@ async def serve(
         client_headers=settings.client_headers,
         fused=settings.fused,
     )
-    limits = settings.limits
-    connections: weakref.WeakSet[CalloutProtocol] = weakref.WeakSet()
-
-    def connection() -> CalloutProtocol:
-        protocol = CalloutProtocol(app, limits)
-        connections.add(protocol)
-        return protocol
-
-    server = await asyncio.get_running_loop().create_server(
-        connection,
-        settings.host,
-        settings.port,
-        reuse_port=settings.reuse_port or None,
-        backlog=1024,
-        ssl=server_context(settings.tls) if settings.tls is not None else None,
+    listening = await listen(
+        app,
+        host=settings.host,
+        port=settings.port,
+        limits=settings.limits,
+        tls=settings.tls,
+        reuse_port=settings.reuse_port,
     )
-    sock: socket.socket = server.sockets[0]
-    return CalloutServer(
-        server,
-        servicer,
-        int(sock.getsockname()[1]),
-        owns_checks=owns_checks,
-        connections=connections,
-    )
+    return CalloutServer(listening, servicer, owns_checks=owns_checks)
 
 
 def _parent(headers: Sequence[tuple[bytes, bytes]]) -> Any:

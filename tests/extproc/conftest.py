@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,11 +18,13 @@ from legation.envoy_process import EnvoyProcess
 from legation.extproc.chain import Chain
 from legation.extproc.config import Chains, load_chains
 from legation.extproc.filters.headers import HeadersFactory
-from legation.extproc.service import Settings
+from legation.extproc.http_server import HttpSettings, serve_http
+from legation.extproc.service import Settings, servicer_of
 from tests.conftest import free_port
 from tests.extproc import harness
 from tests.extproc.echo import EchoServer
 from tests.extproc.filters_for_tests import FACTORIES
+from tests.extproc.http_stack import http_envoy as _http_envoy
 
 ENVOY_MESSAGE_TIMEOUT = 1.0
 SERVICE_MESSAGE_TIMEOUT = 0.3
@@ -123,6 +126,16 @@ class Stack:
     stable: DemoApp
     canary: DemoApp
     port: int
+    transport: str = "grpc"
+    http: Stack | None = None
+    """The same chains called over Envoy's ext_proc HTTP transport (another Envoy, the same
+    service: its HTTP listener shares the gRPC servicer's processor)."""
+
+    @property
+    def failed_calls(self) -> str:
+        """Envoy's stat counting calls to the service that failed, on this transport."""
+        name = "streams_failed" if self.transport == "grpc" else "http_not_ok_resp_received"
+        return f"http.ingress.ext_proc.{name}"
 
     def get(self, path: str, **kwargs: object) -> harness.Response:
         return harness.request(self.port, path, **kwargs)  # type: ignore[arg-type]
@@ -210,14 +223,38 @@ def stack(tmp_path_factory: pytest.TempPathFactory, test_filters: None) -> Itera
         log_dir=tmp,
     )
     envoy.start()
+    http_envoy: EnvoyProcess | None = None
+    listening = None
     try:
         envoy.wait_live()
-        yield Stack(envoy, service, registry, chains, stable, canary, port)
+        processor = servicer_of(service.server).processor
+        listening = service.call(serve_http(processor, HttpSettings()))
+        http_envoy, http_port = _http_envoy(
+            tmp, c, unknown, stable, canary, echo, listening.port, ENVOY_MESSAGE_TIMEOUT
+        )
+        grpc_stack = Stack(envoy, service, registry, chains, stable, canary, port)
+        grpc_stack.http = dataclasses.replace(
+            grpc_stack, envoy=http_envoy, port=http_port, transport="http"
+        )
+        yield grpc_stack
     finally:
+        if http_envoy is not None:
+            http_envoy.stop()
         envoy.stop()
+        if listening is not None:
+            service.call(listening.close())
         service.stop()
         for app in (stable, canary):
             app.stop_thread()
             if app._loop is not None:  # DemoApp.stop_thread leaves its loop open
                 app._loop.close()
         echo.stop()
+
+
+@pytest.fixture(params=["grpc", "http"])
+def any_stack(request: pytest.FixtureRequest, stack: Stack) -> Stack:
+    """The stack over each ext_proc transport in turn: the same decision table through both."""
+    if request.param == "grpc":
+        return stack
+    assert stack.http is not None
+    return stack.http

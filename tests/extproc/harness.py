@@ -37,18 +37,26 @@ def route(
     *,
     headers: dict[str, str] | None = None,
     add_request_headers: dict[str, str] | None = None,
+    http_filter: str | None = None,
     **per_route: Any,
 ) -> dict[str, Any]:
+    """A route calling the gRPC filter with ``chain`` or, with ``http_filter``, enabling that
+    HTTP-transport filter (which names its chain itself) instead."""
     match: dict[str, Any] = {"prefix": prefix}
     if headers:
         match["headers"] = [{"name": k, "string_match": {"exact": v}} for k, v in headers.items()]
+    per_filter = (
+        {http_filter: to_dict(envoy_filter.enabled_here())}
+        if http_filter is not None
+        else {
+            name: to_dict(cfg)
+            for name, cfg in envoy_filter.typed_per_filter_config(chain, **per_route).items()
+        }
+    )
     out: dict[str, Any] = {
         "match": match,
         "route": {"cluster": cluster, "timeout": "10s"},
-        "typed_per_filter_config": {
-            name: to_dict(cfg)
-            for name, cfg in envoy_filter.typed_per_filter_config(chain, **per_route).items()
-        },
+        "typed_per_filter_config": per_filter,
     }
     if add_request_headers:
         out["request_headers_to_add"] = [
@@ -77,6 +85,33 @@ def bootstrap(
             to_dict(envoy_filter.grpc_cluster("extproc", "127.0.0.1", service_port)),
             *clusters,
         ],
+    )
+
+
+def http_bootstrap(
+    *,
+    listener_port: int,
+    admin_port: int,
+    routes: list[dict[str, Any]],
+    clusters: list[dict[str, Any]],
+    filters: list[tuple[str, str, Chain]],
+    message_timeout: float,
+) -> dict[str, Any]:
+    """An Envoy calling ext_proc over its HTTP transport: one filter per ``(name, cluster,
+    chain)``, each disabled unless a route enables it (:func:`route` with ``http_filter``)."""
+    return static_bootstrap(
+        listen_port=listener_port,
+        admin_port=admin_port,
+        routes=routes,
+        http_filters=[
+            to_dict(
+                envoy_filter.http_transport_filter(
+                    name, cluster, chain, message_timeout=message_timeout
+                )
+            )
+            for name, cluster, chain in filters
+        ],
+        clusters=clusters,
     )
 
 

@@ -7,25 +7,25 @@ import pytest
 pytestmark = pytest.mark.integration
 
 
-def test_filter_can_deny_at_once(stack):
+def test_filter_can_deny_at_once(any_stack):
     metric = "legation_extproc_immediate_responses_total"
-    before = stack.metric(metric, chain="answer", status="403")
-    r = stack.get("/answer/deny-me", headers={"x-deny": "1"})
+    before = any_stack.metric(metric, chain="answer", status="403")
+    r = any_stack.get("/answer/deny-me", headers={"x-deny": "1"})
     assert r.status == 403
     assert r.body == b"denied by test\n"
     assert r.headers["x-denied-by"] == "t_answer"
-    assert "/answer/deny-me" not in stack.stable.paths
-    assert stack.metric(metric, chain="answer", status="403") == before + 1
+    assert "/answer/deny-me" not in any_stack.stable.paths
+    assert any_stack.metric(metric, chain="answer", status="403") == before + 1
 
 
-def test_filter_can_redirect(stack):
-    r = stack.get("/answer/x", headers={"x-redirect": "https://example.test/login"})
+def test_filter_can_redirect(any_stack):
+    r = any_stack.get("/answer/x", headers={"x-redirect": "https://example.test/login"})
     assert r.status == 302
     assert r.headers["location"] == "https://example.test/login"
 
 
-def test_filter_sets_dynamic_metadata(stack):
-    r = stack.get("/answer/x")
+def test_filter_sets_dynamic_metadata(any_stack):
+    r = any_stack.get("/answer/x")
     assert r.status == 200
     assert r.json()["headers"]["x-meta-flag"] == "on"
 

@@ -29,20 +29,20 @@ pytestmark = pytest.mark.integration
         ({"x-legation-cohort": "canary"}, "stable"),
     ],
 )
-def test_header_route_picks_the_upstream(stack, headers, expected):
-    r = stack.get("/route/x", headers=headers)
+def test_header_route_picks_the_upstream(any_stack, headers, expected):
+    r = any_stack.get("/route/x", headers=headers)
     assert r.status == 200
     echoed = r.json()
     assert echoed["service"] == expected
     assert echoed["headers"]["x-legation-cohort"] == expected
 
 
-def test_header_route_hash_bucket_is_sticky_per_user(stack):
+def test_header_route_hash_bucket_is_sticky_per_user(any_stack):
     users = [f"user-{i}" for i in range(24)]
     seen = {}
     for uid in users:
-        first = stack.get("/route/x", headers={"x-user-id": uid}).json()["service"]
-        again = stack.get("/route/x", headers={"x-user-id": uid}).json()["service"]
+        first = any_stack.get("/route/x", headers={"x-user-id": uid}).json()["service"]
+        again = any_stack.get("/route/x", headers={"x-user-id": uid}).json()["service"]
         assert first == again, uid
         seen[uid] = first
     expected = {
@@ -52,10 +52,10 @@ def test_header_route_hash_bucket_is_sticky_per_user(stack):
     assert set(seen.values()) == {"canary", "stable"}  # the sample really exercises both
 
 
-def test_clearing_the_route_cache_is_what_changes_the_upstream(stack):
+def test_clearing_the_route_cache_is_what_changes_the_upstream(any_stack):
     # Same rule and header; the only difference is clear_route_cache.
-    cleared = stack.get("/route/x", headers={"x-beta": "1"}).json()
-    kept = stack.get("/route-noclear/x", headers={"x-beta": "1"}).json()
+    cleared = any_stack.get("/route/x", headers={"x-beta": "1"}).json()
+    kept = any_stack.get("/route-noclear/x", headers={"x-beta": "1"}).json()
     assert cleared["service"] == "canary"
     assert kept["headers"]["x-legation-cohort"] == "canary"
     assert kept["service"] == "stable"

@@ -1,0 +1,259 @@
+"""ext_proc over HTTP, attacked directly: the server on a real socket, no Envoy in front.
+
+Only Envoy should ever talk to it (mTLS in a mesh), but the server must still refuse whatever
+else arrives with a well-formed answer and never let a request through by accident: what Envoy
+would read as "continue" is only ever the chain's own decision.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from legation.extproc.config import build_chains
+from legation.extproc.exchange import Exchange
+from legation.extproc.http_server import HttpSettings, chain_of, chain_path, serve_http
+from legation.extproc.metrics import Metrics
+from legation.extproc.processor import Processor
+from legation.extproc.sdk import Filter, Phase
+from legation.fastpath._http import Limits
+from tests import loop
+
+WEIRD = "we/ird %\r\nname"
+ROUTE = {
+    "name": "header_route",
+    "options": {
+        "header": "x-legation-cohort",
+        "default": "stable",
+        "rules": [{"header": "x-beta", "present": True, "value": "canary"}],
+    },
+}
+
+
+class WantsBody(Filter):
+    """Asks for the request body from its headers hook: the stream's job, not HTTP's."""
+
+    name = "t_wants_body"
+    inline = True
+
+    def on_request_headers(self, ex: Exchange) -> None:
+        ex.want_body(Phase.REQUEST_BODY)
+
+
+class _Factory:
+    name = "t_wants_body"
+
+    def validate(self, raw: Any) -> dict[str, Any]:
+        return {}
+
+    def create(self, config: Any) -> Filter:
+        return WantsBody()
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[tuple[int, CollectorRegistry]]:
+    from legation import plugins
+
+    plugins.register("extproc.filter", _Factory())
+    chains = build_chains(
+        {
+            "chains": {
+                "route": {"filters": [ROUTE]},
+                WEIRD: {"filters": [ROUTE]},
+                "body": {"filters": [{"name": "t_wants_body"}]},
+                "body_open": {"fail_open": True, "filters": [{"name": "t_wants_body"}]},
+            }
+        }
+    )
+    registry = CollectorRegistry()
+    processor = Processor(chains, metrics=Metrics(registry), message_timeout=1.0)
+    thread = loop.LoopThread()
+    limits = Limits(max_body_bytes=64 * 1024)
+    listening = thread.run(serve_http(processor, HttpSettings(limits=limits)))
+    try:
+        yield listening.port, registry
+    finally:
+        thread.run(listening.close())
+        thread.close()
+        plugins.unregister("extproc.filter", "t_wants_body")
+
+
+def headers_message(pairs: dict[str, str], phase: str = "request_headers") -> bytes:
+    items = [
+        {"key": k, "raw_value": base64.b64encode(v.encode()).decode()} for k, v in pairs.items()
+    ]
+    return json.dumps({phase: {"headers": {"headers": items}, "end_of_stream": True}}).encode()
+
+
+def post(
+    port: int,
+    path: str,
+    body: bytes,
+    *,
+    method: str = "POST",
+    content_type: str | None = "application/json",
+) -> tuple[int, Any]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        headers = {"content-type": content_type} if content_type else {}
+        conn.request(method, path, body=body, headers=headers)
+        resp = conn.getresponse()
+        data = resp.read()
+        return resp.status, json.loads(data) if data else None
+    finally:
+        conn.close()
+
+
+def immediate_status(answer: dict[str, Any]) -> str:
+    return str(answer["immediate_response"]["status"]["code"])
+
+
+def test_headers_message_is_answered_by_the_chain(server):
+    port, _ = server
+    status, answer = post(port, "/ext_proc/route", headers_message({"x-beta": "1"}))
+    assert status == 200
+    mutation = answer["request_headers"]["response"]["header_mutation"]["set_headers"][0]
+    assert mutation["header"]["key"] == "x-legation-cohort"
+    assert base64.b64decode(mutation["header"]["raw_value"]) == b"canary"
+    assert answer["request_headers"]["response"]["clear_route_cache"] is True
+
+
+def test_a_chain_name_with_slash_percent_and_crlf_round_trips_through_its_path(server):
+    port, _ = server
+    path = chain_path(WEIRD)
+    assert "/" not in path.removeprefix("/ext_proc/") and "\r" not in path and " " not in path
+    assert chain_of(path.encode()) == WEIRD
+    status, answer = post(port, path, headers_message({}))
+    assert status == 200 and "request_headers" in answer
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "/ext_proc/",
+        "/other/route",
+        "/ext_proc/route/more",
+        "/ext_proc/route?x=1",
+        "/ext_proc/ro%zzute",
+        "/ext_proc/%ff%fe",
+        "/ext_proc/we/ird",
+    ],
+)
+def test_a_path_naming_no_chain_is_an_error_envoy_fails_on(server, target):
+    port, _ = server
+    status, answer = post(port, target, headers_message({}))
+    assert status == 404 and answer == {"error": "not_a_chain_path"}
+
+
+def test_raw_crlf_in_the_request_line_is_refused_by_the_parser(server):
+    port, _ = server
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"POST /ext_proc/ro\r\nute HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\n\r\n")
+        data = sock.recv(4096)
+    assert data.startswith(b"HTTP/1.1 400")
+
+
+@pytest.mark.parametrize(
+    ("body", "why"),
+    [
+        (b"{not json", "bad JSON"),
+        (b"\xff\xfe", "not UTF-8"),
+        (b"[1, 2]", "not an object"),
+        (b'{"request_headers": {}, "nonsense": 1}', "an unknown field"),
+        (b'{"request_headers": {"headers": {"headers": [{"key": "a", "bogus": "x"}]}}}', "unknown"),
+        (b'{"request_headers": {}, "request_headers": {}}', "a duplicate key"),
+        (b'{"request_headers": {"end_of_stream": "yes"}}', "a wrong type"),
+        (b"[" * 5_000 + b"]" * 5_000, "nested too deep"),
+    ],
+)
+def test_a_body_that_is_no_processing_request_is_an_error_envoy_fails_on(server, body, why):
+    port, registry = server
+    before = registry.get_sample_value(
+        "legation_extproc_errors_total", {"filter": "-", "code": "malformed_request"}
+    )
+    status, answer = post(port, "/ext_proc/route", body)
+    assert status == 400, why
+    assert answer == {"error": "malformed_request"}
+    after = registry.get_sample_value(
+        "legation_extproc_errors_total", {"filter": "-", "code": "malformed_request"}
+    )
+    assert after == (before or 0) + 1
+
+
+def test_a_huge_body_is_refused_before_it_is_read_whole(server):
+    port, _ = server
+    status, answer = post(port, "/ext_proc/route", b"[" + b"0," * 100_000 + b"0]")
+    assert status == 413 and answer == {"error": "body_too_large"}
+
+
+def test_other_methods_and_content_types_are_refused(server):
+    port, _ = server
+    assert post(port, "/ext_proc/route", b"", method="GET")[0] == 405
+    # a browser's simple cross-site POST is text/plain: never processed
+    assert post(port, "/ext_proc/route", headers_message({}), content_type="text/plain")[0] == 415
+    assert post(port, "/ext_proc/route", headers_message({}), content_type=None)[0] == 415
+
+
+def test_an_unknown_chain_is_an_immediate_500_whatever_the_failure_mode(server):
+    port, registry = server
+    status, answer = post(port, chain_path("nope\r\n"), headers_message({}))
+    assert status == 200
+    assert immediate_status(answer) == "InternalServerError"
+    assert answer["immediate_response"]["details"] == "legation_unknown_chain"
+    assert registry.get_sample_value(
+        "legation_extproc_immediate_responses_total", {"chain": "-", "status": "500"}
+    )
+
+
+@pytest.mark.parametrize("phase", ["request_body", "response_headers", "request_trailers"])
+def test_a_phase_other_than_request_headers_is_an_immediate_500(server, phase):
+    port, _ = server
+    body = json.dumps({phase: {}}).encode()
+    status, answer = post(port, "/ext_proc/route", body)
+    assert status == 200
+    assert immediate_status(answer) == "InternalServerError"
+    assert answer["immediate_response"]["details"] == "legation_phase_not_over_http"
+
+
+def test_a_message_with_no_phase_is_an_immediate_500(server):
+    port, _ = server
+    status, answer = post(port, "/ext_proc/route", b"{}")
+    assert status == 200 and immediate_status(answer) == "InternalServerError"
+    assert answer["immediate_response"]["details"] == "legation_malformed_request"
+
+
+def test_a_filter_asking_for_a_body_gets_the_chains_failure_answer(server):
+    port, registry = server
+    status, answer = post(port, "/ext_proc/body", headers_message({}))
+    assert status == 200 and immediate_status(answer) == "InternalServerError"
+    assert "mode_override" not in answer
+    assert registry.get_sample_value(
+        "legation_extproc_errors_total", {"filter": "t_wants_body", "code": "body_over_http"}
+    )
+    status, answer = post(port, "/ext_proc/body_open", headers_message({}))
+    assert status == 200 and answer == {"request_headers": {}}  # fail-open: passed unchanged
+
+
+def test_pipelined_messages_are_answered_in_order(server):
+    port, _ = server
+    one = headers_message({"x-beta": "1"})
+    two = headers_message({})
+    request = b"POST /ext_proc/route HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+    wire = b"".join(request + b"content-length: %d\r\n\r\n%s" % (len(b), b) for b in (one, two))
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(wire)
+        data = b""
+        while data.count(b"HTTP/1.1 200") < 2 or not data.endswith(b"}}"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    first, second = data.split(b"HTTP/1.1 200")[1:]
+    assert base64.b64encode(b"canary") in first and base64.b64encode(b"stable") in second
