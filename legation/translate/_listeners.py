@@ -21,9 +21,13 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
+from envoy.extensions.http.early_header_mutation.header_mutation.v3 import (
+    header_mutation_pb2 as early_pb2,
+)
 
 from legation._proto import address, ads_source, pack
 from legation.translate._names import (
+    EARLY_HEADER_MUTATION,
     FAULT_FILTER,
     HCM_FILTER,
     LOCAL_RATELIMIT_FILTER,
@@ -50,12 +54,16 @@ def http_listener(
     path_normalization: str = "merge_slashes",
     tracing: hcm_pb2.HttpConnectionManager.Tracing | None = None,
     access_logs: Sequence[accesslog_pb2.AccessLog] = (),
+    strip_headers: Sequence[str] = (),
 ) -> listener_pb2.Listener:
     """``access_logs``: the connection manager's (see :mod:`legation.translate._accesslog`).
-    ``edge``: the gateway trusts no client's X-Forwarded-For and uses the peer's address.
+    ``edge``: the listener trusts no client's X-Forwarded-For and uses the peer's address
+    (the gateway, and sidecar outbound listeners, where the client is the app).
     ``service_filters`` go after fault and local_ratelimit, before the router.
     ``path_normalization``: see :attr:`legation.config.model.Mesh.path_normalization`.
-    ``tracing``: the tracer and sampling rate (:mod:`legation.translate._tracing`)."""
+    ``tracing``: the tracer and sampling rate (:mod:`legation.translate._tracing`).
+    ``strip_headers``: removed from every request before the route is picked (Envoy's early
+    header mutation), so a client cannot send a header only Legation's filters may set."""
     hcm = hcm_pb2.HttpConnectionManager(
         stat_prefix=stat_prefix,
         codec_type=hcm_pb2.HttpConnectionManager.AUTO,
@@ -71,6 +79,13 @@ def http_listener(
         ],
     )
     hcm.access_log.extend(access_logs)
+    if strip_headers:
+        mutation = early_pb2.HeaderMutation()
+        for header in strip_headers:
+            mutation.mutations.add().remove = header
+        hcm.early_header_mutation_extensions.add(name=EARLY_HEADER_MUTATION).typed_config.Pack(
+            mutation
+        )
     if edge:
         hcm.use_remote_address.value = True
     if tracing is not None:

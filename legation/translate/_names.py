@@ -19,6 +19,7 @@ FAULT_FILTER = "envoy.filters.http.fault"
 LOCAL_RATELIMIT_FILTER = "envoy.filters.http.local_ratelimit"
 ROUTER_FILTER = "envoy.filters.http.router"
 HCM_FILTER = "envoy.filters.network.http_connection_manager"
+EARLY_HEADER_MUTATION = "envoy.http.early_header_mutation.header_mutation"
 TCP_PROXY_FILTER = "envoy.filters.network.tcp_proxy"
 
 

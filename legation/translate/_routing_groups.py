@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from legation.config.routes import Route
 
-__all__ = ["ROUTING_FILTER", "read_headers", "routing_groups", "routing_headers"]
+__all__ = ["ROUTING_FILTER", "owned_headers", "read_headers", "routing_groups", "routing_headers"]
 
 ROUTING_FILTER = "header_route"
 
@@ -19,6 +19,26 @@ ROUTING_FILTER = "header_route"
 def routing_headers(spec: Route) -> set[str]:
     """The headers the route's ``header_route`` filters set (lower case)."""
     return {f.config.header.lower() for f in spec.filters if f.name == ROUTING_FILTER}
+
+
+def owned_headers(routes: list[Route]) -> list[str]:
+    """The headers only Legation may set: those a ``header_route`` filter sets and no
+    ``header_route`` rule reads, sorted. A client's own copy is removed before Envoy picks a route
+    (:func:`legation.translate._listeners.http_listener`'s ``strip_headers``), so it cannot pick
+    a header-routed route without the filter that decides it. A header some rule reads stays:
+    that mesh routes on the client's value by design."""
+    sets: set[str] = set()
+    reads: set[str] = set()
+    for spec in routes:
+        sets |= routing_headers(spec)
+        for f in spec.filters:
+            if f.name == ROUTING_FILTER:
+                for rule in f.config.rules:
+                    if rule.header is not None:
+                        reads.add(rule.header.lower())
+                    if rule.jwt_claim is not None:
+                        reads.add(rule.jwt_header.lower())
+    return sorted(sets - reads)
 
 
 def read_headers(spec: Route) -> set[str]:

@@ -69,6 +69,7 @@ from legation.translate._names import (
     inbound_cluster,
 )
 from legation.translate._routes import default_route, inbound_routes, route
+from legation.translate._routing_groups import owned_headers
 from legation.translate._services import apply_services, service_clusters, service_filters
 from legation.translate._stats import route_stat_prefix
 from legation.translate._tracing import hcm_tracing, route_tracing, tracing_clusters
@@ -209,6 +210,7 @@ def _gateway(
         path_normalization=routed.mesh.path_normalization,
         tracing=hcm_tracing(mesh, service_name=gw.name),
         access_logs=access_logs(mesh, node, GATEWAY),
+        strip_headers=owned_headers(mesh.routes),
     )
     return _snapshot(routed, version, shared, [listener], [routes], secrets)
 
@@ -268,10 +270,12 @@ def _sidecar(
         sidecar.outbound_port,
         route_config=OUTBOUND,
         stat_prefix=f"outbound_{service.name}",
+        edge=True,  # the app is the client: its own X-Forwarded-For never names the address
         service_filters=routed.filters,
         path_normalization=routed.mesh.path_normalization,
         tracing=hcm_tracing(routed.mesh, service_name=service.name),
         access_logs=access_logs(routed.mesh, node, OUTBOUND),
+        strip_headers=owned_headers(routed.mesh.routes),
     )
     if cap is not None:
         outbound = capture_outbound(outbound, routed.mesh, cap, sidecar.outbound_port)

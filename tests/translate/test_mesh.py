@@ -173,6 +173,14 @@ def test_gateway_listener_uses_rds_with_readable_stats() -> None:
     assert hcm.use_remote_address.value is True
 
 
+def test_sidecar_outbound_trusts_the_peer_address_not_the_apps_forwarded_for() -> None:
+    sidecar = snapshots()["sidecar-reviews-0"]
+    outbound = hcm_of(message(sidecar, ResourceType.LISTENER, "outbound"))
+    assert outbound.use_remote_address.value is True  # remote_address limits count the app
+    inbound = hcm_of(message(sidecar, ResourceType.LISTENER, "inbound"))
+    assert not inbound.HasField("use_remote_address")  # the peer is another sidecar
+
+
 def test_header_match_to_subset() -> None:
     data = base()
     data["routes"] = [
