@@ -270,3 +270,31 @@ def test_the_object_is_built_once_per_source_and_rebuilt_when_it_changes(tmp_pat
     with pytest.raises(CaptureError, match=r"clang .* failed: .*undefined_name"):
         build_object(broken, cache=tmp_path)
     assert not list(tmp_path.rglob("*.partial"))
+
+
+@pytest.mark.skipif(shutil.which("clang") is None, reason="clang missing (Debian package clang)")
+@pytest.mark.skipif(os.geteuid() != 0, reason="planting another user's file needs root (chown)")
+def test_a_cache_entry_root_did_not_write_alone_is_refused_never_loaded(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    good = build_object(cache=cache)
+    planted = good.read_bytes()
+    os.chown(good, 65534, 65534)  # another user's object under the right name
+    with pytest.raises(CaptureError, match=r"owned by uid 65534, not 0"):
+        build_object(cache=cache)
+    os.chown(good, 0, 0)
+    good.chmod(0o666)  # anyone could have replaced it
+    with pytest.raises(CaptureError, match=r"writable by group or others"):
+        build_object(cache=cache)
+    good.chmod(0o644)
+    assert build_object(cache=cache) == good and good.read_bytes() == planted
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    key_dir = good.parent
+    shutil.rmtree(key_dir)
+    key_dir.symlink_to(elsewhere, target_is_directory=True)  # the key directory redirected
+    with pytest.raises(CaptureError, match=r"is a symlink"):
+        build_object(cache=cache)
+    key_dir.unlink()
+    cache.chmod(0o777)
+    with pytest.raises(CaptureError, match=r"cache .*cache is writable by group or others"):
+        build_object(cache=cache)

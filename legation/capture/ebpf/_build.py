@@ -4,6 +4,11 @@ The object is never shipped or hand-assembled: ``clang -target bpf -O2 -g`` comp
 ``sockmap.bpf.c`` (against libbpf-dev's headers) at first use. The cache key is the SHA-256 of the
 source and the flags, so an edited source is rebuilt and an unchanged one is reused; the object is
 written to a temporary name and renamed, so a reader never sees half an object.
+
+``legation up --ebpf`` runs as root and loads what it finds in the cache into the kernel, so the
+cache is trusted only when the object and every directory from the cache root's parent down are
+owned by the user building (the effective uid), writable by nobody else and not symlinks;
+anything else is refused with the path and the reason, never loaded. New directories are 0700.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import hashlib
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import tempfile
 from pathlib import Path
@@ -44,10 +50,14 @@ def build_object(source: Path = SOURCE, *, cache: Path | None = None) -> Path:
     text = source.read_bytes()
     flags = [*_FLAGS, *_include_flags()]
     key = hashlib.sha256(text + "\0".join(flags).encode()).hexdigest()[:24]
-    target = (cache or cache_dir()) / key / source.name.replace(".c", ".o")
+    root = cache or cache_dir()
+    target = root / key / source.name.replace(".c", ".o")
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    target.parent.mkdir(mode=0o700, exist_ok=True)
+    _check_trusted(root.parent, root, target.parent)
     if target.exists():
+        _check_trusted(target)
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
     fd, partial = tempfile.mkstemp(dir=target.parent, suffix=".o.partial")
     os.close(fd)
     command = [clang, *flags, "-c", str(source), "-o", partial]
@@ -59,3 +69,26 @@ def build_object(source: Path = SOURCE, *, cache: Path | None = None) -> Path:
     finally:
         Path(partial).unlink(missing_ok=True)
     return target
+
+
+def _check_trusted(*paths: Path) -> None:
+    """Raise CaptureError unless each path is ours: owned by the effective uid, not a symlink,
+    not writable by group or others (a planted object would be loaded into the kernel)."""
+    uid = os.geteuid()
+    for path in paths:
+        st = os.lstat(path)
+        why = (
+            "is a symlink"
+            if stat.S_ISLNK(st.st_mode)
+            else f"is owned by uid {st.st_uid}, not {uid}"
+            if st.st_uid != uid
+            else "is writable by group or others"
+            if st.st_mode & 0o022
+            else None
+        )
+        if why is not None:
+            raise CaptureError(
+                f"--ebpf: the BPF object cache {path} {why}; remove it or set XDG_CACHE_HOME "
+                "to a directory only this user can write",
+                code="capture_unavailable",
+            )
