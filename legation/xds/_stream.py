@@ -50,6 +50,11 @@ class StreamBase:
     #: request that carries a node must name it, or the stream is refused before it yields.
     credential: str | None = None
     on_refused: Callable[[Any, Refused, str], Awaitable[None]] | None = None
+    #: Checks the caller's credential again (raises Refused): before every batch of responses
+    #: and at least every ``recheck_every`` seconds, so a credential revoked (re-enrolment, a new
+    #: xDS root) or expired while its stream is open gets nothing more and the stream is cut.
+    recheck: Callable[[], object] | None = None
+    recheck_every = 30.0
 
     def __init__(
         self, cache: SnapshotCache, context: grpc.aio.ServicerContext, only: ResourceType | None
@@ -122,10 +127,24 @@ class StreamBase:
         reader = asyncio.create_task(self._read(requests))
         try:
             while True:
-                await self.wake.wait()
+                if self.recheck is None:
+                    await self.wake.wait()
+                else:
+                    try:
+                        await asyncio.wait_for(self.wake.wait(), self.recheck_every)
+                    except TimeoutError:
+                        pass
                 self.wake.clear()
                 if self.closed:
                     return
+                if self.recheck is not None:
+                    try:
+                        self.recheck()
+                    except Refused as refused:
+                        self.closed = True
+                        assert self.on_refused is not None
+                        await self.on_refused(self.context, refused, self.node_id)
+                        return
                 snap = self.cache.snapshot_for(self.node_id, self.fleet) if self.node_id else None
                 if snap is None:
                     continue

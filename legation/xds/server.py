@@ -159,6 +159,9 @@ class XdsServer:
         stream.gate_timeout = self.gate_timeout
         stream.credential = node
         stream.on_refused = self._refuse
+        if self.auth is not None:
+            auth = self.auth
+            stream.recheck = lambda: auth.peer_node(context)
         return stream.run(requests)
 
     async def _authenticate(self, context: Any) -> str | None:

@@ -507,3 +507,73 @@ def test_envoy_with_legation_bootstrap_output_connects_acks_serves_and_survives_
             envoy.stop()
         cp.close()
         app.stop_thread()
+
+
+async def _open_secret_stream(
+    channel: grpc.aio.Channel, node: str
+) -> tuple[Any, asyncio.Queue[Any]]:
+    """An SDS stream for ``node`` kept open; its responses (or its error) go to the queue."""
+    call = channel.stream_stream(
+        SDS + "StreamSecrets",
+        request_serializer=discovery_pb2.DiscoveryRequest.SerializeToString,
+        response_deserializer=None,
+    )
+    done = asyncio.Event()
+
+    async def requests() -> AsyncIterator[Any]:
+        yield request(node, names=("legation-workload-cert",))
+        await done.wait()
+
+    stream = call(requests())
+    got: asyncio.Queue[Any] = asyncio.Queue()
+
+    async def pump() -> None:
+        try:
+            async for response in stream:
+                await got.put(response)
+        except grpc.aio.AioRpcError as err:
+            await got.put(err)
+        finally:
+            done.set()
+
+    asyncio.get_running_loop().create_task(pump())
+    return stream, got
+
+
+async def test_a_credential_revoked_while_its_stream_is_open_gets_no_new_key(
+    plane: Plane,
+) -> None:
+    """Re-enrolment revokes the old credential: its open stream is cut at the next push,
+    before the push, and the new snapshot's key never reaches it."""
+    first = plane.pki.issue("proxy-a")
+    async with grpc.aio.secure_channel(
+        plane.server.address, plane.pki.channel_credentials(first)
+    ) as channel:
+        stream, got = await _open_secret_stream(channel, "proxy-a")
+        assert KEY_MARK in await asyncio.wait_for(got.get(), 5)
+        plane.pki.issue("proxy-a")  # re-enrolled elsewhere: the first credential is revoked
+        plane.cache.set_snapshot("proxy-a", secret_snapshot(plane.pki, "a-rotated"))
+        answer = await asyncio.wait_for(got.get(), 5)
+        stream.cancel()
+    assert isinstance(answer, grpc.aio.AioRpcError), "the revoked stream got the new snapshot"
+    assert answer.code() is grpc.StatusCode.UNAUTHENTICATED
+    assert plane.refused("superseded") == 1
+
+
+async def test_a_revoked_idle_stream_is_cut_without_waiting_for_a_push(
+    plane: Plane, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from legation.xds._stream import StreamBase
+
+    monkeypatch.setattr(StreamBase, "recheck_every", 0.2)
+    first = plane.pki.issue("proxy-a")
+    async with grpc.aio.secure_channel(
+        plane.server.address, plane.pki.channel_credentials(first)
+    ) as channel:
+        stream, got = await _open_secret_stream(channel, "proxy-a")
+        assert KEY_MARK in await asyncio.wait_for(got.get(), 5)
+        plane.pki.issue("proxy-a")
+        answer = await asyncio.wait_for(got.get(), 5)
+        stream.cancel()
+    assert isinstance(answer, grpc.aio.AioRpcError)
+    assert answer.code() is grpc.StatusCode.UNAUTHENTICATED
