@@ -161,8 +161,7 @@ class RegoCheck:
         compiled = self._current()
         ep, only, cacheable = self._entrypoint(compiled, policy)
         document = ctx.input(only)
-        http = ctx.request.attributes.request.http
-        if not cacheable or len(http.body) + len(http.raw_body) > _MAX_KEY:
+        if not cacheable or ctx.body_size() > _MAX_KEY:
             return await self._evaluate(compiled, policy, ep, document)  # no repr of a big body
         text = repr(document)
         if len(text) > _MAX_KEY:

@@ -26,7 +26,7 @@ from legation.extauthz._body import parse as parse_body_of
 from legation.extauthz._protomap import protomap
 from legation.extauthz.errors import AuthzError
 
-_VERSION = {"ext_authz": "v3", "encoding": "protojson"}
+VERSION = {"ext_authz": "v3", "encoding": "protojson"}
 
 # A projection of the input document: key -> sub-tree; an empty mapping means "all of it".
 InputPaths = Mapping[str, "InputPaths"]
@@ -66,9 +66,10 @@ class RequestContext:
     def __init__(self, request: Any, options: InputOptions | None = None) -> None:
         self.request = request
         self.options = options or DEFAULT_OPTIONS
-        http = request.attributes.request.http
-        self.headers: Any = http.headers  # a protobuf map: lower-case names, like Envoy sends
-        self.extensions: Any = request.attributes.context_extensions
+        attributes = request.attributes
+        # protobuf maps (a dict over HTTP): lower-case names, like Envoy sends
+        self.headers: Any = attributes.request.http.headers
+        self.extensions: Any = attributes.context_extensions
         self.claims: dict[str, Any] | None = None
         self.jwt_provider: str | None = None
         self.decision_id = new_decision_id()
@@ -90,10 +91,10 @@ class RequestContext:
     def input(self, only: InputPaths | None = None) -> dict[str, Any]:
         """The policy input document (built once per request), or only the parts in ``only``."""
         if only is not None:
-            doc = build_input(self.request, only, self.options)
+            doc = self._build(only)
         else:
             if self._input is None:
-                self._input = build_input(self.request, options=self.options)
+                self._input = self._build(None)
             doc = self._input
         if self.claims is not None and (only is None or "jwt" in only):
             jwt = {"provider": self.jwt_provider, "claims": self.claims}
@@ -103,6 +104,14 @@ class RequestContext:
             if spiffe:
                 doc["spiffe_id"] = spiffe
         return doc
+
+    def body_size(self) -> int:
+        """Characters of the body plus bytes of the raw body (what a cache key would repeat)."""
+        http = self.request.attributes.request.http
+        return len(http.body) + len(http.raw_body)
+
+    def _build(self, only: InputPaths | None) -> dict[str, Any]:
+        return build_input(self.request, only, self.options)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -144,7 +153,7 @@ def build_input(
             http, parsed_path, options.proto_set
         )
     if only is None or "version" in only:
-        doc["version"] = dict(_VERSION)
+        doc["version"] = dict(VERSION)
     principal = request.attributes.source.principal
     if principal and (only is None or "source_principal" in only):
         doc["source_principal"] = principal

@@ -138,7 +138,7 @@ class FusedDecider:
         # what the next filters see on the gRPC chain (ext_authz, then ext_proc, then the rate
         # limit): the request as the authz decision left it, e.g. a JWT check's verified
         # claims_to_headers, never the client's own value of such a header
-        headers = _after(decision, ctx.request.attributes.request.http.headers)
+        headers = _after(decision, ctx.headers)
         to_set, to_remove = route.route(headers)
         limit_headers: list[tuple[str, str]] = []
         if route.descriptors:

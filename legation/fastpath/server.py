@@ -32,7 +32,7 @@ from legation.fastpath import answer
 from legation.fastpath._http import Call, Limits, Listening, listen
 from legation.fastpath.contract import REMOTE_ADDRESS_HEADER, ROUTE_HEADER, Forwarded
 from legation.fastpath.fused import FusedDecider
-from legation.fastpath.request import NotACheck, check_request
+from legation.fastpath.request import CallContext, NotACheck, read_call
 from legation.grpc_server import ServerTls, TlsSource
 
 
@@ -70,10 +70,10 @@ class CalloutApp:
     def __call__(self, call: Call) -> bytes | Coroutine[Any, Any, bytes]:
         extra: dict[str, str] = {}
         try:
-            request = check_request(call.method, call.target, call.headers, call.body, extra)
+            request = read_call(call.method, call.target, call.headers, call.body, extra)
         except NotACheck:
             return answer.error(400, "not_a_check", keep_alive=call.keep_alive)
-        ctx = RequestContext(request, self.servicer.input_options)
+        ctx = CallContext(request, self.servicer.input_options)
         name = extra.get(ROUTE_HEADER)
         parent = _parent(call.headers) if TRACER.on else None
         if name is None:
