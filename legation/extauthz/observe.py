@@ -30,6 +30,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.metrics_core import Metric
 
+from legation._prom import incrementer, observer
 from legation.tracing.spans import CallTracer, SpanContext
 
 decision_logger = logging.getLogger("legation.extauthz.decisions")
@@ -159,13 +160,17 @@ class Metrics:
             error = None
             if code and result in ("error", "would_deny") and code not in ("denied",):
                 error = self.errors.labels(policy, code)
-            children = (self.decisions.labels(policy, result), error, self.latency.labels(policy))
+            children = (
+                incrementer(self.decisions.labels(policy, result)),
+                None if error is None else incrementer(error),
+                observer(self.latency.labels(policy)),
+            )
             if len(self._children) < 4096:  # policies bounded by PolicyLabels, codes fixed
                 self._children[key] = children
-        children[0].inc()
+        children[0](1)
         if children[1] is not None:
-            children[1].inc()
-        children[2].observe(seconds)
+            children[1](1)
+        children[2](seconds)
 
     def watch_reloads(self, checks: Mapping[str, object]) -> None:
         """Export ``legation_extauthz_policy_reload_failures_total{check}`` for every check

@@ -215,12 +215,19 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
             decision = await _bounded(self._check(name).check(ctx), self._timeout)
             if not decision.allowed:
                 return decision
-            _replace(headers, decision.headers)  # a later check's header wins, all its values
-            _replace(response_headers, decision.response_headers_to_add)
-            remove.extend(decision.request_headers_to_remove)
-            query_set.extend(decision.query_parameters_to_set)
-            query_remove.extend(decision.query_parameters_to_remove)
-            metadata.update(decision.dynamic_metadata)
+            # most checks allow with nothing to add: test before calling (the hot path)
+            if decision.headers:  # a later check's header wins, all its values
+                _replace(headers, decision.headers)
+            if decision.response_headers_to_add:
+                _replace(response_headers, decision.response_headers_to_add)
+            if decision.request_headers_to_remove:
+                remove.extend(decision.request_headers_to_remove)
+            if decision.query_parameters_to_set:
+                query_set.extend(decision.query_parameters_to_set)
+            if decision.query_parameters_to_remove:
+                query_remove.extend(decision.query_parameters_to_remove)
+            if decision.dynamic_metadata:
+                metadata.update(decision.dynamic_metadata)
         return Decision(
             allowed=True,
             headers=tuple(headers),

@@ -1,14 +1,17 @@
 """Prometheus metrics of the ext_proc service: streams, phases, filter latency and errors.
 
 Pass your own ``CollectorRegistry`` (tests do); label children are cached so a phase costs a dict
-lookup, not a ``labels()`` call.
+lookup, not a ``labels()`` call, and the per-message ones are prebound (:mod:`legation._prom`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
+
+from legation._prom import incrementer, observer
 
 _LATENCY_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 1.0)
 
@@ -48,15 +51,29 @@ class Metrics:
             registry=reg,
         )
         self._cache: dict[tuple[str, ...], Any] = {}
+        # the per-message ones, prebound (legation._prom): chains, filters and phases are few
+        self._streams: dict[str, Callable[[float], None]] = {}
+        self._phases: dict[tuple[str, str], Callable[[float], None]] = {}
+        self._filters: dict[tuple[str, str], Callable[[float], None]] = {}
 
     def stream(self, chain: str) -> None:
-        self._child(self.streams, "s", chain).inc()
+        inc = self._streams.get(chain)
+        if inc is None:
+            inc = self._streams[chain] = incrementer(self.streams.labels(chain))
+        inc(1)
 
     def phase(self, chain: str, phase: str) -> None:
-        self._child(self.phases, "p", chain, phase).inc()
+        inc = self._phases.get((chain, phase))
+        if inc is None:
+            inc = self._phases[chain, phase] = incrementer(self.phases.labels(chain, phase))
+        inc(1)
 
     def observe(self, filter_name: str, phase: str, seconds: float) -> None:
-        self._child(self.filter_seconds, "f", filter_name, phase).observe(seconds)
+        observe = self._filters.get((filter_name, phase))
+        if observe is None:
+            child = self.filter_seconds.labels(filter_name, phase)
+            observe = self._filters[filter_name, phase] = observer(child)
+        observe(seconds)
 
     def error(self, filter_name: str, code: str) -> None:
         self._child(self.errors, "e", filter_name, code).inc()

@@ -34,6 +34,7 @@ from collections.abc import Callable, Sequence
 
 from envoy.service.ratelimit.v3 import rls_pb2
 
+from legation._prom import incrementer
 from legation.ratelimit._request import (
     ResponseHeaders,
     _Checked,
@@ -84,7 +85,8 @@ class RateLimiter:
         self.dynamic_metadata = dynamic_metadata
         self.clock = clock
         self._ratio32 = _f32(near_limit_ratio)
-        self._counters: dict[tuple[str, str], tuple[object, ...]] = {}
+        # (domain, metric key) -> the hit counters' children, prebound (legation._prom)
+        self._counters: dict[tuple[str, str], tuple[Callable[[float], None], ...]] = {}
         # serialized request -> its plan, for the config in _plans_for (a swap starts a new table)
         self._plans: dict[bytes, _Plan] = {}
         self._plans_for: RateLimitConfig | None = None
@@ -217,7 +219,7 @@ class RateLimiter:
         limit, decision, near_at = c.limits[pick], decisions[pick], c.near[pick]
         total, within, over, near, shadow = self._counters_for(domain, c.metric_key)
         cost, rpu, used = c.cost, limit.requests_per_unit, decision.used
-        total.inc(cost)  # type: ignore[attr-defined]
+        total(cost)
         if denied:
             # upstream's split: hits past the limit are over; those between the near threshold
             # and the limit, when this hit crossed it, are near
@@ -225,18 +227,18 @@ class RateLimiter:
                 over_hits = cost
             else:
                 over_hits = used - rpu
-                near.inc(rpu - max(near_at, used - cost))  # type: ignore[attr-defined]
-            over.inc(over_hits)  # type: ignore[attr-defined]
+                near(rpu - max(near_at, used - cost))
+            over(over_hits)
             if c.shadow:
-                shadow.inc(over_hits)  # type: ignore[attr-defined]
+                shadow(over_hits)
             else:
                 status.code = OVER_LIMIT
         else:
-            within.inc(cost)  # type: ignore[attr-defined]
+            within(cost)
             if used < 0:
                 used = rpu - decision.remaining
             if used > near_at:
-                near.inc(cost if used - cost >= near_at else used - near_at)  # type: ignore[attr-defined]
+                near(cost if used - cost >= near_at else used - near_at)
         current = status.current_limit
         if limit.name:
             current.name = limit.name
@@ -250,12 +252,12 @@ class RateLimiter:
             reset.seconds, ms = divmod(decision.reset_ms, 1000)
             reset.nanos = ms * 1_000_000
 
-    def _counters_for(self, domain: str, metric_key: str) -> tuple[object, ...]:
+    def _counters_for(self, domain: str, metric_key: str) -> tuple[Callable[[float], None], ...]:
         found = self._counters.get((domain, metric_key))
         if found is None:
             m = self.metrics
             found = tuple(
-                counter.labels(domain, metric_key)
+                incrementer(counter.labels(domain, metric_key))
                 for counter in (
                     m.total_hits,
                     m.within_limit,

@@ -1,0 +1,69 @@
+"""The prebound children of ``legation._prom`` expose exactly what the public methods do."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+from legation._prom import incrementer, observer
+
+BUCKETS = (0.0001, 0.00025, 0.001, 0.5, 1.0)
+amounts = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True, width=64),
+    st.sampled_from([0.0, *BUCKETS, -0.0, 2.0, -1.0]),
+)
+
+
+def _pair() -> tuple[CollectorRegistry, Counter, Histogram]:
+    registry = CollectorRegistry()
+    counter = Counter("c", "c", ["l"], registry=registry)
+    histogram = Histogram("h", "h", ["l"], buckets=BUCKETS, registry=registry)
+    return registry, counter, histogram
+
+
+def _exposition(registry: CollectorRegistry) -> list[str]:
+    # _created samples carry the creation time, which differs between the two registries
+    return [
+        line for line in generate_latest(registry).decode().splitlines() if "_created" not in line
+    ]
+
+
+@settings(max_examples=200, deadline=None, database=None)
+@given(st.lists(amounts, max_size=30))
+def test_same_samples_as_the_public_methods(values: list[float]) -> None:
+    public, c1, h1 = _pair()
+    fast, c2, h2 = _pair()
+    c1.labels("a"), h1.labels("a")  # both registries hold the children from the start
+    inc, observe = incrementer(c2.labels("a")), observer(h2.labels("a"))
+    assert inc is not c2.labels("a").inc and observe is not h2.labels("a").observe  # not a no-op
+    for value in values:
+        h1.labels("a").observe(value)
+        observe(value)
+        if value >= 0 or math.isnan(value):
+            c1.labels("a").inc(value)
+            inc(value)
+        else:
+            with pytest.raises(ValueError, match="non-negative"):
+                c1.labels("a").inc(value)
+            with pytest.raises(ValueError, match="non-negative"):
+                inc(value)
+    assert _exposition(fast) == _exposition(public)
+
+
+def test_a_child_it_does_not_know_gets_the_public_method() -> None:
+    class Odd(Counter):
+        def inc(self, amount: float = 1, exemplar: object = None) -> None:
+            super().inc(amount * 2)
+
+    registry = CollectorRegistry()
+    odd = Odd("o", "o", ["l"], registry=registry)
+    inc = incrementer(odd.labels("a"))
+    inc(1)
+    assert registry.get_sample_value("o_total", {"l": "a"}) == 2
+    parent = Counter("p", "p", ["l"], registry=registry)
+    with pytest.raises(ValueError, match="missing label values"):
+        incrementer(parent)(1)  # the parent itself is not observable: the public error
