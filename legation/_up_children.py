@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 from legation.certs._files import private_dir, write_private
 from legation.envoy_process import EnvoyProcess
 from legation.errors import LegationError
-from legation.supervisor import Supervised
+from legation.supervisor import Backoff, Supervised
 
 LEGATION = [sys.executable, "-m", "legation.cli"]
 
@@ -38,6 +38,7 @@ class StackChildren:
     cp: Supervised | None
     services: dict[str, Supervised]
     envoys: list[EnvoyProcess]
+    _envoy_backoff: dict[str, Backoff]
     _stopping: asyncio.Event
     _processes: str
 
@@ -201,7 +202,7 @@ class StackChildren:
                 "role": "envoy",
                 "name": e.name,
                 "pid": e.proc.pid if e.proc else None,
-                "restarts": 0,
+                "restarts": b.restarts if (b := self._envoy_backoff.get(e.name)) else 0,
                 "alive": e.alive(),
             }
             for e in self.envoys

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,7 +20,7 @@ from legation.config.capture import with_capture
 from legation.demo import DemoApp
 from legation.envoy_process import EnvoyProcess
 from legation.errors import LegationError
-from legation.supervisor import Supervised
+from legation.supervisor import Backoff, Supervised
 from legation.translate.bootstrap import bootstrap
 
 
@@ -33,6 +34,7 @@ class StackProxies:
     ca_where: CaLocation | None
     apps: dict[tuple[str, int], DemoApp | Supervised]
     envoys: list[EnvoyProcess]
+    _envoy_backoff: dict[str, Backoff]
     credentials: dict[str, WorkloadCert]
     _retiring: list[EnvoyProcess | DemoApp | Supervised]
     capture: bool
@@ -85,6 +87,7 @@ class StackProxies:
             self.envoys.remove(envoy)
             self._retiring.append(envoy)
             self.credentials.pop(envoy.name, None)
+            self._envoy_backoff.pop(envoy.name, None)
         started = []
         host, _, port = str(status["xds"]).rpartition(":")
         for node, proxy in wanted.items():
@@ -108,8 +111,32 @@ class StackProxies:
                 config, admin_port=admin_port, name=node, log_dir=self.log_dir, **pod
             )
             self.envoys.append(envoy.start())
+            self._envoy_backoff[node] = Backoff(time.monotonic())
             started.append(node)
         return started, stopped
+
+    def _restart_envoys(self) -> None:
+        """Start an Envoy that exited again, after a backoff (see :class:`Backoff`), with the
+        same bootstrap and credential: the rest of the mesh keeps running, and the new Envoy
+        gets its configuration from the control plane as the first one did."""
+        now = time.monotonic()
+        for envoy in self.envoys:
+            if envoy.alive():
+                continue
+            clock = self._envoy_backoff.setdefault(envoy.name, Backoff(now))
+            wait = clock.wait(now)
+            if not clock.announced:
+                clock.announced = True
+                code = envoy.proc.returncode if envoy.proc is not None else "?"
+                self.say(
+                    f"{envoy.name} exited (code {code}); restarting it in {wait:.1f}s "
+                    f"(restart #{clock.restarts + 1}). Its log:\n{envoy.log_tail(20)}"
+                )
+            if wait == 0:
+                envoy.start()
+                clock.restarted(now)
+                pid = envoy.proc.pid if envoy.proc is not None else "?"
+                self.say(f"{envoy.name} restarted (pid {pid})")
 
     def _access_log_dirs(self, mesh: Mesh) -> None:
         """The folders of the proxies' JSON access-log files, made before their Envoys start

@@ -21,14 +21,41 @@ from typing import Any
 
 from legation.envoy_process import _die_with_parent
 
-__all__ = ["Supervised"]
+__all__ = ["Backoff", "Supervised"]
 
 BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 10.0
 STABLE_AFTER = 60.0
 
 
-class Supervised:
+class Backoff:
+    """When a dead process should start again: after a delay that doubles with each quick death
+    (``BACKOFF_FIRST`` up to ``BACKOFF_MAX``), starting over once it stayed up ``STABLE_AFTER``
+    seconds. Used for Legation's own children (:class:`Supervised`) and ``legation up``'s Envoys."""
+
+    def __init__(self, started_at: float = 0.0) -> None:
+        self.started_at = started_at
+        self.restart_at: float | None = None
+        self.restarts = 0
+        self.announced = False  # its death has been reported (by the caller)
+        self._quick_deaths = 0
+
+    def wait(self, now: float) -> float:
+        """For a dead process: seconds until it should be started again (0: now), scheduling
+        the restart on the first call after its death."""
+        if self.restart_at is None:
+            quick = now - self.started_at < STABLE_AFTER
+            self._quick_deaths = self._quick_deaths + 1 if quick else 1
+            delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (self._quick_deaths - 1))
+            self.restart_at = now + delay
+        return max(0.0, self.restart_at - now)
+
+    def restarted(self, now: float) -> None:
+        self.restarts += 1
+        self.started_at, self.restart_at, self.announced = now, None, False
+
+
+class Supervised(Backoff):
     def __init__(
         self,
         *,
@@ -50,15 +77,11 @@ class Supervised:
         self.on_line = on_line
         self.env = env
         self.proc: asyncio.subprocess.Process | None = None
-        self.restarts = 0
-        self.started_at = 0.0
-        self.restart_at: float | None = None
-        self._quick_deaths = 0
+        super().__init__()
         self._reader: asyncio.Task[None] | None = None
         self.tail: list[str] = []
         self.ready_line = ready_line
         self.ready = False
-        self.announced = False  # its death has been reported (by the caller)
 
     @property
     def name(self) -> str:
@@ -110,13 +133,7 @@ class Supervised:
         restart on the first call after its death; None while it runs."""
         if self.alive() or self.proc is None:
             return None
-        now = time.monotonic() if now is None else now
-        if self.restart_at is None:
-            quick = now - self.started_at < STABLE_AFTER
-            self._quick_deaths = self._quick_deaths + 1 if quick else 1
-            delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (self._quick_deaths - 1))
-            self.restart_at = now + delay
-        return max(0.0, self.restart_at - now)
+        return self.wait(time.monotonic() if now is None else now)
 
     async def output_done(self, timeout: float = 2.0) -> None:
         """Wait (bounded) until everything the child printed has been read."""

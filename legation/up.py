@@ -15,8 +15,9 @@ config while it is away. Any Legation process that dies is started again (backof
 10 s, each restart logged and counted); the Envoys keep running meanwhile and reconnect to the
 control plane by themselves. ``legation status --json`` lists the processes (role, PID, restarts).
 A reload that adds proxies starts their Envoys (and demo apps); one that removes proxies stops
-theirs. Ctrl-C, SIGTERM, or an Envoy dying stops everything; every child is tied to this process
-with PR_SET_PDEATHSIG, so none is orphaned even if this process is killed.
+theirs. An Envoy that dies is started again the same way (same backoff, same bootstrap and
+credential). Ctrl-C or SIGTERM stops everything; every child is tied to this process with
+PR_SET_PDEATHSIG, so none is orphaned even if this process is killed.
 
 Each Envoy is enrolled before it starts: its xDS credential (valid :data:`UP_TTL`) is written to
 ``.legation/nodes/<node>`` and its bootstrap reads it through file-based SDS with a watched
@@ -55,7 +56,7 @@ from legation.demo import DemoApp
 from legation.envoy_process import EnvoyProcess
 from legation.errors import LegationError
 from legation.services.planning import plan
-from legation.supervisor import Supervised
+from legation.supervisor import Backoff, Supervised
 from legation.translate import translate
 
 QUICKSTART = Path(__file__).resolve().parent.parent / "examples" / "quickstart" / "mesh.yaml"
@@ -100,6 +101,7 @@ class Stack(StackChildren, StackProxies, StackView, StackSplice, StackCapture):
         self.services: dict[str, Supervised] = {}
         self.apps: dict[tuple[str, int], DemoApp | Supervised] = {}
         self.envoys: list[EnvoyProcess] = []
+        self._envoy_backoff: dict[str, Backoff] = {}  # node -> when its Envoy may start again
         self._stopping = asyncio.Event()
         self._last: dict[str, Any] = {}
         self._status: dict[str, Any] = {}
@@ -246,13 +248,7 @@ class Stack(StackChildren, StackProxies, StackView, StackSplice, StackCapture):
 
     async def _supervise(self) -> int:
         while not self._stopping.is_set():
-            dead = self._dead()
-            if dead is not None:
-                self.say(
-                    f"{dead.name} exited (code {dead.proc.returncode if dead.proc else '?'})"
-                    f"; stopping everything. Its log:\n{dead.log_tail(20)}"
-                )
-                return 1
+            self._restart_envoys()
             await self._restart_dead()
             status = await self._fetch_status() if self.cp and self.cp.alive() else None
             if status is not None:

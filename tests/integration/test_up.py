@@ -245,13 +245,21 @@ def test_up_serves_reloads_reports_and_stops_cleanly(
     assert gone(pids), f"Envoys left running: {up.envoy_pids()}"
 
 
-def test_up_stops_everything_when_an_envoy_dies(up: Up) -> None:
+def test_a_dead_proxy_is_restarted_and_serves_again(up: Up, ports: dict[str, int]) -> None:
     up.wait_for("Legation is up")
+    gw = f"http://127.0.0.1:{ports['gw']}"
     pids = up.envoy_pids()
     assert len(pids) == 2  # the gateway and web-v1's sidecar
-    os.kill(pids[0], signal.SIGKILL)
-    assert up.proc.wait(20) == 1
-    assert "exited" in up.output and "stopping everything" in up.output
+    for pid in pids:  # the gateway and the sidecar, each killed once
+        os.kill(pid, signal.SIGKILL)
+    up.wait_for("restarted (pid", timeout=30)
+    eventually(lambda: len(set(up.envoy_pids()) - set(pids)) == 2, timeout=30)
+    assert up.proc.poll() is None  # legation up kept running
+    assert "exited (code -9); restarting it in" in up.output
+    eventually(lambda: http(gw + "/hello") == (200, "hello v1"), timeout=30)
+    eventually(lambda: http(gw + "/")[0] == 200, timeout=30)  # through the restarted sidecar
+    envoys = [p for p in processes(up.status_url) if p["role"] == "envoy"]
+    assert len(envoys) == 2 and all(p["alive"] and p["restarts"] == 1 for p in envoys)
     assert gone(pids)
 
 
