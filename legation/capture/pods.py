@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import sys
 from dataclasses import dataclass
 
 from legation.capture import netns
+from legation.capture.errors import CaptureError
 from legation.capture.relay import Relay
 from legation.capture.rules import hosts_file, pod_rules
 from legation.config.capture import Capture
@@ -108,7 +110,17 @@ class Pods:
         the pod and calling ``services`` (name -> port) by plain URL."""
         calls = [a for name, port in services.items() for a in ("--call-plain", f"{name}={port}")]
         return self.pods[instance].exec_argv(
-            [sys.executable, "-m", "legation.cli", "demo", *argv, "--host", "0.0.0.0", *calls]
+            [
+                *unprivileged(self.capture.app_uid),
+                sys.executable,
+                "-m",
+                "legation.cli",
+                "demo",
+                *argv,
+                "--host",
+                "0.0.0.0",
+                *calls,
+            ]
         )
 
     async def stop(self) -> list[str]:
@@ -124,3 +136,26 @@ class Pods:
         finally:
             os.close(self._lock)
             self._lock = None
+
+
+def unprivileged(uid: int) -> list[str]:
+    """The prefix that runs a command as ``uid`` (user and group), with no supplementary groups,
+    no capabilities (effective, inheritable or bounding) and no way to gain any (``setpriv``,
+    util-linux): an app in a pod can neither take the proxy group nor rewrite its pod's rules."""
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        raise CaptureError(
+            "--capture: setpriv not found (Debian package util-linux); it drops the apps' "
+            "privileges",
+            code="capture_unavailable",
+        )
+    return [
+        setpriv,
+        f"--reuid={uid}",
+        f"--regid={uid}",
+        "--clear-groups",
+        "--inh-caps=-all",
+        "--bounding-set=-all",
+        "--no-new-privs",
+        "--",
+    ]

@@ -6,6 +6,7 @@ and the addresses it gives instances and services.
     capture:
       cidr: 10.213.0.0/16      # Legation's private range: the bridge, the namespaces, service VIPs
       proxy_gid: 1337          # the sidecars run with this group id; their traffic is not captured
+      app_uid: 65534           # the pods' apps run as this user and group (nobody), no capabilities
       inbound:
         include_ports: []      # default: the instance's app port
         exclude_ports: []      # e.g. the app port itself: plaintext straight to the app
@@ -75,6 +76,7 @@ class Capture(BaseModel):
     model_config = STRICT
     cidr: Cidr = ipaddress.IPv4Network("10.213.0.0/16")
     proxy_gid: int = Field(default=1337, ge=1, le=65534)
+    app_uid: int = Field(default=65534, ge=1, le=65534)
     inbound: CaptureInbound = Field(default_factory=CaptureInbound)
     outbound: CaptureOutbound = Field(default_factory=CaptureOutbound)
 
@@ -151,6 +153,12 @@ def capture_problems(mesh: Mesh) -> Iterator[Problem]:
             "never public or link-local addresses)",
         )
         return
+    if c.app_uid == c.proxy_gid:
+        yield Problem(
+            "capture.app_uid",
+            f"{c.app_uid} is also capture.proxy_gid: the apps would run in the proxy group, "
+            "whose traffic is never captured",
+        )
     for block in ("inbound", "outbound"):
         ports = getattr(c, block)
         both = sorted(set(ports.include_ports) & set(ports.exclude_ports))

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from legation.capture import netns
+from legation.capture.pods import unprivileged
 from legation.config.capture import Capture
 from tests.capture.conftest import capture_range
 from tests.conftest import distinct_ports
@@ -261,6 +262,54 @@ def test_inbound_is_captured_and_strict_mtls_refuses_plaintext(captured: Capture
     # through the gateway (mTLS to the pod's app port, redirected to the sidecar) it works
     status, body = http(f"http://127.0.0.1:{captured.ports['gw']}/via-gateway")
     assert status == 200 and json.loads(body)["service"] == "reviews"
+
+
+def _app_pid(port: int) -> int:
+    """The pid of the pod's demo app listening on ``port`` (its command line names it)."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if (
+            b"demo" in argv
+            and b"--port" in argv
+            and argv[argv.index(b"--port") + 1] == str(port).encode()
+            and b"setpriv" not in argv[0]
+        ):
+            return int(proc.name)
+    raise AssertionError(f"no demo app on port {port}")
+
+
+def test_pod_apps_run_unprivileged_and_cannot_step_out_of_capture(captured: Captured) -> None:
+    """The app runs as nobody with no capabilities: it cannot rewrite its pod's rules, so it
+    cannot send around its sidecar (found by an attacker review: apps used to run as root)."""
+    status = (Path("/proc") / str(_app_pid(captured.ports["app1"])) / "status").read_text()
+    fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+    assert fields["Uid"].split() == ["65534"] * 4 and fields["Gid"].split() == ["65534"] * 4
+    assert fields["Groups"].strip() == ""
+    for cap in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
+        assert int(fields[cap], 16) == 0, cap
+    assert fields["NoNewPrivs"].strip() == "1"
+    pod = captured.pod("frontend-0")
+
+    def rules() -> list[str]:  # without the "# Generated ... on <date>" comments
+        out = netns.run(pod.exec_argv(["iptables-save", "-t", "nat"]))
+        return [line for line in out.splitlines() if not line.startswith("#")]
+
+    before = rules()
+    as_app = subprocess.run(
+        pod.exec_argv([*unprivileged(65534), "iptables", "-t", "nat", "-F"]),
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+    assert as_app.returncode != 0 and "denied" in (as_app.stderr + as_app.stdout).lower()
+    assert rules() == before and any("LEGATION" in line for line in before)
+    status_code, body = captured.app_get("frontend-0", "http://reviews:9080/")
+    assert status_code == 200, body  # the app still reaches the mesh through its sidecar
 
 
 def test_only_the_sidecar_reaches_the_relayed_host_ports(captured: Captured) -> None:
