@@ -104,10 +104,10 @@ def _ports(mesh: Mesh) -> Iterator[Problem]:
                 ]
     for kind, block in kinds.blocks(mesh):
         wanted += _worker_ports(block.host, block.worker_ports(block.port), kind.block, "port")
-    authz = mesh.extauthz
-    if authz is not None and authz.http_port is not None:
-        http_ports = authz.worker_ports(authz.http_port)
-        wanted += _worker_ports(authz.host, http_ports, "extauthz", "http_port")
+        http_port = getattr(block, "http_port", None)  # extauthz and extproc over HTTP
+        if http_port is not None:
+            http_ports = block.worker_ports(http_port)
+            wanted += _worker_ports(block.host, http_ports, kind.block, "http_port")
     if mesh.tracing is not None and mesh.tracing.embedded:
         wanted.append((*mesh.tracing.address(), "tracing.port"))
     seen: list[tuple[str, int, str]] = []

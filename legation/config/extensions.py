@@ -5,18 +5,16 @@
 At mesh level (``config`` paths are relative to the mesh file)::
 
     extauthz:  {port: 18010, config: authz.yaml}          # its own YAML: checks, policy dir
-    extauthz:  {port: 18010, config: authz.yaml, protocol: http, http_port: 18020,
+    extauthz:  {port: 18010, config: authz.yaml, protocol: http, http_port: 18020,  # + HTTP mode
                 http_headers: {request: [x-tenant], upstream: [x-user], client: [x-cache]}}
-                # also Envoy's HTTP mode, for the routes that fit it (one hop, no gRPC)
-    extproc:   {port: 18011, failure_mode: closed, timeout: 200ms}   # chains come from routes
+    extproc:   {port: 18011, timeout: 200ms, protocol: http, http_port: 18021}  # chains: routes'
     ratelimit: {port: 18012, config: ratelimit.yaml, domain: mesh,   # envoyproxy/ratelimit YAML
                 backend: memory}                          # or redis, with redis_url
 
 The rate-limit block also takes upstream's service switches (``shadow_mode``, ``quota_mode``,
 ``merge_domains``, ``response_headers`` with ``response_header_names: {limit, remaining, reset}``,
 ``response_dynamic_metadata``) and the memory backend's bounds (``max_keys``, ``max_bytes``);
-ext_proc's takes ``stream_idle_timeout`` (default 300s). Which kinds exist, and in which order
-their filters run, is :data:`legation.services.kinds.KINDS`.
+ext_proc's ``stream_idle_timeout`` (default 300s). Kinds, filter order: ``services.kinds.KINDS``.
 
 Each block takes ``host`` (the bind address when embedded, where Envoy calls either way),
 ``failure_mode`` (``closed``: Envoy denies when the service cannot answer; ``open``: the request
@@ -174,10 +172,9 @@ class HttpCalloutHeaders(BaseModel):
 class ExtAuthzService(_ConfiguredService):
     """ext_authz: ``config`` is the service's YAML (checks, Rego policy dir, JWT providers).
 
-    ``protocol: http`` (default ``grpc``) also serves the checks over Envoy's ext_authz HTTP mode
-    on ``http_port``, and routes whose needs fit HTTP mode call it instead of the gRPC service
-    (the rule: :func:`legation.translate._authz.authz_call`); ``http_headers`` lists what
-    Envoy passes (see :class:`HttpCalloutHeaders`)."""
+    ``protocol: http`` also serves the checks over Envoy's ext_authz HTTP mode on ``http_port``
+    to routes whose needs fit it (:func:`legation.translate._authz.authz_call`); ``http_headers``
+    lists what Envoy passes (:class:`HttpCalloutHeaders`)."""
 
     protocol: Literal["grpc", "http"] = "grpc"
     http_port: Port | None = None
@@ -185,15 +182,7 @@ class ExtAuthzService(_ConfiguredService):
 
     @model_validator(mode="after")
     def _http(self) -> ExtAuthzService:
-        if self.protocol == "http" and self.http_port is None:
-            raise _field_error(
-                "ExtAuthzService", ("http_port",), "needed with protocol: http", None
-            )
-        for name in ("http_port", "http_headers"):
-            if self.protocol != "http" and getattr(self, name) is not None:
-                raise _field_error(
-                    "ExtAuthzService", (name,), "only used with protocol: http", None
-                )
+        _check_http(self, "ExtAuthzService", ("http_port", "http_headers"))
         return self
 
     @property
@@ -202,12 +191,33 @@ class ExtAuthzService(_ConfiguredService):
         return self.protocol == "http"
 
 
+def _check_http(block: Any, title: str, http_only: tuple[str, ...]) -> None:
+    if block.protocol == "http" and block.http_port is None:  # http_only: used only then
+        raise _field_error(title, ("http_port",), "needed with protocol: http", None)
+    for name in http_only:
+        if block.protocol != "http" and getattr(block, name) is not None:
+            raise _field_error(title, (name,), "only used with protocol: http", None)
+
+
 class ExtProcService(GrpcService):
     """ext_proc: its chains are the routes' ``filters``; ``timeout`` is the per-message timeout;
-    a stream silent for ``stream_idle_timeout`` is ended (keep it above the routes' timeouts)."""
+    a stream silent for ``stream_idle_timeout`` is ended (keep it above the routes' timeouts).
+    ``protocol: http`` also serves Envoy's ext_proc HTTP transport (WIP in Envoy) on ``http_port``
+    to routes whose chain needs request headers only (``translate._extproc``)."""
 
     timeout: Duration = Field(default="200ms", validate_default=True)
     stream_idle_timeout: Duration = Field(default="300s", validate_default=True)
+    protocol: Literal["grpc", "http"] = "grpc"
+    http_port: Port | None = None
+
+    @model_validator(mode="after")
+    def _http(self) -> ExtProcService:
+        _check_http(self, "ExtProcService", ("http_port",))
+        return self
+
+    @property
+    def http(self) -> bool:
+        return self.protocol == "http"
 
 
 _HEADER_NAME = r"[A-Za-z0-9!#$%&'*+.^_`|~-]+"

@@ -5,6 +5,11 @@ gives the per-message ``timeout`` and ``stream_idle_timeout``. Everything but th
 TLS is swapped live on the servicer (:meth:`ExtProcServicer.swap`): a reload changes the chains
 for new streams, open ones finish on theirs. The previous generation's chains stay served next to
 the new ones, so an Envoy still on the old routes never names an unknown chain.
+
+With ``protocol: http`` the service also serves Envoy's ext_proc HTTP transport on ``http_port``
+(:mod:`legation.extproc.http_server`) around the gRPC servicer's own processor: the same chains,
+swapped together; with mesh TLS it serves the same certificate and accepts only the mesh's
+proxies, as the gRPC server does.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from prometheus_client import CollectorRegistry
 from legation.extproc.config import Chains
 from legation.extproc.metrics import Metrics
 from legation.extproc.servicer import ExtProcServicer
-from legation.grpc_server import start_grpc_server
+from legation.grpc_server import BindError, start_grpc_server
 from legation.services.base import GrpcServiceParts, ServiceSpec, spec_key
 from legation.services.chains import route_chains
 
@@ -27,6 +32,7 @@ if TYPE_CHECKING:
     import grpc
 
     from legation.config import Mesh
+    from legation.fastpath._http import Listening
     from legation.grpc_server import TlsSource
 
 
@@ -37,15 +43,17 @@ class ExtProcService(GrpcServiceParts):
     def settings(cls, mesh: Mesh, mesh_dir: Path) -> ServiceSpec:
         block = mesh.extproc
         assert block is not None
+        http = {"port": block.http_port} if block.http else None
         return ServiceSpec(
             kind=cls.kind,
             host=block.host,
             port=block.port,
-            restart_key=spec_key(block.host, block.port),
+            restart_key=spec_key(block.host, block.port, http),
             live={
                 "chains": route_chains(mesh),
                 "message_timeout": block.timeout.total_seconds(),
                 "stream_idle_timeout": block.stream_idle_timeout.total_seconds(),
+                "http": http,
             },
         )
 
@@ -66,6 +74,7 @@ class ExtProcService(GrpcServiceParts):
             stream_idle_timeout=float(spec.live["stream_idle_timeout"]),
         )
         self.server: grpc.aio.Server | None = None
+        self.http: Listening | None = None
         self.port = spec.port
 
     async def start(self) -> int:
@@ -77,7 +86,31 @@ class ExtProcService(GrpcServiceParts):
             port=self.spec.bind_port(self.spec.port),
             tls=self._tls,
         )
+        http = self.spec.live.get("http")
+        if http is not None:
+            from legation.extproc.http_server import HttpSettings, serve_http
+
+            port = self.spec.bind_port(http["port"])
+            settings = HttpSettings(host=self.spec.host, port=port, tls=self._tls)
+            try:
+                self.http = await serve_http(servicer.processor, settings)
+            except OSError as err:
+                await self.server.stop(0)
+                self.server = None
+                raise BindError(
+                    f"extproc: cannot listen on {self.spec.host}:{port} (http_port): "
+                    f"{err.strerror or err}"
+                ) from None
         return self.port
+
+    async def stop(self, grace: float) -> None:
+        if self.http is not None:
+            await self.http.close()
+            self.http = None
+        await super().stop(grace)
+
+    def status(self) -> dict[str, Any]:
+        return {"http_port": self.http.port} if self.http is not None else {}
 
     async def apply(self, spec: ServiceSpec) -> None:
         chains: Chains = spec.live["chains"]

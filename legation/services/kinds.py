@@ -68,7 +68,7 @@ KINDS: tuple[ServiceKind, ...] = (
                 help="ext_authz: JWT and Rego checks (Authorization/Check)"),
     ServiceKind(name="extproc", block="extproc",
                 service="legation.services.extproc:ExtProcService",
-                envoy="legation.translate._services:ExtProcSide",
+                envoy="legation.translate._extproc:ExtProcSide",
                 help="ext_proc: filter chains (ExternalProcessor/Process)"),
     ServiceKind(name="ratelimit", block="ratelimit",
                 service="legation.services.ratelimit:RateLimitService",

@@ -44,7 +44,7 @@ class AccessLogSide:
         )
 
     @staticmethod
-    def http_filters(block: Any, cluster: str) -> list[hcm_pb2.HttpFilter]:
+    def http_filters(block: Any, cluster: str, mesh: Any = None) -> list[hcm_pb2.HttpFilter]:
         return []
 
     @staticmethod

@@ -190,7 +190,9 @@ class AuthzSide:
         return authz_call(mesh, spec)
 
     @staticmethod
-    def http_filters(block: Any, cluster: str) -> list[hcm_pb2.HttpFilter]:
+    def http_filters(
+        block: Any, cluster: str, mesh: Mesh | None = None
+    ) -> list[hcm_pb2.HttpFilter]:
         out = [
             authz_filter.http_filter(
                 cluster,

@@ -28,14 +28,15 @@ called over mutual TLS: its cluster presents the proxy's workload certificate (S
 ``http/1.1`` to the ext_authz HTTP call-out, which serves the same certificate).
 
 The kinds and their order come from :data:`legation.services.kinds.KINDS`; each kind's Envoy side
-is a class here (``AuthzSide``, ``ExtProcSide``, ``RateLimitSide``) that its table entry names.
+is a class (``AuthzSide`` in ``_authz``, ``ExtProcSide`` in ``_extproc``, ``RateLimitSide`` here)
+that its table entry names.
 Each side *decides* first (``decide(mesh, route) -> Hop``: whether the route calls the service,
 over which protocol, through which filter and cluster, and why) and then writes that decision
 into the route; :func:`route_hops` is the same decisions for ``legation explain``, so what it
 prints is what the translation did.
 
 ext_authz over HTTP (``extauthz.protocol: http``) and the rule that picks HTTP or gRPC per route:
-:mod:`legation.translate._authz`.
+:mod:`legation.translate._authz`; ext_proc over Envoy's HTTP transport: :mod:`._extproc`.
 """
 
 from __future__ import annotations
@@ -56,7 +57,6 @@ from legation.config.routes import Route
 from legation.errors import ConfigError
 from legation.extauthz.envoy_filter import FILTER_NAME as EXT_AUTHZ_FILTER_NAME
 from legation.extauthz.jwt import METADATA_KEY as JWT_METADATA_KEY
-from legation.extproc import envoy_filter as proc_filter
 from legation.extproc.config import Chains
 from legation.ratelimit import envoy_filter as rl_filter
 from legation.services import kinds
@@ -66,52 +66,16 @@ from legation.translate._authz import (
     fused_hop,
     fused_per_route,
 )
+from legation.translate._extproc import EXTPROC_HTTP_CLUSTER
 from legation.translate._hops import Hop, _ms, _no_call, cluster_name, worker_endpoints
 from legation.translate._mtls import upstream_tls
 
-EXTPROC_FILTER = proc_filter.FILTER_NAME
 RATELIMIT_FILTER = rl_filter.RATE_LIMIT_FILTER
+HTTP_CLUSTERS = frozenset({EXTAUTHZ_HTTP_CLUSTER, EXTPROC_HTTP_CLUSTER})
+"""The HTTP/1.1 call-outs' clusters (ALPN http/1.1 under mTLS; the gRPC services want h2)."""
 
 
-class ExtProcSide:
-    """ext_proc in Envoy: the filter, its cluster, each route's chain or ``disabled``."""
-
-    @staticmethod
-    def decide(mesh: Mesh, spec: Route | None) -> Hop:
-        kind = "extproc"
-        if mesh.extproc is None:
-            return _no_call(kind, "the mesh declares no extproc")
-        if spec is None or not spec.filters:
-            return _no_call(kind, "the route has no filters")
-        names = ", ".join(f.name for f in spec.filters)
-        return _fused_or_grpc(
-            mesh, spec, kind, f"filters {names}", EXTPROC_FILTER, "ext_proc is a gRPC stream"
-        )
-
-    @staticmethod
-    def http_filters(block: Any, cluster: str) -> list[hcm_pb2.HttpFilter]:
-        return [
-            proc_filter.http_filter(
-                cluster,
-                message_timeout=block.timeout.total_seconds(),
-                failure_mode_allow=block.fail_open,
-            )
-        ]
-
-    @staticmethod
-    def clusters(block: Any, cluster: str) -> list[cluster_pb2.Cluster]:
-        return [envoy_grpc.grpc_cluster(cluster, worker_endpoints(block, block.port))]
-
-    @staticmethod
-    def per_route(
-        out: rc.Route, hop: Hop, block: Any, spec: Route | None, chains: Chains, index: int
-    ) -> None:
-        grpc = hop.calls and hop.protocol == "grpc"
-        chain = chains.get(spec.name) if spec is not None and grpc else None
-        out.typed_per_filter_config[EXTPROC_FILTER].Pack(proc_filter.per_route(chain))
-
-
-def _fused_or_grpc(
+def fused_or_grpc(
     mesh: Mesh, spec: Route, kind: str, what: str, filter_name: str, why_grpc: str
 ) -> Hop:
     """``kind``'s hop for ``what`` on ``spec``: in the fused HTTP call-out when the route is
@@ -141,12 +105,14 @@ class RateLimitSide:
         if spec is None or not spec.rate_limits:
             return _no_call(kind, "the route has no rate_limits")
         what = f"{len(spec.rate_limits)} rate_limits descriptor(s)"
-        return _fused_or_grpc(
+        return fused_or_grpc(
             mesh, spec, kind, what, RATELIMIT_FILTER, "the RateLimitService is gRPC"
         )
 
     @staticmethod
-    def http_filters(block: Any, cluster: str) -> list[hcm_pb2.HttpFilter]:
+    def http_filters(
+        block: Any, cluster: str, mesh: Mesh | None = None
+    ) -> list[hcm_pb2.HttpFilter]:
         return [
             rl_filter.rate_limit_filter(
                 domain=block.domain,
@@ -182,7 +148,7 @@ def service_filters(mesh: Mesh) -> list[hcm_pb2.HttpFilter]:
     return [
         f
         for kind, block in kinds.blocks(mesh)
-        for f in kind.envoy_side().http_filters(block, cluster_name(kind))
+        for f in kind.envoy_side().http_filters(block, cluster_name(kind), mesh)
     ] + fused_filters(mesh)
 
 
@@ -196,7 +162,7 @@ def service_clusters(mesh: Mesh) -> list[cluster_pb2.Cluster]:
         for cluster in kind.envoy_side().clusters(block, cluster_name(kind)):
             if tls:
                 # the HTTP call-out speaks HTTP/1.1; the gRPC services want h2
-                alpn = ("http/1.1",) if cluster.name == EXTAUTHZ_HTTP_CLUSTER else ("h2",)
+                alpn = ("http/1.1",) if cluster.name in HTTP_CLUSTERS else ("h2",)
                 cluster.transport_socket.CopyFrom(
                     upstream_tls(service_identity(mesh, kind.name), alpn=alpn)
                 )

@@ -64,6 +64,9 @@ EXPECTED = {
     "extauthz_protocol": "extauthz.protocol: expected 'grpc' or 'http', got 'rest'",
     "extauthz_http_without_port": "extauthz.http_port: needed with protocol: http",
     "extauthz_http_port_alone": "extauthz.http_port: only used with protocol: http",
+    "extproc_http_without_port": "extproc.http_port: needed with protocol: http",
+    "extproc_http_port_alone": "extproc.http_port: only used with protocol: http",
+    "extproc_http_port_clash": "extproc.http_port: port 18111 is already used by extproc.workers",
     "capture_unknown_key": (
         "capture.outbound.exclude_port: unknown key "
         "(allowed: exclude_cidrs, exclude_ports, include_cidrs, include_ports, policy)"

@@ -71,8 +71,8 @@ def test_embedded_defaults_and_fields() -> None:
         ),
         (
             {"extproc": {"port": 18011, "embeded": True}},
-            "mesh.yaml: extproc.embeded: unknown key (allowed: embedded, failure_mode, host, port, "
-            "stream_idle_timeout, timeout, tls, workers)",
+            "mesh.yaml: extproc.embeded: unknown key (allowed: embedded, failure_mode, host, "
+            "http_port, port, protocol, stream_idle_timeout, timeout, tls, workers)",
         ),
     ],
 )
