@@ -10,6 +10,9 @@
    in HTTP mode, the route named in the call, the answer sets the header and the filter's
    ``clear_route_cache`` re-picks the route), as ``extauthz: {protocol: http}`` fuses such a
    route. Not ext_proc: the same routing work over another protocol, no stream, no body phases.
+6. legation-extproc-http - Legation's ext_proc with the same chain over Envoy's ext_proc HTTP
+   transport (``http_service``: each message a POST of proto3 JSON, a filter per chain), as
+   ``extproc: {protocol: http}`` serves a request-headers chain. ext_proc, without the stream.
 
 Half of the requests carry ``x-beta: 1`` and must reach the "canary" upstream; each setup is checked
 for that before it is measured. Upstreams are a second Envoy answering with direct_response, so the
@@ -90,6 +93,20 @@ async def main():
     server = await start_server(settings)
     print("ready", flush=True)
     await server.serve_forever()
+asyncio.run(main())
+"""
+
+EXTPROC_HTTP_SERVER = """
+import asyncio, sys
+from legation.extproc.config import build_chains
+from legation.extproc.http_server import HttpSettings, serve_http
+from legation.extproc.metrics import Metrics
+from legation.extproc.processor import Processor
+async def main():
+    processor = Processor(build_chains({chains}), metrics=Metrics(), message_timeout=0.2)
+    listening = await serve_http(processor, HttpSettings(port=int(sys.argv[1])))
+    print("ready", flush=True)
+    await listening.server.serve_forever()
 asyncio.run(main())
 """
 
@@ -193,6 +210,9 @@ def _fused_route(cluster: str, headers: dict[str, str] | None = None) -> dict[st
     return r
 
 
+EXTPROC_HTTP_FILTER = "legation.ext_proc.http.route"
+
+
 def _listener(
     name: str,
     port: int,
@@ -209,6 +229,10 @@ def _listener(
     ]
     if ext_cluster == "legation-http":
         filters.insert(0, harness.to_dict(fast_filter.http_filter(CALLOUT)))
+    elif ext_cluster == "legation-extproc-http":
+        chain = build_chains(CHAINS).chains["route"]
+        f = envoy_filter.http_transport_filter(EXTPROC_HTTP_FILTER, ext_cluster, chain)
+        filters.insert(0, harness.to_dict(f))
     elif ext_cluster:
         filters.insert(0, harness.to_dict(envoy_filter.http_filter(ext_cluster)))
     hcm = {
@@ -407,12 +431,18 @@ def main() -> None:
         procs.append(_start(LEGATION_SERVER.replace("{chains}", repr(CHAINS)), legation_port, env))
         http_port = free_port()
         procs.append(_start(HTTP_SERVER.replace("{chains}", repr(CHAINS)), http_port, env))
-        services = {"legation": procs[0].pid, "legation-http": procs[1].pid}
+        xhttp_port = free_port()
+        procs.append(_start(EXTPROC_HTTP_SERVER.replace("{chains}", repr(CHAINS)), xhttp_port, env))
+        services = {
+            "legation": procs[0].pid,
+            "legation-http": procs[1].pid,
+            "legation-extproc-http": procs[2].pid,
+        }
         sdk_port = free_port()
         if sdk_env is not None:
             procs.append(_start(SDK_SERVER, sdk_port, sdk_env))
             services["sdk"] = procs[-1].pid
-        names = ("plain", "native", "legation", "sdk", "legation-http")
+        names = ("plain", "native", "legation", "sdk", "legation-http", "legation-extproc-http")
         ports = {name: free_port() for name in names}
         beta = {"x-legation-cohort": "canary"}
 
@@ -451,6 +481,18 @@ def main() -> None:
                 "legation-http",
             )
         )
+        xhttp = [
+            harness.route("/", c, None, headers=h, http_filter=EXTPROC_HTTP_FILTER)
+            for c, h in (("canary", beta), ("stable", None))
+        ]
+        listeners.append(
+            _listener(
+                "legation-extproc-http",
+                ports["legation-extproc-http"],
+                xhttp,
+                "legation-extproc-http",
+            )
+        )
         if sdk_env is not None:
             sdk_routes = [
                 rt("canary", beta, route_chain, True),
@@ -471,6 +513,11 @@ def main() -> None:
                     harness.to_dict(envoy_filter.grpc_cluster("sdk", "127.0.0.1", sdk_port)),
                     harness.to_dict(
                         fast_filter.http_cluster("legation-http", [("127.0.0.1", http_port)])
+                    ),
+                    harness.to_dict(
+                        fast_filter.http_cluster(
+                            "legation-extproc-http", [("127.0.0.1", xhttp_port)]
+                        )
                     ),
                 ],
             },
@@ -496,21 +543,24 @@ def main() -> None:
             print(f"{name:9s} measured", flush=True)
         base = rows["plain"][0] or 1.0
         print(
-            f"\n{'setup':13s} {'sat rps':>9s} {'ratio':>6s} {'svc us/req':>10s}   "
+            f"\n{'setup':21s} {'sat rps':>9s} {'ratio':>6s} {'svc us/req':>10s}   "
             f"@{args.rate} rps: {'p50 ms':>7s} {'p90 ms':>7s} {'p99 ms':>7s} {'max ms':>7s}"
         )
         for name, (rps, lat, cpu) in rows.items():
             svc = f"{cpu:10.0f}" if cpu else f"{'-':>10s}"
             print(
-                f"{name:13s} {rps:9.0f} {rps / base:6.2f} {svc}   {'':>{len(str(args.rate)) + 6}}"
+                f"{name:21s} {rps:9.0f} {rps / base:6.2f} {svc}   {'':>{len(str(args.rate)) + 6}}"
                 f"{_pct(lat, 50):7.2f} {_pct(lat, 90):7.2f} {_pct(lat, 99):7.2f} "
                 f"{max(lat) * 1000:7.2f}"
             )
         print("(svc us/req: CPU of the service process per request during the saturation run)")
         if "sdk" in rows and rows["sdk"][0]:
             print()
-            for name in ("legation", "legation-http"):
+            for name in ("legation", "legation-http", "legation-extproc-http"):
                 print(f"{name} / sdk saturation: {rows[name][0] / rows['sdk'][0]:.2f}x")
+            cpu = rows["legation-extproc-http"][2], rows["sdk"][2]
+            if all(cpu):
+                print(f"legation-extproc-http / sdk service CPU per request: {cpu[0] / cpu[1]:.2f}")
         if "native" in rows:
             print(f"legation / native routing: {rows['legation'][0] / rows['native'][0]:.2f}")
     finally:
