@@ -54,3 +54,21 @@ SERVICE_PREFIX = "legation-"
 def service_name(kind: str) -> str:
     """The SPIFFE path name of request-path service ``kind`` (e.g. ``legation-extauthz``)."""
     return f"{SERVICE_PREFIX}{kind}"
+
+
+def peer_spiffe_id(auth_context: dict[str, list[bytes]]) -> str | None:
+    """The SPIFFE id of a gRPC call's peer (``context.auth_context()``): the only URI SAN of its
+    verified certificate when it is a ``spiffe://`` id, else None (no certificate, several URIs,
+    another scheme). The chain was verified by the TLS handshake; this only reads it."""
+    from cryptography import x509
+
+    pems = auth_context.get("x509_pem_cert") or []
+    if not pems:
+        return None
+    try:
+        cert = x509.load_pem_x509_certificate(pems[0])
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except (ValueError, x509.ExtensionNotFound):
+        return None
+    uris = sans.get_values_for_type(x509.UniformResourceIdentifier)
+    return uris[0] if len(uris) == 1 and uris[0].startswith("spiffe://") else None

@@ -6,6 +6,11 @@ stream's first message only, and batches entries (flushed every ``buffer_flush_i
 when ``buffer_size_bytes`` fill up, see :func:`legation.observe.envoy_config.access_log`). The
 stream never gets an answer; it ends when Envoy closes it.
 
+With mTLS, a stream's peer must be the proxy it names: ``identities`` (node id -> SPIFFE id, the
+mesh's) decides, and a stream whose first message names a node the peer's certificate is not is
+refused (``PERMISSION_DENIED``, counted in ``refused``), so one proxy cannot write entries, golden
+metrics or JSON lines under another's name.
+
 Only the fields golden metrics need are read (route name, upstream cluster, response code,
 duration). The request's path, headers and addresses that an entry also carries are never kept,
 except as the JSON access-log lines of proxies configured ``to: service``
@@ -22,6 +27,7 @@ import grpc
 from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
+from legation.certs.spiffe import peer_spiffe_id
 from legation.grpc_server import ServerTls, TlsSource, start_grpc_server
 from legation.observe.aggregator import Aggregator, Entry
 from legation.observe.jsonlines import JsonSink
@@ -59,10 +65,19 @@ class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[
     """``StreamAccessLogs``: every HTTP entry of every stream into ``aggregator``. TCP entries
     are counted in ``tcp_entries`` and otherwise ignored."""
 
-    def __init__(self, aggregator: Aggregator, *, sink: JsonSink | None = None) -> None:
-        """``sink``: writes the JSON access-log lines of the proxies it names."""
+    def __init__(
+        self,
+        aggregator: Aggregator,
+        *,
+        sink: JsonSink | None = None,
+        identities: dict[str, str] | None = None,
+    ) -> None:
+        """``sink``: writes the JSON access-log lines of the proxies it names. ``identities``:
+        node id -> the SPIFFE id its peer must have (None: no check, plaintext meshes)."""
         self.aggregator = aggregator
         self.sink = sink
+        self.identities = identities
+        self.refused = 0
         self.streams = 0
         self.open_streams = 0
         self.entries = 0
@@ -80,6 +95,7 @@ class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[
                     node = message.identifier.node
                     node_id, node_cluster = node.id, node.cluster
                     log_name = message.identifier.log_name
+                    await self._check_peer(node_id, context)
                 if message.HasField("http_logs"):
                     record = self.aggregator.record
                     for http in message.http_logs.log_entry:
@@ -93,6 +109,25 @@ class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[
         finally:
             self.open_streams -= 1
         return als_pb2.StreamAccessLogsResponse()
+
+    async def _check_peer(self, node_id: str, context: Any) -> None:
+        identities = self.identities
+        if identities is None:
+            return
+        peer = peer_spiffe_id(context.auth_context())
+        if peer is not None and identities.get(node_id) == peer:
+            return
+        self.refused += 1
+        if self.refused <= 10 or self.refused % 1000 == 0:  # one peer cannot flood the log
+            log.warning(
+                "access-log stream refused: it names node %r, the peer is %r (%d refused)",
+                node_id[:200],
+                peer,
+                self.refused,
+            )
+        await context.abort(
+            grpc.StatusCode.PERMISSION_DENIED, "the stream names a node that is not its peer"
+        )
 
 
 async def start_als_server(

@@ -25,6 +25,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from legation.certs.locate import proxy_identities
 from legation.observe.aggregator import Aggregator
 from legation.observe.als import AccessLogServicer, start_als_server
 from legation.observe.jsonlines import JsonSink
@@ -60,6 +61,11 @@ class ServiceCollector(Collector):
         yield GaugeMetricFamily(
             "legation_accesslog_streams_open", "Access-log streams open now", value=s.open_streams
         )
+        yield CounterMetricFamily(
+            "legation_accesslog_streams_refused",
+            "Access-log streams refused: they named a node their peer's certificate is not",
+            value=s.refused,
+        )
 
 
 class AccessLogService(GrpcServiceParts):
@@ -76,12 +82,13 @@ class AccessLogService(GrpcServiceParts):
             for p in mesh.proxies()
             if block.log_of(p.node_id).to == "service"
         }
+        identities = proxy_identities(mesh) if mesh.mtls.enabled else None
         return ServiceSpec(
             kind=cls.kind,
             host=block.host,
             port=block.port,
             restart_key=spec_key(block.host, block.port),
-            live={"json": json},
+            live={"json": json, "identities": identities},
         )
 
     @classmethod
@@ -94,6 +101,7 @@ class AccessLogService(GrpcServiceParts):
         self.aggregator = Aggregator()
         self.sink = JsonSink(spec.live.get("json", {}))
         self.servicer = AccessLogServicer(self.aggregator, sink=self.sink)
+        self._identities(spec)
         self._registry = registry_of(self.servicer)
         self.server: grpc.aio.Server | None = None
         self.port = spec.port
@@ -106,7 +114,14 @@ class AccessLogService(GrpcServiceParts):
 
     async def apply(self, spec: ServiceSpec) -> None:
         self.sink.swap(spec.live.get("json", {}))  # the proxies whose lines it writes
+        self._identities(spec)
         self.spec = spec
+
+    def _identities(self, spec: ServiceSpec) -> None:
+        """Which peer may speak for which node: checked only when the service serves mTLS
+        (a ``tls: none`` block in an mTLS mesh has no peer certificates to check)."""
+        identities = spec.live.get("identities")
+        self.servicer.identities = dict(identities) if identities and self._tls else None
 
     async def stop(self, grace: float) -> None:
         await super().stop(grace)

@@ -284,6 +284,9 @@ def test_proxies_reach_the_services_over_mtls_when_the_mesh_is_strict(world: Wor
         stats = gateway.stats(rf"^{re.escape(prefix)}(ssl\.handshake|upstream_cx_total)$")
         assert stats[prefix + "upstream_cx_total"] >= 1, stats
         assert (stats.get(prefix + "ssl.handshake", 0) >= 1) is strict, stats
+    # with mTLS the access-log service checked each stream's node against its certificate
+    als = world.cp.services.running["accesslog"].servicer  # type: ignore[attr-defined]
+    assert (als.identities is not None) is strict and als.refused == 0
 
 
 def test_zz_authz_service_gone_means_denials(world: World) -> None:
