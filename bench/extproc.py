@@ -528,32 +528,39 @@ def main() -> None:
         envoys.append(front)
         front.wait_live()
         envoys[0].wait_live()
-        rows: dict[str, tuple[float, list[float], float]] = {}
+        rows: dict[str, tuple[float, list[float], float, float]] = {}
+        front_pid = front.proc.pid if front.proc is not None else 0
         for name, port in ports.items():
             if name == "sdk" and sdk_env is None:
                 print("sdk: skipped (envoy-extproc-sdk not importable; see module docstring)")
                 continue
             _check(port, routes=name != "plain")
             pid = services.get(name)
-            before = tree_cpu(pid) if pid else 0.0
+            before, envoy_before = (tree_cpu(pid) if pid else 0.0), tree_cpu(front_pid)
             rps = wrk(port, args.seconds, script)
-            cpu = (tree_cpu(pid) - before) / (rps * args.seconds) * 1e6 if pid and rps else 0.0
+            done = rps * args.seconds / 1e6 or 1.0  # millions of requests
+            cpu = (tree_cpu(pid) - before) / done if pid else 0.0
+            envoy = (tree_cpu(front_pid) - envoy_before) / done
             lat = asyncio.run(fixed_rate(port, args.rate, args.seconds))
-            rows[name] = (rps, lat, cpu)
+            rows[name] = (rps, lat, cpu, envoy)
             print(f"{name:9s} measured", flush=True)
         base = rows["plain"][0] or 1.0
         print(
-            f"\n{'setup':21s} {'sat rps':>9s} {'ratio':>6s} {'svc us/req':>10s}   "
+            f"\n{'setup':21s} {'sat rps':>9s} {'ratio':>6s} {'svc us/req':>10s} {'envoy us':>8s}   "
             f"@{args.rate} rps: {'p50 ms':>7s} {'p90 ms':>7s} {'p99 ms':>7s} {'max ms':>7s}"
         )
-        for name, (rps, lat, cpu) in rows.items():
+        for name, (rps, lat, cpu, envoy) in rows.items():
             svc = f"{cpu:10.0f}" if cpu else f"{'-':>10s}"
             print(
-                f"{name:21s} {rps:9.0f} {rps / base:6.2f} {svc}   {'':>{len(str(args.rate)) + 6}}"
+                f"{name:21s} {rps:9.0f} {rps / base:6.2f} {svc} {envoy:8.0f}   "
+                f"{'':>{len(str(args.rate)) + 6}}"
                 f"{_pct(lat, 50):7.2f} {_pct(lat, 90):7.2f} {_pct(lat, 99):7.2f} "
                 f"{max(lat) * 1000:7.2f}"
             )
-        print("(svc us/req: CPU of the service process per request during the saturation run)")
+        print(
+            "(svc us/req, envoy us: CPU per request of the service process and of the front "
+            "Envoy during the saturation run)"
+        )
         if "sdk" in rows and rows["sdk"][0]:
             print()
             for name in ("legation", "legation-http", "legation-extproc-http"):

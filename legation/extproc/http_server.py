@@ -91,8 +91,8 @@ def fits_http(chain: Chain) -> str | None:
         return "the chain asks for no phase"
     if other:
         return (
-            f"the chain needs {', '.join(other)} (only request headers go over HTTP: no stream "
-            "carries the request's state to later phases)"
+            f"the chain needs {', '.join(other)}; only request headers go over HTTP, where no "
+            "stream carries a request's state to later phases"
         )
     return None
 

@@ -13,8 +13,11 @@ import json
 import socket
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
 from legation.extproc.config import build_chains
@@ -132,6 +135,25 @@ def test_a_chain_name_with_slash_percent_and_crlf_round_trips_through_its_path(s
     assert chain_of(path.encode()) == WEIRD
     status, answer = post(port, path, headers_message({}))
     assert status == 200 and "request_headers" in answer
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(min_size=1, max_size=40))
+def test_every_chain_name_has_a_one_segment_path_that_names_it(name):
+    path = chain_path(name)
+    assert path.isascii() and path.count("/") == 2 and "?" not in path and "#" not in path
+    assert all(c.isprintable() and not c.isspace() for c in path)
+    assert chain_of(path.encode()) == name
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=60))
+def test_any_request_target_names_a_chain_or_none_never_raises(target):
+    name = chain_of(b"/ext_proc/" + target)
+    if name is not None:  # one segment, nothing after it, well-formed escapes only
+        assert target and not set(target) & set(b"/?#")
+        assert unquote_to_bytes(target).decode("utf-8") == name
+        assert chain_of(chain_path(name).encode()) == name
 
 
 @pytest.mark.parametrize(

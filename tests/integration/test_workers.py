@@ -141,3 +141,48 @@ def test_redis_rate_limit_stays_exact_across_workers(tmp_path: Path) -> None:
             run.stop()
     finally:
         redis.stop()
+
+
+EXTPROC_HTTP_MESH = """\
+xds: {{host: 127.0.0.1, port: {xds}}}
+gateway: {{name: gw, host: 127.0.0.1, port: {gw}, admin_port: {gw_admin}}}
+extproc: {{port: {proc}, protocol: http, http_port: {proc_http}, workers: 2, timeout: 1s}}
+services:
+  - name: web
+    port: 9080
+    endpoints: [{{port: {app}, demo: {{}}}}]
+routes:
+  - name: cohort
+    match: {{path: {{prefix: /}}}}
+    to: {{service: web}}
+    filters:
+      - name: header_route
+        options: {{header: x-legation-cohort, rules: [{{header: x-beta, present: true, value: b}}]}}
+"""
+
+
+def test_ext_proc_over_http_is_served_by_every_worker(tmp_path: Path) -> None:
+    """`extproc: {protocol: http}` in `legation up`: each worker process serves the HTTP
+    transport on http_port + 100 i, and Envoy's calls reach both."""
+    ports = {n: free_port() for n in ("xds", "gw", "gw_admin", "app", "status")}
+    ports |= {"proc": worker_base_port(2), "proc_http": worker_base_port(2)}
+    mesh = tmp_path / "mesh.yaml"
+    mesh.write_text(EXTPROC_HTTP_MESH.format(**ports))
+    run = Up(mesh, tmp_path, ports["status"])
+    try:
+        run.wait_for("Legation is up")
+        eventually(lambda: len(_workers(run.status_url, "extproc")) == 2)
+        gw = f"http://127.0.0.1:{ports['gw']}"
+        for _ in range(20):
+            status, body = http(gw + "/", {"x-beta": "1"})
+            assert status == 200 and '"x-legation-cohort": "b"' in body, body
+        _, text = http(run.status_url + "/metrics")
+        phases: dict[str, float] = {}
+        for line in text.splitlines():
+            if line.startswith("legation_extproc_phases_total{") and 'chain="cohort"' in line:
+                worker = re.search(r'worker="(\d+)"', line)
+                assert worker is not None, line
+                phases[worker.group(1)] = float(line.rsplit(" ", 1)[1])
+        assert set(phases) == {"0", "1"} and sum(phases.values()) >= 20, phases
+    finally:
+        run.stop()
