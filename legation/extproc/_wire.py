@@ -24,10 +24,12 @@ PHASES = {phase.value: phase for phase in Phase}
 
 def read_headers(header_map: Any, into: dict[str, str]) -> None:
     """Fill ``into`` from an ``envoy.config.core.v3.HeaderMap`` (repeated names are joined)."""
+    get = into.get
     for h in header_map.headers:
-        value = h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value
+        raw = h.raw_value  # each read of a bytes field makes a new object: read it once
+        value = raw.decode("utf-8", "replace") if raw else h.value
         key = h.key
-        old = into.get(key)
+        old = get(key)
         if old is None:
             into[key] = value
         else:
@@ -104,6 +106,22 @@ def response(
     """
     if ex.immediate is not None:
         return immediate_response(ex.immediate)
+    if (
+        ex._set is None
+        and ex._removed is None
+        and ex._body is None
+        and not ex._clear_route_cache
+        and not ex._metadata
+        and not ex._mode
+    ):  # the hooks recorded nothing (the common answer): what built() would build
+        return passthrough(phase)
+    return built(phase, ex, base_mode)
+
+
+def built(
+    phase: Phase, ex: Exchange, base_mode: processing_mode_pb2.ProcessingMode
+) -> pb.ProcessingResponse:
+    """:func:`response` for an exchange whose hooks recorded something (no immediate answer)."""
     resp = pb.ProcessingResponse()
     if ex._body is not None and phase in ex.buffered:
         # The headers are still held in buffered mode: keep the length true to the new body.

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import OrderedDict
 from typing import Any
 
 import grpc
@@ -48,6 +49,7 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
         stream_idle_timeout: float = DEFAULT_STREAM_IDLE_TIMEOUT,
     ) -> None:
         self._metrics = metrics
+        self._timers: dict[tuple[asyncio.AbstractEventLoop, float], _IdleTimers] = {}
         self.processor = Processor(chains, metrics=metrics, message_timeout=message_timeout)
         """The chains and the per-message core, shared with the HTTP transport."""
         self.swap(chains, message_timeout=message_timeout, stream_idle_timeout=stream_idle_timeout)
@@ -65,6 +67,13 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
             raise ValueError("ext_proc timeouts must be positive")
         self._idle = stream_idle_timeout
         self.processor.swap(chains, message_timeout=message_timeout)
+
+    def _idle_timers(self, loop: asyncio.AbstractEventLoop, idle: float) -> _IdleTimers:
+        """The timers of the streams with ``idle`` on ``loop`` (made on first use; those with
+        no stream left are dropped when a new one is made, so swaps cannot pile them up)."""
+        self._timers = {k: t for k, t in self._timers.items() if t.streams or t.handle}
+        timers = self._timers[loop, idle] = _IdleTimers(loop, idle)
+        return timers
 
     def _guard_for(self, context: grpc.aio.ServicerContext) -> tuple[str | None, ErrorGuard | None]:
         name = None
@@ -86,21 +95,27 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
         chain = guard.chain.name
         metrics.stream(chain)
         ex = Exchange(chain)
-        ex.buffered.update(guard.buffered)
+        if guard.buffered:
+            ex.buffered.update(guard.buffered)
         loop = asyncio.get_running_loop()
         parent = TRACER.parent_in(context.invocation_metadata()) if TRACER.on else None
         start, messages = time.time_ns() if parent is not None else 0, 0
         try:
             async with asyncio.timeout(None) as deadline:
-                watch = _IdleWatch(loop, deadline, idle)
+                timers = self._timers.get((loop, idle))
+                if timers is None:
+                    timers = self._idle_timers(loop, idle)
+                streams = timers.streams
+                streams[deadline] = now = loop.time()
+                if timers.handle is None:
+                    timers.arm(now + idle)
                 try:
-                    while True:
-                        watch.last = loop.time()
-                        if not await self._one(context, guard, ex, chain):
-                            return
+                    while await self._one(context, guard, ex, chain):
                         messages += 1
+                        streams[deadline] = loop.time()  # active now: the last to expire
+                        streams.move_to_end(deadline)
                 finally:
-                    watch.handle.cancel()
+                    streams.pop(deadline, None)  # gone already if its idle time ran out
         except TimeoutError:
             metrics.error("-", "stream_idle_timeout")
             log.warning("chain %r: ext_proc stream idle for %gs; ending it", chain, idle)
@@ -131,30 +146,38 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
         await context.write(self.processor.refuse_unknown())
 
 
-class _IdleWatch:
-    """The stream's idle timer, armed once per stream instead of once per message.
+class _IdleTimers:
+    """The idle timers of the open streams with one ``idle`` on one loop, on one loop timer.
 
-    Rescheduling an ``asyncio.timeout`` for every message (a cancelled and a new timer handle)
-    was a third of the servicer's own time per stream. Here a message only records
-    :attr:`last`; the one timer, when it fires, re-arms itself for ``last + idle`` while the
-    stream is active, and only once ``idle`` seconds have passed since the last message sets the
-    stream's ``asyncio.timeout`` to expire now, which ends it exactly as before."""
+    A timer handle per stream (made, cancelled, left in the loop's heap) was a sixth of the
+    servicer's own time per stream. Here a message only moves its stream's ``asyncio.timeout``
+    to the end of :attr:`streams` with the time it arrived, so the first entry is always the
+    stream idle the longest; the one timer fires when that one's ``idle`` is up, sets its
+    ``asyncio.timeout`` to expire now (which ends the stream exactly as a timer of its own
+    would), and re-arms itself for the next one."""
 
-    __slots__ = ("deadline", "handle", "idle", "last", "loop")
+    __slots__ = ("handle", "idle", "loop", "streams")
 
-    def __init__(
-        self, loop: asyncio.AbstractEventLoop, deadline: asyncio.Timeout, idle: float
-    ) -> None:
-        self.loop, self.deadline, self.idle = loop, deadline, idle
-        self.last = loop.time()
-        self.handle = loop.call_at(self.last + idle, self._fire)
+    def __init__(self, loop: asyncio.AbstractEventLoop, idle: float) -> None:
+        self.loop, self.idle = loop, idle
+        self.streams: OrderedDict[asyncio.Timeout, float] = OrderedDict()  # -> last message
+        self.handle: asyncio.TimerHandle | None = None
+
+    def arm(self, when: float) -> None:
+        self.handle = self.loop.call_at(when, self._fire)
 
     def _fire(self) -> None:
-        due = self.last + self.idle
-        if self.loop.time() >= due:
-            self.deadline.reschedule(self.loop.time())
-        else:
-            self.handle = self.loop.call_at(due, self._fire)
+        self.handle = None
+        streams = self.streams
+        now = self.loop.time()
+        while streams:
+            deadline, last = next(iter(streams.items()))
+            if now < last + self.idle:
+                self.arm(last + self.idle)
+                return
+            del streams[deadline]
+            if not deadline.expired():
+                deadline.reschedule(now)
 
 
 def _trace_stream(

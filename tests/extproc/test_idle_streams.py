@@ -1,0 +1,91 @@
+"""The open streams' idle timers share one loop timer (``servicer._IdleTimers``): each idle
+stream must still end on its own, and a stream that keeps sending must not be ended with them.
+Real gRPC on loopback, a client talking to the service directly (as test_hardening_integration's
+idle test)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+from envoy.config.core.v3 import base_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from prometheus_client import CollectorRegistry
+
+from legation.extproc.config import CHAIN_METADATA_KEY, build_chains
+from legation.extproc.service import Settings, start_server
+
+CHAINS = {
+    "chains": {
+        "route": {
+            "filters": [
+                {
+                    "name": "header_route",
+                    "options": {
+                        "header": "x-cohort",
+                        "default": "stable",
+                        "rules": [{"header": "x-beta", "present": True, "value": "canary"}],
+                    },
+                }
+            ]
+        }
+    }
+}
+
+
+def _message() -> pb.ProcessingRequest:
+    req = pb.ProcessingRequest()
+    req.request_headers.headers.headers.append(base_pb2.HeaderValue(key=":path", raw_value=b"/"))
+    return req
+
+
+async def _stream(stub: pb_grpc.ExternalProcessorStub, sends: int, gap: float) -> tuple[int, str]:
+    """Send ``sends`` messages ``gap`` seconds apart, then half-close if ``gap`` (an active
+    stream), else hold the stream open sending nothing; the answers read and how it ended."""
+    call = stub.Process(metadata=((CHAIN_METADATA_KEY, "route"),), timeout=20)
+    answers = 0
+    try:
+        for _ in range(sends):
+            await call.write(_message())
+            await call.read()
+            answers += 1
+            await asyncio.sleep(gap)
+        if gap:
+            await call.done_writing()
+        return answers, (await call.code()).name
+    except grpc.aio.AioRpcError as e:
+        return answers, e.code().name
+
+
+async def test_idle_streams_end_one_by_one_and_an_active_one_goes_on() -> None:
+    registry = CollectorRegistry()
+    server, port = await start_server(
+        Settings(chains=build_chains(CHAINS), registry=registry, stream_idle_timeout=0.4)
+    )
+    ended: list[str] = []
+
+    async def run(name: str, sends: int, gap: float) -> tuple[int, str]:
+        result = await _stream(stub, sends, gap)
+        ended.append(name)
+        return result
+
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.ExternalProcessorStub(channel)
+            # a message every 0.1 s for ~2 s: opened first, so the oldest of the timers' streams
+            active = asyncio.create_task(run("active", 20, 0.1))
+            await asyncio.sleep(0.15)
+            idle = await asyncio.wait_for(
+                asyncio.gather(run("none", 0, 0), run("one", 1, 0), run("two", 2, 0)), 15
+            )
+            assert await asyncio.wait_for(active, 15) == (20, "OK")
+    finally:
+        await server.stop(None)
+    assert idle == [(0, "DEADLINE_EXCEEDED"), (1, "DEADLINE_EXCEEDED"), (2, "DEADLINE_EXCEEDED")]
+    # each idle stream ended on its own time, not behind the active stream opened before it
+    assert ended[-1] == "active"
+    errors = registry.get_sample_value(
+        "legation_extproc_errors_total", {"filter": "-", "code": "stream_idle_timeout"}
+    )
+    assert errors == 3
