@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -97,6 +98,19 @@ def fits_http(chain: Chain) -> str | None:
     return None
 
 
+_LOGGED: dict[str, float] = {}
+
+
+def _log_limited(code: str, message: str, *args: object) -> None:
+    """One line per ``code`` per second at most (whoever reaches the port could otherwise fill
+    the log; the metric counts every one). Malformed bodies are logged at all because a newer
+    Envoy sending a field this protobuf does not know would fail every call (fail closed)."""
+    now = time.monotonic()
+    if now - _LOGGED.get(code, -1.0) >= 1.0:
+        _LOGGED[code] = now
+        log.error(message, *args)
+
+
 _OK = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: "
 
 
@@ -138,19 +152,30 @@ class ExtProcHttpApp:
             req = parse_request(call.body)
         except BadRequest as err:
             metrics.error("-", "malformed_request")
-            log.warning(
-                "ext_proc over HTTP: refused a body that is not a ProcessingRequest: %s", err
+            _log_limited(
+                "malformed_request",
+                "ext_proc over HTTP: refused a body that is not a ProcessingRequest: %s",
+                err,
             )
             return answer.error(400, "malformed_request", keep_alive=keep)
         guard = self.processor.guards.get(name)
         if guard is None:
             metrics.error("-", "unknown_chain")
-            log.error("ext_proc over HTTP names unknown chain %r; answering 500", name[:100])
+            _log_limited(
+                "unknown_chain",
+                "ext_proc over HTTP names unknown chain %r; answering 500",
+                name[:100],
+            )
             return _ok(self.processor.refuse_unknown(), keep)
         which = req.WhichOneof("request")
         if which is not None and which != _SERVED:
             metrics.error("-", "phase_not_over_http")
-            log.error("chain %r: %s over HTTP (no stream); answering 500", guard.chain.name, which)
+            _log_limited(
+                "phase_not_over_http",
+                "chain %r: %s over HTTP (no stream); answering 500",
+                guard.chain.name,
+                which,
+            )
             return _ok(_wire.error_response(500, "legation_phase_not_over_http"), keep)
         run = self._run(guard, req, keep)
         if guard.chain.has_async(Phase.REQUEST_HEADERS):

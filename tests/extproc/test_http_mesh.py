@@ -38,8 +38,9 @@ COHORT = [
 ]
 
 
-def write_mesh(folder: Path, stable: int, canary: int) -> Path:
+def write_mesh(folder: Path, stable: int, canary: int, stamp: dict[str, Any] | None = None) -> Path:
     ports = distinct_ports("xds", "gw", "admin", "proc", "http")
+    stamp = stamp or {"response": {"set": {"x-stamp": "yes"}}}
     mesh: dict[str, Any] = {
         "xds": {"port": ports["xds"]},
         "mtls": {"mode": "strict", "ca_dir": "ca"},
@@ -75,14 +76,12 @@ def write_mesh(folder: Path, stable: int, canary: int) -> Path:
                 "name": "stamped",
                 "match": {"path": {"prefix": "/stamped"}},
                 "to": {"service": "stable"},
-                "filters": [
-                    {"name": "headers", "options": {"response": {"set": {"x-stamp": "yes"}}}}
-                ],
+                "filters": [{"name": "headers", "options": stamp}],
             },
             {"name": "plain", "match": {"path": {"prefix": "/plain"}}, "to": {"service": "stable"}},
         ],
     }
-    folder.mkdir()
+    folder.mkdir(exist_ok=True)
     path = folder / "mesh.yaml"
     path.write_text(yaml.safe_dump(mesh))
     return path
@@ -160,3 +159,50 @@ def test_the_http_transport_requires_the_mesh_client_certificate(world: MeshWorl
     context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
     with pytest.raises((ssl.SSLError, urllib.error.URLError, ConnectionError)):
         urllib.request.urlopen(f"https://{url}", data=b"{}", timeout=5, context=context)
+
+
+def test_a_reload_moves_a_chain_between_the_transports(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """A chain that changes its phases moves from gRPC to HTTP and back: the listener gains and
+    loses the chain's filter, the route follows, and every request on the way is served."""
+    tmp = tmp_path_factory.mktemp("extproc-http-reload")
+    app = DemoApp(name="stable").start_in_thread()
+    other = DemoApp(name="canary").start_in_thread()
+    request_only = {"request": {"set": {"x-stamp-req": "yes"}}}
+    mesh_path = write_mesh(tmp / "w", app.port, other.port)
+    world = MeshWorld(tmp / "w", mesh_path)
+    ports = yaml.safe_load(mesh_path.read_text())
+
+    def rewrite(stamp: dict[str, Any]) -> None:
+        doc = dict(ports)
+        (route,) = [r for r in doc["routes"] if r["name"] == "stamped"]
+        route["filters"] = [{"name": "headers", "options": stamp}]
+        mesh_path.write_text(yaml.safe_dump(doc))
+        assert world.loop.run(world.cp.reload()) is True
+        world.wait_in_sync()
+
+    def transport() -> str:
+        assert world.cp.mesh is not None
+        (entry,) = explain(world.cp.mesh, "stamped")
+        return str(next(s for s in entry["services"] if s["service"] == "extproc")["protocol"])
+
+    try:
+        world.start()
+        assert transport() == "grpc"
+        assert get(world, "/stamped/x").headers["x-stamp"] == "yes"
+        rewrite(request_only)
+        assert transport() == "http"
+        reply = get(world, "/stamped/x")
+        assert reply.status == 200 and reply.json()["headers"]["x-stamp-req"] == "yes"
+        (envoy,) = world.envoys.values()
+        assert "legation.ext_proc.http.stamped" in str(envoy.config_dump())
+        rewrite({"response": {"set": {"x-stamp": "again"}}})
+        assert transport() == "grpc"
+        assert get(world, "/stamped/x").headers["x-stamp"] == "again"
+        assert "legation.ext_proc.http.stamped" not in str(envoy.config_dump())
+        assert get(world, "/app/x", **{"x-beta": "1"}).status == 200
+    finally:
+        world.close()
+        app.stop_thread()
+        other.stop_thread()

@@ -279,3 +279,22 @@ def test_pipelined_messages_are_answered_in_order(server):
             data += chunk
     first, second = data.split(b"HTTP/1.1 200")[1:]
     assert base64.b64encode(b"canary") in first and base64.b64encode(b"stable") in second
+
+
+def test_refusals_are_all_counted_but_logged_once_a_second(server, caplog, monkeypatch):
+    from legation.extproc import http_server
+
+    port, registry = server
+    monkeypatch.setattr(http_server, "_LOGGED", {})  # earlier tests' lines are not this one's
+
+    def refused() -> float:
+        labels = {"filter": "-", "code": "unknown_chain"}
+        return registry.get_sample_value("legation_extproc_errors_total", labels) or 0.0
+
+    before = refused()
+    with caplog.at_level("ERROR", logger="legation.extproc"):
+        for i in range(20):
+            assert post(port, chain_path(f"nope-{i}"), headers_message({}))[0] == 200
+    assert refused() == before + 20
+    lines = [r for r in caplog.records if "unknown chain" in r.getMessage()]
+    assert 1 <= len(lines) <= 3  # the run may straddle a second or two, never 20
