@@ -203,7 +203,7 @@ class ExtProcService(GrpcService):
     """ext_proc: its chains are the routes' ``filters``; ``timeout`` is the per-message timeout;
     a stream silent for ``stream_idle_timeout`` is ended (keep it above the routes' timeouts).
     ``protocol: http`` also serves Envoy's ext_proc HTTP transport (WIP in Envoy) on ``http_port``
-    to routes whose chain needs request headers only (``translate._extproc``)."""
+    to routes whose chain needs headers only, no state across them (``translate._extproc``)."""
 
     timeout: Duration = Field(default="200ms", validate_default=True)
     stream_idle_timeout: Duration = Field(default="300s", validate_default=True)

@@ -12,17 +12,18 @@ translation gives each chain served this way an ext_proc filter of its own calli
 Per POST: the JSON becomes the ``ProcessingRequest`` (:mod:`._json`), and the per-message core
 the gRPC servicer uses (:meth:`legation.extproc.processor.Processor.answer`) answers it, with a
 fresh :class:`~legation.extproc.exchange.Exchange`: HTTP has no stream, so nothing carries over
-from one message to the next. That is why only request-headers messages are served: a chain
-that needs a response phase (its filters' state from the request), a body or trailers stays on
-gRPC (:func:`fits_http` is the rule the translation applies).
+from one message to the next. That is why only headers messages are served, and response
+headers only for chains whose response hooks are ``stateless`` (the ``headers`` filter): a
+chain that needs a body, trailers or the request's state in its response phase stays on gRPC
+(:func:`fits_http` is the rule the translation applies).
 
 What goes wrong, and what Envoy sees:
 
 * not ``POST``, a path that names no chain, not ``application/json``, a body that is not a
   ``ProcessingRequest`` (bad JSON, an unknown field, a duplicate key), over the size limit: a 4xx
   error, so the filter's failure mode applies (as a broken gRPC stream would);
-* a chain nobody serves, a message with no phase or another phase than request headers: a 200
-  carrying an immediate 500 (as the gRPC servicer answers them), whatever the failure mode;
+* a chain nobody serves, a message with no phase or a phase the chain does not serve over HTTP:
+  a 200 carrying an immediate 500 (as the gRPC servicer answers them), whatever the failure mode;
 * a filter that raises, outlives the phase deadline, or asks for a body (``want_body``, which
   needs the stream): the chain's failure answer (500, or passed through on a fail-open chain).
 
@@ -61,7 +62,6 @@ log = logging.getLogger("legation.extproc")
 PATH_PREFIX = "/ext_proc/"
 _PREFIX = PATH_PREFIX.encode()
 _BAD_ESCAPE = re.compile(rb"%(?![0-9A-Fa-f]{2})")
-_SERVED = "request_headers"
 
 
 def chain_path(name: str) -> str:
@@ -84,18 +84,41 @@ def chain_of(target: bytes) -> str | None:
         return None
 
 
+_HTTP_PHASES = frozenset({Phase.REQUEST_HEADERS, Phase.RESPONSE_HEADERS})
+
+
 def fits_http(chain: Chain) -> str | None:
-    """Why ``chain`` cannot be served over the HTTP transport (None: it can): every filter must
-    ask for request headers only, each message being a request of its own."""
-    other = sorted(p.value for p in chain.phases if p is not Phase.REQUEST_HEADERS)
-    if not chain.phases:
+    """Why ``chain`` cannot be served over the HTTP transport (None: it can): its filters ask
+    for headers only, and every filter with a response-headers hook is ``stateless`` (each
+    message is a request of its own: nothing of the request reaches the response's call)."""
+    phases = chain.phases
+    if not phases:
         return "the chain asks for no phase"
+    other = sorted(p.value for p in phases - _HTTP_PHASES)
     if other:
         return (
-            f"the chain needs {', '.join(other)}; only request headers go over HTTP, where no "
-            "stream carries a request's state to later phases"
+            f"the chain needs {', '.join(other)}; only headers go over HTTP, where no stream "
+            "carries a request's state to later phases"
+        )
+    stateful = [
+        f.name
+        for f in chain.filters
+        if Phase.RESPONSE_HEADERS in f.phases and not getattr(f, "stateless", False)
+    ]
+    if stateful:
+        return (
+            f"filter {stateful[0]} may carry the request's state to its response_headers hook "
+            "(it is not declared stateless), which only the gRPC stream can"
         )
     return None
+
+
+def _serves(chain: Chain, phase: Phase) -> bool:
+    """Whether ``phase``'s message of ``chain`` is answered over HTTP: request headers always
+    (one call, nothing before it), response headers when the chain fits HTTP."""
+    if phase is Phase.REQUEST_HEADERS:
+        return True
+    return phase is Phase.RESPONSE_HEADERS and phase in chain.phases and fits_http(chain) is None
 
 
 _LOGGED: dict[str, float] = {}
@@ -168,7 +191,8 @@ class ExtProcHttpApp:
             )
             return _ok(self.processor.refuse_unknown(), keep)
         which = req.WhichOneof("request")
-        if which is not None and which != _SERVED:
+        phase = _wire.PHASES.get(which) if which else None
+        if which is not None and (phase is None or not _serves(guard.chain, phase)):
             metrics.error("-", "phase_not_over_http")
             _log_limited(
                 "phase_not_over_http",
@@ -177,22 +201,26 @@ class ExtProcHttpApp:
                 which,
             )
             return _ok(_wire.error_response(500, "legation_phase_not_over_http"), keep)
-        run = self._run(guard, req, keep)
-        if guard.chain.has_async(Phase.REQUEST_HEADERS):
+        phase = phase or Phase.REQUEST_HEADERS  # no phase: answer() refuses it
+        run = self._run(guard, req, phase, keep)
+        if guard.chain.has_async(phase):
             # its deadline is an asyncio.timeout, which needs a task of its own; inline hooks
             # (the built-ins) are stepped by hand, with no task
             return _awaited(asyncio.get_running_loop().create_task(run))
         return run
 
-    async def _run(self, guard: ErrorGuard, req: pb.ProcessingRequest, keep: bool) -> bytes:
+    async def _run(
+        self, guard: ErrorGuard, req: pb.ProcessingRequest, phase: Phase, keep: bool
+    ) -> bytes:
         chain = guard.chain.name
-        self.processor.metrics.stream(chain)
+        if phase is Phase.REQUEST_HEADERS:  # one "stream" per request, as on gRPC
+            self.processor.metrics.stream(chain)
         ex = Exchange(chain)
         ex.buffered.update(guard.buffered)
         resp = await self.processor.answer(guard, ex, req)
         if resp.HasField("mode_override"):
             resp = guard.failed(
-                Phase.REQUEST_HEADERS,
+                phase,
                 ex,
                 ex.current_filter or "-",
                 "body_over_http",

@@ -60,6 +60,11 @@ class Filter:
     """Run plain-function hooks on the event loop instead of a worker thread: only for hooks that
     never block; the deadline is then checked after the hook returns (a late one fails the phase,
     but the loop was held meanwhile)."""
+    stateless: ClassVar[bool] = False
+    """Every hook reads only the message it is given: nothing from ``ex.state`` or the request
+    headers in a response hook. Such a filter's response-headers phase may go over Envoy's
+    ext_proc HTTP transport, where each message is a call of its own (a fresh exchange);
+    without it a chain with a response phase stays on the gRPC stream."""
     computes: frozenset[str] = frozenset()
     """Request headers (lower case) this filter always sets or removes, whatever the client
     sent: a route that matches on one of them cannot be picked by a client (``legation up``

@@ -5,13 +5,14 @@ The rule, here and only here (:meth:`ExtProcSide.decide`), for a route with ``fi
 
 1. the route is fused into the ext_authz HTTP call-out (:mod:`._fused`): it stays fused (one call
    decides its authz, routing and rate limits);
-2. ``extproc.protocol`` is ``http`` and the route's chain needs request headers only
-   (:func:`legation.extproc.http_server.fits_http`): Envoy's HTTP transport, one POST per
-   request, through the chain's own filter ``legation.ext_proc.http.<route>`` (the filter's
-   ``http_service`` names the chain in its path, and Envoy's per-route overrides cannot change
-   it, so each such chain gets a filter, disabled unless its route enables it);
-3. otherwise the gRPC stream (a chain with a response phase, a body or trailers needs the stream
-   to carry the request's state from one message to the next).
+2. ``extproc.protocol`` is ``http`` and the route's chain needs headers only, its response
+   hooks (if any) ``stateless`` (:func:`legation.extproc.http_server.fits_http`): Envoy's HTTP
+   transport, one POST per message, through the chain's own filter
+   ``legation.ext_proc.http.<route>`` (the filter's ``http_service`` names the chain in its
+   path, and Envoy's per-route overrides cannot change it, so each such chain gets a filter,
+   disabled unless its route enables it);
+3. otherwise the gRPC stream (a body, trailers, or a response hook that may read the request's
+   state need the stream to carry it from one message to the next).
 
 Envoy marks ``http_service`` work-in-progress (not covered by its threat model), which is why
 ``protocol: http`` is an opt-in of the mesh and nothing picks it by default. The HTTP filters sit
@@ -82,8 +83,8 @@ class ExtProcSide:
                     filter=HTTP_FILTER_PREFIX + spec.name,
                     cluster=EXTPROC_HTTP_CLUSTER,
                     reason=f"{what} over ext_proc's HTTP transport (extproc.protocol: http and "
-                    "the chain needs request headers only; Envoy's http_service is "
-                    f"work-in-progress){not_fused}",
+                    "the chain needs headers only, no state across phases; Envoy's "
+                    f"http_service is work-in-progress){not_fused}",
                 )
             why_grpc = f"not over HTTP: {misfit}"
         return Hop(

@@ -23,6 +23,8 @@ HTTP_ROUTES = {  # path -> (upstream, chain, extra route options); every chain f
     "/slow-open/": ("stable", "slow_open", {}),
     "/slow-envoy/": ("stable", "slow_envoy", {}),
     "/slow-envoy-open/": ("stable", "slow_envoy_open", {}),
+    "/headers/": ("stable", "headers", {}),  # request and (stateless) response phases
+    "/headers-echo/": ("echo", "headers", {}),
     "/answer/": (
         "stable",
         "answer",
@@ -43,9 +45,8 @@ def http_envoy(
 ) -> tuple[EnvoyProcess, int]:
     """The HTTP transport's Envoy: one ext_proc filter per chain, each route enabling its own."""
     R = harness.route
-    filters = [
-        (f"legation.ext_proc.http.{n}", "extproc_http", c[n]) for _, n, _ in HTTP_ROUTES.values()
-    ]
+    chains = dict.fromkeys(n for _, n, _ in HTTP_ROUTES.values())  # one filter per chain
+    filters = [(f"legation.ext_proc.http.{n}", "extproc_http", c[n]) for n in chains]
     filters += [
         ("legation.ext_proc.http.nope", "extproc_http", unknown),
         ("legation.ext_proc.http.down", "extproc_http_down", c["route"]),

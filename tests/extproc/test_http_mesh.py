@@ -1,7 +1,8 @@
 """``extproc: {protocol: http}`` through the control plane and a real gateway Envoy, strict mTLS.
 
-A request-headers chain (``header_route``) goes over Envoy's ext_proc HTTP transport, a chain
-with a response phase stays on the gRPC stream, and ``legation explain`` says which and why;
+Headers-only chains (``header_route``; ``headers`` with a stateless response hook) go over
+Envoy's ext_proc HTTP transport, a chain whose response hook reads the request's state
+(``request_id``) stays on the gRPC stream, and ``legation explain`` says which and why;
 the HTTP transport is mutual TLS, the mesh's proxies only.
 """
 
@@ -78,6 +79,12 @@ def write_mesh(folder: Path, stable: int, canary: int, stamp: dict[str, Any] | N
                 "to": {"service": "stable"},
                 "filters": [{"name": "headers", "options": stamp}],
             },
+            {
+                "name": "rid",
+                "match": {"path": {"prefix": "/rid"}},
+                "to": {"service": "stable"},
+                "filters": [{"name": "request_id"}],
+            },
             {"name": "plain", "match": {"path": {"prefix": "/plain"}}, "to": {"service": "stable"}},
         ],
     }
@@ -119,9 +126,10 @@ def test_explain_names_the_transport_and_why(world: MeshWorld) -> None:
     app = hop("app")
     assert app["protocol"] == "http"
     assert "HTTP transport" in app["reason"] and "work-in-progress" in app["reason"]
-    stamped = hop("stamped")
-    assert stamped["protocol"] == "grpc"
-    assert "not over HTTP: the chain needs response_headers" in stamped["reason"]
+    assert hop("stamped")["protocol"] == "http"  # a stateless response hook
+    rid = hop("rid")
+    assert rid["protocol"] == "grpc"
+    assert "not over HTTP: filter request_id may carry the request's state" in rid["reason"]
 
 
 def test_header_routing_over_the_http_transport(world: MeshWorld) -> None:
@@ -130,7 +138,9 @@ def test_header_routing_over_the_http_transport(world: MeshWorld) -> None:
     # a client cannot pick the cohort itself: the canary route runs the chain too
     forged = get(world, "/app/x", **{"x-legation-cohort": "canary"}).json()
     assert forged["service"] == "stable"
-    assert get(world, "/stamped/x").headers["x-stamp"] == "yes"  # the gRPC chain
+    assert get(world, "/stamped/x").headers["x-stamp"] == "yes"  # a response phase over HTTP
+    echoed = get(world, "/rid/x", **{"x-correlation-id": "abc-1"})  # the gRPC stream
+    assert echoed.headers["x-correlation-id"] == "abc-1"
     assert get(world, "/plain/x").json()["service"] == "stable"
 
 
@@ -138,7 +148,8 @@ def test_the_gateway_calls_the_chain_over_http(world: MeshWorld) -> None:
     (envoy,) = world.envoys.values()
     dump = str(envoy.config_dump())
     assert "legation.ext_proc.http.app" in dump and chain_path("app") in dump
-    assert "legation.ext_proc.http.stamped" not in dump  # its chain stays on gRPC
+    assert "legation.ext_proc.http.stamped" in dump
+    assert "legation.ext_proc.http.rid" not in dump  # its chain stays on gRPC
 
     def count(stat: str) -> int:
         return sum(v for k, v in envoy.stats("ext_proc").items() if k.endswith(stat))
@@ -169,15 +180,14 @@ def test_a_reload_moves_a_chain_between_the_transports(
     tmp = tmp_path_factory.mktemp("extproc-http-reload")
     app = DemoApp(name="stable").start_in_thread()
     other = DemoApp(name="canary").start_in_thread()
-    request_only = {"request": {"set": {"x-stamp-req": "yes"}}}
     mesh_path = write_mesh(tmp / "w", app.port, other.port)
     world = MeshWorld(tmp / "w", mesh_path)
     ports = yaml.safe_load(mesh_path.read_text())
 
-    def rewrite(stamp: dict[str, Any]) -> None:
+    def rewrite(filters: list[dict[str, Any]]) -> None:
         doc = dict(ports)
         (route,) = [r for r in doc["routes"] if r["name"] == "stamped"]
-        route["filters"] = [{"name": "headers", "options": stamp}]
+        route["filters"] = filters
         mesh_path.write_text(yaml.safe_dump(doc))
         assert world.loop.run(world.cp.reload()) is True
         world.wait_in_sync()
@@ -189,19 +199,18 @@ def test_a_reload_moves_a_chain_between_the_transports(
 
     try:
         world.start()
-        assert transport() == "grpc"
-        assert get(world, "/stamped/x").headers["x-stamp"] == "yes"
-        rewrite(request_only)
-        assert transport() == "http"
-        reply = get(world, "/stamped/x")
-        assert reply.status == 200 and reply.json()["headers"]["x-stamp-req"] == "yes"
         (envoy,) = world.envoys.values()
-        assert "legation.ext_proc.http.stamped" in str(envoy.config_dump())
-        rewrite({"response": {"set": {"x-stamp": "again"}}})
+        assert transport() == "http"
+        assert get(world, "/stamped/x").headers["x-stamp"] == "yes"
+        rewrite([{"name": "request_id", "options": {"header": "x-stamp"}}])
         assert transport() == "grpc"
-        assert get(world, "/stamped/x").headers["x-stamp"] == "again"
+        assert get(world, "/stamped/x", **{"x-stamp": "abc"}).headers["x-stamp"] == "abc"
         assert "legation.ext_proc.http.stamped" not in str(envoy.config_dump())
-        assert get(world, "/app/x", **{"x-beta": "1"}).status == 200
+        rewrite([{"name": "headers", "options": {"response": {"set": {"x-stamp": "again"}}}}])
+        assert transport() == "http"
+        assert get(world, "/stamped/x").headers["x-stamp"] == "again"
+        assert "legation.ext_proc.http.stamped" in str(envoy.config_dump())
+        assert get(world, "/app/x", **{"x-beta": "1"}).json()["service"] == "canary"
     finally:
         world.close()
         app.stop_thread()

@@ -30,6 +30,7 @@ from legation.fastpath._http import Limits
 from tests import loop
 
 WEIRD = "we/ird %\r\nname"
+STAMP = {"request": {"set": {"x-in": "1"}}, "response": {"set": {"x-out": "1"}}}
 ROUTE = {
     "name": "header_route",
     "options": {
@@ -71,6 +72,8 @@ def server() -> Iterator[tuple[int, CollectorRegistry]]:
                 "route": {"filters": [ROUTE]},
                 WEIRD: {"filters": [ROUTE]},
                 "body": {"filters": [{"name": "t_wants_body"}]},
+                "stamp": {"filters": [{"name": "headers", "options": STAMP}]},
+                "rid": {"filters": [{"name": "request_id"}]},
                 "body_open": {"fail_open": True, "filters": [{"name": "t_wants_body"}]},
             }
         }
@@ -241,6 +244,18 @@ def test_a_phase_other_than_request_headers_is_an_immediate_500(server, phase):
     status, answer = post(port, "/ext_proc/route", body)
     assert status == 200
     assert immediate_status(answer) == "InternalServerError"
+    assert answer["immediate_response"]["details"] == "legation_phase_not_over_http"
+
+
+def test_response_headers_are_served_only_where_every_response_hook_is_stateless(server):
+    port, _ = server
+    message = headers_message({":status": "200"}, phase="response_headers")
+    status, answer = post(port, "/ext_proc/stamp", message)  # headers: stateless
+    assert status == 200
+    mutation = answer["response_headers"]["response"]["header_mutation"]["set_headers"]
+    assert [m["header"]["key"] for m in mutation] == ["x-out"]
+    status, answer = post(port, "/ext_proc/rid", message)  # request_id reads ex.state there
+    assert status == 200 and immediate_status(answer) == "InternalServerError"
     assert answer["immediate_response"]["details"] == "legation_phase_not_over_http"
 
 

@@ -17,6 +17,8 @@ from tests.translate.test_fused import COHORT
 
 HEADERS = [{"name": "headers", "options": {"request": {"set": {"x-a": "1"}}}}]
 RESPONSE = [{"name": "headers", "options": {"response": {"set": {"x-a": "1"}}}}]
+STATEFUL = [{"name": "request_id"}]  # echoes on the response the id its request hook kept
+BODY = [{"name": "body_redact", "options": {"fields": ["x"]}}]
 
 
 def mesh(tmp: Path, routes: list[dict[str, Any]], *, authz_http: bool = False) -> Any:
@@ -58,10 +60,17 @@ def hop(m: Any, name: str) -> dict[str, Any]:
 def test_request_header_chains_go_over_http_the_others_stay_on_grpc(tmp_path: Path) -> None:
     m = mesh(
         tmp_path,
-        [route("a", "/a", COHORT), route("b", "/b", HEADERS), route("c", "/c", RESPONSE)],
+        [
+            route("a", "/a", COHORT),
+            route("b", "/b", HEADERS),
+            route("c", "/c", STATEFUL),
+            route("d", "/d", RESPONSE),
+            route("e", "/e", BODY),
+        ],
     )
-    assert [hop(m, n)["protocol"] for n in "abc"] == ["http", "http", "grpc"]
-    assert "not over HTTP: the chain needs response_headers" in hop(m, "c")["reason"]
+    assert [hop(m, n)["protocol"] for n in "abcde"] == ["http", "http", "grpc", "http", "grpc"]
+    assert "not over HTTP: filter request_id may carry the request's state" in hop(m, "c")["reason"]
+    assert "not over HTTP: filter body_redact may carry" in hop(m, "e")["reason"]
     block = m.extproc
     filters = ExtProcSide.http_filters(block, "legation|extproc", m)
     names = [f.name for f in filters]
@@ -69,6 +78,7 @@ def test_request_header_chains_go_over_http_the_others_stay_on_grpc(tmp_path: Pa
         "envoy.filters.http.ext_proc",
         "legation.ext_proc.http.a",
         "legation.ext_proc.http.b",
+        "legation.ext_proc.http.d",
     ]
     assert all(f.disabled for f in filters[1:])  # each enabled only by its route
     assert chain_path("a") in str(filters[1].typed_config.value)
@@ -87,7 +97,7 @@ def test_a_route_enables_only_its_own_filter(tmp_path: Path) -> None:
 
     from legation.services import route_chains
 
-    m = mesh(tmp_path, [route("a", "/a", COHORT), route("c", "/c", RESPONSE)])
+    m = mesh(tmp_path, [route("a", "/a", COHORT), route("c", "/c", STATEFUL)])
     chains = route_chains(m)
     out_a, out_c = rc.Route(), rc.Route()
     _services.apply_services(m, out_a, m.routes[0], chains)

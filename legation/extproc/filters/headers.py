@@ -78,6 +78,7 @@ class HeadersOptions(Options):
 class Headers(Filter):
     name = "headers"
     inline = True  # plain, non-blocking hooks bounded by the message: no thread hop
+    stateless = True  # each hook edits its own message's headers only
 
     def __init__(self, options: HeadersOptions) -> None:
         self.options = options
