@@ -37,9 +37,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     if tracing:
         store = tracing.get("store")
         kept = f", {store['traces']} traces / {store['spans']} spans kept" if store else ""
+        mtls = " over mTLS" if tracing.get("tls") == "mesh" else ""
+        refused = f", {tracing['refused']} exports refused" if tracing.get("refused") else ""
         print(
-            f"tracing  {tracing['collector']} at {tracing['address']}, "
-            f"sampling {tracing['sampling']:g} %{kept}"
+            f"tracing  {tracing['collector']} at {tracing['address']}{mtls}, "
+            f"sampling {tracing['sampling']:g} %{kept}{refused}"
         )
     rotation = ((status.get("mtls") or {}).get("ca") or {}).get("rotation")
     if rotation:

@@ -14,14 +14,16 @@ from prometheus_client import Counter
 
 from legation.certs import MeshIssuer
 from legation.certs.rotation import Rotation
+from legation.certs.spiffe import TRACING
 from legation.config import Mesh, load_mesh
 from legation.config.capture import capture_change_problems, with_capture
 from legation.config.errors import MeshConfigError
+from legation.config.tracing import tracing_tls
 from legation.errors import LegationError
 from legation.services import EmbeddedServices, Plan
 from legation.services.planning import config_files, one_worker, plan, watched_digest
 from legation.services.published import PublishedServices
-from legation.tracing.receiver import EmbeddedCollector
+from legation.tracing.receiver import EmbeddedCollector, PeerCheck
 from legation.translate import translate
 
 
@@ -88,9 +90,10 @@ class Reloading:
     def _issue(self, mesh: Mesh, services: Plan) -> None:
         """Certificates for the accepted mesh's proxies and mTLS services (a CA that cannot be
         opened raises a LegationError and leaves them as they were)."""
-        self.issuer.update(
-            mesh, services={k: s.host for k, s in services.embedded.items() if s.tls}
-        )
+        tls = {k: s.host for k, s in services.embedded.items() if s.tls}
+        if tracing_tls(mesh) and mesh.tracing is not None:
+            tls[TRACING] = mesh.tracing.address()[0]  # the embedded trace receiver's
+        self.issuer.update(mesh, services=tls)
         self.rotation.changed()
 
     async def reload(self) -> bool:
@@ -117,7 +120,7 @@ class Reloading:
         before = {p.node_id for p in self.mesh.proxies()} if self.mesh else set()
         failures = await self.services.apply(services)
         try:
-            await self.collector.follow(mesh.tracing)
+            await self.collector.follow(mesh.tracing, peers=trace_peers(mesh))
         except LegationError as err:
             failures.append(f"tracing: {err} (the running receiver stays)")
         self.last_error = "\n".join(failures) or None
@@ -160,3 +163,9 @@ class Reloading:
                 last = now
                 continue
             await self.reload()
+
+
+def trace_peers(mesh: Mesh) -> PeerCheck | None:
+    """Who may export spans to the embedded receiver: None (anyone, plaintext) unless the hop
+    is mesh mTLS."""
+    return PeerCheck.of(mesh) if tracing_tls(mesh) else None

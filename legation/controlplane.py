@@ -18,7 +18,8 @@ When the mesh turns ``mtls`` on, a :class:`~legation.certs.MeshIssuer` opens (or
 and gives every proxy a SPIFFE certificate, delivered in its snapshot as SDS secrets. Reloads keep
 certificates whose identity is unchanged. The embedded request-path services get a server
 certificate from the same CA (identity ``legation-<kind>``) and accept only clients with a
-certificate from it, i.e. the proxies. ``/status`` shows the root's fingerprint and each proxy's
+certificate from it, i.e. the proxies; so does the embedded trace receiver (``legation-tracing``,
+:mod:`legation.tracing.receiver`). ``/status`` shows the root's fingerprint and each proxy's
 certificate (SPIFFE id, serial, expiry; never key material).
 
 The xDS channel (its own root, TLS, enrolment) is :mod:`legation._xds_channel`.
@@ -37,7 +38,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from legation._publishing import Publishing
-from legation._reloading import Reloading
+from legation._reloading import Reloading, trace_peers
 from legation._xds_channel import enrol_node, xds_channel
 from legation.certs import CertificateAuthority, MeshIssuer
 from legation.certs.enrol import (
@@ -156,7 +157,8 @@ class ControlPlane(Reloading, Publishing):
             "legation_config_generation", "Mesh generation being served", registry=self.registry
         )
         self.server: XdsServer | None = None
-        self.collector = EmbeddedCollector()  # tracing: {collector: embedded}
+        # tracing: {collector: embedded}; with mTLS it serves the issuer's "tracing" certificate
+        self.collector = EmbeddedCollector(tls_source=self.issuer.service_tls)
         self._status = StatusEndpoint(
             status=self.status,
             registries=lambda: (self.registry, *self.services.registries()),
@@ -181,7 +183,7 @@ class ControlPlane(Reloading, Publishing):
             await self.services.stop()
             raise ServiceStartError("\n".join(failures), code="service_start_failed")
         try:
-            await self.collector.follow(mesh.tracing)
+            await self.collector.follow(mesh.tracing, peers=trace_peers(mesh))
             self._publish(mesh, text)
             self.server, self.xds_ca, self.xds_ca_location = await xds_channel(
                 mesh,

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 
+from legation.config.tracing import tracing_tls
 from legation.xds.types import ResourceType
 
 if TYPE_CHECKING:
@@ -170,6 +171,8 @@ def _tracing_status(cp: ControlPlane) -> dict[str, Any] | None:
         "collector": t.collector,
         "address": f"{host}:{port}",
         "sampling": t.sampling,
+        "tls": "mesh" if cp.mesh is not None and tracing_tls(cp.mesh) else "none",
+        "refused": cp.collector.refused,
         "store": store.stats() if store is not None else None,
     }
 

@@ -11,7 +11,9 @@ The embedded request-path services that serve mesh mTLS get a server certificate
 (``update(mesh, services=...)``, :meth:`MeshIssuer.rotate_services`): identity
 ``spiffe://<trust_domain>/ns/<namespace>/sa/legation-<kind>``, plus DNS/IP SANs for the service
 name and its bind address so that ordinary gRPC clients can verify it too. The running services
-read :meth:`MeshIssuer.service_tls` before each handshake, so a renewal needs no restart.
+read :meth:`MeshIssuer.service_tls` before each handshake, so a renewal needs no restart. The
+embedded trace receiver is one more such service (kind ``tracing``), and a service certificate
+is good for client auth too: the services export their spans to that receiver with it.
 """
 
 from __future__ import annotations
@@ -49,6 +51,9 @@ __all__ = [
     "proxy_identities",
     "service_identity",
 ]
+
+_SERVICE_USAGES = (ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH)
+"""A service serves its callers and is a client of the trace receiver."""
 
 
 class MeshIssuer:
@@ -113,7 +118,12 @@ class MeshIssuer:
             )
             if not fresh and self._store is not None:
                 held = self._store.load(
-                    f"service-{kind}", ca=ca, spiffe_id=sid, now=now, hosts=hosts[kind]
+                    f"service-{kind}",
+                    ca=ca,
+                    spiffe_id=sid,
+                    now=now,
+                    hosts=hosts[kind],
+                    usages=_SERVICE_USAGES,
                 )
                 fresh = held is not None
             service_certs[kind] = (
@@ -254,7 +264,7 @@ class MeshIssuer:
             ttl=mesh.mtls.cert_ttl,
             now=now,
             hosts=hosts,
-            usages=(ExtendedKeyUsageOID.SERVER_AUTH,),
+            usages=_SERVICE_USAGES,
         )
 
     def _tls_for(self, kind: str, cert: WorkloadCert, roots: Roots | None) -> ServerTls:

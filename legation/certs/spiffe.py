@@ -10,9 +10,10 @@ The scheme (Istio's, so tools that read Istio identities read ours)::
   identity), or, for the ingress gateway, the gateway's ``name`` (``ingress``); the mesh checks
   refuse a service named like the gateway when mTLS is on, so the two never share an identity.
 
-The request-path services (ext_authz, ext_proc, rate limiting) have the identity
-``legation-<kind>`` (:func:`service_name`) in the same scheme when the mesh turns mTLS on; the mesh
-checks refuse a service or gateway of that name.
+The request-path services (ext_authz, ext_proc, rate limiting, the access-log service) have the
+identity ``legation-<kind>`` (:func:`service_name`) in the same scheme when the mesh turns mTLS
+on, and so does the embedded trace receiver (``legation-tracing``, :data:`TRACING`); the mesh
+checks refuse a service or gateway of those names.
 
 The id is the certificate's only URI SAN; Envoy puts the peer's in ``source.principal`` (what
 ext_authz reads) and in ``x-forwarded-client-cert`` on the inbound side.
@@ -49,6 +50,10 @@ def spiffe_id(trust_domain: str, namespace: str, name: str) -> str:
 
 #: The prefix of the request-path services' identities (``legation-extauthz``, ...).
 SERVICE_PREFIX = "legation-"
+
+
+#: The embedded trace receiver's name among Legation's services (identity ``legation-tracing``).
+TRACING = "tracing"
 
 
 def service_name(kind: str) -> str:

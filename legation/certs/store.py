@@ -5,7 +5,8 @@ SDS secret again, although nothing changed. :class:`CertStore` keeps each curren
 with its key as one JSON file (0600, written by atomic rename) in a 0700 directory next to the
 CA (``<CA dir>/issued/``). :meth:`CertStore.load` hands one back only when it is still good for
 the asking issuer: signed by that CA, the expected SPIFFE id (and host names, for a service),
-its key matching, and not expired; anything else is ignored and the caller issues a new one.
+its key matching, its extended key usages those asked for, and not expired; anything else is
+ignored and the caller issues a new one.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ class CertStore:
         spiffe_id: str,
         now: datetime,
         hosts: tuple[str, ...] | None = None,
+        usages: Iterable[x509.ObjectIdentifier] = (),
     ) -> WorkloadCert | None:
         """The stored certificate ``name`` if it is still good (see the module docstring)."""
         try:
@@ -66,6 +68,7 @@ class CertStore:
                 serialization.Encoding.DER, spki
             ) == cert.public_key().public_bytes(serialization.Encoding.DER, spki)
             issued_at = datetime.fromisoformat(raw["issued_at"])
+            held_usages = set(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
         except FileNotFoundError:
             return None
         except (OSError, ValueError, KeyError, TypeError, x509.ExtensionNotFound) as err:
@@ -79,6 +82,7 @@ class CertStore:
             or not same_key
             or now >= cert.not_valid_after_utc
             or (hosts is not None and held_hosts != hosts)
+            or not set(usages) <= held_usages
         ):
             return None
         self._saved[name] = cert.serial_number

@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 
-from legation.certs.spiffe import service_name
+from legation.certs.spiffe import TRACING, service_name
 from legation.config.capture import capture_problems
 from legation.config.errors import Problem
 from legation.config.extensions import service_blocks
@@ -139,7 +139,8 @@ def _worker_ports(
 
 def _service_tls(mesh: Mesh) -> Iterator[Problem]:
     """``tls: mesh`` needs the mesh's mTLS (the certificates come from its CA); with mTLS on, the
-    request-path services' SPIFFE names (``legation-<kind>``) belong to them alone."""
+    request-path services' and the trace receiver's SPIFFE names (``legation-<kind>``,
+    ``legation-tracing``) belong to them alone."""
     for kind, block in service_blocks(mesh):
         if block.tls == "mesh" and not mesh.mtls.enabled:
             yield Problem(
@@ -149,20 +150,18 @@ def _service_tls(mesh: Mesh) -> Iterator[Problem]:
             )
     if not mesh.mtls.enabled:
         return
-    reserved = {service_name(kind) for kind in kinds.names()}
-    for i, s in enumerate(mesh.services):
-        if s.name in reserved:
+    reserved = {service_name(kind): "request-path service of that name" for kind in kinds.names()}
+    reserved[service_name(TRACING)] = "trace receiver"
+    named = [(f"services[{i}].name", s.name) for i, s in enumerate(mesh.services)]
+    if mesh.gateway is not None:
+        named.append(("gateway.name", mesh.gateway.name))
+    for path, name in named:
+        if name in reserved:
             yield Problem(
-                f"services[{i}].name",
-                f"{s.name!r} is reserved for Legation's "
-                "request-path service of that name (its SPIFFE identity with mTLS)",
+                path,
+                f"{name!r} is reserved for Legation's {reserved[name]} "
+                "(its SPIFFE identity with mTLS)",
             )
-    if mesh.gateway is not None and mesh.gateway.name in reserved:
-        yield Problem(
-            "gateway.name",
-            f"{mesh.gateway.name!r} is reserved for Legation's "
-            "request-path service of that name (its SPIFFE identity with mTLS)",
-        )
 
 
 def _service(mesh: Mesh, i: int, s: Service) -> Iterator[Problem]:

@@ -9,6 +9,8 @@
       sampling: 10            # percent of requests traced (default 100), decided at the edge
       max_traces: 1000        # the embedded receiver keeps the newest traces...
       max_spans: 20000        # ...and at most this many spans in all (oldest traces evicted)
+      tls: mesh               # the embedded receiver's hop: mesh mTLS (the default when the
+                              # mesh's mTLS is on) or none (plaintext, loopback only)
 
 and per route (``routes[].tracing``)::
 
@@ -17,6 +19,16 @@ and per route (``routes[].tracing``)::
 The proxy that first sees a request (the gateway, or a sidecar for a request from outside the
 mesh) decides whether it is traced; the hops after it follow the decision carried in the W3C
 ``traceparent`` header, so a trace is whole or absent.
+
+``tls`` (only with ``collector: embedded``) works as on the request-path services' blocks
+(:mod:`legation.config.extensions`): ``mesh`` (the default when ``mtls.mode`` is permissive or
+strict; an error when mTLS is off) makes the receiver serve mutual TLS as
+``spiffe://<trust_domain>/ns/<namespace>/sa/legation-tracing`` and accept only certificates from
+the mesh CA; every proxy's collector cluster then presents its workload certificate and pins that
+id, and Legation's embedded services export with their own service certificate (so an embedded
+service with ``tls: none`` is refused while the receiver is on mTLS: it would hold no
+certificate to export with). ``none``: plaintext on loopback, anyone on the machine can export.
+An external collector is always called in plaintext.
 """
 
 from __future__ import annotations
@@ -24,7 +36,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, Field, field_validator
 
@@ -48,6 +60,7 @@ class Tracing(BaseModel):
     sampling: Percent = 100.0
     max_traces: int | None = Field(default=None, ge=1, le=100_000)
     max_spans: int | None = Field(default=None, ge=1, le=1_000_000)
+    tls: Literal["mesh", "none"] | None = None  # None: mesh when embedded and mTLS is on
 
     @field_validator("collector")
     @classmethod
@@ -65,6 +78,10 @@ class Tracing(BaseModel):
         if self.embedded:
             return "127.0.0.1", self.port or DEFAULT_PORT
         return _split(self.collector)
+
+    def mesh_tls(self, *, mtls_enabled: bool) -> bool:
+        """Whether the hop to the embedded receiver is mesh mTLS (see ``tls`` above)."""
+        return self.embedded and (self.tls == "mesh" or (self.tls is None and mtls_enabled))
 
     @property
     def trace_cap(self) -> int:
@@ -99,12 +116,39 @@ def _split(value: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def tracing_tls(mesh: Mesh) -> bool:
+    """Whether ``mesh``'s spans go to the embedded receiver over mesh mTLS."""
+    t = mesh.tracing
+    return t is not None and t.mesh_tls(mtls_enabled=mesh.mtls.enabled)
+
+
 def tracing_problems(mesh: Mesh) -> Iterator[Problem]:
+    from legation.services import kinds
+
     t = mesh.tracing
     if t is not None and not t.embedded:
-        for key in ("port", "max_traces", "max_spans"):
+        for key in ("port", "max_traces", "max_spans", "tls"):
             if getattr(t, key) is not None:
                 yield Problem(f"tracing.{key}", "only used with collector: embedded")
+    if t is not None and t.embedded and t.tls == "mesh" and not mesh.mtls.enabled:
+        yield Problem(
+            "tracing.tls",
+            "'mesh' needs mtls.mode permissive or strict (the certificates come "
+            "from the mesh CA); or set tls: none",
+        )
+    if tracing_tls(mesh):
+        for kind, block in kinds.blocks(mesh):
+            if (
+                kind.traces
+                and block.embedded
+                and not block.mesh_tls(mtls_enabled=mesh.mtls.enabled)
+            ):
+                yield Problem(
+                    f"{kind.name}.tls",
+                    "'none' leaves the service without a mesh certificate to export its "
+                    "spans with, and the trace receiver takes mTLS only: set tracing.tls: "
+                    "none too, or drop tls: none here",
+                )
     for i, r in enumerate(mesh.routes):
         if r.tracing is not None and t is None:
             yield Problem(f"routes[{i}].tracing", "needs a tracing block in the mesh")

@@ -19,7 +19,8 @@ through the handshake. The certificate comes from ``tls_source`` (the control pl
 no restart; turning TLS on or off restarts the service. Each started service has its own
 Prometheus registry (:meth:`EmbeddedServices.registries`), served on the control plane's /metrics.
 The services' spans go to the mesh's ``tracing`` collector
-(:func:`legation.tracing.spans.configure`).
+(:func:`legation.tracing.spans.configure`): over mutual TLS with each service's own certificate
+(the same ``tls_source``) when the embedded receiver serves mesh mTLS.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ class EmbeddedServices:
         that failed to start is left stopped."""
         failures = []
         self.remote = dict(target.remote)
-        spans.configure(target.tracing)
+        spans.configure(target.tracing, self.tls_source if target.tracing_tls else None)
         for kind in KINDS:
             want, have = target.embedded.get(kind.name), self.running.get(kind.name)
             if have is not None and want is not None and _same_server(have.spec, want):

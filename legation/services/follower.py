@@ -24,6 +24,7 @@ from prometheus_client import Metric
 
 from legation.certs._files import write_private
 from legation.config import parse_mesh
+from legation.config.tracing import tracing_tls
 from legation.errors import LegationError
 from legation.services.base import Invalid
 from legation.services.embedded import EmbeddedServices
@@ -155,6 +156,7 @@ class Follower:
             embedded={self.kind: replace(spec, tls=plan.tls, worker=self.worker)},
             remote={},
             tracing=mesh.tracing,
+            tracing_tls=tracing_tls(mesh),
         )
 
 

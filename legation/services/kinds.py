@@ -46,6 +46,8 @@ class ServiceKind:
     """``module:Class`` with its Envoy side: ``http_filter``, ``cluster``, ``per_route``."""
     help: str
     """One line for ``legation serve --help``."""
+    traces: bool = True
+    """Whether it records spans (exported with its own certificate when the hop is mTLS)."""
 
     def service_class(self) -> type[Service]:
         cls: type[Service] = _load(self.service)
@@ -77,7 +79,8 @@ KINDS: tuple[ServiceKind, ...] = (
     ServiceKind(name="accesslog", block="accesslog",
                 service="legation.services.accesslog:AccessLogService",
                 envoy="legation.translate._accesslog:AccessLogSide",
-                help="access-log service: golden metrics from every proxy (AccessLogService)"),
+                help="access-log service: golden metrics from every proxy (AccessLogService)",
+                traces=False),
 )
 # fmt: on
 

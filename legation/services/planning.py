@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from legation.config import Mesh, MeshConfigError, Problem
-from legation.config.tracing import Tracing
+from legation.config.tracing import Tracing, tracing_tls
 from legation.services.base import Invalid, ServiceSpec
 from legation.services.kinds import KINDS, blocks
 
@@ -33,6 +33,8 @@ class Plan:
     remote: Mapping[str, str]
     tracing: Tracing | None = None
     """Where the services' spans go (the mesh's ``tracing`` block; None: no spans)."""
+    tracing_tls: bool = False
+    """Whether they go over mesh mTLS, each service with its own certificate."""
 
     @property
     def watched(self) -> tuple[Path, ...]:
@@ -52,7 +54,7 @@ def plan(
     ``embedded=False``: the services run elsewhere whatever their blocks say (only the Envoy
     side is configured): nothing to plan or read."""
     if not embedded:
-        return Plan(embedded={}, remote={}, tracing=mesh.tracing)
+        return Plan(embedded={}, remote={}, tracing=mesh.tracing, tracing_tls=tracing_tls(mesh))
     source = str(mesh_path)
     mesh_dir = Path(mesh_path).resolve().parent
     reserved = reserved or {}
@@ -86,7 +88,7 @@ def plan(
         specs[kind.name] = replace(spec, tls=tls, workers=block.worker_count())
     if problems:
         raise MeshConfigError(source, problems)
-    return Plan(embedded=specs, remote=remote, tracing=mesh.tracing)
+    return Plan(embedded=specs, remote=remote, tracing=mesh.tracing, tracing_tls=tracing_tls(mesh))
 
 
 def one_worker(mesh: Mesh) -> Mesh:

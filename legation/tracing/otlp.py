@@ -22,7 +22,7 @@ from opentelemetry.proto.trace.v1 import trace_pb2
 
 from legation.tracing.store import MAX_ATTRIBUTES, MAX_NAME, Scalar, Span, clip
 
-__all__ = ["EXPORT_METHOD", "SERVICE", "from_request", "to_request"]
+__all__ = ["EXPORT_METHOD", "SERVICE", "from_request", "service_names", "to_request"]
 
 SERVICE = "opentelemetry.proto.collector.trace.v1.TraceService"
 EXPORT_METHOD = f"/{SERVICE}/Export"
@@ -61,6 +61,15 @@ def from_request(request: trace_service_pb2.ExportTraceServiceRequest) -> Iterat
                     status=_STATUS.get(s.status.code, ""),
                     attributes=_attributes(s.attributes),
                 )
+
+
+def service_names(request: trace_service_pb2.ExportTraceServiceRequest) -> set[str]:
+    """The ``service.name`` of each resource in an Export request, as :func:`from_request`
+    stores it ("?" for none)."""
+    return {
+        clip(_string_attr(rs.resource.attributes, "service.name") or "?", MAX_NAME)
+        for rs in request.resource_spans
+    }
 
 
 def _string_attr(attrs: Iterable[common_pb2.KeyValue], key: str) -> str | None:

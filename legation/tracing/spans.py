@@ -17,7 +17,9 @@ filter names, never a header value, a token, a cookie or a descriptor's value (a
 be built from any header, ``authorization`` too). A key outside the list is dropped.
 
 :func:`configure` follows the mesh's ``tracing`` block (called by whoever applies a mesh to the
-services: the embedded runner, or a service process following its plan). The SDK provider and
+services: the embedded runner, or a service process following its plan). When the embedded
+receiver is on mesh mTLS it also gets ``tls_for(kind)``: each service's own certificate, which
+its exporter presents (:class:`~legation.tracing.exporter.OtlpExporter`). The SDK provider and
 its exporter thread are made on the first sampled span, so each worker process of a service
 (``--workers``, forked) has its own. The batch processor holds at most 2,048 spans: past that
 (a collector away, or more sampled spans than it exports) the SDK drops spans rather than grow.
@@ -36,11 +38,17 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode
 
+from legation.certs.spiffe import TRACING, service_name
 from legation.tracing.exporter import OtlpExporter
 from legation.tracing.store import Scalar, clip
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from legation.config.tracing import Tracing
+    from legation.grpc_server import ServerTls
+
+    TlsFor = Callable[[str], ServerTls | None]
 
 __all__ = ["ATTRIBUTES", "CallTracer", "SpanContext", "configure", "parse_traceparent"]
 
@@ -84,13 +92,16 @@ class _Export:
 
     def __init__(self) -> None:
         self.address: tuple[str, int] | None = None
+        self.tls_for: TlsFor | None = None
         self._providers: dict[str, TracerProvider] = {}
         self._tracers: dict[str, trace.Tracer] = {}
         self._lock = threading.Lock()
 
-    def set(self, address: tuple[str, int] | None) -> None:
+    def set(self, address: tuple[str, int] | None, tls_for: TlsFor | None = None) -> None:
         with self._lock:
-            if address == self.address:
+            same = (address, tls_for is None) == (self.address, self.tls_for is None)
+            self.tls_for = tls_for  # the exporters ask through it: a new source needs no restart
+            if same:
                 return
             old, self._providers, self._tracers = self._providers, {}, {}
             self.address = address
@@ -106,9 +117,14 @@ class _Export:
                 return None
             provider = self._providers.get(service)
             if provider is None:
-                name = f"legation-{service}"
+                name = service_name(service)
                 provider = TracerProvider(resource=Resource({"service.name": name}))
-                exporter = OtlpExporter(*self.address, service=name)
+                exporter = OtlpExporter(
+                    *self.address,
+                    service=name,
+                    tls=None if self.tls_for is None else lambda: self._tls(service),
+                    server_name=service_name(TRACING),
+                )
                 provider.add_span_processor(
                     BatchSpanProcessor(exporter, schedule_delay_millis=_SCHEDULE_DELAY_MS)
                 )
@@ -116,13 +132,19 @@ class _Export:
             tracer = self._tracers[service] = provider.get_tracer("legation")
             return tracer
 
+    def _tls(self, service: str) -> ServerTls | None:
+        tls_for = self.tls_for
+        return tls_for(service) if tls_for is not None else None
+
 
 _EXPORT = _Export()
 
 
-def configure(tracing: Tracing | None) -> None:
-    """Send spans to ``tracing``'s collector from now on; None turns the spans off."""
-    _EXPORT.set(tracing.address() if tracing is not None else None)
+def configure(tracing: Tracing | None, tls_for: TlsFor | None = None) -> None:
+    """Send spans to ``tracing``'s collector from now on; None turns the spans off.
+    ``tls_for(kind)``: the certificate service ``kind`` exports with over mTLS (None:
+    plaintext)."""
+    _EXPORT.set(tracing.address() if tracing is not None else None, tls_for)
 
 
 class CallTracer:

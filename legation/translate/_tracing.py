@@ -8,12 +8,16 @@ OTLP/gRPC through cluster ``legation|tracing`` to the collector, with the mesh's
 ``service_name`` is the proxy's service (or the gateway's name), so a trace reads as
 ``ingress -> frontend -> reviews``, and each span is tagged with its route (:data:`ROUTE_TAG`).
 
-The collector cluster is plaintext HTTP/2 even in an mTLS mesh: the embedded receiver is no mesh
-workload and listens on loopback only (always 127.0.0.1; captured pods reach it through the
-``--capture`` relay), and an external collector (Jaeger, the OTel Collector) has no SPIFFE
-identity either. What crosses that hop is timing, route and service names, Legation's decisions
-and Envoy's standard tags: no request header but ``x-request-id`` and the user agent, and the URL
-with its query string (the embedded receiver drops the query; see SECURITY.md).
+With the embedded receiver and the mesh's mTLS on (``tracing.tls`` not ``none``) the collector
+cluster is mesh mTLS like the request-path services' clusters: the proxy presents its workload
+certificate (SDS), verifies the receiver against the trust bundle and accepts only the URI SAN
+``spiffe://<trust_domain>/ns/<namespace>/sa/legation-tracing``, offering ALPN ``h2``; the
+receiver accepts only certificates from the mesh CA, and each peer only under its own service
+name (:mod:`legation.tracing.receiver`). With mTLS off, ``tls: none`` or an external collector
+(Jaeger, the OTel Collector, which hold no SPIFFE identity) the hop is plaintext HTTP/2. What
+crosses it is timing, route and service names, Legation's decisions and Envoy's standard tags:
+no request header but ``x-request-id`` and the user agent, and the URL with its query string
+(the embedded receiver drops the query; see SECURITY.md).
 """
 
 from __future__ import annotations
@@ -30,9 +34,13 @@ from envoy.type.tracing.v3 import custom_tag_pb2
 from envoy.type.v3 import percent_pb2
 
 from legation._proto import envoy_grpc, pack, seconds
+from legation.certs.locate import service_identity
+from legation.certs.spiffe import TRACING
 from legation.config.model import Mesh
 from legation.config.routes import Route
+from legation.config.tracing import tracing_tls
 from legation.envoy_grpc import grpc_cluster
+from legation.translate._mtls import upstream_tls
 
 __all__ = [
     "OTEL_TRACER",
@@ -73,7 +81,8 @@ def otel_tracing(
 
 
 def tracing_clusters(mesh: Mesh) -> list[cluster_pb2.Cluster]:
-    """The collector's cluster (none without a tracing block). A host name is resolved by DNS
+    """The collector's cluster (none without a tracing block), mesh mTLS to the embedded
+    receiver when :func:`~legation.config.tracing.tracing_tls`. A host name is resolved by DNS
     (the compose stack's ``jaeger``), an address used as it is."""
     if mesh.tracing is None:
         return []
@@ -81,6 +90,10 @@ def tracing_clusters(mesh: Mesh) -> list[cluster_pb2.Cluster]:
     cluster = grpc_cluster(TRACING_CLUSTER, [(host, port)])
     if not _is_ip(host):
         cluster.type = cluster_pb2.Cluster.STRICT_DNS
+    if tracing_tls(mesh):
+        cluster.transport_socket.CopyFrom(
+            upstream_tls(service_identity(mesh, TRACING), alpn=("h2",))
+        )
     return [cluster]
 
 

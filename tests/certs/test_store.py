@@ -11,6 +11,9 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
 from legation.certs import MeshIssuer
 from tests.certs.test_issuer import Clock, mesh
 
@@ -93,3 +96,31 @@ def test_a_certificate_of_another_ca_or_a_damaged_file_is_not_used(tmp_path: Pat
     again = issuer(tmp_path, clock)
     again.update(mesh())
     assert len(set(held(again).values()) - set(issued.values())) == 1
+
+
+def test_a_stored_service_certificate_without_client_auth_is_reissued(tmp_path: Path) -> None:
+    """Service certificates stored before they were also clients (of the trace receiver) are
+    not re-used: an exporter presenting one would fail its handshake."""
+    clock = Clock()
+    first = issuer(tmp_path, clock)
+    first.update(mesh(), services=SERVICES)
+    issued = held(first)
+    assert first.ca is not None
+    old = first.ca.issue_leaf(
+        first.service_certs["extauthz"].spiffe_id,
+        ttl=timedelta(hours=1),
+        now=clock.now,
+        hosts=("legation-extauthz", "127.0.0.1"),
+        usages=(ExtendedKeyUsageOID.SERVER_AUTH,),
+    )
+    path = tmp_path / "ca" / "issued" / "service-extauthz.json"
+    doc: dict[str, Any] = json.loads(path.read_text())
+    doc["cert_pem"], doc["key_pem"] = old.cert_pem.decode(), old.key_pem.decode()
+    path.write_text(json.dumps(doc))
+    again = issuer(tmp_path, clock)
+    again.update(mesh(), services=SERVICES)
+    assert held(again)["extauthz"] not in (issued["extauthz"], old.serial)
+    assert held(again)["ratelimit"] == issued["ratelimit"]
+    cert = x509.load_pem_x509_certificate(again.service_certs["extauthz"].cert_pem)
+    usage = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage)
+    assert ExtendedKeyUsageOID.CLIENT_AUTH in usage.value

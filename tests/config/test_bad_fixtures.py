@@ -107,6 +107,21 @@ EXPECTED = {
     "tracing_port_clash": (
         "tracing.port: port 9111 is already used by services[0].endpoints[0].port"
     ),
+    "tracing_tls_without_mtls": (
+        "tracing.tls: 'mesh' needs mtls.mode permissive or strict (the certificates come "
+        "from the mesh CA); or set tls: none"
+    ),
+    "tracing_tls_with_external": "tracing.tls: only used with collector: embedded",
+    "tracing_tls_bad_value": "tracing.tls: expected 'mesh' or 'none', got 'spiffe'",
+    "tracing_service_without_tls": (
+        "extproc.tls: 'none' leaves the service without a mesh certificate to export its "
+        "spans with, and the trace receiver takes mTLS only: set tracing.tls: none too, or "
+        "drop tls: none here"
+    ),
+    "tracing_reserved_name": (
+        "services[0].name: 'legation-tracing' is reserved for Legation's trace receiver "
+        "(its SPIFFE identity with mTLS)"
+    ),
     "accesslog_flush_interval": "accesslog.flush_interval: must be between 10ms and 60s",
     "accesslog_log_to": (
         "accesslog.log.to: expected 'none', 'file', 'stdout' or 'service', got 'syslog'"

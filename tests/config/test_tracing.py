@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from legation.config.tracing import Tracing
+from legation.config.tracing import Tracing, tracing_tls
 from tests.config.meshdata import base, parse
 
 
@@ -56,3 +56,31 @@ def test_any_collector_string_parses_or_is_refused_cleanly(text: str) -> None:
     host, port = t.address()
     assert 1 <= port <= 65535
     assert host and not any(c in host for c in " /\r\n\t@")
+
+
+@pytest.mark.parametrize(
+    ("mode", "block", "expected"),
+    [
+        ("strict", {}, True),
+        ("permissive", {}, True),
+        ("off", {}, False),
+        ("strict", {"tls": "none"}, False),
+        ("strict", {"tls": "mesh"}, True),
+        ("strict", {"collector": "jaeger:4317"}, False),
+    ],
+)
+def test_the_receivers_hop_is_mesh_mtls_by_default_in_an_mtls_mesh(
+    mode: str, block: dict[str, str], expected: bool
+) -> None:
+    data = base()
+    data["mtls"] = {"mode": mode}
+    data["tracing"] = block
+    assert tracing_tls(parse(data)) is expected
+
+
+def test_an_access_log_service_without_tls_needs_no_certificate_for_spans() -> None:
+    data = base()
+    data["mtls"] = {"mode": "strict"}
+    data["tracing"] = {}
+    data["accesslog"] = {"port": 18013, "tls": "none"}  # it records no spans
+    assert tracing_tls(parse(data))

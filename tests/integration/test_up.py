@@ -290,6 +290,7 @@ extauthz: {{port: {authz}, config: authz.yaml}}
 ratelimit: {{port: {rl}, config: limits.yaml}}
 accesslog: {{port: {als}, flush_interval: 100ms}}
 tracing: {{port: {traces}}}
+mtls: {{mode: strict, ca_dir: ca}}
 """
 
 
@@ -335,7 +336,8 @@ def test_up_runs_the_mesh_services_and_stops_them(tmp_path: Path, ports: dict[st
         eventually(lambda: routes() == {"web": 2, "hello": 1})
 
         # traces: the extauthz workers (their own processes, following their plan) record a span
-        # per check under the gateway's, into the control plane's embedded receiver
+        # per check under the gateway's, into the control plane's embedded receiver, over mTLS
+        # (strict mesh) with the certificate files of their plan
         def checks() -> list[dict[str, Any]]:
             doc = json.loads(http(run.status_url + "/traces?route=web")[1])
             spans = [s for t in doc["traces"] for s in t["spans"]]
@@ -344,10 +346,11 @@ def test_up_runs_the_mesh_services_and_stops_them(tmp_path: Path, ports: dict[st
         eventually(lambda: len(checks()) == 2, timeout=20)  # Envoy flushes every 5 s
         assert sorted(s["attributes"]["legation.decision"] for s in checks()) == ["allow", "deny"]
         doc = json.loads(http(run.status_url + "/status")[1])
+        assert (doc["tracing"]["tls"], doc["tracing"]["refused"]) == ("mesh", 0)
         assert doc["services"]["ratelimit"] == {
             "embedded": True,
             "address": f"127.0.0.1:{service_ports['rl']}",
-            "tls": "none",
+            "tls": "mesh",
             "process": "own",
             "workers": 1,  # the memory backend counts in one process
             "plan": str(Path(".legation/services/ratelimit/plan.json").resolve()),

@@ -1,32 +1,40 @@
 """Traces through real Envoys: a gateway and two sidecars (gateway -> frontend's sidecar ->
 the frontend app calling reviews through its sidecar's outbound listener -> reviews' sidecar),
 with strict mTLS, the control plane's embedded services (ext_authz over HTTP and gRPC, ext_proc,
-rate limit) and its embedded OTLP receiver.
+rate limit) and its embedded OTLP receiver, which the mesh's mTLS puts on mutual TLS too.
 
 One request is one trace: the Envoy spans of all three proxies and Legation's spans (the check,
 the ext_proc stream, the rate-limit decision) under one trace id, each Legation span a child of
 the Envoy span that called it. A route's sampling rate holds within a binomial bound, and a trace
 is whole or absent. No token, cookie or authorization value is in any span. ``legation traces``
-prints the waterfall. What Envoy applied is read back from its /config_dump.
+prints the waterfall. What Envoy applied is read back from its /config_dump. Every proxy
+reached the receiver over TLS handshakes, and an outsider (plaintext, a certificate from another
+CA, an xDS credential) cannot export, nor a mesh workload under another's name: none of what
+they sent is stored.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
+from legation.certs import CertificateAuthority
 from legation.demo import DemoApp
 from tests.conftest import distinct_ports
 from tests.envoy_stack import MeshWorld
+from tests.tracing.clients import export_one
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -348,4 +356,65 @@ def test_legation_traces_prints_the_waterfall(world: World) -> None:
         env=env,
         check=True,
     ).stdout
-    assert f"tracing  embedded at 127.0.0.1:{world.p['col']}, sampling 100 %, " in status
+    assert f"tracing  embedded at 127.0.0.1:{world.p['col']} over mTLS, sampling 100 %, " in status
+
+
+def test_every_proxy_exports_over_mtls_pinned_to_the_receivers_identity(world: World) -> None:
+    trace_id = trace_id_of(world.get("/admin?call=reviews", {"x-role": "admin"}))
+    assert len(world.wait_trace(trace_id, spans=10)) >= 10
+    prefix = "cluster.legation|tracing."
+    for node, envoy in world.envoys.items():
+        stats = envoy.stats(rf"^{re.escape(prefix)}(ssl\.handshake|ssl\.connection_error)$")
+        assert stats.get(prefix + "ssl.handshake", 0) >= 1, (node, stats)
+        assert stats.get(prefix + "ssl.connection_error", 0) == 0, (node, stats)
+    dump = world.envoys["gateway-ingress"].config_dump("dynamic_active_clusters")
+    (cluster,) = [
+        c["cluster"] for c in dump["configs"] if c["cluster"]["name"] == "legation|tracing"
+    ]
+    context = cluster["transport_socket"]["typed_config"]["common_tls_context"]
+    validation = context["combined_validation_context"]["default_validation_context"]
+    assert validation["match_typed_subject_alt_names"][0]["matcher"] == {
+        "exact": "spiffe://cluster.local/ns/default/sa/legation-tracing"
+    }
+    assert context["alpn_protocols"] == ["h2"]
+    assert world.status()["tracing"]["tls"] == "mesh"
+
+
+def test_outsiders_cannot_export_and_a_workload_only_under_its_own_name(
+    world: World, tmp_path: Path
+) -> None:
+    port, bundle = world.p["col"], world.cp.issuer.bundle_pem
+    front = next(c for n, c in world.cp.issuer.certs.items() if "frontend" in n)
+    other_ca = CertificateAuthority.in_directory(tmp_path / "other", trust_domain="cluster.local")
+    forged = other_ca.issue(front.spiffe_id, ttl=timedelta(hours=1))
+    assert world.cp.xds_ca is not None
+    xds_credential = world.cp.xds_ca.issue(front.spiffe_id, ttl=timedelta(hours=1))
+    refused_before = world.cp.collector.refused
+    attempts = {
+        0xA77AC1: export_one(port, 0xA77AC1, service="frontend"),  # plaintext
+        0xA77AC2: export_one(port, 0xA77AC2, service="frontend", cert=forged, trusted=bundle),
+        0xA77AC3: export_one(
+            port, 0xA77AC3, service="frontend", cert=xds_credential, trusted=bundle
+        ),
+        0xA77AC4: export_one(port, 0xA77AC4, service="ingress", cert=front, trusted=bundle),
+        0xA77AC5: export_one(
+            port, 0xA77AC5, service="legation-extauthz", cert=front, trusted=bundle
+        ),
+    }
+    assert attempts == {
+        0xA77AC1: grpc.StatusCode.UNAVAILABLE,  # no TLS: no handshake
+        0xA77AC2: grpc.StatusCode.UNAVAILABLE,  # the handshake refuses the foreign chain
+        0xA77AC3: grpc.StatusCode.UNAVAILABLE,  # the xDS root is no mesh root
+        0xA77AC4: grpc.StatusCode.PERMISSION_DENIED,  # frontend's certificate as the gateway
+        0xA77AC5: grpc.StatusCode.PERMISSION_DENIED,  # ... or as a Legation service
+    }
+    assert world.cp.collector.refused == refused_before + 2
+    # the same certificate under its own name is served: the clients above were well formed
+    assert export_one(port, 0xA77AC6, service="frontend", cert=front, trusted=bundle) == (
+        grpc.StatusCode.OK
+    )
+    stored = {t["trace_id"] for t in world.traces("limit=1000")["traces"]}
+    assert f"{0xA77AC6:032x}" in stored
+    assert not {f"{t:032x}" for t in attempts} & stored
+    for t in attempts:
+        assert world.traces(f"id={t:032x}")["traces"] == []

@@ -1,15 +1,20 @@
 """translate() with a tracing block: the OpenTelemetry tracer on every connection manager, the
-collector's cluster, each route's own sampling rate."""
+collector's cluster (mesh mTLS to the embedded receiver in an mTLS mesh), each route's own
+sampling rate."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.trace.v3 import opentelemetry_pb2
+from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
 from envoy.type.v3 import percent_pb2
 
+from legation.certs.sds import TRUST_BUNDLE, WORKLOAD_CERT
 from legation.translate import translate
+from legation.translate._mtls import TLS_SOCKET
 from legation.translate._tracing import OTEL_TRACER, ROUTE_TAG, TRACING_CLUSTER
 from legation.xds.types import ResourceType
 from tests.config.meshdata import base, parse
@@ -60,12 +65,36 @@ def test_embedded_collector_is_loopback_plaintext_h2() -> None:
     assert not cluster.HasField("transport_socket")
 
 
-def test_mtls_mesh_keeps_the_collector_cluster_plaintext() -> None:
-    data = traced()
-    data["mtls"] = {"mode": "strict"}
-    snap = translate(parse(data), version="1")["gateway-ingress"]
+def tracing_cluster(data: dict[str, Any], node: str = "gateway-ingress") -> cluster_pb2.Cluster:
+    snap = translate(parse(data), version="1")[node]
     cluster: cluster_pb2.Cluster = message(snap, ResourceType.CLUSTER, TRACING_CLUSTER)
-    assert not cluster.HasField("transport_socket")
+    return cluster
+
+
+@pytest.mark.parametrize("mode", ["strict", "permissive"])
+def test_an_mtls_mesh_calls_the_embedded_receiver_over_mtls_pinned_to_its_id(mode: str) -> None:
+    data = traced()
+    data["mtls"] = {"mode": mode, "trust_domain": "corp.test", "namespace": "shop"}
+    for node in ("gateway-ingress", "sidecar-reviews-0"):
+        cluster = tracing_cluster(data, node)
+        assert cluster.transport_socket.name == TLS_SOCKET
+        context = tls_pb2.UpstreamTlsContext()
+        assert cluster.transport_socket.typed_config.Unpack(context)
+        common = context.common_tls_context
+        assert list(common.alpn_protocols) == ["h2"]
+        assert [c.name for c in common.tls_certificate_sds_secret_configs] == [WORKLOAD_CERT]
+        combined = common.combined_validation_context
+        assert combined.validation_context_sds_secret_config.name == TRUST_BUNDLE
+        (san,) = combined.default_validation_context.match_typed_subject_alt_names
+        assert san.matcher.exact == "spiffe://corp.test/ns/shop/sa/legation-tracing"
+
+
+def test_tls_none_and_external_collectors_stay_plaintext() -> None:
+    data = traced(tls="none")
+    data["mtls"] = {"mode": "strict"}
+    assert not tracing_cluster(data).HasField("transport_socket")
+    data["tracing"] = {"collector": "jaeger:4317"}
+    assert not tracing_cluster(data).HasField("transport_socket")
 
 
 def test_a_collector_by_name_is_resolved_by_dns() -> None:
