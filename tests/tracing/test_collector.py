@@ -1,11 +1,15 @@
-"""The embedded receiver follows the mesh (started, moved, capped, stopped), and the services'
-plans carry the tracing block to every process that runs a service."""
+"""The embedded receiver follows the mesh (started, moved, capped, stopped, its mTLS turned on
+and off), and the services' plans carry the tracing block to every process that runs a
+service."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
+from datetime import timedelta
 from pathlib import Path
 
+import grpc
 import pytest
 
 from legation.config import MeshConfigError
@@ -18,6 +22,7 @@ from legation.tracing import spans
 from legation.tracing.receiver import EmbeddedCollector
 from tests.config.meshdata import base, parse
 from tests.conftest import distinct_ports
+from tests.tracing.clients import export_one
 from tests.tracing.test_store import span
 
 
@@ -112,5 +117,50 @@ async def test_a_reload_starts_moves_and_stops_the_control_planes_receiver(
         path.write_text(body)
         assert await cp.reload() is True
         assert not listening(ports["b"]) and cp.collector.store is None
+    finally:
+        await cp.stop()
+
+
+async def test_a_reload_turns_the_receivers_mtls_on_and_off(tmp_path: Path) -> None:
+    """The control plane issues the receiver its certificate with the mesh's mTLS and serves it
+    (a plaintext exporter refused at the handshake); ``tracing.tls: none`` turns it back into
+    plaintext on the same port, the traces kept."""
+    ports = distinct_ports("xds", "col")
+    path = tmp_path / "mesh.yaml"
+    body = (
+        f"xds: {{port: {ports['xds']}}}\n"
+        "mtls: {mode: strict, ca_dir: ca}\n"
+        "services: [{name: web, port: 9080, endpoints: [{port: 9101}]}]\n"
+        f"tracing: {{port: {ports['col']}}}\n"
+    )
+    path.write_text(body)
+    cp = ControlPlane(path, status_port=0, ca_dir=tmp_path / "ca", on_event=lambda _: None)
+    await cp.start()
+    try:
+        status = cp.status()
+        assert status["tracing"]["tls"] == "mesh"
+        assert status["mtls"]["services"]["tracing"]["spiffe_id"] == (
+            "spiffe://cluster.local/ns/default/sa/legation-tracing"
+        )
+        plain = await asyncio.to_thread(export_one, ports["col"], 1, service="web")
+        assert plain is grpc.StatusCode.UNAVAILABLE
+        assert cp.issuer.ca is not None  # a workload of the mesh (web has no sidecar here)
+        web = cp.issuer.ca.issue("spiffe://cluster.local/ns/default/sa/web", ttl=timedelta(hours=1))
+        bundle = cp.issuer.bundle_pem
+        served = await asyncio.to_thread(
+            export_one, ports["col"], 2, service="web", cert=web, trusted=bundle
+        )
+        assert served is grpc.StatusCode.OK
+        path.write_text(body[: -len("}\n")] + ", tls: none}\n")
+        assert await cp.reload() is True
+        assert cp.status()["tracing"]["tls"] == "none"
+        assert "tracing" not in cp.status()["mtls"]["services"]
+        plain = await asyncio.to_thread(export_one, ports["col"], 3, service="web")
+        assert plain is grpc.StatusCode.OK
+        assert cp.collector.store is not None
+        assert {s[0].trace_id for s in cp.collector.store.traces()} == {
+            f"{2:032x}",
+            f"{3:032x}",
+        }
     finally:
         await cp.stop()
