@@ -19,7 +19,9 @@ from legation.envoy_process import EnvoyProcess
 from legation.errors import LegationError
 from legation.supervisor import Backoff, Supervised
 
-LEGATION = [sys.executable, "-m", "legation.cli"]
+# -P: the working directory is not put on the import path (a `legation/` someone planted in the
+# directory `legation up` runs from would otherwise run in every child, as root)
+LEGATION = [sys.executable, "-P", "-m", "legation.cli"]
 
 
 class StackChildren:

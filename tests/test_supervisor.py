@@ -54,3 +54,26 @@ async def test_stop_terminates_a_running_child(tmp_path: Path) -> None:
     assert child.alive()
     await child.stop(timeout=5)
     assert not child.alive() and child.returncode is not None
+
+
+def test_children_never_import_a_legation_planted_in_the_working_directory(
+    tmp_path: Path,
+) -> None:
+    """`legation up` runs its children as root from whatever directory it was started in;
+    ``python -m`` would put that directory first on the import path (attacker review)."""
+    import subprocess
+
+    from legation._up_children import LEGATION
+    from legation.extauthz._worker import _CMD
+
+    planted = tmp_path / "legation"
+    planted.mkdir()
+    marker = tmp_path / "planted-ran"
+    (planted / "__init__.py").write_text(f"open({str(marker)!r}, 'w').write('x')\n")
+    (planted / "cli.py").write_text(f"open({str(marker)!r}, 'w').write('x')\n")
+    done = subprocess.run(
+        [*LEGATION, "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0 and "legation" in done.stdout
+    assert not marker.exists()
+    assert _CMD[1] == "-P"

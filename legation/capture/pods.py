@@ -113,6 +113,7 @@ class Pods:
             [
                 *unprivileged(self.capture.app_uid),
                 sys.executable,
+                "-P",  # the working directory's modules are never imported
                 "-m",
                 "legation.cli",
                 "demo",

@@ -15,7 +15,7 @@ from typing import Any
 
 from legation.errors import ConfigError
 
-_CMD = (sys.executable, "-m", "legation.extauthz._evaluator")
+_CMD = (sys.executable, "-P", "-m", "legation.extauthz._evaluator")  # -P: not the cwd's modules
 _LIMIT = 64 * 1024 * 1024  # longest answer line accepted from an evaluator (a result document)
 _ENV = {**os.environ, "PYTHONIOENCODING": "utf-8", "GOMAXPROCS": "1"}
 _MEMORY_ENV = "LEGATION_EVALUATOR_MEMORY_MB"  # read by the evaluator before the engine loads

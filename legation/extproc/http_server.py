@@ -177,8 +177,8 @@ class ExtProcHttpApp:
             metrics.error("-", "malformed_request")
             _log_limited(
                 "malformed_request",
-                "ext_proc over HTTP: refused a body that is not a ProcessingRequest: %s",
-                err,
+                "ext_proc over HTTP: refused a body that is not a ProcessingRequest: %r",
+                str(err)[:300],  # quoted: the parser's text holds the caller's keys verbatim
             )
             return answer.error(400, "malformed_request", keep_alive=keep)
         guard = self.processor.guards.get(name)

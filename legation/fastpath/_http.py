@@ -63,6 +63,7 @@ class CalloutProtocol(asyncio.Protocol):
     __slots__ = (
         "__weakref__",
         "_body",
+        "_body_len",
         "_busy",
         "_head",
         "_headers",
@@ -89,6 +90,7 @@ class CalloutProtocol(asyncio.Protocol):
         self._target = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._body: list[bytes] = []
+        self._body_len = 0
         self._head = 0
 
     # -- asyncio.Protocol ------------------------------------------------------------------
@@ -139,7 +141,8 @@ class CalloutProtocol(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         self._body.append(body)
-        if sum(map(len, self._body)) > self.limits.max_body_bytes:
+        self._body_len += len(body)  # a running total: many tiny chunks cost linear time
+        if self._body_len > self.limits.max_body_bytes:
             raise _Reject(413, "body_too_large")
 
     def on_message_complete(self) -> None:

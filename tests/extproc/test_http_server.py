@@ -313,3 +313,20 @@ def test_refusals_are_all_counted_but_logged_once_a_second(server, caplog, monke
     assert refused() == before + 20
     lines = [r for r in caplog.records if "unknown chain" in r.getMessage()]
     assert 1 <= len(lines) <= 3  # the run may straddle a second or two, never 20
+
+
+def test_a_refused_body_logs_one_quoted_line_not_the_callers_newlines(server, caplog):
+    """The parser's message quotes the caller's JSON key; a key holding a newline must not start
+    a forged log line (attacker review)."""
+    from legation.extproc import http_server
+
+    http_server._LOGGED.clear()
+    port, _ = server
+    forged = "x\n2026-11-30 WARNING legation forged line"
+    body = json.dumps({"request_headers": {}, forged: 1}).encode()
+    with caplog.at_level("ERROR", logger="legation.extproc"):
+        status, _ = post(port, "/ext_proc/route", body)
+    assert status == 400
+    lines = [r.getMessage() for r in caplog.records if "not a ProcessingRequest" in r.getMessage()]
+    assert lines and all("\n" not in line for line in lines)
+    assert "forged line" in lines[0]  # still said, escaped

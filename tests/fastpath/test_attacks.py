@@ -117,3 +117,23 @@ def test_filter_refuses_allowed_headers_that_pass_legation_headers() -> None:
         with pytest.raises(ValueError, match="x-legation-"):
             ef.http_filter(ef.Callout(cluster="c", allowed_headers=[bad]))
     ef.http_filter(ef.Callout(cluster="c", allowed_headers=["x-tenant", "x-b3-*"]))
+
+
+def test_a_body_in_many_tiny_chunks_is_counted_once_per_chunk() -> None:
+    """The size limit keeps a running total: summing every chunk seen so far on each new one
+    made a body of n one-byte chunks cost n^2/2 steps, a stalled worker (attacker review)."""
+    from legation.fastpath._http import CalloutProtocol, Limits
+
+    calls: list[int] = []
+    protocol = CalloutProtocol(lambda call: calls.append(len(call.body)) or b"", Limits())
+    protocol.on_message_begin()
+    for _ in range(50_000):
+        protocol.on_body(b"x")
+    assert protocol._body_len == 50_000 and len(protocol._body) == 50_000
+    limited = CalloutProtocol(lambda call: b"", Limits(max_body_bytes=10))
+    limited.on_message_begin()
+    for _ in range(10):
+        limited.on_body(b"x")
+    with pytest.raises(Exception, match="body_too_large|413") as err:
+        limited.on_body(b"x")
+    assert getattr(err.value, "status", None) == 413
