@@ -134,6 +134,6 @@ def test_a_body_in_many_tiny_chunks_is_counted_once_per_chunk() -> None:
     limited.on_message_begin()
     for _ in range(10):
         limited.on_body(b"x")
-    with pytest.raises(Exception, match="body_too_large|413") as err:
+    with pytest.raises(Exception) as err:  # the class is private
         limited.on_body(b"x")
     assert getattr(err.value, "status", None) == 413
