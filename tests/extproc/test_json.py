@@ -156,3 +156,16 @@ def test_error_answer_round_trips():
     doc: dict[str, Any] = json.loads(encode_response(resp))
     assert doc["immediate_response"]["status"]["code"] == "InternalServerError"
     assert base64.b64decode(doc["immediate_response"]["body"]) == b"InternalServerError\n"
+
+
+def test_remembered_answers_stay_bounded_and_exact():
+    from legation.extproc import _json
+
+    answers = [_wire.error_response(500, f"legation_{i}") for i in range(_json._ENCODED_KEEP + 50)]
+    for resp in answers:
+        assert json.loads(encode_response(resp))["immediate_response"]["details"] == (
+            resp.immediate_response.details
+        )
+    assert len(_json._ENCODED) <= _json._ENCODED_KEEP
+    again = answers[-1]
+    assert encode_response(again) is encode_response(again)  # remembered: the same bytes
