@@ -111,7 +111,7 @@ class Pods:
         calls = [a for name, port in services.items() for a in ("--call-plain", f"{name}={port}")]
         return self.pods[instance].exec_argv(
             [
-                *unprivileged(self.capture.app_uid),
+                *unprivileged(self.capture.app_uid(instance)),
                 sys.executable,
                 "-P",  # the working directory's modules are never imported
                 "-m",

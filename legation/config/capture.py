@@ -6,7 +6,8 @@ and the addresses it gives instances and services.
     capture:
       cidr: 10.213.0.0/16      # Legation's private range: the bridge, the namespaces, service VIPs
       proxy_gid: 1337          # the sidecars run with this group id; their traffic is not captured
-      app_uid: 65534           # the pods' apps run as this user and group (nobody), no capabilities
+      app_uid_base: 200000     # each pod's app runs as its own user and group (base + its address
+                               # in the range), with no capabilities: apps cannot touch each other
       inbound:
         include_ports: []      # default: the instance's app port
         exclude_ports: []      # e.g. the app port itself: plaintext straight to the app
@@ -76,7 +77,7 @@ class Capture(BaseModel):
     model_config = STRICT
     cidr: Cidr = ipaddress.IPv4Network("10.213.0.0/16")
     proxy_gid: int = Field(default=1337, ge=1, le=65534)
-    app_uid: int = Field(default=65534, ge=1, le=65534)
+    app_uid_base: int = Field(default=200_000, ge=65_536, le=2**31 - 2**24 - 2)
     inbound: CaptureInbound = Field(default_factory=CaptureInbound)
     outbound: CaptureOutbound = Field(default_factory=CaptureOutbound)
 
@@ -98,6 +99,15 @@ class Capture(BaseModel):
         usable = self.cidr.num_addresses - 3
         digest = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big")
         return str(self.cidr.network_address + 2 + digest % usable)
+
+    def app_uid(self, instance: str) -> int:
+        """The user and group id of the app in ``instance``'s pod: the base plus the pod's offset
+        in the range, so every pod's app has its own (pod addresses never collide), above every
+        system and proxy id, and the same after a reload."""
+        offset = int(ipaddress.IPv4Address(self.instance_ip(instance))) - int(
+            self.cidr.network_address
+        )
+        return self.app_uid_base + offset
 
     def inbound_ports(self, app_port: int) -> list[int]:
         """The ports whose inbound TCP is captured for an instance whose app listens on
@@ -153,12 +163,6 @@ def capture_problems(mesh: Mesh) -> Iterator[Problem]:
             "never public or link-local addresses)",
         )
         return
-    if c.app_uid == c.proxy_gid:
-        yield Problem(
-            "capture.app_uid",
-            f"{c.app_uid} is also capture.proxy_gid: the apps would run in the proxy group, "
-            "whose traffic is never captured",
-        )
     for block in ("inbound", "outbound"):
         ports = getattr(c, block)
         both = sorted(set(ports.include_ports) & set(ports.exclude_ports))

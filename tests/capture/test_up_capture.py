@@ -284,11 +284,14 @@ def _app_pid(port: int) -> int:
 
 
 def test_pod_apps_run_unprivileged_and_cannot_step_out_of_capture(captured: Captured) -> None:
-    """The app runs as nobody with no capabilities: it cannot rewrite its pod's rules, so it
-    cannot send around its sidecar (found by an attacker review: apps used to run as root)."""
+    """Each pod's app runs as its own user with no capabilities: it cannot rewrite its pod's
+    rules (so it cannot send around its sidecar) nor signal or trace another pod's app (found by
+    attacker reviews: apps ran as root, then all as one user)."""
     status = (Path("/proc") / str(_app_pid(captured.ports["app1"])) / "status").read_text()
     fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
-    assert fields["Uid"].split() == ["65534"] * 4 and fields["Gid"].split() == ["65534"] * 4
+    uid = captured.network.capture.app_uid("frontend-0")
+    assert uid >= 200_000 and uid != captured.network.capture.app_uid("reviews-0")
+    assert fields["Uid"].split() == [str(uid)] * 4 and fields["Gid"].split() == [str(uid)] * 4
     assert fields["Groups"].strip() == ""
     for cap in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
         assert int(fields[cap], 16) == 0, cap
@@ -301,13 +304,18 @@ def test_pod_apps_run_unprivileged_and_cannot_step_out_of_capture(captured: Capt
 
     before = rules()
     as_app = subprocess.run(
-        pod.exec_argv([*unprivileged(65534), "iptables", "-t", "nat", "-F"]),
+        pod.exec_argv([*unprivileged(uid), "iptables", "-t", "nat", "-F"]),
         capture_output=True,
         text=True,
         timeout=20,
     )
     assert as_app.returncode != 0 and "denied" in (as_app.stderr + as_app.stdout).lower()
     assert rules() == before and any("LEGATION" in line for line in before)
+    other = str(_app_pid(captured.ports["app2"]))  # the reviews pod's app: another user
+    signal_it = subprocess.run(
+        [*unprivileged(uid), "kill", "-0", other], capture_output=True, text=True, timeout=20
+    )
+    assert signal_it.returncode != 0 and "not permitted" in signal_it.stderr.lower()
     status_code, body = captured.app_get("frontend-0", "http://reviews:9080/")
     assert status_code == 200, body  # the app still reaches the mesh through its sidecar
 

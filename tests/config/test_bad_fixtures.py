@@ -89,10 +89,7 @@ EXPECTED = {
         "capture.outbound.exclude_ports: port 443 is also in capture.outbound.include_ports"
     ),
     "capture_root_gid": "capture.proxy_gid: must be >= 1, got 0",
-    "capture_app_in_proxy_group": (
-        "capture.app_uid: 1337 is also capture.proxy_gid: the apps would run in the proxy group, "
-        "whose traffic is never captured"
-    ),
+    "capture_app_uid_low": "capture.app_uid_base: must be >= 65536, got 1000",
     "capture_policy": (
         "capture.outbound.policy: expected 'allow_any' or 'registry_only', got 'deny'"
     ),
