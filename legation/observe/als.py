@@ -9,7 +9,8 @@ stream never gets an answer; it ends when Envoy closes it.
 With mTLS, a stream's peer must be the proxy it names: ``identities`` (node id -> SPIFFE id, the
 mesh's) decides, and a stream whose first message names a node the peer's certificate is not is
 refused (``PERMISSION_DENIED``, counted in ``refused``), so one proxy cannot write entries, golden
-metrics or JSON lines under another's name.
+metrics or JSON lines under another's name; so is a stream sending entries before it names its
+node, and the node's cluster (the source of pair metrics) is the mesh's, not the one claimed.
 
 Only the fields golden metrics need are read (route name, upstream cluster, response code,
 duration). The request's path, headers and addresses that an entry also carries are never kept,
@@ -77,6 +78,7 @@ class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[
         self.aggregator = aggregator
         self.sink = sink
         self.identities = identities
+        self.clusters: dict[str, str] | None = None  # with identities: node id -> its cluster
         self.refused = 0
         self.streams = 0
         self.open_streams = 0
@@ -96,6 +98,10 @@ class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[
                     node_id, node_cluster = node.id, node.cluster
                     log_name = message.identifier.log_name
                     await self._check_peer(node_id, context)
+                    if self.clusters is not None:  # the mesh's cluster, not the claimed one
+                        node_cluster = self.clusters.get(node_id, "")
+                elif self.identities is not None and not node_id:
+                    await self._refuse(context, "", "entries before the stream named its node")
                 if message.HasField("http_logs"):
                     record = self.aggregator.record
                     for http in message.http_logs.log_entry:
@@ -117,11 +123,14 @@ class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[
         peer = peer_spiffe_id(context.auth_context())
         if peer is not None and identities.get(node_id) == peer:
             return
+        await self._refuse(context, peer, f"it names node {node_id[:200]!r}")
+
+    async def _refuse(self, context: Any, peer: str | None, why: str) -> None:
         self.refused += 1
         if self.refused <= 10 or self.refused % 1000 == 0:  # one peer cannot flood the log
             log.warning(
-                "access-log stream refused: it names node %r, the peer is %r (%d refused)",
-                node_id[:200],
+                "access-log stream refused: %s, the peer is %r (%d refused)",
+                why,
                 peer,
                 self.refused,
             )

@@ -83,12 +83,13 @@ class AccessLogService(GrpcServiceParts):
             if block.log_of(p.node_id).to == "service"
         }
         identities = proxy_identities(mesh) if mesh.mtls.enabled else None
+        clusters = {p.node_id: p.node_cluster for p in mesh.proxies()} if identities else None
         return ServiceSpec(
             kind=cls.kind,
             host=block.host,
             port=block.port,
             restart_key=spec_key(block.host, block.port),
-            live={"json": json, "identities": identities},
+            live={"json": json, "identities": identities, "clusters": clusters},
         )
 
     @classmethod
@@ -120,8 +121,10 @@ class AccessLogService(GrpcServiceParts):
     def _identities(self, spec: ServiceSpec) -> None:
         """Which peer may speak for which node: checked only when the service serves mTLS
         (a ``tls: none`` block in an mTLS mesh has no peer certificates to check)."""
-        identities = spec.live.get("identities")
-        self.servicer.identities = dict(identities) if identities and self._tls else None
+        identities = spec.live.get("identities") or {}
+        checked = bool(identities) and self._tls is not None
+        self.servicer.identities = dict(identities) if checked else None
+        self.servicer.clusters = dict(spec.live.get("clusters") or {}) if checked else None
 
     async def stop(self, grace: float) -> None:
         await super().stop(grace)

@@ -103,3 +103,46 @@ def test_peer_spiffe_id_reads_one_spiffe_uri_or_nothing(tmp_path: Path) -> None:
         "https://example.test/x", ttl=timedelta(hours=1), usages=[ExtendedKeyUsageOID.SERVER_AUTH]
     )
     assert peer_spiffe_id({"x509_pem_cert": [other.cert_pem]}) is None
+
+
+async def _send_raw(
+    port: int, pki: TestPki, spiffe: str, messages: list[als_pb2.StreamAccessLogsMessage]
+) -> grpc.StatusCode:
+    cert = pki.mesh_ca.issue(spiffe, ttl=timedelta(hours=1))
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=pki.mesh_ca.root_pem,
+        private_key=cert.key_pem,
+        certificate_chain=cert.cert_pem,
+    )
+    async with grpc.aio.secure_channel(f"127.0.0.1:{port}", creds) as channel:
+        call = channel.stream_unary(
+            METHOD,
+            request_serializer=als_pb2.StreamAccessLogsMessage.SerializeToString,
+            response_deserializer=als_pb2.StreamAccessLogsResponse.FromString,
+        )
+        try:
+            await asyncio.wait_for(call(iter(messages)), 10)
+        except grpc.aio.AioRpcError as err:
+            return err.code()
+    return grpc.StatusCode.OK
+
+
+async def test_entries_before_the_node_is_named_are_refused_and_the_cluster_is_the_meshs(
+    served: tuple[AccessLogServicer, int, TestPki],
+) -> None:
+    """Two gaps an attacker review found: entries sent before (or without) an identifier were
+    recorded unchecked, and the claimed node cluster named the source of pair metrics."""
+    servicer, port, pki = served
+    orphan = _messages("sidecar-reviews-0")[0]
+    orphan.ClearField("identifier")
+    assert await _send_raw(port, pki, REVIEWS, [orphan]) is grpc.StatusCode.PERMISSION_DENIED
+    assert servicer.entries == 0
+    servicer.clusters = {"sidecar-reviews-0": "reviews"}
+    lying = _messages("sidecar-reviews-0")[0]
+    lying.identifier.node.cluster = "payments"
+    entry = lying.http_logs.log_entry[0]
+    entry.common_properties.upstream_cluster = "outbound|9080||orders"
+    assert await _send_raw(port, pki, REVIEWS, [lying]) is grpc.StatusCode.OK
+    pairs = servicer.aggregator.snapshot().to_dict()["scopes"]["pair"]
+    sources = {row["labels"]["source"] for row in pairs}
+    assert sources == {"reviews"}, pairs
