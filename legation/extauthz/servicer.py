@@ -11,15 +11,15 @@ embedded policy), metric children and parsed route settings cached, no per-reque
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 
 # the gRPC method is named Check too: the plugin type goes by another name in this module
+from legation.extauthz._stepping import Waiting, bounded, finish, first_step
 from legation.extauthz.checks import Check as CheckPlugin
 from legation.extauthz.checks import Decision, Headers, header_items
 from legation.extauthz.config import ServiceConfig
@@ -109,7 +109,14 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
         names = self._names(extensions.get("checks"))
         code = ""
         try:
-            decision = await self._run(ctx, names)
+            if len(names) == 1:  # most routes: one check, stepped here (no frame of _run)
+                coro = self._check(names[0]).check(ctx)
+                step = first_step(coro)
+                decision = (
+                    await finish(coro, step, self._timeout) if isinstance(step, Waiting) else step
+                )
+            else:
+                decision = await self._run(ctx, names)
             check_decision(decision)  # no CR/LF/NUL header reaches Envoy, whoever built it
             if validate is not None:
                 validate(decision)
@@ -204,7 +211,7 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
                 "the route names no checks and there are no default_checks", code="no_checks"
             )
         if len(names) == 1:
-            return await _bounded(self._check(names[0]).check(ctx), self._timeout)
+            return await bounded(self._check(names[0]).check(ctx), self._timeout)
         headers: list[tuple[str, str]] = []
         response_headers: list[tuple[str, str]] = []
         remove: list[str] = []
@@ -212,7 +219,7 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
         query_remove: list[str] = []
         metadata: dict[str, Any] = {}
         for name in names:
-            decision = await _bounded(self._check(name).check(ctx), self._timeout)
+            decision = await bounded(self._check(name).check(ctx), self._timeout)
             if not decision.allowed:
                 return decision
             # most checks allow with nothing to add: test before calling (the hot path)
@@ -254,53 +261,3 @@ def _replace(acc: list[tuple[str, str]], headers: Headers) -> None:
     if pairs:
         names = {name.lower() for name, _ in pairs}
         acc[:] = [p for p in acc if p[0].lower() not in names] + pairs
-
-
-async def _bounded(coro: Coroutine[Any, Any, Decision], timeout: float) -> Decision:
-    """``await coro`` under ``timeout``, paying for a timer only when the check really waits.
-
-    Most checks finish without suspending (a cached token, an embedded policy), and
-    ``asyncio.wait_for`` costs a task and a timer (~25 us) per call even then. So the coroutine
-    is stepped once by hand; only if it suspends does the rest run under ``asyncio.timeout``,
-    driven by :func:`resume` exactly as a Task would drive it.
-    """
-    try:
-        waiting = coro.send(None)
-    except StopIteration as done:
-        return done.value  # type: ignore[no-any-return]
-    except BaseException:
-        coro.close()
-        raise
-    if asyncio.current_task() is None:
-        # driven by hand outside a task (the HTTP call-out steps ``decide`` once): yield, so the
-        # driver moves the rest into a task, where the timeout can be armed
-        await asyncio.sleep(0)
-    async with asyncio.timeout(timeout):
-        decision: Decision = await resume(coro, waiting)
-        return decision
-
-
-async def resume(coro: Coroutine[Any, Any, Any], waiting: Any) -> Any:
-    """Drive ``coro``, already stepped by hand and now blocked on ``waiting`` (what its last
-    ``send`` returned), to its end, as a Task would. The HTTP call-out steps
-    :meth:`AuthorizationServicer.decide` the same way."""
-    while True:
-        try:
-            if waiting is None:
-                await asyncio.sleep(0)  # a bare yield: give the loop one turn
-            else:
-                waiting._asyncio_future_blocking = False  # taken over, as Task.__step does
-                await waiting  # the future the check is blocked on
-        except GeneratorExit:  # this driver is being closed (its task destroyed): close coro too
-            coro.close()
-            raise
-        except BaseException as e:  # cancelled (the timeout), or the future failed
-            try:
-                waiting = coro.throw(e)
-            except StopIteration as done:
-                return done.value  # type: ignore[no-any-return]
-            continue
-        try:
-            waiting = coro.send(None)
-        except StopIteration as done:
-            return done.value  # type: ignore[no-any-return]

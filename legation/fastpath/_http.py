@@ -24,7 +24,7 @@ from typing import Any
 
 import httptools
 
-from legation.extauthz.servicer import resume
+from legation.extauthz._stepping import resume
 from legation.fastpath import answer
 from legation.fastpath._tls import server_context
 from legation.grpc_server import ServerTls, TlsSource

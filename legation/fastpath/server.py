@@ -3,11 +3,13 @@
 ``start_server(Settings)`` builds the same :class:`~legation.extauthz.servicer.
 AuthorizationServicer` as the gRPC service (same config file, checks, metrics, decision log)
 and serves it over HTTP/1.1 with :mod:`legation.fastpath._http` (httptools; uvloop when the
-caller runs on it). Per call: the HTTP request becomes the ``CheckRequest`` gRPC would carry
-(:mod:`legation.fastpath.request`), the servicer decides (:meth:`AuthorizationServicer.decide`,
-so dry-run, fail-closed errors and timeouts are the gRPC path's), and the decision becomes the
-HTTP answer Envoy applies (:mod:`legation.fastpath.answer`). With ``tls`` it serves mutual TLS
-(:mod:`legation.fastpath._tls`), following a certificate source as the gRPC services do.
+caller runs on it). Per call: the HTTP request is read as the ``CheckRequest`` gRPC would carry
+(:mod:`legation.fastpath.request`: the checks see the same fields and policy input, without the
+message being built unless a check asks for it), the servicer decides
+(:meth:`AuthorizationServicer.decide`, so dry-run, fail-closed errors and timeouts are the gRPC
+path's), and the decision becomes the HTTP answer Envoy applies (:mod:`legation.fastpath.answer`).
+With ``tls`` it serves mutual TLS (:mod:`legation.fastpath._tls`), following a certificate
+source as the gRPC services do.
 
 ``upstream_headers`` and ``client_headers`` must be the ones the filter was built with
 (:class:`legation.fastpath.envoy_filter.Callout`): a decision that names another header is

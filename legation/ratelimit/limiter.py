@@ -47,6 +47,7 @@ from legation.ratelimit._request import (
 )
 from legation.ratelimit.algorithms import Decision, Hit
 from legation.ratelimit.backends import Backend
+from legation.ratelimit.backends.memory import MemoryBackend
 from legation.ratelimit.config import UNIT_SECONDS, Algorithm, RateLimitConfig
 from legation.ratelimit.metrics import RateLimitMetrics
 
@@ -100,7 +101,14 @@ class RateLimiter:
         config = self.config  # one snapshot for the whole request
         checked, hits = self._plan(config, request)
         now = self.clock()
-        decisions = await self.backend.hit(hits, int(now * 1000)) if hits else ()
+        backend = self.backend
+        if not hits:
+            decisions: Sequence[Decision] = ()
+        elif type(backend) is MemoryBackend:  # no await inside: its hits, without a coroutine
+            ms = int(now * 1000)
+            decisions = [backend.hit_one(h, ms) for h in hits]
+        else:
+            decisions = await backend.hit(hits, int(now * 1000))
         response = rls_pb2.RateLimitResponse(overall_code=OK)
         statuses = response.statuses
         refused = quota_all = quota_over = 0
