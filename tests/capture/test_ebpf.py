@@ -298,3 +298,37 @@ def test_a_cache_entry_root_did_not_write_alone_is_refused_never_loaded(tmp_path
     cache.chmod(0o777)
     with pytest.raises(CaptureError, match=r"cache .*cache is writable by group or others"):
         build_object(cache=cache)
+
+
+@pytest.mark.skipif(shutil.which("clang") is None, reason="clang missing (Debian package clang)")
+@pytest.mark.skipif(os.geteuid() != 0, reason="planting another user's file needs root (chown)")
+def test_what_is_loaded_is_read_through_one_checked_descriptor(tmp_path: Path) -> None:
+    """The path checks can be raced by whoever may rename a directory above the cache; the
+    bytes loaded are read through a descriptor whose owner and mode are checked (attacker
+    review: the swapped-in object was loaded by path)."""
+    from legation.capture.ebpf._build import read_trusted
+
+    good = build_object(cache=tmp_path / "cache")
+    assert read_trusted(good)[:4] == b"\x7fELF"
+    swapped = tmp_path / "swapped.o"  # what a rename race leaves at the path: another's file
+    swapped.write_bytes(b"attacker object")
+    os.chown(swapped, 65534, 65534)
+    with pytest.raises(CaptureError, match="not a file only this user wrote"):
+        read_trusted(swapped)
+    link = tmp_path / "link.o"
+    link.symlink_to(good)
+    with pytest.raises(CaptureError, match="cannot open"):
+        read_trusted(link)
+
+
+def test_the_cache_directories_are_made_private_whatever_the_umask(tmp_path: Path) -> None:
+    if shutil.which("clang") is None:
+        pytest.skip("clang missing (Debian package clang)")
+    old = os.umask(0o002)
+    try:
+        obj = build_object(cache=tmp_path / "a" / "b" / "cache")
+    finally:
+        os.umask(old)
+    for level in (tmp_path / "a", tmp_path / "a" / "b", obj.parent.parent, obj.parent):
+        assert level.stat().st_mode & 0o777 == 0o700, level
+    assert build_object(cache=tmp_path / "a" / "b" / "cache") == obj  # and it trusts them

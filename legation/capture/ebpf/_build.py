@@ -9,6 +9,9 @@ written to a temporary name and renamed, so a reader never sees half an object.
 cache is trusted only when the object and every directory from the cache root's parent down are
 owned by the user building (the effective uid), writable by nobody else and not symlinks;
 anything else is refused with the path and the reason, never loaded. New directories are 0700.
+Those checks go by path, so the object itself is then read through one descriptor checked with
+``fstat`` (:func:`read_trusted`) and loaded from a private copy: renaming or swapping a directory
+above the cache after the checks gets a file the user did not write refused, not loaded.
 """
 
 from __future__ import annotations
@@ -52,8 +55,9 @@ def build_object(source: Path = SOURCE, *, cache: Path | None = None) -> Path:
     key = hashlib.sha256(text + "\0".join(flags).encode()).hexdigest()[:24]
     root = cache or cache_dir()
     target = root / key / source.name.replace(".c", ".o")
-    root.mkdir(mode=0o700, parents=True, exist_ok=True)
-    target.parent.mkdir(mode=0o700, exist_ok=True)
+    for level in [*reversed(target.parent.parents), target.parent]:  # 0700 whatever the umask
+        if not level.exists():
+            level.mkdir(mode=0o700)
     _check_trusted(root.parent, root, target.parent)
     if target.exists():
         _check_trusted(target)
@@ -65,10 +69,32 @@ def build_object(source: Path = SOURCE, *, cache: Path | None = None) -> Path:
         done = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
         if done.returncode != 0:
             raise CaptureError(f"--ebpf: {' '.join(command)} failed: {done.stderr.strip()}")
+        os.chmod(partial, 0o600)  # clang creates it under the caller's umask
         os.replace(partial, target)
     finally:
         Path(partial).unlink(missing_ok=True)
     return target
+
+
+def read_trusted(path: Path) -> bytes:
+    """The bytes of the object at ``path``, read through one descriptor opened without following
+    a final symlink and checked by ``fstat`` (a regular file of the effective uid, writable by
+    nobody else): whatever is renamed or swapped around the path after the checks above, what is
+    read is a file this user wrote. The loader gets a private copy of these bytes, never the
+    cache path."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as err:
+        raise CaptureError(f"--ebpf: cannot open the BPF object {path}: {err}") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
+            raise CaptureError(
+                f"--ebpf: the BPF object {path} is not a file only this user wrote "
+                f"(uid {st.st_uid}, mode {stat.filemode(st.st_mode)}); not loaded",
+                code="capture_unavailable",
+            )
+        return f.read()
 
 
 def _check_trusted(*paths: Path) -> None:

@@ -19,12 +19,13 @@ import hashlib
 import logging
 import os
 import sys
+import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
 
 from legation.capture.ebpf import _owned
-from legation.capture.ebpf._build import build_object
+from legation.capture.ebpf._build import build_object, read_trusted
 from legation.capture.ebpf._kernel import (
     BPFFS,
     bpftool,
@@ -75,7 +76,7 @@ class Sockmap:
         for line in self.remove_leftovers():
             log.warning("--ebpf: removed a leftover of an earlier run: %s", line)
         self._release()
-        obj = build_object()
+        code = read_trusted(build_object())  # loaded from a private copy, never the cache
         if ensure_bpffs(self.bpffs):
             log.info("--ebpf: mounted the bpf filesystem at %s", self.bpffs)
         self._check_cgroup()
@@ -86,10 +87,13 @@ class Sockmap:
         self._claim()
         try:
             self.pins.mkdir()
-            bpftool(
-                "prog", "loadall", str(obj), str(self.pins / "progs"),
-                "pinmaps", str(self.pins / "maps"),
-            )  # fmt: skip
+            with tempfile.TemporaryDirectory(prefix="legation-bpf-") as private:  # 0700, ours
+                obj = Path(private) / "sockmap.bpf.o"
+                obj.write_bytes(code)
+                bpftool(
+                    "prog", "loadall", str(obj), str(self.pins / "progs"),
+                    "pinmaps", str(self.pins / "maps"),
+                )  # fmt: skip
             bpftool(
                 "cgroup", "attach", str(self.cgroup),
                 "sock_ops", "pinned", str(self.pins / _owned.SOCKOPS_PROG),
