@@ -136,6 +136,13 @@ class ExtProcService(GrpcServiceParts):
             default=300.0,
             help="seconds a stream may stay silent before it is ended",
         )
+        parser.add_argument(
+            "--http-port",
+            type=int,
+            default=None,
+            help="also serve Envoy's ext_proc HTTP transport (http_service, work-in-progress in "
+            "Envoy) on this port (worker i: + 100 i), POST /ext_proc/<chain>",
+        )
 
     @classmethod
     async def serve_cli(
@@ -152,4 +159,26 @@ class ExtProcService(GrpcServiceParts):
             stream_idle_timeout=args.stream_idle_timeout,
         )
         server, bound = await service.start_server(settings)
-        return server, bound, server.stop
+        if args.http_port is None:
+            return server, bound, server.stop
+        from legation.extproc.http_server import HttpSettings, serve_http
+
+        base = int((args.listen or ":0").rpartition(":")[2] or 0)
+        http_port = args.http_port + (port - base if base and not reuse_port else 0)
+        try:
+            http = await serve_http(
+                service.servicer_of(server).processor,
+                HttpSettings(host=host, port=http_port, reuse_port=reuse_port),
+            )
+        except OSError as err:
+            await server.stop(0)
+            raise BindError(
+                f"extproc: cannot listen on {host}:{http_port} (--http-port): {err.strerror or err}"
+            ) from None
+        print(f"extproc HTTP transport on {host}:{http.port}", flush=True)
+
+        async def stop(grace: float) -> None:
+            await http.close()
+            await server.stop(grace)
+
+        return server, bound, stop
