@@ -62,6 +62,7 @@ services:
     port: 9080
     endpoints: [{{name: legacy-0, port: {app5}, demo: {{}}}}]
 extauthz: {{port: {authz}, config: authz.yaml, timeout: 5s}}
+tracing: {{port: {traces}}}
 ratelimit: {{port: {rl}, config: limits.yaml, domain: mesh, backend: memory, timeout: 5s,
             failure_mode: closed}}
 routes:
@@ -85,7 +86,7 @@ domain: mesh
 descriptors:
   - {key: generic_key, value: limited, rate_limit: {unit: minute, requests_per_unit: 2}}
 """
-_NAMES = "xds gw gw_admin app1 in1 out1 admin1 app2 in2 out2 admin2 status excluded authz rl"
+_NAMES = "xds gw gw_admin app1 in1 out1 admin1 app2 in2 out2 admin2 status excluded authz rl traces"
 _NAMES = [*_NAMES.split(), "app3", "in3", "out3", "admin3", "app4", "in4", "out4", "admin4", "app5"]
 # a reload adds this instance of reviews (in the file, commented out until then)
 ADDED = """\
@@ -333,6 +334,27 @@ def test_only_the_sidecar_reaches_the_relayed_host_ports(captured: Captured) -> 
     frontend = next(p for p in doc["proxies"] if p["node_id"] == "sidecar-frontend-0")
     assert frontend["in_sync"]
     assert frontend["admin"] == f"{captured.pod('frontend-0').ip}:{captured.ports['admin1']}"
+
+
+def test_pod_sidecars_export_spans_over_mtls_through_the_relay(captured: Captured) -> None:
+    """The embedded receiver listens on the host's loopback; the pods' sidecars reach it over
+    the relay, in mutual TLS (strict mesh): one request is one trace across both sidecars."""
+    status, body = captured.app_get("frontend-0", "http://reviews:9080/traced")
+    assert status == 200
+    trace_id = json.loads(body)["headers"]["traceparent"].split("-")[1]
+    url = f"http://127.0.0.1:{captured.ports['status']}/traces?id={trace_id}"
+    deadline = time.monotonic() + 20  # Envoy flushes every 5 s
+    services: set[str] = set()
+    while time.monotonic() < deadline and not {"frontend", "reviews"} <= services:
+        found = json.loads(http(url)[1])["traces"]
+        services = {s["service"] for t in found for s in t["spans"]}
+        time.sleep(0.25)
+    assert {"frontend", "reviews"} <= services
+    for instance, admin in (("frontend-0", "admin1"), ("reviews-0", "admin2")):
+        stats = captured.stats(instance, admin)
+        assert stats["cluster.legation|tracing.ssl.handshake"] >= 1, instance
+    doc = json.loads(http(f"http://127.0.0.1:{captured.ports['status']}/status")[1])
+    assert (doc["tracing"]["tls"], doc["tracing"]["refused"]) == ("mesh", 0)
 
 
 class _Hello(BaseHTTPRequestHandler):
