@@ -117,19 +117,21 @@ def http_transport_filter(
     its JSON to the chain's path on ``cluster``, the chain's phases and failure policy at the
     filter level (Envoy's per-route overrides cannot change ``http_service``, so each chain
     has its own filter). Disabled unless a route enables it (:func:`enabled_here`)."""
-    timeout = seconds(message_timeout)
     config = ext_proc_pb2.ExternalProcessor(
         http_service=ext_proc_pb2.ExtProcHttpService(
             http_service=http_service_pb2.HttpService(
                 http_uri=http_uri_pb2.HttpUri(
                     uri=f"http://{HTTP_HOST}{chain_path(chain.name)}",
                     cluster=cluster,
-                    timeout=timeout,
+                    # a backstop only: with the same value as message_timeout, whichever timer
+                    # fired first decided between 504 (message timeout, as on gRPC) and the
+                    # failure mode's 500; twice as long, the message timeout always decides
+                    timeout=seconds(2 * message_timeout),
                 )
             )
         ),
         failure_mode_allow=chain.fail_open,
-        message_timeout=timeout,
+        message_timeout=seconds(message_timeout),
         processing_mode=chain.processing_mode(),
     )
     config.metadata_options.receiving_namespaces.untyped.append(METADATA_NAMESPACE)
