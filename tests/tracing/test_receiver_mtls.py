@@ -15,6 +15,8 @@ from pathlib import Path
 
 import grpc
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SpanExportResult
 
@@ -214,3 +216,26 @@ async def test_a_root_rotation_keeps_both_roots_through_its_overlap(
     names = {s.name for spans in receiver.store.traces() for s in spans}
     assert {"trust", "issue", "after", "s0"} <= names
     assert receiver.store.trace(f"{8:032x}") is None
+
+
+_NAMES = st.sampled_from(["reviews", "ingress", "legation-extauthz", "legation-tracing", "?", ""])
+
+
+@given(
+    peer=st.one_of(
+        st.none(),
+        st.text(max_size=60),
+        st.builds(lambda tail: PREFIX + tail, st.one_of(_NAMES, st.text(max_size=20))),
+    ),
+    services=st.sets(st.one_of(_NAMES, st.text(max_size=20)), max_size=4),
+)
+def test_any_peer_and_names_allowed_only_as_its_own(peer: str | None, services: set[str]) -> None:
+    check = PeerCheck(
+        prefix=PREFIX, legation=frozenset({"legation-extauthz", "legation-ratelimit"})
+    )
+    if not check.allows(peer, services):
+        return
+    assert peer is not None and peer.startswith(PREFIX)
+    own = peer[len(PREFIX) :]
+    for name in services:  # each name is the peer's own, or both are Legation's services
+        assert name == own or {name, own} <= check.legation
