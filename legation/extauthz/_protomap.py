@@ -16,7 +16,8 @@ module builds:
   its numbers floats.
 
 ``only`` (a projection tree, see :mod:`legation.extauthz.request`) limits the walk to the named
-fields; the values under a named map are projected by the caller.
+fields, and a string-keyed map (the headers) to the named keys; the values under them are
+projected by the caller.
 """
 
 from __future__ import annotations
@@ -30,9 +31,18 @@ from google.protobuf.json_format import MessageToDict
 _STRUCT = "google.protobuf.Struct"
 
 # Field kinds, decided once per field descriptor.
-(_SCALAR, _BYTES, _MESSAGE, _LIST, _LIST_BYTES, _LIST_MESSAGE, _MAP, _MAP_BYTES, _MAP_MESSAGE) = (
-    range(9)
-)
+(
+    _SCALAR,
+    _BYTES,
+    _MESSAGE,
+    _LIST,
+    _LIST_BYTES,
+    _LIST_MESSAGE,
+    _MAP,
+    _MAP_STR,
+    _MAP_BYTES,
+    _MAP_MESSAGE,
+) = range(10)
 _kinds: dict[Any, tuple[str, int]] = {}
 
 
@@ -49,6 +59,8 @@ def _kind(fd: Any) -> tuple[str, int]:
             if value_fd.message_type is not None
             else _MAP_BYTES
             if value_fd.type == fd.TYPE_BYTES
+            else _MAP_STR
+            if message.fields_by_name["key"].type == fd.TYPE_STRING
             else _MAP
         )
     elif fd.is_repeated:
@@ -109,6 +121,8 @@ def protomap(message: Any, only: Mapping[str, Any] | None = None) -> dict[str, A
             out[name] = value
         elif kind == _MESSAGE:
             out[name] = protomap(value, sub)
+        elif kind == _MAP_STR:  # headers: only the names projected, when some are
+            out[name] = dict(value) if sub is None else {k: value[k] for k in sub if k in value}
         elif kind == _MAP:
             out[name] = _plain_map(value)
         elif kind == _MAP_BYTES:

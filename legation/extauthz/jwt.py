@@ -160,21 +160,23 @@ class JwtCheck:
 
     async def check(self, ctx: RequestContext) -> Decision:
         try:
-            return await self._check(ctx)
+            provider, token = self._find(ctx)
+            digest = hashlib.sha256(token.encode()).digest()
+            hit = self._cache.get(digest)
+            if hit is not None and hit[0] is provider and time.time() < hit[2]:
+                claims = hit[1]
+            else:
+                claims = await provider.verify(token)
+                self._remember(digest, provider, claims)
+            return self._decide(ctx, provider, claims)
         except AuthzError as e:
             if e.is_client_error and e.status is None:
                 e.status = 401  # as Envoy's jwt_authn: the client must authenticate (again)
             raise
 
-    async def _check(self, ctx: RequestContext) -> Decision:
-        provider, token = self._find(ctx)
-        digest = hashlib.sha256(token.encode()).digest()
-        hit = self._cache.get(digest)
-        if hit is not None and hit[0] is provider and time.time() < hit[2]:
-            claims = hit[1]
-        else:
-            claims = await provider.verify(token)
-            self._remember(digest, provider, claims)
+    def _decide(self, ctx: RequestContext, provider: _Provider, claims: dict[str, Any]) -> Decision:
+        """The decision once ``claims`` are verified: kept on ``ctx``, and the provider's
+        claims_to_headers / claims_to_metadata."""
         ctx.claims = claims
         ctx.jwt_provider = provider.config.name
         config = provider.config

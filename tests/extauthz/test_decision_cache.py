@@ -9,6 +9,8 @@ from typing import Any
 
 import pytest
 from envoy.service.auth.v3 import external_auth_pb2
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from legation.extauthz._inputrefs import analyse_packages, nondeterministic_calls
 from legation.extauthz.checks import Decision
@@ -72,6 +74,38 @@ def test_a_projected_build_equals_projecting_the_whole_document() -> None:
         {"parsed_query": {}, "truncated_body": {}, "version": {}},
     ]:
         assert build_input(request, only) == project(whole, only), only
+
+
+names = st.text(max_size=8) | st.sampled_from(["x-role", "content-type", "app", "policy"])
+
+
+@settings(max_examples=200, deadline=None, database=None)
+@given(
+    headers=st.dictionaries(names, st.text(max_size=8), max_size=6),
+    labels=st.dictionaries(names, st.text(max_size=8), max_size=3),
+    picked=st.lists(names, max_size=4),
+)
+def test_a_projected_string_map_is_the_projected_whole(
+    headers: dict[str, str], labels: dict[str, str], picked: list[str]
+) -> None:
+    """Only the projected keys of a string-keyed map are read (the headers): the document, and
+    the repr the decision cache keys on, are those of projecting the whole one."""
+    request = full_request()
+    request.attributes.request.http.headers.clear()
+    request.attributes.request.http.headers.update(headers)
+    request.attributes.destination.labels.update(labels)
+    keys = {k: {} for k in picked}
+    only = {
+        "attributes": {
+            "request": {"http": {"headers": keys, "method": {}}},
+            "destination": {"labels": keys},
+            "contextExtensions": keys,
+        }
+    }
+    got, want = build_input(request, only), project(build_input(request), only)
+    assert got == want
+    assert repr(got) == repr(want)
+    assert dict(request.attributes.request.http.headers) == headers  # nothing inserted by reading
 
 
 def test_nondeterministic_builtins_are_found_where_they_are_used() -> None:
