@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from envoy.config.accesslog.v3 import accesslog_pb2
-from envoy.config.core.v3 import base_pb2
+from envoy.config.core.v3 import base_pb2, protocol_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.extensions.filters.http.fault.v3 import fault_pb2
 from envoy.extensions.filters.http.local_ratelimit.v3 import local_rate_limit_pb2 as lrl_pb2
@@ -58,7 +58,8 @@ def http_listener(
 ) -> listener_pb2.Listener:
     """``access_logs``: the connection manager's (see :mod:`legation.translate._accesslog`).
     ``edge``: the listener trusts no client's X-Forwarded-For and uses the peer's address
-    (the gateway, and sidecar outbound listeners, where the client is the app).
+    (the gateway, and sidecar outbound listeners, where the client is the app), and drops
+    client headers whose names hold an underscore.
     ``service_filters`` go after fault and local_ratelimit, before the router.
     ``path_normalization``: see :attr:`legation.config.model.Mesh.path_normalization`.
     ``tracing``: the tracer and sampling rate (:mod:`legation.translate._tracing`).
@@ -88,6 +89,10 @@ def http_listener(
         )
     if edge:
         hcm.use_remote_address.value = True
+        # x_user would reach apps that read it as x-user (CGI/WSGI) past every check of x-user
+        hcm.common_http_protocol_options.headers_with_underscores_action = (
+            protocol_pb2.HttpProtocolOptions.DROP_HEADER
+        )
     if tracing is not None:
         hcm.tracing.CopyFrom(tracing)
     normalize_paths(hcm, path_normalization)

@@ -24,6 +24,10 @@ EXPECTED = {
     "rate_limits_on_redirect": (
         "routes[0].rate_limits: only applies to routes with 'to' or 'split'"
     ),
+    "header_route_reserved": (
+        "routes[0].filters[0].options: header: Host frames or steers the request; a routing "
+        "header needs a name of its own (the client's copy of it is removed before routing)"
+    ),
     "bad_filter_option": (
         "routes[0].filters[1].options.rules[0]: "
         "a rule needs exactly one of equals, one_of, present, bucket"

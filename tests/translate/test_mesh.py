@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2, outlier_detection_pb2
-from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2
+from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, protocol_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.listener.v3 import listener_pb2
 from envoy.config.route.v3 import route_components_pb2 as rc
@@ -171,12 +171,16 @@ def test_gateway_listener_uses_rds_with_readable_stats() -> None:
         "envoy.filters.http.router",
     ]
     assert hcm.use_remote_address.value is True
+    drop = hcm.common_http_protocol_options.headers_with_underscores_action
+    assert drop == protocol_pb2.HttpProtocolOptions.DROP_HEADER
 
 
 def test_sidecar_outbound_trusts_the_peer_address_not_the_apps_forwarded_for() -> None:
     sidecar = snapshots()["sidecar-reviews-0"]
     outbound = hcm_of(message(sidecar, ResourceType.LISTENER, "outbound"))
     assert outbound.use_remote_address.value is True  # remote_address limits count the app
+    drop = outbound.common_http_protocol_options.headers_with_underscores_action
+    assert drop == protocol_pb2.HttpProtocolOptions.DROP_HEADER  # x_user never passes for x-user
     inbound = hcm_of(message(sidecar, ResourceType.LISTENER, "inbound"))
     assert not inbound.HasField("use_remote_address")  # the peer is another sidecar
 

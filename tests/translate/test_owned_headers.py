@@ -133,3 +133,16 @@ def test_a_client_cannot_pick_the_header_routed_route(gateway: int, spelling: st
     assert _version(gateway, {}) == "v1"
     assert _version(gateway, {spelling: "beta"}) == "v1"
     assert _version(gateway, {spelling: "beta", "x-user": "mallory"}) == "v1"
+
+
+@pytest.mark.integration
+def test_an_underscore_spelling_never_reaches_the_app(gateway: int) -> None:
+    """``x_cohort`` is not ``x-cohort`` to Envoy, but is to CGI/WSGI apps: dropped at the edge."""
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{gateway}/reviews", headers={"x_cohort": "beta", "x-keep": "1"}
+    )
+    with urllib.request.urlopen(request, timeout=10) as reply:
+        seen = json.loads(reply.read())
+    assert seen["version"] == "v1"
+    headers = {k.lower() for k in seen.get("headers", {})}
+    assert "x_cohort" not in headers and "x-keep" in headers, headers

@@ -74,6 +74,30 @@ class Rule(Options):
         return self
 
 
+# Names a routing header may not take: the listeners remove a client's copy of a routing header
+# before routing, and rewriting these would break or steer the request itself.
+_RESERVED = frozenset(
+    {
+        "host",
+        "content-length",
+        "content-type",
+        "transfer-encoding",
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "upgrade",
+        "authorization",
+        "cookie",
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-request-id",
+        "traceparent",
+    }
+)
+
+
 class HeaderRouteOptions(Options):
     header: str = Field(default="x-legation-route", min_length=1, pattern=r"^[A-Za-z0-9-]+$")
     rules: tuple[Rule, ...]
@@ -84,6 +108,12 @@ class HeaderRouteOptions(Options):
     def _has_rules(self) -> HeaderRouteOptions:
         if not self.rules:
             raise ValueError("rules: needs at least one rule")
+        name = self.header.lower()
+        if name in _RESERVED or name.startswith("x-envoy-"):
+            raise ValueError(
+                f"header: {self.header} frames or steers the request; a routing header needs a "
+                "name of its own (the client's copy of it is removed before routing)"
+            )
         return self
 
 
