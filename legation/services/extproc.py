@@ -15,6 +15,7 @@ proxies, as the gRPC server does.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -175,7 +176,9 @@ class ExtProcService(GrpcServiceParts):
             raise BindError(
                 f"extproc: cannot listen on {host}:{http_port} (--http-port): {err.strerror or err}"
             ) from None
-        print(f"extproc HTTP transport on {host}:{http.port}", flush=True)
+        # one write per line: workers share stdout, and print's two writes may interleave
+        sys.stdout.write(f"extproc HTTP transport on {host}:{http.port}\n")
+        sys.stdout.flush()
 
         async def stop(grace: float) -> None:
             await http.close()
