@@ -33,16 +33,31 @@ import argparse
 import asyncio
 import json
 import os
-import re
 import subprocess
-import sys
 import tempfile
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
+from bench._extproc_envoy import (
+    EXTPROC_HTTP_FILTER,
+    WRK_SCRIPT,
+    check,
+    direct_listener,
+    fixed_rate,
+    fused_route,
+    listener,
+    pct,
+    wrk,
+)
+from bench._extproc_services import (
+    CHAINS,
+    EXTPROC_HTTP_SERVER,
+    HTTP_SERVER,
+    LEGATION_SERVER,
+    SDK_SERVER,
+    sdk_env,
+    start,
+)
 from bench.http_callout import tree_cpu
 from legation.envoy_process import EnvoyProcess
 from legation.extproc import envoy_filter
@@ -52,347 +67,7 @@ from legation.fastpath import envoy_filter as fast_filter
 from tests.conftest import free_port
 from tests.extproc import harness
 
-CHAINS = {
-    "chains": {
-        "route": {
-            "filters": [
-                {
-                    "name": "header_route",
-                    "options": {
-                        "header": "x-legation-cohort",
-                        "default": "stable",
-                        "rules": [{"header": "x-beta", "present": True, "value": "canary"}],
-                    },
-                }
-            ]
-        }
-    }
-}
-
-LEGATION_SERVER = """
-import asyncio, sys
-from legation.extproc.config import build_chains
-from legation.extproc.service import Settings, start_server
-async def main():
-    settings = Settings(port=int(sys.argv[1]), chains=build_chains({chains}))
-    server, port = await start_server(settings)
-    print("ready", flush=True)
-    await server.wait_for_termination()
-asyncio.run(main())
-"""
-
-HTTP_SERVER = """
-import asyncio, sys
-from legation.extproc.config import build_chains
-from legation.fastpath.fused import FusedDecider, FusedRoute, FusedRoutes
-from legation.fastpath.server import Settings, start_server
-async def main():
-    chain = build_chains({chains}).chains["route"]
-    routes = FusedRoutes({"route": FusedRoute("route", None, tuple(chain.filters), ())})
-    settings = Settings(port=int(sys.argv[1]), config={"checks": {}}, fused=FusedDecider(routes))
-    server = await start_server(settings)
-    print("ready", flush=True)
-    await server.serve_forever()
-asyncio.run(main())
-"""
-
-EXTPROC_HTTP_SERVER = """
-import asyncio, sys
-from legation.extproc.config import build_chains
-from legation.extproc.http_server import HttpSettings, serve_http
-from legation.extproc.metrics import Metrics
-from legation.extproc.processor import Processor
-async def main():
-    processor = Processor(build_chains({chains}), metrics=Metrics(), message_timeout=0.2)
-    listening = await serve_http(processor, HttpSettings(port=int(sys.argv[1])))
-    print("ready", flush=True)
-    await listening.server.serve_forever()
-asyncio.run(main())
-"""
-
-SDK_SERVER = """
-import asyncio, sys, logging
-import grpc_health, grpc_health.v1, grpc_health.v1.health_pb2, grpc_health.v1.health_pb2_grpc
-# envoy-extproc-sdk 0.1.1 imports the health stubs under their old package name
-for name in ("", ".v1", ".v1.health_pb2", ".v1.health_pb2_grpc"):
-    sys.modules["grpc_health_check" + name] = sys.modules["grpc_health" + name]
-import grpc
-from envoy_extproc_sdk import BaseExtProcService
-from envoy_extproc_sdk.util.envoy import add_ExternalProcessorServicer_to_server
-logging.disable(logging.CRITICAL)
-
-from envoy.config.core.v3.base_pb2 import HeaderValue, HeaderValueOption
-
-# Envoy 1.40 sends and expects raw_value; the SDK's get_header/add_header use the old string
-# value, so the handler touches the protobufs itself (the SDK still runs the stream and phases).
-class Route(BaseExtProcService):
-    async def process_request_headers(self, headers, context, request, response):
-        beta = any(h.key == "x-beta" for h in headers.headers.headers)
-        value = b"canary" if beta else b"stable"
-        response.header_mutation.set_headers.append(HeaderValueOption(
-            header=HeaderValue(key="x-legation-cohort", raw_value=value)))
-        response.clear_route_cache = True
-        return response
-
-async def main():
-    server = grpc.aio.server()
-    add_ExternalProcessorServicer_to_server(Route(), server)
-    server.add_insecure_port(f"127.0.0.1:{sys.argv[1]}")
-    await server.start()
-    print("ready", flush=True)
-    await server.wait_for_termination()
-asyncio.run(main())
-"""
-
-WRK_SCRIPT = """
-local i = 0
-request = function()
-  i = i + 1
-  if i % 2 == 0 then return wrk.format(nil, nil, {["x-beta"] = "1"}) end
-  return wrk.format()
-end
-"""
-
-
-def _direct(name: str, port: int) -> dict[str, Any]:
-    hcm = {
-        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager"
-        ".v3.HttpConnectionManager",
-        "stat_prefix": name,
-        "route_config": {
-            "virtual_hosts": [
-                {
-                    "name": name,
-                    "domains": ["*"],
-                    "routes": [
-                        {
-                            "match": {"prefix": "/"},
-                            "direct_response": {"status": 200, "body": {"inline_string": name}},
-                        }
-                    ],
-                }
-            ]
-        },
-        "http_filters": [
-            {
-                "name": "envoy.filters.http.router",
-                "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
-                },
-            }
-        ],
-    }
-    return {
-        "name": name,
-        "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
-        "filter_chains": [
-            {
-                "filters": [
-                    {"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}
-                ]
-            }
-        ],
-    }
-
-
-# the fused call-out as the translation builds it for a fused header_route: the header it reads
-# sent to the server, the route named in the call, the answer's header applied, route re-picked
-CALLOUT = fast_filter.Callout(
-    cluster="legation-http", allowed_headers=("x-beta",), clear_route_cache=True
-)
-
-
-def _fused_route(cluster: str, headers: dict[str, str] | None = None) -> dict[str, Any]:
-    r = harness.route("/", cluster, None, headers=headers)
-    r["typed_per_filter_config"] = {
-        fast_filter.FILTER_NAME: harness.to_dict(fast_filter.per_route_any(CALLOUT, route="route"))
-    }
-    return r
-
-
-EXTPROC_HTTP_FILTER = "legation.ext_proc.http.route"
-
-
-def _listener(
-    name: str,
-    port: int,
-    routes: list[dict[str, Any]],
-    ext_cluster: str | None,
-) -> dict[str, Any]:
-    filters = [
-        {
-            "name": "envoy.filters.http.router",
-            "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
-            },
-        }
-    ]
-    if ext_cluster == "legation-http":
-        filters.insert(0, harness.to_dict(fast_filter.http_filter(CALLOUT)))
-    elif ext_cluster == "legation-extproc-http":
-        chain = build_chains(CHAINS).chains["route"]
-        f = envoy_filter.http_transport_filter(EXTPROC_HTTP_FILTER, ext_cluster, chain)
-        filters.insert(0, harness.to_dict(f))
-    elif ext_cluster:
-        filters.insert(0, harness.to_dict(envoy_filter.http_filter(ext_cluster)))
-    hcm = {
-        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager"
-        ".v3.HttpConnectionManager",
-        "stat_prefix": name,
-        "route_config": {"virtual_hosts": [{"name": name, "domains": ["*"], "routes": routes}]},
-        "http_filters": filters,
-    }
-    return {
-        "name": name,
-        "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
-        "filter_chains": [
-            {
-                "filters": [
-                    {"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}
-                ]
-            }
-        ],
-    }
-
-
-def _start(code: str, port: int, env: dict[str, str]) -> subprocess.Popen[str]:
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code, str(port)], stdout=subprocess.PIPE, env=env, text=True
-    )
-    line = proc.stdout.readline() if proc.stdout else ""
-    if "ready" not in line:
-        proc.kill()
-        raise RuntimeError(f"service on {port} did not start")
-    return proc
-
-
-SDK_TARGET = Path(__file__).resolve().parent.parent / ".legation" / "bench" / "extproc-sdk"
-SDK_PACKAGES = [
-    "envoy-extproc-sdk==0.1.1",
-    "ddtrace<2",
-    "envier",
-    "bytecode",
-    "wrapt",
-    "opentelemetry-api",
-    "protoc-gen-validate==0.4.2",
-    "xmltodict",
-    "cattrs",
-    "six",
-    "grpcio-health-checking",
-]
-
-
-def _install_sdk() -> str | None:
-    """Install the SDK beside the project (not into its venv) once; its folder, or None."""
-    if (SDK_TARGET / "envoy_extproc_sdk").is_dir():
-        return str(SDK_TARGET)
-    print(f"  installing envoy-extproc-sdk into {SDK_TARGET} (once) ...")
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "-q",
-            "--target",
-            str(SDK_TARGET),
-            "--no-deps",
-            *SDK_PACKAGES,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    if done.returncode != 0:
-        print("  could not install envoy-extproc-sdk:", done.stderr.strip().splitlines()[-1:])
-        return None
-    return str(SDK_TARGET)
-
-
-def _sdk_env() -> dict[str, str] | None:
-    # ddtrace is imported by the SDK; no agent runs here, so tracing and telemetry are off.
-    env = dict(
-        os.environ,
-        DD_TRACE_ENABLED="false",
-        DD_INSTRUMENTATION_TELEMETRY_ENABLED="false",
-        DD_REMOTE_CONFIGURATION_ENABLED="false",
-    )
-    extra = os.environ.get("LEGATION_EXTPROC_SDK_PATH") or _install_sdk()
-    if extra:
-        env["PYTHONPATH"] = extra + os.pathsep + env.get("PYTHONPATH", "")
-    shim = SDK_SERVER.split("import grpc\n", 1)[0]
-    probe = subprocess.run(
-        [sys.executable, "-c", shim + "import envoy_extproc_sdk\n"], env=env, capture_output=True
-    )
-    return env if probe.returncode == 0 else None
-
-
-def wrk(port: int, seconds: float, script: Path) -> float:
-    out = subprocess.run(
-        ["wrk", "-t1", "-c16", f"-d{seconds:g}s", "-s", str(script), f"http://127.0.0.1:{port}/"],
-        capture_output=True,
-        text=True,
-        timeout=seconds + 30,
-    ).stdout
-    m = re.search(r"Requests/sec:\s+([\d.]+)", out)
-    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    if non2xx:
-        print(f"    warning: {non2xx.group(1)} non-2xx answers")
-    return float(m.group(1)) if m else 0.0
-
-
-async def fixed_rate(port: int, rate: int, seconds: float, conns: int = 16) -> list[float]:
-    """Open loop: request i is due at start + i/rate; latency counts from that due time."""
-    total = int(rate * seconds)
-    start = time.perf_counter() + 0.05
-    latencies: list[float] = []
-    next_i = 0
-
-    async def worker() -> None:
-        nonlocal next_i
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        try:
-            while next_i < total:
-                i = next_i
-                next_i += 1
-                due = start + i / rate
-                delay = due - time.perf_counter()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                extra = "x-beta: 1\r\n" if i % 2 else ""
-                writer.write(f"GET / HTTP/1.1\r\nhost: b\r\n{extra}\r\n".encode())
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = int(re.search(rb"content-length: (\d+)", head, re.I).group(1))  # type: ignore[union-attr]
-                await reader.readexactly(length)
-                latencies.append(time.perf_counter() - due)
-        finally:
-            writer.close()
-
-    await asyncio.wait_for(asyncio.gather(*(worker() for _ in range(conns))), seconds * 3 + 10)
-    return latencies
-
-
-def _pct(values: list[float], p: float) -> float:
-    s = sorted(values)
-    return s[min(len(s) - 1, int(p / 100 * len(s)))] * 1000
-
-
-def _check(port: int, *, routes: bool) -> None:
-    """The setup answers, and (when it routes) x-beta reaches the canary."""
-    cases = [({}, b"stable"), ({"x-beta": "1"}, b"canary" if routes else b"stable")]
-    for headers, want in cases:
-        req = urllib.request.Request(f"http://127.0.0.1:{port}/", headers=headers)
-        body = b""
-        for _ in range(5):  # warm-up: a cold service may miss Envoy's 200 ms message_timeout
-            try:
-                with urllib.request.urlopen(req, timeout=5) as resp:
-                    body = resp.read()
-                break
-            except urllib.error.HTTPError as err:
-                body = f"HTTP {err.code}".encode()
-                time.sleep(0.2)
-        if body != want:
-            raise RuntimeError(f"port {port}: expected {want!r}, got {body!r}")
+__all__ = ["CHAINS", "main"]
 
 
 def main() -> None:
@@ -406,7 +81,7 @@ def main() -> None:
     chains = build_chains(CHAINS)
     route_chain: Chain = chains.chains["route"]
     env = dict(os.environ, PYTHONPATH=str(Path.cwd()))
-    sdk_env = _sdk_env()
+    sdk_environ = sdk_env()
     procs: list[subprocess.Popen[str]] = []
     envoys: list[EnvoyProcess] = []
     try:
@@ -420,7 +95,9 @@ def main() -> None:
                             "socket_address": {"address": "127.0.0.1", "port_value": upstream_admin}
                         }
                     },
-                    "static_resources": {"listeners": [_direct(n, p) for n, p in up.items()]},
+                    "static_resources": {
+                        "listeners": [direct_listener(n, p) for n, p in up.items()]
+                    },
                 },
                 admin_port=upstream_admin,
                 name="bench-upstreams",
@@ -428,19 +105,19 @@ def main() -> None:
             ).start()
         )
         legation_port = free_port()
-        procs.append(_start(LEGATION_SERVER.replace("{chains}", repr(CHAINS)), legation_port, env))
+        procs.append(start(LEGATION_SERVER.replace("{chains}", repr(CHAINS)), legation_port, env))
         http_port = free_port()
-        procs.append(_start(HTTP_SERVER.replace("{chains}", repr(CHAINS)), http_port, env))
+        procs.append(start(HTTP_SERVER.replace("{chains}", repr(CHAINS)), http_port, env))
         xhttp_port = free_port()
-        procs.append(_start(EXTPROC_HTTP_SERVER.replace("{chains}", repr(CHAINS)), xhttp_port, env))
+        procs.append(start(EXTPROC_HTTP_SERVER.replace("{chains}", repr(CHAINS)), xhttp_port, env))
         services = {
             "legation": procs[0].pid,
             "legation-http": procs[1].pid,
             "legation-extproc-http": procs[2].pid,
         }
         sdk_port = free_port()
-        if sdk_env is not None:
-            procs.append(_start(SDK_SERVER, sdk_port, sdk_env))
+        if sdk_environ is not None:
+            procs.append(start(SDK_SERVER, sdk_port, sdk_environ))
             services["sdk"] = procs[-1].pid
         names = ("plain", "native", "legation", "sdk", "legation-http", "legation-extproc-http")
         ports = {name: free_port() for name in names}
@@ -459,14 +136,14 @@ def main() -> None:
 
         native_match = {"prefix": "/", "headers": [{"name": "x-beta", "present_match": True}]}
         listeners = [
-            _listener("plain", ports["plain"], [rt("stable")], None),
-            _listener(
+            listener("plain", ports["plain"], [rt("stable")], None),
+            listener(
                 "native",
                 ports["native"],
                 [{"match": native_match, "route": {"cluster": "canary"}}, rt("stable")],
                 None,
             ),
-            _listener(
+            listener(
                 "legation",
                 ports["legation"],
                 [rt("canary", beta, route_chain, True), rt("stable", None, route_chain, True)],
@@ -474,10 +151,10 @@ def main() -> None:
             ),
         ]
         listeners.append(
-            _listener(
+            listener(
                 "legation-http",
                 ports["legation-http"],
-                [_fused_route("canary", beta), _fused_route("stable")],
+                [fused_route("canary", beta), fused_route("stable")],
                 "legation-http",
             )
         )
@@ -486,19 +163,19 @@ def main() -> None:
             for c, h in (("canary", beta), ("stable", None))
         ]
         listeners.append(
-            _listener(
+            listener(
                 "legation-extproc-http",
                 ports["legation-extproc-http"],
                 xhttp,
                 "legation-extproc-http",
             )
         )
-        if sdk_env is not None:
+        if sdk_environ is not None:
             sdk_routes = [
                 rt("canary", beta, route_chain, True),
                 rt("stable", None, route_chain, True),
             ]
-            listeners.append(_listener("sdk", ports["sdk"], sdk_routes, "sdk"))
+            listeners.append(listener("sdk", ports["sdk"], sdk_routes, "sdk"))
         admin = free_port()
         boot = {
             "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
@@ -531,10 +208,10 @@ def main() -> None:
         rows: dict[str, tuple[float, list[float], float, float]] = {}
         front_pid = front.proc.pid if front.proc is not None else 0
         for name, port in ports.items():
-            if name == "sdk" and sdk_env is None:
+            if name == "sdk" and sdk_environ is None:
                 print("sdk: skipped (envoy-extproc-sdk not importable; see module docstring)")
                 continue
-            _check(port, routes=name != "plain")
+            check(port, routes=name != "plain")
             pid = services.get(name)
             before, envoy_before = (tree_cpu(pid) if pid else 0.0), tree_cpu(front_pid)
             rps = wrk(port, args.seconds, script)
@@ -554,7 +231,7 @@ def main() -> None:
             print(
                 f"{name:21s} {rps:9.0f} {rps / base:6.2f} {svc} {envoy:8.0f}   "
                 f"{'':>{len(str(args.rate)) + 6}}"
-                f"{_pct(lat, 50):7.2f} {_pct(lat, 90):7.2f} {_pct(lat, 99):7.2f} "
+                f"{pct(lat, 50):7.2f} {pct(lat, 90):7.2f} {pct(lat, 99):7.2f} "
                 f"{max(lat) * 1000:7.2f}"
             )
         print(
