@@ -3,7 +3,8 @@
 * Sidecar inbound listeners terminate TLS with the proxy's certificate (secret
   ``legation-workload-cert``) and require a client certificate that chains to the trust bundle
   (``legation-trust-bundle``, the mesh root only) and names a SPIFFE id of the mesh's trust
-  domain (URI SAN prefix ``spiffe://<trust_domain>/``; a second line behind the separate roots:
+  domain (URI SAN ``spiffe://<trust_domain>/ns/*/sa/*``, never one of Legation's own
+  ``legation-<kind>`` services; a second line behind the separate roots:
   an xDS enrolment credential is never a mesh peer). ``strict``: that is the only filter chain.
   ``permissive``: a ``tls_inspector`` listener filter tells TLS from plaintext; TLS connections
   take the secured chain (``transport_protocol: tls``), plaintext ones an identical chain without
@@ -17,6 +18,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 
 from envoy.config.cluster.v3 import cluster_pb2
@@ -28,11 +30,12 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
 from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2, tls_pb2
-from envoy.type.matcher.v3 import string_pb2
+from envoy.type.matcher.v3 import regex_pb2, string_pb2
 from google.protobuf import struct_pb2, wrappers_pb2
 
 from legation._proto import ads_source, pack
 from legation.certs.sds import TRUST_BUNDLE, WORKLOAD_CERT
+from legation.certs.spiffe import SERVICE_PREFIX
 from legation.translate._names import HCM_FILTER
 from legation.xds.snapshot import InconsistentSnapshot, Snapshot
 from legation.xds.types import ResourceType
@@ -47,6 +50,25 @@ def _sds(name: str) -> secret_pb2.SdsSecretConfig:
     return secret_pb2.SdsSecretConfig(name=name, sds_config=ads_source())
 
 
+def _not_starting_with(word: str) -> str:
+    """An RE2 pattern (RE2 has no lookahead) for one path segment that does not start with
+    ``word``: it differs from ``word`` at some position, or is a proper prefix of it."""
+    alternatives = [f"{re.escape(word[:i])}[^{re.escape(word[i])}/][^/]*" for i in range(len(word))]
+    alternatives += [re.escape(word[:i]) for i in range(1, len(word))]
+    return "(?:" + "|".join(alternatives) + ")"
+
+
+def workload_peer(trust_domain: str) -> string_pb2.StringMatcher:
+    """The URI SAN a sidecar accepts from a caller: a workload of ``trust_domain``
+    (``spiffe://<td>/ns/<ns>/sa/<name>``), never one of Legation's own services
+    (``.../sa/legation-<kind>``): their certificates also authenticate them as clients (to the
+    trace receiver), but they never call an app."""
+    pattern = (
+        f"^spiffe://{re.escape(trust_domain)}/ns/[^/]+/sa/{_not_starting_with(SERVICE_PREFIX)}$"
+    )
+    return string_pb2.StringMatcher(safe_regex=regex_pb2.RegexMatcher(regex=pattern))
+
+
 def downstream_tls(trust_domain: str) -> base_pb2.TransportSocket:
     """A sidecar's inbound side: our certificate; a client certificate from the mesh required,
     naming a workload of ``trust_domain``."""
@@ -58,7 +80,7 @@ def downstream_tls(trust_domain: str) -> base_pb2.TransportSocket:
                     match_typed_subject_alt_names=[
                         common_pb2.SubjectAltNameMatcher(
                             san_type=common_pb2.SubjectAltNameMatcher.URI,
-                            matcher=string_pb2.StringMatcher(prefix=f"spiffe://{trust_domain}/"),
+                            matcher=workload_peer(trust_domain),
                         )
                     ]
                 ),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -287,6 +288,40 @@ def test_proxies_reach_the_services_over_mtls_when_the_mesh_is_strict(world: Wor
     # with mTLS the access-log service checked each stream's node against its certificate
     als = world.cp.services.running["accesslog"].servicer  # type: ignore[attr-defined]
     assert (als.identities is not None) is strict and als.refused == 0
+
+
+def _inbound_as(world: World, name: str) -> int | str:
+    """An HTTP request to web-1's sidecar inbound over TLS with a mesh certificate for workload
+    ``name``: the status, or the TLS/connection error."""
+    import ssl
+    from datetime import timedelta
+
+    from legation.certs.ca import CertificateAuthority
+
+    ca = CertificateAuthority.in_directory(world.tmp / "ca", trust_domain="cluster.local")
+    cert = ca.issue(f"spiffe://cluster.local/ns/default/sa/{name}", ttl=timedelta(hours=1))
+    (world.tmp / f"{name}.pem").write_bytes(cert.cert_pem)
+    (world.tmp / f"{name}.key").write_bytes(cert.key_pem)
+    context = ssl.create_default_context(cadata=ca.root_pem.decode())
+    context.check_hostname = False
+    context.load_cert_chain(world.tmp / f"{name}.pem", world.tmp / f"{name}.key")
+    try:
+        with socket.create_connection(("127.0.0.1", world.ports["in1"]), timeout=5) as raw:
+            with context.wrap_socket(raw) as tls:
+                tls.sendall(b"GET / HTTP/1.1\r\nhost: web\r\nconnection: close\r\n\r\n")
+                answer = tls.recv(100)
+        return int(answer.split()[1]) if answer else "closed"
+    except (ssl.SSLError, OSError) as err:
+        return type(err).__name__
+
+
+def test_a_sidecar_takes_mesh_workloads_not_legations_own_services(world: World) -> None:
+    """Legation's service certificates also authenticate as clients (to the trace receiver);
+    a sidecar still refuses them as callers: they never call an app."""
+    if world.mtls != "strict":
+        pytest.skip("inbound mTLS only in the strict world")
+    assert _inbound_as(world, "gw") == 200
+    assert _inbound_as(world, "legation-extauthz") != 200
 
 
 def test_zz_authz_service_gone_means_denials(world: World) -> None:

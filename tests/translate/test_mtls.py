@@ -23,6 +23,7 @@ from google.protobuf import any_pb2, struct_pb2, wrappers_pb2
 from legation.certs import TRUST_BUNDLE, WORKLOAD_CERT, MeshIssuer
 from legation.config import Mesh
 from legation.translate import translate
+from legation.translate._mtls import workload_peer
 from legation.xds.snapshot import InconsistentSnapshot, Snapshot
 from legation.xds.types import ResourceType
 from tests.config.meshdata import base, parse
@@ -54,7 +55,7 @@ EXPECTED_DOWNSTREAM = base_pb2.TransportSocket(
                         match_typed_subject_alt_names=[
                             common_pb2.SubjectAltNameMatcher(
                                 san_type=common_pb2.SubjectAltNameMatcher.URI,
-                                matcher=string_pb2.StringMatcher(prefix="spiffe://cluster.local/"),
+                                matcher=workload_peer("cluster.local"),  # see test_owned_headers
                             )
                         ]
                     ),

@@ -9,6 +9,7 @@ translated config and through the real Envoy.
 from __future__ import annotations
 
 import json
+import re
 import urllib.request
 from collections.abc import Iterator
 from typing import Any
@@ -17,6 +18,8 @@ import pytest
 from envoy.extensions.http.early_header_mutation.header_mutation.v3 import (
     header_mutation_pb2 as early_pb2,
 )
+from hypothesis import given
+from hypothesis import strategies as st
 
 from legation.demo import DemoApp
 from legation.envoy_process import EnvoyProcess
@@ -146,3 +149,16 @@ def test_an_underscore_spelling_never_reaches_the_app(gateway: int) -> None:
     assert seen["version"] == "v1"
     headers = {k.lower() for k in seen.get("headers", {})}
     assert "x_cohort" not in headers and "x-keep" in headers, headers
+
+
+@given(st.from_regex(r"[A-Za-z0-9._-]{1,30}", fullmatch=True))
+def test_a_sidecar_accepts_any_workload_name_but_legations_services(name: str) -> None:
+    """The inbound SAN pattern (RE2 has no lookahead) accepts exactly the names that do not
+    start with ``legation-``, in the mesh's trust domain, one segment."""
+    from legation.translate._mtls import workload_peer
+
+    pattern = workload_peer("cluster.local").safe_regex.regex
+    uri = f"spiffe://cluster.local/ns/default/sa/{name}"
+    assert bool(re.match(pattern, uri)) is (not name.startswith("legation-"))
+    assert not re.match(pattern, f"spiffe://other.local/ns/default/sa/{name}")
+    assert not re.match(pattern, f"{uri}/x")
