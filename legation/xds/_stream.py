@@ -69,6 +69,7 @@ class StreamBase:
         self._watch: int | None = None
         self._blocked_since: float | None = None
         self.closed = False
+        self.ended = False  # the client half-closed (no error): answer what is due, then end
         self.types: dict[ResourceType, _Subscription] = {}
 
     # -- to implement ----------------------------------------------------------------------
@@ -131,11 +132,12 @@ class StreamBase:
                     await self.wake.wait()
                 else:
                     try:
-                        await asyncio.wait_for(self.wake.wait(), self.recheck_every)
+                        async with asyncio.timeout(self.recheck_every):
+                            await self.wake.wait()
                     except TimeoutError:
                         pass
                 self.wake.clear()
-                if self.closed:
+                if self.closed and not self.ended:
                     return
                 if self.recheck is not None:
                     try:
@@ -146,10 +148,11 @@ class StreamBase:
                         await self.on_refused(self.context, refused, self.node_id)
                         return
                 snap = self.cache.snapshot_for(self.node_id, self.fleet) if self.node_id else None
-                if snap is None:
-                    continue
-                for response in self.pending_responses(snap):
-                    yield response
+                if snap is not None:
+                    for response in self.pending_responses(snap):
+                        yield response
+                if self.closed:  # the client is done sending: what was due has gone out
+                    return
         finally:
             reader.cancel()
             if self._watch is not None:
@@ -192,6 +195,7 @@ class StreamBase:
                     continue
                 self.handle(request)
                 self.wake.set()
+            self.ended = not self.closed
         except (asyncio.CancelledError, grpc.aio.AioRpcError, grpc.aio.AbortError):
             pass
         finally:
