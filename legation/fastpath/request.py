@@ -72,6 +72,10 @@ _CALL_HEADERS = frozenset(
     }
 )
 _PREFIX = PATH_PREFIX.encode()
+# header name as sent -> its lower-cased text: the same few names arrive call after call; bounded
+# in count and length (names a client invents past that are decoded each time)
+_NAMES: dict[bytes, str] = {}
+_MAX_NAMES = 512
 
 
 class NotACheck(ValueError):
@@ -122,8 +126,13 @@ def read_call(
     out: dict[str, str] = {}
     extensions: dict[str, str] = {}
     host = ""
+    names = _NAMES
     for raw_name, raw_value in headers:
-        name = raw_name.decode("latin-1").lower()
+        name = names.get(raw_name)
+        if name is None:
+            name = raw_name.decode("latin-1").lower()
+            if len(names) < _MAX_NAMES and len(raw_name) <= 64:
+                names[raw_name] = name
         value = raw_value.decode("utf-8", "replace")
         if name in _CALL_HEADERS:
             if name == "host":

@@ -10,6 +10,7 @@ import json
 from typing import Any
 
 import pytest
+from envoy.service.auth.v3 import external_auth_pb2
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -23,6 +24,7 @@ from legation.fastpath.contract import (
     ROUTE_HEADER,
 )
 from legation.fastpath.request import (
+    _CALL_HEADERS,
     CallContext,
     NotACheck,
     check_request,
@@ -144,6 +146,84 @@ def test_call_input_is_the_check_request_input(
     if not isinstance(want, tuple):  # the same JSON for the engine (types, not only equality)
         assert json.dumps(got, sort_keys=True) == json.dumps(want, sort_keys=True)
         assert _document(fast, None) == _document(slow, None)
+
+
+def _check_request_before(
+    method: bytes,
+    target: bytes,
+    headers: list[tuple[bytes, bytes]],
+    body: bytes,
+    call: dict[str, str],
+) -> external_auth_pb2.CheckRequest:
+    """``check_request`` as it was before ``read_call`` (main at bf0414a), verbatim but for names:
+    the reference the new reading must agree with."""
+    prefix = PATH_PREFIX.encode()
+    if not target.startswith(prefix) or target[len(prefix) : len(prefix) + 1] not in (b"/", b"*"):
+        raise NotACheck(f"the request target does not start with {PATH_PREFIX}/")
+    path = target[len(prefix) :].decode("utf-8", "replace")
+    m = method.decode("latin-1")
+    request = external_auth_pb2.CheckRequest()
+    attrs = request.attributes
+    http = attrs.request.http
+    http.method = m
+    http.path = path
+    out = http.headers
+    host = ""
+    for raw_name, raw_value in headers:
+        name = raw_name.decode("latin-1").lower()
+        value = raw_value.decode("utf-8", "replace")
+        if name == "host":
+            if host:
+                raise NotACheck("more than one Host header")
+            host = value
+        elif name == POLICY_HEADER:
+            attrs.context_extensions["policy"] = value
+        elif name == CHECKS_HEADER:
+            attrs.context_extensions["checks"] = value
+        elif call is not None and name in (ROUTE_HEADER, REMOTE_ADDRESS_HEADER):
+            if name in call:
+                raise NotACheck(f"more than one {name} header")
+            call[name] = value
+        if name in _CALL_HEADERS:
+            continue
+        out[name] = f"{out[name]},{value}" if name in out else value
+    if not host:
+        raise NotACheck("no Host header")
+    http.host = host
+    out[":authority"] = host
+    out[":method"] = m
+    out[":path"] = path
+    if body:
+        try:
+            http.body = body.decode()
+        except UnicodeDecodeError:
+            http.raw_body = body
+    return request
+
+
+@PROPERTY
+@given(
+    method=st.sampled_from([b"GET", b"POST"]) | raw,
+    target=targets,
+    headers=st.lists(st.tuples(names, values), max_size=10),
+    body=bodies,
+)
+def test_reading_a_call_is_what_building_the_message_was(
+    method: bytes, target: bytes, headers: list[tuple[bytes, bytes]], body: bytes
+) -> None:
+    """The same message, the same fused-call headers and the same refusals as before, for any
+    headers (none, two Hosts, repeated route headers, any bytes in names and values)."""
+    call_new: dict[str, str] = {}
+    call_old: dict[str, str] = {}
+    try:
+        want = _check_request_before(method, target, headers, body, call_old)
+    except NotACheck as e:
+        with pytest.raises(NotACheck) as info:
+            read_call(method, target, headers, body, call_new)
+        assert str(info.value) == str(e)
+        return
+    assert to_check_request(read_call(method, target, headers, body, call_new)) == want
+    assert call_new == call_old
 
 
 def test_a_check_reading_the_message_gets_it_built_once() -> None:
