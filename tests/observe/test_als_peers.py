@@ -61,23 +61,8 @@ async def served(tmp_path: Path) -> AsyncIterator[tuple[AccessLogServicer, int, 
 
 
 async def _send(port: int, pki: TestPki, spiffe: str, node: str) -> grpc.StatusCode:
-    cert = pki.mesh_ca.issue(spiffe, ttl=timedelta(hours=1))
-    creds = grpc.ssl_channel_credentials(
-        root_certificates=pki.mesh_ca.root_pem,
-        private_key=cert.key_pem,
-        certificate_chain=cert.cert_pem,
-    )
-    async with grpc.aio.secure_channel(f"127.0.0.1:{port}", creds) as channel:
-        call = channel.stream_unary(
-            METHOD,
-            request_serializer=als_pb2.StreamAccessLogsMessage.SerializeToString,
-            response_deserializer=als_pb2.StreamAccessLogsResponse.FromString,
-        )
-        try:
-            await asyncio.wait_for(call(iter(_messages(node))), 10)
-        except grpc.aio.AioRpcError as err:
-            return err.code()
-    return grpc.StatusCode.OK
+    """One stream naming ``node`` from a peer whose certificate is ``spiffe``."""
+    return await _send_raw(port, pki, spiffe, _messages(node))
 
 
 async def test_a_proxy_writes_under_its_own_node_only(
