@@ -88,6 +88,23 @@ class XdsAuth:
 
     def peer_node(self, context: Any) -> str:
         """The node id the peer's credential names; raises :class:`Refused`."""
+        return self._verified(context)[0]
+
+    def rechecker(self, context: Any) -> Callable[[], object]:
+        """A cheap check for an open stream, run before each push: the peer's certificate,
+        verified once here, must still be within its validity and its node's newest serial
+        (a revoked or expired credential raises :class:`Refused`). No parsing or signature
+        work per call after the first: the stream's certificate cannot change."""
+        verified: list[tuple[str, x509.Certificate]] = []
+
+        def recheck() -> None:
+            if not verified:
+                verified.append(self._verified(context))  # raises Refused, as at the start
+            self._current(*verified[0])
+
+        return recheck
+
+    def _verified(self, context: Any) -> tuple[str, x509.Certificate]:
         pems = context.auth_context().get("x509_pem_cert") or []
         if not pems:
             raise Refused(
@@ -120,6 +137,10 @@ class XdsAuth:
                 "the client certificate is not an xDS node credential",
             )
         node = nodes[0]
+        self._current(node, cert)
+        return node, cert
+
+    def _current(self, node: str, cert: x509.Certificate) -> None:
         now = self.clock()
         if not cert.not_valid_before_utc <= now < cert.not_valid_after_utc:
             raise Refused(
@@ -133,7 +154,6 @@ class XdsAuth:
                 grpc.StatusCode.UNAUTHENTICATED,
                 "the xDS credential was revoked or superseded; enrol again",
             )
-        return node
 
 
 def _client_leaf(cert: x509.Certificate) -> bool:

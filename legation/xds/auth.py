@@ -81,6 +81,12 @@ class Authenticator(Protocol):
         that is not a node's, or one that has expired or been superseded."""
         ...
 
+    def rechecker(self, context: Any) -> Callable[[], object]:
+        """For an open stream whose peer :meth:`peer_node` accepted: a callable the server runs
+        before each push and at least every 30 s, raising :class:`Refused` once the credential
+        is revoked or expired. It should be cheap (the certificate does not change)."""
+        ...
+
 
 def check_node(credential: str, claimed: str) -> None:
     """A request's node id must be the credential's."""

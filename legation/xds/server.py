@@ -161,7 +161,7 @@ class XdsServer:
         stream.on_refused = self._refuse
         if self.auth is not None:
             auth = self.auth
-            stream.recheck = lambda: auth.peer_node(context)
+            stream.recheck = auth.rechecker(context)
         return stream.run(requests)
 
     async def _authenticate(self, context: Any) -> str | None:
