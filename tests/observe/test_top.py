@@ -57,7 +57,16 @@ def test_top_redraws_on_a_terminal_until_interrupted(status_url: str) -> None:
                 out += os.read(main, 65536)
     finally:
         proc.send_signal(signal.SIGINT)
-        code = proc.wait(10)
+        # keep reading, as a terminal does: frames written meanwhile would otherwise fill the
+        # pty, and top's last flush at exit would wait on it (the test hung there under load)
+        stop = time.monotonic() + 10
+        while proc.poll() is None and time.monotonic() < stop:
+            if select.select([main], [], [], 0.1)[0]:
+                try:
+                    os.read(main, 65536)
+                except OSError:  # the child side closed
+                    break
+        code = proc.wait(5)
         os.close(main)
     frame = out.split(b"\x1b[H\x1b[2J")[-1].decode()
     assert "(Ctrl-C to quit)" in frame
