@@ -46,6 +46,9 @@ def test_top_redraws_on_a_terminal_until_interrupted(status_url: str) -> None:
         stdin=child,
         stdout=child,
         stderr=child,
+        # Ctrl-C reaches it whatever this process inherited: a shell's background job starts
+        # with SIGINT ignored, and Python keeps an ignored SIGINT ignored (a hang in such a run)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     os.close(child)
     out = b""
