@@ -94,11 +94,9 @@ class _DownStore:
         return None
 
 
-@pytest.fixture
-async def app() -> AsyncIterator[CalloutApp]:
-    servicer = await authz.build_servicer(
-        authz.Settings(config={"checks": {}}, registry=CollectorRegistry())
-    )
+def _decider(*, policy: str | None, beta: str) -> FusedDecider:
+    """Route ``api``: the ``x-legation-cohort`` header_route (user ``beta`` -> beta) and the
+    API limits, counted in memory."""
     limiter = rl.build_limiter(
         rl.Settings(registry=CollectorRegistry()), load_texts([("limits.yaml", LIMITS)])
     )
@@ -107,13 +105,20 @@ async def app() -> AsyncIterator[CalloutApp]:
         factory.validate(
             {
                 "header": "x-legation-cohort",
-                "rules": [{"header": "x-user", "one_of": ["alice"], "value": "beta"}],
+                "rules": [{"header": "x-user", "one_of": [beta], "value": "beta"}],
             }
         )
     )
-    routes = {"api": FusedRoute("api", None, (cohort,), API)}
-    decider = FusedDecider(FusedRoutes(routes), limits=rl.RateLimitServicer(limiter), domain="mesh")
-    yield CalloutApp(servicer, fused=decider)
+    routes = {"api": FusedRoute("api", policy, (cohort,), API)}
+    return FusedDecider(FusedRoutes(routes), limits=rl.RateLimitServicer(limiter), domain="mesh")
+
+
+@pytest.fixture
+async def app() -> AsyncIterator[CalloutApp]:
+    servicer = await authz.build_servicer(
+        authz.Settings(config={"checks": {}}, registry=CollectorRegistry())
+    )
+    yield CalloutApp(servicer, fused=_decider(policy=None, beta="alice"))
     await authz.close_checks(servicer)
 
 
@@ -245,22 +250,7 @@ async def test_routing_and_limits_read_the_headers_authz_set_not_the_clients() -
         )
     )
     try:
-        limiter = rl.build_limiter(
-            rl.Settings(registry=CollectorRegistry()), load_texts([("limits.yaml", LIMITS)])
-        )
-        factory = HeaderRouteFactory()
-        cohort = factory.create(
-            factory.validate(
-                {
-                    "header": "x-legation-cohort",
-                    "rules": [{"header": "x-user", "one_of": ["mallory"], "value": "beta"}],
-                }
-            )
-        )
-        routes = {"api": FusedRoute("api", "p", (cohort,), API)}
-        decider = FusedDecider(
-            FusedRoutes(routes), limits=rl.RateLimitServicer(limiter), domain="mesh"
-        )
+        decider = _decider(policy="p", beta="mallory")
         app = CalloutApp(servicer, upstream_headers=["x-user"], fused=decider)
         statuses = []
         for forged in ("mallory", "bob", "carol"):
