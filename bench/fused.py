@@ -46,6 +46,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from bench import floor
 from bench.http_callout import tree_cpu
+from tests.conftest import free_port
 
 ROWS = {  # row -> (stack, path)
     "plain": ("fused", "/plain"),
@@ -69,19 +70,6 @@ COHORT = [
         },
     }
 ]
-
-
-_GIVEN: set[int] = set()
-
-
-def _free_port() -> int:
-    """A free port never handed out before in this run (two stacks ask for sixteen)."""
-    from bench.http_callout import _free_port as free
-
-    while (port := free()) in _GIVEN:
-        pass
-    _GIVEN.add(port)
-    return port
 
 
 def upstream_bootstrap(ports: tuple[int, int], admin: int) -> dict[str, Any]:
@@ -125,7 +113,7 @@ def write_stack(folder: Path, *, http: bool, upstream: tuple[int, int], jwk: dic
             }
         )
     )
-    p = {n: _free_port() for n in ("xds", "status", "gw", "admin", "authz", "http", "proc", "rl")}
+    p = {n: free_port() for n in ("xds", "status", "gw", "admin", "authz", "http", "proc", "rl")}
     # timeouts well above saturation's queueing, so rows measure throughput, not 403s
     # one worker per service on both stacks (1 vs N workers is bench/floor.py's): the fused
     # routes' memory counters need it, and the comparison stays process for process
@@ -339,7 +327,7 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="bench-fused-"))
     paced = workdir / "paced.lua"
     paced.write_text(f"function delay() return {10 * 1000 / args.rate:.3f} end\n")
-    up_ports, up_admin = (_free_port(), _free_port()), _free_port()
+    up_ports, up_admin = (free_port(), free_port()), free_port()
     upstream = EnvoyProcess(
         upstream_bootstrap(up_ports, up_admin),
         admin_port=up_admin,

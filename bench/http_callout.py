@@ -27,7 +27,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -36,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import floor
+from tests.conftest import free_port
 
 ROWS = ("plain", "grpc-min", "h-asyncio", "h-uvloop", "uvicorn", "granian", "leg-grpc", "leg-http")
 HTTP_ROWS = ("h-asyncio", "h-uvloop", "uvicorn", "granian", "leg-http")
@@ -232,12 +232,6 @@ def tree_cpu(pid: int) -> float:
     return total
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def start(kind: str, workdir: Path) -> tuple[subprocess.Popen[str], int]:
     if kind == "grpc-min":
         proc = floor.start_service("authz-min", workdir / kind)
@@ -250,7 +244,7 @@ def start(kind: str, workdir: Path) -> tuple[subprocess.Popen[str], int]:
                 "bench.http_callout",
                 "--serve",
                 kind,
-                str(_free_port()),
+                str(free_port()),
                 str(workdir / kind),
             ],
             cwd=floor.REPO,
@@ -291,9 +285,9 @@ def main() -> None:
         services = {}
         for kind in rows_run[1:]:
             procs[kind], services[kind] = start(kind, workdir)
-        ports = {name: _free_port() for name in ROWS}
+        ports = {name: free_port() for name in ROWS}
         services = {**dict.fromkeys(ROWS[1:], 1), **services}  # rows not run: never called
-        up_port, up_admin, admin = _free_port(), _free_port(), _free_port()
+        up_port, up_admin, admin = free_port(), free_port(), free_port()
         _, front = floor.start_envoys(
             front_bootstrap(ports, services, up_port, admin),
             up_port=up_port,

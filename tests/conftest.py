@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import random
 import socket
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -22,21 +24,50 @@ def _near(port: int, taken: set[int]) -> bool:
     return any(port + 100 * i in taken for i in range(-7, 8))
 
 
+def _listen_range() -> range:
+    """Ports to hand out: below the kernel's ephemeral range (or above it).
+
+    A port drawn by ``bind(0)`` comes from the ephemeral range, so between the draw and the
+    server's own bind an outgoing connection may take it as its local port: a CI run failed on
+    Envoy's ``cannot bind '127.0.0.1:40603': Address already in use``. Ports outside that range
+    are never given to outgoing connections.
+    """
+    try:
+        text = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text()
+        low, high = (int(v) for v in text.split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999
+    if low - 1 >= 12_000:
+        return range(10_000, low - 1 - 700)
+    if 65535 - high >= 2_000 + 700:
+        return range(high + 1, 65535 - 700)
+    return range(0)
+
+
+_RANGE = _listen_range()
+_DRAW = random.SystemRandom()
+
+
+def _draw() -> int:
+    if _RANGE:
+        port = _DRAW.choice(_RANGE)
+        return port if _bindable(port) else 0
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def free_port() -> int:
     """A free loopback port never handed out before in this test process.
 
-    The kernel may give the same ephemeral port to two ``bind(0)`` calls in a row once the
-    first socket is closed, so a mesh whose ports were drawn one by one could name one port
-    twice (a CI run failed on ``gateway.admin_port`` equal to a service port). Remembering
-    what was handed out makes every call in the session distinct, and no two ports handed out
+    Ports come from outside the kernel's ephemeral range (``_listen_range``). Remembering what
+    was handed out makes every call in the session distinct, and no two ports handed out
     differ by a multiple of 100 up to 700 (a request-path service's worker i listens on its
     port + 100 i, so a CI run once found ``ratelimit.port`` on ``extauthz``'s second worker).
     """
     while True:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind(("127.0.0.1", 0))
-            port = int(s.getsockname()[1])
-        if not _near(port, _HANDED_OUT):
+        port = _draw()
+        if port and not _near(port, _HANDED_OUT):
             if len(_HANDED_OUT) > 5_000:
                 _HANDED_OUT.clear()
             _HANDED_OUT.add(port)
