@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from legation.envoy_process import EnvoyProcess
+from legation.extauthz.checks import ALLOW
 
 REPO = Path(__file__).resolve().parents[1]
 SCENARIOS = ("plain", "authz-min", "authz-leg", "rl-min", "rl-leg", "proc-min", "proc-leg")
@@ -65,8 +66,6 @@ class _AllowCheck:
     name = "allow"
 
     async def check(self, ctx: Any) -> Any:
-        from legation.extauthz.checks import ALLOW
-
         return ALLOW
 
     async def start(self) -> None:

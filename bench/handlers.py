@@ -6,7 +6,8 @@ What ``bench/floor.py`` and ``bench/fused.py`` cannot resolve on a shared machin
 call under 10-30 % noise between rounds): the handler's Python alone, best of ``--runs`` runs of
 ``--calls`` calls, CPU time (``time.process_time``), after a warm-up. Rows:
 
-  authz-allow      ext_authz gRPC ``Check`` with bench/floor.py's check that always allows
+  authz-allow      ext_authz gRPC ``Check``, serialized as the server sends it, with
+                   bench/floor.py's check that always allows
   authz-jwt-rego   ``Check`` with a JWT (RS256, verified once, then cached) and Rego
                    (bench/fused.py's policy, decision cache hit), a CheckRequest as Envoy's
   http-allow       the HTTP call-out (``CalloutApp``) with the allow check
@@ -136,8 +137,12 @@ async def _authz_cases(cases: dict[str, Case]) -> None:
         _check_request(token, "floor", "allow"),
         _check_request(token, "bench.authz", "jwt,rego"),
     )
-    cases["authz-allow"] = lambda: servicer.Check(allow, context)
-    cases["authz-jwt-rego"] = lambda: servicer.Check(jwt_rego, context)
+
+    async def wire(request: Any) -> bytes:  # what the gRPC server runs and sends
+        return authz._serialize(await servicer.check_wire(request, context))
+
+    cases["authz-allow"] = lambda: wire(allow)
+    cases["authz-jwt-rego"] = lambda: wire(jwt_rego)
     app = CalloutApp(servicer)
 
     def call(policy: bytes, checks: bytes, *headers: tuple[bytes, bytes]) -> Call:
@@ -225,8 +230,10 @@ def _extproc_cases(cases: dict[str, Case]) -> None:
 
 
 def _allowed(result: Any) -> bool:
-    if isinstance(result, bytes):
+    if isinstance(result, bytes) and result.startswith(b"HTTP/"):
         return result.startswith(b"HTTP/1.1 200 ")
+    if isinstance(result, bytes):  # a serialized CheckResponse
+        result = external_auth_pb2.CheckResponse.FromString(result)
     if isinstance(result, external_auth_pb2.CheckResponse):
         return result.status.code == 0 and not result.HasField("denied_response")
     if isinstance(result, rls_pb2.RateLimitResponse):

@@ -17,7 +17,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +43,20 @@ def envoy_binary() -> str:
     return found
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
+def tied_to_parent(command: Sequence[str], signame: str = "TERM") -> list[str]:
+    """``command`` started so that it gets SIG``signame`` when the thread that started it ends
+    (``PR_SET_PDEATHSIG``, set by util-linux's ``setpriv`` before it execs the command; kept
+    across exec). Run it in its own process group (``process_group=0``).
+
+    Not a ``preexec_fn``: with one, Python runs every at-fork handler in the child before exec,
+    and OpenTelemetry's TracerProvider (made once a span is recorded) starts a thread pool
+    there, which can hang the child for good (seen in a test run: the child never exec'd). Without
+    ``setpriv`` the command runs untied."""
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", signame, "--", *command] if setpriv else list(command)
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec (``join`` only)
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
@@ -99,26 +112,32 @@ class EnvoyProcess:
         config_path.write_text(self._config)
         log = open(self.log_path, "ab")
         wrap = ["ip", "netns", "exec", self._netns] if self._netns else []
+        command = [
+            *wrap,
+            envoy_binary(),
+            "-c",
+            str(config_path),
+            "--use-dynamic-base-id",
+            "--concurrency",
+            str(self._concurrency),
+            "--log-level",
+            self._log_level,
+            "--disable-hot-restart",
+            # access-log files (JSON lines) written within a second, not Envoy's default 10 s
+            "--file-flush-interval-msec",
+            "1000",
+        ]
+        if self._join is None:
+            command, preexec, group = tied_to_parent(command), None, 0
+        else:  # a caller's function to run before exec (tests and benchmarks)
+            preexec, group = self._preexec, None
         self.proc = subprocess.Popen(
-            [
-                *wrap,
-                envoy_binary(),
-                "-c",
-                str(config_path),
-                "--use-dynamic-base-id",
-                "--concurrency",
-                str(self._concurrency),
-                "--log-level",
-                self._log_level,
-                "--disable-hot-restart",
-                # access-log files (JSON lines) written within a second, not Envoy's default 10 s
-                "--file-flush-interval-msec",
-                "1000",
-            ],
+            command,
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            preexec_fn=_die_with_parent if self._join is None else self._preexec,
+            preexec_fn=preexec,
+            process_group=group,
             group=self._gid,
             extra_groups=[] if self._gid is not None else None,
         )

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from legation.envoy_process import _die_with_parent
+from legation.envoy_process import tied_to_parent
 
 __all__ = ["Backoff", "Supervised"]
 
@@ -104,11 +104,11 @@ class Supervised(Backoff):
             self.restarts += 1
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.proc = await asyncio.create_subprocess_exec(
-            *self.command,
+            *tied_to_parent(self.command),
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
-            preexec_fn=_die_with_parent,
+            process_group=0,
             env={**os.environ, "GRPC_VERBOSITY": "ERROR", **(self.env or {})},
         )
         self.started_at, self.restart_at, self.ready = time.monotonic(), None, False

@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import math
+import threading
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
-from legation._prom import incrementer, observer
+from legation._prom import (
+    FOLD_AT,
+    BatchedCounter,
+    BatchedHistogram,
+    fold,
+    incrementer,
+    observer,
+)
 
 BUCKETS = (0.0001, 0.00025, 0.001, 0.5, 1.0)
 amounts = st.one_of(
@@ -67,3 +75,73 @@ def test_a_child_it_does_not_know_gets_the_public_method() -> None:
     parent = Counter("p", "p", ["l"], registry=registry)
     with pytest.raises(ValueError, match="missing label values"):
         incrementer(parent)(1)  # the parent itself is not observable: the public error
+
+
+def _batched_pair() -> tuple[CollectorRegistry, Counter, Histogram]:
+    registry = CollectorRegistry()
+    counter = BatchedCounter("c", "c", ["l"], registry=registry)
+    histogram = BatchedHistogram("h", "h", ["l"], buckets=BUCKETS, registry=registry)
+    return registry, counter, histogram
+
+
+@settings(max_examples=200, deadline=None, database=None)
+@given(st.lists(amounts, max_size=600))
+def test_batched_metrics_expose_what_the_public_methods_do(values: list[float]) -> None:
+    public, c1, h1 = _pair()
+    batched, c2, h2 = _batched_pair()
+    c1.labels("a"), h1.labels("a")
+    inc, observe = incrementer(c2.labels("a")), observer(h2.labels("a"))
+    for value in values:  # up to 600 updates: folds on the way (FOLD_AT) and at collection
+        h1.labels("a").observe(value)
+        observe(value)
+        if value >= 0 or math.isnan(value):
+            c1.labels("a").inc(value)
+            inc(value)
+        else:
+            with pytest.raises(ValueError, match="non-negative"):
+                inc(value)  # refused at once, never queued
+    assert _exposition(batched) == _exposition(public)
+
+
+def test_batched_updates_wait_for_a_collection_or_a_full_queue() -> None:
+    registry, counter, histogram = _batched_pair()
+    inc, observe = incrementer(counter.labels("a")), observer(histogram.labels("a"))
+    fold()
+    inc(1)
+    observe(0.0002)
+    assert counter.labels("a")._value.get() == 0  # queued, not applied
+    assert registry.get_sample_value("c_total", {"l": "a"}) == 1  # a collection folds first
+    assert registry.get_sample_value("h_bucket", {"l": "a", "le": "0.00025"}) == 1
+    for _ in range(FOLD_AT):
+        inc(1)
+    assert counter.labels("a")._value.get() >= FOLD_AT  # folded on the way, not only at scrape
+
+
+def test_batched_updates_from_many_threads_are_all_counted() -> None:
+    registry, counter, histogram = _batched_pair()
+    inc, observe = incrementer(counter.labels("a")), observer(histogram.labels("a"))
+    threads, each = 8, 5_000
+
+    def work() -> None:
+        for _ in range(each):
+            inc(1)
+            observe(0.5)
+
+    pool = [threading.Thread(target=work) for _ in range(threads)]
+    scraper_done = threading.Event()
+
+    def scrape() -> None:  # collections folding concurrently with the writers
+        while not scraper_done.is_set():
+            generate_latest(registry)
+
+    scraper = threading.Thread(target=scrape)
+    scraper.start()
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    scraper_done.set()
+    scraper.join()
+    assert registry.get_sample_value("c_total", {"l": "a"}) == threads * each
+    assert registry.get_sample_value("h_count", {"l": "a"}) == threads * each
+    assert registry.get_sample_value("h_sum", {"l": "a"}) == threads * each * 0.5

@@ -3,6 +3,7 @@ ready line noticed, a dead child's restart scheduled with a doubling backoff, co
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 
@@ -77,3 +78,75 @@ def test_children_never_import_a_legation_planted_in_the_working_directory(
     assert done.returncode == 0 and "legation" in done.stdout
     assert not marker.exists()
     assert _CMD[1] == "-P"
+
+
+_AFTER_A_SPAN = """
+import asyncio, sys, tempfile
+from pathlib import Path
+
+from legation.tracing import spans
+
+# what recording the first span does: a provider for the service (legation.tracing.spans), made
+# before the thread pool module was first imported, so OpenTelemetry's at-fork handler runs
+# before that module's own and finds its lock held (the parent took it for the fork)
+spans._EXPORT.set(("127.0.0.1", 9))
+assert spans._EXPORT.tracer("extauthz") is not None
+import concurrent.futures.thread  # noqa: E402
+
+from legation.envoy_process import EnvoyProcess  # noqa: E402
+from legation.supervisor import Supervised  # noqa: E402
+
+
+async def main() -> None:
+    child = Supervised(
+        role="demo",
+        log_path=Path(tempfile.mkdtemp()) / "demo.log",
+        command=[sys.executable, "-c", "print('up', flush=True)"],
+        on_line=lambda role, line: print(role, line, flush=True),
+    )
+    await child.start()
+    await child.proc.wait()
+    await child.output_done()
+
+
+asyncio.run(main())
+envoy = EnvoyProcess({}, admin_port=1, log_dir=Path(tempfile.mkdtemp())).start()
+envoy.stop()
+print("envoy started", flush=True)
+"""
+
+
+def test_children_start_after_a_span_was_recorded() -> None:
+    """A ``preexec_fn`` makes Python run every at-fork handler in the child before exec; once
+    OpenTelemetry's TracerProvider existed, a child could hang there, and the parent with it (a
+    test run hung so). Legation's children are started without one."""
+    import subprocess
+
+    done = subprocess.run(
+        [sys.executable, "-c", _AFTER_A_SPAN], capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["demo up", "envoy started"]
+
+
+async def test_a_child_dies_with_the_thread_that_started_it(tmp_path: Path) -> None:
+    """The parent-death signal survives the change from a ``preexec_fn`` to ``setpriv``."""
+    child = Supervised(
+        role="probe",
+        log_path=tmp_path / "p.log",
+        on_line=lambda *_: None,
+        command=[
+            sys.executable,
+            "-c",
+            "import ctypes, signal\n"
+            "sig = ctypes.c_int()\n"
+            "ctypes.CDLL(None).prctl(2, ctypes.byref(sig))  # PR_GET_PDEATHSIG\n"
+            "print(sig.value, flush=True)",
+        ],
+    )
+    await child.start()
+    assert child.proc is not None
+    await child.proc.wait()
+    await child.output_done()
+    assert (tmp_path / "p.log").read_text().strip() == str(int(signal.SIGTERM))
+    assert child.pid is not None

@@ -26,11 +26,11 @@ from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
+from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.metrics_core import Metric
 
-from legation._prom import incrementer, observer
+from legation._prom import BatchedCounter, BatchedHistogram, incrementer, observer, queued
 from legation.tracing.spans import CallTracer, SpanContext
 
 decision_logger = logging.getLogger("legation.extauthz.decisions")
@@ -123,19 +123,19 @@ class Metrics:
         policy_labels: PolicyLabels | None = None,
     ) -> None:
         registry = registry if registry is not None else REGISTRY
-        self.decisions = Counter(
+        self.decisions = BatchedCounter(
             "legation_extauthz_decisions",
             "ext_authz decisions by policy and result",
             ["policy", "result"],
             registry=registry,
         )
-        self.errors = Counter(
+        self.errors = BatchedCounter(
             "legation_extauthz_check_errors",
             "checks that errored or timed out, by code",
             ["policy", "code"],
             registry=registry,
         )
-        self.latency = Histogram(
+        self.latency = BatchedHistogram(
             "legation_extauthz_handler_seconds",
             "time spent in the Check handler",
             ["policy"],
@@ -143,7 +143,7 @@ class Metrics:
             registry=registry,
         )
 
-        self._children: dict[tuple[str, str, str], tuple[Any, Any, Any]] = {}
+        self._children: dict[tuple[str, str, str], Callable[[float], None]] = {}
         self._registry = registry
         self.policy_label = policy_labels or PolicyLabels()
 
@@ -155,22 +155,32 @@ class Metrics:
     def observe(self, *, policy: str, result: str, code: str, seconds: float) -> None:
         policy = self.policy_label(policy)
         key = (policy, result, code)
-        children = self._children.get(key)
-        if children is None:
-            error = None
-            if code and result in ("error", "would_deny") and code not in ("denied",):
-                error = self.errors.labels(policy, code)
-            children = (
-                incrementer(self.decisions.labels(policy, result)),
-                None if error is None else incrementer(error),
-                observer(self.latency.labels(policy)),
-            )
+        record = self._children.get(key)
+        if record is None:
+            record = self._record(policy, result, code)
             if len(self._children) < 4096:  # policies bounded by PolicyLabels, codes fixed
-                self._children[key] = children
-        children[0](1)
-        if children[1] is not None:
-            children[1](1)
-        children[2](seconds)
+                self._children[key] = record
+        record(seconds)
+
+    def _record(self, policy: str, result: str, code: str) -> Callable[[float], None]:
+        """One queued update (legation._prom) moving the decision, error and latency series."""
+        decided = incrementer(self.decisions.labels(policy, result), direct=True)
+        latency = observer(self.latency.labels(policy), direct=True)
+        if code and result in ("error", "would_deny") and code not in ("denied",):
+            error = incrementer(self.errors.labels(policy, code), direct=True)
+
+            def apply_error(seconds: float) -> None:
+                decided(1)
+                error(1)
+                latency(seconds)
+
+            return queued(apply_error)
+
+        def apply(seconds: float) -> None:
+            decided(1)
+            latency(seconds)
+
+        return queued(apply)
 
     def watch_reloads(self, checks: Mapping[str, object]) -> None:
         """Export ``legation_extauthz_policy_reload_failures_total{check}`` for every check

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from envoy.service.auth.v3 import external_auth_pb2_grpc
+from envoy.service.auth.v3 import external_auth_pb2
 from prometheus_client import CollectorRegistry
 
 from legation import plugins
@@ -40,6 +40,8 @@ class Settings:
     max_concurrent_streams: int = 0  # 0: gRPC default
     tls: ServerTls | TlsSource | None = None  # None: plaintext; see legation.grpc_server
 
+
+SERVICE_NAME = external_auth_pb2.DESCRIPTOR.services_by_name["Authorization"].full_name
 
 _running: weakref.WeakKeyDictionary[grpc.aio.Server, AuthorizationServicer] = (
     weakref.WeakKeyDictionary()
@@ -82,6 +84,24 @@ async def build_servicer(settings: Settings) -> AuthorizationServicer:
     )
 
 
+def _serialize(answer: external_auth_pb2.CheckResponse | bytes) -> bytes:
+    return answer if isinstance(answer, bytes) else answer.SerializeToString()
+
+
+def register(servicer: AuthorizationServicer, server: grpc.aio.Server) -> None:
+    """Serve ``envoy.service.auth.v3.Authorization/Check`` with ``servicer.check_wire``: the
+    generated ``add_AuthorizationServicer_to_server`` but with a serializer that passes the
+    answers already encoded as they are."""
+    handler = grpc.unary_unary_rpc_method_handler(
+        servicer.check_wire,
+        request_deserializer=external_auth_pb2.CheckRequest.FromString,
+        response_serializer=_serialize,
+    )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(SERVICE_NAME, {"Check": handler}),)
+    )
+
+
 async def start_server(settings: Settings) -> tuple[grpc.aio.Server, int]:
     servicer = await build_servicer(settings)
     options: list[tuple[str, Any]] = []
@@ -90,7 +110,7 @@ async def start_server(settings: Settings) -> tuple[grpc.aio.Server, int]:
     try:
         server, port = await start_grpc_server(
             "extauthz",
-            lambda s: external_auth_pb2_grpc.add_AuthorizationServicer_to_server(servicer, s),
+            lambda s: register(servicer, s),
             host=settings.host,
             port=settings.port,
             reuse_port=settings.reuse_port,

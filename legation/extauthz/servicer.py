@@ -11,6 +11,7 @@ embedded policy), metric children and parsed route settings cached, no per-reque
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -32,7 +33,12 @@ from legation.extauthz.observe import (
     trace_decision,
 )
 from legation.extauthz.request import InputOptions, RequestContext
-from legation.extauthz.response import check_decision, to_check_response
+from legation.extauthz.response import (
+    allow_wire,
+    check_decision,
+    plain_allow,
+    to_check_response,
+)
 from legation.tracing.spans import SpanContext
 
 log = logging.getLogger("legation.extauthz")
@@ -78,9 +84,24 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
     async def Check(
         self, request: external_auth_pb2.CheckRequest, context: Any
     ) -> external_auth_pb2.CheckResponse:
+        """The answer as a message (for Python callers; the server sends :meth:`check_wire`'s,
+        which this parses when it is bytes, so both are the same answer)."""
+        answer = await self.check_wire(request, context)
+        if isinstance(answer, bytes):
+            return external_auth_pb2.CheckResponse.FromString(answer)
+        return answer
+
+    async def check_wire(
+        self, request: external_auth_pb2.CheckRequest, context: Any
+    ) -> external_auth_pb2.CheckResponse | bytes:
+        """What the gRPC server answers ``Check`` with: the common plain allow already
+        serialized (:func:`allow_wire`), anything else as a message."""
         ctx = RequestContext(request, self.input_options)
         parent = TRACER.parent_in(context.invocation_metadata()) if TRACER.on else None
         decision, policy = await self.decide(ctx, parent=parent)
+        if plain_allow(decision):
+            with contextlib.suppress(UnicodeEncodeError):  # a policy name no proto could carry
+                return allow_wire(policy, ctx.decision_id)
         return to_check_response(
             decision,
             decision_id=ctx.decision_id,

@@ -9,9 +9,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
+from prometheus_client import REGISTRY, CollectorRegistry, Counter
 
-from legation._prom import incrementer, observer
+from legation._prom import BatchedCounter, BatchedHistogram, incrementer, observer
 
 _LATENCY_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 1.0)
 
@@ -19,19 +19,19 @@ _LATENCY_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         reg = registry if registry is not None else REGISTRY
-        self.streams = Counter(
+        self.streams = BatchedCounter(
             "legation_extproc_streams",
             "ext_proc streams (one per HTTP request)",
             ["chain"],
             registry=reg,
         )
-        self.phases = Counter(
+        self.phases = BatchedCounter(
             "legation_extproc_phases",
             "Messages processed, by phase",
             ["chain", "phase"],
             registry=reg,
         )
-        self.filter_seconds = Histogram(
+        self.filter_seconds = BatchedHistogram(
             "legation_extproc_filter_seconds",
             "Time spent in a filter hook",
             ["filter", "phase"],

@@ -34,7 +34,7 @@ from collections.abc import Callable, Sequence
 
 from envoy.service.ratelimit.v3 import rls_pb2
 
-from legation._prom import incrementer
+from legation._prom import incrementer, queued
 from legation.ratelimit._request import (
     ResponseHeaders,
     _Checked,
@@ -225,10 +225,10 @@ class RateLimiter:
             else:
                 pick = min((d.remaining, i) for i, d in enumerate(decisions))[1]
         limit, decision, near_at = c.limits[pick], decisions[pick], c.near[pick]
-        total, within, over, near, shadow = self._counters_for(domain, c.metric_key)
+        total, _, over, near, shadow, allowed = self._counters_for(domain, c.metric_key)
         cost, rpu, used = c.cost, limit.requests_per_unit, decision.used
-        total(cost)
         if denied:
+            total(cost)
             # upstream's split: hits past the limit are over; those between the near threshold
             # and the limit, when this hit crossed it, are near
             if used < 0 or used - cost >= rpu:
@@ -242,7 +242,7 @@ class RateLimiter:
             else:
                 status.code = OVER_LIMIT
         else:
-            within(cost)
+            allowed(cost)  # total and within
             if used < 0:
                 used = rpu - decision.remaining
             if used > near_at:
@@ -261,11 +261,14 @@ class RateLimiter:
             reset.nanos = ms * 1_000_000
 
     def _counters_for(self, domain: str, metric_key: str) -> tuple[Callable[[float], None], ...]:
+        """The descriptor's total, within, over, near and shadow counters (queued, see
+        legation._prom), then one queued update moving total and within together (an allowed
+        hit, the common case: one queue entry instead of two)."""
         found = self._counters.get((domain, metric_key))
         if found is None:
             m = self.metrics
-            found = tuple(
-                incrementer(counter.labels(domain, metric_key))
+            children = [
+                counter.labels(domain, metric_key)
                 for counter in (
                     m.total_hits,
                     m.within_limit,
@@ -273,7 +276,14 @@ class RateLimiter:
                     m.near_limit,
                     m.shadow_mode,
                 )
-            )
+            ]
+            total, within = (incrementer(c, direct=True) for c in children[:2])
+
+            def allowed(cost: float) -> None:
+                total(cost)
+                within(cost)
+
+            found = (*(incrementer(c) for c in children), queued(allowed))
             if len(self._counters) < 100_000:  # bounded, whatever detailed_metric lets in
                 self._counters[(domain, metric_key)] = found
         return found

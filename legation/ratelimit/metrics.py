@@ -31,6 +31,8 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from legation._prom import BatchedCounter
+
 # keyed by id(); the registry is kept alive alongside so its id cannot be reused
 _BY_REGISTRY: dict[int, tuple[CollectorRegistry, RateLimitMetrics]] = {}
 
@@ -40,15 +42,19 @@ class RateLimitMetrics:
         self.registry = registry
         labels = ["domain", "descriptor"]
 
-        def counter(name: str, doc: str, names: list[str]) -> Counter:
-            return Counter(f"legation_ratelimit_{name}", doc, names, registry=registry)
+        def counter(
+            name: str, doc: str, names: list[str], kind: type[Counter] = Counter
+        ) -> Counter:
+            return kind(f"legation_ratelimit_{name}", doc, names, registry=registry)
 
-        self.total_hits = counter("total_hits", "Hits checked against a limit", labels)
-        self.within_limit = counter("within_limit", "Hits within the limit", labels)
-        self.over_limit = counter("over_limit", "Hits over the limit (and refused)", labels)
-        self.near_limit = counter("near_limit", "Allowed hits past the near-limit ratio", labels)
+        # per descriptor, on every request: updates queued (legation._prom)
+        b = BatchedCounter
+        self.total_hits = counter("total_hits", "Hits checked against a limit", labels, b)
+        self.within_limit = counter("within_limit", "Hits within the limit", labels, b)
+        self.over_limit = counter("over_limit", "Hits over the limit (and refused)", labels, b)
+        self.near_limit = counter("near_limit", "Allowed hits past the near-limit ratio", labels, b)
         self.shadow_mode = counter(
-            "shadow_mode", "Hits over the limit let through by shadow mode", labels
+            "shadow_mode", "Hits over the limit let through by shadow mode", labels, b
         )
         self.global_shadow_mode = counter(
             "global_shadow_mode",

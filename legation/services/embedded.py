@@ -105,6 +105,7 @@ class EmbeddedServices:
         for kind in reversed(KINDS):
             if kind.name in self.running:
                 await self._stop(kind.name)
+        spans.configure(None)  # no service left to record spans (flushes what is queued)
 
     def registries(self) -> list[CollectorRegistry]:
         return [s.registry for s in self.running.values()]

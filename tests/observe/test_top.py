@@ -41,15 +41,20 @@ def status_url() -> Iterator[str]:
 
 def test_top_redraws_on_a_terminal_until_interrupted(status_url: str) -> None:
     main, child = pty.openpty()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "legation.cli", "top", "--url", status_url, "--interval", "0.2"],
-        stdin=child,
-        stdout=child,
-        stderr=child,
-        # Ctrl-C reaches it whatever this process inherited: a shell's background job starts
-        # with SIGINT ignored, and Python keeps an ignored SIGINT ignored (a hang in such a run)
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
+    # Ctrl-C reaches it whatever this process inherited: a shell's background job starts with
+    # SIGINT ignored, an ignored signal stays ignored across exec, and Python keeps it so (a
+    # hang in such a run). Handled here, not by a preexec_fn: that runs every at-fork handler in
+    # the child, and OpenTelemetry's, from an earlier test's spans, can hang it there.
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "legation.cli", "top", "--url", status_url, "--interval", "0.2"],
+            stdin=child,
+            stdout=child,
+            stderr=child,
+        )
+    finally:
+        signal.signal(signal.SIGINT, inherited)
     os.close(child)
     out = b""
     deadline = time.monotonic() + 20
