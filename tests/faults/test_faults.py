@@ -8,7 +8,6 @@ only asserted to have happened within the run. Every scenario holds today (none 
 
 from __future__ import annotations
 
-import gc
 import os
 from pathlib import Path
 
@@ -23,16 +22,9 @@ SCALE = float(os.environ.get("LEGATION_FAULTS_SCALE", "0.6"))  # short in CI
 
 
 def run(scenario, tmp_path: Path, **kwargs: object) -> Report:
-    # A scenario's control plane and embedded services run in this test process, which in the
-    # full suite holds every earlier test's objects (millions): one full collection of those
-    # in the middle of a scenario stalls the services' event loop ~0.4 s (measured with a
-    # 2M-object heap), past ext_proc's 200 ms message timeout, where a real control plane
-    # process holds a small fraction of them. They are frozen first (out of the collector's
-    # scans), as if the scenario ran in a fresh process; what the scenario allocates is
-    # collected as usual. They stay frozen (unfreezing would hand them all back to the oldest
-    # generation, and a later test would pay that full collection at a random moment).
-    gc.collect()
-    gc.freeze()
+    # the control plane and embedded services run in this process: tests/conftest.py freezes
+    # what earlier tests left alive before each integration test (a full collection of it
+    # would stall the services past ext_proc's message timeout)
     result: Report = scenario(tmp_path, SCALE, **kwargs)
     print(result.line(), result.statuses)
     assert result.sent > 0
