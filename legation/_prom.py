@@ -19,6 +19,7 @@ are kept: ``deque.append`` and ``popleft`` are atomic and the fold holds a lock.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from bisect import bisect_left
@@ -29,21 +30,34 @@ from typing import Any
 from prometheus_client import Counter, Histogram
 from prometheus_client.metrics_core import Metric
 
+log = logging.getLogger("legation.metrics")
+
 FOLD_AT = 256
 _pending: deque[tuple[Callable[[float], None], float]] = deque()
 _fold_lock = threading.Lock()
 
 
 def fold() -> None:
-    """Apply every queued update (what a collection does first)."""
+    """Apply every queued update (what a collection does first). An update that raises is
+    logged and dropped: it must not fail the request or the scrape that happened to fold."""
     with _fold_lock:
         popleft = _pending.popleft
         while _pending:
             apply, amount = popleft()
-            apply(amount)
+            try:
+                apply(amount)
+            except Exception:
+                log.exception("a queued metric update failed; dropped")
 
 
-os.register_at_fork(after_in_child=_pending.clear)  # a forked child keeps its own updates only
+def _after_fork_in_child() -> None:
+    """A forked child keeps its own updates only, with a lock no other thread holds."""
+    global _fold_lock
+    _pending.clear()
+    _fold_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class BatchedCounter(Counter):

@@ -7,11 +7,13 @@ Used by ``legation up`` and by the integration tests. The child is tied to us wi
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.error
@@ -45,15 +47,43 @@ def envoy_binary() -> str:
 
 def tied_to_parent(command: Sequence[str], signame: str = "TERM") -> list[str]:
     """``command`` started so that it gets SIG``signame`` when the thread that started it ends
-    (``PR_SET_PDEATHSIG``, set by util-linux's ``setpriv`` before it execs the command; kept
-    across exec). Run it in its own process group (``process_group=0``).
+    (``PR_SET_PDEATHSIG``, kept across exec): by util-linux's ``setpriv --pdeathsig`` when this
+    machine's has it (2.33 and later), else by a small Python step that sets it and execs the
+    command. Run it in its own process group (``process_group=0``).
 
     Not a ``preexec_fn``: with one, Python runs every at-fork handler in the child before exec,
-    and OpenTelemetry's TracerProvider (made once a span is recorded) starts a thread pool
-    there, which can hang the child for good (seen in a test run: the child never exec'd). Without
-    ``setpriv`` the command runs untied."""
+    and OpenTelemetry's TracerProvider (made once a span is recorded) can hang the child there
+    for good, and the parent with it (seen in a test run: the child never exec'd)."""
+    setpriv = setpriv_with_pdeathsig()
+    if setpriv is not None:
+        return [setpriv, "--pdeathsig", signame, "--", *command]
+    signum = int(signal.Signals[f"SIG{signame}"])
+    return [sys.executable, "-I", "-S", "-c", _TIE, str(signum), str(os.getpid()), *command]
+
+
+# argv: signal number, the parent's pid, the command; a parent already gone: do not run it
+_TIE = (
+    "import ctypes, os, sys\n"
+    "ctypes.CDLL(None, use_errno=True).prctl(1, int(sys.argv[1]))\n"
+    "if os.getppid() != int(sys.argv[2]):\n"
+    "    os._exit(1)\n"
+    "os.execvp(sys.argv[3], sys.argv[3:])\n"
+)
+
+
+@functools.cache
+def setpriv_with_pdeathsig() -> str | None:
+    """``setpriv``'s path when it takes ``--pdeathsig`` (older ones and BusyBox's do not)."""
     setpriv = shutil.which("setpriv")
-    return [setpriv, "--pdeathsig", signame, "--", *command] if setpriv else list(command)
+    if setpriv is None:
+        return None
+    try:
+        done = subprocess.run(
+            [setpriv, "--pdeathsig", "TERM", "--", "true"], capture_output=True, timeout=10
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return setpriv if done.returncode == 0 else None
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec (``join`` only)
@@ -83,7 +113,9 @@ class EnvoyProcess:
         gid: int | None = None,
     ) -> None:
         """``join`` runs in the child before exec (after the parent-death signal is set), e.g.
-        :meth:`legation.capture.ebpf.Sockmap.preexec` to start Envoy inside the mesh's cgroup.
+        :meth:`legation.capture.ebpf.Sockmap.preexec` to start Envoy inside the mesh's cgroup:
+        for tests and benchmarks only, being a ``preexec_fn`` (see :func:`tied_to_parent`;
+        ``legation up --ebpf`` puts itself in the cgroup and its children inherit it).
         ``netns``: run inside that network namespace (``ip netns exec``); ``gid``: with that
         group id and no supplementary groups (transparent capture leaves its traffic alone)."""
         self.name = name

@@ -17,6 +17,7 @@ from legation._prom import (
     fold,
     incrementer,
     observer,
+    queued,
 )
 
 BUCKETS = (0.0001, 0.00025, 0.001, 0.5, 1.0)
@@ -145,3 +146,55 @@ def test_batched_updates_from_many_threads_are_all_counted() -> None:
     assert registry.get_sample_value("c_total", {"l": "a"}) == threads * each
     assert registry.get_sample_value("h_count", {"l": "a"}) == threads * each
     assert registry.get_sample_value("h_sum", {"l": "a"}) == threads * each * 0.5
+
+
+def test_an_update_that_fails_in_a_fold_is_dropped_alone(caplog: pytest.LogCaptureFixture) -> None:
+    """The fold runs in whichever request made the 256th update: a failing update must not fail
+    that request nor stop the rest of the queue (attacker review)."""
+    registry, counter, _ = _batched_pair()
+    inc = incrementer(counter.labels("a"))
+
+    def boom(amount: float) -> None:
+        raise RuntimeError("boom")
+
+    fold()
+    queued(boom)(1)
+    for _ in range(FOLD_AT):  # the fold happens during these, in this caller
+        inc(1)
+    assert registry.get_sample_value("c_total", {"l": "a"}) == FOLD_AT
+    assert "a queued metric update failed" in caplog.text
+
+
+_FORK_WHILE_FOLDING = """
+import os, threading
+from legation import _prom
+
+held = threading.Event()
+release = threading.Event()
+
+def folding():  # another thread inside a fold when the process forks
+    with _prom._fold_lock:
+        held.set()
+        release.wait()
+
+threading.Thread(target=folding, daemon=True).start()
+held.wait()
+pid = os.fork()
+if pid == 0:
+    _prom.queued(lambda amount: None)(1)
+    _prom.fold()  # the lock the other thread held is not the child's
+    os._exit(0)
+release.set()
+_, status = os.waitpid(pid, 0)
+print(os.waitstatus_to_exitcode(status))
+"""
+
+
+def test_a_child_forked_during_a_fold_can_fold() -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", _FORK_WHILE_FOLDING], capture_output=True, text=True, timeout=30
+    )
+    assert done.stdout.strip() == "0", done.stderr

@@ -3,9 +3,12 @@ ready line noticed, a dead child's restart scheduled with a doubling backoff, co
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from pathlib import Path
+
+import pytest
 
 from legation.supervisor import BACKOFF_FIRST, BACKOFF_MAX, Supervised
 
@@ -135,14 +138,7 @@ async def test_a_child_dies_with_the_thread_that_started_it(tmp_path: Path) -> N
         role="probe",
         log_path=tmp_path / "p.log",
         on_line=lambda *_: None,
-        command=[
-            sys.executable,
-            "-c",
-            "import ctypes, signal\n"
-            "sig = ctypes.c_int()\n"
-            "ctypes.CDLL(None).prctl(2, ctypes.byref(sig))  # PR_GET_PDEATHSIG\n"
-            "print(sig.value, flush=True)",
-        ],
+        command=[sys.executable, "-c", _PDEATHSIG_PROBE],
     )
     await child.start()
     assert child.proc is not None
@@ -150,3 +146,54 @@ async def test_a_child_dies_with_the_thread_that_started_it(tmp_path: Path) -> N
     await child.output_done()
     assert (tmp_path / "p.log").read_text().strip() == str(int(signal.SIGTERM))
     assert child.pid is not None
+
+
+_PDEATHSIG_PROBE = (
+    "import ctypes\n"
+    "sig = ctypes.c_int()\n"
+    "ctypes.CDLL(None).prctl(2, ctypes.byref(sig))  # PR_GET_PDEATHSIG\n"
+    "print(sig.value, flush=True)"
+)
+
+
+def test_without_a_setpriv_that_takes_pdeathsig_children_are_still_tied(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """util-linux before 2.33 and BusyBox have a setpriv without ``--pdeathsig`` (attacker
+    review: every child then failed to start); a Python step sets the signal instead."""
+    import subprocess
+
+    from legation import envoy_process
+
+    old = tmp_path / "bin" / "setpriv"
+    old.parent.mkdir()
+    old.write_text("#!/bin/sh\necho \"setpriv: unrecognized option '$1'\" >&2\nexit 1\n")
+    old.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{old.parent}:{os.environ['PATH']}")
+    envoy_process.setpriv_with_pdeathsig.cache_clear()
+    try:
+        command = envoy_process.tied_to_parent([sys.executable, "-c", _PDEATHSIG_PROBE])
+        assert command[0] == sys.executable  # not the old setpriv
+        done = subprocess.run(command, capture_output=True, text=True, timeout=30)
+    finally:
+        envoy_process.setpriv_with_pdeathsig.cache_clear()
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(int(signal.SIGTERM))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="setpriv --reuid needs root")
+def test_a_pod_app_keeps_the_parent_death_signal_after_its_uid_changes() -> None:
+    """The kernel clears the signal when the uid changes, so the app's own setpriv sets it again
+    (attacker review: pod apps outlived a killed `legation up`)."""
+    import subprocess
+
+    from legation.capture.pods import unprivileged
+
+    done = subprocess.run(
+        [*unprivileged(65534), sys.executable, "-I", "-c", _PDEATHSIG_PROBE],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(int(signal.SIGTERM))

@@ -22,6 +22,7 @@ from legation.capture.relay import Relay
 from legation.capture.rules import hosts_file, pod_rules
 from legation.config.capture import Capture
 from legation.config.model import Endpoint, Mesh
+from legation.envoy_process import setpriv_with_pdeathsig
 from legation.translate import relay_targets
 
 
@@ -142,7 +143,9 @@ class Pods:
 def unprivileged(uid: int) -> list[str]:
     """The prefix that runs a command as ``uid`` (user and group), with no supplementary groups,
     no capabilities (effective, inheritable or bounding) and no way to gain any (``setpriv``,
-    util-linux): an app in a pod can neither take the proxy group nor rewrite its pod's rules."""
+    util-linux): an app in a pod can neither take the proxy group nor rewrite its pod's rules.
+    It also gets SIGTERM when ``legation up`` dies (the uid change clears the parent-death
+    signal set before it, so this ``setpriv`` sets it again, where it can)."""
     setpriv = shutil.which("setpriv")
     if setpriv is None:
         raise CaptureError(
@@ -158,5 +161,6 @@ def unprivileged(uid: int) -> list[str]:
         "--inh-caps=-all",
         "--bounding-set=-all",
         "--no-new-privs",
+        *(("--pdeathsig=TERM",) if setpriv_with_pdeathsig() else ()),
         "--",
     ]
