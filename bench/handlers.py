@@ -28,7 +28,6 @@ import argparse
 import asyncio
 import cProfile
 import json
-import os
 import pstats
 import tempfile
 import time
@@ -270,7 +269,7 @@ async def _main(args: argparse.Namespace) -> None:
             for _ in range(args.calls):
                 await case()
             profile.disable()
-            pstats.Stats(profile).sort_stats(os.environ.get("PSORT", "tottime")).print_stats(int(os.environ.get("PN", "18")))
+            pstats.Stats(profile).sort_stats("tottime").print_stats(18)
 
 
 def main() -> None:
