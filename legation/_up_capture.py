@@ -32,7 +32,12 @@ class StackCapture:
         def say(self, line: str) -> None: ...
 
         def _child(
-            self, role: str, command: list[str], ready_line: str | None = None
+            self,
+            role: str,
+            command: list[str],
+            ready_line: str | None = None,
+            worker: int | None = None,
+            parent_death: str = "TERM",
         ) -> Supervised: ...
 
     async def _start_capture(self, mesh: Mesh) -> bool:
@@ -88,7 +93,10 @@ class StackCapture:
         command = self.pods.app_command(
             spec.instance, argv, services={s.name: s.port for s in mesh.services}
         )
-        app = self._child(f"app-{spec.instance}", command, ready_line="demo app ")
+        # KILL: the pod's unshare --fork ignores SIGTERM (app_command)
+        app = self._child(
+            f"app-{spec.instance}", command, ready_line="demo app ", parent_death="KILL"
+        )
         await app.start()
         deadline = time.monotonic() + _APP_READY
         while not app.ready and app.alive() and time.monotonic() < deadline:

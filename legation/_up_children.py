@@ -56,6 +56,7 @@ class StackChildren:
         command: list[str],
         ready_line: str | None = None,
         worker: int | None = None,
+        parent_death: str = "TERM",
     ) -> Supervised:
         name = role if worker is None else f"{role}-{worker}"
         return Supervised(
@@ -65,6 +66,7 @@ class StackChildren:
             on_line=self._child_line,
             ready_line=ready_line,
             worker=worker,
+            parent_death=parent_death,
         )
 
     def _worker(self, kind: str, plan: str, worker: int) -> Supervised:

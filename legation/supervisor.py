@@ -66,11 +66,15 @@ class Supervised(Backoff):
         env: dict[str, str] | None = None,
         ready_line: str | None = None,
         worker: int | None = None,
+        parent_death: str = "TERM",
     ) -> None:
         """``role``: what it is (``xds``, ``extauthz``...); ``on_line(role, line)`` gets each
         line it prints; ``ready_line``: the text of the line that says it serves (``ready``);
-        ``worker``: which worker of its service it is (None: the role has one process)."""
+        ``worker``: which worker of its service it is (None: the role has one process);
+        ``parent_death``: the signal it gets when its parent dies (``KILL`` for a command that
+        ignores SIGTERM, such as ``unshare --fork``)."""
         self.role = role
+        self.parent_death = parent_death
         self.worker = worker
         self.command = list(command)
         self.log_path = log_path
@@ -104,7 +108,7 @@ class Supervised(Backoff):
             self.restarts += 1
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.proc = await asyncio.create_subprocess_exec(
-            *tied_to_parent(self.command),
+            *tied_to_parent(self.command, self.parent_death),
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
@@ -142,16 +146,16 @@ class Supervised(Backoff):
                 await asyncio.wait_for(asyncio.shield(self._reader), timeout)
 
     async def stop(self, timeout: float = 5.0) -> None:
-        """SIGTERM, then SIGKILL after ``timeout`` seconds."""
+        """SIGTERM to the child's process group (it leads its own: a wrapper such as ``unshare
+        --fork`` ignores SIGTERM, the command under it does not), then SIGKILL to the group
+        after ``timeout`` seconds."""
         proc = self.proc
         if proc is not None and proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
+            _signal_group(proc, signal.SIGTERM)
             try:
                 await asyncio.wait_for(proc.wait(), timeout)
             except TimeoutError:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
+                _signal_group(proc, signal.SIGKILL)
                 await proc.wait()
         await self.output_done()
 
@@ -166,3 +170,13 @@ class Supervised(Backoff):
         if self.worker is not None:
             described |= {"name": self.name, "worker": self.worker}
         return described
+
+
+def _signal_group(proc: asyncio.subprocess.Process, sig: signal.Signals) -> None:
+    """``sig`` to ``proc``'s process group (``process_group=0`` made it its leader); to ``proc``
+    alone if that group is gone."""
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(sig)

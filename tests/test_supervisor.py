@@ -3,6 +3,7 @@ ready line noticed, a dead child's restart scheduled with a doubling backoff, co
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import sys
@@ -197,3 +198,95 @@ def test_a_pod_app_keeps_the_parent_death_signal_after_its_uid_changes() -> None
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == str(int(signal.SIGTERM))
+
+
+_TERM_AWARE = (
+    "import signal, sys, time\n"
+    "def bye(*_):\n"
+    "    print('got TERM', flush=True)\n"
+    "    sys.exit(0)\n"
+    "signal.signal(signal.SIGTERM, bye)\n"
+    "print('ready', flush=True)\n"
+    "time.sleep(60)\n"
+)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="unshare --pid needs root")
+async def test_stop_reaches_a_command_under_a_wrapper_that_ignores_sigterm(tmp_path: Path) -> None:
+    """A pod's app runs under ``unshare --fork``, which ignores SIGTERM: the stop signals the
+    child's process group, so the app itself gets SIGTERM and ends on its own."""
+    from legation.capture.pods import own_pid_namespace
+
+    lines: list[str] = []
+    child = Supervised(
+        role="pod-app",
+        log_path=tmp_path / "a.log",
+        on_line=lambda role, line: lines.append(line),
+        command=[*own_pid_namespace(), sys.executable, "-c", _TERM_AWARE],
+        ready_line="ready",
+        parent_death="KILL",
+    )
+    await child.start()
+    for _ in range(200):
+        if child.ready:
+            break
+        await asyncio.sleep(0.05)
+    assert child.ready
+    await child.stop(timeout=30)
+    assert "got TERM" in lines  # not the SIGKILL after the timeout
+    assert child.returncode == 0
+
+
+_PARENT_OF_A_POD_APP = """
+import asyncio, sys, tempfile, time
+from pathlib import Path
+from legation.capture.pods import own_pid_namespace
+from legation.supervisor import Supervised
+
+SLEEPER = "import time; print('ready', flush=True); time.sleep(60)"
+
+
+async def main():
+    child = Supervised(
+        role="pod-app",
+        log_path=Path(tempfile.mkdtemp()) / "a.log",
+        on_line=lambda role, line: None,
+        command=[*own_pid_namespace(), sys.executable, "-c", SLEEPER],
+        ready_line="ready",
+        parent_death="KILL",
+    )
+    await child.start()
+    while not child.ready:
+        await asyncio.sleep(0.05)
+    app = Path(f"/proc/{child.pid}/task/{child.pid}/children").read_text().split()
+    print(child.pid, *app, flush=True)
+    await asyncio.sleep(60)
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="unshare --pid needs root")
+def test_a_pod_app_dies_with_a_killed_parent() -> None:
+    """``unshare --fork`` ignores SIGTERM, so a pod app is tied with SIGKILL: a ``legation up``
+    killed outright leaves no app behind (attacker review of the PID namespace)."""
+    import subprocess
+    import time
+
+    parent = subprocess.Popen(
+        [sys.executable, "-c", _PARENT_OF_A_POD_APP], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert parent.stdout is not None
+        pids = [int(p) for p in parent.stdout.readline().split()]
+        assert len(pids) == 2  # unshare and the app under it
+        assert all(Path(f"/proc/{p}").exists() for p in pids)
+    finally:
+        parent.kill()
+        parent.wait()
+        if parent.stdout is not None:
+            parent.stdout.close()
+    deadline = time.monotonic() + 20
+    while any(Path(f"/proc/{p}").exists() for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(Path(f"/proc/{p}").exists() for p in pids)

@@ -108,10 +108,14 @@ class Pods:
 
     def app_command(self, instance: str, argv: list[str], *, services: dict[str, int]) -> list[str]:
         """A demo app's command line run in ``instance``'s pod, listening on every address of
-        the pod and calling ``services`` (name -> port) by plain URL."""
+        the pod and calling ``services`` (name -> port) by plain URL; in a PID namespace of its
+        own (it sees no other process), as its own user (:func:`unprivileged`). Stopped by
+        signalling its process group (:class:`legation.supervisor.Supervised`), tied to
+        ``legation up`` with SIGKILL: ``unshare --fork`` ignores SIGTERM."""
         calls = [a for name, port in services.items() for a in ("--call-plain", f"{name}={port}")]
         return self.pods[instance].exec_argv(
             [
+                *own_pid_namespace(),
                 *unprivileged(self.capture.app_uid(instance)),
                 sys.executable,
                 "-P",  # the working directory's modules are never imported
@@ -138,6 +142,20 @@ class Pods:
         finally:
             os.close(self._lock)
             self._lock = None
+
+
+def own_pid_namespace() -> list[str]:
+    """The prefix that runs a command as PID 1 of a new PID namespace with its own ``/proc``
+    (``unshare``, util-linux): a pod's app sees only its own processes, not the other pods'
+    apps, sidecars or Legation's. The command is killed when ``unshare`` dies."""
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        raise CaptureError(
+            "--capture: unshare not found (Debian package util-linux); it gives each app its "
+            "own PID namespace",
+            code="capture_unavailable",
+        )
+    return [unshare, "--pid", "--fork", "--kill-child", "--mount-proc", "--"]
 
 
 def unprivileged(uid: int) -> list[str]:

@@ -8,6 +8,7 @@ know nothing of their sidecars: the frontend app calls ``http://reviews:9080/``.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -279,6 +280,7 @@ def _app_pid(port: int) -> int:
             and b"--port" in argv
             and argv[argv.index(b"--port") + 1] == str(port).encode()
             and b"setpriv" not in argv[0]
+            and b"unshare" not in argv[0]
         ):
             return int(proc.name)
     raise AssertionError(f"no demo app on port {port}")
@@ -297,6 +299,12 @@ def test_pod_apps_run_unprivileged_and_cannot_step_out_of_capture(captured: Capt
     for cap in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
         assert int(fields[cap], 16) == 0, cap
     assert fields["NoNewPrivs"].strip() == "1"
+    # PID 1 of a namespace of its own: it sees no other pod's app, sidecar or Legation
+    pid = _app_pid(captured.ports["app1"])
+    assert fields["NSpid"].split() == [str(pid), "1"]
+    assert os.readlink(f"/proc/{pid}/ns/pid") != os.readlink("/proc/self/ns/pid")
+    other_ns = os.readlink(f"/proc/{_app_pid(captured.ports['app2'])}/ns/pid")
+    assert os.readlink(f"/proc/{pid}/ns/pid") != other_ns
     pod = captured.pod("frontend-0")
 
     def rules() -> list[str]:  # without the "# Generated ... on <date>" comments
@@ -452,9 +460,11 @@ def test_a_reload_adds_a_pod_whose_instance_takes_traffic(captured: Captured) ->
 def test_a_stop_leaves_nothing(captured: Captured) -> None:
     """Last in the file: it stops the run the others used."""
     envoys = captured.up.envoy_pids()
+    apps = [_app_pid(captured.ports[name]) for name in ("app1", "app2")]
     captured.up.proc.send_signal(signal.SIGINT)
     assert captured.up.proc.wait(30) == 0
     assert gone(envoys)
+    assert gone(apps)  # PID 1 of their namespaces, under an unshare that ignores SIGTERM
     net = captured.network
     assert net.prefix not in netns.run(["ip", "netns", "list"])
     links = netns.run(["ip", "-o", "link", "show"])
