@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import threading
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -41,6 +42,24 @@ def _exposition(registry: CollectorRegistry) -> list[str]:
     ]
 
 
+def _feed_both(values: list[float], public: tuple[Counter, Histogram], fast: Any) -> None:
+    """Every value to ``public``'s metrics by their public methods and to ``fast``'s prebound
+    (inc, observe); a negative counter amount is refused by both, at once."""
+    counter, histogram = public
+    inc, observe = fast
+    for value in values:
+        histogram.labels("a").observe(value)
+        observe(value)
+        if value >= 0 or math.isnan(value):
+            counter.labels("a").inc(value)
+            inc(value)
+        else:
+            with pytest.raises(ValueError, match="non-negative"):
+                counter.labels("a").inc(value)
+            with pytest.raises(ValueError, match="non-negative"):
+                inc(value)  # for a batched counter: never queued
+
+
 @settings(max_examples=200, deadline=None, database=None)
 @given(st.lists(amounts, max_size=30))
 def test_same_samples_as_the_public_methods(values: list[float]) -> None:
@@ -49,17 +68,7 @@ def test_same_samples_as_the_public_methods(values: list[float]) -> None:
     c1.labels("a"), h1.labels("a")  # both registries hold the children from the start
     inc, observe = incrementer(c2.labels("a")), observer(h2.labels("a"))
     assert inc is not c2.labels("a").inc and observe is not h2.labels("a").observe  # not a no-op
-    for value in values:
-        h1.labels("a").observe(value)
-        observe(value)
-        if value >= 0 or math.isnan(value):
-            c1.labels("a").inc(value)
-            inc(value)
-        else:
-            with pytest.raises(ValueError, match="non-negative"):
-                c1.labels("a").inc(value)
-            with pytest.raises(ValueError, match="non-negative"):
-                inc(value)
+    _feed_both(values, (c1, h1), (inc, observe))
     assert _exposition(fast) == _exposition(public)
 
 
@@ -91,16 +100,8 @@ def test_batched_metrics_expose_what_the_public_methods_do(values: list[float]) 
     public, c1, h1 = _pair()
     batched, c2, h2 = _batched_pair()
     c1.labels("a"), h1.labels("a")
-    inc, observe = incrementer(c2.labels("a")), observer(h2.labels("a"))
-    for value in values:  # up to 600 updates: folds on the way (FOLD_AT) and at collection
-        h1.labels("a").observe(value)
-        observe(value)
-        if value >= 0 or math.isnan(value):
-            c1.labels("a").inc(value)
-            inc(value)
-        else:
-            with pytest.raises(ValueError, match="non-negative"):
-                inc(value)  # refused at once, never queued
+    # up to 600 updates: folds on the way (FOLD_AT) and at collection
+    _feed_both(values, (c1, h1), (incrementer(c2.labels("a")), observer(h2.labels("a"))))
     assert _exposition(batched) == _exposition(public)
 
 
