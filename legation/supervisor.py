@@ -122,7 +122,7 @@ class Supervised(Backoff):
     async def _read(self, proc: asyncio.subprocess.Process) -> None:
         assert proc.stdout is not None
         with open(self.log_path, "ab") as log:
-            while line := await proc.stdout.readline():
+            while line := await _line(proc.stdout):
                 log.write(line)
                 log.flush()
                 text = line.decode("utf-8", "replace").rstrip()
@@ -147,8 +147,10 @@ class Supervised(Backoff):
 
     async def stop(self, timeout: float = 5.0) -> None:
         """SIGTERM to the child's process group (it leads its own: a wrapper such as ``unshare
-        --fork`` ignores SIGTERM, the command under it does not), then SIGKILL to the group
-        after ``timeout`` seconds."""
+        --fork`` ignores SIGTERM, the command under it does not) and to the child's own
+        children (a pod app that left the group is PID 1 of its namespace: SIGKILL from here
+        ends the namespace), then SIGKILL to them after ``timeout`` seconds. Bounded: an
+        escaped descendant still holding the output pipe does not hold the stop."""
         proc = self.proc
         if proc is not None and proc.returncode is None:
             _signal_group(proc, signal.SIGTERM)
@@ -156,7 +158,12 @@ class Supervised(Backoff):
                 await asyncio.wait_for(proc.wait(), timeout)
             except TimeoutError:
                 _signal_group(proc, signal.SIGKILL)
-                await proc.wait()
+                try:
+                    await asyncio.wait_for(proc.wait(), timeout)
+                except TimeoutError:  # the pipe still open: stop reading it
+                    transport = getattr(proc, "_transport", None)
+                    if transport is not None:
+                        transport.close()
         await self.output_done()
 
     def describe(self) -> dict[str, Any]:
@@ -172,11 +179,36 @@ class Supervised(Backoff):
         return described
 
 
+async def _line(stream: asyncio.StreamReader) -> bytes:
+    """The next line; past a line over the stream's limit (64 KiB), which ``readline`` drops
+    and raises on, the next piece of output: a child's output never stops the reading (nor a
+    ``stop`` waiting for it)."""
+    try:
+        return await stream.readline()
+    except ValueError:
+        return await stream.read(65536)
+
+
 def _signal_group(proc: asyncio.subprocess.Process, sig: signal.Signals) -> None:
-    """``sig`` to ``proc``'s process group (``process_group=0`` made it its leader); to ``proc``
-    alone if that group is gone."""
+    """``sig`` to ``proc``'s process group (``process_group=0`` made it its leader), or to
+    ``proc`` alone if that group is gone, and to ``proc``'s own children, which may have left
+    the group (``setsid``); nothing once ``proc`` has been reaped (its pid may be reused)."""
+    if proc.returncode is not None:
+        return
+    children = _children(proc.pid)
     try:
         os.killpg(proc.pid, sig)
     except ProcessLookupError:
         with contextlib.suppress(ProcessLookupError):
             proc.send_signal(sig)
+    for child in children:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(child, sig)
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except (OSError, ValueError):
+        return []

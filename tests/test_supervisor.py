@@ -240,9 +240,10 @@ async def test_stop_reaches_a_command_under_a_wrapper_that_ignores_sigterm(tmp_p
 _PARENT_OF_A_POD_APP = """
 import asyncio, sys, tempfile, time
 from pathlib import Path
-from legation.capture.pods import own_pid_namespace
+from legation.capture.pods import own_pid_namespace, unprivileged
 from legation.supervisor import Supervised
 
+# no SIGTERM handler: as PID 1 of its namespace it drops a TERM
 SLEEPER = "import time; print('ready', flush=True); time.sleep(60)"
 
 
@@ -251,7 +252,14 @@ async def main():
         role="pod-app",
         log_path=Path(tempfile.mkdtemp()) / "a.log",
         on_line=lambda role, line: None,
-        command=[*own_pid_namespace(), sys.executable, "-c", SLEEPER],
+        command=[
+            *own_pid_namespace(),
+            *unprivileged(65534, pdeathsig="KILL"),  # as app_command runs it
+            sys.executable,
+            "-I",
+            "-c",
+            SLEEPER,
+        ],
         ready_line="ready",
         parent_death="KILL",
     )
@@ -290,3 +298,69 @@ def test_a_pod_app_dies_with_a_killed_parent() -> None:
     while any(Path(f"/proc/{p}").exists() for p in pids) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not any(Path(f"/proc/{p}").exists() for p in pids)
+
+
+_ESCAPES = (
+    "import ctypes, os, signal, time\n"
+    "os.setsid()  # out of the process group stop() signals\n"
+    "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+    "ctypes.CDLL(None).prctl(1, 0)  # no parent-death signal\n"
+    "print('ready', flush=True)\n"
+    "time.sleep(120)\n"
+)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="unshare --pid needs root")
+async def test_a_pod_app_that_leaves_its_group_is_still_stopped(tmp_path: Path) -> None:
+    """An app may leave its process group, ignore SIGTERM and clear its parent-death signal
+    (attacker review: it outlived the stop, and the stop never returned, its output pipe held
+    open). Its stop also signals the child's children: SIGKILL to PID 1 ends the namespace."""
+    from legation.capture.pods import own_pid_namespace, unprivileged
+
+    child = Supervised(
+        role="pod-app",
+        log_path=tmp_path / "e.log",
+        on_line=lambda *_: None,
+        command=[
+            *own_pid_namespace(),
+            *unprivileged(65534, pdeathsig="KILL"),
+            sys.executable,
+            "-I",
+            "-c",
+            _ESCAPES,
+        ],
+        ready_line="ready",
+        parent_death="KILL",
+    )
+    await child.start()
+    for _ in range(200):
+        if child.ready:
+            break
+        await asyncio.sleep(0.05)
+    assert child.ready and child.pid is not None
+    app = Path(f"/proc/{child.pid}/task/{child.pid}/children").read_text().split()
+    assert len(app) == 1
+    await asyncio.wait_for(child.stop(timeout=1), 60)  # fails, never hangs, if it holds
+    assert child.returncode is not None
+    for _ in range(200):
+        if not Path(f"/proc/{app[0]}").exists():
+            break
+        await asyncio.sleep(0.05)
+    assert not Path(f"/proc/{app[0]}").exists()
+
+
+async def test_a_line_over_the_limit_does_not_stop_the_reading(tmp_path: Path) -> None:
+    """A child printing a line over 64 KiB made the reader raise, and the stop with it (attacker
+    review: a pod app could abort ``legation up``'s shutdown so)."""
+    lines: list[str] = []
+    child = Supervised(
+        role="long",
+        log_path=tmp_path / "l.log",
+        on_line=lambda role, line: lines.append(line),
+        command=[sys.executable, "-c", "print('x' * 200_000); print('after', flush=True)"],
+    )
+    await child.start()
+    assert child.proc is not None
+    await child.proc.wait()
+    await child.stop()
+    assert lines[-1] == "after"

@@ -11,11 +11,13 @@ the host's network namespace: the capture rules live in the pods' own.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import ipaddress
 import os
 import shutil
+import signal
 import stat
 import subprocess
 from collections.abc import Sequence
@@ -151,6 +153,10 @@ class Network:
         removed = []
         for name in run(["ip", "netns", "list"]).split():
             if name.startswith(self.prefix):
+                # whatever still runs in it (an app that outlived its stop) goes first
+                for pid in run(["ip", "netns", "pids", name]).split():
+                    with contextlib.suppress(ProcessLookupError, ValueError):
+                        os.kill(int(pid), signal.SIGKILL)
                 run(["ip", "netns", "delete", name])
                 removed.append(name)
         for line in run(["ip", "-o", "link", "show"]).splitlines():

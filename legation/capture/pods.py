@@ -116,7 +116,8 @@ class Pods:
         return self.pods[instance].exec_argv(
             [
                 *own_pid_namespace(),
-                *unprivileged(self.capture.app_uid(instance)),
+                # KILL: as PID 1 of its namespace it would drop a TERM it has no handler for
+                *unprivileged(self.capture.app_uid(instance), pdeathsig="KILL"),
                 sys.executable,
                 "-P",  # the working directory's modules are never imported
                 "-m",
@@ -158,7 +159,7 @@ def own_pid_namespace() -> list[str]:
     return [unshare, "--pid", "--fork", "--kill-child", "--mount-proc", "--"]
 
 
-def unprivileged(uid: int) -> list[str]:
+def unprivileged(uid: int, *, pdeathsig: str = "TERM") -> list[str]:
     """The prefix that runs a command as ``uid`` (user and group), with no supplementary groups,
     no capabilities (effective, inheritable or bounding) and no way to gain any (``setpriv``,
     util-linux): an app in a pod can neither take the proxy group nor rewrite its pod's rules.
@@ -179,6 +180,6 @@ def unprivileged(uid: int) -> list[str]:
         "--inh-caps=-all",
         "--bounding-set=-all",
         "--no-new-privs",
-        *(("--pdeathsig=TERM",) if setpriv_with_pdeathsig() else ()),
+        *((f"--pdeathsig={pdeathsig}",) if setpriv_with_pdeathsig() else ()),
         "--",
     ]

@@ -125,7 +125,21 @@ def test_clean_removes_everything_a_crashed_run_left(network: netns.Network) -> 
     network.create_bridge()
     pod = _pod(network, "app-0", network.capture)
     assert pod.netns in netns.run(["ip", "netns", "list"])
-    removed = network.clean()
+    # an app that outlived its run (it may clear its parent-death signal): killed with its pod
+    left = subprocess.Popen(
+        pod.exec_argv(["sleep", "300"]), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while str(left.pid) not in netns.run(["ip", "netns", "pids", pod.netns]).split():
+            assert time.monotonic() < deadline and left.poll() is None
+            time.sleep(0.05)
+        removed = network.clean()
+        assert left.wait(10) == -signal.SIGKILL
+    finally:
+        if left.poll() is None:
+            left.kill()
+            left.wait()
     assert pod.netns in removed and network.bridge in removed
     assert pod.netns not in netns.run(["ip", "netns", "list"])
     links = netns.run(["ip", "-o", "link", "show"])

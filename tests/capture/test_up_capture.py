@@ -157,9 +157,12 @@ def captured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Captured]:
         crashed = Up(mesh, tmp, ports["status"], flags=["--capture"])
         try:
             crashed.wait_for("Legation is up")
+            apps = [_app_pid(ports[name]) for name in ("app1", "app2")]
             crashed.proc.kill()  # no clean-up: the namespaces, links and hosts files stay
             crashed.proc.wait(10)
             assert network.prefix + "reviews-0" in netns.run(["ip", "netns", "list"])
+            # but no app: each is tied to it with SIGKILL (an earlier version left them running)
+            assert gone(apps)
         finally:
             crashed.stop()
         up = Up(mesh, tmp, ports["status"], flags=["--capture"])
