@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from bench._extproc_services import CHAINS
+from bench.floor import http_listener
 from legation.extproc import envoy_filter
 from legation.extproc.config import build_chains
 from legation.fastpath import envoy_filter as fast_filter
@@ -29,44 +30,9 @@ end
 
 
 def direct_listener(name: str, port: int) -> dict[str, Any]:
-    hcm = {
-        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager"
-        ".v3.HttpConnectionManager",
-        "stat_prefix": name,
-        "route_config": {
-            "virtual_hosts": [
-                {
-                    "name": name,
-                    "domains": ["*"],
-                    "routes": [
-                        {
-                            "match": {"prefix": "/"},
-                            "direct_response": {"status": 200, "body": {"inline_string": name}},
-                        }
-                    ],
-                }
-            ]
-        },
-        "http_filters": [
-            {
-                "name": "envoy.filters.http.router",
-                "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
-                },
-            }
-        ],
-    }
-    return {
-        "name": name,
-        "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
-        "filter_chains": [
-            {
-                "filters": [
-                    {"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}
-                ]
-            }
-        ],
-    }
+    answer = {"status": 200, "body": {"inline_string": name}}
+    route = {"match": {"prefix": "/"}, "direct_response": answer}
+    return http_listener(name, port, [route], [])
 
 
 # the fused call-out as the translation builds it for a fused header_route: the header it reads
@@ -93,40 +59,16 @@ def listener(
     routes: list[dict[str, Any]],
     ext_cluster: str | None,
 ) -> dict[str, Any]:
-    filters = [
-        {
-            "name": "envoy.filters.http.router",
-            "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
-            },
-        }
-    ]
+    filters = []
     if ext_cluster == "legation-http":
-        filters.insert(0, harness.to_dict(fast_filter.http_filter(CALLOUT)))
+        filters.append(harness.to_dict(fast_filter.http_filter(CALLOUT)))
     elif ext_cluster == "legation-extproc-http":
         chain = build_chains(CHAINS).chains["route"]
         f = envoy_filter.http_transport_filter(EXTPROC_HTTP_FILTER, ext_cluster, chain)
-        filters.insert(0, harness.to_dict(f))
+        filters.append(harness.to_dict(f))
     elif ext_cluster:
-        filters.insert(0, harness.to_dict(envoy_filter.http_filter(ext_cluster)))
-    hcm = {
-        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager"
-        ".v3.HttpConnectionManager",
-        "stat_prefix": name,
-        "route_config": {"virtual_hosts": [{"name": name, "domains": ["*"], "routes": routes}]},
-        "http_filters": filters,
-    }
-    return {
-        "name": name,
-        "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
-        "filter_chains": [
-            {
-                "filters": [
-                    {"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}
-                ]
-            }
-        ],
-    }
+        filters.append(harness.to_dict(envoy_filter.http_filter(ext_cluster)))
+    return http_listener(name, port, routes, filters)
 
 
 def wrk(port: int, seconds: float, script: Path) -> float:

@@ -208,11 +208,18 @@ def _router() -> dict[str, Any]:
 def _listener(
     name: str, port: int, route: dict[str, Any], filters: list[dict[str, Any]]
 ) -> dict[str, Any]:
+    return http_listener(name, port, [route], filters)
+
+
+def http_listener(
+    name: str, port: int, routes: list[dict[str, Any]], filters: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """A loopback HTTP listener: ``routes`` on one virtual host, ``filters`` then the router."""
     hcm = {
         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager"
         ".v3.HttpConnectionManager",
         "stat_prefix": name.replace("-", "_"),
-        "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [route]}]},
+        "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"], "routes": routes}]},
         "http_filters": [*filters, _router()],
     }
     return {
