@@ -11,7 +11,6 @@ embedded policy), metric children and parsed route settings cached, no per-reque
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -100,8 +99,10 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
         parent = TRACER.parent_in(context.invocation_metadata()) if TRACER.on else None
         decision, policy = await self.decide(ctx, parent=parent)
         if plain_allow(decision):
-            with contextlib.suppress(UnicodeEncodeError):  # a policy name no proto could carry
+            try:
                 return allow_wire(policy, ctx.decision_id)
+            except UnicodeEncodeError:  # a policy name no proto could carry: the message path
+                pass
         return to_check_response(
             decision,
             decision_id=ctx.decision_id,

@@ -138,12 +138,13 @@ class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):
         try:
             return await self.limiter.should_rate_limit(request)
         except RateLimitError as exc:
+            if exc.code == "invalid_request":
+                raise
             return self._failed(exc)
 
     def _failed(self, exc: RateLimitError) -> rls_pb2.RateLimitResponse | RateLimitError:
-        """``decide``'s answer when the limiter raised ``exc``."""
-        if exc.code == "invalid_request":
-            raise exc
+        """The answer when the store failed with ``exc`` (not an invalid request): counted,
+        logged, and OK or ``exc`` as the failure mode says."""
         self.limiter.metrics.backend_errors.labels(exc.code).inc()
         self._log(exc)
         self.limiter.metrics.failure_mode.labels(self.failure_mode).inc()
@@ -166,7 +167,8 @@ class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):
         try:  # decide, one coroutine frame fewer: the common answer (the hot path)
             return await self.limiter.should_rate_limit(request)
         except RateLimitError as exc:
-            return await self._refuse(self._failed_or(exc), context)
+            answer = exc if exc.code == "invalid_request" else self._failed(exc)
+            return await self._refuse(answer, context)
 
     async def _answer(
         self, request: rls_pb2.RateLimitRequest, context: grpc.aio.ServicerContext
@@ -176,13 +178,6 @@ class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):
         except RateLimitError as exc:
             answer = exc
         return await self._refuse(answer, context)
-
-    def _failed_or(self, exc: RateLimitError) -> rls_pb2.RateLimitResponse | RateLimitError:
-        """:meth:`_failed`, an invalid request returned (for :meth:`_refuse`) not raised."""
-        try:
-            return self._failed(exc)
-        except RateLimitError as invalid:
-            return invalid
 
     async def _refuse(
         self,
