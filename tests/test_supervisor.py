@@ -7,6 +7,7 @@ import asyncio
 import os
 import signal
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -211,18 +212,18 @@ _TERM_AWARE = (
 )
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="unshare --pid needs root")
-async def test_stop_reaches_a_command_under_a_wrapper_that_ignores_sigterm(tmp_path: Path) -> None:
-    """A pod's app runs under ``unshare --fork``, which ignores SIGTERM: the stop signals the
-    child's process group, so the app itself gets SIGTERM and ends on its own."""
+async def _ready_pod_app(
+    tmp_path: Path, code: str, on_line: Callable[[str], object], user: Sequence[str] = ()
+) -> Supervised:
+    """``code`` run as a pod's app is (its own PID namespace, then ``user``: a setpriv prefix),
+    started and ready."""
     from legation.capture.pods import own_pid_namespace
 
-    lines: list[str] = []
     child = Supervised(
         role="pod-app",
-        log_path=tmp_path / "a.log",
-        on_line=lambda role, line: lines.append(line),
-        command=[*own_pid_namespace(), sys.executable, "-c", _TERM_AWARE],
+        log_path=tmp_path / "app.log",
+        on_line=lambda role, line: on_line(line),
+        command=[*own_pid_namespace(), *user, sys.executable, "-I", "-c", code],
         ready_line="ready",
         parent_death="KILL",
     )
@@ -232,6 +233,15 @@ async def test_stop_reaches_a_command_under_a_wrapper_that_ignores_sigterm(tmp_p
             break
         await asyncio.sleep(0.05)
     assert child.ready
+    return child
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="unshare --pid needs root")
+async def test_stop_reaches_a_command_under_a_wrapper_that_ignores_sigterm(tmp_path: Path) -> None:
+    """A pod's app runs under ``unshare --fork``, which ignores SIGTERM: the stop signals the
+    child's process group, so the app itself gets SIGTERM and ends on its own."""
+    lines: list[str] = []
+    child = await _ready_pod_app(tmp_path, _TERM_AWARE, lines.append)
     await child.stop(timeout=30)
     assert "got TERM" in lines  # not the SIGKILL after the timeout
     assert child.returncode == 0
@@ -315,29 +325,12 @@ async def test_a_pod_app_that_leaves_its_group_is_still_stopped(tmp_path: Path) 
     """An app may leave its process group, ignore SIGTERM and clear its parent-death signal
     (attacker review: it outlived the stop, and the stop never returned, its output pipe held
     open). Its stop also signals the child's children: SIGKILL to PID 1 ends the namespace."""
-    from legation.capture.pods import own_pid_namespace, unprivileged
+    from legation.capture.pods import unprivileged
 
-    child = Supervised(
-        role="pod-app",
-        log_path=tmp_path / "e.log",
-        on_line=lambda *_: None,
-        command=[
-            *own_pid_namespace(),
-            *unprivileged(65534, pdeathsig="KILL"),
-            sys.executable,
-            "-I",
-            "-c",
-            _ESCAPES,
-        ],
-        ready_line="ready",
-        parent_death="KILL",
+    child = await _ready_pod_app(
+        tmp_path, _ESCAPES, lambda line: None, unprivileged(65534, pdeathsig="KILL")
     )
-    await child.start()
-    for _ in range(200):
-        if child.ready:
-            break
-        await asyncio.sleep(0.05)
-    assert child.ready and child.pid is not None
+    assert child.pid is not None
     app = Path(f"/proc/{child.pid}/task/{child.pid}/children").read_text().split()
     assert len(app) == 1
     await asyncio.wait_for(child.stop(timeout=1), 60)  # fails, never hangs, if it holds
