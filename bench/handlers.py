@@ -12,7 +12,8 @@ call under 10-30 % noise between rounds): the handler's Python alone, best of ``
                    (bench/fused.py's policy, decision cache hit), a CheckRequest as Envoy's
   http-allow       the HTTP call-out (``CalloutApp``) with the allow check
   http-jwt-rego    the HTTP call-out with JWT + Rego, as bench/fused.py's ``authz-http`` row
-  rl-memory        ``ShouldRateLimit``, memory backend, bench/floor.py's limit (never reached)
+  rl-memory        ``ShouldRateLimit`` as the server calls it (bytes in, bytes out), memory
+                   backend, bench/floor.py's limit (never reached)
   proc-noop        one ext_proc ``Process`` stream (request headers, then the end) through
                    bench/floor.py's no-op chain
   proc-route       the same through a ``header_route`` chain
@@ -193,7 +194,8 @@ def _ratelimit_cases(cases: dict[str, Case]) -> None:
     entry = request.descriptors.add().entries.add()
     entry.key, entry.value = "generic_key", "floor"
     context = _Context()
-    cases["rl-memory"] = lambda: servicer.ShouldRateLimit(request, context)  # type: ignore[arg-type]
+    raw = request.SerializeToString()
+    cases["rl-memory"] = lambda: servicer.answer_wire(raw, context)  # type: ignore[arg-type]
 
 
 def _extproc_cases(cases: dict[str, Case]) -> None:
@@ -229,10 +231,12 @@ def _extproc_cases(cases: dict[str, Case]) -> None:
     cases["proc-route"] = lambda: stream("route")
 
 
-def _allowed(result: Any) -> bool:
+def _allowed(name: str, result: Any) -> bool:
     if isinstance(result, bytes) and result.startswith(b"HTTP/"):
         return result.startswith(b"HTTP/1.1 200 ")
-    if isinstance(result, bytes):  # a serialized CheckResponse
+    if isinstance(result, bytes) and name.startswith("rl-"):
+        result = rls_pb2.RateLimitResponse.FromString(result)
+    elif isinstance(result, bytes):  # a serialized CheckResponse
         result = external_auth_pb2.CheckResponse.FromString(result)
     if isinstance(result, external_auth_pb2.CheckResponse):
         return result.status.code == 0 and not result.HasField("denied_response")
@@ -254,7 +258,7 @@ async def _main(args: argparse.Namespace) -> None:
             continue
         for _ in range(500):
             result = await case()
-        if not _allowed(result):
+        if not _allowed(name, result):
             raise SystemExit(f"{name}: not an allow: {result!r}"[:400])
         best = float("inf")
         for _ in range(args.runs):

@@ -12,7 +12,9 @@ from typing import Any
 from envoy.service.ratelimit.v3 import rls_pb2
 from envoy.type.v3 import ratelimit_unit_pb2
 from google.protobuf import text_format
+from google.protobuf.message import DecodeError
 
+from legation.ratelimit._wire import limit_field
 from legation.ratelimit.algorithms import Hit
 from legation.ratelimit.config import Limit, Match, RateLimitConfig
 from legation.ratelimit.errors import RateLimitError
@@ -29,12 +31,15 @@ class ResponseHeaders:
 
 @dataclass(frozen=True, slots=True)
 class _Checked:
-    """One request descriptor after matching: its limits still in force, their counter keys and
-    near-limit thresholds, and the modes that decide what an over-limit status means."""
+    """One request descriptor after matching: its limits still in force, each one's
+    ``current_limit`` field as the response carries it (:func:`._wire.limit_field`), their
+    counter keys and near-limit thresholds, and the modes that decide what an over-limit status
+    means."""
 
     match: Match | None
     metric_key: str
     limits: tuple[Limit, ...]
+    fields: tuple[bytes, ...]
     keys: tuple[str, ...]
     near: tuple[int, ...]
     cost: int
@@ -48,9 +53,46 @@ def _f32(x: float) -> float:
     return float(struct.unpack("f", struct.pack("f", x))[0])
 
 
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """A request matched against one config: its descriptors checked, the hits to count (in
+    the order of ``checked``, each descriptor's limits in turn), and the request itself (read,
+    never changed: plans are shared by every call with the same bytes)."""
+
+    request: rls_pb2.RateLimitRequest
+    checked: tuple[_Checked, ...]
+    hits: tuple[Hit, ...]
+    fast: _Fast | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Fast:
+    """What the limiter's fast path needs of a plan of one descriptor under one fixed-window
+    limit (the shape of nearly every Envoy rate limit): the counter's stored key, the window,
+    the limit, the cost, the near-limit threshold, the status's ``current_limit`` field, and the
+    descriptor's allowed and near-limit counters."""
+
+    key: str
+    window_ms: int
+    requests_per_unit: int
+    cost: int
+    near_at: int
+    field: bytes
+    allowed: Callable[[float], None]
+    near: Callable[[float], None]
+
+
 # one descriptor as sent: entries, cost, the override's (unit, requests_per_unit) or None
 _Shape = tuple[tuple[tuple[tuple[str, str], ...], int, tuple[int, int] | None], ...]
-_Plan = tuple[tuple[_Checked, ...], tuple[Hit, ...]]
+
+
+def parse_request(raw: bytes) -> rls_pb2.RateLimitRequest:
+    """``raw`` parsed; raises :class:`RateLimitError` ``invalid_request`` when it is not a
+    well-formed RateLimitRequest (bad wire format, a string that is not UTF-8)."""
+    try:
+        return rls_pb2.RateLimitRequest.FromString(raw)
+    except DecodeError:
+        raise RateLimitError("malformed RateLimitRequest", code="invalid_request") from None
 
 
 def _shape(request: rls_pb2.RateLimitRequest) -> _Shape:
@@ -111,6 +153,7 @@ def _copy(value: Any) -> Any:
 
 
 _OVERRIDE_UNIT = {v: name.lower() for name, v in ratelimit_unit_pb2.RateLimitUnit.items()}
+_UNIT = {name.lower(): v for name, v in rls_pb2.RateLimitResponse.RateLimit.Unit.items()}
 _ESCAPE = str.maketrans({"%": "%25", "|": "%7C", "=": "%3D"})
 
 
@@ -180,6 +223,9 @@ def match_descriptors(
                 match=match,
                 metric_key=metric_key,
                 limits=limits,
+                fields=tuple(
+                    limit_field(lim.name, lim.requests_per_unit, _UNIT[lim.unit]) for lim in limits
+                ),
                 keys=tuple(f"{base}|{lim.algorithm.value}:{lim.unit}" for lim in limits),
                 near=tuple(near(lim.requests_per_unit) for lim in limits),
                 cost=cost,

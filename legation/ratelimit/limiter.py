@@ -35,29 +35,33 @@ from collections.abc import Callable, Sequence
 from envoy.service.ratelimit.v3 import rls_pb2
 
 from legation._prom import incrementer, queued
+from legation.ratelimit import _wire
 from legation.ratelimit._request import (
     ResponseHeaders,
     _Checked,
     _f32,
+    _Fast,
     _metadata,
     _Plan,
     _Shape,
     _shape,
     match_descriptors,
+    parse_request,
 )
-from legation.ratelimit.algorithms import Decision, Hit
+from legation.ratelimit.algorithms import Decision, Hit, fixed_window
 from legation.ratelimit.backends import Backend
-from legation.ratelimit.backends.memory import MemoryBackend
-from legation.ratelimit.config import UNIT_SECONDS, Algorithm, RateLimitConfig
+from legation.ratelimit.backends.memory import MemoryBackend, store_key
+from legation.ratelimit.config import UNIT_SECONDS, Algorithm, Limit, RateLimitConfig
 from legation.ratelimit.metrics import RateLimitMetrics
 
 __all__ = ["MAX_UINT32", "OK", "OVER_LIMIT", "RateLimiter", "ResponseHeaders"]
 
 OK = rls_pb2.RateLimitResponse.OK
 OVER_LIMIT = rls_pb2.RateLimitResponse.OVER_LIMIT
-_UNIT = {name.lower(): v for name, v in rls_pb2.RateLimitResponse.RateLimit.Unit.items()}
-_UNIT_SECONDS = {v: UNIT_SECONDS[name] for name, v in _UNIT.items() if name in UNIT_SECONDS}
 MAX_UINT32 = 0xFFFFFFFF
+_UNLIMITED = _wire.bare_status(OK, MAX_UINT32)
+_NO_LIMIT = _wire.bare_status(OK)
+_OVERALL_OK = _wire.overall(OK)
 _MAX_PLANS = 4096
 _MAX_PLANNED_REQUEST = 2048  # bytes: larger requests are planned each time, never kept
 
@@ -75,6 +79,7 @@ class RateLimiter:
         response_headers: ResponseHeaders | None = None,
         dynamic_metadata: bool = False,
         clock: Callable[[], float] = time.time,
+        fast_path: bool = True,
     ) -> None:
         self.config = config
         self.backend = backend
@@ -85,12 +90,14 @@ class RateLimiter:
         self.response_headers = response_headers
         self.dynamic_metadata = dynamic_metadata
         self.clock = clock
+        self.fast_path = fast_path  # False: every answer through the general path (for tests)
         self._ratio32 = _f32(near_limit_ratio)
         # (domain, metric key) -> the hit counters' children, prebound (legation._prom)
         self._counters: dict[tuple[str, str], tuple[Callable[[float], None], ...]] = {}
         # serialized request -> its plan, for the config in _plans_for (a swap starts a new table)
         self._plans: dict[bytes, _Plan] = {}
         self._plans_for: RateLimitConfig | None = None
+        self._plans_quota = quota_mode  # plans hold each descriptor's quota mode
 
     def swap(self, config: RateLimitConfig) -> None:
         self.config = config
@@ -98,99 +105,173 @@ class RateLimiter:
     async def should_rate_limit(
         self, request: rls_pb2.RateLimitRequest
     ) -> rls_pb2.RateLimitResponse:
+        """The answer to ``request`` as a message (for Python callers; the gRPC service sends
+        :meth:`answer`'s bytes as they are)."""
+        raw = await self.answer(request.SerializeToString(), request)
+        return rls_pb2.RateLimitResponse.FromString(raw)
+
+    async def answer(self, raw: bytes, request: rls_pb2.RateLimitRequest | None = None) -> bytes:
+        """The serialized RateLimitResponse to the serialized request ``raw`` (``request``: the
+        same, already parsed, if the caller has it). Raises :class:`RateLimitError`
+        ``invalid_request`` when ``raw`` is not a well-formed request, or the backend's error."""
         config = self.config  # one snapshot for the whole request
-        checked, hits = self._plan(config, request)
+        plan = self._plan(config, raw, request)
+        hits = plan.hits
         now = self.clock()
         backend = self.backend
-        if not hits:
-            decisions: Sequence[Decision] = ()
+        fast = plan.fast
+        if (
+            fast is not None
+            and type(backend) is MemoryBackend
+            and self.response_headers is None
+            and not self.dynamic_metadata
+        ):  # one fixed window in memory: the answer when it allows, without the general loop
+            ms = int(now * 1000)
+            cost, rpu, near_at = fast.cost, fast.requests_per_unit, fast.near_at
+            count = backend.count_fixed(fast.key, fast.window_ms, cost, ms)
+            if count <= rpu:
+                fast.allowed(cost)
+                if count > near_at:
+                    fast.near(cost if count - cost >= near_at else count - near_at)
+                reset_ms = fast.window_ms - ms % fast.window_ms
+                remaining = min(rpu - count, MAX_UINT32)
+                return _OVERALL_OK + _wire.status(
+                    OK, fast.field, remaining, -(-reset_ms // 1000), 0
+                )
+            decisions: Sequence[Decision] = [fixed_window(hits[0].limit, ms, cost, count)]
+        elif not hits:
+            decisions = ()
         elif type(backend) is MemoryBackend:  # no await inside: its hits, without a coroutine
             ms = int(now * 1000)
             decisions = [backend.hit_one(h, ms) for h in hits]
         else:
             decisions = await backend.hit(hits, int(now * 1000))
-        response = rls_pb2.RateLimitResponse(overall_code=OK)
-        statuses = response.statuses
+        domain = plan.request.domain
+        parts = [b""]  # the overall code goes first, once known
         refused = quota_all = quota_over = 0
-        closest: rls_pb2.RateLimitResponse.DescriptorStatus | None = None
+        closest: tuple[Limit, int] | None = None  # the limit closest to refusing, remaining
         least = MAX_UINT32
         passed: list[_Checked] = []
         at = 0
-        for c in checked:
-            status = statuses.add(code=OK)  # filled in place: append() would copy it
+        for c in plan.checked:
             n = len(c.limits)
-            self._status(request.domain, c, decisions[at : at + n], status)
-            at += n
             if c.unlimited:
+                at += n
+                parts.append(_UNLIMITED)
                 continue
-            if status.limit_remaining < least and status.HasField("current_limit"):
-                closest, least = status, status.limit_remaining
-            if status.code == OVER_LIMIT:
+            if not n:
+                parts.append(_NO_LIMIT)
+                passed.append(c)
+                quota_all += c.quota
+                continue
+            code, pick = self._count(domain, c, decisions[at : at + n])
+            decision, limit = decisions[at + pick], c.limits[pick]
+            at += n
+            remaining = min(decision.remaining, MAX_UINT32)
+            if limit.algorithm is Algorithm.FIXED_WINDOW:  # whole seconds, as upstream
+                seconds, nanos = -(-decision.reset_ms // 1000), 0
+            else:
+                seconds, ms = divmod(decision.reset_ms, 1000)
+                nanos = ms * 1_000_000
+            parts.append(_wire.status(code, c.fields[pick], remaining, seconds, nanos))
+            if remaining < least:
+                closest, least = (limit, remaining), remaining
+            if code == OVER_LIMIT:
                 if c.quota:
                     quota_over += 1
                 else:
                     refused += 1
-                    closest, least = status, 0
+                    closest, least = (limit, remaining), 0
             else:
                 passed.append(c)
             quota_all += c.quota
+        overall = OK
         if refused or (quota_all and quota_all == quota_over):
-            response.overall_code = OVER_LIMIT
+            overall = OVER_LIMIT
+            if self.shadow_mode:
+                overall = OK
+                self.metrics.global_shadow_mode.inc()
+        parts[0] = _wire.overall(overall)
         if self.response_headers is not None and closest is not None:
-            self._headers(response, closest, now)
-        if response.overall_code == OVER_LIMIT and self.shadow_mode:
-            response.overall_code = OK
-            self.metrics.global_shadow_mode.inc()
+            parts.append(self._headers(*closest, now))
         if self.dynamic_metadata:
-            response.dynamic_metadata.update(_metadata(request, passed))
-        return response
+            extra = rls_pb2.RateLimitResponse()
+            extra.dynamic_metadata.update(_metadata(plan.request, passed))
+            parts.append(extra.SerializeToString())
+        return b"".join(parts)
 
-    def _headers(
-        self,
-        response: rls_pb2.RateLimitResponse,
-        status: rls_pb2.RateLimitResponse.DescriptorStatus,
-        now: float,
-    ) -> None:
+    def _headers(self, limit: Limit, remaining: int, now: float) -> bytes:
+        """The response's ``response_headers_to_add`` field for the status ``limit`` decided."""
         names = self.response_headers
         assert names is not None
-        unit = _UNIT_SECONDS.get(status.current_limit.unit, 1)
+        unit = UNIT_SECONDS[limit.unit]
         reset = unit - int(now) % unit
+        extra = rls_pb2.RateLimitResponse()
         for key, value in (
-            (names.limit, status.current_limit.requests_per_unit),
-            (names.remaining, status.limit_remaining),
+            (names.limit, limit.requests_per_unit),
+            (names.remaining, remaining),
             (names.reset, reset),
         ):
-            response.response_headers_to_add.add(key=key, value=str(value))
+            extra.response_headers_to_add.add(key=key, value=str(value))
+        return extra.SerializeToString()
 
-    def _plan(self, config: RateLimitConfig, request: rls_pb2.RateLimitRequest) -> _Plan:
+    def _plan(
+        self,
+        config: RateLimitConfig,
+        raw: bytes,
+        request: rls_pb2.RateLimitRequest | None,
+    ) -> _Plan:
         """The request's descriptors matched against ``config``, with the hits to count.
 
         Envoy sends the same few requests over and over (a route's descriptors, with values from
         a bounded set more often than not), so the plan is kept per request, keyed by its
-        serialized bytes (domain, descriptors and hits_addend are all the request holds): checks,
-        matching, key escaping and ``replaces`` are done once per distinct request and config, not
-        once per call. The table is bounded: when full it is emptied (high-cardinality values then
-        cost what they cost without the table, plus one dict insert), and only requests up to
-        ``_MAX_PLANNED_REQUEST`` bytes are kept, so callers choosing long descriptor values cannot
-        make it hold more than a few MB.
+        serialized bytes (domain, descriptors and hits_addend are all the request holds): parsing,
+        checks, matching, key escaping and ``replaces`` are done once per distinct request and
+        config, not once per call. The table is bounded: when full it is emptied
+        (high-cardinality values then cost what they cost without the table, plus one dict
+        insert), and only requests up to ``_MAX_PLANNED_REQUEST`` bytes are kept, so callers
+        choosing long descriptor values cannot make it hold more than a few MB.
         """
-        key = request.SerializeToString()
-        if self._plans_for is not config:
-            self._plans, self._plans_for = {}, config
-        plan = self._plans.get(key)
+        if self._plans_for is not config or self._plans_quota != self.quota_mode:
+            self._plans, self._plans_for, self._plans_quota = {}, config, self.quota_mode
+        plan = self._plans.get(raw)
         if plan is None:
+            if request is None:
+                request = parse_request(raw)
             checked = self._match(config, request.domain, _shape(request))
             hits = tuple(
                 Hit(k, limit, c.cost)
                 for c in checked
                 for k, limit in zip(c.keys, c.limits, strict=True)
             )
-            plan = (checked, hits)
-            if len(key) <= _MAX_PLANNED_REQUEST:
+            plan = _Plan(request, checked, hits, self._fast(request.domain, checked, hits))
+            if len(raw) <= _MAX_PLANNED_REQUEST:
                 if len(self._plans) >= _MAX_PLANS:
                     self._plans.clear()
-                self._plans[key] = plan
+                self._plans[raw] = plan
         return plan
+
+    def _fast(
+        self, domain: str, checked: tuple[_Checked, ...], hits: tuple[Hit, ...]
+    ) -> _Fast | None:
+        """The fast path's part of a plan when it has that shape: one descriptor, counted
+        against one fixed-window limit, not in shadow or quota mode, not unlimited."""
+        if not self.fast_path or len(hits) != 1 or len(checked) != 1:
+            return None
+        c, hit = checked[0], hits[0]
+        if c.unlimited or c.shadow or c.quota or hit.limit.algorithm is not Algorithm.FIXED_WINDOW:
+            return None
+        counters = self._counters_for(domain, c.metric_key)
+        return _Fast(
+            key=store_key(hit.key),
+            window_ms=hit.limit.window_ms,
+            requests_per_unit=hit.limit.requests_per_unit,
+            cost=hit.cost,
+            near_at=c.near[0],
+            field=c.fields[0],
+            allowed=counters[5],
+            near=counters[3],
+        )
 
     def _match(self, config: RateLimitConfig, domain: str, shape: _Shape) -> tuple[_Checked, ...]:
         return match_descriptors(
@@ -201,19 +282,9 @@ class RateLimiter:
         """floor(limit x ratio) in float32, as upstream computes it (so 0.8 of 10 is 8)."""
         return min(requests_per_unit, math.floor(_f32(_f32(requests_per_unit) * self._ratio32)))
 
-    def _status(
-        self,
-        domain: str,
-        c: _Checked,
-        decisions: Sequence[Decision],
-        status: rls_pb2.RateLimitResponse.DescriptorStatus,
-    ) -> None:
-        """Fill ``status`` (code OK) for one descriptor and count its hits."""
-        if c.unlimited:
-            status.limit_remaining = MAX_UINT32
-            return
-        if not decisions:
-            return
+    def _count(self, domain: str, c: _Checked, decisions: Sequence[Decision]) -> tuple[int, int]:
+        """Count one limited descriptor's hits in the metrics; its status code and which of its
+        limits the status reports."""
         if len(decisions) == 1:  # the common case: one limit on the descriptor
             pick = 0
             denied = not decisions[0].allowed
@@ -224,41 +295,29 @@ class RateLimiter:
                 pick = max(late)[1]  # the longest wait is the one to report
             else:
                 pick = min((d.remaining, i) for i, d in enumerate(decisions))[1]
-        limit, decision, near_at = c.limits[pick], decisions[pick], c.near[pick]
+        decision, near_at = decisions[pick], c.near[pick]
         total, _, over, near, shadow, allowed = self._counters_for(domain, c.metric_key)
-        cost, rpu, used = c.cost, limit.requests_per_unit, decision.used
-        if denied:
-            total(cost)
-            # upstream's split: hits past the limit are over; those between the near threshold
-            # and the limit, when this hit crossed it, are near
-            if used < 0 or used - cost >= rpu:
-                over_hits = cost
-            else:
-                over_hits = used - rpu
-                near(rpu - max(near_at, used - cost))
-            over(over_hits)
-            if c.shadow:
-                shadow(over_hits)
-            else:
-                status.code = OVER_LIMIT
-        else:
+        cost, rpu, used = c.cost, c.limits[pick].requests_per_unit, decision.used
+        if not denied:
             allowed(cost)  # total and within
             if used < 0:
                 used = rpu - decision.remaining
             if used > near_at:
                 near(cost if used - cost >= near_at else used - near_at)
-        current = status.current_limit
-        if limit.name:
-            current.name = limit.name
-        current.requests_per_unit = rpu
-        current.unit = _UNIT[limit.unit]
-        status.limit_remaining = min(decision.remaining, MAX_UINT32)
-        reset = status.duration_until_reset
-        if limit.algorithm is Algorithm.FIXED_WINDOW:  # whole seconds, as upstream
-            reset.seconds = -(-decision.reset_ms // 1000)
+            return OK, pick
+        total(cost)
+        # upstream's split: hits past the limit are over; those between the near threshold and
+        # the limit, when this hit crossed it, are near
+        if used < 0 or used - cost >= rpu:
+            over_hits = cost
         else:
-            reset.seconds, ms = divmod(decision.reset_ms, 1000)
-            reset.nanos = ms * 1_000_000
+            over_hits = used - rpu
+            near(rpu - max(near_at, used - cost))
+        over(over_hits)
+        if c.shadow:
+            shadow(over_hits)
+            return OK, pick
+        return OVER_LIMIT, pick
 
     def _counters_for(self, domain: str, metric_key: str) -> tuple[Callable[[float], None], ...]:
         """The descriptor's total, within, over, near and shadow counters (queued, see

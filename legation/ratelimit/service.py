@@ -32,6 +32,7 @@ from prometheus_client import CollectorRegistry
 from legation import plugins
 from legation.errors import ConfigError
 from legation.grpc_server import ServerTls, TlsSource, start_grpc_server
+from legation.ratelimit._request import parse_request
 from legation.ratelimit.config import RateLimitConfig
 from legation.ratelimit.errors import RateLimitError
 from legation.ratelimit.fallback import LocalFallback
@@ -155,20 +156,52 @@ class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):
     async def ShouldRateLimit(
         self, request: rls_pb2.RateLimitRequest, context: grpc.aio.ServicerContext
     ) -> rls_pb2.RateLimitResponse:
+        """The answer as a message (for Python callers; the server sends :meth:`answer_wire`'s
+        bytes)."""
         if TRACER.on:
             parent = TRACER.parent_in(context.invocation_metadata())
             if parent is not None:
-                start, response = time.time_ns(), None
+                return await self._traced(request, context, parent)
+        answer = await self.answer_wire(request.SerializeToString(), context, request)
+        return rls_pb2.RateLimitResponse.FromString(answer)
+
+    async def answer_wire(
+        self,
+        raw: bytes,
+        context: grpc.aio.ServicerContext,
+        request: rls_pb2.RateLimitRequest | None = None,
+    ) -> bytes:
+        """The serialized answer to the serialized request ``raw``, as the server receives and
+        sends them: no message is parsed or built for a request seen before
+        (:meth:`RateLimiter.answer`)."""
+        if TRACER.on:
+            parent = TRACER.parent_in(context.invocation_metadata())
+            if parent is not None:
                 try:
-                    response = await self._answer(request, context)
-                    return response
-                finally:
-                    trace_decision(parent, start, request, response)
-        try:  # decide, one coroutine frame fewer: the common answer (the hot path)
-            return await self.limiter.should_rate_limit(request)
+                    request = request or parse_request(raw)
+                except RateLimitError as exc:
+                    return (await self._refuse(exc, context)).SerializeToString()
+                response = await self._traced(request, context, parent)
+                return response.SerializeToString()
+        try:  # the hot path: no coroutine frame between the server and the limiter
+            return await self.limiter.answer(raw, request)
         except RateLimitError as exc:
             answer = exc if exc.code == "invalid_request" else self._failed(exc)
-            return await self._refuse(answer, context)
+            response = await self._refuse(answer, context)
+            return response.SerializeToString()
+
+    async def _traced(
+        self,
+        request: rls_pb2.RateLimitRequest,
+        context: grpc.aio.ServicerContext,
+        parent: SpanContext,
+    ) -> rls_pb2.RateLimitResponse:
+        start, response = time.time_ns(), None
+        try:
+            response = await self._answer(request, context)
+            return response
+        finally:
+            trace_decision(parent, start, request, response)
 
     async def _answer(
         self, request: rls_pb2.RateLimitRequest, context: grpc.aio.ServicerContext
@@ -236,6 +269,19 @@ def trace_decision(
     )
 
 
+SERVICE_NAME = "envoy.service.ratelimit.v3.RateLimitService"
+
+
+def register(servicer: RateLimitServicer, server: grpc.aio.Server) -> None:
+    """Serve ``ShouldRateLimit`` with ``servicer.answer_wire``: the generated
+    ``add_RateLimitServiceServicer_to_server``, but the request reaches the servicer as bytes
+    and the answer leaves as the bytes it returns."""
+    handler = grpc.unary_unary_rpc_method_handler(servicer.answer_wire)
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(SERVICE_NAME, {"ShouldRateLimit": handler}),)
+    )
+
+
 def build_limiter(settings: Settings, config: RateLimitConfig) -> RateLimiter:
     """The limiter with its backend plugin (validated, then created) and metrics."""
     factory = plugins.get(
@@ -287,7 +333,7 @@ async def start_server(
     try:
         server, port = await start_grpc_server(
             "ratelimit",
-            lambda s: rls_pb2_grpc.add_RateLimitServiceServicer_to_server(servicer, s),
+            lambda s: register(servicer, s),
             host=settings.host,
             port=settings.port,
             reuse_port=settings.reuse_port,

@@ -98,23 +98,14 @@ class MemoryBackend:
 
     def hit_one(self, hit: Hit, now_ms: int) -> Decision:
         """Synchronous, atomic under the event loop (no await inside)."""
-        heap = self._heap
-        if heap and (heap[0] + 1) * _BUCKET_MS <= now_ms:
-            self._expire(now_ms)
         limit, cost = hit.limit, hit.cost
         w = limit.window_ms
         base = hit.key if len(hit.key) <= MAX_KEY_CHARS else store_key(hit.key)
         if limit.algorithm is Algorithm.FIXED_WINDOW:
-            start = alg.window_start(now_ms, w)
-            key = f"{base}:{start}"
-            state = self._get(key, now_ms)
-            if state is not None:
-                state[2] += cost  # the same expiry (window end + 1 s): counted in place
-                count = state[2]
-            else:
-                count = cost
-                self._insert(key, start + w + 1000, count, 0, 0)
-            return alg.fixed_window(limit, now_ms, cost, count)
+            return alg.fixed_window(limit, now_ms, cost, self.count_fixed(base, w, cost, now_ms))
+        heap = self._heap
+        if heap and (heap[0] + 1) * _BUCKET_MS <= now_ms:
+            self._expire(now_ms)
         if limit.algorithm is Algorithm.SLIDING_WINDOW:
             start = alg.window_start(now_ms, w)
             state = self._get(base, now_ms)
@@ -141,6 +132,22 @@ class MemoryBackend:
         if limit.requests_per_unit:
             self._put(base, state, now_ms + decision.reset_ms + 1000, units, ts, 0)
         return decision
+
+    def count_fixed(self, base: str, window_ms: int, cost: int, now_ms: int) -> int:
+        """Add ``cost`` to the fixed window of ``window_ms`` holding ``now_ms`` on the counter
+        ``base`` (a key as :func:`store_key` leaves it); the window's count after. Synchronous,
+        atomic under the event loop."""
+        heap = self._heap
+        if heap and (heap[0] + 1) * _BUCKET_MS <= now_ms:
+            self._expire(now_ms)
+        start = now_ms - now_ms % window_ms
+        key = f"{base}:{start}"
+        state = self._get(key, now_ms)
+        if state is not None:
+            state[2] += cost  # the same expiry (window end + 1 s): counted in place
+            return state[2]
+        self._insert(key, start + window_ms + 1000, cost, 0, 0)
+        return cost
 
     async def close(self) -> None:
         self._state.clear()
