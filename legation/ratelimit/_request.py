@@ -55,11 +55,10 @@ def _f32(x: float) -> float:
 
 @dataclass(frozen=True, slots=True)
 class _Plan:
-    """A request matched against one config: its descriptors checked, the hits to count (in
-    the order of ``checked``, each descriptor's limits in turn), and the request itself (read,
-    never changed: plans are shared by every call with the same bytes)."""
+    """A request matched against one config: its domain, its descriptors checked, the hits to
+    count (in the order of ``checked``, each descriptor's limits in turn)."""
 
-    request: rls_pb2.RateLimitRequest
+    domain: str
     checked: tuple[_Checked, ...]
     hits: tuple[Hit, ...]
     fast: _Fast | None = None

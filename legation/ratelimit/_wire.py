@@ -13,6 +13,8 @@ with the fields of both.
 
 from __future__ import annotations
 
+import functools
+
 from envoy.service.ratelimit.v3 import rls_pb2
 
 _SMALL = tuple(bytes((i,)) for i in range(0x80))
@@ -35,9 +37,10 @@ def varint(n: int) -> bytes:
     return bytes(out)
 
 
+@functools.lru_cache(maxsize=4096)
 def limit_field(name: str, requests_per_unit: int, unit: int) -> bytes:
     """A DescriptorStatus's ``current_limit`` field (number 2, the RateLimit message), encoded
-    by protobuf."""
+    by protobuf; one shared bytes object per limit (the plans of every request share it)."""
     current = _RateLimit(name=name, requests_per_unit=requests_per_unit, unit=unit)  # type: ignore[arg-type]
     return _Status(current_limit=current).SerializeToString()
 

@@ -339,6 +339,14 @@ class _Parser:
                 f"expected a string, got {_shown(value)}",
                 "invalid_type",
             )
+        try:  # a YAML escape can make a lone surrogate, which no protobuf string can carry
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise self.fail(
+                f"{where}.{name}" if where else name,
+                "not valid Unicode text (a lone surrogate escape?)",
+                "invalid_text",
+            ) from None
         return value
 
     def domain(self, raw: Any) -> DomainConfig:

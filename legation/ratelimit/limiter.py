@@ -64,6 +64,7 @@ _NO_LIMIT = _wire.bare_status(OK)
 _OVERALL_OK = _wire.overall(OK)
 _MAX_PLANS = 4096
 _MAX_PLANNED_REQUEST = 2048  # bytes: larger requests are planned each time, never kept
+_MAX_PLANNED_DESCRIPTORS = 8  # Envoy's routes send a few; more are planned each time
 
 
 class RateLimiter:
@@ -146,7 +147,7 @@ class RateLimiter:
             decisions = [backend.hit_one(h, ms) for h in hits]
         else:
             decisions = await backend.hit(hits, int(now * 1000))
-        domain = plan.request.domain
+        domain = plan.domain
         parts = [b""]  # the overall code goes first, once known
         refused = quota_all = quota_over = 0
         closest: tuple[Limit, int] | None = None  # the limit closest to refusing, remaining
@@ -196,7 +197,8 @@ class RateLimiter:
             parts.append(self._headers(*closest, now))
         if self.dynamic_metadata:
             extra = rls_pb2.RateLimitResponse()
-            extra.dynamic_metadata.update(_metadata(plan.request, passed))
+            parsed = request if request is not None else parse_request(raw)
+            extra.dynamic_metadata.update(_metadata(parsed, passed))
             parts.append(extra.SerializeToString())
         return b"".join(parts)
 
@@ -229,8 +231,9 @@ class RateLimiter:
         checks, matching, key escaping and ``replaces`` are done once per distinct request and
         config, not once per call. The table is bounded: when full it is emptied
         (high-cardinality values then cost what they cost without the table, plus one dict
-        insert), and only requests up to ``_MAX_PLANNED_REQUEST`` bytes are kept, so callers
-        choosing long descriptor values cannot make it hold more than a few MB.
+        insert), and only requests up to ``_MAX_PLANNED_REQUEST`` bytes and
+        ``_MAX_PLANNED_DESCRIPTORS`` descriptors are kept (a plan costs about 0.6 KiB per
+        descriptor), so whatever callers send, the table holds at most about 20 MB.
         """
         if self._plans_for is not config or self._plans_quota != self.quota_mode:
             self._plans, self._plans_for, self._plans_quota = {}, config, self.quota_mode
@@ -244,8 +247,8 @@ class RateLimiter:
                 for c in checked
                 for k, limit in zip(c.keys, c.limits, strict=True)
             )
-            plan = _Plan(request, checked, hits, self._fast(request.domain, checked, hits))
-            if len(raw) <= _MAX_PLANNED_REQUEST:
+            plan = _Plan(request.domain, checked, hits, self._fast(request.domain, checked, hits))
+            if len(raw) <= _MAX_PLANNED_REQUEST and len(checked) <= _MAX_PLANNED_DESCRIPTORS:
                 if len(self._plans) >= _MAX_PLANS:
                     self._plans.clear()
                 self._plans[raw] = plan

@@ -9,6 +9,7 @@ from envoy.service.ratelimit.v3 import rls_pb2
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from legation.errors import ConfigError
 from legation.ratelimit import _wire
 from legation.ratelimit import service as rl
 from legation.ratelimit.config import RateLimitConfig, parse
@@ -203,3 +204,39 @@ async def test_the_service_answers_bytes_that_are_not_a_request_with_invalid_arg
             assert rls_pb2.RateLimitResponse.FromString(ok).overall_code == OK
     finally:
         await server.stop(None)
+
+
+# -- what the plan table keeps (an attacker's review) ----------------------------------------
+
+
+async def test_a_plan_keeps_nothing_of_the_callers_request_message() -> None:
+    """A Python caller that reuses its message after a call must not change what a later call
+    with the first call's bytes answers."""
+    lim = make_limiter("domain: d\ndescriptors:\n  - key: k\n", dynamic_metadata=True)
+    req = request("d", descriptor(("k", "a")))
+    await lim.should_rate_limit(req)
+    req.descriptors[0].entries[0].value = "changed"
+    resp = await lim.should_rate_limit(request("d", descriptor(("k", "a"))))
+    assert [e for d in resp.dynamic_metadata["descriptors"] for e in d["entries"]] == ["k=a"]
+
+
+async def test_a_request_of_many_descriptors_is_planned_but_not_kept() -> None:
+    """A plan costs per descriptor: requests of many are answered alike, their plans not kept."""
+    lim = make_limiter(QUOTA)
+    many = request("d", *(descriptor(("k", "b")) for _ in range(9)))
+    few = request("d", *(descriptor(("k", "b")) for _ in range(8)))
+    for req, left in ((many, 100 - 9), (few, 100 - 9 - 8)):  # one counter: k=b
+        answer = await lim.should_rate_limit(req)
+        assert answer.statuses[-1].limit_remaining == left
+    assert list(lim._plans) == [few.SerializeToString()]
+
+
+def test_a_limit_name_protobuf_cannot_carry_is_refused_at_load() -> None:
+    doc = (
+        "domain: d\ndescriptors:\n  - key: k\n"
+        '    rate_limit: {unit: second, requests_per_unit: 1, name: "a\\ud800"}\n'
+    )
+    with pytest.raises(ConfigError) as err:
+        parse(doc, source="limits.yaml")
+    assert "limits.yaml" in str(err.value) and "rate_limit.name" in str(err.value)
+    assert err.value.code == "invalid_text"
