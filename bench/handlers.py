@@ -236,6 +236,8 @@ def _allowed(name: str, result: Any) -> bool:
         return result.startswith(b"HTTP/1.1 200 ")
     if isinstance(result, bytes) and name.startswith("rl-"):
         result = rls_pb2.RateLimitResponse.FromString(result)
+    elif isinstance(result, bytes) and name.startswith("proc-"):
+        result = pb.ProcessingResponse.FromString(result)
     elif isinstance(result, bytes):  # a serialized CheckResponse
         result = external_auth_pb2.CheckResponse.FromString(result)
     if isinstance(result, external_auth_pb2.CheckResponse):

@@ -97,12 +97,14 @@ def incrementer(child: Any, *, direct: bool = False) -> Callable[[float], None]:
         return child.inc  # type: ignore[no-any-return]
 
     if isinstance(child, BatchedCounter) and not direct:
-        queue = queued(value_inc)
+        append = _pending.append
 
-        def queued_inc(amount: float = 1) -> None:
+        def queued_inc(amount: float = 1) -> None:  # queued(value_inc), one call fewer
             if amount < 0:
                 raise ValueError("Counters can only be incremented by non-negative amounts.")
-            queue(amount)
+            append((value_inc, amount))
+            if len(_pending) >= FOLD_AT:
+                fold()
 
         return queued_inc
 

@@ -22,20 +22,6 @@ _BODY_MODES = processing_mode_pb2.ProcessingMode.BodySendMode
 PHASES = {phase.value: phase for phase in Phase}
 
 
-def read_headers(header_map: Any, into: dict[str, str]) -> None:
-    """Fill ``into`` from an ``envoy.config.core.v3.HeaderMap`` (repeated names are joined)."""
-    get = into.get
-    for h in header_map.headers:
-        raw = h.raw_value  # each read of a bytes field makes a new object: read it once
-        value = raw.decode("utf-8", "replace") if raw else h.value
-        key = h.key
-        old = get(key)
-        if old is None:
-            into[key] = value
-        else:
-            into[key] = f"{old}; {value}" if key == "cookie" else f"{old},{value}"
-
-
 def _header_mutation(ex: Exchange) -> pb.HeaderMutation | None:
     if ex._set is None and ex._removed is None:
         return None
@@ -162,10 +148,26 @@ def built(
 
 
 def passthrough(phase: Phase) -> pb.ProcessingResponse:
-    """Continue unchanged (the fail-open answer)."""
+    """Continue unchanged (also the fail-open answer): one shared message per phase, never to
+    be changed (:data:`WIRE` holds its bytes)."""
+    return _PASSTHROUGH[phase]
+
+
+def _passthrough(phase: Phase) -> pb.ProcessingResponse:
     resp = pb.ProcessingResponse()
     getattr(resp, phase.value).SetInParent()
     return resp
+
+
+_PASSTHROUGH = {phase: _passthrough(phase) for phase in Phase}
+WIRE = {id(resp): resp.SerializeToString() for resp in _PASSTHROUGH.values()}
+"""The shared answers' bytes, by the answer's ``id``: the gRPC servicer writes these instead of
+having each serialized again (``serialize``)."""
+
+
+def serialize(answer: pb.ProcessingResponse | bytes) -> bytes:
+    """The gRPC server's serializer: bytes (from :data:`WIRE`) as they are."""
+    return answer if isinstance(answer, bytes) else answer.SerializeToString()
 
 
 def _struct(value: dict[str, Any]) -> struct_pb2.Struct:

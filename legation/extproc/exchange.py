@@ -12,8 +12,24 @@ from typing import Any
 
 from legation.extproc.sdk import BodyMode, Phase
 
+_RESPONSE_SIDE = frozenset({Phase.RESPONSE_HEADERS, Phase.RESPONSE_BODY, Phase.RESPONSE_TRAILERS})
+
 METADATA_NAMESPACE = "legation.extproc"
 """Dynamic metadata set by filters lands in this namespace (the filter's receiving namespace)."""
+
+
+def read_headers(header_map: Any, into: dict[str, str]) -> None:
+    """Fill ``into`` from an ``envoy.config.core.v3.HeaderMap`` (repeated names are joined)."""
+    get = into.get
+    for h in header_map.headers:
+        raw = h.raw_value  # each read of a bytes field makes a new object: read it once
+        value = raw.decode("utf-8", "replace") if raw else h.value
+        key = h.key
+        old = get(key)
+        if old is None:
+            into[key] = value
+        else:
+            into[key] = f"{old}; {value}" if key == "cookie" else f"{old},{value}"
 
 
 class Immediate:
@@ -37,33 +53,35 @@ class Exchange:
         "_metadata",
         "_mode",
         "_removed",
+        "_request_headers",
+        "_response_headers",
+        "_sent",
         "_set",
+        "_trailers",
         "body",
         "buffered",
         "chain",
         "current_filter",
         "detached",
         "end_of_stream",
-        "headers",
         "immediate",
         "phase",
-        "request_headers",
-        "response_headers",
         "state",
-        "trailers",
     )
 
-    def __init__(self, chain: str) -> None:
+    def __init__(self, chain: str, *, request_headers: dict[str, str] | None = None) -> None:
+        """``request_headers``: the request's headers as a dict already read (used as it is,
+        changed in place by the hooks)."""
         self.chain = chain
         """The name of the chain (route configuration) this request runs through."""
         self.state: dict[str, Any] = {}
         """Per-request scratch space shared by all hooks of all filters; key it by filter name."""
-        self.request_headers: dict[str, str] = {}
-        """Request headers (lower-case names, pseudo-headers included), as mutated so far."""
-        self.response_headers: dict[str, str] = {}
-        self.headers: dict[str, str] = self.request_headers
-        """The headers of the current phase: request headers until the response starts."""
-        self.trailers: dict[str, str] = {}
+        self._request_headers = {} if request_headers is None else request_headers
+        self._response_headers: dict[str, str] = {}
+        self._trailers: dict[str, str] = {}
+        # the header maps as Envoy sent them, read into the dicts above on first use: a chain
+        # that never looks at headers never pays for reading them
+        self._sent: dict[str, Any] | None = None
         self.body: bytes = b""
         """The body (buffered) or the current chunk (streamed) in a body phase."""
         self.end_of_stream = False
@@ -95,8 +113,58 @@ class Exchange:
         if self._set is not None or self._removed is not None or self._body is not None:
             self._reset()
         self._clear_route_cache = False
-        if phase is Phase.RESPONSE_HEADERS:
-            self.headers = self.response_headers
+
+    def _received(self, which: str, header_map: Any) -> None:
+        """Envoy sent ``header_map`` (an ``envoy.config.core.v3.HeaderMap``) as the request
+        headers, response headers or trailers (``which``: ``request``, ``response``,
+        ``trailers``); it is read when a hook first looks at any header. Trailers replace
+        earlier ones."""
+        if which == "trailers":
+            self._trailers = {}
+        if self._sent is None:
+            self._sent = {}
+        self._sent[which] = header_map
+
+    def _read_sent(self) -> None:
+        sent, self._sent = self._sent, None
+        for which, header_map in (sent or {}).items():
+            into = (
+                self._request_headers
+                if which == "request"
+                else self._response_headers
+                if which == "response"
+                else self._trailers
+            )
+            read_headers(header_map, into)
+
+    @property
+    def request_headers(self) -> dict[str, str]:
+        """Request headers (lower-case names, pseudo-headers included), as mutated so far."""
+        if self._sent is not None:
+            self._read_sent()
+        return self._request_headers
+
+    @property
+    def response_headers(self) -> dict[str, str]:
+        if self._sent is not None:
+            self._read_sent()
+        return self._response_headers
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """The headers of the current phase: request headers until the response starts."""
+        if self._sent is not None:
+            self._read_sent()
+        if self.phase in _RESPONSE_SIDE:
+            return self._response_headers
+        return self._request_headers
+
+    @property
+    def trailers(self) -> dict[str, str]:
+        """The trailers of the current trailers phase."""
+        if self._sent is not None:
+            self._read_sent()
+        return self._trailers
 
     # -- headers ------------------------------------------------------------------------------
 

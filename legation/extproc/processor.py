@@ -70,12 +70,11 @@ class Processor:
         ex.begin(phase)
         msg = getattr(req, which)
         if phase in HEADER_PHASES:
-            _wire.read_headers(msg.headers, ex.headers)
+            ex._received("request" if phase is Phase.REQUEST_HEADERS else "response", msg.headers)
             ex.end_of_stream = msg.end_of_stream
         elif phase in _BODIES:
             ex.body = msg.body
             ex.end_of_stream = msg.end_of_stream
         else:
-            ex.trailers = {}
-            _wire.read_headers(msg.trailers, ex.trailers)
+            ex._received("trailers", msg.trailers)
         return await guard(phase, ex)

@@ -33,6 +33,10 @@ class Phase(enum.Enum):
     RESPONSE_BODY = "response_body"
     RESPONSE_TRAILERS = "response_trailers"
 
+    # members are singletons compared by identity: hash them so too, in C (Enum's own __hash__
+    # is a Python call, and phases key the chain's tables on every message)
+    __hash__ = object.__hash__
+
     @property
     def hook(self) -> str:
         return "on_" + self.value

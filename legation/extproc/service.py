@@ -7,10 +7,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from prometheus_client import CollectorRegistry
 
 from legation.errors import ConfigError
+from legation.extproc._wire import serialize
 from legation.extproc.config import Chains, load_chains
 from legation.extproc.metrics import Metrics
 from legation.extproc.servicer import DEFAULT_STREAM_IDLE_TIMEOUT, ExtProcServicer
@@ -60,6 +61,23 @@ def _chains(settings: Settings) -> Chains:
     raise ConfigError("extproc: Settings needs config_file or chains")
 
 
+SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
+
+
+def register(servicer: ExtProcServicer, server: grpc.aio.Server) -> None:
+    """Serve ``Process`` with ``servicer``: the generated
+    ``add_ExternalProcessorServicer_to_server``, but with a serializer that sends the answers
+    already encoded (:data:`legation.extproc._wire.WIRE`) as they are."""
+    handler = grpc.stream_stream_rpc_method_handler(
+        servicer.Process,
+        request_deserializer=pb.ProcessingRequest.FromString,
+        response_serializer=serialize,
+    )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(SERVICE_NAME, {"Process": handler}),)
+    )
+
+
 async def start_server(settings: Settings) -> tuple[grpc.aio.Server, int]:
     """Build, bind and start the server; returns it and the bound port. A port that cannot be
     bound raises :class:`~legation.grpc_server.BindError`."""
@@ -78,7 +96,7 @@ async def start_server(settings: Settings) -> tuple[grpc.aio.Server, int]:
         options.append(("grpc.max_concurrent_streams", settings.max_concurrent_streams))
     server, port = await start_grpc_server(
         "extproc",
-        lambda s: pb_grpc.add_ExternalProcessorServicer_to_server(servicer, s),
+        lambda s: register(servicer, s),
         host=settings.host,
         port=settings.port,
         reuse_port=settings.reuse_port,

@@ -7,9 +7,10 @@ and writes exactly one answer, in order. Malformed input (no phase set, an unkno
 well-formed answer, never a crash of the stream.
 
 A stream on which Envoy sends nothing for ``stream_idle_timeout`` seconds (default 300, Envoy's
-own default stream idle timeout) is ended with DEADLINE_EXCEEDED: whoever can open streams cannot
-hold them, and their exchanges, forever. Between two messages of one request Envoy may wait for the
-upstream (request headers, then response headers), so keep it above the routes' timeouts.
+own default stream idle timeout; at most a quarter longer, see :class:`_IdleSweep`) is ended with
+DEADLINE_EXCEEDED: whoever can open streams cannot hold them, and their exchanges, forever.
+Between two messages of one request Envoy may wait for the upstream (request headers, then
+response headers), so keep it above the routes' timeouts.
 
 :meth:`ExtProcServicer.swap` replaces the chains and timeouts in place (a mesh reload): new
 streams get the new chains, open ones finish on theirs.
@@ -20,12 +21,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import OrderedDict
 from typing import Any
 
 import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
+from legation.extproc import _wire
 from legation.extproc.config import CHAIN_METADATA_KEY, Chains
 from legation.extproc.exchange import Exchange
 from legation.extproc.guard import ErrorGuard
@@ -49,7 +50,7 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
         stream_idle_timeout: float = DEFAULT_STREAM_IDLE_TIMEOUT,
     ) -> None:
         self._metrics = metrics
-        self._timers: dict[tuple[asyncio.AbstractEventLoop, float], _IdleTimers] = {}
+        self._sweeps: dict[tuple[asyncio.AbstractEventLoop, float], _IdleSweep] = {}
         self.processor = Processor(chains, metrics=metrics, message_timeout=message_timeout)
         """The chains and the per-message core, shared with the HTTP transport."""
         self.swap(chains, message_timeout=message_timeout, stream_idle_timeout=stream_idle_timeout)
@@ -68,12 +69,12 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
         self._idle = stream_idle_timeout
         self.processor.swap(chains, message_timeout=message_timeout)
 
-    def _idle_timers(self, loop: asyncio.AbstractEventLoop, idle: float) -> _IdleTimers:
-        """The timers of the streams with ``idle`` on ``loop`` (made on first use; those with
+    def _idle_sweep(self, loop: asyncio.AbstractEventLoop, idle: float) -> _IdleSweep:
+        """The sweep of the streams with ``idle`` on ``loop`` (made on first use; those with
         no stream left are dropped when a new one is made, so swaps cannot pile them up)."""
-        self._timers = {k: t for k, t in self._timers.items() if t.streams or t.handle}
-        timers = self._timers[loop, idle] = _IdleTimers(loop, idle)
-        return timers
+        self._sweeps = {k: t for k, t in self._sweeps.items() if t.streams or t.handle}
+        sweep = self._sweeps[loop, idle] = _IdleSweep(loop, idle)
+        return sweep
 
     def _guard_for(self, context: grpc.aio.ServicerContext) -> tuple[str | None, ErrorGuard | None]:
         name = None
@@ -99,30 +100,24 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
             ex.buffered.update(guard.buffered)
         loop = asyncio.get_running_loop()
         parent = TRACER.parent_in(context.invocation_metadata()) if TRACER.on else None
-        start, messages = time.time_ns() if parent is not None else 0, 0
+        start = time.time_ns() if parent is not None else 0
+        sweep = self._sweeps.get((loop, idle))
+        if sweep is None:
+            sweep = self._idle_sweep(loop, idle)
+        stream = sweep.open()
         try:
-            async with asyncio.timeout(None) as deadline:
-                timers = self._timers.get((loop, idle))
-                if timers is None:
-                    timers = self._idle_timers(loop, idle)
-                streams = timers.streams
-                streams[deadline] = now = loop.time()
-                if timers.handle is None:
-                    timers.arm(now + idle)
-                try:
-                    while await self._one(context, guard, ex, chain):
-                        messages += 1
-                        streams[deadline] = loop.time()  # active now: the last to expire
-                        streams.move_to_end(deadline)
-                finally:
-                    streams.pop(deadline, None)  # gone already if its idle time ran out
-        except TimeoutError:
+            while await self._one(context, guard, ex, chain):
+                stream.messages += 1
+        except asyncio.CancelledError:
+            if not stream.expired or stream.task.uncancel() > 0:
+                raise  # not (only) the idle sweep's cancellation
             metrics.error("-", "stream_idle_timeout")
             log.warning("chain %r: ext_proc stream idle for %gs; ending it", chain, idle)
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "stream idle timeout")
         finally:
+            sweep.streams.discard(stream)
             if parent is not None:
-                _trace_stream(parent, start, guard, ex, messages)
+                _trace_stream(parent, start, guard, ex, stream.messages)
 
     async def _one(
         self, context: grpc.aio.ServicerContext, guard: ErrorGuard, ex: Exchange, chain: str
@@ -131,7 +126,8 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
         req = await context.read()
         if req is grpc.aio.EOF:
             return False
-        await context.write(await self.processor.answer(guard, ex, req))
+        answer = await self.processor.answer(guard, ex, req)
+        await context.write(_wire.WIRE.get(id(answer), answer))
         # a threaded hook still running past its deadline may yet touch ex: end the stream
         return ex.immediate is None and not ex.detached
 
@@ -146,38 +142,61 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
         await context.write(self.processor.refuse_unknown())
 
 
-class _IdleTimers:
-    """The idle timers of the open streams with one ``idle`` on one loop, on one loop timer.
+class _Stream:
+    """One open stream, as the idle sweep sees it."""
 
-    A timer handle per stream (made, cancelled, left in the loop's heap) was a sixth of the
-    servicer's own time per stream. Here a message only moves its stream's ``asyncio.timeout``
-    to the end of :attr:`streams` with the time it arrived, so the first entry is always the
-    stream idle the longest; the one timer fires when that one's ``idle`` is up, sets its
-    ``asyncio.timeout`` to expire now (which ends the stream exactly as a timer of its own
-    would), and re-arms itself for the next one."""
+    __slots__ = ("expired", "messages", "quiet", "seen", "task")
 
+    def __init__(self, task: asyncio.Task[Any]) -> None:
+        self.task = task
+        self.messages = 0  # answered so far
+        self.seen = -1  # messages at the last sweep (-1: none yet, so that sweep counts)
+        self.quiet = 0  # sweeps in a row that found no new message
+        self.expired = False
+
+
+class _IdleSweep:
+    """The idle timeouts of the open streams with one ``idle`` on one loop, by one timer.
+
+    A timer per stream, or an ``asyncio.timeout`` moved on every message, was a quarter of the
+    servicer's own time per stream. Here a message only counts itself (``messages += 1``); a
+    loop timer runs every ``idle / SWEEPS`` seconds while streams are open, and a stream that no
+    sweep saw move for ``SWEEPS`` sweeps in a row is cancelled (its ``Process`` then ends it with
+    DEADLINE_EXCEEDED, as an ``asyncio.timeout`` of its own would): a stream is ended after
+    between ``idle`` and ``idle`` x (1 + 1/SWEEPS) seconds without a message, never sooner.
+    A sweep costs one step per open stream, every ``idle / SWEEPS`` seconds (75 s by default)."""
+
+    SWEEPS = 4
     __slots__ = ("handle", "idle", "loop", "streams")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, idle: float) -> None:
         self.loop, self.idle = loop, idle
-        self.streams: OrderedDict[asyncio.Timeout, float] = OrderedDict()  # -> last message
+        self.streams: set[_Stream] = set()
         self.handle: asyncio.TimerHandle | None = None
 
-    def arm(self, when: float) -> None:
-        self.handle = self.loop.call_at(when, self._fire)
+    def open(self) -> _Stream:
+        """The running task's stream, watched from now on (``streams.discard`` it at its end)."""
+        task = asyncio.current_task()
+        assert task is not None
+        stream = _Stream(task)
+        self.streams.add(stream)
+        if self.handle is None:
+            self.handle = self.loop.call_later(self.idle / self.SWEEPS, self._sweep)
+        return stream
 
-    def _fire(self) -> None:
+    def _sweep(self) -> None:
         self.handle = None
-        streams = self.streams
-        now = self.loop.time()
-        while streams:
-            deadline, last = next(iter(streams.items()))
-            if now < last + self.idle:
-                self.arm(last + self.idle)
-                return
-            del streams[deadline]
-            if not deadline.expired():
-                deadline.reschedule(now)
+        for stream in list(self.streams):
+            if stream.messages != stream.seen:
+                stream.seen, stream.quiet = stream.messages, 0
+                continue
+            stream.quiet += 1
+            if stream.quiet >= self.SWEEPS:
+                self.streams.discard(stream)
+                stream.expired = True
+                stream.task.cancel()
+        if self.streams:
+            self.handle = self.loop.call_later(self.idle / self.SWEEPS, self._sweep)
 
 
 def _trace_stream(

@@ -68,8 +68,7 @@ class FusedRoute:
         request is); the headers to set and to remove."""
         if not self.routing:
             return [], []
-        ex = Exchange(self.name)
-        ex.request_headers = ex.headers = headers
+        ex = Exchange(self.name, request_headers=headers)
         changed: dict[str, str | None] = {}
         for f in self.routing:
             value = f.choose(ex)

@@ -19,11 +19,11 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from prometheus_client import CollectorRegistry
 
 from legation.extproc.config import Chains
 from legation.extproc.metrics import Metrics
+from legation.extproc.service import register
 from legation.extproc.servicer import ExtProcServicer
 from legation.grpc_server import BindError, start_grpc_server
 from legation.services.base import GrpcServiceParts, ServiceSpec, spec_key
@@ -82,7 +82,7 @@ class ExtProcService(GrpcServiceParts):
         servicer = self.servicer
         self.server, self.port = await start_grpc_server(
             "extproc",
-            lambda s: pb_grpc.add_ExternalProcessorServicer_to_server(servicer, s),
+            lambda s: register(servicer, s),
             host=self.spec.host,
             port=self.spec.bind_port(self.spec.port),
             tls=self._tls,

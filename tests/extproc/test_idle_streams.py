@@ -1,4 +1,4 @@
-"""The open streams' idle timers share one loop timer (``servicer._IdleTimers``): each idle
+"""The open streams' idle timeouts share one loop timer (``servicer._IdleSweep``): each idle
 stream must still end on its own, and a stream that keeps sending must not be ended with them.
 Real gRPC on loopback, a client talking to the service directly (as test_hardening_integration's
 idle test)."""
@@ -14,7 +14,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from prometheus_client import CollectorRegistry
 
 from legation.extproc.config import CHAIN_METADATA_KEY, build_chains
-from legation.extproc.service import Settings, start_server
+from legation.extproc.service import Settings, servicer_of, start_server
 
 CHAINS = {
     "chains": {
@@ -89,3 +89,48 @@ async def test_idle_streams_end_one_by_one_and_an_active_one_goes_on() -> None:
         "legation_extproc_errors_total", {"filter": "-", "code": "stream_idle_timeout"}
     )
     assert errors == 3
+
+
+async def test_a_stream_quiet_for_less_than_the_idle_timeout_is_never_ended() -> None:
+    """The sweep ends a stream between idle and 1.25 x idle without a message, never sooner:
+    gaps of three quarters of the timeout, longer than a sweep's interval, must not end it."""
+    registry = CollectorRegistry()
+    server, port = await start_server(
+        Settings(chains=build_chains(CHAINS), registry=registry, stream_idle_timeout=0.4)
+    )
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.ExternalProcessorStub(channel)
+            assert await asyncio.wait_for(_stream(stub, 6, 0.3), 15) == (6, "OK")
+    finally:
+        await server.stop(None)
+    assert not registry.get_sample_value(
+        "legation_extproc_errors_total", {"filter": "-", "code": "stream_idle_timeout"}
+    )
+
+
+async def test_a_stream_the_client_cancels_is_not_an_idle_timeout() -> None:
+    """Only the sweep's own cancellation becomes DEADLINE_EXCEEDED and the idle metric; a
+    stream cancelled otherwise (the client went away) ends as cancelled, uncounted."""
+    registry = CollectorRegistry()
+    server, port = await start_server(
+        Settings(chains=build_chains(CHAINS), registry=registry, stream_idle_timeout=30)
+    )
+    servicer = servicer_of(server)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.ExternalProcessorStub(channel)
+            call = stub.Process(metadata=((CHAIN_METADATA_KEY, "route"),), timeout=20)
+            await call.write(_message())
+            await call.read()
+            call.cancel()
+            for _ in range(100):  # the server's side of the stream ends
+                if not any(s.streams for s in servicer._sweeps.values()):
+                    break
+                await asyncio.sleep(0.05)
+            assert not any(s.streams for s in servicer._sweeps.values())
+    finally:
+        await server.stop(None)
+    assert not registry.get_sample_value(
+        "legation_extproc_errors_total", {"filter": "-", "code": "stream_idle_timeout"}
+    )

@@ -4,11 +4,20 @@
 from __future__ import annotations
 
 import pytest
+from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry
 
 from legation.extproc import _wire
+from legation.extproc.chain import Chain
+from legation.extproc.config import Chains
 from legation.extproc.exchange import Exchange
-from legation.extproc.sdk import Phase
+from legation.extproc.metrics import Metrics
+from legation.extproc.processor import Processor
+from legation.extproc.sdk import BodyMode, Phase
 
 
 @pytest.mark.parametrize("phase", list(Phase))
@@ -34,3 +43,88 @@ def test_a_recorded_change_still_takes_the_full_build() -> None:
     assert _wire.response(
         Phase.REQUEST_HEADERS, ex, ProcessingMode()
     ).request_headers.response.clear_route_cache
+
+
+@pytest.mark.parametrize("phase", list(Phase))
+def test_the_shared_answers_bytes_are_their_encoding(phase: Phase) -> None:
+    """The gRPC servicer writes WIRE's bytes for the shared answers: they must be the answer."""
+    answer = _wire.passthrough(phase)
+    assert _wire.WIRE[id(answer)] == answer.SerializeToString()
+    assert _wire.serialize(_wire.WIRE[id(answer)]) == answer.SerializeToString()
+    assert pb.ProcessingResponse.FromString(_wire.WIRE[id(answer)]).WhichOneof("response") == (
+        phase.value
+    )
+
+
+# -- headers read when a hook first looks -----------------------------------------------------
+
+_NAMES = st.sampled_from([":path", "cookie", "x-a", "X-B", "accept"])
+_HEADERS = st.lists(st.tuples(_NAMES, st.binary(max_size=8), st.text(max_size=4)), max_size=8)
+
+
+def _header_map(headers: list[tuple[str, bytes, str]]) -> base_pb2.HeaderMap:
+    out = base_pb2.HeaderMap()
+    for key, raw, value in headers:
+        out.headers.add(key=key, raw_value=raw, value=value)
+    return out
+
+
+def _read_now(headers: list[tuple[str, bytes, str]]) -> dict[str, str]:
+    """What an eager read gives: each value (raw_value when set, UTF-8 with replacement, else
+    value), repeated names joined with ',' ('; ' for cookie)."""
+    out: dict[str, str] = {}
+    for key, raw, value in headers:
+        text = raw.decode("utf-8", "replace") if raw else value
+        if key in out:
+            out[key] = f"{out[key]}; {text}" if key == "cookie" else f"{out[key]},{text}"
+        else:
+            out[key] = text
+    return out
+
+
+class _Seen:
+    """A filter that looks only at the response: what it sees of both sides."""
+
+    name = "seen"
+    inline = True
+    phases = frozenset({Phase.RESPONSE_HEADERS, Phase.RESPONSE_TRAILERS})
+    body_mode = BodyMode.BUFFERED
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[dict[str, str], ...]] = []
+
+    def on_response_headers(self, ex: Exchange) -> None:
+        self.seen.append((dict(ex.request_headers), dict(ex.headers)))
+
+    def on_response_trailers(self, ex: Exchange) -> None:
+        self.seen.append((dict(ex.trailers),))
+
+
+@settings(max_examples=60, deadline=None)
+@given(request=_HEADERS, response=_HEADERS, first=_HEADERS, second=_HEADERS)
+async def test_headers_read_late_are_the_headers_sent(request, response, first, second) -> None:  # type: ignore[no-untyped-def]
+    """Nothing reads the request headers in the request phase; a response hook then sees them
+    as sent, the response headers as ``headers``, and only the latest trailers."""
+    seen = _Seen()
+    processor = Processor(
+        Chains(chains={"c": Chain(name="c", filters=[seen])}),
+        metrics=Metrics(CollectorRegistry()),
+        message_timeout=0.2,
+    )
+    guard = processor.guard("c")
+    assert guard is not None
+    ex = Exchange("c")
+    for which, field, headers in (
+        ("request_headers", "headers", request),
+        ("response_headers", "headers", response),
+        ("response_trailers", "trailers", first),
+        ("response_trailers", "trailers", second),
+    ):
+        message = pb.ProcessingRequest()
+        getattr(getattr(message, which), field).CopyFrom(_header_map(headers))
+        await processor.answer(guard, ex, message)
+    assert seen.seen == [
+        (_read_now(request), _read_now(response)),
+        (_read_now(first),),
+        (_read_now(second),),
+    ]
