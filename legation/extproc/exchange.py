@@ -8,11 +8,14 @@ at once, so a later filter in the chain sees what an earlier one did.
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 from legation.extproc.sdk import BodyMode, Phase
 
 _RESPONSE_SIDE = frozenset({Phase.RESPONSE_HEADERS, Phase.RESPONSE_BODY, Phase.RESPONSE_TRAILERS})
+
+_READING = threading.Lock()  # header maps are read once per exchange: one lock for all
 
 METADATA_NAMESPACE = "legation.extproc"
 """Dynamic metadata set by filters lands in this namespace (the filter's receiving namespace)."""
@@ -118,24 +121,33 @@ class Exchange:
         """Envoy sent ``header_map`` (an ``envoy.config.core.v3.HeaderMap``) as the request
         headers, response headers or trailers (``which``: ``request``, ``response``,
         ``trailers``); it is read when a hook first looks at any header. Trailers replace
-        earlier ones."""
-        if which == "trailers":
-            self._trailers = {}
-        if self._sent is None:
-            self._sent = {}
-        self._sent[which] = header_map
+        earlier ones. The map is borrowed: the message holding it must not change while the
+        exchange runs (both transports parse a new message per call)."""
+        with _READING:
+            if which == "trailers":
+                self._trailers = {}
+            if self._sent is None:
+                self._sent = {}
+            self._sent[which] = header_map
 
     def _read_sent(self) -> None:
-        sent, self._sent = self._sent, None
-        for which, header_map in (sent or {}).items():
-            into = (
-                self._request_headers
-                if which == "request"
-                else self._response_headers
-                if which == "response"
-                else self._trailers
-            )
-            read_headers(header_map, into)
+        """Read the maps not read yet. Under a lock, and ``_sent`` cleared only once the dicts
+        are whole: a hook reading from a worker thread while another reads too (or while the
+        loop reads for the next message) never sees a dict half read."""
+        with _READING:
+            sent = self._sent
+            if sent is None:
+                return
+            for which, header_map in sent.items():
+                into = (
+                    self._request_headers
+                    if which == "request"
+                    else self._response_headers
+                    if which == "response"
+                    else self._trailers
+                )
+                read_headers(header_map, into)
+            self._sent = None
 
     @property
     def request_headers(self) -> dict[str, str]:
@@ -152,7 +164,9 @@ class Exchange:
 
     @property
     def headers(self) -> dict[str, str]:
-        """The headers of the current phase: request headers until the response starts."""
+        """The headers of the current phase's side: the request headers in the request phases
+        (headers, body, trailers), the response headers in the response phases (empty when
+        Envoy sent the response body without its headers)."""
         if self._sent is not None:
             self._read_sent()
         if self.phase in _RESPONSE_SIDE:

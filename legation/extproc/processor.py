@@ -60,7 +60,9 @@ class Processor:
         self, guard: ErrorGuard, ex: Exchange, req: pb.ProcessingRequest
     ) -> pb.ProcessingResponse:
         """One message of ``ex``'s request through ``guard``'s chain: its answer, always
-        well-formed (a message with no phase: a 500)."""
+        well-formed (a message with no phase: a 500). ``req``'s header maps are borrowed, read
+        when a hook first looks (:meth:`Exchange._received`): ``req`` must not be changed
+        while ``ex`` runs."""
         which = req.WhichOneof("request")
         phase = _wire.PHASES.get(which) if which else None
         if phase is None:

@@ -109,7 +109,8 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
             while await self._one(context, guard, ex, chain):
                 stream.messages += 1
         except asyncio.CancelledError:
-            if not stream.expired or stream.task.uncancel() > 0:
+            sweep.streams.discard(stream)  # ending now: no further cancellation in the abort
+            if not stream.cancels or _uncancel(stream.task, stream.cancels) > 0:
                 raise  # not (only) the idle sweep's cancellation
             metrics.error("-", "stream_idle_timeout")
             log.warning("chain %r: ext_proc stream idle for %gs; ending it", chain, idle)
@@ -145,14 +146,22 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
 class _Stream:
     """One open stream, as the idle sweep sees it."""
 
-    __slots__ = ("expired", "messages", "quiet", "seen", "task")
+    __slots__ = ("cancels", "messages", "quiet", "seen", "task")
 
     def __init__(self, task: asyncio.Task[Any]) -> None:
         self.task = task
         self.messages = 0  # answered so far
         self.seen = -1  # messages at the last sweep (-1: none yet, so that sweep counts)
         self.quiet = 0  # sweeps in a row that found no new message
-        self.expired = False
+        self.cancels = 0  # cancellations the sweep sent it
+
+
+def _uncancel(task: asyncio.Task[Any], times: int) -> int:
+    """Take back ``times`` cancellations of ``task``; how many others are left."""
+    left = task.cancelling()
+    for _ in range(times):
+        left = task.uncancel()
+    return left
 
 
 class _IdleSweep:
@@ -163,8 +172,10 @@ class _IdleSweep:
     loop timer runs every ``idle / SWEEPS`` seconds while streams are open, and a stream that no
     sweep saw move for ``SWEEPS`` sweeps in a row is cancelled (its ``Process`` then ends it with
     DEADLINE_EXCEEDED, as an ``asyncio.timeout`` of its own would): a stream is ended after
-    between ``idle`` and ``idle`` x (1 + 1/SWEEPS) seconds without a message, never sooner.
-    A sweep costs one step per open stream, every ``idle / SWEEPS`` seconds (75 s by default)."""
+    between ``idle`` and ``idle`` x (1 + 1/SWEEPS) seconds without a message, never sooner; a
+    hook that swallows the cancellation gets another at each sweep until the stream ends. A
+    sweep costs one step per open stream, every ``idle / SWEEPS``
+    seconds (75 s by default)."""
 
     SWEEPS = 4
     __slots__ = ("handle", "idle", "loop", "streams")
@@ -175,7 +186,8 @@ class _IdleSweep:
         self.handle: asyncio.TimerHandle | None = None
 
     def open(self) -> _Stream:
-        """The running task's stream, watched from now on (``streams.discard`` it at its end)."""
+        """The running task's stream, watched until its ``Process`` ends
+        (``streams.discard``)."""
         task = asyncio.current_task()
         assert task is not None
         stream = _Stream(task)
@@ -191,9 +203,8 @@ class _IdleSweep:
                 stream.seen, stream.quiet = stream.messages, 0
                 continue
             stream.quiet += 1
-            if stream.quiet >= self.SWEEPS:
-                self.streams.discard(stream)
-                stream.expired = True
+            if stream.quiet >= self.SWEEPS:  # again on every sweep, should a hook swallow it
+                stream.cancels += 1
                 stream.task.cancel()
         if self.streams:
             self.handle = self.loop.call_later(self.idle / self.SWEEPS, self._sweep)

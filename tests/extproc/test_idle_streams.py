@@ -8,12 +8,16 @@ from __future__ import annotations
 import asyncio
 
 import grpc
+import pytest
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from prometheus_client import CollectorRegistry
 
-from legation.extproc.config import CHAIN_METADATA_KEY, build_chains
+from legation.extproc.chain import Chain
+from legation.extproc.config import CHAIN_METADATA_KEY, Chains, build_chains
+from legation.extproc.exchange import Exchange
+from legation.extproc.sdk import BodyMode, Phase
 from legation.extproc.service import Settings, servicer_of, start_server
 
 CHAINS = {
@@ -134,3 +138,46 @@ async def test_a_stream_the_client_cancels_is_not_an_idle_timeout() -> None:
     assert not registry.get_sample_value(
         "legation_extproc_errors_total", {"filter": "-", "code": "stream_idle_timeout"}
     )
+
+
+class _Swallows:
+    """An async hook that swallows the first cancellation it gets (as a careless plugin's
+    ``except BaseException`` would), then answers."""
+
+    name = "t_swallow"
+    phases = frozenset({Phase.REQUEST_HEADERS})
+    body_mode = BodyMode.BUFFERED
+    swallowed = 0
+
+    async def on_request_headers(self, ex: Exchange) -> None:
+        try:
+            await asyncio.sleep(3)
+        except asyncio.CancelledError:
+            type(self).swallowed += 1
+
+
+async def test_a_stream_whose_hook_swallows_the_idle_cancellation_still_ends() -> None:
+    """The sweep cancels an idle stream again at each sweep until it ends: a hook that
+    swallowed the first cannot keep its stream (and exchange) open."""
+    chain = Chain(name="swallow", filters=[_Swallows()], message_timeout=5.0)
+    server, port = await start_server(
+        Settings(
+            chains=Chains(chains={"swallow": chain}),
+            registry=CollectorRegistry(),
+            stream_idle_timeout=0.4,
+        )
+    )
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            call = pb_grpc.ExternalProcessorStub(channel).Process(
+                metadata=((CHAIN_METADATA_KEY, "swallow"),), timeout=20
+            )
+            await call.write(_message())
+            answer = await asyncio.wait_for(call.read(), 5)  # after the swallowed cancel
+            assert answer.HasField("request_headers")
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await asyncio.wait_for(call.read(), 5)  # then nothing more is sent
+            assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    finally:
+        await server.stop(None)
+    assert _Swallows.swallowed == 1

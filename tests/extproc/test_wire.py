@@ -3,6 +3,10 @@
 
 from __future__ import annotations
 
+import sys
+import threading
+from typing import Any
+
 import pytest
 from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
@@ -128,3 +132,95 @@ async def test_headers_read_late_are_the_headers_sent(request, response, first, 
         (_read_now(first),),
         (_read_now(second),),
     ]
+
+
+def test_two_threads_reading_the_headers_both_see_them_whole() -> None:
+    """Threaded hooks (or an async hook's own threads) may read an exchange's headers at the
+    same moment: neither may see a dict half read (an attacker's review: 76 of 300 did)."""
+    sent = [(f"x-h{i}", f"v{i}".encode(), "") for i in range(400)]
+    whole = _read_now(sent)
+    header_map = _header_map(sent)
+    bad = 0
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads switch as often as they can: the window is open
+    try:
+        trials = _trials(header_map)
+    finally:
+        sys.setswitchinterval(interval)
+    bad = sum(n != len(whole) for n in trials)
+    assert bad == 0
+
+
+def _trials(header_map: base_pb2.HeaderMap) -> list[int]:
+    """Headers each of two threads saw, reading one new exchange at once, 150 times over."""
+    out: list[int] = []
+    for _ in range(150):
+        ex = Exchange("c")
+        ex._received("request", header_map)
+        start = threading.Barrier(2)
+        seen: list[int] = []
+
+        def read(
+            ex: Exchange = ex, start: threading.Barrier = start, seen: list[int] = seen
+        ) -> None:
+            start.wait()
+            seen.append(len(ex.request_headers))
+
+        threads = [threading.Thread(target=read) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        out += seen
+    return out
+
+
+REQUEST_SIDE, RESPONSE_SIDE = {":path": "/a"}, {":status": "200"}
+
+
+@pytest.mark.parametrize(
+    ("phases", "expected"),
+    [
+        # after the response headers, a request body or trailers phase works on the request's
+        (
+            ["request_headers", "response_headers", "request_body", "request_trailers"],
+            [REQUEST_SIDE, RESPONSE_SIDE, REQUEST_SIDE, REQUEST_SIDE],
+        ),
+        # a response body without its headers (they were skipped): the response side, empty
+        (["request_headers", "response_body"], [REQUEST_SIDE, {}]),
+    ],
+)
+async def test_headers_are_the_current_phases_side(
+    phases: list[str], expected: list[dict[str, str]]
+) -> None:
+    seen: list[dict[str, str]] = []
+
+    class Look:
+        name = "look"
+        inline = True
+        phases = frozenset(Phase)
+        body_mode = BodyMode.BUFFERED
+
+        def __getattr__(self, hook: str) -> Any:
+            if not hook.startswith("on_"):
+                raise AttributeError(hook)
+            return lambda ex: seen.append(dict(ex.headers))
+
+    processor = Processor(
+        Chains(chains={"c": Chain(name="c", filters=[Look()])}),
+        metrics=Metrics(CollectorRegistry()),
+        message_timeout=0.2,
+    )
+    guard = processor.guard("c")
+    assert guard is not None
+    ex = Exchange("c")
+    for which in phases:
+        message = pb.ProcessingRequest()
+        part = getattr(message, which)
+        if which.endswith("_headers"):
+            side = REQUEST_SIDE if which == "request_headers" else RESPONSE_SIDE
+            part.headers.CopyFrom(_header_map([(k, v.encode(), "") for k, v in side.items()]))
+        else:
+            part.SetInParent()
+        await processor.answer(guard, ex, message)
+    assert seen == expected
