@@ -59,6 +59,16 @@ class BindError(LegationError):
     code = "bind_failed"
 
 
+def add_methods(server: grpc.aio.Server, service: str, handlers: dict[str, Any]) -> None:
+    """Serve ``service``'s methods with ``handlers`` (name -> an ``rpc_method_handler``), as
+    generated ``add_*Servicer_to_server`` code registers them: a generic handler, and the same
+    methods registered with gRPC's core (grpcio >= 1.62). Measured with h2load against the
+    ext_proc service, registering made no difference in service CPU per call; it is done so
+    that Legation's servers are set up as the generated code would set them up."""
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+    server.add_registered_method_handlers(service, handlers)
+
+
 async def start_grpc_server(
     service: str,
     register: Callable[[grpc.aio.Server], None],

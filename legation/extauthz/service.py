@@ -25,7 +25,7 @@ from legation.extauthz.checks import Check
 from legation.extauthz.config import KIND, LoadedConfig, load_file, load_mapping
 from legation.extauthz.observe import DecisionLog, Metrics
 from legation.extauthz.servicer import AuthorizationServicer
-from legation.grpc_server import ServerTls, TlsSource, start_grpc_server
+from legation.grpc_server import ServerTls, TlsSource, add_methods, start_grpc_server
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -97,9 +97,7 @@ def register(servicer: AuthorizationServicer, server: grpc.aio.Server) -> None:
         request_deserializer=external_auth_pb2.CheckRequest.FromString,
         response_serializer=_serialize,
     )
-    server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler(SERVICE_NAME, {"Check": handler}),)
-    )
+    add_methods(server, SERVICE_NAME, {"Check": handler})
 
 
 async def start_server(settings: Settings) -> tuple[grpc.aio.Server, int]:

@@ -15,7 +15,7 @@ from legation.extproc._wire import serialize
 from legation.extproc.config import Chains, load_chains
 from legation.extproc.metrics import Metrics
 from legation.extproc.servicer import DEFAULT_STREAM_IDLE_TIMEOUT, ExtProcServicer
-from legation.grpc_server import ServerTls, TlsSource, start_grpc_server
+from legation.grpc_server import ServerTls, TlsSource, add_methods, start_grpc_server
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -73,9 +73,7 @@ def register(servicer: ExtProcServicer, server: grpc.aio.Server) -> None:
         request_deserializer=pb.ProcessingRequest.FromString,
         response_serializer=serialize,
     )
-    server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler(SERVICE_NAME, {"Process": handler}),)
-    )
+    add_methods(server, SERVICE_NAME, {"Process": handler})
 
 
 async def start_server(settings: Settings) -> tuple[grpc.aio.Server, int]:

@@ -31,7 +31,7 @@ from prometheus_client import CollectorRegistry
 
 from legation import plugins
 from legation.errors import ConfigError
-from legation.grpc_server import ServerTls, TlsSource, start_grpc_server
+from legation.grpc_server import ServerTls, TlsSource, add_methods, start_grpc_server
 from legation.ratelimit._request import parse_request
 from legation.ratelimit.config import RateLimitConfig
 from legation.ratelimit.errors import RateLimitError
@@ -277,9 +277,7 @@ def register(servicer: RateLimitServicer, server: grpc.aio.Server) -> None:
     ``add_RateLimitServiceServicer_to_server``, but the request reaches the servicer as bytes
     and the answer leaves as the bytes it returns."""
     handler = grpc.unary_unary_rpc_method_handler(servicer.answer_wire)
-    server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler(SERVICE_NAME, {"ShouldRateLimit": handler}),)
-    )
+    add_methods(server, SERVICE_NAME, {"ShouldRateLimit": handler})
 
 
 def build_limiter(settings: Settings, config: RateLimitConfig) -> RateLimiter:
