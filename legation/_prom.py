@@ -25,15 +25,16 @@ import threading
 from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, TypeVar
 
 from prometheus_client import Counter, Histogram
 from prometheus_client.metrics_core import Metric
 
 log = logging.getLogger("legation.metrics")
 
+_T = TypeVar("_T")
 FOLD_AT = 256
-_pending: deque[tuple[Callable[[float], None], float]] = deque()
+_pending: deque[tuple[Callable[[Any], None], Any]] = deque()
 _fold_lock = threading.Lock()
 
 
@@ -76,12 +77,12 @@ class BatchedHistogram(Histogram):
         return super().collect()
 
 
-def queued(apply: Callable[[float], None]) -> Callable[[float], None]:
+def queued(apply: Callable[[_T], None]) -> Callable[[_T], None]:
     """``apply`` deferred: the returned callable queues its argument for the next fold. For
     one update that moves several batched children at once (``direct`` children)."""
     append = _pending.append
 
-    def queue(amount: float) -> None:
+    def queue(amount: _T) -> None:
         append((apply, amount))
         if len(_pending) >= FOLD_AT:
             fold()

@@ -32,7 +32,6 @@ from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import Proces
 from legation.extproc._pool import POOL
 from legation.extproc.errors import ExtProcError
 from legation.extproc.exchange import Exchange
-from legation.extproc.metrics import Metrics
 from legation.extproc.sdk import BodyMode, FilterPlugin, Phase
 
 _SEND = ProcessingMode.SEND
@@ -127,13 +126,17 @@ class Chain:
                 setattr(mode, attr, value)
         return mode
 
+    def filter_names(self, phase: Phase) -> tuple[str, ...]:
+        """The filters whose hooks ``phase`` runs, in order."""
+        return tuple(step.name for step in self._steps[phase])
+
     async def run(
-        self, phase: Phase, ex: Exchange, metrics: Metrics, deadline: float = float("inf")
+        self, phase: Phase, ex: Exchange, durations: list[float], deadline: float = float("inf")
     ) -> None:
         """Call the phase's hooks in order until one answers; a raise becomes FilterFailed.
-        ``deadline`` (``time.monotonic()``) is checked after each inline hook: TimeoutError; the
-        caller bounds the awaited hooks with a timer."""
-        pv = phase.value
+        Each hook's time (seconds) is appended to ``durations``, also when it raised or ran
+        out of time. ``deadline`` (``time.perf_counter()``) is checked after each inline hook:
+        TimeoutError; the caller bounds the awaited hooks with a timer."""
         for step in self._steps[phase]:
             ex.current_filter = step.name
             start = time.perf_counter()
@@ -152,8 +155,9 @@ class Chain:
             except Exception as exc:
                 raise FilterFailed(step.name, phase, exc) from exc
             finally:
-                metrics.observe(step.name, pv, time.perf_counter() - start)
-            if step.mode is _INLINE and time.monotonic() > deadline:
+                end = time.perf_counter()
+                durations.append(end - start)
+            if step.mode is _INLINE and end > deadline:
                 raise TimeoutError
             if ex.immediate is not None:
                 return

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable, Sequence
 
 from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
@@ -53,6 +54,7 @@ class ErrorGuard:
         self._metrics = metrics
         self._timeout = phase_deadline(message_timeout, chain.message_timeout)
         self._mode = chain.processing_mode()
+        self._recorders: dict[Phase, Callable[[Sequence[float]], None]] = {}
         self.buffered = frozenset(
             phase
             for phase, mode in (
@@ -64,12 +66,13 @@ class ErrorGuard:
 
     async def __call__(self, phase: Phase, ex: Exchange) -> pb.ProcessingResponse:
         chain = self.chain
+        durations: list[float] = []
         try:
             if chain.has_async(phase):
                 async with asyncio.timeout(self._timeout):
-                    await chain.run(phase, ex, self._metrics)
+                    await chain.run(phase, ex, durations)
             else:  # inline hooks only: the deadline is checked after each
-                await chain.run(phase, ex, self._metrics, time.monotonic() + self._timeout)
+                await chain.run(phase, ex, durations, time.perf_counter() + self._timeout)
         except FilterFailed as exc:
             return self.failed(phase, ex, exc.filter_name, exc.code, str(exc), exc.__cause__)
         except TimeoutError:
@@ -78,6 +81,13 @@ class ErrorGuard:
                 f"{self._timeout:g}s in {phase.value}"
             )
             return self.failed(phase, ex, ex.current_filter, "message_timeout", message, None)
+        finally:
+            record = self._recorders.get(phase)
+            if record is None:
+                record = self._recorders[phase] = self._metrics.recorder(
+                    chain.name, phase.value, chain.filter_names(phase)
+                )
+            record(durations)  # the phase counted, each filter's time: one queued update
         if ex.immediate is not None:
             self._metrics.answered(chain.name, ex.immediate.status)
         return _wire.response(phase, ex, self._mode)

@@ -6,12 +6,12 @@ lookup, not a ``labels()`` call, and the per-message ones are prebound (:mod:`le
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter
 
-from legation._prom import BatchedCounter, BatchedHistogram, incrementer, observer
+from legation._prom import BatchedCounter, BatchedHistogram, incrementer, observer, queued
 
 _LATENCY_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 1.0)
 
@@ -53,8 +53,7 @@ class Metrics:
         self._cache: dict[tuple[str, ...], Any] = {}
         # the per-message ones, prebound (legation._prom): chains, filters and phases are few
         self._streams: dict[str, Callable[[float], None]] = {}
-        self._phases: dict[tuple[str, str], Callable[[float], None]] = {}
-        self._filters: dict[tuple[str, str], Callable[[float], None]] = {}
+        self._recorders: dict[tuple[str, str, tuple[str, ...]], Any] = {}
 
     def stream(self, chain: str) -> None:
         inc = self._streams.get(chain)
@@ -62,18 +61,29 @@ class Metrics:
             inc = self._streams[chain] = incrementer(self.streams.labels(chain))
         inc(1)
 
-    def phase(self, chain: str, phase: str) -> None:
-        inc = self._phases.get((chain, phase))
-        if inc is None:
-            inc = self._phases[chain, phase] = incrementer(self.phases.labels(chain, phase))
-        inc(1)
+    def recorder(
+        self, chain: str, phase: str, filters: Sequence[str]
+    ) -> Callable[[Sequence[float]], None]:
+        """What one message of ``phase`` through ``chain``'s ``filters`` updates, as one queued
+        update (legation._prom): the phase counted and each filter's time observed (the
+        durations of the filters that ran, in order; fewer when one failed or answered)."""
+        key = (chain, phase, tuple(filters))
+        found = self._recorders.get(key)
+        if found is None:
+            count = incrementer(self.phases.labels(chain, phase), direct=True)
+            observers = tuple(
+                observer(self.filter_seconds.labels(name, phase), direct=True) for name in filters
+            )
 
-    def observe(self, filter_name: str, phase: str, seconds: float) -> None:
-        observe = self._filters.get((filter_name, phase))
-        if observe is None:
-            child = self.filter_seconds.labels(filter_name, phase)
-            observe = self._filters[filter_name, phase] = observer(child)
-        observe(seconds)
+            def record(durations: Sequence[float]) -> None:
+                count(1)
+                for observe, seconds in zip(observers, durations, strict=False):
+                    observe(seconds)
+
+            found = queued(record)
+            if len(self._recorders) < 10_000:  # chains x phases: bounded by the config
+                self._recorders[key] = found
+        return found
 
     def error(self, filter_name: str, code: str) -> None:
         self._child(self.errors, "e", filter_name, code).inc()

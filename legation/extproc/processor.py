@@ -68,7 +68,6 @@ class Processor:
         if phase is None:
             self.metrics.error("-", "malformed_request")
             return _wire.error_response(500, "legation_malformed_request")
-        self.metrics.phase(guard.chain.name, which)  # type: ignore[arg-type]
         ex.begin(phase)
         msg = getattr(req, which)
         if phase in HEADER_PHASES:

@@ -224,3 +224,53 @@ async def test_headers_are_the_current_phases_side(
             part.SetInParent()
         await processor.answer(guard, ex, message)
     assert seen == expected
+
+
+class _Answers:
+    """Answers every request itself (the filters after it do not run)."""
+
+    name = "answers"
+    inline = True
+    phases = frozenset({Phase.REQUEST_HEADERS})
+    body_mode = BodyMode.BUFFERED
+
+    def on_request_headers(self, ex: Exchange) -> None:
+        ex.respond(403)
+
+
+class _Raises(_Answers):
+    name = "raises"
+
+    def on_request_headers(self, ex: Exchange) -> None:
+        raise RuntimeError("a filter's bug")
+
+
+@pytest.mark.parametrize(
+    ("filters", "timed"),
+    [
+        ([_Answers(), _Raises()], {"answers": 1, "raises": 0}),  # the second never ran
+        ([_Raises(), _Answers()], {"raises": 1, "answers": 0}),  # the raise was timed too
+    ],
+)
+async def test_one_message_counts_its_phase_once_and_times_the_filters_that_ran(
+    filters: list[Any], timed: dict[str, int]
+) -> None:
+    registry = CollectorRegistry()
+    processor = Processor(
+        Chains(chains={"c": Chain(name="c", filters=filters)}),
+        metrics=Metrics(registry),
+        message_timeout=0.2,
+    )
+    guard = processor.guard("c")
+    assert guard is not None
+    for _ in range(3):
+        message = pb.ProcessingRequest()
+        message.request_headers.SetInParent()
+        await processor.answer(guard, Exchange("c"), message)
+    phase = {"chain": "c", "phase": "request_headers"}
+    assert registry.get_sample_value("legation_extproc_phases_total", phase) == 3
+    for name, runs in timed.items():
+        count = registry.get_sample_value(
+            "legation_extproc_filter_seconds_count", {"filter": name, "phase": "request_headers"}
+        )
+        assert (count or 0) == 3 * runs
