@@ -199,3 +199,60 @@ def test_a_child_forked_during_a_fold_can_fold() -> None:
         [sys.executable, "-c", _FORK_WHILE_FOLDING], capture_output=True, text=True, timeout=30
     )
     assert done.stdout.strip() == "0", done.stderr
+
+
+# -- many amounts at once (what a fold does for each group of queued updates) -----------------
+
+
+@settings(max_examples=200, deadline=None, database=None)
+@given(st.lists(amounts, max_size=60))
+def test_many_at_once_exposes_what_one_by_one_does(values: list[float]) -> None:
+    public, c1, h1 = _pair()
+    fast, c2, h2 = _pair()
+    c1.labels("a"), h1.labels("a")
+    inc, observe = incrementer(c2.labels("a")), observer(h2.labels("a"))
+    counted = [v for v in values if v >= 0 or math.isnan(v)]
+    for value in values:
+        h1.labels("a").observe(value)
+    for value in counted:
+        c1.labels("a").inc(value)
+    observe.many(values)
+    inc.many(counted)
+    assert _exposition(fast) == _exposition(public)
+    if len(counted) < len(values):  # a negative amount among many: refused, nothing added
+        with pytest.raises(ValueError, match="non-negative"):
+            inc.many(values)
+        with pytest.raises(ValueError, match="non-negative"):
+            inc.many([math.nan, *values])  # wherever a NaN stands (min() would miss it)
+        assert _exposition(fast) == _exposition(public)
+
+
+def test_a_fold_gives_each_update_its_amounts_at_once_in_order() -> None:
+    fold()
+    seen: list[list[float]] = []
+    first, second = queued(lambda a: None, seen.append), queued(lambda a: None, seen.append)
+    for amount in (1, 2, 3):
+        first(amount)
+        second(amount * 10)
+    fold()
+    assert seen == [[1, 2, 3], [10, 20, 30]]
+
+
+def test_a_group_that_fails_is_dropped_and_the_others_applied(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    registry, counter, _ = _batched_pair()
+    inc = incrementer(counter.labels("a"))
+
+    def boom(amounts: list[float]) -> None:
+        raise RuntimeError("boom")
+
+    fold()
+    failing = queued(lambda a: None, boom)
+    failing(1)
+    inc(1)
+    failing(2)
+    inc(1)
+    fold()
+    assert registry.get_sample_value("c_total", {"l": "a"}) == 2
+    assert "2 queued metric updates failed; dropped" in caplog.text

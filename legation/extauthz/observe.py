@@ -174,13 +174,22 @@ class Metrics:
                 error(1)
                 latency(seconds)
 
-            return queued(apply_error)
+            def apply_errors(batch: list[float]) -> None:
+                decided(len(batch))
+                error(len(batch))
+                latency.many(batch)
+
+            return queued(apply_error, apply_errors)
 
         def apply(seconds: float) -> None:
             decided(1)
             latency(seconds)
 
-        return queued(apply)
+        def apply_many(batch: list[float]) -> None:
+            decided(len(batch))
+            latency.many(batch)
+
+        return queued(apply, apply_many)
 
     def watch_reloads(self, checks: Mapping[str, object]) -> None:
         """Export ``legation_extauthz_policy_reload_failures_total{check}`` for every check

@@ -80,7 +80,14 @@ class Metrics:
                 for observe, seconds in zip(observers, durations, strict=False):
                     observe(seconds)
 
-            found = queued(record)
+            def record_many(batch: list[Sequence[float]]) -> None:
+                count(len(batch))
+                for at, observe in enumerate(observers):
+                    times = [d[at] for d in batch if len(d) > at]
+                    if times:
+                        observe.many(times)
+
+            found = queued(record, record_many)
             if len(self._recorders) < 10_000:  # chains x phases: bounded by the config
                 self._recorders[key] = found
         return found

@@ -345,7 +345,11 @@ class RateLimiter:
                 total(cost)
                 within(cost)
 
-            found = (*(incrementer(c) for c in children), queued(allowed))
+            def allowed_many(costs: list[float]) -> None:
+                total.many(costs)
+                within.many(costs)
+
+            found = (*(incrementer(c) for c in children), queued(allowed, allowed_many))
             if len(self._counters) < 100_000:  # bounded, whatever detailed_metric lets in
                 self._counters[(domain, metric_key)] = found
         return found
