@@ -14,10 +14,10 @@ the queue is folded into the values in one tight loop every :data:`FOLD_AT` upda
 any collection (a scrape, ``get_sample_value``), so what is exposed is exact. Under load the
 handler's cache-cold Python is what costs: three lock round trips and a bucket search per
 request were about 5 us of an ext_authz call's 28 us (bench/README). Updates from any thread
-are kept: ``deque.append`` and ``popleft`` are atomic and the fold holds a lock. The fold groups
-the queue by what each update changes and applies each group at once (:class:`Update`'s
-``many``): one lock round trip per value and fold, not per request; amounts are added in the
-order they were queued, so the floats come out as one-by-one updates would leave them.
+are kept: ``deque.append`` and ``popleft`` are atomic and the fold holds a lock. The fold applies
+each run of consecutive updates of one target at once (:class:`Update`'s ``many``): one lock
+round trip per value and run, not per request; every amount is added in the order it was
+queued, so the floats come out as one-by-one updates would leave them.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import weakref
 from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -40,44 +41,55 @@ _T = TypeVar("_T")
 FOLD_AT = 256
 _pending: deque[tuple[Callable[[Any], None], Any]] = deque()
 _fold_lock = threading.Lock()
+_added: weakref.WeakSet[Any] = weakref.WeakSet()  # values _adder adds to (their locks)
 
 
 def fold() -> None:
-    """Apply every queued update (what a collection does first), grouped by what they update:
-    an update with a ``many`` (:class:`Update`) gets all its queued amounts in one call (one
-    lock round trip per value instead of one per request), in the order they were queued. An
-    update that raises is logged and dropped (with the others of its group, when it takes them
-    at once): it must not fail the request or the scrape that happened to fold."""
+    """Apply every queued update, in the order queued (what a collection does first). A run of
+    consecutive updates of one :class:`_Batched` target (the same request's metrics, over and
+    over, under load) is applied by its ``many`` in one call: one lock round trip per value
+    instead of one per request, the amounts added in the same order, so every float comes out
+    as one-by-one updates leave it. An update that raises is logged and dropped alone (a run
+    whose ``many`` raised, having changed nothing, is retried one by one): it must not fail the
+    request or the scrape that happened to fold."""
     with _fold_lock:
         popleft = _pending.popleft
-        groups: dict[Callable[[Any], None], list[Any]] = {}
+        target: Callable[[Any], None] | None = None
+        run: list[Any] = []
         while _pending:
             apply, amount = popleft()
-            amounts = groups.get(apply)
-            if amounts is None:
-                groups[apply] = [amount]
-            else:
-                amounts.append(amount)
-        for apply, amounts in groups.items():
-            many = getattr(apply, "many", None)
-            if many is not None:
-                try:
-                    many(amounts)
-                except Exception:
-                    log.exception("%d queued metric updates failed; dropped", len(amounts))
+            if apply is target:
+                run.append(amount)
                 continue
-            for amount in amounts:
-                try:
-                    apply(amount)
-                except Exception:
-                    log.exception("a queued metric update failed; dropped")
+            if target is not None:
+                _apply(target, run)
+            target, run = apply, [amount]
+        if target is not None:
+            _apply(target, run)
+
+
+def _apply(target: Callable[[Any], None], amounts: list[Any]) -> None:
+    if len(amounts) > 1 and type(target) is _Batched:
+        try:
+            target.many(amounts)
+            return
+        except Exception:  # nothing applied (see _Batched): one by one, the bad ones dropped
+            pass
+    for amount in amounts:
+        try:
+            target(amount)
+        except Exception:
+            log.exception("a queued metric update failed; dropped")
 
 
 def _after_fork_in_child() -> None:
-    """A forked child keeps its own updates only, with a lock no other thread holds."""
+    """A forked child keeps its own updates only, with locks no other thread holds: the fold's,
+    and those of the values a fold may have been adding to (:func:`_adder`)."""
     global _fold_lock
     _pending.clear()
     _fold_lock = threading.Lock()
+    for value in list(_added):
+        value._lock = threading.Lock()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -109,7 +121,9 @@ class Update(Protocol):
 
 
 class _Batched:
-    """``apply`` with its ``many`` (what :func:`fold` calls for a group of queued amounts)."""
+    """``apply`` with its ``many`` (what :func:`fold` calls for a run of queued amounts).
+    ``many(amounts)`` must do what ``apply`` of each amount in order would do, and change
+    nothing when it raises (check and convert first): the fold then applies them one by one."""
 
     __slots__ = ("__call__", "many")
 
@@ -140,13 +154,13 @@ def _adder(value: Any) -> Callable[[list[float]], None] | None:
     (the float result of adding them one by one); None for any other kind of value."""
     if type(value) is not MutexValue or not hasattr(value, "_lock"):
         return None
-    lock = value._lock
+    _added.add(value)
 
     def add_all(amounts: list[float]) -> None:
-        with lock:
+        with value._lock:  # read here: a forked child gets a new one (_after_fork_in_child)
             total = value._value
             for amount in amounts:
-                total += amount
+                total += amount  # raises before anything is stored (an int too large)
             value._value = total
 
     return add_all
@@ -154,11 +168,15 @@ def _adder(value: Any) -> Callable[[list[float]], None] | None:
 
 def _each(update: Callable[[float], None]) -> Update:
     """``update`` with a ``many`` that calls it for each amount (a child this module does not
-    know: its public method)."""
+    know: its public method), each failure logged and dropped there (so that it never raises
+    having changed something)."""
 
     def many(amounts: list[float]) -> None:
         for amount in amounts:
-            update(amount)
+            try:
+                update(amount)
+            except Exception:
+                log.exception("a metric update failed; dropped")
 
     return _Batched(update, many)  # type: ignore[return-value]
 
@@ -194,7 +212,7 @@ def incrementer(child: Any, *, direct: bool = False) -> Update:
         if any(amount < 0 for amount in amounts):  # (min() of a list with a NaN may be NaN)
             raise ValueError("Counters can only be incremented by non-negative amounts.")
         if add_all is None:
-            for amount in amounts:
+            for amount in [float(a) for a in amounts]:  # what could raise, before any change
                 value_inc(amount)
         else:
             add_all(amounts)
@@ -242,7 +260,7 @@ def observer(child: Any, *, direct: bool = False) -> Update:
                     at = bisect_left(bounds, amount)
                     counts[at] = counts.get(at, 0) + 1
             add_sum(amounts)  # a NaN makes the sum NaN, as the public method's would
-            for at, n in counts.items():
+            for at, n in counts.items():  # whole numbers: these cannot fail
                 bucket_adds[at]([n])  # type: ignore[misc]
 
         batched = _Batched(observe, observe_many)  # type: ignore[assignment]
@@ -259,12 +277,10 @@ def _observable(child: Any) -> bool:
 
 
 def _counter_inc() -> Any:
-    from prometheus_client import Counter
 
     return Counter.inc
 
 
 def _histogram_observe() -> Any:
-    from prometheus_client import Histogram
 
     return Histogram.observe

@@ -175,9 +175,9 @@ class Metrics:
                 latency(seconds)
 
             def apply_errors(batch: list[float]) -> None:
+                latency.many([float(s) for s in batch])  # first: only it could raise
                 decided(len(batch))
                 error(len(batch))
-                latency.many(batch)
 
             return queued(apply_error, apply_errors)
 
@@ -186,8 +186,8 @@ class Metrics:
             latency(seconds)
 
         def apply_many(batch: list[float]) -> None:
+            latency.many([float(s) for s in batch])  # first: only it could raise
             decided(len(batch))
-            latency.many(batch)
 
         return queued(apply, apply_many)
 

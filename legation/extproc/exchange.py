@@ -55,6 +55,7 @@ class Exchange:
         "_clear_route_cache",
         "_metadata",
         "_mode",
+        "_opened",
         "_removed",
         "_request_headers",
         "_response_headers",
@@ -100,6 +101,8 @@ class Exchange:
         the servicer then ends the stream (nothing it does later may reach Envoy)."""
         self._metadata: dict[str, Any] | None = None
         self._mode: dict[str, str] | None = None
+        self._opened = False  # a new stream, not yet counted (the guard counts it with its
+        # first message, in the same queued update: legation.extproc.metrics.Metrics.recorder)
         self._reset()
 
     # -- driven by the servicer ---------------------------------------------------------------

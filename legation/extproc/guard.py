@@ -54,7 +54,7 @@ class ErrorGuard:
         self._metrics = metrics
         self._timeout = phase_deadline(message_timeout, chain.message_timeout)
         self._mode = chain.processing_mode()
-        self._recorders: dict[Phase, Callable[[Sequence[float]], None]] = {}
+        self._recorders: dict[Phase, Callable[[tuple[Sequence[float], bool]], None]] = {}
         self.buffered = frozenset(
             phase
             for phase, mode in (
@@ -87,7 +87,9 @@ class ErrorGuard:
                 record = self._recorders[phase] = self._metrics.recorder(
                     chain.name, phase.value, chain.filter_names(phase)
                 )
-            record(durations)  # the phase counted, each filter's time: one queued update
+            # the stream (when new), the phase and each filter's time: one queued update
+            record((durations, ex._opened))
+            ex._opened = False
         if ex.immediate is not None:
             self._metrics.answered(chain.name, ex.immediate.status)
         return _wire.response(phase, ex, self._mode)

@@ -213,11 +213,13 @@ class ExtProcHttpApp:
         self, guard: ErrorGuard, req: pb.ProcessingRequest, phase: Phase, keep: bool
     ) -> bytes:
         chain = guard.chain.name
-        if phase is Phase.REQUEST_HEADERS:  # one "stream" per request, as on gRPC
-            self.processor.metrics.stream(chain)
         ex = Exchange(chain)
+        # one "stream" per request, as on gRPC: counted with its request headers
+        ex._opened = phase is Phase.REQUEST_HEADERS
         ex.buffered.update(guard.buffered)
         resp = await self.processor.answer(guard, ex, req)
+        if ex._opened:  # the message did not reach the chain: the stream counted alone
+            self.processor.metrics.stream(chain)
         if resp.HasField("mode_override"):
             resp = guard.failed(
                 phase,

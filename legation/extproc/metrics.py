@@ -63,29 +63,39 @@ class Metrics:
 
     def recorder(
         self, chain: str, phase: str, filters: Sequence[str]
-    ) -> Callable[[Sequence[float]], None]:
+    ) -> Callable[[tuple[Sequence[float], bool]], None]:
         """What one message of ``phase`` through ``chain``'s ``filters`` updates, as one queued
-        update (legation._prom): the phase counted and each filter's time observed (the
-        durations of the filters that ran, in order; fewer when one failed or answered)."""
+        update (legation._prom) of ``(durations, opened)``: the stream counted when the message
+        opened it, the phase counted, and each filter's time observed (the durations of the
+        filters that ran, in order; fewer when one failed or answered)."""
         key = (chain, phase, tuple(filters))
         found = self._recorders.get(key)
         if found is None:
+            streams = incrementer(self.streams.labels(chain), direct=True)
             count = incrementer(self.phases.labels(chain, phase), direct=True)
             observers = tuple(
                 observer(self.filter_seconds.labels(name, phase), direct=True) for name in filters
             )
 
-            def record(durations: Sequence[float]) -> None:
+            def record(entry: tuple[Sequence[float], bool]) -> None:
+                durations, opened = entry
+                if opened:
+                    streams(1)
                 count(1)
                 for observe, seconds in zip(observers, durations, strict=False):
                     observe(seconds)
 
-            def record_many(batch: list[Sequence[float]]) -> None:
+            def record_many(batch: list[tuple[Sequence[float], bool]]) -> None:
+                times = [  # each filter's, converted before any change (only that could raise)
+                    [float(d[at]) for d, _ in batch if len(d) > at] for at in range(len(observers))
+                ]
+                for observe, seconds in zip(observers, times, strict=True):
+                    if seconds:
+                        observe.many(seconds)
+                opened = sum(1 for _, o in batch if o)
+                if opened:
+                    streams(opened)
                 count(len(batch))
-                for at, observe in enumerate(observers):
-                    times = [d[at] for d in batch if len(d) > at]
-                    if times:
-                        observe.many(times)
 
             found = queued(record, record_many)
             if len(self._recorders) < 10_000:  # chains x phases: bounded by the config

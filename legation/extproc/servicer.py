@@ -94,8 +94,8 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
             await self._refuse(context, name)
             return
         chain = guard.chain.name
-        metrics.stream(chain)
         ex = Exchange(chain)
+        ex._opened = True  # counted with its first message (or below, if it sends none)
         if guard.buffered:
             ex.buffered.update(guard.buffered)
         loop = asyncio.get_running_loop()
@@ -117,6 +117,8 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "stream idle timeout")
         finally:
             sweep.streams.discard(stream)
+            if ex._opened:  # no message reached the chain
+                metrics.stream(chain)
             if parent is not None:
                 _trace_stream(parent, start, guard, ex, stream.messages)
 

@@ -346,8 +346,11 @@ class RateLimiter:
                 within(cost)
 
             def allowed_many(costs: list[float]) -> None:
-                total.many(costs)
-                within.many(costs)
+                checked = [float(c) for c in costs]  # what could raise, before any change
+                if any(c < 0 for c in checked):
+                    raise ValueError("a hit's cost is never negative")
+                total.many(checked)
+                within.many(checked)
 
             found = (*(incrementer(c) for c in children), queued(allowed, allowed_many))
             if len(self._counters) < 100_000:  # bounded, whatever detailed_metric lets in

@@ -330,3 +330,19 @@ def test_a_refused_body_logs_one_quoted_line_not_the_callers_newlines(server, ca
     lines = [r.getMessage() for r in caplog.records if "not a ProcessingRequest" in r.getMessage()]
     assert lines and all("\n" not in line for line in lines)
     assert "forged line" in lines[0]  # still said, escaped
+
+
+def test_a_stream_is_counted_per_request_headers_post_only(server):
+    """Over HTTP each message is its own POST: the request headers' POST counts the request's
+    "stream" (as gRPC counts one per request), the response headers' POST does not."""
+    port, registry = server
+
+    def streams() -> float:
+        return registry.get_sample_value("legation_extproc_streams_total", {"chain": "stamp"}) or 0
+
+    before = streams()
+    assert post(port, "/ext_proc/stamp", headers_message({":path": "/"}))[0] == 200
+    assert streams() == before + 1
+    message = headers_message({":status": "200"}, phase="response_headers")
+    assert post(port, "/ext_proc/stamp", message)[0] == 200
+    assert streams() == before + 1

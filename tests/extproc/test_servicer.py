@@ -118,3 +118,20 @@ async def test_immediate_answer_ends_the_stream(client):
 async def test_settings_need_chains():
     with pytest.raises(ConfigError, match="config_file or chains"):
         await start_server(Settings(port=0))
+
+
+async def test_each_stream_is_counted_once_with_or_without_messages(client):
+    """A stream is counted with its first message (one queued update with the phase and the
+    filters' times), or on its own when it ends before any message reached the chain."""
+    stub, registry = client
+    for messages in (0, 1, 2):
+        call = stub.Process()
+        for _ in range(messages):
+            headers = _headers(**{":path": "/", "x_cid": "k"})
+            await call.write(pb.ProcessingRequest(request_headers=headers))
+            await call.read()
+        await call.done_writing()
+        assert await call.code() == grpc.StatusCode.OK
+    assert registry.get_sample_value("legation_extproc_streams_total", {"chain": "web"}) == 3
+    phases = {"chain": "web", "phase": "request_headers"}
+    assert registry.get_sample_value("legation_extproc_phases_total", phases) == 3
