@@ -19,8 +19,10 @@ service's ``start_server`` with the default Prometheus registry, a config file w
 takes one); the minimal servicers carry no metrics, no logging and default server options. Per
 row: rps, ratio to plain, ratio of Legation to its minimal servicer, and CPU per request of the
 service, the front Envoy and the upstream Envoy (from /proc, over the wrk window) so a row's
-bottleneck can be read off. Rounds repeat the whole sequence; the table shows the median and the
-spread. Any non-2xx answer is an error. About 20 s of set-up plus rounds x 7 x seconds.
+bottleneck can be read off. Rounds repeat the whole sequence (each minimal servicer and
+Legation's service side by side, their order swapped every other round); the table shows the
+median and the spread, ``leg/min`` the median of the round-by-round ratios (each listed after
+the table). Any non-2xx answer is an error. About 20 s of set-up plus rounds x 7 x seconds.
 """
 
 from __future__ import annotations
@@ -488,7 +490,7 @@ def main() -> None:
         order = ("direct", *scenarios)
         rows: dict[str, list[dict[str, float]]] = {n: [] for n in order}
         for r in range(args.rounds):
-            for name in order:
+            for name in round_order(order, r):
                 pids = {"front": front.proc.pid, "upstream": upstream.proc.pid}
                 if name in procs:
                     pids["service"] = procs[name].pid
@@ -552,6 +554,27 @@ def main() -> None:
             p.wait()
 
 
+def round_order(order: Iterable[str], r: int) -> list[str]:
+    """The rows of round ``r``: ``order``, with each minimal servicer and Legation's service
+    side by side, the minimal one first in even rounds and second in odd ones (a machine
+    slowing down or speeding up over a pair then favours neither side)."""
+    out = list(order)
+    if r % 2:
+        for i, name in enumerate(out):
+            if name.endswith("-min") and i + 1 < len(out) and out[i + 1] == name[:-4] + "-leg":
+                out[i], out[i + 1] = out[i + 1], out[i]
+    return out
+
+
+def paired_ratios(rows: Mapping[str, list[dict[str, float]]], name: str) -> list[float]:
+    """Legation's rps over its minimal servicer's, round by round (measured side by side)."""
+    return [
+        leg["rps"] / low["rps"]
+        for leg, low in zip(rows[name], rows[name[:-4] + "-min"], strict=False)
+        if low["rps"]
+    ]
+
+
 def print_table(rows: Mapping[str, list[dict[str, float]]], rounds: int) -> None:
     def med(name: str, key: str) -> float:
         return median(rows, name, key)
@@ -565,8 +588,8 @@ def print_table(rows: Mapping[str, list[dict[str, float]]], rounds: int) -> None
         rps = [r["rps"] for r in rows[name]]
         spread = f"{min(rps):.0f}-{max(rps):.0f}" if rounds > 1 else ""
         vs_min = ""
-        if name.endswith("-leg"):
-            vs_min = f"{med(name, 'rps') / med(name[:-4] + '-min', 'rps'):8.2f}"
+        if name.endswith("-leg") and paired_ratios(rows, name):
+            vs_min = f"{statistics.median(paired_ratios(rows, name)):8.2f}"
         svc = (
             f"{med(name, 'service_us'):11.0f}{med(name, 'service_cpu'):8.0%}"
             if name not in ("plain", "direct")
@@ -582,6 +605,10 @@ def print_table(rows: Mapping[str, list[dict[str, float]]], rounds: int) -> None
             f"{vs_min:>8s}{svc}{front}"
             f"{med(name, 'upstream_us'):7.0f}"
         )
+    for name in rows:
+        if name.endswith("-leg") and paired_ratios(rows, name):
+            each = " ".join(f"{x:.2f}" for x in paired_ratios(rows, name))
+            print(f"{name} / {name[:-4]}-min, round by round: {each}")
     if os.environ.get("BENCH_JSON"):
         print(json.dumps(rows))
 
