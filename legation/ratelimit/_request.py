@@ -85,6 +85,14 @@ class _Fast:
 _Shape = tuple[tuple[tuple[tuple[str, str], ...], int, tuple[int, int] | None], ...]
 
 
+MAX_DESCRIPTORS = 256
+"""Descriptors one request may carry (Envoy sends one per matching rate-limit action of the
+route: a handful). Matching runs on the service's event loop, a few ms per 100 descriptors: a
+request of gRPC's 4 MiB of them would stall every other call for seconds."""
+MAX_ENTRIES = 64
+"""Entries one descriptor may carry (one per action of the descriptor's rate limit)."""
+
+
 def parse_request(raw: bytes) -> rls_pb2.RateLimitRequest:
     """``raw`` parsed; raises :class:`RateLimitError` ``invalid_request`` when it is not a
     well-formed RateLimitRequest (bad wire format, a string that is not UTF-8)."""
@@ -101,9 +109,19 @@ def _shape(request: rls_pb2.RateLimitRequest) -> _Shape:
         raise RateLimitError("rate limit domain must not be empty", code="invalid_request")
     if not request.descriptors:
         raise RateLimitError("rate limit descriptor list must not be empty", code="invalid_request")
+    if len(request.descriptors) > MAX_DESCRIPTORS:
+        raise RateLimitError(
+            f"{len(request.descriptors)} descriptors in one request, more than {MAX_DESCRIPTORS}",
+            code="invalid_request",
+        )
     default_cost = request.hits_addend or 1
     shape = []
-    for d in request.descriptors:
+    for i, d in enumerate(request.descriptors):
+        if len(d.entries) > MAX_ENTRIES:
+            raise RateLimitError(
+                f"descriptors[{i}]: {len(d.entries)} entries, more than {MAX_ENTRIES}",
+                code="invalid_request",
+            )
         entries = tuple((e.key, e.value) for e in d.entries)
         cost = d.hits_addend.value if d.HasField("hits_addend") else default_cost
         override = (d.limit.unit, d.limit.requests_per_unit) if d.HasField("limit") else None

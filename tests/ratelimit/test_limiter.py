@@ -95,6 +95,15 @@ async def test_unknown_domain_is_ok_without_limit() -> None:
     [
         (request("", descriptor(("k", "a"))), "domain must not be empty"),
         (request("d"), "descriptor list must not be empty"),
+        # what would hold the service's loop: refused before any matching
+        (
+            request("d", *(descriptor(("k", str(i))) for i in range(257))),
+            "257 descriptors in one request, more than 256",
+        ),
+        (
+            request("d", descriptor(("k", "a")), descriptor(*((f"k{i}", "v") for i in range(65)))),
+            r"descriptors\[1\]: 65 entries, more than 64",
+        ),
     ],
 )
 async def test_malformed_requests_raise_invalid_request(req, message) -> None:  # type: ignore[no-untyped-def]
