@@ -63,6 +63,10 @@ _UNLIMITED = _wire.bare_status(OK, MAX_UINT32)
 _NO_LIMIT = _wire.bare_status(OK)
 _OVERALL_OK = _wire.overall(OK)
 _MAX_PLANS = 4096
+MAX_METRIC_KEYS = 10_000
+"""Distinct descriptor metric keys (label values) one limiter exposes; later ones are counted
+under :data:`OVERFLOW_METRIC_KEY` (their domain's)."""
+OVERFLOW_METRIC_KEY = "_other"
 _MAX_PLANNED_REQUEST = 2048  # bytes: larger requests are planned each time, never kept
 _MAX_PLANNED_DESCRIPTORS = 8  # Envoy's routes send a few; more are planned each time
 
@@ -327,6 +331,11 @@ class RateLimiter:
         legation._prom), then one queued update moving total and within together (an allowed
         hit, the common case: one queue entry instead of two)."""
         found = self._counters.get((domain, metric_key))
+        if found is None and len(self._counters) >= MAX_METRIC_KEYS:
+            # values chosen by callers (detailed_metric, limit overrides) must not grow the
+            # exposition without end: past the bound, new keys count under one per domain
+            metric_key = OVERFLOW_METRIC_KEY
+            found = self._counters.get((domain, metric_key))
         if found is None:
             m = self.metrics
             children = [
@@ -353,6 +362,5 @@ class RateLimiter:
                 within.many(checked)
 
             found = (*(incrementer(c) for c in children), queued(allowed, allowed_many))
-            if len(self._counters) < 100_000:  # bounded, whatever detailed_metric lets in
-                self._counters[(domain, metric_key)] = found
+            self._counters[(domain, metric_key)] = found  # bounded: MAX_METRIC_KEYS + domains
         return found

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from envoy.type.v3 import ratelimit_unit_pb2
 
+from legation.ratelimit import limiter as limiter_module
 from legation.ratelimit.errors import RateLimitError
 from legation.ratelimit.limiter import OK, OVER_LIMIT
 from tests.ratelimit.conftest import FakeClock, descriptor, make_limiter, request, sample
@@ -125,3 +126,23 @@ async def test_swap_applies_to_the_next_request() -> None:
     lim.swap(other.config)
     resp = await lim.should_rate_limit(req)
     assert resp.overall_code == OK and resp.statuses[0].limit_remaining == 48  # same counter
+
+
+async def test_metric_keys_callers_choose_stop_growing_at_the_bound(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A limit override's metric key holds the descriptor's values, which come from requests:
+    past MAX_METRIC_KEYS distinct keys, hits are counted under one overflow key, so that the
+    exposition stays bounded (and no hit goes uncounted)."""
+    monkeypatch.setattr(limiter_module, "MAX_METRIC_KEYS", 3)
+    lim = make_limiter("domain: d\ndescriptors:\n  - key: k\n")
+    for i in range(10):
+        d = descriptor(("k", f"caller-chose-{i}"))
+        d.limit.requests_per_unit, d.limit.unit = 100, ratelimit_unit_pb2.SECOND
+        await lim.should_rate_limit(request("d", d))
+    keys = {
+        s.labels["descriptor"]: s.value
+        for metric in lim.metrics.registry.collect()
+        for s in metric.samples
+        if s.name == "legation_ratelimit_total_hits_total"
+    }
+    assert len(keys) == 4 and keys[limiter_module.OVERFLOW_METRIC_KEY] == 7
+    assert sum(keys.values()) == 10
