@@ -166,7 +166,24 @@ def test_an_update_that_fails_in_a_fold_is_dropped_alone(caplog: pytest.LogCaptu
     assert "a queued metric update failed" in caplog.text
 
 
-_FORK_WHILE_FOLDING = """
+_REAP = """
+import os, signal, time
+
+def _reap(pid):  # the child's exit code; a child still hung after 10 s is killed (-9)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.01)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    return -9
+"""
+
+_FORK_WHILE_FOLDING = (
+    _REAP
+    + """
 import os, threading
 from legation import _prom
 
@@ -186,9 +203,9 @@ if pid == 0:
     _prom.fold()  # the lock the other thread held is not the child's
     os._exit(0)
 release.set()
-_, status = os.waitpid(pid, 0)
-print(os.waitstatus_to_exitcode(status))
+print(_reap(pid))
 """
+)
 
 
 # -- many amounts at once (what a fold does for a run of queued updates of one target) -------
@@ -271,7 +288,9 @@ def test_a_bad_amount_in_a_run_is_dropped_alone(caplog: pytest.LogCaptureFixture
     assert "a queued metric update failed; dropped" in caplog.text
 
 
-_FORK_WHILE_ADDING = """
+_FORK_WHILE_ADDING = (
+    _REAP
+    + """
 import os, threading
 from prometheus_client import CollectorRegistry
 from legation import _prom
@@ -295,9 +314,9 @@ if pid == 0:
     _prom.fold()  # the value's lock the other thread held is not the child's
     os._exit(0 if value.get() == 3 else 1)
 release.set()
-_, status = os.waitpid(pid, 0)
-print(os.waitstatus_to_exitcode(status))
+print(_reap(pid))
 """
+)
 
 
 @pytest.mark.parametrize(
