@@ -123,6 +123,7 @@ def _check_request(token: str, policy: str, checks: str) -> external_auth_pb2.Ch
 
 
 async def _authz_cases(cases: dict[str, Case]) -> None:
+    from legation._protowire import serialize
     from legation.extauthz import service as authz
     from legation.fastpath._http import Call
     from legation.fastpath.contract import CHECKS_HEADER, PATH_PREFIX, POLICY_HEADER
@@ -140,7 +141,7 @@ async def _authz_cases(cases: dict[str, Case]) -> None:
     )
 
     async def wire(request: Any) -> bytes:  # what the gRPC server runs and sends
-        return authz._serialize(await servicer.check_wire(request, context))
+        return serialize(await servicer.check_wire(request, context))
 
     cases["authz-allow"] = lambda: wire(allow)
     cases["authz-jwt-rego"] = lambda: wire(jwt_rego)

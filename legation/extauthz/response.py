@@ -31,6 +31,7 @@ from envoy.service.auth.v3 import external_auth_pb2
 from envoy.type.v3 import http_status_pb2
 from google.rpc import code_pb2
 
+from legation._protowire import delimited, varint
 from legation.extauthz._headers import bad_header_name, bad_header_value
 from legation.extauthz.checks import Decision, Headers, header_items
 from legation.extauthz.errors import AuthzError
@@ -255,23 +256,10 @@ def plain_allow(decision: Decision) -> bool:
     )
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-def _delimited(tag: int, payload: bytes) -> bytes:
-    return bytes((tag,)) + _varint(len(payload)) + payload
-
-
 def _string_field(key: str, value: str) -> bytes:
     """One ``Struct.fields`` map entry (field 1) holding ``Value{string_value}`` (field 3)."""
-    value_msg = _delimited(0x1A, value.encode())
-    return _delimited(0x0A, _delimited(0x0A, key.encode()) + _delimited(0x12, value_msg))
+    value_msg = delimited(0x1A, value.encode())
+    return delimited(0x0A, delimited(0x0A, key.encode()) + delimited(0x12, value_msg))
 
 
 # CheckResponse: status (1) = {} (code OK), then dynamic_metadata (4); no ok_response, as
@@ -289,12 +277,12 @@ def allow_wire(policy: str, decision_id: str) -> bytes:
     policy (a bounded set: routes name them)."""
     if len(decision_id) != _ID_LENGTH or not decision_id.isascii():
         metadata = _string_field("policy", policy) + _string_field("decision_id", decision_id)
-        return _ALLOW_HEAD + b"\x22" + _varint(len(metadata)) + metadata
+        return _ALLOW_HEAD + b"\x22" + varint(len(metadata)) + metadata
     head = _heads.get(policy)
     if head is None:
         field = _string_field("policy", policy)
         length = len(field) + len(_ID_FRAMING) + _ID_LENGTH
-        head = _ALLOW_HEAD + b"\x22" + _varint(length) + field + _ID_FRAMING
+        head = _ALLOW_HEAD + b"\x22" + varint(length) + field + _ID_FRAMING
         if len(_heads) < 1024:
             _heads[policy] = head
     return head + decision_id.encode()

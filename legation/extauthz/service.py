@@ -21,6 +21,7 @@ from envoy.service.auth.v3 import external_auth_pb2
 from prometheus_client import CollectorRegistry
 
 from legation import plugins
+from legation._protowire import serialize
 from legation.extauthz.checks import Check
 from legation.extauthz.config import KIND, LoadedConfig, load_file, load_mapping
 from legation.extauthz.observe import DecisionLog, Metrics
@@ -84,10 +85,6 @@ async def build_servicer(settings: Settings) -> AuthorizationServicer:
     )
 
 
-def _serialize(answer: external_auth_pb2.CheckResponse | bytes) -> bytes:
-    return answer if isinstance(answer, bytes) else answer.SerializeToString()
-
-
 def register(servicer: AuthorizationServicer, server: grpc.aio.Server) -> None:
     """Serve ``envoy.service.auth.v3.Authorization/Check`` with ``servicer.check_wire``: the
     generated ``add_AuthorizationServicer_to_server`` but with a serializer that passes the
@@ -95,7 +92,7 @@ def register(servicer: AuthorizationServicer, server: grpc.aio.Server) -> None:
     handler = grpc.unary_unary_rpc_method_handler(
         servicer.check_wire,
         request_deserializer=external_auth_pb2.CheckRequest.FromString,
-        response_serializer=_serialize,
+        response_serializer=serialize,
     )
     add_methods(server, SERVICE_NAME, {"Check": handler})
 

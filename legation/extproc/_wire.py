@@ -162,12 +162,8 @@ def _passthrough(phase: Phase) -> pb.ProcessingResponse:
 _PASSTHROUGH = {phase: _passthrough(phase) for phase in Phase}
 WIRE = {id(resp): resp.SerializeToString() for resp in _PASSTHROUGH.values()}
 """The shared answers' bytes, by the answer's ``id``: the gRPC servicer writes these instead of
-having each serialized again (``serialize``)."""
-
-
-def serialize(answer: pb.ProcessingResponse | bytes) -> bytes:
-    """The gRPC server's serializer: bytes (from :data:`WIRE`) as they are."""
-    return answer if isinstance(answer, bytes) else answer.SerializeToString()
+having each serialized again (the server's serializer, ``legation._protowire.serialize``,
+passes them as they are)."""
 
 
 def _struct(value: dict[str, Any]) -> struct_pb2.Struct:

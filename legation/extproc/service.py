@@ -10,8 +10,8 @@ import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from prometheus_client import CollectorRegistry
 
+from legation._protowire import serialize
 from legation.errors import ConfigError
-from legation.extproc._wire import serialize
 from legation.extproc.config import Chains, load_chains
 from legation.extproc.metrics import Metrics
 from legation.extproc.servicer import DEFAULT_STREAM_IDLE_TIMEOUT, ExtProcServicer

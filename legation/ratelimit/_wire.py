@@ -17,24 +17,13 @@ import functools
 
 from envoy.service.ratelimit.v3 import rls_pb2
 
+from legation._protowire import varint
+
+__all__ = ["bare_status", "limit_field", "overall", "status", "varint"]
+
 _SMALL = tuple(bytes((i,)) for i in range(0x80))
-_MASK64 = (1 << 64) - 1
 _Status = rls_pb2.RateLimitResponse.DescriptorStatus
 _RateLimit = rls_pb2.RateLimitResponse.RateLimit
-
-
-def varint(n: int) -> bytes:
-    """``n`` as a protobuf varint; a negative ``n`` as its 64-bit two's complement (int32 and
-    int64 fields are written so)."""
-    if 0 <= n < 0x80:
-        return _SMALL[n]
-    n &= _MASK64
-    out = bytearray()
-    while n > 0x7F:
-        out.append(n & 0x7F | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
 
 
 @functools.lru_cache(maxsize=4096)

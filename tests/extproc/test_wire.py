@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
+from legation._protowire import serialize
 from legation.extproc import _wire
 from legation.extproc.chain import Chain
 from legation.extproc.config import Chains
@@ -54,7 +55,7 @@ def test_the_shared_answers_bytes_are_their_encoding(phase: Phase) -> None:
     """The gRPC servicer writes WIRE's bytes for the shared answers: they must be the answer."""
     answer = _wire.passthrough(phase)
     assert _wire.WIRE[id(answer)] == answer.SerializeToString()
-    assert _wire.serialize(_wire.WIRE[id(answer)]) == answer.SerializeToString()
+    assert serialize(_wire.WIRE[id(answer)]) == answer.SerializeToString()
     assert pb.ProcessingResponse.FromString(_wire.WIRE[id(answer)]).WhichOneof("response") == (
         phase.value
     )
