@@ -176,8 +176,8 @@ class RateLimiter:
             if limit.algorithm is Algorithm.FIXED_WINDOW:  # whole seconds, as upstream
                 seconds, nanos = -(-decision.reset_ms // 1000), 0
             else:
-                seconds, ms = divmod(decision.reset_ms, 1000)
-                nanos = ms * 1_000_000
+                seconds, millis = divmod(decision.reset_ms, 1000)
+                nanos = millis * 1_000_000
             parts.append(_wire.status(code, c.fields[pick], remaining, seconds, nanos))
             if remaining < least:
                 closest, least = (limit, remaining), remaining
@@ -268,7 +268,7 @@ class RateLimiter:
         c, hit = checked[0], hits[0]
         if c.unlimited or c.shadow or c.quota or hit.limit.algorithm is not Algorithm.FIXED_WINDOW:
             return None
-        counters = self._counters_for(domain, c.metric_key)
+        _, _, _, near, _, allowed = self._counters_for(domain, c.metric_key)
         return _Fast(
             key=store_key(hit.key),
             window_ms=hit.limit.window_ms,
@@ -276,8 +276,8 @@ class RateLimiter:
             cost=hit.cost,
             near_at=c.near[0],
             field=c.fields[0],
-            allowed=counters[5],
-            near=counters[3],
+            allowed=allowed,
+            near=near,
         )
 
     def _match(self, config: RateLimitConfig, domain: str, shape: _Shape) -> tuple[_Checked, ...]:

@@ -158,10 +158,6 @@ class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):
     ) -> rls_pb2.RateLimitResponse:
         """The answer as a message (for Python callers; the server sends :meth:`answer_wire`'s
         bytes)."""
-        if TRACER.on:
-            parent = TRACER.parent_in(context.invocation_metadata())
-            if parent is not None:
-                return await self._traced(request, context, parent)
         answer = await self.answer_wire(request.SerializeToString(), context, request)
         return rls_pb2.RateLimitResponse.FromString(answer)
 
@@ -178,7 +174,7 @@ class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):
             parent = TRACER.parent_in(context.invocation_metadata())
             if parent is not None:
                 try:
-                    request = request or parse_request(raw)
+                    request = request if request is not None else parse_request(raw)
                 except RateLimitError as exc:
                     return (await self._refuse(exc, context)).SerializeToString()
                 response = await self._traced(request, context, parent)
