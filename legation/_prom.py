@@ -186,7 +186,7 @@ def incrementer(child: Any, *, direct: bool = False) -> Update:
     :class:`BatchedCounter` unless ``direct`` (for use inside a :func:`queued` callable)."""
     value = getattr(child, "_value", None)
     value_inc = getattr(value, "inc", None)
-    if value_inc is None or not _observable(child) or type(child).inc is not _counter_inc():
+    if value_inc is None or not _observable(child) or type(child).inc is not Counter.inc:
         return _each(child.inc)
     add_all = _adder(value)
     added = value_inc if add_all is None else _Batched(value_inc, add_all)
@@ -234,7 +234,7 @@ def observer(child: Any, *, direct: bool = False) -> Update:
         or not bounds
         or bounds[-1] != float("inf")
         or not _observable(child)
-        or type(child).observe is not _histogram_observe()
+        or type(child).observe is not Histogram.observe
     ):
         return _each(child.observe)
     bucket_incs = tuple(bucket.inc for bucket in buckets)
@@ -274,13 +274,3 @@ def _observable(child: Any) -> bool:
         return bool(child._is_observable())
     except Exception:
         return False
-
-
-def _counter_inc() -> Any:
-
-    return Counter.inc
-
-
-def _histogram_observe() -> Any:
-
-    return Histogram.observe

@@ -166,28 +166,21 @@ class Metrics:
         """One queued update (legation._prom) moving the decision, error and latency series."""
         decided = incrementer(self.decisions.labels(policy, result), direct=True)
         latency = observer(self.latency.labels(policy), direct=True)
+        error = None
         if code and result in ("error", "would_deny") and code not in ("denied",):
             error = incrementer(self.errors.labels(policy, code), direct=True)
 
-            def apply_error(seconds: float) -> None:
-                decided(1)
-                error(1)
-                latency(seconds)
-
-            def apply_errors(batch: list[float]) -> None:
-                latency.many([float(s) for s in batch])  # first: only it could raise
-                decided(len(batch))
-                error(len(batch))
-
-            return queued(apply_error, apply_errors)
-
         def apply(seconds: float) -> None:
             decided(1)
+            if error is not None:
+                error(1)
             latency(seconds)
 
         def apply_many(batch: list[float]) -> None:
             latency.many([float(s) for s in batch])  # first: only it could raise
             decided(len(batch))
+            if error is not None:
+                error(len(batch))
 
         return queued(apply, apply_many)
 
