@@ -181,33 +181,6 @@ def _reap(pid):  # the child's exit code; a child still hung after 10 s is kille
     return -9
 """
 
-_FORK_WHILE_FOLDING = (
-    _REAP
-    + """
-import os, threading
-from legation import _prom
-
-held = threading.Event()
-release = threading.Event()
-
-def folding():  # another thread inside a fold when the process forks
-    with _prom._fold_lock:
-        held.set()
-        release.wait()
-
-threading.Thread(target=folding, daemon=True).start()
-held.wait()
-pid = os.fork()
-if pid == 0:
-    _prom.queued(lambda amount: None)(1)
-    _prom.fold()  # the lock the other thread held is not the child's
-    os._exit(0)
-release.set()
-print(_reap(pid))
-"""
-)
-
-
 # -- many amounts at once (what a fold does for a run of queued updates of one target) -------
 
 
@@ -288,7 +261,7 @@ def test_a_bad_amount_in_a_run_is_dropped_alone(caplog: pytest.LogCaptureFixture
     assert "a queued metric update failed; dropped" in caplog.text
 
 
-_FORK_WHILE_ADDING = (
+_FORK_HOLDING = (
     _REAP
     + """
 import os, threading
@@ -300,18 +273,18 @@ inc = _prom.incrementer(counter.labels("a"))
 value = counter.labels("a")._value
 held, release = threading.Event(), threading.Event()
 
-def adding():  # a fold's many() inside this value's lock when the process forks
-    with value._lock:
+def holding():  # another thread inside the lock when the process forks
+    with LOCK:
         held.set()
         release.wait()
 
-threading.Thread(target=adding, daemon=True).start()
+threading.Thread(target=holding, daemon=True).start()
 held.wait()
 pid = os.fork()
 if pid == 0:
     for _ in range(3):
         inc(1)
-    _prom.fold()  # the value's lock the other thread held is not the child's
+    _prom.fold()  # the lock the other thread held is not the child's
     os._exit(0 if value.get() == 3 else 1)
 release.set()
 print(_reap(pid))
@@ -320,16 +293,16 @@ print(_reap(pid))
 
 
 @pytest.mark.parametrize(
-    "script",
-    [_FORK_WHILE_FOLDING, _FORK_WHILE_ADDING],
+    "lock",
+    ["_prom._fold_lock", "value._lock"],
     ids=["forked-during-a-fold", "forked-while-a-value-is-added-to"],
 )
-def test_a_forked_child_can_still_update_and_fold(script: str) -> None:
+def test_a_forked_child_can_still_update_and_fold(lock: str) -> None:
     """Another thread holds a lock the fold needs (the fold's own, or a value's during a
     run's ``many``) when the process forks: the child must not inherit it held."""
     import subprocess
     import sys
 
-    command = [sys.executable, "-c", script]
+    command = [sys.executable, "-c", _FORK_HOLDING.replace("LOCK", lock)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=30)
     assert done.stdout.strip() == "0", done.stderr
