@@ -163,8 +163,8 @@ def unprivileged(uid: int, *, pdeathsig: str = "TERM") -> list[str]:
     """The prefix that runs a command as ``uid`` (user and group), with no supplementary groups,
     no capabilities (effective, inheritable or bounding) and no way to gain any (``setpriv``,
     util-linux): an app in a pod can neither take the proxy group nor rewrite its pod's rules.
-    It also gets SIGTERM when ``legation up`` dies (the uid change clears the parent-death
-    signal set before it, so this ``setpriv`` sets it again, where it can)."""
+    It also gets ``pdeathsig`` when ``legation up`` dies (the uid change clears the
+    parent-death signal set before it, so this ``setpriv`` sets it again, where it can)."""
     setpriv = shutil.which("setpriv")
     if setpriv is None:
         raise CaptureError(
