@@ -587,9 +587,8 @@ def print_table(rows: Mapping[str, list[dict[str, float]]], rounds: int) -> None
     for name in rows:
         rps = [r["rps"] for r in rows[name]]
         spread = f"{min(rps):.0f}-{max(rps):.0f}" if rounds > 1 else ""
-        vs_min = ""
-        if name.endswith("-leg") and paired_ratios(rows, name):
-            vs_min = f"{statistics.median(paired_ratios(rows, name)):8.2f}"
+        pairs = paired_ratios(rows, name) if name.endswith("-leg") else []
+        vs_min = f"{statistics.median(pairs):8.2f}" if pairs else ""
         svc = (
             f"{med(name, 'service_us'):11.0f}{med(name, 'service_cpu'):8.0%}"
             if name not in ("plain", "direct")
@@ -606,8 +605,9 @@ def print_table(rows: Mapping[str, list[dict[str, float]]], rounds: int) -> None
             f"{med(name, 'upstream_us'):7.0f}"
         )
     for name in rows:
-        if name.endswith("-leg") and paired_ratios(rows, name):
-            each = " ".join(f"{x:.2f}" for x in paired_ratios(rows, name))
+        pairs = paired_ratios(rows, name) if name.endswith("-leg") else []
+        if pairs:
+            each = " ".join(f"{x:.2f}" for x in pairs)
             print(f"{name} / {name[:-4]}-min, round by round: {each}")
     if os.environ.get("BENCH_JSON"):
         print(json.dumps(rows))
