@@ -20,6 +20,7 @@ from legation.extproc import _wire
 from legation.extproc.chain import Chain
 from legation.extproc.config import Chains
 from legation.extproc.exchange import Exchange
+from legation.extproc.guard import ErrorGuard
 from legation.extproc.metrics import Metrics
 from legation.extproc.processor import Processor
 from legation.extproc.sdk import BodyMode, Phase
@@ -67,6 +68,20 @@ _NAMES = st.sampled_from([":path", "cookie", "x-a", "X-B", "accept"])
 _HEADERS = st.lists(st.tuples(_NAMES, st.binary(max_size=8), st.text(max_size=4)), max_size=8)
 
 
+def _chain_c(
+    filters: list[Any], registry: CollectorRegistry | None = None
+) -> tuple[Processor, ErrorGuard]:
+    """A processor serving ``filters`` as chain ``c``, and that chain's guard."""
+    processor = Processor(
+        Chains(chains={"c": Chain(name="c", filters=filters)}),
+        metrics=Metrics(registry if registry is not None else CollectorRegistry()),
+        message_timeout=0.2,
+    )
+    guard = processor.guard("c")
+    assert guard is not None
+    return processor, guard
+
+
 def _header_map(headers: list[tuple[str, bytes, str]]) -> base_pb2.HeaderMap:
     out = base_pb2.HeaderMap()
     for key, raw, value in headers:
@@ -111,13 +126,7 @@ async def test_headers_read_late_are_the_headers_sent(request, response, first, 
     """Nothing reads the request headers in the request phase; a response hook then sees them
     as sent, the response headers as ``headers``, and only the latest trailers."""
     seen = _Seen()
-    processor = Processor(
-        Chains(chains={"c": Chain(name="c", filters=[seen])}),
-        metrics=Metrics(CollectorRegistry()),
-        message_timeout=0.2,
-    )
-    guard = processor.guard("c")
-    assert guard is not None
+    processor, guard = _chain_c([seen])
     ex = Exchange("c")
     for which, field, headers in (
         ("request_headers", "headers", request),
@@ -207,13 +216,7 @@ async def test_headers_are_the_current_phases_side(
                 raise AttributeError(hook)
             return lambda ex: seen.append(dict(ex.headers))
 
-    processor = Processor(
-        Chains(chains={"c": Chain(name="c", filters=[Look()])}),
-        metrics=Metrics(CollectorRegistry()),
-        message_timeout=0.2,
-    )
-    guard = processor.guard("c")
-    assert guard is not None
+    processor, guard = _chain_c([Look()])
     ex = Exchange("c")
     for which in phases:
         message = pb.ProcessingRequest()
@@ -257,13 +260,7 @@ async def test_one_message_counts_its_phase_once_and_times_the_filters_that_ran(
     filters: list[Any], timed: dict[str, int]
 ) -> None:
     registry = CollectorRegistry()
-    processor = Processor(
-        Chains(chains={"c": Chain(name="c", filters=filters)}),
-        metrics=Metrics(registry),
-        message_timeout=0.2,
-    )
-    guard = processor.guard("c")
-    assert guard is not None
+    processor, guard = _chain_c(filters, registry)
     for _ in range(3):
         message = pb.ProcessingRequest()
         message.request_headers.SetInParent()
