@@ -166,21 +166,6 @@ def test_an_update_that_fails_in_a_fold_is_dropped_alone(caplog: pytest.LogCaptu
     assert "a queued metric update failed" in caplog.text
 
 
-_REAP = """
-import os, signal, time
-
-def _reap(pid):  # the child's exit code; a child still hung after 10 s is killed (-9)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return os.waitstatus_to_exitcode(status)
-        time.sleep(0.01)
-    os.kill(pid, signal.SIGKILL)
-    os.waitpid(pid, 0)
-    return -9
-"""
-
 # -- many amounts at once (what a fold does for a run of queued updates of one target) -------
 
 
@@ -260,6 +245,21 @@ def test_a_bad_amount_in_a_run_is_dropped_alone(caplog: pytest.LogCaptureFixture
     assert registry.get_sample_value("c_total", {"l": "a"}) == 15
     assert "a queued metric update failed; dropped" in caplog.text
 
+
+_REAP = """
+import os, signal, time
+
+def _reap(pid):  # the child's exit code; a child still hung after 10 s is killed (-9)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.01)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    return -9
+"""
 
 _FORK_HOLDING = (
     _REAP
