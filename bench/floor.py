@@ -1,28 +1,49 @@
 """The floor of each call-out: minimal grpc.aio servicers beside Legation's services, one run.
 
     .venv/bin/python -m bench.floor [--seconds 4] [--rounds 2] [--connections 16]
+                                    [--at-once-rounds N]
 
 One front Envoy (``--concurrency 1``) proxies every listener to a loopback upstream that is a
 second Envoy answering ``direct_response`` (its own process and worker, so the upstream is never
-the bottleneck). Listeners, measured one after the other with ``wrk -t1 -cN -dS``:
+the bottleneck). Listeners:
 
   plain          proxying only (the limit)
   authz-min      ext_authz -> a minimal grpc.aio Authorization servicer (always OK)
+  authz-uv       the same minimal servicer, on uvloop
   authz-leg      ext_authz -> Legation's extauthz service, one check that always allows
   rl-min         ratelimit -> a minimal grpc.aio RateLimitService (always OK)
+  rl-uv          the same, on uvloop
   rl-leg         ratelimit -> Legation's ratelimit service (memory backend, a limit never reached)
   proc-min       ext_proc (request headers only) -> a minimal grpc.aio processor
+  proc-uv        the same, on uvloop
   proc-leg       ext_proc -> Legation's extproc service, a chain of one no-op filter
 
-Every service runs in its own process, started as ``legation serve`` would start it (the
-service's ``start_server`` with the default Prometheus registry, a config file where the CLI
-takes one); the minimal servicers carry no metrics, no logging and default server options. Per
-row: rps, ratio to plain, ratio of Legation to its minimal servicer, and CPU per request of the
-service, the front Envoy and the upstream Envoy (from /proc, over the wrk window) so a row's
-bottleneck can be read off. Rounds repeat the whole sequence (each minimal servicer and
-Legation's service side by side, their order swapped every other round); the table shows the
-median and the spread, ``leg/min`` the median of the round-by-round ratios (each listed after
-the table). Any non-2xx answer is an error. About 20 s of set-up plus rounds x 7 x seconds.
+Every service runs in its own process. Legation's are started as ``legation serve`` starts
+them: the service's ``start_server`` with the default Prometheus registry, a config file where
+the CLI takes one, on the loop :mod:`legation._loop` picks (uvloop;
+``LEGATION_EVENT_LOOP=asyncio`` measures them on asyncio's own loop). The minimal servicers
+carry no metrics, no logging and default server options, on asyncio's loop (``-min``, the floor
+issue #13 names) or on uvloop (``-uv``).
+
+Two measurements:
+
+* **One after the other** (``wrk -t1 -cN -dS`` per listener). Per row: rps, ratio to plain,
+  Legation's ratio to each minimal servicer, and CPU per request of the service, the front Envoy
+  and the upstream Envoy (from /proc, over the wrk window) so a row's bottleneck can be read off.
+  Rounds repeat the whole sequence, each service's rows side by side, their order reversed every
+  other round; the table shows the median and the spread, ``leg/min`` and ``leg/uv`` the median
+  of the round-by-round ratios (each listed after the table). One round's ratio moves by
+  +-0.1 on this 2-core machine.
+* **At once** (``--at-once-rounds``, default ``--rounds``): Legation's service and one minimal
+  servicer loaded together, each by its own ``wrk`` with half the connections, for ``--seconds``;
+  which ``wrk`` starts first alternates. Both then see the same machine at the same moments, so
+  what slows one slows the other and the ratio of their rates keeps only what differs between
+  them: the spread of one round's ratio is +-0.01-0.03. With every process busy, each service
+  gets its share of the CPU and serves in proportion to its CPU per call, so this ratio
+  estimates the same thing as the one-after-the-other ``leg/min``.
+
+Any non-2xx answer is an error. About 20 s of set-up, rounds x 10 x seconds, then at-once
+rounds x 6 x seconds.
 """
 
 from __future__ import annotations
@@ -46,8 +67,10 @@ from legation.envoy_process import EnvoyProcess
 from legation.extauthz.checks import ALLOW
 
 REPO = Path(__file__).resolve().parents[1]
-SCENARIOS = ("plain", "authz-min", "authz-leg", "rl-min", "rl-leg", "proc-min", "proc-leg")
-SERVICES = ("authz-min", "authz-leg", "rl-min", "rl-leg", "proc-min", "proc-leg")
+GROUPS = ("authz", "rl", "proc")
+MINIMAL = ("min", "uv")  # the minimal servicer on asyncio's loop, on uvloop
+SERVICES = tuple(f"{g}-{v}" for g in GROUPS for v in (*MINIMAL, "leg"))
+SCENARIOS = ("plain", *SERVICES)
 CHAIN = "floor"
 LIMITS = """\
 domain: floor
@@ -130,7 +153,7 @@ async def _serve(kind: str, workdir: Path) -> None:
     import grpc
 
     server: Any
-    if kind == "authz-min":
+    if kind in ("authz-min", "authz-uv"):
         from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 
         class Authz(external_auth_pb2_grpc.AuthorizationServicer):
@@ -143,7 +166,7 @@ async def _serve(kind: str, workdir: Path) -> None:
         external_auth_pb2_grpc.add_AuthorizationServicer_to_server(Authz(), server)
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
-    elif kind == "rl-min":
+    elif kind in ("rl-min", "rl-uv"):
         from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 
         ok = rls_pb2.RateLimitResponse.OK
@@ -156,7 +179,7 @@ async def _serve(kind: str, workdir: Path) -> None:
         rls_pb2_grpc.add_RateLimitServiceServicer_to_server(Rls(), server)
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
-    elif kind == "proc-min":
+    elif kind in ("proc-min", "proc-uv"):
         from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
         from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
@@ -193,6 +216,23 @@ async def _serve(kind: str, workdir: Path) -> None:
         raise SystemExit(f"unknown service {kind!r}")
     print(f"ready {port}", flush=True)
     await server.wait_for_termination()
+
+
+def serve(kind: str, workdir: Path) -> None:
+    """Run service ``kind`` on its loop: Legation's on :mod:`legation._loop`'s (as ``legation
+    serve`` runs it), a ``-uv`` minimal servicer on uvloop, a ``-min`` one on asyncio's."""
+    import asyncio
+
+    if kind.endswith("-leg"):
+        from legation import _loop
+
+        _loop.run(_serve(kind, workdir))
+    elif kind.endswith("-uv"):
+        import uvloop
+
+        uvloop.run(_serve(kind, workdir))
+    else:
+        asyncio.run(_serve(kind, workdir))
 
 
 # -- Envoy configs ----------------------------------------------------------------------------
@@ -430,9 +470,7 @@ def start_service(kind: str, workdir: Path) -> subprocess.Popen[str]:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--serve":
-        import asyncio
-
-        asyncio.run(_serve(sys.argv[2], Path(sys.argv[3])))
+        serve(sys.argv[2], Path(sys.argv[3]))
         return
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seconds", type=int, default=4)
@@ -440,6 +478,12 @@ def main() -> None:
     ap.add_argument("--connections", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--only", help="comma-separated scenarios (plain is always measured)")
+    ap.add_argument(
+        "--at-once-rounds",
+        type=int,
+        help="rounds of each Legation service loaded together with each minimal servicer "
+        "(default: --rounds; 0: none)",
+    )
     ap.add_argument(
         "--profile",
         metavar="DIR",
@@ -532,6 +576,25 @@ def main() -> None:
                 rows[name].append(row)
                 print(f"  round {r + 1} {name:10s} {rps:8.0f} rps", flush=True)
         print_table(rows, args.rounds)
+        at_once_rounds = args.rounds if args.at_once_rounds is None else args.at_once_rounds
+        pairs = [
+            (f"{g}-leg", f"{g}-{v}")
+            for g in GROUPS
+            for v in MINIMAL
+            if f"{g}-leg" in scenarios and f"{g}-{v}" in scenarios
+        ]
+        if at_once_rounds and pairs:
+            together = {
+                pair: at_once(
+                    {k: ports[k] for k in pair},
+                    {k: procs[k].pid for k in pair},
+                    rounds=at_once_rounds,
+                    seconds=args.seconds,
+                    connections=args.connections,
+                )
+                for pair in pairs
+            }
+            print_at_once(together, args.connections)
         # the ratelimit filter fails open: a call that errs or times out still answers 200
         failed = {
             k: v
@@ -555,24 +618,31 @@ def main() -> None:
 
 
 def round_order(order: Iterable[str], r: int) -> list[str]:
-    """The rows of round ``r``: ``order``, with each minimal servicer and Legation's service
-    side by side, the minimal one first in even rounds and second in odd ones (a machine
-    slowing down or speeding up over a pair then favours neither side)."""
+    """The rows of round ``r``: ``order``, each service's rows (its minimal servicers and
+    Legation's) side by side, in reverse order every other round (a machine slowing down or
+    speeding up over a group then favours none of its rows)."""
     out = list(order)
     if r % 2:
-        for i, name in enumerate(out):
-            if name.endswith("-min") and i + 1 < len(out) and out[i + 1] == name[:-4] + "-leg":
-                out[i], out[i + 1] = out[i + 1], out[i]
+        for g in GROUPS:
+            at = [i for i, name in enumerate(out) if name.split("-")[0] == g]
+            for i, name in zip(at, reversed([out[i] for i in at]), strict=True):
+                out[i] = name
     return out
 
 
-def paired_ratios(rows: Mapping[str, list[dict[str, float]]], name: str) -> list[float]:
-    """Legation's rps over its minimal servicer's, round by round (measured side by side)."""
+def paired_ratios(rows: Mapping[str, list[dict[str, float]]], name: str, base: str) -> list[float]:
+    """Row ``name``'s rps over row ``base``'s, round by round (measured side by side)."""
     return [
         leg["rps"] / low["rps"]
-        for leg, low in zip(rows[name], rows[name[:-4] + "-min"], strict=False)
+        for leg, low in zip(rows.get(name, []), rows.get(base, []), strict=False)
         if low["rps"]
     ]
+
+
+def _bases(name: str) -> list[str]:
+    """The minimal servicers a Legation row is compared with (none for other rows)."""
+    group, _, variant = name.partition("-")
+    return [f"{group}-{v}" for v in MINIMAL] if variant == "leg" else []
 
 
 def print_table(rows: Mapping[str, list[dict[str, float]]], rounds: int) -> None:
@@ -581,14 +651,16 @@ def print_table(rows: Mapping[str, list[dict[str, float]]], rounds: int) -> None
 
     base = med("plain", "rps")
     print(
-        f"\n{'path':11s}{'rps':>8s}{'spread':>14s}{'/plain':>8s}{'leg/min':>8s}"
+        f"\n{'path':11s}{'rps':>8s}{'spread':>14s}{'/plain':>8s}{'leg/min':>8s}{'leg/uv':>8s}"
         f"{'svc us/req':>11s}{'svc cpu':>8s}{'front us':>9s}{'front cpu':>10s}{'up us':>7s}"
     )
     for name in rows:
         rps = [r["rps"] for r in rows[name]]
         spread = f"{min(rps):.0f}-{max(rps):.0f}" if rounds > 1 else ""
-        pairs = paired_ratios(rows, name) if name.endswith("-leg") else []
-        vs_min = f"{statistics.median(pairs):8.2f}" if pairs else ""
+        versus = ""
+        for other in _bases(name) or [None, None]:
+            pairs = paired_ratios(rows, name, other) if other else []
+            versus += f"{statistics.median(pairs):8.2f}" if pairs else f"{'':8s}"
         svc = (
             f"{med(name, 'service_us'):11.0f}{med(name, 'service_cpu'):8.0%}"
             if name not in ("plain", "direct")
@@ -601,16 +673,75 @@ def print_table(rows: Mapping[str, list[dict[str, float]]], rounds: int) -> None
         )
         print(
             f"{name:11s}{med(name, 'rps'):8.0f}{spread:>14s}{med(name, 'rps') / base:8.2f}"
-            f"{vs_min:>8s}{svc}{front}"
+            f"{versus}{svc}{front}"
             f"{med(name, 'upstream_us'):7.0f}"
         )
     for name in rows:
-        pairs = paired_ratios(rows, name) if name.endswith("-leg") else []
-        if pairs:
-            each = " ".join(f"{x:.2f}" for x in pairs)
-            print(f"{name} / {name[:-4]}-min, round by round: {each}")
+        for other in _bases(name):
+            pairs = paired_ratios(rows, name, other)
+            if pairs:
+                each = " ".join(f"{x:.2f}" for x in pairs)
+                print(f"{name} / {other}, round by round: {each}")
     if os.environ.get("BENCH_JSON"):
         print(json.dumps(rows))
+
+
+def at_once(
+    ports: Mapping[str, int],
+    pids: Mapping[str, int],
+    *,
+    rounds: int,
+    seconds: int,
+    connections: int,
+) -> list[dict[str, float]]:
+    """Load the two services of ``ports`` together, each through its own listener by its own
+    ``wrk`` with half of ``connections``, ``rounds`` times for ``seconds``; the ``wrk`` of the
+    first starts first in even rounds, of the second in odd ones. Per round: the first's rps
+    over the second's (``rps``) and the second's service CPU per request over the first's
+    (``cpu``: above 1 when the first costs less per call)."""
+    a, b = ports
+    half = max(1, connections // 2)
+    out = []
+    for r in range(rounds):
+        order = (a, b) if r % 2 == 0 else (b, a)
+        before = {k: cpu_seconds(pids[k]) for k in order}
+        runs = {
+            k: subprocess.Popen(
+                ["wrk", "-t1", f"-c{half}", f"-d{seconds}s", f"http://127.0.0.1:{ports[k]}/"],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            for k in order
+        }
+        rps: dict[str, float] = {}
+        for k, run in runs.items():
+            text, _ = run.communicate(timeout=seconds + 30)
+            m = re.search(r"Requests/sec:\s+([\d.]+)", text)
+            if m is None or "Non-2xx" in text or not float(m.group(1)):
+                raise RuntimeError(f"wrk on {k}: no rate or non-2xx answers:\n{text}")
+            rps[k] = float(m.group(1))
+        us = {k: (cpu_seconds(pids[k]) - before[k]) / (rps[k] * seconds) for k in order}
+        out.append({"rps": rps[a] / rps[b], "cpu": us[b] / us[a]})
+        print(f"  at once {r + 1} {a} / {b}: {rps[a] / rps[b]:.3f}", flush=True)
+    return out
+
+
+def print_at_once(
+    together: Mapping[tuple[str, str], list[dict[str, float]]], connections: int
+) -> None:
+    print(
+        f"\nat once (each wrk -c{max(1, connections // 2)}): Legation's service / the minimal "
+        "servicer, loaded together"
+    )
+    print(f"{'pair':22s}{'rps ratio':>10s}{'spread':>14s}{'cpu ratio':>10s}")
+    for (a, b), runs in together.items():
+        rps = [x["rps"] for x in runs]
+        cpu = [x["cpu"] for x in runs]
+        print(
+            f"{a + ' / ' + b:22s}{statistics.median(rps):10.3f}"
+            f"{f'{min(rps):.3f}-{max(rps):.3f}':>14s}{statistics.median(cpu):10.3f}"
+        )
+    print("(cpu ratio: the minimal servicer's CPU per call over Legation's)")
 
 
 if __name__ == "__main__":

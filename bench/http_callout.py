@@ -15,6 +15,9 @@ after the other with ``wrk``, rounds interleaved. Every service always allows:
   leg-grpc      ext_authz gRPC -> Legation's extauthz service, one check that allows
   leg-http      ext_authz HTTP -> Legation's fast path (legation.fastpath), the same check
 
+Legation's two rows run on the loop ``legation serve`` runs them on (:mod:`legation._loop`:
+uvloop; ``LEGATION_EVENT_LOOP=asyncio`` for asyncio's own).
+
 The HTTP rows use :mod:`legation.fastpath.envoy_filter` (the config Legation ships: per-route
 ``http_service`` override with the policy headers). Per row: rps, ratio to plain, service CPU
 per check (whole process tree, from /proc) and the front Envoy's. Any non-2xx is an error.
@@ -159,10 +162,9 @@ def serve(kind: str, port: int, workdir: Path) -> None:
             ],
         )
     elif kind in ("leg-grpc", "leg-http"):
-        import uvloop
+        from legation import _loop
 
-        runner = asyncio.run if kind == "leg-grpc" else uvloop.run
-        runner(_serve_legation(kind, port, workdir))
+        _loop.run(_serve_legation(kind, port, workdir))  # the loop ``legation serve`` runs
     else:
         raise SystemExit(f"unknown server {kind!r}")
 

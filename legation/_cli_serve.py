@@ -9,6 +9,7 @@ import signal
 import sys
 from pathlib import Path
 
+from legation import _loop
 from legation.errors import LegationError
 from legation.services.kinds import WORKER_PORT_STEP
 
@@ -16,8 +17,13 @@ from legation.services.kinds import WORKER_PORT_STEP
 def cmd_serve(args: argparse.Namespace) -> int:
     if args.service == "xds":
         return asyncio.run(_serve_xds(args))
+    try:  # the request-path services run on uvloop (legation._loop); a bad choice stops here
+        _loop.choice()
+    except LegationError as err:
+        print(f"legation serve {args.service}: {err}", file=sys.stderr)
+        return 2
     if args.plan:
-        return asyncio.run(_serve_plan(args))
+        return _loop.run(_serve_plan(args))
     workers = max(1, args.workers)
     from legation.services import kinds
 
@@ -29,7 +35,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
         return 2
     if workers == 1:
-        return asyncio.run(_serve_one(args, reuse_port=False, index=0))
+        return _loop.run(_serve_one(args, reuse_port=False, index=0))
     if args.service == "ratelimit" and args.backend == "memory":
         print(
             "legation serve ratelimit --workers: the memory backend counts in one process "
@@ -65,7 +71,7 @@ def _serve_workers(args: argparse.Namespace, workers: int) -> int:
         try:
             return run_workers(
                 workers,
-                lambda index: asyncio.run(
+                lambda index: _loop.run(
                     _serve_one(args, reuse_port=args.reuse_port, index=index, metrics_dir=directory)
                 ),
                 after_fork=forked,
@@ -130,7 +136,8 @@ async def _serve_plan(args: argparse.Namespace) -> int:
         return 2
     metrics = follower.serve_metrics(args.metrics_port)
     print(
-        f"{args.service} worker {args.worker} (pid {os.getpid()}) on port {bound}, metrics on "
+        f"{args.service} worker {args.worker} (pid {os.getpid()}, {_loop.running()}) on port "
+        f"{bound}, metrics on "
         f"127.0.0.1:{metrics}, "
         f"following {args.plan}",
         flush=True,
@@ -173,7 +180,7 @@ async def _serve_one(
             server, _ = start_http_server(0, addr="127.0.0.1")
             port_file(metrics_dir, index).write_text(str(server.server_port))
     # one write per line: the workers share stdout, and print's two writes may interleave
-    sys.stdout.write(f"{args.service} (pid {os.getpid()}) on {host}:{bound}\n")
+    sys.stdout.write(f"{args.service} (pid {os.getpid()}, {_loop.running()}) on {host}:{bound}\n")
     sys.stdout.flush()
     try:
         await _wait_for_signal()

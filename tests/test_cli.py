@@ -195,7 +195,8 @@ def test_serve_with_two_workers_on_port_and_port_plus_100(tmp_path: Path) -> Non
         assert sorted(line.rsplit(":", 1)[1] for line in started) == sorted(
             [str(port), str(port + 100)]
         ), started
-        assert len({line.split("pid ")[1].split(")")[0] for line in started}) == 2
+        assert len({line.split("pid ")[1].split(",")[0] for line in started}) == 2
+        assert all(", uvloop) on " in line for line in started), started  # each worker's loop
         request = rls_pb2.RateLimitRequest(
             domain="cli",
             descriptors=[
