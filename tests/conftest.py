@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import os
 import random
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -138,3 +139,16 @@ def demo_factory() -> Iterator[object]:
     yield make
     for app in started:
         app.stop_thread()
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """The loops an async test runs on: asyncio's own; and uvloop too (what ``legation serve``
+    runs the services on, :mod:`legation._loop`) for tests marked ``either_loop``: those of
+    the loop-sensitive parts (TLS, subprocess pipes, timers and cancellation)."""
+    if item.get_closest_marker("either_loop") is None:
+        return {"asyncio": asyncio.new_event_loop}
+    import uvloop
+
+    return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}

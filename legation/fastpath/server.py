@@ -2,10 +2,11 @@
 
 ``start_server(Settings)`` builds the same :class:`~legation.extauthz.servicer.
 AuthorizationServicer` as the gRPC service (same config file, checks, metrics, decision log)
-and serves it over HTTP/1.1 with :mod:`legation.fastpath._http` (httptools; uvloop when the
-caller runs on it). Per call: the HTTP request is read as the ``CheckRequest`` gRPC would carry
-(:mod:`legation.fastpath.request`: the checks see the same fields and policy input, without the
-message being built unless a check asks for it), the servicer decides
+and serves it over HTTP/1.1 with :mod:`legation.fastpath._http` (httptools, on the caller's
+loop: ``legation serve`` runs it on uvloop, :mod:`legation._loop`). Per call: the HTTP request
+is read as the ``CheckRequest`` gRPC would carry (:mod:`legation.fastpath.request`: the checks
+see the same fields and policy input, without the message being built unless a check asks for
+it), the servicer decides
 (:meth:`AuthorizationServicer.decide`, so dry-run, fail-closed errors and timeouts are the gRPC
 path's), and the decision becomes the HTTP answer Envoy applies (:mod:`legation.fastpath.answer`).
 With ``tls`` it serves mutual TLS (:mod:`legation.fastpath._tls`), following a certificate

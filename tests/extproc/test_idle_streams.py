@@ -20,6 +20,8 @@ from legation.extproc.exchange import Exchange
 from legation.extproc.sdk import BodyMode, Phase
 from legation.extproc.service import Settings, servicer_of, start_server
 
+pytestmark = pytest.mark.either_loop  # on asyncio's loop and on uvloop, as served
+
 CHAINS = {
     "chains": {
         "route": {
@@ -147,19 +149,22 @@ class _Swallows:
     name = "t_swallow"
     phases = frozenset({Phase.REQUEST_HEADERS})
     body_mode = BodyMode.BUFFERED
-    swallowed = 0
+
+    def __init__(self) -> None:
+        self.swallowed = 0  # this instance's: the test runs once per loop
 
     async def on_request_headers(self, ex: Exchange) -> None:
         try:
             await asyncio.sleep(3)
         except asyncio.CancelledError:
-            type(self).swallowed += 1
+            self.swallowed += 1
 
 
 async def test_a_stream_whose_hook_swallows_the_idle_cancellation_still_ends() -> None:
     """The sweep cancels an idle stream again at each sweep until it ends: a hook that
     swallowed the first cannot keep its stream (and exchange) open."""
-    chain = Chain(name="swallow", filters=[_Swallows()], message_timeout=5.0)
+    swallows = _Swallows()
+    chain = Chain(name="swallow", filters=[swallows], message_timeout=5.0)
     server, port = await start_server(
         Settings(
             chains=Chains(chains={"swallow": chain}),
@@ -180,4 +185,4 @@ async def test_a_stream_whose_hook_swallows_the_idle_cancellation_still_ends() -
             assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     finally:
         await server.stop(None)
-    assert _Swallows.swallowed == 1
+    assert swallows.swallowed == 1

@@ -10,6 +10,8 @@ from legation.fastpath.server import CalloutServer
 from tests.fastpath.cases import Case, http_call, parse_answer
 from tests.fastpath.conftest import exchange
 
+pytestmark = pytest.mark.either_loop  # on asyncio's loop and on uvloop, as served
+
 GET = b"GET /legation/check/allow HTTP/1.1\r\nhost: a\r\nx-legation-policy: fast.test\r\n"
 
 

@@ -33,6 +33,8 @@ from legation.ratelimit import service as rl
 from legation.ratelimit.config import load_texts
 from legation.ratelimit.errors import RateLimitError
 
+pytestmark = pytest.mark.either_loop  # on asyncio's loop and on uvloop, as served
+
 LIMITS = """domain: mesh
 descriptors:
   - key: generic_key

@@ -19,6 +19,8 @@ from legation.grpc_server import ServerTls
 from tests.fastpath.cases import CLIENT_HEADERS, UPSTREAM_HEADERS, service_config
 from tests.fastpath.conftest import policy_dir
 
+pytestmark = pytest.mark.either_loop  # on asyncio's loop and on uvloop, as served
+
 SERVER_ID = "spiffe://test.local/ns/default/sa/legation-extauthz"
 CALL = (
     b"GET /legation/check/allow HTTP/1.1\r\nhost: web\r\nx-tenant: t1\r\n"

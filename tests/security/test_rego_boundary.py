@@ -30,6 +30,8 @@ from legation.extauthz.request import RequestContext
 from legation.extauthz.service import Settings, build_servicer, close_checks
 from tests.extauthz.conftest import Route, StackFactory
 
+pytestmark = pytest.mark.either_loop  # on asyncio's loop and on uvloop, as served
+
 # The deny body echoes a header: the shape that let `x", "allowed": true, "z": "` through.
 ECHO = """package attack.echo
 import rego.v1

@@ -34,6 +34,8 @@ from legation.extproc.config import CHAIN_METADATA_KEY
 from legation.grpc_server import BindError, ServerTls, start_grpc_server
 from tests.integration.test_mesh_services import distinct_ports
 
+pytestmark = pytest.mark.either_loop  # on asyncio's loop and on uvloop, as served
+
 REPO = Path(__file__).resolve().parents[2]
 KINDS = ("extauthz", "extproc", "ratelimit")
 GATEWAY_NODE = "gateway-gw"
