@@ -104,7 +104,7 @@ class _Worker:
     read by a reader callback that resolves the one waiting future. asyncio's subprocess
     streams cost ~3x the CPU per round trip for the same bytes."""
 
-    def __init__(self, proc: asyncio.subprocess.Process, to_child: int, from_child: int) -> None:
+    def __init__(self, proc: _Child, to_child: int, from_child: int) -> None:
         self.proc = proc
         self.calls = 0
         self._to = to_child
@@ -125,12 +125,14 @@ class _Worker:
         child_in, to_child = os.pipe()
         from_child, child_out = os.pipe()
         try:
-            proc = await asyncio.create_subprocess_exec(
-                *_CMD,
-                stdin=child_in,
-                stdout=child_out,
-                stderr=asyncio.subprocess.DEVNULL,
-                env={**_ENV, _MEMORY_ENV: str(memory_mb)},
+            proc = _Child(
+                subprocess.Popen(
+                    _CMD,
+                    stdin=child_in,
+                    stdout=child_out,
+                    stderr=subprocess.DEVNULL,
+                    env={**_ENV, _MEMORY_ENV: str(memory_mb)},
+                )
             )
         except BaseException:
             for fd in (child_in, to_child, from_child, child_out):
@@ -247,9 +249,7 @@ class _Worker:
     # -- lifecycle ---------------------------------------------------------------------------
 
     def kill(self) -> None:
-        if self.proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.kill()
+        self.proc.kill()
 
     def _close_pipes(self) -> None:
         if self._to >= 0:
@@ -263,6 +263,59 @@ class _Worker:
         self._answer(b"")
 
     async def wait(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            await self.proc.wait()
+        await self.proc.wait()
         self._close_pipes()
+
+
+class _Child:
+    """An evaluator process, started by :class:`subprocess.Popen` and awaited through a pidfd.
+
+    Not ``loop.subprocess_exec``: uvloop's spawn forks and runs every ``os.register_at_fork``
+    hook in the child before exec (asyncio's own loop runs none). OpenTelemetry registers such
+    hooks, and one that blocks there keeps the child from exec'ing and the service's loop,
+    waiting in the spawn, with it (``legation.envoy_process.tied_to_parent`` avoids
+    ``preexec_fn`` for the same reason). ``Popen`` runs no Python between fork and exec on any
+    loop, and keeps the signals the service ignores ignored, as before. The exit is awaited on
+    a pidfd (Linux 5.3 and later: readable once the process has exited), else on a thread."""
+
+    __slots__ = ("_popen", "pid")
+
+    def __init__(self, popen: subprocess.Popen[bytes]) -> None:
+        self._popen = popen
+        self.pid = popen.pid
+
+    @property
+    def returncode(self) -> int | None:
+        """The exit status once the process has exited (reaping it), else None."""
+        return self._popen.poll()
+
+    def kill(self) -> None:
+        """SIGKILL, unless it has already exited (it is ours until reaped: no pid reuse)."""
+        if self._popen.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self._popen.kill()
+
+    async def wait(self) -> int:
+        """Its exit status once it has exited, reaped; the loop runs on meanwhile."""
+        if self._popen.poll() is not None:
+            return self._popen.returncode
+        try:
+            pidfd = os.pidfd_open(self.pid)
+        except (AttributeError, OSError):  # no pidfds here (or reaped since): a thread waits
+            return await asyncio.to_thread(self._popen.wait)
+        loop = asyncio.get_running_loop()
+        exited: asyncio.Future[None] = loop.create_future()
+
+        def readable() -> None:
+            if not exited.done():
+                exited.set_result(None)
+
+        try:
+            loop.add_reader(pidfd, readable)
+            try:
+                await exited
+            finally:
+                loop.remove_reader(pidfd)
+        finally:
+            os.close(pidfd)
+        return self._popen.wait()
