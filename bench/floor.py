@@ -35,15 +35,18 @@ Two measurements:
   of the round-by-round ratios (each listed after the table). One round's ratio moves by
   +-0.1 on this 2-core machine.
 * **At once** (``--at-once-rounds``, default ``--rounds``): Legation's service and one minimal
-  servicer loaded together, each by its own ``wrk`` with half the connections, for ``--seconds``;
-  which ``wrk`` starts first alternates. Both then see the same machine at the same moments, so
-  what slows one slows the other and the ratio of their rates keeps only what differs between
-  them: the spread of one round's ratio is +-0.01-0.03. With every process busy, each service
-  gets its share of the CPU and serves in proportion to its CPU per call, so this ratio
-  estimates the same thing as the one-after-the-other ``leg/min``.
+  servicer (and the minimal servicer on uvloop and on asyncio's loop) loaded together, each by
+  its own ``wrk`` with half the connections, for ``--seconds``; which ``wrk`` starts first
+  alternates. A ``wrk`` that reports socket errors or non-2xx answers fails the run. Both then
+  see the same machine at the same moments, so what slows one slows the other and the ratio of
+  their rates keeps only what differs between them: the spread of one round's ratio is
+  +-0.01-0.03. With every process busy, each service gets its share of the CPU and serves in
+  proportion to its CPU per call, so this ratio estimates the same thing as the
+  one-after-the-other ``leg/min`` (the CPU ratio beside it says the same from /proc; both
+  go through the one front Envoy, which in these runs has CPU to spare, ~70 %).
 
 Any non-2xx answer is an error. About 20 s of set-up, rounds x 10 x seconds, then at-once
-rounds x 6 x seconds.
+rounds x 9 x seconds.
 """
 
 from __future__ import annotations
@@ -577,11 +580,11 @@ def main() -> None:
                 print(f"  round {r + 1} {name:10s} {rps:8.0f} rps", flush=True)
         print_table(rows, args.rounds)
         at_once_rounds = args.rounds if args.at_once_rounds is None else args.at_once_rounds
-        pairs = [
-            (f"{g}-leg", f"{g}-{v}")
+        pairs = [  # Legation's service against each minimal one; the loops against each other
+            (a, b)
             for g in GROUPS
-            for v in MINIMAL
-            if f"{g}-leg" in scenarios and f"{g}-{v}" in scenarios
+            for a, b in ((f"{g}-leg", f"{g}-min"), (f"{g}-leg", f"{g}-uv"), (f"{g}-uv", f"{g}-min"))
+            if a in scenarios and b in scenarios
         ]
         if at_once_rounds and pairs:
             together = {
@@ -591,6 +594,7 @@ def main() -> None:
                     rounds=at_once_rounds,
                     seconds=args.seconds,
                     connections=args.connections,
+                    threads=args.threads,
                 )
                 for pair in pairs
             }
@@ -693,6 +697,7 @@ def at_once(
     rounds: int,
     seconds: int,
     connections: int,
+    threads: int = 1,
 ) -> list[dict[str, float]]:
     """Load the two services of ``ports`` together, each through its own listener by its own
     ``wrk`` with half of ``connections``, ``rounds`` times for ``seconds``; the ``wrk`` of the
@@ -705,21 +710,27 @@ def at_once(
     for r in range(rounds):
         order = (a, b) if r % 2 == 0 else (b, a)
         before = {k: cpu_seconds(pids[k]) for k in order}
-        runs = {
-            k: subprocess.Popen(
-                ["wrk", "-t1", f"-c{half}", f"-d{seconds}s", f"http://127.0.0.1:{ports[k]}/"],
-                stdout=subprocess.PIPE,
-                text=True,
-            )
-            for k in order
-        }
+        runs: dict[str, subprocess.Popen[str]] = {}
         rps: dict[str, float] = {}
-        for k, run in runs.items():
-            text, _ = run.communicate(timeout=seconds + 30)
-            m = re.search(r"Requests/sec:\s+([\d.]+)", text)
-            if m is None or "Non-2xx" in text or not float(m.group(1)):
-                raise RuntimeError(f"wrk on {k}: no rate or non-2xx answers:\n{text}")
-            rps[k] = float(m.group(1))
+        try:
+            for k in order:
+                url = f"http://127.0.0.1:{ports[k]}/"
+                runs[k] = subprocess.Popen(
+                    ["wrk", f"-t{threads}", f"-c{half}", f"-d{seconds}s", url],
+                    stdout=subprocess.PIPE,
+                    text=True,
+                )
+            for k, run in runs.items():
+                text, _ = run.communicate(timeout=seconds + 30)
+                m = re.search(r"Requests/sec:\s+([\d.]+)", text)
+                if m is None or re.search(r"Non-2xx|Socket errors", text) or not float(m.group(1)):
+                    raise RuntimeError(f"wrk on {k}: no rate, errors or non-2xx answers:\n{text}")
+                rps[k] = float(m.group(1))
+        finally:  # a failed or stuck run: the other wrk does not outlive it
+            for run in runs.values():
+                if run.poll() is None:
+                    run.kill()
+                run.wait()
         us = {k: (cpu_seconds(pids[k]) - before[k]) / (rps[k] * seconds) for k in order}
         out.append({"rps": rps[a] / rps[b], "cpu": us[b] / us[a]})
         print(f"  at once {r + 1} {a} / {b}: {rps[a] / rps[b]:.3f}", flush=True)
@@ -730,8 +741,8 @@ def print_at_once(
     together: Mapping[tuple[str, str], list[dict[str, float]]], connections: int
 ) -> None:
     print(
-        f"\nat once (each wrk -c{max(1, connections // 2)}): Legation's service / the minimal "
-        "servicer, loaded together"
+        f"\nat once (each wrk -c{max(1, connections // 2)}): the first service / the second, "
+        "loaded together"
     )
     print(f"{'pair':22s}{'rps ratio':>10s}{'spread':>14s}{'cpu ratio':>10s}")
     for (a, b), runs in together.items():
@@ -741,7 +752,7 @@ def print_at_once(
             f"{a + ' / ' + b:22s}{statistics.median(rps):10.3f}"
             f"{f'{min(rps):.3f}-{max(rps):.3f}':>14s}{statistics.median(cpu):10.3f}"
         )
-    print("(cpu ratio: the minimal servicer's CPU per call over Legation's)")
+    print("(cpu ratio: the second's CPU per call over the first's: above 1, the first costs less)")
 
 
 if __name__ == "__main__":

@@ -15,13 +15,13 @@ from legation.services.kinds import WORKER_PORT_STEP
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    if args.service == "xds":
-        return asyncio.run(_serve_xds(args))
-    try:  # the request-path services run on uvloop (legation._loop); a bad choice stops here
+    try:  # every `legation serve` runs on uvloop (legation._loop); a bad choice stops here
         _loop.choice()
     except LegationError as err:
         print(f"legation serve {args.service}: {err}", file=sys.stderr)
         return 2
+    if args.service == "xds":
+        return _loop.run(_serve_xds(args))
     if args.plan:
         return _loop.run(_serve_plan(args))
     workers = max(1, args.workers)

@@ -3,8 +3,10 @@
 Measured through the real Envoy with both services loaded at the same time (bench/floor.py's
 ``--at-once`` pairs), a grpc.aio server does the same calls for 11-13 % less CPU on uvloop than
 on asyncio's default loop, for each of ext_authz, rate limit and ext_proc; the HTTP call-out
-was chosen on uvloop too (bench/http_callout.py). ``legation serve`` (and so every service
-``legation up`` starts) runs its service on the loop :func:`run` picks.
+was chosen on uvloop too (bench/http_callout.py). Every ``legation serve`` process (so the
+control plane and every service ``legation up`` starts) runs on the loop :func:`run` picks;
+``legation up``'s own supervisor stays on asyncio's loop (it starts its children through
+asyncio's subprocess support, which uvloop implements with a spawn that runs at-fork hooks).
 
 ``LEGATION_EVENT_LOOP=asyncio`` runs asyncio's own loop instead (to rule the loop out when
 debugging); ``uvloop`` (the default) falls back to asyncio's loop where uvloop is not installed
@@ -20,7 +22,7 @@ from typing import Any, TypeVar
 
 from legation.errors import ConfigError
 
-__all__ = ["ENV", "choice", "run", "running"]
+__all__ = ["ENV", "choice", "new_event_loop", "run", "running"]
 
 ENV = "LEGATION_EVENT_LOOP"
 _CHOICES = ("uvloop", "asyncio")
@@ -31,10 +33,12 @@ def choice(environ: dict[str, str] | os._Environ[str] | None = None) -> str:
     """The loop :func:`run` will use: ``uvloop`` or ``asyncio``. Raises :class:`ConfigError`
     naming :data:`ENV` for a value it does not know (checked before anything starts)."""
     env = os.environ if environ is None else environ
-    wanted = env.get(ENV, "uvloop").strip().lower() or "uvloop"
+    raw = env.get(ENV, "")
+    wanted = raw.strip(" \t\r\n").lower() or "uvloop"  # ASCII blanks only, then exact names
     if wanted not in _CHOICES:
+        shown = repr(raw) if len(raw) <= 64 else f"{raw[:64]!r}... ({len(raw)} characters)"
         raise ConfigError(
-            f"{ENV}: expected one of {', '.join(_CHOICES)}, got {env.get(ENV)!r}",
+            f"{ENV}: expected one of {', '.join(_CHOICES)}, got {shown}",
             code="invalid_event_loop",
         )
     if wanted == "uvloop":
@@ -59,6 +63,16 @@ def run(main: Coroutine[Any, Any, _T]) -> _T:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             return runner.run(main)
     return asyncio.run(main)
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """A new loop of the kind :func:`choice` picks, for a loop run by hand (a thread of its
+    own: the tests run their in-process services on one, as ``legation serve`` would)."""
+    if choice() == "uvloop":
+        import uvloop
+
+        return uvloop.new_event_loop()
+    return asyncio.new_event_loop()
 
 
 def running() -> str:

@@ -47,8 +47,14 @@ def _quickstart() -> Path:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    from legation import _loop
     from legation.up import Stack
 
+    try:  # its `legation serve` children would each refuse it, after the mesh had started
+        _loop.choice()
+    except LegationError as err:
+        print(f"legation up: {err}", file=sys.stderr)
+        return 2
     mesh = Path(args.mesh) if args.mesh else _quickstart()
     stack = Stack(
         mesh,

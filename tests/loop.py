@@ -7,14 +7,18 @@ import threading
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
+from legation import _loop
+
 T = TypeVar("T")
 
 
 class LoopThread:
-    """An event loop in a daemon thread (a control plane and its services run on it)."""
+    """An event loop in a daemon thread (a control plane and its services run on it): the
+    kind ``legation serve`` runs them on (uvloop; ``LEGATION_EVENT_LOOP=asyncio`` for
+    asyncio's own, :mod:`legation._loop`)."""
 
     def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
+        self.loop = _loop.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
 

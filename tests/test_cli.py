@@ -17,6 +17,7 @@ from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2 as common_rl
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
+from legation import _loop
 from tests.conftest import free_port, worker_base_port
 from tests.ratelimit.conftest import RedisServer, needs_redis
 
@@ -196,7 +197,7 @@ def test_serve_with_two_workers_on_port_and_port_plus_100(tmp_path: Path) -> Non
             [str(port), str(port + 100)]
         ), started
         assert len({line.split("pid ")[1].split(",")[0] for line in started}) == 2
-        assert all(", uvloop) on " in line for line in started), started  # each worker's loop
+        assert all(f", {_loop.choice()}) on " in line for line in started), started  # its loop
         request = rls_pb2.RateLimitRequest(
             domain="cli",
             descriptors=[

@@ -37,7 +37,25 @@ def test_choice_reads_the_variable(value: str | None, expected: str) -> None:
     assert _loop.choice(env) == expected
 
 
-@given(st.text(max_size=40).filter(lambda s: s.strip().lower() not in ("", "uvloop", "asyncio")))
+@pytest.mark.parametrize(
+    "value", ["asyncio\x1c", "\u3000uvloop", "uvloop\x85", "uv loop", "asyncio;"]
+)
+def test_only_ascii_blanks_around_a_name_are_forgiven(value: str) -> None:
+    with pytest.raises(ConfigError, match=_loop.ENV):
+        _loop.choice({_loop.ENV: value})
+
+
+def test_a_long_value_is_shown_cut() -> None:
+    with pytest.raises(ConfigError) as err:
+        _loop.choice({_loop.ENV: "x" * 100_000})
+    assert len(str(err.value)) < 200 and "(100000 characters)" in str(err.value)
+
+
+@given(
+    st.text(max_size=40).filter(
+        lambda s: s.strip(" \t\r\n").lower() not in ("", "uvloop", "asyncio")
+    )
+)
 def test_any_other_value_is_refused_naming_the_variable(value: str) -> None:
     with pytest.raises(ConfigError) as err:
         _loop.choice({_loop.ENV: value})
@@ -60,6 +78,16 @@ def test_run_uses_uvloop_by_default_and_asyncio_when_told(
     monkeypatch.setenv(_loop.ENV, "asyncio")
     running, module = _loop.run(_kind())
     assert running == "asyncio" and module.startswith("asyncio")
+
+
+def test_new_event_loop_makes_the_chosen_kind(monkeypatch: pytest.MonkeyPatch) -> None:
+    for choice, module in (("uvloop", "uvloop"), ("asyncio", "asyncio")):
+        monkeypatch.setenv(_loop.ENV, choice)
+        loop = _loop.new_event_loop()
+        try:
+            assert type(loop).__module__.startswith(module)
+        finally:
+            loop.close()
 
 
 def test_a_refused_choice_closes_the_coroutine_unrun(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -135,3 +163,17 @@ def test_legation_serve_refuses_an_unknown_loop_before_starting(tmp_path: Path) 
     assert out == ""  # nothing started
     assert "legation serve ratelimit: LEGATION_EVENT_LOOP: expected one of uvloop, asyncio" in err
     assert "\x1b" not in err and "'tokio\\x1b[31m'" in err
+
+
+def test_legation_up_refuses_an_unknown_loop_before_starting_anything(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [*_LEGATION, "up", "--log-dir", str(tmp_path / "logs")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,  # no mesh here, and none started: the check comes first
+        env={**os.environ, _loop.ENV: "trio"},
+    )
+    assert done.returncode == 2
+    assert done.stderr.startswith("legation up: LEGATION_EVENT_LOOP: expected one of")
+    assert not (tmp_path / "logs").exists() and not (tmp_path / ".legation").exists()
