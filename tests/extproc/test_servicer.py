@@ -13,6 +13,8 @@ from legation.errors import ConfigError
 from legation.extproc.config import CHAIN_METADATA_KEY, build_chains
 from legation.extproc.service import Settings, start_server
 
+pytestmark = pytest.mark.either_loop  # on asyncio's loop and on uvloop, as served
+
 CHAINS = {
     "default_chain": "web",
     "chains": {

@@ -25,7 +25,7 @@ from legation.ratelimit.service import Settings, start_server
 from tests.conftest import free_port
 from tests.ratelimit.conftest import REDIS_SERVER, RedisServer, descriptor, request
 
-pytestmark = pytest.mark.redis
+pytestmark = [pytest.mark.redis, pytest.mark.either_loop]  # both loops, as served
 T0 = 1_699_999_200_000
 FIXED = Limit(unit="minute", requests_per_unit=2)
 LIMITS = (

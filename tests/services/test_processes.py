@@ -22,6 +22,8 @@ from legation.services.published import FileTls, plan_path, read_plan
 from tests.conftest import free_port
 from tests.services import test_live_swap as live
 
+pytestmark = pytest.mark.either_loop  # on asyncio's loop and on uvloop, as served
+
 BAD_REGO = "package demo.authz\n\nallow := { 1\n"
 
 
