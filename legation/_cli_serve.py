@@ -112,7 +112,7 @@ async def _serve_xds(args: argparse.Namespace) -> int:
         print(err, file=sys.stderr)
         return 2
     print(
-        f"xDS on {cp.server.address if cp.server else '?'}; status on "
+        f"xDS on {cp.server.address if cp.server else '?'} ({_loop.running()}); status on "
         f"http://{args.status_host}:{cp.status_port}/status",
         flush=True,
     )

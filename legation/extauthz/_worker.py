@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -123,26 +124,28 @@ class _Worker:
         """A loaded evaluator; raises ConfigError (the policies do not load), TimeoutError or
         OSError (the process could not be started or loaded in time)."""
         child_in, to_child = os.pipe()
-        from_child, child_out = os.pipe()
         try:
-            proc = _Child(
-                subprocess.Popen(
-                    _CMD,
-                    stdin=child_in,
-                    stdout=child_out,
-                    stderr=subprocess.DEVNULL,
-                    env={**_ENV, _MEMORY_ENV: str(memory_mb)},
-                )
+            from_child, child_out = os.pipe()
+        except BaseException:
+            os.close(child_in)
+            os.close(to_child)
+            raise
+        try:
+            popen = subprocess.Popen(
+                _CMD,
+                stdin=child_in,
+                stdout=child_out,
+                stderr=subprocess.DEVNULL,
+                env={**_ENV, _MEMORY_ENV: str(memory_mb)},
             )
         except BaseException:
-            for fd in (child_in, to_child, from_child, child_out):
-                os.close(fd)
+            os.close(to_child)  # the child's ends are closed below, once each
+            os.close(from_child)
             raise
         finally:
-            with contextlib.suppress(OSError):
-                os.close(child_in)
-                os.close(child_out)
-        worker = cls(proc, to_child, from_child)
+            os.close(child_in)  # the child has its copies (or never started)
+            os.close(child_out)
+        worker = cls(_Child(popen, asyncio.get_running_loop()), to_child, from_child)
         try:
             async with asyncio.timeout(timeout_s):
                 answer = await worker._roundtrip(load)
@@ -268,21 +271,47 @@ class _Worker:
 
 
 class _Child:
-    """An evaluator process, started by :class:`subprocess.Popen` and awaited through a pidfd.
+    """An evaluator process, started by :class:`subprocess.Popen` and watched through a pidfd.
 
     Not ``loop.subprocess_exec``: uvloop's spawn forks and runs every ``os.register_at_fork``
     hook in the child before exec (asyncio's own loop runs none). OpenTelemetry registers such
     hooks, and one that blocks there keeps the child from exec'ing and the service's loop,
     waiting in the spawn, with it (``legation.envoy_process.tied_to_parent`` avoids
     ``preexec_fn`` for the same reason). ``Popen`` runs no Python between fork and exec on any
-    loop, and keeps the signals the service ignores ignored, as before. The exit is awaited on
-    a pidfd (Linux 5.3 and later: readable once the process has exited), else on a thread."""
+    loop, and keeps the signals the service ignores ignored, as before.
 
-    __slots__ = ("_popen", "pid")
+    From its start the process is watched on a pidfd (Linux 5.3 and later): the loop reaps it
+    as soon as it exits, idle or not, as asyncio's child watcher did, and it is signalled
+    through the pidfd, so a signal can never reach a reused pid. Where there are no pidfds,
+    :meth:`wait` waits on a thread."""
 
-    def __init__(self, popen: subprocess.Popen[bytes]) -> None:
+    __slots__ = ("_exited", "_loop", "_pidfd", "_popen", "pid")
+
+    def __init__(self, popen: subprocess.Popen[bytes], loop: asyncio.AbstractEventLoop) -> None:
         self._popen = popen
         self.pid = popen.pid
+        self._loop = loop
+        self._exited: asyncio.Future[None] = loop.create_future()
+        try:
+            self._pidfd = os.pidfd_open(popen.pid)
+        except (AttributeError, OSError):  # no pidfds here
+            self._pidfd = -1
+            return
+        loop.add_reader(self._pidfd, self._reap)
+
+    def _reap(self) -> None:
+        """The pidfd is readable: the process has exited. Reap it, stop watching."""
+        self._unwatch()
+        self._popen.poll()
+        if not self._exited.done():
+            self._exited.set_result(None)
+
+    def _unwatch(self) -> None:
+        if self._pidfd >= 0:
+            with contextlib.suppress(RuntimeError):  # the loop is already closed
+                self._loop.remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = -1
 
     @property
     def returncode(self) -> int | None:
@@ -290,32 +319,19 @@ class _Child:
         return self._popen.poll()
 
     def kill(self) -> None:
-        """SIGKILL, unless it has already exited (it is ours until reaped: no pid reuse)."""
-        if self._popen.poll() is None:
+        """SIGKILL, unless it has already exited."""
+        if self._pidfd >= 0:  # still watched: the pidfd names this process, never another
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+        elif self._popen.poll() is None:  # not watched (no pidfds): ours until reaped
             with contextlib.suppress(ProcessLookupError):
                 self._popen.kill()
 
     async def wait(self) -> int:
-        """Its exit status once it has exited, reaped; the loop runs on meanwhile."""
-        if self._popen.poll() is not None:
-            return self._popen.returncode
-        try:
-            pidfd = os.pidfd_open(self.pid)
-        except (AttributeError, OSError):  # no pidfds here (or reaped since): a thread waits
-            return await asyncio.to_thread(self._popen.wait)
-        loop = asyncio.get_running_loop()
-        exited: asyncio.Future[None] = loop.create_future()
-
-        def readable() -> None:
-            if not exited.done():
-                exited.set_result(None)
-
-        try:
-            loop.add_reader(pidfd, readable)
-            try:
-                await exited
-            finally:
-                loop.remove_reader(pidfd)
-        finally:
-            os.close(pidfd)
+        """Its exit status once it has exited, reaped; the loop runs on meanwhile (cancelling
+        a wait leaves the watch in place)."""
+        if self._pidfd >= 0:
+            await asyncio.shield(self._exited)
+        elif self._popen.poll() is None:
+            await asyncio.to_thread(self._popen.wait)
         return self._popen.wait()

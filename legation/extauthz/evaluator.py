@@ -182,8 +182,9 @@ class EvaluatorPool:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
                 continue
-            if self._closed:
+            if self._closed:  # closed while it loaded: stopped and awaited here, unused
                 worker.kill()
+                await worker.wait()
                 return
             self._workers.add(worker)
             self._idle.put_nowait(worker)

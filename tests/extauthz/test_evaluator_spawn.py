@@ -88,3 +88,109 @@ async def test_an_evaluator_that_exits_by_itself_is_awaited_and_reaped() -> None
     assert _reaped(pid)
     assert ticks >= 10  # the loop was not blocked while waiting
     worker.kill()  # already reaped: a no-op, never a signal to a reused pid
+
+
+async def test_an_idle_evaluator_that_dies_is_reaped_at_once() -> None:
+    """Nobody waits for it, yet it leaves no zombie behind (the loop watches its pidfd)."""
+    worker = await _Worker.spawn(_LOAD, timeout_s=30)
+    pid = worker.proc.pid
+    os.kill(pid, signal.SIGKILL)
+    for _ in range(200):
+        if _reaped(pid):
+            break
+        await asyncio.sleep(0.01)
+    assert _reaped(pid)
+    assert worker.proc.returncode == -signal.SIGKILL
+    await asyncio.wait_for(worker.wait(), 5)  # and a later wait returns at once
+
+
+def _fds() -> set[int]:
+    return {int(fd) for fd in os.listdir("/proc/self/fd")}
+
+
+async def test_a_spawn_that_fails_closes_each_pipe_end_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Popen failing (no memory, no processes left) closes the four pipe ends exactly once: a
+    second close could close a descriptor another thread had just been given."""
+    import subprocess
+
+    from legation.extauthz import _worker
+
+    closed: list[int] = []
+    real_close = os.close
+
+    def close(fd: int) -> None:
+        closed.append(fd)
+        real_close(fd)
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise OSError(11, "Resource temporarily unavailable")
+
+    before = _fds()
+    monkeypatch.setattr(_worker.os, "close", close)
+    monkeypatch.setattr(_worker.subprocess, "Popen", refuse)
+    with pytest.raises(OSError):
+        await _Worker.spawn(_LOAD, timeout_s=30)
+    monkeypatch.setattr(_worker.subprocess, "Popen", subprocess.Popen)
+    assert len(closed) == 4 and len(set(closed)) == 4, closed
+    assert _fds() == before
+
+
+async def test_a_replacement_loaded_after_its_pool_closed_is_stopped_and_reaped() -> None:
+    """A policy reload retires a pool with a grace period; an evaluator that finishes loading
+    during it (replacing one killed at its deadline) is stopped and awaited, not dropped: no
+    process and no pipe is left once ``close`` returns."""
+    from legation.extauthz.evaluator import EvaluatorPool
+
+    before = _fds()
+    pool = await EvaluatorPool([("p.rego", "package p\nallow := true\n")], [], size=2).start()
+    first = await pool._idle.get()
+    busy = await pool._idle.get()  # an evaluation still in flight keeps the grace going
+    pids = {first.proc.pid, busy.proc.pid}
+    pool._replace(first)  # as evaluate() does when a call reaches its deadline
+    while first in pool._dying:
+        await asyncio.sleep(0.005)
+    closing = asyncio.ensure_future(pool.close(grace_s=10))
+    for _ in range(400):  # the replacement loads meanwhile, and finds the pool closed
+        if not pool._spawning:
+            break
+        await asyncio.sleep(0.025)
+    assert not pool._spawning
+    pool._idle.put_nowait(busy)  # the evaluation ends: the grace ends
+    await asyncio.wait_for(closing, 15)
+    assert all(_reaped(pid) for pid in pids)
+    assert _children() == set()
+    assert _fds() == before
+
+
+def _children() -> set[int]:
+    me, found = os.getpid(), set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == me:
+                found.add(int(entry))
+    return found
+
+
+async def test_without_pidfds_an_evaluator_is_still_killed_awaited_and_reaped(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Kernels before 5.3 have no pidfd: a thread waits instead."""
+
+    def unsupported(pid: int, flags: int = 0) -> int:
+        raise OSError(38, "Function not implemented")
+
+    monkeypatch.setattr(os, "pidfd_open", unsupported)
+    worker = await _Worker.spawn(_LOAD, timeout_s=30)
+    try:
+        assert await worker.call("p.allow", b"{}") == ("v", "true")
+    finally:
+        worker.kill()
+        await asyncio.wait_for(worker.wait(), 10)
+    assert worker.proc.returncode == -signal.SIGKILL
+    assert _reaped(worker.proc.pid)
