@@ -145,7 +145,18 @@ class _Worker:
         finally:
             os.close(child_in)  # the child has its copies (or never started)
             os.close(child_out)
-        worker = cls(_Child(popen, asyncio.get_running_loop()), to_child, from_child)
+        child: _Child | None = None
+        try:
+            child = _Child(popen, asyncio.get_running_loop())
+            worker = cls(child, to_child, from_child)
+        except BaseException:  # not watched after all: stopped and reaped here
+            if child is not None:
+                child._unwatch()
+            popen.kill()
+            popen.wait()
+            os.close(to_child)
+            os.close(from_child)
+            raise
         try:
             async with asyncio.timeout(timeout_s):
                 answer = await worker._roundtrip(load)
@@ -266,8 +277,12 @@ class _Worker:
         self._answer(b"")
 
     async def wait(self) -> None:
-        await self.proc.wait()
-        self._close_pipes()
+        """Until the process has exited; the pipes are closed then, or when the wait is
+        cancelled (a pool closing, a loop shutting down): nothing else would close them."""
+        try:
+            await self.proc.wait()
+        finally:
+            self._close_pipes()
 
 
 class _Child:
@@ -280,10 +295,10 @@ class _Child:
     ``preexec_fn`` for the same reason). ``Popen`` runs no Python between fork and exec on any
     loop, and keeps the signals the service ignores ignored, as before.
 
-    From its start the process is watched on a pidfd (Linux 5.3 and later): the loop reaps it
-    as soon as it exits, idle or not, as asyncio's child watcher did, and it is signalled
-    through the pidfd, so a signal can never reach a reused pid. Where there are no pidfds,
-    :meth:`wait` waits on a thread."""
+    From its start the process is watched on a pidfd (Linux 5.3 and later): while the loop
+    that started it runs, it is reaped as soon as it exits, idle or not, as asyncio's child
+    watcher did, and it is signalled through the pidfd, so a signal can never reach a reused
+    pid. Where there are no pidfds, or for a wait from another loop, a thread waits."""
 
     __slots__ = ("_exited", "_loop", "_pidfd", "_popen", "pid")
 
@@ -308,10 +323,15 @@ class _Child:
 
     def _unwatch(self) -> None:
         if self._pidfd >= 0:
-            with contextlib.suppress(RuntimeError):  # the loop is already closed
-                self._loop.remove_reader(self._pidfd)
+            self._loop.remove_reader(self._pidfd)
             os.close(self._pidfd)
             self._pidfd = -1
+
+    def __del__(self) -> None:
+        # still watched only if its loop closed first (a live loop's reader holds this object):
+        # nothing will read the pidfd any more
+        if getattr(self, "_pidfd", -1) >= 0:  # (-1 too if __init__ stopped early)
+            os.close(self._pidfd)
 
     @property
     def returncode(self) -> int | None:
@@ -321,16 +341,21 @@ class _Child:
     def kill(self) -> None:
         """SIGKILL, unless it has already exited."""
         if self._pidfd >= 0:  # still watched: the pidfd names this process, never another
-            with contextlib.suppress(ProcessLookupError):
+            try:
                 signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
-        elif self._popen.poll() is None:  # not watched (no pidfds): ours until reaped
+                return
+            except ProcessLookupError:
+                return
+            except OSError:  # not allowed here (a seccomp profile): by pid, as below
+                pass
+        if self._popen.poll() is None:  # ours until reaped: its pid is not reused before
             with contextlib.suppress(ProcessLookupError):
                 self._popen.kill()
 
     async def wait(self) -> int:
         """Its exit status once it has exited, reaped; the loop runs on meanwhile (cancelling
         a wait leaves the watch in place)."""
-        if self._pidfd >= 0:
+        if self._pidfd >= 0 and asyncio.get_running_loop() is self._loop:
             await asyncio.shield(self._exited)
         elif self._popen.poll() is None:
             await asyncio.to_thread(self._popen.wait)

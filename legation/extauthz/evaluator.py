@@ -182,8 +182,8 @@ class EvaluatorPool:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
                 continue
-            if self._closed:  # closed while it loaded: stopped and awaited here, unused
-                worker.kill()
+            if self._closed:  # closed while it loaded: stopped and awaited here, unused (its
+                worker.kill()  # pipes closed even if close() cancels this wait)
                 await worker.wait()
                 return
             self._workers.add(worker)

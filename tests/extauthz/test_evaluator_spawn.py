@@ -194,3 +194,56 @@ async def test_without_pidfds_an_evaluator_is_still_killed_awaited_and_reaped(
         await asyncio.wait_for(worker.wait(), 10)
     assert worker.proc.returncode == -signal.SIGKILL
     assert _reaped(worker.proc.pid)
+
+
+async def test_a_cancelled_wait_closes_the_pipes_and_the_watch_reaps_later() -> None:
+    """``close()`` of a pool may cancel a wait for a killed evaluator (its grace over): the
+    pipes are closed all the same, and the process is reaped when it exits."""
+    before = _fds()
+    worker = await _Worker.spawn(_LOAD, timeout_s=30)
+    pid = worker.proc.pid
+    waiting = asyncio.ensure_future(worker.wait())
+    await asyncio.sleep(0.05)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert worker._to == -1 and worker._from == -1  # the pipes: closed by the cancelled wait
+    worker.kill()
+    for _ in range(200):
+        if _reaped(pid) and _fds() == before:
+            break
+        await asyncio.sleep(0.01)
+    assert _reaped(pid)
+    assert _fds() == before  # the pidfd too, once the watch saw the exit
+
+
+async def test_kill_falls_back_to_the_pid_when_pidfd_signals_are_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A seccomp profile may allow pidfd_open but not pidfd_send_signal."""
+
+    def refused(pidfd: int, sig: int, *args: object) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    worker = await _Worker.spawn(_LOAD, timeout_s=30)
+    monkeypatch.setattr(signal, "pidfd_send_signal", refused)
+    worker.kill()
+    await asyncio.wait_for(worker.wait(), 10)
+    assert worker.proc.returncode == -signal.SIGKILL
+    assert _reaped(worker.proc.pid)
+
+
+def test_an_evaluator_started_on_one_loop_can_be_awaited_from_another() -> None:
+    first = asyncio.new_event_loop()
+    try:
+        worker = first.run_until_complete(_Worker.spawn(_LOAD, timeout_s=30))
+
+        async def stop() -> None:
+            worker.kill()
+            await asyncio.wait_for(worker.wait(), 10)
+
+        asyncio.run(stop())  # another loop: a thread waits (the watch belongs to the first)
+        assert worker.proc.returncode == -signal.SIGKILL
+        assert _reaped(worker.proc.pid)
+    finally:
+        first.close()
