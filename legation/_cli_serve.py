@@ -14,11 +14,19 @@ from legation.errors import LegationError
 from legation.services.kinds import WORKER_PORT_STEP
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    try:  # every `legation serve` runs on uvloop (legation._loop); a bad choice stops here
+def loop_refused(command: str) -> bool:
+    """Whether ``LEGATION_EVENT_LOOP`` is refused (then said on stderr, prefixed ``command``):
+    checked before a command starts anything (legation._loop)."""
+    try:
         _loop.choice()
     except LegationError as err:
-        print(f"legation serve {args.service}: {err}", file=sys.stderr)
+        print(f"{command}: {err}", file=sys.stderr)
+        return True
+    return False
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    if loop_refused(f"legation serve {args.service}"):  # every `legation serve` runs on uvloop
         return 2
     if args.service == "xds":
         return _loop.run(_serve_xds(args))

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 from legation.errors import ConfigError
@@ -53,26 +53,27 @@ def run(main: Coroutine[Any, Any, _T]) -> _T:
     """``asyncio.run(main)`` on the loop :func:`choice` picks (``main`` is closed unrun when
     the choice is refused)."""
     try:
-        loop = choice()
+        factory = _factory(choice())
     except BaseException:
         main.close()
         raise
-    if loop == "uvloop":
-        import uvloop
-
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            return runner.run(main)
-    return asyncio.run(main)
+    with asyncio.Runner(loop_factory=factory) as runner:  # no factory: asyncio.run's own
+        return runner.run(main)
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
     """A new loop of the kind :func:`choice` picks, for a loop run by hand (a thread of its
     own: the tests run their in-process services on one, as ``legation serve`` would)."""
-    if choice() == "uvloop":
+    return (_factory(choice()) or asyncio.new_event_loop)()
+
+
+def _factory(kind: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's loop factory for ``uvloop``; None (asyncio's own) for ``asyncio``."""
+    if kind == "uvloop":
         import uvloop
 
-        return uvloop.new_event_loop()
-    return asyncio.new_event_loop()
+        return uvloop.new_event_loop
+    return None
 
 
 def running() -> str:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from legation._cli_certs import DEFAULT_XDS, cmd_bootstrap, cmd_ca, cmd_rotate_root
 from legation._cli_demo import add_parser as add_demo
-from legation._cli_serve import cmd_serve
+from legation._cli_serve import cmd_serve, loop_refused
 from legation._cli_status import cmd_status
 from legation._cli_traces import add_parser as add_traces
 from legation.errors import LegationError
@@ -47,13 +47,9 @@ def _quickstart() -> Path:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from legation import _loop
     from legation.up import Stack
 
-    try:  # its `legation serve` children would each refuse it, after the mesh had started
-        _loop.choice()
-    except LegationError as err:
-        print(f"legation up: {err}", file=sys.stderr)
+    if loop_refused("legation up"):  # its `legation serve` children would, once it had started
         return 2
     mesh = Path(args.mesh) if args.mesh else _quickstart()
     stack = Stack(
