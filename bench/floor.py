@@ -384,11 +384,17 @@ def wrk(
         text=True,
         timeout=seconds + 30,
     ).stdout
+    return rate_of(out, f"port {port}", strict=strict), out
+
+
+def rate_of(out: str, where: str, *, strict: bool = True) -> float:
+    """The requests per second in wrk's output ``out``; raises naming ``where`` when there is
+    none, or (``strict``) when wrk counted non-2xx answers."""
     m = re.search(r"Requests/sec:\s+([\d.]+)", out)
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     if m is None or (non2xx and strict):
-        raise RuntimeError(f"wrk on port {port}: no rate or non-2xx answers:\n{out}")
-    return float(m.group(1)), out
+        raise RuntimeError(f"wrk on {where}: no rate or non-2xx answers:\n{out}")
+    return float(m.group(1))
 
 
 def wait_ok(port: int, deadline: float) -> None:
@@ -658,12 +664,15 @@ def print_table(rows: Mapping[str, list[dict[str, float]]], rounds: int) -> None
         f"\n{'path':11s}{'rps':>8s}{'spread':>14s}{'/plain':>8s}{'leg/min':>8s}{'leg/uv':>8s}"
         f"{'svc us/req':>11s}{'svc cpu':>8s}{'front us':>9s}{'front cpu':>10s}{'up us':>7s}"
     )
+    ratios = {
+        (name, other): paired_ratios(rows, name, other) for name in rows for other in _bases(name)
+    }
     for name in rows:
         rps = [r["rps"] for r in rows[name]]
         spread = f"{min(rps):.0f}-{max(rps):.0f}" if rounds > 1 else ""
         versus = ""
         for other in _bases(name) or [None, None]:
-            pairs = paired_ratios(rows, name, other) if other else []
+            pairs = ratios[name, other] if other else []
             versus += f"{statistics.median(pairs):8.2f}" if pairs else f"{'':8s}"
         svc = (
             f"{med(name, 'service_us'):11.0f}{med(name, 'service_cpu'):8.0%}"
@@ -680,12 +689,10 @@ def print_table(rows: Mapping[str, list[dict[str, float]]], rounds: int) -> None
             f"{versus}{svc}{front}"
             f"{med(name, 'upstream_us'):7.0f}"
         )
-    for name in rows:
-        for other in _bases(name):
-            pairs = paired_ratios(rows, name, other)
-            if pairs:
-                each = " ".join(f"{x:.2f}" for x in pairs)
-                print(f"{name} / {other}, round by round: {each}")
+    for (name, other), pairs in ratios.items():
+        if pairs:
+            each = " ".join(f"{x:.2f}" for x in pairs)
+            print(f"{name} / {other}, round by round: {each}")
     if os.environ.get("BENCH_JSON"):
         print(json.dumps(rows))
 
@@ -722,10 +729,9 @@ def at_once(
                 )
             for k, run in runs.items():
                 text, _ = run.communicate(timeout=seconds + 30)
-                m = re.search(r"Requests/sec:\s+([\d.]+)", text)
-                if m is None or re.search(r"Non-2xx|Socket errors", text) or not float(m.group(1)):
-                    raise RuntimeError(f"wrk on {k}: no rate, errors or non-2xx answers:\n{text}")
-                rps[k] = float(m.group(1))
+                rps[k] = rate_of(text, k)
+                if "Socket errors" in text or not rps[k]:
+                    raise RuntimeError(f"wrk on {k}: socket errors or no answers:\n{text}")
         finally:  # a failed or stuck run: the other wrk does not outlive it
             for run in runs.values():
                 if run.poll() is None:
