@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from legation.extauthz._worker import _Worker, load_line
+from legation.supervisor import _children
 
 pytestmark = pytest.mark.either_loop
 
@@ -160,21 +161,8 @@ async def test_a_replacement_loaded_after_its_pool_closed_is_stopped_and_reaped(
     pool._idle.put_nowait(busy)  # the evaluation ends: the grace ends
     await asyncio.wait_for(closing, 15)
     assert all(_reaped(pid) for pid in pids)
-    assert _children() == set()
+    assert _children(os.getpid()) == []  # the loop's thread (this one) started them all
     assert _fds() == before
-
-
-def _children() -> set[int]:
-    me, found = os.getpid(), set()
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == me:
-                found.add(int(entry))
-    return found
 
 
 async def test_without_pidfds_an_evaluator_is_still_killed_awaited_and_reaped(
