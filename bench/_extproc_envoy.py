@@ -43,11 +43,9 @@ CALLOUT = fast_filter.Callout(
 
 
 def fused_route(cluster: str, headers: dict[str, str] | None = None) -> dict[str, Any]:
-    r = harness.route("/", cluster, None, headers=headers)
-    r["typed_per_filter_config"] = {
-        fast_filter.FILTER_NAME: harness.to_dict(fast_filter.per_route_any(CALLOUT, route="route"))
-    }
-    return r
+    return fast_filter.route_dict(
+        harness.route("/", cluster, None, headers=headers), CALLOUT, route="route"
+    )
 
 
 EXTPROC_HTTP_FILTER = "legation.ext_proc.http.route"

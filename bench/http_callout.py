@@ -188,11 +188,7 @@ def front_bootstrap(
         if name in HTTP_ROWS:
             callout = http_ef.Callout(cluster=name)
             filters.append(floor._plain(http_ef.http_filter(callout)))
-            route["typed_per_filter_config"] = {
-                http_ef.FILTER_NAME: floor._plain(
-                    http_ef.per_route_any(callout, policy="floor", checks=["allow"])
-                )
-            }
+            route = http_ef.route_dict(route, callout, policy="floor", checks=["allow"])
             clusters.append(
                 floor._plain(http_ef.http_cluster(name, [("127.0.0.1", services[name])]))
             )

@@ -140,7 +140,8 @@ class Route(RoutePolicy):
     direct_response: DirectResponse | None = None
     headers: Headers = Field(default_factory=Headers)
     rewrite: Rewrite | None = None
-    authz: str | None = Field(default=None, min_length=1)
+    # the policy's name reaches ext_authz as a header value (HTTP call-out): no control characters
+    authz: str | None = Field(default=None, min_length=1, pattern=r"^[^\x00-\x1f\x7f]+$")
     authz_protocol: Literal["grpc"] | None = None  # keep this route's ext_authz call on gRPC
     filters: list[FilterSpec] = Field(default_factory=list)
     rate_limits: list[RateLimitSpec] = Field(default_factory=list)

@@ -3,10 +3,12 @@
 * :func:`http_filter` -- the ``envoy.filters.http.ext_authz`` HttpFilter calling the fast-path
   server over HTTP/1.1, fail closed unless ``Callout.failure_mode_allow`` (an error or a
   timeout denies with ``status_on_error``), ``validate_mutations: true``.
-* :func:`per_route` -- the route's ``ExtAuthzPerRoute``: the same ``http_service`` with the
-  route's policy and checks in :data:`~legation.fastpath.contract.POLICY_HEADER` /
-  :data:`~legation.fastpath.contract.CHECKS_HEADER` (``headers_to_add``; HTTP mode has no
-  ``context_extensions``); ``disabled=True`` for routes that need no check.
+* :func:`configure_route` -- a route's setting: ``disabled``, or checked with its policy,
+  checks and (fused) name in the route's metadata, which the filter's ``http_service`` sends in
+  :data:`~legation.fastpath.contract.POLICY_HEADER`, :data:`~legation.fastpath.contract.
+  CHECKS_HEADER` and :data:`~legation.fastpath.contract.ROUTE_HEADER` (``headers_to_add``
+  reading ``%METADATA(ROUTE:...)%``; HTTP mode has no ``context_extensions``).
+  :func:`route_dict` does the same for a route written as a dict.
 * :func:`http_cluster` -- the STATIC HTTP/1.1 cluster pointing at the server.
 
 Both take one :class:`Callout`, the settings the server must agree with (see
@@ -16,21 +18,25 @@ Both take one :class:`Callout`, the settings the server must agree with (see
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import base_pb2, http_uri_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
+from envoy.config.route.v3 import route_components_pb2 as rc
 from envoy.extensions.filters.http.ext_authz.v3 import ext_authz_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
 from envoy.type.matcher.v3 import string_pb2
 from envoy.type.v3 import http_status_pb2
-from google.protobuf import any_pb2
+from google.protobuf import struct_pb2
+from google.protobuf.json_format import MessageToJson
 
-from legation._proto import address, milliseconds, pack
+from legation._proto import address, milliseconds
 from legation._proto import http_filter as _http_filter
 from legation.envoy_grpc import eject_dead_workers
 from legation.fastpath.contract import (
@@ -66,6 +72,10 @@ class Callout:
     max_request_bytes: int = 0
     allow_partial_message: bool = True
     clear_route_cache: bool = False  # True: headers the answer sets make Envoy re-pick the route
+    remote_address: bool = False  # True: send the client address Envoy trusts (fused routes)
+    name: str = FILTER_NAME
+    """The filter's name in the chain, and the route-metadata namespace its routes' settings
+    are read from (:func:`configure_route`)."""
 
     def forwarded(self) -> Forwarded:
         """The upstream header names the server may answer with (the server's side)."""
@@ -100,17 +110,20 @@ def _request_matchers(names: Sequence[str]) -> list[string_pb2.StringMatcher]:
     return _matchers(names, what="allowed_headers")
 
 
-def http_service(
-    callout: Callout,
-    *,
-    policy: str | None = None,
-    checks: Sequence[str] = (),
-    route: str | None = None,
-    remote_address: bool = False,
-) -> ext_authz_pb2.HttpService:
-    """The ``http_service`` calling the server, with the route's policy and checks if any; for
-    a fused ``route``, its name and, with ``remote_address``, the client address Envoy trusts
-    (Envoy sets both: a client's own ``x-legation-*`` headers never reach the server)."""
+ROUTE_SETTINGS = {"policy": POLICY_HEADER, "checks": CHECKS_HEADER, "route": ROUTE_HEADER}
+"""Route metadata key -> the header Envoy sets from it on the call (:func:`http_service`)."""
+
+
+def http_service(callout: Callout) -> ext_authz_pb2.HttpService:
+    """The filter's ``http_service``: calling the server, each route's policy, checks and (fused)
+    name read from the route's metadata under ``callout.name`` (:func:`configure_route`) into
+    :data:`ROUTE_SETTINGS`' headers, and with ``callout.remote_address`` the client address
+    Envoy trusts. Envoy *sets* these (a client's own ``x-legation-*`` never reaches the
+    server); a key the route lacks sends no header.
+
+    One service for every route, not a per-route ``http_service`` override: with an override
+    Envoy builds the call's client per request (measured: bench/README, "route settings as
+    route metadata")."""
     service = ext_authz_pb2.HttpService(
         server_uri=http_uri_pb2.HttpUri(
             uri=f"http://{callout.cluster}",
@@ -120,13 +133,11 @@ def http_service(
         path_prefix=PATH_PREFIX,
     )
     add = service.authorization_request.headers_to_add
-    if policy:
-        add.append(base_pb2.HeaderValue(key=POLICY_HEADER, value=policy))
-    if checks:
-        add.append(base_pb2.HeaderValue(key=CHECKS_HEADER, value=",".join(checks)))
-    if route is not None:
-        add.append(base_pb2.HeaderValue(key=ROUTE_HEADER, value=route))
-    if route is not None and remote_address:
+    for key, header in ROUTE_SETTINGS.items():
+        add.append(
+            base_pb2.HeaderValue(key=header, value=f"%METADATA(ROUTE:{callout.name}:{key})%")
+        )
+    if callout.remote_address:
         add.append(
             base_pb2.HeaderValue(
                 key=REMOTE_ADDRESS_HEADER, value="%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%"
@@ -164,38 +175,77 @@ def http_filter(callout: Callout) -> hcm_pb2.HttpFilter:
     if callout.max_request_bytes > 0:
         config.with_request_body.max_request_bytes = callout.max_request_bytes
         config.with_request_body.allow_partial_message = callout.allow_partial_message
-    return _http_filter(FILTER_NAME, config)
+    return _http_filter(callout.name, config)
 
 
-def per_route(
-    callout: Callout | None = None,
+def per_route(*, disabled: bool = False) -> ext_authz_pb2.ExtAuthzPerRoute:
+    """The route's ``ExtAuthzPerRoute``: ``disabled``, or checked with the filter's settings
+    (its policy and checks travel in the route's metadata: :func:`configure_route`)."""
+    out = ext_authz_pb2.ExtAuthzPerRoute()
+    if disabled:
+        out.disabled = True
+    else:
+        out.check_settings.SetInParent()
+    return out
+
+
+def route_metadata(
+    *, policy: str | None = None, checks: Sequence[str] = (), route: str | None = None
+) -> struct_pb2.Struct:
+    """A checked route's settings for its filter to send: its policy, checks and, for a fused
+    route, its name. Each becomes a header value, so a control character or an outer blank in
+    one, or a ``,`` in a check name, is a ValueError naming the setting."""
+    for name in checks:
+        if not name or "," in name:
+            raise ValueError(f"checks: {name!r} is not a check name")
+    values = {"policy": policy, "checks": ",".join(checks) or None, "route": route}
+    out = struct_pb2.Struct()
+    for key, value in values.items():
+        if value is None:
+            continue
+        if not value or value != value.strip(" \t") or any(c < " " or c == "\x7f" for c in value):
+            raise ValueError(f"{key}: {value!r} cannot be a header value")
+        out.fields[key].string_value = value
+    return out
+
+
+def configure_route(
+    out: rc.Route,
+    callout: Callout,
     *,
     policy: str | None = None,
     checks: Sequence[str] = (),
     route: str | None = None,
-    remote_address: bool = False,
     disabled: bool = False,
-) -> ext_authz_pb2.ExtAuthzPerRoute:
-    """The route's settings: ``disabled``, or the call-out with its policy and checks (and, for a
-    fused route, its name)."""
+) -> None:
+    """``out``'s setting for ``callout``'s filter: ``disabled``, or checked with the route's
+    ``policy``, ``checks`` and (fused) ``route`` name in its metadata under ``callout.name``."""
     if disabled:
         if policy or checks or route:
             raise ValueError("a route with ext_authz disabled cannot name a policy or checks")
-        return ext_authz_pb2.ExtAuthzPerRoute(disabled=True)
-    if callout is None:
-        raise ValueError("a checked route needs the Callout its filter uses")
-    out = ext_authz_pb2.ExtAuthzPerRoute()
-    out.check_settings.http_service.CopyFrom(
-        http_service(
-            callout, policy=policy, checks=checks, route=route, remote_address=remote_address
-        )
-    )
+        out.typed_per_filter_config[callout.name].Pack(per_route(disabled=True))
+        return
+    settings = route_metadata(policy=policy, checks=checks, route=route)
+    out.typed_per_filter_config[callout.name].Pack(per_route())
+    if settings.fields:
+        out.metadata.filter_metadata[callout.name].CopyFrom(settings)
+
+
+def route_dict(entry: dict[str, Any], callout: Callout, /, **kwargs: Any) -> dict[str, Any]:
+    """:func:`configure_route` for a route written as a plain dict (a static bootstrap's): a
+    copy of ``entry`` with the filter's per-route setting and metadata merged in."""
+    built = rc.Route()
+    configure_route(built, callout, **kwargs)
+    plain = json.loads(MessageToJson(built, preserving_proto_field_name=True))  # plain dicts
+    out = dict(entry)
+    out["typed_per_filter_config"] = {
+        **entry.get("typed_per_filter_config", {}),
+        **plain["typed_per_filter_config"],
+    }
+    if settings := plain.get("metadata", {}).get("filter_metadata"):
+        old = entry.get("metadata", {})
+        out["metadata"] = {**old, "filter_metadata": {**old.get("filter_metadata", {}), **settings}}
     return out
-
-
-def per_route_any(callout: Callout | None = None, **kwargs: object) -> any_pb2.Any:
-    """:func:`per_route` packed for ``typed_per_filter_config[FILTER_NAME]``."""
-    return pack(per_route(callout, **kwargs))  # type: ignore[arg-type]
 
 
 def http_cluster(

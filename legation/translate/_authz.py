@@ -58,7 +58,7 @@ whether they fail open: one per failure mode the fused routes need (:mod:`._fuse
 
 
 def authz_callout(block: ExtAuthzService, mesh: Mesh | None = None) -> fast_filter.Callout:
-    """The HTTP call-out both sides are built from: the filter and per-route overrides here, the
+    """The HTTP call-out both sides are built from: the filter and route settings here, the
     server's forwarded headers in :mod:`legation.services.extauthz`. With ``mesh``: the fused
     filters' (the headers the fused routes read and answer with added; the server takes these)."""
     headers = block.http_headers or HttpCalloutHeaders()
@@ -69,6 +69,7 @@ def authz_callout(block: ExtAuthzService, mesh: Mesh | None = None) -> fast_filt
         upstream += [h for h in upstream_headers(routes) if h not in upstream]
         client += [h for h in client_headers(mesh, routes) if h not in client]
     return fast_filter.Callout(
+        name=EXTAUTHZ_HTTP_FILTER,
         cluster=EXTAUTHZ_HTTP_CLUSTER,
         timeout_ms=_ms(block.timeout.total_seconds()),
         failure_mode_allow=block.fail_open,
@@ -80,20 +81,26 @@ def authz_callout(block: ExtAuthzService, mesh: Mesh | None = None) -> fast_filt
 
 def fused_callout(mesh: Mesh, *, fail_open: bool) -> fast_filter.Callout:
     """A fused filter's call-out: the server's headers, re-picking the route, failing as its
-    routes' services do (:attr:`FusedRoute.fail_open`)."""
+    routes' services do (:attr:`FusedRoute.fail_open`), with the client's address when one of
+    them reads it."""
     assert mesh.extauthz is not None
     base = authz_callout(mesh.extauthz, mesh)
-    return replace(base, failure_mode_allow=fail_open, clear_route_cache=True)
+    routes = [r for r in fused(mesh) if r.fail_open == fail_open]
+    return replace(
+        base,
+        name=FUSED_FILTERS[fail_open],
+        failure_mode_allow=fail_open,
+        clear_route_cache=True,
+        remote_address=any(r.reads_remote_address for r in routes),
+    )
 
 
 def fused_filters(mesh: Mesh) -> list[hcm_pb2.HttpFilter]:
     """The fused filters the mesh's fused routes use (closed, open), last before the router."""
-    out = []
-    for fail_open in sorted({r.fail_open for r in fused(mesh)}):
-        f = fast_filter.http_filter(fused_callout(mesh, fail_open=fail_open))
-        f.name = FUSED_FILTERS[fail_open]
-        out.append(f)
-    return out
+    return [
+        fast_filter.http_filter(fused_callout(mesh, fail_open=fail_open))
+        for fail_open in sorted({r.fail_open for r in fused(mesh)})
+    ]
 
 
 def fused_per_route(mesh: Mesh, out: rc.Route, spec: Route | None) -> None:
@@ -101,17 +108,11 @@ def fused_per_route(mesh: Mesh, out: rc.Route, spec: Route | None) -> None:
     present = {r.fail_open for r in fused(mesh)}
     found = fused_routes(mesh).get(spec.name) if spec is not None else None
     for fail_open in present:
-        name = FUSED_FILTERS[fail_open]
+        callout = fused_callout(mesh, fail_open=fail_open)
         if isinstance(found, FusedRoute) and found.fail_open == fail_open:
-            setting = fast_filter.per_route(
-                fused_callout(mesh, fail_open=fail_open),
-                policy=found.authz,
-                route=found.name,
-                remote_address=found.reads_remote_address,
-            )
+            fast_filter.configure_route(out, callout, policy=found.authz, route=found.name)
         else:
-            setting = fast_filter.per_route(disabled=True)
-        out.typed_per_filter_config[name].Pack(setting)
+            fast_filter.configure_route(out, callout, disabled=True)
 
 
 def fused_hop(mesh: Mesh, spec: Route | None, kind: str, what: str) -> Hop | str | None:
@@ -201,9 +202,7 @@ class AuthzSide:
             )
         ]
         if block.http:
-            http = fast_filter.http_filter(authz_callout(block))
-            http.name = EXTAUTHZ_HTTP_FILTER
-            out.append(http)
+            out.append(fast_filter.http_filter(authz_callout(block)))
         return out
 
     @staticmethod
@@ -229,8 +228,7 @@ class AuthzSide:
             else authz_filter.per_route(disabled=True)
         )
         if block.http:
-            out.typed_per_filter_config[EXTAUTHZ_HTTP_FILTER].Pack(
-                fast_filter.per_route(authz_callout(block), policy=spec.authz)
-                if hop.filter == EXTAUTHZ_HTTP_FILTER and spec is not None
-                else fast_filter.per_route(disabled=True)
-            )
+            if hop.filter == EXTAUTHZ_HTTP_FILTER and spec is not None:
+                fast_filter.configure_route(out, authz_callout(block), policy=spec.authz)
+            else:
+                fast_filter.configure_route(out, authz_callout(block), disabled=True)

@@ -65,15 +65,12 @@ def http_bootstrap(listen: int, admin: int, authz: int, upstream: int) -> dict[s
     hcm = base["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
     hcm["http_filters"][0] = to_plain(ef.http_filter(callout))
     hcm["route_config"]["virtual_hosts"][0]["routes"] = [
-        {
-            "match": {"prefix": r.prefix},
-            "route": {"cluster": "upstream"},
-            "typed_per_filter_config": {
-                ef.FILTER_NAME: to_plain(
-                    ef.per_route_any(callout, policy=r.policy, checks=tuple(r.checks))
-                )
-            },
-        }
+        ef.route_dict(
+            {"match": {"prefix": r.prefix}, "route": {"cluster": "upstream"}},
+            callout,
+            policy=r.policy,
+            checks=tuple(r.checks),
+        )
         for r in ROUTES
     ]
     base["static_resources"]["clusters"][1] = to_plain(

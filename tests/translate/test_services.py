@@ -17,6 +17,7 @@ from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2, tl
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from envoy.type.matcher.v3 import string_pb2
 from google.protobuf import duration_pb2, wrappers_pb2
+from google.protobuf.json_format import MessageToDict
 
 from legation.certs import MeshIssuer
 from legation.errors import ConfigError
@@ -496,6 +497,12 @@ def test_http_protocol_adds_the_http_filter_after_the_grpc_one_and_its_cluster()
     assert [m.exact for m in http.allowed_headers.patterns] == ["x-tenant"]
     allowed_up = http.http_service.authorization_response.allowed_upstream_headers.patterns
     assert [(m.prefix, m.exact) for m in allowed_up] == [("x-legation-", ""), ("", "x-user")]
+    sent = http.http_service.authorization_request.headers_to_add
+    assert [(h.key, h.value) for h in sent] == [
+        ("x-legation-policy", f"%METADATA(ROUTE:{HTTP_AUTHZ}:policy)%"),
+        ("x-legation-checks", f"%METADATA(ROUTE:{HTTP_AUTHZ}:checks)%"),
+        ("x-legation-route", f"%METADATA(ROUTE:{HTTP_AUTHZ}:route)%"),
+    ]  # no client address: no route reads it
     cluster = message(out, ResourceType.CLUSTER, "legation|extauthz-http")
     assert cluster.type == cluster_pb2.Cluster.STATIC
     assert not cluster.typed_extension_protocol_options  # HTTP/1.1, Envoy's default
@@ -527,11 +534,12 @@ def test_which_routes_use_the_http_callout(extra: dict[str, Any], expected: str 
     if expected == "grpc":
         assert dict(grpc.check_settings.context_extensions) == {"policy": "a.b"}
     if expected == "http":
-        service = http.check_settings.http_service
-        assert [(h.key, h.value) for h in service.authorization_request.headers_to_add] == [
-            ("x-legation-policy", "a.b")
-        ]
-        assert service.server_uri.cluster == "legation|extauthz-http"
+        # the policy travels in the route's metadata, read by the filter's one http_service;
+        # no per-route service override (with one Envoy builds the call's client per request)
+        assert not http.check_settings.HasField("http_service")
+        assert MessageToDict(route.metadata.filter_metadata[HTTP_AUTHZ]) == {"policy": "a.b"}
+    else:
+        assert HTTP_AUTHZ not in route.metadata.filter_metadata
     # with protocol grpc the same route is gRPC or no call, and has no HTTP override
     data = http_mesh({"name": "r", "to": {"service": "ratings"}, **extra})
     data["extauthz"] = {"port": 18010, "embedded": False}
