@@ -10,7 +10,8 @@ other with ``wrk``, rounds interleaved:
 
   plain        a route that asks for nothing (proxying only: the limit)
   authz-grpc   JWT (RS256) + Rego (decision cache) over the gRPC ext_authz call-out
-  authz-http   the same checks over the HTTP call-out
+  authz-http   the same checks over the HTTP call-out (``--callout socket``, the default: on a
+               Unix socket, ``extauthz.http_socket``; ``tcp``: on ``http_port``)
   chain        authz + header_route (ext_proc) + rate limit: three gRPC call-outs in a row
   fused        the same route, one HTTP call (``legation explain`` says: 1 hop, fused)
 
@@ -82,7 +83,14 @@ def upstream_bootstrap(ports: tuple[int, int], admin: int) -> dict[str, Any]:
     return config
 
 
-def write_stack(folder: Path, *, http: bool, upstream: tuple[int, int], jwk: dict[str, Any]) -> int:
+def write_stack(
+    folder: Path,
+    *,
+    http: bool,
+    upstream: tuple[int, int],
+    jwk: dict[str, Any],
+    callout: str = "socket",
+) -> int:
     """A mesh folder for one stack; returns its gateway port."""
     (folder / "policies").mkdir(parents=True)
     (folder / "policies" / "authz.rego").write_text(POLICY)
@@ -124,7 +132,12 @@ def write_stack(folder: Path, *, http: bool, upstream: tuple[int, int], jwk: dic
         "workers": 1,
     }
     if http:
-        authz.update(protocol="http", http_port=p["http"], http_headers={"request": ["x-role"]})
+        where = (
+            {"http_socket": str(folder.resolve() / "authz.sock")}
+            if callout == "socket"
+            else {"http_port": p["http"]}
+        )
+        authz.update(protocol="http", http_headers={"request": ["x-role"]}, **where)
     limits = [
         {
             "actions": [
@@ -306,6 +319,12 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--connections", type=int, default=16)
     ap.add_argument("--rate", type=int, default=1000, help="requests/s for the latency runs")
+    ap.add_argument(
+        "--callout",
+        choices=("socket", "tcp"),
+        default="socket",
+        help="where the HTTP call-out listens: extauthz.http_socket or http_port",
+    )
     args = ap.parse_args()
 
     from legation.envoy_process import EnvoyProcess
@@ -340,7 +359,11 @@ def main() -> None:
         gateways = {}
         for name in ("chain", "fused"):
             gateways[name] = write_stack(
-                workdir / name, http=name == "fused", upstream=up_ports, jwk=jwk
+                workdir / name,
+                http=name == "fused",
+                upstream=up_ports,
+                jwk=jwk,
+                callout=args.callout,
             )
             stacks[name] = start_stack(workdir / name)
         deadline = time.monotonic() + 60
@@ -373,7 +396,8 @@ def print_table(rows: Mapping[str, list[dict[str, float]]], args: argparse.Names
     chain = med(rows, "chain", "rps")
     print(
         f"\n{args.rounds} rounds x {args.seconds}s, wrk -c{args.connections}; latency at "
-        f"{args.rate} rps (10 paced connections); CPU in us per request"
+        f"{args.rate} rps (10 paced connections); CPU in us per request; HTTP call-out on "
+        f"{'a Unix socket' if args.callout == 'socket' else 'loopback TCP'}"
     )
     print(
         f"{'row':<11} {'rps':>7} {'vs plain':>8} {'p50 ms':>7} {'p99 ms':>7} {'non-2xx':>7}  "

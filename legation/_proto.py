@@ -27,6 +27,7 @@ __all__ = [
     "http_filter",
     "milliseconds",
     "pack",
+    "pipe",
     "seconds",
 ]
 
@@ -70,6 +71,11 @@ def address(host: str, port: int) -> address_pb2.Address:
     return address_pb2.Address(
         socket_address=address_pb2.SocketAddress(address=host, port_value=port)
     )
+
+
+def pipe(path: str) -> address_pb2.Address:
+    """A Unix socket address."""
+    return address_pb2.Address(pipe=address_pb2.Pipe(path=path))
 
 
 def envoy_grpc(

@@ -7,6 +7,7 @@ At mesh level (``config`` paths are relative to the mesh file)::
     extauthz:  {port: 18010, config: authz.yaml}          # its own YAML: checks, policy dir
     extauthz:  {port: 18010, config: authz.yaml, protocol: http, http_port: 18020,  # + HTTP mode
                 http_headers: {request: [x-tenant], upstream: [x-user], client: [x-cache]}}
+    extauthz:  {..., protocol: http, http_socket: /run/legation/authz.sock}  # same host: Unix
     extproc:   {port: 18011, timeout: 200ms, protocol: http, http_port: 18021}  # chains: routes'
     ratelimit: {port: 18012, config: ratelimit.yaml, domain: mesh,   # envoyproxy/ratelimit YAML
                 backend: memory}                          # or redis, with redis_url
@@ -174,16 +175,40 @@ class ExtAuthzService(_ConfiguredService):
 
     ``protocol: http`` also serves the checks over Envoy's ext_authz HTTP mode on ``http_port``
     to routes whose needs fit it (:func:`legation.translate._authz.authz_call`); ``http_headers``
-    lists what Envoy passes (:class:`HttpCalloutHeaders`)."""
+    lists what Envoy passes (:class:`HttpCalloutHeaders`).
+
+    ``http_socket`` (instead of ``http_port``): the HTTP call-out on that Unix socket, for Envoys
+    on the service's host (``legation up``'s): a cheaper path than loopback TCP, and only the
+    service's user and group may connect (mode 0660). An absolute path in a directory only they
+    can write; worker i > 0 listens on ``<path>.<i>``."""
 
     protocol: Literal["grpc", "http"] = "grpc"
     http_port: Port | None = None
+    http_socket: str | None = None
     http_headers: HttpCalloutHeaders | None = None
+
+    @field_validator("http_socket")
+    @classmethod
+    def _socket_path(cls, path: str | None) -> str | None:
+        from legation._unix import check_path
+
+        if path is not None and (why := check_path(path)) is not None:
+            raise ValueError(f"{path!r} {why}")
+        return path
 
     @model_validator(mode="after")
     def _http(self) -> ExtAuthzService:
-        _check_http(self, "ExtAuthzService", ("http_port", "http_headers"))
+        if self.http_port is not None and self.http_socket is not None:
+            raise _field_error(
+                "ExtAuthzService", ("http_socket",), "give http_port or http_socket, not both", None
+            )
+        _check_http(self, "ExtAuthzService", ("http_port", "http_socket", "http_headers"))
         return self
+
+    def worker_sockets(self) -> list[str]:
+        """The HTTP call-out's socket per worker: ``http_socket``, then ``<path>.<i>``."""
+        assert self.http_socket is not None
+        return [worker_socket(self.http_socket, i) for i in range(self.worker_count())]
 
     @property
     def http(self) -> bool:
@@ -191,9 +216,15 @@ class ExtAuthzService(_ConfiguredService):
         return self.protocol == "http"
 
 
+def worker_socket(path: str, worker: int) -> str:
+    """Worker ``worker``'s Unix socket for a service socket ``path`` (worker 0: ``path``)."""
+    return f"{path}.{worker}" if worker else path
+
+
 def _check_http(block: Any, title: str, http_only: tuple[str, ...]) -> None:
     if block.protocol == "http" and block.http_port is None:  # http_only: used only then
-        raise _field_error(title, ("http_port",), "needed with protocol: http", None)
+        if getattr(block, "http_socket", None) is None:
+            raise _field_error(title, ("http_port",), "needed with protocol: http", None)
     for name in http_only:
         if block.protocol != "http" and getattr(block, name) is not None:
             raise _field_error(title, (name,), "only used with protocol: http", None)

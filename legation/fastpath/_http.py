@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 import weakref
 from collections import deque
@@ -24,6 +25,7 @@ from typing import Any
 
 import httptools
 
+from legation import _unix
 from legation.extauthz._stepping import resume
 from legation.fastpath import answer
 from legation.fastpath._tls import server_context
@@ -230,20 +232,30 @@ class CalloutProtocol(asyncio.Protocol):
 
 
 class Listening:
-    """A bound server of :class:`CalloutProtocol` connections: ``port``, ``close()``."""
+    """A bound server of :class:`CalloutProtocol` connections: ``port`` (0 on a Unix socket),
+    ``path`` (the Unix socket's, or None), ``close()``."""
 
     def __init__(
-        self, server: asyncio.Server, connections: weakref.WeakSet[CalloutProtocol]
+        self,
+        server: asyncio.Server,
+        connections: weakref.WeakSet[CalloutProtocol],
+        unix: tuple[str, os.stat_result] | None = None,
     ) -> None:
         self.server = server
         self.connections = connections
+        self._unix = unix
+        self.path = unix[0] if unix is not None else None
         sock: socket.socket = server.sockets[0]
-        self.port = int(sock.getsockname()[1])
+        self.port = 0 if unix is not None else int(sock.getsockname()[1])
 
     async def close(self) -> None:
         """Stop listening and close the open connections too (Envoy keeps them alive: a stopped
-        service must stop answering, so Envoy's failure mode applies)."""
+        service must stop answering, so Envoy's failure mode applies); a Unix socket's file is
+        removed."""
         self.server.close()
+        if self._unix is not None:
+            _unix.unlink(*self._unix)
+            self._unix = None
         for protocol in list(self.connections):
             protocol.close()
         await self.server.wait_closed()
@@ -257,9 +269,11 @@ async def listen(
     limits: Limits,
     tls: ServerTls | TlsSource | None = None,
     reuse_port: bool = False,
+    path: str | None = None,
 ) -> Listening:
-    """Serve ``handler`` over HTTP/1.1 on ``host:port`` (mutual TLS with ``tls``, see
-    :mod:`legation.fastpath._tls`). OSError when the address cannot be bound."""
+    """Serve ``handler`` over HTTP/1.1 on ``host:port``, or with ``path`` on that Unix socket
+    instead (:mod:`legation._unix`); mutual TLS with ``tls`` (:mod:`legation.fastpath._tls`).
+    OSError when the address cannot be bound."""
     connections: weakref.WeakSet[CalloutProtocol] = weakref.WeakSet()
 
     def connection() -> CalloutProtocol:
@@ -267,12 +281,19 @@ async def listen(
         connections.add(protocol)
         return protocol
 
-    server = await asyncio.get_running_loop().create_server(
-        connection,
-        host,
-        port,
-        reuse_port=reuse_port or None,
-        backlog=1024,
-        ssl=server_context(tls) if tls is not None else None,
-    )
-    return Listening(server, connections)
+    loop = asyncio.get_running_loop()
+    context = server_context(tls) if tls is not None else None
+    if path is None:
+        server = await loop.create_server(
+            connection, host, port, reuse_port=reuse_port or None, backlog=1024, ssl=context
+        )
+        return Listening(server, connections)
+    sock = _unix.bind(path)
+    bound = _unix.identity(path)
+    try:
+        server = await loop.create_unix_server(connection, sock=sock, ssl=context)
+    except BaseException:
+        sock.close()
+        _unix.unlink(path, bound)
+        raise
+    return Listening(server, connections, (path, bound))

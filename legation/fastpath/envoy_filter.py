@@ -36,7 +36,7 @@ from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 from google.protobuf.json_format import MessageToJson
 
-from legation._proto import address, milliseconds
+from legation._proto import address, milliseconds, pipe
 from legation._proto import http_filter as _http_filter
 from legation.envoy_grpc import eject_dead_workers
 from legation.fastpath.contract import (
@@ -249,15 +249,18 @@ def route_dict(entry: dict[str, Any], callout: Callout, /, **kwargs: Any) -> dic
 
 
 def http_cluster(
-    name: str, endpoints: Sequence[tuple[str, int]], *, connect_timeout_ms: int = 1000
+    name: str, endpoints: Sequence[tuple[str, int] | str], *, connect_timeout_ms: int = 1000
 ) -> cluster_pb2.Cluster:
-    """A STATIC HTTP/1.1 cluster (Envoy's default protocol) for the server's endpoints (a
-    service's workers: one that refuses connections is ejected, as on the gRPC clusters)."""
+    """A STATIC HTTP/1.1 cluster (Envoy's default protocol) for the server's endpoints, each a
+    (host, port) or a Unix socket's path (a service's workers: one that refuses connections is
+    ejected, as on the gRPC clusters)."""
     lb = [
         endpoint_components_pb2.LbEndpoint(
-            endpoint=endpoint_components_pb2.Endpoint(address=address(host, port))
+            endpoint=endpoint_components_pb2.Endpoint(
+                address=pipe(e) if isinstance(e, str) else address(*e)
+            )
         )
-        for host, port in endpoints
+        for e in endpoints
     ]
     cluster = cluster_pb2.Cluster(
         name=name,

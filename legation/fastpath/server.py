@@ -44,6 +44,7 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 0
     reuse_port: bool = False
+    path: str | None = None  # a Unix socket to listen on instead of host:port
     config_file: Path | None = None  # the ext_authz service's config (same file, same checks)
     config: dict[str, Any] | None = None  # the same document, inline
     decision_log: str | None = None
@@ -105,8 +106,9 @@ class CalloutApp:
 
 
 class CalloutServer:
-    """A running server: ``port``, ``servicer`` (for reloads), ``close()``. ``owns_checks``:
-    ``close()`` also closes the servicer's checks (False when it shares a gRPC server's)."""
+    """A running server: ``port`` (or ``path``, its Unix socket), ``servicer`` (for reloads),
+    ``close()``. ``owns_checks``: ``close()`` also closes the servicer's checks (False when it
+    shares a gRPC server's)."""
 
     def __init__(
         self, listening: Listening, servicer: AuthorizationServicer, *, owns_checks: bool = True
@@ -115,6 +117,7 @@ class CalloutServer:
         self.server = listening.server
         self.servicer = servicer
         self.port = listening.port
+        self.path = listening.path
         self.owns_checks = owns_checks
 
     async def serve_forever(self) -> None:
@@ -169,6 +172,7 @@ async def serve(
         limits=settings.limits,
         tls=settings.tls,
         reuse_port=settings.reuse_port,
+        path=settings.path,
     )
     return CalloutServer(listening, servicer, owns_checks=owns_checks)
 

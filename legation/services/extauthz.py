@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from prometheus_client import CollectorRegistry
 
 from legation import _yaml
+from legation.config.extensions import worker_socket
 from legation.errors import ConfigError
 from legation.extauthz.config import LoadedConfig, load_mapping, resolve_paths
 from legation.grpc_server import BindError
@@ -69,6 +70,7 @@ class AuthzService:
             callout = authz_callout(block, mesh)
             live["http"] = {
                 "port": block.http_port,
+                "socket": block.http_socket,
                 "upstream_headers": list(callout.upstream_headers),
                 "client_headers": list(callout.client_headers),
             }
@@ -148,7 +150,9 @@ class AuthzService:
 
             try:
                 self.fused = await start_fused(self.spec.live.get("fused"), self._registry)
-                http = {**http, "port": self.spec.bind_port(http["port"])}
+                http = {**http, "port": self.spec.bind_port(http["port"] or 0)}
+                if http["socket"] is not None:
+                    http["socket"] = worker_socket(http["socket"], self.spec.worker)
                 self.http = await _start_http(
                     service.servicer_of(self.server), self.spec.host, http, self._tls, self.fused
                 )
@@ -190,7 +194,9 @@ class AuthzService:
         return self._registry
 
     def status(self) -> dict[str, Any]:
-        return {"http_port": self.http.port} if self.http is not None else {}
+        if self.http is None:
+            return {}
+        return {"http_socket": self.http.path} if self.http.path else {"http_port": self.http.port}
 
     @classmethod
     def add_cli_options(cls, parser: argparse.ArgumentParser) -> None:
@@ -225,12 +231,13 @@ async def _start_http(
     fused: FusedDecider | None = None,
 ) -> CalloutServer:
     """The HTTP call-out around ``servicer``, with the gRPC server's mTLS when it has it;
-    BindError when its port cannot be bound."""
+    BindError when its port or socket cannot be bound."""
     from legation.fastpath import server as fastpath
 
     settings = fastpath.Settings(
         host=host,
         port=http["port"],
+        path=http["socket"],
         upstream_headers=tuple(http["upstream_headers"]),
         client_headers=tuple(http["client_headers"]),
         tls=tls,
@@ -239,9 +246,12 @@ async def _start_http(
     try:
         return await fastpath.serve(servicer, settings)
     except OSError as err:
-        raise BindError(
-            f"extauthz: cannot listen on {host}:{http['port']} (http_port): {err.strerror or err}"
-        ) from None
+        where = (
+            f"{http['socket']} (http_socket)"
+            if http["socket"] is not None
+            else f"{host}:{http['port']} (http_port)"
+        )
+        raise BindError(f"extauthz: cannot listen on {where}: {err.strerror or err}") from None
 
 
 _COMPILED: dict[tuple[Any, ...], frozenset[str] | ConfigError] = {}

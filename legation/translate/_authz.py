@@ -4,8 +4,10 @@ filter and the call-out cluster, and per route which of the two is called, and w
 ext_authz over HTTP (``extauthz.protocol: http``): the connection managers get a second ext_authz
 filter, :data:`EXTAUTHZ_HTTP_FILTER`, in Envoy's HTTP mode after the gRPC one, calling the
 call-out server (:mod:`legation.fastpath`) on cluster ``legation|extauthz-http`` (HTTP/1.1,
-``host:http_port``); every route disables one of the two. The rule, here and only here
-(:func:`authz_call`), for a route with an ``authz`` policy:
+``host:http_port``, or the Unix socket ``http_socket``); every route disables one of the two.
+A route's policy (and a fused route's name) travels in its metadata, which the filter's one
+``http_service`` sends (:func:`legation.fastpath.envoy_filter.configure_route`). The rule,
+here and only here (:func:`authz_call`), for a route with an ``authz`` policy:
 
 1. ``extauthz.protocol`` is ``grpc`` (the default): gRPC, and the config is today's, unchanged;
 2. the route sets ``authz_protocol: grpc``: gRPC (the way to keep a route whose policy mutates
@@ -209,11 +211,12 @@ class AuthzSide:
     def clusters(block: Any, cluster: str) -> list[cluster_pb2.Cluster]:
         out = [authz_filter.grpc_cluster(cluster, worker_endpoints(block, block.port))]
         if block.http:
-            out.append(
-                fast_filter.http_cluster(
-                    EXTAUTHZ_HTTP_CLUSTER, worker_endpoints(block, block.http_port)
-                )
+            endpoints = (
+                block.worker_sockets()
+                if block.http_socket is not None
+                else worker_endpoints(block, block.http_port)
             )
+            out.append(fast_filter.http_cluster(EXTAUTHZ_HTTP_CLUSTER, endpoints))
         return out
 
     @staticmethod

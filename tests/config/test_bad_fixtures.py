@@ -68,6 +68,16 @@ EXPECTED = {
     "extauthz_protocol": "extauthz.protocol: expected 'grpc' or 'http', got 'rest'",
     "extauthz_http_without_port": "extauthz.http_port: needed with protocol: http",
     "extauthz_http_port_alone": "extauthz.http_port: only used with protocol: http",
+    "extauthz_http_socket_alone": "extauthz.http_socket: only used with protocol: http",
+    "extauthz_http_socket_relative": (
+        "extauthz.http_socket: 'run/a.sock' must be an absolute path (Envoy and the service "
+        "resolve it alike)"
+    ),
+    "extauthz_http_socket_and_port": "extauthz.http_socket: give http_port or http_socket, not both",
+    "extauthz_http_socket_long": (
+        f"extauthz.http_socket: '/{'d' * 120}.sock' is longer than 100 bytes (a Unix socket's "
+        "path limit)"
+    ),
     "extproc_http_without_port": "extproc.http_port: needed with protocol: http",
     "extproc_http_port_alone": "extproc.http_port: only used with protocol: http",
     "extproc_http_port_clash": "extproc.http_port: port 18111 is already used by extproc.workers",

@@ -1,8 +1,9 @@
 """The decision table through real Envoys configured by the control plane: one mesh with
 ``extauthz.protocol: http`` (the gateway's route calls the HTTP call-out), the same mesh with the
 default gRPC call-out; the client and the upstream see the same answers. ``legation explain``
-names the protocol each one uses. The HTTP mesh also runs with strict mTLS: the gateway calls
-the HTTP call-out over mutual TLS, as it calls gRPC services.
+names the protocol each one uses. The HTTP mesh also runs with strict mTLS and the call-out on a
+Unix socket (``http_socket``): the gateway calls it over mutual TLS on that socket, as it calls
+gRPC services.
 
 One difference is by design and asserted: a check that fails (raises, times out, builds a bad
 header) is the service's ``error_status`` (503 here) on gRPC; in HTTP mode Envoy reads any 5xx
@@ -11,6 +12,7 @@ service on either path) without a body. Both deny."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -37,7 +39,8 @@ from tests.fastpath.test_envoy import CASES, seen, set_cookies
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 # (name, extauthz.protocol, mtls.mode): with strict mTLS the gateway calls both call-outs over
-# mutual TLS (its workload certificate; the service's SPIFFE id checked)
+# mutual TLS (its workload certificate; the service's SPIFFE id checked); that world's HTTP
+# call-out listens on a Unix socket (http_socket), the other's on a port
 WORLDS = [("grpc", None, "off"), ("http", "http", "off"), ("http-mtls", "http", "strict")]
 MESH_CASES = [*CASES, ("/inject", {}), ("/method", {})]
 
@@ -50,9 +53,14 @@ def write_mesh(folder: Path, upstream: int, *, protocol: str | None, mtls: str =
     ports = distinct_ports("xds", "gw", "admin", "authz", "http")
     authz: dict[str, Any] = {"port": ports["authz"], "config": "authz.yaml"}
     if protocol is not None:
+        where = (
+            {"http_socket": str(folder.resolve() / "authz.sock")}
+            if mtls == "strict"
+            else {"http_port": ports["http"]}
+        )
         authz.update(
             protocol=protocol,
-            http_port=ports["http"],
+            **where,
             http_headers={
                 "request": list(ALLOWED_HEADERS),
                 "upstream": list(UPSTREAM_HEADERS),
@@ -104,8 +112,16 @@ def test_each_mesh_uses_the_protocol_explain_names(worlds: dict[str, MeshWorld])
         assert [(s["service"], s["protocol"]) for s in entry["services"]] == [
             ("extauthz", name.split("-")[0])
         ]
-    for name in ("http", "http-mtls"):
-        assert "http_port" in worlds[name].cp.services.running["extauthz"].status()
+    assert "http_port" in worlds["http"].cp.services.running["extauthz"].status()
+    world = worlds["http-mtls"]
+    sock = str(world.mesh_path.parent.resolve() / "authz.sock")
+    assert world.cp.services.running["extauthz"].status() == {"http_socket": sock}
+    gateway = list(world.envoys.values())[-1]  # sidecars first, then the gateway
+    before = gateway.stats(r"cluster\.legation\|extauthz-http\.upstream_rq_total")
+    assert client(world).get("/allow", headers={"x-tenant": "t1"}).status == 200
+    after = gateway.stats(r"cluster\.legation\|extauthz-http\.upstream_rq_total")
+    assert sum(after.values()) == sum(before.values()) + 1
+    assert f'"path": "{sock}"' in json.dumps(gateway.config_dump(), indent=1)
 
 
 @pytest.mark.parametrize(("path", "headers"), MESH_CASES, ids=[f"{p} {h}" for p, h in MESH_CASES])
@@ -145,18 +161,33 @@ def test_the_cases_are_not_vacuous(worlds: dict[str, MeshWorld]) -> None:
 def test_the_http_callout_requires_the_mesh_client_certificate(
     worlds: dict[str, MeshWorld],
 ) -> None:
+    import socket
     import ssl
-    import urllib.error
-    import urllib.request
 
-    service = worlds["http-mtls"].cp.services.running["extauthz"]
-    port = service.status()["http_port"]
-    with pytest.raises((urllib.error.URLError, ConnectionError)):  # plaintext: refused
-        urllib.request.urlopen(f"http://127.0.0.1:{port}/legation/check/allow", timeout=5)
+    path = worlds["http-mtls"].cp.services.running["extauthz"].status()["http_socket"]
+    request = b"GET /legation/check/allow HTTP/1.1\r\nhost: a\r\ncontent-length: 0\r\n\r\n"
+
+    def answer(wrap: ssl.SSLContext | None) -> bytes:
+        """What the call-out answers one check sent plainly or over ``wrap`` (b"": nothing)."""
+        raw = socket.socket(socket.AF_UNIX)
+        raw.settimeout(5)
+        conn = raw
+        try:
+            raw.connect(path)
+            if wrap is not None:
+                conn = wrap.wrap_socket(raw, server_hostname="x")
+            conn.sendall(request)
+            return conn.recv(4096)
+        except OSError:  # ssl.SSLError too: the handshake or the read failed
+            return b""
+        finally:
+            conn.close()
+            raw.close()
+
+    with socket.socket(socket.AF_UNIX) as live:  # the socket accepts (the gateway's calls
+        live.connect(path)  # over it are test_each_mesh_uses_the_protocol_explain_names')
+    assert not answer(None).startswith(b"HTTP/")  # plaintext: no answer
     context = ssl.create_default_context()
     context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
-    with pytest.raises((ssl.SSLError, urllib.error.URLError, ConnectionError)):
-        # TLS without a client certificate: the handshake (or the first read) fails
-        urllib.request.urlopen(
-            f"https://127.0.0.1:{port}/legation/check/allow", timeout=5, context=context
-        )
+    # TLS without a client certificate: no answer either
+    assert not answer(context).startswith(b"HTTP/")
