@@ -73,7 +73,9 @@ EXPECTED = {
         "extauthz.http_socket: 'run/a.sock' must be an absolute path (Envoy and the service "
         "resolve it alike)"
     ),
-    "extauthz_http_socket_and_port": "extauthz.http_socket: give http_port or http_socket, not both",
+    "extauthz_http_socket_and_port": (
+        "extauthz.http_socket: give http_port or http_socket, not both"
+    ),
     "extauthz_http_socket_long": (
         f"extauthz.http_socket: '/{'d' * 120}.sock' is longer than 100 bytes (a Unix socket's "
         "path limit)"
