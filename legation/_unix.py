@@ -4,79 +4,142 @@ On one host a Unix socket is a cheaper path than loopback TCP (bench/README, "th
 over a Unix socket"), and a narrower one: only processes the socket file's mode lets in can
 connect, where any local process can connect to a loopback port.
 
-:func:`bind` makes the socket: mode ``0660`` (the service's user and group), set *before* the
-socket listens, so no one connects while it is wider. A socket file left by a server that is
-gone (nothing accepts on it) is replaced; a path that is in use, or is anything but a socket (a
-file, a directory, a symlink), is refused, never removed. :func:`unlink` removes the socket at
-shutdown only while the path is still the one this process bound.
+:func:`bind` makes the socket:
+
+* Its directory must be one no one else can write (owned by this user or root, not writable by
+  group or others), created (mode 0755) when missing: otherwise another user could put their
+  own socket or a symlink at the path, and Envoy would call whatever answers there.
+* A lock (``flock`` on ``<path>.lock``, never following a symlink) is held while the server
+  runs, so two servers never take the same path: the second is refused (EADDRINUSE), and a
+  socket file found under a free lock is a stopped server's, replaced. What is at the path and
+  is not a socket (a file, a directory, a symlink) is refused, never removed; so is a socket
+  something else (not under the lock) still accepts on.
+* Mode ``0660`` (the service's user and group) is set before the socket listens, so no one
+  connects while it is wider.
+
+:func:`release` removes the socket file (only while it is still the one bound) and drops the lock.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import socket
 import stat
+from dataclasses import dataclass
 
 MAX_PATH = 100
-"""Longest path accepted, in bytes (the kernel's ``sun_path`` holds 107; a service's workers add
-``.N`` to it)."""
+"""Longest path a mesh may name, in bytes: the kernel's ``sun_path`` holds :data:`KERNEL_MAX`,
+and a service's workers add ``.N`` to it."""
+KERNEL_MAX = 107
 MODE = 0o660
 
 
-def check_path(path: str) -> str | None:
-    """Why ``path`` cannot name a service's socket, or None."""
+@dataclass
+class Bound:
+    """A listening socket at ``path``, the file as bound (``identity``) and the held lock."""
+
+    path: str
+    sock: socket.socket
+    identity: os.stat_result
+    lock: int
+
+
+def check_path(path: str, limit: int = MAX_PATH) -> str | None:
+    """Why ``path`` cannot name a service's socket (longer than ``limit`` bytes, ...), or None."""
     if not os.path.isabs(path):
         return "must be an absolute path (Envoy and the service resolve it alike)"
     if "\0" in path:
         return "has a NUL character"
-    if len(os.fsencode(path)) > MAX_PATH:
-        return f"is longer than {MAX_PATH} bytes (a Unix socket's path limit)"
+    if path.endswith("/"):
+        return "names a directory"
+    if len(os.fsencode(path)) > limit:
+        return f"is longer than {limit} bytes (a Unix socket's path limit)"
     return None
 
 
-def bind(path: str, *, mode: int = MODE, backlog: int = 1024) -> socket.socket:
-    """A non-blocking AF_UNIX stream socket listening at ``path`` with ``mode``. OSError when
-    the path is in use, is not a socket, or cannot be bound (its message names the path)."""
-    why = check_path(path)
+def bind(path: str, *, mode: int = MODE, backlog: int = 1024) -> Bound:
+    """A non-blocking AF_UNIX stream socket listening at ``path`` with ``mode`` (see the module
+    docstring). OSError when the path is refused, in use, or cannot be bound."""
+    why = check_path(path, KERNEL_MAX)
     if why is not None:
         raise OSError(errno.EINVAL, f"socket path {why}", path)
-    _clear_stale(path)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    bound = False
+    _check_directory(os.path.dirname(path))
+    lock = _lock(path)
     try:
-        sock.bind(path)
-        bound = True
-        os.chmod(path, mode)  # before listen(): until then every connect is refused
-        sock.listen(backlog)
-        sock.setblocking(False)
+        _clear_stale(path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(path)
+            identity = os.lstat(path)
+            try:
+                os.chmod(path, mode)  # before listen(): until then every connect is refused
+                identity = os.lstat(path)  # the mode changed its ctime
+                sock.listen(backlog)
+                sock.setblocking(False)
+            except BaseException:
+                _unlink(path, identity)
+                raise
+        except BaseException:
+            sock.close()
+            raise
     except BaseException:
-        sock.close()
-        if bound:
-            unlink(path, os.lstat(path))
+        os.close(lock)
         raise
-    return sock
+    return Bound(path, sock, identity, lock)
 
 
-def identity(path: str) -> os.stat_result:
-    """What :func:`unlink` compares: the socket file as bound (call right after binding)."""
-    return os.lstat(path)
+def release(bound: Bound) -> None:
+    """Remove the socket file if it is still the one bound, and drop the lock (the socket
+    itself is closed by whoever serves it)."""
+    _unlink(bound.path, bound.identity)
+    if bound.lock >= 0:
+        os.close(bound.lock)
+        bound.lock = -1
 
 
-def unlink(path: str, bound: os.stat_result) -> None:
-    """Remove the socket file at ``path`` if it is still the one ``bound`` describes (another
-    server may have replaced it since)."""
+def _unlink(path: str, bound: os.stat_result) -> None:
     try:
         now = os.lstat(path)
     except FileNotFoundError:
         return
-    if _same(now, bound):
+    # the inode number alone is not enough: a file removed and bound again may get it back
+    if (now.st_dev, now.st_ino, now.st_ctime_ns) == (bound.st_dev, bound.st_ino, bound.st_ctime_ns):
         os.unlink(path)
 
 
-def _same(a: os.stat_result, b: os.stat_result) -> bool:
-    # the inode number alone is not enough: a file removed and bound again may get it back
-    return (a.st_dev, a.st_ino, a.st_ctime_ns) == (b.st_dev, b.st_ino, b.st_ctime_ns)
+def _check_directory(folder: str) -> None:
+    try:
+        os.mkdir(folder, 0o755)
+    except FileExistsError:
+        pass
+    except OSError as err:
+        raise OSError(err.errno, f"cannot create its directory: {err.strerror}", folder) from None
+    found = os.stat(folder)
+    if not stat.S_ISDIR(found.st_mode):
+        raise OSError(errno.ENOTDIR, "the socket's directory is not a directory", folder)
+    if found.st_uid not in (os.geteuid(), 0) or found.st_mode & 0o022:
+        raise OSError(
+            errno.EPERM,
+            "the socket's directory must be this user's or root's, and no one else may write it",
+            folder,
+        )
+
+
+def _lock(path: str) -> int:
+    name = f"{path}.lock"
+    flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+    fd = os.open(name, flags, 0o600)  # a symlink planted there: ELOOP, never followed
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise OSError(errno.EADDRINUSE, "another server holds this socket", path) from None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _clear_stale(path: str) -> None:
@@ -87,12 +150,14 @@ def _clear_stale(path: str) -> None:
     if not stat.S_ISSOCK(found.st_mode):
         raise OSError(errno.EEXIST, "exists and is not a socket (not removed)", path)
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(1.0)
+    probe.setblocking(False)
     try:
         probe.connect(path)
     except ConnectionRefusedError:  # nothing accepts there: a stopped server's file
-        unlink(path, found)
+        _unlink(path, found)
         return
+    except BlockingIOError:  # accepting, its backlog full: in use
+        pass
     finally:
         probe.close()
-    raise OSError(errno.EADDRINUSE, "a server already listens on this socket", path)
+    raise OSError(errno.EADDRINUSE, "something else listens on this socket", path)

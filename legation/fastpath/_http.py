@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import socket
+import sys
 import weakref
 from collections import deque
 from collections.abc import Callable, Coroutine
@@ -239,23 +239,22 @@ class Listening:
         self,
         server: asyncio.Server,
         connections: weakref.WeakSet[CalloutProtocol],
-        unix: tuple[str, os.stat_result] | None = None,
+        unix: _unix.Bound | None = None,
     ) -> None:
         self.server = server
         self.connections = connections
         self._unix = unix
-        self.path = unix[0] if unix is not None else None
+        self.path = unix.path if unix is not None else None
         sock: socket.socket = server.sockets[0]
         self.port = 0 if unix is not None else int(sock.getsockname()[1])
 
     async def close(self) -> None:
         """Stop listening and close the open connections too (Envoy keeps them alive: a stopped
         service must stop answering, so Envoy's failure mode applies); a Unix socket's file is
-        removed."""
+        removed and its lock dropped."""
         self.server.close()
         if self._unix is not None:
-            _unix.unlink(*self._unix)
-            self._unix = None
+            _unix.release(self._unix)
         for protocol in list(self.connections):
             protocol.close()
         await self.server.wait_closed()
@@ -288,12 +287,23 @@ async def listen(
             connection, host, port, reuse_port=reuse_port or None, backlog=1024, ssl=context
         )
         return Listening(server, connections)
-    sock = _unix.bind(path)
-    bound = _unix.identity(path)
+    bound = _unix.bind(path)
+    # asyncio's own loop (3.13+) would unlink the file itself on close, following symlinks and
+    # whatever is there by then: _unix.release does it (uvloop never does)
+    keep: dict[str, Any] = (
+        {"cleanup_socket": False} if _CLEANUP_SOCKET and _is_asyncio(loop) else {}
+    )
     try:
-        server = await loop.create_unix_server(connection, sock=sock, ssl=context)
+        server = await loop.create_unix_server(connection, sock=bound.sock, ssl=context, **keep)
     except BaseException:
-        sock.close()
-        _unix.unlink(path, bound)
+        bound.sock.close()
+        _unix.release(bound)
         raise
-    return Listening(server, connections, (path, bound))
+    return Listening(server, connections, bound)
+
+
+_CLEANUP_SOCKET = sys.version_info >= (3, 13)
+
+
+def _is_asyncio(loop: asyncio.AbstractEventLoop) -> bool:
+    return isinstance(loop, asyncio.BaseEventLoop)

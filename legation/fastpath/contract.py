@@ -5,10 +5,10 @@ filter config must be built from the same names:
 
 * Envoy -> server: the request path behind :data:`PATH_PREFIX`; method, Host, Authorization,
   Content-Length and the ``allowed_headers``; plus the route's own settings in
-  :data:`POLICY_HEADER` and :data:`CHECKS_HEADER`, set by the route's ``http_service``
-  override (``headers_to_add``: Envoy *sets* them, so a client cannot choose its policy; the
-  filter builder also refuses an ``allowed_headers`` entry that would let a client's
-  ``x-legation-*`` header through).
+  :data:`POLICY_HEADER` and :data:`CHECKS_HEADER`, set from the route's metadata by the
+  filter's ``http_service`` (``headers_to_add``: Envoy *sets* them, so a client cannot choose
+  its policy; the filter builder also refuses an ``allowed_headers`` entry that would let a
+  client's ``x-legation-*`` header through).
 * server -> Envoy, allowed (200): the decision's upstream headers, each name either under
   :data:`HEADER_PREFIX` or listed in ``upstream_headers`` (the filter's
   ``allowed_upstream_headers``); removals in ``x-envoy-auth-headers-to-remove``; headers for the
@@ -27,7 +27,7 @@ POLICY_HEADER = "x-legation-policy"
 CHECKS_HEADER = "x-legation-checks"
 REMOVE_HEADER = "x-envoy-auth-headers-to-remove"  # Envoy's own name
 ROUTE_HEADER = "x-legation-route"
-"""A fused route's name: set by the route's ``http_service`` override (fused decisions)."""
+"""A fused route's name: set from the route's metadata by the fused filter (fused decisions)."""
 REMOTE_ADDRESS_HEADER = "x-legation-remote-address"
 """The client address Envoy trusts (``%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%``), for
 ``remote_address`` descriptors; set by Envoy on fused calls, never taken from a client."""

@@ -220,15 +220,14 @@ def configure_route(
 ) -> None:
     """``out``'s setting for ``callout``'s filter: ``disabled``, or checked with the route's
     ``policy``, ``checks`` and (fused) ``route`` name in its metadata under ``callout.name``."""
-    if disabled:
-        if policy or checks or route:
-            raise ValueError("a route with ext_authz disabled cannot name a policy or checks")
-        out.typed_per_filter_config[callout.name].Pack(per_route(disabled=True))
-        return
+    if disabled and (policy or checks or route):
+        raise ValueError("a route with ext_authz disabled cannot name a policy or checks")
     settings = route_metadata(policy=policy, checks=checks, route=route)
-    out.typed_per_filter_config[callout.name].Pack(per_route())
+    out.typed_per_filter_config[callout.name].Pack(per_route(disabled=disabled))
     if settings.fields:
         out.metadata.filter_metadata[callout.name].CopyFrom(settings)
+    elif callout.name in out.metadata.filter_metadata:  # none: nothing earlier stays either
+        del out.metadata.filter_metadata[callout.name]
 
 
 def route_dict(entry: dict[str, Any], callout: Callout, /, **kwargs: Any) -> dict[str, Any]:
@@ -242,9 +241,15 @@ def route_dict(entry: dict[str, Any], callout: Callout, /, **kwargs: Any) -> dic
         **entry.get("typed_per_filter_config", {}),
         **plain["typed_per_filter_config"],
     }
-    if settings := plain.get("metadata", {}).get("filter_metadata"):
-        old = entry.get("metadata", {})
-        out["metadata"] = {**old, "filter_metadata": {**old.get("filter_metadata", {}), **settings}}
+    old = entry.get("metadata", {})
+    kept = {k: v for k, v in old.get("filter_metadata", {}).items() if k != callout.name}
+    settings = plain.get("metadata", {}).get("filter_metadata", {})
+    metadata = {k: v for k, v in old.items() if k != "filter_metadata"}
+    if kept or settings:
+        metadata["filter_metadata"] = {**kept, **settings}
+    out.pop("metadata", None)
+    if metadata:
+        out["metadata"] = metadata
     return out
 
 

@@ -1,7 +1,7 @@
 """Fused decisions: one HTTP call decides a route's authz, header routing and rate limits.
 
-A fused route's ``http_service`` override names it in :data:`~legation.fastpath.contract.
-ROUTE_HEADER` (Envoy sets it; a client's ``x-legation-*`` never reaches the call-out). The
+A fused route's metadata names it, which the fused filter sends in :data:`~legation.fastpath.
+contract.ROUTE_HEADER` (Envoy sets it; a client's ``x-legation-*`` never reaches the call-out). The
 :class:`FusedRoutes` table (swapped live with the mesh) says what the route asks for; per call,
 in Envoy's filter order:
 

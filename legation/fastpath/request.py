@@ -17,8 +17,8 @@ What HTTP mode sends, and so what the document holds:
 * ``body`` (``raw_body`` when it is not UTF-8) when the filter sends bodies;
 * ``context_extensions``: ``policy`` and ``checks`` from
   :data:`~legation.fastpath.contract.POLICY_HEADER` and
-  :data:`~legation.fastpath.contract.CHECKS_HEADER`, which the route's ``http_service``
-  override sets.
+  :data:`~legation.fastpath.contract.CHECKS_HEADER`, which Envoy sets from the route's
+  metadata (:func:`legation.fastpath.envoy_filter.configure_route`).
 
 Not in HTTP mode, so absent from the document: source and destination addresses and principals
 (no ``spiffe_id``), the request's id, time, size, scheme and protocol, headers outside

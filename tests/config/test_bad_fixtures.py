@@ -66,7 +66,9 @@ EXPECTED = {
         "extproc.stream_idle_timeout: invalid duration 'forever': use e.g. 250ms, 2s or 1m"
     ),
     "extauthz_protocol": "extauthz.protocol: expected 'grpc' or 'http', got 'rest'",
-    "extauthz_http_without_port": "extauthz.http_port: needed with protocol: http",
+    "extauthz_http_without_port": (
+        "extauthz.http_port: needed with protocol: http (or http_socket)"
+    ),
     "extauthz_http_port_alone": "extauthz.http_port: only used with protocol: http",
     "extauthz_http_socket_alone": "extauthz.http_socket: only used with protocol: http",
     "extauthz_http_socket_relative": (

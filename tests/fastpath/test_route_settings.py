@@ -12,6 +12,7 @@ from typing import Any
 import httptools
 import pytest
 from envoy.config.route.v3 import route_components_pb2 as rc
+from envoy.extensions.filters.http.ext_authz.v3 import ext_authz_pb2
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -20,7 +21,7 @@ from legation.errors import ConfigError
 from legation.fastpath import envoy_filter as ef
 from tests.config.meshdata import base, parse
 from tests.conftest import distinct_ports
-from tests.envoy_stack import static_bootstrap, static_cluster
+from tests.envoy_stack import static_bootstrap
 from tests.extauthz.conftest import Client, to_plain
 from tests.loop import LoopThread
 
@@ -57,7 +58,8 @@ class _Recorder(asyncio.Protocol):
             self.headers[key] = value.decode()
 
     def on_message_complete(self) -> None:
-        self.seen.append((self.url.decode(), self.headers))
+        if self.url.startswith(b"/legation/check/"):  # not the weighted route's upstream call
+            self.seen.append((self.url.decode(), self.headers))
         self.headers = {}
         self.transport.write(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
 
@@ -65,9 +67,11 @@ class _Recorder(asyncio.Protocol):
 ROUTES: list[tuple[str, dict[str, Any]]] = [
     ("/policy", {"policy": "a.b", "checks": ("jwt", "rego")}),
     ("/fused", {"route": "fused-r", "policy": "p.q"}),
+    ("/weighted", {"policy": "w.x"}),  # a weighted_clusters route, not a direct_response
     ("/plain", {}),
     ("/off", {"disabled": True}),
 ]
+WEIGHTED = {"weighted_clusters": {"clusters": [{"name": "callout", "weight": 1}]}}
 
 
 @pytest.fixture(scope="module")
@@ -76,31 +80,42 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     seen: list[tuple[str, dict[str, str]]] = []
     thread = LoopThread()
 
-    async def listen() -> asyncio.Server:
-        loop = asyncio.get_running_loop()
-        return await loop.create_server(lambda: _Recorder(seen), "127.0.0.1", 0)
+    sock = str(tmp / "callout.sock")
 
-    server = thread.run(listen())
-    port = server.sockets[0].getsockname()[1]
+    async def listen() -> list[asyncio.Server]:
+        loop = asyncio.get_running_loop()
+        tcp = await loop.create_server(lambda: _Recorder(seen), "127.0.0.1", 0)
+        unix = await loop.create_unix_server(lambda: _Recorder(seen), sock)
+        return [tcp, unix]
+
+    servers = thread.run(listen())
+    port = servers[0].sockets[0].getsockname()[1]
     ports = distinct_ports("with", "with-admin", "without", "without-admin")
     envoys = []
     try:
+        # "with": the call-out on loopback TCP, sending the client's address; "without": on
+        # the Unix socket (as extauthz.http_socket), without it
         for name, remote in (("with", True), ("without", False)):
             callout = ef.Callout(cluster="callout", remote_address=remote)
             routes = [
                 ef.route_dict(
-                    {"match": {"prefix": path}, "direct_response": {"status": 200}},
+                    {"match": {"prefix": path}, "route": WEIGHTED}
+                    if path == "/weighted"
+                    else {"match": {"prefix": path}, "direct_response": {"status": 200}},
                     callout,
                     **settings,
                 )
                 for path, settings in ROUTES
             ]
+            cluster = to_plain(
+                ef.http_cluster("callout", [sock] if name == "without" else [("127.0.0.1", port)])
+            )
             config = static_bootstrap(
                 listen_port=ports[name],
                 admin_port=ports[f"{name}-admin"],
                 routes=routes,
                 http_filters=[to_plain(ef.http_filter(callout))],
-                clusters=[static_cluster("callout", port)],
+                clusters=[cluster],
             )
             hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
             hcm["typed_config"]["use_remote_address"] = True  # as Legation's gateway
@@ -114,7 +129,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     finally:
         for envoy in envoys:
             envoy.stop()
-        server.close()
+        for server in servers:
+            server.close()
         thread.close()
 
 
@@ -148,6 +164,7 @@ def test_the_server_receives_the_routes_settings_and_nothing_the_client_sent(
         "x-legation-route": "fused-r",
         **address,
     }
+    assert call(stack, which, "/weighted") == {"x-legation-policy": "w.x", **address}
     # a key the route lacks: no header at all, not the client's
     assert call(stack, which, "/plain") == address
     assert call(stack, which, "/off") is None
@@ -161,7 +178,9 @@ def test_route_settings_live_in_the_filters_own_metadata_namespace() -> None:
     assert out.metadata.filter_metadata["other"].fields["k"].string_value == "kept"
     settings = out.metadata.filter_metadata["legation.fused"].fields
     assert {k: v.string_value for k, v in settings.items()} == {"policy": "a.b", "route": "r"}
-    assert not out.typed_per_filter_config["legation.fused"].value == b""  # check_settings {}
+    setting = ext_authz_pb2.ExtAuthzPerRoute()
+    out.typed_per_filter_config["legation.fused"].Unpack(setting)
+    assert setting.HasField("check_settings") and not setting.disabled
     service = ef.http_service(callout)
     assert {h.key: h.value for h in service.authorization_request.headers_to_add} == {
         "x-legation-policy": "%METADATA(ROUTE:legation.fused:policy)%",
@@ -170,9 +189,18 @@ def test_route_settings_live_in_the_filters_own_metadata_namespace() -> None:
     }
 
 
-def test_a_disabled_route_names_no_settings() -> None:
+def test_a_disabled_route_names_no_settings_and_keeps_none_from_before() -> None:
+    callout = ef.Callout(cluster="c")
     with pytest.raises(ValueError, match="disabled"):
-        ef.configure_route(rc.Route(), ef.Callout(cluster="c"), policy="a", disabled=True)
+        ef.configure_route(rc.Route(), callout, policy="a", disabled=True)
+    out = rc.Route()
+    ef.configure_route(out, callout, policy="a")
+    ef.configure_route(out, callout, disabled=True)
+    setting = ext_authz_pb2.ExtAuthzPerRoute()
+    out.typed_per_filter_config[callout.name].Unpack(setting)
+    assert setting.disabled and callout.name not in out.metadata.filter_metadata
+    earlier = {"metadata": {"filter_metadata": {callout.name: {"policy": "a"}, "x": {"k": "v"}}}}
+    assert ef.route_dict(earlier, callout)["metadata"] == {"filter_metadata": {"x": {"k": "v"}}}
 
 
 @pytest.mark.parametrize(

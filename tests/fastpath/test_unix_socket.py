@@ -41,42 +41,98 @@ def ask(path: str, request: bytes = CHECK) -> bytes:
         return conn.recv(4096)
 
 
+def connects(path: str) -> bool:
+    with socket.socket(socket.AF_UNIX) as client:
+        try:
+            client.connect(path)
+        except OSError:
+            return False
+        return True
+
+
 def test_the_socket_file_is_0660_and_accepts(tmp_path: Path) -> None:
     path = short(tmp_path)
-    sock = _unix.bind(path)
+    bound = _unix.bind(path)
     try:
         assert stat.S_ISSOCK(os.lstat(path).st_mode)
         assert stat.S_IMODE(os.lstat(path).st_mode) == 0o660
-        with socket.socket(socket.AF_UNIX) as client:
-            client.connect(path)
+        assert connects(path)
     finally:
-        sock.close()
+        bound.sock.close()
+        _unix.release(bound)
+    assert not os.path.exists(path)
+
+
+def test_nobody_connects_before_the_mode_is_set(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = short(tmp_path)
+    seen: list[bool] = []
+    chmod = os.chmod
+
+    def spy(target: str, mode: int) -> None:
+        seen.append(connects(target))  # bound, not yet listening: refused
+        chmod(target, mode)
+
+    monkeypatch.setattr(_unix.os, "chmod", spy)
+    bound = _unix.bind(path)
+    bound.sock.close()
+    _unix.release(bound)
+    assert seen == [False]
 
 
 def test_a_stale_socket_file_is_replaced(tmp_path: Path) -> None:
     path = short(tmp_path)
     old = _unix.bind(path)
-    old.close()  # a server gone without removing its file: nothing accepts there
+    old.sock.close()
+    os.close(old.lock)  # a server gone (its lock dropped with it) without removing its file
     assert os.path.exists(path)
     new = _unix.bind(path)
     try:
-        with socket.socket(socket.AF_UNIX) as client:
-            client.connect(path)
+        assert connects(path)
     finally:
-        new.close()
+        new.sock.close()
+        _unix.release(new)
 
 
-def test_a_socket_in_use_is_refused_and_left_alone(tmp_path: Path) -> None:
+def test_a_second_server_is_refused_even_before_the_first_listens(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     path = short(tmp_path)
-    running = _unix.bind(path)
+    second: list[BaseException] = []
+    chmod = os.chmod
+
+    def race(target: str, mode: int) -> None:  # the first is bound, not yet listening
+        try:
+            _unix.bind(target)
+        except OSError as err:
+            second.append(err)
+        chmod(target, mode)
+
+    monkeypatch.setattr(_unix.os, "chmod", race)
+    first = _unix.bind(path)
+    monkeypatch.undo()
     try:
+        (err,) = second
+        assert isinstance(err, OSError) and err.errno == errno.EADDRINUSE
+        assert connects(path)  # the first's file is still there, and it listens
+        with pytest.raises(OSError) as info:
+            _unix.bind(path)  # and later too
+        assert info.value.errno == errno.EADDRINUSE
+    finally:
+        first.sock.close()
+        _unix.release(first)
+
+
+def test_a_socket_something_else_listens_on_is_refused_and_left_alone(tmp_path: Path) -> None:
+    path = short(tmp_path)
+    with socket.socket(socket.AF_UNIX) as other:  # not Legation's: no lock
+        other.bind(path)
+        other.listen()
         with pytest.raises(OSError) as info:
             _unix.bind(path)
         assert info.value.errno == errno.EADDRINUSE
-        with socket.socket(socket.AF_UNIX) as client:
-            client.connect(path)  # the running server still has it
-    finally:
-        running.close()
+        assert connects(path)
 
 
 @pytest.mark.parametrize("kind", ["file", "directory", "symlink"])
@@ -96,27 +152,78 @@ def test_a_path_that_is_not_a_socket_is_refused_never_removed(tmp_path: Path, ki
     assert os.path.lexists(path) and target.read_text() == "keep"
 
 
-@pytest.mark.parametrize("path", ["relative.sock", "/" + "d" * 120])
+def test_a_symlink_planted_as_the_lock_is_never_followed(tmp_path: Path) -> None:
+    path = short(tmp_path)
+    target = tmp_path / "precious"
+    target.write_text("keep")
+    os.symlink(target, f"{path}.lock")
+    with pytest.raises(OSError):
+        _unix.bind(path)
+    assert target.read_text() == "keep" and not os.path.exists(path)
+
+
+@pytest.mark.parametrize("mode", [0o770, 0o757, 0o1777])
+def test_a_directory_others_may_write_is_refused(tmp_path: Path, mode: int) -> None:
+    folder = tmp_path / "shared"
+    folder.mkdir()
+    folder.chmod(mode)
+    with pytest.raises(OSError) as info:
+        _unix.bind(str(folder / "a.sock"))
+    assert info.value.errno == errno.EPERM
+    assert not os.path.lexists(folder / "a.sock")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a folder to another user needs root")
+def test_a_directory_another_user_owns_is_refused(tmp_path: Path) -> None:
+    folder = tmp_path / "theirs"
+    folder.mkdir(mode=0o755)
+    os.chown(folder, 12345, 12345)
+    with pytest.raises(OSError) as info:
+        _unix.bind(str(folder / "a.sock"))
+    assert info.value.errno == errno.EPERM
+
+
+def test_a_missing_directory_is_made_for_this_user_only_to_write(tmp_path: Path) -> None:
+    path = str(tmp_path / "run" / "a.sock")
+    bound = _unix.bind(path)
+    try:
+        made = os.stat(tmp_path / "run")
+        assert stat.S_IMODE(made.st_mode) & 0o022 == 0 and made.st_uid == os.geteuid()
+        assert connects(path)
+    finally:
+        bound.sock.close()
+        _unix.release(bound)
+
+
+@pytest.mark.parametrize("path", ["relative.sock", "/" + "d" * 107, "/run/a\0b", "/run/dir/"])
 def test_a_path_the_kernel_cannot_take_is_refused(path: str) -> None:
     with pytest.raises(OSError) as info:
         _unix.bind(path)
     assert info.value.errno == errno.EINVAL
 
 
-def test_unlink_leaves_a_file_another_server_bound_since(tmp_path: Path) -> None:
+def test_the_longest_path_a_mesh_may_name_binds_with_a_workers_suffix(tmp_path: Path) -> None:
+    stem = str(tmp_path) + "/"
+    path = stem + "s" * (_unix.MAX_PATH - len(os.fsencode(stem)))
+    assert len(os.fsencode(path)) == _unix.MAX_PATH
+    assert _unix.check_path(path + "x") is not None  # the mesh may not name a longer one
+    for worker in (path, f"{path}.63", f"{path}.999999"):
+        bound = _unix.bind(worker)
+        assert connects(worker)
+        bound.sock.close()
+        _unix.release(bound)
+
+
+def test_release_leaves_a_file_another_server_bound_since(tmp_path: Path) -> None:
     path = short(tmp_path)
     first = _unix.bind(path)
-    mine = _unix.identity(path)
-    first.close()
+    first.sock.close()
     os.unlink(path)
-    second = _unix.bind(path)  # another server's, at the same path
-    try:
-        _unix.unlink(path, mine)
+    with socket.socket(socket.AF_UNIX) as other:  # another server's, at the same path
+        other.bind(path)
+        _unix.release(first)
         assert os.path.exists(path)
-        _unix.unlink(path, _unix.identity(path))
-        assert not os.path.exists(path)
-    finally:
-        second.close()
+    assert first.lock == -1
 
 
 TABLE = {"checks": {"table": {"type": "table"}}, "default_checks": ["table"]}

@@ -185,3 +185,30 @@ def test_a_routing_group_shares_one_fail_mode(tmp_path: Path) -> None:
     fused = [found["beta"], found["api"]]
     assert all(isinstance(f, FusedRoute) for f in fused), found
     assert [f.fail_open for f in fused] == [False, False]  # type: ignore[union-attr]
+
+
+def test_a_fused_filter_sends_the_client_address_only_when_a_route_reads_it(
+    tmp_path: Path,
+) -> None:
+    from envoy.extensions.filters.http.ext_authz.v3 import ext_authz_pb2
+
+    from legation.translate import translate
+    from legation.translate._authz import FUSED_FILTERS
+    from legation.xds.types import ResourceType
+    from tests.translate.test_mesh import hcm_of, message
+
+    by_address = [{"actions": [{"generic_key": {"value": "x"}}, {"remote_address": {}}]}]
+    for limits, sent in ((LIMITS, False), (by_address, True)):
+        folder = tmp_path / str(sent)
+        folder.mkdir()
+        route = {"name": "r", "to": {"service": "s"}, "authz": "p", "rate_limits": limits}
+        loaded = mesh(folder, [route])
+        assert isinstance(fused_routes(loaded)["r"], FusedRoute)
+        out = translate(loaded, version="v1")["gateway-gw"]
+        gateway = hcm_of(message(out, ResourceType.LISTENER, "gateway"))
+        config = ext_authz_pb2.ExtAuthz()
+        fused = next(f for f in gateway.http_filters if f.name == FUSED_FILTERS[False])
+        fused.typed_config.Unpack(config)
+        names = [h.key for h in config.http_service.authorization_request.headers_to_add]
+        assert ("x-legation-remote-address" in names) is sent
+        assert names[:3] == ["x-legation-policy", "x-legation-checks", "x-legation-route"]
