@@ -9,6 +9,8 @@ import errno
 import os
 import socket
 import stat
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -41,6 +43,28 @@ def ask(path: str, request: bytes = CHECK) -> bytes:
         return conn.recv(4096)
 
 
+@contextmanager
+def serving(path: str) -> Iterator[_unix.Bound]:
+    bound = _unix.bind(path)
+    try:
+        yield bound
+    finally:
+        bound.sock.close()
+        _unix.release(bound)
+
+
+def in_the_window(monkeypatch: pytest.MonkeyPatch, action: Callable[[str], None]) -> None:
+    """Have the next :func:`_unix.bind` run ``action(path)`` once the socket is bound, before
+    its mode is set and it listens."""
+    chmod = os.chmod
+
+    def spy(target: str, mode: int) -> None:
+        action(target)
+        chmod(target, mode)
+
+    monkeypatch.setattr(_unix.os, "chmod", spy)
+
+
 def connects(path: str) -> bool:
     with socket.socket(socket.AF_UNIX) as client:
         try:
@@ -52,14 +76,10 @@ def connects(path: str) -> bool:
 
 def test_the_socket_file_is_0660_and_accepts(tmp_path: Path) -> None:
     path = short(tmp_path)
-    bound = _unix.bind(path)
-    try:
+    with serving(path):
         assert stat.S_ISSOCK(os.lstat(path).st_mode)
         assert stat.S_IMODE(os.lstat(path).st_mode) == 0o660
         assert connects(path)
-    finally:
-        bound.sock.close()
-        _unix.release(bound)
     assert not os.path.exists(path)
 
 
@@ -68,17 +88,9 @@ def test_nobody_connects_before_the_mode_is_set(
 ) -> None:
     path = short(tmp_path)
     seen: list[bool] = []
-    chmod = os.chmod
-
-    def spy(target: str, mode: int) -> None:
-        seen.append(connects(target))  # bound, not yet listening: refused
-        chmod(target, mode)
-
-    monkeypatch.setattr(_unix.os, "chmod", spy)
-    bound = _unix.bind(path)
-    bound.sock.close()
-    _unix.release(bound)
-    assert seen == [False]
+    in_the_window(monkeypatch, lambda target: seen.append(connects(target)))
+    with serving(path):
+        assert seen == [False]  # bound, not yet listening: refused
 
 
 def test_a_stale_socket_file_is_replaced(tmp_path: Path) -> None:
@@ -87,12 +99,8 @@ def test_a_stale_socket_file_is_replaced(tmp_path: Path) -> None:
     old.sock.close()
     os.close(old.lock)  # a server gone (its lock dropped with it) without removing its file
     assert os.path.exists(path)
-    new = _unix.bind(path)
-    try:
+    with serving(path):
         assert connects(path)
-    finally:
-        new.sock.close()
-        _unix.release(new)
 
 
 def test_a_second_server_is_refused_even_before_the_first_listens(
@@ -100,28 +108,22 @@ def test_a_second_server_is_refused_even_before_the_first_listens(
 ) -> None:
     path = short(tmp_path)
     second: list[BaseException] = []
-    chmod = os.chmod
 
-    def race(target: str, mode: int) -> None:  # the first is bound, not yet listening
+    def race(target: str) -> None:
         try:
             _unix.bind(target)
         except OSError as err:
             second.append(err)
-        chmod(target, mode)
 
-    monkeypatch.setattr(_unix.os, "chmod", race)
-    first = _unix.bind(path)
-    monkeypatch.undo()
-    try:
+    in_the_window(monkeypatch, race)
+    with serving(path):
+        monkeypatch.undo()
         (err,) = second
         assert isinstance(err, OSError) and err.errno == errno.EADDRINUSE
         assert connects(path)  # the first's file is still there, and it listens
         with pytest.raises(OSError) as info:
             _unix.bind(path)  # and later too
         assert info.value.errno == errno.EADDRINUSE
-    finally:
-        first.sock.close()
-        _unix.release(first)
 
 
 def test_a_socket_something_else_listens_on_is_refused_and_left_alone(tmp_path: Path) -> None:
@@ -185,14 +187,10 @@ def test_a_directory_another_user_owns_is_refused(tmp_path: Path) -> None:
 
 def test_a_missing_directory_is_made_for_this_user_only_to_write(tmp_path: Path) -> None:
     path = str(tmp_path / "run" / "a.sock")
-    bound = _unix.bind(path)
-    try:
+    with serving(path):
         made = os.stat(tmp_path / "run")
         assert stat.S_IMODE(made.st_mode) & 0o022 == 0 and made.st_uid == os.geteuid()
         assert connects(path)
-    finally:
-        bound.sock.close()
-        _unix.release(bound)
 
 
 @pytest.mark.parametrize("path", ["relative.sock", "/" + "d" * 107, "/run/a\0b", "/run/dir/"])
@@ -208,10 +206,8 @@ def test_the_longest_path_a_mesh_may_name_binds_with_a_workers_suffix(tmp_path: 
     assert len(os.fsencode(path)) == _unix.MAX_PATH
     assert _unix.check_path(path + "x") is not None  # the mesh may not name a longer one
     for worker in (path, f"{path}.63", f"{path}.999999"):
-        bound = _unix.bind(worker)
-        assert connects(worker)
-        bound.sock.close()
-        _unix.release(bound)
+        with serving(worker):
+            assert connects(worker)
 
 
 def test_release_leaves_a_file_another_server_bound_since(tmp_path: Path) -> None:
