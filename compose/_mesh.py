@@ -24,7 +24,6 @@ IPS = {
     "prometheus": "172.30.0.41",
 }
 STATUS_PORT = 18001
-HTTP_CALLOUT_PORT = 18014  # ext_authz's HTTP call-out (a Unix socket in the quickstart)
 CA_DIR = "/var/lib/legation/ca"
 SERVICES_DIR = "/var/lib/legation/services"  # one volume per service below it
 CREDENTIALS_DIR = "/etc/legation/xds"  # a proxy's own volume, inside its Envoy container
@@ -47,13 +46,6 @@ def compose_mesh(raw: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
             address = f"172.30.0.{APP_BASE + len(apps)}"
             apps[name] = address
             endpoint["host"] = address
-    if "http_socket" in mesh.get("extauthz", {}):  # the proxies are other containers: a port
-        block: dict[str, Any] = {}
-        for key, value in mesh["extauthz"].items():
-            if key == "http_socket":
-                key, value = "http_port", HTTP_CALLOUT_PORT  # where the socket was
-            block[key] = value
-        mesh["extauthz"] = block
     for block in kinds.names():
         if block in mesh:
             mesh[block]["host"] = IPS[block]  # a container of its own

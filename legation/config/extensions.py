@@ -179,10 +179,8 @@ class ExtAuthzService(_ConfiguredService):
 
     ``http_socket`` (instead of ``http_port``): the HTTP call-out on that Unix socket, for Envoys
     on the service's host (``legation up``'s): a cheaper path than loopback TCP, and only the
-    service's user and group may connect (mode 0660). In a directory only they can write;
-    relative to the working directory (the quickstart's ``.legation/authz.sock``: ``legation
-    up``'s state directory), made absolute when the mesh loads; worker i > 0 listens on
-    ``<path>.<i>``."""
+    service's user and group may connect (mode 0660). An absolute path in a directory only they
+    can write; worker i > 0 listens on ``<path>.<i>``."""
 
     protocol: Literal["grpc", "http"] = "grpc"
     http_port: Port | None = None
@@ -194,11 +192,7 @@ class ExtAuthzService(_ConfiguredService):
     def _socket_path(cls, path: str | None) -> str | None:
         from legation._unix import check_path
 
-        if path is None:
-            return None
-        if "\0" not in path:  # relative: to the working directory, as accesslog's paths
-            path = os.path.abspath(path) + ("/" if path.endswith("/") else "")
-        if (why := check_path(path)) is not None:
+        if path is not None and (why := check_path(path)) is not None:
             raise ValueError(f"{path!r} {why}")
         return path
 

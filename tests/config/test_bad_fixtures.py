@@ -71,6 +71,10 @@ EXPECTED = {
     ),
     "extauthz_http_port_alone": "extauthz.http_port: only used with protocol: http",
     "extauthz_http_socket_alone": "extauthz.http_socket: only used with protocol: http",
+    "extauthz_http_socket_relative": (
+        "extauthz.http_socket: 'run/a.sock' must be an absolute path (Envoy and the service "
+        "resolve it alike)"
+    ),
     "extauthz_http_socket_and_port": (
         "extauthz.http_socket: give http_port or http_socket, not both"
     ),

@@ -288,14 +288,3 @@ async def test_a_worker_listens_on_its_own_socket(tmp_path: Path, table_plugin: 
     finally:
         await service.stop(0)
     assert not os.path.exists(f"{sock}.1")
-
-
-def test_a_relative_socket_path_is_the_working_directorys(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, table_plugin: object
-) -> None:
-    monkeypatch.chdir(tmp_path)
-    path = mesh_file(tmp_path, ".legation/authz.sock", workers=1)
-    block = load_mesh(path).extauthz
-    assert block is not None and block.http_socket == str(tmp_path / ".legation" / "authz.sock")
-    monkeypatch.chdir("/")
-    assert load_mesh(path).extauthz.http_socket == "/.legation/authz.sock"  # type: ignore[union-attr]
