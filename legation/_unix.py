@@ -6,9 +6,12 @@ connect, where any local process can connect to a loopback port.
 
 :func:`bind` makes the socket:
 
-* Its directory must be one no one else can write (owned by this user or root, not writable by
-  group or others), created (mode 0755) when missing: otherwise another user could put their
-  own socket or a symlink at the path, and Envoy would call whatever answers there.
+* Its directory must be one no one else can write: a real directory (no symlink) owned by this
+  user or root, not writable by group or others (group-writable only when the group is this
+  user's own, with no other member). Every directory above it must be as safe, except that a
+  sticky one (``/tmp``) may be world-writable, since no one else can rename what is in it.
+  Otherwise another user could put their own socket, or a directory of theirs, at the path, and
+  Envoy would call whatever answers there. A missing socket directory is made, mode 0755.
 * A lock (``flock`` on ``<path>.lock``, never following a symlink) is held while the server
   runs, so two servers never take the same path: the second is refused (EADDRINUSE), and a
   socket file found under a free lock is a stopped server's, replaced. What is at the path and
@@ -24,7 +27,9 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import grp
 import os
+import pwd
 import socket
 import stat
 from dataclasses import dataclass
@@ -52,7 +57,7 @@ def check_path(path: str, limit: int = MAX_PATH) -> str | None:
         return "must be an absolute path (Envoy and the service resolve it alike)"
     if "\0" in path:
         return "has a NUL character"
-    if path.endswith("/"):
+    if os.path.basename(path) in ("", ".", ".."):
         return "names a directory"
     if len(os.fsencode(path)) > limit:
         return f"is longer than {limit} bytes (a Unix socket's path limit)"
@@ -66,6 +71,7 @@ def bind(path: str, *, mode: int = MODE, backlog: int = 1024) -> Bound:
     if why is not None:
         raise OSError(errno.EINVAL, f"socket path {why}", path)
     _check_directory(os.path.dirname(path))
+    _not_a_socket(path)  # refused before a lock file is made beside it
     lock = _lock(path)
     try:
         _clear_stale(path)
@@ -112,19 +118,58 @@ def _unlink(path: str, bound: os.stat_result) -> None:
 def _check_directory(folder: str) -> None:
     try:
         os.mkdir(folder, 0o755)
+        os.chmod(folder, 0o755)  # whatever the umask
     except FileExistsError:
         pass
     except OSError as err:
         raise OSError(err.errno, f"cannot create its directory: {err.strerror}", folder) from None
-    found = os.stat(folder)
-    if not stat.S_ISDIR(found.st_mode):
-        raise OSError(errno.ENOTDIR, "the socket's directory is not a directory", folder)
-    if found.st_uid not in (os.geteuid(), 0) or found.st_mode & 0o022:
-        raise OSError(
-            errno.EPERM,
-            "the socket's directory must be this user's or root's, and no one else may write it",
-            folder,
-        )
+    here, own = folder, True
+    while True:
+        found = os.lstat(here)
+        if stat.S_ISLNK(found.st_mode):
+            raise OSError(errno.EPERM, "is a symlink: name the socket by its real path", here)
+        if not stat.S_ISDIR(found.st_mode):
+            raise OSError(errno.ENOTDIR, "is not a directory", here)
+        why = _unsafe(found, sticky_ok=not own)
+        if why is not None:
+            raise OSError(errno.EPERM, f"{why}, so another user could replace the socket", here)
+        parent = os.path.dirname(here)
+        if parent == here:
+            return
+        here, own = parent, False
+
+
+def _unsafe(found: os.stat_result, *, sticky_ok: bool) -> str | None:
+    if found.st_uid not in (os.geteuid(), 0):
+        return "is another user's"
+    sticky = sticky_ok and bool(found.st_mode & stat.S_ISVTX)
+    if found.st_mode & 0o002 and not sticky:
+        return "is writable by others"
+    if found.st_mode & 0o020 and not sticky and not _own_group(found.st_gid):
+        return "is writable by its group"
+    return None
+
+
+def _own_group(gid: int) -> bool:
+    """Whether ``gid`` is this user's alone: no member but this user, nobody else's primary."""
+    uid = os.geteuid()
+    try:
+        members = grp.getgrgid(gid).gr_mem
+        me = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return False
+    if any(m != me for m in members):
+        return False
+    return all(p.pw_uid == uid for p in pwd.getpwall() if p.pw_gid == gid)
+
+
+def _not_a_socket(path: str) -> None:
+    try:
+        found = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(found.st_mode):
+        raise OSError(errno.EEXIST, "exists and is not a socket (not removed)", path)
 
 
 def _lock(path: str) -> int:
@@ -143,12 +188,11 @@ def _lock(path: str) -> int:
 
 
 def _clear_stale(path: str) -> None:
+    _not_a_socket(path)  # again, under the lock
     try:
         found = os.lstat(path)
     except FileNotFoundError:
         return
-    if not stat.S_ISSOCK(found.st_mode):
-        raise OSError(errno.EEXIST, "exists and is not a socket (not removed)", path)
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     probe.setblocking(False)
     try:

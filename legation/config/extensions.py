@@ -179,8 +179,9 @@ class ExtAuthzService(_ConfiguredService):
 
     ``http_socket`` (instead of ``http_port``): the HTTP call-out on that Unix socket, for Envoys
     on the service's host (``legation up``'s): a cheaper path than loopback TCP, and only the
-    service's user and group may connect (mode 0660). An absolute path in a directory only they
-    can write; worker i > 0 listens on ``<path>.<i>``."""
+    service's user and group may connect (mode 0660). An absolute path, in a directory no other
+    user can write (:mod:`legation._unix` says exactly which are refused: e.g.
+    ``/run/legation/`` as root); worker i > 0 listens on ``<path>.<i>``."""
 
     protocol: Literal["grpc", "http"] = "grpc"
     http_port: Port | None = None

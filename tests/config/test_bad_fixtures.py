@@ -75,6 +75,7 @@ EXPECTED = {
         "extauthz.http_socket: 'run/a.sock' must be an absolute path (Envoy and the service "
         "resolve it alike)"
     ),
+    "extauthz_http_socket_directory": "extauthz.http_socket: '/run/legation/' names a directory",
     "extauthz_http_socket_and_port": (
         "extauthz.http_socket: give http_port or http_socket, not both"
     ),

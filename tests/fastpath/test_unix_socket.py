@@ -164,15 +164,61 @@ def test_a_symlink_planted_as_the_lock_is_never_followed(tmp_path: Path) -> None
     assert target.read_text() == "keep" and not os.path.exists(path)
 
 
-@pytest.mark.parametrize("mode", [0o770, 0o757, 0o1777])
-def test_a_directory_others_may_write_is_refused(tmp_path: Path, mode: int) -> None:
+@pytest.mark.parametrize("mode", [0o757, 0o1777, 0o1757])
+def test_a_socket_directory_others_may_write_is_refused_even_sticky(
+    tmp_path: Path, mode: int
+) -> None:
     folder = tmp_path / "shared"
     folder.mkdir()
-    folder.chmod(mode)
+    folder.chmod(mode)  # sticky: others cannot rename the socket, but can squat its path
     with pytest.raises(OSError) as info:
         _unix.bind(str(folder / "a.sock"))
     assert info.value.errno == errno.EPERM
     assert not os.path.lexists(folder / "a.sock")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a folder to another group needs root")
+def test_a_directory_another_group_may_write_is_refused(tmp_path: Path) -> None:
+    folder = tmp_path / "group"
+    folder.mkdir()
+    folder.chmod(0o770)
+    os.chown(folder, -1, 12345)  # no such group here: not this user's own
+    with pytest.raises(OSError) as info:
+        _unix.bind(str(folder / "a.sock"))
+    assert info.value.errno == errno.EPERM
+
+
+def test_a_directory_only_this_users_own_group_may_write_is_accepted(tmp_path: Path) -> None:
+    if not _unix._own_group(os.getegid()):
+        pytest.skip("this user's group has other members here")
+    folder = tmp_path / "private-group"
+    folder.mkdir()
+    folder.chmod(0o770)  # umask 002 with a group of one's own (Debian, Fedora)
+    os.chown(folder, -1, os.getegid())
+    with serving(str(folder / "a.sock")) as bound:
+        assert connects(bound.path)
+
+
+def test_an_ancestor_others_may_write_is_refused_unless_sticky(tmp_path: Path) -> None:
+    outer = tmp_path / "outer"
+    (outer / "inner").mkdir(parents=True)
+    outer.chmod(0o777)  # anyone could rename inner and put their own in its place
+    path = str(outer / "inner" / "a.sock")
+    with pytest.raises(OSError) as info:
+        _unix.bind(path)
+    assert info.value.errno == errno.EPERM and info.value.filename == str(outer)
+    outer.chmod(0o1777)  # as /tmp: no one else may rename inner
+    with serving(path):
+        assert connects(path)
+
+
+def test_a_symlinked_directory_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "real").mkdir()
+    os.symlink(tmp_path / "real", tmp_path / "link")
+    with pytest.raises(OSError) as info:
+        _unix.bind(str(tmp_path / "link" / "a.sock"))
+    assert info.value.errno == errno.EPERM
+    assert not os.path.lexists(tmp_path / "real" / "a.sock")
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="giving a folder to another user needs root")
@@ -185,15 +231,40 @@ def test_a_directory_another_user_owns_is_refused(tmp_path: Path) -> None:
     assert info.value.errno == errno.EPERM
 
 
-def test_a_missing_directory_is_made_for_this_user_only_to_write(tmp_path: Path) -> None:
+def test_a_missing_directory_is_made_0755_whatever_the_umask(tmp_path: Path) -> None:
     path = str(tmp_path / "run" / "a.sock")
+    old = os.umask(0o077)
+    try:
+        with serving(path):
+            made = os.stat(tmp_path / "run")
+            assert stat.S_IMODE(made.st_mode) == 0o755 and made.st_uid == os.geteuid()
+            assert connects(path)
+    finally:
+        os.umask(old)
+
+
+def test_a_server_stopped_in_this_process_binds_again(tmp_path: Path) -> None:
+    path = short(tmp_path)
     with serving(path):
-        made = os.stat(tmp_path / "run")
-        assert stat.S_IMODE(made.st_mode) & 0o022 == 0 and made.st_uid == os.geteuid()
+        pass
+    with serving(path):  # its lock was dropped with it
         assert connects(path)
 
 
-@pytest.mark.parametrize("path", ["relative.sock", "/" + "d" * 107, "/run/a\0b", "/run/dir/"])
+def test_a_refused_bind_drops_the_lock_it_took(tmp_path: Path) -> None:
+    path = short(tmp_path)
+    with socket.socket(socket.AF_UNIX) as other:  # not Legation's: refused under the lock
+        other.bind(path)
+        other.listen()
+        with pytest.raises(OSError):
+            _unix.bind(path)
+    with serving(path):  # the other is gone: its file is stale, and the lock is free
+        assert connects(path)
+
+
+@pytest.mark.parametrize(
+    "path", ["relative.sock", "/" + "d" * 107, "/run/a\0b", "/run/dir/", "/run/.", "/run/..", "/"]
+)
 def test_a_path_the_kernel_cannot_take_is_refused(path: str) -> None:
     with pytest.raises(OSError) as info:
         _unix.bind(path)
