@@ -8,17 +8,19 @@ connect, where any local process can connect to a loopback port.
 
 * Its directory must be one no one else can write: a real directory (no symlink) owned by this
   user or root, not writable by group or others (group-writable only when the group is this
-  user's own, with no other member). Every directory above it must be as safe, except that a
-  sticky one (``/tmp``) may be world-writable, since no one else can rename what is in it.
-  Otherwise another user could put their own socket, or a directory of theirs, at the path, and
-  Envoy would call whatever answers there. A missing socket directory is made, mode 0755.
+  user's private group: its primary group, named after it, with no other member). Every
+  directory above it must be as safe, except that a sticky one (``/tmp``) may be world-writable,
+  since no one else can rename what is in it. Otherwise another user could put their own socket,
+  or a directory of theirs, at the path, and Envoy would call whatever answers there. The chain
+  above is checked before a missing socket directory is made (mode 0755, set on the directory
+  made, never through a symlink).
 * A lock (``flock`` on ``<path>.lock``, never following a symlink) is held while the server
   runs, so two servers never take the same path: the second is refused (EADDRINUSE), and a
   socket file found under a free lock is a stopped server's, replaced. What is at the path and
   is not a socket (a file, a directory, a symlink) is refused, never removed; so is a socket
   something else (not under the lock) still accepts on.
-* Mode ``0660`` (the service's user and group) is set before the socket listens, so no one
-  connects while it is wider.
+* Mode ``0660`` and the service's own group (not a setgid directory's) are set before the
+  socket listens, so no one connects while it is wider.
 
 :func:`release` removes the socket file (only while it is still the one bound) and drops the lock.
 """
@@ -78,14 +80,14 @@ def bind(path: str, *, mode: int = MODE, backlog: int = 1024) -> Bound:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.bind(path)
-            identity = os.lstat(path)
-            try:
-                os.chmod(path, mode)  # before listen(): until then every connect is refused
-                identity = os.lstat(path)  # the mode changed its ctime
+            try:  # until listen() every connect is refused: mode and group are set first
+                os.chown(path, -1, os.getegid(), follow_symlinks=False)  # not a setgid dir's
+                os.chmod(path, mode)
+                identity = os.lstat(path)
                 sock.listen(backlog)
                 sock.setblocking(False)
             except BaseException:
-                _unlink(path, identity)
+                os.unlink(path)  # ours: the directory is safe and the lock held
                 raise
         except BaseException:
             sock.close()
@@ -99,10 +101,12 @@ def bind(path: str, *, mode: int = MODE, backlog: int = 1024) -> Bound:
 def release(bound: Bound) -> None:
     """Remove the socket file if it is still the one bound, and drop the lock (the socket
     itself is closed by whoever serves it)."""
-    _unlink(bound.path, bound.identity)
-    if bound.lock >= 0:
-        os.close(bound.lock)
-        bound.lock = -1
+    try:
+        _unlink(bound.path, bound.identity)
+    finally:
+        if bound.lock >= 0:
+            os.close(bound.lock)
+            bound.lock = -1
 
 
 def _unlink(path: str, bound: os.stat_result) -> None:
@@ -116,14 +120,26 @@ def _unlink(path: str, bound: os.stat_result) -> None:
 
 
 def _check_directory(folder: str) -> None:
+    _check_chain(os.path.dirname(folder), own=False)  # before anything is made in it
     try:
         os.mkdir(folder, 0o755)
-        os.chmod(folder, 0o755)  # whatever the umask
     except FileExistsError:
         pass
     except OSError as err:
         raise OSError(err.errno, f"cannot create its directory: {err.strerror}", folder) from None
-    here, own = folder, True
+    else:  # 0755 whatever the umask, on the directory made (never through a symlink)
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            os.fchmod(fd, 0o755)
+        finally:
+            os.close(fd)
+    _check_chain(folder, own=True)
+
+
+def _check_chain(folder: str, *, own: bool) -> None:
+    """``folder`` and every directory above it (``own``: ``folder`` is the socket's own, which
+    may not be others-writable even when sticky)."""
+    here = folder
     while True:
         found = os.lstat(here)
         if stat.S_ISLNK(found.st_mode):
@@ -151,14 +167,17 @@ def _unsafe(found: os.stat_result, *, sticky_ok: bool) -> str | None:
 
 
 def _own_group(gid: int) -> bool:
-    """Whether ``gid`` is this user's alone: no member but this user, nobody else's primary."""
+    """Whether ``gid`` is this user's own: its primary group, named after it, with no other
+    member and nobody else's primary group (a user private group, as umask 002 assumes)."""
     uid = os.geteuid()
     try:
-        members = grp.getgrgid(gid).gr_mem
-        me = pwd.getpwuid(uid).pw_name
+        me = pwd.getpwuid(uid)
+        group = grp.getgrgid(gid)
     except KeyError:
         return False
-    if any(m != me for m in members):
+    if me.pw_gid != gid or group.gr_name != me.pw_name:
+        return False
+    if any(m != me.pw_name for m in group.gr_mem):
         return False
     return all(p.pw_uid == uid for p in pwd.getpwall() if p.pw_gid == gid)
 

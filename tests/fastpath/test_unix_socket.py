@@ -152,6 +152,7 @@ def test_a_path_that_is_not_a_socket_is_refused_never_removed(tmp_path: Path, ki
         _unix.bind(path)
     assert info.value.errno == errno.EEXIST
     assert os.path.lexists(path) and target.read_text() == "keep"
+    assert not os.path.lexists(f"{path}.lock")  # refused before a lock file is made
 
 
 def test_a_symlink_planted_as_the_lock_is_never_followed(tmp_path: Path) -> None:
@@ -186,6 +187,67 @@ def test_a_directory_another_group_may_write_is_refused(tmp_path: Path) -> None:
     with pytest.raises(OSError) as info:
         _unix.bind(str(folder / "a.sock"))
     assert info.value.errno == errno.EPERM
+
+
+def another_group() -> int:
+    """An existing group other than this user's primary one, preferring one with no listed
+    member that is nobody's primary group (tty, staff, ... on Debian): still nobody's own."""
+    import grp
+    import pwd
+
+    primary = pwd.getpwuid(os.geteuid()).pw_gid
+    someones = {p.pw_gid for p in pwd.getpwall()}
+    others = sorted(
+        (len(g.gr_mem) + (g.gr_gid in someones), g.gr_gid)
+        for g in grp.getgrall()
+        if g.gr_gid != primary
+    )
+    if not others:
+        pytest.skip("no other group here")
+    return others[0][1]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a folder to another group needs root")
+@pytest.mark.parametrize("where", ["own", "ancestor"])
+def test_a_real_group_not_this_users_own_may_not_write(tmp_path: Path, where: str) -> None:
+    shared = tmp_path / "shared"  # as Debian's /var/local: root:staff 2775
+    (shared / "inner").mkdir(parents=True)
+    shared.chmod(0o2775)
+    os.chown(shared, 0, another_group())
+    folder = shared if where == "own" else shared / "inner"
+    with pytest.raises(OSError) as info:
+        _unix.bind(str(folder / "a.sock"))
+    assert info.value.errno == errno.EPERM and info.value.filename == str(shared)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a folder to another group needs root")
+def test_the_socket_has_the_services_group_even_in_a_setgid_directory(tmp_path: Path) -> None:
+    folder = tmp_path / "setgid"
+    folder.mkdir()
+    folder.chmod(0o2755)  # not group-writable, but its files would take its group
+    os.chown(folder, 0, another_group())
+    with serving(str(folder / "a.sock")) as bound:
+        assert os.lstat(bound.path).st_gid == os.getegid()
+
+
+def test_a_directory_swapped_for_a_symlink_after_it_is_made_is_never_chmodded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    target = tmp_path / "precious"
+    target.write_text("keep")
+    target.chmod(0o600)
+    folder = tmp_path / "run"
+    mkdir = os.mkdir
+
+    def swap(path: str, mode: int = 0o777) -> None:  # made, then replaced by a symlink
+        mkdir(path, mode)
+        os.rmdir(path)
+        os.symlink(target, path)
+
+    monkeypatch.setattr(_unix.os, "mkdir", swap)
+    with pytest.raises(OSError):
+        _unix.bind(str(folder / "a.sock"))
+    assert stat.S_IMODE(os.stat(target).st_mode) == 0o600
 
 
 def test_a_directory_only_this_users_own_group_may_write_is_accepted(tmp_path: Path) -> None:
