@@ -73,7 +73,7 @@ def bind(path: str, *, mode: int = MODE, backlog: int = 1024) -> Bound:
     if why is not None:
         raise OSError(errno.EINVAL, f"socket path {why}", path)
     _check_directory(os.path.dirname(path))
-    _not_a_socket(path)  # refused before a lock file is made beside it
+    _socket_at(path)  # anything else there: refused before a lock file is made beside it
     lock = _lock(path)
     try:
         _clear_stale(path)
@@ -182,13 +182,15 @@ def _own_group(gid: int) -> bool:
     return all(p.pw_uid == uid for p in pwd.getpwall() if p.pw_gid == gid)
 
 
-def _not_a_socket(path: str) -> None:
+def _socket_at(path: str) -> os.stat_result | None:
+    """The socket file at ``path`` (None: nothing there); OSError for anything else."""
     try:
         found = os.lstat(path)
     except FileNotFoundError:
-        return
+        return None
     if not stat.S_ISSOCK(found.st_mode):
         raise OSError(errno.EEXIST, "exists and is not a socket (not removed)", path)
+    return found
 
 
 def _lock(path: str) -> int:
@@ -207,10 +209,8 @@ def _lock(path: str) -> int:
 
 
 def _clear_stale(path: str) -> None:
-    _not_a_socket(path)  # again, under the lock
-    try:
-        found = os.lstat(path)
-    except FileNotFoundError:
+    found = _socket_at(path)  # again, under the lock
+    if found is None:
         return
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     probe.setblocking(False)

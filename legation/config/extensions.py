@@ -223,13 +223,11 @@ def worker_socket(path: str, worker: int) -> str:
 
 
 def _check_http(block: Any, title: str, http_only: tuple[str, ...]) -> None:
-    if block.protocol == "http" and block.http_port is None:  # http_only: used only then
-        if not hasattr(block, "http_socket"):
-            raise _field_error(title, ("http_port",), "needed with protocol: http", None)
-        if block.http_socket is None:
-            raise _field_error(
-                title, ("http_port",), "needed with protocol: http (or http_socket)", None
-            )
+    # http_only: used only then; ext_authz may listen on http_socket instead of http_port
+    if block.protocol == "http" and block.http_port is None:
+        if getattr(block, "http_socket", None) is None:
+            also = " (or http_socket)" if hasattr(block, "http_socket") else ""
+            raise _field_error(title, ("http_port",), f"needed with protocol: http{also}", None)
     for name in http_only:
         if block.protocol != "http" and getattr(block, name) is not None:
             raise _field_error(title, (name,), "only used with protocol: http", None)
