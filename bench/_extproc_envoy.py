@@ -44,7 +44,7 @@ CALLOUT = fast_filter.Callout(
 
 def fused_route(cluster: str, headers: dict[str, str] | None = None) -> dict[str, Any]:
     return fast_filter.route_dict(
-        harness.route("/", cluster, None, headers=headers), CALLOUT, route="route"
+        harness.route("/", cluster, None, headers=headers), CALLOUT.name, route="route"
     )
 
 

@@ -188,7 +188,7 @@ def front_bootstrap(
         if name in HTTP_ROWS:
             callout = http_ef.Callout(cluster=name)
             filters.append(floor._plain(http_ef.http_filter(callout)))
-            route = http_ef.route_dict(route, callout, policy="floor", checks=["allow"])
+            route = http_ef.route_dict(route, callout.name, policy="floor", checks=["allow"])
             clusters.append(
                 floor._plain(http_ef.http_cluster(name, [("127.0.0.1", services[name])]))
             )

@@ -11,9 +11,9 @@
   :func:`route_dict` does the same for a route written as a dict.
 * :func:`http_cluster` -- the STATIC HTTP/1.1 cluster pointing at the server.
 
-Both take one :class:`Callout`, the settings the server must agree with (see
+The filter is built from one :class:`Callout`, the settings the server must agree with (see
 :mod:`legation.fastpath.contract`): build the server's ``Forwarded`` from the same
-``upstream_headers``.
+``upstream_headers``. A route's setting names the filter by its ``Callout.name``.
 """
 
 from __future__ import annotations
@@ -211,30 +211,31 @@ def route_metadata(
 
 def configure_route(
     out: rc.Route,
-    callout: Callout,
+    name: str,
     *,
     policy: str | None = None,
     checks: Sequence[str] = (),
     route: str | None = None,
     disabled: bool = False,
 ) -> None:
-    """``out``'s setting for ``callout``'s filter: ``disabled``, or checked with the route's
-    ``policy``, ``checks`` and (fused) ``route`` name in its metadata under ``callout.name``."""
+    """``out``'s setting for the call-out filter called ``name`` (its :attr:`Callout.name`):
+    ``disabled``, or checked with the route's ``policy``, ``checks`` and (fused) ``route`` name
+    in its metadata under ``name``."""
     if disabled and (policy or checks or route):
         raise ValueError("a route with ext_authz disabled cannot name a policy or checks")
     settings = route_metadata(policy=policy, checks=checks, route=route)
-    out.typed_per_filter_config[callout.name].Pack(per_route(disabled=disabled))
+    out.typed_per_filter_config[name].Pack(per_route(disabled=disabled))
     if settings.fields:
-        out.metadata.filter_metadata[callout.name].CopyFrom(settings)
-    elif callout.name in out.metadata.filter_metadata:  # none: nothing earlier stays either
-        del out.metadata.filter_metadata[callout.name]
+        out.metadata.filter_metadata[name].CopyFrom(settings)
+    elif name in out.metadata.filter_metadata:  # none: nothing earlier stays either
+        del out.metadata.filter_metadata[name]
 
 
-def route_dict(entry: dict[str, Any], callout: Callout, /, **kwargs: Any) -> dict[str, Any]:
+def route_dict(entry: dict[str, Any], name: str, /, **kwargs: Any) -> dict[str, Any]:
     """:func:`configure_route` for a route written as a plain dict (a static bootstrap's): a
     copy of ``entry`` with the filter's per-route setting and metadata merged in."""
     built = rc.Route()
-    configure_route(built, callout, **kwargs)
+    configure_route(built, name, **kwargs)
     plain = json.loads(MessageToJson(built, preserving_proto_field_name=True))  # plain dicts
     out = dict(entry)
     out["typed_per_filter_config"] = {
@@ -242,7 +243,7 @@ def route_dict(entry: dict[str, Any], callout: Callout, /, **kwargs: Any) -> dic
         **plain["typed_per_filter_config"],
     }
     old = entry.get("metadata", {})
-    kept = {k: v for k, v in old.get("filter_metadata", {}).items() if k != callout.name}
+    kept = {k: v for k, v in old.get("filter_metadata", {}).items() if k != name}
     settings = plain.get("metadata", {}).get("filter_metadata", {})
     metadata = {k: v for k, v in old.items() if k != "filter_metadata"}
     if kept or settings:

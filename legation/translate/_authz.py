@@ -110,11 +110,11 @@ def fused_per_route(mesh: Mesh, out: rc.Route, spec: Route | None) -> None:
     present = {r.fail_open for r in fused(mesh)}
     found = fused_routes(mesh).get(spec.name) if spec is not None else None
     for fail_open in present:
-        callout = fused_callout(mesh, fail_open=fail_open)
+        name = FUSED_FILTERS[fail_open]  # fused_callout's
         if isinstance(found, FusedRoute) and found.fail_open == fail_open:
-            fast_filter.configure_route(out, callout, policy=found.authz, route=found.name)
+            fast_filter.configure_route(out, name, policy=found.authz, route=found.name)
         else:
-            fast_filter.configure_route(out, callout, disabled=True)
+            fast_filter.configure_route(out, name, disabled=True)
 
 
 def fused_hop(mesh: Mesh, spec: Route | None, kind: str, what: str) -> Hop | str | None:
@@ -232,6 +232,6 @@ class AuthzSide:
         )
         if block.http:
             if hop.filter == EXTAUTHZ_HTTP_FILTER and spec is not None:
-                fast_filter.configure_route(out, authz_callout(block), policy=spec.authz)
+                fast_filter.configure_route(out, EXTAUTHZ_HTTP_FILTER, policy=spec.authz)
             else:
-                fast_filter.configure_route(out, authz_callout(block), disabled=True)
+                fast_filter.configure_route(out, EXTAUTHZ_HTTP_FILTER, disabled=True)

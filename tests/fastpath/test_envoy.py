@@ -67,7 +67,7 @@ def http_bootstrap(listen: int, admin: int, authz: int, upstream: int) -> dict[s
     hcm["route_config"]["virtual_hosts"][0]["routes"] = [
         ef.route_dict(
             {"match": {"prefix": r.prefix}, "route": {"cluster": "upstream"}},
-            callout,
+            callout.name,
             policy=r.policy,
             checks=tuple(r.checks),
         )

@@ -102,7 +102,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
                     {"match": {"prefix": path}, "route": WEIGHTED}
                     if path == "/weighted"
                     else {"match": {"prefix": path}, "direct_response": {"status": 200}},
-                    callout,
+                    callout.name,
                     **settings,
                 )
                 for path, settings in ROUTES
@@ -174,7 +174,7 @@ def test_route_settings_live_in_the_filters_own_metadata_namespace() -> None:
     out = rc.Route()
     out.metadata.filter_metadata["other"].fields["k"].string_value = "kept"
     callout = ef.Callout(cluster="c", name="legation.fused")
-    ef.configure_route(out, callout, policy="a.b", route="r")
+    ef.configure_route(out, callout.name, policy="a.b", route="r")
     assert out.metadata.filter_metadata["other"].fields["k"].string_value == "kept"
     settings = out.metadata.filter_metadata["legation.fused"].fields
     assert {k: v.string_value for k, v in settings.items()} == {"policy": "a.b", "route": "r"}
@@ -192,15 +192,16 @@ def test_route_settings_live_in_the_filters_own_metadata_namespace() -> None:
 def test_a_disabled_route_names_no_settings_and_keeps_none_from_before() -> None:
     callout = ef.Callout(cluster="c")
     with pytest.raises(ValueError, match="disabled"):
-        ef.configure_route(rc.Route(), callout, policy="a", disabled=True)
+        ef.configure_route(rc.Route(), callout.name, policy="a", disabled=True)
     out = rc.Route()
-    ef.configure_route(out, callout, policy="a")
-    ef.configure_route(out, callout, disabled=True)
+    ef.configure_route(out, callout.name, policy="a")
+    ef.configure_route(out, callout.name, disabled=True)
     setting = ext_authz_pb2.ExtAuthzPerRoute()
     out.typed_per_filter_config[callout.name].Unpack(setting)
     assert setting.disabled and callout.name not in out.metadata.filter_metadata
     earlier = {"metadata": {"filter_metadata": {callout.name: {"policy": "a"}, "x": {"k": "v"}}}}
-    assert ef.route_dict(earlier, callout)["metadata"] == {"filter_metadata": {"x": {"k": "v"}}}
+    kept = ef.route_dict(earlier, callout.name)["metadata"]
+    assert kept == {"filter_metadata": {"x": {"k": "v"}}}
 
 
 @pytest.mark.parametrize(
